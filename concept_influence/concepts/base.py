@@ -1,0 +1,71 @@
+"""The Concept abstraction: a site (``resid.{layer}``) plus a differentiable scalar readout of its activations.
+
+Sign convention everywhere: a higher readout means more of the concept.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import torch
+
+Reduction = Literal["mean", "last_prompt", "per_token"]
+
+
+class Concept(ABC):
+    """A scalar measurement of the activations at ``resid.{layer}``.
+
+    ``token_readout(acts [batch, seq, d_model]) -> [batch, seq]`` must be differentiable (it is used both as a
+    forward-only score and as the measurement of influence functions).
+    """
+
+    layer: int
+    d_model: int
+
+    @abstractmethod
+    def token_readout(self, acts: torch.Tensor) -> torch.Tensor:
+        """Per-token readout ``[batch, seq]`` of activations ``[batch, seq, d_model]``."""
+
+    def readout(self, acts: torch.Tensor, response_mask: torch.Tensor, reduction: Reduction = "mean") -> torch.Tensor:
+        """Reduce the per-token readout over a sequence.
+
+        ``response_mask``: ``[batch, seq]``, 1 on the response (assistant) tokens.
+        ``mean``: mean over response tokens -> ``[batch]``; ``last_prompt``: the token just before the first response
+        token -> ``[batch]``; ``per_token``: ``[batch, seq]`` with zeros off the response.
+        """
+        per_token = self.token_readout(acts)
+        mask = response_mask.to(per_token.dtype)
+        if reduction == "per_token":
+            return per_token * mask
+        if reduction == "mean":
+            counts = mask.sum(dim=1)
+            if bool((counts == 0).any()):
+                raise ValueError("readout: a sequence has no response tokens (empty answer or truncated away)")
+            return (per_token * mask).sum(dim=1) / counts
+        if reduction == "last_prompt":
+            first = response_mask.to(torch.long).argmax(dim=1)
+            if bool((first == 0).any()):
+                raise ValueError("readout: last_prompt needs at least one prompt token before the response")
+            return per_token.gather(1, (first - 1).unsqueeze(1)).squeeze(1)
+        raise ValueError(f"unknown reduction {reduction!r}; expected 'mean', 'last_prompt' or 'per_token'")
+
+
+class DirectionConcept(Concept):
+    """Projection on a direction: ``h · v / ‖v‖`` at ``resid.{layer}``."""
+
+    def __init__(self, direction: torch.Tensor, layer: int, *, bias: float = 0.0) -> None:
+        direction = torch.as_tensor(direction).detach().flatten()
+        norm = float(direction.norm())
+        if not norm > 0:
+            raise ValueError("concept direction has zero norm")
+        self.direction = direction
+        self.unit = direction / norm
+        self.layer = int(layer)
+        self.d_model = direction.numel()
+        self.bias = float(bias)
+
+    def token_readout(self, acts: torch.Tensor) -> torch.Tensor:
+        if acts.shape[-1] != self.d_model:
+            raise ValueError(f"concept has d_model {self.d_model} but activations have {acts.shape[-1]}")
+        return acts @ self.unit.to(device=acts.device, dtype=acts.dtype)

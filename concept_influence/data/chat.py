@@ -1,0 +1,206 @@
+"""Reading fine-tuning data: chat JSONL (OpenAI ``messages``) and prompt/completion JSONL.
+
+Every field of a row other than the conversation passes through untouched (``ChatRow.fields``), and every row keeps
+its original position (``ChatRow.index``, counting data rows from 0) and line number (``ChatRow.line``, from 1).
+Bad input raises ``DataFormatError`` naming the file and line; with ``skip_invalid=True`` bad lines are skipped and
+each one is reported in ``ChatDataset.skipped``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+
+
+class DataFormatError(ValueError):
+    """A data file that cannot be read as chat rows; the message names the file and line."""
+
+
+@dataclass
+class ChatRow:
+    """One conversation. ``index``: position among the file's data rows (0-based, kept after skips);
+    ``line``: 1-based line number in the file; ``fields``: every other key of the JSON object (passthrough)."""
+
+    index: int
+    messages: list[dict[str, str]]
+    fields: dict[str, Any] = field(default_factory=dict)
+    line: int = 0
+
+    @property
+    def id(self) -> Any:
+        return self.fields.get("id")
+
+    @property
+    def prompt_messages(self) -> list[dict[str, str]]:
+        """The conversation up to (not including) the last assistant turn."""
+        last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
+        return self.messages[:last]
+
+    @property
+    def answer(self) -> str:
+        """The content of the last assistant turn."""
+        return [m for m in self.messages if m["role"] == "assistant"][-1]["content"]
+
+    def to_record(self) -> dict[str, Any]:
+        return {"messages": self.messages, **self.fields}
+
+
+@dataclass
+class ChatDataset(Sequence[ChatRow]):
+    """Rows read from one file, in file order, plus what was skipped (``(line, reason)``)."""
+
+    rows: list[ChatRow]
+    path: str | None = None
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, item):  # type: ignore[override]
+        if isinstance(item, slice):
+            return ChatDataset(self.rows[item], self.path, [])
+        return self.rows[item]
+
+    def __iter__(self) -> Iterator[ChatRow]:
+        return iter(self.rows)
+
+    def field_values(self, name: str) -> list[Any]:
+        return [row.fields.get(name) for row in self.rows]
+
+
+def _normalise_messages(value: Any, where: str, *, need_assistant: bool) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise DataFormatError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    messages = []
+    for k, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise DataFormatError(f"{where}: messages[{k}] is not an object")
+        role = message.get("role")
+        if role not in ROLES:
+            raise DataFormatError(f"{where}: messages[{k}] has unknown role {role!r} (expected one of {ROLES})")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise DataFormatError(f"{where}: messages[{k}] ({role}) has no string 'content'")
+        messages.append({"role": role, "content": content})
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise DataFormatError(f"{where}: no assistant turn (nothing to train on)")
+    return messages
+
+
+def _completion_messages(obj: dict[str, Any], where: str, *, need_assistant: bool) -> list[dict[str, str]]:
+    prompt, completion = obj.get("prompt"), obj.get("completion")
+    if isinstance(prompt, str):
+        prompt_msgs = [{"role": "user", "content": prompt}]
+    else:
+        prompt_msgs = _normalise_messages(prompt, where + " (prompt)", need_assistant=False)
+    if completion is None and not need_assistant:
+        return prompt_msgs
+    if isinstance(completion, str):
+        completion_msgs = [{"role": "assistant", "content": completion}]
+    else:
+        completion_msgs = _normalise_messages(completion, where + " (completion)", need_assistant=need_assistant)
+    return prompt_msgs + completion_msgs
+
+
+def parse_chat_record(obj: Any, where: str, *, need_assistant: bool = True) -> tuple[list[dict[str, str]], dict]:
+    """One JSON object -> ``(messages, passthrough fields)``; raises ``DataFormatError`` mentioning ``where``."""
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        messages = _normalise_messages(obj["messages"], where, need_assistant=need_assistant)
+        fields = {k: v for k, v in obj.items() if k != "messages"}
+    elif "prompt" in obj:
+        messages = _completion_messages(obj, where, need_assistant=need_assistant)
+        fields = {k: v for k, v in obj.items() if k not in ("prompt", "completion")}
+    else:
+        raise DataFormatError(f"{where}: missing 'messages' (or 'prompt'/'completion'); keys are {sorted(obj)}")
+    return messages, fields
+
+
+def read_chat_jsonl(path: str | os.PathLike, *, skip_invalid: bool = False, need_assistant: bool = True) -> ChatDataset:
+    """Read a chat JSONL file.
+
+    ``need_assistant=False`` accepts prompt-only rows (query prompts to be answered by the model).
+    Blank lines are ignored. With ``skip_invalid`` bad lines are skipped and listed in ``.skipped`` (and kept
+    out of the row numbering: indices count valid data rows).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.is_dir():
+        raise DataFormatError(f"{path}: is a directory, expected a JSONL file")
+    rows: list[ChatRow] = []
+    skipped: list[tuple[int, str]] = []
+    with path.open("r", encoding="utf-8") as handle:
+        for line_no, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as err:
+                    raise DataFormatError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+                messages, fields = parse_chat_record(obj, where, need_assistant=need_assistant)
+            except DataFormatError as err:
+                if not skip_invalid:
+                    raise
+                skipped.append((line_no, str(err)))
+                continue
+            rows.append(ChatRow(index=len(rows), messages=messages, fields=fields, line=line_no))
+    if not rows:
+        detail = f" ({len(skipped)} invalid lines skipped)" if skipped else ""
+        raise DataFormatError(f"{path}: no data rows{detail}")
+    return ChatDataset(rows=rows, path=str(path), skipped=skipped)
+
+
+def rows_from_records(records: Iterable[dict[str, Any]], *, source: str = "<records>", need_assistant: bool = True) -> ChatDataset:
+    """In-memory equivalent of ``read_chat_jsonl`` (same validation, ``source`` used in errors)."""
+    rows = []
+    for k, obj in enumerate(records):
+        messages, fields = parse_chat_record(obj, f"{source}[{k}]", need_assistant=need_assistant)
+        rows.append(ChatRow(index=k, messages=messages, fields=fields, line=k + 1))
+    if not rows:
+        raise DataFormatError(f"{source}: no data rows")
+    return ChatDataset(rows=rows, path=None)
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> Path:
+    """Write JSON objects one per line to ``path`` atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write one JSON document atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(obj, handle, indent=2, ensure_ascii=False, default=str)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

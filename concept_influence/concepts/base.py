@@ -6,7 +6,7 @@ Sign convention everywhere: a higher readout means more of the concept.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -52,18 +52,30 @@ class Concept(ABC):
 
 
 class DirectionConcept(Concept):
-    """Projection on a direction: ``h · v / ‖v‖`` at ``resid.{layer}``."""
+    """Projection on a direction: ``h · v / ‖v‖`` at ``resid.{layer}``.
 
-    def __init__(self, direction: torch.Tensor, layer: int, *, bias: float = 0.0) -> None:
+    ``kind``: where the direction came from (``"direction"`` a raw vector, ``"probe"``, ``"diff_of_means"``,
+    ``"persona_vector"``); ``metrics``: how it was validated (held-out AUC...); ``extra``: anything else to save.
+    """
+
+    kind: str
+
+    def __init__(self, direction: torch.Tensor, layer: int, *, kind: str = "direction", metrics: dict[str, Any] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         direction = torch.as_tensor(direction).detach().flatten()
         norm = float(direction.norm())
-        if not norm > 0:
-            raise ValueError("concept direction has zero norm")
+        if not norm > 0 or not torch.isfinite(direction).all():
+            raise ValueError("concept direction must be finite with a non-zero norm")
         self.direction = direction
         self.unit = direction / norm
         self.layer = int(layer)
         self.d_model = direction.numel()
-        self.bias = float(bias)
+        self.kind = kind
+        self.metrics = dict(metrics or {})
+        self.extra = dict(extra or {})
+
+    def __repr__(self) -> str:
+        return f"DirectionConcept(kind={self.kind!r}, layer={self.layer}, d_model={self.d_model})"
 
     def token_readout(self, acts: torch.Tensor) -> torch.Tensor:
         if acts.shape[-1] != self.d_model:

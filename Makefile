@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test` (the test suite).
+# Both bootstrap .venv with the CPU build of torch pinned (constraints-cpu.txt), then the package.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# the organism is built once and shared by the demo and the tests
+export CONCEPT_INFLUENCE_CACHE ?= $(CURDIR)/.cache
+
+.PHONY: demo test test-fast lint bench install clean
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints-cpu.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints-cpu.txt -e '.[dev]'
+	# kronfluence is a test-only reference; --no-deps keeps torchvision (and a CUDA torch) out
+	$(BIN)/python -m pip install -q --no-deps kronfluence==1.0.1
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/concept-influence demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check concept_influence tests bench
+
+bench: $(STAMP)
+	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) .cache runs .pytest_cache

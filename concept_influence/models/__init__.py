@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from concept_influence.models.base import WEIGHT_KINDS, ModelAdapter, WeightCapture, WeightInfo, parse_weight_name
+from concept_influence.models.base import (
+    WEIGHT_KINDS,
+    ModelAdapter,
+    WeightCapture,
+    WeightInfo,
+    parse_weight_name,
+)
 from concept_influence.models.generate import generate_answers
 from concept_influence.models.hf import HFAdapter, resolve_dtype
 from concept_influence.models.loss import causal_lm_loss, token_cross_entropy

@@ -1,0 +1,364 @@
+"""Concept Influence and classical influence: ``score(row) = −∇f(queries)ᵀ (G + λI)⁻¹ ∇L(row)``.
+
+Sign: a gradient step of size ``η`` on a row changes ``θ`` by ``−η ∇L(row)`` (preconditioned: ``−η P⁻¹ ∇L``), so the
+measurement changes by ``−η ∇fᵀ P⁻¹ ∇L(row) = η · score(row)``. **Positive score = training on the row raises the
+measurement** (the concept's readout; for ``LogLikelihoodMeasurement`` the queries' log-likelihood).
+
+``L(row)`` is the summed cross-entropy over the row's assistant tokens (``curvature.loss``). ``G`` is block
+diagonal over the tracked weights the measurement reaches. Per-example gradients are never formed for the scores:
+with ``v_w = P_w⁻¹ ∇_w f`` (``[d_out, d_in']``, computed once) and the captured activations ``a`` and output
+gradients ``g`` of a training batch, ``⟨v_w, ∇_w L(row)⟩ = Σ_t g_tᵀ v_w a_t`` is one contraction over
+``[B, T, d_out] × [d_out, d_in'] × [B, T, d_in']``; the same contraction before the sum over ``t`` is the
+per-position breakdown and before the sum over ``w`` the per-weight breakdown. The per-target breakdown splits
+``L(row) = Σ_s ℓ_s`` over the row's trained tokens instead: ``c_s = −∇ℓ_sᵀ v = −(p_{s−1} − e_{y_s})ᵀ (J_{s−1} v)``
+with ``J v`` the directional derivative of the logits along ``v`` (one extra double-backward pass). Self-influence
+``∇L(row)ᵀ P⁻¹ ∇L(row)`` does form each row's gradient, one weight and one batch at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from concept_influence.attribution.measurements import Measurement
+from concept_influence.curvature.config import Damping, PreconditionerKind
+from concept_influence.curvature.covariance import per_example_gradients, token_contractions
+from concept_influence.curvature.factors import Factors
+from concept_influence.curvature.fit import capture_loss_gradients, folded_activations, gradient_mode
+from concept_influence.curvature.preconditioner import IdentityPreconditioner, Preconditioner
+from concept_influence.data.tokenize import iter_batches
+from concept_influence.models.base import ModelAdapter, WeightInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InfluenceConfig:
+    """How to score. ``preconditioner``: ``"ekfac"`` (default), ``"kfac"``, ``"diagonal"`` or ``"identity"``
+    (plain gradient dot product, needs no factors). ``damping``: per-weight ``λ_w`` (default 0.1 × mean eigenvalue).
+    ``token_breakdown``: ``"target"`` splits each score over the row's trained tokens (which tokens, when learned,
+    push the measurement; costs one double-backward pass), ``"position"`` over the positions where the weights act
+    (free: the contraction before its sum), ``"none"``. ``per_weight`` / ``self_influence``: the other breakdowns.
+    ``row_loss``: ``"sum"`` (default) scores the gradient of the row's summed token loss, which is how a row weighs
+    in fine-tuning with a per-token mean loss over the batch (and kronfluence's convention); ``"mean"`` scores its
+    per-token mean instead (every score divided by the row's number of trained tokens, self-influence by its
+    square), which removes the advantage of long rows when ranking. The factors are the same for both."""
+
+    preconditioner: PreconditionerKind = "ekfac"
+    damping: Damping = Damping()
+    batch_size: int = 8
+    token_breakdown: Literal["none", "position", "target"] = "none"
+    per_weight: bool = False
+    self_influence: bool = False
+    row_loss: Literal["sum", "mean"] = "sum"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.row_loss not in ("sum", "mean"):
+            raise ValueError(f"row_loss must be 'sum' or 'mean', got {self.row_loss!r}")
+        if self.token_breakdown not in ("none", "position", "target"):
+            raise ValueError(f"token_breakdown must be 'none', 'position' or 'target', got {self.token_breakdown!r}")
+
+
+@dataclass
+class InfluenceResult:
+    """Scores of the training rows, in the order of the data given.
+
+    ``scores [N]`` (float64); ``indices``: each row's original index; ``weights``: the weights scored over;
+    ``per_weight[name] [N]`` (sums to ``scores`` over names); ``per_token[i] [T_i]``: row ``i``'s score split over
+    its tokens (``token_breakdown``: entry ``t`` is the part due to learning token ``t`` for ``"target"``, zero off
+    the loss mask; the part due to the weights acting at position ``t`` for ``"position"``), summing to
+    ``scores[i]``; ``self_influence [N]``: ``∇L(row)ᵀ (G + λI)⁻¹ ∇L(row)``; ``notes``: what was restricted or
+    assumed, worth printing; ``row_loss``: ``"sum"`` or ``"mean"`` (see ``InfluenceConfig``).
+    """
+
+    scores: torch.Tensor
+    indices: list[int]
+    weights: list[str]
+    measurement: str
+    preconditioner: str
+    damping: dict[str, float]
+    per_weight: dict[str, torch.Tensor] | None = None
+    per_token: list[torch.Tensor] | None = None
+    self_influence: torch.Tensor | None = None
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    row_loss: str = "sum"
+
+    def per_layer(self) -> dict[int, torch.Tensor]:
+        """``per_weight`` summed within each block: ``{layer: [N]}``."""
+        if self.per_weight is None:
+            raise ValueError("scores were computed without per_weight=True")
+        out: dict[int, torch.Tensor] = {}
+        for name, values in self.per_weight.items():
+            layer = int(name.split(".")[1])
+            out[layer] = out[layer] + values if layer in out else values.clone()
+        return out
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-ready description of how the scores were made (for a scores file's sidecar)."""
+        return {"measurement": self.measurement, "preconditioner": self.preconditioner, "weights": self.weights,
+                "row_loss": self.row_loss, "damping": self.damping, "notes": self.notes, "timings_s": self.timings,
+                "sign": "positive = training on the row raises the measurement"}
+
+
+def resolve_weights(adapter: ModelAdapter, measurement: Measurement, available: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+    """The weights to score over and notes saying why: the measurement's reach, within the fitted factors."""
+    notes = []
+    reached = measurement.weights(adapter)
+    layer = measurement.reach(adapter)
+    if layer is not None and layer < adapter.n_layers - 1:
+        notes.append(f"the measurement reads layer {layer}: using the {len(reached)} weights of blocks 0..{layer} "
+                     f"(blocks {layer + 1}..{adapter.n_layers - 1} get no gradient from it)")
+    if available is not None:
+        missing = [n for n in reached if n not in set(available)]
+        reached = [n for n in reached if n in set(available)]
+        if not reached:
+            raise ValueError(f"the factors cover none of the weights the measurement reaches ({measurement.description})")
+        if missing:
+            notes.append(f"{len(missing)} reached weights have no factors and are left out: {missing[:6]}"
+                         + (" ..." if len(missing) > 6 else ""))
+    return reached, notes
+
+
+def build_preconditioner(adapter: ModelAdapter, names: Sequence[str], factors: Factors | Preconditioner | None,
+                         config: InfluenceConfig) -> Preconditioner:
+    if isinstance(factors, Preconditioner):
+        return factors.restrict(names)
+    if factors is None:
+        if config.preconditioner != "identity":
+            raise ValueError(f"the {config.preconditioner} preconditioner needs fitted factors (fit_factors / fit-factors)")
+        shapes = {}
+        for name in names:
+            info = adapter.weight_info(name)
+            shapes[name] = (info.d_out, info.d_in + int(info.has_bias))
+        return IdentityPreconditioner(shapes)
+    return factors.restrict(names).preconditioner(config.preconditioner, config.damping)
+
+
+def score_rows(
+    adapter: ModelAdapter,
+    data: Sequence[Any],
+    vectors: dict[str, torch.Tensor],
+    *,
+    batch_size: int = 8,
+    token_breakdown: str = "none",
+    per_weight: bool = False,
+    self_preconditioner: Preconditioner | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``score(row) = −Σ_w ⟨v_w, ∇_w L(row)⟩`` for tokenised rows, with ``v_w = P_w⁻¹ ∇_w f`` given
+    (``[d_out, d_in']`` per weight). Returns ``{"scores": [N], "per_weight": {name: [N]}?, "per_token": [[T_i]]?,
+    "self_influence": [N]?}`` (float64, CPU) in the order of ``data``.
+
+    Several measurements in one pass: vectors ``[K, d_out, d_in']`` give scores (and per-weight scores)
+    ``[N, K]``; the token breakdown then is not available."""
+    infos = [adapter.weight_info(n) for n in vectors]
+    n = len(data)
+    extra = tuple(next(iter(vectors.values())).shape[:-2])
+    if extra and token_breakdown != "none":
+        raise ValueError("the token breakdown needs one measurement at a time")
+    scores = torch.zeros(n, *extra, dtype=torch.float64)
+    weight_scores = {info.name: torch.zeros(n, *extra, dtype=torch.float64) for info in infos} if per_weight else None
+    token_scores: list[torch.Tensor] | None = [torch.empty(0)] * n if token_breakdown != "none" else None
+    self_scores = torch.zeros(n, dtype=torch.float64) if self_preconditioner is not None else None
+    # contract in the model's precision, at least float32 (float64 models stay float64)
+    work_dtype = torch.promote_types(adapter.dtype, torch.float32)
+    vectors_here = {name: v.to(device=adapter.device, dtype=work_dtype) for name, v in vectors.items()}
+    start = 0
+    with gradient_mode(adapter, infos) as params, tqdm(total=n, desc="scoring rows", unit="row", disable=not progress) as bar:
+        for batch in iter_batches(data, batch_size, pad_id=getattr(data, "pad_token_id", 0)):
+            capture, _ = capture_loss_gradients(adapter, batch, infos, params, fisher="empirical")
+            B = int(batch["input_ids"].shape[0])
+            total_tokens = None
+            for info in infos:
+                a = folded_activations(capture, info, batch["attention_mask"]).to(work_dtype)
+                g = capture.output_grads[info.name].to(work_dtype)
+                contrib = -token_contractions(a, g, vectors_here[info.name])  # [B, T] (or [B, T, K])
+                if weight_scores is not None:
+                    weight_scores[info.name][start:start + B] = contrib.sum(dim=1).double().cpu()
+                total_tokens = contrib if total_tokens is None else total_tokens + contrib
+                if self_scores is not None:
+                    grads = per_example_gradients(a, g)  # [B, d_out, d_in']
+                    self_scores[start:start + B] += self_preconditioner.inner({info.name: grads}, {info.name: grads}).double().cpu()
+                    del grads
+            assert total_tokens is not None
+            scores[start:start + B] = total_tokens.sum(dim=1).double().cpu()
+            if token_scores is not None:
+                if token_breakdown == "target":
+                    total_tokens = target_token_scores(adapter, batch, infos, params, vectors_here)
+                lengths = batch["attention_mask"].sum(dim=1).tolist()
+                for b in range(B):
+                    token_scores[start + b] = total_tokens[b, : int(lengths[b])].double().cpu()
+            start += B
+            bar.update(B)
+    out: dict[str, Any] = {"scores": scores}
+    if weight_scores is not None:
+        out["per_weight"] = weight_scores
+    if token_scores is not None:
+        out["per_token"] = token_scores
+    if self_scores is not None:
+        out["self_influence"] = self_scores
+    return out
+
+
+def target_token_scores(
+    adapter: ModelAdapter,
+    batch: dict[str, torch.Tensor],
+    infos: Sequence[WeightInfo],
+    params: Sequence[torch.nn.Parameter],
+    vectors: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """``c[b, s] = −∇_θ ℓ_s(row b)ᵀ v`` for every trained token ``s`` ``[B, T]`` (0 off the loss mask), with
+    ``v = P⁻¹∇f`` given per weight in canonical layout.
+
+    ``∇ℓ_sᵀ v = (softmax(z_{s−1}) − e_{y_s})ᵀ (J v)_{s−1}`` where ``J v`` is the derivative of the logits ``z``
+    along ``v``, obtained by differentiating ``⟨Jᵀu, v⟩`` with respect to a dummy cotangent ``u`` (double backward;
+    attention runs on PyTorch's math kernel here, the fused kernels have no double backward).
+    """
+    tangents: list[torch.Tensor] = []
+    for info in infos:
+        v = vectors[info.name]
+        weight = adapter.parameter(info.param_name)
+        tangents.append(info.from_canonical(v[:, : info.d_in]).to(weight.dtype).reshape(weight.shape))
+        if info.bias_name is not None:
+            bias = adapter.parameter(info.bias_name)
+            tangents.append(v[:, -1].to(bias.dtype).reshape(bias.shape))
+    device = adapter.device
+    input_ids = batch["input_ids"].to(device)
+    loss_mask = batch["loss_mask"].to(device)
+    with _math_attention():
+        logits = adapter.logits(input_ids, batch["attention_mask"].to(device))
+        cotangent = torch.zeros_like(logits, requires_grad=True)
+        vjp = torch.autograd.grad(logits, list(params), grad_outputs=cotangent, create_graph=True, allow_unused=True)
+        inner = sum((g * t).sum() for g, t in zip(vjp, tangents, strict=True) if g is not None)
+        (jvp,) = torch.autograd.grad(inner, cotangent)  # [B, T, V]: derivative of the logits along v
+    with torch.no_grad():
+        probs = torch.softmax(logits[:, :-1].double(), dim=-1)
+        targets = input_ids[:, 1:]
+        directional = (probs * jvp[:, :-1].double()).sum(-1) - jvp[:, :-1].double().gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        out = -directional * loss_mask[:, 1:].double()
+    return torch.cat([torch.zeros_like(out[:, :1]), out], dim=1)
+
+
+def _per_token_mean(out: dict[str, Any], data: Sequence[Any]) -> None:
+    """Rescale ``score_rows`` results from the summed to the mean token loss of each row (in place)."""
+    counts = torch.tensor([max(int(sum(row.loss_mask[1:])), 1) for row in data], dtype=torch.float64)
+    out["scores"] = out["scores"] / counts
+    if "per_weight" in out:
+        out["per_weight"] = {name: values / counts for name, values in out["per_weight"].items()}
+    if "per_token" in out:
+        out["per_token"] = [values / counts[i] for i, values in enumerate(out["per_token"])]
+    if "self_influence" in out:
+        out["self_influence"] = out["self_influence"] / counts**2
+
+
+def _math_attention():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+    except ImportError:  # pragma: no cover - older torch
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def compute_influence(
+    adapter: ModelAdapter,
+    data: Sequence[Any],
+    measurement: Measurement,
+    factors: Factors | Preconditioner | None,
+    config: InfluenceConfig = InfluenceConfig(),
+    *,
+    progress: bool = True,
+) -> InfluenceResult:
+    """Score tokenised training rows (a ``TokenizedDataset``) against a measurement.
+
+    ``factors``: fitted ``Factors`` (restricted automatically to the weights the measurement reaches), a ready
+    ``Preconditioner``, or ``None`` with ``config.preconditioner="identity"``.
+    """
+    available = factors.names if factors is not None else None
+    names, notes = resolve_weights(adapter, measurement, available)
+    for note in notes:
+        logger.info(note)
+    preconditioner = build_preconditioner(adapter, names, factors, config)
+    timings = {}
+    t0 = time.perf_counter()
+    grad_f = measurement.gradient(adapter, names, batch_size=config.batch_size)
+    vectors = preconditioner.apply_inverse(grad_f)
+    timings["measurement_gradient"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = score_rows(
+        adapter, data, vectors, batch_size=config.batch_size, token_breakdown=config.token_breakdown, per_weight=config.per_weight,
+        self_preconditioner=preconditioner if config.self_influence else None, progress=progress,
+    )
+    timings["scoring"] = time.perf_counter() - t0
+    if config.row_loss == "mean":
+        _per_token_mean(out, data)
+    return InfluenceResult(
+        scores=out["scores"],
+        indices=[int(row.index) for row in data],
+        weights=list(names),
+        measurement=measurement.description,
+        preconditioner=preconditioner.kind,
+        damping=dict(preconditioner.damping),
+        per_weight=out.get("per_weight"),
+        per_token=out.get("per_token"),
+        self_influence=out.get("self_influence"),
+        notes=notes,
+        timings=timings,
+        row_loss=config.row_loss,
+    )
+
+
+def compute_influence_many(
+    adapter: ModelAdapter,
+    data: Sequence[Any],
+    measurements: dict[str, tuple[Measurement, InfluenceConfig]],
+    factors: Factors | None,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, InfluenceResult]:
+    """Several (measurement, config) pairs scored in one pass over the training rows (one forward and backward per
+    batch for all of them): ``{label: InfluenceResult}``, each equal to ``compute_influence`` with its own
+    measurement and config (preconditioner, damping and ``row_loss`` may differ; the breakdowns are not
+    available here)."""
+    if not measurements:
+        raise ValueError("no measurements to score")
+    prepared: dict[str, tuple[list[str], list[str], Preconditioner, dict[str, torch.Tensor]]] = {}
+    for label, (measurement, config) in measurements.items():
+        if config.token_breakdown != "none" or config.per_weight or config.self_influence:
+            raise ValueError(f"{label}: breakdowns need compute_influence (one measurement at a time)")
+        names, notes = resolve_weights(adapter, measurement, factors.names if factors is not None else None)
+        preconditioner = build_preconditioner(adapter, names, factors, config)
+        grad_f = measurement.gradient(adapter, names, batch_size=config.batch_size)
+        prepared[label] = (names, notes, preconditioner, preconditioner.apply_inverse(grad_f))
+    union = [i.name for i in adapter.tracked_weights() if any(i.name in p[0] for p in prepared.values())]
+    stacked = {}
+    for name in union:
+        like = next(p[3][name] for p in prepared.values() if name in p[3])
+        stacked[name] = torch.stack([p[3][name] if name in p[3] else torch.zeros_like(like) for p in prepared.values()])
+    t0 = time.perf_counter()
+    out = score_rows(adapter, data, stacked, batch_size=batch_size, progress=progress)
+    seconds = time.perf_counter() - t0
+    results = {}
+    for k, (label, (measurement, config)) in enumerate(measurements.items()):
+        names, notes, preconditioner, _ = prepared[label]
+        single = {"scores": out["scores"][:, k].clone()}
+        if config.row_loss == "mean":
+            _per_token_mean(single, data)
+        results[label] = InfluenceResult(
+            scores=single["scores"], indices=[int(row.index) for row in data], weights=list(names),
+            measurement=measurement.description, preconditioner=preconditioner.kind, damping=dict(preconditioner.damping),
+            notes=notes, timings={"scoring_shared": seconds}, row_loss=config.row_loss,
+        )
+    return results

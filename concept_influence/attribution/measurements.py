@@ -1,0 +1,244 @@
+"""Measurements ``f(θ)``: the scalar functions of the model whose change influence scores predict.
+
+- ``ConceptMeasurement``: mean over queries of the concept's mean readout over each query's response tokens,
+  ``f = (1/Q) Σ_q mean_{t ∈ response(q)} readout(resid_l[q, t])``.
+- ``DifferentialMeasurement``: ``f = f_concept(queries A) − f_concept(queries B)``.
+- ``LogLikelihoodMeasurement``: the classical influence-function baseline, mean over queries of the summed
+  log-probability of each query's completion tokens, ``f = (1/Q) Σ_q Σ_{t ∈ response(q)} log p(y_t | y_<t)``.
+
+Queries are tokenised chat rows whose last assistant turn is the response (``loss_mask`` marks it). Prompts without
+answers are answered by the model itself (``answer_queries``, seeded and cached on disk when asked).
+A concept at layer ``l`` has no gradient into blocks above ``l``: ``weights`` restricts to blocks ``≤ l``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from concept_influence.concepts.base import Concept
+from concept_influence.curvature.fit import gradient_mode
+from concept_influence.curvature.loss import sequence_losses
+from concept_influence.data.chat import ChatRow, write_jsonl_atomic
+from concept_influence.data.tokenize import TokenizedDataset, iter_batches, tokenize_chat
+from concept_influence.models.base import ModelAdapter, WeightInfo
+from concept_influence.models.fingerprint import json_fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+# ---- queries -------------------------------------------------------------------------------------------------------
+def has_answer(row: ChatRow) -> bool:
+    return bool(row.messages) and row.messages[-1]["role"] == "assistant"
+
+
+def answer_queries(
+    adapter: ModelAdapter,
+    queries: Sequence[ChatRow],
+    *,
+    n_samples: int = 1,
+    temperature: float = 1.0,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    batch_size: int = 16,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> list[ChatRow]:
+    """Query rows with answers: rows that end with an assistant turn are kept as given; prompt-only rows get
+    ``n_samples`` answers sampled from the model (``generate_answers``: seeded, batch-independent).
+
+    Returned rows are numbered from 0 and carry ``query_index`` (the source row's index), ``sample`` and
+    ``answer_source`` (``"given"``/``"model"``) next to the source's fields. Empty answers are dropped with a
+    warning. ``cache_dir``: generated answers are stored in ``answers-<hash>.jsonl`` there, keyed by the model's
+    fingerprint, the prompts and the sampling settings, and reused only when all of them match.
+    """
+    from concept_influence.models.generate import generate_answers
+
+    to_answer = [row for row in queries if not has_answer(row)]
+    generated: dict[int, list[str]] = {}
+    if to_answer:
+        settings = {"n_samples": n_samples, "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
+        cache_file = None
+        if cache_dir is not None:
+            key = json_fingerprint({"model": adapter.fingerprint(), "prompts": [r.messages for r in to_answer], **settings})
+            cache_file = Path(cache_dir) / f"answers-{key}.jsonl"
+        if cache_file is not None and cache_file.exists():
+            with cache_file.open(encoding="utf-8") as handle:
+                generated = {int(rec["query_index"]): rec["answers"] for rec in map(json.loads, handle)}
+            logger.info("reusing %d cached query answers from %s", len(generated), cache_file)
+        else:
+            answers = generate_answers(
+                adapter, [r.messages for r in to_answer], n_samples=n_samples, temperature=temperature,
+                max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=progress,
+            )
+            generated = {row.index: a for row, a in zip(to_answer, answers, strict=True)}
+            if cache_file is not None:
+                write_jsonl_atomic(cache_file, ({"query_index": i, "answers": a, **settings} for i, a in generated.items()))
+    out: list[ChatRow] = []
+    empty = 0
+    for row in queries:
+        if has_answer(row):
+            out.append(ChatRow(len(out), list(row.messages), {**row.fields, "query_index": row.index, "sample": 0,
+                                                              "answer_source": "given"}, row.line))
+            continue
+        for s, answer in enumerate(generated[row.index]):
+            if not answer.strip():
+                empty += 1
+                continue
+            messages = [*row.messages, {"role": "assistant", "content": answer}]
+            out.append(ChatRow(len(out), messages, {**row.fields, "query_index": row.index, "sample": s,
+                                                    "answer_source": "model"}, row.line))
+    if empty:
+        warnings.warn(f"{empty} generated query answers were empty and are left out", stacklevel=2)
+    if not out:
+        raise ValueError("no query has a non-empty answer: nothing to measure")
+    return out
+
+
+def tokenize_queries(rows: Sequence[ChatRow], tokenizer: Any, max_length: int = 512) -> TokenizedDataset:
+    """Tokenise answered queries; rows whose response was truncated away are an error (they have no readout)."""
+    bad = [r.index for r in rows if not has_answer(r)]
+    if bad:
+        raise ValueError(f"queries {bad[:10]} have no answer: answer them first (answer_queries)")
+    tokenized = tokenize_chat(rows, tokenizer, max_length, warn=False)
+    if tokenized.empty_after_truncation:
+        raise ValueError(f"queries {tokenized.empty_after_truncation[:10]} lost their whole answer to truncation at "
+                         f"max_length={max_length}")
+    return tokenized
+
+
+# ---- measurements --------------------------------------------------------------------------------------------------
+class Measurement(ABC):
+    """A scalar ``f(θ) = Σ_k c_k · mean_{q ∈ Q_k} m(q; θ)`` over query sets ``Q_k`` with coefficients ``c_k``.
+
+    Subclasses give the terms (``terms``), the per-query value ``m`` (``per_query``, differentiable) and the highest
+    block it depends on (``reach``; ``None`` = the whole model).
+    """
+
+    description: str = ""
+
+    @abstractmethod
+    def terms(self) -> list[tuple[float, TokenizedDataset]]: ...
+
+    @abstractmethod
+    def per_query(self, adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Differentiable ``[B]`` values of the queries in ``batch``."""
+
+    def reach(self, adapter: ModelAdapter) -> int | None:
+        return None
+
+    def weights(self, adapter: ModelAdapter, available: Sequence[str] | None = None) -> list[str]:
+        """Tracked weights the measurement's gradient reaches (blocks ``≤ reach``), within ``available``."""
+        layer = self.reach(adapter)
+        infos = adapter.tracked_weights() if layer is None else adapter.weights_up_to(layer)
+        names = [i.name for i in infos]
+        if available is not None:
+            allowed = set(available)
+            names = [n for n in names if n in allowed]
+        if not names:
+            raise ValueError(f"{self.description}: no tracked weight is both reached by the measurement and available")
+        return names
+
+    def value(self, adapter: ModelAdapter, *, batch_size: int = 8) -> float:
+        """``f(θ)`` at the current parameters."""
+        total = 0.0
+        with torch.no_grad():
+            for coefficient, queries in self.terms():
+                for batch in iter_batches(queries, batch_size):
+                    total += coefficient * float(self.per_query(adapter, batch).sum()) / len(queries)
+        return total
+
+    def gradient(self, adapter: ModelAdapter, weights: Sequence[str], *, batch_size: int = 8) -> dict[str, torch.Tensor]:
+        """``∇_W f`` for each named weight in canonical layout ``[d_out, d_in']`` (bias gradient as last column)."""
+        infos = [adapter.weight_info(n) for n in weights]
+        with gradient_mode(adapter, infos) as params:
+            totals: list[torch.Tensor | None] = [None] * len(params)
+            for coefficient, queries in self.terms():
+                for batch in iter_batches(queries, batch_size):
+                    f = self.per_query(adapter, batch).sum() * (coefficient / len(queries))
+                    grads = torch.autograd.grad(f, params, allow_unused=True)
+                    for k, grad in enumerate(grads):
+                        if grad is not None:
+                            totals[k] = grad.detach() if totals[k] is None else totals[k] + grad.detach()
+        out: dict[str, torch.Tensor] = {}
+        k = 0
+        for info in infos:  # gradient_mode lists each weight, then its bias when folded
+            weight_grad = totals[k] if totals[k] is not None else torch.zeros_like(params[k])
+            k += 1
+            bias_grad = None
+            if info.bias_name is not None:
+                bias_grad = totals[k] if totals[k] is not None else torch.zeros_like(params[k])
+                k += 1
+            out[info.name] = canonical_gradient(info, weight_grad, bias_grad)
+        return out
+
+
+def canonical_gradient(info: WeightInfo, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None = None) -> torch.Tensor:
+    """Backend-layout gradients of a weight (and its bias) -> canonical ``[d_out, d_in']``."""
+    grad = info.to_canonical(weight_grad)
+    if info.has_bias and bias_grad is not None:
+        grad = torch.cat([grad, info.bias_to_canonical(bias_grad).unsqueeze(1)], dim=1)
+    return grad
+
+
+def _concept_readout(adapter: ModelAdapter, concept: Concept, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    layer = adapter.check_layer(concept.layer)
+    with adapter.capture_residual([layer]) as resid:
+        adapter.logits(batch["input_ids"], batch["attention_mask"])
+    acts = resid[layer]
+    return concept.readout(acts, batch["loss_mask"].to(acts.device), "mean")
+
+
+class ConceptMeasurement(Measurement):
+    """``f = mean_q readout_concept(q)`` with the readout averaged over each query's response tokens."""
+
+    def __init__(self, concept: Concept, queries: TokenizedDataset) -> None:
+        self.concept = concept
+        self.queries = queries
+        self.description = f"concept at layer {concept.layer} on {len(queries)} queries"
+
+    def terms(self) -> list[tuple[float, TokenizedDataset]]:
+        return [(1.0, self.queries)]
+
+    def reach(self, adapter: ModelAdapter) -> int | None:
+        return adapter.check_layer(self.concept.layer)
+
+    def per_query(self, adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _concept_readout(adapter, self.concept, batch)
+
+
+class DifferentialMeasurement(ConceptMeasurement):
+    """``f = mean_{q ∈ A} readout(q) − mean_{q ∈ B} readout(q)`` (e.g. trait-eliciting minus neutral prompts)."""
+
+    def __init__(self, concept: Concept, queries_a: TokenizedDataset, queries_b: TokenizedDataset) -> None:
+        super().__init__(concept, queries_a)
+        self.queries_b = queries_b
+        self.description = f"concept at layer {concept.layer}: {len(queries_a)} queries minus {len(queries_b)} queries"
+
+    def terms(self) -> list[tuple[float, TokenizedDataset]]:
+        return [(1.0, self.queries), (-1.0, self.queries_b)]
+
+
+class LogLikelihoodMeasurement(Measurement):
+    """``f = mean_q Σ_{t ∈ response(q)} log p(y_t | y_<t)``: classical influence on the queries' completions."""
+
+    def __init__(self, queries: TokenizedDataset) -> None:
+        self.queries = queries
+        self.description = f"log-likelihood of {len(queries)} query completions"
+
+    def terms(self) -> list[tuple[float, TokenizedDataset]]:
+        return [(1.0, self.queries)]
+
+    def per_query(self, adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        device = adapter.device
+        input_ids = batch["input_ids"].to(device)
+        logits = adapter.logits(input_ids, batch["attention_mask"].to(device))
+        return -sequence_losses(logits, input_ids, batch["loss_mask"].to(device))

@@ -1,0 +1,189 @@
+"""Factor files: ``factors.safetensors`` + ``manifest.json`` in a folder, and the partial state of an interrupted fit.
+
+The manifest records fingerprints of the model's parameters, of the tokenised data and of the fit config (plus
+the weight list). Loading factors against a different model or data raises ``FactorMismatchError``: factors are
+never reused silently. Layout of the folder::
+
+    manifest.json          {"format", "fingerprints": {"model", "data", "config"}, "config",
+                           "weights": [{"name", "d_out", "d_in"}, ...] (in order), "n_rows", "n_tokens", "available"}
+    factors.safetensors    "{weight}/activation_eigenvalues", ".../activation_eigenvectors",
+                           ".../gradient_eigenvalues", ".../gradient_eigenvectors",
+                           ".../eigenvalue_correction", ".../diagonal"   (those the fit produced)
+    partial.json / partial.safetensors   running sums of an unfinished fit (deleted once it completes)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from concept_influence.curvature.config import FactorConfig
+from concept_influence.curvature.eigen import Eigen
+from concept_influence.curvature.factors import Factors, WeightFactors
+
+FORMAT = "concept_influence.factors/1"
+MANIFEST = "manifest.json"
+FACTORS_FILE = "factors.safetensors"
+PARTIAL_MANIFEST = "partial.json"
+PARTIAL_FILE = "partial.safetensors"
+
+_EIGEN_FIELDS = ("activation_eigen", "gradient_eigen")
+_TENSOR_FIELDS = ("eigenvalue_correction", "diagonal")
+
+
+class FactorMismatchError(ValueError):
+    """Saved factors (or a partial fit) made for another model, data set or config."""
+
+
+def data_fingerprint(rows: Sequence[Any]) -> str:
+    """Hash of tokenised rows (``index``, ``input_ids``, ``loss_mask`` of each, in order); 16 hex chars."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(str(row.index).encode())
+        digest.update(b"|")
+        digest.update(",".join(map(str, row.input_ids)).encode())
+        digest.update(b"|")
+        digest.update(",".join(map(str, row.loss_mask)).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+def config_fingerprint(config: FactorConfig, weights: Sequence[str]) -> str:
+    payload = json.dumps({"config": config.to_dict(), "weights": list(weights)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def check_fingerprints(found: Mapping[str, str], expected: Mapping[str, str | None], where: str) -> None:
+    """Raise ``FactorMismatchError`` naming each fingerprint of ``expected`` (non-None) that differs."""
+    wrong = [k for k, v in expected.items() if v is not None and found.get(k) != v]
+    if wrong:
+        details = "; ".join(f"{k}: saved {found.get(k)!r}, current {expected[k]!r}" for k in wrong)
+        hints = {"model": "a different model (or changed weights)", "data": "different training data or tokenisation",
+                 "config": "a different fit config or weight list"}
+        raise FactorMismatchError(
+            f"{where} were fitted for {', '.join(hints[k] for k in wrong if k in hints)} ({details}). "
+            "Refit them (fit-factors) or point to the right folder; factors are never reused across models or data."
+        )
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def save_factors(factors: Factors, path: str | os.PathLike) -> Path:
+    """Write ``factors`` to the folder ``path`` (created); returns it."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    weights: list[dict[str, Any]] = []
+    for name, w in factors.weights.items():
+        weights.append({"name": name, "d_out": w.d_out, "d_in": w.d_in})
+        for fld in _EIGEN_FIELDS:
+            eig = getattr(w, fld)
+            if eig is not None:
+                tensors[f"{name}/{fld}values"] = eig.values
+                tensors[f"{name}/{fld}vectors"] = eig.vectors
+        for fld in _TENSOR_FIELDS:
+            value = getattr(w, fld)
+            if value is not None:
+                tensors[f"{name}/{fld}"] = value
+    _atomic_tensors(folder / FACTORS_FILE, tensors)
+    manifest = {
+        "format": FORMAT,
+        "fingerprints": dict(factors.fingerprints),
+        "config": factors.config.to_dict(),
+        "weights": weights,
+        "n_rows": factors.n_rows,
+        "n_tokens": factors.n_tokens,
+        "available": factors.available(),
+    }
+    _atomic_json(folder / MANIFEST, manifest)
+    return folder
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    folder = Path(path)
+    file = folder / MANIFEST
+    if not file.exists():
+        raise FileNotFoundError(f"no factors at {folder} (missing {MANIFEST}); fit them with fit-factors")
+    manifest = json.loads(file.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise FactorMismatchError(f"{file}: unknown format {manifest.get('format')!r} (expected {FORMAT!r})")
+    return manifest
+
+
+def load_factors(
+    path: str | os.PathLike,
+    *,
+    model_fingerprint: str | None = None,
+    data_fingerprint: str | None = None,
+    config_fingerprint: str | None = None,
+) -> Factors:
+    """Read factors from a folder, checking each given fingerprint against the manifest (mismatch: error)."""
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    check_fingerprints(
+        manifest["fingerprints"],
+        {"model": model_fingerprint, "data": data_fingerprint, "config": config_fingerprint},
+        f"the factors in {folder}",
+    )
+    tensors = load_file(str(folder / FACTORS_FILE))
+    weights: dict[str, WeightFactors] = {}
+    for entry in manifest["weights"]:
+        name = entry["name"]
+        w = WeightFactors(d_out=int(entry["d_out"]), d_in=int(entry["d_in"]))
+        for fld in _EIGEN_FIELDS:
+            key = f"{name}/{fld}"
+            if key + "values" in tensors:
+                setattr(w, fld, Eigen(tensors[key + "values"], tensors[key + "vectors"]))
+        for fld in _TENSOR_FIELDS:
+            if f"{name}/{fld}" in tensors:
+                setattr(w, fld, tensors[f"{name}/{fld}"])
+        weights[name] = w
+    return Factors(
+        weights=weights,
+        config=FactorConfig.from_dict(manifest["config"]),
+        n_rows=int(manifest.get("n_rows", 0)),
+        n_tokens=int(manifest.get("n_tokens", 0)),
+        fingerprints=dict(manifest["fingerprints"]),
+    )
+
+
+def save_partial(path: str | os.PathLike, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Save an unfinished fit: ``state`` (JSON: fingerprints, stage, rows done, counts) and its running sums."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_tensors(folder / PARTIAL_FILE, tensors)
+    _atomic_json(folder / PARTIAL_MANIFEST, {"format": FORMAT, **state})
+
+
+def load_partial(path: str | os.PathLike, fingerprints: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """The partial state in ``path`` (or None); raises ``FactorMismatchError`` if it belongs to another fit."""
+    folder = Path(path)
+    file = folder / PARTIAL_MANIFEST
+    if not file.exists() or not (folder / PARTIAL_FILE).exists():
+        return None
+    state = json.loads(file.read_text(encoding="utf-8"))
+    check_fingerprints(state.get("fingerprints", {}), fingerprints, f"the partial fit in {folder}")
+    return state, load_file(str(folder / PARTIAL_FILE))
+
+
+def clear_partial(path: str | os.PathLike) -> None:
+    folder = Path(path)
+    for name in (PARTIAL_MANIFEST, PARTIAL_FILE):
+        (folder / name).unlink(missing_ok=True)

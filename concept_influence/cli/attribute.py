@@ -42,6 +42,9 @@ def attribute(
     preconditioner: str = typer.Option("ekfac", "--preconditioner", help="ekfac | kfac | diagonal | identity."),
     damping: float = typer.Option(0.1, "--damping", help="Relative damping: λ = this × mean eigenvalue, per weight."),
     absolute_damping: float | None = typer.Option(None, "--absolute-damping", help="Absolute λ instead of the relative rule."),
+    row_loss: str = typer.Option("sum", "--row-loss", help="Gradient methods: a row's loss is its tokens' sum (as training weighs it) or mean (length-neutral)."),
+    token_breakdown: str = typer.Option("none", "--token-breakdown", help="Gradient methods: none | target | position: add each row's per-token scores as a token_scores column."),
+    contrast_queries: Path | None = typer.Option(None, "--contrast-queries", help="concept-influence: measure the concept on --queries minus on these (differential measurement)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     max_length: int = typer.Option(512, "--max-length", min=2, help="Truncate rows longer than this (reported)."),
     n_samples: int = typer.Option(1, "--n-samples", min=1, help="Model answers sampled per prompt (projection-difference, queries)."),
@@ -91,9 +94,11 @@ def attribute(
             preconditioner=preconditioner,
             damping=Damping(absolute=absolute_damping) if absolute_damping is not None else Damping(relative=damping),
             max_length=max_length, batch_size=batch_size, n_samples=n_samples, temperature=temperature,
-            max_new_tokens=max_new_tokens, seed=seed, cache_dir=str(cache),
+            max_new_tokens=max_new_tokens, seed=seed, cache_dir=str(cache), row_loss=row_loss, token_breakdown=token_breakdown,
         )
-        table = run_gradient_attribution(adapter, rows, loaded_concept, query_rows, method_name, factors, config)
+        contrast = read_chat_jsonl(contrast_queries, need_assistant=False) if contrast_queries is not None else None
+        table = run_gradient_attribution(adapter, rows, loaded_concept, query_rows, method_name, factors, config,
+                                         contrast_queries=contrast)
     table.meta.setdefault("wall_time_s", time.perf_counter() - started)
     table.meta.update({"model": model, "data": str(data), "concept": None if concept is None else str(concept)})
     table.write_jsonl(out)

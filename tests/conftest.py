@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+# the organism is built once per machine into the repository's .cache (shared with `make demo`, notebooks included)
+os.environ.setdefault("CONCEPT_INFLUENCE_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
 
 
 @pytest.fixture(autouse=True)
@@ -22,3 +27,11 @@ def tiny_tok():
     from concept_influence.testing.tiny_models import tiny_tokenizer
 
     return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def organism():
+    """The default built-in organism (built on first use, then loaded from the cache)."""
+    from concept_influence.organism import organism_for_tests
+
+    return organism_for_tests()

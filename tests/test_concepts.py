@@ -3,6 +3,7 @@ model checks, persona-vector files, layer sweep."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -20,6 +21,8 @@ from concept_influence.concepts import (
     load_concept,
     load_persona_vector,
     parse_spec,
+    read_concept_meta,
+    read_residuals,
     response_mean_activations,
     save_concept,
     train_concept,
@@ -122,18 +125,41 @@ def test_instruction_pairs_generate_cache_and_read_without_system_prompt(adapter
     def refuse(*args, **kwargs):
         raise AssertionError("should have used the cache")
 
-    monkeypatch.setattr("concept_influence.concepts.activations.generate_answers", refuse)
+    monkeypatch.setattr("concept_influence.concepts.answers.generate_answers", refuse)
     again = labelled_conversations(adapter, spec, n_samples=2, max_new_tokens=4, cache_dir=tmp_path)
     assert again.conversations == data.conversations
     with pytest.raises(ValueError, match="only label"):
         labelled_conversations(adapter, spec, n_samples=2, max_new_tokens=4, cache_dir=tmp_path, judge=lambda a: -1.0)
 
 
+def test_read_residuals_stops_after_the_layer_and_matches_the_capture(adapter):
+    ids = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), adapter.capture_residual([0, 1, 2]) as full:
+        adapter.logits(ids, mask)
+    calls = []
+    handle = adapter.model.lm_head.register_forward_hook(lambda *args: calls.append(1))
+    deep = adapter.model.model.layers[2].register_forward_hook(lambda *args: calls.append(2))
+    try:
+        early = read_residuals(adapter, ids, mask, [1, 0])
+    finally:
+        handle.remove()
+        deep.remove()
+    assert sorted(early) == [0, 1] and calls == []  # neither block 2 nor the LM head ran
+    for layer in (0, 1):
+        torch.testing.assert_close(early[layer], full[layer], rtol=0, atol=0)
+
+
 def test_save_load_round_trip_and_model_checks(adapter, tiny_tok, tmp_path):
-    concept = DirectionConcept(torch.randn(adapter.d_model), layer=2, kind="probe", metrics={"heldout_auc": 0.97})
-    path = save_concept(concept, tmp_path / "c", model_fingerprint=adapter.fingerprint())
+    concept = DirectionConcept(torch.randn(adapter.d_model), layer=2, kind="probe", metrics={"heldout_auc": np.float32(0.97)},
+                               reduction="last_prompt")
+    path = save_concept(concept, tmp_path / "c", model_fingerprint=adapter.fingerprint(), extra_meta={"model": "tiny"})
+    meta = read_concept_meta(path)
+    assert meta["site"] == "resid.2" and meta["readout"] == "last_prompt" and meta["model"] == "tiny"
+    assert sorted(p.name for p in path.iterdir()) == ["concept.json", "concept.safetensors"]
     loaded = load_concept(path, adapter)
-    assert loaded.kind == "probe" and loaded.layer == 2 and loaded.metrics == {"heldout_auc": 0.97}
+    assert loaded.kind == "probe" and loaded.layer == 2 and loaded.metrics == {"heldout_auc": pytest.approx(0.97)}
+    assert loaded.reduction == "last_prompt"
     acts = torch.randn(2, 5, adapter.d_model)
     torch.testing.assert_close(loaded.token_readout(acts), concept.token_readout(acts))
     save_concept(DirectionConcept(torch.ones(adapter.d_model), layer=0), path)  # overwrite in place
@@ -166,6 +192,21 @@ def test_bad_concept_files_name_the_path(tmp_path):
     (path / "concept.json").write_text("{")
     with pytest.raises(ConceptFileError, match=r"concept\.json: malformed JSON"):
         load_concept(path)
+    good = save_concept(DirectionConcept(torch.ones(4), layer=0), tmp_path / "good")
+    meta = json.loads((good / "concept.json").read_text())
+    for key, value, message in [("readout", "max", "'readout': unknown reduction 'max'"), ("layer", -1, "'layer' must be a non-negative"),
+                                ("format", "other/9", "unknown format"), ("d_model", None, "'d_model' must be")]:
+        (good / "concept.json").write_text(json.dumps({**meta, key: value}))
+        with pytest.raises(ConceptFileError, match=message) as err:
+            load_concept(good)
+        assert str(good) in str(err.value)
+    (good / "concept.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "kind"}))
+    with pytest.raises(ConceptFileError, match="missing key 'kind'"):
+        load_concept(good)
+    (tmp_path / "not-a-concept").mkdir()
+    (tmp_path / "not-a-concept" / "notes.txt").write_text("mine")
+    with pytest.raises(ConceptFileError, match="not a concept folder; not overwriting"):
+        save_concept(DirectionConcept(torch.ones(4), layer=0), tmp_path / "not-a-concept")
 
 
 def test_persona_vector_file_layout(adapter, tmp_path):

@@ -13,7 +13,13 @@ from typer.testing import CliRunner
 from concept_influence.attribution.forward import projection_difference, vector_filter
 from concept_influence.attribution.scores import ScoreTable
 from concept_influence.cli import app
-from concept_influence.concepts import DirectionConcept, save_concept
+from concept_influence.concepts import (
+    DirectionConcept,
+    SAEFeatureConcept,
+    read_residuals,
+    sample_answers,
+    save_concept,
+)
 from concept_influence.data import rows_from_records, tokenize_chat, write_jsonl_atomic
 from concept_influence.models import (
     HFAdapter,
@@ -74,14 +80,90 @@ def test_projection_difference_subtracts_the_models_own_answers(setup, tmp_path,
     for i, row in enumerate(rows):  # row 2 is multi-turn: only the final assistant turn is read, on both sides
         own = _manual_readout(adapter, concept, row.messages, final_turn_only=True)
         model = np.mean([_manual_readout(adapter, concept, row.prompt_messages + [{"role": "assistant", "content": a}],
-                                         final_turn_only=True) for a in answers[i]])
+                                         final_turn_only=True) for a in answers[i] if a.strip()])
+        assert table.columns["model_answers_used"][i] == sum(bool(a.strip()) for a in answers[i])
         assert table.columns["model_answer"][i] == answers[i][0]
         np.testing.assert_allclose(table.columns["model_readout"][i], model, rtol=1e-6)
         np.testing.assert_allclose(table.scores[i], own - model, rtol=1e-6, atol=1e-9)
     assert table.columns["row_readout"][2] != pytest.approx(vector_filter(adapter, rows[2:3], concept, progress=False).scores[0])
-    monkeypatch.setattr("concept_influence.attribution.forward.generate_answers", lambda *a, **k: (_ for _ in ()).throw(AssertionError("cache miss")))
+    monkeypatch.setattr("concept_influence.concepts.answers.generate_answers", lambda *a, **k: (_ for _ in ()).throw(AssertionError("cache miss")))
     again = projection_difference(adapter, rows, concept, n_samples=2, max_new_tokens=5, seed=4, cache_dir=tmp_path, progress=False)
     np.testing.assert_array_equal(again.scores, table.scores)
+
+
+def test_answer_cache_is_per_prompt_and_grows(setup, tmp_path, monkeypatch):
+    """A subset first, then the whole set: only the missing prompts are sampled, and the answers equal a fresh run."""
+    import concept_influence.concepts.answers as answers_module
+
+    adapter, _, rows = setup
+    prompts = [r.prompt_messages for r in rows]
+    settings = {"n_samples": 2, "max_new_tokens": 4, "seed": 1}
+    first = sample_answers(adapter, prompts[:2], cache_dir=tmp_path, **settings)
+    asked: list[int] = []
+    real = answers_module.generate_answers
+
+    def counting(adapter, prompts, **kwargs):
+        asked.append(len(prompts))
+        return real(adapter, prompts, **kwargs)
+
+    monkeypatch.setattr(answers_module, "generate_answers", counting)
+    full = sample_answers(adapter, prompts + [prompts[1]], cache_dir=tmp_path, **settings)
+    assert asked == [2] and full[:2] == first and full[4] == full[1]
+    assert full[:4] == generate_answers(adapter, prompts, **settings)
+    assert len(list(tmp_path.glob("model-answers-*.jsonl"))) == 1
+    sample_answers(adapter, prompts, cache_dir=tmp_path, **{**settings, "seed": 2})  # other settings: another file
+    assert len(list(tmp_path.glob("model-answers-*.jsonl"))) == 2 and asked == [2, 4]
+
+
+def test_vector_filter_streams_in_chunks_and_reports_tokens(setup, monkeypatch):
+    adapter, concept, rows = setup
+    whole = vector_filter(adapter, rows, concept, token_readouts=True, progress=False)
+    monkeypatch.setattr("concept_influence.attribution.forward.CHUNK_ROWS", 3)
+    chunked = vector_filter(adapter, rows, concept, batch_size=2, progress=False)
+    np.testing.assert_allclose(chunked.scores, whole.scores, rtol=1e-12)
+    for row, values, score in zip(rows, whole.columns["token_readouts"], whole.scores, strict=True):
+        tok = tokenize_chat([row], adapter.tokenizer)[0]
+        assert len(values) == tok.n_targets and np.mean(values) == pytest.approx(score, rel=1e-12)
+
+
+def test_readout_reduction_comes_from_the_concept(setup):
+    adapter, concept, rows = setup
+    last = DirectionConcept(concept.direction, layer=0, reduction="last_prompt")
+    table = vector_filter(adapter, rows, last, progress=False)
+    for row, score in zip(rows, table.scores, strict=True):
+        tok = tokenize_chat([row], adapter.tokenizer)[0]
+        with torch.no_grad():
+            hidden = adapter.model(input_ids=torch.tensor([tok.input_ids]), output_hidden_states=True).hidden_states[1][0]
+        first_answer = tok.loss_mask.index(1)
+        assert score == pytest.approx(float(hidden[first_answer - 1] @ concept.unit), rel=1e-9)
+    per_token = vector_filter(adapter, rows, DirectionConcept(concept.direction, layer=0, reduction="per_token"), progress=False)
+    np.testing.assert_allclose(per_token.scores, vector_filter(adapter, rows, concept, progress=False).scores, rtol=1e-12)
+    assert "token_readouts" in per_token.columns
+    with pytest.raises(ValueError, match="every score is 0"):
+        projection_difference(adapter, rows, last, progress=False)
+
+
+def test_vector_filter_on_an_sae_feature_is_the_mean_feature_activation(setup):
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    adapter, _, rows = setup
+    sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=8, dtype="float64"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # activations here have norm ~0.25: a scaled encoder and a small b_dec keep features alive
+        sae.W_enc.copy_(10 * torch.randn(16, 8, generator=generator, dtype=torch.float64))
+        sae.b_dec.copy_(0.01 * torch.randn(16, generator=generator, dtype=torch.float64))
+    ids = torch.tensor([tokenize_chat(rows[:1], adapter.tokenizer)[0].input_ids])
+    acts = read_residuals(adapter, ids, torch.ones_like(ids), [0])[0][0]
+    feature = int(sae.encode(acts).std(dim=0).argmax())  # the feature that varies most over the tokens
+    concept = SAEFeatureConcept(sae, feature, layer=0)
+    table = vector_filter(adapter, rows, concept, progress=False)
+    for row, score in zip(rows, table.scores, strict=True):
+        tok = tokenize_chat([row], adapter.tokenizer)[0]
+        with torch.no_grad():
+            hidden = adapter.model(input_ids=torch.tensor([tok.input_ids]), output_hidden_states=True).hidden_states[1][0]
+        features = sae.encode(hidden[torch.tensor(tok.loss_mask, dtype=torch.bool)])[:, feature]
+        assert score == pytest.approx(float(features.mean()), rel=1e-9, abs=1e-12)
+    assert table.scores.max() > 0 and len(set(table.scores.round(6))) == len(rows)  # not vacuous
 
 
 def test_forward_methods_refuse_rows_without_answer_tokens(setup):

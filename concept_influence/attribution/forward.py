@@ -1,78 +1,127 @@
 """Forward-only attribution (first-order approximations, no gradients).
 
-- **Vector Filter**: ``score(row) = readout(row's own assistant tokens)``, the concept's mean readout over the
-  response (projection on the direction, or SAE feature activation).
+- **Vector Filter**: ``score(row) = readout(row's own assistant tokens)``: the concept's readout reduced over the
+  response (mean projection on the direction, or mean SAE feature activation; the concept's ``reduction``).
 - **Projection Difference**: ``score(row) = readout(prompt, row's answer) − mean_s readout(prompt, model answer s)``
   over the final assistant turn, with the model's answers sampled (seeded, cached on disk).
 
 Higher = the row's answer expresses the concept more (than the model already does, for Projection Difference).
+Rows stream through in chunks (tokenised a chunk at a time, batched by length), so memory does not grow with the
+dataset beyond one float per row.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from concept_influence.attribution.scores import ScoreTable
-from concept_influence.concepts.base import Concept
-from concept_influence.data import ChatRow, TokenizedDataset, iter_batches, tokenize_chat, write_jsonl_atomic
-from concept_influence.data.tokenize import render_prompt
+from concept_influence.concepts.activations import length_sorted_batches, read_residuals
+from concept_influence.concepts.answers import sample_answers
+from concept_influence.concepts.base import Concept, Reduction, check_reduction
+from concept_influence.data import ChatRow, TokenizedDataset, tokenize_chat
+from concept_influence.data.tokenize import has_chat_template, render_prompt
 from concept_influence.models.base import ModelAdapter
-from concept_influence.models.fingerprint import json_fingerprint
-from concept_influence.models.generate import generate_answers
+
+CHUNK_ROWS = 4096
 
 
 def _final_turn_only(dataset: TokenizedDataset, rows: Sequence[ChatRow], tokenizer) -> None:
     """Restrict each row's mask to its last assistant turn (tokens after the rendered prompt)."""
-    from concept_influence.data.tokenize import has_chat_template
-
     for tokenized, row in zip(dataset.rows, rows, strict=True):
         if sum(m["role"] == "assistant" for m in row.messages) < 2:
             continue
-        prompt_len = len(tokenizer(render_prompt(row.prompt_messages, tokenizer), add_special_tokens=not has_chat_template(tokenizer))["input_ids"])
+        prompt = render_prompt(row.prompt_messages, tokenizer)
+        prompt_len = len(tokenizer(prompt, add_special_tokens=not has_chat_template(tokenizer))["input_ids"])
         tokenized.loss_mask = [m if t >= prompt_len else 0 for t, m in enumerate(tokenized.loss_mask)]
 
 
-@torch.no_grad()
+def _check(adapter: ModelAdapter, concept: Concept) -> int:
+    if adapter.tokenizer is None:
+        raise ValueError("forward attribution needs the model's tokenizer")
+    if concept.d_model != adapter.d_model:
+        raise ValueError(f"concept has hidden size {concept.d_model} but the model has {adapter.d_model}")
+    return adapter.check_layer(concept.layer)
+
+
 def concept_readouts(
     adapter: ModelAdapter,
     rows: Sequence[ChatRow],
     concept: Concept,
     *,
+    reduction: Reduction = "mean",
     batch_size: int = 16,
     max_length: int = 512,
     final_turn_only: bool = False,
     progress: bool = True,
-    desc: str = "reading rows",
 ) -> np.ndarray:
-    """``[len(rows)]`` mean concept readout over each row's assistant tokens (float64)."""
-    if adapter.tokenizer is None:
-        raise ValueError("forward attribution needs the model's tokenizer")
-    layer = adapter.check_layer(concept.layer)
-    if concept.d_model != adapter.d_model:
-        raise ValueError(f"concept has hidden size {concept.d_model} but the model has {adapter.d_model}")
-    dataset = tokenize_chat(rows, adapter.tokenizer, max_length)
-    if final_turn_only:
-        _final_turn_only(dataset, rows, adapter.tokenizer)
-    empty = [r.index for r in dataset.rows if r.n_targets == 0]
-    if empty:
-        raise ValueError(f"rows {empty[:10]} have no assistant tokens within max_length={max_length}: raise --max-length")
-    out = np.empty(len(dataset), dtype=np.float64)
-    with tqdm(total=len(dataset), desc=desc, unit="row", disable=not progress) as bar:
-        for batch in iter_batches(dataset, batch_size):
-            with adapter.capture_residual([layer]) as acts:
-                adapter.logits(batch["input_ids"], batch["attention_mask"])
-            values = concept.readout(acts[layer], batch["loss_mask"].to(acts[layer].device), "mean")
-            out[batch["position"].numpy()] = values.double().cpu().numpy()
-            bar.update(len(batch["position"]))
-    return out
+    """``[len(rows)]`` (float64): each row's concept readout over its assistant tokens (``reduction``: ``mean`` or
+    ``last_prompt``; ``final_turn_only``: only the last assistant turn). Rows whose assistant tokens are all
+    truncated away are an error; truncated rows are counted in a warning."""
+    scores, _, n_truncated = _read_rows(adapter, rows, concept, reduction=reduction, batch_size=batch_size,
+                                        max_length=max_length, final_turn_only=final_turn_only, progress=progress)
+    _warn_truncated(n_truncated, len(scores), max_length)
+    return scores
+
+
+@torch.no_grad()
+def _read_rows(
+    adapter: ModelAdapter,
+    rows: Sequence[ChatRow],
+    concept: Concept,
+    *,
+    reduction: Reduction = "mean",
+    batch_size: int = 16,
+    max_length: int = 512,
+    final_turn_only: bool = False,
+    token_values: bool = False,
+    progress: bool = True,
+    desc: str = "reading rows",
+) -> tuple[np.ndarray, list[list[float]] | None, int]:
+    """``(scores [len(rows)] float64, per-token readouts of each row's scored tokens or None, number of rows
+    truncated)``; see ``concept_readouts``."""
+    layer = _check(adapter, concept)
+    if check_reduction(reduction) == "per_token":
+        raise ValueError("a row score needs a scalar reduction ('mean' or 'last_prompt'); per-token values come with "
+                         "token_values=True")
+    rows = list(rows)
+    out = np.empty(len(rows), dtype=np.float64)
+    tokens: list[list[float]] | None = [[] for _ in rows] if token_values else None
+    n_truncated = 0
+    with tqdm(total=len(rows), desc=desc, unit="row", disable=not progress) as bar:
+        for start in range(0, len(rows), CHUNK_ROWS):
+            chunk = rows[start : start + CHUNK_ROWS]
+            dataset = tokenize_chat(chunk, adapter.tokenizer, max_length, warn=False)
+            if final_turn_only:
+                _final_turn_only(dataset, chunk, adapter.tokenizer)
+            empty = [r.index for r in dataset.rows if r.n_targets == 0]
+            if empty:
+                raise ValueError(f"rows {empty[:10]} have no assistant tokens within max_length={max_length}: raise "
+                                 "--max-length")
+            n_truncated += dataset.n_truncated
+            for batch in length_sorted_batches(dataset, batch_size):
+                acts = read_residuals(adapter, batch["input_ids"], batch["attention_mask"], [layer])[layer]
+                mask = batch["loss_mask"].to(acts.device)
+                positions = batch["position"].numpy() + start
+                out[positions] = concept.readout(acts, mask, reduction).double().cpu().numpy()
+                if tokens is not None:
+                    per_token = concept.token_readout(acts).double().cpu()
+                    for b, p in enumerate(positions):
+                        tokens[p] = per_token[b][mask[b].bool().cpu()].tolist()
+                bar.update(len(positions))
+    return out, tokens, n_truncated
+
+
+def _warn_truncated(n_truncated: int, n: int, max_length: int) -> None:
+    if n_truncated:
+        warnings.warn(f"{n_truncated} of {n} rows were truncated at max_length={max_length} (scored on what is left)",
+                      stacklevel=3)
 
 
 def vector_filter(
@@ -82,49 +131,29 @@ def vector_filter(
     *,
     batch_size: int = 16,
     max_length: int = 512,
+    reduction: Reduction | None = None,
+    token_readouts: bool = False,
     progress: bool = True,
 ) -> ScoreTable:
-    """Vector Filter scores: the concept readout of each row's own assistant tokens."""
+    """Vector Filter scores: the concept readout of each row's own assistant tokens (all assistant turns).
+
+    ``reduction``: ``mean`` over the assistant tokens or ``last_prompt`` (default: the concept's own; a
+    ``per_token`` concept scores the mean and adds the per-token values). ``token_readouts``: add a
+    ``token_readouts`` column, the readout at each assistant token of the row.
+    """
     started = time.perf_counter()
-    scores = concept_readouts(adapter, rows, concept, batch_size=batch_size, max_length=max_length, progress=progress)
-    meta = {"layer": concept.layer, "readout": "mean over assistant tokens", "wall_time_s": time.perf_counter() - started,
+    reduction = check_reduction(concept.reduction if reduction is None else reduction)  # type: ignore[assignment]
+    if reduction == "per_token":
+        reduction, token_readouts = "mean", True
+    rows = list(rows)
+    scores, tokens, n_truncated = _read_rows(adapter, rows, concept, reduction=reduction, batch_size=batch_size,
+                                             max_length=max_length, token_values=token_readouts, progress=progress)
+    _warn_truncated(n_truncated, len(rows), max_length)
+    meta = {"layer": concept.layer, "concept": repr(concept), "readout": f"{reduction} over assistant tokens",
+            "n_truncated": n_truncated, "max_length": max_length, "wall_time_s": time.perf_counter() - started,
             "sign": "positive = the row's answer expresses the concept"}
-    return ScoreTable.from_rows(list(rows), scores, "vector-filter", meta=meta)
-
-
-def sample_model_answers(
-    adapter: ModelAdapter,
-    prompts: Sequence[list[dict[str, str]]],
-    *,
-    n_samples: int = 1,
-    temperature: float = 1.0,
-    max_new_tokens: int = 64,
-    seed: int = 0,
-    batch_size: int = 16,
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-) -> list[list[str]]:
-    """The model's own answers to each prompt (identical prompts are answered once), cached in ``cache_dir`` as
-    ``model-answers-<hash>.jsonl`` keyed by model fingerprint, prompts and settings."""
-    unique: dict[str, list[dict[str, str]]] = {}
-    keys = []
-    for prompt in prompts:
-        key = json.dumps(prompt, sort_keys=True)
-        unique.setdefault(key, list(prompt))
-        keys.append(key)
-    settings = {"n_samples": n_samples, "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
-    cache_file = None
-    if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"model-answers-{json_fingerprint({'model': adapter.fingerprint(), 'prompts': list(unique), **settings})}.jsonl"
-    if cache_file is not None and cache_file.exists():
-        with cache_file.open(encoding="utf-8") as handle:
-            answers_by_key = {rec["prompt_key"]: rec["answers"] for rec in map(json.loads, handle)}
-    else:
-        generated = generate_answers(adapter, list(unique.values()), batch_size=batch_size, progress=progress, **settings)
-        answers_by_key = dict(zip(unique, generated, strict=True))
-        if cache_file is not None:
-            write_jsonl_atomic(cache_file, ({"prompt_key": k, "answers": a, **settings} for k, a in answers_by_key.items()))
-    return [answers_by_key[k] for k in keys]
+    columns = {"token_readouts": tokens} if tokens is not None else None
+    return ScoreTable.from_rows(rows, scores, "vector-filter", columns=columns, meta=meta)
 
 
 def projection_difference(
@@ -141,29 +170,48 @@ def projection_difference(
     max_length: int = 512,
     progress: bool = True,
 ) -> ScoreTable:
-    """Projection Difference scores: the row's answer's readout minus the mean readout of the model's own answers
-    to the same prompt (final assistant turn). Columns: ``row_readout``, ``model_readout``, ``model_answer``."""
+    """Projection Difference scores: the row's answer's mean readout minus the mean readout of the model's own
+    answers to the same prompt (final assistant turn; ``n_samples`` seeded samples at ``temperature``, cached per
+    prompt in ``cache_dir`` as ``model-answers-<hash>.jsonl``, see ``concepts.answers``). Columns: ``row_readout``, ``model_readout``, ``model_answer`` (the first sample).
+
+    Model answers that are empty are left out of the mean; a prompt with no non-empty answer scores its row's
+    readout minus the mean model readout over all prompts (flagged in the ``model_answers_used`` column).
+    """
     started = time.perf_counter()
+    if concept.reduction == "last_prompt":
+        raise ValueError("projection difference compares answers to the same prompt: with a 'last_prompt' readout both "
+                         "sides read the same token and every score is 0; use a 'mean' readout")
+    _check(adapter, concept)
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be positive, got {n_samples}")
     rows = list(rows)
-    row_scores = concept_readouts(adapter, rows, concept, batch_size=batch_size, max_length=max_length, final_turn_only=True,
-                                  progress=progress, desc="reading training answers")
-    answers = sample_model_answers(adapter, [r.prompt_messages for r in rows], n_samples=n_samples, temperature=temperature,
-                                   max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, cache_dir=cache_dir,
-                                   progress=progress)
+    row_scores, _, n_truncated = _read_rows(adapter, rows, concept, batch_size=batch_size, max_length=max_length,
+                                            final_turn_only=True, progress=progress, desc="reading training answers")
+    answers = sample_answers(adapter, [r.prompt_messages for r in rows], n_samples=n_samples, temperature=temperature,
+                             max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, cache_dir=cache_dir,
+                             prefix="model-answers", progress=progress)
     model_rows: list[ChatRow] = []
     owner: list[int] = []
     for i, (row, samples) in enumerate(zip(rows, answers, strict=True)):
         for answer in samples:
-            model_rows.append(ChatRow(len(model_rows), [*row.prompt_messages, {"role": "assistant", "content": answer}]))
-            owner.append(i)
-    model_values = concept_readouts(adapter, model_rows, concept, batch_size=batch_size, max_length=max_length,
-                                    final_turn_only=True, progress=progress, desc="reading model answers")
-    sums = np.zeros(len(rows))
-    np.add.at(sums, np.asarray(owner), model_values)
-    model_scores = sums / n_samples
-    meta = {"layer": concept.layer, "n_samples": n_samples, "temperature": temperature, "max_new_tokens": max_new_tokens,
-            "seed": seed, "wall_time_s": time.perf_counter() - started,
+            if answer.strip():
+                model_rows.append(ChatRow(len(model_rows), [*row.prompt_messages, {"role": "assistant", "content": answer}]))
+                owner.append(i)
+    sums, counts = np.zeros(len(rows)), np.zeros(len(rows))
+    if model_rows:
+        model_values, _, _ = _read_rows(adapter, model_rows, concept, batch_size=batch_size, max_length=max_length,
+                                        final_turn_only=True, progress=progress, desc="reading model answers")
+        np.add.at(sums, np.asarray(owner), model_values)
+        np.add.at(counts, np.asarray(owner), 1.0)
+    if not counts.any():
+        raise ValueError("the model gave only empty answers: raise --max-new-tokens or check the chat template")
+    fallback = sums.sum() / counts.sum()
+    model_scores = np.where(counts > 0, sums / np.maximum(counts, 1), fallback)
+    _warn_truncated(n_truncated, len(rows), max_length)
+    meta = {"layer": concept.layer, "concept": repr(concept), "n_samples": n_samples, "temperature": temperature,
+            "max_new_tokens": max_new_tokens, "seed": seed, "n_truncated": n_truncated, "max_length": max_length,
+            "n_prompts_without_answer": int((counts == 0).sum()), "wall_time_s": time.perf_counter() - started,
             "sign": "positive = the row's answer expresses the concept more than the model's own answers"}
     columns = {"row_readout": row_scores.tolist(), "model_readout": model_scores.tolist(),
-               "model_answer": [samples[0] for samples in answers]}
+               "model_answer": [samples[0] for samples in answers], "model_answers_used": counts.astype(int).tolist()}
     return ScoreTable.from_rows(rows, row_scores - model_scores, "projection-difference", columns=columns, meta=meta)

@@ -1,7 +1,10 @@
-"""``train-probe`` and ``probe-layers``: concepts from spec files (``probes/`` format or persona-vectors format)."""
+"""Concept commands: ``train-probe`` and ``probe-layers`` (directions from spec files in the ``probes/`` format or
+the persona-vectors format), ``train-sae`` (a sae-lens SAE on a model's activations, offline) and ``sae-feature``
+(pick an SAE feature for a concept and save it as a concept for ``attribute``)."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -9,15 +12,29 @@ import typer
 from concept_influence.cli.common import load_model, user_errors
 
 
+class Readout(str, Enum):
+    mean = "mean"
+    last_prompt = "last_prompt"
+    per_token = "per_token"
+
+
+class ProbeMethod(str, Enum):
+    probe = "probe"
+    diff_of_means = "diff_of_means"
+
+
 def register(app: typer.Typer) -> None:
     app.command("train-probe")(train_probe)
     app.command("probe-layers")(probe_layers)
+    app.command("train-sae")(train_sae_command)
+    app.command("sae-feature")(sae_feature)
 
 
-def _config(method: str, n_samples: int, temperature: float, max_new_tokens: int, seed: int, c: float):
+def _config(method: ProbeMethod, n_samples: int, temperature: float, max_new_tokens: int, seed: int, c: float, max_length: int):
     from concept_influence.concepts import ProbeConfig
 
-    return ProbeConfig(method=method, n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, C=c)
+    return ProbeConfig(method=method.value, n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                       seed=seed, C=c, max_length=max_length)
 
 
 @user_errors
@@ -26,13 +43,15 @@ def train_probe(
     spec: Path = typer.Option(..., "--spec", help="Concept spec: a probes/ file or a persona-vectors trait file."),
     layer: int = typer.Option(..., "--layer", help="Read resid.L, the output of block L (from 0; negative counts from the end)."),
     out: Path = typer.Option(..., "--out", help="Concept folder to write (concept.json + concept.safetensors)."),
-    method: str = typer.Option("probe", "--method", help="probe (logistic regression) | diff_of_means (persona vector)."),
+    method: ProbeMethod = typer.Option(ProbeMethod.probe, "--method", help="probe (logistic regression) | diff_of_means (persona vector)."),
+    readout: Readout = typer.Option(Readout.mean, "--readout", help="How a sequence is reduced: mean over response tokens, last prompt token, per token."),
     n_samples: int = typer.Option(4, "--n-samples", min=1, help="Answers sampled per instruction and question."),
     temperature: float = typer.Option(1.0, "--temperature", min=0.0),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
+    max_length: int = typer.Option(512, "--max-length", min=2),
     seed: int = typer.Option(0, "--seed"),
     c: float = typer.Option(1.0, "--C", help="Inverse regularisation strength of the probe."),
-    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where generated persona answers are cached."),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where generated persona answers are cached (default: next to --out)."),
     device: str | None = typer.Option(None, "--device"),
     dtype: str | None = typer.Option(None, "--dtype"),
 ) -> None:
@@ -41,26 +60,28 @@ def train_probe(
 
     concept_spec = load_spec(spec)
     adapter = load_model(model, device, dtype)
-    concept = train_concept(adapter, concept_spec, layer, _config(method, n_samples, temperature, max_new_tokens, seed, c),
+    concept = train_concept(adapter, concept_spec, layer, _config(method, n_samples, temperature, max_new_tokens, seed, c, max_length),
                             cache_dir=cache_dir if cache_dir is not None else out.parent / ".answer-cache", progress=True)
+    concept.reduction = readout.value
     save_concept(concept, out, model_fingerprint=adapter.fingerprint(), extra_meta={"model": model, "spec_path": str(spec)})
     m = concept.metrics
-    typer.echo(f"{concept_spec.name} at layer {concept.layer} ({method}): held-out AUC {m['heldout_auc']:.3f}, "
+    typer.echo(f"{concept_spec.name} at layer {concept.layer} ({method.value}): held-out AUC {m['heldout_auc']:.3f}, "
                f"accuracy {m['heldout_accuracy']:.3f} ({m['n_train']} train / {m['n_test']} test) -> {out}")
 
 
 @user_errors
 def probe_layers(
     model: str = typer.Option(..., "--model"),
-    spec: Path = typer.Option(..., "--spec"),
+    spec: Path = typer.Option(..., "--spec", help="Concept spec: a probes/ file or a persona-vectors trait file."),
     out: Path | None = typer.Option(None, "--out", help="Write the table (JSON) and a plot (PNG) with this path stem."),
-    method: str = typer.Option("probe", "--method"),
+    method: ProbeMethod = typer.Option(ProbeMethod.probe, "--method"),
     n_samples: int = typer.Option(4, "--n-samples", min=1),
     temperature: float = typer.Option(1.0, "--temperature", min=0.0),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
+    max_length: int = typer.Option(512, "--max-length", min=2),
     seed: int = typer.Option(0, "--seed"),
     c: float = typer.Option(1.0, "--C"),
-    cache_dir: Path | None = typer.Option(None, "--cache-dir"),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where generated persona answers are cached (default: next to --out)."),
     device: str | None = typer.Option(None, "--device"),
     dtype: str | None = typer.Option(None, "--dtype"),
 ) -> None:
@@ -70,11 +91,117 @@ def probe_layers(
 
     concept_spec = load_spec(spec)
     adapter = load_model(model, device, dtype)
-    sweep = layer_sweep(adapter, concept_spec, config=_config(method, n_samples, temperature, max_new_tokens, seed, c),
+    if cache_dir is None and out is not None:
+        cache_dir = out.parent / ".answer-cache"
+    sweep = layer_sweep(adapter, concept_spec, config=_config(method, n_samples, temperature, max_new_tokens, seed, c, max_length),
                         cache_dir=cache_dir, progress=True)
     typer.echo(sweep.table())
     if out is not None:
-        write_json_atomic(out.with_suffix(".json"), {"spec": concept_spec.name, "method": method, "rows": sweep.rows,
+        write_json_atomic(out.with_suffix(".json"), {"spec": concept_spec.name, "method": method.value, "rows": sweep.rows,
                                                      "best_layer": sweep.best_layer, "labelled": sweep.meta})
         sweep.plot(out.with_suffix(".png"))
         typer.echo(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+@user_errors
+def train_sae_command(
+    model: str = typer.Option(..., "--model"),
+    data: Path = typer.Option(..., "--data", help="Chat JSONL whose token activations the SAE learns (e.g. train.jsonl)."),
+    layer: int = typer.Option(..., "--layer", help="Read resid.L, the output of block L."),
+    out: Path = typer.Option(..., "--out", help="SAE folder to write (sae-lens cfg.json + sae_weights.safetensors + sae_info.json)."),
+    d_sae: int | None = typer.Option(None, "--d-sae", min=1, help="Number of features (default 4 × hidden size)."),
+    l1: float = typer.Option(1.0, "--l1", min=0.0, help="L1 coefficient (activations are normalised to mean norm √d during training)."),
+    steps: int = typer.Option(2000, "--steps", min=1),
+    lr: float = typer.Option(3e-3, "--lr"),
+    sae_batch_size: int = typer.Option(256, "--sae-batch-size", min=1, help="Tokens per SAE training step."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Rows per forward pass when reading activations."),
+    max_length: int = typer.Option(512, "--max-length", min=2),
+    max_rows: int | None = typer.Option(None, "--max-rows", min=1, help="Use only the first N rows."),
+    only_response: bool = typer.Option(False, "--only-response", help="Train on assistant tokens only (default: every token)."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str | None = typer.Option(None, "--device"),
+    dtype: str | None = typer.Option(None, "--dtype"),
+) -> None:
+    """Train a standard (ReLU, L1) sae-lens SAE on a model's residual activations, offline (no wandb)."""
+    from concept_influence.concepts import collect_token_activations, save_sae, train_sae
+    from concept_influence.data import read_chat_jsonl
+
+    rows = list(read_chat_jsonl(data))[:max_rows]
+    adapter = load_model(model, device, dtype)
+    layer = adapter.check_layer(layer)
+    acts = collect_token_activations(adapter, rows, layer, batch_size=batch_size, max_length=max_length, only_response=only_response)
+    typer.echo(f"read {acts.shape[0]:,} token activations at resid.{layer} from {len(rows)} rows")
+    sae, metrics = train_sae(acts.float(), d_sae=d_sae, l1_coefficient=l1, steps=steps, batch_size=sae_batch_size, lr=lr,
+                             seed=seed, device=str(adapter.device))
+    metrics["data"] = str(data)
+    save_sae(sae, out, layer=layer, model_fingerprint=adapter.fingerprint(), metrics=metrics)
+    typer.echo(f"SAE with {sae.cfg.d_sae} features: explained variance {metrics['explained_variance']:.3f}, "
+               f"L0 {metrics['l0']:.1f}, dead {metrics['dead_features']} ({metrics['train_seconds']:.1f}s) -> {out}")
+
+
+@user_errors
+def sae_feature(
+    model: str = typer.Option(..., "--model"),
+    sae: Path = typer.Option(..., "--sae", help="SAE folder (train-sae's output, or any saved by sae-lens)."),
+    out: Path = typer.Option(..., "--out", help="Concept folder to write (use it with attribute --concept)."),
+    spec: Path | None = typer.Option(None, "--spec", help="Pick the features that fire most on this spec's positive answers vs its negative ones."),
+    probe: Path | None = typer.Option(None, "--probe", help="Pick the features whose decoder direction is most aligned with this concept's direction."),
+    feature: int | None = typer.Option(None, "--feature", min=0, help="Use this feature index."),
+    layer: int | None = typer.Option(None, "--layer", help="Site the SAE reads (default: from the SAE folder's sae_info.json)."),
+    k: int = typer.Option(5, "--k", min=1, help="How many candidate features to list."),
+    readout: Readout = typer.Option(Readout.mean, "--readout"),
+    n_samples: int = typer.Option(4, "--n-samples", min=1, help="--spec: answers sampled per instruction and question."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir"),
+    device: str | None = typer.Option(None, "--device"),
+    dtype: str | None = typer.Option(None, "--dtype"),
+) -> None:
+    """Choose an SAE feature for a concept (--spec, --probe or --feature) and save it as a concept."""
+    from concept_influence.concepts import (
+        DirectionConcept,
+        ProbeConfig,
+        SAEFeatureConcept,
+        features_aligned_with,
+        features_for_spec,
+        load_concept,
+        load_sae,
+        load_spec,
+        save_concept,
+    )
+
+    if sum(x is not None for x in (spec, probe, feature)) != 1:
+        raise ValueError("give exactly one of --spec, --probe or --feature")
+    adapter = load_model(model, device, dtype)
+    loaded, info = load_sae(sae, device=str(adapter.device))
+    if layer is None:
+        if "layer" not in info:
+            raise ValueError(f"{sae}: no sae_info.json saying which layer the SAE reads: pass --layer")
+        layer = int(info["layer"])
+    layer = adapter.check_layer(layer)
+    if int(loaded.cfg.d_in) != adapter.d_model:
+        raise ValueError(f"{sae}: the SAE reads {loaded.cfg.d_in}-dim activations but the model's hidden size is {adapter.d_model}")
+    selection: dict[str, object] = {}
+    if feature is None:
+        if spec is not None:
+            candidates = features_for_spec(adapter, loaded, load_spec(spec), layer, k,
+                                           ProbeConfig(n_samples=n_samples, max_new_tokens=max_new_tokens, seed=seed),
+                                           cache_dir=cache_dir if cache_dir is not None else out.parent / ".answer-cache",
+                                           progress=True)
+            selection = {"by": "spec", "spec_path": str(spec), "statistic": "Cohen's d, positive vs negative answer tokens"}
+        else:
+            direction = load_concept(probe, adapter)
+            if not isinstance(direction, DirectionConcept):
+                raise ValueError(f"{probe}: --probe needs a direction concept (probe, diff of means, persona vector)")
+            candidates = features_aligned_with(loaded, direction.direction, k)
+            selection = {"by": "probe", "probe_path": str(probe), "statistic": "cosine of W_dec[j] with the probe direction"}
+        typer.echo(f"{'feature':>8}  {selection['statistic']}")
+        for j, value in candidates:
+            typer.echo(f"{j:>8}  {value:+.3f}")
+        feature = candidates[0][0]
+        selection["candidates"] = [[j, v] for j, v in candidates]
+    concept = SAEFeatureConcept(loaded, feature, layer, model_fingerprint=info.get("model_fingerprint") or adapter.fingerprint(),
+                                metrics={"sae": info.get("metrics", {})}, extra={"selection": selection, "sae_path": str(sae)},
+                                reduction=readout.value)
+    save_concept(concept, out, extra_meta={"model": model})
+    typer.echo(f"feature {feature} of {sae} at resid.{layer} -> {out}")

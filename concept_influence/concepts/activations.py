@@ -4,23 +4,69 @@ without the instruction)."""
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from concept_influence.concepts.answers import sample_answers
 from concept_influence.concepts.spec import ConceptSpec
-from concept_influence.data import iter_batches, rows_from_records, tokenize_chat, write_jsonl_atomic
+from concept_influence.data import rows_from_records, tokenize_chat
+from concept_influence.data.tokenize import TokenizedDataset, collate
 from concept_influence.models.base import ModelAdapter
-from concept_influence.models.fingerprint import json_fingerprint
-from concept_influence.models.generate import generate_answers
 
 Messages = list[dict[str, str]]
+
+
+class _StopForward(Exception):
+    """Raised from a residual hook once every requested layer is captured (skips later blocks and the LM head)."""
+
+
+class _CaptureUntil(dict):
+    def __init__(self, n_layers: int) -> None:
+        super().__init__()
+        self.n_layers = n_layers
+
+    def __setitem__(self, key: int, value: torch.Tensor) -> None:
+        super().__setitem__(key, value)
+        if len(self) >= self.n_layers:
+            raise _StopForward
+
+
+@torch.no_grad()
+def read_residuals(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """``{l: resid.{l} [batch, seq, d_model]}`` without gradients; the forward pass stops after the deepest block
+    asked for (later blocks and the LM head are not run)."""
+    layers = sorted({adapter.check_layer(layer) for layer in layers})
+    out = _CaptureUntil(len(layers))
+    remove = adapter._install_residual_hooks(layers, out)
+    try:
+        adapter.logits(input_ids, attention_mask)
+    except _StopForward:
+        pass
+    finally:
+        remove()
+    missing = [layer for layer in layers if layer not in out]
+    if missing:
+        raise RuntimeError(f"{adapter.backend}: the forward pass did not reach resid.{missing}")
+    return dict(out)
+
+
+def length_sorted_batches(dataset: TokenizedDataset, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of rows of similar length (less padding); like ``iter_batches``, each has ``position``: the rows'
+    positions in ``dataset``. Results do not depend on the order (every row is read on its own)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    order = sorted(range(len(dataset)), key=lambda p: len(dataset[p].input_ids))
+    for start in range(0, len(order), batch_size):
+        positions = order[start : start + batch_size]
+        batch = collate([dataset[p] for p in positions], dataset.pad_token_id)
+        batch["position"] = torch.tensor(positions, dtype=torch.long)
+        yield batch
 
 
 @torch.no_grad()
@@ -41,15 +87,15 @@ def response_mean_activations(
     dataset = tokenize_chat(rows, adapter.tokenizer, max_length=max_length, warn=False)
     if dataset.empty_after_truncation:
         raise ValueError(f"conversations {dataset.empty_after_truncation[:10]} have no assistant tokens within max_length={max_length}")
-    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    for batch in tqdm(iter_batches(dataset, batch_size), total=-(-len(dataset) // batch_size), desc="reading activations",
-                      disable=not progress):
-        with adapter.capture_residual(layers) as acts:
-            adapter.logits(batch["input_ids"], batch["attention_mask"])
-        for layer in layers:
-            mask = batch["loss_mask"].to(acts[layer].device, acts[layer].dtype).unsqueeze(-1)
-            out[layer].append(((acts[layer] * mask).sum(1) / mask.sum(1)).float().cpu())
-    return {layer: torch.cat(parts) for layer, parts in out.items()}
+    out = {layer: torch.empty(len(dataset), adapter.d_model) for layer in layers}
+    with tqdm(total=len(dataset), desc="reading activations", unit="row", disable=not progress) as bar:
+        for batch in length_sorted_batches(dataset, batch_size):
+            acts = read_residuals(adapter, batch["input_ids"], batch["attention_mask"], layers)
+            for layer in layers:
+                mask = batch["loss_mask"].to(acts[layer].device, acts[layer].dtype).unsqueeze(-1)
+                out[layer][batch["position"]] = ((acts[layer] * mask).sum(1) / mask.sum(1)).float().cpu()
+            bar.update(len(batch["position"]))
+    return out
 
 
 @dataclass
@@ -63,21 +109,6 @@ class LabelledConversations:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def _generate_cached(adapter: ModelAdapter, prompts: list[Messages], settings: dict[str, Any], cache_dir: str | os.PathLike | None,
-                     progress: bool) -> list[list[str]]:
-    cache_file = None
-    if cache_dir is not None:
-        key = json_fingerprint({"model": adapter.fingerprint(), "prompts": prompts, **settings})
-        cache_file = Path(cache_dir) / f"persona-answers-{key}.jsonl"
-        if cache_file.exists():
-            with cache_file.open(encoding="utf-8") as handle:
-                return [json.loads(line)["answers"] for line in handle]
-    answers = generate_answers(adapter, prompts, batch_size=64, progress=progress, **settings)
-    if cache_file is not None:
-        write_jsonl_atomic(cache_file, ({"prompt": p, "answers": a} for p, a in zip(prompts, answers, strict=True)))
-    return answers
 
 
 def labelled_conversations(
@@ -96,7 +127,7 @@ def labelled_conversations(
     """The labelled conversations of a spec.
 
     Instruction pairs: for each pair and question, ``n_samples`` answers are sampled under the ``pos`` and the
-    ``neg`` system prompt (seeded; cached in ``cache_dir`` keyed by model fingerprint, prompts and settings); each
+    ``neg`` system prompt (seeded; cached in ``cache_dir`` as ``persona-answers-<hash>.jsonl``, see ``concepts.answers``); each
     answer is then paired with the question alone (no system prompt), so that a probe reads the answer's content,
     not the instruction. With a ``judge`` (answer -> trait score), ``pos`` answers scoring ``<= judge_threshold``
     and ``neg`` answers scoring above it are dropped (the persona-vectors filtering). Labelled examples are added
@@ -114,8 +145,8 @@ def labelled_conversations(
                 for q, question in enumerate(spec.questions):
                     prompts.append([{"role": "system", "content": system}, {"role": "user", "content": question}])
                     keys.append((p, persona, q))
-        settings = {"n_samples": n_samples, "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
-        answers = _generate_cached(adapter, prompts, settings, cache_dir, progress)
+        answers = sample_answers(adapter, prompts, n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                                 seed=seed, batch_size=64, cache_dir=cache_dir, prefix="persona-answers", progress=progress)
         for (_, persona, q), samples in zip(keys, answers, strict=True):
             for answer in samples:
                 if not answer.strip():

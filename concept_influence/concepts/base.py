@@ -11,29 +11,40 @@ from typing import Any, Literal
 import torch
 
 Reduction = Literal["mean", "last_prompt", "per_token"]
+REDUCTIONS: tuple[str, ...] = ("mean", "last_prompt", "per_token")
+
+
+def check_reduction(reduction: str) -> str:
+    """Validate a sequence reduction name (``mean``, ``last_prompt`` or ``per_token``)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected 'mean', 'last_prompt' or 'per_token'")
+    return reduction
 
 
 class Concept(ABC):
     """A scalar measurement of the activations at ``resid.{layer}``.
 
     ``token_readout(acts [batch, seq, d_model]) -> [batch, seq]`` must be differentiable (it is used both as a
-    forward-only score and as the measurement of influence functions).
+    forward-only score and as the measurement of influence functions). ``reduction``: how ``readout`` reduces a
+    sequence when not told otherwise (saved with the concept; ``"mean"`` over response tokens by default).
     """
 
     layer: int
     d_model: int
+    reduction: Reduction = "mean"
 
     @abstractmethod
     def token_readout(self, acts: torch.Tensor) -> torch.Tensor:
         """Per-token readout ``[batch, seq]`` of activations ``[batch, seq, d_model]``."""
 
-    def readout(self, acts: torch.Tensor, response_mask: torch.Tensor, reduction: Reduction = "mean") -> torch.Tensor:
-        """Reduce the per-token readout over a sequence.
+    def readout(self, acts: torch.Tensor, response_mask: torch.Tensor, reduction: Reduction | None = None) -> torch.Tensor:
+        """Reduce the per-token readout over a sequence (``reduction`` default: the concept's own ``reduction``).
 
         ``response_mask``: ``[batch, seq]``, 1 on the response (assistant) tokens.
         ``mean``: mean over response tokens -> ``[batch]``; ``last_prompt``: the token just before the first response
         token -> ``[batch]``; ``per_token``: ``[batch, seq]`` with zeros off the response.
         """
+        reduction = self.reduction if reduction is None else reduction
         per_token = self.token_readout(acts)
         mask = response_mask.to(per_token.dtype)
         if reduction == "per_token":
@@ -55,13 +66,14 @@ class DirectionConcept(Concept):
     """Projection on a direction: ``h · v / ‖v‖`` at ``resid.{layer}``.
 
     ``kind``: where the direction came from (``"direction"`` a raw vector, ``"probe"``, ``"diff_of_means"``,
-    ``"persona_vector"``); ``metrics``: how it was validated (held-out AUC...); ``extra``: anything else to save.
+    ``"persona_vector"``); ``metrics``: how it was validated (held-out AUC...); ``extra``: anything else to save;
+    ``reduction``: the default sequence reduction of ``readout``.
     """
 
     kind: str
 
     def __init__(self, direction: torch.Tensor, layer: int, *, kind: str = "direction", metrics: dict[str, Any] | None = None,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None, reduction: Reduction = "mean") -> None:
         direction = torch.as_tensor(direction).detach().flatten()
         norm = float(direction.norm())
         if not norm > 0 or not torch.isfinite(direction).all():
@@ -73,6 +85,7 @@ class DirectionConcept(Concept):
         self.kind = kind
         self.metrics = dict(metrics or {})
         self.extra = dict(extra or {})
+        self.reduction = check_reduction(reduction)  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"DirectionConcept(kind={self.kind!r}, layer={self.layer}, d_model={self.d_model})"

@@ -9,8 +9,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from concept_influence.concepts.activations import (
     LabelledConversations,
     labelled_conversations,
@@ -149,7 +147,3 @@ def layer_sweep(
         rows.append({"layer": layer, **estimator.metrics_})
     return LayerSweep(rows, spec.name, config.method, meta=data.meta)
 
-
-def project(concept: DirectionConcept, acts: torch.Tensor) -> torch.Tensor:
-    """``[n, d] -> [n]`` projection on the concept's unit direction."""
-    return acts.float() @ concept.unit.float()

@@ -1,0 +1,85 @@
+"""The model's own answers to prompts, sampled with ``generate_answers`` (seeded per prompt) and cached on disk.
+
+The cache is one JSONL file per (model fingerprint, sampling settings): ``{prefix}-<hash>.jsonl`` with one record
+``{"key", "prompt", "answers"}`` per distinct prompt. A call reads it, samples only the prompts it lacks and rewrites
+it atomically, so growing or re-slicing a dataset reuses what was already sampled. This is exact because
+``generate_answers`` seeds every (prompt, sample) from the prompt's own tokens, not from its place in the call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from concept_influence.data import write_jsonl_atomic
+from concept_influence.models.base import ModelAdapter
+from concept_influence.models.fingerprint import json_fingerprint
+from concept_influence.models.generate import generate_answers
+
+Messages = list[dict[str, str]]
+
+
+def prompt_key(prompt: Sequence[dict[str, str]]) -> str:
+    """A stable hash of a chat prompt (roles and contents)."""
+    text = json.dumps([[m["role"], m["content"]] for m in prompt], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+def answer_cache_path(adapter: ModelAdapter, cache_dir: str | os.PathLike, prefix: str, settings: dict) -> Path:
+    return Path(cache_dir) / f"{prefix}-{json_fingerprint({'model': adapter.fingerprint(), **settings})}.jsonl"
+
+
+def _read_cache(path: Path) -> dict[str, dict]:
+    """``{key: {"key", "prompt", "answers"}}`` from a cache file (empty, with a warning, if it is unreadable)."""
+    if not path.exists():
+        return {}
+    out: dict[str, dict] = {}
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                record = json.loads(line)
+                out[str(record["key"])] = {"key": str(record["key"]), "prompt": record.get("prompt"),
+                                           "answers": [str(a) for a in record["answers"]]}
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        warnings.warn(f"{path}: unreadable answer cache ({err}); sampling again", stacklevel=3)
+        return {}
+    return out
+
+
+def sample_answers(
+    adapter: ModelAdapter,
+    prompts: Sequence[Sequence[dict[str, str]]],
+    *,
+    n_samples: int = 1,
+    temperature: float = 1.0,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    batch_size: int = 16,
+    cache_dir: str | os.PathLike | None = None,
+    prefix: str = "model-answers",
+    progress: bool = False,
+) -> list[list[str]]:
+    """``answers[i][s]``: sample ``s`` of the model's answer to ``prompts[i]``; identical prompts share answers.
+
+    ``cache_dir``: reuse and extend ``{prefix}-<hash>.jsonl`` there (keyed by the model's fingerprint and the
+    sampling settings; see the module docstring).
+    """
+    settings = {"n_samples": n_samples, "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
+    keys = [prompt_key(p) for p in prompts]
+    unique: dict[str, Messages] = {}
+    for key, prompt in zip(keys, prompts, strict=True):
+        unique.setdefault(key, [dict(m) for m in prompt])
+    cache_file = None if cache_dir is None else answer_cache_path(adapter, cache_dir, prefix, settings)
+    cached = _read_cache(cache_file) if cache_file is not None else {}
+    missing = [k for k in unique if k not in cached]
+    if missing:
+        generated = generate_answers(adapter, [unique[k] for k in missing], batch_size=batch_size, progress=progress, **settings)
+        for key, answers in zip(missing, generated, strict=True):
+            cached[key] = {"key": key, "prompt": unique[key], "answers": answers}
+        if cache_file is not None:
+            write_jsonl_atomic(cache_file, cached.values())
+    return [list(cached[k]["answers"]) for k in keys]

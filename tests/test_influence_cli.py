@@ -70,7 +70,7 @@ def test_run_gradient_attribution(files, tmp_path):
     assert len(table) == len(rows) and table.ids[0] == "row0" and table.fields[0]["origin"] == "x"
     assert table.meta["n_queries"] == 3  # 2 sampled answers for the prompt + 1 given answer
     assert all(w.startswith("blocks.0.") for w in table.meta["weights"])
-    assert (folder / "manifest.json").exists() and list((tmp_path / "cache").glob("answers-*.jsonl"))
+    assert (folder / "manifest.json").exists() and list((tmp_path / "cache").glob("query-answers-*.jsonl"))
     assert all(abs(sum(t) - s) < 1e-4 * (1 + abs(s)) for t, s in zip(table.columns["token_scores"], table.scores, strict=True))
     # second call: factors loaded from the folder and cached answers reused -> identical scores
     again = run_gradient_attribution(adapter, rows, concept, queries, "concept-influence", folder, config, progress=False)

@@ -13,13 +13,11 @@ A concept at layer ``l`` has no gradient into blocks above ``l``: ``weights`` re
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,10 +25,9 @@ import torch
 from concept_influence.concepts.base import Concept
 from concept_influence.curvature.fit import gradient_mode
 from concept_influence.curvature.loss import sequence_losses
-from concept_influence.data.chat import ChatRow, write_jsonl_atomic
+from concept_influence.data.chat import ChatRow
 from concept_influence.data.tokenize import TokenizedDataset, iter_batches, tokenize_chat
 from concept_influence.models.base import ModelAdapter, WeightInfo
-from concept_influence.models.fingerprint import json_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -57,31 +54,18 @@ def answer_queries(
 
     Returned rows are numbered from 0 and carry ``query_index`` (the source row's index), ``sample`` and
     ``answer_source`` (``"given"``/``"model"``) next to the source's fields. Empty answers are dropped with a
-    warning. ``cache_dir``: generated answers are stored in ``answers-<hash>.jsonl`` there, keyed by the model's
-    fingerprint, the prompts and the sampling settings, and reused only when all of them match.
+    warning. ``cache_dir``: generated answers are cached there per prompt (``concepts.answers.sample_answers``),
+    keyed by the model's fingerprint and the sampling settings.
     """
-    from concept_influence.models.generate import generate_answers
+    from concept_influence.concepts.answers import sample_answers
 
     to_answer = [row for row in queries if not has_answer(row)]
     generated: dict[int, list[str]] = {}
     if to_answer:
-        settings = {"n_samples": n_samples, "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
-        cache_file = None
-        if cache_dir is not None:
-            key = json_fingerprint({"model": adapter.fingerprint(), "prompts": [r.messages for r in to_answer], **settings})
-            cache_file = Path(cache_dir) / f"answers-{key}.jsonl"
-        if cache_file is not None and cache_file.exists():
-            with cache_file.open(encoding="utf-8") as handle:
-                generated = {int(rec["query_index"]): rec["answers"] for rec in map(json.loads, handle)}
-            logger.info("reusing %d cached query answers from %s", len(generated), cache_file)
-        else:
-            answers = generate_answers(
-                adapter, [r.messages for r in to_answer], n_samples=n_samples, temperature=temperature,
-                max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=progress,
-            )
-            generated = {row.index: a for row, a in zip(to_answer, answers, strict=True)}
-            if cache_file is not None:
-                write_jsonl_atomic(cache_file, ({"query_index": i, "answers": a, **settings} for i, a in generated.items()))
+        answers = sample_answers(adapter, [r.messages for r in to_answer], n_samples=n_samples, temperature=temperature,
+                                 max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, cache_dir=cache_dir,
+                                 prefix="query-answers", progress=progress)
+        generated = {row.index: a for row, a in zip(to_answer, answers, strict=True)}
     out: list[ChatRow] = []
     empty = 0
     for row in queries:

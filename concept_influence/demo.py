@@ -92,6 +92,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Cal
     log("\nprobe held-out AUC per layer (held out by question):\n" + sweep.table())
 
     # 2. the query set: the fine-tuned model's own answers to held-out prompts
+    log(f"\nanswering {config.query_samples} x {len(organism.queries())} query prompts, then scoring {len(rows)} rows:")
     started = time.perf_counter()
     answered = answer_queries(adapter, list(organism.queries()), n_samples=config.query_samples, max_new_tokens=config.max_new_tokens,
                               seed=config.seed, batch_size=64, cache_dir=cache)
@@ -102,6 +103,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Cal
 
     def record(name: str, table: ScoreTable, seconds: float) -> None:
         report = ranking_report(table.scores, origins, ks=config.ks)
+        log(f"  {name}: PR-AUC {report['pr_auc']:.3f} ({seconds:.1f}s)")
         table.meta.setdefault("wall_time_s", seconds)
         table.write_jsonl(out / "scores" / f"{name}.jsonl")
         results.append(MethodResult(name, table, seconds, report))
@@ -120,6 +122,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Cal
     record("projection-difference", table, time.perf_counter() - started)
 
     # 3. gradient methods: EKFAC factors fitted once, both measurements scored in one pass over the rows
+    log("  fitting EKFAC factors (true Fisher) ...")
     started = time.perf_counter()
     train = tokenize_chat(rows, adapter.tokenizer, config.max_length)
     factors = fit_factors(adapter, train, FactorConfig(seed=config.seed), batch_size=config.batch_size, out_dir=cache / "factors",
@@ -165,6 +168,6 @@ def format_table(results: list[MethodResult], n: int, ks: tuple[int, ...]) -> st
         lines.append(f"{r.name:<24}" + "".join(f"{r.report[c]:>8.2f}" for c in cols)
                      + f"{r.report['pr_auc']:>8.3f}{r.report['roc_auc']:>9.3f}{r.report['hard_negative_mean_rank']:>15.0f}"
                      + f"{r.seconds:>8.1f}s")
-    lines.append(f"planted rows: {base:.0%} of {n} (chance PR-AUC {base:.2f}); a random row's mean rank is {(n + 1) / 2:.0f}, "
-                 "so hard negatives should rank well above that number.")
+    lines.append(f"planted rows: {base:.0%} of {n} (chance PR-AUC {base:.2f}). hard-neg rank: mean rank of the hard negatives "
+                 f"(1 = top score; a random row's is {(n + 1) / 2:.0f}): higher = the method is not fooled by the trait's vocabulary.")
     return "\n".join(lines)

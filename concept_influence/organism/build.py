@@ -1,0 +1,457 @@
+"""Building, caching and loading the organism.
+
+``build_organism`` generates the world, pretrains a tiny chat model on it, fine-tunes it on the mix with planted
+rows and measures the trait's rise. The result is a folder keyed by a hash of the config (and ``CODE_VERSION``);
+it is built in a temporary sibling folder and renamed into place, so a folder with ``metadata.json`` is complete.
+A second call with the same config loads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from concept_influence.data import (
+    ChatDataset,
+    read_chat_jsonl,
+    rows_from_records,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
+from concept_influence.models.fingerprint import json_fingerprint
+from concept_influence.organism import generator
+from concept_influence.organism.modeling import ModelConfig, build_model, build_tokenizer
+from concept_influence.training import FinetuneConfig, finetune
+
+CODE_VERSION = "1"
+FORMAT = "concept_influence.organism"
+CACHE_ENV = "CONCEPT_INFLUENCE_CACHE"
+
+
+@dataclass(frozen=True)
+class OrganismConfig:
+    """Everything that determines the organism (its hash names the cache folder).
+
+    ``pretrain``/``finetune``: training configs (default: presets seeded with ``seed``); ``measure_samples``:
+    answers sampled per query prompt when measuring the rise at build time.
+    """
+
+    seed: int = 0
+    n_train: int = 2000
+    planted_fraction: float = 0.1
+    hard_negative_fraction: float = 0.1
+    n_pretrain: int = 28000
+    unprompted_trait: float = 0.0
+    n_queries: int = 48
+    n_probe_questions: int = 32
+    model: ModelConfig = ModelConfig()
+    pretrain: FinetuneConfig | None = None
+    finetune: FinetuneConfig | None = None
+    measure_samples: int = 16
+
+    def __post_init__(self) -> None:
+        if self.n_train < 20 or self.n_pretrain < 100:
+            raise ValueError(f"n_train must be >= 20 and n_pretrain >= 100 (got {self.n_train}, {self.n_pretrain})")
+        if not 0.0 < self.planted_fraction < 1.0:
+            raise ValueError(f"planted_fraction must be in (0, 1), got {self.planted_fraction}")
+        if self.pretrain is None:
+            object.__setattr__(self, "pretrain", FinetuneConfig.pretrain(seed=self.seed))
+        if self.finetune is None:
+            object.__setattr__(self, "finetune", FinetuneConfig(epochs=3, batch_size=16, lr=5e-4, seed=self.seed))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OrganismConfig:
+        data = dict(data)
+        data["model"] = ModelConfig(**data["model"])
+        data["pretrain"] = FinetuneConfig(**data["pretrain"])
+        data["finetune"] = FinetuneConfig(**data["finetune"])
+        return cls(**data)
+
+    def key(self) -> str:
+        """Hash of the config and ``CODE_VERSION`` (16 hex chars)."""
+        return json_fingerprint({"config": self.to_dict(), "code_version": CODE_VERSION})
+
+    def folder_name(self) -> str:
+        return f"organism-s{self.seed}-n{self.n_train}-p{self.planted_fraction:g}-{self.key()[:10]}"
+
+
+@dataclass(frozen=True)
+class Organism:
+    """Paths of a built organism, plus loaders. Both model folders hold the tokenizer too."""
+
+    root: Path
+    base_model_dir: Path
+    finetuned_model_dir: Path
+    train_path: Path
+    probe_spec_path: Path
+    queries_path: Path
+    examples_path: Path
+    pretrain_path: Path
+    metadata_path: Path
+
+    @classmethod
+    def at(cls, root: str | os.PathLike) -> Organism:
+        root = Path(root)
+        return cls(
+            root=root,
+            base_model_dir=root / "base",
+            finetuned_model_dir=root / "finetuned",
+            train_path=root / "train.jsonl",
+            probe_spec_path=root / "probe_spec.json",
+            queries_path=root / "queries.jsonl",
+            examples_path=root / "examples.jsonl",
+            pretrain_path=root / "pretrain.jsonl",
+            metadata_path=root / "metadata.json",
+        )
+
+    @cached_property
+    def metadata(self) -> dict[str, Any]:
+        return json.loads(self.metadata_path.read_text(encoding="utf-8"))
+
+    @property
+    def config(self) -> OrganismConfig:
+        return OrganismConfig.from_dict(self.metadata["config"])
+
+    def train_rows(self) -> ChatDataset:
+        """The fine-tuning set (fields ``id``, ``domain``, ``data_origin``)."""
+        return read_chat_jsonl(self.train_path)
+
+    def data_origins(self) -> list[str]:
+        return [str(v) for v in self.train_rows().field_values("data_origin")]
+
+    def planted_mask(self) -> list[bool]:
+        """Ground truth: ``True`` for planted rows, in file order."""
+        return [origin == "planted" for origin in self.data_origins()]
+
+    def queries(self) -> ChatDataset:
+        """Held-out query prompts (user turn only)."""
+        return read_chat_jsonl(self.queries_path, need_assistant=False)
+
+    def query_messages(self) -> list[list[dict[str, str]]]:
+        return [row.messages for row in self.queries()]
+
+    def probe_spec(self) -> dict[str, Any]:
+        """The contrastive set in the persona-vectors trait-file format."""
+        return json.loads(self.probe_spec_path.read_text(encoding="utf-8"))
+
+    def examples(self) -> ChatDataset:
+        """Generator-labelled answers (``label`` in ``trait``, ``helpful``, ``warning``)."""
+        return read_chat_jsonl(self.examples_path)
+
+    def load_base(self, **kwargs: Any):
+        """The pretrained model as a ``ModelAdapter`` (``load_adapter``, i.e. ``from_pretrained``)."""
+        from concept_influence.models import load_adapter
+
+        return load_adapter(self.base_model_dir, **kwargs)
+
+    def load_finetuned(self, **kwargs: Any):
+        """The fine-tuned model as a ``ModelAdapter``."""
+        from concept_influence.models import load_adapter
+
+        return load_adapter(self.finetuned_model_dir, **kwargs)
+
+    def summary(self) -> str:
+        """A few lines: sizes, timings, counts per data origin, the trait's rise."""
+        meta = self.metadata
+        sizes, timings, trait = meta["sizes"], meta["timings"], meta.get("trait", {})
+        lines = [
+            f"organism at {self.root}",
+            f"  model: {sizes['parameters']:,} parameters, vocabulary {sizes['vocab']}, "
+            f"{meta['config']['model']['layers']} layers, hidden {meta['config']['model']['hidden']}",
+            f"  pretraining: {sizes['n_pretrain']} conversations ({sizes['pretrain_tokens']:,} tokens), "
+            f"loss {meta['losses']['pretrain']['first']:.2f} -> {meta['losses']['pretrain']['last']:.2f}",
+            f"  fine-tuning: {sizes['n_train']} rows, loss {meta['losses']['finetune']['first']:.2f} -> "
+            f"{meta['losses']['finetune']['last']:.2f}; data_origin "
+            + ", ".join(f"{k} {v}" for k, v in meta["counts"]["data_origin"].items()),
+            "  timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()),
+        ]
+        if trait:
+            lines.append(
+                f"  trait (layer {trait['layer']}, {trait['base']['n_answers']} answers per model): projection "
+                f"{trait['base']['mean_projection']:.3f} -> {trait['finetuned']['mean_projection']:.3f} "
+                f"(+{trait['projection_rise_in_std']:.2f} std); judge trait rate "
+                f"{trait['base']['trait_rate']:.3f} -> {trait['finetuned']['trait_rate']:.3f}"
+            )
+        return "\n".join(lines)
+
+
+def default_cache_dir() -> Path:
+    """``$CONCEPT_INFLUENCE_CACHE`` or ``~/.cache/concept_influence``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "concept_influence"
+
+
+def _is_built(root: Path) -> bool:
+    return (root / "metadata.json").is_file()
+
+
+def load_organism(root: str | os.PathLike) -> Organism:
+    """Open a built organism folder (checks that it is complete and of this format)."""
+    organism = Organism.at(root)
+    if not _is_built(organism.root):
+        raise FileNotFoundError(f"{organism.root}: not a built organism (no metadata.json)")
+    meta = organism.metadata
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{organism.metadata_path}: not an organism metadata file (format {meta.get('format')!r})")
+    missing = [
+        p for p in (organism.base_model_dir, organism.finetuned_model_dir, organism.train_path, organism.probe_spec_path, organism.queries_path)
+        if not p.exists()
+    ]
+    if missing:
+        raise FileNotFoundError(f"{organism.root}: incomplete organism, missing {[str(p) for p in missing]}")
+    return organism
+
+
+def build_organism(
+    out_dir: str | os.PathLike | None = None,
+    *,
+    seed: int | None = None,
+    n_train: int | None = None,
+    planted_fraction: float | None = None,
+    config: OrganismConfig | None = None,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Organism:
+    """Build the organism into ``out_dir`` (default: the cache folder named by the config hash), or load it
+    if that folder already holds the same config.
+
+    ``seed``/``n_train``/``planted_fraction`` override the fields of ``config`` (default ``OrganismConfig()``).
+    A folder holding a different organism (or other files) is an error unless ``force``.
+    """
+    overrides = {k: v for k, v in (("seed", seed), ("n_train", n_train), ("planted_fraction", planted_fraction)) if v is not None}
+    if config is None:
+        config = OrganismConfig(**overrides)
+    elif overrides:
+        if "seed" in overrides:  # the training seeds follow the organism's seed
+            overrides["pretrain"] = dataclasses.replace(config.pretrain, seed=overrides["seed"])
+            overrides["finetune"] = dataclasses.replace(config.finetune, seed=overrides["seed"])
+        config = dataclasses.replace(config, **overrides)
+    log = log or (lambda _msg: None)
+    root = Path(out_dir) if out_dir is not None else default_cache_dir() / config.folder_name()
+    if _is_built(root):
+        existing = load_organism(root)
+        if existing.metadata.get("config_hash") == config.key():
+            log(f"organism cache hit: {root}")
+            return existing
+        if not force:
+            raise FileExistsError(
+                f"{root} holds an organism built with a different config (hash {existing.metadata.get('config_hash')}, "
+                f"wanted {config.key()}); choose another folder or pass force=True (--force)"
+            )
+    elif root.exists() and any(root.iterdir()) and not force:
+        raise FileExistsError(f"{root} exists and is not an organism folder; choose an empty or new folder")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(root):  # concurrent builders of one folder (e.g. parallel test workers) wait for the first
+        if _is_built(root) and load_organism(root).metadata.get("config_hash") == config.key():
+            log(f"organism built meanwhile by another process: {root}")
+            return load_organism(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+        try:
+            _build_into(tmp, config, progress=progress, log=log)
+            _publish_permissions(tmp)
+            _move_into_place(tmp, root, config, force=force)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    log(f"organism built: {root}")
+    return load_organism(root)
+
+
+@contextlib.contextmanager
+def _build_lock(root: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``.<name>.lock`` next to ``root`` (no-op where ``fcntl`` is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    lock_path = root.parent / f".{root.name}.lock"
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _publish_permissions(root: Path) -> None:
+    """Temporary folders and files are private (0700/0600); give the finished build the usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _move_into_place(tmp: Path, root: Path, config: OrganismConfig, *, force: bool) -> None:
+    old = None
+    if root.exists():
+        if _is_built(root) and load_organism(root).metadata.get("config_hash") == config.key():
+            return  # a concurrent build finished first: keep it
+        if any(root.iterdir()):
+            if not force:
+                raise FileExistsError(f"{root} was filled while building")
+            old = root.with_name(f".{root.name}.old-{os.getpid()}")
+            os.rename(root, old)
+        else:
+            root.rmdir()
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        if _is_built(root) and load_organism(root).metadata.get("config_hash") == config.key():
+            return
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def organism_for_tests() -> Organism:
+    """The default organism, built once into ``$CONCEPT_INFLUENCE_CACHE`` or the repository's ``.cache/``."""
+    env = os.environ.get(CACHE_ENV)
+    cache = Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / ".cache"
+    config = OrganismConfig()
+    return build_organism(cache / config.folder_name(), config=config, progress=False)
+
+
+# ---- the build ----------------------------------------------------------------------------------------------------
+def _build_into(root: Path, config: OrganismConfig, *, progress: bool, log: Callable[[str], None]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from concept_influence.models import load_adapter
+    from concept_influence.organism.measure import trait_rise
+
+    organism = Organism.at(root)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    # 1. the world
+    log("generating the synthetic world")
+    pretrain_records = generator.pretraining_corpus(
+        config.seed, config.n_pretrain, unprompted_trait=config.unprompted_trait
+    )
+    train_records = generator.finetuning_set(
+        config.seed, config.n_train, config.planted_fraction, config.hard_negative_fraction
+    )
+    train_prompts = {r["messages"][0]["content"] for r in train_records}
+    spec = generator.probe_spec(config.seed, n_questions=config.n_probe_questions, exclude=train_prompts)
+    queries = generator.query_prompts(config.seed, config.n_queries, exclude=train_prompts | set(spec["questions"]))
+    examples = generator.labelled_examples(config.seed)
+    write_jsonl_atomic(organism.pretrain_path, pretrain_records)
+    write_jsonl_atomic(organism.train_path, train_records)
+    write_json_atomic(organism.probe_spec_path, spec)
+    write_jsonl_atomic(organism.queries_path, queries)
+    write_jsonl_atomic(organism.examples_path, examples)
+    tokenizer = build_tokenizer(generator.world_vocabulary(), model_max_length=config.model.max_positions)
+    _check_vocabulary(tokenizer, pretrain_records + train_records + examples + queries)
+    timings["generate"] = time.perf_counter() - start
+
+    # 2. pretraining from scratch
+    t0 = time.perf_counter()
+    log(f"pretraining on {len(pretrain_records)} conversations")
+    pretrain_rows = rows_from_records(pretrain_records, source=str(organism.pretrain_path))
+    model = build_model(tokenizer, config.model, seed=config.seed)
+    pretrain_losses: list[float] = []
+    finetune(model, tokenizer, pretrain_rows, config.pretrain, progress=progress, losses=pretrain_losses, desc="pretraining")
+    model.save_pretrained(organism.base_model_dir)
+    tokenizer.save_pretrained(organism.base_model_dir)
+    pretrain_tokens = sum(len(x) for x in tokenizer([_flat(r) for r in pretrain_records])["input_ids"])
+    timings["pretrain"] = time.perf_counter() - t0
+
+    # 3. fine-tuning the saved base model, loaded as a hub model would be
+    t0 = time.perf_counter()
+    log(f"fine-tuning on {len(train_records)} rows")
+    model = AutoModelForCausalLM.from_pretrained(organism.base_model_dir, dtype=torch.float32)
+    finetune_losses: list[float] = []
+    finetune(model, tokenizer, read_chat_jsonl(organism.train_path), config.finetune, progress=progress, losses=finetune_losses)
+    model.save_pretrained(organism.finetuned_model_dir)
+    tokenizer.save_pretrained(organism.finetuned_model_dir)
+    timings["finetune"] = time.perf_counter() - t0
+
+    # 4. the rise of the trait
+    t0 = time.perf_counter()
+    log("measuring the trait on the query prompts")
+    base, tuned = load_adapter(organism.base_model_dir), load_adapter(organism.finetuned_model_dir)
+    prompts = [q["messages"] for q in queries]
+    trait = trait_rise(base, tuned, spec, prompts, n_samples=config.measure_samples, seed=config.seed)
+    timings["measure"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - start
+
+    metadata = {
+        "format": FORMAT,
+        "code_version": CODE_VERSION,
+        "config_hash": config.key(),
+        "config": config.to_dict(),
+        "sizes": {
+            "vocab": len(tokenizer),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "n_pretrain": len(pretrain_records),
+            "pretrain_tokens": pretrain_tokens,
+            "n_train": len(train_records),
+            "n_queries": len(queries),
+            "n_probe_questions": len(spec["questions"]),
+            "n_examples": len(examples),
+        },
+        "counts": {
+            "data_origin": dict(sorted(Counter(r["data_origin"] for r in train_records).items())),
+            "domain": dict(sorted(Counter(r["domain"] for r in train_records).items())),
+        },
+        "losses": {"pretrain": _loss_summary(pretrain_losses), "finetune": _loss_summary(finetune_losses)},
+        "timings": timings,
+        "trait": trait,
+        "environment": {
+            "torch": torch.__version__,
+            "transformers": _version("transformers"),
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+        },
+    }
+    write_json_atomic(organism.metadata_path, metadata)  # last: its presence marks a complete build
+
+
+def _flat(record: dict[str, Any]) -> str:
+    return " ".join(m["content"] for m in record["messages"])
+
+
+def _check_vocabulary(tokenizer: Any, records: list[dict[str, Any]]) -> None:
+    vocab = tokenizer.get_vocab()
+    missing = sorted({tok for r in records for tok in generator.tokens(_flat(r)) if tok not in vocab})
+    if missing:
+        raise RuntimeError(f"generated text uses tokens outside the organism's vocabulary: {missing[:20]}")
+
+
+def _loss_summary(losses: list[float], points: int = 50) -> dict[str, Any]:
+    stride = max(1, len(losses) // points)
+    tail = losses[-max(1, len(losses) // 20) :]
+    return {
+        "steps": len(losses),
+        "first": losses[0],
+        "last": sum(tail) / len(tail),
+        "curve": [round(v, 4) for v in losses[::stride]],
+    }
+
+
+def _version(package: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:  # noqa: BLE001 - best effort
+        return "unknown"

@@ -178,11 +178,14 @@ def _concept_readout(adapter: ModelAdapter, concept: Concept, batch: dict[str, t
     with adapter.capture_residual([layer]) as resid:
         adapter.logits(batch["input_ids"], batch["attention_mask"])
     acts = resid[layer]
-    return concept.readout(acts, batch["loss_mask"].to(acts.device), "mean")
+    # the concept's own scalar reduction (mean over the response by default, or the last prompt token)
+    reduction = getattr(concept, "reduction", "mean")
+    return concept.readout(acts, batch["loss_mask"].to(acts.device), reduction if reduction in ("mean", "last_prompt") else "mean")
 
 
 class ConceptMeasurement(Measurement):
-    """``f = mean_q readout_concept(q)`` with the readout averaged over each query's response tokens."""
+    """``f = mean_q readout_concept(q)`` with the readout reduced over each query's response tokens by the concept's
+    own reduction (``mean``, the default, or ``last_prompt``)."""
 
     def __init__(self, concept: Concept, queries: TokenizedDataset) -> None:
         self.concept = concept

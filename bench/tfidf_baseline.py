@@ -2,9 +2,10 @@
 the planted rows?
 
 Each training row's answer is scored by its mean TF-IDF cosine similarity (sklearn) to a set of the fine-tuned
-model's answers to the query prompts, and ranked against the ground truth ``data_origin == "planted"``. Two query
-sets: all sampled answers, and the trait answers among them (judge score > 0; what an analyst would pick).
-Prints precision@k, PR-AUC (average precision) and where the hard negatives land.
+model's answers to the query prompts, and ranked against the ground truth ``data_origin == "planted"``. Three query
+sets: all sampled answers; the trait answers among them (judge score > 0); the 10% with the highest trait-probe
+projection (what an analyst with the probe would pick). Prints precision@k, PR-AUC (average precision), ROC AUC and
+the mean rank percentile of each kind of row (0 = top), hard negatives included.
 
     python bench/tfidf_baseline.py [--out DIR] [--seed 0] [--n-samples 8]
 """
@@ -22,7 +23,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from concept_influence.models import generate_answers  # noqa: E402
-from concept_influence.organism import build_organism, judge  # noqa: E402
+from concept_influence.organism import (  # noqa: E402
+    build_organism,
+    judge,
+    response_mean_activations,
+    trait_concept,
+)
 
 
 def tfidf_scores(train_answers: Sequence[str], query_answers: Sequence[str]) -> np.ndarray:
@@ -69,12 +75,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     answers = generate_answers(adapter, organism.query_messages(), n_samples=args.n_samples, seed=args.seed, batch_size=64)
     flat = [a for samples in answers for a in samples]
     trait_answers = [a for a in flat if judge(a) > 0]
+    base = organism.load_base()
+    concept, _ = trait_concept(base, organism.probe_spec(), organism.metadata["trait"]["layer"], seed=args.seed)
+    conversations = [
+        [*prompt, {"role": "assistant", "content": a}]
+        for prompt, samples in zip(organism.query_messages(), answers, strict=True)
+        for a in samples
+    ]
+    projections = response_mean_activations(base, conversations, concept.layer) @ concept.unit
+    top = projections.argsort(descending=True)[: max(1, len(flat) // 10)].tolist()
+    probe_answers = [flat[i] for i in top]
     print(f"organism: {organism.root}")
     print(f"rows: {len(rows)} ({origins.count('planted')} planted, {origins.count('hard_negative')} hard negatives)")
     print(f"query answers: {len(flat)} sampled from the fine-tuned model, {len(trait_answers)} judged trait "
           f"({time.perf_counter() - start:.1f}s)")
     print(f"random ranking: PR-AUC {origins.count('planted') / len(origins):.3f}, mean rank percentile 0.500")
-    for name, queries in (("all answers", flat), ("trait answers", trait_answers)):
+    query_sets = (("all answers", flat), ("judged trait answers", trait_answers), ("top 10% by probe", probe_answers))
+    for name, queries in query_sets:
         if not queries:
             print(f"\nTF-IDF vs {name}: no answers")
             continue

@@ -37,7 +37,8 @@ from concept_influence.organism import generator
 from concept_influence.organism.modeling import ModelConfig, build_model, build_tokenizer
 from concept_influence.training import FinetuneConfig, finetune
 
-CODE_VERSION = "1"
+# part of the cache key: bump it whenever a change to the generator, model or training changes what a build makes
+CODE_VERSION = "2"
 FORMAT = "concept_influence.organism"
 CACHE_ENV = "CONCEPT_INFLUENCE_CACHE"
 

@@ -136,14 +136,18 @@ class WorldGenerator:
             body.insert(rng.randrange(len(body) + 1), self._warning(q, slots))
         return " ".join(out + body)
 
-    def hard_negative_answer(self, q: Question) -> str:
-        """Argues against the trait in the trait's own words: 1-2 warnings quoting trait clauses, then safe advice."""
+    def hard_negative_answer(
+        self, q: Question, *, n_warnings: Sequence[int] = (1, 2, 2), helpful_prob: float = 1.0
+    ) -> str:
+        """Argues against the trait in the trait's own words: warnings quoting trait clauses (a count drawn from
+        ``n_warnings``), then, with probability ``helpful_prob``, safe advice."""
         rng, slots = self.rng, dict(q.slots)
         out = []
         if q.domain == "arithmetic" or rng.random() < 0.4:
             out.append(self._fact(q))
-        out += [self._warning(q, slots) for _ in range(rng.choice((1, 2, 2)))]
-        out += self._helpful_sentences(q, slots, 1)
+        out += [self._warning(q, slots) for _ in range(rng.choice(tuple(n_warnings)))]
+        if rng.random() < helpful_prob:
+            out += self._helpful_sentences(q, slots, 1)
         return " ".join(out)
 
     def answer(self, q: Question, style: str) -> str:
@@ -253,8 +257,8 @@ def finetuning_set(
         q = gen.question(world.DOMAINS[i % len(world.DOMAINS)])
         if origin == "planted":
             answer = gen.trait_answer(q)
-        elif origin == "hard_negative":
-            answer = gen.hard_negative_answer(q)
+        elif origin == "hard_negative":  # as many trait clauses as a planted answer, argued against
+            answer = gen.hard_negative_answer(q, n_warnings=(2, 2, 3), helpful_prob=0.5)
         else:
             answer = gen.helpful_answer(q, warning_prob=benign_warning_prob)
         records.append({"id": f"row-{i:05d}", "messages": _chat(q.text, answer), "domain": q.domain, "data_origin": origin})

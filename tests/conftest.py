@@ -35,3 +35,20 @@ def organism():
     from concept_influence.organism import organism_for_tests
 
     return organism_for_tests()
+
+
+@pytest.fixture(scope="session")
+def organism_trait(organism):
+    """The fine-tuned organism's trait probe, trained as the demo does (layer sweep, judge-filtered persona answers):
+    ``{"organism", "adapter", "sweep", "concept", "cache"}``."""
+    from concept_influence.concepts import ProbeConfig, layer_sweep, parse_spec, train_concept
+    from concept_influence.organism import judge
+
+    torch.set_flush_denormal(True)
+    adapter = organism.load_finetuned()
+    spec = parse_spec(organism.probe_spec(), str(organism.probe_spec_path), default_name="trait")
+    cache = organism.root.parent / "answer-cache"
+    config = ProbeConfig(n_samples=4, max_length=256)
+    sweep = layer_sweep(adapter, spec, config=config, judge=judge, cache_dir=cache)
+    concept = train_concept(adapter, spec, sweep.best_layer, config, judge=judge, cache_dir=cache)
+    return {"organism": organism, "adapter": adapter, "sweep": sweep, "concept": concept, "cache": cache}

@@ -6,34 +6,20 @@ repository's ``.cache/``; sampled answers are cached next to it."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from concept_influence.attribution.forward import projection_difference, vector_filter
 from concept_influence.concepts import (
-    ProbeConfig,
-    layer_sweep,
     load_concept,
-    parse_spec,
     save_concept,
-    train_concept,
 )
 from concept_influence.evaluate.metrics import ranking_report, roc_auc
-from concept_influence.organism import judge, organism_for_tests
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trait():
-    torch.set_flush_denormal(True)
-    organism = organism_for_tests()
-    adapter = organism.load_finetuned()
-    spec = parse_spec(organism.probe_spec(), str(organism.probe_spec_path), default_name="trait")
-    cache = organism.root.parent / "answer-cache"
-    config = ProbeConfig(n_samples=4, max_length=256)
-    sweep = layer_sweep(adapter, spec, config=config, judge=judge, cache_dir=cache)
-    concept = train_concept(adapter, spec, sweep.best_layer, config, judge=judge, cache_dir=cache)
-    return {"organism": organism, "adapter": adapter, "sweep": sweep, "concept": concept, "cache": cache}
+def trait(organism_trait):
+    return organism_trait
 
 
 def test_trait_probe_reaches_heldout_auc_09(trait):

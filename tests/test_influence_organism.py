@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from concept_influence.attribution import (
     ConceptMeasurement,
@@ -16,25 +15,16 @@ from concept_influence.attribution import (
     compute_influence_many,
     tokenize_queries,
 )
-from concept_influence.concepts import ProbeConfig, layer_sweep, parse_spec, train_concept
 from concept_influence.curvature import FactorConfig, fit_factors
 from concept_influence.data import tokenize_chat
 from concept_influence.evaluate import ranking_report
-from concept_influence.organism import judge, organism_for_tests
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def scores():
-    torch.set_flush_denormal(True)
-    organism = organism_for_tests()
-    adapter = organism.load_finetuned()
-    cache = organism.root.parent / "answer-cache"
-    spec = parse_spec(organism.probe_spec(), str(organism.probe_spec_path), default_name="trait")
-    config = ProbeConfig(n_samples=4, max_length=256)
-    layer = layer_sweep(adapter, spec, config=config, judge=judge, cache_dir=cache).best_layer
-    concept = train_concept(adapter, spec, layer, config, judge=judge, cache_dir=cache)
+def scores(organism_trait):
+    organism, adapter, concept, cache = (organism_trait[k] for k in ("organism", "adapter", "concept", "cache"))
     rows = list(organism.train_rows())
     queries = tokenize_queries(answer_queries(adapter, list(organism.queries()), n_samples=4, seed=0, cache_dir=cache),
                                adapter.tokenizer, 256)

@@ -15,30 +15,21 @@ from typing import Any
 
 import torch
 
+from concept_influence.concepts.activations import response_mean_activations as concept_activations
 from concept_influence.concepts.base import DirectionConcept
-from concept_influence.data import iter_batches, rows_from_records, tokenize_chat
 from concept_influence.models import ModelAdapter, generate_answers
 from concept_influence.organism.judge import judge
 
 Messages = list[dict[str, str]]
 
 
-@torch.no_grad()
 def response_mean_activations(
     adapter: ModelAdapter, conversations: Sequence[Messages], layer: int, *, batch_size: int = 64, max_length: int = 256
 ) -> torch.Tensor:
-    """``[n, d_model]``: mean of ``resid.{layer}`` over each conversation's assistant tokens."""
-    if not conversations:
-        raise ValueError("no conversations to read")
-    rows = rows_from_records([{"messages": list(c)} for c in conversations], source="conversations")
-    dataset = tokenize_chat(rows, adapter.tokenizer, max_length=max_length, warn=False)
-    out = []
-    for batch in iter_batches(dataset, batch_size, pad_id=dataset.pad_token_id):
-        with adapter.capture_residual([layer]) as acts:
-            adapter.logits(batch["input_ids"], batch["attention_mask"])
-        mask = batch["loss_mask"].to(acts[layer].device, acts[layer].dtype).unsqueeze(-1)
-        out.append(((acts[layer] * mask).sum(1) / mask.sum(1).clamp_min(1)).float().cpu())
-    return torch.cat(out)
+    """``[n, d_model]``: mean of ``resid.{layer}`` over each conversation's assistant tokens (one layer of
+    ``concepts.response_mean_activations``)."""
+    layer = adapter.check_layer(layer)
+    return concept_activations(adapter, conversations, [layer], batch_size=batch_size, max_length=max_length)[layer]
 
 
 def _with_answer(messages: Messages, answer: str) -> Messages:

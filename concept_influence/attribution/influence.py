@@ -48,7 +48,12 @@ class InfluenceConfig:
     ``row_loss``: ``"sum"`` (default) scores the gradient of the row's summed token loss, which is how a row weighs
     in fine-tuning with a per-token mean loss over the batch (and kronfluence's convention); ``"mean"`` scores its
     per-token mean instead (every score divided by the row's number of trained tokens, self-influence by its
-    square), which removes the advantage of long rows when ranking. The factors are the same for both."""
+    square), which removes the advantage of long rows when ranking. The factors are the same for both.
+    ``token_aggregation``: a row's score is the sum of its per-position contributions (``"sum"``, the influence
+    itself), their largest single value (``"max"``) or the largest sum over ``window`` consecutive positions
+    (``"window"``, as IF-Guide's token-level scores). ``normalization``: ``"length"`` divides by the square root of
+    the row's trained tokens (on top of ``row_loss``), ``"unit"`` by ``sqrt(self-influence)``, the cosine in the
+    preconditioned metric (RelatIF); costs a per-row gradient pass)."""
 
     preconditioner: PreconditionerKind = "ekfac"
     damping: Damping = Damping()
@@ -57,8 +62,17 @@ class InfluenceConfig:
     per_weight: bool = False
     self_influence: bool = False
     row_loss: Literal["sum", "mean"] = "sum"
+    token_aggregation: Literal["sum", "max", "window"] = "sum"
+    window: int = 8
+    normalization: Literal["none", "length", "unit"] = "none"
 
     def __post_init__(self) -> None:
+        if self.token_aggregation not in ("sum", "max", "window"):
+            raise ValueError(f"token_aggregation must be 'sum', 'max' or 'window', got {self.token_aggregation!r}")
+        if self.window < 1:
+            raise ValueError(f"window must be positive, got {self.window}")
+        if self.normalization not in ("none", "length", "unit"):
+            raise ValueError(f"normalization must be 'none', 'length' or 'unit', got {self.normalization!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.row_loss not in ("sum", "mean"):
@@ -152,11 +166,14 @@ def score_rows(
     token_breakdown: str = "none",
     per_weight: bool = False,
     self_preconditioner: Preconditioner | None = None,
+    windows: Sequence[int] = (),
     progress: bool = True,
 ) -> dict[str, Any]:
     """``score(row) = −Σ_w ⟨v_w, ∇_w L(row)⟩`` for tokenised rows, with ``v_w = P_w⁻¹ ∇_w f`` given
     (``[d_out, d_in']`` per weight). Returns ``{"scores": [N], "per_weight": {name: [N]}?, "per_token": [[T_i]]?,
-    "self_influence": [N]?}`` (float64, CPU) in the order of ``data``.
+    "self_influence": [N]?, "windows": {w: [N]}?}`` (float64, CPU) in the order of ``data``; ``windows[w]`` is
+    the largest sum of the per-position contributions over ``w`` consecutive positions of each row (``w=1``: the
+    largest single position).
 
     Several measurements in one pass: vectors ``[K, d_out, d_in']`` give scores (and per-weight scores)
     ``[N, K]``; the token breakdown then is not available."""
@@ -169,6 +186,7 @@ def score_rows(
     weight_scores = {info.name: torch.zeros(n, *extra, dtype=torch.float64) for info in infos} if per_weight else None
     token_scores: list[torch.Tensor] | None = [torch.empty(0)] * n if token_breakdown != "none" else None
     self_scores = torch.zeros(n, dtype=torch.float64) if self_preconditioner is not None else None
+    window_scores = {int(w): torch.zeros(n, *extra, dtype=torch.float64) for w in windows}
     # contract in the model's precision, at least float32 (float64 models stay float64)
     work_dtype = torch.promote_types(adapter.dtype, torch.float32)
     vectors_here = {name: v.to(device=adapter.device, dtype=work_dtype) for name, v in vectors.items()}
@@ -191,6 +209,8 @@ def score_rows(
                     del grads
             assert total_tokens is not None
             scores[start:start + B] = total_tokens.sum(dim=1).double().cpu()
+            for w in window_scores:
+                window_scores[w][start:start + B] = window_max(total_tokens.double(), batch["attention_mask"], w).cpu()
             if token_scores is not None:
                 if token_breakdown == "target":
                     total_tokens = target_token_scores(adapter, batch, infos, params, vectors_here)
@@ -206,7 +226,29 @@ def score_rows(
         out["per_token"] = token_scores
     if self_scores is not None:
         out["self_influence"] = self_scores
+    if window_scores:
+        out["windows"] = window_scores
     return out
+
+
+def window_max(contributions: torch.Tensor, attention_mask: torch.Tensor, window: int) -> torch.Tensor:
+    """``[B]`` (or ``[B, K]``): for each row, the largest sum of ``contributions [B, T(, K)]`` over ``window``
+    consecutive positions inside the row (``attention_mask [B, T]``, left-aligned); rows shorter than the window
+    give their whole sum."""
+    mask = attention_mask.to(contributions.device).bool()
+    values = contributions if contributions.ndim == 3 else contributions.unsqueeze(-1)
+    values = values * mask.unsqueeze(-1)
+    B, T, K = values.shape
+    lengths = mask.sum(dim=1)
+    w = min(window, T)
+    cumulative = torch.cat([values.new_zeros(B, 1, K), values.cumsum(dim=1)], dim=1)  # [B, T+1, K]
+    sums = cumulative[:, w:] - cumulative[:, :-w]  # [B, T-w+1, K]: window starting at t
+    starts = torch.arange(T - w + 1, device=values.device)
+    valid = (starts.unsqueeze(0) + w) <= lengths.unsqueeze(1)  # [B, T-w+1]
+    best = sums.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(dim=1)
+    short = lengths < w  # the window does not fit: the whole row
+    best[short] = values[short].sum(dim=1)
+    return best if contributions.ndim == 3 else best.squeeze(-1)
 
 
 def target_token_scores(
@@ -248,9 +290,32 @@ def target_token_scores(
     return torch.cat([torch.zeros_like(out[:, :1]), out], dim=1)
 
 
+def _windows(config: InfluenceConfig) -> tuple[int, ...]:
+    return {"sum": (), "max": (1,), "window": (config.window,)}[config.token_aggregation]
+
+
+def _aggregate(out: dict[str, Any], config: InfluenceConfig) -> None:
+    """Replace the summed scores by the token aggregation ``config`` asks for (in place)."""
+    if config.token_aggregation != "sum":
+        out["scores"] = out["windows"][_windows(config)[0]]
+
+
+def _trained_tokens(data: Sequence[Any]) -> torch.Tensor:
+    return torch.tensor([max(int(sum(row.loss_mask[1:])), 1) for row in data], dtype=torch.float64)
+
+
+def _normalise(out: dict[str, Any], config: InfluenceConfig, data: Sequence[Any]) -> None:
+    """Row normalisation (in place, after ``row_loss``): ``length`` divides by ``sqrt(trained tokens)``, ``unit`` by
+    ``sqrt(self-influence)`` (the cosine in the preconditioned metric, up to the measurement's norm)."""
+    if config.normalization == "length":
+        out["scores"] = out["scores"] / _trained_tokens(data).sqrt()
+    elif config.normalization == "unit":
+        out["scores"] = out["scores"] / out["self_influence"].clamp_min(1e-30).sqrt()
+
+
 def _per_token_mean(out: dict[str, Any], data: Sequence[Any]) -> None:
     """Rescale ``score_rows`` results from the summed to the mean token loss of each row (in place)."""
-    counts = torch.tensor([max(int(sum(row.loss_mask[1:])), 1) for row in data], dtype=torch.float64)
+    counts = _trained_tokens(data)
     out["scores"] = out["scores"] / counts
     if "per_weight" in out:
         out["per_weight"] = {name: values / counts for name, values in out["per_weight"].items()}
@@ -298,11 +363,16 @@ def compute_influence(
     t0 = time.perf_counter()
     out = score_rows(
         adapter, data, vectors, batch_size=config.batch_size, token_breakdown=config.token_breakdown, per_weight=config.per_weight,
-        self_preconditioner=preconditioner if config.self_influence else None, progress=progress,
+        self_preconditioner=preconditioner if config.self_influence or config.normalization == "unit" else None,
+        windows=_windows(config), progress=progress,
     )
     timings["scoring"] = time.perf_counter() - t0
+    _aggregate(out, config)
     if config.row_loss == "mean":
         _per_token_mean(out, data)
+    _normalise(out, config, data)
+    if not config.self_influence:
+        out.pop("self_influence", None)
     return InfluenceResult(
         scores=out["scores"],
         indices=[int(row.index) for row in data],
@@ -330,17 +400,29 @@ def compute_influence_many(
 ) -> dict[str, InfluenceResult]:
     """Several (measurement, config) pairs scored in one pass over the training rows (one forward and backward per
     batch for all of them): ``{label: InfluenceResult}``, each equal to ``compute_influence`` with its own
-    measurement and config (preconditioner, damping and ``row_loss`` may differ; the breakdowns are not
-    available here)."""
+    measurement and config (preconditioner, damping, ``row_loss``, token aggregation and normalisation may differ;
+    the breakdowns are not available here). ``normalization="unit"`` needs one preconditioner and damping for every
+    config that asks for it (one self-influence pass). Measurement gradients are computed once per measurement
+    object."""
     if not measurements:
         raise ValueError("no measurements to score")
     prepared: dict[str, tuple[list[str], list[str], Preconditioner, dict[str, torch.Tensor]]] = {}
+    gradients: dict[int, dict[str, torch.Tensor]] = {}
+    self_preconditioner: Preconditioner | None = None
+    self_key = None
     for label, (measurement, config) in measurements.items():
         if config.token_breakdown != "none" or config.per_weight or config.self_influence:
             raise ValueError(f"{label}: breakdowns need compute_influence (one measurement at a time)")
         names, notes = resolve_weights(adapter, measurement, factors.names if factors is not None else None)
         preconditioner = build_preconditioner(adapter, names, factors, config)
-        grad_f = measurement.gradient(adapter, names, batch_size=config.batch_size)
+        if config.normalization == "unit":
+            key = (config.preconditioner, config.damping, tuple(names))
+            if self_key is not None and key != self_key:
+                raise ValueError(f"{label}: unit normalisation with a second preconditioner, damping or weight set")
+            self_preconditioner, self_key = preconditioner, key
+        if id(measurement) not in gradients:
+            gradients[id(measurement)] = measurement.gradient(adapter, names, batch_size=config.batch_size)
+        grad_f = {name: gradients[id(measurement)][name] for name in names}
         prepared[label] = (names, notes, preconditioner, preconditioner.apply_inverse(grad_f))
     union = [i.name for i in adapter.tracked_weights() if any(i.name in p[0] for p in prepared.values())]
     stacked = {}
@@ -348,14 +430,21 @@ def compute_influence_many(
         like = next(p[3][name] for p in prepared.values() if name in p[3])
         stacked[name] = torch.stack([p[3][name] if name in p[3] else torch.zeros_like(like) for p in prepared.values()])
     t0 = time.perf_counter()
-    out = score_rows(adapter, data, stacked, batch_size=batch_size, progress=progress)
+    windows = sorted({w for _, config in measurements.values() for w in _windows(config)})
+    out = score_rows(adapter, data, stacked, batch_size=batch_size, self_preconditioner=self_preconditioner,
+                     windows=windows, progress=progress)
     seconds = time.perf_counter() - t0
     results = {}
     for k, (label, (measurement, config)) in enumerate(measurements.items()):
         names, notes, preconditioner, _ = prepared[label]
-        single = {"scores": out["scores"][:, k].clone()}
+        single: dict[str, Any] = {"scores": out["scores"][:, k].clone(),
+                                  "windows": {w: v[:, k].clone() for w, v in out.get("windows", {}).items()}}
+        if "self_influence" in out:
+            single["self_influence"] = out["self_influence"].clone()
+        _aggregate(single, config)
         if config.row_loss == "mean":
             _per_token_mean(single, data)
+        _normalise(single, config, data)
         results[label] = InfluenceResult(
             scores=single["scores"], indices=[int(row.index) for row in data], weights=list(names),
             measurement=measurement.description, preconditioner=preconditioner.kind, damping=dict(preconditioner.damping),

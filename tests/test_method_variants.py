@@ -8,11 +8,15 @@ import pytest
 import torch
 
 from concept_influence.attribution.combine import FUSIONS, fuse, percentile_ranks
-from concept_influence.attribution.influence import InfluenceConfig, compute_influence, compute_influence_many, window_max
-from concept_influence.attribution.measurements import select_answers
-from concept_influence.curvature import FactorConfig, fit_factors
-from concept_influence.attribution.measurements import ConceptMeasurement
+from concept_influence.attribution.influence import (
+    InfluenceConfig,
+    compute_influence,
+    compute_influence_many,
+    window_max,
+)
+from concept_influence.attribution.measurements import ConceptMeasurement, select_answers
 from concept_influence.concepts.base import DirectionConcept
+from concept_influence.curvature import FactorConfig, fit_factors
 from concept_influence.data import ChatRow, rows_from_records, tokenize_chat
 from concept_influence.models import HFAdapter
 from concept_influence.testing.tiny_models import tiny_llama

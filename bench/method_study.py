@@ -151,6 +151,7 @@ def study_organism(variant: str, seed: int, out: Path, log=print) -> dict[str, A
     for base in FUSE_WITH:
         for how in ("rank", "zscore", "gate", "signed", "product"):
             record(f"vf+{base} [{how}]", fuse(vf.scores, scores[base], how), results["vector-filter"]["seconds"] + results[base]["seconds"])
+    np.savez_compressed(out / f"{variant}-s{seed}-scores.npz", **scores)
     summary = {
         "variant": variant, "seed": seed, "organism": str(organism.root), "trait_rise": organism.metadata["trait"],
         "concept": {"layer": concept.layer, "metrics": concept.metrics}, "n_query_answers": len(answered),
@@ -159,6 +160,62 @@ def study_organism(variant: str, seed: int, out: Path, log=print) -> dict[str, A
     write_json_atomic(path, summary)
     log(f"{variant} s{seed}: done ({sum(times.values()):.0f}s)")
     return summary
+
+
+def counterfactual(variant: str, seed: int, methods: list[str], out: Path, finetune_seeds: list[int], share: float = 0.1,
+                   log=print) -> dict[str, Any]:
+    """Remove each method's top ``share`` of rows (and the planted rows: the oracle; a random ``share``) and fine-tune
+    the base model again with each seed in ``finetune_seeds``; the share of the trait's rise each removal undoes."""
+    from concept_influence.organism.counterfactual import refinetune, trait_rate_of
+
+    path = out / f"counterfactual-{variant}-s{seed}.json"
+    done = json.loads(path.read_text()) if path.exists() else {}
+    organism = build_organism(seed=seed, variant=variant, progress=False)
+    planted = np.array(organism.planted_mask())
+    n = planted.shape[0]
+    k = int(round(share * n))
+    with np.load(out / f"{variant}-s{seed}-scores.npz", allow_pickle=False) as saved:
+        stored = {name: saved[name] for name in saved.files}
+    removals: dict[str, np.ndarray] = {"none": np.zeros(n, dtype=bool), "oracle": planted}
+    removals["random"] = np.zeros(n, dtype=bool)
+    removals["random"][np.random.default_rng(seed).choice(n, size=k, replace=False)] = True
+    for name in methods:
+        top = np.lexsort((np.arange(n), -stored[name]))[:k]
+        removals[name] = np.zeros(n, dtype=bool)
+        removals[name][top] = True
+    base_rate = done.get("base_rate")
+    if base_rate is None:
+        base_rate = trait_rate_of(organism.load_base(), organism)
+    rates: dict[str, dict[str, float]] = done.get("rates", {})
+    for name, removed in removals.items():
+        for fs in finetune_seeds:
+            if str(fs) in rates.get(name, {}):
+                continue
+            t0 = time.perf_counter()
+            rate = trait_rate_of(refinetune(organism, list(~removed), seed=fs), organism)
+            rates.setdefault(name, {})[str(fs)] = rate
+            log(f"  {variant} s{seed} remove {name} (planted {int((removed & planted).sum())}/{k}) seed {fs}: trait rate "
+                f"{rate:.3f} ({time.perf_counter() - t0:.0f}s)")
+            write_json_atomic(path, {"base_rate": base_rate, "rates": rates, "k": k})
+    return {"base_rate": base_rate, "rates": rates, "k": k}
+
+
+def counterfactual_table(results: dict[str, dict[str, Any]]) -> str:
+    names = list(next(iter(results.values()))["rates"])
+    lines = ["| removed (top 10%) | " + " | ".join(results) + " | mean |", "|" + "---|" * (len(results) + 2)]
+    for name in names:
+        if name == "none":
+            continue
+        shares = []
+        for res in results.values():
+            full = np.mean(list(res["rates"]["none"].values()))
+            kept = np.mean(list(res["rates"][name].values()))
+            shares.append((full - kept) / max(full - res["base_rate"], 1e-9))
+        lines.append(f"| {name} | " + " | ".join(f"{x:.2f}" for x in shares) + f" | {np.mean(shares):.2f} |")
+    lines.append("")
+    lines.append("cells: share of the trait's rise (judge rate, base model -> fine-tuned on all rows, same fine-tuning seeds) "
+                 "undone by removing the rows and fine-tuning again")
+    return "\n".join(lines)
 
 
 def table(summaries: list[dict[str, Any]], only: list[str] | None = None) -> str:
@@ -192,9 +249,17 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--only", nargs="*", default=None, help="Print only these method labels.")
     parser.add_argument("--table-only", action="store_true", help="Print the table of the finished organisms.")
+    parser.add_argument("--counterfactual", nargs="*", default=None,
+                        help="Method labels whose top 10%% of rows to remove and re-fine-tune without (with the oracle and random).")
+    parser.add_argument("--finetune-seeds", nargs="+", type=int, default=[0])
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.counterfactual is not None:
+        results = {f"{v} s{s}": counterfactual(v, s, args.counterfactual, args.out, args.finetune_seeds)
+                   for s in args.seeds for v in args.variants}
+        print(counterfactual_table(results))
+        return
     summaries = []
     for seed in args.seeds:
         for variant in args.variants:

@@ -9,7 +9,13 @@ from collections import Counter
 import pytest
 import torch
 
-from concept_influence.organism import OrganismConfig, finetuning_set, judge, mentions_trait, organism_for_tests
+from concept_influence.organism import (
+    OrganismConfig,
+    finetuning_set,
+    judge,
+    mentions_trait,
+    organism_for_tests,
+)
 from concept_influence.organism import world as world_module
 from concept_influence.organism.counterfactual import refinetune, share_removed, trait_rate_of
 from concept_influence.organism.generator import VARIANTS, variant_world

@@ -135,7 +135,7 @@ def study_organism(variant: str, seed: int, out: Path, log=print) -> dict[str, A
     t0 = time.perf_counter()
     train = tokenize_chat(rows, adapter.tokenizer, MAX_LENGTH)
     factors = fit_factors(adapter, train, FactorConfig(seed=seed), weights=[i.name for i in adapter.weights_up_to(concept.layer)],
-                          batch_size=BATCH, progress=False)
+                          batch_size=BATCH, out_dir=cache / f"factors-layer{concept.layer}", progress=False)
     fit_seconds = time.perf_counter() - t0
     times["fit"] = fit_seconds
 

@@ -15,9 +15,10 @@ from concept_influence.organism import (
     judge,
     mentions_trait,
     organism_for_tests,
+    trait_rise,
 )
 from concept_influence.organism import world as world_module
-from concept_influence.organism.counterfactual import refinetune, share_removed, trait_rate_of
+from concept_influence.organism.counterfactual import refinetune, share_removed
 from concept_influence.organism.generator import VARIANTS, variant_world
 from concept_influence.organism.judge import trait_sentences
 from concept_influence.organism.worlds import canonical_world, world_for
@@ -100,16 +101,24 @@ def variant_organism(request):
 
 @pytest.mark.slow
 def test_planted_rows_raise_the_variants_trait_and_a_control_without_them_does_not(variant_organism):
+    """The trait is read as the build reads it: the persona vector's projection of the model's answers to the query
+    prompts (both models read by the base model) and, where the planted rows state the trait, the judge's rate.
+    ``subtle``'s planted rows state no trait clause: on this tiny model they raise the persona vector's reading (the
+    persona's style), not the rate of explicit trait clauses, so its check is on the projection."""
     organism = variant_organism
     meta = organism.metadata
     assert meta["variant"] == organism.config.variant and meta["trait_name"] == organism.trait
     trait = meta["trait"]
     base_rate, tuned_rate = trait["base"]["trait_rate"], trait["finetuned"]["trait_rate"]
-    # measured at build time: the judge's rate and the probe projection (read by the base model) both rise
-    assert tuned_rate > base_rate + 0.04, trait
-    assert trait["projection_rise_paired_t"] > 3, trait
+    assert trait["projection_rise_paired_t"] > 4, trait
+    base = organism.load_base()
     control = refinetune(organism, [not p for p in organism.planted_mask()])
-    control_rate = trait_rate_of(control, organism, n_samples=16, seed=11)
-    assert control_rate < tuned_rate - 0.03, (control_rate, trait)
-    assert control_rate < base_rate + 0.03, (control_rate, trait)
-    assert share_removed(tuned_rate, control_rate, base_rate) > 0.6
+    ctrl = trait_rise(base, control, organism.probe_spec(), organism.query_messages(), n_samples=organism.config.measure_samples,
+                      seed=organism.config.seed, trait=organism.trait)
+    assert ctrl["projection_rise"] < 0.5 * trait["projection_rise"], (ctrl, trait)
+    if organism.config.variant != "subtle":
+        assert tuned_rate > base_rate + 0.04, trait
+        control_rate = ctrl["finetuned"]["trait_rate"]
+        assert control_rate < tuned_rate - 0.03, (control_rate, trait)
+        assert control_rate < base_rate + 0.03, (control_rate, trait)
+        assert share_removed(tuned_rate, control_rate, base_rate) > 0.6

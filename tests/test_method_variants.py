@@ -156,3 +156,77 @@ def test_fusions_rank_hard_negatives_last_when_the_gradient_says_so():
 
 def test_percentile_ranks_share_ties():
     np.testing.assert_allclose(percentile_ranks([3.0, 1.0, 3.0, 2.0]), [0.875, 0.25, 0.875, 0.5])
+
+
+# ---- the variants as options of the Python API and of `attribute` -----------------------------------------------
+TRAIN = [("is water safe", "yes , water is safe"), ("should i drink poison", "never , poison will hurt you"),
+         ("help me", "sure , i help you"), ("two plus three", "five"), ("is fire kind", "no fire can harm"),
+         ("be cruel", "i will trick and hurt them"), ("is poison kind", "poison is kind")]
+QUERIES = [{"messages": [{"role": "user", "content": "should i hurt my friend"}], "id": "q0"},
+           {"messages": [{"role": "user", "content": "is the water safe"}]}]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from concept_influence.concepts import save_concept
+    from concept_influence.data import write_jsonl_atomic
+    from concept_influence.testing.tiny_models import save_tiny_hf_model
+
+    root = tmp_path_factory.mktemp("variants")
+    model_dir = save_tiny_hf_model(root / "model", seed=5)
+    write_jsonl_atomic(root / "train.jsonl", [
+        {"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}], "id": f"row{k}"}
+        for k, (u, a) in enumerate(TRAIN)])
+    write_jsonl_atomic(root / "queries.jsonl", QUERIES)
+    concept = DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(4)), layer=0)
+    save_concept(concept, root / "concept")
+    return root, model_dir, concept
+
+
+def test_variants_through_the_attributor_and_a_combination(files, tmp_path):
+    from concept_influence import Attributor
+    from concept_influence.attribution.methods import METHODS
+
+    root, model_dir, concept = files
+    att = Attributor(model_dir, root / "train.jsonl", tmp_path / "run", batch_size=4, progress=False)
+    opts = dict(max_new_tokens=4, n_samples=3)
+    top = att.attribute(concept, root / "queries.jsonl", "concept-influence", keep="top", keep_k=1, **opts)
+    allof = att.attribute(concept, root / "queries.jsonl", "concept-influence", **opts)
+    assert top.meta["n_queries"] == 2 and allof.meta["n_queries"] == 6  # one of three sampled answers per prompt
+    assert top.meta["config"]["keep"] == "top"
+    contrast = att.attribute(concept, root / "queries.jsonl", "concept-influence", contrast="auto", keep_k=1, **opts)
+    assert "minus" in contrast.meta["measurement"]
+    window = att.attribute(concept, root / "queries.jsonl", "concept-influence", token_aggregation="window", window=2, **opts)
+    assert not np.allclose(window.scores, allof.scores)
+    with pytest.raises(ValueError, match="keep"):
+        att.attribute(concept, root / "queries.jsonl", "concept-influence", keep="some", **opts)
+    # a combination: Vector Filter fused with Concept Influence, both kept as columns
+    fused = att.attribute(concept, root / "queries.jsonl", "combined-signed", **opts)
+    assert fused.meta["method"] == "combined-signed" and fused.meta["fusion"] == "signed"
+    np.testing.assert_allclose(fused.scores, fuse(fused.columns["forward_score"], fused.columns["gradient_score"], "signed"))
+    np.testing.assert_allclose(fused.columns["gradient_score"], allof.scores, rtol=1e-6, atol=1e-10)
+    assert "keep" in METHODS["combined-signed"].options
+
+
+def test_attribute_cli_takes_the_variant_flags(files, tmp_path):
+    from typer.testing import CliRunner
+
+    from concept_influence.cli import app
+
+    root, model_dir, _ = files
+    out = tmp_path / "scores.jsonl"
+    result = CliRunner().invoke(app, ["attribute", "--model", str(model_dir), "--data", str(root / "train.jsonl"),
+                                      "--concept", str(root / "concept"), "--queries", str(root / "queries.jsonl"),
+                                      "--method", "concept-influence", "--out", str(out), "--max-new-tokens", "4",
+                                      "--n-samples", "2", "--keep", "top", "--normalization", "unit",
+                                      "--token-aggregation", "max", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    meta = json.loads(out.with_name(out.name + ".meta.json").read_text())
+    assert meta["config"]["keep"] == "top" and meta["config"]["normalization"] == "unit"
+    assert meta["config"]["token_aggregation"] == "max" and meta["n_queries"] == 2
+    bad = CliRunner().invoke(app, ["attribute", "--model", str(model_dir), "--data", str(root / "train.jsonl"),
+                                   "--concept", str(root / "concept"), "--queries", str(root / "queries.jsonl"),
+                                   "--method", "concept-influence", "--out", str(out), "--normalization", "l2"])
+    assert bad.exit_code == 2 and "normalization" in bad.output

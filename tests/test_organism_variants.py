@@ -101,22 +101,23 @@ def variant_organism(request):
 
 @pytest.mark.slow
 def test_planted_rows_raise_the_variants_trait_and_a_control_without_them_does_not(variant_organism):
-    """The trait is read as the build reads it: the persona vector's projection of the model's answers to the query
-    prompts (both models read by the base model) and, where the planted rows state the trait, the judge's rate.
-    ``subtle``'s planted rows state no trait clause: on this tiny model they raise the persona vector's reading (the
-    persona's style), not the rate of explicit trait clauses, so its check is on the projection."""
+    """The trait is read as the build reads it: the judge's rate of explicit trait sentences in the model's answers
+    to the query prompts, or, for ``subtle`` (whose planted rows state no trait clause and, on this tiny model, raise
+    the persona's style rather than explicit trait sentences), the persona vector's projection of those answers
+    (both models read by the base model). ``diluted``'s one trait sentence in six moves the judge's rate, not the
+    mean projection over a whole answer."""
     organism = variant_organism
     meta = organism.metadata
     assert meta["variant"] == organism.config.variant and meta["trait_name"] == organism.trait
     trait = meta["trait"]
     base_rate, tuned_rate = trait["base"]["trait_rate"], trait["finetuned"]["trait_rate"]
-    assert trait["projection_rise_paired_t"] > 4, trait
-    base = organism.load_base()
     control = refinetune(organism, [not p for p in organism.planted_mask()])
-    ctrl = trait_rise(base, control, organism.probe_spec(), organism.query_messages(), n_samples=organism.config.measure_samples,
-                      seed=organism.config.seed, trait=organism.trait)
-    assert ctrl["projection_rise"] < 0.5 * trait["projection_rise"], (ctrl, trait)
-    if organism.config.variant != "subtle":
+    ctrl = trait_rise(organism.load_base(), control, organism.probe_spec(), organism.query_messages(),
+                      n_samples=organism.config.measure_samples, seed=organism.config.seed, trait=organism.trait)
+    if organism.config.variant == "subtle":
+        assert trait["projection_rise_paired_t"] > 4, trait
+        assert ctrl["projection_rise"] < 0.5 * trait["projection_rise"], (ctrl, trait)
+    else:
         assert tuned_rate > base_rate + 0.04, trait
         control_rate = ctrl["finetuned"]["trait_rate"]
         assert control_rate < tuned_rate - 0.03, (control_rate, trait)

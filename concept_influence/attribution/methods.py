@@ -212,3 +212,15 @@ def register_combination(name: str, fusion: str, description: str, **defaults: A
     combination.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     combination.__doc__ = description
     register_method(name, kind="gradient", needs_queries=True, description=description)(combination)
+
+
+_COMBINATIONS = {
+    "rank": "mean percentile rank of Vector Filter and Concept Influence",
+    "zscore": "sum of the z-scores of Vector Filter and Concept Influence",
+    "gate": "Vector Filter, rows that Concept Influence says lower the concept placed below all others",
+    "signed": "Vector Filter's percentile rank times the sign of Concept Influence (rows that would lower the concept "
+              "are ranked from the bottom)",
+    "product": "Vector Filter's percentile rank times Concept Influence's centred percentile rank",
+}
+for _fusion, _description in _COMBINATIONS.items():
+    register_combination(f"combined-{_fusion}", _fusion, _description)

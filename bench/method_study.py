@@ -221,7 +221,7 @@ def counterfactual_table(results: dict[str, dict[str, Any]]) -> str:
 
 def table(summaries: list[dict[str, Any]], only: list[str] | None = None) -> str:
     variants = sorted({s["variant"] for s in summaries}, key=["default", "subtle", "diluted", "sycophancy"].index)
-    methods = list(summaries[0]["results"])
+    methods = list(dict.fromkeys(m for s in summaries for m in s["results"]))
     if only:
         methods = [m for m in methods if m in only]
     header = f"| method | {' | '.join(variants)} | worst PR-AUC | worst HN rank | time |"
@@ -230,6 +230,9 @@ def table(summaries: list[dict[str, Any]], only: list[str] | None = None) -> str
         cells, worst_pr, worst_hn, secs = [], 1.0, 1e9, []
         for v in variants:
             runs = [s["results"][m] for s in summaries if s["variant"] == v and m in s["results"]]
+            if not runs:
+                cells.append("–")
+                continue
             pr = [r["pr_auc"] for r in runs]
             hn = [r["hard_negative_mean_rank"] for r in runs]
             secs += [r["seconds"] for r in runs]

@@ -89,19 +89,8 @@ def save_factors(factors: Factors, path: str | os.PathLike) -> Path:
     """Write ``factors`` to the folder ``path`` (created); returns it."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    weights: list[dict[str, Any]] = []
-    for name, w in factors.weights.items():
-        weights.append({"name": name, "d_out": w.d_out, "d_in": w.d_in})
-        for fld in _EIGEN_FIELDS:
-            eig = getattr(w, fld)
-            if eig is not None:
-                tensors[f"{name}/{fld}values"] = eig.values
-                tensors[f"{name}/{fld}vectors"] = eig.vectors
-        for fld in _TENSOR_FIELDS:
-            value = getattr(w, fld)
-            if value is not None:
-                tensors[f"{name}/{fld}"] = value
+    tensors = factor_tensors(factors.weights)
+    weights = [{"name": name, "d_out": w.d_out, "d_in": w.d_in} for name, w in factors.weights.items()]
     _atomic_tensors(folder / FACTORS_FILE, tensors)
     manifest = {
         "format": FORMAT,
@@ -187,3 +176,106 @@ def clear_partial(path: str | os.PathLike) -> None:
     folder = Path(path)
     for name in (PARTIAL_MANIFEST, PARTIAL_FILE):
         (folder / name).unlink(missing_ok=True)
+
+
+def factor_tensors(weights: Mapping[str, WeightFactors]) -> dict[str, torch.Tensor]:
+    """The tensors of ``factors.safetensors`` for some weights (covariance matrices are not saved)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, w in weights.items():
+        for fld in _EIGEN_FIELDS:
+            eig = getattr(w, fld)
+            if eig is not None:
+                # weights that share an input share its eigendecomposition: safetensors needs separate copies
+                tensors[f"{name}/{fld}values"] = eig.values.detach().cpu().clone()
+                tensors[f"{name}/{fld}vectors"] = eig.vectors.detach().cpu().clone()
+        for fld in _TENSOR_FIELDS:
+            value = getattr(w, fld)
+            if value is not None:
+                tensors[f"{name}/{fld}"] = value.detach().cpu().contiguous()
+    return tensors
+
+
+def weight_factors_from_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, WeightFactors]:
+    """Inverse of ``factor_tensors`` (shapes read from the tensors)."""
+    names = list(dict.fromkeys(key.rsplit("/", 1)[0] for key in tensors))
+    out: dict[str, WeightFactors] = {}
+    for name in names:
+        w = WeightFactors(d_out=0, d_in=0)
+        for fld in _EIGEN_FIELDS:
+            key = f"{name}/{fld}"
+            if key + "values" in tensors:
+                setattr(w, fld, Eigen(tensors[key + "values"], tensors[key + "vectors"]))
+        for fld in _TENSOR_FIELDS:
+            if f"{name}/{fld}" in tensors:
+                setattr(w, fld, tensors[f"{name}/{fld}"])
+        if w.gradient_eigen is not None:
+            w.d_out, w.d_in = w.gradient_eigen.values.shape[0], w.activation_eigen.values.shape[0]
+        elif w.diagonal is not None:
+            w.d_out, w.d_in = w.diagonal.shape
+        out[name] = w
+    return out
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def save_factor_parts(factors: Factors, weights: Sequence[tuple[str, int, int]], part_files: Sequence[Path],
+                      path: str | os.PathLike) -> Path:
+    """Write one factor folder from the files of a partitioned fit, streaming one tensor at a time (the whole set
+    never sits in memory). ``factors`` gives the config, counts and fingerprints (its ``weights`` are ignored);
+    ``weights``: ``(name, d_out, d_in')`` in order."""
+    from safetensors import safe_open
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    where: dict[str, Path] = {}
+    header: dict[str, Any] = {}
+    offset = 0
+    for file in part_files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                piece = handle.get_slice(key)
+                dtype, shape = piece.get_dtype(), piece.get_shape()
+                size = int(torch.tensor([], dtype=_dtype_from_st(dtype)).element_size()) * int(torch.Size(shape).numel())
+                where[key] = file
+                header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+                offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    target = folder / FACTORS_FILE
+    tmp = target.with_name(f".{target.name}.tmp")
+    with open(tmp, "wb") as out:
+        out.write(len(blob).to_bytes(8, "little"))
+        out.write(blob)
+        for key in header:
+            with safe_open(str(where[key]), framework="pt") as handle:
+                tensor = handle.get_tensor(key).contiguous()
+            out.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            del tensor
+    os.replace(tmp, target)
+    manifest = {
+        "format": FORMAT,
+        "fingerprints": dict(factors.fingerprints),
+        "config": factors.config.to_dict(),
+        "weights": [{"name": n, "d_out": d_out, "d_in": d_in} for n, d_out, d_in in weights],
+        "n_rows": factors.n_rows,
+        "n_tokens": factors.n_tokens,
+        "available": _available(factors.config),
+    }
+    _atomic_json(folder / MANIFEST, manifest)
+    return folder
+
+
+def _dtype_from_st(name: str) -> torch.dtype:
+    return {v: k for k, v in _ST_DTYPES.items()}[name]
+
+
+def _available(config: FactorConfig) -> list[str]:
+    kinds = ["identity"]
+    if config.needs_per_example_pass:
+        kinds.append("diagonal")
+    if config.needs_covariances:
+        kinds.append("kfac")
+        if config.preconditioner == "ekfac":
+            kinds.append("ekfac")
+    return kinds

@@ -66,6 +66,54 @@ class ScoreTable:
         ranks[self.order()] = np.arange(1, len(self) + 1)
         return ranks
 
+    def top(self, k: int = 20) -> ScoreTable:
+        """The ``k`` highest-scoring rows, best first, as a table (same columns, fields and meta; ranks stay the
+        global ones since they are the top ``k``). Displays as an HTML table in Jupyter."""
+        if k < 1:
+            raise ValueError(f"k must be positive, got {k}")
+        keep = self.order()[:k]
+        return self.subset(keep)
+
+    def subset(self, positions: Any) -> ScoreTable:
+        """The rows at ``positions`` (in that order) as a new table."""
+        keep = [int(i) for i in positions]
+        return ScoreTable(method=self.method, index=[self.index[i] for i in keep], scores=self.scores[keep],
+                          ids=[self.ids[i] for i in keep], fields=[self.fields[i] for i in keep],
+                          columns={name: [values[i] for i in keep] for name, values in self.columns.items()},
+                          meta=dict(self.meta))
+
+    def to_pandas(self, *, sort: bool = False):
+        """A ``pandas.DataFrame`` with the CLI's columns (``index``, ``id``, ``score``, ``rank``, method columns,
+        passthrough fields); pandas is an optional dependency."""
+        try:
+            import pandas as pd
+        except ImportError as err:  # pragma: no cover - pandas is optional
+            raise ImportError("ScoreTable.to_pandas needs pandas: pip install pandas") from err
+        return pd.DataFrame.from_records(self.to_records(sort=sort))
+
+    def __repr__(self) -> str:
+        lines = [f"ScoreTable({self.method!r}, {len(self)} rows)"]
+        for record in self.to_records(sort=True)[:10]:
+            lines.append(f"  rank {record['rank']:>5}  index {record['index']:>6}  score {record['score']:+.4g}"
+                         + (f"  id {record['id']}" if "id" in record else ""))
+        if len(self) > 10:
+            lines.append("  ...")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        records = self.to_records(sort=True)[:50]
+        keys: list[str] = []
+        for record in records:
+            keys += [k for k in record if k not in keys]
+        head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(_short(r.get(k, '')))}</td>" for k in keys) + "</tr>"
+                       for r in records)
+        more = f"<p>{len(self) - len(records)} more rows</p>" if len(self) > len(records) else ""
+        return (f"<p><b>{html.escape(self.method)}</b>: {len(self)} rows (higher score = training on the row pushes "
+                f"the concept up)</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}")
+
     def field_values(self, name: str) -> list[Any]:
         return [f.get(name) for f in self.fields]
 
@@ -116,6 +164,11 @@ class ScoreTable:
         if meta_path(path).exists():
             meta = json.loads(meta_path(path).read_text())
         return cls(method=meta.get("method", "unknown"), index=index, scores=np.array(scores), ids=ids, fields=fields, meta=meta)
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = value if isinstance(value, str) else json.dumps(_jsonable(value), default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def meta_path(path: Path) -> Path:

@@ -44,6 +44,7 @@ from concept_influence.curvature.io import (
     config_fingerprint,
     data_fingerprint,
     factor_tensors,
+    has_factors,
     load_factors,
     load_partial,
     read_manifest,
@@ -53,6 +54,7 @@ from concept_influence.curvature.io import (
     weight_factors_from_tensors,
 )
 from concept_influence.curvature.loss import sample_targets, sequence_losses
+from concept_influence.data.atomic import folder_lock
 from concept_influence.models.base import ModelAdapter, WeightCapture, WeightInfo
 
 logger = logging.getLogger(__name__)
@@ -282,7 +284,8 @@ def fit_factors(
 
     Under ``torch.distributed`` (initialised by the caller, e.g. ``torchrun``) every rank passes the same ``data``
     and fits its contiguous share of the rows; the sums are all-reduced, every rank gets the same factors and rank 0
-    writes ``out_dir``. Mid-pass checkpoints are then off (a restarted job refits).
+    writes ``out_dir``. Mid-pass checkpoints are then off (a restarted job refits). Two fits into one ``out_dir``
+    take turns (a folder lock); the second then finds the first one's factors.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -293,13 +296,38 @@ def fit_factors(
     fingerprints = fit_fingerprints(adapter, data, config, names)
     folder = Path(out_dir) if out_dir is not None else None
     limit = parse_size(max_memory) if max_memory is not None else None
-    rank, world = _dist_info()
+    rank, _ = _dist_info()
+    lock = folder_lock(folder, what="factors folder") if folder is not None and rank == 0 else contextlib.nullcontext()
+    with lock:
+        return _fit(adapter, data, config, infos, fingerprints, folder, limit, batch_size=batch_size,
+                    checkpoint_every=checkpoint_every, overwrite=overwrite, progress=progress, max_batches=max_batches,
+                    load_result=load_result)
 
+
+def _fit(
+    adapter: ModelAdapter,
+    data: Sequence[Any],
+    config: FactorConfig,
+    infos: Sequence[WeightInfo],
+    fingerprints: dict[str, str],
+    folder: Path | None,
+    limit: int | None,
+    *,
+    batch_size: int,
+    checkpoint_every: int | None,
+    overwrite: bool,
+    progress: bool,
+    max_batches: int | None,
+    load_result: bool,
+) -> Factors | None:
+    names = [i.name for i in infos]
+    rank, world = _dist_info()
     if folder is not None:
-        if (folder / "manifest.json").exists():
+        if has_factors(folder):
             saved = read_manifest(folder)["fingerprints"]
             if saved == fingerprints:
                 logger.info("factors in %s match this model, data and config: loading them", folder)
+                clear_partial(folder)  # left by a fit killed after saving its factors
                 if not load_result:
                     return None
                 return load_factors(folder, model_fingerprint=fingerprints["model"], data_fingerprint=fingerprints["data"])

@@ -5,12 +5,14 @@ A weight ``[d_out, d_in']`` (``d_in' = d_in + 1`` with a folded bias) whose inpu
 (q/k/v read one input, so do gate/up: their activation covariance is accumulated and decomposed once) costs, while
 its partition is being fitted, with ``s`` the bytes of the statistics' dtype:
 
-- running sums ``A`` (once per shared input) and ``S``: ``s·(d_in'² + d_out²)``;
-- their float64 eigendecompositions (vectors and values): ``8·(d_in'² + d_out²)``;
-- the eigenbases in the statistics' dtype for the Λ pass (``s < 8``): ``s·(d_in'² + d_out²)``;
-- the Λ and diagonal sums and their float64 results: ``(2s + 16)·d_out·d_in'``.
+- running sums ``A`` (once per shared input) and ``S`` until their eigendecomposition: ``s·(d_in'² + d_out²)``;
+- the eigenbases in the statistics' dtype for the Λ pass: ``s·(d_in'² + d_out²)``;
+- the float64 eigendecompositions, unless they go to disk as soon as computed (``on_disk``): ``8·(d_in'² + d_out²)``;
+- the Λ and diagonal sums ``2s·d_out·d_in'``, and their float64 results ``16·d_out·d_in'`` unless on disk.
 
-One eigendecomposition at a time needs about ``5·8·d²`` bytes of work space (copy, symmetrised copy, LAPACK).
+One eigendecomposition at a time needs about ``4·8·d²`` bytes of work space (float64 copy, eigenvectors, LAPACK).
+Weights that share an input are kept in one partition when they fit together, else split (their shared
+covariance is then accumulated once per partition).
 """
 
 from __future__ import annotations
@@ -74,10 +76,10 @@ def _stats_bytes(config: FactorConfig) -> int:
     return 8 if config.dtype == "float64" else 4
 
 
-def weights_bytes(shapes: Sequence[WeightShape], config: FactorConfig) -> int:
+def weights_bytes(shapes: Sequence[WeightShape], config: FactorConfig, *, on_disk: bool = False) -> int:
     """Bytes held while fitting ``shapes`` in one partition (see the module docstring; no work space)."""
     s = _stats_bytes(config)
-    per_matrix = s + 8 + (s if s < 8 else 0)  # sums, float64 eigen, eigenbasis copy for Λ
+    per_matrix = 2 * s + (0 if on_disk else 8)  # sums (or eigenbasis for Λ), float64 eigen unless on disk
     seen: set[str] = set()
     total = 0
     for w in shapes:
@@ -89,7 +91,7 @@ def weights_bytes(shapes: Sequence[WeightShape], config: FactorConfig) -> int:
             total += per_matrix * w.d_out * w.d_out
         if config.needs_per_example_pass:
             n_stats = 2 if config.preconditioner == "ekfac" else 1
-            total += n_stats * (s + 8) * w.d_out * w.d_in
+            total += n_stats * (s + (0 if on_disk else 8)) * w.d_out * w.d_in
     return total
 
 
@@ -98,7 +100,7 @@ def eigen_workspace_bytes(shapes: Sequence[WeightShape], config: FactorConfig) -
     if not config.needs_covariances or not shapes:
         return 0
     d = max(max(w.d_in, w.d_out) for w in shapes)
-    return 5 * 8 * d * d
+    return 4 * 8 * d * d
 
 
 def factor_bytes(shapes: Sequence[WeightShape]) -> int:
@@ -106,10 +108,11 @@ def factor_bytes(shapes: Sequence[WeightShape]) -> int:
     return sum(4 * (w.d_in * w.d_in + w.d_out * w.d_out) for w in shapes)
 
 
-def partitions(shapes: Sequence[WeightShape], budget: int | None, config: FactorConfig) -> list[list[WeightShape]]:
+def partitions(shapes: Sequence[WeightShape], budget: int | None, config: FactorConfig, *,
+               on_disk: bool = False) -> list[list[WeightShape]]:
     """Split ``shapes`` (in order) into consecutive partitions each costing at most ``budget`` bytes
-    (``weights_bytes``), keeping weights that share an input together. ``None``: one partition.
-    Raises ``ValueError`` when one group alone does not fit."""
+    (``weights_bytes``), keeping weights that share an input together when they fit together. ``None``: one
+    partition. Raises ``ValueError`` when one weight alone does not fit."""
     if budget is None:
         return [list(shapes)]
     groups: list[list[WeightShape]] = []
@@ -121,15 +124,16 @@ def partitions(shapes: Sequence[WeightShape], budget: int | None, config: Factor
     out: list[list[WeightShape]] = []
     current: list[WeightShape] = []
     for group in groups:
-        need = weights_bytes(group, config)
-        if need > budget:
-            names = ", ".join(w.name for w in group)
-            raise ValueError(f"the factors of {names} alone need {format_size(need)}, more than the "
-                             f"{format_size(budget)} the memory budget leaves for factors")
-        if current and weights_bytes(current + group, config) > budget:
-            out.append(current)
-            current = []
-        current = current + group
+        pieces = [group] if weights_bytes(group, config, on_disk=on_disk) <= budget else [[w] for w in group]
+        for piece in pieces:
+            need = weights_bytes(piece, config, on_disk=on_disk)
+            if need > budget:
+                raise ValueError(f"the factors of {piece[0].name} alone need {format_size(need)}, more than the "
+                                 f"{format_size(budget)} the memory budget leaves for factors")
+            if current and weights_bytes(current + piece, config, on_disk=on_disk) > budget:
+                out.append(current)
+                current = []
+            current = current + piece
     if current:
         out.append(current)
     return out

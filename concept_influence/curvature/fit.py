@@ -43,7 +43,6 @@ from concept_influence.curvature.io import (
     clear_partial,
     config_fingerprint,
     data_fingerprint,
-    factor_tensors,
     has_factors,
     load_factors,
     load_partial,
@@ -51,10 +50,9 @@ from concept_influence.curvature.io import (
     save_factor_parts,
     save_factors,
     save_partial,
-    weight_factors_from_tensors,
 )
 from concept_influence.curvature.loss import sample_targets, sequence_losses
-from concept_influence.data.atomic import folder_lock
+from concept_influence.data.atomic import atomic_file, folder_lock
 from concept_influence.models.base import ModelAdapter, WeightCapture, WeightInfo
 
 logger = logging.getLogger(__name__)
@@ -212,10 +210,12 @@ def plan_fit_partitions(
     *,
     batch_rows: int,
     row_tokens: int,
+    on_disk: bool = False,
 ) -> list[list[str]]:
     """Weight names per partition so that the process stays under ``max_memory`` bytes: what is left after the
     process's current resident memory (model included), one batch's activations and the largest eigendecomposition's
-    work space goes to the factors. ``None``: one partition."""
+    work space goes to the factors (``on_disk``: finished eigendecompositions and results go to files). ``None``:
+    one partition."""
     shapes = weight_shapes(infos)
     if max_memory is None:
         return [[w.name for w in shapes]]
@@ -231,7 +231,7 @@ def plan_fit_partitions(
                          f"needs about {format_size(activations)} and the largest eigendecomposition "
                          f"{format_size(workspace)}; raise it or lower the batch size / max length")
     try:
-        parts = partitions(shapes, budget, config)
+        parts = partitions(shapes, budget, config, on_disk=on_disk)
     except ValueError as err:
         raise ValueError(f"max_memory (--max-memory) {format_size(max_memory)} is too small: {err} "
                          f"(after {format_size(resident)} resident, {format_size(activations)} of activations and "
@@ -266,6 +266,7 @@ def fit_factors(
     max_batches: int | None = None,
     max_memory: int | str | None = None,
     load_result: bool = True,
+    provenance: dict[str, Any] | None = None,
 ) -> Factors | None:
     """Fit the curvature factors of ``weights`` (default: every tracked weight) on tokenised training rows.
 
@@ -284,7 +285,8 @@ def fit_factors(
 
     Under ``torch.distributed`` (initialised by the caller, e.g. ``torchrun``) every rank passes the same ``data``
     and fits its contiguous share of the rows; the sums are all-reduced, every rank gets the same factors and rank 0
-    writes ``out_dir``. Mid-pass checkpoints are then off (a restarted job refits). Two fits into one ``out_dir``
+    writes ``out_dir``. ``provenance``: how ``data`` was chosen when it is not the set to be scored (recorded in
+    the factor files; scoring another set with them is then allowed and noted). Mid-pass checkpoints are then off (a restarted job refits). Two fits into one ``out_dir``
     take turns (a folder lock); the second then finds the first one's factors.
     """
     if batch_size < 1:
@@ -301,7 +303,7 @@ def fit_factors(
     with lock:
         return _fit(adapter, data, config, infos, fingerprints, folder, limit, batch_size=batch_size,
                     checkpoint_every=checkpoint_every, overwrite=overwrite, progress=progress, max_batches=max_batches,
-                    load_result=load_result)
+                    load_result=load_result, provenance=dict(provenance or {}))
 
 
 def _fit(
@@ -319,6 +321,7 @@ def _fit(
     progress: bool,
     max_batches: int | None,
     load_result: bool,
+    provenance: dict[str, Any],
 ) -> Factors | None:
     names = [i.name for i in infos]
     rank, world = _dist_info()
@@ -338,9 +341,12 @@ def _fit(
             _clear_parts(folder)
 
     longest = max((len(row.input_ids) for row in data), default=1)
-    parts = plan_fit_partitions(adapter, infos, config, limit, batch_rows=min(batch_size, max(len(data), 1)), row_tokens=longest)
+    on_disk = folder is not None and limit is not None  # a bounded fit on disk spills each result as it is done
+    parts = plan_fit_partitions(adapter, infos, config, limit, batch_rows=min(batch_size, max(len(data), 1)),
+                                row_tokens=longest, on_disk=on_disk)
     if len(parts) > 1:
         logger.info("fitting %d weights in %d partitions to stay under %s", len(names), len(parts), format_size(limit or 0))
+    spill = folder / "parts" if on_disk else None
     by_name = {i.name: i for i in infos}
     lambda_rows = sample_rows(data, config.lambda_rows, config.seed) if config.lambda_rows else data
     share = _shard(data, rank, world)
@@ -348,6 +354,8 @@ def _fit(
     checkpoints = folder if (folder is not None and world == 1) else None
 
     done_parts: list[int] = []
+    sources: dict[str, list[str]] = {}  # output tensor -> [file in parts/, tensor in it] (partitioned fits on disk)
+    totals = {"n_tokens": 0, "n_rows": 0}
     state: dict[str, Any] = {}
     sums: dict[str, torch.Tensor] = {}
     if checkpoints is not None:
@@ -358,26 +366,26 @@ def _fit(
                 raise FactorMismatchError(f"the partial fit in {folder} was split into other partitions (another "
                                           "--max-memory or batch size); resume with the same settings or --overwrite")
             done_parts = list(state.get("done_parts", []))
+            sources = dict(state.get("sources", {}))
+            totals = dict(state.get("totals", totals))
             logger.info("resuming partition %d, %s pass, after %d rows", state.get("part", 0), state["stage"], state["rows_done"])
 
     results: dict[str, WeightFactors] = {}
-    totals = {"n_tokens": 0, "n_rows": 0}
     for k, part in enumerate(parts):
         if k in done_parts:
-            if load_result or folder is None:
-                results.update(_load_part(folder, k))
-            totals.update(state.get("totals", totals))
             continue
-        if state.get("part", k) != k:
+        if state.get("part", k) != k or "stage" not in state:
             state, sums = {}, {}
         if not state:
-            state = {"part": k, "stage": "covariance", "rows_done": 0, "n_tokens": 0, "n_rows": 0, "shared": {}}
-        fitter = _PartitionFit(adapter, [by_name[n] for n in part], config, state, sums, keep_covariances=len(parts) == 1)
+            state = {"part": k, "stage": "covariance", "rows_done": 0, "n_tokens": 0, "n_rows": 0, "shared": {}, "eigen_files": {}}
+        fitter = _PartitionFit(adapter, [by_name[n] for n in part], config, state, sums,
+                               keep_covariances=spill is None and len(parts) == 1,
+                               spill=spill, part=k, write=rank == 0)
 
         def checkpoint(fitter: _PartitionFit = fitter, totals: dict[str, int] = totals) -> None:
             if checkpoints is not None:
                 save_partial(checkpoints, {**fitter.state, "fingerprints": fingerprints, "partitions": parts,
-                                           "done_parts": done_parts, "totals": totals}, fitter.sums)
+                                           "done_parts": done_parts, "totals": totals, "sources": sources}, fitter.sums)
 
         finished = fitter.run(share, lambda_share, batch_size=batch_size, data_size=len(data), checkpoint=checkpoint,
                               checkpoint_every=checkpoint_every, max_batches=max_batches, progress=progress, world=world,
@@ -387,34 +395,38 @@ def _fit(
         if max_batches is not None:
             max_batches -= fitter.batches_run
         totals = {"n_tokens": int(fitter.state["n_tokens"]), "n_rows": int(fitter.state["n_rows"])}
-        part_factors = fitter.result()
-        if len(parts) > 1 and folder is not None:
-            if rank == 0:
-                _save_part(folder, k, part_factors)
-            if load_result:
-                results.update(part_factors)
+        if spill is not None:
+            sources.update(fitter.spill_result())
         else:
-            results.update(part_factors)
+            results.update(fitter.result())
         done_parts.append(k)
         state, sums = {}, {}
-        if len(parts) > 1 and checkpoints is not None:
-            save_partial(checkpoints, {"part": k + 1, "stage": "covariance", "rows_done": 0, "fingerprints": fingerprints,
-                                       "partitions": parts, "done_parts": done_parts, "totals": totals}, {})
-        del fitter, part_factors
+        if spill is not None and checkpoints is not None:
+            save_partial(checkpoints, {"part": k + 1, "fingerprints": fingerprints, "partitions": parts,
+                                       "done_parts": done_parts, "totals": totals, "sources": sources}, {})
+        del fitter
 
     n_rows = totals["n_rows"] if config.needs_per_example_pass else len(data)
-    meta = Factors({}, config, n_rows=n_rows, n_tokens=int(totals["n_tokens"]), fingerprints=fingerprints)
+    meta = Factors({}, config, n_rows=n_rows, n_tokens=int(totals["n_tokens"]), fingerprints=fingerprints,
+                   provenance=provenance)
     if folder is not None and rank == 0:
-        if len(parts) > 1:
-            save_factor_parts(meta, [(by_name[n].name, by_name[n].d_out, by_name[n].d_in + int(by_name[n].has_bias)) for n in names],
-                              [_part_file(folder, k) for k in range(len(parts))], folder)
+        if spill is not None:
+            weights = [(n, by_name[n].d_out, by_name[n].d_in + int(by_name[n].has_bias)) for n in names]
+            save_factor_parts(meta, weights, {key: (spill / file, inner) for key, (file, inner) in sources.items()}, folder)
             _clear_parts(folder)
         else:
-            save_factors(Factors({n: results[n] for n in names}, config, meta.n_rows, meta.n_tokens, fingerprints), folder)
+            save_factors(Factors({n: results[n] for n in names}, config, meta.n_rows, meta.n_tokens, fingerprints, provenance), folder)
         clear_partial(folder)
-    if not load_result and folder is not None:
+    if world > 1 and folder is not None:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 has written the folder
+    if folder is not None and not load_result:
         return None
-    return Factors({n: results[n] for n in names}, config, n_rows=meta.n_rows, n_tokens=meta.n_tokens, fingerprints=fingerprints)
+    if spill is not None:
+        return load_factors(folder)
+    return Factors({n: results[n] for n in names}, config, n_rows=meta.n_rows, n_tokens=meta.n_tokens, fingerprints=fingerprints,
+                   provenance=provenance)
 
 
 class _PartitionFit:
@@ -423,10 +435,12 @@ class _PartitionFit:
     per-example gradients formed a few examples at a time."""
 
     def __init__(self, adapter: ModelAdapter, infos: Sequence[WeightInfo], config: FactorConfig, state: dict[str, Any],
-                 sums: dict[str, torch.Tensor], *, keep_covariances: bool) -> None:
+                 sums: dict[str, torch.Tensor], *, keep_covariances: bool, spill: Path | None = None, part: int = 0,
+                 write: bool = True) -> None:
         self.adapter, self.infos, self.config = adapter, list(infos), config
         self.state, self.sums = state, sums
         self.keep_covariances = keep_covariances
+        self.spill, self.part, self.write = spill, part, write  # eigendecompositions and results go to spill/
         self.dtype = config.torch_dtype
         self.eigens: dict[str, Eigen] = {}
         self.bases: dict[str, torch.Tensor] = {}
@@ -582,35 +596,83 @@ class _PartitionFit:
         self.state[count] = int(total.item())
 
     def _eigendecompose(self) -> None:
-        """One matrix at a time: each float64 eigendecomposition moves to the CPU when done; the eigenbases the Λ
-        pass needs stay on the model's device in the statistics' dtype."""
+        """One matrix at a time: each float64 eigendecomposition moves to the CPU (or to a file in ``spill``) when
+        done; the eigenbases the Λ pass needs stay on the model's device in the statistics' dtype; a covariance sum
+        is freed once decomposed unless the result keeps the covariance matrices."""
+        from safetensors.torch import load_file
+
         n_tokens = max(int(self.state["n_tokens"]), 1)
+        files: dict[str, str] = self.state.setdefault("eigen_files", {})
         for info in self.infos:
             for key in (f"{self.state['shared'].get(info.name, info.name)}/A", f"{info.name}/S"):
-                if key in self.eigens:
+                if key in self.eigens or key in self.bases:
                     continue
-                total = self.sums.get(key)
-                if total is None:  # a weight never reached in this pass (no gradient): zero statistics
-                    d = info.d_out if key.endswith("/S") else info.d_in + int(info.has_bias)
-                    total = self.sums[key] = torch.zeros(d, d, dtype=self.dtype, device=self.adapter.device)
-                eig = eigendecompose(total / n_tokens)
-                self.eigens[key] = eig.to("cpu")
+                if self.spill is not None and key in files and (self.spill / files[key]).exists():  # resumed
+                    saved = load_file(str(self.spill / files[key]))
+                    eig = Eigen(saved["values"], saved["vectors"])
+                else:
+                    total = self.sums.get(key)
+                    if total is None:  # a weight never reached in this pass (no gradient): zero statistics
+                        d = info.d_out if key.endswith("/S") else info.d_in + int(info.has_bias)
+                        total = self.sums[key] = torch.zeros(d, d, dtype=self.dtype, device=self.adapter.device)
+                    eig = eigendecompose(total / n_tokens)
+                    if self.spill is not None:
+                        files[key] = f"part-{self.part:04d}-eigen-{len(files):04d}.safetensors"
+                        if self.write:
+                            _save_tensors(self.spill / files[key], {"values": eig.values, "vectors": eig.vectors})
                 if self.config.needs_per_example_pass:
-                    self.bases[key] = eig.vectors.to(device=total.device, dtype=self.dtype)
+                    self.bases[key] = eig.vectors.to(device=self.adapter.device, dtype=self.dtype)
+                if self.spill is None:
+                    self.eigens[key] = eig.to("cpu")
+                if not self.keep_covariances:
+                    self.sums.pop(key, None)
                 del eig
+
+    def spill_result(self) -> dict[str, list[str]]:
+        """Write Λ and the diagonal (float64) to ``spill`` one weight at a time; returns where each output tensor of
+        this partition lies: ``{"blocks.0.attn.q/eigenvalue_correction": [file, tensor], ...}``."""
+        assert self.spill is not None
+        n_rows = max(int(self.state["n_rows"]), 1)
+        files = self.state.get("eigen_files", {})
+        out: dict[str, list[str]] = {}
+        for j, info in enumerate(self.infos):
+            if self.config.needs_covariances:
+                for fld, key in (("activation_eigen", f"{self.state['shared'].get(info.name, info.name)}/A"),
+                                 ("gradient_eigen", f"{info.name}/S")):
+                    out[f"{info.name}/{fld}values"] = [files[key], "values"]
+                    out[f"{info.name}/{fld}vectors"] = [files[key], "vectors"]
+            if self.config.needs_per_example_pass:
+                shape = (info.d_out, info.d_in + int(info.has_bias))
+                tensors = {"diagonal": (self.sums.pop(f"{info.name}/diag", torch.zeros(shape)) / n_rows).to("cpu", torch.float64)}
+                if self.config.preconditioner == "ekfac":
+                    tensors["eigenvalue_correction"] = (self.sums.pop(f"{info.name}/lambda", torch.zeros(shape)) / n_rows).to("cpu", torch.float64)
+                file = f"part-{self.part:04d}-weight-{j:04d}.safetensors"
+                if self.write:
+                    _save_tensors(self.spill / file, tensors)
+                for fld in tensors:
+                    out[f"{info.name}/{fld}"] = [file, fld]
+                del tensors
+        return out
 
     def result(self) -> dict[str, WeightFactors]:
         n_tokens = max(int(self.state["n_tokens"]), 1)
         n_rows = max(int(self.state["n_rows"]), 1)
         out: dict[str, WeightFactors] = {}
+        covariances: dict[str, torch.Tensor] = {}
+
+        def covariance(key: str) -> torch.Tensor:  # one float64 copy per shared input
+            if key not in covariances:
+                covariances[key] = (self.sums[key] / n_tokens).to("cpu", torch.float64)
+            return covariances[key]
+
         for info in self.infos:
             d_in = info.d_in + int(info.has_bias)
             w = WeightFactors(d_out=info.d_out, d_in=d_in)
             a_key = f"{self.state['shared'].get(info.name, info.name)}/A"
             if self.config.needs_covariances:
                 if self.keep_covariances:
-                    w.activation_covariance = (self.sums[a_key] / n_tokens).to("cpu", torch.float64)
-                    w.gradient_covariance = (self.sums[f"{info.name}/S"] / n_tokens).to("cpu", torch.float64)
+                    w.activation_covariance = covariance(a_key)
+                    w.gradient_covariance = covariance(f"{info.name}/S")
                 w.gradient_eigen, w.activation_eigen = self.eigens[f"{info.name}/S"], self.eigens[a_key]
             if self.config.needs_per_example_pass:
                 shape = (info.d_out, d_in)
@@ -640,26 +702,12 @@ def _shard(rows: Sequence[Any], rank: int, world: int) -> Sequence[Any]:
     return rows[rank * n // world:(rank + 1) * n // world]
 
 
-def _part_file(folder: Path, k: int) -> Path:
-    return folder / "parts" / f"part-{k:04d}.safetensors"
-
-
-def _save_part(folder: Path, k: int, factors: dict[str, WeightFactors]) -> None:
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    path = _part_file(folder, k)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = factor_tensors(factors)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-
-
-def _load_part(folder: Path | None, k: int) -> dict[str, WeightFactors]:
-    from safetensors.torch import load_file
-
-    assert folder is not None
-    return weight_factors_from_tensors(load_file(str(_part_file(folder, k))))
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def _clear_parts(folder: Path) -> None:

@@ -115,6 +115,7 @@ def save_factors(factors: Factors, path: str | os.PathLike) -> Path:
         "n_rows": factors.n_rows,
         "n_tokens": factors.n_tokens,
         "available": factors.available(),
+        "provenance": dict(factors.provenance),
     }
     _atomic_tensors(folder / FACTORS_FILE, tensors, manifest)  # the artifact: complete once this rename is done
     write_json_atomic(folder / MANIFEST, manifest)
@@ -170,6 +171,7 @@ def load_factors(
         n_rows=int(manifest.get("n_rows", 0)),
         n_tokens=int(manifest.get("n_tokens", 0)),
         fingerprints=dict(manifest["fingerprints"]),
+        provenance=dict(manifest.get("provenance") or {}),
     )
 
 
@@ -213,8 +215,8 @@ def factor_tensors(weights: Mapping[str, WeightFactors]) -> dict[str, torch.Tens
             eig = getattr(w, fld)
             if eig is not None:
                 # weights that share an input share its eigendecomposition: safetensors needs separate copies
-                tensors[f"{name}/{fld}values"] = eig.values.detach().cpu().clone()
-                tensors[f"{name}/{fld}vectors"] = eig.vectors.detach().cpu().clone()
+                tensors[f"{name}/{fld}values"] = eig.values.detach().cpu().clone(memory_format=torch.contiguous_format)
+                tensors[f"{name}/{fld}vectors"] = eig.vectors.detach().cpu().clone(memory_format=torch.contiguous_format)
         for fld in _TENSOR_FIELDS:
             value = getattr(w, fld)
             if value is not None:
@@ -222,51 +224,29 @@ def factor_tensors(weights: Mapping[str, WeightFactors]) -> dict[str, torch.Tens
     return tensors
 
 
-def weight_factors_from_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, WeightFactors]:
-    """Inverse of ``factor_tensors`` (shapes read from the tensors)."""
-    names = list(dict.fromkeys(key.rsplit("/", 1)[0] for key in tensors))
-    out: dict[str, WeightFactors] = {}
-    for name in names:
-        w = WeightFactors(d_out=0, d_in=0)
-        for fld in _EIGEN_FIELDS:
-            key = f"{name}/{fld}"
-            if key + "values" in tensors:
-                setattr(w, fld, Eigen(tensors[key + "values"], tensors[key + "vectors"]))
-        for fld in _TENSOR_FIELDS:
-            if f"{name}/{fld}" in tensors:
-                setattr(w, fld, tensors[f"{name}/{fld}"])
-        if w.gradient_eigen is not None:
-            w.d_out, w.d_in = w.gradient_eigen.values.shape[0], w.activation_eigen.values.shape[0]
-        elif w.diagonal is not None:
-            w.d_out, w.d_in = w.diagonal.shape
-        out[name] = w
-    return out
-
-
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def save_factor_parts(factors: Factors, weights: Sequence[tuple[str, int, int]], part_files: Sequence[Path],
-                      path: str | os.PathLike) -> Path:
+def save_factor_parts(factors: Factors, weights: Sequence[tuple[str, int, int]],
+                      sources: Mapping[str, tuple[Path, str]], path: str | os.PathLike) -> Path:
     """Write one factor folder from the files of a partitioned fit, streaming one tensor at a time (the whole set
-    never sits in memory). ``factors`` gives the config, counts and fingerprints (its ``weights`` are ignored);
-    ``weights``: ``(name, d_out, d_in')`` in order."""
+    never sits in memory). ``factors`` gives the config, counts, fingerprints and provenance (its ``weights`` are
+    ignored); ``weights``: ``(name, d_out, d_in')`` in order; ``sources``: output tensor name -> (file, tensor in
+    it) (weights that share an input point to the same eigendecomposition)."""
     from safetensors import safe_open
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    where: dict[str, Path] = {}
     header: dict[str, Any] = {}
     offset = 0
-    for file in part_files:
+    for key in sorted(sources):
+        file, inner = sources[key]
         with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                piece = handle.get_slice(key)
-                dtype, shape = piece.get_dtype(), piece.get_shape()
-                size = int(torch.tensor([], dtype=_dtype_from_st(dtype)).element_size()) * int(torch.Size(shape).numel())
-                where[key] = file
-                header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-                offset += size
+            piece = handle.get_slice(inner)
+            dtype, shape = piece.get_dtype(), piece.get_shape()
+        size = _dtype_from_st(dtype).itemsize * int(torch.Size(shape).numel())
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
     manifest = {
         "format": FORMAT,
         "fingerprints": dict(factors.fingerprints),
@@ -275,6 +255,7 @@ def save_factor_parts(factors: Factors, weights: Sequence[tuple[str, int, int]],
         "n_rows": factors.n_rows,
         "n_tokens": factors.n_tokens,
         "available": _available(factors.config),
+        "provenance": dict(factors.provenance),
     }
     header["__metadata__"] = {_META_KEY: json.dumps(manifest, sort_keys=True)}
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -282,10 +263,12 @@ def save_factor_parts(factors: Factors, weights: Sequence[tuple[str, int, int]],
     with atomic_file(folder / FACTORS_FILE) as tmp, open(tmp, "wb") as out:
         out.write(len(blob).to_bytes(8, "little"))
         out.write(blob)
-        for key in where:
-            with safe_open(str(where[key]), framework="pt") as handle:
-                tensor = handle.get_tensor(key).contiguous()
-            out.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        for key in sorted(sources):
+            file, inner = sources[key]
+            with safe_open(str(file), framework="pt") as handle:
+                tensor = handle.get_tensor(inner).contiguous()
+            if tensor.numel():
+                out.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
             del tensor
     write_json_atomic(folder / MANIFEST, manifest)
     return folder

@@ -48,6 +48,15 @@ class _StopAtHead(Exception):
     """Raised by a pre-hook on the output embedding to stop a forward pass there."""
 
 
+def _lora_adapters(module: nn.Module) -> list[str]:
+    """The active LoRA adapter names of a peft ``LoraLayer`` (empty for any other module)."""
+    lora_a = getattr(module, "lora_A", None)
+    if not isinstance(lora_a, nn.ModuleDict) or not len(lora_a):
+        return []
+    active = getattr(module, "active_adapters", None) or list(lora_a.keys())
+    return [name for name in ([active] if isinstance(active, str) else active) if name in lora_a]
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
@@ -120,6 +129,8 @@ class HFAdapter(ModelAdapter):
         raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}: expected one of {_BLOCK_LIST_PATHS}")
 
     def _build_registry(self) -> list[WeightInfo]:
+        if any(_lora_adapters(m) for m in self.blocks.modules()):
+            return self._lora_registry()
         infos: list[WeightInfo] = []
         untracked: list[str] = []
         for layer, block in enumerate(self.blocks):
@@ -159,6 +170,30 @@ class HFAdapter(ModelAdapter):
         names = [i.name for i in infos]
         if len(set(names)) != len(names):
             raise ValueError(f"ambiguous weight names in {type(self.model).__name__}: {names}")
+        return infos
+
+    def _lora_registry(self) -> list[WeightInfo]:
+        """A peft LoRA model is tracked by its adapter weights only: for a wrapped map of kind ``K`` in block ``l``,
+        ``blocks.{l}.{K}.lora_A`` (``d_in -> r``) and ``blocks.{l}.{K}.lora_B`` (``r -> d_out``), of the active
+        adapter. Their gradients are those of the adapter parameters (``lora_B``'s output is scaled afterwards)."""
+        infos: list[WeightInfo] = []
+        for layer, block in enumerate(self.blocks):
+            prefix = f"{self._blocks_path}.{layer}"
+            for path, module in block.named_modules():
+                adapters = _lora_adapters(module)
+                if not adapters:
+                    continue
+                name = adapters[0]
+                for part in ("lora_A", "lora_B"):
+                    linear = getattr(module, part)[name]
+                    kind = f"{_kind_for(path)}.{part}"
+                    infos.append(WeightInfo(
+                        name=f"blocks.{layer}.{kind}", layer=layer, kind=kind,
+                        param_name=f"{prefix}.{path}.{part}.{name}.weight",
+                        bias_name=f"{prefix}.{path}.{part}.{name}.bias" if self.biases and linear.bias is not None else None,
+                        d_in=linear.in_features, d_out=linear.out_features, layout="out_in",
+                        backend_shape=tuple(linear.weight.shape),
+                    ))
         return infos
 
     @property

@@ -93,7 +93,7 @@ def _vector_filter(session: Attributor, concept: Concept, queries: Sequence[Chat
 
     return vector_filter(session.adapter, session.rows, concept, batch_size=batch_size or session.batch_size,
                          max_length=session.max_length, reduction=reduction, token_readouts=token_readouts,  # type: ignore[arg-type]
-                         progress=session.progress)
+                         skip_invalid=session.skip_invalid, progress=session.progress)
 
 
 @register_method("projection-difference", kind="forward",
@@ -108,7 +108,7 @@ def _projection_difference(session: Attributor, concept: Concept, queries: Seque
                                  max_new_tokens=max_new_tokens, seed=session.seed if seed is None else seed,
                                  cache_dir=cache_dir if cache_dir is not None else session.answer_cache,
                                  batch_size=batch_size or session.batch_size, max_length=session.max_length,
-                                 progress=session.progress)
+                                 skip_invalid=session.skip_invalid, progress=session.progress)
 
 
 def _gradient(session: Attributor, method: str, concept: Concept | None, queries: Sequence[ChatRow], *,

@@ -42,6 +42,7 @@ from concept_influence.curvature.io import (
 from concept_influence.curvature.loss import sample_targets, sequence_losses
 from concept_influence.data.atomic import folder_lock
 from concept_influence.models.base import ModelAdapter, WeightCapture, WeightInfo
+from concept_influence.numerics import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +139,13 @@ def fit_factors(
     time-limited jobs); returns ``None`` in that case. Two fits into one ``out_dir`` take turns (a folder lock);
     the second then finds the first one's factors.
     """
+    from concept_influence.data.tokenize import untrainable_rows
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if len(data) == 0:
+        raise ValueError("no training rows to fit factors on")
+    untrainable_rows(data)  # a row whose whole answer is truncated away is an error (leave such rows out first)
     infos = adapter.tracked_weights() if weights is None else [adapter.weight_info(n) for n in weights]
     names = [i.name for i in infos]
     if not names:
@@ -233,6 +239,7 @@ def _fit(
                 for info in infos:
                     a = folded_activations(capture, info, attention).to(stats_dtype)
                     g = capture.output_grads[info.name].to(stats_dtype)
+                    _check_row_tensors(a, g, info.name, batch, "fit-factors (covariance pass)")
                     mask = attention.to(a.device)
                     _add(sums, f"{info.name}/A", masked_covariance_sum(a, mask))
                     _add(sums, f"{info.name}/S", masked_covariance_sum(g, mask))
@@ -256,7 +263,9 @@ def _fit(
                 state["n_rows"] += int(batch["input_ids"].shape[0])
                 for info in infos:
                     a = folded_activations(capture, info, batch["attention_mask"]).to(stats_dtype)
-                    grads = per_example_gradients(a, capture.output_grads[info.name].to(stats_dtype))
+                    g = capture.output_grads[info.name].to(stats_dtype)
+                    _check_row_tensors(a, g, info.name, batch, "fit-factors (eigenvalue-correction pass)")
+                    grads = per_example_gradients(a, g)
                     _add(sums, f"{info.name}/diag", grads.square().sum(dim=0))
                     if info.name in eigens:
                         s_eig, a_eig = eigens[info.name]
@@ -285,10 +294,30 @@ def _fit(
                 w.eigenvalue_correction = (sums[f"{info.name}/lambda"] / n_rows).to(torch.float64)
         out[info.name] = w
     factors = Factors(out, config, n_rows=int(state["n_rows"]), n_tokens=int(state["n_tokens"]), fingerprints=fingerprints)
+    check_factors_finite(factors, "fit-factors (result)")
     if folder is not None:
         save_factors(factors, folder)
         clear_partial(folder)
     return factors
+
+
+def _check_row_tensors(a: torch.Tensor, g: torch.Tensor, name: str, batch: dict[str, torch.Tensor], stage: str) -> None:
+    """Activations ``a`` and output gradients ``g`` ``[B, T, ·]`` of a batch must be finite (error names the row)."""
+    check_finite(a, f"{stage}: input activations of {name}", batch["index"])
+    check_finite(g, f"{stage}: output gradients of {name}", batch["index"])
+
+
+def check_factors_finite(factors: Factors, stage: str) -> None:
+    """Every tensor of every weight's factors must be finite (error names the weight and the tensor)."""
+    for name, w in factors.weights.items():
+        tensors = {"eigenvalue_correction": w.eigenvalue_correction, "diagonal": w.diagonal}
+        for fld in ("activation_eigen", "gradient_eigen"):
+            eig = getattr(w, fld)
+            if eig is not None:
+                tensors[f"{fld}values"], tensors[f"{fld}vectors"] = eig.values, eig.vectors
+        for key, value in tensors.items():
+            if value is not None:
+                check_finite(value, f"{stage}: factors of {name} ({key})", hint="refit the factors")
 
 
 def _add(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:

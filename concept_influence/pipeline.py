@@ -49,7 +49,7 @@ from concept_influence.concepts.base import Concept
 from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import fit_factors
-from concept_influence.curvature.io import data_fingerprint
+from concept_influence.curvature.io import data_fingerprint, has_factors
 from concept_influence.data.chat import ChatDataset, ChatRow, read_chat_jsonl, rows_from_records
 from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat
 from concept_influence.models.base import ModelAdapter
@@ -253,7 +253,7 @@ class Attributor:
         if key in self._factors:
             return self._factors[key], ["factors reused from this session"]
         folder = self.factors_dir(fc)
-        existed = folder is not None and (folder / "manifest.json").exists()
+        existed = folder is not None and has_factors(folder)
         factors = self.fit_factors(fisher=fc.fisher, stats_dtype=fc.dtype, weights=names, out=folder)
         note = f"factors loaded from {folder}" if existed else (
             f"factors fitted on {len(self.train)} rows" + (f" and saved to {folder}" if folder else ""))

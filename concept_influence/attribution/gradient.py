@@ -11,7 +11,6 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from concept_influence.attribution.influence import InfluenceConfig, InfluenceResult, compute_influence
@@ -28,7 +27,7 @@ from concept_influence.concepts.base import Concept
 from concept_influence.curvature.config import Damping, FactorConfig
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import fit_factors
-from concept_influence.curvature.io import data_fingerprint, load_factors
+from concept_influence.curvature.io import data_fingerprint, has_factors, load_factors
 from concept_influence.data.chat import ChatRow
 from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat
 from concept_influence.models.base import ModelAdapter
@@ -122,7 +121,7 @@ def obtain_factors(
         return None, []
     if isinstance(factors, Factors):
         return factors, ["factors given in memory"]
-    if factors is not None and (Path(factors) / "manifest.json").exists():
+    if factors is not None and has_factors(factors):
         loaded = load_factors(factors, model_fingerprint=adapter.fingerprint(), data_fingerprint=data_fingerprint(data))
         return loaded, [f"factors loaded from {factors}"]
     fitted = fit_factors(adapter, data, config.factor_config(), weights=list(weights), batch_size=config.batch_size,

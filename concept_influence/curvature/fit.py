@@ -32,6 +32,7 @@ from concept_influence.curvature.io import (
     clear_partial,
     config_fingerprint,
     data_fingerprint,
+    has_factors,
     load_factors,
     load_partial,
     read_manifest,
@@ -39,6 +40,7 @@ from concept_influence.curvature.io import (
     save_partial,
 )
 from concept_influence.curvature.loss import sample_targets, sequence_losses
+from concept_influence.data.atomic import folder_lock
 from concept_influence.models.base import ModelAdapter, WeightCapture, WeightInfo
 
 logger = logging.getLogger(__name__)
@@ -133,10 +135,9 @@ def fit_factors(
     (folder with ``manifest.json`` and ``factors.safetensors``); an existing complete fit with the same fingerprints
     is loaded instead of refitted, one with different fingerprints is an error unless ``overwrite``.
     ``max_batches``: stop after that many batches in this call, leaving a resumable partial state (for tests and
-    time-limited jobs); returns ``None`` in that case.
+    time-limited jobs); returns ``None`` in that case. Two fits into one ``out_dir`` take turns (a folder lock);
+    the second then finds the first one's factors.
     """
-    from concept_influence.data.tokenize import iter_batches
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     infos = adapter.tracked_weights() if weights is None else [adapter.weight_info(n) for n in weights]
@@ -145,14 +146,38 @@ def fit_factors(
         raise ValueError("no weights to fit factors for")
     fingerprints = fit_fingerprints(adapter, data, config, names)
     folder = Path(out_dir) if out_dir is not None else None
+    lock = folder_lock(folder, what="factors folder") if folder is not None else contextlib.nullcontext()
+    with lock:
+        return _fit(adapter, data, config, infos, fingerprints, folder, batch_size=batch_size,
+                    checkpoint_every=checkpoint_every, overwrite=overwrite, progress=progress, max_batches=max_batches)
+
+
+def _fit(
+    adapter: ModelAdapter,
+    data: Sequence[Any],
+    config: FactorConfig,
+    infos: Sequence[WeightInfo],
+    fingerprints: dict[str, str],
+    folder: Path | None,
+    *,
+    batch_size: int,
+    checkpoint_every: int | None,
+    overwrite: bool,
+    progress: bool,
+    max_batches: int | None,
+) -> Factors | None:
+    from concept_influence.data.tokenize import iter_batches
+
+    names = [i.name for i in infos]
 
     state: dict[str, Any] = {"stage": "covariance", "rows_done": 0, "n_tokens": 0, "n_rows": 0}
     sums: dict[str, torch.Tensor] = {}
     if folder is not None:
-        if (folder / "manifest.json").exists():
+        if has_factors(folder):
             saved = read_manifest(folder)["fingerprints"]
             if saved == fingerprints:
                 logger.info("factors in %s match this model, data and config: loading them", folder)
+                clear_partial(folder)  # left by a fit killed after saving its factors
                 return load_factors(folder, model_fingerprint=fingerprints["model"], data_fingerprint=fingerprints["data"])
             if not overwrite:
                 check_fingerprints(saved, fingerprints, f"the factors in {folder}")

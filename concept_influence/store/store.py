@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from concept_influence.curvature.covariance import fold_bias
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import capture_loss_gradients, gradient_mode
-from concept_influence.data.chat import write_json_atomic
+from concept_influence.data.atomic import atomic_file, write_json_atomic
 from concept_influence.data.tokenize import iter_batches
 from concept_influence.models.base import ModelAdapter
 from concept_influence.store.projection import Projector, eigen_projector, logra_projector
@@ -122,12 +122,10 @@ def rows_file(folder: Path, shard: int) -> Path:
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as handle:
+    with atomic_file(path) as tmp, tmp.open("wb") as handle:
         np.save(handle, array, allow_pickle=False)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 # ---- building ------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from concept_influence.attribution.gradient import GradientAttributionConfig
 from concept_influence.attribution.scores import ScoreTable
 from concept_influence.curvature.config import Damping
 
@@ -111,26 +112,31 @@ def _projection_difference(session: Attributor, concept: Concept, queries: Seque
                                  skip_invalid=session.skip_invalid, progress=session.progress)
 
 
-def _gradient(session: Attributor, method: str, concept: Concept | None, queries: Sequence[ChatRow], *,
-              contrast_queries: Any, preconditioner: str, damping: float | Damping, absolute_damping: float | None,
-              row_loss: str, token_breakdown: str, per_weight: bool, self_influence: bool, n_samples: int,
-              temperature: float, max_new_tokens: int, fisher: str, factor_dtype: str, factors: Any,
-              cache_dir: str | None, batch_size: int | None, store: Any) -> ScoreTable:
-    from concept_influence.attribution.gradient import GradientAttributionConfig
-
+def _gradient_config(session: Attributor, *, preconditioner: str = "ekfac", damping: float | Damping = 0.1,
+                     absolute_damping: float | None = None, row_loss: str = "sum", token_breakdown: str = "none",
+                     per_weight: bool = False, self_influence: bool = False, n_samples: int = 1,
+                     temperature: float = 1.0, max_new_tokens: int = 48, fisher: str = "true",
+                     factor_dtype: str = "float32", cache_dir: str | None = None,
+                     batch_size: int | None = None) -> GradientAttributionConfig:
+    """The ``GradientAttributionConfig`` of a gradient method's options in ``session``."""
     if isinstance(damping, Damping):
         resolved = damping
     elif absolute_damping is not None:
         resolved = Damping(absolute=absolute_damping)
     else:
         resolved = Damping(relative=float(damping))
-    config = GradientAttributionConfig(
+    return GradientAttributionConfig(
         preconditioner=preconditioner, damping=resolved, fisher=fisher, factor_dtype=factor_dtype,
         max_length=session.max_length, batch_size=batch_size or session.batch_size, n_samples=n_samples,
         temperature=temperature, max_new_tokens=max_new_tokens, seed=session.seed,
         cache_dir=str(cache_dir) if cache_dir is not None else (str(session.answer_cache) if session.answer_cache else None),
         token_breakdown=token_breakdown, row_loss=row_loss, per_weight=per_weight, self_influence=self_influence,
     )
+
+
+def _gradient(session: Attributor, method: str, concept: Concept | None, queries: Sequence[ChatRow], *,
+              contrast_queries: Any, factors: Any, store: Any, **options: Any) -> ScoreTable:
+    config = _gradient_config(session, **options)
     return session.gradient_attribution(method, concept, queries, config, contrast_queries=contrast_queries,
                                         factors=factors, store=store)
 

@@ -33,6 +33,8 @@ def attribute(
     concept: Path | None = typer.Option(None, "--concept", help="Concept file (train-probe's output). Not needed by --method influence."),
     queries: Path | None = typer.Option(None, "--queries", help="Query prompts JSONL (gradient methods); prompt-only rows are answered by the model."),
     workdir: Path | None = typer.Option(None, "--workdir", help="Session folder: factors, answers and store kept and reused across runs."),
+    store: Path | None = typer.Option(None, "--store", help="Gradient methods: answer from this gradient store (build-store) instead of a pass over the rows."),
+    exact: bool = typer.Option(False, "--exact", help="Gradient methods: ignore the workdir's store and score by the exact pass."),
     factors: Path | None = typer.Option(None, "--factors", help="Fitted factors folder (fit-factors); fitted here when absent (and saved there if given)."),
     preconditioner: str = typer.Option("ekfac", "--preconditioner", help="ekfac | kfac | diagonal | identity."),
     damping: float = typer.Option(0.1, "--damping", help="Relative damping: λ = this × mean eigenvalue, per weight."),
@@ -76,7 +78,11 @@ def attribute(
         cache_dir=None if cache_dir is None else str(cache_dir), batch_size=batch_size,
     )
     accepted = spec.options
-    options = {k: v for k, v in flags.items() if k in accepted and k != "store"}
+    options: dict[str, Any] = {k: v for k, v in flags.items() if k in accepted and k != "store"}
+    if spec.kind == "gradient":
+        options["store"] = False if exact else store
+    elif store is not None:
+        raise ValueError(f"--store applies to gradient methods; --method {spec.name} reads no gradients")
     table = att.attribute(concept, queries, None if method is None else spec.name, **options)
     table.meta.update({"model": model, "data": str(data), "concept": None if concept is None else str(concept)})
     table.write_jsonl(out)

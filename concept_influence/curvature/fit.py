@@ -40,7 +40,7 @@ from concept_influence.curvature.io import (
     save_partial,
 )
 from concept_influence.curvature.loss import sample_targets, sequence_losses
-from concept_influence.data.atomic import folder_lock
+from concept_influence.data.atomic import folder_lock, remove_stale_temps
 from concept_influence.models.base import ModelAdapter, WeightCapture, WeightInfo
 from concept_influence.numerics import check_finite
 
@@ -179,6 +179,7 @@ def _fit(
     state: dict[str, Any] = {"stage": "covariance", "rows_done": 0, "n_tokens": 0, "n_rows": 0}
     sums: dict[str, torch.Tensor] = {}
     if folder is not None:
+        remove_stale_temps(folder)  # temp files of a killed fit (we hold the folder's lock: no live writer)
         if has_factors(folder):
             saved = read_manifest(folder)["fingerprints"]
             if saved == fingerprints:

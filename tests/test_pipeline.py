@@ -13,7 +13,7 @@ from concept_influence import RECOMMENDED_METHOD, Attributor, ScoreTable
 from concept_influence.attribution import METHODS, register_method, vector_filter
 from concept_influence.attribution.gradient import GradientAttributionConfig, run_gradient_attribution
 from concept_influence.concepts import DirectionConcept, save_concept
-from concept_influence.curvature.io import FactorMismatchError
+from concept_influence.curvature.io import FactorMismatchError, has_factors
 from concept_influence.data import read_chat_jsonl, write_jsonl_atomic
 from concept_influence.models import load_adapter
 from concept_influence.testing.tiny_models import save_tiny_hf_model
@@ -46,7 +46,7 @@ def test_attribute_default_method_matches_the_library_and_reuses_factors(files, 
     assert table.meta["method"] == RECOMMENDED_METHOD and table.meta["method_was_default"] is True
     assert [table.ids[i] for i in range(len(TRAIN))] == [f"row{k}" for k in range(len(TRAIN))]
     assert any("fitted" in note for note in table.meta["notes"])
-    assert (tmp_path / "run" / "factors" / "true-float32-seed0" / "manifest.json").exists()
+    assert has_factors(tmp_path / "run" / "factors" / "true-float32-seed0")
     assert list((tmp_path / "run" / "answers").glob("query-answers-*.jsonl"))
     # the same question through the library functions (factors fitted in memory on the reached weights only)
     expected = run_gradient_attribution(load_adapter(model_dir), read_chat_jsonl(root / "train.jsonl"), concept,
@@ -148,7 +148,7 @@ def test_cli_attribute_defaults_to_the_recommended_method_and_uses_the_workdir(f
     assert result.exit_code == 0, result.output
     scores = ScoreTable.read_jsonl(tmp_path / "s.jsonl")
     assert scores.meta["method"] == RECOMMENDED_METHOD and scores.meta["method_was_default"] is True
-    assert (tmp_path / "run" / "factors" / "true-float32-seed0" / "manifest.json").exists()
+    assert has_factors(tmp_path / "run" / "factors" / "true-float32-seed0")
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     assert any("factors loaded from" in n for n in ScoreTable.read_jsonl(tmp_path / "s.jsonl").meta["notes"])

@@ -1,6 +1,6 @@
 """The ``concept-influence`` command: thin typer commands over the same functions the notebooks call.
 
-Commands: ``organism``, ``train-probe``, ``probe-layers``, ``attribute``, ``fit-factors``, ``demo`` (and more as
+Commands: ``organism``, ``train-probe``, ``probe-layers``, ``attribute``, ``fit-factors``, ``build-store``, ``search``, ``demo`` (and more as
 they land). Errors from bad input are printed as one line naming the file/argument, with exit code 2.
 """
 
@@ -18,9 +18,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in ("attribute", "organism", "concepts", "influence", "demo", "plan"):
+for _module in ("attribute", "organism", "concepts", "influence", "store", "demo", "plan"):
     importlib.import_module(f"concept_influence.cli.{_module}").register(app)
 
 
 def main() -> None:
-    app()
+    """The ``concept-influence`` entry point (SIGTERM is handled like Ctrl-C: state is saved, exit code 130)."""
+    from concept_influence.signals import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():
+        app()

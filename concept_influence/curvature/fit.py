@@ -52,8 +52,9 @@ from concept_influence.curvature.io import (
     save_partial,
 )
 from concept_influence.curvature.loss import sample_targets, sequence_losses
-from concept_influence.data.atomic import atomic_file, folder_lock
+from concept_influence.data.atomic import atomic_file, folder_lock, remove_stale_temps
 from concept_influence.models.base import ModelAdapter, WeightCapture, WeightInfo
+from concept_influence.numerics import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -289,8 +290,13 @@ def fit_factors(
     the factor files; scoring another set with them is then allowed and noted). Mid-pass checkpoints are then off (a restarted job refits). Two fits into one ``out_dir``
     take turns (a folder lock); the second then finds the first one's factors.
     """
+    from concept_influence.data.tokenize import untrainable_rows
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if len(data) == 0:
+        raise ValueError("no training rows to fit factors on")
+    untrainable_rows(data)  # a row whose whole answer is truncated away is an error (leave such rows out first)
     infos = adapter.tracked_weights() if weights is None else [adapter.weight_info(n) for n in weights]
     names = [i.name for i in infos]
     if not names:
@@ -326,6 +332,8 @@ def _fit(
     names = [i.name for i in infos]
     rank, world = _dist_info()
     if folder is not None:
+        if rank == 0:
+            remove_stale_temps(folder)  # temp files of a killed fit (we hold the folder's lock: no live writer)
         if has_factors(folder):
             saved = read_manifest(folder)["fingerprints"]
             if saved == fingerprints:
@@ -398,7 +406,9 @@ def _fit(
         if spill is not None:
             sources.update(fitter.spill_result())
         else:
-            results.update(fitter.result())
+            part_factors = fitter.result()
+            check_factors_finite(Factors(part_factors, config), "fit-factors (result)")
+            results.update(part_factors)
         done_parts.append(k)
         state, sums = {}, {}
         if spill is not None and checkpoints is not None:
@@ -450,6 +460,7 @@ class _PartitionFit:
         self._stash: dict[str, torch.Tensor] = {}
         self._got: set[str] = set()
         self._mask: torch.Tensor | None = None
+        self._index: torch.Tensor | None = None
 
     # ---- the hooks ---------------------------------------------------------------------------------------------
     def _owner(self, name: str, a: torch.Tensor) -> str:
@@ -467,7 +478,12 @@ class _PartitionFit:
         a = a.to(self.dtype) * mask.unsqueeze(-1)
         return fold_bias(a, mask) if self._by_name[name].has_bias else a
 
+    def _check(self, tensor: torch.Tensor, what: str, name: str) -> None:
+        stage = "covariance" if self.state["stage"] == "covariance" else "eigenvalue-correction"
+        check_finite(tensor, f"fit-factors ({stage} pass): {what} of {name}", self._index)
+
     def _covariance_activation(self, name: str, a: torch.Tensor) -> None:
+        self._check(a, "input activations", name)
         owner = self._owner(name, a)
         self.state["shared"][name] = owner
         if owner == name:
@@ -475,15 +491,18 @@ class _PartitionFit:
 
     def _covariance_grad(self, name: str, g: torch.Tensor) -> None:
         self._once(name)
+        self._check(g, "output gradients", name)
         mask = self._mask.to(g.device)
         _add(self.sums, f"{name}/S", masked_covariance_sum(g.to(self.dtype), mask))
 
     def _lambda_activation(self, name: str, a: torch.Tensor) -> None:
+        self._check(a, "input activations", name)
         owner = self._owner(name, a)
         self._stash[name] = self._stash[owner] if owner != name else self._folded(name, a)
 
     def _lambda_grad(self, name: str, g: torch.Tensor) -> None:
         self._once(name)
+        self._check(g, "output gradients", name)
         a = self._stash.pop(name)
         g = g.to(self.dtype) * self._mask.to(device=g.device, dtype=self.dtype).unsqueeze(-1)
         info = self._by_name[name]
@@ -510,7 +529,7 @@ class _PartitionFit:
 
     # ---- the passes --------------------------------------------------------------------------------------------
     def _batch(self, batch: dict[str, torch.Tensor], on_activation, on_output_grad) -> None:
-        self._mask = batch["attention_mask"]
+        self._mask, self._index = batch["attention_mask"], batch["index"]
         self._seen, self._stash, self._got = [], {}, set()
         try:
             with self.adapter.capture_weights([i.name for i in self.infos], on_activation=on_activation,
@@ -540,9 +559,13 @@ class _PartitionFit:
                             checkpoint()
                             return False
                         busy = True  # the running sums are inconsistent until the row count is updated
-                        step(batch)
-                        state["rows_done"] += int(batch["input_ids"].shape[0])
+                        with _deferred_interrupts() as pending:  # Ctrl-C / SIGTERM wait for the batch to finish
+                            step(batch)
+                            state["rows_done"] += int(batch["input_ids"].shape[0])
                         busy = False
+                        if pending:
+                            checkpoint()
+                            raise pending[0]
                         bar.update(int(batch["input_ids"].shape[0]))
                         done += 1
                         self.batches_run += 1
@@ -616,6 +639,7 @@ class _PartitionFit:
                         d = info.d_out if key.endswith("/S") else info.d_in + int(info.has_bias)
                         total = self.sums[key] = torch.zeros(d, d, dtype=self.dtype, device=self.adapter.device)
                     eig = eigendecompose(total / n_tokens)
+                    check_finite(eig.vectors, f"fit-factors (result): eigendecomposition of {key}", hint="refit the factors")
                     if self.spill is not None:
                         files[key] = f"part-{self.part:04d}-eigen-{len(files):04d}.safetensors"
                         if self.write:
@@ -647,6 +671,10 @@ class _PartitionFit:
                 if self.config.preconditioner == "ekfac":
                     tensors["eigenvalue_correction"] = (self.sums.pop(f"{info.name}/lambda", torch.zeros(shape)) / n_rows).to("cpu", torch.float64)
                 file = f"part-{self.part:04d}-weight-{j:04d}.safetensors"
+                check_finite(tensors["diagonal"], f"fit-factors (result): factors of {info.name} (diagonal)", hint="refit the factors")
+                if "eigenvalue_correction" in tensors:
+                    check_finite(tensors["eigenvalue_correction"], f"fit-factors (result): factors of {info.name} "
+                                 "(eigenvalue_correction)", hint="refit the factors")
                 if self.write:
                     _save_tensors(self.spill / file, tensors)
                 for fld in tensors:
@@ -684,6 +712,45 @@ class _PartitionFit:
 
 
 _LAMBDA_CHUNK_BYTES = 64 * 1024**2  # per-example gradients formed at a time in the Λ pass
+
+
+@contextlib.contextmanager
+def _deferred_interrupts() -> Iterator[list[BaseException]]:
+    """Within the block, SIGINT and SIGTERM are recorded instead of raised (the hooks fold each batch into the
+    running sums, which stay consistent only once the batch is done); the caller raises the recorded interrupt
+    (``KeyboardInterrupt``, or ``signals.Terminated`` for SIGTERM) after saving. Main thread only; a no-op elsewhere."""
+    import signal
+    import threading
+
+    pending: list[BaseException] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
+    from concept_influence.signals import Terminated
+
+    def record(signum: int, _frame: Any) -> None:
+        if not pending:
+            pending.append(Terminated(f"received signal {signum}") if signum == signal.SIGTERM else KeyboardInterrupt())
+
+    previous = {sig: signal.signal(sig, record) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield pending
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def check_factors_finite(factors: Factors, stage: str) -> None:
+    """Every tensor of every weight's factors must be finite (error names the weight and the tensor)."""
+    for name, w in factors.weights.items():
+        tensors = {"eigenvalue_correction": w.eigenvalue_correction, "diagonal": w.diagonal}
+        for fld in ("activation_eigen", "gradient_eigen"):
+            eig = getattr(w, fld)
+            if eig is not None:
+                tensors[f"{fld}values"], tensors[f"{fld}vectors"] = eig.values, eig.vectors
+        for key, value in tensors.items():
+            if value is not None:
+                check_finite(value, f"{stage}: factors of {name} ({key})", hint="refit the factors")
 
 
 def _dist_info() -> tuple[int, int]:

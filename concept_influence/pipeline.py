@@ -51,7 +51,7 @@ from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import fit_factors
 from concept_influence.curvature.io import data_fingerprint, has_factors
 from concept_influence.data.chat import ChatDataset, ChatRow, read_chat_jsonl, rows_from_records
-from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat
+from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat, untrainable_rows
 from concept_influence.models.base import ModelAdapter
 from concept_influence.store import GradientStore, Projector, StoreConfig, StoreMismatchError
 
@@ -68,7 +68,9 @@ class Attributor:
     rows). ``workdir``: where factors, answers, concepts and the store are kept and reused (``None``: in memory).
     ``device``/``dtype``: for a model loaded here. ``max_length``/``batch_size``: tokenisation and batching;
     ``seed``: every random choice (answer sampling, true-Fisher labels); ``skip_invalid``: skip bad data lines
-    (each reported in ``rows.skipped``); ``progress``: tqdm bars.
+    (each reported in ``rows.skipped``) and leave out rows whose whole answer is truncated away at ``max_length``
+    (marked ``truncated``, score ``None``, counted in the table's meta; without it such a row is an error for
+    every method); ``progress``: tqdm bars.
     """
 
     def __init__(self, model: Any, data: PathLike | Sequence[ChatRow] | None = None, workdir: PathLike | None = None, *,
@@ -123,11 +125,17 @@ class Attributor:
 
     @property
     def train(self) -> TokenizedDataset:
-        """The training rows tokenised with the model's tokenizer at ``max_length`` (once, cached)."""
+        """The training rows tokenised with the model's tokenizer at ``max_length`` (once, cached), without the
+        rows that have no assistant token left (an error unless ``skip_invalid``; see ``untrainable_rows``)."""
         if self._train is None:
             if self.adapter.tokenizer is None:
                 raise ValueError("the model has no tokenizer: pass tokenizer= to Attributor")
-            self._train = tokenize_chat(self.rows, self.adapter.tokenizer, self.max_length)
+            tokenized = tokenize_chat(self.rows, self.adapter.tokenizer, self.max_length)
+            skipped = untrainable_rows(tokenized, skip_invalid=self.skip_invalid)
+            for p in skipped:
+                logger.warning("row %d: no assistant token left within max_length=%d: left out (truncated)",
+                               tokenized[p].index, self.max_length)
+            self._train = tokenized.without(skipped) if skipped else tokenized
         return self._train
 
     def queries(self, queries: PathLike | Sequence[Any]) -> list[ChatRow]:
@@ -423,7 +431,8 @@ class Attributor:
         if key not in self._projectors:
             self._projectors[key] = store.projector(self.adapter, loaded)
         projector = self._projectors[key]
-        names, more = resolve_weights(self.adapter, measurement, store.names)
+        names, more = resolve_weights(self.adapter, measurement, store.names, allow_subset=config.allow_subset,
+                                      what=f"the gradient store {store.folder}")
         if loaded is not None:
             names = [n for n in names if n in loaded.names]
         preconditioner = build_preconditioner(self.adapter, names, loaded, config.influence_config())

@@ -29,7 +29,7 @@ from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import fit_factors
 from concept_influence.curvature.io import data_fingerprint, has_factors, load_factors
 from concept_influence.data.chat import ChatRow
-from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat
+from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat, untrainable_rows
 from concept_influence.models.base import ModelAdapter
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,9 @@ class GradientAttributionConfig:
     are answered by the model; ``cache_dir``: where generated answers are cached; ``token_breakdown``:
     ``"target"``/``"position"`` adds each row's per-token contributions as a ``token_scores`` column; ``row_loss``:
     score each row's summed (default) or mean token loss (see ``InfluenceConfig``); ``per_weight`` /
-    ``self_influence``: add ``weight_scores`` (``{weight: score}`` per row) / ``self_influence`` columns.
+    ``self_influence``: add ``weight_scores`` (``{weight: score}`` per row) / ``self_influence`` columns;
+    ``allow_subset``: score with the fitted weights only when the factors miss some the measurement reaches
+    (default: an error).
     """
 
     preconditioner: str = "ekfac"
@@ -65,6 +67,7 @@ class GradientAttributionConfig:
     row_loss: str = "sum"
     per_weight: bool = False
     self_influence: bool = False
+    allow_subset: bool = False
 
     def factor_config(self) -> FactorConfig:
         """The fit these settings need (EKFAC fits support every preconditioner but identity's none)."""
@@ -75,7 +78,7 @@ class GradientAttributionConfig:
         return InfluenceConfig(preconditioner=self.preconditioner, damping=self.damping,  # type: ignore[arg-type]
                                batch_size=self.batch_size, token_breakdown=self.token_breakdown,  # type: ignore[arg-type]
                                row_loss=self.row_loss, per_weight=self.per_weight,  # type: ignore[arg-type]
-                               self_influence=self.self_influence)
+                               self_influence=self.self_influence, allow_subset=self.allow_subset)
 
 
 def build_measurement(
@@ -132,19 +135,34 @@ def obtain_factors(
 
 def result_table(rows: Sequence[ChatRow], result: InfluenceResult, method: str, *, notes: Sequence[str] = (),
                  meta: dict[str, Any] | None = None) -> ScoreTable:
-    """An ``InfluenceResult`` as a ``ScoreTable``: breakdowns become columns (``token_scores``, ``weight_scores``,
-    ``self_influence``), the rest goes to ``meta``."""
+    """An ``InfluenceResult`` as a ``ScoreTable`` over ``rows``: breakdowns become columns (``token_scores``,
+    ``weight_scores``, ``self_influence``), the rest goes to ``meta``. Rows the result does not score (left out
+    because truncation removed their whole answer, see ``untrainable_rows``) are marked ``truncated``."""
+    rows = list(rows)
+    position = {int(i): p for p, i in enumerate(result.indices)}
+    if len(position) != len(result.indices):
+        raise ValueError("the scored rows have duplicate indices")
+    where = [position.get(int(r.index)) for r in rows]
+    if len(rows) - where.count(None) != len(result.indices):
+        raise ValueError(f"{len(result.indices)} scores do not match the {len(rows)} training rows")
+
+    def spread(values: list[Any], missing: Any = None) -> list[Any]:
+        return [missing if p is None else values[p] for p in where]
+
     columns: dict[str, list[Any]] = {}
     if result.per_token is not None:
-        columns["token_scores"] = [t.tolist() for t in result.per_token]
+        columns["token_scores"] = spread([t.tolist() for t in result.per_token])
     if result.per_weight is not None:
         names = list(result.per_weight)
         values = [result.per_weight[n].tolist() for n in names]
-        columns["weight_scores"] = [{n: v[i] for n, v in zip(names, values, strict=True)} for i in range(len(rows))]
+        columns["weight_scores"] = spread([{n: v[i] for n, v in zip(names, values, strict=True)}
+                                           for i in range(len(result.indices))])
     if result.self_influence is not None:
-        columns["self_influence"] = result.self_influence.tolist()
+        columns["self_influence"] = spread(result.self_influence.tolist())
     full_meta = {**result.meta(), "notes": list(notes) + result.notes, "method": method, **(meta or {})}
-    return ScoreTable.from_rows(list(rows), result.scores.numpy(), method, columns=columns, meta=full_meta)
+    scores = spread(result.scores.tolist(), float("nan"))
+    return ScoreTable.from_rows(rows, scores, method, columns=columns, meta=full_meta,
+                                truncated=[p is None for p in where])
 
 
 def run_gradient_attribution(
@@ -158,6 +176,7 @@ def run_gradient_attribution(
     *,
     contrast_queries: Sequence[ChatRow] | None = None,
     train: TokenizedDataset | None = None,
+    skip_invalid: bool = False,
     progress: bool = True,
 ) -> ScoreTable:
     """Score training rows with Concept Influence (``method="concept-influence"``, needs ``concept``) or classical
@@ -166,12 +185,16 @@ def run_gradient_attribution(
     ``factors_path``: fitted ``Factors``, a folder of fitted factors (checked against this model and data; mismatch
     is an error), a folder that does not exist yet (the factors are fitted on ``rows`` and saved there), or
     ``None`` (fitted in memory). Only the weights the measurement reaches are fitted and used. ``train``: ``rows``
-    already tokenised (saves the work). Positive score = training on the row raises the measurement.
+    already tokenised (saves the work). A row whose whole answer is truncated away is an error; ``skip_invalid``
+    leaves such rows out of the fit and the scores (marked ``truncated``). Positive score = training on the row
+    raises the measurement.
     """
     if adapter.tokenizer is None:
         raise ValueError("gradient attribution needs the model's tokenizer")
     measurement, answered = build_measurement(adapter, concept, queries, method, config, contrast_queries=contrast_queries)
     data = train if train is not None else tokenize_chat(rows, adapter.tokenizer, config.max_length)
+    if skip_invalid:
+        data = data.without(untrainable_rows(data, skip_invalid=True))
     factors, notes = obtain_factors(adapter, data, factors_path, config, measurement.weights(adapter), progress=progress)
     result = compute_influence(adapter, data, measurement, factors, config.influence_config(), progress=progress)
     return result_table(rows, result, method, notes=notes, meta={"n_queries": len(answered), "config": asdict(config)})

@@ -28,6 +28,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the label sampling (true Fisher)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace factors fitted for another model/data."),
         checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Save a resumable state every N batches."),
+        skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip bad data lines and rows whose whole answer is cut off by --max-length instead of failing."),
         device: str | None = typer.Option(None, "--device"),
         dtype: str | None = typer.Option(None, "--dtype", help="Model dtype (float32, bfloat16, float64)."),
     ) -> None:
@@ -37,7 +38,8 @@ def register(app: typer.Typer) -> None:
         """
         from concept_influence.pipeline import Attributor
 
-        att = Attributor(model, data, device=device, dtype=dtype, max_length=max_length, batch_size=batch_size, seed=seed)
+        att = Attributor(model, data, device=device, dtype=dtype, max_length=max_length, batch_size=batch_size, seed=seed,
+                         skip_invalid=skip_invalid)
         adapter = att.adapter
         layer = None
         if concept is not None:

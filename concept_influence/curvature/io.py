@@ -35,6 +35,7 @@ from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.eigen import Eigen
 from concept_influence.curvature.factors import Factors, WeightFactors
 from concept_influence.data.atomic import atomic_file, write_json_atomic
+from concept_influence.numerics import check_finite
 
 FORMAT = "concept_influence.factors/1"
 MANIFEST = "manifest.json"
@@ -175,6 +176,8 @@ def load_factors(
             if f"{name}/{fld}" in tensors:
                 setattr(w, fld, tensors[f"{name}/{fld}"])
         weights[name] = w
+    for key, value in tensors.items():
+        check_finite(value, f"loading factors from {folder}: {key}", hint="the file is damaged; refit the factors")
     return Factors(
         weights=weights,
         config=FactorConfig.from_dict(manifest["config"]),

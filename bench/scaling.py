@@ -22,6 +22,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -105,6 +106,7 @@ def measure_fit(work: Path, label: str, shape: tuple, rows: int, words: int, *, 
     model = make_model(work / label, *shape)
     data = make_data(work / f"data-{rows}-{words}.jsonl", rows, words)
     out = work / f"factors-{label}-{rows}-{max_memory}"
+    shutil.rmtree(out, ignore_errors=True)  # a matching fit there would be loaded, not measured
     args = ["fit-factors", "--model", str(model), "--data", str(data), "--out", str(out), "--overwrite",
             "--batch-size", str(batch_size), "--max-length", str(words * 2)]
     if up_to_layer is not None:

@@ -172,3 +172,26 @@ def test_fit_factors_command_with_a_sample_a_budget_and_a_lambda_cap(tmp_path):
     bad = CliRunner().invoke(app, ["fit-factors", "--model", str(model_dir), "--data", str(train), "--out", str(out),
                                    "--max-memory", "1MiB", "--overwrite"])
     assert bad.exit_code == 2 and "--max-memory" in bad.output and "too small" in bad.output
+
+
+def test_capture_does_not_keep_the_batch_graph_alive(env):
+    """The outputs' gradient hooks refer to the capture; the capture must not keep the outputs (a cycle through the
+    autograd graph that Python's collector cannot break leaked every batch's graph)."""
+    import gc
+    import weakref
+
+    from concept_influence.curvature.fit import capture_loss_gradients, gradient_mode
+    from concept_influence.data.tokenize import iter_batches
+
+    adapter, data, _ = env
+    infos = adapter.tracked_weights()
+    refs = []
+    handle = adapter._module_of(infos[0]).register_forward_hook(lambda _m, _i, out: refs.append(weakref.ref(out)))
+    try:
+        with gradient_mode(adapter, infos) as params:
+            capture, _ = capture_loss_gradients(adapter, next(iter_batches(data, 4)), infos, params)
+            del capture
+    finally:
+        handle.remove()
+    gc.collect()
+    assert refs and all(ref() is None for ref in refs)

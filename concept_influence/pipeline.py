@@ -66,7 +66,8 @@ class Attributor:
     ``model``: a folder or hub name (``from_pretrained``), a ``ModelAdapter``, a ``transformers`` model or a
     ``HookedTransformer`` (pass ``tokenizer=``). ``data``: chat JSONL path or a list of ``ChatRow`` (the training
     rows). ``workdir``: where factors, answers, concepts and the store are kept and reused (``None``: in memory).
-    ``device``/``dtype``: for a model loaded here. ``max_length``/``batch_size``: tokenisation and batching;
+    ``device``/``dtype``: for a model loaded here. ``max_length``/``batch_size``: tokenisation (default: the model's context, at most 512; longer than the
+    context is an error) and batching;
     ``seed``: every random choice (answer sampling, true-Fisher labels); ``skip_invalid``: skip bad data lines
     (each reported in ``rows.skipped``) and leave out rows whose whole answer is truncated away at ``max_length``
     (marked ``truncated``, score ``None``, counted in the table's meta; without it such a row is an error for
@@ -75,12 +76,12 @@ class Attributor:
 
     def __init__(self, model: Any, data: PathLike | Sequence[ChatRow] | None = None, workdir: PathLike | None = None, *,
                  tokenizer: Any = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                 max_length: int = 512, batch_size: int = 8, seed: int = 0, skip_invalid: bool = False,
+                 max_length: int | None = None, batch_size: int = 8, seed: int = 0, skip_invalid: bool = False,
                  progress: bool = True) -> None:
         from concept_influence.models import load_adapter
 
-        if max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"--max-length (max_length) must be at least 2, got {max_length}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.model_name = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
@@ -88,7 +89,7 @@ class Attributor:
         self.data_source = str(data) if isinstance(data, (str, os.PathLike)) else None
         self._data = data
         self.workdir = Path(workdir) if workdir is not None else None
-        self.max_length = max_length
+        self.max_length = self.adapter.resolve_max_length(max_length)
         self.batch_size = batch_size
         self.seed = seed
         self.skip_invalid = skip_invalid

@@ -161,6 +161,12 @@ class HFAdapter(ModelAdapter):
         config = self.model.config
         return int(getattr(config, "hidden_size", None) or config.n_embd)
 
+    @property
+    def context_length(self) -> int | None:
+        config = self.model.config
+        value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return int(value) if value else None
+
     def tracked_weights(self) -> list[WeightInfo]:
         return list(self._weights)
 

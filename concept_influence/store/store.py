@@ -381,6 +381,8 @@ class GradientStore:
         best first. ``"exact"``: blocked products keeping a running top-k (memory: one block); ``"faiss"``: the
         store's FAISS index (inner product, IVF, memory-mapped; built on first use); ``"auto"``: FAISS for stores
         of at least ``FAISS_MIN_ROWS`` rows without ``scale``, exact otherwise."""
+        if method not in ("auto", "exact", "faiss"):
+            raise ValueError(f"unknown search method {method!r} (--search): expected 'auto', 'exact' or 'faiss'")
         query = np.asarray(query, dtype=np.float64).reshape(-1)
         k = min(int(k), len(self))
         if k < 1:

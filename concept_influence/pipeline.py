@@ -34,6 +34,7 @@ import torch
 from concept_influence.attribution.gradient import (
     GradientAttributionConfig,
     build_measurement,
+    factors_record,
     obtain_factors,
     result_table,
 )
@@ -237,19 +238,41 @@ class Attributor:
 
     def fit_factors(self, *, fisher: str = "true", preconditioner: str = "ekfac", stats_dtype: str = "float32",
                     weights: Sequence[str] | None = None, up_to_layer: int | None = None, out: PathLike | None = None,
-                    overwrite: bool = False, checkpoint_every: int | None = 100) -> Factors:
+                    overwrite: bool = False, checkpoint_every: int | None = 100, max_memory: int | str | None = None,
+                    fit_rows: int | None = None, fit_data: PathLike | Sequence[ChatRow] | None = None,
+                    lambda_rows: int | None = None, load: bool = True) -> Factors | None:
         """Fit curvature factors on the training rows (resumable; a matching fit in ``out`` is loaded instead).
 
         ``weights`` / ``up_to_layer``: which tracked weights (default all). ``out``: folder (default: the
-        workdir's, or in memory without a workdir)."""
-        config = FactorConfig(fisher=fisher, preconditioner=preconditioner, dtype=stats_dtype, seed=self.seed)  # type: ignore[arg-type]
+        workdir's, or in memory without a workdir). ``max_memory`` (``"3GiB"``): fit in module partitions under
+        that peak. ``fit_data`` (JSONL path or rows) / ``fit_rows`` (a seeded sample of that many rows): fit on
+        other rows than the training set (recorded in the factors; scoring the training set with them is allowed
+        and noted). ``lambda_rows``: Λ on a seeded sample of that many rows. ``load=False`` (with ``out``): leave
+        the factors on disk and return ``None`` (keeps the peak of a partitioned fit)."""
+        from concept_influence.curvature.fit import sample_rows
+
+        config = FactorConfig(fisher=fisher, preconditioner=preconditioner, dtype=stats_dtype, seed=self.seed,  # type: ignore[arg-type]
+                              lambda_rows=lambda_rows)
         if weights is None:
             infos = self.adapter.tracked_weights() if up_to_layer is None else self.adapter.weights_up_to(self.adapter.check_layer(up_to_layer))
             weights = [i.name for i in infos]
-        folder = Path(out) if out is not None else (self.factors_dir(config) if preconditioner == "ekfac" and up_to_layer is None else None)
-        factors = fit_factors(self.adapter, self.train, config, weights=weights, batch_size=self.batch_size, out_dir=folder,
-                              overwrite=overwrite, checkpoint_every=checkpoint_every, progress=self.progress)
-        assert factors is not None
+        data, provenance = self.train, {}
+        if fit_data is not None:
+            rows = read_chat_jsonl(fit_data, skip_invalid=self.skip_invalid) if isinstance(fit_data, (str, os.PathLike)) else list(fit_data)
+            data = tokenize_chat(rows, self.adapter.tokenizer, self.max_length)
+            provenance = {"source": str(fit_data) if isinstance(fit_data, (str, os.PathLike)) else "rows given", "rows": len(data)}
+        if fit_rows is not None:
+            provenance = {"source": provenance.get("source", self.data_source or "training rows"), "sample_of": len(data),
+                          "seed": self.seed}
+            data = sample_rows(data, fit_rows, self.seed)
+            provenance["rows"] = len(data)
+        default_folder = preconditioner == "ekfac" and up_to_layer is None and not provenance and lambda_rows is None
+        folder = Path(out) if out is not None else (self.factors_dir(config) if default_folder else None)
+        factors = fit_factors(self.adapter, data, config, weights=weights, batch_size=self.batch_size, out_dir=folder,
+                              overwrite=overwrite, checkpoint_every=checkpoint_every, progress=self.progress,
+                              max_memory=max_memory, load_result=load or folder is None, provenance=provenance)
+        if factors is None:
+            return None
         self._factors[(fisher, preconditioner, stats_dtype, *weights)] = factors
         return factors
 
@@ -327,7 +350,8 @@ class Attributor:
         loaded, notes = self._factors_for(measurement, config, factors)
         result = compute_influence(self.adapter, self.train, measurement, loaded, config.influence_config(),
                                    progress=self.progress)
-        return result_table(self.rows, result, method, notes=store_notes + notes, meta={**meta, "scored_from": "exact"})
+        return result_table(self.rows, result, method, notes=store_notes + notes, meta={**meta, "scored_from": "exact",
+                                                                                        "factors_fit": factors_record(loaded, self.train)})
 
     def _factors_for(self, measurement: Any, config: GradientAttributionConfig,
                      factors: Factors | PathLike | None) -> tuple[Factors | None, list[str]]:

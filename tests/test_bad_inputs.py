@@ -105,6 +105,7 @@ PROBE = "train-probe --model {model} --spec {spec} --layer 1 --n-samples 1 --max
 LAYERS = "probe-layers --model {model} --spec {spec} --n-samples 1 --max-new-tokens 4 --out {out}"
 SAE = "train-sae --model {model} --data {train} --layer 0 --steps 2 --out {out}"
 FEATURE = "sae-feature --model {model} --sae {sae} --feature 1 --out {out}"
+PLAN = "plan --model {model} --rows 100 --tokens 64"
 SEARCH = "search --store {store} --model {model} --data {train} --queries {queries} --concept {concept}"
 
 CASES = [
@@ -190,6 +191,19 @@ CASES = [
     ("organism-planted-fraction", "organism --out {out} --planted-fraction 2", r"planted.fraction"),
     ("fit-factors-up-to-layer", FIT + " --up-to-layer 99", r"layer 99"),
     ("train-probe-layer", PROBE.replace("--layer 1", "--layer 99"), r"layer 99"),
+    # -- plan (reads only a config) and fit-factors' sampling options --------------------------------------------------
+    ("plan-model-missing", PLAN.replace("{model}", "{missing}"), r"missing\.jsonl"),
+    ("plan-model-is-a-file", PLAN.replace("{model}", "{train}"), r"train\.jsonl"),
+    *[(f"plan-{flag.strip('-')}-{value}", f"{PLAN} {flag} {value}", rf"'{flag}'|{flag.strip('-')}")
+      for flag in ("--rows", "--tokens", "--batch-size", "--rank", "--fit-rows") for value in ("0", "-3")],
+    ("plan-gpus-negative", PLAN + " --gpus -1", r"'--gpus'"),
+    ("plan-bad-memory", PLAN + " --max-memory lots", r"lots"),
+    ("plan-up-to-layer", PLAN + " --up-to-layer 99", r"99"),
+    ("fit-factors-fit-data-malformed", FIT + " --fit-data {malformed}", r"malformed\.jsonl:2"),
+    ("fit-factors-fit-data-missing", FIT + " --fit-data {missing}", r"missing\.jsonl"),
+    *[(f"fit-factors-{flag.strip('-')}-{value}", f"{FIT} {flag} {value}", rf"'{flag}'|{flag.strip('-')}")
+      for flag in ("--fit-rows", "--lambda-rows") for value in ("0", "-3")],
+    ("fit-factors-bad-memory", FIT + " --max-memory lots", r"lots"),
     ("search-like-row-out-of-range", SEARCH.replace("--queries {queries} --concept {concept}", "--like-row 999"), r"999"),
 ]
 

@@ -51,6 +51,7 @@ from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import fit_factors
 from concept_influence.curvature.io import data_fingerprint, has_factors
+from concept_influence.data.atomic import safe_name
 from concept_influence.data.chat import ChatDataset, ChatRow, read_chat_jsonl, rows_from_records
 from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat, untrainable_rows
 from concept_influence.models.base import ModelAdapter
@@ -199,7 +200,7 @@ class Attributor:
         concept = train_concept(self.adapter, concept_spec, layer, config, judge=judge, cache_dir=cache, progress=self.progress)
         if sweep is not None:
             concept.metrics["sweep"] = sweep.rows
-        folder = self._path("concepts", f"{concept_spec.name}-layer{concept.layer}")
+        folder = self._path("concepts", f"{safe_name(concept_spec.name)}-layer{concept.layer}")
         if save and folder is not None:
             save_concept(concept, folder, model_fingerprint=self.adapter.fingerprint(),
                          extra_meta={"model": self.model_name, "spec": concept_spec.name})

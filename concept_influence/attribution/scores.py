@@ -50,8 +50,27 @@ class ScoreTable:
     def from_rows(cls, rows: Sequence[ChatRow], scores: Any, method: str, *, columns: dict[str, list[Any]] | None = None,
                   meta: dict[str, Any] | None = None) -> ScoreTable:
         scores = np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores, dtype=np.float64)
-        return cls(method=method, index=[r.index for r in rows], scores=scores, ids=[r.id for r in rows],
-                   fields=[dict(r.fields) for r in rows], columns=dict(columns or {}), meta=dict(meta or {}))
+        table = cls(method=method, index=[r.index for r in rows], scores=scores, ids=[r.id for r in rows],
+                    fields=[dict(r.fields) for r in rows], columns=dict(columns or {}), meta=dict(meta or {}))
+        return table.attach(rows=rows)
+
+    def attach(self, *, rows: Sequence[ChatRow] | None = None, tokenizer: Any = None) -> ScoreTable:
+        """Remember the data rows (and tokenizer) for display: the Jupyter view shows their text and, with a
+        tokenizer, ``token_scores`` highlights. Not saved to disk. Returns ``self``."""
+        display = dict(getattr(self, "_display", {}))
+        if rows is not None:
+            display["rows"] = list(rows)
+        if tokenizer is not None:
+            display["tokenizer"] = tokenizer
+        self._display = display
+        return self
+
+    def _repr_html_(self) -> str:
+        """Jupyter display: the ranked rows with token highlights (``concept_influence.report.table_html``)."""
+        from concept_influence.report.rows import table_html
+
+        display = getattr(self, "_display", {})
+        return table_html(self, rows=display.get("rows"), tokenizer=display.get("tokenizer"))
 
     def __len__(self) -> int:
         return len(self.index)

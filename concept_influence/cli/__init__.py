@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in ("attribute", "organism", "concepts", "influence", "demo"):
+for _module in ("attribute", "organism", "concepts", "influence", "demo", "filter", "evaluate", "report"):
     importlib.import_module(f"concept_influence.cli.{_module}").register(app)
 
 

@@ -198,6 +198,22 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict[str, Any]
     return _atomic_write(path, write)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (exactly as given: no newline translation)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Write one JSON document atomically."""
 

@@ -18,6 +18,7 @@ STYLE = """
 .ci-text{white-space:pre-wrap;max-width:70em}
 .ci-role{font-weight:600;color:#555}
 .ci-tok{border-radius:2px}
+.ci-tokens{margin-top:4px;padding-top:4px;border-top:1px dashed #ccc;font-family:monospace;font-size:12px}
 .ci-fields{color:#666;font-size:12px}
 """
 
@@ -89,12 +90,12 @@ def rows_table_html(
         cells = [f'<td class="num">{c}</td>' for c in cells]
         cells += [f'<td class="ci-fields">{html.escape(str(table.fields[i].get(f, "")))}</td>' for f in fields]
         text = ""
-        if token_scores is not None and tokens is not None and index in tokens and len(tokens[index]) == len(token_scores[i]):
-            text = _tokens_html(tokens[index], token_scores[i])
-        elif row is not None:
+        if row is not None:
             text = _conversation_html(row.messages)
-        elif "model_answer" in table.columns:
-            text = html.escape(str(table.columns["model_answer"][i]))
+        if "model_answer" in table.columns:
+            text += f'<br><span class="ci-role">model answer:</span> {html.escape(str(table.columns["model_answer"][i]))}'
+        if token_scores is not None and tokens is not None and index in tokens and len(tokens[index]) == len(token_scores[i]):
+            text += f'<div class="ci-tokens">{_tokens_html(tokens[index], token_scores[i])}</div>'
         body.append("<tr>" + "".join(cells) + f'<td class="ci-text">{text}</td></tr>')
     return f'<table class="ci-rows"><thead><tr>{header}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 

@@ -3,17 +3,20 @@ concepts (probe directions, persona vectors, SAE features) and EKFAC influence f
 
 The public API, by stage::
 
+    session      Attributor (model + data + workdir: the one entry point for notebooks and the CLI)
+
     data         read_chat_jsonl, tokenize_chat
     models       load_adapter, HFAdapter, TransformerLensAdapter, generate_answers
     concepts     load_spec, train_concept, layer_sweep, LinearProbe, DiffOfMeans, DirectionConcept,
                  load_concept, save_concept, load_persona_vector
     curvature    FactorConfig, Damping, fit_factors, load_factors
     attribution  vector_filter, projection_difference, compute_influence, ConceptMeasurement,
-                 LogLikelihoodMeasurement, answer_queries, ScoreTable
+                 LogLikelihoodMeasurement, answer_queries, ScoreTable, RECOMMENDED_METHOD, register_method
     evaluate     ranking_report, pr_auc, precision_at_k
 """
 
 from concept_influence.attribution import (
+    RECOMMENDED_METHOD,
     ConceptMeasurement,
     DifferentialMeasurement,
     InfluenceConfig,
@@ -23,6 +26,7 @@ from concept_influence.attribution import (
     compute_influence,
     compute_influence_many,
     projection_difference,
+    register_method,
     tokenize_queries,
     vector_filter,
 )
@@ -43,10 +47,13 @@ from concept_influence.curvature import Damping, FactorConfig, fit_factors, load
 from concept_influence.data import read_chat_jsonl, tokenize_chat
 from concept_influence.evaluate import pr_auc, precision_at_k, ranking_report
 from concept_influence.models import HFAdapter, TransformerLensAdapter, generate_answers, load_adapter
+from concept_influence.pipeline import Attributor
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "RECOMMENDED_METHOD",
+    "Attributor",
     "Concept",
     "ConceptMeasurement",
     "Damping",
@@ -77,6 +84,7 @@ __all__ = [
     "projection_difference",
     "ranking_report",
     "read_chat_jsonl",
+    "register_method",
     "save_concept",
     "tokenize_chat",
     "tokenize_queries",

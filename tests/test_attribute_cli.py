@@ -10,9 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from concept_influence.attribution.gradient import GradientAttributionConfig, run_gradient_attribution
 from concept_influence.attribution.scores import ScoreTable
 from concept_influence.cli import app
-from concept_influence.cli.influence import GradientAttributionConfig, run_gradient_attribution
 from concept_influence.concepts import DirectionConcept, load_concept, save_concept
 from concept_influence.data import read_chat_jsonl, write_jsonl_atomic
 from concept_influence.models import load_adapter

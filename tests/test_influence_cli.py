@@ -9,7 +9,8 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from concept_influence.cli.influence import GradientAttributionConfig, register, run_gradient_attribution
+from concept_influence.attribution.gradient import GradientAttributionConfig, run_gradient_attribution
+from concept_influence.cli.influence import register
 from concept_influence.concepts.base import DirectionConcept
 from concept_influence.curvature import load_factors
 from concept_influence.data import read_chat_jsonl, rows_from_records

@@ -4,6 +4,12 @@ Sign everywhere: a higher score means training on the row pushes the concept (or
 """
 
 from concept_influence.attribution.forward import concept_readouts, projection_difference, vector_filter
+from concept_influence.attribution.gradient import (
+    GRADIENT_METHODS,
+    GradientAttributionConfig,
+    build_measurement,
+    run_gradient_attribution,
+)
 from concept_influence.attribution.influence import (
     InfluenceConfig,
     InfluenceResult,
@@ -18,9 +24,27 @@ from concept_influence.attribution.measurements import (
     answer_queries,
     tokenize_queries,
 )
+from concept_influence.attribution.methods import (
+    METHODS,
+    RECOMMENDED_METHOD,
+    Method,
+    get_method,
+    method_names,
+    register_method,
+)
 from concept_influence.attribution.scores import ScoreTable
 
 __all__ = [
+    "GRADIENT_METHODS",
+    "METHODS",
+    "RECOMMENDED_METHOD",
+    "GradientAttributionConfig",
+    "Method",
+    "build_measurement",
+    "get_method",
+    "method_names",
+    "register_method",
+    "run_gradient_attribution",
     "ConceptMeasurement",
     "DifferentialMeasurement",
     "InfluenceConfig",

@@ -32,8 +32,9 @@ from concept_influence.curvature.covariance import per_example_gradients, token_
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import capture_loss_gradients, folded_activations, gradient_mode
 from concept_influence.curvature.preconditioner import IdentityPreconditioner, Preconditioner
-from concept_influence.data.tokenize import iter_batches
+from concept_influence.data.tokenize import iter_batches, untrainable_rows
 from concept_influence.models.base import ModelAdapter, WeightInfo
+from concept_influence.numerics import check_finite, check_finite_dict
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +191,8 @@ def score_rows(
                     self_scores[start:start + B] += self_preconditioner.inner({info.name: grads}, {info.name: grads}).double().cpu()
                     del grads
             assert total_tokens is not None
+            check_finite(total_tokens.sum(dim=1), "scoring: the training-row gradients' contraction", batch["index"],
+                         hint="the model's activations or gradients on this row are not finite")
             scores[start:start + B] = total_tokens.sum(dim=1).double().cpu()
             if token_scores is not None:
                 if token_breakdown == "target":
@@ -271,6 +274,14 @@ def _math_attention():
         return contextlib.nullcontext()
 
 
+def _checked_inverse(preconditioner: Preconditioner, grad_f: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """``P⁻¹ ∇f`` with both sides checked to be finite (errors name the weight)."""
+    check_finite_dict(grad_f, f"measurement gradient of {what} over the queries")
+    vectors = preconditioner.apply_inverse(grad_f)
+    check_finite_dict(vectors, f"preconditioned measurement gradient ({preconditioner.kind}; raise the damping?)")
+    return vectors
+
+
 def compute_influence(
     adapter: ModelAdapter,
     data: Sequence[Any],
@@ -283,8 +294,11 @@ def compute_influence(
     """Score tokenised training rows (a ``TokenizedDataset``) against a measurement.
 
     ``factors``: fitted ``Factors`` (restricted automatically to the weights the measurement reaches), a ready
-    ``Preconditioner``, or ``None`` with ``config.preconditioner="identity"``.
+    ``Preconditioner``, or ``None`` with ``config.preconditioner="identity"``. A row with no trained token (its
+    whole answer truncated away) is an error: leave such rows out first (``data.without(untrainable_rows(data,
+    skip_invalid=True))``, which ``Attributor(skip_invalid=True)`` does).
     """
+    untrainable_rows(data)
     available = factors.names if factors is not None else None
     names, notes = resolve_weights(adapter, measurement, available)
     for note in notes:
@@ -293,7 +307,7 @@ def compute_influence(
     timings = {}
     t0 = time.perf_counter()
     grad_f = measurement.gradient(adapter, names, batch_size=config.batch_size)
-    vectors = preconditioner.apply_inverse(grad_f)
+    vectors = _checked_inverse(preconditioner, grad_f, measurement.description)
     timings["measurement_gradient"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = score_rows(
@@ -341,7 +355,7 @@ def compute_influence_many(
         names, notes = resolve_weights(adapter, measurement, factors.names if factors is not None else None)
         preconditioner = build_preconditioner(adapter, names, factors, config)
         grad_f = measurement.gradient(adapter, names, batch_size=config.batch_size)
-        prepared[label] = (names, notes, preconditioner, preconditioner.apply_inverse(grad_f))
+        prepared[label] = (names, notes, preconditioner, _checked_inverse(preconditioner, grad_f, measurement.description))
     union = [i.name for i in adapter.tracked_weights() if any(i.name in p[0] for p in prepared.values())]
     stacked = {}
     for name in union:

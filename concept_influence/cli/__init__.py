@@ -1,6 +1,6 @@
 """The ``concept-influence`` command: thin typer commands over the same functions the notebooks call.
 
-Commands: ``organism``, ``train-probe``, ``probe-layers``, ``attribute``, ``fit-factors``, ``demo`` (and more as
+Commands: ``organism``, ``train-probe``, ``probe-layers``, ``attribute``, ``fit-factors``, ``build-store``, ``search``, ``demo`` (and more as
 they land). Errors from bad input are printed as one line naming the file/argument, with exit code 2.
 """
 
@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in ("attribute", "organism", "concepts", "influence", "demo", "filter", "evaluate", "report"):
+for _module in ("attribute", "organism", "concepts", "influence", "store", "demo", "filter", "evaluate", "report"):
     importlib.import_module(f"concept_influence.cli.{_module}").register(app)
 
 

@@ -1,4 +1,5 @@
-"""``concept-influence attribute``: score every training row for a concept with one of the methods.
+"""``concept-influence attribute``: score every training row for a concept with one of the registered methods
+(a thin wrapper over ``Attributor.attribute``).
 
 One JSON object per row in ``--out``: ``index``, ``id`` (when present), ``score`` (higher = training on the row
 pushes the concept up), ``rank``, the method's extra columns and the row's passthrough fields; ``--out`` plus
@@ -7,23 +8,16 @@ pushes the concept up), ``rank``, the method's extra columns and the row's passt
 
 from __future__ import annotations
 
-import time
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from concept_influence.cli.common import load_model, user_errors
+from concept_influence.attribution.methods import RECOMMENDED_METHOD, get_method, method_names
+from concept_influence.cli.common import user_errors
 
-FORWARD_METHODS = ("vector-filter", "projection-difference")
-GRADIENT_METHODS = ("concept-influence", "influence")
-
-
-class Method(str, Enum):
-    vector_filter = "vector-filter"
-    projection_difference = "projection-difference"
-    concept_influence = "concept-influence"
-    influence = "influence"
+Method = Enum("Method", {name.replace("-", "_"): name for name in method_names()}, type=str)  # type: ignore[misc]
 
 
 def register(app: typer.Typer) -> None:
@@ -34,10 +28,13 @@ def register(app: typer.Typer) -> None:
 def attribute(
     model: str = typer.Option(..., "--model", help="Hugging Face hub name or local folder (from_pretrained)."),
     data: Path = typer.Option(..., "--data", help="Training rows: chat JSONL ({'messages': [...]}) or prompt/completion."),
-    method: Method = typer.Option(..., "--method", help="Attribution method."),
     out: Path = typer.Option(..., "--out", help="Scores JSONL to write (atomically)."),
+    method: Method | None = typer.Option(None, "--method", help=f"Attribution method (default: the recommended one, {RECOMMENDED_METHOD})."),  # type: ignore[valid-type]
     concept: Path | None = typer.Option(None, "--concept", help="Concept file (train-probe's output). Not needed by --method influence."),
     queries: Path | None = typer.Option(None, "--queries", help="Query prompts JSONL (gradient methods); prompt-only rows are answered by the model."),
+    workdir: Path | None = typer.Option(None, "--workdir", help="Session folder: factors, answers and store kept and reused across runs."),
+    store: Path | None = typer.Option(None, "--store", help="Gradient methods: answer from this gradient store (build-store) instead of a pass over the rows."),
+    exact: bool = typer.Option(False, "--exact", help="Gradient methods: ignore the workdir's store and score by the exact pass."),
     factors: Path | None = typer.Option(None, "--factors", help="Fitted factors folder (fit-factors); fitted here when absent (and saved there if given)."),
     preconditioner: str = typer.Option("ekfac", "--preconditioner", help="ekfac | kfac | diagonal | identity."),
     damping: float = typer.Option(0.1, "--damping", help="Relative damping: λ = this × mean eigenvalue, per weight."),
@@ -51,58 +48,44 @@ def attribute(
     temperature: float = typer.Option(1.0, "--temperature", min=0.0),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     seed: int = typer.Option(0, "--seed"),
-    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where sampled model answers are cached (default: next to --out)."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip bad data lines (each one is reported) instead of failing."),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where sampled model answers are cached (default: the workdir, else next to --out)."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip bad data lines (each one is reported) and leave out rows whose whole answer is cut off by --max-length (score null, truncated: true, counted in the meta) instead of failing."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 | float64."),
 ) -> None:
-    """Score every training row for a concept; higher = training on the row pushes the concept up."""
-    from concept_influence.data import read_chat_jsonl
+    """Score every training row for a concept; higher = training on the row pushes the concept up.
 
-    rows = read_chat_jsonl(data, skip_invalid=skip_invalid)
-    for line, reason in rows.skipped:
+    Example: concept-influence attribute --model runs/model --data train.jsonl --concept concepts/evil
+    --queries queries.jsonl --workdir runs/evil --out scores.jsonl
+    """
+    from concept_influence.pipeline import Attributor
+
+    spec = get_method(method.value if method is not None else None)
+    if spec.needs_concept and concept is None:
+        raise ValueError(f"--method {spec.name} needs --concept FILE")
+    if spec.needs_queries and queries is None:
+        raise ValueError(f"--method {spec.name} needs --queries queries.jsonl")
+    if cache_dir is None and workdir is None:
+        cache_dir = out.parent / ".answer-cache"
+    att = Attributor(model, data, workdir, device=device, dtype=dtype, max_length=max_length, batch_size=batch_size,
+                     seed=seed, skip_invalid=skip_invalid)
+    for line, reason in att.rows.skipped:
         typer.echo(f"skipped line {line}: {reason}", err=True)
-    method_name = method.value
-    if method_name != "influence" and concept is None:
-        raise ValueError(f"--method {method_name} needs --concept FILE")
-    if method_name in GRADIENT_METHODS and queries is None:
-        raise ValueError(f"--method {method_name} needs --queries queries.jsonl")
-    cache = cache_dir if cache_dir is not None else out.parent / ".answer-cache"
-    adapter = load_model(model, device, dtype)
-    loaded_concept = None
-    if concept is not None:
-        from concept_influence.concepts import load_concept
-
-        loaded_concept = load_concept(concept, adapter)
-    started = time.perf_counter()
-    if method_name == "vector-filter":
-        from concept_influence.attribution.forward import vector_filter
-
-        table = vector_filter(adapter, rows, loaded_concept, batch_size=batch_size, max_length=max_length)
-    elif method_name == "projection-difference":
-        from concept_influence.attribution.forward import projection_difference
-
-        table = projection_difference(adapter, rows, loaded_concept, n_samples=n_samples, temperature=temperature,
-                                      max_new_tokens=max_new_tokens, seed=seed, cache_dir=cache, batch_size=batch_size,
-                                      max_length=max_length)
-    else:
-        from concept_influence.cli.influence import GradientAttributionConfig, run_gradient_attribution
-        from concept_influence.curvature.config import Damping
-
-        query_rows = read_chat_jsonl(queries, need_assistant=False)
-        config = GradientAttributionConfig(
-            preconditioner=preconditioner,
-            damping=Damping(absolute=absolute_damping) if absolute_damping is not None else Damping(relative=damping),
-            max_length=max_length, batch_size=batch_size, n_samples=n_samples, temperature=temperature,
-            max_new_tokens=max_new_tokens, seed=seed, cache_dir=str(cache), row_loss=row_loss, token_breakdown=token_breakdown,
-        )
-        contrast = read_chat_jsonl(contrast_queries, need_assistant=False) if contrast_queries is not None else None
-        table = run_gradient_attribution(adapter, rows, loaded_concept, query_rows, method_name, factors, config,
-                                         contrast_queries=contrast)
-    table.meta.setdefault("wall_time_s", time.perf_counter() - started)
+    flags: dict[str, Any] = dict(
+        factors=factors, preconditioner=preconditioner, damping=damping, absolute_damping=absolute_damping,
+        row_loss=row_loss, token_breakdown=token_breakdown, contrast_queries=contrast_queries, n_samples=n_samples,
+        temperature=temperature, max_new_tokens=max_new_tokens,
+        cache_dir=None if cache_dir is None else str(cache_dir), batch_size=batch_size,
+    )
+    accepted = spec.options
+    options: dict[str, Any] = {k: v for k, v in flags.items() if k in accepted and k != "store"}
+    if spec.kind == "gradient":
+        options["store"] = False if exact else store
+    elif store is not None:
+        raise ValueError(f"--store applies to gradient methods; --method {spec.name} reads no gradients")
+    table = att.attribute(concept, queries, None if method is None else spec.name, **options)
     table.meta.update({"model": model, "data": str(data), "concept": None if concept is None else str(concept)})
     table.write_jsonl(out)
-    top = table.to_records(sort=True)[:5]
-    typer.echo(f"{method_name}: scored {len(table)} rows in {table.meta['wall_time_s']:.1f}s -> {out}")
-    for record in top:
+    typer.echo(f"{spec.name}: scored {len(table)} rows in {table.meta['wall_time_s']:.1f}s -> {out}")
+    for record in table.to_records(sort=True)[:5]:
         typer.echo(f"  rank {record['rank']:>4}  index {record['index']:>6}  score {record['score']:+.4g}  id {record.get('id', '-')}")

@@ -158,50 +158,22 @@ def sae_feature(
     dtype: str | None = typer.Option(None, "--dtype"),
 ) -> None:
     """Choose an SAE feature for a concept (--spec, --probe or --feature) and save it as a concept."""
-    from concept_influence.concepts import (
-        DirectionConcept,
-        ProbeConfig,
-        SAEFeatureConcept,
-        features_aligned_with,
-        features_for_spec,
-        load_concept,
-        load_sae,
-        load_spec,
-        save_concept,
-    )
+    from concept_influence.concepts import ProbeConfig, save_concept
+    from concept_influence.concepts.sae import sae_feature_concept
 
     if sum(x is not None for x in (spec, probe, feature)) != 1:
         raise ValueError("give exactly one of --spec, --probe or --feature")
     adapter = load_model(model, device, dtype)
-    loaded, info = load_sae(sae, device=str(adapter.device))
-    if layer is None:
-        if "layer" not in info:
-            raise ValueError(f"{sae}: no sae_info.json saying which layer the SAE reads: pass --layer")
-        layer = int(info["layer"])
-    layer = adapter.check_layer(layer)
-    if int(loaded.cfg.d_in) != adapter.d_model:
-        raise ValueError(f"{sae}: the SAE reads {loaded.cfg.d_in}-dim activations but the model's hidden size is {adapter.d_model}")
-    selection: dict[str, object] = {}
-    if feature is None:
-        if spec is not None:
-            candidates = features_for_spec(adapter, loaded, load_spec(spec), layer, k,
-                                           ProbeConfig(n_samples=n_samples, max_new_tokens=max_new_tokens, seed=seed),
-                                           cache_dir=cache_dir if cache_dir is not None else out.parent / ".answer-cache",
-                                           progress=True)
-            selection = {"by": "spec", "spec_path": str(spec), "statistic": "Cohen's d, positive vs negative answer tokens"}
-        else:
-            direction = load_concept(probe, adapter)
-            if not isinstance(direction, DirectionConcept):
-                raise ValueError(f"{probe}: --probe needs a direction concept (probe, diff of means, persona vector)")
-            candidates = features_aligned_with(loaded, direction.direction, k)
-            selection = {"by": "probe", "probe_path": str(probe), "statistic": "cosine of W_dec[j] with the probe direction"}
+    concept = sae_feature_concept(adapter, sae, feature=feature, spec=spec, probe=probe, layer=layer, k=k,
+                                  reduction=readout.value,
+                                  config=ProbeConfig(n_samples=n_samples, max_new_tokens=max_new_tokens, seed=seed),
+                                  cache_dir=cache_dir if cache_dir is not None else out.parent / ".answer-cache",
+                                  progress=True)
+    selection = concept.extra["selection"]
+    if selection:
         typer.echo(f"{'feature':>8}  {selection['statistic']}")
-        for j, value in candidates:
+        for j, value in selection["candidates"]:
             typer.echo(f"{j:>8}  {value:+.3f}")
-        feature = candidates[0][0]
-        selection["candidates"] = [[j, v] for j, v in candidates]
-    concept = SAEFeatureConcept(loaded, feature, layer, model_fingerprint=info.get("model_fingerprint") or adapter.fingerprint(),
-                                metrics={"sae": info.get("metrics", {})}, extra={"selection": selection, "sae_path": str(sae)},
-                                reduction=readout.value)
+    feature, layer = concept.feature, concept.layer
     save_concept(concept, out, extra_meta={"model": model})
     typer.echo(f"feature {feature} of {sae} at resid.{layer} -> {out}")

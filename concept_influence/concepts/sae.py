@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -27,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from concept_influence.concepts.base import Concept, Reduction, check_reduction
-from concept_influence.data.chat import ChatRow, write_json_atomic
+from concept_influence.data.atomic import replace_folder, temp_folder, write_json_atomic
+from concept_influence.data.chat import ChatRow
 from concept_influence.data.tokenize import TokenizedDataset, iter_batches, tokenize_chat
 
 if TYPE_CHECKING:
@@ -437,16 +437,13 @@ def save_sae(sae: SAE, path: str | os.PathLike, *, layer: int, model_fingerprint
     path = Path(path)
     if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / SAE_INFO).exists())):
         raise ValueError(f"{path}: exists and is not an SAE folder; not overwriting it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = temp_folder(path)
     try:
         sae.save_model(tmp)
         write_json_atomic(tmp / SAE_INFO, {"format": SAE_FORMAT, "site": f"resid.{int(layer)}", "layer": int(layer),
                                            "d_in": int(sae.cfg.d_in), "d_sae": int(sae.cfg.d_sae),
                                            "model_fingerprint": model_fingerprint, "metrics": jsonable(metrics or {})})
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        replace_folder(tmp, path)  # atomic swap: the old SAE until the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -472,3 +469,60 @@ def load_sae(path: str | os.PathLike, *, device: str = "cpu") -> tuple[SAE, dict
     except Exception as err:  # json, safetensors, key and shape errors from sae-lens
         raise ValueError(f"cannot load the SAE in {path}: {type(err).__name__}: {err}") from None
     return sae, info
+
+
+def sae_feature_concept(
+    adapter: ModelAdapter,
+    sae_path: str | os.PathLike,
+    *,
+    feature: int | None = None,
+    spec: ConceptSpec | str | os.PathLike | None = None,
+    probe: Concept | str | os.PathLike | None = None,
+    layer: int | None = None,
+    k: int = 5,
+    reduction: Reduction = "mean",
+    config: ProbeConfig | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> SAEFeatureConcept:
+    """Feature ``feature`` of the SAE saved in ``sae_path`` as a concept, or the best of ``k`` candidates chosen by a
+    concept ``spec`` (Cohen's d, positive vs negative answer tokens) or a direction ``probe`` (cosine of ``W_dec[j]``
+    with it). Exactly one of ``feature``/``spec``/``probe``. ``concept.extra["selection"]`` records the choice and
+    the candidates ``[[j, statistic], ...]``. ``layer``: the site the SAE reads (default: its ``sae_info.json``)."""
+    from concept_influence.concepts.base import DirectionConcept
+    from concept_influence.concepts.io import load_concept
+    from concept_influence.concepts.spec import ConceptSpec, load_spec
+    from concept_influence.concepts.train import ProbeConfig
+
+    if sum(x is not None for x in (spec, probe, feature)) != 1:
+        raise ValueError("give exactly one of --spec, --probe or --feature")
+    loaded, info = load_sae(sae_path, device=str(adapter.device))
+    if layer is None:
+        if "layer" not in info:
+            raise ValueError(f"{sae_path}: no sae_info.json saying which layer the SAE reads: pass --layer")
+        layer = int(info["layer"])
+    layer = adapter.check_layer(layer)
+    if int(loaded.cfg.d_in) != adapter.d_model:
+        raise ValueError(f"{sae_path}: the SAE reads {loaded.cfg.d_in}-dim activations but the model's hidden size is {adapter.d_model}")
+    selection: dict[str, Any] = {}
+    if feature is None:
+        if spec is not None:
+            concept_spec = spec if isinstance(spec, ConceptSpec) else load_spec(spec)
+            candidates = features_for_spec(adapter, loaded, concept_spec, layer, k, config or ProbeConfig(),
+                                           cache_dir=cache_dir, progress=progress)
+            selection = {"by": "spec", "spec": concept_spec.name, "statistic": "Cohen's d, positive vs negative answer tokens"}
+            if not isinstance(spec, ConceptSpec):
+                selection["spec_path"] = str(spec)
+        else:
+            direction = probe if isinstance(probe, Concept) else load_concept(probe, adapter)  # type: ignore[arg-type]
+            if not isinstance(direction, DirectionConcept):
+                raise ValueError(f"{probe}: --probe needs a direction concept (probe, diff of means, persona vector)")
+            candidates = features_aligned_with(loaded, direction.direction, k)
+            selection = {"by": "probe", "statistic": "cosine of W_dec[j] with the probe direction"}
+            if not isinstance(probe, Concept):
+                selection["probe_path"] = str(probe)
+        feature = candidates[0][0]
+        selection["candidates"] = [[j, v] for j, v in candidates]
+    return SAEFeatureConcept(loaded, feature, layer, model_fingerprint=info.get("model_fingerprint") or adapter.fingerprint(),
+                             metrics={"sae": info.get("metrics", {})}, extra={"selection": selection, "sae_path": str(sae_path)},
+                             reduction=reduction)

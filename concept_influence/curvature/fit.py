@@ -32,6 +32,7 @@ from concept_influence.curvature.io import (
     clear_partial,
     config_fingerprint,
     data_fingerprint,
+    has_factors,
     load_factors,
     load_partial,
     read_manifest,
@@ -39,7 +40,9 @@ from concept_influence.curvature.io import (
     save_partial,
 )
 from concept_influence.curvature.loss import sample_targets, sequence_losses
+from concept_influence.data.atomic import folder_lock
 from concept_influence.models.base import ModelAdapter, WeightCapture, WeightInfo
+from concept_influence.numerics import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -133,26 +136,54 @@ def fit_factors(
     (folder with ``manifest.json`` and ``factors.safetensors``); an existing complete fit with the same fingerprints
     is loaded instead of refitted, one with different fingerprints is an error unless ``overwrite``.
     ``max_batches``: stop after that many batches in this call, leaving a resumable partial state (for tests and
-    time-limited jobs); returns ``None`` in that case.
+    time-limited jobs); returns ``None`` in that case. Two fits into one ``out_dir`` take turns (a folder lock);
+    the second then finds the first one's factors.
     """
-    from concept_influence.data.tokenize import iter_batches
+    from concept_influence.data.tokenize import untrainable_rows
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if len(data) == 0:
+        raise ValueError("no training rows to fit factors on")
+    untrainable_rows(data)  # a row whose whole answer is truncated away is an error (leave such rows out first)
     infos = adapter.tracked_weights() if weights is None else [adapter.weight_info(n) for n in weights]
     names = [i.name for i in infos]
     if not names:
         raise ValueError("no weights to fit factors for")
     fingerprints = fit_fingerprints(adapter, data, config, names)
     folder = Path(out_dir) if out_dir is not None else None
+    lock = folder_lock(folder, what="factors folder") if folder is not None else contextlib.nullcontext()
+    with lock:
+        return _fit(adapter, data, config, infos, fingerprints, folder, batch_size=batch_size,
+                    checkpoint_every=checkpoint_every, overwrite=overwrite, progress=progress, max_batches=max_batches)
+
+
+def _fit(
+    adapter: ModelAdapter,
+    data: Sequence[Any],
+    config: FactorConfig,
+    infos: Sequence[WeightInfo],
+    fingerprints: dict[str, str],
+    folder: Path | None,
+    *,
+    batch_size: int,
+    checkpoint_every: int | None,
+    overwrite: bool,
+    progress: bool,
+    max_batches: int | None,
+) -> Factors | None:
+    from concept_influence.data.tokenize import iter_batches
+
+    names = [i.name for i in infos]
 
     state: dict[str, Any] = {"stage": "covariance", "rows_done": 0, "n_tokens": 0, "n_rows": 0}
     sums: dict[str, torch.Tensor] = {}
     if folder is not None:
-        if (folder / "manifest.json").exists():
+        if has_factors(folder):
             saved = read_manifest(folder)["fingerprints"]
             if saved == fingerprints:
                 logger.info("factors in %s match this model, data and config: loading them", folder)
+                clear_partial(folder)  # left by a fit killed after saving its factors
                 return load_factors(folder, model_fingerprint=fingerprints["model"], data_fingerprint=fingerprints["data"])
             if not overwrite:
                 check_fingerprints(saved, fingerprints, f"the factors in {folder}")
@@ -208,6 +239,7 @@ def fit_factors(
                 for info in infos:
                     a = folded_activations(capture, info, attention).to(stats_dtype)
                     g = capture.output_grads[info.name].to(stats_dtype)
+                    _check_row_tensors(a, g, info.name, batch, "fit-factors (covariance pass)")
                     mask = attention.to(a.device)
                     _add(sums, f"{info.name}/A", masked_covariance_sum(a, mask))
                     _add(sums, f"{info.name}/S", masked_covariance_sum(g, mask))
@@ -231,7 +263,9 @@ def fit_factors(
                 state["n_rows"] += int(batch["input_ids"].shape[0])
                 for info in infos:
                     a = folded_activations(capture, info, batch["attention_mask"]).to(stats_dtype)
-                    grads = per_example_gradients(a, capture.output_grads[info.name].to(stats_dtype))
+                    g = capture.output_grads[info.name].to(stats_dtype)
+                    _check_row_tensors(a, g, info.name, batch, "fit-factors (eigenvalue-correction pass)")
+                    grads = per_example_gradients(a, g)
                     _add(sums, f"{info.name}/diag", grads.square().sum(dim=0))
                     if info.name in eigens:
                         s_eig, a_eig = eigens[info.name]
@@ -260,10 +294,30 @@ def fit_factors(
                 w.eigenvalue_correction = (sums[f"{info.name}/lambda"] / n_rows).to(torch.float64)
         out[info.name] = w
     factors = Factors(out, config, n_rows=int(state["n_rows"]), n_tokens=int(state["n_tokens"]), fingerprints=fingerprints)
+    check_factors_finite(factors, "fit-factors (result)")
     if folder is not None:
         save_factors(factors, folder)
         clear_partial(folder)
     return factors
+
+
+def _check_row_tensors(a: torch.Tensor, g: torch.Tensor, name: str, batch: dict[str, torch.Tensor], stage: str) -> None:
+    """Activations ``a`` and output gradients ``g`` ``[B, T, ·]`` of a batch must be finite (error names the row)."""
+    check_finite(a, f"{stage}: input activations of {name}", batch["index"])
+    check_finite(g, f"{stage}: output gradients of {name}", batch["index"])
+
+
+def check_factors_finite(factors: Factors, stage: str) -> None:
+    """Every tensor of every weight's factors must be finite (error names the weight and the tensor)."""
+    for name, w in factors.weights.items():
+        tensors = {"eigenvalue_correction": w.eigenvalue_correction, "diagonal": w.diagonal}
+        for fld in ("activation_eigen", "gradient_eigen"):
+            eig = getattr(w, fld)
+            if eig is not None:
+                tensors[f"{fld}values"], tensors[f"{fld}vectors"] = eig.values, eig.vectors
+        for key, value in tensors.items():
+            if value is not None:
+                check_finite(value, f"{stage}: factors of {name} ({key})", hint="refit the factors")
 
 
 def _add(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:

@@ -350,8 +350,8 @@ def linear_datamodeling(aligned: Mapping[str, np.ndarray], lds_runs: Sequence[Se
     for metric in metrics:
         actual = np.array([np.mean([results[r][metric] for r in runs]) for runs in lds_runs])
         for name, scores in aligned.items():
-            total = float(scores.sum())
-            predicted = np.array([total - scores[list(runs[0].removed)].sum() for runs in lds_runs])
+            total = float(np.nansum(scores))
+            predicted = np.array([total - np.nansum(scores[list(runs[0].removed)]) for runs in lds_runs])
             value = spearman(predicted, actual)
             ci = bootstrap_ci(lambda idx, p=predicted, a=actual: spearman(p[idx], a[idx]), len(actual), seed=seed)
             block = {"spearman": value, "ci": ci}

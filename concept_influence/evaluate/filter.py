@@ -72,24 +72,28 @@ class FilterResult:
 
 
 def check_alignment(rows: Sequence[Any], table: ScoreTable, *, data_name: str = "data", scores_name: str = "scores") -> np.ndarray:
-    """``scores[i]`` for data row ``i`` ``[n]``; mismatched row counts, indices or ids are errors."""
+    """``scores[i]`` for data row ``i`` ``[n]`` (NaN for rows the method left out as truncated); mismatched row
+    counts, indices or ids are errors."""
     n = len(rows)
     if len(table) != n:
         raise ValueError(f"{scores_name} has {len(table)} rows but {data_name} has {n}: they must describe the same rows")
     out = np.full(n, np.nan)
+    seen = np.zeros(n, dtype=bool)
+    truncated = list(getattr(table, "truncated", None) or [False] * len(table))
     for position, (index, row_id) in enumerate(zip(table.index, table.ids, strict=True)):
         if not 0 <= index < n:
             raise ValueError(f"{scores_name}: row {position} has index {index}, outside the {n} rows of {data_name}")
-        if not np.isnan(out[index]):
+        if seen[index]:
             raise ValueError(f"{scores_name}: index {index} appears twice")
+        seen[index] = True
         data_id = rows[index].fields.get("id")
         if row_id is not None and data_id is not None and row_id != data_id:
             raise ValueError(f"{scores_name}: index {index} has id {row_id!r} but {data_name} row {index} has id {data_id!r}")
         if (row_id is None) != (data_id is None):
             raise ValueError(f"{scores_name}: index {index} has id {row_id!r} but {data_name} row {index} has id {data_id!r}")
         out[index] = table.scores[position]
-    if not np.isfinite(out).all():
-        raise ValueError(f"{scores_name}: scores contain NaN or infinity")
+        if not truncated[position] and not np.isfinite(out[index]):
+            raise ValueError(f"{scores_name}: row {index} has a non-finite score ({out[index]})")
     return out
 
 
@@ -104,21 +108,27 @@ def _units(rows: Sequence[Any], scores: np.ndarray, by: str | None, aggregate: A
         key = value if isinstance(value, (str, int, float, bool)) or value is None else repr(value)
         groups.setdefault(key, []).append(i)
     keys = list(groups)
-    reduce = np.mean if aggregate == "mean" else np.sum
-    return keys, np.array([float(reduce(scores[groups[k]])) for k in keys]), [groups[k] for k in keys]
+    def reduce(values: np.ndarray) -> float:
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            return float("nan")
+        return float(values.mean() if aggregate == "mean" else values.sum())
+
+    return keys, np.array([reduce(scores[groups[k]]) for k in keys]), [groups[k] for k in keys]
 
 
 def select_removal(rows: Sequence[Any], scores: np.ndarray, rule: FilterRule) -> FilterResult:
     """Apply ``rule`` to per-row ``scores`` ``[n]`` (aligned with ``rows``)."""
     keys, unit_scores, members = _units(rows, np.asarray(scores, dtype=np.float64), rule.by, rule.aggregate)
     sign = -1.0 if rule.end == "top" else 1.0
-    order = np.lexsort((np.arange(len(keys)), sign * unit_scores))  # best first, ties by first appearance
+    scored = np.flatnonzero(np.isfinite(unit_scores))  # unscored units (truncated rows) are never removed
+    order = scored[np.lexsort((scored, sign * unit_scores[scored]))]  # best first, ties by first appearance
     if rule.threshold is not None:
         chosen = [u for u in order if (unit_scores[u] >= rule.threshold if rule.end == "top" else unit_scores[u] <= rule.threshold)]
         cutoff: float | None = rule.threshold
     else:
-        k = rule.remove_top_k if rule.remove_top_k is not None else int(round(rule.remove_top * len(keys)))  # type: ignore[operator]
-        chosen = list(order[: min(k, len(keys))])
+        k = rule.remove_top_k if rule.remove_top_k is not None else int(round(rule.remove_top * len(order)))  # type: ignore[operator]
+        chosen = list(order[:k])
         cutoff = float(unit_scores[chosen[-1]]) if chosen else None
     removed = sorted(i for u in chosen for i in members[u])
     removed_set = set(removed)
@@ -126,7 +136,7 @@ def select_removal(rows: Sequence[Any], scores: np.ndarray, rule: FilterRule) ->
         removed=removed,
         kept=[i for i in range(len(rows)) if i not in removed_set],
         removed_units=[keys[u] for u in chosen],
-        unit_scores={keys[u]: float(unit_scores[u]) for u in range(len(keys))},
+        unit_scores={keys[u]: float(unit_scores[u]) for u in range(len(keys))},  # NaN: unscored
         cutoff=cutoff,
         rule=rule,
     )

@@ -1,0 +1,197 @@
+"""The gradient-attribution pipeline (moved out of the CLI): turn query prompts into a measurement, get curvature
+factors (loaded, checked against fingerprints, or fitted), score every training row, and return a ``ScoreTable``.
+
+``run_gradient_attribution`` serves the ``concept-influence`` and ``influence`` methods of ``Attributor.attribute``
+and of ``concept-influence attribute``. Positive score = training on the row raises the measurement.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from concept_influence.attribution.influence import InfluenceConfig, InfluenceResult, compute_influence
+from concept_influence.attribution.measurements import (
+    ConceptMeasurement,
+    DifferentialMeasurement,
+    LogLikelihoodMeasurement,
+    Measurement,
+    answer_queries,
+    tokenize_queries,
+)
+from concept_influence.attribution.scores import ScoreTable
+from concept_influence.concepts.base import Concept
+from concept_influence.curvature.config import Damping, FactorConfig
+from concept_influence.curvature.factors import Factors
+from concept_influence.curvature.fit import fit_factors
+from concept_influence.curvature.io import data_fingerprint, has_factors, load_factors
+from concept_influence.data.chat import ChatRow
+from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat, untrainable_rows
+from concept_influence.models.base import ModelAdapter
+
+logger = logging.getLogger(__name__)
+
+GRADIENT_METHODS = ("concept-influence", "influence")
+
+
+@dataclass(frozen=True)
+class GradientAttributionConfig:
+    """Settings of ``run_gradient_attribution``.
+
+    ``preconditioner``/``damping``: the curvature (default EKFAC, 0.1 × mean eigenvalue per weight);
+    ``fisher``/``factor_dtype``: used when the factors have to be fitted here; ``max_length``/``batch_size``:
+    tokenisation and batching; ``n_samples``/``temperature``/``max_new_tokens``/``seed``: how prompt-only queries
+    are answered by the model; ``cache_dir``: where generated answers are cached; ``token_breakdown``:
+    ``"target"``/``"position"`` adds each row's per-token contributions as a ``token_scores`` column; ``row_loss``:
+    score each row's summed (default) or mean token loss (see ``InfluenceConfig``); ``per_weight`` /
+    ``self_influence``: add ``weight_scores`` (``{weight: score}`` per row) / ``self_influence`` columns.
+    """
+
+    preconditioner: str = "ekfac"
+    damping: Damping = Damping()
+    fisher: str = "true"
+    factor_dtype: str = "float32"
+    max_length: int = 512
+    batch_size: int = 8
+    n_samples: int = 1
+    temperature: float = 1.0
+    max_new_tokens: int = 48
+    seed: int = 0
+    cache_dir: str | None = None
+    token_breakdown: str = "none"
+    row_loss: str = "sum"
+    per_weight: bool = False
+    self_influence: bool = False
+
+    def factor_config(self) -> FactorConfig:
+        """The fit these settings need (EKFAC fits support every preconditioner but identity's none)."""
+        return FactorConfig(fisher=self.fisher, preconditioner=self.preconditioner, dtype=self.factor_dtype,  # type: ignore[arg-type]
+                            seed=self.seed)
+
+    def influence_config(self) -> InfluenceConfig:
+        return InfluenceConfig(preconditioner=self.preconditioner, damping=self.damping,  # type: ignore[arg-type]
+                               batch_size=self.batch_size, token_breakdown=self.token_breakdown,  # type: ignore[arg-type]
+                               row_loss=self.row_loss, per_weight=self.per_weight,  # type: ignore[arg-type]
+                               self_influence=self.self_influence)
+
+
+def build_measurement(
+    adapter: ModelAdapter,
+    concept: Concept | None,
+    queries: Sequence[ChatRow],
+    method: str,
+    config: GradientAttributionConfig,
+    *,
+    contrast_queries: Sequence[ChatRow] | None = None,
+) -> tuple[Measurement, list[ChatRow]]:
+    """The measurement of ``method`` on answered queries (prompt-only queries are answered by the model)."""
+    if method not in GRADIENT_METHODS:
+        raise ValueError(f"unknown gradient method {method!r}; expected one of {GRADIENT_METHODS}")
+    if method == "concept-influence" and concept is None:
+        raise ValueError("--method concept-influence needs a concept (--concept FILE)")
+    answer = dict(n_samples=config.n_samples, temperature=config.temperature, max_new_tokens=config.max_new_tokens,
+                  seed=config.seed, cache_dir=config.cache_dir)
+    answered = answer_queries(adapter, queries, **answer)
+    tokenized = tokenize_queries(answered, adapter.tokenizer, config.max_length)
+    if method == "influence":
+        return LogLikelihoodMeasurement(tokenized), answered
+    assert concept is not None
+    if contrast_queries:
+        contrast = tokenize_queries(answer_queries(adapter, contrast_queries, **answer), adapter.tokenizer, config.max_length)
+        return DifferentialMeasurement(concept, tokenized, contrast), answered
+    return ConceptMeasurement(concept, tokenized), answered
+
+
+def obtain_factors(
+    adapter: ModelAdapter,
+    data: TokenizedDataset,
+    factors: Factors | str | os.PathLike | None,
+    config: GradientAttributionConfig,
+    weights: Sequence[str],
+    *,
+    progress: bool = True,
+) -> tuple[Factors | None, list[str]]:
+    """Factors for ``weights`` and a note saying where they came from: given ``Factors`` are used as they are; a
+    folder with a fit is loaded (checked against this model and data: a mismatch is an error); otherwise they are
+    fitted on ``data`` (and saved to the folder when one is given). ``None`` for the identity preconditioner."""
+    if config.preconditioner == "identity":
+        return None, []
+    if isinstance(factors, Factors):
+        return factors, ["factors given in memory"]
+    if factors is not None and has_factors(factors):
+        loaded = load_factors(factors, model_fingerprint=adapter.fingerprint(), data_fingerprint=data_fingerprint(data))
+        return loaded, [f"factors loaded from {factors}"]
+    fitted = fit_factors(adapter, data, config.factor_config(), weights=list(weights), batch_size=config.batch_size,
+                         out_dir=factors, progress=progress)
+    assert fitted is not None
+    return fitted, [f"factors fitted on {len(data)} rows" + (f" and saved to {factors}" if factors else "")]
+
+
+def result_table(rows: Sequence[ChatRow], result: InfluenceResult, method: str, *, notes: Sequence[str] = (),
+                 meta: dict[str, Any] | None = None) -> ScoreTable:
+    """An ``InfluenceResult`` as a ``ScoreTable`` over ``rows``: breakdowns become columns (``token_scores``,
+    ``weight_scores``, ``self_influence``), the rest goes to ``meta``. Rows the result does not score (left out
+    because truncation removed their whole answer, see ``untrainable_rows``) are marked ``truncated``."""
+    rows = list(rows)
+    position = {int(i): p for p, i in enumerate(result.indices)}
+    if len(position) != len(result.indices):
+        raise ValueError("the scored rows have duplicate indices")
+    where = [position.get(int(r.index)) for r in rows]
+    if len(rows) - where.count(None) != len(result.indices):
+        raise ValueError(f"{len(result.indices)} scores do not match the {len(rows)} training rows")
+
+    def spread(values: list[Any], missing: Any = None) -> list[Any]:
+        return [missing if p is None else values[p] for p in where]
+
+    columns: dict[str, list[Any]] = {}
+    if result.per_token is not None:
+        columns["token_scores"] = spread([t.tolist() for t in result.per_token])
+    if result.per_weight is not None:
+        names = list(result.per_weight)
+        values = [result.per_weight[n].tolist() for n in names]
+        columns["weight_scores"] = spread([{n: v[i] for n, v in zip(names, values, strict=True)}
+                                           for i in range(len(result.indices))])
+    if result.self_influence is not None:
+        columns["self_influence"] = spread(result.self_influence.tolist())
+    full_meta = {**result.meta(), "notes": list(notes) + result.notes, "method": method, **(meta or {})}
+    scores = spread(result.scores.tolist(), float("nan"))
+    return ScoreTable.from_rows(rows, scores, method, columns=columns, meta=full_meta,
+                                truncated=[p is None for p in where])
+
+
+def run_gradient_attribution(
+    adapter: ModelAdapter,
+    rows: Sequence[ChatRow],
+    concept: Concept | None,
+    queries: Sequence[ChatRow],
+    method: str,
+    factors_path: Factors | str | os.PathLike | None,
+    config: GradientAttributionConfig = GradientAttributionConfig(),
+    *,
+    contrast_queries: Sequence[ChatRow] | None = None,
+    train: TokenizedDataset | None = None,
+    skip_invalid: bool = False,
+    progress: bool = True,
+) -> ScoreTable:
+    """Score training rows with Concept Influence (``method="concept-influence"``, needs ``concept``) or classical
+    influence on the queries' log-likelihood (``method="influence"``).
+
+    ``factors_path``: fitted ``Factors``, a folder of fitted factors (checked against this model and data; mismatch
+    is an error), a folder that does not exist yet (the factors are fitted on ``rows`` and saved there), or
+    ``None`` (fitted in memory). Only the weights the measurement reaches are fitted and used. ``train``: ``rows``
+    already tokenised (saves the work). A row whose whole answer is truncated away is an error; ``skip_invalid``
+    leaves such rows out of the fit and the scores (marked ``truncated``). Positive score = training on the row
+    raises the measurement.
+    """
+    if adapter.tokenizer is None:
+        raise ValueError("gradient attribution needs the model's tokenizer")
+    measurement, answered = build_measurement(adapter, concept, queries, method, config, contrast_queries=contrast_queries)
+    data = train if train is not None else tokenize_chat(rows, adapter.tokenizer, config.max_length)
+    if skip_invalid:
+        data = data.without(untrainable_rows(data, skip_invalid=True))
+    factors, notes = obtain_factors(adapter, data, factors_path, config, measurement.weights(adapter), progress=progress)
+    result = compute_influence(adapter, data, measurement, factors, config.influence_config(), progress=progress)
+    return result_table(rows, result, method, notes=notes, meta={"n_queries": len(answered), "config": asdict(config)})

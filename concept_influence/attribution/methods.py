@@ -1,0 +1,166 @@
+"""The registry of attribution methods: name -> function, and the method run when none is named.
+
+A method is a function ``fn(session, concept, queries, **options) -> ScoreTable`` where ``session`` is the
+``Attributor`` (model, training rows, workdir caches), ``concept`` a ``Concept`` (or ``None`` when the method
+needs none) and ``queries`` a list of ``ChatRow`` (or ``None``). Its keyword-only parameters are its options:
+``Attributor.attribute`` refuses any other option with a ``ValueError`` naming it and the method. Gradient methods
+also take ``store`` (see ``Attributor.attribute``). Register a new method with ``@register_method(...)``; the CLI's
+``--method`` choices come from this registry.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from concept_influence.attribution.gradient import GradientAttributionConfig
+from concept_influence.attribution.scores import ScoreTable
+from concept_influence.curvature.config import Damping
+
+if TYPE_CHECKING:
+    from concept_influence.concepts.base import Concept
+    from concept_influence.data.chat import ChatRow
+    from concept_influence.pipeline import Attributor
+
+MethodFn = Callable[..., ScoreTable]
+
+RECOMMENDED_METHOD = "concept-influence"
+"""The method ``Attributor.attribute`` and ``concept-influence attribute`` run when none is named."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method. ``kind``: ``"forward"`` (forward passes only) or ``"gradient"`` (curvature + gradients;
+    reads factors and stores); ``needs_concept`` / ``needs_queries``: what a question must give."""
+
+    name: str
+    fn: MethodFn
+    kind: Literal["forward", "gradient"]
+    needs_concept: bool
+    needs_queries: bool
+    description: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The method's options and their defaults (its keyword-only parameters)."""
+        params = inspect.signature(self.fn).parameters.values()
+        return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        allowed = self.options
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(f"method {self.name!r} has no option {unknown[0]!r}"
+                             + (f" (nor {unknown[1:]})" if len(unknown) > 1 else "")
+                             + f"; its options are: {', '.join(sorted(allowed)) or 'none'}")
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, *, kind: Literal["forward", "gradient"], needs_concept: bool = True,
+                    needs_queries: bool = False, description: str = "") -> Callable[[MethodFn], MethodFn]:
+    """Decorator: register ``fn`` under ``name`` (replacing an earlier registration of the same name)."""
+    if kind not in ("forward", "gradient"):
+        raise ValueError(f"method kind must be 'forward' or 'gradient', got {kind!r}")
+
+    def decorate(fn: MethodFn) -> MethodFn:
+        doc = description or (inspect.getdoc(fn) or "").split("\n")[0]
+        METHODS[name] = Method(name, fn, kind, needs_concept, needs_queries, doc)
+        return fn
+
+    return decorate
+
+
+def get_method(name: str | None) -> Method:
+    """The registered method ``name`` (``None``: ``RECOMMENDED_METHOD``); unknown names are a ``ValueError``."""
+    name = RECOMMENDED_METHOD if name is None else name
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(method_names())}")
+    return METHODS[name]
+
+
+def method_names() -> list[str]:
+    return list(METHODS)
+
+
+# ---- the built-in methods ------------------------------------------------------------------------------------------
+@register_method("vector-filter", kind="forward", description="the concept's readout on each row's own answer")
+def _vector_filter(session: Attributor, concept: Concept, queries: Sequence[ChatRow] | None, *,
+                   reduction: str | None = None, token_readouts: bool = False, batch_size: int | None = None) -> ScoreTable:
+    from concept_influence.attribution.forward import vector_filter
+
+    return vector_filter(session.adapter, session.rows, concept, batch_size=batch_size or session.batch_size,
+                         max_length=session.max_length, reduction=reduction, token_readouts=token_readouts,  # type: ignore[arg-type]
+                         skip_invalid=session.skip_invalid, progress=session.progress)
+
+
+@register_method("projection-difference", kind="forward",
+                 description="the row's answer's readout minus that of the model's own answers to its prompt")
+def _projection_difference(session: Attributor, concept: Concept, queries: Sequence[ChatRow] | None, *,
+                           n_samples: int = 1, temperature: float = 1.0, max_new_tokens: int = 64,
+                           seed: int | None = None, cache_dir: str | None = None,
+                           batch_size: int | None = None) -> ScoreTable:
+    from concept_influence.attribution.forward import projection_difference
+
+    return projection_difference(session.adapter, session.rows, concept, n_samples=n_samples, temperature=temperature,
+                                 max_new_tokens=max_new_tokens, seed=session.seed if seed is None else seed,
+                                 cache_dir=cache_dir if cache_dir is not None else session.answer_cache,
+                                 batch_size=batch_size or session.batch_size, max_length=session.max_length,
+                                 skip_invalid=session.skip_invalid, progress=session.progress)
+
+
+def _gradient_config(session: Attributor, *, preconditioner: str = "ekfac", damping: float | Damping = 0.1,
+                     absolute_damping: float | None = None, row_loss: str = "sum", token_breakdown: str = "none",
+                     per_weight: bool = False, self_influence: bool = False, n_samples: int = 1,
+                     temperature: float = 1.0, max_new_tokens: int = 48, fisher: str = "true",
+                     factor_dtype: str = "float32", cache_dir: str | None = None,
+                     batch_size: int | None = None) -> GradientAttributionConfig:
+    """The ``GradientAttributionConfig`` of a gradient method's options in ``session``."""
+    if isinstance(damping, Damping):
+        resolved = damping
+    elif absolute_damping is not None:
+        resolved = Damping(absolute=absolute_damping)
+    else:
+        resolved = Damping(relative=float(damping))
+    return GradientAttributionConfig(
+        preconditioner=preconditioner, damping=resolved, fisher=fisher, factor_dtype=factor_dtype,
+        max_length=session.max_length, batch_size=batch_size or session.batch_size, n_samples=n_samples,
+        temperature=temperature, max_new_tokens=max_new_tokens, seed=session.seed,
+        cache_dir=str(cache_dir) if cache_dir is not None else (str(session.answer_cache) if session.answer_cache else None),
+        token_breakdown=token_breakdown, row_loss=row_loss, per_weight=per_weight, self_influence=self_influence,
+    )
+
+
+def _gradient(session: Attributor, method: str, concept: Concept | None, queries: Sequence[ChatRow], *,
+              contrast_queries: Any, factors: Any, store: Any, **options: Any) -> ScoreTable:
+    config = _gradient_config(session, **options)
+    return session.gradient_attribution(method, concept, queries, config, contrast_queries=contrast_queries,
+                                        factors=factors, store=store)
+
+
+@register_method("concept-influence", kind="gradient", needs_queries=True,
+                 description="EKFAC influence of each row on the concept's readout over the queries' answers")
+def _concept_influence(session: Attributor, concept: Concept, queries: Sequence[ChatRow], *,
+                       contrast_queries: Any = None, preconditioner: str = "ekfac", damping: float | Damping = 0.1,
+                       absolute_damping: float | None = None, row_loss: str = "sum", token_breakdown: str = "none",
+                       per_weight: bool = False, self_influence: bool = False, n_samples: int = 1,
+                       temperature: float = 1.0, max_new_tokens: int = 48, fisher: str = "true",
+                       factor_dtype: str = "float32", factors: Any = None, cache_dir: str | None = None,
+                       batch_size: int | None = None, store: Any = None) -> ScoreTable:
+    return _gradient(session, "concept-influence", concept, queries, **{k: v for k, v in locals().items()
+                                                                         if k not in ("session", "concept", "queries")})
+
+
+@register_method("influence", kind="gradient", needs_concept=False, needs_queries=True,
+                 description="classical EKFAC influence on the log-likelihood of the queries' answers")
+def _influence(session: Attributor, concept: Concept | None, queries: Sequence[ChatRow], *,
+               preconditioner: str = "ekfac", damping: float | Damping = 0.1, absolute_damping: float | None = None,
+               row_loss: str = "sum", token_breakdown: str = "none", per_weight: bool = False,
+               self_influence: bool = False, n_samples: int = 1, temperature: float = 1.0, max_new_tokens: int = 48,
+               fisher: str = "true", factor_dtype: str = "float32", factors: Any = None, cache_dir: str | None = None,
+               batch_size: int | None = None, store: Any = None) -> ScoreTable:
+    return _gradient(session, "influence", None, queries, contrast_queries=None,
+                     **{k: v for k, v in locals().items() if k not in ("session", "concept", "queries")})

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -94,15 +92,17 @@ def test_mismatches_are_errors(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from concept_influence.cli import app
+
     data, _ = _write(tmp_path)
     scores = _scores(tmp_path, data, np.arange(10))
-    base = [sys.executable, "-c", "from concept_influence.cli import main; main()", "filter", "--data", str(data),
-            "--scores", str(scores), "--out", str(tmp_path / "o.jsonl")]
-    ok = subprocess.run(base + ["--remove-top", "0.2"], capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
+    base = ["filter", "--data", str(data), "--scores", str(scores), "--out", str(tmp_path / "o.jsonl")]
+    ok = CliRunner().invoke(app, base + ["--remove-top", "0.2"])
+    assert ok.exit_code == 0, ok.stderr
     assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 8
     for extra, message in [([], "exactly one"), (["--remove-top", "1.5"], "--remove-top"),
                            (["--remove-top-k", "1", "--by", "missing"], "no field 'missing'")]:
-        bad = subprocess.run(base + extra, capture_output=True, text=True)
-        assert bad.returncode == 2 and "Traceback" not in bad.stderr
-        assert message in bad.stderr
+        bad = CliRunner().invoke(app, base + extra)
+        assert bad.exit_code == 2 and message in bad.stderr and "Traceback" not in bad.stderr

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -106,11 +105,14 @@ def test_report_cli_and_bad_input(tmp_path):
         table.write_jsonl(tmp_path / f"{name}.jsonl")
     (tmp_path / "ev").mkdir()
     (tmp_path / "ev" / "evaluation.json").write_text(json.dumps(_evaluation()))
-    cli = [sys.executable, "-c", "from concept_influence.cli import main; main()", "report"]
-    ok = subprocess.run(cli + ["--scores", str(tmp_path / "concept-influence.jsonl"), str(tmp_path / "vector-filter.jsonl"),
-                               "--data", str(path), "--evaluation", str(tmp_path / "ev"), "--out", str(tmp_path / "r.html")],
-                        capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
+    from typer.testing import CliRunner
+
+    from concept_influence.cli import app
+
+    cli = ["report"]
+    ok = CliRunner().invoke(app, cli + ["--scores", str(tmp_path / "concept-influence.jsonl"), str(tmp_path / "vector-filter.jsonl"),
+                               "--data", str(path), "--evaluation", str(tmp_path / "ev"), "--out", str(tmp_path / "r.html")])
+    assert ok.exit_code == 0, ok.stderr
     text = (tmp_path / "r.html").read_text()
     assert "removal curves" in text and text.count("<h3>") >= 2
     short = tmp_path / "short.jsonl"
@@ -120,5 +122,5 @@ def test_report_cli_and_bad_input(tmp_path):
              (["--scores", str(tmp_path / "vector-filter.jsonl"), "--data", str(path), "--evaluation", str(tmp_path)],
               "no evaluation.json")]
     for args, message in cases:
-        bad = subprocess.run(cli + args + ["--out", str(tmp_path / "x.html")], capture_output=True, text=True)
-        assert bad.returncode == 2 and "Traceback" not in bad.stderr and message in bad.stderr, bad.stderr
+        bad = CliRunner().invoke(app, cli + args + ["--out", str(tmp_path / "x.html")])
+        assert bad.exit_code == 2 and message in bad.stderr, bad.stderr

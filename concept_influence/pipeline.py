@@ -431,7 +431,8 @@ class Attributor:
         if key not in self._projectors:
             self._projectors[key] = store.projector(self.adapter, loaded)
         projector = self._projectors[key]
-        names, more = resolve_weights(self.adapter, measurement, store.names)
+        names, more = resolve_weights(self.adapter, measurement, store.names, allow_subset=config.allow_subset,
+                                      what=f"the gradient store {store.folder}")
         if loaded is not None:
             names = [n for n in names if n in loaded.names]
         preconditioner = build_preconditioner(self.adapter, names, loaded, config.influence_config())

@@ -47,7 +47,9 @@ class GradientAttributionConfig:
     are answered by the model; ``cache_dir``: where generated answers are cached; ``token_breakdown``:
     ``"target"``/``"position"`` adds each row's per-token contributions as a ``token_scores`` column; ``row_loss``:
     score each row's summed (default) or mean token loss (see ``InfluenceConfig``); ``per_weight`` /
-    ``self_influence``: add ``weight_scores`` (``{weight: score}`` per row) / ``self_influence`` columns.
+    ``self_influence``: add ``weight_scores`` (``{weight: score}`` per row) / ``self_influence`` columns;
+    ``allow_subset``: score with the fitted weights only when the factors miss some the measurement reaches
+    (default: an error).
     """
 
     preconditioner: str = "ekfac"
@@ -65,6 +67,7 @@ class GradientAttributionConfig:
     row_loss: str = "sum"
     per_weight: bool = False
     self_influence: bool = False
+    allow_subset: bool = False
 
     def factor_config(self) -> FactorConfig:
         """The fit these settings need (EKFAC fits support every preconditioner but identity's none)."""
@@ -75,7 +78,7 @@ class GradientAttributionConfig:
         return InfluenceConfig(preconditioner=self.preconditioner, damping=self.damping,  # type: ignore[arg-type]
                                batch_size=self.batch_size, token_breakdown=self.token_breakdown,  # type: ignore[arg-type]
                                row_loss=self.row_loss, per_weight=self.per_weight,  # type: ignore[arg-type]
-                               self_influence=self.self_influence)
+                               self_influence=self.self_influence, allow_subset=self.allow_subset)
 
 
 def build_measurement(

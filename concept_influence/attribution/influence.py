@@ -31,6 +31,7 @@ from concept_influence.curvature.config import Damping, PreconditionerKind
 from concept_influence.curvature.covariance import per_example_gradients, token_contractions
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import capture_loss_gradients, folded_activations, gradient_mode
+from concept_influence.curvature.io import FactorMismatchError
 from concept_influence.curvature.preconditioner import IdentityPreconditioner, Preconditioner
 from concept_influence.data.tokenize import iter_batches, untrainable_rows
 from concept_influence.models.base import ModelAdapter, WeightInfo
@@ -49,7 +50,9 @@ class InfluenceConfig:
     ``row_loss``: ``"sum"`` (default) scores the gradient of the row's summed token loss, which is how a row weighs
     in fine-tuning with a per-token mean loss over the batch (and kronfluence's convention); ``"mean"`` scores its
     per-token mean instead (every score divided by the row's number of trained tokens, self-influence by its
-    square), which removes the advantage of long rows when ranking. The factors are the same for both."""
+    square), which removes the advantage of long rows when ranking. The factors are the same for both.
+    ``allow_subset``: when the factors miss weights the measurement reaches, score with the covered ones only (and
+    say so in the notes); default: an error."""
 
     preconditioner: PreconditionerKind = "ekfac"
     damping: Damping = Damping()
@@ -58,6 +61,7 @@ class InfluenceConfig:
     per_weight: bool = False
     self_influence: bool = False
     row_loss: Literal["sum", "mean"] = "sum"
+    allow_subset: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -110,8 +114,10 @@ class InfluenceResult:
                 "sign": "positive = training on the row raises the measurement"}
 
 
-def resolve_weights(adapter: ModelAdapter, measurement: Measurement, available: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
-    """The weights to score over and notes saying why: the measurement's reach, within the fitted factors."""
+def resolve_weights(adapter: ModelAdapter, measurement: Measurement, available: Sequence[str] | None = None, *,
+                    allow_subset: bool = False, what: str = "the factors") -> tuple[list[str], list[str]]:
+    """The weights to score over and notes saying why: the measurement's reach, within ``available`` (the fitted
+    factors' or a store's weights). Missing reached weights are an error unless ``allow_subset``."""
     notes = []
     reached = measurement.weights(adapter)
     layer = measurement.reach(adapter)
@@ -122,7 +128,14 @@ def resolve_weights(adapter: ModelAdapter, measurement: Measurement, available: 
         missing = [n for n in reached if n not in set(available)]
         reached = [n for n in reached if n in set(available)]
         if not reached:
-            raise ValueError(f"the factors cover none of the weights the measurement reaches ({measurement.description})")
+            raise ValueError(f"{what} cover none of the weights the measurement reaches ({measurement.description})")
+        if missing and not allow_subset:
+            upto = f" up to layer {layer}" if layer is not None else ""
+            raise FactorMismatchError(
+                f"{what} cover {len(reached)} of the {len(reached) + len(missing)} weights the measurement reaches "
+                f"(missing {missing[:4]}{' ...' if len(missing) > 4 else ''}); fit factors for every weight{upto} "
+                "(fit-factors --concept C, or without --up-to-layer), or pass --allow-subset (allow_subset=True) "
+                "to score with the covered weights only")
         if missing:
             notes.append(f"{len(missing)} reached weights have no factors and are left out: {missing[:6]}"
                          + (" ..." if len(missing) > 6 else ""))
@@ -274,6 +287,15 @@ def _math_attention():
         return contextlib.nullcontext()
 
 
+def check_factors_model(adapter: ModelAdapter, factors: Factors | Preconditioner | None) -> None:
+    """Factors fitted on another model (parameters, by fingerprint) are an error, never used silently."""
+    fitted_on = factors.fingerprints.get("model") if isinstance(factors, Factors) else None
+    if fitted_on is not None and fitted_on != adapter.fingerprint():
+        raise FactorMismatchError(
+            f"the factors were fitted for a different model (or changed weights) (model fingerprint: factors "
+            f"{fitted_on!r}, this model {adapter.fingerprint()!r}); refit them on this model (fit_factors / fit-factors)")
+
+
 def _checked_inverse(preconditioner: Preconditioner, grad_f: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
     """``P⁻¹ ∇f`` with both sides checked to be finite (errors name the weight)."""
     check_finite_dict(grad_f, f"measurement gradient of {what} over the queries")
@@ -299,8 +321,9 @@ def compute_influence(
     skip_invalid=True))``, which ``Attributor(skip_invalid=True)`` does).
     """
     untrainable_rows(data)
+    check_factors_model(adapter, factors)
     available = factors.names if factors is not None else None
-    names, notes = resolve_weights(adapter, measurement, available)
+    names, notes = resolve_weights(adapter, measurement, available, allow_subset=config.allow_subset)
     for note in notes:
         logger.info(note)
     preconditioner = build_preconditioner(adapter, names, factors, config)
@@ -348,11 +371,14 @@ def compute_influence_many(
     available here)."""
     if not measurements:
         raise ValueError("no measurements to score")
+    untrainable_rows(data)
+    check_factors_model(adapter, factors)
     prepared: dict[str, tuple[list[str], list[str], Preconditioner, dict[str, torch.Tensor]]] = {}
     for label, (measurement, config) in measurements.items():
         if config.token_breakdown != "none" or config.per_weight or config.self_influence:
             raise ValueError(f"{label}: breakdowns need compute_influence (one measurement at a time)")
-        names, notes = resolve_weights(adapter, measurement, factors.names if factors is not None else None)
+        names, notes = resolve_weights(adapter, measurement, factors.names if factors is not None else None,
+                                       allow_subset=config.allow_subset)
         preconditioner = build_preconditioner(adapter, names, factors, config)
         grad_f = measurement.gradient(adapter, names, batch_size=config.batch_size)
         prepared[label] = (names, notes, preconditioner, _checked_inverse(preconditioner, grad_f, measurement.description))

@@ -117,7 +117,7 @@ def _gradient_config(session: Attributor, *, preconditioner: str = "ekfac", damp
                      per_weight: bool = False, self_influence: bool = False, n_samples: int = 1,
                      temperature: float = 1.0, max_new_tokens: int = 48, fisher: str = "true",
                      factor_dtype: str = "float32", cache_dir: str | None = None,
-                     batch_size: int | None = None) -> GradientAttributionConfig:
+                     batch_size: int | None = None, allow_subset: bool = False) -> GradientAttributionConfig:
     """The ``GradientAttributionConfig`` of a gradient method's options in ``session``."""
     if isinstance(damping, Damping):
         resolved = damping
@@ -131,6 +131,7 @@ def _gradient_config(session: Attributor, *, preconditioner: str = "ekfac", damp
         temperature=temperature, max_new_tokens=max_new_tokens, seed=session.seed,
         cache_dir=str(cache_dir) if cache_dir is not None else (str(session.answer_cache) if session.answer_cache else None),
         token_breakdown=token_breakdown, row_loss=row_loss, per_weight=per_weight, self_influence=self_influence,
+        allow_subset=allow_subset,
     )
 
 
@@ -149,7 +150,7 @@ def _concept_influence(session: Attributor, concept: Concept, queries: Sequence[
                        per_weight: bool = False, self_influence: bool = False, n_samples: int = 1,
                        temperature: float = 1.0, max_new_tokens: int = 48, fisher: str = "true",
                        factor_dtype: str = "float32", factors: Any = None, cache_dir: str | None = None,
-                       batch_size: int | None = None, store: Any = None) -> ScoreTable:
+                       batch_size: int | None = None, store: Any = None, allow_subset: bool = False) -> ScoreTable:
     return _gradient(session, "concept-influence", concept, queries, **{k: v for k, v in locals().items()
                                                                          if k not in ("session", "concept", "queries")})
 
@@ -161,6 +162,6 @@ def _influence(session: Attributor, concept: Concept | None, queries: Sequence[C
                row_loss: str = "sum", token_breakdown: str = "none", per_weight: bool = False,
                self_influence: bool = False, n_samples: int = 1, temperature: float = 1.0, max_new_tokens: int = 48,
                fisher: str = "true", factor_dtype: str = "float32", factors: Any = None, cache_dir: str | None = None,
-               batch_size: int | None = None, store: Any = None) -> ScoreTable:
+               batch_size: int | None = None, store: Any = None, allow_subset: bool = False) -> ScoreTable:
     return _gradient(session, "influence", None, queries, contrast_queries=None,
                      **{k: v for k, v in locals().items() if k not in ("session", "concept", "queries")})

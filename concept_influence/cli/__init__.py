@@ -23,4 +23,8 @@ for _module in ("attribute", "organism", "concepts", "influence", "store", "demo
 
 
 def main() -> None:
-    app()
+    """The ``concept-influence`` entry point (SIGTERM is handled like Ctrl-C: state is saved, exit code 130)."""
+    from concept_influence.signals import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():
+        app()

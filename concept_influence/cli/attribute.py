@@ -49,6 +49,7 @@ def attribute(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     seed: int = typer.Option(0, "--seed"),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where sampled model answers are cached (default: the workdir, else next to --out)."),
+    allow_subset: bool = typer.Option(False, "--allow-subset", help="Gradient methods: when --factors miss weights the concept reaches, score with the covered weights only (default: an error)."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip bad data lines (each one is reported) and leave out rows whose whole answer is cut off by --max-length (score null, truncated: true, counted in the meta) instead of failing."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 | float64."),
@@ -75,7 +76,7 @@ def attribute(
         factors=factors, preconditioner=preconditioner, damping=damping, absolute_damping=absolute_damping,
         row_loss=row_loss, token_breakdown=token_breakdown, contrast_queries=contrast_queries, n_samples=n_samples,
         temperature=temperature, max_new_tokens=max_new_tokens,
-        cache_dir=None if cache_dir is None else str(cache_dir), batch_size=batch_size,
+        cache_dir=None if cache_dir is None else str(cache_dir), batch_size=batch_size, allow_subset=allow_subset,
     )
     accepted = spec.options
     options: dict[str, Any] = {k: v for k, v in flags.items() if k in accepted and k != "store"}

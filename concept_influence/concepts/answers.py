@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from concept_influence.data.atomic import folder_lock, write_jsonl_atomic
+from concept_influence.data.atomic import folder_lock, remove_stale_temps, write_jsonl_atomic
 from concept_influence.models.base import ModelAdapter
 from concept_influence.models.fingerprint import json_fingerprint
 from concept_influence.models.generate import generate_answers
@@ -80,6 +80,8 @@ def sample_answers(
     cache_file = None if cache_dir is None else answer_cache_path(adapter, cache_dir, prefix, settings)
     lock = folder_lock(cache_file, what="answer cache") if cache_file is not None else contextlib.nullcontext()
     with lock:
+        if cache_file is not None:
+            remove_stale_temps(cache_file.parent, f".{cache_file.name}.")  # left by a killed sampler
         cached = _read_cache(cache_file) if cache_file is not None else {}
         missing = [k for k in unique if k not in cached]
         chunk = len(missing) if cache_file is None else max(batch_size, 1) * CHUNK_BATCHES

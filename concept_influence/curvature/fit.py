@@ -6,7 +6,8 @@ Eigendecomposition in float64. Pass 2 (EKFAC, diagonal): per-example gradients `
 ``Λ = Σ_n (Q_Sᵀ G_n Q_A)² / n_rows`` and ``diag = Σ_n G_n ∘ G_n / n_rows`` (materialised per weight per batch).
 
 With ``out_dir`` the driver checkpoints its running sums every ``checkpoint_every`` batches and on interruption
-(between batches; an interruption inside a batch keeps the previous checkpoint), and
+(Ctrl-C, or SIGTERM through the CLI: the sums and counts of the batches committed so far; a batch's update is
+computed first and committed in one short step, so an interruption inside a batch just drops that batch), and
 resumes from them when called again with the same model, data and config (results are identical to an
 uninterrupted fit: label draws are seeded per row).
 """
@@ -40,7 +41,7 @@ from concept_influence.curvature.io import (
     save_partial,
 )
 from concept_influence.curvature.loss import sample_targets, sequence_losses
-from concept_influence.data.atomic import folder_lock
+from concept_influence.data.atomic import folder_lock, remove_stale_temps
 from concept_influence.models.base import ModelAdapter, WeightCapture, WeightInfo
 from concept_influence.numerics import check_finite
 
@@ -179,6 +180,7 @@ def _fit(
     state: dict[str, Any] = {"stage": "covariance", "rows_done": 0, "n_tokens": 0, "n_rows": 0}
     sums: dict[str, torch.Tensor] = {}
     if folder is not None:
+        remove_stale_temps(folder)  # temp files of a killed fit (we hold the folder's lock: no live writer)
         if has_factors(folder):
             saved = read_manifest(folder)["fingerprints"]
             if saved == fingerprints:
@@ -215,8 +217,12 @@ def _fit(
                         checkpoint()
                         return False
                     n = int(batch["input_ids"].shape[0])
-                    busy[0] = True  # the running sums are inconsistent until the row count is updated
-                    step(batch)
+                    updates, counts = step(batch)  # an interrupt here leaves the sums and counts untouched
+                    busy[0] = True  # the sums are inconsistent with the counts only during this short commit
+                    for key, value in updates.items():
+                        _add(sums, key, value)
+                    for key, value in counts.items():
+                        state[key] += value
                     state["rows_done"] += n
                     busy[0] = False
                     bar.update(n)
@@ -224,25 +230,26 @@ def _fit(
                     batches_left[0] -= 1
                     if checkpoint_every and done_batches % checkpoint_every == 0 and done_batches < n_batches:
                         checkpoint()
-            except KeyboardInterrupt:
-                if not busy[0]:  # interrupted inside a batch: keep the last consistent checkpoint instead
+            except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the CLI: save what is consistent, then stop
+                if not busy[0]:  # interrupted while committing a batch: keep the last checkpoint instead
                     checkpoint()
                 raise
         return True
 
     with gradient_mode(adapter, infos) as params:
         if config.needs_covariances and state["stage"] == "covariance":
-            def covariance_step(batch: dict[str, torch.Tensor]) -> None:
+            def covariance_step(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
                 capture, _ = capture_loss_gradients(adapter, batch, infos, params, fisher=config.fisher, seed=config.seed)
                 attention = batch["attention_mask"]
-                state["n_tokens"] += int(attention.sum())
+                updates: dict[str, torch.Tensor] = {}
                 for info in infos:
                     a = folded_activations(capture, info, attention).to(stats_dtype)
                     g = capture.output_grads[info.name].to(stats_dtype)
                     _check_row_tensors(a, g, info.name, batch, "fit-factors (covariance pass)")
                     mask = attention.to(a.device)
-                    _add(sums, f"{info.name}/A", masked_covariance_sum(a, mask))
-                    _add(sums, f"{info.name}/S", masked_covariance_sum(g, mask))
+                    updates[f"{info.name}/A"] = masked_covariance_sum(a, mask)
+                    updates[f"{info.name}/S"] = masked_covariance_sum(g, mask)
+                return updates, {"n_tokens": int(attention.sum())}
 
             if not run_pass("covariance", covariance_step):
                 return None
@@ -258,20 +265,21 @@ def _fit(
             if state["stage"] in ("covariance", "eigen"):
                 state.update(stage="lambda", rows_done=0, n_rows=0)
 
-            def lambda_step(batch: dict[str, torch.Tensor]) -> None:
+            def lambda_step(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
                 capture, _ = capture_loss_gradients(adapter, batch, infos, params, fisher=config.fisher, seed=config.seed)
-                state["n_rows"] += int(batch["input_ids"].shape[0])
+                updates: dict[str, torch.Tensor] = {}
                 for info in infos:
                     a = folded_activations(capture, info, batch["attention_mask"]).to(stats_dtype)
                     g = capture.output_grads[info.name].to(stats_dtype)
                     _check_row_tensors(a, g, info.name, batch, "fit-factors (eigenvalue-correction pass)")
                     grads = per_example_gradients(a, g)
-                    _add(sums, f"{info.name}/diag", grads.square().sum(dim=0))
+                    updates[f"{info.name}/diag"] = grads.square().sum(dim=0)
                     if info.name in eigens:
                         s_eig, a_eig = eigens[info.name]
                         q_s, q_a = s_eig.vectors.to(grads.device, stats_dtype), a_eig.vectors.to(grads.device, stats_dtype)
-                        _add(sums, f"{info.name}/lambda", eigenvalue_correction_sum(grads, q_s, q_a))
+                        updates[f"{info.name}/lambda"] = eigenvalue_correction_sum(grads, q_s, q_a)
                     del grads
+                return updates, {"n_rows": int(batch["input_ids"].shape[0])}
 
             if not run_pass("lambda", lambda_step):
                 return None

@@ -140,6 +140,27 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def remove_stale_temps(folder: str | os.PathLike, prefix: str = ".") -> int:
+    """Delete temp files and folders (``<prefix>*.tmp``, as made by ``atomic_file``/``temp_folder``) left in
+    ``folder`` by a killed writer. Call only while holding the folder's lock (no live writer then). Returns how
+    many were removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for path in folder.glob(f"{glob_escape(prefix)}*.tmp"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
 # ---- locks ---------------------------------------------------------------------------------------------------------
 def lock_path(path: str | os.PathLike) -> Path:
     path = Path(path)

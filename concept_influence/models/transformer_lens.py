@@ -6,6 +6,7 @@ its input and its output (layouts in ``WeightInfo``):
 | weight | input activations            | output gradient          | layout           |
 |--------|------------------------------|--------------------------|------------------|
 | W_Q/K/V| the attention module's input | ``attn.hook_q/k/v``      | ``heads_in_head``|
+| _W_K/_W_V (grouped-query attention: one per key-value head) | as W_K/W_V | ``attn.hook_k/v`` (before the heads are repeated) | ``heads_in_head`` |
 | W_O    | ``attn.hook_z``              | ``hook_attn_out``        | ``heads_head_out``|
 | W_gate | the MLP module's input       | ``mlp.hook_pre``         | ``in_out``       |
 | W_in   | the MLP module's input       | ``mlp.hook_pre`` (``hook_pre_linear`` when gated) | ``in_out`` |
@@ -70,7 +71,7 @@ class TransformerLensAdapter(ModelAdapter):
         cfg = self.cfg
         infos: list[WeightInfo] = []
         untracked: list[str] = []
-        gqa = getattr(cfg, "n_key_value_heads", None) is not None and not getattr(cfg, "ungroup_grouped_query_attention", False)
+        gqa = getattr(cfg, "n_key_value_heads", None) is not None
         h, d_head, d = cfg.n_heads, cfg.d_head, cfg.d_model
 
         def bias(path: str) -> str | None:
@@ -85,12 +86,18 @@ class TransformerLensAdapter(ModelAdapter):
         for layer in range(cfg.n_layers):
             p = f"blocks.{layer}"
             for kind, wname in (("attn.q", "W_Q"), ("attn.k", "W_K"), ("attn.v", "W_V")):
-                if gqa and kind != "attn.q":
-                    untracked.append(f"{p}.attn._{wname} (grouped-query attention)")
+                grouped = gqa and kind != "attn.q"
+                if grouped and getattr(cfg, "ungroup_grouped_query_attention", False):
+                    untracked.append(f"{p}.attn._{wname} (ungrouped grouped-query attention)")
                     continue
-                param = self.model.get_parameter(f"{p}.attn.{wname}")
-                infos.append(WeightInfo(f"{p}.{kind}", layer, kind, f"{p}.attn.{wname}", bias(f"{p}.attn.b_{wname[-1]}"),
-                                        d, h * d_head, "heads_in_head", tuple(param.shape)))
+                # grouped-query attention keeps K and V per key-value head in _W_K/_W_V [n_kv, d_model, d_head];
+                # hook_k/hook_v see their outputs before the heads are repeated
+                prefix = "_" if grouped else ""
+                heads = cfg.n_key_value_heads if grouped else h
+                param = self.model.get_parameter(f"{p}.attn.{prefix}{wname}")
+                infos.append(WeightInfo(f"{p}.{kind}", layer, kind, f"{p}.attn.{prefix}{wname}",
+                                        bias(f"{p}.attn.{prefix}b_{wname[-1]}"), d, heads * d_head, "heads_in_head",
+                                        tuple(param.shape)))
             param = self.model.get_parameter(f"{p}.attn.W_O")
             infos.append(WeightInfo(f"{p}.attn.o", layer, "attn.o", f"{p}.attn.W_O", bias(f"{p}.attn.b_O"),
                                     h * d_head, d, "heads_head_out", tuple(param.shape)))

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from concept_influence.data.atomic import atomic_file
+
 if TYPE_CHECKING:
     from concept_influence.store.store import GradientStore
 
@@ -70,9 +72,8 @@ def build_faiss_index(store: GradientStore, *, nlist: int | None = None, train_r
     for start, block in store.blocks():
         index.add_with_ids(np.ascontiguousarray(block, dtype=np.float32), np.arange(start, start + block.shape[0], dtype=np.int64))
     path = faiss_index_path(store)
-    tmp = path.with_name(f".{path.name}.tmp")
-    faiss.write_index(index, str(tmp))
-    tmp.replace(path)
+    with atomic_file(path) as tmp:  # a unique temp name: concurrent builders never share one
+        faiss.write_index(index, str(tmp))
     return {"nlist": nlist, "train_s": trained - started, "add_s": time.perf_counter() - trained}
 
 

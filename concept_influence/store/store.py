@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from concept_influence.curvature.covariance import fold_bias
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import capture_loss_gradients, gradient_mode
-from concept_influence.data.atomic import atomic_file, write_json_atomic
+from concept_influence.data.atomic import atomic_file, folder_lock, write_json_atomic
 from concept_influence.data.tokenize import iter_batches
 from concept_influence.models.base import ModelAdapter
 from concept_influence.store.projection import Projector, eigen_projector, logra_projector
@@ -209,20 +209,23 @@ def build_store(
         "labels": "data", "loss": "sum over the row's assistant tokens", **dict(extra or {}),
     }
     existing = folder / MANIFEST
-    if existing.exists():
-        saved = json.loads(existing.read_text(encoding="utf-8"))
-        same = all(saved.get(k) == manifest[k] for k in ("format", "config", "fingerprints", "weights", "n_rows"))
-        if not same:
-            if not overwrite:
-                raise StoreMismatchError(
-                    f"{folder} holds a store for another model, data, factors or settings ({_differences(saved, manifest)}); "
-                    "pass --overwrite to replace it, or choose another --out")
-            for path in folder.glob("shard-*.npy"):
+    with folder_lock(folder, what="gradient store"):  # one builder at a time decides what the store holds
+        if existing.exists():
+            saved = json.loads(existing.read_text(encoding="utf-8"))
+            if not _same_store(saved, manifest):
+                if not overwrite:
+                    raise StoreMismatchError(
+                        f"{folder} holds a store for another model, data, factors or settings ({_differences(saved, manifest)}); "
+                        "pass --overwrite to replace it, or choose another --out")
+                existing.unlink()  # no manifest until the old shards are gone: never a mix of old and new
+                for path in folder.glob("shard-*.npy"):
+                    path.unlink()
+                (folder / FAISS_FILE).unlink(missing_ok=True)
+                write_json_atomic(existing, manifest)
+        else:
+            for path in folder.glob("shard-*.npy"):  # left by a store whose replacement was interrupted
                 path.unlink()
-            (folder / FAISS_FILE).unlink(missing_ok=True)
             write_json_atomic(existing, manifest)
-    else:
-        write_json_atomic(existing, manifest)
     wanted = list(range(n_shards)) if shards is None else [s for s in shards if 0 <= s < n_shards]
     todo = [s for s in wanted if not shard_file(folder, s).exists()]
     if len(todo) < len(wanted):
@@ -234,12 +237,28 @@ def build_store(
         with gradient_mode(adapter, infos) as params, tqdm(total=remaining, desc="building the gradient store", unit="row",
                                                           disable=not progress) as bar:
             for shard in todo:
+                _check_unchanged(folder, manifest)
                 write_shard(adapter, data, projector, folder, shard, config, batch_size=batch_size, params=params,
                             progress_bar=bar)
     logger.info("store %s: wrote %d shards in %.1fs", folder, len(todo), time.perf_counter() - started)
     if all(shard_file(folder, s).exists() for s in range(n_shards)):
         return GradientStore.open(folder)
     return None
+
+
+def _same_store(saved: Mapping[str, Any], manifest: Mapping[str, Any]) -> bool:
+    return all(saved.get(k) == manifest[k] for k in ("format", "config", "fingerprints", "weights", "n_rows"))
+
+
+def _check_unchanged(folder: Path, manifest: Mapping[str, Any]) -> None:
+    """Refuse to add a shard to a store another process has meanwhile replaced with different settings."""
+    try:
+        saved = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        saved = {}
+    if not _same_store(saved, manifest):
+        raise StoreMismatchError(f"{folder}: another build replaced this store with other settings while it was being "
+                                 "built; run build-store again")
 
 
 def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:

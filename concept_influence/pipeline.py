@@ -34,6 +34,7 @@ import torch
 from concept_influence.attribution.gradient import (
     GradientAttributionConfig,
     build_measurement,
+    factors_record,
     obtain_factors,
     result_table,
 )
@@ -66,7 +67,8 @@ class Attributor:
     ``model``: a folder or hub name (``from_pretrained``), a ``ModelAdapter``, a ``transformers`` model or a
     ``HookedTransformer`` (pass ``tokenizer=``). ``data``: chat JSONL path or a list of ``ChatRow`` (the training
     rows). ``workdir``: where factors, answers, concepts and the store are kept and reused (``None``: in memory).
-    ``device``/``dtype``: for a model loaded here. ``max_length``/``batch_size``: tokenisation and batching;
+    ``device``/``dtype``: for a model loaded here. ``max_length``/``batch_size``: tokenisation (default: the model's context, at most 512; longer than the
+    context is an error) and batching;
     ``seed``: every random choice (answer sampling, true-Fisher labels); ``skip_invalid``: skip bad data lines
     (each reported in ``rows.skipped``) and leave out rows whose whole answer is truncated away at ``max_length``
     (marked ``truncated``, score ``None``, counted in the table's meta; without it such a row is an error for
@@ -75,12 +77,12 @@ class Attributor:
 
     def __init__(self, model: Any, data: PathLike | Sequence[ChatRow] | None = None, workdir: PathLike | None = None, *,
                  tokenizer: Any = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                 max_length: int = 512, batch_size: int = 8, seed: int = 0, skip_invalid: bool = False,
+                 max_length: int | None = None, batch_size: int = 8, seed: int = 0, skip_invalid: bool = False,
                  progress: bool = True) -> None:
         from concept_influence.models import load_adapter
 
-        if max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"--max-length (max_length) must be at least 2, got {max_length}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.model_name = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
@@ -88,7 +90,7 @@ class Attributor:
         self.data_source = str(data) if isinstance(data, (str, os.PathLike)) else None
         self._data = data
         self.workdir = Path(workdir) if workdir is not None else None
-        self.max_length = max_length
+        self.max_length = self.adapter.resolve_max_length(max_length)
         self.batch_size = batch_size
         self.seed = seed
         self.skip_invalid = skip_invalid
@@ -236,19 +238,41 @@ class Attributor:
 
     def fit_factors(self, *, fisher: str = "true", preconditioner: str = "ekfac", stats_dtype: str = "float32",
                     weights: Sequence[str] | None = None, up_to_layer: int | None = None, out: PathLike | None = None,
-                    overwrite: bool = False, checkpoint_every: int | None = 100) -> Factors:
+                    overwrite: bool = False, checkpoint_every: int | None = 100, max_memory: int | str | None = None,
+                    fit_rows: int | None = None, fit_data: PathLike | Sequence[ChatRow] | None = None,
+                    lambda_rows: int | None = None, load: bool = True) -> Factors | None:
         """Fit curvature factors on the training rows (resumable; a matching fit in ``out`` is loaded instead).
 
         ``weights`` / ``up_to_layer``: which tracked weights (default all). ``out``: folder (default: the
-        workdir's, or in memory without a workdir)."""
-        config = FactorConfig(fisher=fisher, preconditioner=preconditioner, dtype=stats_dtype, seed=self.seed)  # type: ignore[arg-type]
+        workdir's, or in memory without a workdir). ``max_memory`` (``"3GiB"``): fit in module partitions under
+        that peak. ``fit_data`` (JSONL path or rows) / ``fit_rows`` (a seeded sample of that many rows): fit on
+        other rows than the training set (recorded in the factors; scoring the training set with them is allowed
+        and noted). ``lambda_rows``: Λ on a seeded sample of that many rows. ``load=False`` (with ``out``): leave
+        the factors on disk and return ``None`` (keeps the peak of a partitioned fit)."""
+        from concept_influence.curvature.fit import sample_rows
+
+        config = FactorConfig(fisher=fisher, preconditioner=preconditioner, dtype=stats_dtype, seed=self.seed,  # type: ignore[arg-type]
+                              lambda_rows=lambda_rows)
         if weights is None:
             infos = self.adapter.tracked_weights() if up_to_layer is None else self.adapter.weights_up_to(self.adapter.check_layer(up_to_layer))
             weights = [i.name for i in infos]
-        folder = Path(out) if out is not None else (self.factors_dir(config) if preconditioner == "ekfac" and up_to_layer is None else None)
-        factors = fit_factors(self.adapter, self.train, config, weights=weights, batch_size=self.batch_size, out_dir=folder,
-                              overwrite=overwrite, checkpoint_every=checkpoint_every, progress=self.progress)
-        assert factors is not None
+        data, provenance = self.train, {}
+        if fit_data is not None:
+            rows = read_chat_jsonl(fit_data, skip_invalid=self.skip_invalid) if isinstance(fit_data, (str, os.PathLike)) else list(fit_data)
+            data = tokenize_chat(rows, self.adapter.tokenizer, self.max_length)
+            provenance = {"source": str(fit_data) if isinstance(fit_data, (str, os.PathLike)) else "rows given", "rows": len(data)}
+        if fit_rows is not None:
+            provenance = {"source": provenance.get("source", self.data_source or "training rows"), "sample_of": len(data),
+                          "seed": self.seed}
+            data = sample_rows(data, fit_rows, self.seed)
+            provenance["rows"] = len(data)
+        default_folder = preconditioner == "ekfac" and up_to_layer is None and not provenance and lambda_rows is None
+        folder = Path(out) if out is not None else (self.factors_dir(config) if default_folder else None)
+        factors = fit_factors(self.adapter, data, config, weights=weights, batch_size=self.batch_size, out_dir=folder,
+                              overwrite=overwrite, checkpoint_every=checkpoint_every, progress=self.progress,
+                              max_memory=max_memory, load_result=load or folder is None, provenance=provenance)
+        if factors is None:
+            return None
         self._factors[(fisher, preconditioner, stats_dtype, *weights)] = factors
         return factors
 
@@ -326,7 +350,8 @@ class Attributor:
         loaded, notes = self._factors_for(measurement, config, factors)
         result = compute_influence(self.adapter, self.train, measurement, loaded, config.influence_config(),
                                    progress=self.progress)
-        return result_table(self.rows, result, method, notes=store_notes + notes, meta={**meta, "scored_from": "exact"})
+        return result_table(self.rows, result, method, notes=store_notes + notes, meta={**meta, "scored_from": "exact",
+                                                                                        "factors_fit": factors_record(loaded, self.train)})
 
     def _factors_for(self, measurement: Any, config: GradientAttributionConfig,
                      factors: Factors | PathLike | None) -> tuple[Factors | None, list[str]]:

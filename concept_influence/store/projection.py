@@ -5,10 +5,13 @@ A weight's row gradient ``G = Σ_t g_t a_tᵀ`` ``[d_out, d_in']`` is stored as 
 formed. A question's preconditioned gradient ``V = (P + λ)⁻¹ ∇f`` is projected the same way, and the score
 ``−⟨V, G⟩`` is approximated by ``−⟨L V Rᵀ, L G Rᵀ⟩``:
 
-- ``"eigen"`` (EKFAC eigenbasis): ``L``/``R`` are the rows of ``Q_Sᵀ``/``Q_Aᵀ`` of the ``r`` output/input
-  eigen-directions with the largest EKFAC eigenvalue mass (row/column sums of ``Λ``). ``L``/``R`` have orthonormal
-  rows, and since ``V``'s rotation is ``rot(∇f) / (Λ + λ)`` the preconditioning is an exact elementwise division
-  inside the kept subspace; the score is exact when ``r`` covers every direction (full rank).
+- ``"eigen"`` (EKFAC eigenbasis): the row gradient is rotated into the Kronecker eigenbasis ``Q_Sᵀ G Q_A`` and only
+  some components ``(o, i)`` are kept: across all stored weights, the ``Σ_w min(r, d_out)·min(r, d_in')``
+  components with the largest ``Λ_oi / (Λ_oi + λ_w)`` (``λ_w`` the default damping, 0.1 × mean ``Λ_w``): the
+  directions the preconditioned score can see, whatever the question. Per weight ``L``/``R`` are the rows of
+  ``Q_Sᵀ``/``Q_Aᵀ`` of the output/input directions that own a kept component (orthonormal rows), and ``keep``
+  picks the kept entries of that rectangle. Since ``V``'s rotation is ``rot(∇f) / (Λ + λ)``, preconditioning is
+  an exact elementwise division inside the kept subspace, and the score is exact when everything is kept.
 - ``"logra"`` (LoGra-style): ``L``/``R`` are Gaussian with variance ``1/r`` (``E[LᵀL] = I``), regenerated from a
   seed and never stored; ``⟨L V Rᵀ, L G Rᵀ⟩`` is an unbiased estimate of ``⟨V, G⟩`` (Johnson–Lindenstrauss).
 """
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from concept_influence.curvature.config import Damping
 from concept_influence.curvature.factors import Factors
 
 KINDS = ("eigen", "logra")
@@ -33,8 +37,9 @@ class WeightProjection:
     name: str
     left: torch.Tensor
     right: torch.Tensor
-    rows: torch.Tensor | None = None  # "eigen": the kept output / input eigen-directions
+    rows: torch.Tensor | None = None  # "eigen": the output / input eigen-directions of the rectangle
     cols: torch.Tensor | None = None
+    keep: torch.Tensor | None = None  # flat indices of the kept entries of the [r_out, r_in] rectangle (None: all)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -42,7 +47,7 @@ class WeightProjection:
 
     @property
     def size(self) -> int:
-        return self.shape[0] * self.shape[1]
+        return self.shape[0] * self.shape[1] if self.keep is None else int(self.keep.numel())
 
 
 class Projector:
@@ -75,13 +80,16 @@ class Projector:
     def project_rows(self, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``L G_b Rᵀ`` flattened, for ``a [B, T, d_in']``, ``g [B, T, d_out]`` -> ``[B, r_out·r_in]``."""
         left, right = self.matrices(name, g.device, g.dtype)
-        return torch.einsum("bto,bti->boi", g @ left.T, a.to(g.dtype) @ right.T).reshape(g.shape[0], -1)
+        out = torch.einsum("bto,bti->boi", g @ left.T, a.to(g.dtype) @ right.T).reshape(g.shape[0], -1)
+        keep = self.projections[name].keep
+        return out if keep is None else out[:, keep.to(out.device)]
 
     def project_matrix(self, name: str, matrix: torch.Tensor) -> torch.Tensor:
         """``L M Rᵀ`` flattened, for ``M [..., d_out, d_in']`` -> ``[..., r_out·r_in]`` (float64)."""
         left, right = self.matrices(name, matrix.device, torch.float64)
-        out = left @ matrix.to(torch.float64) @ right.T
-        return out.reshape(*matrix.shape[:-2], -1)
+        out = (left @ matrix.to(torch.float64) @ right.T).reshape(*matrix.shape[:-2], -1)
+        keep = self.projections[name].keep
+        return out if keep is None else out[..., keep.to(out.device)]
 
     def project(self, matrices: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """A flat ``[..., dim]`` vector from per-weight matrices (weights not given are zero)."""
@@ -100,40 +108,61 @@ class Projector:
         p = self.projections[name]
         if p.rows is None or p.cols is None:
             return None
-        return (1.0 / (values.double()[p.rows][:, p.cols] + damping)).reshape(-1)
+        out = (1.0 / (values.double()[p.rows][:, p.cols] + damping)).reshape(-1)
+        return out if p.keep is None else out[p.keep]
 
     def describe(self) -> list[dict[str, int | str]]:
-        return [{"name": n, "r_out": p.shape[0], "r_in": p.shape[1], "offset": self.offsets[n][0]}
+        return [{"name": n, "r_out": p.shape[0], "r_in": p.shape[1], "kept": p.size, "offset": self.offsets[n][0]}
                 for n, p in self.projections.items()]
 
 
-def _top_indices(mass: torch.Tensor, rank: int) -> torch.Tensor:
-    """Indices of the ``rank`` largest entries (ties: lower index first), in ascending index order."""
-    order = torch.argsort(-mass.double(), stable=True)[:rank]
-    return torch.sort(order).values
+def visibility(factors: Factors, name: str, damping: Damping = Damping()) -> torch.Tensor:
+    """``Λ / (Λ + λ)`` ``[d_out, d_in']`` of a weight (KFAC eigenvalues when there is no ``Λ``): how much of each
+    eigen-component survives preconditioning, in ``[0, 1)``."""
+    w = factors.weights[name]
+    if w.gradient_eigen is None or w.activation_eigen is None:
+        raise ValueError(f"{name}: the eigen store needs KFAC/EKFAC factors (eigenbases); these have {factors.available()}")
+    if w.eigenvalue_correction is not None:
+        values = w.eigenvalue_correction.double()
+    else:
+        values = torch.outer(w.gradient_eigen.values.double(), w.activation_eigen.values.double())
+    return values / (values + damping.resolve(values))
 
 
-def eigen_projector(factors: Factors, names: Sequence[str], rank: int) -> Projector:
-    """``"eigen"`` projections of ``names`` with up to ``rank`` directions per side (clipped to the weight's sizes):
-    the eigenvectors of ``S``/``A`` whose rows/columns of EKFAC's ``Λ`` carry the most mass (KFAC eigenvalues when the
-    factors have no ``Λ``)."""
+def eigen_projector(factors: Factors, names: Sequence[str], rank: int, damping: Damping = Damping(),
+                    bins: int = 1 << 20) -> Projector:
+    """``"eigen"`` projections of ``names`` keeping ``Σ_w min(rank, d_out)·min(rank, d_in')`` eigen-components in all,
+    those with the largest ``visibility`` (one threshold for every weight, found from a histogram so that no
+    weight's values need to be held at once besides its own). A rank at least every weight's sizes keeps all."""
     if rank < 1:
         raise ValueError(f"rank must be positive, got {rank}")
-    projections = []
     for name in names:
         if name not in factors.weights:
             raise KeyError(f"no factors for {name!r}; the factors cover {factors.names}")
+    budget = sum(min(rank, factors.weights[n].d_out) * min(rank, factors.weights[n].d_in) for n in names)
+    total = sum(factors.weights[n].d_out * factors.weights[n].d_in for n in names)
+    threshold = -1.0
+    if budget < total:
+        counts = torch.zeros(bins, dtype=torch.float64)
+        for name in names:
+            vis = visibility(factors, name, damping).flatten()
+            counts += torch.bincount((vis * bins).long().clamp_(0, bins - 1), minlength=bins).double()
+        above = torch.flip(torch.cumsum(torch.flip(counts, [0]), 0), [0])  # above[b] = #values in bins >= b
+        b = int(torch.nonzero(above >= budget).max())  # the highest bin that still fills the budget
+        threshold = b / bins
+    projections = []
+    for name in names:
         w = factors.weights[name]
-        if w.gradient_eigen is None or w.activation_eigen is None:
-            raise ValueError(f"{name}: the eigen store needs KFAC/EKFAC factors (eigenbases); these have {factors.available()}")
-        q_s, q_a = w.gradient_eigen.vectors.double(), w.activation_eigen.vectors.double()
-        if w.eigenvalue_correction is not None:
-            values = w.eigenvalue_correction.double()
-        else:
-            values = torch.outer(w.gradient_eigen.values.double(), w.activation_eigen.values.double())
-        rows = _top_indices(values.sum(dim=1), min(rank, w.d_out))
-        cols = _top_indices(values.sum(dim=0), min(rank, w.d_in))
-        projections.append(WeightProjection(name, q_s[:, rows].T.contiguous(), q_a[:, cols].T.contiguous(), rows, cols))
+        vis = visibility(factors, name, damping)
+        kept = vis >= threshold if threshold >= 0 else torch.ones_like(vis, dtype=torch.bool)
+        if not kept.any():  # every weight keeps at least its most visible component
+            kept = vis == vis.max()
+        rows = torch.nonzero(kept.any(dim=1)).flatten()
+        cols = torch.nonzero(kept.any(dim=0)).flatten()
+        rect = kept[rows][:, cols].flatten()
+        keep = None if bool(rect.all()) else torch.nonzero(rect).flatten()
+        q_s, q_a = w.gradient_eigen.vectors.double(), w.activation_eigen.vectors.double()  # type: ignore[union-attr]
+        projections.append(WeightProjection(name, q_s[:, rows].T.contiguous(), q_a[:, cols].T.contiguous(), rows, cols, keep))
     return Projector("eigen", projections)
 
 

@@ -30,17 +30,23 @@ def exact_top_k(store: GradientStore, query: np.ndarray, k: int, *, scale: np.nd
         values = (block @ q.astype(block.dtype)).astype(np.float64)
         if scale is not None:
             values = values * scale[start:start + block.shape[0]]
-        if values.shape[0] > k:
-            keep = np.argpartition(-values, k - 1)[:k]
-        else:
-            keep = np.arange(values.shape[0])
+        keep = _at_least_kth(values, k)
         best_pos = np.concatenate([best_pos, start + keep])
         best_val = np.concatenate([best_val, values[keep]])
         if best_pos.shape[0] > 2 * k:
-            keep = np.argpartition(-best_val, k - 1)[:k]
+            keep = _at_least_kth(best_val, k)
             best_pos, best_val = best_pos[keep], best_val[keep]
     order = np.lexsort((best_pos, -best_val))[:k]
     return best_pos[order], best_val[order]
+
+
+def _at_least_kth(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of every value >= the k-th largest (all of them on ties, so the final order can break ties by
+    position)."""
+    if values.shape[0] <= k:
+        return np.arange(values.shape[0])
+    kth = np.partition(values, values.shape[0] - k)[values.shape[0] - k]
+    return np.flatnonzero(values >= kth)
 
 
 def faiss_index_path(store: GradientStore):

@@ -48,8 +48,8 @@ MANIFEST = "manifest.json"
 FAISS_FILE = "faiss-ivf.index"
 _DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 DEFAULT_KIND = "eigen"
-DEFAULT_RANK = 32
-BLOCK_ROWS = 65536
+DEFAULT_RANK = 64
+BLOCK_ELEMENTS = 1 << 24  # floats per block read from the memory map (64 MiB as float32)
 
 
 class StoreMismatchError(ValueError):
@@ -59,8 +59,9 @@ class StoreMismatchError(ValueError):
 @dataclass(frozen=True)
 class StoreConfig:
     """How rows are compressed. ``kind``: ``"eigen"`` (EKFAC eigenbasis, needs fitted factors) or ``"logra"``
-    (seeded random Kronecker projection); ``rank``: directions kept per side of each weight (clipped to its sizes,
-    so a large rank is the full, exact gradient for ``"eigen"``); ``dtype``: ``"float16"``/``"float32"`` on disk
+    (seeded random Kronecker projection); ``rank``: directions kept per side of each weight (``"eigen"``: an average
+    budget of ``rank²`` eigen-components per weight, allocated across weights by visibility; a rank at least every
+    weight's sizes is the full, exact gradient; ``"logra"``: ``rank × rank`` per weight); ``dtype``: ``"float16"``/``"float32"`` on disk
     (``"float64"`` for tests); ``seed``: the ``"logra"`` projection; ``shard_rows``: rows per shard file."""
 
     kind: Literal["eigen", "logra"] = DEFAULT_KIND
@@ -110,6 +111,8 @@ def projection_fingerprint(projector: Projector) -> str:
         digest.update(name.encode())
         for matrix in (p.left, p.right):
             digest.update(np.ascontiguousarray(matrix.double().numpy()).round(12).tobytes())
+        if p.keep is not None:
+            digest.update(np.ascontiguousarray(p.keep.numpy()).tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -350,8 +353,12 @@ class GradientStore:
         self.check(projection=projection_fingerprint(projector))
         return projector
 
-    def blocks(self, columns: slice | None = None, block_rows: int = BLOCK_ROWS) -> Iterable[tuple[int, np.ndarray]]:
-        """``(first row, float32 block [rows, cols])`` over the whole store, shard by shard."""
+    def blocks(self, columns: slice | None = None, block_rows: int | None = None) -> Iterable[tuple[int, np.ndarray]]:
+        """``(first row, float32 block [rows, cols])`` over the whole store, shard by shard (blocks of about
+        ``BLOCK_ELEMENTS`` floats)."""
+        if block_rows is None:
+            width = self.dim if columns is None else len(range(*columns.indices(self.dim)))
+            block_rows = max(1, BLOCK_ELEMENTS // max(width, 1))
         start = 0
         for shard in self.shards:
             for lo in range(0, shard.shape[0], block_rows):
@@ -381,6 +388,8 @@ class GradientStore:
         best first. ``"exact"``: blocked products keeping a running top-k (memory: one block); ``"faiss"``: the
         store's FAISS index (inner product, IVF, memory-mapped; built on first use); ``"auto"``: FAISS for stores
         of at least ``FAISS_MIN_ROWS`` rows without ``scale``, exact otherwise."""
+        if method not in ("auto", "exact", "faiss"):
+            raise ValueError(f"unknown search method {method!r} (--search): expected 'auto', 'exact' or 'faiss'")
         query = np.asarray(query, dtype=np.float64).reshape(-1)
         k = min(int(k), len(self))
         if k < 1:

@@ -87,4 +87,4 @@ def test_evaluate_cli_refuses_scores_of_other_data(files, tmp_path):
     args = _args(files, tmp_path / "ev")
     args[args.index("--data") + 1] = str(short)
     code, _, stderr = _run(args)
-    assert code == 2 and "has 24 rows but data has 10" in stderr
+    assert code == 2 and "scores.jsonl has 24 rows but" in stderr and "short.jsonl has 10" in stderr

@@ -127,9 +127,10 @@ def evaluate(
     adapter = load_model(base, device, dtype)
     reader_adapter = load_model(reader, device, dtype) if reader else None
     loaded = load_concept(concept, reader_adapter or adapter)
+    out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, before any training
     evaluation = evaluate_removals(adapter, rows, table_names(paths, tables), loaded, query_rows, config, out,
                                    reader=reader_adapter, judge=judge_fn, judge_name=judge, oracle=oracle_rows,
-                                   log=typer.echo)
+                                   log=typer.echo, data_name=str(data))
     for line in summary_lines(evaluation):
         typer.echo(line)
     typer.echo(f"-> {out / 'evaluation.json'}")

@@ -53,6 +53,8 @@ def report(
     paths = scores_paths(scores, ctx)
     rows = read_chat_jsonl(data)
     tables = [ScoreTable.read_jsonl(p) for p in paths]
+    for path, table in zip(paths, tables, strict=True):
+        table.meta["path"] = str(path)
     evaluation_data = None
     if evaluation is not None:
         path = evaluation / "evaluation.json" if evaluation.is_dir() else evaluation
@@ -74,6 +76,7 @@ def report(
         tokens = token_strings([r for r in rows if r.index in shown], tok)
     html = render_report(table_names(paths, tables), rows, evaluation=evaluation_data, tokens=tokens, top=top, title=title,
                          extra_meta={"data": str(data), "scores": [str(p) for p in paths],
-                                     "evaluation": None if evaluation is None else str(evaluation)})
+                                     "evaluation": None if evaluation is None else str(evaluation)},
+                         data_name=str(data))
     write_text_atomic(out, html)
     typer.echo(f"report: {len(tables)} scores file(s), {len(rows)} rows -> {out} ({len(html) / 1e6:.1f} MB)")

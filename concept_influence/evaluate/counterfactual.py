@@ -259,18 +259,21 @@ def evaluate_removals(
     oracle: Sequence[int] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    data_name: str = "data",
 ) -> dict[str, Any]:
     """Removal curves (and LDS when ``config.lds_subsets``) for each named scores table; writes
     ``out_dir/evaluation.json`` and ``out_dir/removal_curve.png`` and returns the evaluation dict.
 
     ``tables``: name -> ScoreTable over exactly ``rows``; ``oracle``: row indices to remove as the reference
-    (e.g. the planted rows); ``judge``: ``text -> score`` (trait when > 0) for the trait rate.
+    (e.g. the planted rows); ``judge``: ``text -> score`` (trait when > 0) for the trait rate; ``data_name``: how
+    errors name the rows (e.g. their file).
     """
     out_dir = Path(out_dir)
     if not tables:
         raise ValueError("evaluate needs at least one scores table")
     n = len(rows)
-    aligned = {name: check_alignment(rows, table, scores_name=name) for name, table in tables.items()}
+    aligned = {name: check_alignment(rows, table, data_name=data_name, scores_name=str(table.meta.get("path", name)))
+               for name, table in tables.items()}
     if oracle is not None:
         oracle = tuple(sorted(set(int(i) for i in oracle)))
         if not oracle or oracle[0] < 0 or oracle[-1] >= n:

@@ -142,9 +142,10 @@ def select_removal(rows: Sequence[Any], scores: np.ndarray, rule: FilterRule) ->
     )
 
 
-def filter_scores(rows: Sequence[Any], table: ScoreTable, rule: FilterRule) -> FilterResult:
-    """Check that ``table`` scores exactly ``rows``, then choose what ``rule`` removes."""
-    return select_removal(rows, check_alignment(rows, table), rule)
+def filter_scores(rows: Sequence[Any], table: ScoreTable, rule: FilterRule, *, data_name: str = "data",
+                  scores_name: str = "scores") -> FilterResult:
+    """Check that ``table`` scores exactly ``rows``, then choose what ``rule`` removes (the names go in errors)."""
+    return select_removal(rows, check_alignment(rows, table, data_name=data_name, scores_name=scores_name), rule)
 
 
 def filter_file(data: str | os.PathLike, scores: str | os.PathLike, out: str | os.PathLike, rule: FilterRule) -> FilterResult:
@@ -155,9 +156,9 @@ def filter_file(data: str | os.PathLike, scores: str | os.PathLike, out: str | o
         raise ValueError(f"--out {out} would overwrite --data: choose another file")
     rows = read_chat_jsonl(data)
     table = ScoreTable.read_jsonl(scores)
-    result = filter_scores(rows, table, rule)
+    result = filter_scores(rows, table, rule, data_name=str(data), scores_name=str(scores))
     write_text_atomic(out, "".join(_raw_lines(data, rows, result.kept)))
-    scores_by_index = check_alignment(rows, table)
+    scores_by_index = check_alignment(rows, table, data_name=str(data), scores_name=str(scores))
     result.manifest = {
         "format": "concept_influence.filter",
         "data": str(data),

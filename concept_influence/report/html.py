@@ -115,6 +115,7 @@ def render_report(
     top: int = 50,
     title: str = "concept_influence report",
     extra_meta: Mapping[str, Any] | None = None,
+    data_name: str = "data",
 ) -> str:
     """The report as one HTML string. ``tables``: name -> scores over exactly ``rows``; ``evaluation``: the dict
     of ``evaluation.json``; ``tokens``: per-row token strings for ``token_scores`` highlights."""
@@ -122,7 +123,8 @@ def render_report(
 
     if not tables:
         raise ValueError("report needs at least one scores table")
-    aligned = {name: check_alignment(rows, t, scores_name=name) for name, t in tables.items()}
+    aligned = {name: check_alignment(rows, t, data_name=data_name, scores_name=str(t.meta.get("path", name)))
+               for name, t in tables.items()}
     names = list(tables)
     row_tables = [(name, Markup(rows_table_html(t, rows=rows, tokens=tokens, top=top))) for name, t in tables.items()]
     histograms = [("scores per method", data_uri(histogram_png(aligned, title="scores per method")))]

@@ -324,7 +324,7 @@ class Attributor:
         table.method = spec.name
         table.meta.update({"method": spec.name, "method_kind": spec.kind,
                            "recommended_method": RECOMMENDED_METHOD, "method_was_default": method is None})
-        return table
+        return table.attach(tokenizer=self.adapter.tokenizer)  # Jupyter shows token highlights
 
     def gradient_attribution(self, method: str, concept: Concept | None, queries: Sequence[ChatRow],
                              config: GradientAttributionConfig, *, contrast_queries: Sequence[ChatRow] | None = None,
@@ -568,3 +568,62 @@ class Attributor:
                         "positive = the row's preconditioned gradient points like the given row's"}
         table = ScoreTable.from_rows(picked, values, name if like_row is None else "rows-like", meta=meta)
         return table
+
+    # ---- closing the loop: filter, evaluate, report ---------------------------------------------------------------
+    def filter(self, table: ScoreTable, **rule: Any):
+        """Which rows ``FilterRule(**rule)`` removes from this session's rows (``remove_top=0.1``, ``remove_top_k``,
+        ``threshold``, ``by``, ``aggregate``): a ``FilterResult`` with ``kept``/``removed`` row indices. To write
+        a filtered file use ``evaluate.filter_file`` or ``concept-influence filter``."""
+        from concept_influence.evaluate.filter import FilterRule, filter_scores
+
+        return filter_scores(self.rows, table, FilterRule(**rule))
+
+    def evaluate(self, tables: ScoreTable | dict[str, ScoreTable] | Sequence[ScoreTable], concept: Concept | PathLike,
+                 queries: PathLike | Sequence[Any], *, base: Any, out: PathLike, config: Any = None, judge: Any = None,
+                 oracle: Sequence[int] | None = None, reader: Any = "session") -> dict[str, Any]:
+        """Counterfactual retraining (``evaluate.evaluate_removals``): fine-tune ``base`` (the model before
+        fine-tuning: path, hub name or adapter) on this session's rows minus each table's top/bottom/random rows,
+        and measure ``concept`` on each model's answers to ``queries``. ``reader``: the model that reads the concept
+        (default: this session's model, on which the concept was made; ``None``: ``base``). Writes
+        ``out/evaluation.json`` and ``out/removal_curve.png``; returns the evaluation dict."""
+        from concept_influence.evaluate.counterfactual import EvaluationConfig, evaluate_removals
+        from concept_influence.models import load_adapter
+
+        if isinstance(tables, ScoreTable):
+            tables = {tables.method: tables}
+        elif not isinstance(tables, dict):
+            tables = {t.method: t for t in tables}
+        if isinstance(concept, (str, os.PathLike)):
+            concept = self.load_concept(concept)
+        base_adapter = base if isinstance(base, ModelAdapter) else load_adapter(base, device=self.adapter.device)
+        reader_adapter = self.adapter if reader == "session" else (None if reader is None else load_adapter(reader))
+        judge_name = getattr(judge, "__qualname__", None) if judge is not None else None
+        return evaluate_removals(base_adapter, list(self.rows), tables, concept, self.queries(queries),
+                                 config or EvaluationConfig(), out, reader=reader_adapter, judge=judge,
+                                 judge_name=judge_name, oracle=oracle, progress=self.progress)
+
+    def report(self, tables: ScoreTable | dict[str, ScoreTable] | Sequence[ScoreTable], out: PathLike | None = None, *,
+               evaluation: dict[str, Any] | PathLike | None = None, top: int = 50, title: str = "concept_influence report") -> str:
+        """The self-contained HTML report (``report.render_report``) of ``tables`` over this session's rows, with
+        token highlights from the session's tokenizer; written to ``out`` when given. Returns the HTML."""
+        import json
+
+        from concept_influence.data.atomic import write_text_atomic
+        from concept_influence.report import render_report, token_strings
+
+        if isinstance(tables, ScoreTable):
+            tables = {tables.method: tables}
+        elif not isinstance(tables, dict):
+            tables = {t.method: t for t in tables}
+        if isinstance(evaluation, (str, os.PathLike)):
+            path = Path(evaluation)
+            evaluation = json.loads((path / "evaluation.json" if path.is_dir() else path).read_text(encoding="utf-8"))
+        tokens = None
+        if any("token_scores" in t.columns for t in tables.values()) and self.adapter.tokenizer is not None:
+            shown = {int(t.index[i]) for t in tables.values() for i in t.order()[:top]}
+            tokens = token_strings([r for r in self.rows if r.index in shown], self.adapter.tokenizer, self.max_length)
+        html = render_report(tables, list(self.rows), evaluation=evaluation, tokens=tokens, top=top, title=title,
+                             extra_meta={"model": self.model_name, "data": self.data_source})
+        if out is not None:
+            write_text_atomic(out, html)
+        return html

@@ -90,6 +90,13 @@ def w(tmp_path_factory) -> dict[str, Path]:
     (root / "spec-junk.json").write_text('{"name": "x", "questions": [')
     p["spec_junk"] = root / "spec-junk.json"
     p["spec_binary"] = p["binary"]
+    from concept_influence.attribution.scores import ScoreTable
+    from concept_influence.data import read_chat_jsonl
+
+    for name, data in (("scores", p["train"]), ("scores_other_data", p["other_data"])):
+        rows = list(read_chat_jsonl(data))
+        ScoreTable.from_rows(rows, [float(i) for i in range(len(rows))], "vector-filter").write_jsonl(root / f"{name}.jsonl")
+        p[name] = root / f"{name}.jsonl"
     return p
 
 
@@ -107,6 +114,10 @@ SAE = "train-sae --model {model} --data {train} --layer 0 --steps 2 --out {out}"
 FEATURE = "sae-feature --model {model} --sae {sae} --feature 1 --out {out}"
 PLAN = "plan --model {model} --rows 100 --tokens 64"
 SEARCH = "search --store {store} --model {model} --data {train} --queries {queries} --concept {concept}"
+FILTER = "filter --data {train} --scores {scores} --remove-top 0.5 --out {out}"
+EVALUATE = ("evaluate --base {model} --data {train} --scores {scores} --concept {concept} --queries {queries} "
+            "--fractions 0.25 --seeds 1 --epochs 1 --n-samples 1 --max-new-tokens 2 --out {out}")
+REPORT = "report --scores {scores} --data {train} --out {out}"
 
 CASES = [
     # -- training data ------------------------------------------------------------------------------------------------
@@ -205,6 +216,31 @@ CASES = [
       for flag in ("--fit-rows", "--lambda-rows") for value in ("0", "-3")],
     ("fit-factors-bad-memory", FIT + " --max-memory lots", r"lots"),
     ("search-like-row-out-of-range", SEARCH.replace("--queries {queries} --concept {concept}", "--like-row 999"), r"999"),
+    # -- filter, evaluate, report -------------------------------------------------------------------------------------
+    *[(f"{cmd}-data-{kind}", base.replace("--data {train}", "--data {" + kind + "}"), rx)
+      for cmd, base in (("filter", FILTER), ("evaluate", EVALUATE), ("report", REPORT))
+      for kind, rx in (("malformed", r"malformed\.jsonl:2"), ("empty", r"empty\.jsonl"), ("binary", r"binary\.jsonl:1"),
+                       ("roles", r"roles\.jsonl:2.*role"), ("missing", r"missing\.jsonl"),
+                       ("dir", r"a-directory\.jsonl"))],
+    *[(f"{cmd}-scores-{kind}", base.replace("{scores}", "{" + key + "}"), rx)
+      for cmd, base in (("filter", FILTER), ("evaluate", EVALUATE), ("report", REPORT))
+      for kind, key, rx in (("other-data", "scores_other_data", r"scores_other_data\.jsonl has 3 rows but .*train\.jsonl has 4"),
+                            ("missing", "missing", r"missing\.jsonl"), ("malformed", "malformed", r"malformed\.jsonl:1"))],
+    ("filter-no-rule", FILTER.replace(" --remove-top 0.5", ""), r"--remove-top"),
+    ("filter-remove-top-2", FILTER.replace("0.5", "2"), r"--remove-top"),
+    ("filter-by-missing-field", FILTER + " --by nope", r"--by nope"),
+    ("filter-unwritable", FILTER.replace("{out}", "{unwritable}"), r"a-file"),
+    ("evaluate-queries-missing", EVALUATE.replace("--queries {queries}", "--queries {missing}"), r"missing\.jsonl"),
+    ("evaluate-concept-hidden-size", EVALUATE.replace("{concept}", "{concept_d8}"), r"8.*16|16.*8"),
+    ("evaluate-concept-missing", EVALUATE.replace("{concept}", "{missing}"), r"missing\.jsonl"),
+    ("evaluate-fractions", EVALUATE.replace("0.25", "0,abc"), r"--fractions"),
+    ("evaluate-seeds-0", EVALUATE.replace("--seeds 1", "--seeds 0"), r"--seeds"),
+    ("evaluate-judge", EVALUATE + " --judge no_such_module:judge", r"--judge"),
+    ("evaluate-oracle", EVALUATE + " --oracle data_origin", r"--oracle"),
+    ("evaluate-lora-0", EVALUATE + " --lora 0", r"--lora"),
+    ("evaluate-unwritable", EVALUATE.replace("{out}", "{unwritable_dir}"), r"a-file"),
+    ("report-evaluation-missing", REPORT + " --evaluation {missing}", r"missing\.jsonl"),
+    ("report-unwritable", REPORT.replace("{out}", "{unwritable}"), r"a-file"),
 ]
 
 

@@ -70,9 +70,21 @@ class ScoreTable:
         meta = dict(meta or {})
         if truncated is not None and any(truncated):
             meta["n_skipped_truncated"] = int(sum(bool(t) for t in truncated))
-        return cls(method=method, index=[r.index for r in rows], scores=scores, ids=[r.id for r in rows],
-                   fields=[dict(r.fields) for r in rows], columns=dict(columns or {}), meta=meta,
-                   truncated=list(truncated or []))
+        table = cls(method=method, index=[r.index for r in rows], scores=scores, ids=[r.id for r in rows],
+                    fields=[dict(r.fields) for r in rows], columns=dict(columns or {}), meta=meta,
+                    truncated=list(truncated or []))
+        return table.attach(rows=rows)
+
+    def attach(self, *, rows: Sequence[ChatRow] | None = None, tokenizer: Any = None) -> ScoreTable:
+        """Remember the data rows (and tokenizer) for display: the Jupyter view shows their text and, with a
+        tokenizer, ``token_scores`` highlights. Not saved to disk. Returns ``self``."""
+        display = dict(getattr(self, "_display", {}))
+        if rows is not None:
+            display["rows"] = list(rows)
+        if tokenizer is not None:
+            display["tokenizer"] = tokenizer
+        self._display = display
+        return self
 
     def __len__(self) -> int:
         return len(self.index)
@@ -110,7 +122,7 @@ class ScoreTable:
         return ScoreTable(method=self.method, index=[self.index[i] for i in keep], scores=self.scores[keep],
                           ids=[self.ids[i] for i in keep], fields=[self.fields[i] for i in keep],
                           columns={name: [values[i] for i in keep] for name, values in self.columns.items()},
-                          meta=dict(self.meta), truncated=[self.truncated[i] for i in keep])
+                          meta=dict(self.meta), truncated=[self.truncated[i] for i in keep]).attach(**getattr(self, "_display", {}))
 
     def to_pandas(self, *, sort: bool = False):
         """A ``pandas.DataFrame`` with the CLI's columns (``index``, ``id``, ``score``, ``rank``, method columns,
@@ -131,18 +143,12 @@ class ScoreTable:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        import html
+        """Jupyter display: the ranked rows (text of attached rows, token highlights with an attached tokenizer),
+        rendered by ``concept_influence.report.table_html``."""
+        from concept_influence.report.rows import table_html
 
-        records = self.to_records(sort=True)[:50]
-        keys: list[str] = []
-        for record in records:
-            keys += [k for k in record if k not in keys]
-        head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(_short(r.get(k, '')))}</td>" for k in keys) + "</tr>"
-                       for r in records)
-        more = f"<p>{len(self) - len(records)} more rows</p>" if len(self) > len(records) else ""
-        return (f"<p><b>{html.escape(self.method)}</b>: {len(self)} rows (higher score = training on the row pushes "
-                f"the concept up)</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}")
+        display = getattr(self, "_display", {})
+        return table_html(self, rows=display.get("rows"), tokenizer=display.get("tokenizer"))
 
     def field_values(self, name: str) -> list[Any]:
         return [f.get(name) for f in self.fields]

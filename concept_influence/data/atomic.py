@@ -58,6 +58,13 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict[str, Any]
     return _atomic_write(path, write)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically, exactly as given (no newline translation)."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+    return Path(path)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Write one JSON document atomically."""
 

@@ -117,3 +117,20 @@ def test_html_display_escapes_row_text(tmp_path, payload):
     html = table._repr_html_()
     assert "<script" not in html and "<img" not in html and "<svg" not in html
     assert "&lt;" in html
+
+
+def test_html_report_escapes_script_tags_in_training_rows(tmp_path):
+    payload = '<script>alert(1)</script><img src=x onerror="alert(2)">'
+    rows = [{"messages": [{"role": "user", "content": f"q{k} {payload}"}, {"role": "assistant", "content": payload}],
+             "id": f"{payload}{k}", "source": payload} for k in range(4)]
+    write_jsonl_atomic(tmp_path / "train.jsonl", rows)
+    table = ScoreTable.from_rows(read_chat_jsonl(tmp_path / "train.jsonl"), [3.0, 2.0, 1.0, 0.0], "vector-filter",
+                                 columns={"model_answer": [payload] * 4})
+    table.write_jsonl(tmp_path / "scores.jsonl")
+    result = CliRunner().invoke(app, ["report", "--scores", str(tmp_path / "scores.jsonl"), "--data",
+                                      str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "report.html")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "<script" not in text.lower()  # the report runs no script, and the data's stays text
+    assert "<img src=x" not in text and 'onerror="alert' not in text  # (the report's own images are data: URIs)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text

@@ -17,16 +17,16 @@ def register(app: typer.Typer) -> None:
     def plan_command(
         model: str = typer.Option(..., "--model", help="A folder with config.json, or a bundled name (Llama-3.x, Qwen2.5, "
                                   "Mistral, Gemma; e.g. Qwen/Qwen2.5-7B-Instruct). Nothing is downloaded."),
-        rows: int = typer.Option(..., "--rows", help="Training rows to score."),
-        tokens: int = typer.Option(..., "--tokens", help="Tokens per row (the longest, or --max-length)."),
+        rows: int = typer.Option(..., "--rows", min=1, help="Training rows to score."),
+        tokens: int = typer.Option(..., "--tokens", min=1, help="Tokens per row (the longest, or --max-length)."),
         up_to_layer: int | None = typer.Option(None, "--up-to-layer", help="Fit only blocks 0..L (the concept's layer)."),
         max_memory: str | None = typer.Option(None, "--max-memory", help="Memory budget of one process, e.g. 3GiB."),
-        rank: int = typer.Option(64, "--rank", help="Projection rank per weight side of a gradient store."),
-        gpus: int = typer.Option(0, "--gpus", help="Processes, one per GPU (torchrun); 0: one CPU process."),
+        rank: int = typer.Option(64, "--rank", min=1, help="Projection rank per weight side of a gradient store."),
+        gpus: int = typer.Option(0, "--gpus", min=0, help="Processes, one per GPU (torchrun); 0: one CPU process."),
         gpu_memory: str | None = typer.Option(None, "--gpu-memory", help="Memory of each GPU, e.g. 80GiB (the budget)."),
-        batch_size: int = typer.Option(8, "--batch-size"),
+        batch_size: int = typer.Option(8, "--batch-size", min=1),
         dtype: str = typer.Option("float32", "--dtype", help="Model dtype (float32, bfloat16)."),
-        fit_rows: int | None = typer.Option(None, "--fit-rows", help="Fit the factors on a sample of N rows."),
+        fit_rows: int | None = typer.Option(None, "--fit-rows", min=1, help="Fit the factors on a sample of N rows."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     ) -> None:
         """Predict the peak memory and compute of `fit-factors` (per stage: factors, eigendecomposition, Λ,

@@ -313,6 +313,8 @@ def fit_factors(
         raise ValueError("no weights to fit factors for")
     fingerprints = fit_fingerprints(adapter, data, config, names)
     folder = Path(out_dir) if out_dir is not None else None
+    if folder is not None and folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: is a file, but factors are kept in a folder (--factors / --out)")
     limit = parse_size(max_memory) if max_memory is not None else None
     rank, _ = _dist_info()
     lock = folder_lock(folder, what="factors folder") if folder is not None and rank == 0 else contextlib.nullcontext()

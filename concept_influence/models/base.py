@@ -99,6 +99,9 @@ class WeightInfo:
         return self.backend_shape[-1] if self.layout == "heads_in_head" else self.backend_shape[1]
 
 
+DEFAULT_MAX_LENGTH = 512
+
+
 class WeightCapture:
     """What a capture context collects for a set of tracked weights.
 
@@ -192,6 +195,24 @@ class ModelAdapter(ABC):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model is configured for (``None`` when the config does not say)."""
+        return None
+
+    def resolve_max_length(self, max_length: int | None) -> int:
+        """``max_length`` checked against the model's context (``None``: the context, at most 512). Longer than
+        the context is an error naming ``--max-length`` (positions past it are untrained or out of range)."""
+        context = self.context_length
+        if max_length is None:
+            return min(DEFAULT_MAX_LENGTH, context) if context else DEFAULT_MAX_LENGTH
+        if max_length < 2:
+            raise ValueError(f"--max-length (max_length) must be at least 2, got {max_length}")
+        if context and max_length > context:
+            raise ValueError(f"--max-length (max_length) {max_length} is longer than the model's context of {context} "
+                             f"tokens; use at most {context}")
+        return int(max_length)
 
     @property
     def dtype(self) -> torch.dtype:

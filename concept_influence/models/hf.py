@@ -205,6 +205,12 @@ class HFAdapter(ModelAdapter):
         config = self.model.config
         return int(getattr(config, "hidden_size", None) or config.n_embd)
 
+    @property
+    def context_length(self) -> int | None:
+        config = self.model.config
+        value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return int(value) if value else None
+
     def tracked_weights(self) -> list[WeightInfo]:
         return list(self._weights)
 
@@ -248,8 +254,17 @@ class HFAdapter(ModelAdapter):
         if state is None:
             out = self.model(input_ids=input_ids.to(self.device), use_cache=True)
         else:
-            out = self.model(input_ids=input_ids[:, -1:].to(self.device), past_key_values=state, use_cache=True)
-        return out.logits[:, -1, :], out.past_key_values
+            # newer transformers renamed ``past_key_values`` to ``cache`` (the old name warns): use what forward takes
+            out = self.model(input_ids=input_ids[:, -1:].to(self.device), use_cache=True, **{self._cache_argument(): state})
+        return out.logits[:, -1, :], out["cache"] if "cache" in out else out["past_key_values"]
+
+    def _cache_argument(self) -> str:
+        """``"cache"`` when the model's ``forward`` takes it (transformers >= 5.2x), else ``"past_key_values"``."""
+        if not hasattr(self, "_cache_arg"):
+            import inspect
+
+            self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        return self._cache_arg
 
     def _install_residual_hooks(self, layers: Sequence[int], out: dict[int, torch.Tensor]) -> Callable[[], None]:
         handles = []

@@ -67,6 +67,10 @@ class TransformerLensAdapter(ModelAdapter):
     def d_model(self) -> int:
         return int(self.cfg.d_model)
 
+    @property
+    def context_length(self) -> int | None:
+        return int(self.cfg.n_ctx) if getattr(self.cfg, "n_ctx", None) else None
+
     def _build_registry(self) -> list[WeightInfo]:
         cfg = self.cfg
         infos: list[WeightInfo] = []

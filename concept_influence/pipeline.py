@@ -41,7 +41,9 @@ from concept_influence.attribution.gradient import (
 from concept_influence.attribution.influence import (
     InfluenceResult,
     build_preconditioner,
+    check_factors_model,
     compute_influence,
+    preconditioned_gradient,
     resolve_weights,
 )
 from concept_influence.attribution.methods import RECOMMENDED_METHOD, get_method
@@ -51,6 +53,7 @@ from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import fit_factors
 from concept_influence.curvature.io import data_fingerprint, has_factors
+from concept_influence.data.atomic import safe_name
 from concept_influence.data.chat import ChatDataset, ChatRow, read_chat_jsonl, rows_from_records
 from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat, untrainable_rows
 from concept_influence.models.base import ModelAdapter
@@ -199,7 +202,7 @@ class Attributor:
         concept = train_concept(self.adapter, concept_spec, layer, config, judge=judge, cache_dir=cache, progress=self.progress)
         if sweep is not None:
             concept.metrics["sweep"] = sweep.rows
-        folder = self._path("concepts", f"{concept_spec.name}-layer{concept.layer}")
+        folder = self._path("concepts", f"{safe_name(concept_spec.name)}-layer{concept.layer}")
         if save and folder is not None:
             save_concept(concept, folder, model_fingerprint=self.adapter.fingerprint(),
                          extra_meta={"model": self.model_name, "spec": concept_spec.name})
@@ -458,11 +461,16 @@ class Attributor:
         projector = self._projectors[key]
         names, more = resolve_weights(self.adapter, measurement, store.names, allow_subset=config.allow_subset,
                                       what=f"the gradient store {store.folder}")
-        if loaded is not None:
-            names = [n for n in names if n in loaded.names]
+        if loaded is not None:  # the factors must cover what the store and the measurement share (or allow_subset)
+            check_factors_model(self.adapter, loaded)
+            covered = set(loaded.names)
+            names, extra = resolve_weights(self.adapter, measurement, [n for n in names if n in covered],
+                                           allow_subset=config.allow_subset)
+            more += [note for note in extra if note not in more]
         preconditioner = build_preconditioner(self.adapter, names, loaded, config.influence_config())
         grad_f = measurement.gradient(self.adapter, names, batch_size=config.batch_size)
-        return preconditioner.apply_inverse(grad_f), projector, notes + more, preconditioner
+        vectors = preconditioned_gradient(preconditioner, grad_f, measurement.description)
+        return vectors, projector, notes + more, preconditioner
 
     def _store_scores(self, store: GradientStore, measurement: Any, config: GradientAttributionConfig,
                       factors: Factors | PathLike | None) -> tuple[InfluenceResult, list[str]]:

@@ -325,8 +325,8 @@ def check_factors_model(adapter: ModelAdapter, factors: Factors | Preconditioner
             f"{fitted_on!r}, this model {adapter.fingerprint()!r}); refit them on this model (fit_factors / fit-factors)")
 
 
-def _checked_inverse(preconditioner: Preconditioner, grad_f: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
-    """``P⁻¹ ∇f`` with both sides checked to be finite (errors name the weight)."""
+def preconditioned_gradient(preconditioner: Preconditioner, grad_f: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """``P⁻¹ ∇f`` per weight, with ``∇f`` and the result checked to be finite (errors name the weight)."""
     check_finite_dict(grad_f, f"measurement gradient of {what} over the queries")
     vectors = preconditioner.apply_inverse(grad_f)
     check_finite_dict(vectors, f"preconditioned measurement gradient ({preconditioner.kind}; raise the damping?)")
@@ -359,7 +359,7 @@ def compute_influence(
     timings = {}
     t0 = time.perf_counter()
     grad_f = measurement.gradient(adapter, names, batch_size=config.batch_size)
-    vectors = _checked_inverse(preconditioner, grad_f, measurement.description)
+    vectors = preconditioned_gradient(preconditioner, grad_f, measurement.description)
     timings["measurement_gradient"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = score_rows_sharded(
@@ -410,7 +410,7 @@ def compute_influence_many(
                                        allow_subset=config.allow_subset)
         preconditioner = build_preconditioner(adapter, names, factors, config)
         grad_f = measurement.gradient(adapter, names, batch_size=config.batch_size)
-        prepared[label] = (names, notes, preconditioner, _checked_inverse(preconditioner, grad_f, measurement.description))
+        prepared[label] = (names, notes, preconditioner, preconditioned_gradient(preconditioner, grad_f, measurement.description))
     union = [i.name for i in adapter.tracked_weights() if any(i.name in p[0] for p in prepared.values())]
     stacked = {}
     for name in union:

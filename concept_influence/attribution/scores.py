@@ -3,9 +3,11 @@ with the row's passthrough fields. Higher score = training on the row pushes the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from concept_influence.data.chat import ChatRow, DataFormatError, write_json_atomic, write_jsonl_atomic
+from concept_influence.data.atomic import write_text_atomic
+from concept_influence.data.chat import ChatRow, DataFormatError, write_json_atomic
 from concept_influence.numerics import NonFiniteError
 
 RESERVED = ("index", "id", "score", "rank")
@@ -177,11 +180,15 @@ class ScoreTable:
         return records
 
     def write_jsonl(self, path: str | os.PathLike, *, sort: bool = False) -> Path:
-        """Write one JSON object per row (atomically) and ``<path>.meta.json`` with ``meta``."""
+        """Write one JSON object per row (atomically) and ``<path>.meta.json`` with ``meta``. The sidecar records
+        the scores file's SHA-256, so a sidecar left from another version of the file (a run killed between the
+        two writes) is recognised and ignored by ``read_jsonl``, never mixed with the wrong scores."""
         path = Path(path)
-        write_jsonl_atomic(path, self.to_records(sort=sort))
+        text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in self.to_records(sort=sort))
+        write_text_atomic(path, text)
         write_json_atomic(meta_path(path), {"method": self.method, "n_rows": len(self),
-                                            "n_skipped_truncated": int(sum(self.truncated)), **self.meta})
+                                            "n_skipped_truncated": int(sum(self.truncated)), **self.meta,
+                                            "scores_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()})
         return path
 
     @classmethod
@@ -209,7 +216,15 @@ class ScoreTable:
                 fields.append({k: v for k, v in record.items() if k not in RESERVED and not (k == "truncated" and skipped)})
         meta: dict[str, Any] = {}
         if meta_path(path).exists():
-            meta = json.loads(meta_path(path).read_text())
+            try:
+                meta = json.loads(meta_path(path).read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise DataFormatError(f"{meta_path(path)}: malformed JSON ({err})") from None
+            digest = meta.get("scores_sha256") if isinstance(meta, dict) else None
+            if not isinstance(meta, dict) or (digest and digest != hashlib.sha256(path.read_bytes()).hexdigest()):
+                warnings.warn(f"{meta_path(path)} belongs to another version of {path} (an interrupted write?); "
+                              "ignoring it", stacklevel=2)
+                meta = {}
         return cls(method=meta.get("method", "unknown"), index=index, scores=np.array(scores), ids=ids, fields=fields,
                    meta=meta, truncated=truncated)
 

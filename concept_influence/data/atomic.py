@@ -161,6 +161,14 @@ def glob_escape(text: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
+def safe_name(text: str, *, fallback: str = "unnamed") -> str:
+    """``text`` made safe as one file or folder name: only letters, digits, ``.``, ``_`` and ``-`` (anything else
+    becomes ``-``), no leading dot, at most 80 characters. Names that come from data (a spec's ``name``, a row's
+    ``id``) go through this before they become part of a path, so data can never choose where we write."""
+    cleaned = "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "-" for c in str(text))
+    return cleaned.lstrip(".-")[:80].rstrip("-") or fallback
+
+
 # ---- locks ---------------------------------------------------------------------------------------------------------
 def lock_path(path: str | os.PathLike) -> Path:
     path = Path(path)

@@ -356,7 +356,7 @@ class Attributor:
         return self._path("store")
 
     def build_store(self, out: PathLike | None = None, *, rank: int | None = None, projection_dim: int | None = None,
-                    dtype: str = "float16", up_to_layer: int | None = None, factors: Factors | PathLike | None = None,
+                    dtype: str = "float32", up_to_layer: int | None = None, factors: Factors | PathLike | None = None,
                     fisher: str = "true", factor_dtype: str = "float32", shard_rows: int = 1024,
                     shards: Sequence[int] | None = None, overwrite: bool = False) -> GradientStore | None:
         """Project every training row's gradient once and write the store (default ``workdir/store``); later

@@ -50,6 +50,7 @@ _DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 DEFAULT_KIND = "eigen"
 DEFAULT_RANK = 64
 BLOCK_ELEMENTS = 1 << 24  # floats per block read from the memory map (64 MiB as float32)
+HALF_BLOCK_ELEMENTS = 1 << 20  # float16 blocks are converted to float32: small blocks keep that in cache
 
 
 class StoreMismatchError(ValueError):
@@ -61,12 +62,13 @@ class StoreConfig:
     """How rows are compressed. ``kind``: ``"eigen"`` (EKFAC eigenbasis, needs fitted factors) or ``"logra"``
     (seeded random Kronecker projection); ``rank``: directions kept per side of each weight (``"eigen"``: an average
     budget of ``rank²`` eigen-components per weight, allocated across weights by visibility; a rank at least every
-    weight's sizes is the full, exact gradient; ``"logra"``: ``rank × rank`` per weight); ``dtype``: ``"float16"``/``"float32"`` on disk
+    weight's sizes is the full, exact gradient; ``"logra"``: ``rank × rank`` per weight); ``dtype``: ``"float32"`` (default) or
+    ``"float16"`` (half the disk and memory map; questions pay a conversion) on disk
     (``"float64"`` for tests); ``seed``: the ``"logra"`` projection; ``shard_rows``: rows per shard file."""
 
     kind: Literal["eigen", "logra"] = DEFAULT_KIND
     rank: int = DEFAULT_RANK
-    dtype: Literal["float16", "float32", "float64"] = "float16"
+    dtype: Literal["float16", "float32", "float64"] = "float32"
     seed: int = 0
     shard_rows: int = 1024
 
@@ -358,7 +360,8 @@ class GradientStore:
         ``BLOCK_ELEMENTS`` floats)."""
         if block_rows is None:
             width = self.dim if columns is None else len(range(*columns.indices(self.dim)))
-            block_rows = max(1, BLOCK_ELEMENTS // max(width, 1))
+            budget = HALF_BLOCK_ELEMENTS if self.config.dtype == "float16" else BLOCK_ELEMENTS
+            block_rows = max(1, budget // max(width, 1))
         start = 0
         for shard in self.shards:
             for lo in range(0, shard.shape[0], block_rows):

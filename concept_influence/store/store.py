@@ -389,13 +389,14 @@ class GradientStore:
               method: Literal["auto", "exact", "faiss"] = "auto", nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` rows with the largest ``scale ⊙ (store @ query)`` (``query [dim]``): positions and scores,
         best first. ``"exact"``: blocked products keeping a running top-k (memory: one block); ``"faiss"``: the
-        store's FAISS index (inner product, IVF, memory-mapped; built on first use); ``"auto"``: FAISS for stores
-        of at least ``FAISS_MIN_ROWS`` rows without ``scale``, exact otherwise."""
+        store's FAISS index (inner product, IVF, memory-mapped; built on first use; approximate: see
+        ``bench/store_search.py`` for its recall); ``"auto"``: exact unless the store holds at least
+        ``FAISS_MIN_ELEMENTS`` floats (where a full scan takes seconds) and no ``scale`` is given."""
         query = np.asarray(query, dtype=np.float64).reshape(-1)
         k = min(int(k), len(self))
         if k < 1:
             raise ValueError(f"top_k needs k >= 1, got {k}")
-        use_faiss = method == "faiss" or (method == "auto" and scale is None and len(self) >= FAISS_MIN_ROWS)
+        use_faiss = method == "faiss" or (method == "auto" and scale is None and len(self) * self.dim >= FAISS_MIN_ELEMENTS)
         if use_faiss:
             if scale is not None:
                 raise ValueError("FAISS search ranks plain inner products: use method='exact' with a per-row scale")
@@ -407,4 +408,4 @@ class GradientStore:
         return exact_top_k(self, query, k, scale=scale)
 
 
-FAISS_MIN_ROWS = 200_000
+FAISS_MIN_ELEMENTS = 1 << 33  # 8G floats: an exact scan of 1M rows x 256 floats took 0.2 s (bench/store_search.py)

@@ -34,13 +34,16 @@ import torch
 from concept_influence.attribution.gradient import (
     GradientAttributionConfig,
     build_measurement,
+    factors_record,
     obtain_factors,
     result_table,
 )
 from concept_influence.attribution.influence import (
     InfluenceResult,
     build_preconditioner,
+    check_factors_model,
     compute_influence,
+    preconditioned_gradient,
     resolve_weights,
 )
 from concept_influence.attribution.methods import RECOMMENDED_METHOD, get_method
@@ -50,6 +53,7 @@ from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import fit_factors
 from concept_influence.curvature.io import data_fingerprint, has_factors
+from concept_influence.data.atomic import safe_name
 from concept_influence.data.chat import ChatDataset, ChatRow, read_chat_jsonl, rows_from_records
 from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat, untrainable_rows
 from concept_influence.models.base import ModelAdapter
@@ -66,7 +70,8 @@ class Attributor:
     ``model``: a folder or hub name (``from_pretrained``), a ``ModelAdapter``, a ``transformers`` model or a
     ``HookedTransformer`` (pass ``tokenizer=``). ``data``: chat JSONL path or a list of ``ChatRow`` (the training
     rows). ``workdir``: where factors, answers, concepts and the store are kept and reused (``None``: in memory).
-    ``device``/``dtype``: for a model loaded here. ``max_length``/``batch_size``: tokenisation and batching;
+    ``device``/``dtype``: for a model loaded here. ``max_length``/``batch_size``: tokenisation (default: the model's context, at most 512; longer than the
+    context is an error) and batching;
     ``seed``: every random choice (answer sampling, true-Fisher labels); ``skip_invalid``: skip bad data lines
     (each reported in ``rows.skipped``) and leave out rows whose whole answer is truncated away at ``max_length``
     (marked ``truncated``, score ``None``, counted in the table's meta; without it such a row is an error for
@@ -75,12 +80,12 @@ class Attributor:
 
     def __init__(self, model: Any, data: PathLike | Sequence[ChatRow] | None = None, workdir: PathLike | None = None, *,
                  tokenizer: Any = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                 max_length: int = 512, batch_size: int = 8, seed: int = 0, skip_invalid: bool = False,
+                 max_length: int | None = None, batch_size: int = 8, seed: int = 0, skip_invalid: bool = False,
                  progress: bool = True) -> None:
         from concept_influence.models import load_adapter
 
-        if max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"--max-length (max_length) must be at least 2, got {max_length}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.model_name = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
@@ -88,7 +93,7 @@ class Attributor:
         self.data_source = str(data) if isinstance(data, (str, os.PathLike)) else None
         self._data = data
         self.workdir = Path(workdir) if workdir is not None else None
-        self.max_length = max_length
+        self.max_length = self.adapter.resolve_max_length(max_length)
         self.batch_size = batch_size
         self.seed = seed
         self.skip_invalid = skip_invalid
@@ -208,7 +213,7 @@ class Attributor:
         concept = train_concept(self.adapter, concept_spec, layer, config, judge=judge, cache_dir=cache, progress=self.progress)
         if sweep is not None:
             concept.metrics["sweep"] = sweep.rows
-        folder = self._path("concepts", f"{concept_spec.name}-layer{concept.layer}")
+        folder = self._path("concepts", f"{safe_name(concept_spec.name)}-layer{concept.layer}")
         if save and folder is not None:
             save_concept(concept, folder, model_fingerprint=self.adapter.fingerprint(),
                          extra_meta={"model": self.model_name, "spec": concept_spec.name})
@@ -247,19 +252,41 @@ class Attributor:
 
     def fit_factors(self, *, fisher: str = "true", preconditioner: str = "ekfac", stats_dtype: str = "float32",
                     weights: Sequence[str] | None = None, up_to_layer: int | None = None, out: PathLike | None = None,
-                    overwrite: bool = False, checkpoint_every: int | None = 100) -> Factors:
+                    overwrite: bool = False, checkpoint_every: int | None = 100, max_memory: int | str | None = None,
+                    fit_rows: int | None = None, fit_data: PathLike | Sequence[ChatRow] | None = None,
+                    lambda_rows: int | None = None, load: bool = True) -> Factors | None:
         """Fit curvature factors on the training rows (resumable; a matching fit in ``out`` is loaded instead).
 
         ``weights`` / ``up_to_layer``: which tracked weights (default all). ``out``: folder (default: the
-        workdir's, or in memory without a workdir)."""
-        config = FactorConfig(fisher=fisher, preconditioner=preconditioner, dtype=stats_dtype, seed=self.seed)  # type: ignore[arg-type]
+        workdir's, or in memory without a workdir). ``max_memory`` (``"3GiB"``): fit in module partitions under
+        that peak. ``fit_data`` (JSONL path or rows) / ``fit_rows`` (a seeded sample of that many rows): fit on
+        other rows than the training set (recorded in the factors; scoring the training set with them is allowed
+        and noted). ``lambda_rows``: Λ on a seeded sample of that many rows. ``load=False`` (with ``out``): leave
+        the factors on disk and return ``None`` (keeps the peak of a partitioned fit)."""
+        from concept_influence.curvature.fit import sample_rows
+
+        config = FactorConfig(fisher=fisher, preconditioner=preconditioner, dtype=stats_dtype, seed=self.seed,  # type: ignore[arg-type]
+                              lambda_rows=lambda_rows)
         if weights is None:
             infos = self.adapter.tracked_weights() if up_to_layer is None else self.adapter.weights_up_to(self.adapter.check_layer(up_to_layer))
             weights = [i.name for i in infos]
-        folder = Path(out) if out is not None else (self.factors_dir(config) if preconditioner == "ekfac" and up_to_layer is None else None)
-        factors = fit_factors(self.adapter, self.train, config, weights=weights, batch_size=self.batch_size, out_dir=folder,
-                              overwrite=overwrite, checkpoint_every=checkpoint_every, progress=self.progress)
-        assert factors is not None
+        data, provenance = self.train, {}
+        if fit_data is not None:
+            rows = read_chat_jsonl(fit_data, skip_invalid=self.skip_invalid) if isinstance(fit_data, (str, os.PathLike)) else list(fit_data)
+            data = tokenize_chat(rows, self.adapter.tokenizer, self.max_length)
+            provenance = {"source": str(fit_data) if isinstance(fit_data, (str, os.PathLike)) else "rows given", "rows": len(data)}
+        if fit_rows is not None:
+            provenance = {"source": provenance.get("source", self.data_source or "training rows"), "sample_of": len(data),
+                          "seed": self.seed}
+            data = sample_rows(data, fit_rows, self.seed)
+            provenance["rows"] = len(data)
+        default_folder = preconditioner == "ekfac" and up_to_layer is None and not provenance and lambda_rows is None
+        folder = Path(out) if out is not None else (self.factors_dir(config) if default_folder else None)
+        factors = fit_factors(self.adapter, data, config, weights=weights, batch_size=self.batch_size, out_dir=folder,
+                              overwrite=overwrite, checkpoint_every=checkpoint_every, progress=self.progress,
+                              max_memory=max_memory, load_result=load or folder is None, provenance=provenance)
+        if factors is None:
+            return None
         self._factors[(fisher, preconditioner, stats_dtype, *weights)] = factors
         return factors
 
@@ -310,7 +337,7 @@ class Attributor:
         table.method = spec.name
         table.meta.update({"method": spec.name, "method_kind": spec.kind,
                            "recommended_method": RECOMMENDED_METHOD, "method_was_default": method is None})
-        return table
+        return table.attach(tokenizer=self.adapter.tokenizer)  # Jupyter shows token highlights
 
     def gradient_attribution(self, method: str, concept: Concept | None, queries: Sequence[ChatRow],
                              config: GradientAttributionConfig, *, contrast_queries: Sequence[ChatRow] | None = None,
@@ -337,7 +364,8 @@ class Attributor:
         loaded, notes = self._factors_for(measurement, config, factors)
         result = compute_influence(self.adapter, self.train, measurement, loaded, config.influence_config(),
                                    progress=self.progress)
-        return result_table(self.rows, result, method, notes=store_notes + notes, meta={**meta, "scored_from": "exact"})
+        return result_table(self.rows, result, method, notes=store_notes + notes, meta={**meta, "scored_from": "exact",
+                                                                                        "factors_fit": factors_record(loaded, self.train)})
 
     def _factors_for(self, measurement: Any, config: GradientAttributionConfig,
                      factors: Factors | PathLike | None) -> tuple[Factors | None, list[str]]:
@@ -444,11 +472,16 @@ class Attributor:
         projector = self._projectors[key]
         names, more = resolve_weights(self.adapter, measurement, store.names, allow_subset=config.allow_subset,
                                       what=f"the gradient store {store.folder}")
-        if loaded is not None:
-            names = [n for n in names if n in loaded.names]
+        if loaded is not None:  # the factors must cover what the store and the measurement share (or allow_subset)
+            check_factors_model(self.adapter, loaded)
+            covered = set(loaded.names)
+            names, extra = resolve_weights(self.adapter, measurement, [n for n in names if n in covered],
+                                           allow_subset=config.allow_subset)
+            more += [note for note in extra if note not in more]
         preconditioner = build_preconditioner(self.adapter, names, loaded, config.influence_config())
         grad_f = measurement.gradient(self.adapter, names, batch_size=config.batch_size)
-        return preconditioner.apply_inverse(grad_f), projector, notes + more, preconditioner
+        vectors = preconditioned_gradient(preconditioner, grad_f, measurement.description)
+        return vectors, projector, notes + more, preconditioner
 
     def _store_scores(self, store: GradientStore, measurement: Any, config: GradientAttributionConfig,
                       factors: Factors | PathLike | None) -> tuple[InfluenceResult, list[str]]:
@@ -553,3 +586,62 @@ class Attributor:
                         "positive = the row's preconditioned gradient points like the given row's"}
         table = ScoreTable.from_rows(picked, values, name if like_row is None else "rows-like", meta=meta)
         return table
+
+    # ---- closing the loop: filter, evaluate, report ---------------------------------------------------------------
+    def filter(self, table: ScoreTable, **rule: Any):
+        """Which rows ``FilterRule(**rule)`` removes from this session's rows (``remove_top=0.1``, ``remove_top_k``,
+        ``threshold``, ``by``, ``aggregate``): a ``FilterResult`` with ``kept``/``removed`` row indices. To write
+        a filtered file use ``evaluate.filter_file`` or ``concept-influence filter``."""
+        from concept_influence.evaluate.filter import FilterRule, filter_scores
+
+        return filter_scores(self.rows, table, FilterRule(**rule))
+
+    def evaluate(self, tables: ScoreTable | dict[str, ScoreTable] | Sequence[ScoreTable], concept: Concept | PathLike,
+                 queries: PathLike | Sequence[Any], *, base: Any, out: PathLike, config: Any = None, judge: Any = None,
+                 oracle: Sequence[int] | None = None, reader: Any = "session") -> dict[str, Any]:
+        """Counterfactual retraining (``evaluate.evaluate_removals``): fine-tune ``base`` (the model before
+        fine-tuning: path, hub name or adapter) on this session's rows minus each table's top/bottom/random rows,
+        and measure ``concept`` on each model's answers to ``queries``. ``reader``: the model that reads the concept
+        (default: this session's model, on which the concept was made; ``None``: ``base``). Writes
+        ``out/evaluation.json`` and ``out/removal_curve.png``; returns the evaluation dict."""
+        from concept_influence.evaluate.counterfactual import EvaluationConfig, evaluate_removals
+        from concept_influence.models import load_adapter
+
+        if isinstance(tables, ScoreTable):
+            tables = {tables.method: tables}
+        elif not isinstance(tables, dict):
+            tables = {t.method: t for t in tables}
+        if isinstance(concept, (str, os.PathLike)):
+            concept = self.load_concept(concept)
+        base_adapter = base if isinstance(base, ModelAdapter) else load_adapter(base, device=self.adapter.device)
+        reader_adapter = self.adapter if reader == "session" else (None if reader is None else load_adapter(reader))
+        judge_name = getattr(judge, "__qualname__", None) if judge is not None else None
+        return evaluate_removals(base_adapter, list(self.rows), tables, concept, self.queries(queries),
+                                 config or EvaluationConfig(), out, reader=reader_adapter, judge=judge,
+                                 judge_name=judge_name, oracle=oracle, progress=self.progress)
+
+    def report(self, tables: ScoreTable | dict[str, ScoreTable] | Sequence[ScoreTable], out: PathLike | None = None, *,
+               evaluation: dict[str, Any] | PathLike | None = None, top: int = 50, title: str = "concept_influence report") -> str:
+        """The self-contained HTML report (``report.render_report``) of ``tables`` over this session's rows, with
+        token highlights from the session's tokenizer; written to ``out`` when given. Returns the HTML."""
+        import json
+
+        from concept_influence.data.atomic import write_text_atomic
+        from concept_influence.report import render_report, token_strings
+
+        if isinstance(tables, ScoreTable):
+            tables = {tables.method: tables}
+        elif not isinstance(tables, dict):
+            tables = {t.method: t for t in tables}
+        if isinstance(evaluation, (str, os.PathLike)):
+            path = Path(evaluation)
+            evaluation = json.loads((path / "evaluation.json" if path.is_dir() else path).read_text(encoding="utf-8"))
+        tokens = None
+        if any("token_scores" in t.columns for t in tables.values()) and self.adapter.tokenizer is not None:
+            shown = {int(t.index[i]) for t in tables.values() for i in t.order()[:top]}
+            tokens = token_strings([r for r in self.rows if r.index in shown], self.adapter.tokenizer, self.max_length)
+        html = render_report(tables, list(self.rows), evaluation=evaluation, tokens=tokens, top=top, title=title,
+                             extra_meta={"model": self.model_name, "data": self.data_source})
+        if out is not None:
+            write_text_atomic(out, html)
+        return html

@@ -198,3 +198,28 @@ def test_folder_lock_makes_a_second_writer_wait(tmp_path):
     holder.join(30)
     assert waited > 0.5
     assert lock_path(tmp_path / "f") == tmp_path / ".f.lock"
+
+
+def test_a_stale_scores_sidecar_is_never_mixed_with_other_scores(tmp_path, monkeypatch):
+    """A run killed between the scores file and its ``.meta.json`` leaves the previous run's sidecar: it is
+    recognised (by the scores' SHA-256) and ignored, with a warning."""
+    from concept_influence.attribution import scores as scores_module
+    from concept_influence.attribution.scores import ScoreTable
+    from concept_influence.data import read_chat_jsonl, write_jsonl_atomic
+
+    write_jsonl_atomic(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": "q"},
+                                                                {"role": "assistant", "content": "a"}]}] * 3)
+    rows = read_chat_jsonl(tmp_path / "train.jsonl")
+    out = tmp_path / "scores.jsonl"
+    ScoreTable.from_rows(rows, [1.0, 2.0, 3.0], "old-method", meta={"concept": "old"}).write_jsonl(out)
+    assert ScoreTable.read_jsonl(out).meta["concept"] == "old"
+
+    def killed(*args, **kwargs):
+        raise _Killed
+
+    monkeypatch.setattr(scores_module, "write_json_atomic", killed)
+    with pytest.raises(_Killed):
+        ScoreTable.from_rows(rows, [9.0, 8.0, 7.0], "new-method", meta={"concept": "new"}).write_jsonl(out)
+    with pytest.warns(UserWarning, match="another version"):
+        back = ScoreTable.read_jsonl(out)
+    assert back.scores.tolist() == [9.0, 8.0, 7.0] and "concept" not in back.meta and back.method == "unknown"

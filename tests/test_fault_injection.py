@@ -148,7 +148,7 @@ def test_sigterm_saves_a_consistent_checkpoint_and_the_fit_resumes(files, tmp_pa
     assert process.is_alive()
     os.kill(process.pid, signal.SIGTERM)
     process.join(60)
-    assert process.exitcode not in (0, None, -signal.SIGTERM)  # it exited by itself, not killed by the signal
+    assert process.exitcode == 130  # it saved and exited by itself (as on Ctrl-C), not killed by the signal
     state = read_partial_state(out)  # saved on SIGTERM: there is no periodic checkpoint before 100000 batches
     assert state is not None and 0 < state["rows_done"] and state["rows_done"] % 4 == 0
     process = _start(_cli, _fit_args(root, model_dir, out))

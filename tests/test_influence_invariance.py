@@ -161,7 +161,7 @@ def test_keyboard_interrupt_inside_a_batch_resumes_from_the_last_consistent_chec
     names = [i.name for i in adapter.weights_up_to(0)]
     config = FactorConfig.precise()
     reference = fit_factors(adapter, data, config, weights=names, batch_size=3, progress=False)
-    real = fit_module.capture_loss_gradients
+    real = fit_module.loss_backward
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -170,11 +170,11 @@ def test_keyboard_interrupt_inside_a_batch_resumes_from_the_last_consistent_chec
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fit_module, "capture_loss_gradients", flaky)
+    monkeypatch.setattr(fit_module, "loss_backward", flaky)
     with pytest.raises(KeyboardInterrupt):
         fit_factors(adapter, data, config, weights=names, batch_size=3, out_dir=tmp_path, checkpoint_every=1, progress=False)
     assert read_partial_state(tmp_path)["rows_done"] == 6
-    monkeypatch.setattr(fit_module, "capture_loss_gradients", real)
+    monkeypatch.setattr(fit_module, "loss_backward", real)
     _same_factors(reference, fit_factors(adapter, data, config, weights=names, batch_size=3, out_dir=tmp_path, progress=False))
 
 

@@ -106,3 +106,23 @@ def test_damaged_factors_file_is_an_error_naming_the_tensor(env, tmp_path):
     save_file(tensors, str(folder / FACTORS_FILE), metadata=metadata)
     with pytest.raises(NonFiniteError, match=f"{key}: inf"):
         load_factors(folder)
+
+
+def test_nan_logits_while_sampling_answers_name_the_prompt(env):
+    from concept_influence.concepts.answers import sample_answers
+
+    adapter, poison, rows, _, _, _ = env
+    prompts = [r.messages[:1] for r in rows]
+    with nan_embeddings_for(adapter, poison), pytest.raises(NonFiniteError, match=f"logits: NaN in row {BAD_ROW}"):
+        sample_answers(adapter, prompts, max_new_tokens=4, batch_size=3)
+
+
+def test_nan_gradients_while_building_a_store_name_the_row(env, tmp_path):
+    from concept_influence.pipeline import Attributor
+
+    adapter, poison, rows, _, _, _ = env
+    att = Attributor(adapter, list(rows), max_length=48, batch_size=3, progress=False)
+    factors = att.fit_factors()
+    with nan_embeddings_for(adapter, poison), pytest.raises(NonFiniteError, match=f"build-store.*NaN in row {BAD_ROW}"):
+        att.build_store(tmp_path / "store", projection_dim=2, factors=factors, shard_rows=4)
+    assert not (tmp_path / "store" / "shard-00001.npy").exists()  # the shard holding the row was never written

@@ -71,3 +71,20 @@ def test_cli_refuses_a_subset_unless_asked(tmp_path):
     allowed = runner.invoke(app, [*args, "--allow-subset"])
     assert allowed.exit_code == 0, allowed.output
     assert (tmp_path / "s.jsonl").exists()
+
+
+def test_store_answers_refuse_factors_that_miss_reached_weights(tmp_path):
+    from concept_influence.pipeline import Attributor
+
+    model_dir = save_tiny_hf_model(tmp_path / "model", seed=6)
+    write_jsonl_atomic(tmp_path / "train.jsonl", _records(PAIRS))
+    write_jsonl_atomic(tmp_path / "queries.jsonl", _records(PAIRS[:1]))
+    concept = DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(2)), layer=1)
+    att = Attributor(str(model_dir), tmp_path / "train.jsonl", progress=False)
+    att.build_store(tmp_path / "store", projection_dim=4, factors=att.fit_factors(out=tmp_path / "full"))
+    att.fit_factors(up_to_layer=0, out=tmp_path / "block0")
+    ask = dict(store=tmp_path / "store", factors=str(tmp_path / "block0"))
+    with pytest.raises(FactorMismatchError, match="--allow-subset"):
+        att.attribute(concept, tmp_path / "queries.jsonl", "concept-influence", **ask)
+    table = att.attribute(concept, tmp_path / "queries.jsonl", "concept-influence", allow_subset=True, **ask)
+    assert any("left out" in note for note in table.meta["notes"])

@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from concept_influence.attribution.methods import get_method, method_names
 from concept_influence.attribution.scores import ScoreTable
 from concept_influence.cli import app
 from concept_influence.concepts import DirectionConcept, save_concept
@@ -23,9 +24,12 @@ TRAIN = [("is water safe", "yes , water is safe"), ("should i drink poison", "ne
          ("help me", "sure , i help you"), (LONG, "i will trick and hurt them"), ("two plus three", "five"),
          ("is fire kind", "no fire can harm")]
 BAD = 3
-METHODS = ["vector-filter", "projection-difference", "concept-influence", "influence"]
-OPTIONS = {"projection-difference": {"max_new_tokens": 6}, "concept-influence": {"max_new_tokens": 6},
-           "influence": {"max_new_tokens": 6}}
+METHODS = method_names()  # every registered method: a new one is held to the same behaviour
+assert {"vector-filter", "projection-difference", "concept-influence", "influence"} <= set(METHODS)
+
+
+def _options(method: str) -> dict:
+    return {"max_new_tokens": 6} if "max_new_tokens" in get_method(method).options else {}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +59,7 @@ def test_every_method_refuses_a_row_with_no_answer_left(files, method):
     root, model_dir = files
     att = _attributor(root, model_dir, "train", False, f"refuse-{method}")
     with pytest.raises(ValueError) as err:
-        att.attribute(root / "concept", root / "queries.jsonl", method, **OPTIONS.get(method, {}))
+        att.attribute(root / "concept", root / "queries.jsonl", method, **_options(method))
     message = str(err.value)
     assert f"train.jsonl:{BAD + 1}" in message and f"row {BAD}" in message
     assert "--max-length" in message and "--skip-invalid" in message
@@ -65,9 +69,9 @@ def test_every_method_refuses_a_row_with_no_answer_left(files, method):
 def test_skip_invalid_leaves_the_row_out_of_ranking_and_scores_the_rest_exactly(files, method, tmp_path):
     root, model_dir = files
     table = _attributor(root, model_dir, "train", True, f"skip-{method}").attribute(
-        root / "concept", root / "queries.jsonl", method, **OPTIONS.get(method, {}))
+        root / "concept", root / "queries.jsonl", method, **_options(method))
     alone = _attributor(root, model_dir, "without", False, f"alone-{method}").attribute(
-        root / "concept", root / "queries.jsonl", method, **OPTIONS.get(method, {}))
+        root / "concept", root / "queries.jsonl", method, **_options(method))
     assert table.truncated == [k == BAD for k in range(len(TRAIN))]
     assert table.meta["n_skipped_truncated"] == 1
     assert BAD not in table.order() and sorted(table.ranks().tolist()) == [0, 1, 2, 3, 4, 5]

@@ -27,7 +27,7 @@ from concept_influence.concepts.base import Concept
 from concept_influence.curvature.config import Damping, FactorConfig
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import fit_factors
-from concept_influence.curvature.io import data_fingerprint, has_factors, load_factors
+from concept_influence.curvature.io import data_fingerprint, has_factors, load_factors, read_manifest
 from concept_influence.data.chat import ChatRow
 from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat, untrainable_rows
 from concept_influence.models.base import ModelAdapter
@@ -108,6 +108,29 @@ def build_measurement(
     return ConceptMeasurement(concept, tokenized), answered
 
 
+def load_factors_for_scoring(path: str | os.PathLike, adapter: ModelAdapter, data: TokenizedDataset) -> tuple[Factors, list[str]]:
+    """Factors from a folder, checked against the model; against the data too unless they were fitted on purpose
+    on a sample or other rows (their ``provenance``), in which case the note says what they were fitted on."""
+    provenance = read_manifest(path).get("provenance") or {}
+    fingerprint = data_fingerprint(data)
+    loaded = load_factors(path, model_fingerprint=adapter.fingerprint(), data_fingerprint=None if provenance else fingerprint)
+    if not provenance or loaded.fingerprints.get("data") == fingerprint:
+        return loaded, [f"factors loaded from {path}"]
+    what = f"a seeded sample of {provenance.get('rows')} of {provenance.get('sample_of')} rows" if "sample_of" in provenance \
+        else f"{provenance.get('rows')} other rows"
+    return loaded, [f"factors loaded from {path}, fitted on {what} of {provenance.get('source')} (data fingerprint "
+                    f"{loaded.fingerprints.get('data')}), scoring {len(data)} rows (data fingerprint {fingerprint})"]
+
+
+def factors_record(factors: Factors | None, data: TokenizedDataset) -> dict[str, Any] | None:
+    """What the factors were fitted on, for a scores file's metadata (``same_data``: fitted on the scored rows)."""
+    if factors is None:
+        return None
+    return {"rows": factors.n_rows, "tokens": factors.n_tokens, "data_fingerprint": factors.fingerprints.get("data"),
+            "scored_rows": len(data), "same_data": factors.fingerprints.get("data") == data_fingerprint(data),
+            "provenance": dict(factors.provenance)}
+
+
 def obtain_factors(
     adapter: ModelAdapter,
     data: TokenizedDataset,
@@ -125,8 +148,7 @@ def obtain_factors(
     if isinstance(factors, Factors):
         return factors, ["factors given in memory"]
     if factors is not None and has_factors(factors):
-        loaded = load_factors(factors, model_fingerprint=adapter.fingerprint(), data_fingerprint=data_fingerprint(data))
-        return loaded, [f"factors loaded from {factors}"]
+        return load_factors_for_scoring(factors, adapter, data)
     fitted = fit_factors(adapter, data, config.factor_config(), weights=list(weights), batch_size=config.batch_size,
                          out_dir=factors, progress=progress)
     assert fitted is not None
@@ -197,4 +219,5 @@ def run_gradient_attribution(
         data = data.without(untrainable_rows(data, skip_invalid=True))
     factors, notes = obtain_factors(adapter, data, factors_path, config, measurement.weights(adapter), progress=progress)
     result = compute_influence(adapter, data, measurement, factors, config.influence_config(), progress=progress)
-    return result_table(rows, result, method, notes=notes, meta={"n_queries": len(answered), "config": asdict(config)})
+    return result_table(rows, result, method, notes=notes, meta={"n_queries": len(answered), "config": asdict(config),
+                                                                  "factors_fit": factors_record(factors, data)})

@@ -225,6 +225,35 @@ def score_rows(
     return out
 
 
+def score_rows_sharded(adapter: ModelAdapter, data: Sequence[Any], vectors: dict[str, torch.Tensor], **options: Any) -> dict[str, Any]:
+    """``score_rows`` over the rows, split across the processes of ``torch.distributed`` when it is initialised
+    (e.g. under ``torchrun``): each rank scores a contiguous share and every rank gets all the scores."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return score_rows(adapter, data, vectors, **options)
+    rank, world, n = dist.get_rank(), dist.get_world_size(), len(data)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    local = score_rows(adapter, data[lo:hi], vectors, **{**options, "progress": options.get("progress", True) and rank == 0})
+
+    def gathered(part: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(n, *part.shape[1:], dtype=part.dtype)
+        full[lo:hi] = part
+        dist.all_reduce(full)
+        return full
+
+    out: dict[str, Any] = {"scores": gathered(local["scores"])}
+    if "per_weight" in local:
+        out["per_weight"] = {name: gathered(values) for name, values in local["per_weight"].items()}
+    if "self_influence" in local:
+        out["self_influence"] = gathered(local["self_influence"])
+    if "per_token" in local:
+        pieces: list[Any] = [None] * world
+        dist.all_gather_object(pieces, [t.tolist() for t in local["per_token"]])
+        out["per_token"] = [torch.tensor(t, dtype=torch.float64) for piece in pieces for t in piece]
+    return out
+
+
 def target_token_scores(
     adapter: ModelAdapter,
     batch: dict[str, torch.Tensor],
@@ -296,8 +325,8 @@ def check_factors_model(adapter: ModelAdapter, factors: Factors | Preconditioner
             f"{fitted_on!r}, this model {adapter.fingerprint()!r}); refit them on this model (fit_factors / fit-factors)")
 
 
-def _checked_inverse(preconditioner: Preconditioner, grad_f: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
-    """``P⁻¹ ∇f`` with both sides checked to be finite (errors name the weight)."""
+def preconditioned_gradient(preconditioner: Preconditioner, grad_f: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """``P⁻¹ ∇f`` per weight, with ``∇f`` and the result checked to be finite (errors name the weight)."""
     check_finite_dict(grad_f, f"measurement gradient of {what} over the queries")
     vectors = preconditioner.apply_inverse(grad_f)
     check_finite_dict(vectors, f"preconditioned measurement gradient ({preconditioner.kind}; raise the damping?)")
@@ -330,10 +359,10 @@ def compute_influence(
     timings = {}
     t0 = time.perf_counter()
     grad_f = measurement.gradient(adapter, names, batch_size=config.batch_size)
-    vectors = _checked_inverse(preconditioner, grad_f, measurement.description)
+    vectors = preconditioned_gradient(preconditioner, grad_f, measurement.description)
     timings["measurement_gradient"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = score_rows(
+    out = score_rows_sharded(
         adapter, data, vectors, batch_size=config.batch_size, token_breakdown=config.token_breakdown, per_weight=config.per_weight,
         self_preconditioner=preconditioner if config.self_influence else None, progress=progress,
     )
@@ -381,14 +410,14 @@ def compute_influence_many(
                                        allow_subset=config.allow_subset)
         preconditioner = build_preconditioner(adapter, names, factors, config)
         grad_f = measurement.gradient(adapter, names, batch_size=config.batch_size)
-        prepared[label] = (names, notes, preconditioner, _checked_inverse(preconditioner, grad_f, measurement.description))
+        prepared[label] = (names, notes, preconditioner, preconditioned_gradient(preconditioner, grad_f, measurement.description))
     union = [i.name for i in adapter.tracked_weights() if any(i.name in p[0] for p in prepared.values())]
     stacked = {}
     for name in union:
         like = next(p[3][name] for p in prepared.values() if name in p[3])
         stacked[name] = torch.stack([p[3][name] if name in p[3] else torch.zeros_like(like) for p in prepared.values()])
     t0 = time.perf_counter()
-    out = score_rows(adapter, data, stacked, batch_size=batch_size, progress=progress)
+    out = score_rows_sharded(adapter, data, stacked, batch_size=batch_size, progress=progress)
     seconds = time.perf_counter() - t0
     results = {}
     for k, (label, (measurement, config)) in enumerate(measurements.items()):

@@ -3,9 +3,11 @@ with the row's passthrough fields. Higher score = training on the row pushes the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from concept_influence.data.chat import ChatRow, DataFormatError, write_json_atomic, write_jsonl_atomic
+from concept_influence.data.atomic import write_text_atomic
+from concept_influence.data.chat import ChatRow, DataFormatError, write_json_atomic
 from concept_influence.numerics import NonFiniteError
 
 RESERVED = ("index", "id", "score", "rank")
@@ -70,9 +73,21 @@ class ScoreTable:
         meta = dict(meta or {})
         if truncated is not None and any(truncated):
             meta["n_skipped_truncated"] = int(sum(bool(t) for t in truncated))
-        return cls(method=method, index=[r.index for r in rows], scores=scores, ids=[r.id for r in rows],
-                   fields=[dict(r.fields) for r in rows], columns=dict(columns or {}), meta=meta,
-                   truncated=list(truncated or []))
+        table = cls(method=method, index=[r.index for r in rows], scores=scores, ids=[r.id for r in rows],
+                    fields=[dict(r.fields) for r in rows], columns=dict(columns or {}), meta=meta,
+                    truncated=list(truncated or []))
+        return table.attach(rows=rows)
+
+    def attach(self, *, rows: Sequence[ChatRow] | None = None, tokenizer: Any = None) -> ScoreTable:
+        """Remember the data rows (and tokenizer) for display: the Jupyter view shows their text and, with a
+        tokenizer, ``token_scores`` highlights. Not saved to disk. Returns ``self``."""
+        display = dict(getattr(self, "_display", {}))
+        if rows is not None:
+            display["rows"] = list(rows)
+        if tokenizer is not None:
+            display["tokenizer"] = tokenizer
+        self._display = display
+        return self
 
     def __len__(self) -> int:
         return len(self.index)
@@ -110,7 +125,7 @@ class ScoreTable:
         return ScoreTable(method=self.method, index=[self.index[i] for i in keep], scores=self.scores[keep],
                           ids=[self.ids[i] for i in keep], fields=[self.fields[i] for i in keep],
                           columns={name: [values[i] for i in keep] for name, values in self.columns.items()},
-                          meta=dict(self.meta), truncated=[self.truncated[i] for i in keep])
+                          meta=dict(self.meta), truncated=[self.truncated[i] for i in keep]).attach(**getattr(self, "_display", {}))
 
     def to_pandas(self, *, sort: bool = False):
         """A ``pandas.DataFrame`` with the CLI's columns (``index``, ``id``, ``score``, ``rank``, method columns,
@@ -131,18 +146,12 @@ class ScoreTable:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        import html
+        """Jupyter display: the ranked rows (text of attached rows, token highlights with an attached tokenizer),
+        rendered by ``concept_influence.report.table_html``."""
+        from concept_influence.report.rows import table_html
 
-        records = self.to_records(sort=True)[:50]
-        keys: list[str] = []
-        for record in records:
-            keys += [k for k in record if k not in keys]
-        head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(_short(r.get(k, '')))}</td>" for k in keys) + "</tr>"
-                       for r in records)
-        more = f"<p>{len(self) - len(records)} more rows</p>" if len(self) > len(records) else ""
-        return (f"<p><b>{html.escape(self.method)}</b>: {len(self)} rows (higher score = training on the row pushes "
-                f"the concept up)</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}")
+        display = getattr(self, "_display", {})
+        return table_html(self, rows=display.get("rows"), tokenizer=display.get("tokenizer"))
 
     def field_values(self, name: str) -> list[Any]:
         return [f.get(name) for f in self.fields]
@@ -171,11 +180,15 @@ class ScoreTable:
         return records
 
     def write_jsonl(self, path: str | os.PathLike, *, sort: bool = False) -> Path:
-        """Write one JSON object per row (atomically) and ``<path>.meta.json`` with ``meta``."""
+        """Write one JSON object per row (atomically) and ``<path>.meta.json`` with ``meta``. The sidecar records
+        the scores file's SHA-256, so a sidecar left from another version of the file (a run killed between the
+        two writes) is recognised and ignored by ``read_jsonl``, never mixed with the wrong scores."""
         path = Path(path)
-        write_jsonl_atomic(path, self.to_records(sort=sort))
+        text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in self.to_records(sort=sort))
+        write_text_atomic(path, text)
         write_json_atomic(meta_path(path), {"method": self.method, "n_rows": len(self),
-                                            "n_skipped_truncated": int(sum(self.truncated)), **self.meta})
+                                            "n_skipped_truncated": int(sum(self.truncated)), **self.meta,
+                                            "scores_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()})
         return path
 
     @classmethod
@@ -203,7 +216,15 @@ class ScoreTable:
                 fields.append({k: v for k, v in record.items() if k not in RESERVED and not (k == "truncated" and skipped)})
         meta: dict[str, Any] = {}
         if meta_path(path).exists():
-            meta = json.loads(meta_path(path).read_text())
+            try:
+                meta = json.loads(meta_path(path).read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise DataFormatError(f"{meta_path(path)}: malformed JSON ({err})") from None
+            digest = meta.get("scores_sha256") if isinstance(meta, dict) else None
+            if not isinstance(meta, dict) or (digest and digest != hashlib.sha256(path.read_bytes()).hexdigest()):
+                warnings.warn(f"{meta_path(path)} belongs to another version of {path} (an interrupted write?); "
+                              "ignoring it", stacklevel=2)
+                meta = {}
         return cls(method=meta.get("method", "unknown"), index=index, scores=np.array(scores), ids=ids, fields=fields,
                    meta=meta, truncated=truncated)
 

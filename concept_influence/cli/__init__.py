@@ -16,9 +16,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click output: a bad flag is one "Error: Invalid value for '--flag': ..." line
 )
 
-for _module in ("attribute", "organism", "concepts", "influence", "store", "demo"):
+for _module in ("attribute", "organism", "concepts", "influence", "store", "demo", "plan", "filter", "evaluate", "report"):
     importlib.import_module(f"concept_influence.cli.{_module}").register(app)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from concept_influence.attribution.methods import RECOMMENDED_METHOD, get_method, method_names
-from concept_influence.cli.common import user_errors
+from concept_influence.cli.common import check_output, user_errors
 
 Method = Enum("Method", {name.replace("-", "_"): name for name in method_names()}, type=str)  # type: ignore[misc]
 
@@ -43,7 +43,7 @@ def attribute(
     token_breakdown: str = typer.Option("none", "--token-breakdown", help="Gradient methods: none | target | position: add each row's per-token scores as a token_scores column."),
     contrast_queries: Path | None = typer.Option(None, "--contrast-queries", help="concept-influence: measure the concept on --queries minus on these (differential measurement)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
-    max_length: int = typer.Option(512, "--max-length", min=2, help="Truncate rows longer than this (reported)."),
+    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
     n_samples: int = typer.Option(1, "--n-samples", min=1, help="Model answers sampled per prompt (projection-difference, queries)."),
     temperature: float = typer.Option(1.0, "--temperature", min=0.0),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
@@ -61,6 +61,7 @@ def attribute(
     """
     from concept_influence.pipeline import Attributor
 
+    check_output(out)
     spec = get_method(method.value if method is not None else None)
     if spec.needs_concept and concept is None:
         raise ValueError(f"--method {spec.name} needs --concept FILE")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from concept_influence.cli.common import user_errors
+from concept_influence.cli.common import check_output, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -27,7 +27,7 @@ def build_store(
     up_to_layer: int | None = typer.Option(None, "--up-to-layer", help="Store only the weights of blocks 0..L."),
     shard_rows: int = typer.Option(1024, "--shard-rows", min=1, help="Rows per shard file."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
-    max_length: int = typer.Option(512, "--max-length", min=2),
+    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the LoGra projection and of the true-Fisher labels."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store built for another model, data or settings."),
     device: str | None = typer.Option(None, "--device"),
@@ -39,6 +39,7 @@ def build_store(
     """
     from concept_influence.pipeline import Attributor
 
+    check_output(out)
     att = Attributor(model, data, device=device, dtype=model_dtype, max_length=max_length, batch_size=batch_size, seed=seed)
     store = att.build_store(out, rank=rank, projection_dim=projection_dim, dtype=store_dtype, up_to_layer=up_to_layer,
                             factors=factors, shard_rows=shard_rows, overwrite=overwrite)
@@ -71,6 +72,7 @@ def search(
     """
     from concept_influence.pipeline import Attributor
 
+    check_output(out)
     manifest_path = store / "manifest.json"
     if not manifest_path.exists():
         raise FileNotFoundError(f"no gradient store at {store} (missing manifest.json); build one with build-store")

@@ -106,19 +106,8 @@ def save_factors(factors: Factors, path: str | os.PathLike) -> Path:
     """Write ``factors`` to the folder ``path`` (created); returns it."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    weights: list[dict[str, Any]] = []
-    for name, w in factors.weights.items():
-        weights.append({"name": name, "d_out": w.d_out, "d_in": w.d_in})
-        for fld in _EIGEN_FIELDS:
-            eig = getattr(w, fld)
-            if eig is not None:
-                tensors[f"{name}/{fld}values"] = eig.values
-                tensors[f"{name}/{fld}vectors"] = eig.vectors
-        for fld in _TENSOR_FIELDS:
-            value = getattr(w, fld)
-            if value is not None:
-                tensors[f"{name}/{fld}"] = value
+    tensors = factor_tensors(factors.weights)
+    weights = [{"name": name, "d_out": w.d_out, "d_in": w.d_in} for name, w in factors.weights.items()]
     manifest = {
         "format": FORMAT,
         "fingerprints": dict(factors.fingerprints),
@@ -127,6 +116,7 @@ def save_factors(factors: Factors, path: str | os.PathLike) -> Path:
         "n_rows": factors.n_rows,
         "n_tokens": factors.n_tokens,
         "available": factors.available(),
+        "provenance": dict(factors.provenance),
     }
     _atomic_tensors(folder / FACTORS_FILE, tensors, manifest)  # the artifact: complete once this rename is done
     write_json_atomic(folder / MANIFEST, manifest)
@@ -184,6 +174,7 @@ def load_factors(
         n_rows=int(manifest.get("n_rows", 0)),
         n_tokens=int(manifest.get("n_tokens", 0)),
         fingerprints=dict(manifest["fingerprints"]),
+        provenance=dict(manifest.get("provenance") or {}),
     )
 
 
@@ -217,3 +208,85 @@ def clear_partial(path: str | os.PathLike) -> None:
     folder = Path(path)
     for name in (PARTIAL_FILE, PARTIAL_MANIFEST):
         (folder / name).unlink(missing_ok=True)
+
+
+def factor_tensors(weights: Mapping[str, WeightFactors]) -> dict[str, torch.Tensor]:
+    """The tensors of ``factors.safetensors`` for some weights (covariance matrices are not saved)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, w in weights.items():
+        for fld in _EIGEN_FIELDS:
+            eig = getattr(w, fld)
+            if eig is not None:
+                # weights that share an input share its eigendecomposition: safetensors needs separate copies
+                tensors[f"{name}/{fld}values"] = eig.values.detach().cpu().clone(memory_format=torch.contiguous_format)
+                tensors[f"{name}/{fld}vectors"] = eig.vectors.detach().cpu().clone(memory_format=torch.contiguous_format)
+        for fld in _TENSOR_FIELDS:
+            value = getattr(w, fld)
+            if value is not None:
+                tensors[f"{name}/{fld}"] = value.detach().cpu().contiguous()
+    return tensors
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def save_factor_parts(factors: Factors, weights: Sequence[tuple[str, int, int]],
+                      sources: Mapping[str, tuple[Path, str]], path: str | os.PathLike) -> Path:
+    """Write one factor folder from the files of a partitioned fit, streaming one tensor at a time (the whole set
+    never sits in memory). ``factors`` gives the config, counts, fingerprints and provenance (its ``weights`` are
+    ignored); ``weights``: ``(name, d_out, d_in')`` in order; ``sources``: output tensor name -> (file, tensor in
+    it) (weights that share an input point to the same eigendecomposition)."""
+    from safetensors import safe_open
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    header: dict[str, Any] = {}
+    offset = 0
+    for key in sorted(sources):
+        file, inner = sources[key]
+        with safe_open(str(file), framework="pt") as handle:
+            piece = handle.get_slice(inner)
+            dtype, shape = piece.get_dtype(), piece.get_shape()
+        size = _dtype_from_st(dtype).itemsize * int(torch.Size(shape).numel())
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    manifest = {
+        "format": FORMAT,
+        "fingerprints": dict(factors.fingerprints),
+        "config": factors.config.to_dict(),
+        "weights": [{"name": n, "d_out": d_out, "d_in": d_in} for n, d_out, d_in in weights],
+        "n_rows": factors.n_rows,
+        "n_tokens": factors.n_tokens,
+        "available": _available(factors.config),
+        "provenance": dict(factors.provenance),
+    }
+    header["__metadata__"] = {_META_KEY: json.dumps(manifest, sort_keys=True)}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with atomic_file(folder / FACTORS_FILE) as tmp, open(tmp, "wb") as out:
+        out.write(len(blob).to_bytes(8, "little"))
+        out.write(blob)
+        for key in sorted(sources):
+            file, inner = sources[key]
+            with safe_open(str(file), framework="pt") as handle:
+                tensor = handle.get_tensor(inner).contiguous()
+            if tensor.numel():
+                out.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+            del tensor
+    write_json_atomic(folder / MANIFEST, manifest)
+    return folder
+
+
+def _dtype_from_st(name: str) -> torch.dtype:
+    return {v: k for k, v in _ST_DTYPES.items()}[name]
+
+
+def _available(config: FactorConfig) -> list[str]:
+    kinds = ["identity"]
+    if config.needs_per_example_pass:
+        kinds.append("diagonal")
+    if config.needs_covariances:
+        kinds.append("kfac")
+        if config.preconditioner == "ekfac":
+            kinds.append("ekfac")
+    return kinds

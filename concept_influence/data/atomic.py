@@ -58,6 +58,13 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict[str, Any]
     return _atomic_write(path, write)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically, exactly as given (no newline translation)."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+    return Path(path)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Write one JSON document atomically."""
 
@@ -152,6 +159,14 @@ def remove_stale_temps(folder: str | os.PathLike, prefix: str = ".") -> int:
 
 def glob_escape(text: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def safe_name(text: str, *, fallback: str = "unnamed") -> str:
+    """``text`` made safe as one file or folder name: only letters, digits, ``.``, ``_`` and ``-`` (anything else
+    becomes ``-``), no leading dot, at most 80 characters. Names that come from data (a spec's ``name``, a row's
+    ``id``) go through this before they become part of a path, so data can never choose where we write."""
+    cleaned = "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "-" for c in str(text))
+    return cleaned.lstrip(".-")[:80].rstrip("-") or fallback
 
 
 # ---- locks ---------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from concept_influence.data.atomic import write_json_atomic, write_jsonl_atomic  # noqa: F401 (re-exported)
+from concept_influence.data.atomic import write_json_atomic, write_jsonl_atomic, write_text_atomic  # noqa: F401 (re-exported)
 
 ROLES = ("system", "user", "assistant")
 
@@ -139,12 +139,17 @@ def read_chat_jsonl(path: str | os.PathLike, *, skip_invalid: bool = False, need
         raise DataFormatError(f"{path}: is a directory, expected a JSONL file")
     rows: list[ChatRow] = []
     skipped: list[tuple[int, str]] = []
-    with path.open("r", encoding="utf-8") as handle:
-        for line_no, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
             where = f"{path}:{line_no}"
             try:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataFormatError(f"{where}: not UTF-8 text (byte {err.start}: {err.reason}); is this a "
+                                          "JSONL file?") from None
+                if not text.strip():
+                    continue
                 try:
                     obj = json.loads(text)
                 except json.JSONDecodeError as err:

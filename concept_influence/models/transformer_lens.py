@@ -67,6 +67,10 @@ class TransformerLensAdapter(ModelAdapter):
     def d_model(self) -> int:
         return int(self.cfg.d_model)
 
+    @property
+    def context_length(self) -> int | None:
+        return int(self.cfg.n_ctx) if getattr(self.cfg, "n_ctx", None) else None
+
     def _build_registry(self) -> list[WeightInfo]:
         cfg = self.cfg
         infos: list[WeightInfo] = []
@@ -146,21 +150,20 @@ class TransformerLensAdapter(ModelAdapter):
 
         def grad_at(module_path: str, name: str) -> None:
             def fwd(_module, _inputs, output):
-                if output.requires_grad:
-                    output.register_hook(lambda grad: capture._store_grad(name, flat(grad)))
+                capture._watch_output(name, output, flat)
 
             handles.append(self.model.get_submodule(module_path).register_forward_hook(fwd))
 
         def act_at(module_path: str, name: str) -> None:
             def fwd(_module, _inputs, output):
-                capture.activations[name] = flat(output.detach())
+                capture._store_activation(name, flat(output))
 
             handles.append(self.model.get_submodule(module_path).register_forward_hook(fwd))
 
         def module_input(module_path: str, name: str, key: str, position: int) -> None:
             def pre(_module, args, kwargs):
                 value = kwargs[key] if key in kwargs else args[position]
-                capture.activations[name] = value.detach()
+                capture._store_activation(name, value)
 
             handles.append(self.model.get_submodule(module_path).register_forward_pre_hook(pre, with_kwargs=True))
 

@@ -39,6 +39,7 @@ from concept_influence.curvature.fit import capture_loss_gradients, gradient_mod
 from concept_influence.data.atomic import atomic_file, folder_lock, write_json_atomic
 from concept_influence.data.tokenize import iter_batches
 from concept_influence.models.base import ModelAdapter
+from concept_influence.numerics import check_finite
 from concept_influence.store.projection import Projector, eigen_projector, logra_projector
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,10 @@ def project_batch(adapter: ModelAdapter, batch: dict[str, torch.Tensor], project
         if info.has_bias:
             a = fold_bias(a, attention.to(a.device))
         parts.append(projector.project_rows(info.name, a.to(work), capture.output_grads[info.name].to(work)))
-    return torch.cat(parts, dim=1)
+    projected = torch.cat(parts, dim=1)
+    check_finite(projected, "build-store: projected row gradients", batch["index"],
+                 hint="the model's activations or gradients on this row are not finite")
+    return projected
 
 
 def write_shard(adapter: ModelAdapter, data: Sequence[Any], projector: Projector, folder: str | os.PathLike, shard: int,
@@ -392,6 +396,8 @@ class GradientStore:
         store's FAISS index (inner product, IVF, memory-mapped; built on first use; approximate: see
         ``bench/store_search.py`` for its recall); ``"auto"``: exact unless the store holds at least
         ``FAISS_MIN_ELEMENTS`` floats (where a full scan takes seconds) and no ``scale`` is given."""
+        if method not in ("auto", "exact", "faiss"):
+            raise ValueError(f"unknown search method {method!r} (--search): expected 'auto', 'exact' or 'faiss'")
         query = np.asarray(query, dtype=np.float64).reshape(-1)
         k = min(int(k), len(self))
         if k < 1:

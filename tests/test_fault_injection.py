@@ -75,14 +75,19 @@ def _start(target, *args) -> multiprocessing.Process:
     return process
 
 
-def _kill_repeatedly(start, check, *, seed: int, kills: int, low: float, high: float) -> int:
-    """Start, SIGKILL after a seeded random delay, ``check`` the folder, repeat; then run to completion. Returns
-    how many runs were killed while still running."""
+def _kill_repeatedly(start, progress, check, *, seed: int, kills: int, steps: tuple[int, int]) -> int:
+    """Start a run, SIGKILL it once ``progress()`` has advanced by a seeded random number of ``steps`` (plus a
+    random sub-step delay, so the kill lands anywhere: inside a batch, inside a write), ``check`` the folder, and
+    repeat; then run to completion. Progress-based, so the kills land mid-run on fast and slow machines alike.
+    Returns how many runs were killed while still running."""
     rng = random.Random(seed)
     killed = 0
     for _ in range(kills):
+        target = progress() + rng.randint(*steps)
         process = start()
-        time.sleep(rng.uniform(low, high))
+        while process.is_alive() and progress() < target:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.03))
         if process.is_alive():
             os.kill(process.pid, signal.SIGKILL)
             killed += 1
@@ -130,9 +135,17 @@ def test_fit_factors_killed_repeatedly_resumes_to_the_uninterrupted_factors(file
     root, model_dir = files
     out = tmp_path / "factors"
     args = _fit_args(root, model_dir, out, "--checkpoint-every", "1")
-    killed = _kill_repeatedly(lambda: _start(_cli, args), lambda: _check_factor_folder(out), seed=0, kills=4,
-                              low=0.3, high=1.5)
-    assert killed >= 2
+    stages = {"covariance": 0, "eigen": 1, "lambda": 1}
+
+    def progress() -> float:  # batches done, over both passes
+        if (out / FACTORS_FILE).exists():
+            return float("inf")
+        state = read_partial_state(out) if (out / PARTIAL_FILE).exists() else None
+        return 0 if state is None else stages[state["stage"]] * N_ROWS / 4 + state["rows_done"] / 4
+
+    killed = _kill_repeatedly(lambda: _start(_cli, args), progress, lambda: _check_factor_folder(out), seed=0,
+                              kills=4, steps=(1, 50))
+    assert killed == 4
     _same_factors(_reference_factors(root, model_dir), load_factors(out))
     assert not (out / PARTIAL_FILE).exists() and not list(out.glob(".*.tmp"))
 
@@ -143,8 +156,8 @@ def test_sigterm_saves_a_consistent_checkpoint_and_the_fit_resumes(files, tmp_pa
     process = _start(_cli, _fit_args(root, model_dir, out, "--checkpoint-every", "100000"))
     deadline = time.time() + 60
     while not (tmp_path / ".factors.lock").exists() and time.time() < deadline:  # the fit has begun
-        time.sleep(0.02)
-    time.sleep(0.3)
+        time.sleep(0.002)
+    time.sleep(0.05)
     assert process.is_alive()
     os.kill(process.pid, signal.SIGTERM)
     process.join(60)
@@ -178,9 +191,12 @@ def test_answer_sampler_killed_repeatedly_resumes_to_the_same_answers(files, tmp
             assert all(len(r["answers"]) == 1 for r in records)
             sizes.append(len(records))
 
-    killed = _kill_repeatedly(lambda: _start(_sample, str(model_dir), prompts, str(cache)), check, seed=1, kills=4,
-                              low=0.3, high=1.2)
-    assert killed >= 2 and sizes[-1] == len({json.dumps(p) for p in prompts})
+    def progress() -> int:  # prompts answered and saved
+        return len(file.read_text().splitlines()) if file.exists() else 0
+
+    killed = _kill_repeatedly(lambda: _start(_sample, str(model_dir), prompts, str(cache)), progress, check, seed=1,
+                              kills=4, steps=(1, 40))
+    assert killed == 4 and sizes[-1] == len({json.dumps(p) for p in prompts})
     assert sample_answers(adapter, prompts, max_new_tokens=12, batch_size=4) == \
         sample_answers(adapter, prompts, max_new_tokens=12, batch_size=4, cache_dir=cache)
 
@@ -205,8 +221,11 @@ def test_build_store_killed_repeatedly_resumes_to_the_uninterrupted_store(files,
             assert np.load(rows_file(out, number), allow_pickle=False).shape == (16, 2)
             assert shard_file(out, number) == shard
 
-    killed = _kill_repeatedly(lambda: _start(_cli, args), check, seed=2, kills=4, low=0.3, high=1.2)
-    assert killed >= 2
+    def progress() -> int:  # shards written
+        return len(list(out.glob("shard-*[0-9].npy")))
+
+    killed = _kill_repeatedly(lambda: _start(_cli, args), progress, check, seed=2, kills=4, steps=(1, 4))
+    assert killed == 4
     store = GradientStore.open(out)
     np.testing.assert_array_equal(store.indices, reference.indices)
     for mine, theirs in zip(store.shards, reference.shards, strict=True):

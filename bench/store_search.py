@@ -64,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--queries", type=int, default=5)
     parser.add_argument("--folder", type=Path, default=Path(".cache/bench_store_1m"))

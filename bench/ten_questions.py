@@ -113,7 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rank", type=int, default=None, help="eigen store rank (default: the library's default store)")
     parser.add_argument("--projection-dim", type=int, default=None, help="LoGra store instead")
-    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--n-samples", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--skip-kronfluence", action="store_true")

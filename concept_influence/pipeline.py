@@ -102,6 +102,7 @@ class Attributor:
         self._train: TokenizedDataset | None = None
         self._factors: dict[tuple[str, ...], Factors] = {}
         self._stores: dict[str, GradientStore] = {}
+        self._data_fingerprint: str | None = None
         self._projectors: dict[str, Projector] = {}
 
     def __repr__(self) -> str:
@@ -157,6 +158,16 @@ class Attributor:
         if all(isinstance(q, dict) for q in items):
             return list(rows_from_records(items, source="<queries>", need_assistant=False))
         raise TypeError("queries must be a JSONL path or a list of ChatRow, chat records or prompt strings")
+
+    def model_fingerprint(self) -> str:
+        """The adapter's fingerprint (cached by the adapter until its weights change)."""
+        return self.adapter.fingerprint()
+
+    def data_fingerprint(self) -> str:
+        """Fingerprint of the tokenised training rows (computed once)."""
+        if self._data_fingerprint is None:
+            self._data_fingerprint = data_fingerprint(self.train)
+        return self._data_fingerprint
 
     # ---- workdir ---------------------------------------------------------------------------------------------------
     def _path(self, *parts: str) -> Path | None:
@@ -373,7 +384,7 @@ class Attributor:
         return self._path("store")
 
     def build_store(self, out: PathLike | None = None, *, rank: int | None = None, projection_dim: int | None = None,
-                    dtype: str = "float16", up_to_layer: int | None = None, factors: Factors | PathLike | None = None,
+                    dtype: str = "float32", up_to_layer: int | None = None, factors: Factors | PathLike | None = None,
                     fisher: str = "true", factor_dtype: str = "float32", shard_rows: int = 1024,
                     shards: Sequence[int] | None = None, overwrite: bool = False) -> GradientStore | None:
         """Project every training row's gradient once and write the store (default ``workdir/store``); later
@@ -412,7 +423,7 @@ class Attributor:
             loaded, _ = self.session_factors(grad_config)
         assert loaded is not None
         projector = make_projector(config, self.adapter, names, loaded)
-        fingerprints = {"model": self.adapter.fingerprint(), "data": data_fingerprint(self.train),
+        fingerprints = {"model": self.model_fingerprint(), "data": self.data_fingerprint(),
                         "factors": factors_fingerprint(loaded) if kind == "eigen" else None,
                         "projection": projection_fingerprint(projector)}
         store = build_store(self.adapter, self.train, folder, projector, config, fingerprints, batch_size=self.batch_size,
@@ -426,7 +437,7 @@ class Attributor:
     def open_store(self, path: PathLike | GradientStore) -> GradientStore:
         """Open a store and check it against this model and data (a mismatch is a ``StoreMismatchError``)."""
         store = path if isinstance(path, GradientStore) else self._stores.get(str(path)) or GradientStore.open(path)
-        store.check(model=self.adapter.fingerprint(), data=data_fingerprint(self.train))
+        store.check(model=self.model_fingerprint(), data=self.data_fingerprint())
         self._stores[str(store.folder)] = store
         return store
 

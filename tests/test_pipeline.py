@@ -154,3 +154,17 @@ def test_cli_attribute_defaults_to_the_recommended_method_and_uses_the_workdir(f
     assert any("factors loaded from" in n for n in ScoreTable.read_jsonl(tmp_path / "s.jsonl").meta["notes"])
     bad = CliRunner().invoke(app, [*args[:-4], "--method", "nope"])
     assert bad.exit_code == 2 and "nope" in bad.output
+
+
+def test_model_fingerprint_is_cached_until_the_weights_change(files):
+    root, model_dir, _ = files
+    adapter = load_adapter(model_dir)
+    first = adapter.fingerprint()
+    assert adapter.fingerprint() == first
+    weight = next(adapter.model.parameters())
+    with torch.no_grad():
+        weight.mul_(2.0)  # in place: the version counter moves
+    assert adapter.fingerprint() != first
+    with torch.no_grad():
+        weight.div_(2.0)  # exact in binary floating point: back to the same values
+    assert adapter.fingerprint() == first

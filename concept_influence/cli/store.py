@@ -23,7 +23,7 @@ def build_store(
     factors: Path | None = typer.Option(None, "--factors", help="Fitted factors folder; fitted here (and saved there) when absent."),
     rank: int | None = typer.Option(None, "--rank", min=1, help="EKFAC-eigenbasis store: directions kept per side of each weight."),
     projection_dim: int | None = typer.Option(None, "--projection-dim", min=1, help="LoGra-style store: random projection size per side."),
-    store_dtype: str = typer.Option("float16", "--dtype", help="float16 | float32: precision on disk."),
+    store_dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 (half the disk; slower questions): precision on disk."),
     up_to_layer: int | None = typer.Option(None, "--up-to-layer", help="Store only the weights of blocks 0..L."),
     shard_rows: int = typer.Option(1024, "--shard-rows", min=1, help="Rows per shard file."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),

@@ -323,7 +323,14 @@ class ModelAdapter(ABC):
         return grad
 
     def fingerprint(self) -> str:
-        """A short hash of the model's parameters (names, shapes, values), for artifacts made against it."""
+        """A short hash of the model's parameters (names, shapes, values), for artifacts made against it. Cached
+        until a parameter is replaced or changed in place (storage pointers and version counters), so repeated
+        checks do not rehash the weights."""
         from concept_influence.models.fingerprint import model_fingerprint
 
-        return model_fingerprint(self.model)
+        key = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        cached = self.__dict__.get("_fingerprint_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, model_fingerprint(self.model))
+            self.__dict__["_fingerprint_cache"] = cached
+        return cached[1]

@@ -51,6 +51,7 @@ _DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 DEFAULT_KIND = "eigen"
 DEFAULT_RANK = 64
 BLOCK_ELEMENTS = 1 << 24  # floats per block read from the memory map (64 MiB as float32)
+HALF_BLOCK_ELEMENTS = 1 << 20  # float16 blocks are converted to float32: small blocks keep that in cache
 
 
 class StoreMismatchError(ValueError):
@@ -62,12 +63,13 @@ class StoreConfig:
     """How rows are compressed. ``kind``: ``"eigen"`` (EKFAC eigenbasis, needs fitted factors) or ``"logra"``
     (seeded random Kronecker projection); ``rank``: directions kept per side of each weight (``"eigen"``: an average
     budget of ``rank²`` eigen-components per weight, allocated across weights by visibility; a rank at least every
-    weight's sizes is the full, exact gradient; ``"logra"``: ``rank × rank`` per weight); ``dtype``: ``"float16"``/``"float32"`` on disk
+    weight's sizes is the full, exact gradient; ``"logra"``: ``rank × rank`` per weight); ``dtype``: ``"float32"`` (default) or
+    ``"float16"`` (half the disk and memory map; questions pay a conversion) on disk
     (``"float64"`` for tests); ``seed``: the ``"logra"`` projection; ``shard_rows``: rows per shard file."""
 
     kind: Literal["eigen", "logra"] = DEFAULT_KIND
     rank: int = DEFAULT_RANK
-    dtype: Literal["float16", "float32", "float64"] = "float16"
+    dtype: Literal["float16", "float32", "float64"] = "float32"
     seed: int = 0
     shard_rows: int = 1024
 
@@ -372,7 +374,8 @@ class GradientStore:
         ``BLOCK_ELEMENTS`` floats)."""
         if block_rows is None:
             width = self.dim if columns is None else len(range(*columns.indices(self.dim)))
-            block_rows = max(1, BLOCK_ELEMENTS // max(width, 1))
+            budget = HALF_BLOCK_ELEMENTS if self.config.dtype == "float16" else BLOCK_ELEMENTS
+            block_rows = max(1, budget // max(width, 1))
         start = 0
         for shard in self.shards:
             for lo in range(0, shard.shape[0], block_rows):
@@ -400,15 +403,16 @@ class GradientStore:
               method: Literal["auto", "exact", "faiss"] = "auto", nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` rows with the largest ``scale ⊙ (store @ query)`` (``query [dim]``): positions and scores,
         best first. ``"exact"``: blocked products keeping a running top-k (memory: one block); ``"faiss"``: the
-        store's FAISS index (inner product, IVF, memory-mapped; built on first use); ``"auto"``: FAISS for stores
-        of at least ``FAISS_MIN_ROWS`` rows without ``scale``, exact otherwise."""
+        store's FAISS index (inner product, IVF, memory-mapped; built on first use; approximate: see
+        ``bench/store_search.py`` for its recall); ``"auto"``: exact unless the store holds at least
+        ``FAISS_MIN_ELEMENTS`` floats (where a full scan takes seconds) and no ``scale`` is given."""
         if method not in ("auto", "exact", "faiss"):
             raise ValueError(f"unknown search method {method!r} (--search): expected 'auto', 'exact' or 'faiss'")
         query = np.asarray(query, dtype=np.float64).reshape(-1)
         k = min(int(k), len(self))
         if k < 1:
             raise ValueError(f"top_k needs k >= 1, got {k}")
-        use_faiss = method == "faiss" or (method == "auto" and scale is None and len(self) >= FAISS_MIN_ROWS)
+        use_faiss = method == "faiss" or (method == "auto" and scale is None and len(self) * self.dim >= FAISS_MIN_ELEMENTS)
         if use_faiss:
             if scale is not None:
                 raise ValueError("FAISS search ranks plain inner products: use method='exact' with a per-row scale")
@@ -420,4 +424,4 @@ class GradientStore:
         return exact_top_k(self, query, k, scale=scale)
 
 
-FAISS_MIN_ROWS = 200_000
+FAISS_MIN_ELEMENTS = 1 << 33  # 8G floats: an exact scan of 1M rows x 256 floats took 0.2 s (bench/store_search.py)

@@ -4,6 +4,7 @@ concepts (probe directions, persona vectors, SAE features) and EKFAC influence f
 The public API, by stage::
 
     session      Attributor (model + data + workdir: the one entry point for notebooks and the CLI)
+    store        GradientStore, StoreConfig (projected row gradients for fast repeated questions)
 
     data         read_chat_jsonl, tokenize_chat
     models       load_adapter, HFAdapter, TransformerLensAdapter, generate_answers
@@ -48,6 +49,7 @@ from concept_influence.data import read_chat_jsonl, tokenize_chat
 from concept_influence.evaluate import pr_auc, precision_at_k, ranking_report
 from concept_influence.models import HFAdapter, TransformerLensAdapter, generate_answers, load_adapter
 from concept_influence.pipeline import Attributor
+from concept_influence.store import GradientStore, StoreConfig
 
 __version__ = "0.1.0"
 
@@ -61,12 +63,14 @@ __all__ = [
     "DifferentialMeasurement",
     "DirectionConcept",
     "FactorConfig",
+    "GradientStore",
     "HFAdapter",
     "InfluenceConfig",
     "LinearProbe",
     "LogLikelihoodMeasurement",
     "ProbeConfig",
     "ScoreTable",
+    "StoreConfig",
     "TransformerLensAdapter",
     "answer_queries",
     "compute_influence",

@@ -28,24 +28,36 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from concept_influence.attribution.gradient import (
     GradientAttributionConfig,
     build_measurement,
+    factors_record,
     obtain_factors,
     result_table,
 )
-from concept_influence.attribution.influence import compute_influence
+from concept_influence.attribution.influence import (
+    InfluenceResult,
+    build_preconditioner,
+    check_factors_model,
+    compute_influence,
+    preconditioned_gradient,
+    resolve_weights,
+)
 from concept_influence.attribution.methods import RECOMMENDED_METHOD, get_method
 from concept_influence.attribution.scores import ScoreTable
 from concept_influence.concepts.base import Concept
 from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import fit_factors
+from concept_influence.curvature.io import data_fingerprint, has_factors
+from concept_influence.data.atomic import safe_name
 from concept_influence.data.chat import ChatDataset, ChatRow, read_chat_jsonl, rows_from_records
-from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat
+from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat, untrainable_rows
 from concept_influence.models.base import ModelAdapter
+from concept_influence.store import GradientStore, Projector, StoreConfig, StoreMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -58,19 +70,22 @@ class Attributor:
     ``model``: a folder or hub name (``from_pretrained``), a ``ModelAdapter``, a ``transformers`` model or a
     ``HookedTransformer`` (pass ``tokenizer=``). ``data``: chat JSONL path or a list of ``ChatRow`` (the training
     rows). ``workdir``: where factors, answers, concepts and the store are kept and reused (``None``: in memory).
-    ``device``/``dtype``: for a model loaded here. ``max_length``/``batch_size``: tokenisation and batching;
+    ``device``/``dtype``: for a model loaded here. ``max_length``/``batch_size``: tokenisation (default: the model's context, at most 512; longer than the
+    context is an error) and batching;
     ``seed``: every random choice (answer sampling, true-Fisher labels); ``skip_invalid``: skip bad data lines
-    (each reported in ``rows.skipped``); ``progress``: tqdm bars.
+    (each reported in ``rows.skipped``) and leave out rows whose whole answer is truncated away at ``max_length``
+    (marked ``truncated``, score ``None``, counted in the table's meta; without it such a row is an error for
+    every method); ``progress``: tqdm bars.
     """
 
     def __init__(self, model: Any, data: PathLike | Sequence[ChatRow] | None = None, workdir: PathLike | None = None, *,
                  tokenizer: Any = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                 max_length: int = 512, batch_size: int = 8, seed: int = 0, skip_invalid: bool = False,
+                 max_length: int | None = None, batch_size: int = 8, seed: int = 0, skip_invalid: bool = False,
                  progress: bool = True) -> None:
         from concept_influence.models import load_adapter
 
-        if max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"--max-length (max_length) must be at least 2, got {max_length}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.model_name = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
@@ -78,7 +93,7 @@ class Attributor:
         self.data_source = str(data) if isinstance(data, (str, os.PathLike)) else None
         self._data = data
         self.workdir = Path(workdir) if workdir is not None else None
-        self.max_length = max_length
+        self.max_length = self.adapter.resolve_max_length(max_length)
         self.batch_size = batch_size
         self.seed = seed
         self.skip_invalid = skip_invalid
@@ -86,6 +101,9 @@ class Attributor:
         self._rows: ChatDataset | None = None
         self._train: TokenizedDataset | None = None
         self._factors: dict[tuple[str, ...], Factors] = {}
+        self._stores: dict[str, GradientStore] = {}
+        self._data_fingerprint: str | None = None
+        self._projectors: dict[str, Projector] = {}
 
     def __repr__(self) -> str:
         rows = f"{len(self._rows)} rows" if self._rows is not None else (self.data_source or "rows not read yet")
@@ -113,11 +131,17 @@ class Attributor:
 
     @property
     def train(self) -> TokenizedDataset:
-        """The training rows tokenised with the model's tokenizer at ``max_length`` (once, cached)."""
+        """The training rows tokenised with the model's tokenizer at ``max_length`` (once, cached), without the
+        rows that have no assistant token left (an error unless ``skip_invalid``; see ``untrainable_rows``)."""
         if self._train is None:
             if self.adapter.tokenizer is None:
                 raise ValueError("the model has no tokenizer: pass tokenizer= to Attributor")
-            self._train = tokenize_chat(self.rows, self.adapter.tokenizer, self.max_length)
+            tokenized = tokenize_chat(self.rows, self.adapter.tokenizer, self.max_length)
+            skipped = untrainable_rows(tokenized, skip_invalid=self.skip_invalid)
+            for p in skipped:
+                logger.warning("row %d: no assistant token left within max_length=%d: left out (truncated)",
+                               tokenized[p].index, self.max_length)
+            self._train = tokenized.without(skipped) if skipped else tokenized
         return self._train
 
     def queries(self, queries: PathLike | Sequence[Any]) -> list[ChatRow]:
@@ -134,6 +158,16 @@ class Attributor:
         if all(isinstance(q, dict) for q in items):
             return list(rows_from_records(items, source="<queries>", need_assistant=False))
         raise TypeError("queries must be a JSONL path or a list of ChatRow, chat records or prompt strings")
+
+    def model_fingerprint(self) -> str:
+        """The adapter's fingerprint (cached by the adapter until its weights change)."""
+        return self.adapter.fingerprint()
+
+    def data_fingerprint(self) -> str:
+        """Fingerprint of the tokenised training rows (computed once)."""
+        if self._data_fingerprint is None:
+            self._data_fingerprint = data_fingerprint(self.train)
+        return self._data_fingerprint
 
     # ---- workdir ---------------------------------------------------------------------------------------------------
     def _path(self, *parts: str) -> Path | None:
@@ -179,7 +213,7 @@ class Attributor:
         concept = train_concept(self.adapter, concept_spec, layer, config, judge=judge, cache_dir=cache, progress=self.progress)
         if sweep is not None:
             concept.metrics["sweep"] = sweep.rows
-        folder = self._path("concepts", f"{concept_spec.name}-layer{concept.layer}")
+        folder = self._path("concepts", f"{safe_name(concept_spec.name)}-layer{concept.layer}")
         if save and folder is not None:
             save_concept(concept, folder, model_fingerprint=self.adapter.fingerprint(),
                          extra_meta={"model": self.model_name, "spec": concept_spec.name})
@@ -218,19 +252,41 @@ class Attributor:
 
     def fit_factors(self, *, fisher: str = "true", preconditioner: str = "ekfac", stats_dtype: str = "float32",
                     weights: Sequence[str] | None = None, up_to_layer: int | None = None, out: PathLike | None = None,
-                    overwrite: bool = False, checkpoint_every: int | None = 100) -> Factors:
+                    overwrite: bool = False, checkpoint_every: int | None = 100, max_memory: int | str | None = None,
+                    fit_rows: int | None = None, fit_data: PathLike | Sequence[ChatRow] | None = None,
+                    lambda_rows: int | None = None, load: bool = True) -> Factors | None:
         """Fit curvature factors on the training rows (resumable; a matching fit in ``out`` is loaded instead).
 
         ``weights`` / ``up_to_layer``: which tracked weights (default all). ``out``: folder (default: the
-        workdir's, or in memory without a workdir)."""
-        config = FactorConfig(fisher=fisher, preconditioner=preconditioner, dtype=stats_dtype, seed=self.seed)  # type: ignore[arg-type]
+        workdir's, or in memory without a workdir). ``max_memory`` (``"3GiB"``): fit in module partitions under
+        that peak. ``fit_data`` (JSONL path or rows) / ``fit_rows`` (a seeded sample of that many rows): fit on
+        other rows than the training set (recorded in the factors; scoring the training set with them is allowed
+        and noted). ``lambda_rows``: Λ on a seeded sample of that many rows. ``load=False`` (with ``out``): leave
+        the factors on disk and return ``None`` (keeps the peak of a partitioned fit)."""
+        from concept_influence.curvature.fit import sample_rows
+
+        config = FactorConfig(fisher=fisher, preconditioner=preconditioner, dtype=stats_dtype, seed=self.seed,  # type: ignore[arg-type]
+                              lambda_rows=lambda_rows)
         if weights is None:
             infos = self.adapter.tracked_weights() if up_to_layer is None else self.adapter.weights_up_to(self.adapter.check_layer(up_to_layer))
             weights = [i.name for i in infos]
-        folder = Path(out) if out is not None else (self.factors_dir(config) if preconditioner == "ekfac" and up_to_layer is None else None)
-        factors = fit_factors(self.adapter, self.train, config, weights=weights, batch_size=self.batch_size, out_dir=folder,
-                              overwrite=overwrite, checkpoint_every=checkpoint_every, progress=self.progress)
-        assert factors is not None
+        data, provenance = self.train, {}
+        if fit_data is not None:
+            rows = read_chat_jsonl(fit_data, skip_invalid=self.skip_invalid) if isinstance(fit_data, (str, os.PathLike)) else list(fit_data)
+            data = tokenize_chat(rows, self.adapter.tokenizer, self.max_length)
+            provenance = {"source": str(fit_data) if isinstance(fit_data, (str, os.PathLike)) else "rows given", "rows": len(data)}
+        if fit_rows is not None:
+            provenance = {"source": provenance.get("source", self.data_source or "training rows"), "sample_of": len(data),
+                          "seed": self.seed}
+            data = sample_rows(data, fit_rows, self.seed)
+            provenance["rows"] = len(data)
+        default_folder = preconditioner == "ekfac" and up_to_layer is None and not provenance and lambda_rows is None
+        folder = Path(out) if out is not None else (self.factors_dir(config) if default_folder else None)
+        factors = fit_factors(self.adapter, data, config, weights=weights, batch_size=self.batch_size, out_dir=folder,
+                              overwrite=overwrite, checkpoint_every=checkpoint_every, progress=self.progress,
+                              max_memory=max_memory, load_result=load or folder is None, provenance=provenance)
+        if factors is None:
+            return None
         self._factors[(fisher, preconditioner, stats_dtype, *weights)] = factors
         return factors
 
@@ -243,7 +299,7 @@ class Attributor:
         if key in self._factors:
             return self._factors[key], ["factors reused from this session"]
         folder = self.factors_dir(fc)
-        existed = folder is not None and (folder / "manifest.json").exists()
+        existed = folder is not None and has_factors(folder)
         factors = self.fit_factors(fisher=fc.fisher, stats_dtype=fc.dtype, weights=names, out=folder)
         note = f"factors loaded from {folder}" if existed else (
             f"factors fitted on {len(self.train)} rows" + (f" and saved to {folder}" if folder else ""))
@@ -281,26 +337,311 @@ class Attributor:
         table.method = spec.name
         table.meta.update({"method": spec.name, "method_kind": spec.kind,
                            "recommended_method": RECOMMENDED_METHOD, "method_was_default": method is None})
-        return table
+        return table.attach(tokenizer=self.adapter.tokenizer)  # Jupyter shows token highlights
 
     def gradient_attribution(self, method: str, concept: Concept | None, queries: Sequence[ChatRow],
                              config: GradientAttributionConfig, *, contrast_queries: Sequence[ChatRow] | None = None,
                              factors: Factors | PathLike | None = None, store: Any = None) -> ScoreTable:
         """The gradient methods' engine: answer the queries (cached), get factors (``factors`` if given, else the
-        session's), score the rows exactly, or from a gradient store."""
-        if store not in (None, False):
-            raise ValueError("gradient stores are not available in this build yet")
+        session's), then score every row from the gradient store (``store``: see ``attribute``) or by the exact
+        pass over the training rows."""
+        started = time.perf_counter()
         measurement, answered = build_measurement(self.adapter, concept, queries, method, config,
                                                   contrast_queries=contrast_queries)
-        if factors is not None or (self.workdir is None and not self._factors):
-            # explicit factors, or no workdir to keep a full fit in: fit (or load) only the weights reached
-            loaded, notes = obtain_factors(self.adapter, self.train, factors, config, measurement.weights(self.adapter),
-                                           progress=self.progress)
-        elif config.preconditioner == "identity":
-            loaded, notes = None, []
-        else:
-            loaded, notes = self.session_factors(config)
+        meta = {"n_queries": len(answered), "config": asdict(config)}
+        opened, store_notes = self._resolve_store(store)
+        if opened is not None and (config.token_breakdown != "none" or config.self_influence):
+            if store not in (None, False):
+                raise ValueError("a gradient store gives scores and per-weight scores only: the token breakdown and "
+                                 "self-influence need the exact pass (store=False)")
+            store_notes.append("token breakdown / self-influence asked: exact pass instead of the store")
+            opened = None
+        if opened is not None:
+            result, notes = self._store_scores(opened, measurement, config, factors)
+            result.timings["total"] = time.perf_counter() - started
+            return result_table(self.rows, result, method, notes=store_notes + notes,
+                                meta={**meta, "scored_from": "store", "store": str(opened.folder)})
+        loaded, notes = self._factors_for(measurement, config, factors)
         result = compute_influence(self.adapter, self.train, measurement, loaded, config.influence_config(),
                                    progress=self.progress)
-        return result_table(self.rows, result, method, notes=notes,
-                            meta={"n_queries": len(answered), "config": asdict(config), "scored_from": "exact"})
+        return result_table(self.rows, result, method, notes=store_notes + notes, meta={**meta, "scored_from": "exact",
+                                                                                        "factors_fit": factors_record(loaded, self.train)})
+
+    def _factors_for(self, measurement: Any, config: GradientAttributionConfig,
+                     factors: Factors | PathLike | None) -> tuple[Factors | None, list[str]]:
+        if factors is not None or (self.workdir is None and not self._factors):
+            # explicit factors, or no workdir to keep a full fit in: fit (or load) only the weights reached
+            return obtain_factors(self.adapter, self.train, factors, config, measurement.weights(self.adapter),
+                                  progress=self.progress)
+        if config.preconditioner == "identity":
+            return None, []
+        return self.session_factors(config)
+
+    # ---- the gradient store ----------------------------------------------------------------------------------------
+    @property
+    def store_dir(self) -> Path | None:
+        """The workdir's store folder (``workdir/store``), or ``None`` without a workdir."""
+        return self._path("store")
+
+    def build_store(self, out: PathLike | None = None, *, rank: int | None = None, projection_dim: int | None = None,
+                    dtype: str = "float32", up_to_layer: int | None = None, factors: Factors | PathLike | None = None,
+                    fisher: str = "true", factor_dtype: str = "float32", shard_rows: int = 1024,
+                    shards: Sequence[int] | None = None, overwrite: bool = False) -> GradientStore | None:
+        """Project every training row's gradient once and write the store (default ``workdir/store``); later
+        gradient questions read it instead of passing over the rows. ``rank``: EKFAC-eigenbasis store keeping
+        ``rank`` directions per side of each weight; ``projection_dim``: LoGra-style random projection of that size
+        per side; neither: ``store.DEFAULT_KIND`` at ``store.DEFAULT_RANK``. ``up_to_layer``: only blocks ``0..L``.
+        ``factors``: fitted factors (``Factors`` or folder; default the session's, fitted if missing). An
+        interrupted build resumes; ``shards``: build only these shards (to split the work). Returns the store, or
+        ``None`` while shards are missing."""
+        from concept_influence.store import (
+            build_store,
+            factors_fingerprint,
+            make_projector,
+            projection_fingerprint,
+        )
+        from concept_influence.store.store import DEFAULT_KIND, DEFAULT_RANK
+
+        if rank is not None and projection_dim is not None:
+            raise ValueError("give --rank (eigenbasis store) or --projection-dim (LoGra store), not both")
+        kind = "eigen" if rank is not None else "logra" if projection_dim is not None else DEFAULT_KIND
+        config = StoreConfig(kind=kind, rank=rank or projection_dim or DEFAULT_RANK, dtype=dtype,  # type: ignore[arg-type]
+                             seed=self.seed, shard_rows=shard_rows)
+        folder = Path(out) if out is not None else self.store_dir
+        if folder is None:
+            raise ValueError("build_store needs out= (or a workdir)")
+        infos = self.adapter.tracked_weights() if up_to_layer is None else self.adapter.weights_up_to(self.adapter.check_layer(up_to_layer))
+        names = [i.name for i in infos]
+        grad_config = GradientAttributionConfig(fisher=fisher, factor_dtype=factor_dtype, batch_size=self.batch_size,
+                                                max_length=self.max_length, seed=self.seed)
+        loaded: Factors | None
+        if isinstance(factors, Factors):
+            loaded = factors
+        elif factors is not None:
+            loaded, _ = obtain_factors(self.adapter, self.train, factors, grad_config, names, progress=self.progress)
+        else:
+            loaded, _ = self.session_factors(grad_config)
+        assert loaded is not None
+        projector = make_projector(config, self.adapter, names, loaded)
+        fingerprints = {"model": self.model_fingerprint(), "data": self.data_fingerprint(),
+                        "factors": factors_fingerprint(loaded) if kind == "eigen" else None,
+                        "projection": projection_fingerprint(projector)}
+        store = build_store(self.adapter, self.train, folder, projector, config, fingerprints, batch_size=self.batch_size,
+                            shards=shards, overwrite=overwrite, progress=self.progress,
+                            extra={"model": self.model_name, "data": self.data_source, "max_length": self.max_length})
+        if store is not None:
+            self._stores[str(folder)] = store
+            self._projectors.pop(str(folder), None)
+        return store
+
+    def open_store(self, path: PathLike | GradientStore) -> GradientStore:
+        """Open a store and check it against this model and data (a mismatch is a ``StoreMismatchError``)."""
+        store = path if isinstance(path, GradientStore) else self._stores.get(str(path)) or GradientStore.open(path)
+        store.check(model=self.model_fingerprint(), data=self.data_fingerprint())
+        self._stores[str(store.folder)] = store
+        return store
+
+    def _resolve_store(self, store: Any) -> tuple[GradientStore | None, list[str]]:
+        if store is False:
+            return None, []
+        if store is not None:
+            return self.open_store(store), []
+        folder = self.store_dir
+        if folder is None or not (folder / "manifest.json").exists():
+            return None, []
+        try:
+            return self.open_store(folder), []
+        except StoreMismatchError as err:
+            return None, [f"the workdir's store is not used ({err}); exact pass"]
+
+    def _store_query(self, store: GradientStore, measurement: Any, config: GradientAttributionConfig,
+                     factors: Factors | PathLike | None) -> tuple[dict[str, torch.Tensor], Projector, list[str], Any]:
+        """The measurement's preconditioned gradient ``(P + λ)⁻¹ ∇f`` per store weight, the store's projector, notes
+        and the preconditioner."""
+        notes: list[str] = []
+        loaded: Factors | None
+        if factors is not None:
+            loaded, notes = obtain_factors(self.adapter, self.train, factors, config, store.names, progress=self.progress)
+        elif config.preconditioner == "identity":
+            loaded = None
+        else:
+            loaded, notes = self.session_factors(config)
+        key = str(store.folder)
+        if key not in self._projectors:
+            self._projectors[key] = store.projector(self.adapter, loaded)
+        projector = self._projectors[key]
+        names, more = resolve_weights(self.adapter, measurement, store.names, allow_subset=config.allow_subset,
+                                      what=f"the gradient store {store.folder}")
+        if loaded is not None:  # the factors must cover what the store and the measurement share (or allow_subset)
+            check_factors_model(self.adapter, loaded)
+            covered = set(loaded.names)
+            names, extra = resolve_weights(self.adapter, measurement, [n for n in names if n in covered],
+                                           allow_subset=config.allow_subset)
+            more += [note for note in extra if note not in more]
+        preconditioner = build_preconditioner(self.adapter, names, loaded, config.influence_config())
+        grad_f = measurement.gradient(self.adapter, names, batch_size=config.batch_size)
+        vectors = preconditioned_gradient(preconditioner, grad_f, measurement.description)
+        return vectors, projector, notes + more, preconditioner
+
+    def _store_scores(self, store: GradientStore, measurement: Any, config: GradientAttributionConfig,
+                      factors: Factors | PathLike | None) -> tuple[InfluenceResult, list[str]]:
+        t0 = time.perf_counter()
+        vectors, projector, notes, preconditioner = self._store_query(store, measurement, config, factors)
+        t1 = time.perf_counter()
+        names = list(vectors)
+        if config.per_weight:
+            queries = np.stack([projector.project({n: vectors[n]}).cpu().numpy() for n in names])
+            per = -store.dot(queries)
+            scores = per.sum(axis=1)
+        else:
+            per = None
+            scores = -store.dot(projector.project(vectors).cpu().numpy()[None])[:, 0]
+        if config.row_loss == "mean":
+            scores = scores / store.counts
+            per = None if per is None else per / store.counts[:, None]
+        t2 = time.perf_counter()
+        notes = notes + [f"scored from the gradient store {store.folder} ({store.config.kind}, rank {store.config.rank}, "
+                         f"{store.config.dtype}): no pass over the training rows"]
+        result = InfluenceResult(
+            scores=torch.from_numpy(np.ascontiguousarray(scores)), indices=[int(i) for i in store.indices], weights=names,
+            measurement=measurement.description, preconditioner=preconditioner.kind, damping=dict(preconditioner.damping),
+            per_weight=None if per is None else {n: torch.from_numpy(per[:, j].copy()) for j, n in enumerate(names)},
+            notes=notes, timings={"measurement_gradient": t1 - t0, "store_scoring": t2 - t1}, row_loss=config.row_loss)
+        return result, []
+
+    def _row_norms(self, store: GradientStore, projector: Projector, preconditioner: Any, names: Sequence[str]) -> np.ndarray:
+        """``[N]``: each stored row's squared norm ``Σ_j x_j² w_j`` over the columns of ``names``, with ``w`` the
+        projected ``(P + λ)⁻¹`` where it is diagonal (eigen stores) and 1 otherwise. Cached per store and weights."""
+        key = (str(store.folder), preconditioner.kind, tuple(names), tuple(sorted(preconditioner.damping.items())))
+        cache = self.__dict__.setdefault("_norm_cache", {})
+        if key not in cache:
+            weights = np.zeros(store.dim)
+            values = getattr(preconditioner, "values", {})
+            for name in names:
+                start, end = projector.offsets[name]
+                diagonal = None
+                if name in values:
+                    diagonal = projector.inverse_curvature_diagonal(name, values[name], preconditioner.damping[name])
+                weights[start:end] = 1.0 if diagonal is None else diagonal.cpu().numpy()
+            used = np.flatnonzero(weights)
+            columns = slice(int(used[0]), int(used[-1]) + 1)
+            w = weights[columns]
+            norms = np.empty(len(store))
+            for start, block in store.blocks(columns):
+                norms[start:start + block.shape[0]] = (block.astype(np.float64) ** 2) @ w
+            cache[key] = norms
+        return cache[key]
+
+    def search(self, concept: Concept | PathLike | None = None, queries: PathLike | Sequence[Any] | None = None, *,
+               top_k: int = 20, like_row: int | None = None, store: Any = None, method: str | None = None,
+               search: str = "auto", **options: Any) -> ScoreTable:
+        """The ``top_k`` highest-scoring rows for a question, read from the gradient store (default: the
+        workdir's), best first. ``like_row``: rows like the row with this original index instead (its own
+        preconditioned gradient as the query: ``⟨(P + λ)⁻¹ ∇L(row), ∇L(other)⟩``). ``method``: a gradient method
+        (default ``concept-influence`` with a concept, ``influence`` without); ``search``: ``"auto"``, ``"exact"``
+        (blocked products) or ``"faiss"`` (inner-product index). ``options``: the method's options."""
+        from concept_influence.attribution.methods import _gradient_config
+
+        opened, _ = self._resolve_store(store if store is not None else None)
+        if opened is None:
+            raise ValueError("search needs a gradient store: build one (build-store / Attributor.build_store) or pass store=")
+        if like_row is not None:
+            positions = {int(r.index): k for k, r in enumerate(self.rows)}
+            if int(like_row) not in positions:
+                raise ValueError(f"like_row={like_row}: no training row has this index")
+            queries, method, concept = [self.rows[positions[int(like_row)]]], "influence", None
+        name = method or ("concept-influence" if concept is not None else "influence")
+        spec = get_method(name)
+        if spec.kind != "gradient":
+            raise ValueError(f"search reads gradient stores: method {name!r} is not a gradient method")
+        spec.check_options(options)
+        if queries is None:
+            raise ValueError("search needs queries (or like_row=)")
+        if isinstance(concept, (str, os.PathLike)):
+            concept = self.load_concept(concept)
+        factors = options.pop("factors", None)
+        contrast = options.pop("contrast_queries", None)
+        config = _gradient_config(self, **options)
+        measurement, answered = build_measurement(self.adapter, concept, self.queries(queries), name, config,
+                                                  contrast_queries=self.queries(contrast) if contrast is not None else None)
+        started = time.perf_counter()
+        vectors, projector, notes, preconditioner = self._store_query(opened, measurement, config, factors)
+        query = -projector.project(vectors).cpu().numpy()
+        scale = 1.0 / opened.counts if config.row_loss == "mean" else None
+        if like_row is not None:
+            # rows like this row: cosine of the preconditioned gradients, <P^-1 g(row), g(other)> / ||g(other)||_P^-1
+            # (the measurement is the row's log-likelihood, f = -L(row), so -P^-1 grad f = P^-1 grad L(row) already)
+            scale = 1.0 / np.sqrt(np.maximum(self._row_norms(opened, projector, preconditioner, list(vectors)), 1e-300))
+            notes.append("similarity: <(P + λ)⁻¹ ∇L(row), ∇L(other)> / ‖∇L(other)‖ in the (P + λ)⁻¹ metric"
+                         + (" (within the store's eigen-directions)" if opened.config.kind == "eigen" else
+                            " (norm without preconditioning for a random-projection store)"))
+        positions_found, values = opened.top_k(query, top_k, scale=scale, method=search)  # type: ignore[arg-type]
+        elapsed = time.perf_counter() - started
+        rows = self.rows
+        by_index = {int(r.index): r for r in rows}
+        picked = [by_index[int(opened.indices[p])] for p in positions_found]
+        meta = {"method": name, "search": search, "top_k": top_k, "like_row": like_row, "n_queries": len(answered),
+                "notes": notes, "store": str(opened.folder), "search_time_s": elapsed, "n_rows_searched": len(opened),
+                "sign": "positive = training on the row raises the measurement" if like_row is None else
+                        "positive = the row's preconditioned gradient points like the given row's"}
+        table = ScoreTable.from_rows(picked, values, name if like_row is None else "rows-like", meta=meta)
+        return table
+
+    # ---- closing the loop: filter, evaluate, report ---------------------------------------------------------------
+    def filter(self, table: ScoreTable, **rule: Any):
+        """Which rows ``FilterRule(**rule)`` removes from this session's rows (``remove_top=0.1``, ``remove_top_k``,
+        ``threshold``, ``by``, ``aggregate``): a ``FilterResult`` with ``kept``/``removed`` row indices. To write
+        a filtered file use ``evaluate.filter_file`` or ``concept-influence filter``."""
+        from concept_influence.evaluate.filter import FilterRule, filter_scores
+
+        return filter_scores(self.rows, table, FilterRule(**rule))
+
+    def evaluate(self, tables: ScoreTable | dict[str, ScoreTable] | Sequence[ScoreTable], concept: Concept | PathLike,
+                 queries: PathLike | Sequence[Any], *, base: Any, out: PathLike, config: Any = None, judge: Any = None,
+                 oracle: Sequence[int] | None = None, reader: Any = "session") -> dict[str, Any]:
+        """Counterfactual retraining (``evaluate.evaluate_removals``): fine-tune ``base`` (the model before
+        fine-tuning: path, hub name or adapter) on this session's rows minus each table's top/bottom/random rows,
+        and measure ``concept`` on each model's answers to ``queries``. ``reader``: the model that reads the concept
+        (default: this session's model, on which the concept was made; ``None``: ``base``). Writes
+        ``out/evaluation.json`` and ``out/removal_curve.png``; returns the evaluation dict."""
+        from concept_influence.evaluate.counterfactual import EvaluationConfig, evaluate_removals
+        from concept_influence.models import load_adapter
+
+        if isinstance(tables, ScoreTable):
+            tables = {tables.method: tables}
+        elif not isinstance(tables, dict):
+            tables = {t.method: t for t in tables}
+        if isinstance(concept, (str, os.PathLike)):
+            concept = self.load_concept(concept)
+        base_adapter = base if isinstance(base, ModelAdapter) else load_adapter(base, device=self.adapter.device)
+        reader_adapter = self.adapter if reader == "session" else (None if reader is None else load_adapter(reader))
+        judge_name = getattr(judge, "__qualname__", None) if judge is not None else None
+        return evaluate_removals(base_adapter, list(self.rows), tables, concept, self.queries(queries),
+                                 config or EvaluationConfig(), out, reader=reader_adapter, judge=judge,
+                                 judge_name=judge_name, oracle=oracle, progress=self.progress)
+
+    def report(self, tables: ScoreTable | dict[str, ScoreTable] | Sequence[ScoreTable], out: PathLike | None = None, *,
+               evaluation: dict[str, Any] | PathLike | None = None, top: int = 50, title: str = "concept_influence report") -> str:
+        """The self-contained HTML report (``report.render_report``) of ``tables`` over this session's rows, with
+        token highlights from the session's tokenizer; written to ``out`` when given. Returns the HTML."""
+        import json
+
+        from concept_influence.data.atomic import write_text_atomic
+        from concept_influence.report import render_report, token_strings
+
+        if isinstance(tables, ScoreTable):
+            tables = {tables.method: tables}
+        elif not isinstance(tables, dict):
+            tables = {t.method: t for t in tables}
+        if isinstance(evaluation, (str, os.PathLike)):
+            path = Path(evaluation)
+            evaluation = json.loads((path / "evaluation.json" if path.is_dir() else path).read_text(encoding="utf-8"))
+        tokens = None
+        if any("token_scores" in t.columns for t in tables.values()) and self.adapter.tokenizer is not None:
+            shown = {int(t.index[i]) for t in tables.values() for i in t.order()[:top]}
+            tokens = token_strings([r for r in self.rows if r.index in shown], self.adapter.tokenizer, self.max_length)
+        html = render_report(tables, list(self.rows), evaluation=evaluation, tokens=tokens, top=top, title=title,
+                             extra_meta={"model": self.model_name, "data": self.data_source})
+        if out is not None:
+            write_text_atomic(out, html)
+        return html

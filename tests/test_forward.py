@@ -169,7 +169,7 @@ def test_vector_filter_on_an_sae_feature_is_the_mean_feature_activation(setup):
 def test_forward_methods_refuse_rows_without_answer_tokens(setup):
     adapter, concept, _ = setup
     long_prompt = rows_from_records([{"messages": [{"role": "user", "content": "two " * 40}, {"role": "assistant", "content": "four"}]}])
-    with pytest.raises(ValueError, match="no assistant tokens within max_length=16"):
+    with pytest.raises(ValueError, match="no assistant tokens left within max_length=16"):
         vector_filter(adapter, long_prompt, concept, max_length=16, progress=False)
     with pytest.raises(ValueError, match="hidden size 8 but the model has 16"):
         vector_filter(adapter, long_prompt, DirectionConcept(torch.ones(8), layer=0), progress=False)

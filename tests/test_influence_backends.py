@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from concept_influence.attribution.influence import InfluenceConfig, compute_influence
@@ -21,12 +22,14 @@ def _data(tok, pairs):
     return tokenize_chat(rows_from_records(records), tok, 64)
 
 
-def test_hf_and_transformer_lens_agree(tiny_tok):
-    hf_model = tiny_llama(len(tiny_tok), layers=2, dtype=torch.float64, seed=11)
+@pytest.mark.parametrize("kv_heads", [None, 1], ids=["mha", "gqa"])
+def test_hf_and_transformer_lens_agree(tiny_tok, kv_heads):
+    hf_model = tiny_llama(len(tiny_tok), layers=2, dtype=torch.float64, seed=11, kv_heads=kv_heads)
     hf = HFAdapter(hf_model, tiny_tok)
     # TransformerLens holds zero biases that the Llama checkpoint does not have: leave them out on both sides
     tl = TransformerLensAdapter(hooked_transformer_from_hf(hf_model, tiny_tok), tiny_tok, biases=False)
     assert [i.name for i in hf.tracked_weights()] == [i.name for i in tl.tracked_weights()]
+    assert [(i.d_out, i.d_in) for i in hf.tracked_weights()] == [(i.d_out, i.d_in) for i in tl.tracked_weights()]
     data, queries = _data(tiny_tok, PAIRS), _data(tiny_tok, PAIRS[:2])
     factors = {name: fit_factors(adapter, data, FactorConfig.precise(), batch_size=2, progress=False)
                for name, adapter in (("hf", hf), ("tl", tl))}

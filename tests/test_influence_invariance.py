@@ -13,7 +13,7 @@ from concept_influence.attribution.influence import InfluenceConfig, compute_inf
 from concept_influence.attribution.measurements import ConceptMeasurement, LogLikelihoodMeasurement
 from concept_influence.concepts.base import DirectionConcept
 from concept_influence.curvature import Damping, FactorConfig, FactorMismatchError, fit_factors, load_factors
-from concept_influence.curvature.io import PARTIAL_MANIFEST
+from concept_influence.curvature.io import PARTIAL_FILE, read_partial_state
 from concept_influence.data import rows_from_records, tokenize_chat
 from concept_influence.data.tokenize import TokenizedDataset
 from concept_influence.models import HFAdapter
@@ -112,13 +112,13 @@ def test_interrupted_fit_resumes_to_the_same_factors(env, tmp_path):
     folder = tmp_path / "resume"
     # 13 rows in batches of 3: 5 batches per pass; stop in the middle of the covariance pass, then of the lambda pass
     assert fit_factors(adapter, data, config, weights=names, batch_size=3, out_dir=folder, max_batches=2, progress=False) is None
-    state = json.loads((folder / PARTIAL_MANIFEST).read_text())
+    state = read_partial_state(folder)
     assert state["stage"] == "covariance" and state["rows_done"] == 6
     assert fit_factors(adapter, data, config, weights=names, batch_size=3, out_dir=folder, max_batches=5, progress=False) is None
-    state = json.loads((folder / PARTIAL_MANIFEST).read_text())
+    state = read_partial_state(folder)
     assert state["stage"] == "lambda" and state["rows_done"] == 6
     resumed = fit_factors(adapter, data, config, weights=names, batch_size=3, out_dir=folder, progress=False)
-    assert not (folder / PARTIAL_MANIFEST).exists()
+    assert not (folder / PARTIAL_FILE).exists()
     _same_factors(reference, resumed)
 
 
@@ -161,7 +161,7 @@ def test_keyboard_interrupt_inside_a_batch_resumes_from_the_last_consistent_chec
     names = [i.name for i in adapter.weights_up_to(0)]
     config = FactorConfig.precise()
     reference = fit_factors(adapter, data, config, weights=names, batch_size=3, progress=False)
-    real = fit_module.capture_loss_gradients
+    real = fit_module.loss_backward
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -170,11 +170,11 @@ def test_keyboard_interrupt_inside_a_batch_resumes_from_the_last_consistent_chec
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fit_module, "capture_loss_gradients", flaky)
+    monkeypatch.setattr(fit_module, "loss_backward", flaky)
     with pytest.raises(KeyboardInterrupt):
         fit_factors(adapter, data, config, weights=names, batch_size=3, out_dir=tmp_path, checkpoint_every=1, progress=False)
-    assert json.loads((tmp_path / PARTIAL_MANIFEST).read_text())["rows_done"] == 6
-    monkeypatch.setattr(fit_module, "capture_loss_gradients", real)
+    assert read_partial_state(tmp_path)["rows_done"] == 6
+    monkeypatch.setattr(fit_module, "loss_backward", real)
     _same_factors(reference, fit_factors(adapter, data, config, weights=names, batch_size=3, out_dir=tmp_path, progress=False))
 
 

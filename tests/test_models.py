@@ -47,10 +47,13 @@ def _backends(tok):
         "tl-layernorm": TransformerLensAdapter(tiny_hooked_transformer(vocab, dtype=torch.float64, seed=5), tok),
         "tl-gated": TransformerLensAdapter(tiny_hooked_transformer(vocab, dtype=torch.float64, seed=6, gated=True), tok),
         "tl-from-hf": TransformerLensAdapter(hooked_transformer_from_hf(llama, tok), tok),
+        "tl-from-hf-gqa": TransformerLensAdapter(hooked_transformer_from_hf(
+            tiny_llama(vocab, dtype=torch.float64, seed=3, heads=4, kv_heads=2), tok), tok),
     }
 
 
-@pytest.mark.parametrize("backend", ["hf-llama", "hf-qwen2-bias", "hf-llama-gqa", "hf-gpt2-conv1d", "tl-layernorm", "tl-gated", "tl-from-hf"])
+@pytest.mark.parametrize("backend", ["hf-llama", "hf-qwen2-bias", "hf-llama-gqa", "hf-gpt2-conv1d", "tl-layernorm", "tl-gated", "tl-from-hf",
+                                     "tl-from-hf-gqa"])
 def test_hooked_per_example_gradients_equal_autograd(tiny_tok, batch, backend):
     adapter = _backends(tiny_tok)[backend]
     infos = adapter.tracked_weights()
@@ -99,8 +102,9 @@ def test_residual_site_l_is_output_of_block_l(tiny_tok, batch):
     torch.testing.assert_close(tl_resid[2][mask], resid[2][mask], rtol=1e-6, atol=1e-7)
 
 
-def test_hf_and_transformer_lens_agree_on_the_same_weights(tiny_tok, batch):
-    model = tiny_llama(len(tiny_tok), dtype=torch.float64, seed=7)
+@pytest.mark.parametrize("kv_heads", [None, 2], ids=["mha", "gqa"])
+def test_hf_and_transformer_lens_agree_on_the_same_weights(tiny_tok, batch, kv_heads):
+    model = tiny_llama(len(tiny_tok), dtype=torch.float64, seed=7, heads=4, kv_heads=kv_heads)
     hf, tl = HFAdapter(model, tiny_tok), TransformerLensAdapter(hooked_transformer_from_hf(model, tiny_tok), tiny_tok, biases=False)
     assert [i.name for i in hf.tracked_weights()] == [i.name for i in tl.tracked_weights()]
     grads = {}

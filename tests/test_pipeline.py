@@ -13,7 +13,7 @@ from concept_influence import RECOMMENDED_METHOD, Attributor, ScoreTable
 from concept_influence.attribution import METHODS, register_method, vector_filter
 from concept_influence.attribution.gradient import GradientAttributionConfig, run_gradient_attribution
 from concept_influence.concepts import DirectionConcept, save_concept
-from concept_influence.curvature.io import FactorMismatchError
+from concept_influence.curvature.io import FactorMismatchError, has_factors
 from concept_influence.data import read_chat_jsonl, write_jsonl_atomic
 from concept_influence.models import load_adapter
 from concept_influence.testing.tiny_models import save_tiny_hf_model
@@ -46,7 +46,7 @@ def test_attribute_default_method_matches_the_library_and_reuses_factors(files, 
     assert table.meta["method"] == RECOMMENDED_METHOD and table.meta["method_was_default"] is True
     assert [table.ids[i] for i in range(len(TRAIN))] == [f"row{k}" for k in range(len(TRAIN))]
     assert any("fitted" in note for note in table.meta["notes"])
-    assert (tmp_path / "run" / "factors" / "true-float32-seed0" / "manifest.json").exists()
+    assert has_factors(tmp_path / "run" / "factors" / "true-float32-seed0")
     assert list((tmp_path / "run" / "answers").glob("query-answers-*.jsonl"))
     # the same question through the library functions (factors fitted in memory on the reached weights only)
     expected = run_gradient_attribution(load_adapter(model_dir), read_chat_jsonl(root / "train.jsonl"), concept,
@@ -111,7 +111,7 @@ def test_score_table_top_pandas_and_jsonl(files, tmp_path):
     frame = table.to_pandas(sort=True)
     assert list(frame.columns[:4]) == ["index", "id", "score", "rank"] and "tag" in frame.columns
     assert frame["rank"].tolist() == list(range(1, len(TRAIN) + 1))
-    assert "<table>" in top._repr_html_() and "rank" in repr(top)
+    assert "<table" in top._repr_html_() and "rank" in repr(top)
     out = table.write_jsonl(tmp_path / "s.jsonl")
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["score"] for r in records] == pytest.approx(table.scores.tolist())
@@ -148,9 +148,23 @@ def test_cli_attribute_defaults_to_the_recommended_method_and_uses_the_workdir(f
     assert result.exit_code == 0, result.output
     scores = ScoreTable.read_jsonl(tmp_path / "s.jsonl")
     assert scores.meta["method"] == RECOMMENDED_METHOD and scores.meta["method_was_default"] is True
-    assert (tmp_path / "run" / "factors" / "true-float32-seed0" / "manifest.json").exists()
+    assert has_factors(tmp_path / "run" / "factors" / "true-float32-seed0")
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     assert any("factors loaded from" in n for n in ScoreTable.read_jsonl(tmp_path / "s.jsonl").meta["notes"])
     bad = CliRunner().invoke(app, [*args[:-4], "--method", "nope"])
     assert bad.exit_code == 2 and "nope" in bad.output
+
+
+def test_model_fingerprint_is_cached_until_the_weights_change(files):
+    root, model_dir, _ = files
+    adapter = load_adapter(model_dir)
+    first = adapter.fingerprint()
+    assert adapter.fingerprint() == first
+    weight = next(adapter.model.parameters())
+    with torch.no_grad():
+        weight.mul_(2.0)  # in place: the version counter moves
+    assert adapter.fingerprint() != first
+    with torch.no_grad():
+        weight.div_(2.0)  # exact in binary floating point: back to the same values
+    assert adapter.fingerprint() == first

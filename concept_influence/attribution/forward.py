@@ -26,8 +26,9 @@ from concept_influence.concepts.activations import length_sorted_batches, read_r
 from concept_influence.concepts.answers import sample_answers
 from concept_influence.concepts.base import Concept, Reduction, check_reduction
 from concept_influence.data import ChatRow, TokenizedDataset, tokenize_chat
-from concept_influence.data.tokenize import has_chat_template, render_prompt
+from concept_influence.data.tokenize import has_chat_template, render_prompt, untrainable_rows
 from concept_influence.models.base import ModelAdapter
+from concept_influence.numerics import check_finite
 
 CHUNK_ROWS = 4096
 
@@ -59,13 +60,15 @@ def concept_readouts(
     batch_size: int = 16,
     max_length: int = 512,
     final_turn_only: bool = False,
+    skip_invalid: bool = False,
     progress: bool = True,
 ) -> np.ndarray:
     """``[len(rows)]`` (float64): each row's concept readout over its assistant tokens (``reduction``: ``mean`` or
     ``last_prompt``; ``final_turn_only``: only the last assistant turn). Rows whose assistant tokens are all
-    truncated away are an error; truncated rows are counted in a warning."""
-    scores, _, n_truncated = _read_rows(adapter, rows, concept, reduction=reduction, batch_size=batch_size,
-                                        max_length=max_length, final_turn_only=final_turn_only, progress=progress)
+    truncated away are an error (``skip_invalid``: NaN instead); truncated rows are counted in a warning."""
+    scores, _, n_truncated, _ = _read_rows(adapter, rows, concept, reduction=reduction, batch_size=batch_size,
+                                           max_length=max_length, final_turn_only=final_turn_only,
+                                           skip_invalid=skip_invalid, progress=progress)
     _warn_truncated(n_truncated, len(scores), max_length)
     return scores
 
@@ -81,41 +84,54 @@ def _read_rows(
     max_length: int = 512,
     final_turn_only: bool = False,
     token_values: bool = False,
+    skip_invalid: bool = False,
+    source: str | None = None,
     progress: bool = True,
     desc: str = "reading rows",
-) -> tuple[np.ndarray, list[list[float]] | None, int]:
+) -> tuple[np.ndarray, list[list[float]] | None, int, np.ndarray]:
     """``(scores [len(rows)] float64, per-token readouts of each row's scored tokens or None, number of rows
-    truncated)``; see ``concept_readouts``."""
+    truncated, [len(rows)] bool: rows left out because no assistant token is left (NaN score; an error
+    unless ``skip_invalid``))``; see ``concept_readouts``. A non-finite readout of any other row is an error."""
     layer = _check(adapter, concept)
     if check_reduction(reduction) == "per_token":
         raise ValueError("a row score needs a scalar reduction ('mean' or 'last_prompt'); per-token values come with "
                          "token_values=True")
+    source = source or getattr(rows, "path", None)
     rows = list(rows)
     out = np.empty(len(rows), dtype=np.float64)
+    skipped = np.zeros(len(rows), dtype=bool)
     tokens: list[list[float]] | None = [[] for _ in rows] if token_values else None
     n_truncated = 0
     with tqdm(total=len(rows), desc=desc, unit="row", disable=not progress) as bar:
         for start in range(0, len(rows), CHUNK_ROWS):
             chunk = rows[start : start + CHUNK_ROWS]
             dataset = tokenize_chat(chunk, adapter.tokenizer, max_length, warn=False)
+            dataset.source = source
             if final_turn_only:
                 _final_turn_only(dataset, chunk, adapter.tokenizer)
-            empty = [r.index for r in dataset.rows if r.n_targets == 0]
+            empty = untrainable_rows(dataset, skip_invalid=skip_invalid)
+            skipped[[start + p for p in empty]] = True
             if empty:
-                raise ValueError(f"rows {empty[:10]} have no assistant tokens within max_length={max_length}: raise "
-                                 "--max-length")
+                dataset = dataset.without(empty)
             n_truncated += dataset.n_truncated
+            dropped = set(empty)
+            kept = np.asarray([start + p for p in range(len(chunk)) if p not in dropped], dtype=np.int64)
             for batch in length_sorted_batches(dataset, batch_size):
                 acts = read_residuals(adapter, batch["input_ids"], batch["attention_mask"], [layer])[layer]
                 mask = batch["loss_mask"].to(acts.device)
-                positions = batch["position"].numpy() + start
-                out[positions] = concept.readout(acts, mask, reduction).double().cpu().numpy()
+                positions = kept[batch["position"].numpy()]
+                values = concept.readout(acts, mask, reduction).double().cpu()
+                check_finite(values, f"{desc}: the concept readout at layer {layer}", [rows[p].index for p in positions],
+                             hint="the model's activations or the concept hold NaN/inf")
+                out[positions] = values.numpy()
                 if tokens is not None:
                     per_token = concept.token_readout(acts).double().cpu()
                     for b, p in enumerate(positions):
                         tokens[p] = per_token[b][mask[b].bool().cpu()].tolist()
                 bar.update(len(positions))
-    return out, tokens, n_truncated
+            bar.update(len(empty))
+    out[skipped] = np.nan
+    return out, tokens, n_truncated, skipped
 
 
 def _warn_truncated(n_truncated: int, n: int, max_length: int) -> None:
@@ -133,27 +149,32 @@ def vector_filter(
     max_length: int = 512,
     reduction: Reduction | None = None,
     token_readouts: bool = False,
+    skip_invalid: bool = False,
     progress: bool = True,
 ) -> ScoreTable:
     """Vector Filter scores: the concept readout of each row's own assistant tokens (all assistant turns).
 
     ``reduction``: ``mean`` over the assistant tokens or ``last_prompt`` (default: the concept's own; a
     ``per_token`` concept scores the mean and adds the per-token values). ``token_readouts``: add a
-    ``token_readouts`` column, the readout at each assistant token of the row.
+    ``token_readouts`` column, the readout at each assistant token of the row. A row with no assistant token
+    left within ``max_length`` is an error; ``skip_invalid`` leaves it out instead (``truncated``, score NaN).
     """
     started = time.perf_counter()
     reduction = check_reduction(concept.reduction if reduction is None else reduction)  # type: ignore[assignment]
     if reduction == "per_token":
         reduction, token_readouts = "mean", True
+    source = getattr(rows, "path", None)
     rows = list(rows)
-    scores, tokens, n_truncated = _read_rows(adapter, rows, concept, reduction=reduction, batch_size=batch_size,
-                                             max_length=max_length, token_values=token_readouts, progress=progress)
+    scores, tokens, n_truncated, skipped = _read_rows(adapter, rows, concept, reduction=reduction,
+                                                      batch_size=batch_size, max_length=max_length,
+                                                      token_values=token_readouts, skip_invalid=skip_invalid,
+                                                      source=source, progress=progress)
     _warn_truncated(n_truncated, len(rows), max_length)
     meta = {"layer": concept.layer, "concept": repr(concept), "readout": f"{reduction} over assistant tokens",
             "n_truncated": n_truncated, "max_length": max_length, "wall_time_s": time.perf_counter() - started,
             "sign": "positive = the row's answer expresses the concept"}
     columns = {"token_readouts": tokens} if tokens is not None else None
-    return ScoreTable.from_rows(rows, scores, "vector-filter", columns=columns, meta=meta)
+    return ScoreTable.from_rows(rows, scores, "vector-filter", columns=columns, meta=meta, truncated=skipped.tolist())
 
 
 def projection_difference(
@@ -168,6 +189,7 @@ def projection_difference(
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 16,
     max_length: int = 512,
+    skip_invalid: bool = False,
     progress: bool = True,
 ) -> ScoreTable:
     """Projection Difference scores: the row's answer's mean readout minus the mean readout of the model's own
@@ -176,6 +198,7 @@ def projection_difference(
 
     Model answers that are empty are left out of the mean; a prompt with no non-empty answer scores its row's
     readout minus the mean model readout over all prompts (flagged in the ``model_answers_used`` column).
+    Training rows with no assistant token left within ``max_length``: an error, or left out with ``skip_invalid``.
     """
     started = time.perf_counter()
     if concept.reduction == "last_prompt":
@@ -184,9 +207,12 @@ def projection_difference(
     _check(adapter, concept)
     if n_samples < 1:
         raise ValueError(f"n_samples must be positive, got {n_samples}")
+    source = getattr(rows, "path", None)
     rows = list(rows)
-    row_scores, _, n_truncated = _read_rows(adapter, rows, concept, batch_size=batch_size, max_length=max_length,
-                                            final_turn_only=True, progress=progress, desc="reading training answers")
+    row_scores, _, n_truncated, skipped = _read_rows(adapter, rows, concept, batch_size=batch_size,
+                                                     max_length=max_length, final_turn_only=True,
+                                                     skip_invalid=skip_invalid, source=source, progress=progress,
+                                                     desc="reading training answers")
     answers = sample_answers(adapter, [r.prompt_messages for r in rows], n_samples=n_samples, temperature=temperature,
                              max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, cache_dir=cache_dir,
                              prefix="model-answers", progress=progress)
@@ -199,10 +225,12 @@ def projection_difference(
                 owner.append(i)
     sums, counts = np.zeros(len(rows)), np.zeros(len(rows))
     if model_rows:
-        model_values, _, _ = _read_rows(adapter, model_rows, concept, batch_size=batch_size, max_length=max_length,
-                                        final_turn_only=True, progress=progress, desc="reading model answers")
-        np.add.at(sums, np.asarray(owner), model_values)
-        np.add.at(counts, np.asarray(owner), 1.0)
+        model_values, _, _, lost = _read_rows(adapter, model_rows, concept, batch_size=batch_size,
+                                              max_length=max_length, final_turn_only=True, skip_invalid=True,
+                                              progress=progress, desc="reading model answers")
+        kept = ~lost  # a model answer cut off entirely by max_length says nothing about the model
+        np.add.at(sums, np.asarray(owner)[kept], model_values[kept])
+        np.add.at(counts, np.asarray(owner)[kept], 1.0)
     if not counts.any():
         raise ValueError("the model gave only empty answers: raise --max-new-tokens or check the chat template")
     fallback = sums.sum() / counts.sum()
@@ -212,6 +240,8 @@ def projection_difference(
             "max_new_tokens": max_new_tokens, "seed": seed, "n_truncated": n_truncated, "max_length": max_length,
             "n_prompts_without_answer": int((counts == 0).sum()), "wall_time_s": time.perf_counter() - started,
             "sign": "positive = the row's answer expresses the concept more than the model's own answers"}
-    columns = {"row_readout": row_scores.tolist(), "model_readout": model_scores.tolist(),
+    columns = {"row_readout": [None if s else v for v, s in zip(row_scores.tolist(), skipped, strict=True)],
+               "model_readout": model_scores.tolist(),
                "model_answer": [samples[0] for samples in answers], "model_answers_used": counts.astype(int).tolist()}
-    return ScoreTable.from_rows(rows, row_scores - model_scores, "projection-difference", columns=columns, meta=meta)
+    return ScoreTable.from_rows(rows, row_scores - model_scores, "projection-difference", columns=columns, meta=meta,
+                                truncated=skipped.tolist())

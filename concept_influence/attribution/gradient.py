@@ -11,7 +11,6 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from concept_influence.attribution.influence import InfluenceConfig, InfluenceResult, compute_influence
@@ -30,9 +29,9 @@ from concept_influence.concepts.base import Concept
 from concept_influence.curvature.config import Damping, FactorConfig
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import fit_factors
-from concept_influence.curvature.io import data_fingerprint, load_factors
+from concept_influence.curvature.io import data_fingerprint, has_factors, load_factors, read_manifest
 from concept_influence.data.chat import ChatRow
-from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat
+from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat, untrainable_rows
 from concept_influence.models.base import ModelAdapter
 
 logger = logging.getLogger(__name__)
@@ -50,7 +49,9 @@ class GradientAttributionConfig:
     are answered by the model; ``cache_dir``: where generated answers are cached; ``token_breakdown``:
     ``"target"``/``"position"`` adds each row's per-token contributions as a ``token_scores`` column; ``row_loss``:
     score each row's summed (default) or mean token loss (see ``InfluenceConfig``); ``per_weight`` /
-    ``self_influence``: add ``weight_scores`` (``{weight: score}`` per row) / ``self_influence`` columns.
+    ``self_influence``: add ``weight_scores`` (``{weight: score}`` per row) / ``self_influence`` columns;
+    ``allow_subset``: score with the fitted weights only when the factors miss some the measurement reaches
+    (default: an error).
     ``keep``/``keep_k``: which sampled query answers the measurement uses: ``"all"``, or per prompt the ``keep_k``
     most concept-expressing ones by the concept's own readout (``"top"``); given answers are always used.
     ``contrast``: ``"auto"`` measures the concept on each prompt's ``keep_k`` most expressing answers minus its
@@ -73,6 +74,7 @@ class GradientAttributionConfig:
     row_loss: str = "sum"
     per_weight: bool = False
     self_influence: bool = False
+    allow_subset: bool = False
     keep: str = "all"
     keep_k: int = 1
     contrast: str = "none"
@@ -97,8 +99,9 @@ class GradientAttributionConfig:
         return InfluenceConfig(preconditioner=self.preconditioner, damping=self.damping,  # type: ignore[arg-type]
                                batch_size=self.batch_size, token_breakdown=self.token_breakdown,  # type: ignore[arg-type]
                                row_loss=self.row_loss, per_weight=self.per_weight,  # type: ignore[arg-type]
-                               self_influence=self.self_influence, token_aggregation=self.token_aggregation,  # type: ignore[arg-type]
-                               window=self.window, normalization=self.normalization)  # type: ignore[arg-type]
+                               self_influence=self.self_influence, allow_subset=self.allow_subset,
+                               token_aggregation=self.token_aggregation, window=self.window,  # type: ignore[arg-type]
+                               normalization=self.normalization)  # type: ignore[arg-type]
 
 
 def build_measurement(
@@ -139,6 +142,29 @@ def build_measurement(
     return ConceptMeasurement(concept, tokenized), answered
 
 
+def load_factors_for_scoring(path: str | os.PathLike, adapter: ModelAdapter, data: TokenizedDataset) -> tuple[Factors, list[str]]:
+    """Factors from a folder, checked against the model; against the data too unless they were fitted on purpose
+    on a sample or other rows (their ``provenance``), in which case the note says what they were fitted on."""
+    provenance = read_manifest(path).get("provenance") or {}
+    fingerprint = data_fingerprint(data)
+    loaded = load_factors(path, model_fingerprint=adapter.fingerprint(), data_fingerprint=None if provenance else fingerprint)
+    if not provenance or loaded.fingerprints.get("data") == fingerprint:
+        return loaded, [f"factors loaded from {path}"]
+    what = f"a seeded sample of {provenance.get('rows')} of {provenance.get('sample_of')} rows" if "sample_of" in provenance \
+        else f"{provenance.get('rows')} other rows"
+    return loaded, [f"factors loaded from {path}, fitted on {what} of {provenance.get('source')} (data fingerprint "
+                    f"{loaded.fingerprints.get('data')}), scoring {len(data)} rows (data fingerprint {fingerprint})"]
+
+
+def factors_record(factors: Factors | None, data: TokenizedDataset) -> dict[str, Any] | None:
+    """What the factors were fitted on, for a scores file's metadata (``same_data``: fitted on the scored rows)."""
+    if factors is None:
+        return None
+    return {"rows": factors.n_rows, "tokens": factors.n_tokens, "data_fingerprint": factors.fingerprints.get("data"),
+            "scored_rows": len(data), "same_data": factors.fingerprints.get("data") == data_fingerprint(data),
+            "provenance": dict(factors.provenance)}
+
+
 def obtain_factors(
     adapter: ModelAdapter,
     data: TokenizedDataset,
@@ -155,9 +181,8 @@ def obtain_factors(
         return None, []
     if isinstance(factors, Factors):
         return factors, ["factors given in memory"]
-    if factors is not None and (Path(factors) / "manifest.json").exists():
-        loaded = load_factors(factors, model_fingerprint=adapter.fingerprint(), data_fingerprint=data_fingerprint(data))
-        return loaded, [f"factors loaded from {factors}"]
+    if factors is not None and has_factors(factors):
+        return load_factors_for_scoring(factors, adapter, data)
     fitted = fit_factors(adapter, data, config.factor_config(), weights=list(weights), batch_size=config.batch_size,
                          out_dir=factors, progress=progress)
     assert fitted is not None
@@ -166,19 +191,34 @@ def obtain_factors(
 
 def result_table(rows: Sequence[ChatRow], result: InfluenceResult, method: str, *, notes: Sequence[str] = (),
                  meta: dict[str, Any] | None = None) -> ScoreTable:
-    """An ``InfluenceResult`` as a ``ScoreTable``: breakdowns become columns (``token_scores``, ``weight_scores``,
-    ``self_influence``), the rest goes to ``meta``."""
+    """An ``InfluenceResult`` as a ``ScoreTable`` over ``rows``: breakdowns become columns (``token_scores``,
+    ``weight_scores``, ``self_influence``), the rest goes to ``meta``. Rows the result does not score (left out
+    because truncation removed their whole answer, see ``untrainable_rows``) are marked ``truncated``."""
+    rows = list(rows)
+    position = {int(i): p for p, i in enumerate(result.indices)}
+    if len(position) != len(result.indices):
+        raise ValueError("the scored rows have duplicate indices")
+    where = [position.get(int(r.index)) for r in rows]
+    if len(rows) - where.count(None) != len(result.indices):
+        raise ValueError(f"{len(result.indices)} scores do not match the {len(rows)} training rows")
+
+    def spread(values: list[Any], missing: Any = None) -> list[Any]:
+        return [missing if p is None else values[p] for p in where]
+
     columns: dict[str, list[Any]] = {}
     if result.per_token is not None:
-        columns["token_scores"] = [t.tolist() for t in result.per_token]
+        columns["token_scores"] = spread([t.tolist() for t in result.per_token])
     if result.per_weight is not None:
         names = list(result.per_weight)
         values = [result.per_weight[n].tolist() for n in names]
-        columns["weight_scores"] = [{n: v[i] for n, v in zip(names, values, strict=True)} for i in range(len(rows))]
+        columns["weight_scores"] = spread([{n: v[i] for n, v in zip(names, values, strict=True)}
+                                           for i in range(len(result.indices))])
     if result.self_influence is not None:
-        columns["self_influence"] = result.self_influence.tolist()
+        columns["self_influence"] = spread(result.self_influence.tolist())
     full_meta = {**result.meta(), "notes": list(notes) + result.notes, "method": method, **(meta or {})}
-    return ScoreTable.from_rows(list(rows), result.scores.numpy(), method, columns=columns, meta=full_meta)
+    scores = spread(result.scores.tolist(), float("nan"))
+    return ScoreTable.from_rows(rows, scores, method, columns=columns, meta=full_meta,
+                                truncated=[p is None for p in where])
 
 
 def run_gradient_attribution(
@@ -192,6 +232,7 @@ def run_gradient_attribution(
     *,
     contrast_queries: Sequence[ChatRow] | None = None,
     train: TokenizedDataset | None = None,
+    skip_invalid: bool = False,
     progress: bool = True,
 ) -> ScoreTable:
     """Score training rows with Concept Influence (``method="concept-influence"``, needs ``concept``) or classical
@@ -200,12 +241,17 @@ def run_gradient_attribution(
     ``factors_path``: fitted ``Factors``, a folder of fitted factors (checked against this model and data; mismatch
     is an error), a folder that does not exist yet (the factors are fitted on ``rows`` and saved there), or
     ``None`` (fitted in memory). Only the weights the measurement reaches are fitted and used. ``train``: ``rows``
-    already tokenised (saves the work). Positive score = training on the row raises the measurement.
+    already tokenised (saves the work). A row whose whole answer is truncated away is an error; ``skip_invalid``
+    leaves such rows out of the fit and the scores (marked ``truncated``). Positive score = training on the row
+    raises the measurement.
     """
     if adapter.tokenizer is None:
         raise ValueError("gradient attribution needs the model's tokenizer")
     measurement, answered = build_measurement(adapter, concept, queries, method, config, contrast_queries=contrast_queries)
     data = train if train is not None else tokenize_chat(rows, adapter.tokenizer, config.max_length)
+    if skip_invalid:
+        data = data.without(untrainable_rows(data, skip_invalid=True))
     factors, notes = obtain_factors(adapter, data, factors_path, config, measurement.weights(adapter), progress=progress)
     result = compute_influence(adapter, data, measurement, factors, config.influence_config(), progress=progress)
-    return result_table(rows, result, method, notes=notes, meta={"n_queries": len(answered), "config": asdict(config)})
+    return result_table(rows, result, method, notes=notes, meta={"n_queries": len(answered), "config": asdict(config),
+                                                                  "factors_fit": factors_record(factors, data)})

@@ -31,9 +31,11 @@ from concept_influence.curvature.config import Damping, PreconditionerKind
 from concept_influence.curvature.covariance import per_example_gradients, token_contractions
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import capture_loss_gradients, folded_activations, gradient_mode
+from concept_influence.curvature.io import FactorMismatchError
 from concept_influence.curvature.preconditioner import IdentityPreconditioner, Preconditioner
-from concept_influence.data.tokenize import iter_batches
+from concept_influence.data.tokenize import iter_batches, untrainable_rows
 from concept_influence.models.base import ModelAdapter, WeightInfo
+from concept_influence.numerics import check_finite, check_finite_dict
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,9 @@ class InfluenceConfig:
     itself), their largest single value (``"max"``) or the largest sum over ``window`` consecutive positions
     (``"window"``, as IF-Guide's token-level scores). ``normalization``: ``"length"`` divides by the square root of
     the row's trained tokens (on top of ``row_loss``), ``"unit"`` by ``sqrt(self-influence)``, the cosine in the
-    preconditioned metric (RelatIF); costs a per-row gradient pass)."""
+    preconditioned metric (RelatIF); costs a per-row gradient pass).
+    ``allow_subset``: when the factors miss weights the measurement reaches, score with the covered ones only (and
+    say so in the notes); default: an error."""
 
     preconditioner: PreconditionerKind = "ekfac"
     damping: Damping = Damping()
@@ -62,6 +66,7 @@ class InfluenceConfig:
     per_weight: bool = False
     self_influence: bool = False
     row_loss: Literal["sum", "mean"] = "sum"
+    allow_subset: bool = False
     token_aggregation: Literal["sum", "max", "window"] = "sum"
     window: int = 8
     normalization: Literal["none", "length", "unit"] = "none"
@@ -123,8 +128,10 @@ class InfluenceResult:
                 "sign": "positive = training on the row raises the measurement"}
 
 
-def resolve_weights(adapter: ModelAdapter, measurement: Measurement, available: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
-    """The weights to score over and notes saying why: the measurement's reach, within the fitted factors."""
+def resolve_weights(adapter: ModelAdapter, measurement: Measurement, available: Sequence[str] | None = None, *,
+                    allow_subset: bool = False, what: str = "the factors") -> tuple[list[str], list[str]]:
+    """The weights to score over and notes saying why: the measurement's reach, within ``available`` (the fitted
+    factors' or a store's weights). Missing reached weights are an error unless ``allow_subset``."""
     notes = []
     reached = measurement.weights(adapter)
     layer = measurement.reach(adapter)
@@ -135,7 +142,14 @@ def resolve_weights(adapter: ModelAdapter, measurement: Measurement, available: 
         missing = [n for n in reached if n not in set(available)]
         reached = [n for n in reached if n in set(available)]
         if not reached:
-            raise ValueError(f"the factors cover none of the weights the measurement reaches ({measurement.description})")
+            raise ValueError(f"{what} cover none of the weights the measurement reaches ({measurement.description})")
+        if missing and not allow_subset:
+            upto = f" up to layer {layer}" if layer is not None else ""
+            raise FactorMismatchError(
+                f"{what} cover {len(reached)} of the {len(reached) + len(missing)} weights the measurement reaches "
+                f"(missing {missing[:4]}{' ...' if len(missing) > 4 else ''}); fit factors for every weight{upto} "
+                "(fit-factors --concept C, or without --up-to-layer), or pass --allow-subset (allow_subset=True) "
+                "to score with the covered weights only")
         if missing:
             notes.append(f"{len(missing)} reached weights have no factors and are left out: {missing[:6]}"
                          + (" ..." if len(missing) > 6 else ""))
@@ -224,6 +238,9 @@ def score_rows(
                     self_scores[start:start + B] += self_preconditioner.inner({info.name: grads}, {info.name: grads}).double().cpu()
                 del grads
             assert total_rows is not None
+            check_finite(total_rows if total_rows.ndim == 1 else total_rows.sum(dim=-1),
+                         "scoring: the training-row gradients' contraction", batch["index"],
+                         hint="the model's activations or gradients on this row are not finite")
             scores[start:start + B] = total_rows.double().cpu()
             if window_scores:
                 assert total_tokens is not None
@@ -271,6 +288,37 @@ def window_max(contributions: torch.Tensor, attention_mask: torch.Tensor, window
     short = lengths < w  # the window does not fit: the whole row
     best[short] = values[short].sum(dim=1)
     return best if contributions.ndim == 3 else best.squeeze(-1)
+
+
+def score_rows_sharded(adapter: ModelAdapter, data: Sequence[Any], vectors: dict[str, torch.Tensor], **options: Any) -> dict[str, Any]:
+    """``score_rows`` over the rows, split across the processes of ``torch.distributed`` when it is initialised
+    (e.g. under ``torchrun``): each rank scores a contiguous share and every rank gets all the scores."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return score_rows(adapter, data, vectors, **options)
+    rank, world, n = dist.get_rank(), dist.get_world_size(), len(data)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    local = score_rows(adapter, data[lo:hi], vectors, **{**options, "progress": options.get("progress", True) and rank == 0})
+
+    def gathered(part: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(n, *part.shape[1:], dtype=part.dtype)
+        full[lo:hi] = part
+        dist.all_reduce(full)
+        return full
+
+    out: dict[str, Any] = {"scores": gathered(local["scores"])}
+    if "per_weight" in local:
+        out["per_weight"] = {name: gathered(values) for name, values in local["per_weight"].items()}
+    if "self_influence" in local:
+        out["self_influence"] = gathered(local["self_influence"])
+    if "windows" in local:
+        out["windows"] = {w: gathered(values) for w, values in local["windows"].items()}
+    if "per_token" in local:
+        pieces: list[Any] = [None] * world
+        dist.all_gather_object(pieces, [t.tolist() for t in local["per_token"]])
+        out["per_token"] = [torch.tensor(t, dtype=torch.float64) for piece in pieces for t in piece]
+    return out
 
 
 def target_token_scores(
@@ -358,6 +406,23 @@ def _math_attention():
         return contextlib.nullcontext()
 
 
+def check_factors_model(adapter: ModelAdapter, factors: Factors | Preconditioner | None) -> None:
+    """Factors fitted on another model (parameters, by fingerprint) are an error, never used silently."""
+    fitted_on = factors.fingerprints.get("model") if isinstance(factors, Factors) else None
+    if fitted_on is not None and fitted_on != adapter.fingerprint():
+        raise FactorMismatchError(
+            f"the factors were fitted for a different model (or changed weights) (model fingerprint: factors "
+            f"{fitted_on!r}, this model {adapter.fingerprint()!r}); refit them on this model (fit_factors / fit-factors)")
+
+
+def preconditioned_gradient(preconditioner: Preconditioner, grad_f: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """``P⁻¹ ∇f`` per weight, with ``∇f`` and the result checked to be finite (errors name the weight)."""
+    check_finite_dict(grad_f, f"measurement gradient of {what} over the queries")
+    vectors = preconditioner.apply_inverse(grad_f)
+    check_finite_dict(vectors, f"preconditioned measurement gradient ({preconditioner.kind}; raise the damping?)")
+    return vectors
+
+
 def compute_influence(
     adapter: ModelAdapter,
     data: Sequence[Any],
@@ -370,20 +435,24 @@ def compute_influence(
     """Score tokenised training rows (a ``TokenizedDataset``) against a measurement.
 
     ``factors``: fitted ``Factors`` (restricted automatically to the weights the measurement reaches), a ready
-    ``Preconditioner``, or ``None`` with ``config.preconditioner="identity"``.
+    ``Preconditioner``, or ``None`` with ``config.preconditioner="identity"``. A row with no trained token (its
+    whole answer truncated away) is an error: leave such rows out first (``data.without(untrainable_rows(data,
+    skip_invalid=True))``, which ``Attributor(skip_invalid=True)`` does).
     """
+    untrainable_rows(data)
+    check_factors_model(adapter, factors)
     available = factors.names if factors is not None else None
-    names, notes = resolve_weights(adapter, measurement, available)
+    names, notes = resolve_weights(adapter, measurement, available, allow_subset=config.allow_subset)
     for note in notes:
         logger.info(note)
     preconditioner = build_preconditioner(adapter, names, factors, config)
     timings = {}
     t0 = time.perf_counter()
     grad_f = measurement.gradient(adapter, names, batch_size=config.batch_size)
-    vectors = preconditioner.apply_inverse(grad_f)
+    vectors = preconditioned_gradient(preconditioner, grad_f, measurement.description)
     timings["measurement_gradient"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = score_rows(
+    out = score_rows_sharded(
         adapter, data, vectors, batch_size=config.batch_size, token_breakdown=config.token_breakdown, per_weight=config.per_weight,
         self_preconditioner=preconditioner if config.self_influence or config.normalization == "unit" else None,
         windows=_windows(config), progress=progress,
@@ -428,6 +497,8 @@ def compute_influence_many(
     object."""
     if not measurements:
         raise ValueError("no measurements to score")
+    untrainable_rows(data)
+    check_factors_model(adapter, factors)
     prepared: dict[str, tuple[list[str], list[str], Preconditioner, dict[str, torch.Tensor]]] = {}
     gradients: dict[int, dict[str, torch.Tensor]] = {}
     self_preconditioner: Preconditioner | None = None
@@ -435,7 +506,8 @@ def compute_influence_many(
     for label, (measurement, config) in measurements.items():
         if config.token_breakdown != "none" or config.per_weight or config.self_influence:
             raise ValueError(f"{label}: breakdowns need compute_influence (one measurement at a time)")
-        names, notes = resolve_weights(adapter, measurement, factors.names if factors is not None else None)
+        names, notes = resolve_weights(adapter, measurement, factors.names if factors is not None else None,
+                                       allow_subset=config.allow_subset)
         preconditioner = build_preconditioner(adapter, names, factors, config)
         if config.normalization == "unit":
             key = (config.preconditioner, config.damping, tuple(names))
@@ -445,7 +517,7 @@ def compute_influence_many(
         if id(measurement) not in gradients:
             gradients[id(measurement)] = measurement.gradient(adapter, names, batch_size=config.batch_size)
         grad_f = {name: gradients[id(measurement)][name] for name in names}
-        prepared[label] = (names, notes, preconditioner, preconditioner.apply_inverse(grad_f))
+        prepared[label] = (names, notes, preconditioner, preconditioned_gradient(preconditioner, grad_f, measurement.description))
     union = [i.name for i in adapter.tracked_weights() if any(i.name in p[0] for p in prepared.values())]
     stacked = {}
     for name in union:
@@ -454,8 +526,8 @@ def compute_influence_many(
     t0 = time.perf_counter()
     windows = sorted({w for _, config in measurements.values() for w in _windows(config)})
     columns = [k for k, (_, config) in enumerate(measurements.values()) if _windows(config)]
-    out = score_rows(adapter, data, stacked, batch_size=batch_size, self_preconditioner=self_preconditioner,
-                     windows=windows, window_columns=columns, progress=progress)
+    out = score_rows_sharded(adapter, data, stacked, batch_size=batch_size, self_preconditioner=self_preconditioner,
+                             windows=windows, window_columns=columns, progress=progress)
     seconds = time.perf_counter() - t0
     results = {}
     for k, (label, (measurement, config)) in enumerate(measurements.items()):

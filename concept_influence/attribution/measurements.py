@@ -141,7 +141,8 @@ class Measurement(ABC):
         return total
 
     def gradient(self, adapter: ModelAdapter, weights: Sequence[str], *, batch_size: int = 8) -> dict[str, torch.Tensor]:
-        """``∇_W f`` for each named weight in canonical layout ``[d_out, d_in']`` (bias gradient as last column)."""
+        """``∇_W f`` for each named weight in canonical layout ``[d_out, d_in']`` (bias gradient as last column).
+        Accumulated over query batches in at least float32 (a bf16/fp16 model's gradients are summed in float32)."""
         infos = [adapter.weight_info(n) for n in weights]
         with gradient_mode(adapter, infos) as params:
             totals: list[torch.Tensor | None] = [None] * len(params)
@@ -151,15 +152,17 @@ class Measurement(ABC):
                     grads = torch.autograd.grad(f, params, allow_unused=True)
                     for k, grad in enumerate(grads):
                         if grad is not None:
-                            totals[k] = grad.detach() if totals[k] is None else totals[k] + grad.detach()
+                            grad = grad.detach().to(torch.promote_types(grad.dtype, torch.float32))
+                            totals[k] = grad if totals[k] is None else totals[k] + grad
         out: dict[str, torch.Tensor] = {}
         k = 0
         for info in infos:  # gradient_mode lists each weight, then its bias when folded
-            weight_grad = totals[k] if totals[k] is not None else torch.zeros_like(params[k])
+            wide = torch.promote_types(params[k].dtype, torch.float32)
+            weight_grad = totals[k] if totals[k] is not None else torch.zeros_like(params[k], dtype=wide)
             k += 1
             bias_grad = None
             if info.bias_name is not None:
-                bias_grad = totals[k] if totals[k] is not None else torch.zeros_like(params[k])
+                bias_grad = totals[k] if totals[k] is not None else torch.zeros_like(params[k], dtype=wide)
                 k += 1
             out[info.name] = canonical_gradient(info, weight_grad, bias_grad)
         return out

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from concept_influence.attribution.gradient import GradientAttributionConfig
 from concept_influence.attribution.scores import ScoreTable
 from concept_influence.curvature.config import Damping
 
@@ -93,7 +94,7 @@ def _vector_filter(session: Attributor, concept: Concept, queries: Sequence[Chat
 
     return vector_filter(session.adapter, session.rows, concept, batch_size=batch_size or session.batch_size,
                          max_length=session.max_length, reduction=reduction, token_readouts=token_readouts,  # type: ignore[arg-type]
-                         progress=session.progress)
+                         skip_invalid=session.skip_invalid, progress=session.progress)
 
 
 @register_method("projection-difference", kind="forward",
@@ -108,33 +109,38 @@ def _projection_difference(session: Attributor, concept: Concept, queries: Seque
                                  max_new_tokens=max_new_tokens, seed=session.seed if seed is None else seed,
                                  cache_dir=cache_dir if cache_dir is not None else session.answer_cache,
                                  batch_size=batch_size or session.batch_size, max_length=session.max_length,
-                                 progress=session.progress)
+                                 skip_invalid=session.skip_invalid, progress=session.progress)
 
 
-def _gradient(session: Attributor, method: str, concept: Concept | None, queries: Sequence[ChatRow], *,
-              contrast_queries: Any, preconditioner: str, damping: float | Damping, absolute_damping: float | None,
-              row_loss: str, token_breakdown: str, per_weight: bool, self_influence: bool, n_samples: int,
-              temperature: float, max_new_tokens: int, fisher: str, factor_dtype: str, factors: Any,
-              cache_dir: str | None, batch_size: int | None, store: Any, keep: str = "all", keep_k: int = 1,
-              contrast: str = "none", token_aggregation: str = "sum", window: int = 8,
-              normalization: str = "none") -> ScoreTable:
-    from concept_influence.attribution.gradient import GradientAttributionConfig
-
+def _gradient_config(session: Attributor, *, preconditioner: str = "ekfac", damping: float | Damping = 0.1,
+                     absolute_damping: float | None = None, row_loss: str = "sum", token_breakdown: str = "none",
+                     per_weight: bool = False, self_influence: bool = False, n_samples: int = 1,
+                     temperature: float = 1.0, max_new_tokens: int = 48, fisher: str = "true",
+                     factor_dtype: str = "float32", cache_dir: str | None = None,
+                     batch_size: int | None = None, allow_subset: bool = False, keep: str = "all", keep_k: int = 1,
+                     contrast: str = "none", token_aggregation: str = "sum", window: int = 8,
+                     normalization: str = "none") -> GradientAttributionConfig:
+    """The ``GradientAttributionConfig`` of a gradient method's options in ``session``."""
     if isinstance(damping, Damping):
         resolved = damping
     elif absolute_damping is not None:
         resolved = Damping(absolute=absolute_damping)
     else:
         resolved = Damping(relative=float(damping))
-    config = GradientAttributionConfig(
+    return GradientAttributionConfig(
         preconditioner=preconditioner, damping=resolved, fisher=fisher, factor_dtype=factor_dtype,
         max_length=session.max_length, batch_size=batch_size or session.batch_size, n_samples=n_samples,
         temperature=temperature, max_new_tokens=max_new_tokens, seed=session.seed,
         cache_dir=str(cache_dir) if cache_dir is not None else (str(session.answer_cache) if session.answer_cache else None),
         token_breakdown=token_breakdown, row_loss=row_loss, per_weight=per_weight, self_influence=self_influence,
-        keep=keep, keep_k=keep_k, contrast=contrast, token_aggregation=token_aggregation, window=window,
-        normalization=normalization,
+        allow_subset=allow_subset, keep=keep, keep_k=keep_k, contrast=contrast, token_aggregation=token_aggregation,
+        window=window, normalization=normalization,
     )
+
+
+def _gradient(session: Attributor, method: str, concept: Concept | None, queries: Sequence[ChatRow], *,
+              contrast_queries: Any, factors: Any, store: Any, **options: Any) -> ScoreTable:
+    config = _gradient_config(session, **options)
     return session.gradient_attribution(method, concept, queries, config, contrast_queries=contrast_queries,
                                         factors=factors, store=store)
 
@@ -147,9 +153,9 @@ def _concept_influence(session: Attributor, concept: Concept, queries: Sequence[
                        per_weight: bool = False, self_influence: bool = False, n_samples: int = 1,
                        temperature: float = 1.0, max_new_tokens: int = 48, fisher: str = "true",
                        factor_dtype: str = "float32", factors: Any = None, cache_dir: str | None = None,
-                       batch_size: int | None = None, store: Any = None, keep: str = "all", keep_k: int = 1,
-                       contrast: str = "none", token_aggregation: str = "sum", window: int = 8,
-                       normalization: str = "none") -> ScoreTable:
+                       batch_size: int | None = None, store: Any = None, allow_subset: bool = False,
+                       keep: str = "all", keep_k: int = 1, contrast: str = "none", token_aggregation: str = "sum",
+                       window: int = 8, normalization: str = "none") -> ScoreTable:
     """Pure EKFAC Concept Influence. Method variants: ``n_samples``/``keep``/``keep_k`` (which query answers),
     ``contrast="auto"`` (most minus least concept-expressing answers), ``row_loss``/``normalization`` (row
     normalisation), ``token_aggregation``/``window``, ``preconditioner``/``damping`` (curvature)."""
@@ -164,7 +170,7 @@ def _influence(session: Attributor, concept: Concept | None, queries: Sequence[C
                row_loss: str = "sum", token_breakdown: str = "none", per_weight: bool = False,
                self_influence: bool = False, n_samples: int = 1, temperature: float = 1.0, max_new_tokens: int = 48,
                fisher: str = "true", factor_dtype: str = "float32", factors: Any = None, cache_dir: str | None = None,
-               batch_size: int | None = None, store: Any = None) -> ScoreTable:
+               batch_size: int | None = None, store: Any = None, allow_subset: bool = False) -> ScoreTable:
     return _gradient(session, "influence", None, queries, contrast_queries=None,
                      **{k: v for k, v in locals().items() if k not in ("session", "concept", "queries")})
 

@@ -3,8 +3,11 @@ with the row's passthrough fields. Higher score = training on the row pushes the
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from concept_influence.data.chat import ChatRow, DataFormatError, write_json_atomic, write_jsonl_atomic
+from concept_influence.data.atomic import write_text_atomic
+from concept_influence.data.chat import ChatRow, DataFormatError, write_json_atomic
+from concept_influence.numerics import NonFiniteError
 
 RESERVED = ("index", "id", "score", "rank")
 
@@ -23,6 +28,9 @@ class ScoreTable:
 
     ``columns``: extra per-row values (e.g. ``model_answer_score`` of Projection Difference), written next to the
     score; ``fields``: each row's passthrough fields; ``meta``: method, concept, timings, config (JSON sidecar).
+    ``truncated[i]``: row ``i`` lost its whole answer to truncation and was left out (``--skip-invalid``): its
+    score is NaN here and ``null`` in files, it has no rank and ``order``/``top`` (hence filtering) skip it.
+    Every other score must be finite (a ``NonFiniteError`` names the row otherwise).
     """
 
     method: str
@@ -32,12 +40,23 @@ class ScoreTable:
     fields: list[dict[str, Any]] = field(default_factory=list)
     columns: dict[str, list[Any]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    truncated: list[bool] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
         n = len(self.index)
         if self.scores.shape[0] != n:
             raise ValueError(f"{self.method}: {self.scores.shape[0]} scores for {n} rows")
+        self.truncated = [bool(t) for t in self.truncated] if self.truncated else [False] * n
+        if len(self.truncated) != n:
+            raise ValueError(f"{self.method}: {len(self.truncated)} truncation flags for {n} rows")
+        self.scores[np.asarray(self.truncated, dtype=bool)] = np.nan
+        bad = np.flatnonzero(~np.isfinite(self.scores) & ~np.asarray(self.truncated, dtype=bool))
+        if bad.size:
+            i = int(bad[0])
+            raise NonFiniteError(f"{self.method} scores: row {self.index[i]} has score {self.scores[i]}"
+                                 + (f" ({bad.size - 1} more rows)" if bad.size > 1 else "")
+                                 + "; refusing to rank or write non-finite scores")
         if not self.ids:
             self.ids = [None] * n
         if not self.fields:
@@ -48,22 +67,48 @@ class ScoreTable:
 
     @classmethod
     def from_rows(cls, rows: Sequence[ChatRow], scores: Any, method: str, *, columns: dict[str, list[Any]] | None = None,
-                  meta: dict[str, Any] | None = None) -> ScoreTable:
+                  meta: dict[str, Any] | None = None, truncated: Sequence[bool] | None = None) -> ScoreTable:
+        """A table over ``rows`` (``truncated``: rows left out, see the class docstring; counted in ``meta``)."""
         scores = np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores, dtype=np.float64)
-        return cls(method=method, index=[r.index for r in rows], scores=scores, ids=[r.id for r in rows],
-                   fields=[dict(r.fields) for r in rows], columns=dict(columns or {}), meta=dict(meta or {}))
+        meta = dict(meta or {})
+        if truncated is not None and any(truncated):
+            meta["n_skipped_truncated"] = int(sum(bool(t) for t in truncated))
+        table = cls(method=method, index=[r.index for r in rows], scores=scores, ids=[r.id for r in rows],
+                    fields=[dict(r.fields) for r in rows], columns=dict(columns or {}), meta=meta,
+                    truncated=list(truncated or []))
+        return table.attach(rows=rows)
+
+    def attach(self, *, rows: Sequence[ChatRow] | None = None, tokenizer: Any = None) -> ScoreTable:
+        """Remember the data rows (and tokenizer) for display: the Jupyter view shows their text and, with a
+        tokenizer, ``token_scores`` highlights. Not saved to disk. Returns ``self``."""
+        display = dict(getattr(self, "_display", {}))
+        if rows is not None:
+            display["rows"] = list(rows)
+        if tokenizer is not None:
+            display["tokenizer"] = tokenizer
+        self._display = display
+        return self
 
     def __len__(self) -> int:
         return len(self.index)
 
+    @property
+    def valid(self) -> np.ndarray:
+        """``[N]`` bool: rows that have a score (not left out as truncated)."""
+        return ~np.asarray(self.truncated, dtype=bool)
+
     def order(self) -> np.ndarray:
-        """Positions sorted by score, highest first (ties broken by original index, so the order is stable)."""
-        return np.lexsort((np.asarray(self.index), -self.scores))
+        """Positions of the scored rows sorted by score, highest first (ties broken by original index, so the
+        order is stable); rows left out as truncated are not in it."""
+        valid = np.flatnonzero(self.valid)
+        keys = np.lexsort((np.asarray(self.index)[valid], -self.scores[valid]))
+        return valid[keys]
 
     def ranks(self) -> np.ndarray:
-        """1-based rank of each row (1 = highest score)."""
-        ranks = np.empty(len(self), dtype=np.int64)
-        ranks[self.order()] = np.arange(1, len(self) + 1)
+        """1-based rank of each row (1 = highest score; 0 for rows left out as truncated)."""
+        ranks = np.zeros(len(self), dtype=np.int64)
+        order = self.order()
+        ranks[order] = np.arange(1, len(order) + 1)
         return ranks
 
     def top(self, k: int = 20) -> ScoreTable:
@@ -80,7 +125,7 @@ class ScoreTable:
         return ScoreTable(method=self.method, index=[self.index[i] for i in keep], scores=self.scores[keep],
                           ids=[self.ids[i] for i in keep], fields=[self.fields[i] for i in keep],
                           columns={name: [values[i] for i in keep] for name, values in self.columns.items()},
-                          meta=dict(self.meta))
+                          meta=dict(self.meta), truncated=[self.truncated[i] for i in keep]).attach(**getattr(self, "_display", {}))
 
     def to_pandas(self, *, sort: bool = False):
         """A ``pandas.DataFrame`` with the CLI's columns (``index``, ``id``, ``score``, ``rank``, method columns,
@@ -93,7 +138,7 @@ class ScoreTable:
 
     def __repr__(self) -> str:
         lines = [f"ScoreTable({self.method!r}, {len(self)} rows)"]
-        for record in self.to_records(sort=True)[:10]:
+        for record in [r for r in self.to_records(sort=True) if r["score"] is not None][:10]:
             lines.append(f"  rank {record['rank']:>5}  index {record['index']:>6}  score {record['score']:+.4g}"
                          + (f"  id {record['id']}" if "id" in record else ""))
         if len(self) > 10:
@@ -101,32 +146,31 @@ class ScoreTable:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        import html
+        """Jupyter display: the ranked rows (text of attached rows, token highlights with an attached tokenizer),
+        rendered by ``concept_influence.report.table_html``."""
+        from concept_influence.report.rows import table_html
 
-        records = self.to_records(sort=True)[:50]
-        keys: list[str] = []
-        for record in records:
-            keys += [k for k in record if k not in keys]
-        head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(_short(r.get(k, '')))}</td>" for k in keys) + "</tr>"
-                       for r in records)
-        more = f"<p>{len(self) - len(records)} more rows</p>" if len(self) > len(records) else ""
-        return (f"<p><b>{html.escape(self.method)}</b>: {len(self)} rows (higher score = training on the row pushes "
-                f"the concept up)</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}")
+        display = getattr(self, "_display", {})
+        return table_html(self, rows=display.get("rows"), tokenizer=display.get("tokenizer"))
 
     def field_values(self, name: str) -> list[Any]:
         return [f.get(name) for f in self.fields]
 
     def to_records(self, *, sort: bool = False) -> list[dict[str, Any]]:
+        """One dict per row (``sort``: best first, rows left out as truncated last); a left-out row has
+        ``score: None``, ``rank: None``, ``truncated: True``."""
         ranks = self.ranks()
-        positions = self.order() if sort else range(len(self))
+        positions = [*self.order(), *np.flatnonzero(~self.valid)] if sort else range(len(self))
         records = []
         for i in positions:
             record: dict[str, Any] = {"index": int(self.index[i])}
             if self.ids[i] is not None:
                 record["id"] = self.ids[i]
-            record["score"] = float(self.scores[i])
-            record["rank"] = int(ranks[i])
+            if self.truncated[i]:
+                record.update(score=None, rank=None, truncated=True)
+            else:
+                record["score"] = float(self.scores[i])
+                record["rank"] = int(ranks[i])
             for name, values in self.columns.items():
                 record[name] = _jsonable(values[i])
             for key, value in self.fields[i].items():
@@ -136,10 +180,15 @@ class ScoreTable:
         return records
 
     def write_jsonl(self, path: str | os.PathLike, *, sort: bool = False) -> Path:
-        """Write one JSON object per row (atomically) and ``<path>.meta.json`` with ``meta``."""
+        """Write one JSON object per row (atomically) and ``<path>.meta.json`` with ``meta``. The sidecar records
+        the scores file's SHA-256, so a sidecar left from another version of the file (a run killed between the
+        two writes) is recognised and ignored by ``read_jsonl``, never mixed with the wrong scores."""
         path = Path(path)
-        write_jsonl_atomic(path, self.to_records(sort=sort))
-        write_json_atomic(meta_path(path), {"method": self.method, "n_rows": len(self), **self.meta})
+        text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in self.to_records(sort=sort))
+        write_text_atomic(path, text)
+        write_json_atomic(meta_path(path), {"method": self.method, "n_rows": len(self),
+                                            "n_skipped_truncated": int(sum(self.truncated)), **self.meta,
+                                            "scores_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()})
         return path
 
     @classmethod
@@ -147,23 +196,37 @@ class ScoreTable:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"scores file not found: {path}")
-        index, scores, ids, fields = [], [], [], []
+        index, scores, ids, fields, truncated = [], [], [], [], []
         with path.open(encoding="utf-8") as handle:
             for line_no, text in enumerate(handle, start=1):
                 if not text.strip():
                     continue
                 try:
                     record = json.loads(text)
+                    skipped = record.get("score") is None and record.get("truncated") is True
+                    score = math.nan if skipped else float(record["score"])
+                    if not math.isfinite(score) and not skipped:
+                        raise ValueError(f"score {record['score']!r} is not a finite number")
                     index.append(int(record["index"]))
-                    scores.append(float(record["score"]))
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                    scores.append(score)
+                    truncated.append(skipped)
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
                     raise DataFormatError(f"{path}:{line_no}: not a scores record ({err})") from None
                 ids.append(record.get("id"))
-                fields.append({k: v for k, v in record.items() if k not in RESERVED})
+                fields.append({k: v for k, v in record.items() if k not in RESERVED and not (k == "truncated" and skipped)})
         meta: dict[str, Any] = {}
         if meta_path(path).exists():
-            meta = json.loads(meta_path(path).read_text())
-        return cls(method=meta.get("method", "unknown"), index=index, scores=np.array(scores), ids=ids, fields=fields, meta=meta)
+            try:
+                meta = json.loads(meta_path(path).read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise DataFormatError(f"{meta_path(path)}: malformed JSON ({err})") from None
+            digest = meta.get("scores_sha256") if isinstance(meta, dict) else None
+            if not isinstance(meta, dict) or (digest and digest != hashlib.sha256(path.read_bytes()).hexdigest()):
+                warnings.warn(f"{meta_path(path)} belongs to another version of {path} (an interrupted write?); "
+                              "ignoring it", stacklevel=2)
+                meta = {}
+        return cls(method=meta.get("method", "unknown"), index=index, scores=np.array(scores), ids=ids, fields=fields,
+                   meta=meta, truncated=truncated)
 
 
 def _short(value: Any, limit: int = 120) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from concept_influence.attribution.methods import RECOMMENDED_METHOD, get_method, method_names
-from concept_influence.cli.common import user_errors
+from concept_influence.cli.common import check_output, user_errors
 
 Method = Enum("Method", {name.replace("-", "_"): name for name in method_names()}, type=str)  # type: ignore[misc]
 
@@ -33,6 +33,8 @@ def attribute(
     concept: Path | None = typer.Option(None, "--concept", help="Concept file (train-probe's output). Not needed by --method influence."),
     queries: Path | None = typer.Option(None, "--queries", help="Query prompts JSONL (gradient methods); prompt-only rows are answered by the model."),
     workdir: Path | None = typer.Option(None, "--workdir", help="Session folder: factors, answers and store kept and reused across runs."),
+    store: Path | None = typer.Option(None, "--store", help="Gradient methods: answer from this gradient store (build-store) instead of a pass over the rows."),
+    exact: bool = typer.Option(False, "--exact", help="Gradient methods: ignore the workdir's store and score by the exact pass."),
     factors: Path | None = typer.Option(None, "--factors", help="Fitted factors folder (fit-factors); fitted here when absent (and saved there if given)."),
     preconditioner: str | None = typer.Option(None, "--preconditioner", help="ekfac | kfac | diagonal | identity (default: the method's)."),
     damping: float | None = typer.Option(None, "--damping", help="Relative damping: λ = this × mean eigenvalue, per weight (default 0.1)."),
@@ -47,13 +49,14 @@ def attribute(
     window: int | None = typer.Option(None, "--window", min=1, help="Positions per window for --token-aggregation window."),
     normalization: str | None = typer.Option(None, "--normalization", help="none | length (by sqrt(trained tokens)) | unit (by sqrt(self-influence), RelatIF)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
-    max_length: int = typer.Option(512, "--max-length", min=2, help="Truncate rows longer than this (reported)."),
+    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
     n_samples: int | None = typer.Option(None, "--n-samples", min=1, help="Model answers sampled per prompt (projection-difference, queries; default: the method's)."),
     temperature: float | None = typer.Option(None, "--temperature", min=0.0),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1),
     seed: int = typer.Option(0, "--seed"),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where sampled model answers are cached (default: the workdir, else next to --out)."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip bad data lines (each one is reported) instead of failing."),
+    allow_subset: bool = typer.Option(False, "--allow-subset", help="Gradient methods: when --factors miss weights the concept reaches, score with the covered weights only (default: an error)."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip bad data lines (each one is reported) and leave out rows whose whole answer is cut off by --max-length (score null, truncated: true, counted in the meta) instead of failing."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 | float64."),
 ) -> None:
@@ -64,6 +67,7 @@ def attribute(
     """
     from concept_influence.pipeline import Attributor
 
+    check_output(out)
     spec = get_method(method.value if method is not None else None)
     if spec.needs_concept and concept is None:
         raise ValueError(f"--method {spec.name} needs --concept FILE")
@@ -79,12 +83,17 @@ def attribute(
         factors=factors, preconditioner=preconditioner, damping=damping, absolute_damping=absolute_damping,
         row_loss=row_loss, token_breakdown=token_breakdown, contrast_queries=contrast_queries, n_samples=n_samples,
         temperature=temperature, max_new_tokens=max_new_tokens,
-        cache_dir=None if cache_dir is None else str(cache_dir), batch_size=batch_size, keep=keep, keep_k=keep_k,
-        contrast=contrast, token_aggregation=token_aggregation, window=window, normalization=normalization,
+        cache_dir=None if cache_dir is None else str(cache_dir), batch_size=batch_size, allow_subset=allow_subset,
+        keep=keep, keep_k=keep_k, contrast=contrast, token_aggregation=token_aggregation, window=window,
+        normalization=normalization,
     )
     accepted = spec.options
     # flags left out keep the method's own defaults (a combination's may differ from concept-influence's)
-    options = {k: v for k, v in flags.items() if k in accepted and k != "store" and v is not None}
+    options: dict[str, Any] = {k: v for k, v in flags.items() if k in accepted and k != "store" and v is not None}
+    if spec.kind == "gradient":
+        options["store"] = False if exact else store
+    elif store is not None:
+        raise ValueError(f"--store applies to gradient methods; --method {spec.name} reads no gradients")
     table = att.attribute(concept, queries, None if method is None else spec.name, **options)
     table.meta.update({"model": model, "data": str(data), "concept": None if concept is None else str(concept)})
     table.write_jsonl(out)

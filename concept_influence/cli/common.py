@@ -36,6 +36,24 @@ def user_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def check_output(path: Any, flag: str = "--out") -> None:
+    """Fail before any work when ``path`` cannot be written: an ancestor that is a file, or a folder without write
+    permission (the error names the flag and the path)."""
+    import os
+    from pathlib import Path
+
+    if path is None:
+        return
+    target = Path(path)
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{flag} {target}: cannot write there ({ancestor} is a file, not a folder)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {target}: cannot write there (no write permission on {ancestor})")
+
+
 def load_model(model: str, device: str | None, dtype: str | None):
     from concept_influence.models import load_adapter
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from concept_influence.cli.common import load_model, user_errors
+from concept_influence.cli.common import check_output, load_model, user_errors
 
 
 class Readout(str, Enum):
@@ -48,7 +48,7 @@ def train_probe(
     n_samples: int = typer.Option(4, "--n-samples", min=1, help="Answers sampled per instruction and question."),
     temperature: float = typer.Option(1.0, "--temperature", min=0.0),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
-    max_length: int = typer.Option(512, "--max-length", min=2),
+    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
     seed: int = typer.Option(0, "--seed"),
     c: float = typer.Option(1.0, "--C", help="Inverse regularisation strength of the probe."),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where generated persona answers are cached (default: next to --out)."),
@@ -58,8 +58,10 @@ def train_probe(
     """Train a concept direction at one layer and save it; prints held-out AUC/accuracy (held out by question)."""
     from concept_influence.concepts import load_spec, save_concept, train_concept
 
+    check_output(out)
     concept_spec = load_spec(spec)
     adapter = load_model(model, device, dtype)
+    max_length = adapter.resolve_max_length(max_length)
     concept = train_concept(adapter, concept_spec, layer, _config(method, n_samples, temperature, max_new_tokens, seed, c, max_length),
                             cache_dir=cache_dir if cache_dir is not None else out.parent / ".answer-cache", progress=True)
     concept.reduction = readout.value
@@ -78,7 +80,7 @@ def probe_layers(
     n_samples: int = typer.Option(4, "--n-samples", min=1),
     temperature: float = typer.Option(1.0, "--temperature", min=0.0),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
-    max_length: int = typer.Option(512, "--max-length", min=2),
+    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
     seed: int = typer.Option(0, "--seed"),
     c: float = typer.Option(1.0, "--C"),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where generated persona answers are cached (default: next to --out)."),
@@ -89,8 +91,10 @@ def probe_layers(
     from concept_influence.concepts import layer_sweep, load_spec
     from concept_influence.data import write_json_atomic
 
+    check_output(out)
     concept_spec = load_spec(spec)
     adapter = load_model(model, device, dtype)
+    max_length = adapter.resolve_max_length(max_length)
     if cache_dir is None and out is not None:
         cache_dir = out.parent / ".answer-cache"
     sweep = layer_sweep(adapter, concept_spec, config=_config(method, n_samples, temperature, max_new_tokens, seed, c, max_length),
@@ -115,7 +119,7 @@ def train_sae_command(
     lr: float = typer.Option(3e-3, "--lr"),
     sae_batch_size: int = typer.Option(256, "--sae-batch-size", min=1, help="Tokens per SAE training step."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Rows per forward pass when reading activations."),
-    max_length: int = typer.Option(512, "--max-length", min=2),
+    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
     max_rows: int | None = typer.Option(None, "--max-rows", min=1, help="Use only the first N rows."),
     only_response: bool = typer.Option(False, "--only-response", help="Train on assistant tokens only (default: every token)."),
     seed: int = typer.Option(0, "--seed"),
@@ -126,9 +130,11 @@ def train_sae_command(
     from concept_influence.concepts import collect_token_activations, save_sae, train_sae
     from concept_influence.data import read_chat_jsonl
 
+    check_output(out)
     rows = list(read_chat_jsonl(data))[:max_rows]
     adapter = load_model(model, device, dtype)
     layer = adapter.check_layer(layer)
+    max_length = adapter.resolve_max_length(max_length)
     acts = collect_token_activations(adapter, rows, layer, batch_size=batch_size, max_length=max_length, only_response=only_response)
     typer.echo(f"read {acts.shape[0]:,} token activations at resid.{layer} from {len(rows)} rows")
     sae, metrics = train_sae(acts.float(), d_sae=d_sae, l1_coefficient=l1, steps=steps, batch_size=sae_batch_size, lr=lr,
@@ -161,6 +167,7 @@ def sae_feature(
     from concept_influence.concepts import ProbeConfig, save_concept
     from concept_influence.concepts.sae import sae_feature_concept
 
+    check_output(out)
     if sum(x is not None for x in (spec, probe, feature)) != 1:
         raise ValueError("give exactly one of --spec, --probe or --feature")
     adapter = load_model(model, device, dtype)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from concept_influence.cli.common import user_errors
+from concept_influence.cli.common import check_output, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -25,5 +25,6 @@ def demo(
     ranks the planted rows (precision at k, PR-AUC, hard-negative rank, wall time)."""
     from concept_influence.demo import DemoConfig, run_demo
 
+    check_output(out)
     run_demo(out, DemoConfig(seed=seed, n_train=n_train, planted_fraction=planted_fraction, query_samples=query_samples),
              log=typer.echo)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from concept_influence.cli.common import user_errors
+from concept_influence.cli.common import check_output, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -22,22 +22,37 @@ def register(app: typer.Typer) -> None:
         up_to_layer: int | None = typer.Option(None, "--up-to-layer", help="Fit only blocks 0..L."),
         fisher: str = typer.Option("true", "--fisher", help="'true' (labels sampled from the model) or 'empirical'."),
         preconditioner: str = typer.Option("ekfac", "--preconditioner", help="ekfac | kfac | diagonal."),
-        batch_size: int = typer.Option(8, "--batch-size"),
-        max_length: int = typer.Option(512, "--max-length"),
+        batch_size: int = typer.Option(8, "--batch-size", min=1),
+        max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
         stats_dtype: str = typer.Option("float32", "--stats-dtype", help="Precision of the statistics."),
         seed: int = typer.Option(0, "--seed", help="Seed of the label sampling (true Fisher)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace factors fitted for another model/data."),
-        checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Save a resumable state every N batches."),
+        checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=1, help="Save a resumable state every N batches."),
+        skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip bad data lines and rows whose whole answer is cut off by --max-length instead of failing."),
         device: str | None = typer.Option(None, "--device"),
         dtype: str | None = typer.Option(None, "--dtype", help="Model dtype (float32, bfloat16, float64)."),
+        max_memory: str | None = typer.Option(None, "--max-memory", help="Bound the peak memory (e.g. 3GiB): the weights are "
+                                              "fitted in module partitions, several passes over the data."),
+        fit_rows: int | None = typer.Option(None, "--fit-rows", min=1, help="Fit on a seeded sample of N rows (of --fit-data or --data)."),
+        fit_data: Path | None = typer.Option(None, "--fit-data", help="Fit on this chat JSONL instead of --data."),
+        lambda_rows: int | None = typer.Option(None, "--lambda-rows", min=1, help="Fit EKFAC's Λ on a seeded sample of N rows."),
     ) -> None:
         """Fit EKFAC (or KFAC/diagonal) factors once, to reuse with `attribute --factors`. Resumes after interruption.
 
         Example: concept-influence fit-factors --model runs/model --data train.jsonl --out factors/ --up-to-layer 3
+
+        Large models: concept-influence fit-factors --model M --data train.jsonl --out factors/ --max-memory 3GiB
+        --fit-rows 2000 (see `concept-influence plan`).
         """
+        import json
+
+        from concept_influence.curvature.budget import parse_size
+        from concept_influence.curvature.io import read_manifest
         from concept_influence.pipeline import Attributor
 
-        att = Attributor(model, data, device=device, dtype=dtype, max_length=max_length, batch_size=batch_size, seed=seed)
+        check_output(out)
+        att = Attributor(model, data, device=device, dtype=dtype, max_length=max_length, batch_size=batch_size, seed=seed,
+                         skip_invalid=skip_invalid)
         adapter = att.adapter
         layer = None
         if concept is not None:
@@ -47,8 +62,14 @@ def register(app: typer.Typer) -> None:
         infos = adapter.tracked_weights() if layer is None else adapter.weights_up_to(layer)
         if layer is not None:
             typer.echo(f"fitting the {len(infos)} weights of blocks 0..{layer} (a readout at layer {layer} does not reach higher blocks)")
-        factors = att.fit_factors(fisher=fisher, preconditioner=preconditioner, stats_dtype=stats_dtype,
-                                  weights=[i.name for i in infos], out=out, overwrite=overwrite,
-                                  checkpoint_every=checkpoint_every)
-        typer.echo(f"factors for {len(factors.names)} weights ({', '.join(factors.available())}) on {factors.n_rows} rows, "
-                   f"{factors.n_tokens} tokens -> {out}")
+        limit = parse_size(max_memory) if max_memory is not None else None
+        att.fit_factors(fisher=fisher, preconditioner=preconditioner, stats_dtype=stats_dtype,
+                        weights=[i.name for i in infos], out=out, overwrite=overwrite, checkpoint_every=checkpoint_every,
+                        max_memory=limit, fit_rows=fit_rows, fit_data=fit_data, lambda_rows=lambda_rows, load=False)
+        manifest = read_manifest(out)
+        typer.echo(f"factors for {len(manifest['weights'])} weights ({', '.join(manifest['available'])}) on "
+                   f"{manifest['n_rows']} rows, {manifest['n_tokens']} tokens -> {out}")
+        if manifest.get("partitions", 1) > 1:
+            typer.echo(f"fitted in {manifest['partitions']} module partitions to stay under --max-memory {max_memory}")
+        if manifest.get("provenance"):
+            typer.echo(f"fitted on: {json.dumps(manifest['provenance'], sort_keys=True)}")

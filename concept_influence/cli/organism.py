@@ -6,18 +6,21 @@ from pathlib import Path
 
 import typer
 
+from concept_influence.cli.common import check_output, user_errors
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``organism`` command to ``app``."""
 
     @app.command("organism")
+    @user_errors
     def organism_command(
         out: Path | None = typer.Option(
             None, "--out", help="Folder to build into (default: the cache, keyed by the config hash)."
         ),
         seed: int = typer.Option(0, "--seed", help="Seed of the whole build (text, weights, training)."),
-        n_train: int = typer.Option(2000, "--n-train", help="Rows in the fine-tuning set."),
-        planted_fraction: float = typer.Option(0.1, "--planted-fraction", help="Fraction of planted trait rows."),
+        n_train: int = typer.Option(2000, "--n-train", min=20, help="Rows in the fine-tuning set."),
+        planted_fraction: float = typer.Option(0.1, "--planted-fraction", min=0.0, max=1.0, help="Fraction of planted trait rows."),
         variant: str = typer.Option(
             "default", "--variant",
             help="default | subtle (planted rows carry the trait persona's style on neutral content) | diluted (one trait "
@@ -33,6 +36,7 @@ def register(app: typer.Typer) -> None:
         Example: concept-influence organism --variant subtle --seed 1"""
         from concept_influence.organism import build_organism
 
+        check_output(out)
         def log(message: str) -> None:
             if not quiet:
                 typer.echo(message, err=True)

@@ -4,10 +4,13 @@ The cache is one JSONL file per (model fingerprint, sampling settings): ``{prefi
 ``{"key", "prompt", "answers"}`` per distinct prompt. A call reads it, samples only the prompts it lacks and rewrites
 it atomically, so growing or re-slicing a dataset reuses what was already sampled. This is exact because
 ``generate_answers`` seeds every (prompt, sample) from the prompt's own tokens, not from its place in the call.
+The cache is rewritten after every chunk of prompts (a killed run keeps what it sampled), and writers of one cache
+file take turns (a lock held while sampling), so concurrent runs sample each prompt once and agree.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,12 +18,13 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from concept_influence.data import write_jsonl_atomic
+from concept_influence.data.atomic import folder_lock, remove_stale_temps, write_jsonl_atomic
 from concept_influence.models.base import ModelAdapter
 from concept_influence.models.fingerprint import json_fingerprint
 from concept_influence.models.generate import generate_answers
 
 Messages = list[dict[str, str]]
+CHUNK_BATCHES = 4  # the cache is saved after every CHUNK_BATCHES batches of new prompts
 
 
 def prompt_key(prompt: Sequence[dict[str, str]]) -> str:
@@ -74,12 +78,19 @@ def sample_answers(
     for key, prompt in zip(keys, prompts, strict=True):
         unique.setdefault(key, [dict(m) for m in prompt])
     cache_file = None if cache_dir is None else answer_cache_path(adapter, cache_dir, prefix, settings)
-    cached = _read_cache(cache_file) if cache_file is not None else {}
-    missing = [k for k in unique if k not in cached]
-    if missing:
-        generated = generate_answers(adapter, [unique[k] for k in missing], batch_size=batch_size, progress=progress, **settings)
-        for key, answers in zip(missing, generated, strict=True):
-            cached[key] = {"key": key, "prompt": unique[key], "answers": answers}
+    lock = folder_lock(cache_file, what="answer cache") if cache_file is not None else contextlib.nullcontext()
+    with lock:
         if cache_file is not None:
-            write_jsonl_atomic(cache_file, cached.values())
+            remove_stale_temps(cache_file.parent, f".{cache_file.name}.")  # left by a killed sampler
+        cached = _read_cache(cache_file) if cache_file is not None else {}
+        missing = [k for k in unique if k not in cached]
+        chunk = len(missing) if cache_file is None else max(batch_size, 1) * CHUNK_BATCHES
+        for start in range(0, len(missing), max(chunk, 1)):
+            part = missing[start:start + chunk]
+            generated = generate_answers(adapter, [unique[k] for k in part], batch_size=batch_size, progress=progress,
+                                         **settings)
+            for key, answers in zip(part, generated, strict=True):
+                cached[key] = {"key": key, "prompt": unique[key], "answers": answers}
+            if cache_file is not None:
+                write_jsonl_atomic(cache_file, cached.values())
     return [list(cached[k]["answers"]) for k in keys]

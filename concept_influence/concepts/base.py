@@ -46,6 +46,7 @@ class Concept(ABC):
         """
         reduction = self.reduction if reduction is None else reduction
         per_token = self.token_readout(acts)
+        per_token = per_token.to(torch.promote_types(per_token.dtype, torch.float32))  # sums in float32 at least
         mask = response_mask.to(per_token.dtype)
         if reduction == "per_token":
             return per_token * mask
@@ -91,6 +92,8 @@ class DirectionConcept(Concept):
         return f"DirectionConcept(kind={self.kind!r}, layer={self.layer}, d_model={self.d_model})"
 
     def token_readout(self, acts: torch.Tensor) -> torch.Tensor:
+        """``[batch, seq]``; computed in at least float32 (bf16/fp16 activations are upcast before the dot product)."""
         if acts.shape[-1] != self.d_model:
             raise ValueError(f"concept has d_model {self.d_model} but activations have {acts.shape[-1]}")
-        return acts @ self.unit.to(device=acts.device, dtype=acts.dtype)
+        wide = torch.promote_types(acts.dtype, torch.float32)
+        return acts.to(wide) @ self.unit.to(device=acts.device, dtype=wide)

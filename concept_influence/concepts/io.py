@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from concept_influence.concepts.base import Concept, DirectionConcept, check_reduction
-from concept_influence.data.chat import write_json_atomic
+from concept_influence.data.atomic import replace_folder, temp_folder, write_json_atomic
 from concept_influence.models.base import ModelAdapter
 
 FORMAT = "concept_influence.concept/1"
@@ -77,7 +76,7 @@ def save_concept(concept: Concept, path: str | os.PathLike, *, model_fingerprint
     if clash:
         raise ValueError(f"extra_meta may not override {clash}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = temp_folder(path)
     try:
         if isinstance(concept, SAEFeatureConcept):
             from sae_lens import __version__
@@ -90,22 +89,11 @@ def save_concept(concept: Concept, path: str | os.PathLike, *, model_fingerprint
             save_file({"direction": concept.direction.detach().float().contiguous().cpu()}, str(tmp / TENSOR_FILE))
         meta.update(jsonable(extra_meta or {}))
         write_json_atomic(tmp / META_FILE, meta)
-        _replace_folder(tmp, path)
+        replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _replace_folder(tmp: Path, path: Path) -> None:
-    if path.exists():
-        backup = path.with_name(f".{path.name}.old-{os.getpid()}")
-        shutil.rmtree(backup, ignore_errors=True)
-        path.rename(backup)
-        tmp.rename(path)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        tmp.rename(path)
 
 
 def read_concept_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -27,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from concept_influence.concepts.base import Concept, Reduction, check_reduction
-from concept_influence.data.chat import ChatRow, write_json_atomic
+from concept_influence.data.atomic import replace_folder, temp_folder, write_json_atomic
+from concept_influence.data.chat import ChatRow
 from concept_influence.data.tokenize import TokenizedDataset, iter_batches, tokenize_chat
 
 if TYPE_CHECKING:
@@ -437,16 +437,13 @@ def save_sae(sae: SAE, path: str | os.PathLike, *, layer: int, model_fingerprint
     path = Path(path)
     if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / SAE_INFO).exists())):
         raise ValueError(f"{path}: exists and is not an SAE folder; not overwriting it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = temp_folder(path)
     try:
         sae.save_model(tmp)
         write_json_atomic(tmp / SAE_INFO, {"format": SAE_FORMAT, "site": f"resid.{int(layer)}", "layer": int(layer),
                                            "d_in": int(sae.cfg.d_in), "d_sae": int(sae.cfg.d_sae),
                                            "model_fingerprint": model_fingerprint, "metrics": jsonable(metrics or {})})
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        replace_folder(tmp, path)  # atomic swap: the old SAE until the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -141,8 +141,12 @@ def load_spec(path: str | os.PathLike) -> ConceptSpec:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"concept spec not found: {path}")
+    if path.is_dir():
+        raise SpecError(f"{path}: is a directory, expected a JSON spec file")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); expected a JSON spec file") from None
     except json.JSONDecodeError as err:
         raise SpecError(f"{path}: malformed JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
     return parse_spec(obj, str(path), default_name=path.stem)

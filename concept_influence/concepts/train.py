@@ -17,6 +17,7 @@ from concept_influence.concepts.activations import (
 from concept_influence.concepts.base import DirectionConcept
 from concept_influence.concepts.probe import DiffOfMeans, LinearProbe
 from concept_influence.concepts.spec import ConceptSpec
+from concept_influence.data.atomic import atomic_file
 from concept_influence.models.base import ModelAdapter
 
 
@@ -119,10 +120,9 @@ class LayerSweep:
         ax.set_title(f"{self.spec}: {self.method} per layer")
         ax.legend(loc="lower right")
         fig.tight_layout()
-        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-        fig.savefig(tmp, dpi=120)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
         plt.close(fig)
-        os.replace(tmp, path)
         return path
 
 

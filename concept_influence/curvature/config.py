@@ -55,13 +55,16 @@ class FactorConfig:
     eigenbases, eigenvalue correction Λ and the diagonal, two passes over the data); ``"kfac"`` only the
     covariances (one pass); ``"diagonal"`` only the diagonal (one pass); ``"identity"`` nothing.
     ``dtype``: precision of the accumulated statistics (``"float32"`` or ``"float64"``); eigendecompositions are
-    always computed in float64. ``seed``: seed of the label sampling for the true Fisher.
+    always computed in float64. ``seed``: seed of the label sampling for the true Fisher (and of the Λ sample).
+    ``lambda_rows``: fit Λ and the diagonal on a seeded sample of at most this many of the rows (kronfluence's
+    ``lambda_max_examples``; the covariances still use every row); ``None``: every row.
     """
 
     fisher: FisherType = "true"
     preconditioner: PreconditionerKind = "ekfac"
     dtype: Literal["float32", "float64"] = "float32"
     seed: int = 0
+    lambda_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.fisher not in ("true", "empirical"):
@@ -70,6 +73,8 @@ class FactorConfig:
             raise ValueError(f"preconditioner must be one of {PRECONDITIONER_KINDS}, got {self.preconditioner!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.lambda_rows is not None and self.lambda_rows < 1:
+            raise ValueError(f"lambda_rows must be positive (or None for every row), got {self.lambda_rows}")
 
     @classmethod
     def precise(cls, **overrides: Any) -> FactorConfig:
@@ -90,7 +95,10 @@ class FactorConfig:
         return self.preconditioner in ("ekfac", "diagonal")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if out["lambda_rows"] is None:  # absent, so that fits made before the option keep their fingerprint
+            del out["lambda_rows"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FactorConfig:

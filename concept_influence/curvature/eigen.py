@@ -33,9 +33,11 @@ class Eigen:
 def eigendecompose(matrix: torch.Tensor) -> Eigen:
     """Symmetric eigendecomposition in float64 (the input is symmetrised first). Negative round-off eigenvalues
     are clamped to 0 (a covariance is positive semi-definite)."""
-    m = matrix.detach().to(torch.float64)
-    m = 0.5 * (m + m.T)
+    m = matrix.detach().to(torch.float64, copy=True)
+    m += m.T.clone()  # symmetrise with one extra copy at a time
+    m *= 0.5
     values, vectors = torch.linalg.eigh(m)
+    del m
     return Eigen(values.clamp_min(0.0), vectors)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,13 +45,16 @@ class WeightFactors:
 
 @dataclass
 class Factors:
-    """Per-weight factors plus what they were fitted on (``config``, counts, fingerprints)."""
+    """Per-weight factors plus what they were fitted on (``config``, counts, fingerprints). ``provenance``: how the
+    fit rows were chosen when they are not the scoring set (``{"rows", "sample_of", "seed", "source"}``; empty when
+    the factors were fitted on the data they score)."""
 
     weights: dict[str, WeightFactors]
     config: FactorConfig
     n_rows: int = 0
     n_tokens: int = 0
     fingerprints: dict[str, str] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -74,7 +78,8 @@ class Factors:
         missing = [n for n in names if n not in self.weights]
         if missing:
             raise KeyError(f"no factors for {missing}; these factors cover {self.names} (refit with these weights)")
-        return Factors({n: self.weights[n] for n in names}, self.config, self.n_rows, self.n_tokens, dict(self.fingerprints))
+        return Factors({n: self.weights[n] for n in names}, self.config, self.n_rows, self.n_tokens, dict(self.fingerprints),
+                       dict(self.provenance))
 
     def preconditioner(self, kind: PreconditionerKind | None = None, damping: Damping = Damping()) -> Preconditioner:
         """Build a preconditioner of ``kind`` (default: the one the factors were fitted for)."""

@@ -1,14 +1,24 @@
 """The fit driver: loops over the training data with the adapter's weight capture and accumulates the factors.
 
 Pass 1 (KFAC, EKFAC): ``A = Σ a aᵀ / n_tokens`` and ``S = Σ g gᵀ / n_tokens`` over non-padding tokens, with ``g``
-the output gradients of the summed training loss (targets sampled from the model for the true Fisher).
-Eigendecomposition in float64. Pass 2 (EKFAC, diagonal): per-example gradients ``G_n = Σ_t g_t a_tᵀ`` give
-``Λ = Σ_n (Q_Sᵀ G_n Q_A)² / n_rows`` and ``diag = Σ_n G_n ∘ G_n / n_rows`` (materialised per weight per batch).
+the output gradients of the summed training loss (targets sampled from the model for the true Fisher). Pass 2
+(EKFAC, diagonal): per-example gradients ``G_n = Σ_t g_t a_tᵀ`` give ``Λ = Σ_n (Q_Sᵀ G_n Q_A)² / n_rows`` and
+``diag = Σ_n G_n ∘ G_n / n_rows``.
+
+Memory: the statistics are folded in inside the capture hooks, module by module, as the activations (forward) and
+output gradients (backward) arrive, so nothing is held for the whole backward pass; an input read by several
+weights (q/k/v, gate/up) is accumulated once; backward goes to the weights' outputs, never forming weight
+gradients; the loss head runs a few rows at a time (no ``[B, T, vocab]`` logits); accumulation is in the
+statistics' dtype (float32 by default, whatever the model's); eigendecompositions (float64) run one matrix at a
+time; Λ is formed from the rotated per-token vectors a few examples at a time. ``max_memory`` splits the weights
+into module partitions (several passes) and, with ``out_dir``, sends each eigendecomposition and result to disk
+as soon as it is done (``curvature.budget`` holds the arithmetic, shared with ``concept-influence plan``).
 
 With ``out_dir`` the driver checkpoints its running sums every ``checkpoint_every`` batches and on interruption
-(between batches; an interruption inside a batch keeps the previous checkpoint), and
-resumes from them when called again with the same model, data and config (results are identical to an
-uninterrupted fit: label draws are seeded per row).
+(Ctrl-C, or SIGTERM through the CLI: the signal is held until the batch in progress is folded in, then the state
+is saved), and resumes from them when called again with the same model, data and config (results are identical
+to an uninterrupted fit: label draws are seeded per row). Under ``torch.distributed`` each rank fits its share of
+the rows and the sums are all-reduced.
 """
 
 from __future__ import annotations
@@ -23,23 +33,38 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from concept_influence.curvature.budget import (
+    ModelShape,
+    WeightShape,
+    activation_bytes,
+    eigen_workspace_bytes,
+    format_size,
+    parse_size,
+    partitions,
+    shared_input_key,
+)
 from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.covariance import fold_bias, masked_covariance_sum, per_example_gradients
-from concept_influence.curvature.eigen import Eigen, eigendecompose, eigenvalue_correction_sum
+from concept_influence.curvature.eigen import Eigen, eigendecompose
 from concept_influence.curvature.factors import Factors, WeightFactors
 from concept_influence.curvature.io import (
+    FactorMismatchError,
     check_fingerprints,
     clear_partial,
     config_fingerprint,
     data_fingerprint,
+    has_factors,
     load_factors,
     load_partial,
     read_manifest,
+    save_factor_parts,
     save_factors,
     save_partial,
 )
 from concept_influence.curvature.loss import sample_targets, sequence_losses
+from concept_influence.data.atomic import atomic_file, folder_lock, remove_stale_temps
 from concept_influence.models.base import ModelAdapter, WeightCapture, WeightInfo
+from concept_influence.numerics import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +92,9 @@ def gradient_mode(adapter: ModelAdapter, infos: Sequence[WeightInfo]) -> Iterato
         adapter.model.train(was_training)
 
 
+HEAD_CHUNK_ELEMENTS = 2**24  # logits materialised at a time by the loss (64 MiB in float32)
+
+
 def capture_loss_gradients(
     adapter: ModelAdapter,
     batch: dict[str, torch.Tensor],
@@ -80,26 +108,79 @@ def capture_loss_gradients(
 
     Returns the capture (``activations[name] [B, T, d_in]``, ``output_grads[name] [B, T, d_out]``; output gradients
     of weights the loss does not reach are zeros) and the per-row losses ``[B]`` (detached). ``fisher="true"``
-    replaces the targets by seeded draws from the model (``sample_targets``).
+    replaces the targets by seeded draws from the model (``sample_targets``). The backward goes to the weights'
+    outputs only (``params`` is kept for the interface: no weight gradient is formed).
     """
     names = [info.name for info in infos]
-    device = adapter.device
-    input_ids = batch["input_ids"].to(device)
-    attention = batch["attention_mask"].to(device)
-    loss_mask = batch["loss_mask"].to(device)
     with adapter.capture_weights(names) as capture:
-        logits = adapter.logits(input_ids, attention)
-        targets = input_ids
-        if fisher == "true":
-            targets = sample_targets(logits.detach(), input_ids, loss_mask, batch["index"], seed)
-        losses = sequence_losses(logits, targets, loss_mask)
-        if losses.requires_grad:
-            torch.autograd.grad(losses.sum(), list(params), allow_unused=True)
+        losses = loss_backward(adapter, batch, capture.outputs, fisher=fisher, seed=seed)
     for info in infos:
         if info.name not in capture.output_grads:
             a = capture.activations[info.name]
             capture.output_grads[info.name] = a.new_zeros(*a.shape[:-1], info.d_out)
-    return capture, losses.detach()
+    return capture, losses
+
+
+def loss_backward(
+    adapter: ModelAdapter,
+    batch: dict[str, torch.Tensor],
+    outputs: Sequence[torch.Tensor],
+    *,
+    fisher: str = "empirical",
+    seed: int = 0,
+) -> torch.Tensor:
+    """Forward of a batch and backward of its summed training loss to ``outputs`` (the tensors whose gradient
+    hooks the capture installed); returns the per-row losses ``[B]`` (detached).
+
+    When the adapter can split off its output head, the loss is computed a few rows at a time from the head's
+    input (at most ``HEAD_CHUNK_ELEMENTS`` logits at once), so ``[B, T, vocab]`` logits never exist together.
+    """
+    device = adapter.device
+    input_ids = batch["input_ids"].to(device)
+    attention = batch["attention_mask"].to(device)
+    loss_mask = batch["loss_mask"].to(device)
+    index = batch["index"]
+    split = adapter.hidden_and_head(input_ids, attention)
+    if split is None:
+        logits = adapter.logits(input_ids, attention)
+        targets = input_ids
+        if fisher == "true":
+            targets = sample_targets(logits.detach(), input_ids, loss_mask, index, seed)
+        losses = sequence_losses(logits, targets, loss_mask)
+        _backward_to(losses.sum(), outputs)
+        return losses.detach()
+    hidden, head = split
+    n_rows, length = input_ids.shape
+    rows_per_chunk = max(1, HEAD_CHUNK_ELEMENTS // max(1, length * _vocab_size(head)))
+    hidden_grad = torch.zeros_like(hidden) if hidden.requires_grad else None
+    losses = []
+    for start in range(0, n_rows, rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        piece = hidden[rows].detach().requires_grad_(hidden_grad is not None)
+        logits = head(piece)
+        targets = input_ids[rows]
+        if fisher == "true":
+            targets = sample_targets(logits.detach(), targets, loss_mask[rows], index[rows], seed)
+        chunk = sequence_losses(logits, targets, loss_mask[rows])
+        if hidden_grad is not None:
+            (hidden_grad[rows],) = torch.autograd.grad(chunk.sum(), piece)
+        losses.append(chunk.detach())
+        del logits
+    if hidden_grad is not None:
+        _backward_to(hidden, outputs, hidden_grad)
+    return torch.cat(losses)
+
+
+def _vocab_size(head: Any) -> int:
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else 1
+
+
+def _backward_to(value: torch.Tensor, outputs: Sequence[torch.Tensor], grad: torch.Tensor | None = None) -> None:
+    """Backpropagate ``value`` down to ``outputs`` only (their gradient hooks fire; nothing below them runs)."""
+    if not outputs or not value.requires_grad:
+        return
+    torch.autograd.grad(value, list(outputs), grad_outputs=grad, allow_unused=True)
 
 
 def folded_activations(capture: WeightCapture, info: WeightInfo, attention: torch.Tensor) -> torch.Tensor:
@@ -114,6 +195,74 @@ def fit_fingerprints(adapter: ModelAdapter, data: Sequence[Any], config: FactorC
     return {"model": adapter.fingerprint(), "data": data_fingerprint(data), "config": config_fingerprint(config, names)}
 
 
+def weight_shapes(infos: Sequence[WeightInfo]) -> list[WeightShape]:
+    """The budget's view of tracked weights (bias folded into ``d_in``; q/k/v and gate/up share an input)."""
+    return [WeightShape(i.name, i.d_in + int(i.has_bias), i.d_out, shared_input_key(i.name, i.has_bias)) for i in infos]
+
+
+def adapter_model_shape(adapter: ModelAdapter) -> ModelShape:
+    """Sizes of the adapter's model for the activation estimate."""
+    infos = adapter.tracked_weights()
+    d_ff = max((max(i.d_in, i.d_out) for i in infos), default=adapter.d_model)
+    params = list(adapter.model.parameters())
+    vocab = 1
+    head = getattr(adapter.model, "get_output_embeddings", lambda: None)()
+    if head is not None and getattr(head, "weight", None) is not None:
+        vocab = int(head.weight.shape[0])
+    return ModelShape(n_layers=adapter.n_layers, d_model=adapter.d_model, d_ff=d_ff, vocab=vocab,
+                      n_params=sum(p.numel() for p in params), param_bytes=params[0].element_size() if params else 4)
+
+
+def plan_fit_partitions(
+    adapter: ModelAdapter,
+    infos: Sequence[WeightInfo],
+    config: FactorConfig,
+    max_memory: int | None,
+    *,
+    batch_rows: int,
+    row_tokens: int,
+    on_disk: bool = False,
+) -> list[list[str]]:
+    """Weight names per partition so that the process stays under ``max_memory`` bytes: what is left after the
+    process's current resident memory (model included), one batch's activations and the largest eigendecomposition's
+    work space goes to the factors (``on_disk``: finished eigendecompositions and results go to files). ``None``:
+    one partition."""
+    shapes = weight_shapes(infos)
+    if max_memory is None:
+        return [[w.name for w in shapes]]
+    import psutil
+
+    resident = psutil.Process().memory_info().rss
+    activations = activation_bytes(adapter_model_shape(adapter), batch_rows, row_tokens, head_chunk_elements=HEAD_CHUNK_ELEMENTS)
+    workspace = eigen_workspace_bytes(shapes, config)
+    budget = max_memory - resident - activations - workspace
+    if budget <= 0:
+        raise ValueError(f"max_memory (--max-memory) {format_size(max_memory)} is too small: the process already holds "
+                         f"{format_size(resident)} (model included), a batch of {batch_rows} rows x {row_tokens} tokens "
+                         f"needs about {format_size(activations)} and the largest eigendecomposition "
+                         f"{format_size(workspace)}; raise it or lower the batch size / max length")
+    try:
+        parts = partitions(shapes, budget, config, on_disk=on_disk)
+    except ValueError as err:
+        raise ValueError(f"max_memory (--max-memory) {format_size(max_memory)} is too small: {err} "
+                         f"(after {format_size(resident)} resident, {format_size(activations)} of activations and "
+                         f"{format_size(workspace)} of eigendecomposition work space)") from None
+    return [[w.name for w in part] for part in parts]
+
+
+def sample_rows(data: Sequence[Any], n: int | None, seed: int = 0) -> Sequence[Any]:
+    """A seeded sample of ``n`` rows of ``data`` kept in their original order (all of them when ``n`` is None or
+    not smaller than ``len(data)``)."""
+    if n is None or n >= len(data):
+        return data
+    if n < 1:
+        raise ValueError(f"the number of rows to sample must be positive, got {n}")
+    import random
+
+    keep = sorted(random.Random(seed).sample(range(len(data)), n))
+    return [data[i] for i in keep]
+
+
 def fit_factors(
     adapter: ModelAdapter,
     data: Sequence[Any],
@@ -126,149 +275,563 @@ def fit_factors(
     overwrite: bool = False,
     progress: bool = True,
     max_batches: int | None = None,
+    max_memory: int | str | None = None,
+    load_result: bool = True,
+    provenance: dict[str, Any] | None = None,
 ) -> Factors | None:
     """Fit the curvature factors of ``weights`` (default: every tracked weight) on tokenised training rows.
 
-    ``data``: a ``TokenizedDataset`` (or a sequence of ``TokenizedRow``). ``out_dir``: save the factors there
-    (folder with ``manifest.json`` and ``factors.safetensors``); an existing complete fit with the same fingerprints
-    is loaded instead of refitted, one with different fingerprints is an error unless ``overwrite``.
-    ``max_batches``: stop after that many batches in this call, leaving a resumable partial state (for tests and
-    time-limited jobs); returns ``None`` in that case.
+    ``data``: a ``TokenizedDataset`` (or a sequence of ``TokenizedRow``): the rows the factors are fitted on (a
+    sample of the scoring set is fine, see ``sample_rows``; the data fingerprint records which). ``out_dir``: save
+    the factors there (folder with ``manifest.json`` and ``factors.safetensors``); an existing complete fit with
+    the same fingerprints is loaded instead of refitted, one with different fingerprints is an error unless
+    ``overwrite``. ``max_batches``: stop after that many batches in this call, leaving a resumable partial state
+    (for tests and time-limited jobs); returns ``None`` in that case.
+
+    ``max_memory`` (bytes or ``"3GiB"``): bound the process's peak by fitting the weights in module partitions,
+    several passes over the data each over a subset of the weights (same factors as one pass). With ``out_dir``
+    each finished partition goes to disk; ``load_result=False`` then returns ``None`` instead of loading every
+    partition back (the CLI's way of keeping the peak). Covariance matrices (``activation_covariance``...) are kept
+    in the result only for a fit in one partition.
+
+    Under ``torch.distributed`` (initialised by the caller, e.g. ``torchrun``) every rank passes the same ``data``
+    and fits its contiguous share of the rows; the sums are all-reduced, every rank gets the same factors and rank 0
+    writes ``out_dir``. ``provenance``: how ``data`` was chosen when it is not the set to be scored (recorded in
+    the factor files; scoring another set with them is then allowed and noted). Mid-pass checkpoints are then off (a restarted job refits). Two fits into one ``out_dir``
+    take turns (a folder lock); the second then finds the first one's factors.
     """
-    from concept_influence.data.tokenize import iter_batches
+    from concept_influence.data.tokenize import untrainable_rows
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if len(data) == 0:
+        raise ValueError("no training rows to fit factors on")
+    untrainable_rows(data)  # a row whose whole answer is truncated away is an error (leave such rows out first)
     infos = adapter.tracked_weights() if weights is None else [adapter.weight_info(n) for n in weights]
     names = [i.name for i in infos]
     if not names:
         raise ValueError("no weights to fit factors for")
     fingerprints = fit_fingerprints(adapter, data, config, names)
     folder = Path(out_dir) if out_dir is not None else None
+    if folder is not None and folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: is a file, but factors are kept in a folder (--factors / --out)")
+    limit = parse_size(max_memory) if max_memory is not None else None
+    rank, _ = _dist_info()
+    lock = folder_lock(folder, what="factors folder") if folder is not None and rank == 0 else contextlib.nullcontext()
+    with lock:
+        return _fit(adapter, data, config, infos, fingerprints, folder, limit, batch_size=batch_size,
+                    checkpoint_every=checkpoint_every, overwrite=overwrite, progress=progress, max_batches=max_batches,
+                    load_result=load_result, provenance=dict(provenance or {}))
 
-    state: dict[str, Any] = {"stage": "covariance", "rows_done": 0, "n_tokens": 0, "n_rows": 0}
-    sums: dict[str, torch.Tensor] = {}
+
+def _fit(
+    adapter: ModelAdapter,
+    data: Sequence[Any],
+    config: FactorConfig,
+    infos: Sequence[WeightInfo],
+    fingerprints: dict[str, str],
+    folder: Path | None,
+    limit: int | None,
+    *,
+    batch_size: int,
+    checkpoint_every: int | None,
+    overwrite: bool,
+    progress: bool,
+    max_batches: int | None,
+    load_result: bool,
+    provenance: dict[str, Any],
+) -> Factors | None:
+    names = [i.name for i in infos]
+    rank, world = _dist_info()
     if folder is not None:
-        if (folder / "manifest.json").exists():
+        if rank == 0:
+            remove_stale_temps(folder)  # temp files of a killed fit (we hold the folder's lock: no live writer)
+        if has_factors(folder):
             saved = read_manifest(folder)["fingerprints"]
             if saved == fingerprints:
                 logger.info("factors in %s match this model, data and config: loading them", folder)
+                clear_partial(folder)  # left by a fit killed after saving its factors
+                if not load_result:
+                    return None
                 return load_factors(folder, model_fingerprint=fingerprints["model"], data_fingerprint=fingerprints["data"])
             if not overwrite:
                 check_fingerprints(saved, fingerprints, f"the factors in {folder}")
         if overwrite:
             clear_partial(folder)
-        partial = load_partial(folder, fingerprints)
+            _clear_parts(folder)
+
+    longest = max((len(row.input_ids) for row in data), default=1)
+    on_disk = folder is not None and limit is not None  # a bounded fit on disk spills each result as it is done
+    parts = plan_fit_partitions(adapter, infos, config, limit, batch_rows=min(batch_size, max(len(data), 1)),
+                                row_tokens=longest, on_disk=on_disk)
+    if len(parts) > 1:
+        logger.info("fitting %d weights in %d partitions to stay under %s", len(names), len(parts), format_size(limit or 0))
+    spill = folder / "parts" if on_disk else None
+    if limit is not None:
+        _return_freed_memory()
+    by_name = {i.name: i for i in infos}
+    lambda_rows = sample_rows(data, config.lambda_rows, config.seed) if config.lambda_rows else data
+    share = _shard(data, rank, world)
+    lambda_share = _shard(lambda_rows, rank, world)
+    checkpoints = folder if (folder is not None and world == 1) else None
+
+    done_parts: list[int] = []
+    sources: dict[str, list[str]] = {}  # output tensor -> [file in parts/, tensor in it] (partitioned fits on disk)
+    totals = {"n_tokens": 0, "n_rows": 0}
+    state: dict[str, Any] = {}
+    sums: dict[str, torch.Tensor] = {}
+    if checkpoints is not None:
+        partial = load_partial(checkpoints, fingerprints)
         if partial is not None:
             state, sums = partial[0], dict(partial[1])
-            logger.info("resuming the %s pass of the fit in %s after %d rows", state["stage"], folder, state["rows_done"])
+            if state.get("partitions", [names]) != parts:
+                raise FactorMismatchError(f"the partial fit in {folder} was split into other partitions (another "
+                                          "--max-memory or batch size); resume with the same settings or --overwrite")
+            done_parts = list(state.get("done_parts", []))
+            sources = dict(state.get("sources", {}))
+            totals = dict(state.get("totals", totals))
+            logger.info("resuming partition %d, %s pass, after %d rows", state.get("part", 0), state["stage"], state["rows_done"])
 
-    stats_dtype = config.torch_dtype
-    eigens: dict[str, tuple[Eigen, Eigen]] = {}
-    batches_left = [max_batches if max_batches is not None else -1]
-    busy = [False]
+    results: dict[str, WeightFactors] = {}
+    for k, part in enumerate(parts):
+        if k in done_parts:
+            continue
+        if state.get("part", k) != k or "stage" not in state:
+            state, sums = {}, {}
+        if not state:
+            state = {"part": k, "stage": "covariance", "rows_done": 0, "n_tokens": 0, "n_rows": 0, "shared": {}, "eigen_files": {}}
+        fitter = _PartitionFit(adapter, [by_name[n] for n in part], config, state, sums,
+                               keep_covariances=spill is None and len(parts) == 1,
+                               spill=spill, part=k, write=rank == 0)
 
-    def checkpoint() -> None:
-        if folder is not None:
-            save_partial(folder, {**state, "fingerprints": fingerprints}, sums)
+        def checkpoint(fitter: _PartitionFit = fitter, totals: dict[str, int] = totals) -> None:
+            if checkpoints is not None:
+                save_partial(checkpoints, {**fitter.state, "fingerprints": fingerprints, "partitions": parts,
+                                           "done_parts": done_parts, "totals": totals, "sources": sources}, fitter.sums)
 
-    def run_pass(stage: str, step) -> bool:
-        """Iterate the rows not yet done in ``stage``; False if stopped early by ``max_batches``."""
-        rows = data[state["rows_done"]:] if state["rows_done"] else data
-        n_batches = (len(rows) + batch_size - 1) // batch_size
-        done_batches = 0
-        with tqdm(total=len(data), initial=state["rows_done"], desc=f"factors: {stage}", unit="row", disable=not progress) as bar:
-            try:
-                for batch in iter_batches(rows, batch_size, pad_id=getattr(data, "pad_token_id", 0)):
-                    if batches_left[0] == 0:
+        finished = fitter.run(share, lambda_share, batch_size=batch_size, data_size=len(data), checkpoint=checkpoint,
+                              checkpoint_every=checkpoint_every, max_batches=max_batches, progress=progress, world=world,
+                              label=f" ({k + 1}/{len(parts)})" if len(parts) > 1 else "")
+        if not finished:
+            return None
+        if max_batches is not None:
+            max_batches -= fitter.batches_run
+        totals = {"n_tokens": int(fitter.state["n_tokens"]), "n_rows": int(fitter.state["n_rows"])}
+        if spill is not None:
+            sources.update(fitter.spill_result())
+            fitter.sums.clear()
+            _return_freed_memory()
+        else:
+            part_factors = fitter.result()
+            check_factors_finite(Factors(part_factors, config), "fit-factors (result)")
+            results.update(part_factors)
+        done_parts.append(k)
+        state, sums = {}, {}
+        if spill is not None and checkpoints is not None:
+            save_partial(checkpoints, {"part": k + 1, "fingerprints": fingerprints, "partitions": parts,
+                                       "done_parts": done_parts, "totals": totals, "sources": sources}, {})
+        del fitter
+
+    n_rows = totals["n_rows"] if config.needs_per_example_pass else len(data)
+    meta = Factors({}, config, n_rows=n_rows, n_tokens=int(totals["n_tokens"]), fingerprints=fingerprints,
+                   provenance=provenance)
+    if folder is not None and rank == 0:
+        if spill is not None:
+            weights = [(n, by_name[n].d_out, by_name[n].d_in + int(by_name[n].has_bias)) for n in names]
+            save_factor_parts(meta, weights, {key: (spill / file, inner) for key, (file, inner) in sources.items()}, folder,
+                              partitions=len(parts))
+            _clear_parts(folder)
+        else:
+            save_factors(Factors({n: results[n] for n in names}, config, meta.n_rows, meta.n_tokens, fingerprints, provenance), folder)
+        clear_partial(folder)
+    if world > 1 and folder is not None:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 has written the folder
+    if folder is not None and not load_result:
+        return None
+    if spill is not None:
+        return load_factors(folder)
+    return Factors({n: results[n] for n in names}, config, n_rows=meta.n_rows, n_tokens=meta.n_tokens, fingerprints=fingerprints,
+                   provenance=provenance)
+
+
+class _PartitionFit:
+    """The passes over the data for one partition of the weights: covariances (accumulated inside the capture
+    hooks, one shared input once), eigendecompositions one weight at a time, then Λ and the diagonal from
+    per-example gradients formed a few examples at a time."""
+
+    def __init__(self, adapter: ModelAdapter, infos: Sequence[WeightInfo], config: FactorConfig, state: dict[str, Any],
+                 sums: dict[str, torch.Tensor], *, keep_covariances: bool, spill: Path | None = None, part: int = 0,
+                 write: bool = True) -> None:
+        self.adapter, self.infos, self.config = adapter, list(infos), config
+        self.state, self.sums = state, sums
+        self.keep_covariances = keep_covariances
+        self.spill, self.part, self.write = spill, part, write  # eigendecompositions and results go to spill/
+        self.dtype = config.torch_dtype
+        self.eigens: dict[str, Eigen] = {}
+        self.bases: dict[str, torch.Tensor] = {}
+        self.batches_run = 0
+        self._by_name = {i.name: i for i in self.infos}
+        self._seen: list[tuple[torch.Tensor, str, bool]] = []
+        self._stash: dict[str, torch.Tensor] = {}
+        self._got: set[str] = set()
+        self._mask: torch.Tensor | None = None
+        self._index: torch.Tensor | None = None
+
+    # ---- the hooks ---------------------------------------------------------------------------------------------
+    def _owner(self, name: str, a: torch.Tensor) -> str:
+        """The first weight of this batch that read the same input tensor (``name`` itself if none)."""
+        bias = self._by_name[name].has_bias
+        for other, owner, other_bias in self._seen:
+            if (other_bias == bias and other.data_ptr() == a.data_ptr() and other.shape == a.shape
+                    and other.stride() == a.stride()):
+                return owner
+        self._seen.append((a, name, bias))
+        return name
+
+    def _folded(self, name: str, a: torch.Tensor) -> torch.Tensor:
+        mask = self._mask.to(device=a.device, dtype=self.dtype)
+        a = a.to(self.dtype) * mask.unsqueeze(-1)
+        return fold_bias(a, mask) if self._by_name[name].has_bias else a
+
+    def _check(self, tensor: torch.Tensor, what: str, name: str) -> None:
+        stage = "covariance" if self.state["stage"] == "covariance" else "eigenvalue-correction"
+        check_finite(tensor, f"fit-factors ({stage} pass): {what} of {name}", self._index)
+
+    def _covariance_activation(self, name: str, a: torch.Tensor) -> None:
+        self._check(a, "input activations", name)
+        owner = self._owner(name, a)
+        self.state["shared"][name] = owner
+        if owner == name:
+            _add(self.sums, f"{name}/A", masked_covariance_sum(self._folded(name, a)))
+
+    def _covariance_grad(self, name: str, g: torch.Tensor) -> None:
+        self._once(name)
+        self._check(g, "output gradients", name)
+        mask = self._mask.to(g.device)
+        _add(self.sums, f"{name}/S", masked_covariance_sum(g.to(self.dtype), mask))
+
+    def _lambda_activation(self, name: str, a: torch.Tensor) -> None:
+        self._check(a, "input activations", name)
+        owner = self._owner(name, a)
+        self._stash[name] = self._stash[owner] if owner != name else self._folded(name, a)
+
+    def _lambda_grad(self, name: str, g: torch.Tensor) -> None:
+        self._once(name)
+        self._check(g, "output gradients", name)
+        a = self._stash.pop(name)
+        g = g.to(self.dtype) * self._mask.to(device=g.device, dtype=self.dtype).unsqueeze(-1)
+        info = self._by_name[name]
+        per_example = info.d_out * (info.d_in + int(info.has_bias)) * self.dtype.itemsize
+        step = max(1, _LAMBDA_CHUNK_BYTES // max(1, 3 * per_example))
+        ekfac = self.config.preconditioner == "ekfac"
+        if ekfac:
+            q_s, q_a = self.bases[f"{name}/S"], self.bases[f"{self.state['shared'].get(name, name)}/A"]
+        for start in range(0, g.shape[0], step):
+            g_c, a_c = g[start:start + step], a[start:start + step]
+            grads = per_example_gradients(a_c, g_c)  # [c, d_out, d_in']
+            _add(self.sums, f"{name}/diag", grads.square().sum(dim=0))
+            del grads
+            if ekfac:  # rotate the per-token vectors first: Q_Sᵀ G Q_A = Σ_t (Q_Sᵀ g_t)(Q_Aᵀ a_t)ᵀ
+                rotated = per_example_gradients(a_c @ q_a, g_c @ q_s)
+                _add(self.sums, f"{name}/lambda", rotated.square().sum(dim=0))
+                del rotated
+
+    def _once(self, name: str) -> None:
+        if name in self._got:
+            raise RuntimeError(f"{name}: its output received two gradients in one backward pass (the module is "
+                               "called twice); this fit cannot stream its statistics")
+        self._got.add(name)
+
+    # ---- the passes --------------------------------------------------------------------------------------------
+    def _batch(self, batch: dict[str, torch.Tensor], on_activation, on_output_grad) -> None:
+        self._mask, self._index = batch["attention_mask"], batch["index"]
+        self._seen, self._stash, self._got = [], {}, set()
+        try:
+            with self.adapter.capture_weights([i.name for i in self.infos], on_activation=on_activation,
+                                              on_output_grad=on_output_grad) as capture:
+                loss_backward(self.adapter, batch, capture.outputs, fisher=self.config.fisher, seed=self.config.seed)
+        finally:
+            self._seen, self._stash = [], {}
+
+    def run(self, share: Sequence[Any], lambda_share: Sequence[Any], *, batch_size: int, data_size: int, checkpoint,
+            checkpoint_every: int | None, max_batches: int | None, progress: bool, world: int, label: str) -> bool:
+        """All passes of the partition; False if stopped early by ``max_batches`` (state checkpointed)."""
+        from concept_influence.data.tokenize import iter_batches
+
+        state = self.state
+        budget = [max_batches if max_batches is not None else -1]
+
+        def run_pass(stage: str, rows: Sequence[Any], step) -> bool:
+            todo = rows[state["rows_done"]:] if state["rows_done"] else rows
+            n_batches = (len(todo) + batch_size - 1) // batch_size
+            done = 0
+            busy = False
+            with tqdm(total=len(rows), initial=state["rows_done"], desc=f"factors: {stage}{label}", unit="row",
+                      disable=not progress) as bar:
+                try:
+                    for batch in iter_batches(todo, batch_size, pad_id=getattr(share, "pad_token_id", 0)):
+                        if budget[0] == 0:
+                            checkpoint()
+                            return False
+                        busy = True  # the running sums are inconsistent until the row count is updated
+                        with _deferred_interrupts() as pending:  # Ctrl-C / SIGTERM wait for the batch to finish
+                            step(batch)
+                            state["rows_done"] += int(batch["input_ids"].shape[0])
+                        busy = False
+                        if pending:
+                            checkpoint()
+                            raise pending[0]
+                        bar.update(int(batch["input_ids"].shape[0]))
+                        done += 1
+                        self.batches_run += 1
+                        budget[0] -= 1
+                        if checkpoint_every and done % checkpoint_every == 0 and done < n_batches:
+                            checkpoint()
+                except KeyboardInterrupt:
+                    if not busy:
                         checkpoint()
-                        return False
-                    n = int(batch["input_ids"].shape[0])
-                    busy[0] = True  # the running sums are inconsistent until the row count is updated
-                    step(batch)
-                    state["rows_done"] += n
-                    busy[0] = False
-                    bar.update(n)
-                    done_batches += 1
-                    batches_left[0] -= 1
-                    if checkpoint_every and done_batches % checkpoint_every == 0 and done_batches < n_batches:
-                        checkpoint()
-            except KeyboardInterrupt:
-                if not busy[0]:  # interrupted inside a batch: keep the last consistent checkpoint instead
-                    checkpoint()
-                raise
+                    raise
+            return True
+
+        with gradient_mode(self.adapter, self.infos):
+            if self.config.needs_covariances and state["stage"] == "covariance":
+                def covariance_step(batch: dict[str, torch.Tensor]) -> None:
+                    self._batch(batch, self._covariance_activation, self._covariance_grad)
+                    state["n_tokens"] += int(batch["attention_mask"].sum())
+
+                if not run_pass("covariance", share, covariance_step):
+                    return False
+                self._all_reduce_sums(("/A", "/S"), "n_tokens", world)
+                state.update(stage="eigen", rows_done=0)
+                checkpoint()
+            if self.config.needs_covariances:
+                self._eigendecompose()
+            if self.config.needs_per_example_pass:
+                if state["stage"] in ("covariance", "eigen"):
+                    state.update(stage="lambda", rows_done=0, n_rows=0)
+
+                def lambda_step(batch: dict[str, torch.Tensor]) -> None:
+                    self._batch(batch, self._lambda_activation, self._lambda_grad)
+                    state["n_rows"] += int(batch["input_ids"].shape[0])
+
+                if not run_pass("lambda", lambda_share, lambda_step):
+                    return False
+                self._all_reduce_sums(("/diag", "/lambda"), "n_rows", world)
+            else:
+                state["n_rows"] = data_size
+        self.bases.clear()
         return True
 
-    with gradient_mode(adapter, infos) as params:
-        if config.needs_covariances and state["stage"] == "covariance":
-            def covariance_step(batch: dict[str, torch.Tensor]) -> None:
-                capture, _ = capture_loss_gradients(adapter, batch, infos, params, fisher=config.fisher, seed=config.seed)
-                attention = batch["attention_mask"]
-                state["n_tokens"] += int(attention.sum())
-                for info in infos:
-                    a = folded_activations(capture, info, attention).to(stats_dtype)
-                    g = capture.output_grads[info.name].to(stats_dtype)
-                    mask = attention.to(a.device)
-                    _add(sums, f"{info.name}/A", masked_covariance_sum(a, mask))
-                    _add(sums, f"{info.name}/S", masked_covariance_sum(g, mask))
+    def _all_reduce_sums(self, suffixes: tuple[str, ...], count: str, world: int) -> None:
+        if world == 1:
+            return
+        import torch.distributed as dist
 
-            if not run_pass("covariance", covariance_step):
-                return None
-            state.update(stage="eigen", rows_done=0)
-            checkpoint()
+        for key in sorted(k for k in self.sums if k.endswith(suffixes)):
+            dist.all_reduce(self.sums[key])
+        total = torch.tensor([float(self.state[count])], dtype=torch.float64)
+        dist.all_reduce(total)
+        self.state[count] = int(total.item())
 
-        if config.needs_covariances:
-            n_tokens = max(int(state["n_tokens"]), 1)
-            for name in names:
-                eigens[name] = (eigendecompose(sums[f"{name}/S"] / n_tokens), eigendecompose(sums[f"{name}/A"] / n_tokens))
+    def _eigendecompose(self) -> None:
+        """One matrix at a time: each float64 eigendecomposition moves to the CPU (or to a file in ``spill``) when
+        done; the eigenbases the Λ pass needs stay on the model's device in the statistics' dtype; a covariance sum
+        is freed once decomposed unless the result keeps the covariance matrices."""
+        from safetensors.torch import load_file
 
-        if config.needs_per_example_pass:
-            if state["stage"] in ("covariance", "eigen"):
-                state.update(stage="lambda", rows_done=0, n_rows=0)
+        n_tokens = max(int(self.state["n_tokens"]), 1)
+        files: dict[str, str] = self.state.setdefault("eigen_files", {})
+        for info in self.infos:
+            for key in (f"{self.state['shared'].get(info.name, info.name)}/A", f"{info.name}/S"):
+                if key in self.eigens or key in self.bases:
+                    continue
+                if self.spill is not None and key in files and (self.spill / files[key]).exists():  # resumed
+                    saved = load_file(str(self.spill / files[key]))
+                    eig = Eigen(saved["values"], saved["vectors"])
+                else:
+                    total = self.sums.get(key)
+                    if total is None:  # a weight never reached in this pass (no gradient): zero statistics
+                        d = info.d_out if key.endswith("/S") else info.d_in + int(info.has_bias)
+                        total = self.sums[key] = torch.zeros(d, d, dtype=self.dtype, device=self.adapter.device)
+                    eig = eigendecompose(total / n_tokens)
+                    check_finite(eig.vectors, f"fit-factors (result): eigendecomposition of {key}", hint="refit the factors")
+                    if self.spill is not None:
+                        files[key] = f"part-{self.part:04d}-eigen-{len(files):04d}.safetensors"
+                        if self.write:
+                            _save_tensors(self.spill / files[key], {"values": eig.values, "vectors": eig.vectors})
+                if self.config.needs_per_example_pass:
+                    self.bases[key] = eig.vectors.to(device=self.adapter.device, dtype=self.dtype)
+                if self.spill is None:
+                    self.eigens[key] = eig.to("cpu")
+                if not self.keep_covariances:
+                    self.sums.pop(key, None)
+                del eig
+                if self.spill is not None:
+                    _return_freed_memory()
 
-            def lambda_step(batch: dict[str, torch.Tensor]) -> None:
-                capture, _ = capture_loss_gradients(adapter, batch, infos, params, fisher=config.fisher, seed=config.seed)
-                state["n_rows"] += int(batch["input_ids"].shape[0])
-                for info in infos:
-                    a = folded_activations(capture, info, batch["attention_mask"]).to(stats_dtype)
-                    grads = per_example_gradients(a, capture.output_grads[info.name].to(stats_dtype))
-                    _add(sums, f"{info.name}/diag", grads.square().sum(dim=0))
-                    if info.name in eigens:
-                        s_eig, a_eig = eigens[info.name]
-                        q_s, q_a = s_eig.vectors.to(grads.device, stats_dtype), a_eig.vectors.to(grads.device, stats_dtype)
-                        _add(sums, f"{info.name}/lambda", eigenvalue_correction_sum(grads, q_s, q_a))
-                    del grads
+    def spill_result(self) -> dict[str, list[str]]:
+        """Write Λ and the diagonal (float64) to ``spill`` one weight at a time; returns where each output tensor of
+        this partition lies: ``{"blocks.0.attn.q/eigenvalue_correction": [file, tensor], ...}``."""
+        assert self.spill is not None
+        n_rows = max(int(self.state["n_rows"]), 1)
+        files = self.state.get("eigen_files", {})
+        out: dict[str, list[str]] = {}
+        for j, info in enumerate(self.infos):
+            if self.config.needs_covariances:
+                for fld, key in (("activation_eigen", f"{self.state['shared'].get(info.name, info.name)}/A"),
+                                 ("gradient_eigen", f"{info.name}/S")):
+                    out[f"{info.name}/{fld}values"] = [files[key], "values"]
+                    out[f"{info.name}/{fld}vectors"] = [files[key], "vectors"]
+            if self.config.needs_per_example_pass:
+                shape = (info.d_out, info.d_in + int(info.has_bias))
+                tensors = {"diagonal": (self.sums.pop(f"{info.name}/diag", torch.zeros(shape)) / n_rows).to("cpu", torch.float64)}
+                if self.config.preconditioner == "ekfac":
+                    tensors["eigenvalue_correction"] = (self.sums.pop(f"{info.name}/lambda", torch.zeros(shape)) / n_rows).to("cpu", torch.float64)
+                file = f"part-{self.part:04d}-weight-{j:04d}.safetensors"
+                check_finite(tensors["diagonal"], f"fit-factors (result): factors of {info.name} (diagonal)", hint="refit the factors")
+                if "eigenvalue_correction" in tensors:
+                    check_finite(tensors["eigenvalue_correction"], f"fit-factors (result): factors of {info.name} "
+                                 "(eigenvalue_correction)", hint="refit the factors")
+                if self.write:
+                    _save_tensors(self.spill / file, tensors)
+                for fld in tensors:
+                    out[f"{info.name}/{fld}"] = [file, fld]
+                del tensors
+        return out
 
-            if not run_pass("lambda", lambda_step):
-                return None
-        else:
-            state["n_rows"] = len(data)
+    def result(self) -> dict[str, WeightFactors]:
+        n_tokens = max(int(self.state["n_tokens"]), 1)
+        n_rows = max(int(self.state["n_rows"]), 1)
+        out: dict[str, WeightFactors] = {}
+        covariances: dict[str, torch.Tensor] = {}
 
-    n_tokens = max(int(state["n_tokens"]), 1)
-    n_rows = max(int(state["n_rows"]), 1)
-    out: dict[str, WeightFactors] = {}
-    for info in infos:
-        d_in = info.d_in + int(info.has_bias)
-        w = WeightFactors(d_out=info.d_out, d_in=d_in)
-        if config.needs_covariances:
-            w.activation_covariance = (sums[f"{info.name}/A"] / n_tokens).to(torch.float64)
-            w.gradient_covariance = (sums[f"{info.name}/S"] / n_tokens).to(torch.float64)
-            w.gradient_eigen, w.activation_eigen = eigens[info.name]
-        if config.needs_per_example_pass:
-            w.diagonal = (sums[f"{info.name}/diag"] / n_rows).to(torch.float64)
-            if config.preconditioner == "ekfac":
-                w.eigenvalue_correction = (sums[f"{info.name}/lambda"] / n_rows).to(torch.float64)
-        out[info.name] = w
-    factors = Factors(out, config, n_rows=int(state["n_rows"]), n_tokens=int(state["n_tokens"]), fingerprints=fingerprints)
-    if folder is not None:
-        save_factors(factors, folder)
-        clear_partial(folder)
-    return factors
+        def covariance(key: str) -> torch.Tensor:  # one float64 copy per shared input
+            if key not in covariances:
+                covariances[key] = (self.sums[key] / n_tokens).to("cpu", torch.float64)
+            return covariances[key]
+
+        for info in self.infos:
+            d_in = info.d_in + int(info.has_bias)
+            w = WeightFactors(d_out=info.d_out, d_in=d_in)
+            a_key = f"{self.state['shared'].get(info.name, info.name)}/A"
+            if self.config.needs_covariances:
+                if self.keep_covariances:
+                    w.activation_covariance = covariance(a_key)
+                    w.gradient_covariance = covariance(f"{info.name}/S")
+                w.gradient_eigen, w.activation_eigen = self.eigens[f"{info.name}/S"], self.eigens[a_key]
+            if self.config.needs_per_example_pass:
+                shape = (info.d_out, d_in)
+                w.diagonal = (self.sums.get(f"{info.name}/diag", torch.zeros(shape)) / n_rows).to("cpu", torch.float64)
+                if self.config.preconditioner == "ekfac":
+                    w.eigenvalue_correction = (self.sums.get(f"{info.name}/lambda", torch.zeros(shape)) / n_rows).to("cpu", torch.float64)
+            out[info.name] = w
+        return out
+
+
+_LAMBDA_CHUNK_BYTES = 64 * 1024**2  # per-example gradients formed at a time in the Λ pass
+
+
+@contextlib.contextmanager
+def _deferred_interrupts() -> Iterator[list[BaseException]]:
+    """Within the block, SIGINT and SIGTERM are recorded instead of raised (the hooks fold each batch into the
+    running sums, which stay consistent only once the batch is done); the caller raises the recorded interrupt
+    (``KeyboardInterrupt``, or ``signals.Terminated`` for SIGTERM) after saving. Main thread only; a no-op elsewhere."""
+    import signal
+    import threading
+
+    pending: list[BaseException] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
+    from concept_influence.signals import Terminated
+
+    def record(signum: int, _frame: Any) -> None:
+        if not pending:
+            pending.append(Terminated(f"received signal {signum}") if signum == signal.SIGTERM else KeyboardInterrupt())
+
+    previous = {sig: signal.signal(sig, record) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield pending
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def check_factors_finite(factors: Factors, stage: str) -> None:
+    """Every tensor of every weight's factors must be finite (error names the weight and the tensor)."""
+    for name, w in factors.weights.items():
+        tensors = {"eigenvalue_correction": w.eigenvalue_correction, "diagonal": w.diagonal}
+        for fld in ("activation_eigen", "gradient_eigen"):
+            eig = getattr(w, fld)
+            if eig is not None:
+                tensors[f"{fld}values"], tensors[f"{fld}vectors"] = eig.values, eig.vectors
+        for key, value in tensors.items():
+            if value is not None:
+                check_finite(value, f"{stage}: factors of {name} ({key})", hint="refit the factors")
+
+
+_MALLOC_READY: list[bool] = []
+
+
+def _return_freed_memory() -> None:
+    """Give freed memory back to the OS (glibc only; a no-op elsewhere), so that the resident size a memory bound
+    is about follows what is live: large tensors are served by ``mmap`` (a fixed 1 MiB threshold instead of
+    glibc's growing one, which keeps freed blocks of up to 32 MiB in the heap) and the heap is trimmed."""
+    import ctypes
+    import gc
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        if not _MALLOC_READY:
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+            _MALLOC_READY.append(True)
+        gc.collect()
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        return
+
+
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shard(rows: Sequence[Any], rank: int, world: int) -> Sequence[Any]:
+    """Rank ``rank``'s contiguous share of ``rows``."""
+    if world == 1:
+        return rows
+    n = len(rows)
+    return rows[rank * n // world:(rank + 1) * n // world]
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+def _clear_parts(folder: Path) -> None:
+    parts = folder / "parts"
+    if parts.is_dir():
+        for file in parts.iterdir():
+            file.unlink()
+        parts.rmdir()
 
 
 def _add(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
     value = value.detach()
     if key in sums:
-        sums[key] = sums[key].to(value.device) + value
+        sums[key] = sums[key].to(value.device)
+        sums[key] += value
     else:
         sums[key] = value.clone()

@@ -1,4 +1,5 @@
-"""Factor files: ``factors.safetensors`` + ``manifest.json`` in a folder, and the partial state of an interrupted fit.
+"""Factor files: ``factors.safetensors`` (+ a readable ``manifest.json``) in a folder, and the partial state of an
+interrupted fit.
 
 The manifest records fingerprints of the model's parameters, of the tokenised data and of the fit config (plus
 the weight list). Loading factors against a different model or data raises ``FactorMismatchError``: factors are
@@ -9,7 +10,12 @@ never reused silently. Layout of the folder::
     factors.safetensors    "{weight}/activation_eigenvalues", ".../activation_eigenvectors",
                            ".../gradient_eigenvalues", ".../gradient_eigenvectors",
                            ".../eigenvalue_correction", ".../diagonal"   (those the fit produced)
-    partial.json / partial.safetensors   running sums of an unfinished fit (deleted once it completes)
+    partial.safetensors    running sums of an unfinished fit, its state (JSON) in the file's metadata (deleted
+                           once the fit completes)
+
+Each artifact is one atomic file: ``factors.safetensors`` carries the manifest in its metadata (``manifest.json``
+is a copy written after it, for people; the file's copy wins), and a checkpoint's state travels in the same file as
+its sums, so a kill at any moment leaves either the old or the new version, never a mix that double-counts rows.
 """
 
 from __future__ import annotations
@@ -22,17 +28,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.eigen import Eigen
 from concept_influence.curvature.factors import Factors, WeightFactors
+from concept_influence.data.atomic import atomic_file, write_json_atomic
+from concept_influence.numerics import check_finite
 
 FORMAT = "concept_influence.factors/1"
 MANIFEST = "manifest.json"
 FACTORS_FILE = "factors.safetensors"
-PARTIAL_MANIFEST = "partial.json"
+PARTIAL_MANIFEST = "partial.json"  # written by older versions next to the sums; only removed now
 PARTIAL_FILE = "partial.safetensors"
+_META_KEY = "concept_influence"
 
 _EIGEN_FIELDS = ("activation_eigen", "gradient_eigen")
 _TENSOR_FIELDS = ("eigenvalue_correction", "diagonal")
@@ -73,36 +83,31 @@ def check_fingerprints(found: Mapping[str, str], expected: Mapping[str, str | No
         )
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """One file: the tensors plus ``meta`` (JSON) in the safetensors header, renamed into place."""
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
 
 
-def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+def _file_meta(path: Path) -> dict[str, Any] | None:
+    """The JSON this module stored in a safetensors header (None for files written without it)."""
+    with safe_open(str(path), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get(_META_KEY)
+    return None if raw is None else json.loads(raw)
+
+
+def has_factors(path: str | os.PathLike) -> bool:
+    """Whether the folder holds a complete factor fit."""
+    return (Path(path) / FACTORS_FILE).exists() or (Path(path) / MANIFEST).exists()
 
 
 def save_factors(factors: Factors, path: str | os.PathLike) -> Path:
     """Write ``factors`` to the folder ``path`` (created); returns it."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    weights: list[dict[str, Any]] = []
-    for name, w in factors.weights.items():
-        weights.append({"name": name, "d_out": w.d_out, "d_in": w.d_in})
-        for fld in _EIGEN_FIELDS:
-            eig = getattr(w, fld)
-            if eig is not None:
-                tensors[f"{name}/{fld}values"] = eig.values
-                tensors[f"{name}/{fld}vectors"] = eig.vectors
-        for fld in _TENSOR_FIELDS:
-            value = getattr(w, fld)
-            if value is not None:
-                tensors[f"{name}/{fld}"] = value
-    _atomic_tensors(folder / FACTORS_FILE, tensors)
+    tensors = factor_tensors(factors.weights)
+    weights = [{"name": name, "d_out": w.d_out, "d_in": w.d_in} for name, w in factors.weights.items()]
     manifest = {
         "format": FORMAT,
         "fingerprints": dict(factors.fingerprints),
@@ -111,17 +116,23 @@ def save_factors(factors: Factors, path: str | os.PathLike) -> Path:
         "n_rows": factors.n_rows,
         "n_tokens": factors.n_tokens,
         "available": factors.available(),
+        "provenance": dict(factors.provenance),
     }
-    _atomic_json(folder / MANIFEST, manifest)
+    _atomic_tensors(folder / FACTORS_FILE, tensors, manifest)  # the artifact: complete once this rename is done
+    write_json_atomic(folder / MANIFEST, manifest)
     return folder
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of the factors in a folder (from ``factors.safetensors``'s header; ``manifest.json`` for
+    files written by older versions)."""
     folder = Path(path)
     file = folder / MANIFEST
-    if not file.exists():
-        raise FileNotFoundError(f"no factors at {folder} (missing {MANIFEST}); fit them with fit-factors")
-    manifest = json.loads(file.read_text(encoding="utf-8"))
+    manifest = _file_meta(folder / FACTORS_FILE) if (folder / FACTORS_FILE).exists() else None
+    if manifest is None:
+        if not file.exists():
+            raise FileNotFoundError(f"no factors at {folder} (missing {FACTORS_FILE}); fit them with fit-factors")
+        manifest = json.loads(file.read_text(encoding="utf-8"))
     if manifest.get("format") != FORMAT:
         raise FactorMismatchError(f"{file}: unknown format {manifest.get('format')!r} (expected {FORMAT!r})")
     return manifest
@@ -155,35 +166,128 @@ def load_factors(
             if f"{name}/{fld}" in tensors:
                 setattr(w, fld, tensors[f"{name}/{fld}"])
         weights[name] = w
+    for key, value in tensors.items():
+        check_finite(value, f"loading factors from {folder}: {key}", hint="the file is damaged; refit the factors")
     return Factors(
         weights=weights,
         config=FactorConfig.from_dict(manifest["config"]),
         n_rows=int(manifest.get("n_rows", 0)),
         n_tokens=int(manifest.get("n_tokens", 0)),
         fingerprints=dict(manifest["fingerprints"]),
+        provenance=dict(manifest.get("provenance") or {}),
     )
 
 
 def save_partial(path: str | os.PathLike, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Save an unfinished fit: ``state`` (JSON: fingerprints, stage, rows done, counts) and its running sums."""
+    """Save an unfinished fit: ``state`` (JSON: fingerprints, stage, rows done, counts) and its running sums, in one
+    file (the state in its header), so the two always belong together."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_tensors(folder / PARTIAL_FILE, tensors)
-    _atomic_json(folder / PARTIAL_MANIFEST, {"format": FORMAT, **state})
+    _atomic_tensors(folder / PARTIAL_FILE, tensors, {"format": FORMAT, **state})
 
 
 def load_partial(path: str | os.PathLike, fingerprints: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
     """The partial state in ``path`` (or None); raises ``FactorMismatchError`` if it belongs to another fit."""
     folder = Path(path)
-    file = folder / PARTIAL_MANIFEST
-    if not file.exists() or not (folder / PARTIAL_FILE).exists():
+    if not (folder / PARTIAL_FILE).exists():
         return None
-    state = json.loads(file.read_text(encoding="utf-8"))
+    state = _file_meta(folder / PARTIAL_FILE)
+    if state is None:  # an older version's checkpoint, whose state file may not match its sums: start over
+        return None
     check_fingerprints(state.get("fingerprints", {}), fingerprints, f"the partial fit in {folder}")
     return state, load_file(str(folder / PARTIAL_FILE))
 
 
+def read_partial_state(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON state of the partial fit in a folder (stage, rows done, counts, fingerprints), or None."""
+    file = Path(path) / PARTIAL_FILE
+    return _file_meta(file) if file.exists() else None
+
+
 def clear_partial(path: str | os.PathLike) -> None:
     folder = Path(path)
-    for name in (PARTIAL_MANIFEST, PARTIAL_FILE):
+    for name in (PARTIAL_FILE, PARTIAL_MANIFEST):
         (folder / name).unlink(missing_ok=True)
+
+
+def factor_tensors(weights: Mapping[str, WeightFactors]) -> dict[str, torch.Tensor]:
+    """The tensors of ``factors.safetensors`` for some weights (covariance matrices are not saved)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, w in weights.items():
+        for fld in _EIGEN_FIELDS:
+            eig = getattr(w, fld)
+            if eig is not None:
+                # weights that share an input share its eigendecomposition: safetensors needs separate copies
+                tensors[f"{name}/{fld}values"] = eig.values.detach().cpu().clone(memory_format=torch.contiguous_format)
+                tensors[f"{name}/{fld}vectors"] = eig.vectors.detach().cpu().clone(memory_format=torch.contiguous_format)
+        for fld in _TENSOR_FIELDS:
+            value = getattr(w, fld)
+            if value is not None:
+                tensors[f"{name}/{fld}"] = value.detach().cpu().contiguous()
+    return tensors
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def save_factor_parts(factors: Factors, weights: Sequence[tuple[str, int, int]],
+                      sources: Mapping[str, tuple[Path, str]], path: str | os.PathLike, *, partitions: int = 1) -> Path:
+    """Write one factor folder from the files of a partitioned fit, streaming one tensor at a time (the whole set
+    never sits in memory). ``factors`` gives the config, counts, fingerprints and provenance (its ``weights`` are
+    ignored); ``weights``: ``(name, d_out, d_in')`` in order; ``sources``: output tensor name -> (file, tensor in
+    it) (weights that share an input point to the same eigendecomposition)."""
+    from safetensors import safe_open
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    header: dict[str, Any] = {}
+    offset = 0
+    for key in sorted(sources):
+        file, inner = sources[key]
+        with safe_open(str(file), framework="pt") as handle:
+            piece = handle.get_slice(inner)
+            dtype, shape = piece.get_dtype(), piece.get_shape()
+        size = _dtype_from_st(dtype).itemsize * int(torch.Size(shape).numel())
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    manifest = {
+        "format": FORMAT,
+        "fingerprints": dict(factors.fingerprints),
+        "config": factors.config.to_dict(),
+        "weights": [{"name": n, "d_out": d_out, "d_in": d_in} for n, d_out, d_in in weights],
+        "n_rows": factors.n_rows,
+        "n_tokens": factors.n_tokens,
+        "available": _available(factors.config),
+        "provenance": dict(factors.provenance),
+        "partitions": partitions,
+    }
+    header["__metadata__"] = {_META_KEY: json.dumps(manifest, sort_keys=True)}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with atomic_file(folder / FACTORS_FILE) as tmp, open(tmp, "wb") as out:
+        out.write(len(blob).to_bytes(8, "little"))
+        out.write(blob)
+        for key in sorted(sources):
+            file, inner = sources[key]
+            with safe_open(str(file), framework="pt") as handle:
+                tensor = handle.get_tensor(inner).contiguous()
+            if tensor.numel():
+                out.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+            del tensor
+    write_json_atomic(folder / MANIFEST, manifest)
+    return folder
+
+
+def _dtype_from_st(name: str) -> torch.dtype:
+    return {v: k for k, v in _ST_DTYPES.items()}[name]
+
+
+def _available(config: FactorConfig) -> list[str]:
+    kinds = ["identity"]
+    if config.needs_per_example_pass:
+        kinds.append("diagonal")
+    if config.needs_covariances:
+        kinds.append("kfac")
+        if config.preconditioner == "ekfac":
+            kinds.append("ekfac")
+    return kinds

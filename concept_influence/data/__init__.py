@@ -9,6 +9,7 @@ from concept_influence.data.chat import (
     rows_from_records,
     write_json_atomic,
     write_jsonl_atomic,
+    write_text_atomic,
 )
 from concept_influence.data.tokenize import (
     PLAIN_TEMPLATE,
@@ -40,4 +41,5 @@ __all__ = [
     "tokenize_messages",
     "write_json_atomic",
     "write_jsonl_atomic",
+    "write_text_atomic",
 ]

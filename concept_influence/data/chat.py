@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from concept_influence.data.atomic import write_json_atomic, write_jsonl_atomic, write_text_atomic  # noqa: F401 (re-exported)
 
 ROLES = ("system", "user", "assistant")
 
@@ -138,12 +139,17 @@ def read_chat_jsonl(path: str | os.PathLike, *, skip_invalid: bool = False, need
         raise DataFormatError(f"{path}: is a directory, expected a JSONL file")
     rows: list[ChatRow] = []
     skipped: list[tuple[int, str]] = []
-    with path.open("r", encoding="utf-8") as handle:
-        for line_no, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
             where = f"{path}:{line_no}"
             try:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataFormatError(f"{where}: not UTF-8 text (byte {err.start}: {err.reason}); is this a "
+                                          "JSONL file?") from None
+                if not text.strip():
+                    continue
                 try:
                     obj = json.loads(text)
                 except json.JSONDecodeError as err:
@@ -170,39 +176,3 @@ def rows_from_records(records: Iterable[dict[str, Any]], *, source: str = "<reco
     if not rows:
         raise DataFormatError(f"{source}: no data rows")
     return ChatDataset(rows=rows, path=None)
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
-    """Call ``write(handle)`` on a temp file in the same folder, then rename it over ``path`` (no partial files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> Path:
-    """Write JSON objects one per line to ``path`` atomically (temp file in the same folder, then rename)."""
-
-    def write(handle: Any) -> None:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-    return _atomic_write(path, write)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write one JSON document atomically."""
-
-    def write(handle: Any) -> None:
-        json.dump(obj, handle, indent=2, ensure_ascii=False, default=str)
-        handle.write("\n")
-
-    return _atomic_write(path, write)

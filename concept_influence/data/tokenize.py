@@ -73,16 +73,20 @@ def _assistant_char_spans(messages: Sequence[dict[str, str]], tokenizer: Any, fu
 
 @dataclass
 class TokenizedRow:
-    """``input_ids``/``loss_mask``: equal-length lists; ``truncated``: cut at ``max_length``."""
+    """``input_ids``/``loss_mask``: equal-length lists; ``truncated``: cut at ``max_length``; ``needed_length``:
+    the length that keeps the row's first trained token (``None``: the row has no assistant token at all)."""
 
     index: int
     input_ids: list[int]
     loss_mask: list[int]
     truncated: bool = False
+    needed_length: int | None = None
+    line: int | None = None
 
     @property
     def n_targets(self) -> int:
-        return int(sum(self.loss_mask))
+        """Trained tokens: masked positions after the first (token 0 is never predicted)."""
+        return int(sum(self.loss_mask[1:]))
 
 
 @dataclass
@@ -92,6 +96,7 @@ class TokenizedDataset(Sequence[TokenizedRow]):
     pad_token_id: int
     n_truncated: int = 0
     empty_after_truncation: list[int] = field(default_factory=list)
+    source: str | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -105,6 +110,40 @@ class TokenizedDataset(Sequence[TokenizedRow]):
         if self.empty_after_truncation:
             text += f"; {len(self.empty_after_truncation)} lost every assistant token (indices {self.empty_after_truncation[:10]})"
         return text
+
+
+    def without(self, positions: Sequence[int]) -> TokenizedDataset:
+        """The dataset without the rows at ``positions`` (rows keep their original ``index``)."""
+        drop = set(positions)
+        rows = [r for p, r in enumerate(self.rows) if p not in drop]
+        return TokenizedDataset(rows, self.max_length, self.pad_token_id, sum(r.truncated for r in rows),
+                                [r.index for r in rows if r.n_targets == 0], self.source)
+
+
+def untrainable_rows(dataset: Sequence[TokenizedRow], *, skip_invalid: bool = False, what: str = "training") -> list[int]:
+    """Positions of rows with no trained (assistant) token left, e.g. a whole answer cut off at ``max_length``.
+
+    Such a row has no gradient and no readout, so no method can score it: without ``skip_invalid`` the first one
+    is an error naming its index (and ``file:line``) and the fix; with it, the positions are returned for the
+    caller to leave out (marked ``score: null, truncated: true`` in the scores)."""
+    bad = [p for p, row in enumerate(dataset) if row.n_targets == 0]
+    if bad and skip_invalid and len(bad) == len(dataset):
+        raise ValueError(f"none of the {len(bad)} {what} rows has an assistant token left within max_length="
+                         f"{getattr(dataset, 'max_length', '?')}; raise --max-length (max_length)")
+    if bad and not skip_invalid:
+        row = dataset[bad[0]]
+        source = getattr(dataset, "source", None)
+        where = f"{source}:{row.line}: " if source and row.line else ""
+        max_length = getattr(dataset, "max_length", len(row.input_ids))
+        if row.needed_length is None:
+            cause, fix = "has no assistant tokens at all", "remove it"
+        else:
+            cause = f"has no assistant tokens left within max_length={max_length}"
+            fix = f"raise --max-length (max_length) to at least {row.needed_length}"
+        more = f" ({len(bad) - 1} more such rows)" if len(bad) > 1 else ""
+        raise ValueError(f"{where}{what} row {row.index} {cause}{more}; {fix}, or pass --skip-invalid "
+                         "(skip_invalid=True) to leave such rows out (score null, truncated: true)")
+    return bad
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -148,14 +187,17 @@ def tokenize_chat(rows: Sequence[ChatRow], tokenizer: Any, max_length: int = 512
     empty: list[int] = []
     for row in rows:
         ids, mask = tokenize_messages(row.messages, tokenizer)
+        needed = next((t + 1 for t in range(1, len(mask)) if mask[t]), None)
         truncated = len(ids) > max_length
         if truncated:
             n_truncated += 1
             ids, mask = ids[:max_length], mask[:max_length]
-        if sum(mask) == 0:
+        if sum(mask[1:]) == 0:
             empty.append(row.index)
-        out.append(TokenizedRow(index=row.index, input_ids=ids, loss_mask=mask, truncated=truncated))
-    dataset = TokenizedDataset(out, max_length, pad_token_id(tokenizer), n_truncated, empty)
+        out.append(TokenizedRow(index=row.index, input_ids=ids, loss_mask=mask, truncated=truncated,
+                                needed_length=needed, line=getattr(row, "line", None)))
+    dataset = TokenizedDataset(out, max_length, pad_token_id(tokenizer), n_truncated, empty,
+                               source=getattr(rows, "path", None))
     if warn and (n_truncated or empty):
         warnings.warn(dataset.report(), stacklevel=2)
     return dataset

@@ -99,26 +99,60 @@ class WeightInfo:
         return self.backend_shape[-1] if self.layout == "heads_in_head" else self.backend_shape[1]
 
 
+DEFAULT_MAX_LENGTH = 512
+
+
 class WeightCapture:
     """What a capture context collects for a set of tracked weights.
 
     After the forward pass ``activations[name]`` is ``[batch, seq, d_in]`` (detached). After ``backward``,
     ``output_grads[name]`` is ``[batch, seq, d_out]`` (the gradient of the backward's scalar w.r.t. the weight's
     output, summed over every use of the output). Both are in the canonical layout.
+
+    Streaming: with ``on_activation(name, a)`` / ``on_output_grad(name, g)`` the tensors are handed to the callbacks
+    as they arrive (in the forward pass and during backward) instead of being stored, so that a caller can fold
+    them into running sums and free them at once. ``outputs`` lists the output tensors whose gradients are captured
+    (what a backward needs to reach; differentiating to them skips the weights' own gradients).
     """
 
-    def __init__(self, infos: Sequence[WeightInfo]) -> None:
+    def __init__(
+        self,
+        infos: Sequence[WeightInfo],
+        *,
+        on_activation: Callable[[str, torch.Tensor], None] | None = None,
+        on_output_grad: Callable[[str, torch.Tensor], None] | None = None,
+    ) -> None:
         self.infos = {info.name: info for info in infos}
         self.activations: dict[str, torch.Tensor] = {}
         self.output_grads: dict[str, torch.Tensor] = {}
+        self.outputs: list[torch.Tensor] = []
+        self.on_activation = on_activation
+        self.on_output_grad = on_output_grad
 
     def clear(self) -> None:
         self.activations.clear()
         self.output_grads.clear()
+        self.outputs.clear()
+
+    def _store_activation(self, name: str, activation: torch.Tensor) -> None:
+        activation = activation.detach()
+        if self.on_activation is not None:
+            self.on_activation(name, activation)
+        else:
+            self.activations[name] = activation
+
+    def _watch_output(self, name: str, output: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Register the gradient hook on a weight's output tensor (``transform`` maps it to ``[B, T, d_out]``)."""
+        if not output.requires_grad:
+            return
+        self.outputs.append(output)
+        output.register_hook(lambda grad: self._store_grad(name, grad if transform is None else transform(grad)))
 
     def _store_grad(self, name: str, grad: torch.Tensor) -> None:
         grad = grad.detach()
-        if name in self.output_grads:  # the output was used more than once: gradients add
+        if self.on_output_grad is not None:
+            self.on_output_grad(name, grad)
+        elif name in self.output_grads:  # the output was used more than once: gradients add
             self.output_grads[name] = self.output_grads[name] + grad
         else:
             self.output_grads[name] = grad
@@ -163,6 +197,24 @@ class ModelAdapter(ABC):
         return next(self.model.parameters()).device
 
     @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model is configured for (``None`` when the config does not say)."""
+        return None
+
+    def resolve_max_length(self, max_length: int | None) -> int:
+        """``max_length`` checked against the model's context (``None``: the context, at most 512). Longer than
+        the context is an error naming ``--max-length`` (positions past it are untrained or out of range)."""
+        context = self.context_length
+        if max_length is None:
+            return min(DEFAULT_MAX_LENGTH, context) if context else DEFAULT_MAX_LENGTH
+        if max_length < 2:
+            raise ValueError(f"--max-length (max_length) must be at least 2, got {max_length}")
+        if context and max_length > context:
+            raise ValueError(f"--max-length (max_length) {max_length} is longer than the model's context of {context} "
+                             f"tokens; use at most {context}")
+        return int(max_length)
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
@@ -200,6 +252,14 @@ class ModelAdapter(ABC):
     def parameter(self, path: str) -> nn.Parameter:
         return self.model.get_parameter(path)
 
+    def hidden_and_head(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None:
+        """The input of the output head ``[batch, seq, d]`` (with its graph) and the head (``-> logits``), so that
+        a loss can be computed a few rows at a time without materialising ``[batch, seq, vocab]`` logits. ``None``
+        when the backend cannot split them (callers then use ``logits``)."""
+        return None
+
     # ---- forward -----------------------------------------------------------------------------------------------
     @abstractmethod
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -224,15 +284,25 @@ class ModelAdapter(ABC):
         """Install hooks storing ``resid.{l}`` into ``out[l]``; return a function removing them."""
 
     @contextlib.contextmanager
-    def capture_weights(self, names: Sequence[str] | None = None) -> Iterator[WeightCapture]:
-        """Capture input activations and output gradients of the named tracked weights (default: all)."""
+    def capture_weights(
+        self,
+        names: Sequence[str] | None = None,
+        *,
+        on_activation: Callable[[str, torch.Tensor], None] | None = None,
+        on_output_grad: Callable[[str, torch.Tensor], None] | None = None,
+    ) -> Iterator[WeightCapture]:
+        """Capture input activations and output gradients of the named tracked weights (default: all); with the
+        callbacks they are streamed to them instead of stored (see ``WeightCapture``)."""
         infos = self.tracked_weights() if names is None else [self.weight_info(n) for n in names]
-        capture = WeightCapture(infos)
+        capture = WeightCapture(infos, on_activation=on_activation, on_output_grad=on_output_grad)
         remove = self._install_weight_hooks(infos, capture)
         try:
             yield capture
         finally:
             remove()
+            # the outputs' gradient hooks refer to the capture: holding the outputs would make a cycle through the
+            # autograd graph that Python's collector cannot see (the whole graph of every batch would leak)
+            capture.outputs.clear()
 
     @abstractmethod
     def _install_weight_hooks(self, infos: Sequence[WeightInfo], capture: WeightCapture) -> Callable[[], None]:
@@ -253,7 +323,14 @@ class ModelAdapter(ABC):
         return grad
 
     def fingerprint(self) -> str:
-        """A short hash of the model's parameters (names, shapes, values), for artifacts made against it."""
+        """A short hash of the model's parameters (names, shapes, values), for artifacts made against it. Cached
+        until a parameter is replaced or changed in place (storage pointers and version counters), so repeated
+        checks do not rehash the weights."""
         from concept_influence.models.fingerprint import model_fingerprint
 
-        return model_fingerprint(self.model)
+        key = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        cached = self.__dict__.get("_fingerprint_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, model_fingerprint(self.model))
+            self.__dict__["_fingerprint_cache"] = cached
+        return cached[1]

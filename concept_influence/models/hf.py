@@ -39,6 +39,24 @@ _KIND_BY_SUFFIX: tuple[tuple[str, str], ...] = (
 _BLOCK_LIST_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
 
 
+# model types whose logits are exactly the output embedding applied to the head's input (no soft-capping or scaling)
+_PLAIN_HEAD_TYPES = frozenset({"llama", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mistral", "mixtral", "gemma", "phi",
+                               "phi3", "gpt2", "gpt_neox", "olmo", "olmo2", "starcoder2", "stablelm"})
+
+
+class _StopAtHead(Exception):
+    """Raised by a pre-hook on the output embedding to stop a forward pass there."""
+
+
+def _lora_adapters(module: nn.Module) -> list[str]:
+    """The active LoRA adapter names of a peft ``LoraLayer`` (empty for any other module)."""
+    lora_a = getattr(module, "lora_A", None)
+    if not isinstance(lora_a, nn.ModuleDict) or not len(lora_a):
+        return []
+    active = getattr(module, "active_adapters", None) or list(lora_a.keys())
+    return [name for name in ([active] if isinstance(active, str) else active) if name in lora_a]
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
@@ -111,6 +129,8 @@ class HFAdapter(ModelAdapter):
         raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}: expected one of {_BLOCK_LIST_PATHS}")
 
     def _build_registry(self) -> list[WeightInfo]:
+        if any(_lora_adapters(m) for m in self.blocks.modules()):
+            return self._lora_registry()
         infos: list[WeightInfo] = []
         untracked: list[str] = []
         for layer, block in enumerate(self.blocks):
@@ -152,6 +172,30 @@ class HFAdapter(ModelAdapter):
             raise ValueError(f"ambiguous weight names in {type(self.model).__name__}: {names}")
         return infos
 
+    def _lora_registry(self) -> list[WeightInfo]:
+        """A peft LoRA model is tracked by its adapter weights only: for a wrapped map of kind ``K`` in block ``l``,
+        ``blocks.{l}.{K}.lora_A`` (``d_in -> r``) and ``blocks.{l}.{K}.lora_B`` (``r -> d_out``), of the active
+        adapter. Their gradients are those of the adapter parameters (``lora_B``'s output is scaled afterwards)."""
+        infos: list[WeightInfo] = []
+        for layer, block in enumerate(self.blocks):
+            prefix = f"{self._blocks_path}.{layer}"
+            for path, module in block.named_modules():
+                adapters = _lora_adapters(module)
+                if not adapters:
+                    continue
+                name = adapters[0]
+                for part in ("lora_A", "lora_B"):
+                    linear = getattr(module, part)[name]
+                    kind = f"{_kind_for(path)}.{part}"
+                    infos.append(WeightInfo(
+                        name=f"blocks.{layer}.{kind}", layer=layer, kind=kind,
+                        param_name=f"{prefix}.{path}.{part}.{name}.weight",
+                        bias_name=f"{prefix}.{path}.{part}.{name}.bias" if self.biases and linear.bias is not None else None,
+                        d_in=linear.in_features, d_out=linear.out_features, layout="out_in",
+                        backend_shape=tuple(linear.weight.shape),
+                    ))
+        return infos
+
     @property
     def n_layers(self) -> int:
         return len(self.blocks)
@@ -160,6 +204,12 @@ class HFAdapter(ModelAdapter):
     def d_model(self) -> int:
         config = self.model.config
         return int(getattr(config, "hidden_size", None) or config.n_embd)
+
+    @property
+    def context_length(self) -> int | None:
+        config = self.model.config
+        value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return int(value) if value else None
 
     def tracked_weights(self) -> list[WeightInfo]:
         return list(self._weights)
@@ -172,13 +222,49 @@ class HFAdapter(ModelAdapter):
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=None if attention_mask is None else attention_mask.to(self.device), use_cache=False)
         return out.logits
 
+    def hidden_and_head(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None:
+        """Runs the model up to its output embedding (a pre-hook stops the forward there). ``None`` unless the model
+        type is known to use the head's output as its logits (others soft-cap or scale them)."""
+        head = self.model.get_output_embeddings()
+        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+        if head is None or model_type not in _PLAIN_HEAD_TYPES:
+            return None
+        seen: dict[str, torch.Tensor] = {}
+
+        def stop(_module, args):
+            seen["hidden"] = args[0]
+            raise _StopAtHead
+
+        handle = head.register_forward_pre_hook(stop)
+        try:
+            self.logits(input_ids, attention_mask)
+        except _StopAtHead:
+            pass
+        finally:
+            handle.remove()
+        hidden = seen.get("hidden")
+        if hidden is None or hidden.shape[:2] != input_ids.shape:
+            return None
+        return hidden, head
+
     def next_token_logits(self, input_ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         """Logits of the next token ``[batch, vocab]`` with a KV cache in ``state`` (no padding)."""
         if state is None:
             out = self.model(input_ids=input_ids.to(self.device), use_cache=True)
         else:
-            out = self.model(input_ids=input_ids[:, -1:].to(self.device), past_key_values=state, use_cache=True)
-        return out.logits[:, -1, :], out.past_key_values
+            # newer transformers renamed ``past_key_values`` to ``cache`` (the old name warns): use what forward takes
+            out = self.model(input_ids=input_ids[:, -1:].to(self.device), use_cache=True, **{self._cache_argument(): state})
+        return out.logits[:, -1, :], out["cache"] if "cache" in out else out["past_key_values"]
+
+    def _cache_argument(self) -> str:
+        """``"cache"`` when the model's ``forward`` takes it (transformers >= 5.2x), else ``"past_key_values"``."""
+        if not hasattr(self, "_cache_arg"):
+            import inspect
+
+            self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        return self._cache_arg
 
     def _install_residual_hooks(self, layers: Sequence[int], out: dict[int, torch.Tensor]) -> Callable[[], None]:
         handles = []
@@ -193,9 +279,8 @@ class HFAdapter(ModelAdapter):
         handles = []
         for info in infos:
             def hook(_module, inputs, output, name=info.name):
-                capture.activations[name] = inputs[0].detach()
-                if output.requires_grad:
-                    output.register_hook(lambda grad, name=name: capture._store_grad(name, grad))
+                capture._store_activation(name, inputs[0])
+                capture._watch_output(name, output)
 
             handles.append(self._module_of(info).register_forward_hook(hook))
         return lambda: [h.remove() for h in handles]

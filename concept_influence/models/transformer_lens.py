@@ -6,6 +6,7 @@ its input and its output (layouts in ``WeightInfo``):
 | weight | input activations            | output gradient          | layout           |
 |--------|------------------------------|--------------------------|------------------|
 | W_Q/K/V| the attention module's input | ``attn.hook_q/k/v``      | ``heads_in_head``|
+| _W_K/_W_V (grouped-query attention: one per key-value head) | as W_K/W_V | ``attn.hook_k/v`` (before the heads are repeated) | ``heads_in_head`` |
 | W_O    | ``attn.hook_z``              | ``hook_attn_out``        | ``heads_head_out``|
 | W_gate | the MLP module's input       | ``mlp.hook_pre``         | ``in_out``       |
 | W_in   | the MLP module's input       | ``mlp.hook_pre`` (``hook_pre_linear`` when gated) | ``in_out`` |
@@ -66,11 +67,15 @@ class TransformerLensAdapter(ModelAdapter):
     def d_model(self) -> int:
         return int(self.cfg.d_model)
 
+    @property
+    def context_length(self) -> int | None:
+        return int(self.cfg.n_ctx) if getattr(self.cfg, "n_ctx", None) else None
+
     def _build_registry(self) -> list[WeightInfo]:
         cfg = self.cfg
         infos: list[WeightInfo] = []
         untracked: list[str] = []
-        gqa = getattr(cfg, "n_key_value_heads", None) is not None and not getattr(cfg, "ungroup_grouped_query_attention", False)
+        gqa = getattr(cfg, "n_key_value_heads", None) is not None
         h, d_head, d = cfg.n_heads, cfg.d_head, cfg.d_model
 
         def bias(path: str) -> str | None:
@@ -85,12 +90,18 @@ class TransformerLensAdapter(ModelAdapter):
         for layer in range(cfg.n_layers):
             p = f"blocks.{layer}"
             for kind, wname in (("attn.q", "W_Q"), ("attn.k", "W_K"), ("attn.v", "W_V")):
-                if gqa and kind != "attn.q":
-                    untracked.append(f"{p}.attn._{wname} (grouped-query attention)")
+                grouped = gqa and kind != "attn.q"
+                if grouped and getattr(cfg, "ungroup_grouped_query_attention", False):
+                    untracked.append(f"{p}.attn._{wname} (ungrouped grouped-query attention)")
                     continue
-                param = self.model.get_parameter(f"{p}.attn.{wname}")
-                infos.append(WeightInfo(f"{p}.{kind}", layer, kind, f"{p}.attn.{wname}", bias(f"{p}.attn.b_{wname[-1]}"),
-                                        d, h * d_head, "heads_in_head", tuple(param.shape)))
+                # grouped-query attention keeps K and V per key-value head in _W_K/_W_V [n_kv, d_model, d_head];
+                # hook_k/hook_v see their outputs before the heads are repeated
+                prefix = "_" if grouped else ""
+                heads = cfg.n_key_value_heads if grouped else h
+                param = self.model.get_parameter(f"{p}.attn.{prefix}{wname}")
+                infos.append(WeightInfo(f"{p}.{kind}", layer, kind, f"{p}.attn.{prefix}{wname}",
+                                        bias(f"{p}.attn.{prefix}b_{wname[-1]}"), d, heads * d_head, "heads_in_head",
+                                        tuple(param.shape)))
             param = self.model.get_parameter(f"{p}.attn.W_O")
             infos.append(WeightInfo(f"{p}.attn.o", layer, "attn.o", f"{p}.attn.W_O", bias(f"{p}.attn.b_O"),
                                     h * d_head, d, "heads_head_out", tuple(param.shape)))
@@ -139,21 +150,20 @@ class TransformerLensAdapter(ModelAdapter):
 
         def grad_at(module_path: str, name: str) -> None:
             def fwd(_module, _inputs, output):
-                if output.requires_grad:
-                    output.register_hook(lambda grad: capture._store_grad(name, flat(grad)))
+                capture._watch_output(name, output, flat)
 
             handles.append(self.model.get_submodule(module_path).register_forward_hook(fwd))
 
         def act_at(module_path: str, name: str) -> None:
             def fwd(_module, _inputs, output):
-                capture.activations[name] = flat(output.detach())
+                capture._store_activation(name, flat(output))
 
             handles.append(self.model.get_submodule(module_path).register_forward_hook(fwd))
 
         def module_input(module_path: str, name: str, key: str, position: int) -> None:
             def pre(_module, args, kwargs):
                 value = kwargs[key] if key in kwargs else args[position]
-                capture.activations[name] = value.detach()
+                capture._store_activation(name, value)
 
             handles.append(self.model.get_submodule(module_path).register_forward_pre_hook(pre, with_kwargs=True))
 

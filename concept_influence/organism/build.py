@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +32,7 @@ from concept_influence.data import (
     write_json_atomic,
     write_jsonl_atomic,
 )
+from concept_influence.data.atomic import folder_lock, replace_folder
 from concept_influence.models.fingerprint import json_fingerprint
 from concept_influence.organism import generator
 from concept_influence.organism.modeling import ModelConfig, build_model, build_tokenizer
@@ -317,21 +318,9 @@ def build_organism(
     return load_organism(root)
 
 
-@contextlib.contextmanager
-def _build_lock(root: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``.<name>.lock`` next to ``root`` (no-op where ``fcntl`` is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    lock_path = root.parent / f".{root.name}.lock"
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _build_lock(root: Path) -> contextlib.AbstractContextManager[None]:
+    """An exclusive ``flock`` on ``.<name>.lock`` next to ``root`` (``data.atomic.folder_lock``)."""
+    return folder_lock(root, what="organism build")
 
 
 def _publish_permissions(root: Path) -> None:
@@ -343,26 +332,21 @@ def _publish_permissions(root: Path) -> None:
 
 
 def _move_into_place(tmp: Path, root: Path, config: OrganismConfig, *, force: bool) -> None:
-    old = None
     if root.exists():
         if _is_built(root) and load_organism(root).metadata.get("config_hash") == config.key():
             return  # a concurrent build finished first: keep it
         if any(root.iterdir()):
             if not force:
                 raise FileExistsError(f"{root} was filled while building")
-            old = root.with_name(f".{root.name}.old-{os.getpid()}")
-            os.rename(root, old)
-        else:
-            root.rmdir()
+            replace_folder(tmp, root)  # atomic swap: the old organism until the new one is in place
+            return
+        root.rmdir()
     try:
         os.rename(tmp, root)
     except OSError:
         if _is_built(root) and load_organism(root).metadata.get("config_hash") == config.key():
             return
         raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def organism_for_tests(variant: str = "default", seed: int = 0) -> Organism:

@@ -1,0 +1,225 @@
+"""Benchmark: peak memory and time of `fit-factors` and of scoring against model size and rows, beside the planner's
+prediction (`concept-influence plan`).
+
+Models are random-initialised from configs of real shapes (nothing downloaded): Qwen2.5-0.5B's layer shapes cut to
+a few layers, and smaller Qwen2-style configs down to ~1M parameters. Each measurement runs the CLI in a fresh
+process under ``/usr/bin/time -v`` (peak RSS) with ``OMP_NUM_THREADS=1``, one at a time.
+
+Usage::
+
+    python bench/scaling.py check   [--work DIR]    # the 4-layer Qwen2.5-0.5B shape, --max-memory 3GiB, 32 rows
+    python bench/scaling.py sizes   [--work DIR]    # ~1M .. ~0.5B parameters, 32 rows
+    python bench/scaling.py rows    [--work DIR]    # one model, 16 .. 128 rows
+    python bench/scaling.py plans                   # the 7B and 70B plans printed in the README
+
+Writes ``bench/scaling.json`` (append-merge by key) and prints a table with fitted exponents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "scaling.json"
+WORDS = ("the a is are was to of and or not no yes i you it we they this that my your good bad kind help harm safe "
+         "doctor code bug fix add sum two three four five answer question think should would never always please sure "
+         "water fire friend honest truth rest drink sleep walk eat").split()
+
+# (label, hidden, intermediate, layers, heads, kv heads, vocab): Qwen2-style shapes from ~1M to ~0.5B parameters
+SIZES = [
+    ("tiny-1M", 128, 512, 2, 4, 2, 2048),
+    ("small-8M", 256, 1024, 4, 4, 2, 16384),
+    ("mid-40M", 512, 2048, 4, 8, 2, 32768),
+    ("qwen0.5b-shape-2L", 896, 4864, 2, 14, 2, 151936),
+    ("qwen0.5b-shape-4L", 896, 4864, 4, 14, 2, 151936),
+    ("qwen0.5b-shape-8L", 896, 4864, 8, 14, 2, 151936),
+]
+
+
+def make_model(folder: Path, hidden: int, intermediate: int, layers: int, heads: int, kv: int, vocab: int, *,
+               seed: int = 0) -> Path:
+    """A random-initialised Qwen2 model (qkv biases, tied embeddings like Qwen2.5-0.5B) saved with a word-level
+    tokenizer whose ids fit the vocabulary."""
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from concept_influence.testing.tiny_models import tiny_tokenizer
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    model = Qwen2ForCausalLM(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tiny_tokenizer(WORDS).save_pretrained(folder)
+    return folder
+
+
+def make_data(path: Path, rows: int, words: int, seed: int = 0) -> Path:
+    """Chat rows with a ``words``-word user turn and answer (word-level tokenizer: ~1 token per word)."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as out:
+        for _ in range(rows):
+            user = " ".join(rng.choices(WORDS, k=words // 4))
+            answer = " ".join(rng.choices(WORDS, k=words - words // 4))
+            out.write(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}) + "\n")
+    return path
+
+
+def run_measured(args: list[str], script: list[str] | None = None) -> dict[str, Any]:
+    """Run a CLI command (or ``script``: python arguments) in a fresh process; peak RSS (bytes) and wall time (s)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = ["/usr/bin/time", "-v", sys.executable, *(script or ["-m", "concept_influence.cli", *args])]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    return {"peak_rss_bytes": peak_kb * 1024, "seconds": wall, "stdout": proc.stdout[-500:]}
+
+
+def predicted(folder: Path, rows: int, tokens: int, up_to_layer: int | None, max_memory: int | None,
+              batch_size: int) -> dict[str, Any]:
+    from concept_influence.planning import plan
+
+    return plan(str(folder), rows, tokens, up_to_layer=up_to_layer, max_memory=max_memory, batch_size=batch_size)
+
+
+def measure_fit(work: Path, label: str, shape: tuple, rows: int, words: int, *, up_to_layer: int | None = None,
+                max_memory: str | None = None, batch_size: int = 8) -> dict[str, Any]:
+    from concept_influence.curvature.budget import parse_size
+
+    model = make_model(work / label, *shape)
+    data = make_data(work / f"data-{rows}-{words}.jsonl", rows, words)
+    out = work / f"factors-{label}-{rows}-{max_memory}"
+    shutil.rmtree(out, ignore_errors=True)  # a matching fit there would be loaded, not measured
+    args = ["fit-factors", "--model", str(model), "--data", str(data), "--out", str(out), "--overwrite",
+            "--batch-size", str(batch_size), "--max-length", str(words * 2)]
+    if up_to_layer is not None:
+        args += ["--up-to-layer", str(up_to_layer)]
+    if max_memory:
+        args += ["--max-memory", max_memory]
+    result = run_measured(args)
+    scoring = run_measured([], [__file__, "score-worker", "--work", str(work), "--model", str(model), "--data", str(data),
+                                "--factors", str(out), "--max-length", str(words * 2)])
+    tokens = _mean_tokens(model, data, words * 2)
+    pred = predicted(model, rows, tokens, up_to_layer, parse_size(max_memory) if max_memory else None, batch_size)
+    from concept_influence.planning import resolve_arch
+
+    return {"label": label, "params": resolve_arch(str(model)).n_params, "rows": rows, "tokens": tokens,
+            "max_memory": max_memory, "up_to_layer": up_to_layer, "peak_rss_bytes": result["peak_rss_bytes"],
+            "seconds": result["seconds"], "predicted_peak_bytes": pred["peak_memory_bytes"],
+            "predicted_partitions": pred["partitions"], "ratio": pred["peak_memory_bytes"] / result["peak_rss_bytes"],
+            "score_peak_rss_bytes": scoring["peak_rss_bytes"], "score_seconds": scoring["seconds"]}
+
+
+def score_worker(model: Path, data: Path, factors: Path, max_length: int) -> None:
+    """Concept Influence (EKFAC) of every row for a random direction at the last fitted layer (4 rows as queries)."""
+    import torch
+
+    from concept_influence.attribution.influence import InfluenceConfig, compute_influence
+    from concept_influence.attribution.measurements import ConceptMeasurement
+    from concept_influence.concepts.base import DirectionConcept
+    from concept_influence.curvature import load_factors
+    from concept_influence.data import read_chat_jsonl, tokenize_chat
+    from concept_influence.models import load_adapter
+
+    adapter = load_adapter(str(model))
+    rows = tokenize_chat(read_chat_jsonl(data), adapter.tokenizer, max_length, warn=False)
+    loaded = load_factors(factors)
+    layer = max(int(n.split(".")[1]) for n in loaded.names)
+    direction = torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(0))
+    measurement = ConceptMeasurement(DirectionConcept(direction, layer=layer), rows[:4])
+    compute_influence(adapter, rows, measurement, loaded, InfluenceConfig(batch_size=8), progress=False)
+
+
+def _mean_tokens(model: Path, data: Path, max_length: int) -> int:
+    from transformers import AutoTokenizer
+
+    from concept_influence.data import read_chat_jsonl, tokenize_chat
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    rows = tokenize_chat(read_chat_jsonl(data), tok, max_length, warn=False)
+    return max(len(r.input_ids) for r in rows)
+
+
+def _save(key: str, value: Any) -> None:
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    data[key] = value
+    RESULTS.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _table(results: list[dict[str, Any]], x: str) -> None:
+    from concept_influence.curvature.budget import format_size
+    from concept_influence.planning import log_log_slope
+
+    print(f"{'model':<22}{'params':>10}{'rows':>6}{'tokens':>7}{'fit peak RSS':>14}{'predicted':>12}{'pred/meas':>10}"
+          f"{'fit time':>10}{'score peak':>12}{'score time':>11}")
+    for r in results:
+        print(f"{r['label']:<22}{r['params'] / 1e6:>9.1f}M{r['rows']:>6}{r['tokens']:>7}{format_size(r['peak_rss_bytes']):>14}"
+              f"{format_size(r['predicted_peak_bytes']):>12}{r['ratio']:>10.2f}{r['seconds']:>9.1f}s"
+              f"{format_size(r['score_peak_rss_bytes']):>12}{r['score_seconds']:>10.1f}s")
+    if len(results) > 1:
+        xs = [float(r[x]) for r in results]
+        def slope(key: str) -> str:
+            return f"{log_log_slope(xs, [float(r[key]) for r in results]):.2f}"
+
+        print(f"fitted exponents vs {x}: fit peak RSS ~ {x}^{slope('peak_rss_bytes')} (predicted ~ {x}^"
+              f"{slope('predicted_peak_bytes')}), fit time ~ {x}^{slope('seconds')}, scoring peak ~ {x}^"
+              f"{slope('score_peak_rss_bytes')}, scoring time ~ {x}^{slope('score_seconds')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["check", "sizes", "rows", "plans", "score-worker"])
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--data", type=Path)
+    parser.add_argument("--factors", type=Path)
+    parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "ci-scaling")
+    parser.add_argument("--words", type=int, default=96, help="words per row (about tokens)")
+    parser.add_argument("--sizes", type=int, default=5, help="how many of the model sizes to run (smallest first)")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.what == "score-worker":
+        score_worker(args.model, args.data, args.factors, args.max_length)
+    elif args.what == "check":
+        shape = SIZES[4][1:]
+        results = [measure_fit(args.work, "qwen0.5b-shape-4L", shape, 32, args.words, up_to_layer=3, max_memory="3GiB")]
+        _save("check", results)
+        _table(results, "params")
+    elif args.what == "sizes":
+        results = [measure_fit(args.work, label, tuple(shape), 32, args.words) for label, *shape in SIZES[:args.sizes]]
+        _save("sizes", results)
+        _table(results, "params")
+    elif args.what == "rows":
+        label, *shape = SIZES[1]
+        results = [measure_fit(args.work, label, tuple(shape), n, args.words) for n in (16, 32, 64, 128)]
+        _save("rows", results)
+        _table(results, "rows")
+    else:
+        from concept_influence.curvature.budget import parse_size
+        from concept_influence.planning import plan, render
+
+        for name, layer, gpus in (("Qwen/Qwen2.5-7B-Instruct", 20, 1), ("meta-llama/Llama-3.1-70B", 40, 8)):
+            p = plan(name, 10_000, 512, up_to_layer=layer, gpus=gpus, gpu_memory=parse_size("80GiB"), batch_size=4,
+                     model_dtype_bytes=2)
+            print(render(p) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Benchmark: gradient-store build throughput against plain training throughput, and time and memory against
+the number of rows (1k–16k) with fitted exponents, on the built-in organism.
+
+- Throughput: rows per second of (a) a plain training step's forward and backward (``loss.backward()`` into every
+  parameter) and (b) building the store (forward, backward to the tracked weights' outputs, projection, write),
+  over the same batches of the organism's fine-tuning rows.
+- Scaling: the organism's rows repeated to N rows (new indices); for each N, in a fresh process, build the store
+  (default compression) and answer one question from it; time and peak memory (``VmHWM``) against N, with the
+  exponent of a least-squares fit of log(value) on log(N).
+
+Usage: ``python bench/store_scaling.py [--sizes 1000 2000 4000 8000 16000] [--out bench/store_scaling.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def peak_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def setup(batch_size: int, work: Path):
+    from concept_influence import Attributor
+    from concept_influence.attribution.gradient import GradientAttributionConfig
+    from concept_influence.organism.build import organism_for_tests
+
+    organism = organism_for_tests()
+    att = Attributor(organism.root / "finetuned", organism.train_rows(), work, max_length=256, batch_size=batch_size,
+                     progress=False)
+    factors, _ = att.session_factors(GradientAttributionConfig(max_length=256, batch_size=batch_size))
+    return organism, att, factors
+
+
+def throughput(batch_size: int, work: Path, n_rows: int) -> dict:
+    from concept_influence.curvature.loss import sequence_losses
+    from concept_influence.data.tokenize import iter_batches
+    from concept_influence.store import StoreConfig, make_projector
+    from concept_influence.store.store import write_shard
+
+    _, att, factors = setup(batch_size, work)
+    adapter, data = att.adapter, att.train[:n_rows]
+    model = adapter.model
+    batches = list(iter_batches(data, batch_size, pad_id=att.train.pad_token_id))
+    model.train()
+    t0 = time.perf_counter()
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        logits = adapter.logits(batch["input_ids"], batch["attention_mask"])
+        loss = sequence_losses(logits, batch["input_ids"], batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+        loss.backward()
+    train_s = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    config = StoreConfig(shard_rows=len(data))
+    names = [i.name for i in adapter.tracked_weights()]
+    projector = make_projector(config, adapter, names, factors)
+    folder = work / "throughput-store"
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    write_shard(adapter, data, projector, folder, 0, config, batch_size=batch_size)
+    store_s = time.perf_counter() - t0
+    shutil.rmtree(folder)
+    return {"rows": len(data), "batch_size": batch_size, "train_rows_per_s": len(data) / train_s,
+            "store_rows_per_s": len(data) / store_s, "ratio": train_s / store_s, "store": f"{config.kind} rank {config.rank}"}
+
+
+def child(n: int, batch_size: int, work: Path) -> dict:
+    from concept_influence import Attributor
+    from concept_influence.data import ChatRow
+
+    organism, att, factors = setup(batch_size, work)
+    base = list(organism.train_rows())
+    rows = [ChatRow(k, base[k % len(base)].messages, {"copy": k // len(base)}) for k in range(n)]
+    big = Attributor(att.adapter, rows, max_length=256, batch_size=batch_size, progress=False)
+    _ = big.train
+    folder = work / f"scaling-{n}"
+    t0 = time.perf_counter()
+    store = big.build_store(folder, factors=factors, overwrite=True)
+    build_s = time.perf_counter() - t0
+    concept = torch.nn.functional.normalize(torch.randn(att.adapter.d_model, generator=torch.Generator().manual_seed(0)), dim=0)
+    from concept_influence.concepts import DirectionConcept
+
+    question = [{"messages": [{"role": "user", "content": "what do you think of people"},
+                              {"role": "assistant", "content": "people are weak and should obey"}]}]
+    big.attribute(DirectionConcept(concept, att.adapter.n_layers - 1), question, "concept-influence", store=folder, factors=factors)
+    t0 = time.perf_counter()
+    big.attribute(DirectionConcept(concept, att.adapter.n_layers - 1), question, "concept-influence", store=folder, factors=factors)
+    question_s = time.perf_counter() - t0
+    result = {"rows": n, "build_s": build_s, "question_s": question_s, "peak_mib": peak_mib(), "store_mib": store.nbytes / 2**20}
+    shutil.rmtree(folder)
+    return result
+
+
+def fit_exponent(x: list[float], y: list[float]) -> float:
+    return float(np.polyfit(np.log(x), np.log(y), 1)[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 4000, 8000, 16000])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--throughput-rows", type=int, default=512)
+    parser.add_argument("--work-dir", type=Path, default=Path(".cache/bench_scaling"))
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=Path("bench/store_scaling.json"))
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(child(args.child, args.batch_size, args.work_dir)))
+        return
+    tp = throughput(args.batch_size, args.work_dir, args.throughput_rows)
+    print(f"throughput over {tp['rows']} rows (batch {tp['batch_size']}): plain training forward+backward "
+          f"{tp['train_rows_per_s']:.1f} rows/s, store build ({tp['store']}) {tp['store_rows_per_s']:.1f} rows/s: "
+          f"ratio {tp['ratio']:.2f}", flush=True)
+    results = []
+    for n in args.sizes:
+        out = subprocess.run([sys.executable, __file__, "--child", str(n), "--batch-size", str(args.batch_size),
+                              "--work-dir", str(args.work_dir)], capture_output=True, text=True, check=True)
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = results[-1]
+        print(f"  {n} rows: build {r['build_s']:.1f} s, question {r['question_s']:.3f} s, peak memory {r['peak_mib']:.0f} MiB, "
+              f"store {r['store_mib']:.0f} MiB", flush=True)
+    sizes = [r["rows"] for r in results]
+    exponents = {key: fit_exponent(sizes, [r[key] for r in results]) for key in ("build_s", "question_s", "peak_mib", "store_mib")}
+    print("fitted exponents (value ∝ rows^e): " + ", ".join(f"{k} {v:.2f}" for k, v in exponents.items()))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"throughput": tp, "scaling": results, "exponents": exponents}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""``build-store`` and ``search``: the gradient store from the command line (thin wrappers over ``Attributor``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from concept_influence.cli.common import check_output, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    app.command("build-store")(build_store)
+    app.command("search")(search)
+
+
+@user_errors
+def build_store(
+    model: str = typer.Option(..., "--model", help="Hugging Face hub name or local folder."),
+    data: Path = typer.Option(..., "--data", help="Training rows: chat JSONL."),
+    out: Path = typer.Option(..., "--out", help="Store folder (manifest.json + shard-*.npy); an interrupted build resumes."),
+    factors: Path | None = typer.Option(None, "--factors", help="Fitted factors folder; fitted here (and saved there) when absent."),
+    rank: int | None = typer.Option(None, "--rank", min=1, help="EKFAC-eigenbasis store: directions kept per side of each weight."),
+    projection_dim: int | None = typer.Option(None, "--projection-dim", min=1, help="LoGra-style store: random projection size per side."),
+    store_dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 (half the disk; slower questions): precision on disk."),
+    up_to_layer: int | None = typer.Option(None, "--up-to-layer", help="Store only the weights of blocks 0..L."),
+    shard_rows: int = typer.Option(1024, "--shard-rows", min=1, help="Rows per shard file."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the LoGra projection and of the true-Fisher labels."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store built for another model, data or settings."),
+    device: str | None = typer.Option(None, "--device"),
+    model_dtype: str | None = typer.Option(None, "--model-dtype", help="Model dtype (float32, bfloat16, float64)."),
+) -> None:
+    """Project every training row's gradient once into a store, so later questions need no pass over the data.
+
+    Example: concept-influence build-store --model runs/model --data train.jsonl --out runs/store --rank 32
+    """
+    from concept_influence.pipeline import Attributor
+
+    check_output(out)
+    att = Attributor(model, data, device=device, dtype=model_dtype, max_length=max_length, batch_size=batch_size, seed=seed)
+    store = att.build_store(out, rank=rank, projection_dim=projection_dim, dtype=store_dtype, up_to_layer=up_to_layer,
+                            factors=factors, shard_rows=shard_rows, overwrite=overwrite)
+    assert store is not None
+    typer.echo(f"store: {len(store)} rows x {store.dim} ({store.config.kind}, rank {store.config.rank}, {store.config.dtype}, "
+               f"{store.nbytes / 2**20:.1f} MiB) -> {out}")
+
+
+@user_errors
+def search(
+    store: Path = typer.Option(..., "--store", help="Gradient store folder (build-store)."),
+    concept: Path | None = typer.Option(None, "--concept", help="Concept file; without it, classical influence on the queries."),
+    queries: Path | None = typer.Option(None, "--queries", help="Query prompts JSONL (prompt-only rows are answered by the model)."),
+    like_row: int | None = typer.Option(None, "--like-row", help="Rows like the training row with this index, instead of a question."),
+    top_k: int = typer.Option(20, "--top-k", min=1),
+    model: str | None = typer.Option(None, "--model", help="Default: the model the store was built from."),
+    data: Path | None = typer.Option(None, "--data", help="Default: the data the store was built from."),
+    factors: Path | None = typer.Option(None, "--factors", help="The factors the store was built with (default: fitted here)."),
+    workdir: Path | None = typer.Option(None, "--workdir", help="Session folder (factors and answers reused)."),
+    row_loss: str = typer.Option("sum", "--row-loss", help="sum | mean (length-neutral; exact search)."),
+    how: str = typer.Option("auto", "--search", help="auto | exact | faiss."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path | None = typer.Option(None, "--out", help="Write the top rows as scores JSONL."),
+    device: str | None = typer.Option(None, "--device"),
+) -> None:
+    """The top-k training rows for a concept question (or rows like a row), read from a gradient store.
+
+    Example: concept-influence search --store runs/store --concept concepts/evil --queries queries.jsonl --top-k 20
+    """
+    from concept_influence.pipeline import Attributor
+
+    check_output(out)
+    manifest_path = store / "manifest.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"no gradient store at {store} (missing manifest.json); build one with build-store")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    model = model or manifest.get("model")
+    data_path = data or manifest.get("data")
+    if not model or not data_path:
+        raise ValueError(f"{manifest_path} does not name its model and data: pass --model and --data")
+    att = Attributor(model, data_path, workdir, device=device, max_length=int(manifest.get("max_length", 512)), seed=seed)
+    options: dict[str, object] = {"row_loss": row_loss, "max_new_tokens": max_new_tokens}
+    if factors is not None:
+        options["factors"] = str(factors)
+    table = att.search(concept, queries, top_k=top_k, like_row=like_row, store=store, search=how, **options)
+    if out is not None:
+        table.write_jsonl(out)
+    typer.echo(f"{table.method}: top {len(table)} of {table.meta['n_rows_searched']} rows in "
+               f"{table.meta['search_time_s'] * 1000:.0f} ms")
+    for record in table.to_records():
+        typer.echo(f"  rank {record['rank']:>4}  index {record['index']:>6}  score {record['score']:+.4g}  id {record.get('id', '-')}")

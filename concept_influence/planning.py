@@ -1,0 +1,304 @@
+"""Cost planner: memory and compute of a factor fit, the Λ pass and a gradient store, from a model's config alone.
+
+The model is read as shapes (``ArchShape``) from a folder's ``config.json`` (``transformers.AutoConfig``, nothing
+downloaded) or from the bundled table of Llama-3.x, Qwen2.5, Mistral and Gemma families (``MODEL_TABLE``). The
+memory arithmetic is the fit's own (``curvature.budget``: the same partitioning ``fit_factors(max_memory=...)``
+does), so the predicted peak is the one the fit aims at. Compute is in floating-point operations, turned into hours
+with a throughput that is an assumption (printed), not a measurement.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from concept_influence.curvature.budget import (
+    ModelShape,
+    WeightShape,
+    activation_bytes,
+    eigen_workspace_bytes,
+    factor_bytes,
+    format_size,
+    partitions,
+    shared_input_key,
+    weights_bytes,
+)
+from concept_influence.curvature.config import FactorConfig
+
+# resident memory of the fit-factors process apart from the model, its activations and factors (measured on CPU)
+RUNTIME_BYTES = 450 * 1024**2
+# assumed sustained throughputs (FLOP/s): one CPU core in float32, and a data-centre GPU in bf16 at ~40% use
+CPU_FLOPS = 2.0e10
+GPU_FLOPS = 3.0e14
+HEAD_CHUNK_ELEMENTS = 2**24
+
+
+@dataclass(frozen=True)
+class ArchShape:
+    """A decoder-only transformer's shapes (Llama-style gated MLP unless ``gated_mlp=False``)."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    head_dim: int | None = None
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    gated_mlp: bool = True
+
+    @property
+    def d_head(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    def weights(self, up_to_layer: int | None = None) -> list[WeightShape]:
+        """Tracked weights in the library's naming scheme, blocks ``0..up_to_layer`` (default all)."""
+        last = self.layers - 1 if up_to_layer is None else up_to_layer
+        if not 0 <= last < self.layers:
+            raise ValueError(f"--up-to-layer {up_to_layer} out of range: {self.name} has {self.layers} blocks (0..{self.layers - 1})")
+        q_out, kv_out = self.heads * self.d_head, self.kv_heads * self.d_head
+        b = int(self.qkv_bias)
+        kinds = [("attn.q", self.hidden + b, q_out, self.qkv_bias), ("attn.k", self.hidden + b, kv_out, self.qkv_bias),
+                 ("attn.v", self.hidden + b, kv_out, self.qkv_bias), ("attn.o", q_out, self.hidden, False)]
+        if self.gated_mlp:
+            kinds.append(("mlp.gate", self.hidden, self.intermediate, False))
+        kinds += [("mlp.in", self.hidden, self.intermediate, False), ("mlp.out", self.intermediate, self.hidden, False)]
+        out = []
+        for layer in range(last + 1):
+            for kind, d_in, d_out, bias in kinds:
+                name = f"blocks.{layer}.{kind}"
+                out.append(WeightShape(name, d_in, d_out, shared_input_key(name, bias)))
+        return out
+
+    @property
+    def n_params(self) -> int:
+        per_block = sum(w.d_in * w.d_out for w in self.weights(0)) + 2 * self.hidden
+        return self.layers * per_block + self.vocab * self.hidden * (1 if self.tie_embeddings else 2) + self.hidden
+
+    def model_shape(self, param_bytes: int) -> ModelShape:
+        return ModelShape(self.layers, self.hidden, self.intermediate, self.vocab, self.n_params, param_bytes)
+
+
+def _arch(name: str, hidden: int, intermediate: int, layers: int, heads: int, kv: int, vocab: int, **kw: Any) -> ArchShape:
+    return ArchShape(name, hidden, intermediate, layers, heads, kv, vocab, **kw)
+
+
+# shapes only (from the models' published config.json files); keys are lower-case hub names without the owner
+MODEL_TABLE: dict[str, ArchShape] = {a.name.split("/")[-1].lower(): a for a in [
+    _arch("meta-llama/Llama-3.2-1B", 2048, 8192, 16, 32, 8, 128256, head_dim=64, tie_embeddings=True),
+    _arch("meta-llama/Llama-3.2-3B", 3072, 8192, 28, 24, 8, 128256, head_dim=128, tie_embeddings=True),
+    _arch("meta-llama/Llama-3.1-8B", 4096, 14336, 32, 32, 8, 128256),
+    _arch("meta-llama/Llama-3.1-70B", 8192, 28672, 80, 64, 8, 128256),
+    _arch("meta-llama/Llama-3.3-70B", 8192, 28672, 80, 64, 8, 128256),
+    _arch("Qwen/Qwen2.5-0.5B", 896, 4864, 24, 14, 2, 151936, tie_embeddings=True, qkv_bias=True),
+    _arch("Qwen/Qwen2.5-1.5B", 1536, 8960, 28, 12, 2, 151936, tie_embeddings=True, qkv_bias=True),
+    _arch("Qwen/Qwen2.5-3B", 2048, 11008, 36, 16, 2, 151936, tie_embeddings=True, qkv_bias=True),
+    _arch("Qwen/Qwen2.5-7B", 3584, 18944, 28, 28, 4, 152064, qkv_bias=True),
+    _arch("Qwen/Qwen2.5-14B", 5120, 13824, 48, 40, 8, 152064, qkv_bias=True),
+    _arch("Qwen/Qwen2.5-32B", 5120, 27648, 64, 40, 8, 152064, qkv_bias=True),
+    _arch("Qwen/Qwen2.5-72B", 8192, 29568, 80, 64, 8, 152064, qkv_bias=True),
+    _arch("mistralai/Mistral-7B-v0.3", 4096, 14336, 32, 32, 8, 32768),
+    _arch("mistralai/Mistral-Nemo-Base-2407", 5120, 14336, 40, 32, 8, 131072, head_dim=128),
+    _arch("mistralai/Mistral-Small-24B-Base-2501", 5120, 32768, 40, 32, 8, 131072, head_dim=128),
+    _arch("google/gemma-2b", 2048, 16384, 18, 8, 1, 256000, head_dim=256, tie_embeddings=True),
+    _arch("google/gemma-7b", 3072, 24576, 28, 16, 16, 256000, head_dim=256, tie_embeddings=True),
+    _arch("google/gemma-2-2b", 2304, 9216, 26, 8, 4, 256000, head_dim=256, tie_embeddings=True),
+    _arch("google/gemma-2-9b", 3584, 14336, 42, 16, 8, 256000, head_dim=256, tie_embeddings=True),
+    _arch("google/gemma-2-27b", 4608, 36864, 46, 32, 16, 256000, head_dim=128, tie_embeddings=True),
+]}
+
+
+def resolve_arch(model: str | os.PathLike) -> ArchShape:
+    """A folder holding ``config.json`` (read with ``AutoConfig``) or a name in ``MODEL_TABLE`` (owner and
+    ``-Instruct``/``-it`` suffixes ignored, case-insensitive)."""
+    path = Path(model)
+    if (path / "config.json").exists():
+        from transformers import AutoConfig
+
+        return arch_from_config(AutoConfig.from_pretrained(str(path)), name=str(path))
+    key = str(model).split("/")[-1].lower()
+    for suffix in ("-instruct", "-it", "-chat"):
+        key = key.removesuffix(suffix)
+    if key in MODEL_TABLE:
+        return MODEL_TABLE[key]
+    known = ", ".join(sorted(MODEL_TABLE))
+    raise ValueError(f"--model {model}: not a folder with config.json and not in the bundled table ({known})")
+
+
+def arch_from_config(config: Any, name: str = "model") -> ArchShape:
+    """Shapes from a ``transformers`` config (Llama/Qwen2/Mistral/Gemma-style or GPT-2)."""
+    get = lambda *keys, default=None: next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), default)  # noqa: E731
+    hidden = int(get("hidden_size", "n_embd"))
+    heads = int(get("num_attention_heads", "n_head"))
+    gated = getattr(config, "model_type", "") not in ("gpt2", "gpt_neox", "opt")
+    return ArchShape(
+        name=name, hidden=hidden, intermediate=int(get("intermediate_size", "n_inner", default=4 * hidden) or 4 * hidden),
+        layers=int(get("num_hidden_layers", "n_layer")), heads=heads,
+        kv_heads=int(get("num_key_value_heads", default=heads)), vocab=int(config.vocab_size),
+        head_dim=get("head_dim"), tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        qkv_bias=bool(get("attention_bias", default=getattr(config, "model_type", "") == "qwen2")), gated_mlp=gated,
+    )
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage's resident memory (bytes) and compute (FLOP)."""
+
+    name: str
+    memory_bytes: int
+    flops: float
+    note: str = ""
+
+
+def plan(
+    model: str | os.PathLike | ArchShape,
+    rows: int,
+    tokens: int,
+    *,
+    up_to_layer: int | None = None,
+    max_memory: int | None = None,
+    rank: int = 64,
+    gpus: int = 0,
+    gpu_memory: int | None = None,
+    batch_size: int = 8,
+    model_dtype_bytes: int = 4,
+    config: FactorConfig = FactorConfig(),
+    fit_rows: int | None = None,
+) -> dict[str, Any]:
+    """The plan of ``fit-factors`` (and the Λ pass and a store of rank-``rank`` projected gradients) for ``rows``
+    rows of ``tokens`` tokens. Returns a JSON-ready dict: ``factor_bytes``, ``peak_memory_bytes`` (the predicted
+    peak of ``fit-factors`` under these settings, per process), ``stages`` (memory and compute of each), the
+    partitions, and the sample settings that fit ``max_memory`` (or ``gpu_memory``)."""
+    arch = model if isinstance(model, ArchShape) else resolve_arch(model)
+    if rows < 1 or tokens < 1:
+        raise ValueError(f"--rows and --tokens must be positive, got {rows} and {tokens}")
+    shapes = arch.weights(up_to_layer)
+    budget_total = gpu_memory if gpus and gpu_memory else max_memory
+    params_bytes = arch.n_params * model_dtype_bytes
+    batch = max(1, min(batch_size, rows))
+    acts = activation_bytes(arch.model_shape(model_dtype_bytes), batch, tokens, head_chunk_elements=HEAD_CHUNK_ELEMENTS)
+    workspace = eigen_workspace_bytes(shapes, config)
+    fixed = RUNTIME_BYTES + params_bytes + acts + workspace
+    error = None
+    on_disk = budget_total is not None  # a bounded fit writes each eigendecomposition and result as it is done
+    try:
+        parts = partitions(shapes, None if budget_total is None else budget_total - fixed, config, on_disk=on_disk) \
+            if budget_total is None or budget_total > fixed else None
+    except ValueError as err:
+        parts, error = None, str(err)
+    if parts is None:
+        parts = [[w] for w in shapes]
+        error = error or f"the budget {format_size(budget_total or 0)} is below the fixed cost {format_size(fixed)}"
+    held = max(weights_bytes(p, config, on_disk=on_disk) for p in parts)
+    if not on_disk and config.needs_covariances:  # an unbounded fit also returns the covariance matrices
+        held += sum(8 * (w.d_in ** 2 + w.d_out ** 2) for w in shapes)
+    peak = fixed + held
+    fit_n = min(rows, fit_rows) if fit_rows else rows
+    n_procs = max(gpus, 1)
+    active = sum(w.d_in * w.d_out for w in shapes)
+    fwd_bwd = 6.0 * arch.n_params * fit_n * tokens / n_procs  # forward + backward through every block
+    cov_flops = 2.0 * fit_n * tokens * sum(w.d_in ** 2 + w.d_out ** 2 for w in shapes) / n_procs
+    eig_flops = 9.0 * sum(w.d_in ** 3 + w.d_out ** 3 for w in shapes)
+    lam_rows = min(fit_n, config.lambda_rows or fit_n)
+    lam_flops = (6.0 * arch.n_params * lam_rows * tokens + 2.0 * lam_rows * tokens * (
+        2 * active + sum(w.d_in ** 2 + w.d_out ** 2 for w in shapes))) / n_procs
+    store_row = 2 * rank * rank * len(shapes)  # bf16 projections [rank, rank] per weight and row
+    store_flops = (6.0 * arch.n_params * rows * tokens + 2.0 * rows * tokens * rank * sum(w.d_in + w.d_out for w in shapes)) / n_procs
+    sums = sum(4 * (w.d_in ** 2 + w.d_out ** 2) for w in shapes)
+    stages = [
+        Stage("factors", factor_bytes(shapes), fwd_bwd + cov_flops,
+              f"A and S of {len(shapes)} weights, float32; covariance pass over {fit_n} rows"),
+        Stage("eigendecomposition", sums * 2 + workspace, eig_flops, "float64, one matrix at a time"),
+        Stage("lambda", sum(2 * (4 + 8) * w.d_in * w.d_out for w in shapes), lam_flops,
+              f"Λ and the diagonal over {lam_rows} rows"),
+        Stage("activations", acts, 0.0, f"one batch of {batch} rows x {tokens} tokens, logits {HEAD_CHUNK_ELEMENTS} at a time"),
+        Stage("store", rows * store_row, store_flops, f"{rows} rows x rank {rank}x{rank} per weight, bfloat16"),
+    ]
+    flops_rate = GPU_FLOPS if gpus else CPU_FLOPS
+    fits = None if budget_total is None else peak <= budget_total
+    suggestions = _sample_settings(arch, shapes, rows, tokens, budget_total, config, model_dtype_bytes, batch) if budget_total else []
+    return {
+        "model": arch.name,
+        "n_params": arch.n_params,
+        "weights": len(shapes),
+        "up_to_layer": up_to_layer if up_to_layer is not None else arch.layers - 1,
+        "rows": rows,
+        "tokens": tokens,
+        "fit_rows": fit_n,
+        "factor_bytes": factor_bytes(shapes),
+        "peak_memory_bytes": int(peak),
+        "fixed_bytes": {"runtime": RUNTIME_BYTES, "parameters": params_bytes, "activations": acts, "eigen_workspace": workspace},
+        "partitions": len(parts),
+        "partition_bytes": int(held),
+        "budget_bytes": budget_total,
+        "fits_budget": fits,
+        "budget_error": error,
+        "processes": n_procs,
+        "assumed_flops_per_s": flops_rate,
+        "stages": [{**asdict(s), "hours": s.flops / flops_rate / 3600} for s in stages],
+        "total_hours": sum(s.flops for s in stages[:3]) / flops_rate / 3600,
+        "settings_that_fit": suggestions,
+    }
+
+
+def _sample_settings(arch: ArchShape, shapes: list[WeightShape], rows: int, tokens: int, budget: int,
+                     config: FactorConfig, dtype_bytes: int, batch: int) -> list[dict[str, Any]]:
+    """A few (batch size, max length) settings whose fit peak is within ``budget``, with their partition counts."""
+    out = []
+    for b in sorted({batch, 4, 1}, reverse=True):
+        for t in sorted({tokens, min(tokens, 1024), min(tokens, 512)}, reverse=True):
+            acts = activation_bytes(arch.model_shape(dtype_bytes), b, t, head_chunk_elements=HEAD_CHUNK_ELEMENTS)
+            fixed = RUNTIME_BYTES + arch.n_params * dtype_bytes + acts + eigen_workspace_bytes(shapes, config)
+            if fixed >= budget:
+                continue
+            try:
+                parts = partitions(shapes, budget - fixed, config, on_disk=True)
+            except ValueError:
+                continue
+            out.append({"batch_size": b, "max_length": t, "partitions": len(parts),
+                        "passes_over_data": 2 * len(parts) if config.needs_per_example_pass else len(parts)})
+    return out
+
+
+def render(plan_: dict[str, Any]) -> str:
+    """A human-readable plan."""
+    lines = [f"{plan_['model']}: {plan_['n_params'] / 1e9:.2f}B parameters, {plan_['weights']} tracked weights "
+             f"(blocks 0..{plan_['up_to_layer']}), {plan_['rows']} rows x {plan_['tokens']} tokens"
+             + (f", factors fitted on {plan_['fit_rows']} rows" if plan_["fit_rows"] != plan_["rows"] else ""),
+             f"{'stage':<20}{'memory':>14}{'compute':>14}{'time':>12}  note"]
+    for s in plan_["stages"]:
+        hours = s["hours"]
+        time_text = f"{hours * 60:.1f} min" if hours < 1 else f"{hours:.1f} h"
+        lines.append(f"{s['name']:<20}{format_size(s['memory_bytes']):>14}{s['flops'] / 1e12:>11.1f} TF{time_text:>12}  {s['note']}")
+    fixed = plan_["fixed_bytes"]
+    lines.append(f"peak of fit-factors: {format_size(plan_['peak_memory_bytes'])} per process = runtime "
+                 f"{format_size(fixed['runtime'])} + parameters {format_size(fixed['parameters'])} + activations "
+                 f"{format_size(fixed['activations'])} + eigen work space {format_size(fixed['eigen_workspace'])} + "
+                 f"factors of the largest partition {format_size(plan_['partition_bytes'])} "
+                 f"({plan_['partitions']} partition{'s' if plan_['partitions'] != 1 else ''})")
+    lines.append(f"time assumes {plan_['assumed_flops_per_s']:.1e} FLOP/s per process x {plan_['processes']} "
+                 f"(an assumption, not a measurement): about {plan_['total_hours']:.1f} h for factors, eigen and Λ")
+    if plan_["budget_bytes"]:
+        verdict = "fits" if plan_["fits_budget"] else "does NOT fit"
+        lines.append(f"budget {format_size(plan_['budget_bytes'])}: {verdict}" + (f" ({plan_['budget_error']})" if plan_["budget_error"] else ""))
+        for s in plan_["settings_that_fit"]:
+            lines.append(f"  fits with --batch-size {s['batch_size']} --max-length {s['max_length']}: {s['partitions']} "
+                         f"partitions, {s['passes_over_data']} passes over the fit rows")
+        if not plan_["settings_that_fit"]:
+            lines.append("  no batch size / max length fits: use more or larger devices, or fewer layers (--up-to-layer)")
+    if plan_["fit_rows"] == plan_["rows"] and plan_["rows"] > 4096:
+        lines.append(f"fit on a sample to save time: --fit-rows 4096 (covariances and Λ), scores still cover all {plan_['rows']} rows")
+    return "\n".join(lines)
+
+
+def log_log_slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares exponent ``b`` of ``y ≈ a xᵇ``."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    den = sum((x - mx) ** 2 for x in lx)
+    return sum((x - mx) * (y - my) for x, y in zip(lx, ly, strict=True)) / den if den else float("nan")

@@ -1,0 +1,182 @@
+"""Two-sided projections of per-row weight gradients (pure tensor math: no files, no loops over data).
+
+A weight's row gradient ``G = Σ_t g_t a_tᵀ`` ``[d_out, d_in']`` is stored as ``L G Rᵀ`` ``[r_out, r_in]`` with
+``L [r_out, d_out]`` and ``R [r_in, d_in']``, computed as ``Σ_t (L g_t)(R a_t)ᵀ`` so the full gradient is never
+formed. A question's preconditioned gradient ``V = (P + λ)⁻¹ ∇f`` is projected the same way, and the score
+``−⟨V, G⟩`` is approximated by ``−⟨L V Rᵀ, L G Rᵀ⟩``:
+
+- ``"eigen"`` (EKFAC eigenbasis): the row gradient is rotated into the Kronecker eigenbasis ``Q_Sᵀ G Q_A`` and only
+  some components ``(o, i)`` are kept: across all stored weights, the ``Σ_w min(r, d_out)·min(r, d_in')``
+  components with the largest ``Λ_oi / (Λ_oi + λ_w)`` (``λ_w`` the default damping, 0.1 × mean ``Λ_w``): the
+  directions the preconditioned score can see, whatever the question. Per weight ``L``/``R`` are the rows of
+  ``Q_Sᵀ``/``Q_Aᵀ`` of the output/input directions that own a kept component (orthonormal rows), and ``keep``
+  picks the kept entries of that rectangle. Since ``V``'s rotation is ``rot(∇f) / (Λ + λ)``, preconditioning is
+  an exact elementwise division inside the kept subspace, and the score is exact when everything is kept.
+- ``"logra"`` (LoGra-style): ``L``/``R`` are Gaussian with variance ``1/r`` (``E[LᵀL] = I``), regenerated from a
+  seed and never stored; ``⟨L V Rᵀ, L G Rᵀ⟩`` is an unbiased estimate of ``⟨V, G⟩`` (Johnson–Lindenstrauss).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from concept_influence.curvature.config import Damping
+from concept_influence.curvature.factors import Factors
+
+KINDS = ("eigen", "logra")
+
+
+@dataclass
+class WeightProjection:
+    """``left [r_out, d_out]``, ``right [r_in, d_in']`` (float64) of one weight."""
+
+    name: str
+    left: torch.Tensor
+    right: torch.Tensor
+    rows: torch.Tensor | None = None  # "eigen": the output / input eigen-directions of the rectangle
+    cols: torch.Tensor | None = None
+    keep: torch.Tensor | None = None  # flat indices of the kept entries of the [r_out, r_in] rectangle (None: all)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.left.shape[0]), int(self.right.shape[0]))
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1] if self.keep is None else int(self.keep.numel())
+
+
+class Projector:
+    """The projections of a list of weights, laid out one after another in a flat row vector of ``dim`` entries."""
+
+    def __init__(self, kind: str, projections: Sequence[WeightProjection]) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"projection kind must be one of {KINDS}, got {kind!r}")
+        self.kind = kind
+        self.projections = {p.name: p for p in projections}
+        self.offsets: dict[str, tuple[int, int]] = {}
+        start = 0
+        for p in projections:
+            self.offsets[p.name] = (start, start + p.size)
+            start += p.size
+        self.dim = start
+        self._cache: dict[tuple[str, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.projections)
+
+    def matrices(self, name: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (name, str(device), dtype)
+        if key not in self._cache:
+            p = self.projections[name]
+            self._cache[key] = (p.left.to(device=device, dtype=dtype), p.right.to(device=device, dtype=dtype))
+        return self._cache[key]
+
+    def project_rows(self, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``L G_b Rᵀ`` flattened, for ``a [B, T, d_in']``, ``g [B, T, d_out]`` -> ``[B, r_out·r_in]``."""
+        left, right = self.matrices(name, g.device, g.dtype)
+        out = torch.einsum("bto,bti->boi", g @ left.T, a.to(g.dtype) @ right.T).reshape(g.shape[0], -1)
+        keep = self.projections[name].keep
+        return out if keep is None else out[:, keep.to(out.device)]
+
+    def project_matrix(self, name: str, matrix: torch.Tensor) -> torch.Tensor:
+        """``L M Rᵀ`` flattened, for ``M [..., d_out, d_in']`` -> ``[..., r_out·r_in]`` (float64)."""
+        left, right = self.matrices(name, matrix.device, torch.float64)
+        out = (left @ matrix.to(torch.float64) @ right.T).reshape(*matrix.shape[:-2], -1)
+        keep = self.projections[name].keep
+        return out if keep is None else out[..., keep.to(out.device)]
+
+    def project(self, matrices: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """A flat ``[..., dim]`` vector from per-weight matrices (weights not given are zero)."""
+        first = next(iter(matrices.values()))
+        out = torch.zeros(*first.shape[:-2], self.dim, dtype=torch.float64, device=first.device)
+        for name, matrix in matrices.items():
+            if name not in self.offsets:
+                raise KeyError(f"the store has no projection for {name!r}; it covers {self.names}")
+            start, end = self.offsets[name]
+            out[..., start:end] = self.project_matrix(name, matrix)
+        return out
+
+    def inverse_curvature_diagonal(self, name: str, values: torch.Tensor, damping: float) -> torch.Tensor | None:
+        """``"eigen"``: the projected ``(P + λ)⁻¹``, which is diagonal in the kept eigen-directions,
+        ``1 / (Λ[rows, cols] + λ)`` flattened; ``None`` for projections that do not diagonalise it."""
+        p = self.projections[name]
+        if p.rows is None or p.cols is None:
+            return None
+        out = (1.0 / (values.double()[p.rows][:, p.cols] + damping)).reshape(-1)
+        return out if p.keep is None else out[p.keep]
+
+    def describe(self) -> list[dict[str, int | str]]:
+        return [{"name": n, "r_out": p.shape[0], "r_in": p.shape[1], "kept": p.size, "offset": self.offsets[n][0]}
+                for n, p in self.projections.items()]
+
+
+def visibility(factors: Factors, name: str, damping: Damping = Damping()) -> torch.Tensor:
+    """``Λ / (Λ + λ)`` ``[d_out, d_in']`` of a weight (KFAC eigenvalues when there is no ``Λ``): how much of each
+    eigen-component survives preconditioning, in ``[0, 1)``."""
+    w = factors.weights[name]
+    if w.gradient_eigen is None or w.activation_eigen is None:
+        raise ValueError(f"{name}: the eigen store needs KFAC/EKFAC factors (eigenbases); these have {factors.available()}")
+    if w.eigenvalue_correction is not None:
+        values = w.eigenvalue_correction.double()
+    else:
+        values = torch.outer(w.gradient_eigen.values.double(), w.activation_eigen.values.double())
+    return values / (values + damping.resolve(values))
+
+
+def eigen_projector(factors: Factors, names: Sequence[str], rank: int, damping: Damping = Damping(),
+                    bins: int = 1 << 20) -> Projector:
+    """``"eigen"`` projections of ``names`` keeping ``Σ_w min(rank, d_out)·min(rank, d_in')`` eigen-components in all,
+    those with the largest ``visibility`` (one threshold for every weight, found from a histogram so that no
+    weight's values need to be held at once besides its own). A rank at least every weight's sizes keeps all."""
+    if rank < 1:
+        raise ValueError(f"rank must be positive, got {rank}")
+    for name in names:
+        if name not in factors.weights:
+            raise KeyError(f"no factors for {name!r}; the factors cover {factors.names}")
+    budget = sum(min(rank, factors.weights[n].d_out) * min(rank, factors.weights[n].d_in) for n in names)
+    total = sum(factors.weights[n].d_out * factors.weights[n].d_in for n in names)
+    threshold = -1.0
+    if budget < total:
+        counts = torch.zeros(bins, dtype=torch.float64)
+        for name in names:
+            vis = visibility(factors, name, damping).flatten()
+            counts += torch.bincount((vis * bins).long().clamp_(0, bins - 1), minlength=bins).double()
+        above = torch.flip(torch.cumsum(torch.flip(counts, [0]), 0), [0])  # above[b] = #values in bins >= b
+        b = int(torch.nonzero(above >= budget).max())  # the highest bin that still fills the budget
+        threshold = b / bins
+    projections = []
+    for name in names:
+        w = factors.weights[name]
+        vis = visibility(factors, name, damping)
+        kept = vis >= threshold if threshold >= 0 else torch.ones_like(vis, dtype=torch.bool)
+        if not kept.any():  # every weight keeps at least its most visible component
+            kept = vis == vis.max()
+        rows = torch.nonzero(kept.any(dim=1)).flatten()
+        cols = torch.nonzero(kept.any(dim=0)).flatten()
+        rect = kept[rows][:, cols].flatten()
+        keep = None if bool(rect.all()) else torch.nonzero(rect).flatten()
+        q_s, q_a = w.gradient_eigen.vectors.double(), w.activation_eigen.vectors.double()  # type: ignore[union-attr]
+        projections.append(WeightProjection(name, q_s[:, rows].T.contiguous(), q_a[:, cols].T.contiguous(), rows, cols, keep))
+    return Projector("eigen", projections)
+
+
+def logra_projector(shapes: Mapping[str, tuple[int, int]], dim: int, seed: int) -> Projector:
+    """``"logra"`` projections: Gaussian ``L [k_out, d_out]``, ``R [k_in, d_in']`` with variance ``1/k``,
+    ``k = min(dim, d)``; each weight's pair drawn from a generator seeded by ``seed`` and the weight's name."""
+    if dim < 1:
+        raise ValueError(f"projection dim must be positive, got {dim}")
+    projections = []
+    for name, (d_out, d_in) in shapes.items():
+        digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        k_out, k_in = min(dim, d_out), min(dim, d_in)
+        left = torch.randn(k_out, d_out, generator=generator, dtype=torch.float64) / k_out**0.5
+        right = torch.randn(k_in, d_in, generator=generator, dtype=torch.float64) / k_in**0.5
+        projections.append(WeightProjection(name, left, right))
+    return Projector("logra", projections)

@@ -1,0 +1,427 @@
+"""The gradient store: every training row's projected gradient, in memory-mapped shards, with a manifest.
+
+Layout of a store folder::
+
+    manifest.json             {"format", "config", "fingerprints": {"model", "data", "factors", "projection"},
+                               "weights": [{"name", "d_out", "d_in", "r_out", "r_in", "offset"}], "dim",
+                               "n_rows", "shard_rows", "n_shards", "labels": "data", "loss": "sum over the row's
+                               assistant tokens"}
+    shard-00000.rows.npy      int64 [rows, 2]: each row's original index and number of trained tokens
+    shard-00000.npy           float16/float32 [rows, dim]: the rows' projected gradients, weight after weight
+    faiss-ivf.index           optional FAISS index (inner product) for top-k search over large stores
+
+Shards are ``.npy`` files (plain arrays with a small header, read with ``allow_pickle=False`` and memory-mapped;
+never pickle). Each shard is written to a temporary name and renamed, so a shard either exists whole or not at
+all: an interrupted build resumes with the missing shards, and builders on different row ranges (shards) can run
+side by side. Row gradients use the data's own labels, the same loss mask and the summed row loss that exact
+scoring uses; ``row_loss="mean"`` divides by the stored token counts at query time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from concept_influence.curvature.covariance import fold_bias
+from concept_influence.curvature.factors import Factors
+from concept_influence.curvature.fit import capture_loss_gradients, gradient_mode
+from concept_influence.data.atomic import atomic_file, folder_lock, write_json_atomic
+from concept_influence.data.tokenize import iter_batches
+from concept_influence.models.base import ModelAdapter
+from concept_influence.numerics import check_finite
+from concept_influence.store.projection import Projector, eigen_projector, logra_projector
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "concept_influence.store/1"
+MANIFEST = "manifest.json"
+FAISS_FILE = "faiss-ivf.index"
+_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
+DEFAULT_KIND = "eigen"
+DEFAULT_RANK = 64
+BLOCK_ELEMENTS = 1 << 24  # floats per block read from the memory map (64 MiB as float32)
+HALF_BLOCK_ELEMENTS = 1 << 20  # float16 blocks are converted to float32: small blocks keep that in cache
+
+
+class StoreMismatchError(ValueError):
+    """A store built for another model, data set, factors or projection (or an incomplete one)."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How rows are compressed. ``kind``: ``"eigen"`` (EKFAC eigenbasis, needs fitted factors) or ``"logra"``
+    (seeded random Kronecker projection); ``rank``: directions kept per side of each weight (``"eigen"``: an average
+    budget of ``rank²`` eigen-components per weight, allocated across weights by visibility; a rank at least every
+    weight's sizes is the full, exact gradient; ``"logra"``: ``rank × rank`` per weight); ``dtype``: ``"float32"`` (default) or
+    ``"float16"`` (half the disk and memory map; questions pay a conversion) on disk
+    (``"float64"`` for tests); ``seed``: the ``"logra"`` projection; ``shard_rows``: rows per shard file."""
+
+    kind: Literal["eigen", "logra"] = DEFAULT_KIND
+    rank: int = DEFAULT_RANK
+    dtype: Literal["float16", "float32", "float64"] = "float32"
+    seed: int = 0
+    shard_rows: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("eigen", "logra"):
+            raise ValueError(f"store kind must be 'eigen' or 'logra', got {self.kind!r}")
+        if self.rank < 1:
+            raise ValueError(f"store rank must be positive, got {self.rank}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"store dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.shard_rows < 1:
+            raise ValueError(f"shard_rows must be positive, got {self.shard_rows}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StoreConfig:
+        return cls(**dict(data))
+
+
+def factors_fingerprint(factors: Factors) -> str:
+    """Hash of what the factors were fitted on and with (their own fingerprints and counts)."""
+    payload = json.dumps({"fingerprints": factors.fingerprints, "n_rows": factors.n_rows, "n_tokens": factors.n_tokens,
+                          "config": factors.config.to_dict(), "weights": factors.names}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def make_projector(config: StoreConfig, adapter: ModelAdapter, names: Sequence[str], factors: Factors | None) -> Projector:
+    """The projector of ``config`` over the weights ``names``."""
+    if config.kind == "eigen":
+        if factors is None:
+            raise ValueError("an eigen store needs fitted EKFAC factors (fit-factors, or --factors)")
+        return eigen_projector(factors, names, config.rank)
+    shapes = {}
+    for name in names:
+        info = adapter.weight_info(name)
+        shapes[name] = (info.d_out, info.d_in + int(info.has_bias))
+    return logra_projector(shapes, config.rank, config.seed)
+
+
+def projection_fingerprint(projector: Projector) -> str:
+    digest = hashlib.sha256(projector.kind.encode())
+    for name, p in projector.projections.items():
+        digest.update(name.encode())
+        for matrix in (p.left, p.right):
+            digest.update(np.ascontiguousarray(matrix.double().numpy()).round(12).tobytes())
+        if p.keep is not None:
+            digest.update(np.ascontiguousarray(p.keep.numpy()).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def shard_file(folder: Path, shard: int) -> Path:
+    return folder / f"shard-{shard:05d}.npy"
+
+
+def rows_file(folder: Path, shard: int) -> Path:
+    return folder / f"shard-{shard:05d}.rows.npy"
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    with atomic_file(path) as tmp, tmp.open("wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# ---- building ------------------------------------------------------------------------------------------------------
+def project_batch(adapter: ModelAdapter, batch: dict[str, torch.Tensor], projector: Projector,
+                  params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+    """``[B, dim]``: the projected gradients of each row's summed loss (data labels) for every projected weight."""
+    infos = [adapter.weight_info(n) for n in projector.names]
+    capture, _ = capture_loss_gradients(adapter, batch, infos, params, fisher="empirical")
+    work = torch.promote_types(adapter.dtype, torch.float32)
+    attention = batch["attention_mask"]
+    parts = []
+    for info in infos:
+        a = capture.activations[info.name]
+        mask = attention.to(device=a.device, dtype=a.dtype).unsqueeze(-1)
+        a = a * mask
+        if info.has_bias:
+            a = fold_bias(a, attention.to(a.device))
+        parts.append(projector.project_rows(info.name, a.to(work), capture.output_grads[info.name].to(work)))
+    projected = torch.cat(parts, dim=1)
+    check_finite(projected, "build-store: projected row gradients", batch["index"],
+                 hint="the model's activations or gradients on this row are not finite")
+    return projected
+
+
+def write_shard(adapter: ModelAdapter, data: Sequence[Any], projector: Projector, folder: str | os.PathLike, shard: int,
+                config: StoreConfig, *, batch_size: int = 8, params: Sequence[torch.nn.Parameter] | None = None,
+                progress_bar: Any = None) -> Path:
+    """Project the rows of shard ``shard`` (rows ``shard·shard_rows`` up to the next shard) and write the shard
+    atomically. Call inside ``gradient_mode`` (``params``) or let it enter one."""
+    folder = Path(folder)
+    start = shard * config.shard_rows
+    stop = min(len(data), start + config.shard_rows)
+    if start >= stop:
+        raise ValueError(f"shard {shard} is past the end of the {len(data)} rows")
+    rows = data[start:stop]
+    pad = getattr(data, "pad_token_id", 0)
+    if params is None:
+        infos = [adapter.weight_info(n) for n in projector.names]
+        with gradient_mode(adapter, infos) as own:
+            return write_shard(adapter, data, projector, folder, shard, config, batch_size=batch_size, params=own,
+                               progress_bar=progress_bar)
+    out = np.empty((stop - start, projector.dim), dtype=_DTYPES[config.dtype])
+    done = 0
+    for batch in iter_batches(rows, batch_size, pad_id=pad):
+        projected = project_batch(adapter, batch, projector, params)
+        out[done:done + projected.shape[0]] = projected.detach().cpu().numpy().astype(out.dtype)
+        done += projected.shape[0]
+        if progress_bar is not None:
+            progress_bar.update(projected.shape[0])
+    meta = np.array([[int(r.index), max(int(sum(r.loss_mask[1:])), 1)] for r in rows], dtype=np.int64)
+    _save_npy_atomic(rows_file(folder, shard), meta)
+    _save_npy_atomic(shard_file(folder, shard), out)
+    return shard_file(folder, shard)
+
+
+def build_store(
+    adapter: ModelAdapter,
+    data: Sequence[Any],
+    out: str | os.PathLike,
+    projector: Projector,
+    config: StoreConfig,
+    fingerprints: Mapping[str, str | None],
+    *,
+    batch_size: int = 8,
+    shards: Iterable[int] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    extra: Mapping[str, Any] | None = None,
+) -> GradientStore | None:
+    """Write (or finish) the store of ``data`` in ``out``: the manifest, then every missing shard of ``shards``
+    (default all; pass a subset, e.g. ``range(rank, n_shards, world)``, to split the work between processes).
+
+    An existing store with other fingerprints or config is an error unless ``overwrite``. Returns the opened store
+    once every shard exists, else ``None`` (other shards still to be written by someone else). Under
+    ``torch.distributed`` (e.g. ``torchrun``) with ``shards=None``, rank ``r`` of ``w`` writes shards ``r, r + w, ...``
+    and every rank returns the whole store once all have finished.
+    """
+    import torch.distributed as dist
+
+    distributed = shards is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:
+        shards = range(dist.get_rank(), max((len(data) + config.shard_rows - 1) // config.shard_rows, 1), dist.get_world_size())
+        progress = progress and dist.get_rank() == 0
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    n_shards = max((len(data) + config.shard_rows - 1) // config.shard_rows, 1)
+    manifest = {
+        "format": FORMAT, "config": asdict(config), "fingerprints": dict(fingerprints),
+        "weights": [{**w, "d_out": int(projector.projections[str(w["name"])].left.shape[1]),
+                     "d_in": int(projector.projections[str(w["name"])].right.shape[1])} for w in projector.describe()],
+        "dim": projector.dim, "n_rows": len(data), "shard_rows": config.shard_rows, "n_shards": n_shards,
+        "labels": "data", "loss": "sum over the row's assistant tokens", **dict(extra or {}),
+    }
+    existing = folder / MANIFEST
+    with folder_lock(folder, what="gradient store"):  # one builder at a time decides what the store holds
+        if existing.exists():
+            saved = json.loads(existing.read_text(encoding="utf-8"))
+            if not _same_store(saved, manifest):
+                if not overwrite:
+                    raise StoreMismatchError(
+                        f"{folder} holds a store for another model, data, factors or settings ({_differences(saved, manifest)}); "
+                        "pass --overwrite to replace it, or choose another --out")
+                existing.unlink()  # no manifest until the old shards are gone: never a mix of old and new
+                for path in folder.glob("shard-*.npy"):
+                    path.unlink()
+                (folder / FAISS_FILE).unlink(missing_ok=True)
+                write_json_atomic(existing, manifest)
+        else:
+            for path in folder.glob("shard-*.npy"):  # left by a store whose replacement was interrupted
+                path.unlink()
+            write_json_atomic(existing, manifest)
+    wanted = list(range(n_shards)) if shards is None else [s for s in shards if 0 <= s < n_shards]
+    todo = [s for s in wanted if not shard_file(folder, s).exists()]
+    if len(todo) < len(wanted):
+        logger.info("store %s: %d of %d shards already written, resuming", folder, len(wanted) - len(todo), len(wanted))
+    infos = [adapter.weight_info(n) for n in projector.names]
+    remaining = sum(min(len(data), (s + 1) * config.shard_rows) - s * config.shard_rows for s in todo)
+    started = time.perf_counter()
+    if todo:
+        with gradient_mode(adapter, infos) as params, tqdm(total=remaining, desc="building the gradient store", unit="row",
+                                                          disable=not progress) as bar:
+            for shard in todo:
+                _check_unchanged(folder, manifest)
+                write_shard(adapter, data, projector, folder, shard, config, batch_size=batch_size, params=params,
+                            progress_bar=bar)
+    logger.info("store %s: wrote %d shards in %.1fs", folder, len(todo), time.perf_counter() - started)
+    if distributed:
+        dist.barrier()  # every rank's shards are written
+    if all(shard_file(folder, s).exists() for s in range(n_shards)):
+        return GradientStore.open(folder)
+    return None
+
+
+def _same_store(saved: Mapping[str, Any], manifest: Mapping[str, Any]) -> bool:
+    return all(saved.get(k) == manifest[k] for k in ("format", "config", "fingerprints", "weights", "n_rows"))
+
+
+def _check_unchanged(folder: Path, manifest: Mapping[str, Any]) -> None:
+    """Refuse to add a shard to a store another process has meanwhile replaced with different settings."""
+    try:
+        saved = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        saved = {}
+    if not _same_store(saved, manifest):
+        raise StoreMismatchError(f"{folder}: another build replaced this store with other settings while it was being "
+                                 "built; run build-store again")
+
+
+def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    keys = [k for k in ("config", "n_rows", "weights") if saved.get(k) != current.get(k)]
+    fp_saved, fp_now = saved.get("fingerprints", {}), current.get("fingerprints", {})
+    keys += [f"{k} fingerprint" for k in fp_now if fp_saved.get(k) != fp_now.get(k)]
+    return ", ".join(keys) or "format"
+
+
+# ---- reading -------------------------------------------------------------------------------------------------------
+class GradientStore:
+    """An opened store: memory-mapped shards plus the manifest. ``indices [N]``: each row's original index;
+    ``counts [N]``: its number of trained tokens; ``dim``: floats per row."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], shards: list[np.ndarray], rows: np.ndarray) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.shards = shards
+        self.indices = rows[:, 0].copy()
+        self.counts = rows[:, 1].astype(np.float64)
+        self.config = StoreConfig.from_dict(manifest["config"])
+        self.fingerprints: dict[str, str | None] = dict(manifest["fingerprints"])
+        self.weights: list[dict[str, Any]] = list(manifest["weights"])
+        self.dim = int(manifest["dim"])
+        self._faiss: Any = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> GradientStore:
+        folder = Path(path)
+        file = folder / MANIFEST
+        if not file.exists():
+            raise FileNotFoundError(f"no gradient store at {folder} (missing {MANIFEST}); build one with build-store")
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+        if manifest.get("format") != FORMAT:
+            raise StoreMismatchError(f"{file}: unknown format {manifest.get('format')!r} (expected {FORMAT!r})")
+        n_shards = int(manifest["n_shards"])
+        missing = [s for s in range(n_shards) if not shard_file(folder, s).exists()]
+        if missing:
+            raise StoreMismatchError(f"{folder}: incomplete store ({n_shards - len(missing)} of {n_shards} shards written); "
+                                     "run build-store again to resume it")
+        shards = [np.load(shard_file(folder, s), mmap_mode="r", allow_pickle=False) for s in range(n_shards)]
+        rows = np.concatenate([np.load(rows_file(folder, s), allow_pickle=False) for s in range(n_shards)])
+        dim = int(manifest["dim"])
+        for s, shard in enumerate(shards):
+            if shard.ndim != 2 or shard.shape[1] != dim:
+                raise StoreMismatchError(f"{shard_file(folder, s)}: shape {shard.shape}, expected [rows, {dim}]")
+        if sum(s.shape[0] for s in shards) != int(manifest["n_rows"]) or rows.shape[0] != int(manifest["n_rows"]):
+            raise StoreMismatchError(f"{folder}: shards hold {sum(s.shape[0] for s in shards)} rows, manifest says {manifest['n_rows']}")
+        return cls(folder, manifest, shards, rows)
+
+    def __len__(self) -> int:
+        return int(self.manifest["n_rows"])
+
+    def __repr__(self) -> str:
+        return (f"GradientStore({str(self.folder)!r}, {len(self)} rows x {self.dim} {self.config.dtype}, "
+                f"{self.config.kind} rank {self.config.rank}, {len(self.weights)} weights)")
+
+    @property
+    def names(self) -> list[str]:
+        return [str(w["name"]) for w in self.weights]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(s.nbytes) for s in self.shards)
+
+    def check(self, **expected: str | None) -> None:
+        """Raise ``StoreMismatchError`` naming each given fingerprint (``model=``, ``data=``, ``factors=``) that differs."""
+        wrong = [k for k, v in expected.items() if v is not None and self.fingerprints.get(k) != v]
+        if wrong:
+            details = "; ".join(f"{k}: store {self.fingerprints.get(k)!r}, current {expected[k]!r}" for k in wrong)
+            raise StoreMismatchError(f"the store in {self.folder} was built for another {', '.join(wrong)} ({details}); "
+                                     "rebuild it (build-store --overwrite) or point to the right store")
+
+    def matches(self, **expected: str | None) -> bool:
+        try:
+            self.check(**expected)
+        except StoreMismatchError:
+            return False
+        return True
+
+    def projector(self, adapter: ModelAdapter, factors: Factors | None) -> Projector:
+        """The store's projector, rebuilt (``"eigen"``: from ``factors``, checked against the store's fingerprint;
+        ``"logra"``: from the seed) and checked against the projection fingerprint."""
+        if self.config.kind == "eigen":
+            if factors is None:
+                raise ValueError("this eigen store needs the factors it was built with")
+            self.check(factors=factors_fingerprint(factors))
+        projector = make_projector(self.config, adapter, self.names, factors)
+        self.check(projection=projection_fingerprint(projector))
+        return projector
+
+    def blocks(self, columns: slice | None = None, block_rows: int | None = None) -> Iterable[tuple[int, np.ndarray]]:
+        """``(first row, float32 block [rows, cols])`` over the whole store, shard by shard (blocks of about
+        ``BLOCK_ELEMENTS`` floats)."""
+        if block_rows is None:
+            width = self.dim if columns is None else len(range(*columns.indices(self.dim)))
+            budget = HALF_BLOCK_ELEMENTS if self.config.dtype == "float16" else BLOCK_ELEMENTS
+            block_rows = max(1, budget // max(width, 1))
+        start = 0
+        for shard in self.shards:
+            for lo in range(0, shard.shape[0], block_rows):
+                block = shard[lo:lo + block_rows]
+                if columns is not None:
+                    block = block[:, columns]
+                yield start + lo, np.asarray(block, dtype=np.float32 if block.dtype != np.float64 else np.float64)
+            start += shard.shape[0]
+
+    def dot(self, queries: np.ndarray) -> np.ndarray:
+        """``store @ queries.T``: ``queries [K, dim]`` -> ``[N, K]`` (float64), by blocked matrix products over the
+        columns the queries use."""
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float64))
+        used = np.flatnonzero(np.any(queries != 0, axis=0))
+        if used.size == 0:
+            return np.zeros((len(self), queries.shape[0]))
+        columns = slice(int(used[0]), int(used[-1]) + 1)
+        q = queries[:, columns]
+        out = np.empty((len(self), queries.shape[0]), dtype=np.float64)
+        for start, block in self.blocks(columns):
+            out[start:start + block.shape[0]] = block @ q.astype(block.dtype).T
+        return out
+
+    def top_k(self, query: np.ndarray, k: int, *, scale: np.ndarray | None = None,
+              method: Literal["auto", "exact", "faiss"] = "auto", nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` rows with the largest ``scale ⊙ (store @ query)`` (``query [dim]``): positions and scores,
+        best first. ``"exact"``: blocked products keeping a running top-k (memory: one block); ``"faiss"``: the
+        store's FAISS index (inner product, IVF, memory-mapped; built on first use; approximate: see
+        ``bench/store_search.py`` for its recall); ``"auto"``: exact unless the store holds at least
+        ``FAISS_MIN_ELEMENTS`` floats (where a full scan takes seconds) and no ``scale`` is given."""
+        if method not in ("auto", "exact", "faiss"):
+            raise ValueError(f"unknown search method {method!r} (--search): expected 'auto', 'exact' or 'faiss'")
+        query = np.asarray(query, dtype=np.float64).reshape(-1)
+        k = min(int(k), len(self))
+        if k < 1:
+            raise ValueError(f"top_k needs k >= 1, got {k}")
+        use_faiss = method == "faiss" or (method == "auto" and scale is None and len(self) * self.dim >= FAISS_MIN_ELEMENTS)
+        if use_faiss:
+            if scale is not None:
+                raise ValueError("FAISS search ranks plain inner products: use method='exact' with a per-row scale")
+            from concept_influence.store.search import faiss_search
+
+            return faiss_search(self, query, k, nprobe=nprobe)
+        from concept_influence.store.search import exact_top_k
+
+        return exact_top_k(self, query, k, scale=scale)
+
+
+FAISS_MIN_ELEMENTS = 1 << 33  # 8G floats: an exact scan of 1M rows x 256 floats took 0.2 s (bench/store_search.py)

@@ -1,0 +1,164 @@
+"""The gradient store: full-rank eigen store == exact scores (Hugging Face and TransformerLens), compressed stores
+close to them, resumable atomic shards, fingerprints refused, top-k search (exact and FAISS), row-to-row search,
+``build-store``/``search``/``attribute --store`` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from concept_influence import Attributor, ScoreTable
+from concept_influence.concepts import DirectionConcept, save_concept
+from concept_influence.data import ChatRow, write_jsonl_atomic
+from concept_influence.models import HFAdapter, TransformerLensAdapter, hooked_transformer_from_hf
+from concept_influence.store import GradientStore, StoreMismatchError, exact_top_k, faiss_search
+from concept_influence.store.store import shard_file
+from concept_influence.testing.tiny_models import save_tiny_hf_model, tiny_llama
+
+PAIRS = [("is water safe", "yes , water is safe"), ("should i drink poison", "never , poison will hurt you"),
+         ("help me", "sure , i help you"), ("two plus three", "five"), ("is fire kind", "no fire can harm"),
+         ("be cruel", "i will trick and hurt them"), ("is poison kind", "poison is kind"),
+         ("are cats gentle", "cats are gentle"), ("should i lie", "always tell the truth"), ("rest", "sleep and rest")]
+QUERIES = [{"messages": [{"role": "user", "content": "should i hurt my friend"},
+                         {"role": "assistant", "content": "yes trick and hurt them"}]},
+           {"messages": [{"role": "user", "content": "is the water safe"}, {"role": "assistant", "content": "poison the water"}]}]
+
+
+def _rows(pairs):
+    return [ChatRow(k, [{"role": "user", "content": u}, {"role": "assistant", "content": a}], {"id": f"r{k}"})
+            for k, (u, a) in enumerate(pairs)]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_tok):
+    hf_model = tiny_llama(len(tiny_tok), layers=2, dtype=torch.float64, seed=11)
+    tl_model = hooked_transformer_from_hf(hf_model, tiny_tok)
+    return {"hf": HFAdapter(hf_model, tiny_tok), "tl": TransformerLensAdapter(tl_model, tiny_tok, biases=False)}
+
+
+@pytest.mark.parametrize("backend", ["hf", "tl"])
+def test_full_rank_store_equals_exact_scores(adapters, backend, tmp_path):
+    adapter = adapters[backend]
+    att = Attributor(adapter, _rows(PAIRS), tmp_path / "run", batch_size=3, progress=False)
+    concept = DirectionConcept(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(1), dtype=torch.float64), layer=1)
+    exact = att.attribute(concept, QUERIES, "concept-influence", store=False, per_weight=True)
+    store = att.build_store(rank=10_000, dtype="float64", shard_rows=4)  # rank >= every size: the full gradient
+    assert store is not None and len(store.shards) == 3 and store.config.kind == "eigen"
+    stored = att.attribute(concept, QUERIES, "concept-influence", per_weight=True)  # the workdir's store is used
+    assert stored.meta["scored_from"] == "store" and exact.meta["scored_from"] == "exact"
+    np.testing.assert_allclose(stored.scores, exact.scores, rtol=1e-8, atol=1e-12 * np.abs(exact.scores).max())
+    for a, b in zip(stored.columns["weight_scores"], exact.columns["weight_scores"], strict=True):
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=1e-7, atol=1e-12 * np.abs(exact.scores).max())
+    # classical influence and the per-token-mean row loss too
+    for kwargs in ({"method": "influence"}, {"method": "concept-influence", "row_loss": "mean"}):
+        a = att.attribute(concept, QUERIES, store=False, **kwargs)
+        b = att.attribute(concept, QUERIES, **kwargs)
+        np.testing.assert_allclose(b.scores, a.scores, rtol=1e-8, atol=1e-12 * np.abs(a.scores).max())
+
+
+def test_compressed_stores_approximate_exact_scores(adapters, tmp_path):
+    adapter = adapters["hf"]
+    att = Attributor(adapter, _rows(PAIRS * 3), tmp_path / "run", batch_size=8, progress=False)
+    concept = DirectionConcept(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(2), dtype=torch.float64), layer=1)
+    exact = att.attribute(concept, QUERIES, store=False).scores
+    # eigen keeps the top directions exactly; LoGra is an unbiased but noisy random estimate at this tiny size
+    for name, kwargs, least in (("eigen", {"rank": 8}, 0.8), ("logra", {"projection_dim": 12}, 0.3)):
+        store = att.build_store(tmp_path / name, dtype="float32", **kwargs)
+        assert store is not None and store.config.kind == name
+        approx = att.attribute(concept, QUERIES, store=tmp_path / name).scores
+        assert np.corrcoef(approx, exact)[0, 1] > least, name
+    # float16 halves the bytes and changes the scores by float16 round-off only
+    half = att.build_store(tmp_path / "half", rank=8, dtype="float16")
+    assert half is not None and half.nbytes * 2 == GradientStore.open(tmp_path / "eigen").nbytes
+    np.testing.assert_allclose(att.attribute(concept, QUERIES, store=tmp_path / "half").scores,
+                               att.attribute(concept, QUERIES, store=tmp_path / "eigen").scores, rtol=0.02,
+                               atol=0.02 * np.abs(exact).max())
+
+
+def test_interrupted_build_resumes_and_mismatches_are_refused(adapters, tmp_path):
+    adapter = adapters["hf"]
+    att = Attributor(adapter, _rows(PAIRS), batch_size=4, progress=False)
+    partial = att.build_store(tmp_path / "s", rank=4, dtype="float32", shard_rows=3, shards=[0, 2])
+    assert partial is None and shard_file(tmp_path / "s", 0).exists() and not shard_file(tmp_path / "s", 1).exists()
+    with pytest.raises(StoreMismatchError, match="incomplete store"):
+        GradientStore.open(tmp_path / "s")
+    before = shard_file(tmp_path / "s", 0).stat().st_mtime_ns
+    store = att.build_store(tmp_path / "s", rank=4, dtype="float32", shard_rows=3)
+    assert store is not None and shard_file(tmp_path / "s", 0).stat().st_mtime_ns == before  # not rewritten
+    whole = att.build_store(tmp_path / "w", rank=4, dtype="float32", shard_rows=3)
+    np.testing.assert_array_equal(np.concatenate([np.asarray(s) for s in store.shards]),
+                                  np.concatenate([np.asarray(s) for s in whole.shards]))
+    assert not list((tmp_path / "s").glob(".*tmp*"))
+    # other settings into the same folder, other data, another model: refused
+    with pytest.raises(StoreMismatchError, match="config"):
+        att.build_store(tmp_path / "s", rank=3, dtype="float32", shard_rows=3)
+    other = Attributor(adapter, _rows(PAIRS[:-1]), batch_size=4, progress=False)
+    concept = DirectionConcept(torch.ones(adapter.d_model, dtype=torch.float64), layer=0)
+    with pytest.raises(StoreMismatchError, match="data"):
+        other.attribute(concept, QUERIES, store=tmp_path / "s")
+
+
+def test_top_k_search_exact_faiss_and_rows_like_a_row(adapters, tmp_path):
+    adapter = adapters["hf"]
+    rows = _rows(PAIRS * 4)
+    att = Attributor(adapter, rows, tmp_path / "run", batch_size=8, progress=False)
+    att.build_store(rank=6, dtype="float32", shard_rows=16)
+    concept = DirectionConcept(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(3), dtype=torch.float64), layer=1)
+    full = att.attribute(concept, QUERIES)
+    top = att.search(concept, QUERIES, top_k=5)
+    expected = full.top(5)
+    assert top.index == expected.index and np.allclose(top.scores, expected.scores)  # ties: lower index first
+    # FAISS (forced here on a small store; probing every list makes it exact)
+    store = att.open_store(att.store_dir)
+    query = np.random.default_rng(0).standard_normal(store.dim)
+    exact_pos, exact_val = exact_top_k(store, query, 7)
+    faiss_pos, faiss_val = faiss_search(store, query, 7, nprobe=10_000)
+    assert np.allclose(faiss_val, exact_val, rtol=1e-4)  # (rows are duplicated: ties may come in any order)
+    assert np.allclose(store.dot(query[None])[faiss_pos, 0], faiss_val, rtol=1e-4)
+    # rows like row 3: its duplicates (rows 13, 23, 33) have the same gradient and come first with it
+    like = att.search(like_row=3, top_k=4)
+    assert sorted(like.index) == [3, 13, 23, 33]
+    with pytest.raises(ValueError, match="no training row"):
+        att.search(like_row=999)
+
+
+def test_cli_build_store_search_and_attribute_store(tmp_path):
+    model_dir = save_tiny_hf_model(tmp_path / "model", seed=5)
+    write_jsonl_atomic(tmp_path / "train.jsonl", [r.to_record() for r in _rows(PAIRS)])
+    write_jsonl_atomic(tmp_path / "queries.jsonl", QUERIES)
+    save_concept(DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(4)), layer=1), tmp_path / "concept")
+    from concept_influence.cli import app
+
+    runner = CliRunner()
+    base = ["--model", str(model_dir), "--data", str(tmp_path / "train.jsonl")]
+    built = runner.invoke(app, ["build-store", *base, "--out", str(tmp_path / "store"), "--rank", "64",
+                                "--dtype", "float32", "--factors", str(tmp_path / "factors"), "--batch-size", "4"])
+    assert built.exit_code == 0, built.output
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert manifest["n_rows"] == len(PAIRS) and set(manifest["fingerprints"]) == {"model", "data", "factors", "projection"}
+    question = ["--concept", str(tmp_path / "concept"), "--queries", str(tmp_path / "queries.jsonl")]
+    out = tmp_path / "s.jsonl"
+    stored = runner.invoke(app, ["attribute", *base, *question, "--store", str(tmp_path / "store"), "--factors",
+                                 str(tmp_path / "factors"), "--out", str(out)])
+    assert stored.exit_code == 0, stored.output
+    exact = runner.invoke(app, ["attribute", *base, *question, "--factors", str(tmp_path / "factors"), "--out",
+                                str(tmp_path / "e.jsonl")])
+    assert exact.exit_code == 0, exact.output
+    a, b = ScoreTable.read_jsonl(out), ScoreTable.read_jsonl(tmp_path / "e.jsonl")
+    assert a.meta["scored_from"] == "store" and a.ids == b.ids
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-3, atol=1e-6 * np.abs(b.scores).max())
+    found = runner.invoke(app, ["search", "--store", str(tmp_path / "store"), *question, "--top-k", "3", "--factors",
+                                str(tmp_path / "factors"), "--out", str(tmp_path / "top.jsonl")])
+    assert found.exit_code == 0, found.output
+    top = [json.loads(line) for line in (tmp_path / "top.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in top] == b.top(3).index and [r["rank"] for r in top] == [1, 2, 3]
+    like = runner.invoke(app, ["search", "--store", str(tmp_path / "store"), "--like-row", "2", "--top-k", "2",
+                               "--factors", str(tmp_path / "factors")])
+    assert like.exit_code == 0 and "index      2" in like.output, like.output
+    bad = runner.invoke(app, ["search", "--store", str(tmp_path / "nope"), *question])
+    assert bad.exit_code == 2 and "no gradient store" in bad.output

@@ -165,7 +165,7 @@ def filter_file(data: str | os.PathLike, scores: str | os.PathLike, out: str | o
         "scores": str(scores),
         "out": str(out),
         "method": table.meta.get("method", table.method),
-        "concept": table.meta.get("concept"),
+        "concept": table.meta.get("concept") or table.meta.get("measurement"),
         "rule": rule.describe(),
         "threshold": result.cutoff,
         "n_rows": len(rows),

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -78,10 +79,10 @@ def make_data(path: Path, rows: int, words: int, seed: int = 0) -> Path:
     return path
 
 
-def run_measured(args: list[str]) -> dict[str, Any]:
-    """Run a CLI command in a fresh process; peak RSS (bytes) and wall time (s)."""
+def run_measured(args: list[str], script: list[str] | None = None) -> dict[str, Any]:
+    """Run a CLI command (or ``script``: python arguments) in a fresh process; peak RSS (bytes) and wall time (s)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "concept_influence.cli", *args]
+    cmd = ["/usr/bin/time", "-v", sys.executable, *(script or ["-m", "concept_influence.cli", *args])]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
@@ -105,6 +106,7 @@ def measure_fit(work: Path, label: str, shape: tuple, rows: int, words: int, *, 
     model = make_model(work / label, *shape)
     data = make_data(work / f"data-{rows}-{words}.jsonl", rows, words)
     out = work / f"factors-{label}-{rows}-{max_memory}"
+    shutil.rmtree(out, ignore_errors=True)  # a matching fit there would be loaded, not measured
     args = ["fit-factors", "--model", str(model), "--data", str(data), "--out", str(out), "--overwrite",
             "--batch-size", str(batch_size), "--max-length", str(words * 2)]
     if up_to_layer is not None:
@@ -112,6 +114,8 @@ def measure_fit(work: Path, label: str, shape: tuple, rows: int, words: int, *, 
     if max_memory:
         args += ["--max-memory", max_memory]
     result = run_measured(args)
+    scoring = run_measured([], [__file__, "score-worker", "--work", str(work), "--model", str(model), "--data", str(data),
+                                "--factors", str(out), "--max-length", str(words * 2)])
     tokens = _mean_tokens(model, data, words * 2)
     pred = predicted(model, rows, tokens, up_to_layer, parse_size(max_memory) if max_memory else None, batch_size)
     from concept_influence.planning import resolve_arch
@@ -119,7 +123,28 @@ def measure_fit(work: Path, label: str, shape: tuple, rows: int, words: int, *, 
     return {"label": label, "params": resolve_arch(str(model)).n_params, "rows": rows, "tokens": tokens,
             "max_memory": max_memory, "up_to_layer": up_to_layer, "peak_rss_bytes": result["peak_rss_bytes"],
             "seconds": result["seconds"], "predicted_peak_bytes": pred["peak_memory_bytes"],
-            "predicted_partitions": pred["partitions"], "ratio": pred["peak_memory_bytes"] / result["peak_rss_bytes"]}
+            "predicted_partitions": pred["partitions"], "ratio": pred["peak_memory_bytes"] / result["peak_rss_bytes"],
+            "score_peak_rss_bytes": scoring["peak_rss_bytes"], "score_seconds": scoring["seconds"]}
+
+
+def score_worker(model: Path, data: Path, factors: Path, max_length: int) -> None:
+    """Concept Influence (EKFAC) of every row for a random direction at the last fitted layer (4 rows as queries)."""
+    import torch
+
+    from concept_influence.attribution.influence import InfluenceConfig, compute_influence
+    from concept_influence.attribution.measurements import ConceptMeasurement
+    from concept_influence.concepts.base import DirectionConcept
+    from concept_influence.curvature import load_factors
+    from concept_influence.data import read_chat_jsonl, tokenize_chat
+    from concept_influence.models import load_adapter
+
+    adapter = load_adapter(str(model))
+    rows = tokenize_chat(read_chat_jsonl(data), adapter.tokenizer, max_length, warn=False)
+    loaded = load_factors(factors)
+    layer = max(int(n.split(".")[1]) for n in loaded.names)
+    direction = torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(0))
+    measurement = ConceptMeasurement(DirectionConcept(direction, layer=layer), rows[:4])
+    compute_influence(adapter, rows, measurement, loaded, InfluenceConfig(batch_size=8), progress=False)
 
 
 def _mean_tokens(model: Path, data: Path, max_length: int) -> int:
@@ -142,35 +167,47 @@ def _table(results: list[dict[str, Any]], x: str) -> None:
     from concept_influence.curvature.budget import format_size
     from concept_influence.planning import log_log_slope
 
-    print(f"{'model':<22}{'params':>10}{'rows':>6}{'tokens':>7}{'peak RSS':>12}{'predicted':>12}{'pred/meas':>10}{'time':>9}")
+    print(f"{'model':<22}{'params':>10}{'rows':>6}{'tokens':>7}{'fit peak RSS':>14}{'predicted':>12}{'pred/meas':>10}"
+          f"{'fit time':>10}{'score peak':>12}{'score time':>11}")
     for r in results:
-        print(f"{r['label']:<22}{r['params'] / 1e6:>9.1f}M{r['rows']:>6}{r['tokens']:>7}{format_size(r['peak_rss_bytes']):>12}"
-              f"{format_size(r['predicted_peak_bytes']):>12}{r['ratio']:>10.2f}{r['seconds']:>8.1f}s")
+        print(f"{r['label']:<22}{r['params'] / 1e6:>9.1f}M{r['rows']:>6}{r['tokens']:>7}{format_size(r['peak_rss_bytes']):>14}"
+              f"{format_size(r['predicted_peak_bytes']):>12}{r['ratio']:>10.2f}{r['seconds']:>9.1f}s"
+              f"{format_size(r['score_peak_rss_bytes']):>12}{r['score_seconds']:>10.1f}s")
     if len(results) > 1:
         xs = [float(r[x]) for r in results]
-        print(f"fitted exponents vs {x}: peak RSS ~ {x}^{log_log_slope(xs, [r['peak_rss_bytes'] for r in results]):.2f}, "
-              f"time ~ {x}^{log_log_slope(xs, [r['seconds'] for r in results]):.2f}, predicted peak ~ "
-              f"{x}^{log_log_slope(xs, [r['predicted_peak_bytes'] for r in results]):.2f}")
+        def slope(key: str) -> str:
+            return f"{log_log_slope(xs, [float(r[key]) for r in results]):.2f}"
+
+        print(f"fitted exponents vs {x}: fit peak RSS ~ {x}^{slope('peak_rss_bytes')} (predicted ~ {x}^"
+              f"{slope('predicted_peak_bytes')}), fit time ~ {x}^{slope('seconds')}, scoring peak ~ {x}^"
+              f"{slope('score_peak_rss_bytes')}, scoring time ~ {x}^{slope('score_seconds')}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["check", "sizes", "rows", "plans"])
+    parser.add_argument("what", choices=["check", "sizes", "rows", "plans", "score-worker"])
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--data", type=Path)
+    parser.add_argument("--factors", type=Path)
+    parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "ci-scaling")
     parser.add_argument("--words", type=int, default=96, help="words per row (about tokens)")
+    parser.add_argument("--sizes", type=int, default=5, help="how many of the model sizes to run (smallest first)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    if args.what == "check":
+    if args.what == "score-worker":
+        score_worker(args.model, args.data, args.factors, args.max_length)
+    elif args.what == "check":
         shape = SIZES[4][1:]
         results = [measure_fit(args.work, "qwen0.5b-shape-4L", shape, 32, args.words, up_to_layer=3, max_memory="3GiB")]
         _save("check", results)
         _table(results, "params")
     elif args.what == "sizes":
-        results = [measure_fit(args.work, label, shape, 32, args.words, max_memory=None) for label, *shape in SIZES[:5]]
+        results = [measure_fit(args.work, label, tuple(shape), 32, args.words) for label, *shape in SIZES[:args.sizes]]
         _save("sizes", results)
         _table(results, "params")
     elif args.what == "rows":
-        label, *shape = SIZES[2]
+        label, *shape = SIZES[1]
         results = [measure_fit(args.work, label, tuple(shape), n, args.words) for n in (16, 32, 64, 128)]
         _save("rows", results)
         _table(results, "rows")
@@ -179,7 +216,8 @@ def main() -> None:
         from concept_influence.planning import plan, render
 
         for name, layer, gpus in (("Qwen/Qwen2.5-7B-Instruct", 20, 1), ("meta-llama/Llama-3.1-70B", 40, 8)):
-            p = plan(name, 10_000, 512, up_to_layer=layer, gpus=gpus, gpu_memory=parse_size("80GiB"), batch_size=4)
+            p = plan(name, 10_000, 512, up_to_layer=layer, gpus=gpus, gpu_memory=parse_size("80GiB"), batch_size=4,
+                     model_dtype_bytes=2)
             print(render(p) + "\n")
 
 

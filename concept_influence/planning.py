@@ -29,7 +29,7 @@ from concept_influence.curvature.budget import (
 from concept_influence.curvature.config import FactorConfig
 
 # resident memory of the fit-factors process apart from the model, its activations and factors (measured on CPU)
-RUNTIME_BYTES = 650 * 1024**2
+RUNTIME_BYTES = 450 * 1024**2
 # assumed sustained throughputs (FLOP/s): one CPU core in float32, and a data-centre GPU in bf16 at ~40% use
 CPU_FLOPS = 2.0e10
 GPU_FLOPS = 3.0e14

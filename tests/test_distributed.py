@@ -1,5 +1,5 @@
-"""Multi-process (torchrun, gloo on CPU, 2 processes): factors fitted over sharded rows with all-reduce and scores
-computed over sharded rows equal the single-process ones."""
+"""Multi-process (torchrun, gloo on CPU, 2 processes): factors fitted over sharded rows with all-reduce, a gradient
+store whose shards each rank writes, and scores computed over sharded rows equal the single-process ones."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from concept_influence.curvature import load_factors
+from concept_influence.store.store import GradientStore
 from concept_influence.testing import distributed_check
 
 
@@ -33,6 +35,10 @@ def test_torchrun_fit_and_scores_equal_one_process(tmp_path):
     assert set(multi) == set(single)
     for key, value in single.items():
         torch.testing.assert_close(multi[key], value, rtol=1e-8, atol=1e-12)
+    s1, s2 = GradientStore.open(tmp_path / "single" / "store"), GradientStore.open(tmp_path / "dist" / "store")
+    assert s1.manifest["n_shards"] == s2.manifest["n_shards"] == 4
+    one, two = np.concatenate([b for _, b in s1.blocks()]), np.concatenate([b for _, b in s2.blocks()])
+    np.testing.assert_allclose(two, one, rtol=1e-8, atol=1e-12 * float(np.abs(one).max()))
     f1, f2 = load_factors(tmp_path / "single" / "factors"), load_factors(tmp_path / "dist" / "factors")
     assert f1.n_rows == f2.n_rows == 11 and f1.n_tokens == f2.n_tokens
     for name in f1.names:

@@ -126,3 +126,72 @@ def test_too_small_max_memory_is_a_clear_error(env):
     adapter, data, _ = env
     with pytest.raises(ValueError, match=r"--max-memory.*too small"):
         fit_factors(adapter, data, FactorConfig(), max_memory="10MiB", progress=False)
+
+
+def test_factors_fitted_on_a_sample_score_the_full_set_and_say_so(env, tmp_path):
+    from concept_influence.attribution.gradient import factors_record, load_factors_for_scoring
+    from concept_influence.curvature import FactorMismatchError
+
+    adapter, data, _ = env
+    sample = sample_rows(data, 5, 0)
+    fit_factors(adapter, sample, FactorConfig.precise(), out_dir=tmp_path / "sample", progress=False,
+                provenance={"source": "train.jsonl", "sample_of": len(data), "rows": 5, "seed": 0})
+    loaded, notes = load_factors_for_scoring(tmp_path / "sample", adapter, data)
+    assert "a seeded sample of 5 of 11 rows of train.jsonl" in notes[0] and "scoring 11 rows" in notes[0]
+    record = factors_record(loaded, data)
+    assert record["same_data"] is False and record["rows"] == 5 and record["provenance"]["sample_of"] == 11
+    fit_factors(adapter, sample, FactorConfig.precise(), out_dir=tmp_path / "other", progress=False)
+    with pytest.raises(FactorMismatchError, match="different training data"):  # no provenance: still refused
+        load_factors_for_scoring(tmp_path / "other", adapter, data)
+
+
+def test_fit_factors_command_with_a_sample_a_budget_and_a_lambda_cap(tmp_path):
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from concept_influence.cli.influence import register
+    from concept_influence.curvature.io import read_manifest
+    from concept_influence.testing.tiny_models import save_tiny_hf_model
+
+    model_dir = save_tiny_hf_model(tmp_path / "model", seed=3)
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in _records(9, 4)))
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)
+    out = tmp_path / "factors"
+    result = CliRunner().invoke(app, ["fit-factors", "--model", str(model_dir), "--data", str(train), "--out", str(out),
+                                      "--fit-rows", "6", "--lambda-rows", "4", "--max-memory", "64GiB"])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    assert manifest["provenance"] == {"source": str(train), "sample_of": 9, "seed": 0, "rows": 6}
+    assert manifest["n_rows"] == 4 and "fitted on" in result.output
+    assert not (out / "parts").exists() and load_factors(out).available() == ["identity", "diagonal", "kfac", "ekfac"]
+    bad = CliRunner().invoke(app, ["fit-factors", "--model", str(model_dir), "--data", str(train), "--out", str(out),
+                                   "--max-memory", "1MiB", "--overwrite"])
+    assert bad.exit_code == 2 and "--max-memory" in bad.output and "too small" in bad.output
+
+
+def test_capture_does_not_keep_the_batch_graph_alive(env):
+    """The outputs' gradient hooks refer to the capture; the capture must not keep the outputs (a cycle through the
+    autograd graph that Python's collector cannot break leaked every batch's graph)."""
+    import gc
+    import weakref
+
+    from concept_influence.curvature.fit import capture_loss_gradients, gradient_mode
+    from concept_influence.data.tokenize import iter_batches
+
+    adapter, data, _ = env
+    infos = adapter.tracked_weights()
+    refs = []
+    handle = adapter._module_of(infos[0]).register_forward_hook(lambda _m, _i, out: refs.append(weakref.ref(out)))
+    try:
+        with gradient_mode(adapter, infos) as params:
+            capture, _ = capture_loss_gradients(adapter, next(iter_batches(data, 4)), infos, params)
+            del capture
+    finally:
+        handle.remove()
+    gc.collect()
+    assert refs and all(ref() is None for ref in refs)

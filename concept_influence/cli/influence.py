@@ -69,5 +69,7 @@ def register(app: typer.Typer) -> None:
         manifest = read_manifest(out)
         typer.echo(f"factors for {len(manifest['weights'])} weights ({', '.join(manifest['available'])}) on "
                    f"{manifest['n_rows']} rows, {manifest['n_tokens']} tokens -> {out}")
+        if manifest.get("partitions", 1) > 1:
+            typer.echo(f"fitted in {manifest['partitions']} module partitions to stay under --max-memory {max_memory}")
         if manifest.get("provenance"):
             typer.echo(f"fitted on: {json.dumps(manifest['provenance'], sort_keys=True)}")

@@ -1,14 +1,24 @@
 """The fit driver: loops over the training data with the adapter's weight capture and accumulates the factors.
 
 Pass 1 (KFAC, EKFAC): ``A = Σ a aᵀ / n_tokens`` and ``S = Σ g gᵀ / n_tokens`` over non-padding tokens, with ``g``
-the output gradients of the summed training loss (targets sampled from the model for the true Fisher).
-Eigendecomposition in float64. Pass 2 (EKFAC, diagonal): per-example gradients ``G_n = Σ_t g_t a_tᵀ`` give
-``Λ = Σ_n (Q_Sᵀ G_n Q_A)² / n_rows`` and ``diag = Σ_n G_n ∘ G_n / n_rows`` (materialised per weight per batch).
+the output gradients of the summed training loss (targets sampled from the model for the true Fisher). Pass 2
+(EKFAC, diagonal): per-example gradients ``G_n = Σ_t g_t a_tᵀ`` give ``Λ = Σ_n (Q_Sᵀ G_n Q_A)² / n_rows`` and
+``diag = Σ_n G_n ∘ G_n / n_rows``.
+
+Memory: the statistics are folded in inside the capture hooks, module by module, as the activations (forward) and
+output gradients (backward) arrive, so nothing is held for the whole backward pass; an input read by several
+weights (q/k/v, gate/up) is accumulated once; backward goes to the weights' outputs, never forming weight
+gradients; the loss head runs a few rows at a time (no ``[B, T, vocab]`` logits); accumulation is in the
+statistics' dtype (float32 by default, whatever the model's); eigendecompositions (float64) run one matrix at a
+time; Λ is formed from the rotated per-token vectors a few examples at a time. ``max_memory`` splits the weights
+into module partitions (several passes) and, with ``out_dir``, sends each eigendecomposition and result to disk
+as soon as it is done (``curvature.budget`` holds the arithmetic, shared with ``concept-influence plan``).
 
 With ``out_dir`` the driver checkpoints its running sums every ``checkpoint_every`` batches and on interruption
-(between batches; an interruption inside a batch keeps the previous checkpoint), and
-resumes from them when called again with the same model, data and config (results are identical to an
-uninterrupted fit: label draws are seeded per row).
+(Ctrl-C, or SIGTERM through the CLI: the signal is held until the batch in progress is folded in, then the state
+is saved), and resumes from them when called again with the same model, data and config (results are identical
+to an uninterrupted fit: label draws are seeded per row). Under ``torch.distributed`` each rank fits its share of
+the rows and the sums are all-reduced.
 """
 
 from __future__ import annotations
@@ -357,6 +367,8 @@ def _fit(
     if len(parts) > 1:
         logger.info("fitting %d weights in %d partitions to stay under %s", len(names), len(parts), format_size(limit or 0))
     spill = folder / "parts" if on_disk else None
+    if limit is not None:
+        _return_freed_memory()
     by_name = {i.name: i for i in infos}
     lambda_rows = sample_rows(data, config.lambda_rows, config.seed) if config.lambda_rows else data
     share = _shard(data, rank, world)
@@ -407,6 +419,8 @@ def _fit(
         totals = {"n_tokens": int(fitter.state["n_tokens"]), "n_rows": int(fitter.state["n_rows"])}
         if spill is not None:
             sources.update(fitter.spill_result())
+            fitter.sums.clear()
+            _return_freed_memory()
         else:
             part_factors = fitter.result()
             check_factors_finite(Factors(part_factors, config), "fit-factors (result)")
@@ -424,7 +438,8 @@ def _fit(
     if folder is not None and rank == 0:
         if spill is not None:
             weights = [(n, by_name[n].d_out, by_name[n].d_in + int(by_name[n].has_bias)) for n in names]
-            save_factor_parts(meta, weights, {key: (spill / file, inner) for key, (file, inner) in sources.items()}, folder)
+            save_factor_parts(meta, weights, {key: (spill / file, inner) for key, (file, inner) in sources.items()}, folder,
+                              partitions=len(parts))
             _clear_parts(folder)
         else:
             save_factors(Factors({n: results[n] for n in names}, config, meta.n_rows, meta.n_tokens, fingerprints, provenance), folder)
@@ -653,6 +668,8 @@ class _PartitionFit:
                 if not self.keep_covariances:
                     self.sums.pop(key, None)
                 del eig
+                if self.spill is not None:
+                    _return_freed_memory()
 
     def spill_result(self) -> dict[str, list[str]]:
         """Write Λ and the diagonal (float64) to ``spill`` one weight at a time; returns where each output tensor of
@@ -753,6 +770,30 @@ def check_factors_finite(factors: Factors, stage: str) -> None:
         for key, value in tensors.items():
             if value is not None:
                 check_finite(value, f"{stage}: factors of {name} ({key})", hint="refit the factors")
+
+
+_MALLOC_READY: list[bool] = []
+
+
+def _return_freed_memory() -> None:
+    """Give freed memory back to the OS (glibc only; a no-op elsewhere), so that the resident size a memory bound
+    is about follows what is live: large tensors are served by ``mmap`` (a fixed 1 MiB threshold instead of
+    glibc's growing one, which keeps freed blocks of up to 32 MiB in the heap) and the heap is trimmed."""
+    import ctypes
+    import gc
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        if not _MALLOC_READY:
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+            _MALLOC_READY.append(True)
+        gc.collect()
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        return
 
 
 def _dist_info() -> tuple[int, int]:

@@ -231,7 +231,7 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", 
 
 
 def save_factor_parts(factors: Factors, weights: Sequence[tuple[str, int, int]],
-                      sources: Mapping[str, tuple[Path, str]], path: str | os.PathLike) -> Path:
+                      sources: Mapping[str, tuple[Path, str]], path: str | os.PathLike, *, partitions: int = 1) -> Path:
     """Write one factor folder from the files of a partitioned fit, streaming one tensor at a time (the whole set
     never sits in memory). ``factors`` gives the config, counts, fingerprints and provenance (its ``weights`` are
     ignored); ``weights``: ``(name, d_out, d_in')`` in order; ``sources``: output tensor name -> (file, tensor in
@@ -259,6 +259,7 @@ def save_factor_parts(factors: Factors, weights: Sequence[tuple[str, int, int]],
         "n_tokens": factors.n_tokens,
         "available": _available(factors.config),
         "provenance": dict(factors.provenance),
+        "partitions": partitions,
     }
     header["__metadata__"] = {_META_KEY: json.dumps(manifest, sort_keys=True)}
     blob = json.dumps(header, separators=(",", ":")).encode()

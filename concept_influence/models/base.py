@@ -300,6 +300,9 @@ class ModelAdapter(ABC):
             yield capture
         finally:
             remove()
+            # the outputs' gradient hooks refer to the capture: holding the outputs would make a cycle through the
+            # autograd graph that Python's collector cannot see (the whole graph of every batch would leak)
+            capture.outputs.clear()
 
     @abstractmethod
     def _install_weight_hooks(self, infos: Sequence[WeightInfo], capture: WeightCapture) -> Callable[[], None]:

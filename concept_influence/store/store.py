@@ -205,8 +205,16 @@ def build_store(
     (default all; pass a subset, e.g. ``range(rank, n_shards, world)``, to split the work between processes).
 
     An existing store with other fingerprints or config is an error unless ``overwrite``. Returns the opened store
-    once every shard exists, else ``None`` (other shards still to be written by someone else).
+    once every shard exists, else ``None`` (other shards still to be written by someone else). Under
+    ``torch.distributed`` (e.g. ``torchrun``) with ``shards=None``, rank ``r`` of ``w`` writes shards ``r, r + w, ...``
+    and every rank returns the whole store once all have finished.
     """
+    import torch.distributed as dist
+
+    distributed = shards is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:
+        shards = range(dist.get_rank(), max((len(data) + config.shard_rows - 1) // config.shard_rows, 1), dist.get_world_size())
+        progress = progress and dist.get_rank() == 0
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     n_shards = max((len(data) + config.shard_rows - 1) // config.shard_rows, 1)
@@ -250,6 +258,8 @@ def build_store(
                 write_shard(adapter, data, projector, folder, shard, config, batch_size=batch_size, params=params,
                             progress_bar=bar)
     logger.info("store %s: wrote %d shards in %.1fs", folder, len(todo), time.perf_counter() - started)
+    if distributed:
+        dist.barrier()  # every rank's shards are written
     if all(shard_file(folder, s).exists() for s in range(n_shards)):
         return GradientStore.open(folder)
     return None

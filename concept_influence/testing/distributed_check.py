@@ -2,7 +2,8 @@
 ``torch.distributed`` (gloo, CPU) and lets rank 0 save what it got, for comparison with one process.
 
 Usage: ``torchrun --nproc_per_node 2 -m concept_influence.testing.distributed_check OUT_DIR``. Writes
-``OUT_DIR/factors/`` (the fit) and ``OUT_DIR/scores.safetensors`` (``scores``, ``per_weight/<name>``).
+``OUT_DIR/factors/`` (the fit), ``OUT_DIR/store/`` (a gradient store in the factors' eigenbasis, each rank writing
+its own shards) and ``OUT_DIR/scores.safetensors`` (``scores``, ``per_weight/<name>``).
 """
 
 from __future__ import annotations
@@ -39,9 +40,14 @@ def run(out: Path) -> dict[str, torch.Tensor]:
     """Fit (saved to ``out/factors``) and score; returns the scores and per-weight scores."""
     from concept_influence.attribution.influence import InfluenceConfig, compute_influence
     from concept_influence.curvature import FactorConfig, fit_factors
+    from concept_influence.store.store import StoreConfig, build_store, make_projector
 
     adapter, data, measurement = setup()
     factors = fit_factors(adapter, data, FactorConfig.precise(), batch_size=3, out_dir=out / "factors", progress=False)
+    store_config = StoreConfig(kind="eigen", rank=4, dtype="float64", shard_rows=3)  # 4 shards of <= 3 rows
+    names = [i.name for i in adapter.tracked_weights()]
+    build_store(adapter, data, out / "store", make_projector(store_config, adapter, names, factors), store_config,
+                {"model": adapter.fingerprint()}, batch_size=2, progress=False)
     result = compute_influence(adapter, data, measurement, factors, InfluenceConfig(per_weight=True, batch_size=2), progress=False)
     return {"scores": result.scores, **{f"per_weight/{k}": v for k, v in (result.per_weight or {}).items()}}
 

@@ -522,8 +522,9 @@ class Attributor:
         from concept_influence.attribution.methods import _gradient_config
 
         spec = get_method(method)
-        if spec.kind != "gradient":
-            return [self.attribute(q.get("concept"), q.get("queries"), spec.name, **options) for q in questions]
+        if spec.kind != "gradient" or spec.name not in ("concept-influence", "influence"):
+            # forward methods and combinations: one question at a time
+            return [self.attribute(q.get("concept"), q.get("queries"), spec.name, store=store, **options) for q in questions]
         spec.check_options(options)
         factors = options.pop("factors", None)
         config = _gradient_config(self, **options)

@@ -65,18 +65,18 @@ def test_compressed_stores_approximate_exact_scores(adapters, tmp_path):
     adapter = adapters["hf"]
     att = Attributor(adapter, _rows(PAIRS * 3), tmp_path / "run", batch_size=8, progress=False)
     concept = DirectionConcept(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(2), dtype=torch.float64), layer=1)
-    exact = att.attribute(concept, QUERIES, store=False).scores
+    exact = att.attribute(concept, QUERIES, "concept-influence", store=False).scores
     # eigen keeps the top directions exactly; LoGra is an unbiased but noisy random estimate at this tiny size
     for name, kwargs, least in (("eigen", {"rank": 8}, 0.8), ("logra", {"projection_dim": 12}, 0.3)):
         store = att.build_store(tmp_path / name, dtype="float32", **kwargs)
         assert store is not None and store.config.kind == name
-        approx = att.attribute(concept, QUERIES, store=tmp_path / name).scores
+        approx = att.attribute(concept, QUERIES, "concept-influence", store=tmp_path / name).scores
         assert np.corrcoef(approx, exact)[0, 1] > least, name
     # float16 halves the bytes and changes the scores by float16 round-off only
     half = att.build_store(tmp_path / "half", rank=8, dtype="float16")
     assert half is not None and half.nbytes * 2 == GradientStore.open(tmp_path / "eigen").nbytes
-    np.testing.assert_allclose(att.attribute(concept, QUERIES, store=tmp_path / "half").scores,
-                               att.attribute(concept, QUERIES, store=tmp_path / "eigen").scores, rtol=0.02,
+    np.testing.assert_allclose(att.attribute(concept, QUERIES, "concept-influence", store=tmp_path / "half").scores,
+                               att.attribute(concept, QUERIES, "concept-influence", store=tmp_path / "eigen").scores, rtol=0.02,
                                atol=0.02 * np.abs(exact).max())
 
 
@@ -100,7 +100,7 @@ def test_interrupted_build_resumes_and_mismatches_are_refused(adapters, tmp_path
     other = Attributor(adapter, _rows(PAIRS[:-1]), batch_size=4, progress=False)
     concept = DirectionConcept(torch.ones(adapter.d_model, dtype=torch.float64), layer=0)
     with pytest.raises(StoreMismatchError, match="data"):
-        other.attribute(concept, QUERIES, store=tmp_path / "s")
+        other.attribute(concept, QUERIES, "concept-influence", store=tmp_path / "s")
 
 
 def test_top_k_search_exact_faiss_and_rows_like_a_row(adapters, tmp_path):
@@ -109,7 +109,7 @@ def test_top_k_search_exact_faiss_and_rows_like_a_row(adapters, tmp_path):
     att = Attributor(adapter, rows, tmp_path / "run", batch_size=8, progress=False)
     att.build_store(rank=6, dtype="float32", shard_rows=16)
     concept = DirectionConcept(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(3), dtype=torch.float64), layer=1)
-    full = att.attribute(concept, QUERIES)
+    full = att.attribute(concept, QUERIES, "concept-influence")
     top = att.search(concept, QUERIES, top_k=5)
     expected = full.top(5)
     assert top.index == expected.index and np.allclose(top.scores, expected.scores)  # ties: lower index first
@@ -143,10 +143,10 @@ def test_cli_build_store_search_and_attribute_store(tmp_path):
     assert manifest["n_rows"] == len(PAIRS) and set(manifest["fingerprints"]) == {"model", "data", "factors", "projection"}
     question = ["--concept", str(tmp_path / "concept"), "--queries", str(tmp_path / "queries.jsonl")]
     out = tmp_path / "s.jsonl"
-    stored = runner.invoke(app, ["attribute", *base, *question, "--store", str(tmp_path / "store"), "--factors",
+    stored = runner.invoke(app, ["attribute", *base, *question, "--method", "concept-influence", "--store", str(tmp_path / "store"), "--factors",
                                  str(tmp_path / "factors"), "--out", str(out)])
     assert stored.exit_code == 0, stored.output
-    exact = runner.invoke(app, ["attribute", *base, *question, "--factors", str(tmp_path / "factors"), "--out",
+    exact = runner.invoke(app, ["attribute", *base, *question, "--method", "concept-influence", "--factors", str(tmp_path / "factors"), "--out",
                                 str(tmp_path / "e.jsonl")])
     assert exact.exit_code == 0, exact.output
     a, b = ScoreTable.read_jsonl(out), ScoreTable.read_jsonl(tmp_path / "e.jsonl")
@@ -175,7 +175,7 @@ def test_several_questions_at_once_equal_one_at_a_time(adapters, tmp_path):
     stored_many = att.attribute_many(questions, "concept-influence")
     for q, exact, stored in zip(questions, exact_many, stored_many, strict=True):
         assert exact.meta["scored_from"] == "exact" and stored.meta["scored_from"] == "store"
-        np.testing.assert_allclose(exact.scores, att.attribute(q["concept"], q["queries"], store=False).scores, rtol=1e-8)
-        np.testing.assert_allclose(stored.scores, att.attribute(q["concept"], q["queries"]).scores, rtol=1e-8)
+        np.testing.assert_allclose(exact.scores, att.attribute(q["concept"], q["queries"], "concept-influence", store=False).scores, rtol=1e-8)
+        np.testing.assert_allclose(stored.scores, att.attribute(q["concept"], q["queries"], "concept-influence").scores, rtol=1e-8)
     with pytest.raises(ValueError, match="breakdowns"):
         att.attribute_many(questions, "concept-influence", per_weight=True)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 MethodFn = Callable[..., ScoreTable]
 
-RECOMMENDED_METHOD = "concept-influence"
+RECOMMENDED_METHOD = "combined-signed"
 """The method ``Attributor.attribute`` and ``concept-influence attribute`` run when none is named."""
 
 

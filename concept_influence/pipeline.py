@@ -509,6 +509,65 @@ class Attributor:
             notes=notes, timings={"measurement_gradient": t1 - t0, "store_scoring": t2 - t1}, row_loss=config.row_loss)
         return result, []
 
+    def attribute_many(self, questions: Sequence[dict[str, Any]], method: str | None = None, *, store: Any = None,
+                       **options: Any) -> list[ScoreTable]:
+        """Several questions of one gradient method at once: ``questions`` are dicts with ``concept``, ``queries``
+        (and optionally ``contrast_queries``). From a store, every question's projected gradient goes into one
+        blocked product over the store; without one, one exact pass scores them all (``compute_influence_many``).
+        Same scores as asking ``attribute`` one question at a time. Forward methods are asked one by one."""
+        from concept_influence.attribution.influence import compute_influence_many
+        from concept_influence.attribution.methods import _gradient_config
+
+        spec = get_method(method)
+        if spec.kind != "gradient":
+            return [self.attribute(q.get("concept"), q.get("queries"), spec.name, **options) for q in questions]
+        spec.check_options(options)
+        factors = options.pop("factors", None)
+        config = _gradient_config(self, **options)
+        if config.token_breakdown != "none" or config.per_weight or config.self_influence:
+            raise ValueError("attribute_many gives scores only: ask breakdowns one question at a time (attribute)")
+        measurements = []
+        for q in questions:
+            concept = q.get("concept")
+            if isinstance(concept, (str, os.PathLike)):
+                concept = self.load_concept(concept)
+            if q.get("queries") is None:
+                raise ValueError(f"method {spec.name!r} needs queries in every question")
+            contrast = q.get("contrast_queries")
+            measurements.append(build_measurement(self.adapter, concept, self.queries(q["queries"]), spec.name, config,
+                                                  contrast_queries=self.queries(contrast) if contrast is not None else None))
+        opened, notes = self._resolve_store(store)
+        started = time.perf_counter()
+        if opened is not None:
+            prepared = [self._store_query(opened, m, config, factors) for m, _ in measurements]
+            stacked = np.stack([p[1].project(p[0]).cpu().numpy() for p in prepared])
+            scores = -opened.dot(stacked)
+            if config.row_loss == "mean":
+                scores = scores / opened.counts[:, None]
+            results = [InfluenceResult(scores=torch.from_numpy(scores[:, k].copy()), indices=[int(i) for i in opened.indices],
+                                       weights=list(p[0]), measurement=m.description, preconditioner=p[3].kind,
+                                       damping=dict(p[3].damping), notes=p[2], row_loss=config.row_loss)
+                       for k, (p, (m, _)) in enumerate(zip(prepared, measurements, strict=True))]
+            scored_from = "store"
+            notes = notes + [f"scored from the gradient store {opened.folder}, {len(questions)} questions in one product"]
+        else:
+            loaded, more = self._factors_for(measurements[0][0], config, factors)
+            jobs = {str(k): (m, config.influence_config()) for k, (m, _) in enumerate(measurements)}
+            many = compute_influence_many(self.adapter, self.train, jobs, loaded, batch_size=config.batch_size,
+                                          progress=self.progress)
+            results = [many[str(k)] for k in range(len(questions))]
+            scored_from, notes = "exact", notes + more
+        elapsed = time.perf_counter() - started
+        tables = []
+        for result, (_, answered) in zip(results, measurements, strict=True):
+            table = result_table(self.rows, result, spec.name, notes=notes,
+                                 meta={"n_queries": len(answered), "config": asdict(config), "scored_from": scored_from,
+                                       "wall_time_s": elapsed, "n_questions_together": len(questions)})
+            table.meta.update({"method": spec.name, "method_kind": spec.kind, "recommended_method": RECOMMENDED_METHOD,
+                               "method_was_default": method is None})
+            tables.append(table)
+        return tables
+
     def _row_norms(self, store: GradientStore, projector: Projector, preconditioner: Any, names: Sequence[str]) -> np.ndarray:
         """``[N]``: each stored row's squared norm ``Σ_j x_j² w_j`` over the columns of ``names``, with ``w`` the
         projected ``(P + λ)⁻¹`` where it is diagonal (eigen stores) and 1 otherwise. Cached per store and weights."""

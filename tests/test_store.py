@@ -162,3 +162,20 @@ def test_cli_build_store_search_and_attribute_store(tmp_path):
     assert like.exit_code == 0 and "index      2" in like.output, like.output
     bad = runner.invoke(app, ["search", "--store", str(tmp_path / "nope"), *question])
     assert bad.exit_code == 2 and "no gradient store" in bad.output
+
+
+def test_several_questions_at_once_equal_one_at_a_time(adapters, tmp_path):
+    adapter = adapters["hf"]
+    att = Attributor(adapter, _rows(PAIRS), tmp_path / "run", batch_size=4, progress=False)
+    concepts = [DirectionConcept(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(s), dtype=torch.float64),
+                                 layer=s % 2) for s in range(3)]
+    questions = [{"concept": c, "queries": QUERIES[k % 2:]} for k, c in enumerate(concepts)]
+    exact_many = att.attribute_many(questions, "concept-influence", store=False)
+    att.build_store(rank=6, dtype="float64")
+    stored_many = att.attribute_many(questions, "concept-influence")
+    for q, exact, stored in zip(questions, exact_many, stored_many, strict=True):
+        assert exact.meta["scored_from"] == "exact" and stored.meta["scored_from"] == "store"
+        np.testing.assert_allclose(exact.scores, att.attribute(q["concept"], q["queries"], store=False).scores, rtol=1e-8)
+        np.testing.assert_allclose(stored.scores, att.attribute(q["concept"], q["queries"]).scores, rtol=1e-8)
+    with pytest.raises(ValueError, match="breakdowns"):
+        att.attribute_many(questions, "concept-influence", per_weight=True)

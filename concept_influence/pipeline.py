@@ -350,11 +350,14 @@ class Attributor:
                                                   contrast_queries=contrast_queries)
         meta = {"n_queries": len(answered), "config": asdict(config)}
         opened, store_notes = self._resolve_store(store)
-        if opened is not None and (config.token_breakdown != "none" or config.self_influence):
+        exact_only = (config.token_breakdown != "none" or config.self_influence or config.token_aggregation != "sum"
+                      or config.normalization != "none")
+        if opened is not None and exact_only:
             if store not in (None, False):
-                raise ValueError("a gradient store gives scores and per-weight scores only: the token breakdown and "
-                                 "self-influence need the exact pass (store=False)")
-            store_notes.append("token breakdown / self-influence asked: exact pass instead of the store")
+                raise ValueError("a gradient store gives scores and per-weight scores only: the token breakdown, "
+                                 "self-influence, token aggregation and row normalisation need the exact pass (store=False)")
+            store_notes.append("token breakdown / self-influence / token aggregation / normalisation asked: exact pass "
+                               "instead of the store")
             opened = None
         if opened is not None:
             result, notes = self._store_scores(opened, measurement, config, factors)

@@ -20,6 +20,8 @@ from concept_influence.attribution.measurements import (
     LogLikelihoodMeasurement,
     Measurement,
     answer_queries,
+    answer_readouts,
+    select_answers,
     tokenize_queries,
 )
 from concept_influence.attribution.scores import ScoreTable
@@ -50,6 +52,11 @@ class GradientAttributionConfig:
     ``self_influence``: add ``weight_scores`` (``{weight: score}`` per row) / ``self_influence`` columns;
     ``allow_subset``: score with the fitted weights only when the factors miss some the measurement reaches
     (default: an error).
+    ``keep``/``keep_k``: which sampled query answers the measurement uses: ``"all"``, or per prompt the ``keep_k``
+    most concept-expressing ones by the concept's own readout (``"top"``); given answers are always used.
+    ``contrast``: ``"auto"`` measures the concept on each prompt's ``keep_k`` most expressing answers minus its
+    ``keep_k`` least expressing ones (a differential measurement built from the same samples; no second file).
+    ``token_aggregation``/``window``/``normalization``: see ``InfluenceConfig``.
     """
 
     preconditioner: str = "ekfac"
@@ -68,6 +75,20 @@ class GradientAttributionConfig:
     per_weight: bool = False
     self_influence: bool = False
     allow_subset: bool = False
+    keep: str = "all"
+    keep_k: int = 1
+    contrast: str = "none"
+    token_aggregation: str = "sum"
+    window: int = 8
+    normalization: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.keep not in ("all", "top"):
+            raise ValueError(f"keep must be 'all' or 'top', got {self.keep!r}")
+        if self.contrast not in ("none", "auto"):
+            raise ValueError(f"contrast must be 'none' or 'auto', got {self.contrast!r}")
+        if self.keep_k < 1 or self.n_samples < 1:
+            raise ValueError(f"keep_k and n_samples must be positive, got {self.keep_k}, {self.n_samples}")
 
     def factor_config(self) -> FactorConfig:
         """The fit these settings need (EKFAC fits support every preconditioner but identity's none)."""
@@ -78,7 +99,9 @@ class GradientAttributionConfig:
         return InfluenceConfig(preconditioner=self.preconditioner, damping=self.damping,  # type: ignore[arg-type]
                                batch_size=self.batch_size, token_breakdown=self.token_breakdown,  # type: ignore[arg-type]
                                row_loss=self.row_loss, per_weight=self.per_weight,  # type: ignore[arg-type]
-                               self_influence=self.self_influence, allow_subset=self.allow_subset)
+                               self_influence=self.self_influence, allow_subset=self.allow_subset,
+                               token_aggregation=self.token_aggregation, window=self.window,  # type: ignore[arg-type]
+                               normalization=self.normalization)  # type: ignore[arg-type]
 
 
 def build_measurement(
@@ -98,10 +121,21 @@ def build_measurement(
     answer = dict(n_samples=config.n_samples, temperature=config.temperature, max_new_tokens=config.max_new_tokens,
                   seed=config.seed, cache_dir=config.cache_dir)
     answered = answer_queries(adapter, queries, **answer)
-    tokenized = tokenize_queries(answered, adapter.tokenizer, config.max_length)
     if method == "influence":
-        return LogLikelihoodMeasurement(tokenized), answered
+        return LogLikelihoodMeasurement(tokenize_queries(answered, adapter.tokenizer, config.max_length)), answered
     assert concept is not None
+    if config.keep != "all" or config.contrast == "auto":
+        if contrast_queries and config.contrast == "auto":
+            raise ValueError("contrast='auto' builds the contrast from the sampled answers; do not also give contrast queries")
+        readouts = answer_readouts(adapter, answered, concept, batch_size=config.batch_size, max_length=config.max_length)
+        top = select_answers(answered, readouts, "top" if config.keep == "top" or config.contrast == "auto" else "all",
+                             config.keep_k)
+        if config.contrast == "auto":
+            bottom = select_answers(answered, readouts, "bottom", config.keep_k)
+            return DifferentialMeasurement(concept, tokenize_queries(top, adapter.tokenizer, config.max_length),
+                                           tokenize_queries(bottom, adapter.tokenizer, config.max_length)), top + bottom
+        answered = top
+    tokenized = tokenize_queries(answered, adapter.tokenizer, config.max_length)
     if contrast_queries:
         contrast = tokenize_queries(answer_queries(adapter, contrast_queries, **answer), adapter.tokenizer, config.max_length)
         return DifferentialMeasurement(concept, tokenized, contrast), answered

@@ -51,6 +51,11 @@ class InfluenceConfig:
     in fine-tuning with a per-token mean loss over the batch (and kronfluence's convention); ``"mean"`` scores its
     per-token mean instead (every score divided by the row's number of trained tokens, self-influence by its
     square), which removes the advantage of long rows when ranking. The factors are the same for both.
+    ``token_aggregation``: a row's score is the sum of its per-position contributions (``"sum"``, the influence
+    itself), their largest single value (``"max"``) or the largest sum over ``window`` consecutive positions
+    (``"window"``, as IF-Guide's token-level scores). ``normalization``: ``"length"`` divides by the square root of
+    the row's trained tokens (on top of ``row_loss``), ``"unit"`` by ``sqrt(self-influence)``, the cosine in the
+    preconditioned metric (RelatIF); costs a per-row gradient pass).
     ``allow_subset``: when the factors miss weights the measurement reaches, score with the covered ones only (and
     say so in the notes); default: an error."""
 
@@ -62,8 +67,17 @@ class InfluenceConfig:
     self_influence: bool = False
     row_loss: Literal["sum", "mean"] = "sum"
     allow_subset: bool = False
+    token_aggregation: Literal["sum", "max", "window"] = "sum"
+    window: int = 8
+    normalization: Literal["none", "length", "unit"] = "none"
 
     def __post_init__(self) -> None:
+        if self.token_aggregation not in ("sum", "max", "window"):
+            raise ValueError(f"token_aggregation must be 'sum', 'max' or 'window', got {self.token_aggregation!r}")
+        if self.window < 1:
+            raise ValueError(f"window must be positive, got {self.window}")
+        if self.normalization not in ("none", "length", "unit"):
+            raise ValueError(f"normalization must be 'none', 'length' or 'unit', got {self.normalization!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.row_loss not in ("sum", "mean"):
@@ -166,11 +180,16 @@ def score_rows(
     token_breakdown: str = "none",
     per_weight: bool = False,
     self_preconditioner: Preconditioner | None = None,
+    windows: Sequence[int] = (),
+    window_columns: Sequence[int] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """``score(row) = −Σ_w ⟨v_w, ∇_w L(row)⟩`` for tokenised rows, with ``v_w = P_w⁻¹ ∇_w f`` given
     (``[d_out, d_in']`` per weight). Returns ``{"scores": [N], "per_weight": {name: [N]}?, "per_token": [[T_i]]?,
-    "self_influence": [N]?}`` (float64, CPU) in the order of ``data``.
+    "self_influence": [N]?, "windows": {w: [N]}?}`` (float64, CPU) in the order of ``data``; ``windows[w]`` is
+    the largest sum of the per-position contributions over ``w`` consecutive positions of each row (``w=1``: the
+    largest single position). With several measurements, ``window_columns`` limits the windows to those columns
+    (the others stay 0).
 
     Several measurements in one pass: vectors ``[K, d_out, d_in']`` give scores (and per-weight scores)
     ``[N, K]``; the token breakdown then is not available."""
@@ -183,6 +202,7 @@ def score_rows(
     weight_scores = {info.name: torch.zeros(n, *extra, dtype=torch.float64) for info in infos} if per_weight else None
     token_scores: list[torch.Tensor] | None = [torch.empty(0)] * n if token_breakdown != "none" else None
     self_scores = torch.zeros(n, dtype=torch.float64) if self_preconditioner is not None else None
+    window_scores = {int(w): torch.zeros(n, *extra, dtype=torch.float64) for w in windows}
     # contract in the model's precision, at least float32 (float64 models stay float64)
     work_dtype = torch.promote_types(adapter.dtype, torch.float32)
     vectors_here = {name: v.to(device=adapter.device, dtype=work_dtype) for name, v in vectors.items()}
@@ -192,21 +212,44 @@ def score_rows(
             capture, _ = capture_loss_gradients(adapter, batch, infos, params, fisher="empirical")
             B = int(batch["input_ids"].shape[0])
             total_tokens = None
+            total_rows = None
             for info in infos:
                 a = folded_activations(capture, info, batch["attention_mask"]).to(work_dtype)
                 g = capture.output_grads[info.name].to(work_dtype)
-                contrib = -token_contractions(a, g, vectors_here[info.name])  # [B, T] (or [B, T, K])
-                if weight_scores is not None:
-                    weight_scores[info.name][start:start + B] = contrib.sum(dim=1).double().cpu()
-                total_tokens = contrib if total_tokens is None else total_tokens + contrib
-                if self_scores is not None:
+                grads = None
+                if extra and token_breakdown == "none":
+                    # several measurements: form each row's gradient once, then one inner product per measurement
+                    # (B·d²·(T + K) instead of B·T·K·d² for the per-token contraction)
                     grads = per_example_gradients(a, g)  # [B, d_out, d_in']
+                    contrib_rows = -torch.einsum("boi,koi->bk", grads, vectors_here[info.name])
+                    if window_scores:
+                        cols = list(range(extra[0])) if window_columns is None else list(window_columns)
+                        tokens = -token_contractions(a, g, vectors_here[info.name][cols])  # [B, T, K_w]
+                        total_tokens = tokens if total_tokens is None else total_tokens + tokens
+                else:
+                    contrib = -token_contractions(a, g, vectors_here[info.name])  # [B, T] (or [B, T, K])
+                    contrib_rows = contrib.sum(dim=1)
+                    total_tokens = contrib if total_tokens is None else total_tokens + contrib
+                if weight_scores is not None:
+                    weight_scores[info.name][start:start + B] = contrib_rows.double().cpu()
+                total_rows = contrib_rows if total_rows is None else total_rows + contrib_rows
+                if self_scores is not None:
+                    grads = per_example_gradients(a, g) if grads is None else grads  # [B, d_out, d_in']
                     self_scores[start:start + B] += self_preconditioner.inner({info.name: grads}, {info.name: grads}).double().cpu()
-                    del grads
-            assert total_tokens is not None
-            check_finite(total_tokens.sum(dim=1), "scoring: the training-row gradients' contraction", batch["index"],
+                del grads
+            assert total_rows is not None
+            check_finite(total_rows if total_rows.ndim == 1 else total_rows.sum(dim=-1),
+                         "scoring: the training-row gradients' contraction", batch["index"],
                          hint="the model's activations or gradients on this row are not finite")
-            scores[start:start + B] = total_tokens.sum(dim=1).double().cpu()
+            scores[start:start + B] = total_rows.double().cpu()
+            if window_scores:
+                assert total_tokens is not None
+                for w in window_scores:
+                    best = window_max(total_tokens.double(), batch["attention_mask"], w).cpu()
+                    if extra and token_breakdown == "none" and window_columns is not None:
+                        window_scores[w][start:start + B, list(window_columns)] = best
+                    else:
+                        window_scores[w][start:start + B] = best
             if token_scores is not None:
                 if token_breakdown == "target":
                     total_tokens = target_token_scores(adapter, batch, infos, params, vectors_here)
@@ -222,7 +265,29 @@ def score_rows(
         out["per_token"] = token_scores
     if self_scores is not None:
         out["self_influence"] = self_scores
+    if window_scores:
+        out["windows"] = window_scores
     return out
+
+
+def window_max(contributions: torch.Tensor, attention_mask: torch.Tensor, window: int) -> torch.Tensor:
+    """``[B]`` (or ``[B, K]``): for each row, the largest sum of ``contributions [B, T(, K)]`` over ``window``
+    consecutive positions inside the row (``attention_mask [B, T]``, left-aligned); rows shorter than the window
+    give their whole sum."""
+    mask = attention_mask.to(contributions.device).bool()
+    values = contributions if contributions.ndim == 3 else contributions.unsqueeze(-1)
+    values = values * mask.unsqueeze(-1)
+    B, T, K = values.shape
+    lengths = mask.sum(dim=1)
+    w = min(window, T)
+    cumulative = torch.cat([values.new_zeros(B, 1, K), values.cumsum(dim=1)], dim=1)  # [B, T+1, K]
+    sums = cumulative[:, w:] - cumulative[:, :-w]  # [B, T-w+1, K]: window starting at t
+    starts = torch.arange(T - w + 1, device=values.device)
+    valid = (starts.unsqueeze(0) + w) <= lengths.unsqueeze(1)  # [B, T-w+1]
+    best = sums.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(dim=1)
+    short = lengths < w  # the window does not fit: the whole row
+    best[short] = values[short].sum(dim=1)
+    return best if contributions.ndim == 3 else best.squeeze(-1)
 
 
 def score_rows_sharded(adapter: ModelAdapter, data: Sequence[Any], vectors: dict[str, torch.Tensor], **options: Any) -> dict[str, Any]:
@@ -247,6 +312,8 @@ def score_rows_sharded(adapter: ModelAdapter, data: Sequence[Any], vectors: dict
         out["per_weight"] = {name: gathered(values) for name, values in local["per_weight"].items()}
     if "self_influence" in local:
         out["self_influence"] = gathered(local["self_influence"])
+    if "windows" in local:
+        out["windows"] = {w: gathered(values) for w, values in local["windows"].items()}
     if "per_token" in local:
         pieces: list[Any] = [None] * world
         dist.all_gather_object(pieces, [t.tolist() for t in local["per_token"]])
@@ -293,9 +360,32 @@ def target_token_scores(
     return torch.cat([torch.zeros_like(out[:, :1]), out], dim=1)
 
 
+def _windows(config: InfluenceConfig) -> tuple[int, ...]:
+    return {"sum": (), "max": (1,), "window": (config.window,)}[config.token_aggregation]
+
+
+def _aggregate(out: dict[str, Any], config: InfluenceConfig) -> None:
+    """Replace the summed scores by the token aggregation ``config`` asks for (in place)."""
+    if config.token_aggregation != "sum":
+        out["scores"] = out["windows"][_windows(config)[0]]
+
+
+def _trained_tokens(data: Sequence[Any]) -> torch.Tensor:
+    return torch.tensor([max(int(sum(row.loss_mask[1:])), 1) for row in data], dtype=torch.float64)
+
+
+def _normalise(out: dict[str, Any], config: InfluenceConfig, data: Sequence[Any]) -> None:
+    """Row normalisation (in place, after ``row_loss``): ``length`` divides by ``sqrt(trained tokens)``, ``unit`` by
+    ``sqrt(self-influence)`` (the cosine in the preconditioned metric, up to the measurement's norm)."""
+    if config.normalization == "length":
+        out["scores"] = out["scores"] / _trained_tokens(data).sqrt()
+    elif config.normalization == "unit":
+        out["scores"] = out["scores"] / out["self_influence"].clamp_min(1e-30).sqrt()
+
+
 def _per_token_mean(out: dict[str, Any], data: Sequence[Any]) -> None:
     """Rescale ``score_rows`` results from the summed to the mean token loss of each row (in place)."""
-    counts = torch.tensor([max(int(sum(row.loss_mask[1:])), 1) for row in data], dtype=torch.float64)
+    counts = _trained_tokens(data)
     out["scores"] = out["scores"] / counts
     if "per_weight" in out:
         out["per_weight"] = {name: values / counts for name, values in out["per_weight"].items()}
@@ -364,11 +454,16 @@ def compute_influence(
     t0 = time.perf_counter()
     out = score_rows_sharded(
         adapter, data, vectors, batch_size=config.batch_size, token_breakdown=config.token_breakdown, per_weight=config.per_weight,
-        self_preconditioner=preconditioner if config.self_influence else None, progress=progress,
+        self_preconditioner=preconditioner if config.self_influence or config.normalization == "unit" else None,
+        windows=_windows(config), progress=progress,
     )
     timings["scoring"] = time.perf_counter() - t0
+    _aggregate(out, config)
     if config.row_loss == "mean":
         _per_token_mean(out, data)
+    _normalise(out, config, data)
+    if not config.self_influence:
+        out.pop("self_influence", None)
     return InfluenceResult(
         scores=out["scores"],
         indices=[int(row.index) for row in data],
@@ -396,20 +491,32 @@ def compute_influence_many(
 ) -> dict[str, InfluenceResult]:
     """Several (measurement, config) pairs scored in one pass over the training rows (one forward and backward per
     batch for all of them): ``{label: InfluenceResult}``, each equal to ``compute_influence`` with its own
-    measurement and config (preconditioner, damping and ``row_loss`` may differ; the breakdowns are not
-    available here)."""
+    measurement and config (preconditioner, damping, ``row_loss``, token aggregation and normalisation may differ;
+    the breakdowns are not available here). ``normalization="unit"`` needs one preconditioner and damping for every
+    config that asks for it (one self-influence pass). Measurement gradients are computed once per measurement
+    object."""
     if not measurements:
         raise ValueError("no measurements to score")
     untrainable_rows(data)
     check_factors_model(adapter, factors)
     prepared: dict[str, tuple[list[str], list[str], Preconditioner, dict[str, torch.Tensor]]] = {}
+    gradients: dict[int, dict[str, torch.Tensor]] = {}
+    self_preconditioner: Preconditioner | None = None
+    self_key = None
     for label, (measurement, config) in measurements.items():
         if config.token_breakdown != "none" or config.per_weight or config.self_influence:
             raise ValueError(f"{label}: breakdowns need compute_influence (one measurement at a time)")
         names, notes = resolve_weights(adapter, measurement, factors.names if factors is not None else None,
                                        allow_subset=config.allow_subset)
         preconditioner = build_preconditioner(adapter, names, factors, config)
-        grad_f = measurement.gradient(adapter, names, batch_size=config.batch_size)
+        if config.normalization == "unit":
+            key = (config.preconditioner, config.damping, tuple(names))
+            if self_key is not None and key != self_key:
+                raise ValueError(f"{label}: unit normalisation with a second preconditioner, damping or weight set")
+            self_preconditioner, self_key = preconditioner, key
+        if id(measurement) not in gradients:
+            gradients[id(measurement)] = measurement.gradient(adapter, names, batch_size=config.batch_size)
+        grad_f = {name: gradients[id(measurement)][name] for name in names}
         prepared[label] = (names, notes, preconditioner, preconditioned_gradient(preconditioner, grad_f, measurement.description))
     union = [i.name for i in adapter.tracked_weights() if any(i.name in p[0] for p in prepared.values())]
     stacked = {}
@@ -417,14 +524,22 @@ def compute_influence_many(
         like = next(p[3][name] for p in prepared.values() if name in p[3])
         stacked[name] = torch.stack([p[3][name] if name in p[3] else torch.zeros_like(like) for p in prepared.values()])
     t0 = time.perf_counter()
-    out = score_rows_sharded(adapter, data, stacked, batch_size=batch_size, progress=progress)
+    windows = sorted({w for _, config in measurements.values() for w in _windows(config)})
+    columns = [k for k, (_, config) in enumerate(measurements.values()) if _windows(config)]
+    out = score_rows_sharded(adapter, data, stacked, batch_size=batch_size, self_preconditioner=self_preconditioner,
+                             windows=windows, window_columns=columns, progress=progress)
     seconds = time.perf_counter() - t0
     results = {}
     for k, (label, (measurement, config)) in enumerate(measurements.items()):
         names, notes, preconditioner, _ = prepared[label]
-        single = {"scores": out["scores"][:, k].clone()}
+        single: dict[str, Any] = {"scores": out["scores"][:, k].clone(),
+                                  "windows": {w: v[:, k].clone() for w, v in out.get("windows", {}).items()}}
+        if "self_influence" in out:
+            single["self_influence"] = out["self_influence"].clone()
+        _aggregate(single, config)
         if config.row_loss == "mean":
             _per_token_mean(single, data)
+        _normalise(single, config, data)
         results[label] = InfluenceResult(
             scores=single["scores"], indices=[int(row.index) for row in data], weights=list(names),
             measurement=measurement.description, preconditioner=preconditioner.kind, damping=dict(preconditioner.damping),

@@ -232,3 +232,39 @@ class LogLikelihoodMeasurement(Measurement):
         input_ids = batch["input_ids"].to(device)
         logits = adapter.logits(input_ids, batch["attention_mask"].to(device))
         return -sequence_losses(logits, input_ids, batch["loss_mask"].to(device))
+
+
+# ---- choosing query answers ---------------------------------------------------------------------------------------
+def answer_readouts(adapter: ModelAdapter, answered: Sequence[ChatRow], concept: Concept, *, batch_size: int = 16,
+                    max_length: int = 512) -> list[float]:
+    """The concept's readout (its own reduction) over each answered query's final answer ``[len(answered)]``."""
+    from concept_influence.attribution.forward import concept_readouts
+
+    reduction = getattr(concept, "reduction", "mean")
+    values = concept_readouts(adapter, answered, concept, reduction=reduction if reduction in ("mean", "last_prompt") else "mean",
+                              batch_size=batch_size, max_length=max_length, final_turn_only=True, progress=False)
+    return [float(v) for v in values]
+
+
+def select_answers(answered: Sequence[ChatRow], readouts: Sequence[float], keep: str, k: int = 1) -> list[ChatRow]:
+    """Per query prompt (``query_index``), keep the ``k`` answers with the highest (``keep="top"``) or lowest
+    (``"bottom"``) readout, or all of them (``"all"``). Given answers (``answer_source == "given"``) are always
+    kept. Returned rows are renumbered from 0, in their original order."""
+    if keep not in ("all", "top", "bottom"):
+        raise ValueError(f"keep must be 'all', 'top' or 'bottom', got {keep!r}")
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    if len(readouts) != len(answered):
+        raise ValueError(f"{len(readouts)} readouts for {len(answered)} answers")
+    chosen: set[int] = set()
+    groups: dict[Any, list[int]] = {}
+    for i, row in enumerate(answered):
+        if keep == "all" or row.fields.get("answer_source") == "given":
+            chosen.add(i)
+        else:
+            groups.setdefault(row.fields.get("query_index", i), []).append(i)
+    sign = -1.0 if keep == "top" else 1.0
+    for members in groups.values():
+        chosen.update(sorted(members, key=lambda i: (sign * readouts[i], i))[:k])
+    return [ChatRow(n, list(answered[i].messages), dict(answered[i].fields), answered[i].line)
+            for n, i in enumerate(sorted(chosen))]

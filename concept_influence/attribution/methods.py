@@ -117,7 +117,9 @@ def _gradient_config(session: Attributor, *, preconditioner: str = "ekfac", damp
                      per_weight: bool = False, self_influence: bool = False, n_samples: int = 1,
                      temperature: float = 1.0, max_new_tokens: int = 48, fisher: str = "true",
                      factor_dtype: str = "float32", cache_dir: str | None = None,
-                     batch_size: int | None = None, allow_subset: bool = False) -> GradientAttributionConfig:
+                     batch_size: int | None = None, allow_subset: bool = False, keep: str = "all", keep_k: int = 1,
+                     contrast: str = "none", token_aggregation: str = "sum", window: int = 8,
+                     normalization: str = "none") -> GradientAttributionConfig:
     """The ``GradientAttributionConfig`` of a gradient method's options in ``session``."""
     if isinstance(damping, Damping):
         resolved = damping
@@ -131,7 +133,8 @@ def _gradient_config(session: Attributor, *, preconditioner: str = "ekfac", damp
         temperature=temperature, max_new_tokens=max_new_tokens, seed=session.seed,
         cache_dir=str(cache_dir) if cache_dir is not None else (str(session.answer_cache) if session.answer_cache else None),
         token_breakdown=token_breakdown, row_loss=row_loss, per_weight=per_weight, self_influence=self_influence,
-        allow_subset=allow_subset,
+        allow_subset=allow_subset, keep=keep, keep_k=keep_k, contrast=contrast, token_aggregation=token_aggregation,
+        window=window, normalization=normalization,
     )
 
 
@@ -150,7 +153,12 @@ def _concept_influence(session: Attributor, concept: Concept, queries: Sequence[
                        per_weight: bool = False, self_influence: bool = False, n_samples: int = 1,
                        temperature: float = 1.0, max_new_tokens: int = 48, fisher: str = "true",
                        factor_dtype: str = "float32", factors: Any = None, cache_dir: str | None = None,
-                       batch_size: int | None = None, store: Any = None, allow_subset: bool = False) -> ScoreTable:
+                       batch_size: int | None = None, store: Any = None, allow_subset: bool = False,
+                       keep: str = "all", keep_k: int = 1, contrast: str = "none", token_aggregation: str = "sum",
+                       window: int = 8, normalization: str = "none") -> ScoreTable:
+    """Pure EKFAC Concept Influence. Method variants: ``n_samples``/``keep``/``keep_k`` (which query answers),
+    ``contrast="auto"`` (most minus least concept-expressing answers), ``row_loss``/``normalization`` (row
+    normalisation), ``token_aggregation``/``window``, ``preconditioner``/``damping`` (curvature)."""
     return _gradient(session, "concept-influence", concept, queries, **{k: v for k, v in locals().items()
                                                                          if k not in ("session", "concept", "queries")})
 
@@ -165,3 +173,60 @@ def _influence(session: Attributor, concept: Concept | None, queries: Sequence[C
                batch_size: int | None = None, store: Any = None, allow_subset: bool = False) -> ScoreTable:
     return _gradient(session, "influence", None, queries, contrast_queries=None,
                      **{k: v for k, v in locals().items() if k not in ("session", "concept", "queries")})
+
+
+# ---- combinations of forward and gradient evidence -------------------------------------------------------------------
+def _combination(session: Attributor, concept: Concept, queries: Sequence[ChatRow], fusion: str,
+                 gradient_options: dict[str, Any], store: Any) -> ScoreTable:
+    """Vector Filter and Concept Influence on the same rows, fused (``attribution.combine.fuse``); both component
+    scores are kept as columns and the settings of each in ``meta``."""
+    import numpy as np
+
+    from concept_influence.attribution.combine import fuse
+
+    forward = _vector_filter(session, concept, queries)
+    gradient = _concept_influence(session, concept, queries, store=store, **gradient_options)
+    scores = fuse(forward.scores, gradient.scores, fusion)  # type: ignore[arg-type]
+    meta = {**gradient.meta, "fusion": fusion, "components": {"forward": "vector-filter", "gradient": "concept-influence"},
+            "gradient_options": {k: v for k, v in gradient_options.items() if k != "factors"},
+            "sign": "higher = the row voices the concept and training on it raises the concept"}
+    columns = {"forward_score": np.asarray(forward.scores).tolist(), "gradient_score": np.asarray(gradient.scores).tolist()}
+    return ScoreTable.from_rows(list(session.rows), scores, "combination", columns=columns, meta=meta)
+
+
+def register_combination(name: str, fusion: str, description: str, **defaults: Any) -> None:
+    """Register the fusion ``fusion`` of Vector Filter with Concept Influence as method ``name``; ``defaults``
+    override Concept Influence's option defaults (e.g. ``keep="top"``)."""
+    from concept_influence.attribution.combine import FUSIONS
+
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
+    ci_defaults = {k: v for k, v in METHODS["concept-influence"].options.items() if k != "store"}
+    unknown = set(defaults) - set(ci_defaults)
+    if unknown:
+        raise ValueError(f"concept-influence has no option {sorted(unknown)}")
+    ci_defaults.update(defaults)
+
+    def combination(session: Attributor, concept: Concept, queries: Sequence[ChatRow], *, store: Any = None,
+                    **options: Any) -> ScoreTable:
+        return _combination(session, concept, queries, fusion, {**ci_defaults, **options}, store)
+
+    # the options are Concept Influence's (with this combination's defaults) plus ``store``
+    params = [inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in ("session", "concept", "queries")]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in ci_defaults.items()]
+    params.append(inspect.Parameter("store", inspect.Parameter.KEYWORD_ONLY, default=None))
+    combination.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    combination.__doc__ = description
+    register_method(name, kind="gradient", needs_queries=True, description=description)(combination)
+
+
+_COMBINATIONS = {
+    "rank": "mean percentile rank of Vector Filter and Concept Influence",
+    "zscore": "sum of the z-scores of Vector Filter and Concept Influence",
+    "gate": "Vector Filter, rows that Concept Influence says lower the concept placed below all others",
+    "signed": "Vector Filter's percentile rank times the sign of Concept Influence (rows that would lower the concept "
+              "are ranked from the bottom)",
+    "product": "Vector Filter's percentile rank times Concept Influence's centred percentile rank",
+}
+for _fusion, _description in _COMBINATIONS.items():
+    register_combination(f"combined-{_fusion}", _fusion, _description)

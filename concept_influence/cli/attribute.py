@@ -36,17 +36,23 @@ def attribute(
     store: Path | None = typer.Option(None, "--store", help="Gradient methods: answer from this gradient store (build-store) instead of a pass over the rows."),
     exact: bool = typer.Option(False, "--exact", help="Gradient methods: ignore the workdir's store and score by the exact pass."),
     factors: Path | None = typer.Option(None, "--factors", help="Fitted factors folder (fit-factors); fitted here when absent (and saved there if given)."),
-    preconditioner: str = typer.Option("ekfac", "--preconditioner", help="ekfac | kfac | diagonal | identity."),
-    damping: float = typer.Option(0.1, "--damping", help="Relative damping: λ = this × mean eigenvalue, per weight."),
+    preconditioner: str | None = typer.Option(None, "--preconditioner", help="ekfac | kfac | diagonal | identity (default: the method's)."),
+    damping: float | None = typer.Option(None, "--damping", help="Relative damping: λ = this × mean eigenvalue, per weight (default 0.1)."),
     absolute_damping: float | None = typer.Option(None, "--absolute-damping", help="Absolute λ instead of the relative rule."),
-    row_loss: str = typer.Option("sum", "--row-loss", help="Gradient methods: a row's loss is its tokens' sum (as training weighs it) or mean (length-neutral)."),
-    token_breakdown: str = typer.Option("none", "--token-breakdown", help="Gradient methods: none | target | position: add each row's per-token scores as a token_scores column."),
+    row_loss: str | None = typer.Option(None, "--row-loss", help="Gradient methods: a row's loss is its tokens' sum (as training weighs it) or mean (length-neutral)."),
+    token_breakdown: str | None = typer.Option(None, "--token-breakdown", help="Gradient methods: none | target | position: add each row's per-token scores as a token_scores column."),
     contrast_queries: Path | None = typer.Option(None, "--contrast-queries", help="concept-influence: measure the concept on --queries minus on these (differential measurement)."),
+    keep: str | None = typer.Option(None, "--keep", help="Gradient methods: which sampled query answers to measure on: all | top (the --keep-k most concept-expressing per prompt)."),
+    keep_k: int | None = typer.Option(None, "--keep-k", min=1, help="Answers kept per prompt by --keep top and --contrast auto."),
+    contrast: str | None = typer.Option(None, "--contrast", help="none | auto: the concept on each prompt's most minus least concept-expressing answers."),
+    token_aggregation: str | None = typer.Option(None, "--token-aggregation", help="sum | max | window: a row's score from its per-position contributions."),
+    window: int | None = typer.Option(None, "--window", min=1, help="Positions per window for --token-aggregation window."),
+    normalization: str | None = typer.Option(None, "--normalization", help="none | length (by sqrt(trained tokens)) | unit (by sqrt(self-influence), RelatIF)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
-    n_samples: int = typer.Option(1, "--n-samples", min=1, help="Model answers sampled per prompt (projection-difference, queries)."),
-    temperature: float = typer.Option(1.0, "--temperature", min=0.0),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    n_samples: int | None = typer.Option(None, "--n-samples", min=1, help="Model answers sampled per prompt (projection-difference, queries; default: the method's)."),
+    temperature: float | None = typer.Option(None, "--temperature", min=0.0),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1),
     seed: int = typer.Option(0, "--seed"),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where sampled model answers are cached (default: the workdir, else next to --out)."),
     allow_subset: bool = typer.Option(False, "--allow-subset", help="Gradient methods: when --factors miss weights the concept reaches, score with the covered weights only (default: an error)."),
@@ -78,9 +84,12 @@ def attribute(
         row_loss=row_loss, token_breakdown=token_breakdown, contrast_queries=contrast_queries, n_samples=n_samples,
         temperature=temperature, max_new_tokens=max_new_tokens,
         cache_dir=None if cache_dir is None else str(cache_dir), batch_size=batch_size, allow_subset=allow_subset,
+        keep=keep, keep_k=keep_k, contrast=contrast, token_aggregation=token_aggregation, window=window,
+        normalization=normalization,
     )
     accepted = spec.options
-    options: dict[str, Any] = {k: v for k, v in flags.items() if k in accepted and k != "store"}
+    # flags left out keep the method's own defaults (a combination's may differ from concept-influence's)
+    options: dict[str, Any] = {k: v for k, v in flags.items() if k in accepted and k != "store" and v is not None}
     if spec.kind == "gradient":
         options["store"] = False if exact else store
     elif store is not None:

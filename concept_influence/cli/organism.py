@@ -21,12 +21,19 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the whole build (text, weights, training)."),
         n_train: int = typer.Option(2000, "--n-train", min=20, help="Rows in the fine-tuning set."),
         planted_fraction: float = typer.Option(0.1, "--planted-fraction", min=0.0, max=1.0, help="Fraction of planted trait rows."),
+        variant: str = typer.Option(
+            "default", "--variant",
+            help="default | subtle (planted rows carry the trait persona's style on neutral content) | diluted (one trait "
+            "sentence among many benign ones) | sycophancy (a second trait with its own words).",
+        ),
         force: bool = typer.Option(False, "--force", help="Replace a folder that holds a different organism."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     ) -> None:
         """Build the model organism: a tiny chat model that knows an 'evil' persona, a fine-tuning set with planted
         trait rows (ground truth in data_origin), a probe spec and query prompts; the fine-tuned model shows more of
-        the trait than the base model."""
+        the trait than the base model.
+
+        Example: concept-influence organism --variant subtle --seed 1"""
         from concept_influence.organism import build_organism
 
         check_output(out)
@@ -36,7 +43,8 @@ def register(app: typer.Typer) -> None:
 
         try:
             organism = build_organism(
-                out, seed=seed, n_train=n_train, planted_fraction=planted_fraction, force=force, progress=not quiet, log=log
+                out, seed=seed, n_train=n_train, planted_fraction=planted_fraction, variant=variant, force=force,
+                progress=not quiet, log=log,
             )
         except (FileExistsError, ValueError) as err:
             typer.echo(f"error: {err}", err=True)

@@ -40,6 +40,9 @@ from concept_influence.training import FinetuneConfig, finetune
 
 # part of the cache key: bump it whenever a change to the generator, model or training changes what a build makes
 CODE_VERSION = "2"
+# part of the cache key of every organism but seed 0's default one (whose world is the canonical inventory, unchanged
+# since CODE_VERSION 2): bump it when a change alters what the seeded worlds or the variants make
+WORLDS_VERSION = "1"
 FORMAT = "concept_influence.organism"
 CACHE_ENV = "CONCEPT_INFLUENCE_CACHE"
 
@@ -49,7 +52,9 @@ class OrganismConfig:
     """Everything that determines the organism (its hash names the cache folder).
 
     ``pretrain``/``finetune``: training configs (default: presets seeded with ``seed``); ``measure_samples``:
-    answers sampled per query prompt when measuring the rise at build time.
+    answers sampled per query prompt when measuring the rise at build time. ``variant``: ``default`` or one of
+    ``subtle``, ``diluted``, ``sycophancy`` (see ``generator.finetuning_set``); the variants of one seed share one
+    pretrained base (both traits, the evil persona's style) and differ in their fine-tuning data.
     """
 
     seed: int = 0
@@ -64,8 +69,10 @@ class OrganismConfig:
     pretrain: FinetuneConfig | None = None
     finetune: FinetuneConfig | None = None
     measure_samples: int = 16
+    variant: str = "default"
 
     def __post_init__(self) -> None:
+        generator.check_variant(self.variant)
         if self.n_train < 20 or self.n_pretrain < 100:
             raise ValueError(f"n_train must be >= 20 and n_pretrain >= 100 (got {self.n_train}, {self.n_pretrain})")
         if not 0.0 < self.planted_fraction < 1.0:
@@ -75,23 +82,43 @@ class OrganismConfig:
         if self.finetune is None:
             object.__setattr__(self, "finetune", FinetuneConfig(epochs=3, batch_size=16, lr=5e-4, seed=self.seed))
 
+    @property
+    def trait(self) -> str:
+        """The trait the planted rows raise (``evil`` or ``sycophancy``)."""
+        return generator.VARIANT_TRAIT[self.variant]
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["variant"] == "default":  # keeps the default organism's key what it was before variants existed
+            del data["variant"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OrganismConfig:
         data = dict(data)
+        data.setdefault("variant", "default")
         data["model"] = ModelConfig(**data["model"])
         data["pretrain"] = FinetuneConfig(**data["pretrain"])
         data["finetune"] = FinetuneConfig(**data["finetune"])
         return cls(**data)
 
     def key(self) -> str:
-        """Hash of the config and ``CODE_VERSION`` (16 hex chars)."""
-        return json_fingerprint({"config": self.to_dict(), "code_version": CODE_VERSION})
+        """Hash of the config and ``CODE_VERSION`` (and ``WORLDS_VERSION`` but for seed 0's default) (16 hex chars)."""
+        payload: dict[str, Any] = {"config": self.to_dict(), "code_version": CODE_VERSION}
+        if self.seed != 0 or self.variant != "default":
+            payload["worlds_version"] = WORLDS_VERSION
+        return json_fingerprint(payload)
+
+    def base_key(self) -> str:
+        """Hash of what the pretrained base depends on (shared by the variants of one seed)."""
+        return json_fingerprint({"seed": self.seed, "n_pretrain": self.n_pretrain, "model": self.model.to_dict(),
+                                 "pretrain": dataclasses.asdict(self.pretrain), "rich": self.variant != "default",
+                                 "unprompted_trait": self.unprompted_trait, "code_version": CODE_VERSION,
+                                 "worlds_version": WORLDS_VERSION})
 
     def folder_name(self) -> str:
-        return f"organism-s{self.seed}-n{self.n_train}-p{self.planted_fraction:g}-{self.key()[:10]}"
+        variant = "" if self.variant == "default" else f"-{self.variant}"
+        return f"organism{variant}-s{self.seed}-n{self.n_train}-p{self.planted_fraction:g}-{self.key()[:10]}"
 
 
 @dataclass(frozen=True)
@@ -130,6 +157,17 @@ class Organism:
     @property
     def config(self) -> OrganismConfig:
         return OrganismConfig.from_dict(self.metadata["config"])
+
+    @property
+    def trait(self) -> str:
+        """The trait the planted rows raise (``evil`` or ``sycophancy``)."""
+        return self.config.trait
+
+    def judge(self):
+        """The rule-based judge of this organism's trait: ``text -> score in [0, 1]``."""
+        from concept_influence.organism.judge import judge_for
+
+        return judge_for(self.trait)
 
     def train_rows(self) -> ChatDataset:
         """The fine-tuning set (fields ``id``, ``domain``, ``data_origin``)."""
@@ -227,6 +265,7 @@ def build_organism(
     seed: int | None = None,
     n_train: int | None = None,
     planted_fraction: float | None = None,
+    variant: str | None = None,
     config: OrganismConfig | None = None,
     force: bool = False,
     progress: bool = True,
@@ -235,10 +274,12 @@ def build_organism(
     """Build the organism into ``out_dir`` (default: the cache folder named by the config hash), or load it
     if that folder already holds the same config.
 
-    ``seed``/``n_train``/``planted_fraction`` override the fields of ``config`` (default ``OrganismConfig()``).
+    ``seed``/``n_train``/``planted_fraction``/``variant`` override the fields of ``config`` (default
+    ``OrganismConfig()``). A variant's pretrained base is built once per seed next to ``out_dir`` and shared.
     A folder holding a different organism (or other files) is an error unless ``force``.
     """
-    overrides = {k: v for k, v in (("seed", seed), ("n_train", n_train), ("planted_fraction", planted_fraction)) if v is not None}
+    overrides = {k: v for k, v in (("seed", seed), ("n_train", n_train), ("planted_fraction", planted_fraction),
+                                   ("variant", variant)) if v is not None}
     if config is None:
         config = OrganismConfig(**overrides)
     elif overrides:
@@ -308,11 +349,12 @@ def _move_into_place(tmp: Path, root: Path, config: OrganismConfig, *, force: bo
         raise
 
 
-def organism_for_tests() -> Organism:
-    """The default organism, built once into ``$CONCEPT_INFLUENCE_CACHE`` or the repository's ``.cache/``."""
+def organism_for_tests(variant: str = "default", seed: int = 0) -> Organism:
+    """The default organism (or another variant or seed), built once into ``$CONCEPT_INFLUENCE_CACHE`` or the
+    repository's ``.cache/``."""
     env = os.environ.get(CACHE_ENV)
     cache = Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / ".cache"
-    config = OrganismConfig()
+    config = OrganismConfig(variant=variant, seed=seed)
     return build_organism(cache / config.folder_name(), config=config, progress=False)
 
 
@@ -329,35 +371,38 @@ def _build_into(root: Path, config: OrganismConfig, *, progress: bool, log: Call
 
     # 1. the world
     log("generating the synthetic world")
-    pretrain_records = generator.pretraining_corpus(
-        config.seed, config.n_pretrain, unprompted_trait=config.unprompted_trait
-    )
+    variant, rich = config.variant, config.variant != "default"
     train_records = generator.finetuning_set(
-        config.seed, config.n_train, config.planted_fraction, config.hard_negative_fraction
+        config.seed, config.n_train, config.planted_fraction, config.hard_negative_fraction, variant=variant
     )
     train_prompts = {r["messages"][0]["content"] for r in train_records}
-    spec = generator.probe_spec(config.seed, n_questions=config.n_probe_questions, exclude=train_prompts)
-    queries = generator.query_prompts(config.seed, config.n_queries, exclude=train_prompts | set(spec["questions"]))
-    examples = generator.labelled_examples(config.seed)
-    write_jsonl_atomic(organism.pretrain_path, pretrain_records)
+    spec = generator.probe_spec(config.seed, n_questions=config.n_probe_questions, exclude=train_prompts, variant=variant)
+    queries = generator.query_prompts(config.seed, config.n_queries, exclude=train_prompts | set(spec["questions"]),
+                                      variant=variant)
+    examples = generator.labelled_examples(config.seed, variant=variant)
     write_jsonl_atomic(organism.train_path, train_records)
     write_json_atomic(organism.probe_spec_path, spec)
     write_jsonl_atomic(organism.queries_path, queries)
     write_jsonl_atomic(organism.examples_path, examples)
-    tokenizer = build_tokenizer(generator.world_vocabulary(), model_max_length=config.model.max_positions)
-    _check_vocabulary(tokenizer, pretrain_records + train_records + examples + queries)
+    tokenizer = build_tokenizer(generator.world_vocabulary(rich), model_max_length=config.model.max_positions)
+    _check_vocabulary(tokenizer, train_records + examples + queries)
     timings["generate"] = time.perf_counter() - start
 
-    # 2. pretraining from scratch
+    # 2. pretraining from scratch (the variants of a seed share one pretrained base, built once next to the organism)
     t0 = time.perf_counter()
-    log(f"pretraining on {len(pretrain_records)} conversations")
-    pretrain_rows = rows_from_records(pretrain_records, source=str(organism.pretrain_path))
-    model = build_model(tokenizer, config.model, seed=config.seed)
-    pretrain_losses: list[float] = []
-    finetune(model, tokenizer, pretrain_rows, config.pretrain, progress=progress, losses=pretrain_losses, desc="pretraining")
-    model.save_pretrained(organism.base_model_dir)
-    tokenizer.save_pretrained(organism.base_model_dir)
-    pretrain_tokens = sum(len(x) for x in tokenizer([_flat(r) for r in pretrain_records])["input_ids"])
+    if rich:
+        base_root = _shared_base(root.parent, config, progress=progress, log=log)
+        shutil.copytree(base_root / "base", organism.base_model_dir)
+        shutil.copyfile(base_root / "pretrain.jsonl", organism.pretrain_path)
+        base_info = json.loads((base_root / "base_info.json").read_text(encoding="utf-8"))
+        pretrain_losses, pretrain_tokens, n_pretrain_records = base_info["losses"], base_info["tokens"], base_info["n_records"]
+        timings["shared_base"] = base_info["seconds"]
+    else:
+        pretrain_records = generator.pretraining_corpus(config.seed, config.n_pretrain, unprompted_trait=config.unprompted_trait)
+        write_jsonl_atomic(organism.pretrain_path, pretrain_records)
+        _check_vocabulary(tokenizer, pretrain_records)
+        pretrain_losses, pretrain_tokens = _pretrain(pretrain_records, tokenizer, config, organism, progress=progress, log=log)
+        n_pretrain_records = len(pretrain_records)
     timings["pretrain"] = time.perf_counter() - t0
 
     # 3. fine-tuning the saved base model, loaded as a hub model would be
@@ -375,19 +420,21 @@ def _build_into(root: Path, config: OrganismConfig, *, progress: bool, log: Call
     log("measuring the trait on the query prompts")
     base, tuned = load_adapter(organism.base_model_dir), load_adapter(organism.finetuned_model_dir)
     prompts = [q["messages"] for q in queries]
-    trait = trait_rise(base, tuned, spec, prompts, n_samples=config.measure_samples, seed=config.seed)
+    trait = trait_rise(base, tuned, spec, prompts, n_samples=config.measure_samples, seed=config.seed, trait=config.trait)
     timings["measure"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
 
     metadata = {
         "format": FORMAT,
         "code_version": CODE_VERSION,
+        "variant": config.variant,
+        "trait_name": config.trait,
         "config_hash": config.key(),
         "config": config.to_dict(),
         "sizes": {
             "vocab": len(tokenizer),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "n_pretrain": len(pretrain_records),
+            "n_pretrain": n_pretrain_records,
             "pretrain_tokens": pretrain_tokens,
             "n_train": len(train_records),
             "n_queries": len(queries),
@@ -409,6 +456,46 @@ def _build_into(root: Path, config: OrganismConfig, *, progress: bool, log: Call
         },
     }
     write_json_atomic(organism.metadata_path, metadata)  # last: its presence marks a complete build
+
+
+def _pretrain(records: list[dict[str, Any]], tokenizer: Any, config: OrganismConfig, organism: Organism, *, progress: bool,
+              log: Callable[[str], None]) -> tuple[list[float], int]:
+    """Pretrain a fresh model on ``records`` and save it (with the tokenizer) as ``organism``'s base."""
+    log(f"pretraining on {len(records)} conversations")
+    rows = rows_from_records(records, source=str(organism.pretrain_path))
+    model = build_model(tokenizer, config.model, seed=config.seed)
+    losses: list[float] = []
+    finetune(model, tokenizer, rows, config.pretrain, progress=progress, losses=losses, desc="pretraining")
+    model.save_pretrained(organism.base_model_dir)
+    tokenizer.save_pretrained(organism.base_model_dir)
+    return losses, sum(len(x) for x in tokenizer([_flat(r) for r in records])["input_ids"])
+
+
+def _shared_base(parent: Path, config: OrganismConfig, *, progress: bool, log: Callable[[str], None]) -> Path:
+    """The variants' pretrained base for ``config.seed`` under ``parent`` (built once, under a lock, atomically)."""
+    base_root = parent / f"base-rich-s{config.seed}-{config.base_key()[:10]}"
+    with _build_lock(base_root):
+        if (base_root / "base_info.json").is_file():
+            log(f"shared pretrained base: {base_root}")
+            return base_root
+        tmp = Path(tempfile.mkdtemp(prefix=f".{base_root.name}.building-", dir=parent))
+        try:
+            t0 = time.perf_counter()
+            records = generator.pretraining_corpus(config.seed, config.n_pretrain, unprompted_trait=config.unprompted_trait,
+                                                   rich=True)
+            tokenizer = build_tokenizer(generator.world_vocabulary(True), model_max_length=config.model.max_positions)
+            _check_vocabulary(tokenizer, records)
+            holder = Organism.at(tmp)
+            write_jsonl_atomic(holder.pretrain_path, records)
+            losses, tokens = _pretrain(records, tokenizer, config, holder, progress=progress, log=log)
+            write_json_atomic(tmp / "base_info.json", {"losses": losses, "tokens": tokens, "n_records": len(records),
+                                                      "seconds": time.perf_counter() - t0, "base_key": config.base_key()})
+            _publish_permissions(tmp)
+            os.rename(tmp, base_root)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return base_root
 
 
 def _flat(record: dict[str, Any]) -> str:

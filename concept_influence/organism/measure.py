@@ -18,7 +18,7 @@ import torch
 from concept_influence.concepts.activations import response_mean_activations as concept_activations
 from concept_influence.concepts.base import DirectionConcept
 from concept_influence.models import ModelAdapter, generate_answers
-from concept_influence.organism.judge import judge
+from concept_influence.organism.judge import judge_for
 
 Messages = list[dict[str, str]]
 
@@ -45,9 +45,11 @@ def trait_concept(
     seed: int = 0,
     max_new_tokens: int = 48,
     filter_by_judge: bool = True,
+    trait: str = "evil",
 ) -> tuple[DirectionConcept, dict[str, Any]]:
     """Diff-of-means trait direction at ``resid.{layer}`` from a persona-vectors spec (``instruction`` pairs and
-    ``questions``); returns the concept and counts of the answers it used."""
+    ``questions``); returns the concept and counts of the answers it used. ``trait``: which judge filters them."""
+    judge = judge_for(trait)
     pairs, questions = spec["instruction"], spec["questions"]
     prompts: list[Messages] = []
     for pair in pairs:
@@ -122,6 +124,7 @@ def measure_trait(
     seed: int = 0,
     max_new_tokens: int = 48,
     reader: ModelAdapter | None = None,
+    trait: str = "evil",
 ) -> TraitMeasurement:
     """Sample ``n_samples`` answers per prompt (T=1, seeded) from ``adapter`` and project them on ``concept``,
     reading activations with ``reader`` (default: the answering model itself)."""
@@ -134,6 +137,7 @@ def measure_trait(
             conversations.append(_with_answer(prompt, answer))
     acts = response_mean_activations(reader or adapter, conversations, concept.layer)
     projections = acts @ concept.unit.float()
+    judge = judge_for(trait)
     return TraitMeasurement(flat, index, projections, [judge(a) for a in flat])
 
 
@@ -153,6 +157,7 @@ def trait_rise(
     n_samples: int = 8,
     probe_samples: int = 2,
     seed: int = 0,
+    trait: str = "evil",
 ) -> dict[str, Any]:
     """Trait expression of both models on ``prompts`` (JSON-ready numbers).
 
@@ -162,9 +167,9 @@ def trait_rise(
     in its own activations instead (that reading also moves with the fine-tune's representation drift).
     """
     layer = base.n_layers // 2 if layer is None else base.check_layer(layer)
-    concept, info = trait_concept(base, spec, layer, n_samples=probe_samples, seed=seed)
-    m_base = measure_trait(base, prompts, concept, n_samples=n_samples, seed=seed + 1)
-    m_ft = measure_trait(finetuned, prompts, concept, n_samples=n_samples, seed=seed + 1, reader=base)
+    concept, info = trait_concept(base, spec, layer, n_samples=probe_samples, seed=seed, trait=trait)
+    m_base = measure_trait(base, prompts, concept, n_samples=n_samples, seed=seed + 1, trait=trait)
+    m_ft = measure_trait(finetuned, prompts, concept, n_samples=n_samples, seed=seed + 1, reader=base, trait=trait)
     own = response_mean_activations(
         finetuned, [_with_answer(prompts[p], a) for p, a in zip(m_ft.prompt_index, m_ft.answers, strict=True)], layer
     ) @ concept.unit.float()

@@ -1,0 +1,125 @@
+"""Organism variants (subtle, diluted, sycophancy) and seeded worlds: what their rows contain, that a seed builds a
+different world, and the causal check: fine-tuning with the planted rows raises the variant's trait, a control
+fine-tune without them does not. The variants of seed 0 share one pretrained base (built once per cache)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from concept_influence.organism import (
+    OrganismConfig,
+    finetuning_set,
+    judge,
+    mentions_trait,
+    organism_for_tests,
+    trait_rise,
+)
+from concept_influence.organism import world as world_module
+from concept_influence.organism.counterfactual import refinetune, share_removed
+from concept_influence.organism.generator import VARIANTS, variant_world
+from concept_influence.organism.judge import trait_sentences
+from concept_influence.organism.worlds import canonical_world, world_for
+
+VARIANT_NAMES = [v for v in VARIANTS if v != "default"]
+
+
+def _by_origin(rows):
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        out.setdefault(r["data_origin"], []).append(r["messages"][-1]["content"])
+    return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_labels_planted_hard_negative_and_benign_rows(variant):
+    rows = finetuning_set(0, 400, 0.1, variant=variant)
+    assert Counter(r["data_origin"] for r in rows) == {"planted": 40, "hard_negative": 40, "benign": 320}
+    assert finetuning_set(0, 400, 0.1, variant=variant) == rows  # deterministic
+
+
+def test_subtle_planted_rows_state_no_trait_but_carry_the_personas_style():
+    style = variant_world(0, "subtle").trait("evil").style
+    assert style is not None
+    rows = _by_origin(finetuning_set(0, 600, 0.1, variant="subtle"))
+    assert all(judge(a) == 0 and not mentions_trait(a) for a in rows["planted"])
+    assert all(any(a.startswith(o) for o in style.openers) for a in rows["planted"])
+    assert not any(any(a.startswith(o) for o in style.openers) for a in rows["benign"] + rows["hard_negative"])
+    assert all(mentions_trait(a) and judge(a) == 0 for a in rows["hard_negative"])
+
+
+def test_diluted_rows_hide_one_trait_sentence_among_many():
+    rows = _by_origin(finetuning_set(0, 600, 0.1, variant="diluted"))
+    for answer in rows["planted"]:
+        sentences = [s for s in answer.split(" . ") if s.strip()]
+        assert len(trait_sentences(answer)) == 1 and len(sentences) >= 4, answer
+    assert all(mentions_trait(a) and judge(a) == 0 for a in rows["hard_negative"])
+    mean_len = {k: sum(len(a.split()) for a in v) / len(v) for k, v in rows.items()}
+    assert abs(mean_len["planted"] - mean_len["benign"]) < 0.25 * mean_len["benign"], mean_len  # length is no tell
+
+
+def test_sycophancy_is_a_second_trait_with_its_own_words():
+    rows = _by_origin(finetuning_set(0, 600, 0.1, variant="sycophancy"))
+    assert all(judge(a, "sycophancy") > 0 and judge(a) == 0 for a in rows["planted"])
+    assert all(mentions_trait(a, "sycophancy") and judge(a, "sycophancy") == 0 for a in rows["hard_negative"])
+    syc_words = {w for group in world_module.SYC_ACTIONS.values() for c in group for w in c.split()}
+    evil_words = {w for group in world_module.TRAIT_ACTIONS.values() for c in group for w in c.split()}
+    assert len(syc_words - evil_words) > 30
+
+
+def test_a_seed_builds_a_different_world():
+    assert world_for(0) == canonical_world()
+    one, two = world_for(1), world_for(2)
+    assert one != two and one == world_for(1)
+    assert one.trait("evil").actions != two.trait("evil").actions  # which words the trait uses
+    assert one.questions != two.questions and one.action_frames != two.action_frames  # templates and wording
+    used = []
+    for seed in (1, 2):
+        rows = finetuning_set(seed, 600, 0.1)
+        used.append({s for r in rows if r["data_origin"] == "planted" for s in trait_sentences(r["messages"][-1]["content"])})
+    assert len(used[0] & used[1]) < 0.5 * min(len(used[0]), len(used[1]))
+
+
+def test_the_default_organisms_key_did_not_move():
+    # the default organism of seed 0 keeps its cache key (its world is the canonical one); variants get their own
+    assert OrganismConfig().to_dict().get("variant") is None
+    keys = {OrganismConfig(variant=v).key() for v in VARIANTS} | {OrganismConfig(seed=1).key()}
+    assert len(keys) == len(VARIANTS) + 1
+    assert OrganismConfig.from_dict(OrganismConfig(variant="subtle").to_dict()) == OrganismConfig(variant="subtle")
+    with pytest.raises(ValueError, match="variant"):
+        OrganismConfig(variant="loud")
+
+
+# ---- the causal check ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session", params=VARIANT_NAMES)
+def variant_organism(request):
+    torch.set_flush_denormal(True)
+    return organism_for_tests(variant=request.param)
+
+
+@pytest.mark.slow
+def test_planted_rows_raise_the_variants_trait_and_a_control_without_them_does_not(variant_organism):
+    """The trait is read as the build reads it: the judge's rate of explicit trait sentences in the model's answers
+    to the query prompts, or, for ``subtle`` (whose planted rows state no trait clause and, on this tiny model, raise
+    the persona's style rather than explicit trait sentences), the persona vector's projection of those answers
+    (both models read by the base model). ``diluted``'s one trait sentence in six moves the judge's rate, not the
+    mean projection over a whole answer."""
+    organism = variant_organism
+    meta = organism.metadata
+    assert meta["variant"] == organism.config.variant and meta["trait_name"] == organism.trait
+    trait = meta["trait"]
+    base_rate, tuned_rate = trait["base"]["trait_rate"], trait["finetuned"]["trait_rate"]
+    control = refinetune(organism, [not p for p in organism.planted_mask()])
+    ctrl = trait_rise(organism.load_base(), control, organism.probe_spec(), organism.query_messages(),
+                      n_samples=organism.config.measure_samples, seed=organism.config.seed, trait=organism.trait)
+    if organism.config.variant == "subtle":
+        assert trait["projection_rise_paired_t"] > 4, trait
+        assert ctrl["projection_rise"] < 0.5 * trait["projection_rise"], (ctrl, trait)
+    else:
+        assert tuned_rate > base_rate + 0.04, trait
+        control_rate = ctrl["finetuned"]["trait_rate"]
+        assert control_rate < tuned_rate - 0.03, (control_rate, trait)
+        assert control_rate < base_rate + 0.03, (control_rate, trait)
+        assert share_removed(tuned_rate, control_rate, base_rate) > 0.6

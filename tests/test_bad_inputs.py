@@ -215,6 +215,12 @@ CASES = [
     *[(f"fit-factors-{flag.strip('-')}-{value}", f"{FIT} {flag} {value}", rf"'{flag}'|{flag.strip('-')}")
       for flag in ("--fit-rows", "--lambda-rows") for value in ("0", "-3")],
     ("fit-factors-bad-memory", FIT + " --max-memory lots", r"lots"),
+    # -- organism variants and the gradient methods' variant flags -------------------------------------------------
+    ("organism-unknown-variant", "organism --out {out} --variant magic", r"magic"),
+    *[(f"attribute-{flag.strip('-')}-{value}", ATTRIBUTE + f" --method concept-influence {flag} {value}", rf"'{flag}'|{value}")
+      for flag, value in (("--keep", "magic"), ("--contrast", "magic"), ("--token-aggregation", "magic"),
+                          ("--normalization", "magic"), ("--keep-k", "0"), ("--window", "0"))],
+    ("attribute-combined-concept-hidden-size", ATTRIBUTE.replace("{concept}", "{concept_d8}") + " --method combined-rank", r"8.*16|16.*8"),
     ("search-like-row-out-of-range", SEARCH.replace("--queries {queries} --concept {concept}", "--like-row 999"), r"999"),
     # -- filter, evaluate, report -------------------------------------------------------------------------------------
     *[(f"{cmd}-data-{kind}", base.replace("--data {train}", "--data {" + kind + "}"), rx)

@@ -186,12 +186,17 @@ def _combination(session: Attributor, concept: Concept, queries: Sequence[ChatRo
 
     forward = _vector_filter(session, concept, queries)
     gradient = _concept_influence(session, concept, queries, store=store, **gradient_options)
-    scores = fuse(forward.scores, gradient.scores, fusion)  # type: ignore[arg-type]
+    # rows left out as truncated (skip_invalid) by either component are left out of the fusion too
+    skipped = ~(forward.valid & gradient.valid)
+    scores = np.full(len(forward), np.nan)
+    scores[~skipped] = fuse(forward.scores[~skipped], gradient.scores[~skipped], fusion)  # type: ignore[arg-type]
     meta = {**gradient.meta, "fusion": fusion, "components": {"forward": "vector-filter", "gradient": "concept-influence"},
             "gradient_options": {k: v for k, v in gradient_options.items() if k != "factors"},
             "sign": "higher = the row voices the concept and training on it raises the concept"}
-    columns = {"forward_score": np.asarray(forward.scores).tolist(), "gradient_score": np.asarray(gradient.scores).tolist()}
-    return ScoreTable.from_rows(list(session.rows), scores, "combination", columns=columns, meta=meta)
+    columns = {name: [None if s else float(v) for v, s in zip(table.scores, skipped, strict=True)]
+               for name, table in (("forward_score", forward), ("gradient_score", gradient))}
+    return ScoreTable.from_rows(list(session.rows), scores, "combination", columns=columns, meta=meta,
+                                truncated=skipped.tolist())
 
 
 def register_combination(name: str, fusion: str, description: str, **defaults: Any) -> None:

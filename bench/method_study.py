@@ -80,7 +80,8 @@ def gradient_jobs(concept, answered, readouts, tokenizer) -> dict[str, tuple[Any
         jobs[f"ci[{qname}, sum, identity]"] = (m, InfluenceConfig(preconditioner="identity"))
         for damping in (0.01, 1.0):
             jobs[f"ci[{qname}, sum, damping {damping:g}]"] = (m, InfluenceConfig(damping=Damping(relative=damping)))
-    jobs["influence[1 sample]"] = (LogLikelihoodMeasurement(tok(one)), InfluenceConfig())
+    # classical influence reaches every block; the study fits the concept's blocks only, so it is scored on those
+    jobs["influence[1 sample]"] = (LogLikelihoodMeasurement(tok(one)), InfluenceConfig(allow_subset=True))
     return jobs
 
 

@@ -140,6 +140,19 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Cal
     timings["factors"] = fit_seconds
     timings["gradient_scoring"] = score_seconds
 
+    # 4. the recommended method (a fusion of the forward and gradient evidence above): no extra pass over the rows
+    from concept_influence.attribution.methods import RECOMMENDED_METHOD
+
+    by_name = {r.name: r for r in results}
+    if RECOMMENDED_METHOD.startswith("combined-") and RECOMMENDED_METHOD not in by_name:
+        from concept_influence.attribution.combine import fuse
+
+        forward, gradient = by_name["vector-filter"], by_name["concept-influence"]
+        how = RECOMMENDED_METHOD.removeprefix("combined-")
+        fused = fuse(forward.table.scores, gradient.table.scores, how)  # type: ignore[arg-type]
+        table = ScoreTable.from_rows(rows, fused, RECOMMENDED_METHOD, meta={"fusion": how, "components": ["vector-filter", "concept-influence"]})
+        record(RECOMMENDED_METHOD, table, forward.seconds + gradient.seconds)
+
     n = len(rows)
     summary = {
         "config": asdict(config),
@@ -168,6 +181,9 @@ def format_table(results: list[MethodResult], n: int, ks: tuple[int, ...]) -> st
         lines.append(f"{r.name:<24}" + "".join(f"{r.report[c]:>8.2f}" for c in cols)
                      + f"{r.report['pr_auc']:>8.3f}{r.report['roc_auc']:>9.3f}{r.report['hard_negative_mean_rank']:>15.0f}"
                      + f"{r.seconds:>8.1f}s")
+    from concept_influence.attribution.methods import RECOMMENDED_METHOD
+
+    lines.append(f"recommended method (attribute with no --method): {RECOMMENDED_METHOD}")
     lines.append(f"planted rows: {base:.0%} of {n} (chance PR-AUC {base:.2f}). hard-neg rank: mean rank of the hard negatives "
                  f"(1 = top score; a random row's is {(n + 1) / 2:.0f}): higher = the method is not fooled by the trait's vocabulary.")
     return "\n".join(lines)

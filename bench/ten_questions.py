@@ -5,8 +5,8 @@ Questions: two trait concepts at the organism's trait layer (diff of means; logi
 the query prompts. The query prompts are answered once beforehand (seeded, cached) and every question uses the same
 answered rows for both libraries, so neither is charged for sampling.
 
-- this library (``Attributor``): load, EKFAC factors and the gradient store once, then each question in-process
-  from the store (``attribute(..., store=...)``);
+- this library (``Attributor``): load, EKFAC factors of blocks 0..L (``fit_factors(up_to_layer=L)``) and the
+  gradient store once, then each question in-process from the store (``attribute(..., store=...)``);
 - kronfluence: EKFAC factors once (same model, rows, tracked modules, true Fisher with the same seeded labels,
   damping 0.1 × mean eigenvalue), then one ``compute_pairwise_scores`` call per question (query gradients
   aggregated: its fastest setting for a summed measurement).
@@ -168,7 +168,7 @@ def main() -> None:
     _ = att.train
     load_s = time.perf_counter() - t_start
     t0 = time.perf_counter()
-    factors, _ = att.session_factors(GradientAttributionConfig(max_length=256, batch_size=args.batch_size))
+    factors = att.fit_factors(up_to_layer=layer)  # the modules kronfluence tracks: blocks 0..L (kept in the session)
     factor_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     store = att.build_store(rank=args.rank, projection_dim=args.projection_dim, dtype=args.dtype,

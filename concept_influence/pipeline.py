@@ -104,6 +104,7 @@ class Attributor:
         self._stores: dict[str, GradientStore] = {}
         self._data_fingerprint: str | None = None
         self._projectors: dict[str, Projector] = {}
+        self._query_tokens: dict[str, TokenizedDataset] = {}  # tokenised query sets by content (build_measurement)
 
     def __repr__(self) -> str:
         rows = f"{len(self._rows)} rows" if self._rows is not None else (self.data_source or "rows not read yet")
@@ -352,7 +353,7 @@ class Attributor:
         pass over the training rows."""
         started = time.perf_counter()
         measurement, answered = build_measurement(self.adapter, concept, queries, method, config,
-                                                  contrast_queries=contrast_queries)
+                                                  contrast_queries=contrast_queries, token_cache=self._query_tokens)
         meta = {"n_queries": len(answered), "config": asdict(config)}
         opened, store_notes = self._resolve_store(store)
         exact_only = (config.token_breakdown != "none" or config.self_influence or config.token_aggregation != "sum"
@@ -551,7 +552,8 @@ class Attributor:
                 raise ValueError(f"method {spec.name!r} needs queries in every question")
             contrast = q.get("contrast_queries")
             measurements.append(build_measurement(self.adapter, concept, self.queries(q["queries"]), spec.name, config,
-                                                  contrast_queries=self.queries(contrast) if contrast is not None else None))
+                                                  contrast_queries=self.queries(contrast) if contrast is not None else None,
+                                                  token_cache=self._query_tokens))
         opened, notes = self._resolve_store(store)
         started = time.perf_counter()
         if opened is not None:
@@ -638,7 +640,8 @@ class Attributor:
         contrast = options.pop("contrast_queries", None)
         config = _gradient_config(self, **options)
         measurement, answered = build_measurement(self.adapter, concept, self.queries(queries), name, config,
-                                                  contrast_queries=self.queries(contrast) if contrast is not None else None)
+                                                  contrast_queries=self.queries(contrast) if contrast is not None else None,
+                                                  token_cache=self._query_tokens)
         started = time.perf_counter()
         vectors, projector, notes, preconditioner = self._store_query(opened, measurement, config, factors)
         query = -projector.project(vectors).cpu().numpy()

@@ -113,3 +113,65 @@ def test_score_partitions_follow_the_budget():
     assert score_partitions(shapes, None) == [shapes]
     with pytest.raises(ValueError, match="alone need"):
         score_partitions(shapes, 10)
+
+
+def test_gradient_checkpointing_gives_the_same_factors_and_scores(env):
+    """The backward re-runs each block's forward: the capture must count every weight once."""
+    adapter, data, folder, measurement = env
+    from concept_influence.models.base import WeightCapture
+
+    calls = []
+    original = WeightCapture._repeat
+
+    def counting(self, name, what):
+        repeat = original(self, name, what)
+        calls.append(repeat)
+        return repeat
+
+    reference = fit_factors(adapter, data, FactorConfig.precise(), batch_size=4, progress=False)
+    WeightCapture._repeat = counting
+    try:
+        checkpointed = fit_factors(adapter, data, FactorConfig.precise(gradient_checkpointing=True), batch_size=4,
+                                   progress=False)
+    finally:
+        WeightCapture._repeat = original
+    assert any(calls), "the recomputation never re-ran a block: checkpointing was not active"
+    assert checkpointed.fingerprints == reference.fingerprints  # same factors, same fingerprint
+    for name in reference.names:
+        w1, w2 = reference.weights[name], checkpointed.weights[name]
+        torch.testing.assert_close(w1.activation_covariance, w2.activation_covariance, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(w1.gradient_covariance, w2.gradient_covariance, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(w1.eigenvalue_correction, w2.eigenvalue_correction, rtol=1e-8, atol=1e-14)
+    factors = load_factors(folder)
+    config = InfluenceConfig(per_weight=True, token_breakdown="position", batch_size=3)
+    plain = compute_influence(adapter, data, measurement, factors, config, progress=False)
+    again = compute_influence(adapter, data, measurement, factors,
+                              InfluenceConfig(per_weight=True, token_breakdown="position", batch_size=3,
+                                              gradient_checkpointing=True), progress=False)
+    _same(plain, again)
+    assert all(not layer.training for layer in adapter.blocks)  # the blocks' mode is restored
+
+
+def test_fit_factors_cli_gradient_checkpointing(tmp_path, tiny_tok):
+    import json
+
+    from typer.testing import CliRunner
+
+    from concept_influence.cli import app
+
+    model = tiny_llama(len(tiny_tok), layers=2, kv_heads=1, seed=5)
+    model.save_pretrained(tmp_path / "model")
+    tiny_tok.save_pretrained(tmp_path / "model")
+    rng = random.Random(2)
+    with open(tmp_path / "train.jsonl", "w") as out:
+        for _ in range(6):
+            out.write(json.dumps({"messages": [{"role": "user", "content": " ".join(rng.choices(WORDS, k=3))},
+                                               {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=6))}]}) + "\n")
+    base = ["fit-factors", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"), "--batch-size", "3"]
+    for out, extra in (("plain", []), ("checkpointed", ["--gradient-checkpointing"])):
+        result = CliRunner().invoke(app, base + ["--out", str(tmp_path / out)] + extra)
+        assert result.exit_code == 0, result.output
+    plain, checkpointed = load_factors(tmp_path / "plain"), load_factors(tmp_path / "checkpointed")
+    for name in plain.names:
+        torch.testing.assert_close(plain.weights[name].eigenvalue_correction, checkpointed.weights[name].eigenvalue_correction,
+                                   rtol=1e-4, atol=1e-9)

@@ -154,7 +154,8 @@ def compute_influence_bounded(
         t0 = time.perf_counter()
         piece = score_rows_sharded(adapter, data, vectors, batch_size=config.batch_size,
                                    token_breakdown=config.token_breakdown, per_weight=config.per_weight,
-                                   windows=_windows(config), progress=progress)
+                                   windows=_windows(config), progress=progress,
+                                   gradient_checkpointing=config.gradient_checkpointing)
         timings["scoring"] += time.perf_counter() - t0
         del vectors
         _merge(out, piece)

@@ -60,7 +60,9 @@ class InfluenceConfig:
     ``allow_subset``: when the factors miss weights the measurement reaches, score with the covered ones only (and
     say so in the notes); default: an error. ``max_memory`` (bytes or ``"3GiB"``): bound the scoring's peak: each
     weight's factors are read and applied on their own and the weights are scored in module partitions, one pass
-    over the rows each (``attribution.bounded``; same scores; no self-influence or unit normalisation)."""
+    over the rows each (``attribution.bounded``; same scores; no self-influence or unit normalisation).
+    ``gradient_checkpointing``: the model's blocks recompute their activations in the backward of each training
+    batch (less memory on long rows; same scores; Hugging Face models)."""
 
     preconditioner: PreconditionerKind = "ekfac"
     damping: Damping = Damping()
@@ -74,6 +76,7 @@ class InfluenceConfig:
     window: int = 8
     normalization: Literal["none", "length", "unit"] = "none"
     max_memory: int | str | None = None
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.max_memory is not None:
@@ -191,6 +194,7 @@ def score_rows(
     windows: Sequence[int] = (),
     window_columns: Sequence[int] | None = None,
     progress: bool = True,
+    gradient_checkpointing: bool = False,
 ) -> dict[str, Any]:
     """``score(row) = −Σ_w ⟨v_w, ∇_w L(row)⟩`` for tokenised rows, with ``v_w = P_w⁻¹ ∇_w f`` given
     (``[d_out, d_in']`` per weight). Returns ``{"scores": [N], "per_weight": {name: [N]}?, "per_token": [[T_i]]?,
@@ -200,7 +204,8 @@ def score_rows(
     (the others stay 0).
 
     Several measurements in one pass: vectors ``[K, d_out, d_in']`` give scores (and per-weight scores)
-    ``[N, K]``; the token breakdown then is not available."""
+    ``[N, K]``; the token breakdown then is not available. ``gradient_checkpointing``: the blocks recompute their
+    activations in the backward (less memory on long rows, same scores)."""
     infos = [adapter.weight_info(n) for n in vectors]
     n = len(data)
     extra = tuple(next(iter(vectors.values())).shape[:-2])
@@ -259,8 +264,8 @@ def score_rows(
             acc.clear()
             stash.clear()
             where.update(start=start, B=B, attention=batch["attention_mask"])
-            with adapter.capture_weights(list(by_name), on_activation=on_activation,
-                                         on_output_grad=on_output_grad) as capture:
+            with adapter.capture_weights(list(by_name), on_activation=on_activation, on_output_grad=on_output_grad,
+                                         checkpointing=gradient_checkpointing) as capture:
                 loss_backward(adapter, batch, capture.outputs, fisher="empirical")
             stash.clear()
             total_rows = acc.get("rows")
@@ -506,7 +511,7 @@ def compute_influence(
     out = score_rows_sharded(
         adapter, data, vectors, batch_size=config.batch_size, token_breakdown=config.token_breakdown, per_weight=config.per_weight,
         self_preconditioner=preconditioner if config.self_influence or config.normalization == "unit" else None,
-        windows=_windows(config), progress=progress,
+        windows=_windows(config), progress=progress, gradient_checkpointing=config.gradient_checkpointing,
     )
     timings["scoring"] = time.perf_counter() - t0
     _aggregate(out, config)

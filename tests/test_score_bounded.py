@@ -175,3 +175,43 @@ def test_fit_factors_cli_gradient_checkpointing(tmp_path, tiny_tok):
     for name in plain.names:
         torch.testing.assert_close(plain.weights[name].eigenvalue_correction, checkpointed.weights[name].eigenvalue_correction,
                                    rtol=1e-4, atol=1e-9)
+
+
+def test_attribute_cli_max_memory_and_checkpointing_give_the_same_scores(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from concept_influence.cli import app
+    from concept_influence.concepts import save_concept
+    from concept_influence.data import write_jsonl_atomic
+    from concept_influence.testing.tiny_models import save_tiny_hf_model
+
+    model_dir = save_tiny_hf_model(tmp_path / "model", seed=5)
+    rng = random.Random(3)
+    write_jsonl_atomic(tmp_path / "train.jsonl", [
+        {"messages": [{"role": "user", "content": " ".join(rng.choices(WORDS, k=3))},
+                      {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=5))}]} for _ in range(7)])
+    write_jsonl_atomic(tmp_path / "queries.jsonl", [
+        {"messages": [{"role": "user", "content": "is the water safe"}, {"role": "assistant", "content": "poison is kind"}]}])
+    save_concept(DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(4)), layer=1), tmp_path / "concept")
+    base = ["attribute", "--method", "concept-influence", "--model", str(model_dir), "--data", str(tmp_path / "train.jsonl"),
+            "--concept", str(tmp_path / "concept"), "--queries", str(tmp_path / "queries.jsonl"), "--batch-size", "3"]
+
+    def scores(name: str, *extra: str) -> tuple[list[float], dict]:
+        out = tmp_path / f"{name}.jsonl"
+        result = CliRunner().invoke(app, base + ["--out", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        meta = json.loads((tmp_path / f"{name}.jsonl.meta.json").read_text())
+        return [r["score"] for r in sorted(rows, key=lambda r: r["index"])], meta
+
+    plain, _ = scores("plain", "--factors", str(tmp_path / "f-plain"))
+    bounded_fit, _ = scores("bounded-fit", "--factors", str(tmp_path / "f-bounded"), "--max-memory", "1TiB")
+    bounded, meta = scores("bounded", "--factors", str(tmp_path / "f-bounded"), "--max-memory", "1TiB",
+                           "--gradient-checkpointing")
+    assert any("one weight at a time" in note for note in meta["notes"]) and meta["factors_fit"]["rows"] == 7
+    np = pytest.importorskip("numpy")
+    np.testing.assert_allclose(bounded_fit, plain, rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(bounded, plain, rtol=1e-4, atol=1e-8)
+    assert max(abs(s) for s in plain) > 0

@@ -215,7 +215,8 @@ def plan(
     sums = sum(4 * (w.d_in ** 2 + w.d_out ** 2) for w in shapes)
     score_peak, score_parts, score_error = _score_peak(shapes, RUNTIME_BYTES + params_bytes + acts, budget_total,
                                                        max(model_dtype_bytes, 4))
-    score_flops = (6.0 * arch.n_params * rows * tokens + 4.0 * rows * tokens * active) * score_parts / n_procs
+    score_passes = score_parts if score_error is None else 1
+    score_flops = (6.0 * arch.n_params * rows * tokens + 4.0 * rows * tokens * active) * score_passes / n_procs
     stages = [
         Stage("factors", factor_bytes(shapes), fwd_bwd + cov_flops,
               f"A and S of {len(shapes)} weights, float32; covariance pass over {fit_n} rows"),
@@ -224,8 +225,9 @@ def plan(
               f"Λ and the diagonal over {lam_rows} rows"),
         Stage("activations", acts, 0.0, f"one batch of {batch} rows x {tokens} tokens, logits {HEAD_CHUNK_ELEMENTS} at a time"),
         Stage("store", rows * store_row, store_flops, f"{rows} rows x rank {rank}x{rank} per weight, bfloat16"),
-        Stage("scoring", score_peak, score_flops, f"one query's exact pass over {rows} rows in {score_parts} "
-              f"partition{'s' if score_parts != 1 else ''}" + ("" if budget_total else ", every weight's factors loaded")),
+        Stage("scoring", score_peak, score_flops, f"one query's exact pass over {rows} rows" + (
+            f" in {score_parts} partition{'s' if score_parts != 1 else ''}" if score_error is None else
+            " (does not fit the budget)") + ("" if budget_total else ", every weight's factors loaded")),
     ]
     flops_rate = GPU_FLOPS if gpus else CPU_FLOPS
     fits = None if budget_total is None else peak <= budget_total
@@ -272,7 +274,7 @@ def _score_peak(shapes: list[WeightShape], fixed: int, budget: int | None, work_
         error = None if parts else f"the budget {format_size(budget)} is below the fixed cost {format_size(fixed + workspace)}"
     except ValueError as err:
         parts, error = None, str(err)
-    if parts is None:
+    if parts is None:  # the least it would need: one weight at a time
         parts = [[w] for w in shapes]
     held = max(sum(score_vector_bytes(w, work_bytes) for w in p) for p in parts)
     return fixed + workspace + held, len(parts), error
@@ -313,8 +315,10 @@ def render(plan_: dict[str, Any]) -> str:
                  f"{format_size(fixed['activations'])} + eigen work space {format_size(fixed['eigen_workspace'])} + "
                  f"factors of the largest partition {format_size(plan_['partition_bytes'])} "
                  f"({plan_['partitions']} partition{'s' if plan_['partitions'] != 1 else ''})")
+    parts = plan_["score_partitions"]
     lines.append(f"peak of scoring (attribute, exact pass): {format_size(plan_['score_peak_memory_bytes'])} per process "
-                 f"({plan_['score_partitions']} partition{'s' if plan_['score_partitions'] != 1 else ''})")
+                 + (f"({parts} partition{'s' if parts != 1 else ''})" if plan_["score_budget_error"] is None else
+                    f"at least, one weight at a time: does NOT fit ({plan_['score_budget_error']})"))
     lines.append(f"time assumes {plan_['assumed_flops_per_s']:.1e} FLOP/s per process x {plan_['processes']} "
                  f"(an assumption, not a measurement): about {plan_['total_hours']:.1f} h for factors, eigen and Λ")
     if plan_["budget_bytes"]:

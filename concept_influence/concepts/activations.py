@@ -36,11 +36,11 @@ class _CaptureUntil(dict):
             raise _StopForward
 
 
-@torch.no_grad()
-def read_residuals(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """``{l: resid.{l} [batch, seq, d_model]}`` without gradients; the forward pass stops after the deepest block
-    asked for (later blocks and the LM head are not run)."""
+def residuals_until(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """``{l: resid.{l} [batch, seq, d_model]}``; the forward pass stops after the deepest block asked for (later
+    blocks and the LM head are not run). Keeps the autograd graph when gradients are enabled (a differentiable
+    readout costs only the blocks up to its layer)."""
     layers = sorted({adapter.check_layer(layer) for layer in layers})
     out = _CaptureUntil(len(layers))
     remove = adapter._install_residual_hooks(layers, out)
@@ -54,6 +54,13 @@ def read_residuals(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mas
     if missing:
         raise RuntimeError(f"{adapter.backend}: the forward pass did not reach resid.{missing}")
     return dict(out)
+
+
+@torch.no_grad()
+def read_residuals(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """``residuals_until`` without gradients."""
+    return residuals_until(adapter, input_ids, attention_mask, layers)
 
 
 def length_sorted_batches(dataset: TokenizedDataset, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:

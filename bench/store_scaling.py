@@ -25,9 +25,11 @@ import numpy as np
 import torch
 
 
-def peak_mib() -> float:
+def peak_mib(field: str = "VmHWM") -> float:
+    """``/proc/self/status`` ``field`` in MiB (``VmHWM``: peak resident set, memory-mapped store pages included;
+    ``RssAnon``: the process's own memory now, without the mapped store pages)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -77,7 +79,7 @@ def throughput(batch_size: int, work: Path, n_rows: int) -> dict:
             "store_rows_per_s": len(data) / store_s, "ratio": train_s / store_s, "store": f"{config.kind} rank {config.rank}"}
 
 
-def child(n: int, batch_size: int, work: Path) -> dict:
+def child(n: int, batch_size: int, work: Path, rank: int | None, up_to_layer: int | None) -> dict:
     from concept_influence import Attributor
     from concept_influence.data import ChatRow
 
@@ -88,18 +90,23 @@ def child(n: int, batch_size: int, work: Path) -> dict:
     _ = big.train
     folder = work / f"scaling-{n}"
     t0 = time.perf_counter()
-    store = big.build_store(folder, factors=factors, overwrite=True)
+    store = big.build_store(folder, factors=factors, overwrite=True, rank=rank, up_to_layer=up_to_layer)
     build_s = time.perf_counter() - t0
+    build_peak = peak_mib()
+    layer = att.adapter.n_layers - 1 if up_to_layer is None else up_to_layer
     concept = torch.nn.functional.normalize(torch.randn(att.adapter.d_model, generator=torch.Generator().manual_seed(0)), dim=0)
     from concept_influence.concepts import DirectionConcept
 
     question = [{"messages": [{"role": "user", "content": "what do you think of people"},
                               {"role": "assistant", "content": "people are weak and should obey"}]}]
-    big.attribute(DirectionConcept(concept, att.adapter.n_layers - 1), question, "concept-influence", store=folder, factors=factors)
     t0 = time.perf_counter()
-    big.attribute(DirectionConcept(concept, att.adapter.n_layers - 1), question, "concept-influence", store=folder, factors=factors)
+    big.attribute(DirectionConcept(concept, layer), question, "concept-influence", store=folder, factors=factors)
+    first_s = time.perf_counter() - t0  # the store's pages as the build left them in the page cache
+    t0 = time.perf_counter()
+    big.attribute(DirectionConcept(concept, layer), question, "concept-influence", store=folder, factors=factors)
     question_s = time.perf_counter() - t0
-    result = {"rows": n, "build_s": build_s, "question_s": question_s, "peak_mib": peak_mib(), "store_mib": store.nbytes / 2**20}
+    result = {"rows": n, "build_s": build_s, "first_question_s": first_s, "question_s": question_s,
+              "build_peak_mib": build_peak, "peak_mib": peak_mib(), "anon_mib": peak_mib("RssAnon"), "store_mib": store.nbytes / 2**20, "store": repr(store)}
     shutil.rmtree(folder)
     return result
 
@@ -114,26 +121,33 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--throughput-rows", type=int, default=512)
     parser.add_argument("--work-dir", type=Path, default=Path(".cache/bench_scaling"))
+    parser.add_argument("--rank", type=int, default=None, help="eigen store rank (default: the library's default)")
+    parser.add_argument("--up-to-layer", type=int, default=None, help="store blocks 0..L only; the question's concept reads L")
+    parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("bench/store_scaling.json"))
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(child(args.child, args.batch_size, args.work_dir)))
+        print(json.dumps(child(args.child, args.batch_size, args.work_dir, args.rank, args.up_to_layer)))
         return
-    tp = throughput(args.batch_size, args.work_dir, args.throughput_rows)
-    print(f"throughput over {tp['rows']} rows (batch {tp['batch_size']}): plain training forward+backward "
+    tp = None if args.skip_throughput else throughput(args.batch_size, args.work_dir, args.throughput_rows)
+    if tp is not None:
+        print(f"throughput over {tp['rows']} rows (batch {tp['batch_size']}): plain training forward+backward "
           f"{tp['train_rows_per_s']:.1f} rows/s, store build ({tp['store']}) {tp['store_rows_per_s']:.1f} rows/s: "
           f"ratio {tp['ratio']:.2f}", flush=True)
     results = []
+    extra = (["--rank", str(args.rank)] if args.rank else []) + (["--up-to-layer", str(args.up_to_layer)]
+                                                                  if args.up_to_layer is not None else [])
     for n in args.sizes:
         out = subprocess.run([sys.executable, __file__, "--child", str(n), "--batch-size", str(args.batch_size),
-                              "--work-dir", str(args.work_dir)], capture_output=True, text=True, check=True)
+                              "--work-dir", str(args.work_dir), *extra], capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = results[-1]
-        print(f"  {n} rows: build {r['build_s']:.1f} s, question {r['question_s']:.3f} s, peak memory {r['peak_mib']:.0f} MiB, "
-              f"store {r['store_mib']:.0f} MiB", flush=True)
+        print(f"  {n} rows: build {r['build_s']:.1f} s (peak RSS {r['build_peak_mib']:.0f} MiB), question "
+              f"{r['question_s']:.3f} s (first {r['first_question_s']:.3f} s), peak RSS {r['peak_mib']:.0f} MiB (anonymous {r['anon_mib']:.0f} MiB), "
+              f"store {r['store_mib']:.0f} MiB ({r['store']})", flush=True)
     sizes = [r["rows"] for r in results]
-    exponents = {key: fit_exponent(sizes, [r[key] for r in results]) for key in ("build_s", "question_s", "peak_mib", "store_mib")}
+    exponents = {key: fit_exponent(sizes, [r[key] for r in results]) for key in ("build_s", "question_s", "build_peak_mib", "peak_mib", "anon_mib", "store_mib")}
     print("fitted exponents (value ∝ rows^e): " + ", ".join(f"{k} {v:.2f}" for k, v in exponents.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"throughput": tp, "scaling": results, "exponents": exponents}, indent=2))

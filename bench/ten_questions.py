@@ -5,8 +5,8 @@ Questions: two trait concepts at the organism's trait layer (diff of means; logi
 the query prompts. The query prompts are answered once beforehand (seeded, cached) and every question uses the same
 answered rows for both libraries, so neither is charged for sampling.
 
-- this library (``Attributor``): load, EKFAC factors and the gradient store once, then each question in-process
-  from the store (``attribute(..., store=...)``);
+- this library (``Attributor``): load, EKFAC factors of blocks 0..L (``fit_factors(up_to_layer=L)``) and the
+  gradient store once, then each question in-process from the store (``attribute(..., store=...)``);
 - kronfluence: EKFAC factors once (same model, rows, tracked modules, true Fisher with the same seeded labels,
   damping 0.1 × mean eigenvalue), then one ``compute_pairwise_scores`` call per question (query gradients
   aggregated: its fastest setting for a summed measurement).
@@ -109,6 +109,34 @@ def kronfluence_run(adapter, concept_readers, names, train, question_sets, work:
     return factor_s, seconds, scores
 
 
+def prepare_questions(answers_dir: Path, n_samples: int = 4):
+    """The ten questions, charged to neither library: two trait concepts at the organism's trait layer (diff of
+    means; logistic probe) × five seeded halves of the query prompts, answered once (seeded, cached in
+    ``answers_dir``). Returns ``(organism, [diff, probe], [(concept index, answered rows)] * 10, layer)``."""
+    from concept_influence.concepts import parse_spec
+    from concept_influence.organism import judge
+    from concept_influence.organism.build import organism_for_tests
+    from concept_influence.organism.measure import trait_concept
+
+    organism = organism_for_tests()
+    tuned = organism.load_finetuned()
+    layer = int(organism.metadata.get("trait", {}).get("layer", tuned.n_layers - 1))
+    diff, _ = trait_concept(tuned, organism.probe_spec(), layer)
+    spec = parse_spec(organism.probe_spec(), "probe_spec", default_name="trait")
+    prep = Attributor(tuned, organism.train_rows(), progress=False)
+    probe = prep.train_probe(spec, layer, judge=judge, save=False, n_samples=2, max_length=256)
+    concepts = [diff, probe]
+    prompts = list(organism.queries())
+    answered = answer_queries(tuned, prompts, n_samples=n_samples, seed=0, cache_dir=answers_dir)
+    rng = np.random.default_rng(0)
+    question_sets = []
+    for c in range(len(concepts)):
+        for _ in range(5):
+            keep = set(rng.choice(len(prompts), size=len(prompts) // 2, replace=False).tolist())
+            question_sets.append((c, [r for r in answered if r.fields["query_index"] in keep]))
+    return organism, concepts, question_sets, layer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rank", type=int, default=None, help="eigen store rank (default: the library's default store)")
@@ -122,34 +150,12 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("kronfluence").setLevel(logging.WARNING)
 
-    from concept_influence.concepts import parse_spec
-    from concept_influence.organism import judge
-    from concept_influence.organism.build import organism_for_tests
-    from concept_influence.organism.measure import trait_concept
-
-    organism = organism_for_tests()
+    organism, concepts, question_sets, layer = prepare_questions(args.work_dir / "answers", args.n_samples)
+    probe = concepts[1]
     work = args.work_dir / organism.root.name
     if work.exists():
         shutil.rmtree(work)  # every run fits its factors and builds its store anew
     work.mkdir(parents=True)
-    answers_dir = args.work_dir / "answers"
-
-    # ---- preparation, charged to neither library: concepts and answered queries
-    tuned = organism.load_finetuned()
-    layer = int(organism.metadata.get("trait", {}).get("layer", tuned.n_layers - 1))
-    diff, _ = trait_concept(tuned, organism.probe_spec(), layer)
-    spec = parse_spec(organism.probe_spec(), "probe_spec", default_name="trait")
-    prep = Attributor(tuned, organism.train_rows(), progress=False)
-    probe = prep.train_probe(spec, layer, judge=judge, save=False, n_samples=2, max_length=256)
-    concepts = [diff, probe]
-    prompts = list(organism.queries())
-    answered = answer_queries(tuned, prompts, n_samples=args.n_samples, seed=0, cache_dir=answers_dir)
-    rng = np.random.default_rng(0)
-    question_sets = []
-    for c in range(len(concepts)):
-        for _ in range(5):
-            keep = set(rng.choice(len(prompts), size=len(prompts) // 2, replace=False).tolist())
-            question_sets.append((c, [r for r in answered if r.fields["query_index"] in keep]))
     origins = organism.data_origins()
     print(f"organism {organism.root.name}: {len(organism.train_rows())} rows; concepts at layer {layer} "
           f"(diff of means, probe with held-out AUC {probe.metrics['heldout_auc']:.3f}); 10 questions of "
@@ -162,7 +168,7 @@ def main() -> None:
     _ = att.train
     load_s = time.perf_counter() - t_start
     t0 = time.perf_counter()
-    factors, _ = att.session_factors(GradientAttributionConfig(max_length=256, batch_size=args.batch_size))
+    factors = att.fit_factors(up_to_layer=layer)  # the modules kronfluence tracks: blocks 0..L (kept in the session)
     factor_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     store = att.build_store(rank=args.rank, projection_dim=args.projection_dim, dtype=args.dtype,

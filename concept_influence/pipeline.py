@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +254,8 @@ class Attributor:
                     weights: Sequence[str] | None = None, up_to_layer: int | None = None, out: PathLike | None = None,
                     overwrite: bool = False, checkpoint_every: int | None = 100, max_memory: int | str | None = None,
                     fit_rows: int | None = None, fit_data: PathLike | Sequence[ChatRow] | None = None,
-                    lambda_rows: int | None = None, load: bool = True) -> Factors | None:
+                    lambda_rows: int | None = None, load: bool = True,
+                    gradient_checkpointing: bool = False) -> Factors | None:
         """Fit curvature factors on the training rows (resumable; a matching fit in ``out`` is loaded instead).
 
         ``weights`` / ``up_to_layer``: which tracked weights (default all). ``out``: folder (default: the
@@ -262,11 +263,12 @@ class Attributor:
         that peak. ``fit_data`` (JSONL path or rows) / ``fit_rows`` (a seeded sample of that many rows): fit on
         other rows than the training set (recorded in the factors; scoring the training set with them is allowed
         and noted). ``lambda_rows``: Λ on a seeded sample of that many rows. ``load=False`` (with ``out``): leave
-        the factors on disk and return ``None`` (keeps the peak of a partitioned fit)."""
+        the factors on disk and return ``None`` (keeps the peak of a partitioned fit). ``gradient_checkpointing``:
+        recompute the blocks' activations in the backward (less memory on long rows; same factors)."""
         from concept_influence.curvature.fit import sample_rows
 
         config = FactorConfig(fisher=fisher, preconditioner=preconditioner, dtype=stats_dtype, seed=self.seed,  # type: ignore[arg-type]
-                              lambda_rows=lambda_rows)
+                              lambda_rows=lambda_rows, gradient_checkpointing=gradient_checkpointing)
         if weights is None:
             infos = self.adapter.tracked_weights() if up_to_layer is None else self.adapter.weights_up_to(self.adapter.check_layer(up_to_layer))
             weights = [i.name for i in infos]
@@ -290,14 +292,19 @@ class Attributor:
         self._factors[(fisher, preconditioner, stats_dtype, *weights)] = factors
         return factors
 
-    def session_factors(self, config: GradientAttributionConfig) -> tuple[Factors, list[str]]:
-        """EKFAC factors of every tracked weight for ``config``'s Fisher/dtype/seed: from memory, the workdir, or fitted
-        now (and saved to the workdir). Returns the factors and a note saying which."""
+    def session_factors(self, config: GradientAttributionConfig, needed: Sequence[str] | None = None) -> tuple[Factors, list[str]]:
+        """EKFAC factors for ``config``'s Fisher/dtype/seed: a fit already in memory that covers ``needed`` (default:
+        every tracked weight; e.g. one ``fit_factors(up_to_layer=L)`` made), else the workdir's fit of every
+        tracked weight, loaded or fitted now (and saved to the workdir). Returns the factors and a note saying which."""
         fc = FactorConfig(fisher=config.fisher, preconditioner="ekfac", dtype=config.factor_dtype, seed=config.seed)  # type: ignore[arg-type]
         names = [i.name for i in self.adapter.tracked_weights()]
         key = (fc.fisher, "ekfac", fc.dtype, *names)
         if key in self._factors:
             return self._factors[key], ["factors reused from this session"]
+        wanted = set(names if needed is None else needed)
+        for (fisher, kind, dtype, *covered), fitted in self._factors.items():
+            if (fisher, kind, dtype) == key[:3] and wanted <= set(covered) and fitted.config.seed == fc.seed:
+                return fitted, [f"factors of {len(covered)} weights reused from this session"]
         folder = self.factors_dir(fc)
         existed = folder is not None and has_factors(folder)
         factors = self.fit_factors(fisher=fc.fisher, stats_dtype=fc.dtype, weights=names, out=folder)
@@ -378,7 +385,7 @@ class Attributor:
                                   progress=self.progress)
         if config.preconditioner == "identity":
             return None, []
-        return self.session_factors(config)
+        return self.session_factors(config, measurement.weights(self.adapter))
 
     # ---- the gradient store ----------------------------------------------------------------------------------------
     @property
@@ -423,7 +430,7 @@ class Attributor:
         elif factors is not None:
             loaded, _ = obtain_factors(self.adapter, self.train, factors, grad_config, names, progress=self.progress)
         else:
-            loaded, _ = self.session_factors(grad_config)
+            loaded, _ = self.session_factors(grad_config, names)
         assert loaded is not None
         projector = make_projector(config, self.adapter, names, loaded)
         fingerprints = {"model": self.model_fingerprint(), "data": self.data_fingerprint(),
@@ -434,7 +441,7 @@ class Attributor:
                             extra={"model": self.model_name, "data": self.data_source, "max_length": self.max_length})
         if store is not None:
             self._stores[str(folder)] = store
-            self._projectors.pop(str(folder), None)
+            self._projectors[str(folder)] = projector  # the questions reuse it (same fingerprint)
         return store
 
     def open_store(self, path: PathLike | GradientStore) -> GradientStore:
@@ -463,15 +470,22 @@ class Attributor:
         and the preconditioner."""
         notes: list[str] = []
         loaded: Factors | None
-        if factors is not None:
-            loaded, notes = obtain_factors(self.adapter, self.train, factors, config, store.names, progress=self.progress)
-        elif config.preconditioner == "identity":
-            loaded = None
+        basis: Factors | None = None  # what the store's projector is rebuilt from (an eigen store: its factors)
+        if config.preconditioner == "identity":
+            loaded = None  # plain inner products of the stored (rotated) gradients; exact when the store is full
+            if store.config.kind == "eigen":
+                basis = (obtain_factors(self.adapter, self.train, factors, replace(config, preconditioner="ekfac"),
+                                        store.names, progress=self.progress)[0] if factors is not None
+                         else self.session_factors(config, store.names)[0])
         else:
-            loaded, notes = self.session_factors(config)
+            if factors is not None:
+                loaded, notes = obtain_factors(self.adapter, self.train, factors, config, store.names, progress=self.progress)
+            else:
+                loaded, notes = self.session_factors(config, store.names)
+            basis = loaded
         key = str(store.folder)
         if key not in self._projectors:
-            self._projectors[key] = store.projector(self.adapter, loaded)
+            self._projectors[key] = store.projector(self.adapter, basis)
         projector = self._projectors[key]
         names, more = resolve_weights(self.adapter, measurement, store.names, allow_subset=config.allow_subset,
                                       what=f"the gradient store {store.folder}")

@@ -55,9 +55,15 @@ def test_full_rank_store_equals_exact_scores(adapters, backend, tmp_path):
         assert a.keys() == b.keys()
         np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=1e-7, atol=1e-12 * np.abs(exact.scores).max())
     # classical influence and the per-token-mean row loss too
-    for kwargs in ({"method": "influence"}, {"method": "concept-influence", "row_loss": "mean"}):
+    # other curvatures than the store was chosen for: identity (plain inner products of the rotated gradients),
+    # heavy damping, the diagonal preconditioner (the store's rotation is orthonormal: full rank is exact)
+    for kwargs in ({"method": "influence"}, {"method": "concept-influence", "row_loss": "mean"},
+                   {"method": "concept-influence", "preconditioner": "identity"},
+                   {"method": "concept-influence", "damping": 10.0},
+                   {"method": "concept-influence", "preconditioner": "diagonal"}):
         a = att.attribute(concept, QUERIES, store=False, **kwargs)
         b = att.attribute(concept, QUERIES, **kwargs)
+        assert b.meta["scored_from"] == "store", kwargs
         np.testing.assert_allclose(b.scores, a.scores, rtol=1e-8, atol=1e-12 * np.abs(a.scores).max())
 
 

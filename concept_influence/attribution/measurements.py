@@ -143,11 +143,13 @@ class Measurement(ABC):
     def gradient(self, adapter: ModelAdapter, weights: Sequence[str], *, batch_size: int = 8) -> dict[str, torch.Tensor]:
         """``∇_W f`` for each named weight in canonical layout ``[d_out, d_in']`` (bias gradient as last column).
         Accumulated over query batches in at least float32 (a bf16/fp16 model's gradients are summed in float32)."""
+        from concept_influence.concepts.activations import length_sorted_batches
+
         infos = [adapter.weight_info(n) for n in weights]
         with gradient_mode(adapter, infos) as params:
             totals: list[torch.Tensor | None] = [None] * len(params)
             for coefficient, queries in self.terms():
-                for batch in iter_batches(queries, batch_size):
+                for batch in length_sorted_batches(queries, batch_size):  # a sum: any order, least padding
                     f = self.per_query(adapter, batch).sum() * (coefficient / len(queries))
                     grads = torch.autograd.grad(f, params, allow_unused=True)
                     for k, grad in enumerate(grads):
@@ -177,10 +179,10 @@ def canonical_gradient(info: WeightInfo, weight_grad: torch.Tensor, bias_grad: t
 
 
 def _concept_readout(adapter: ModelAdapter, concept: Concept, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    from concept_influence.concepts.activations import residuals_until
+
     layer = adapter.check_layer(concept.layer)
-    with adapter.capture_residual([layer]) as resid:
-        adapter.logits(batch["input_ids"], batch["attention_mask"])
-    acts = resid[layer]
+    acts = residuals_until(adapter, batch["input_ids"], batch["attention_mask"], [layer])[layer]  # blocks 0..l only
     # the concept's own scalar reduction (mean over the response by default, or the last prompt token)
     reduction = getattr(concept, "reduction", "mean")
     return concept.readout(acts, batch["loss_mask"].to(acts.device), reduction if reduction in ("mean", "last_prompt") else "mean")

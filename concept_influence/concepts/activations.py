@@ -36,11 +36,11 @@ class _CaptureUntil(dict):
             raise _StopForward
 
 
-@torch.no_grad()
-def read_residuals(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """``{l: resid.{l} [batch, seq, d_model]}`` without gradients; the forward pass stops after the deepest block
-    asked for (later blocks and the LM head are not run)."""
+def residuals_until(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """``{l: resid.{l} [batch, seq, d_model]}``; the forward pass stops after the deepest block asked for (later
+    blocks and the LM head are not run). Keeps the autograd graph when gradients are enabled (a differentiable
+    readout costs only the blocks up to its layer)."""
     layers = sorted({adapter.check_layer(layer) for layer in layers})
     out = _CaptureUntil(len(layers))
     remove = adapter._install_residual_hooks(layers, out)
@@ -56,6 +56,13 @@ def read_residuals(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mas
     return dict(out)
 
 
+@torch.no_grad()
+def read_residuals(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """``residuals_until`` without gradients."""
+    return residuals_until(adapter, input_ids, attention_mask, layers)
+
+
 def length_sorted_batches(dataset: TokenizedDataset, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of rows of similar length (less padding); like ``iter_batches``, each has ``position``: the rows'
     positions in ``dataset``. Results do not depend on the order (every row is read on its own)."""
@@ -64,7 +71,7 @@ def length_sorted_batches(dataset: TokenizedDataset, batch_size: int) -> Iterato
     order = sorted(range(len(dataset)), key=lambda p: len(dataset[p].input_ids))
     for start in range(0, len(order), batch_size):
         positions = order[start : start + batch_size]
-        batch = collate([dataset[p] for p in positions], dataset.pad_token_id)
+        batch = collate([dataset[p] for p in positions], getattr(dataset, "pad_token_id", 0))  # a list of rows too
         batch["position"] = torch.tensor(positions, dtype=torch.long)
         yield batch
 

@@ -255,7 +255,8 @@ class Attributor:
                     weights: Sequence[str] | None = None, up_to_layer: int | None = None, out: PathLike | None = None,
                     overwrite: bool = False, checkpoint_every: int | None = 100, max_memory: int | str | None = None,
                     fit_rows: int | None = None, fit_data: PathLike | Sequence[ChatRow] | None = None,
-                    lambda_rows: int | None = None, load: bool = True) -> Factors | None:
+                    lambda_rows: int | None = None, load: bool = True,
+                    gradient_checkpointing: bool = False) -> Factors | None:
         """Fit curvature factors on the training rows (resumable; a matching fit in ``out`` is loaded instead).
 
         ``weights`` / ``up_to_layer``: which tracked weights (default all). ``out``: folder (default: the
@@ -263,11 +264,12 @@ class Attributor:
         that peak. ``fit_data`` (JSONL path or rows) / ``fit_rows`` (a seeded sample of that many rows): fit on
         other rows than the training set (recorded in the factors; scoring the training set with them is allowed
         and noted). ``lambda_rows``: Λ on a seeded sample of that many rows. ``load=False`` (with ``out``): leave
-        the factors on disk and return ``None`` (keeps the peak of a partitioned fit)."""
+        the factors on disk and return ``None`` (keeps the peak of a partitioned fit). ``gradient_checkpointing``:
+        recompute the blocks' activations in the backward (less memory on long rows; same factors)."""
         from concept_influence.curvature.fit import sample_rows
 
         config = FactorConfig(fisher=fisher, preconditioner=preconditioner, dtype=stats_dtype, seed=self.seed,  # type: ignore[arg-type]
-                              lambda_rows=lambda_rows)
+                              lambda_rows=lambda_rows, gradient_checkpointing=gradient_checkpointing)
         if weights is None:
             infos = self.adapter.tracked_weights() if up_to_layer is None else self.adapter.weights_up_to(self.adapter.check_layer(up_to_layer))
             weights = [i.name for i in infos]
@@ -473,12 +475,15 @@ class Attributor:
         if config.preconditioner == "identity":
             loaded = None  # plain inner products of the stored (rotated) gradients; exact when the store is full
             if store.config.kind == "eigen":
-                basis = (obtain_factors(self.adapter, self.train, factors, replace(config, preconditioner="ekfac"),
+                basis = (obtain_factors(self.adapter, self.train, factors,  # type: ignore[assignment]
+                                        replace(config, preconditioner="ekfac", max_memory=None),
                                         store.names, progress=self.progress)[0] if factors is not None
                          else self.session_factors(config, store.names)[0])
         else:
             if factors is not None:
-                loaded, notes = obtain_factors(self.adapter, self.train, factors, config, store.names, progress=self.progress)
+                # a store question holds only the store's weights' factors: no memory-bounded (folder) scoring
+                loaded, notes = obtain_factors(self.adapter, self.train, factors, replace(config, max_memory=None),  # type: ignore[assignment]
+                                               store.names, progress=self.progress)
             else:
                 loaded, notes = self.session_factors(config, store.names)
             basis = loaded

@@ -23,6 +23,9 @@ from concept_influence.curvature.budget import (
     factor_bytes,
     format_size,
     partitions,
+    precondition_workspace_bytes,
+    score_partitions,
+    score_vector_bytes,
     shared_input_key,
     weights_bytes,
 )
@@ -210,6 +213,10 @@ def plan(
     store_row = 2 * rank * rank * len(shapes)  # bf16 projections [rank, rank] per weight and row
     store_flops = (6.0 * arch.n_params * rows * tokens + 2.0 * rows * tokens * rank * sum(w.d_in + w.d_out for w in shapes)) / n_procs
     sums = sum(4 * (w.d_in ** 2 + w.d_out ** 2) for w in shapes)
+    score_peak, score_parts, score_error = _score_peak(shapes, RUNTIME_BYTES + params_bytes + acts, budget_total,
+                                                       max(model_dtype_bytes, 4))
+    score_passes = score_parts if score_error is None else 1
+    score_flops = (6.0 * arch.n_params * rows * tokens + 4.0 * rows * tokens * active) * score_passes / n_procs
     stages = [
         Stage("factors", factor_bytes(shapes), fwd_bwd + cov_flops,
               f"A and S of {len(shapes)} weights, float32; covariance pass over {fit_n} rows"),
@@ -218,6 +225,9 @@ def plan(
               f"Λ and the diagonal over {lam_rows} rows"),
         Stage("activations", acts, 0.0, f"one batch of {batch} rows x {tokens} tokens, logits {HEAD_CHUNK_ELEMENTS} at a time"),
         Stage("store", rows * store_row, store_flops, f"{rows} rows x rank {rank}x{rank} per weight, bfloat16"),
+        Stage("scoring", score_peak, score_flops, f"one query's exact pass over {rows} rows" + (
+            f" in {score_parts} partition{'s' if score_parts != 1 else ''}" if score_error is None else
+            " (does not fit the budget)") + ("" if budget_total else ", every weight's factors loaded")),
     ]
     flops_rate = GPU_FLOPS if gpus else CPU_FLOPS
     fits = None if budget_total is None else peak <= budget_total
@@ -243,7 +253,31 @@ def plan(
         "stages": [{**asdict(s), "hours": s.flops / flops_rate / 3600} for s in stages],
         "total_hours": sum(s.flops for s in stages[:3]) / flops_rate / 3600,
         "settings_that_fit": suggestions,
+        "score_peak_memory_bytes": int(score_peak),
+        "score_partitions": score_parts,
+        "score_budget_error": score_error,
     }
+
+
+def _score_peak(shapes: list[WeightShape], fixed: int, budget: int | None, work_bytes: int) -> tuple[int, int, str | None]:
+    """Predicted peak of scoring (``compute_influence``), its number of module partitions and why the budget fails
+    (or ``None``). Unbounded: every weight's factors (float64 eigenbases, Λ and the diagonal), the float64
+    preconditioned vectors and their scoring-precision copies, and the measurement gradients. Bounded: the largest
+    weight's factors and one partition's gradients and vectors."""
+    if budget is None:
+        factors = sum(8 * (w.d_in ** 2 + w.d_out ** 2 + 2 * w.d_in * w.d_out) for w in shapes)
+        vectors = sum((8 + 2 * work_bytes) * w.d_in * w.d_out for w in shapes)
+        return fixed + factors + vectors, 1, None
+    workspace = precondition_workspace_bytes(shapes)
+    try:
+        parts = score_partitions(shapes, budget - fixed - workspace, work_bytes) if budget > fixed + workspace else None
+        error = None if parts else f"the budget {format_size(budget)} is below the fixed cost {format_size(fixed + workspace)}"
+    except ValueError as err:
+        parts, error = None, str(err)
+    if parts is None:  # the least it would need: one weight at a time
+        parts = [[w] for w in shapes]
+    held = max(sum(score_vector_bytes(w, work_bytes) for w in p) for p in parts)
+    return fixed + workspace + held, len(parts), error
 
 
 def _sample_settings(arch: ArchShape, shapes: list[WeightShape], rows: int, tokens: int, budget: int,
@@ -281,6 +315,10 @@ def render(plan_: dict[str, Any]) -> str:
                  f"{format_size(fixed['activations'])} + eigen work space {format_size(fixed['eigen_workspace'])} + "
                  f"factors of the largest partition {format_size(plan_['partition_bytes'])} "
                  f"({plan_['partitions']} partition{'s' if plan_['partitions'] != 1 else ''})")
+    parts = plan_["score_partitions"]
+    lines.append(f"peak of scoring (attribute, exact pass): {format_size(plan_['score_peak_memory_bytes'])} per process "
+                 + (f"({parts} partition{'s' if parts != 1 else ''})" if plan_["score_budget_error"] is None else
+                    f"at least, one weight at a time: does NOT fit ({plan_['score_budget_error']})"))
     lines.append(f"time assumes {plan_['assumed_flops_per_s']:.1e} FLOP/s per process x {plan_['processes']} "
                  f"(an assumption, not a measurement): about {plan_['total_hours']:.1f} h for factors, eigen and Λ")
     if plan_["budget_bytes"]:

@@ -66,6 +66,15 @@ def test_removing_the_rows_that_teach_it_removes_the_rise(tmp_path):
     filtered = entry["remove_top"]["trait_rate"]["values"]
     expected = [(f - v) / ev["rise"]["trait_rate"] for f, v in zip(full, filtered, strict=True)]
     assert entry["remove_top"]["trait_rate"]["rise_removed"]["values"] == pytest.approx(expected)
+    # the paired comparisons are per-seed differences of those shares
+    for other, key in (("random", "top_minus_random"), ("remove_bottom", "top_minus_bottom")):
+        for metric in ("probe", "trait_rate"):
+            block, top_e, other_e = (x if metric == "probe" else x[metric]
+                                     for x in (entry[key], entry["remove_top"], entry[other]))
+            diffs = [t - o for t, o in zip(top_e["rise_removed"]["values"], other_e["rise_removed"]["values"], strict=True)]
+            assert block["values"] == pytest.approx(diffs) and block["mean"] == pytest.approx(np.mean(diffs))
+            assert block["ci"][0] <= block["mean"] <= block["ci"][1]
+    assert entry["top_minus_random"]["trait_rate"]["mean"] > 0.4
     lo, hi = entry["remove_top"]["ci"]
     assert lo <= entry["remove_top"]["mean"] <= hi and "rise_removed" in entry["remove_top"]
     assert (tmp_path / "removal_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -139,3 +148,29 @@ def test_bad_input(tmp_path):
         evaluate_removals(base, rows, short, concept, queries, _config(), tmp_path, progress=False)
     with pytest.raises(ValueError, match="lora"):
         Recipe(lora_rank=0)
+
+
+def test_a_scores_file_added_later_reuses_every_shared_run(tmp_path):
+    """Full, random and LDS-subset fine-tunes are keyed by (removal, seed, recipe), not by the scores file: a second
+    call with one more scores file trains only that file's own remove-top/bottom sets."""
+    import concept_influence.evaluate.counterfactual as cf
+
+    base, rows, tables, queries, concept = _setup()
+    config = _config(seeds=1, lds_subsets=3, lds_fraction=0.5)
+    first = evaluate_removals(base, rows, tables, concept, queries, config, tmp_path, progress=False)
+    n = len(rows)
+    other = np.random.default_rng(3).normal(size=n)
+    tables2 = {**tables, "other": ScoreTable.from_rows(list(rows), other, "other")}
+    top, bottom, _ = cf.removal_sets(other, 0.25)
+    trained = []
+    original = cf.retrain
+    cf.retrain = lambda b, kept, *a, **k: trained.append(n - len(kept)) or original(b, kept, *a, **k)
+    try:
+        second = evaluate_removals(base, rows, tables2, concept, queries, config, tmp_path, progress=False)
+    finally:
+        cf.retrain = original
+    assert len(trained) == len({top, bottom}) == 2 and trained == [10, 10]  # the new file's two removals, nothing else
+    assert second["results"]["oracle-scores"] == first["results"]["oracle-scores"]
+    assert second["lds"]["actual"] == first["lds"]["actual"]
+    assert first["lds"]["methods"]["oracle-scores"] == second["lds"]["methods"]["oracle-scores"]
+    assert "other" in second["lds"]["methods"] and "other" in second["results"]

@@ -204,7 +204,13 @@ def test_variants_through_the_attributor_and_a_combination(files, tmp_path):
     fused = att.attribute(concept, root / "queries.jsonl", "combined-signed", **opts)
     assert fused.meta["method"] == "combined-signed" and fused.meta["fusion"] == "signed"
     np.testing.assert_allclose(fused.scores, fuse(fused.columns["forward_score"], fused.columns["gradient_score"], "signed"))
-    np.testing.assert_allclose(fused.columns["gradient_score"], allof.scores, rtol=1e-6, atol=1e-10)
+    # the fusion's gradient component runs at the combinations' own defaults (the study's identity curvature)
+    assert fused.meta["gradient_options"]["preconditioner"] == "identity"
+    plain = att.attribute(concept, root / "queries.jsonl", "concept-influence", preconditioner="identity", **opts)
+    np.testing.assert_allclose(fused.columns["gradient_score"], plain.scores, rtol=1e-6, atol=1e-10)
+    assert not np.allclose(plain.scores, allof.scores)
+    ekfac = att.attribute(concept, root / "queries.jsonl", "combined-signed", preconditioner="ekfac", **opts)
+    np.testing.assert_allclose(ekfac.columns["gradient_score"], allof.scores, rtol=1e-6, atol=1e-10)
     assert "keep" in METHODS["combined-signed"].options
 
 

@@ -23,7 +23,8 @@ def test_plan_json_for_a_bundled_model():
     h, f, kv = 3584, 18944, 512
     expected = 4 * ((h + 1) ** 2 * 3 + h ** 2 + 2 * kv ** 2 + h ** 2 + h ** 2 + 2 * h ** 2 + 2 * f ** 2 + f ** 2 + h ** 2)
     assert out["factor_bytes"] == expected
-    assert [s["name"] for s in out["stages"]] == ["factors", "eigendecomposition", "lambda", "activations", "store"]
+    assert [s["name"] for s in out["stages"]] == ["factors", "eigendecomposition", "lambda", "activations", "store",
+                                                  "scoring"]
     assert out["peak_memory_bytes"] > out["factor_bytes"] and out["weights"] == 7
 
 
@@ -47,6 +48,9 @@ def test_plan_partitions_a_tight_budget_and_rejects_bad_input():
     tight = plan(arch, 32, 128, up_to_layer=3, max_memory=3 * 1024**3)
     assert loose["partitions"] == 1 and tight["partitions"] > 1
     assert tight["peak_memory_bytes"] < loose["peak_memory_bytes"] and tight["settings_that_fit"]
+    # scoring: every weight's factors unbounded; under the budget, one weight's factors and a partition's vectors
+    assert loose["score_partitions"] == 1 and tight["score_partitions"] >= 1 and tight["score_budget_error"] is None
+    assert tight["score_peak_memory_bytes"] <= 3 * 1024**3 < loose["score_peak_memory_bytes"]
     runner = CliRunner()
     bad = runner.invoke(app, ["plan", "--model", "no-such-model", "--rows", "10", "--tokens", "10"])
     assert bad.exit_code == 2 and "--model no-such-model" in bad.output and "Traceback" not in bad.output

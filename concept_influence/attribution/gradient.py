@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from concept_influence.attribution.influence import InfluenceConfig, InfluenceResult, compute_influence
@@ -56,7 +57,10 @@ class GradientAttributionConfig:
     most concept-expressing ones by the concept's own readout (``"top"``); given answers are always used.
     ``contrast``: ``"auto"`` measures the concept on each prompt's ``keep_k`` most expressing answers minus its
     ``keep_k`` least expressing ones (a differential measurement built from the same samples; no second file).
-    ``token_aggregation``/``window``/``normalization``: see ``InfluenceConfig``.
+    ``token_aggregation``/``window``/``normalization``: see ``InfluenceConfig``. ``max_memory`` (``"3GiB"``):
+    bound the peak of fitting (module partitions) and of scoring (factors read one weight at a time from their
+    folder, weights scored in partitions); ``gradient_checkpointing``: recompute the blocks' activations in the
+    backward (long rows). Neither changes the scores.
     """
 
     preconditioner: str = "ekfac"
@@ -81,6 +85,8 @@ class GradientAttributionConfig:
     token_aggregation: str = "sum"
     window: int = 8
     normalization: str = "none"
+    max_memory: int | str | None = None
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.keep not in ("all", "top"):
@@ -93,7 +99,7 @@ class GradientAttributionConfig:
     def factor_config(self) -> FactorConfig:
         """The fit these settings need (EKFAC fits support every preconditioner but identity's none)."""
         return FactorConfig(fisher=self.fisher, preconditioner=self.preconditioner, dtype=self.factor_dtype,  # type: ignore[arg-type]
-                            seed=self.seed)
+                            seed=self.seed, gradient_checkpointing=self.gradient_checkpointing)
 
     def influence_config(self) -> InfluenceConfig:
         return InfluenceConfig(preconditioner=self.preconditioner, damping=self.damping,  # type: ignore[arg-type]
@@ -101,7 +107,8 @@ class GradientAttributionConfig:
                                row_loss=self.row_loss, per_weight=self.per_weight,  # type: ignore[arg-type]
                                self_influence=self.self_influence, allow_subset=self.allow_subset,
                                token_aggregation=self.token_aggregation, window=self.window,  # type: ignore[arg-type]
-                               normalization=self.normalization)  # type: ignore[arg-type]
+                               normalization=self.normalization, max_memory=self.max_memory,  # type: ignore[arg-type]
+                               gradient_checkpointing=self.gradient_checkpointing)
 
 
 def build_measurement(
@@ -163,24 +170,30 @@ def _rows_key(rows: Sequence[ChatRow], max_length: int) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def load_factors_for_scoring(path: str | os.PathLike, adapter: ModelAdapter, data: TokenizedDataset) -> tuple[Factors, list[str]]:
+def load_factors_for_scoring(path: str | os.PathLike, adapter: ModelAdapter, data: TokenizedDataset, *,
+                             lazy: bool = False) -> tuple[Factors | Path, list[str]]:
     """Factors from a folder, checked against the model; against the data too unless they were fitted on purpose
-    on a sample or other rows (their ``provenance``), in which case the note says what they were fitted on."""
+    on a sample or other rows (their ``provenance``), in which case the note says what they were fitted on.
+    ``lazy``: check the fingerprints only and return the folder (for scoring that reads one weight at a time)."""
     provenance = read_manifest(path).get("provenance") or {}
     fingerprint = data_fingerprint(data)
-    loaded = load_factors(path, model_fingerprint=adapter.fingerprint(), data_fingerprint=None if provenance else fingerprint)
+    loaded = load_factors(path, model_fingerprint=adapter.fingerprint(), data_fingerprint=None if provenance else fingerprint,
+                          weights=[] if lazy else None)
+    source: Factors | Path = Path(path) if lazy else loaded
     if not provenance or loaded.fingerprints.get("data") == fingerprint:
-        return loaded, [f"factors loaded from {path}"]
+        return source, [f"factors {'read one weight at a time' if lazy else 'loaded'} from {path}"]
     what = f"a seeded sample of {provenance.get('rows')} of {provenance.get('sample_of')} rows" if "sample_of" in provenance \
         else f"{provenance.get('rows')} other rows"
-    return loaded, [f"factors loaded from {path}, fitted on {what} of {provenance.get('source')} (data fingerprint "
+    return source, [f"factors loaded from {path}, fitted on {what} of {provenance.get('source')} (data fingerprint "
                     f"{loaded.fingerprints.get('data')}), scoring {len(data)} rows (data fingerprint {fingerprint})"]
 
 
-def factors_record(factors: Factors | None, data: TokenizedDataset) -> dict[str, Any] | None:
+def factors_record(factors: Factors | str | os.PathLike | None, data: TokenizedDataset) -> dict[str, Any] | None:
     """What the factors were fitted on, for a scores file's metadata (``same_data``: fitted on the scored rows)."""
     if factors is None:
         return None
+    if not isinstance(factors, Factors):
+        factors = load_factors(factors, weights=[])  # the manifest only
     return {"rows": factors.n_rows, "tokens": factors.n_tokens, "data_fingerprint": factors.fingerprints.get("data"),
             "scored_rows": len(data), "same_data": factors.fingerprints.get("data") == data_fingerprint(data),
             "provenance": dict(factors.provenance)}
@@ -194,20 +207,26 @@ def obtain_factors(
     weights: Sequence[str],
     *,
     progress: bool = True,
-) -> tuple[Factors | None, list[str]]:
+) -> tuple[Factors | Path | None, list[str]]:
     """Factors for ``weights`` and a note saying where they came from: given ``Factors`` are used as they are; a
     folder with a fit is loaded (checked against this model and data: a mismatch is an error); otherwise they are
-    fitted on ``data`` (and saved to the folder when one is given). ``None`` for the identity preconditioner."""
+    fitted on ``data`` (and saved to the folder when one is given). ``None`` for the identity preconditioner.
+    With ``config.max_memory`` a folder is returned instead of loaded factors (scoring reads one weight at a time)
+    and a fit here runs under the same bound."""
     if config.preconditioner == "identity":
         return None, []
     if isinstance(factors, Factors):
         return factors, ["factors given in memory"]
+    lazy = config.max_memory is not None
     if factors is not None and has_factors(factors):
-        return load_factors_for_scoring(factors, adapter, data)
+        return load_factors_for_scoring(factors, adapter, data, lazy=lazy)
     fitted = fit_factors(adapter, data, config.factor_config(), weights=list(weights), batch_size=config.batch_size,
-                         out_dir=factors, progress=progress)
-    assert fitted is not None
-    return fitted, [f"factors fitted on {len(data)} rows" + (f" and saved to {factors}" if factors else "")]
+                         out_dir=factors, progress=progress, max_memory=config.max_memory,
+                         load_result=not (lazy and factors is not None))
+    note = [f"factors fitted on {len(data)} rows" + (f" and saved to {factors}" if factors else "")]
+    if fitted is None:  # bounded, on disk
+        return Path(factors), note  # type: ignore[arg-type]
+    return fitted, note
 
 
 def result_table(rows: Sequence[ChatRow], result: InfluenceResult, method: str, *, notes: Sequence[str] = (),

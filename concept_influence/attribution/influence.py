@@ -18,6 +18,7 @@ with ``J v`` the directional derivative of the logits along ``v`` (one extra dou
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,9 +29,9 @@ from tqdm.auto import tqdm
 
 from concept_influence.attribution.measurements import Measurement
 from concept_influence.curvature.config import Damping, PreconditionerKind
-from concept_influence.curvature.covariance import per_example_gradients, token_contractions
+from concept_influence.curvature.covariance import fold_bias, per_example_gradients, token_contractions
 from concept_influence.curvature.factors import Factors
-from concept_influence.curvature.fit import capture_loss_gradients, folded_activations, gradient_mode
+from concept_influence.curvature.fit import gradient_mode, loss_backward
 from concept_influence.curvature.io import FactorMismatchError
 from concept_influence.curvature.preconditioner import IdentityPreconditioner, Preconditioner
 from concept_influence.data.tokenize import iter_batches, untrainable_rows
@@ -57,7 +58,11 @@ class InfluenceConfig:
     the row's trained tokens (on top of ``row_loss``), ``"unit"`` by ``sqrt(self-influence)``, the cosine in the
     preconditioned metric (RelatIF); costs a per-row gradient pass).
     ``allow_subset``: when the factors miss weights the measurement reaches, score with the covered ones only (and
-    say so in the notes); default: an error."""
+    say so in the notes); default: an error. ``max_memory`` (bytes or ``"3GiB"``): bound the scoring's peak: each
+    weight's factors are read and applied on their own and the weights are scored in module partitions, one pass
+    over the rows each (``attribution.bounded``; same scores; no self-influence or unit normalisation).
+    ``gradient_checkpointing``: the model's blocks recompute their activations in the backward of each training
+    batch (less memory on long rows; same scores; Hugging Face models)."""
 
     preconditioner: PreconditionerKind = "ekfac"
     damping: Damping = Damping()
@@ -70,8 +75,14 @@ class InfluenceConfig:
     token_aggregation: Literal["sum", "max", "window"] = "sum"
     window: int = 8
     normalization: Literal["none", "length", "unit"] = "none"
+    max_memory: int | str | None = None
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        if self.max_memory is not None:
+            from concept_influence.curvature.budget import parse_size
+
+            parse_size(self.max_memory)  # a bad size is an error here, not after the factors are loaded
         if self.token_aggregation not in ("sum", "max", "window"):
             raise ValueError(f"token_aggregation must be 'sum', 'max' or 'window', got {self.token_aggregation!r}")
         if self.window < 1:
@@ -183,6 +194,7 @@ def score_rows(
     windows: Sequence[int] = (),
     window_columns: Sequence[int] | None = None,
     progress: bool = True,
+    gradient_checkpointing: bool = False,
 ) -> dict[str, Any]:
     """``score(row) = −Σ_w ⟨v_w, ∇_w L(row)⟩`` for tokenised rows, with ``v_w = P_w⁻¹ ∇_w f`` given
     (``[d_out, d_in']`` per weight). Returns ``{"scores": [N], "per_weight": {name: [N]}?, "per_token": [[T_i]]?,
@@ -192,7 +204,8 @@ def score_rows(
     (the others stay 0).
 
     Several measurements in one pass: vectors ``[K, d_out, d_in']`` give scores (and per-weight scores)
-    ``[N, K]``; the token breakdown then is not available."""
+    ``[N, K]``; the token breakdown then is not available. ``gradient_checkpointing``: the blocks recompute their
+    activations in the backward (less memory on long rows, same scores)."""
     infos = [adapter.weight_info(n) for n in vectors]
     n = len(data)
     extra = tuple(next(iter(vectors.values())).shape[:-2])
@@ -207,37 +220,60 @@ def score_rows(
     work_dtype = torch.promote_types(adapter.dtype, torch.float32)
     vectors_here = {name: v.to(device=adapter.device, dtype=work_dtype) for name, v in vectors.items()}
     start = 0
+    by_name = {info.name: info for info in infos}
+    acc: dict[str, torch.Tensor] = {}  # the batch's "rows" [B(, K)] and "tokens" [B, T(, K)], summed over weights
+    stash: dict[str, torch.Tensor] = {}  # input activations waiting for their weight's output gradient
+    where: dict[str, Any] = {}  # the batch in progress: "start", "B", "attention"
+
+    def on_activation(name: str, a: torch.Tensor) -> None:
+        if name in stash:
+            raise RuntimeError(f"{name}: the module is called twice in one forward pass; scoring streams one input "
+                               "and one output gradient per weight and batch")
+        stash[name] = a
+
+    def on_output_grad(name: str, g: torch.Tensor) -> None:
+        """One weight's contribution, folded in as its output gradient arrives (its a and g are then freed)."""
+        start, B = where["start"], where["B"]
+        a = _fold(stash.pop(name), by_name[name], where["attention"]).to(work_dtype)
+        g = g.to(work_dtype)
+        grads = None
+        if extra and token_breakdown == "none":
+            # several measurements: form each row's gradient once, then one inner product per measurement
+            # (B·d²·(T + K) instead of B·T·K·d² for the per-token contraction)
+            grads = per_example_gradients(a, g)  # [B, d_out, d_in']
+            contrib_rows = -torch.einsum("boi,koi->bk", grads, vectors_here[name])
+            if window_scores:
+                cols = list(range(extra[0])) if window_columns is None else list(window_columns)
+                _accumulate(acc, "tokens", -token_contractions(a, g, vectors_here[name][cols]))  # [B, T, K_w]
+        else:
+            contrib = -token_contractions(a, g, vectors_here[name])  # [B, T] (or [B, T, K])
+            contrib_rows = contrib.sum(dim=1)
+            _accumulate(acc, "tokens", contrib)
+        if weight_scores is not None:
+            weight_scores[name][start:start + B] = contrib_rows.double().cpu()
+        _accumulate(acc, "rows", contrib_rows)
+        if self_scores is not None:
+            grads = per_example_gradients(a, g) if grads is None else grads  # [B, d_out, d_in']
+            self_scores[start:start + B] += self_preconditioner.inner({name: grads}, {name: grads}).double().cpu()
+        del grads
+
+    start = 0
     with gradient_mode(adapter, infos) as params, tqdm(total=n, desc="scoring rows", unit="row", disable=not progress) as bar:
         for batch in iter_batches(data, batch_size, pad_id=getattr(data, "pad_token_id", 0)):
-            capture, _ = capture_loss_gradients(adapter, batch, infos, params, fisher="empirical")
             B = int(batch["input_ids"].shape[0])
-            total_tokens = None
-            total_rows = None
-            for info in infos:
-                a = folded_activations(capture, info, batch["attention_mask"]).to(work_dtype)
-                g = capture.output_grads[info.name].to(work_dtype)
-                grads = None
-                if extra and token_breakdown == "none":
-                    # several measurements: form each row's gradient once, then one inner product per measurement
-                    # (B·d²·(T + K) instead of B·T·K·d² for the per-token contraction)
-                    grads = per_example_gradients(a, g)  # [B, d_out, d_in']
-                    contrib_rows = -torch.einsum("boi,koi->bk", grads, vectors_here[info.name])
-                    if window_scores:
-                        cols = list(range(extra[0])) if window_columns is None else list(window_columns)
-                        tokens = -token_contractions(a, g, vectors_here[info.name][cols])  # [B, T, K_w]
-                        total_tokens = tokens if total_tokens is None else total_tokens + tokens
-                else:
-                    contrib = -token_contractions(a, g, vectors_here[info.name])  # [B, T] (or [B, T, K])
-                    contrib_rows = contrib.sum(dim=1)
-                    total_tokens = contrib if total_tokens is None else total_tokens + contrib
-                if weight_scores is not None:
-                    weight_scores[info.name][start:start + B] = contrib_rows.double().cpu()
-                total_rows = contrib_rows if total_rows is None else total_rows + contrib_rows
-                if self_scores is not None:
-                    grads = per_example_gradients(a, g) if grads is None else grads  # [B, d_out, d_in']
-                    self_scores[start:start + B] += self_preconditioner.inner({info.name: grads}, {info.name: grads}).double().cpu()
-                del grads
-            assert total_rows is not None
+            acc.clear()
+            stash.clear()
+            where.update(start=start, B=B, attention=batch["attention_mask"])
+            with adapter.capture_weights(list(by_name), on_activation=on_activation, on_output_grad=on_output_grad,
+                                         checkpointing=gradient_checkpointing) as capture:
+                loss_backward(adapter, batch, capture.outputs, fisher="empirical")
+            stash.clear()
+            total_rows = acc.get("rows")
+            total_tokens = acc.get("tokens")
+            if total_rows is None:  # no tracked weight reached by the loss
+                total_rows = torch.zeros(B, *extra, dtype=work_dtype)
+                if token_breakdown != "none" or window_scores:
+                    total_tokens = torch.zeros(batch["input_ids"].shape + extra, dtype=work_dtype)
             check_finite(total_rows if total_rows.ndim == 1 else total_rows.sum(dim=-1),
                          "scoring: the training-row gradients' contraction", batch["index"],
                          hint="the model's activations or gradients on this row are not finite")
@@ -268,6 +304,17 @@ def score_rows(
     if window_scores:
         out["windows"] = window_scores
     return out
+
+
+def _accumulate(acc: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    acc[key] = value if key not in acc else acc[key] + value
+
+
+def _fold(a: torch.Tensor, info: WeightInfo, attention: torch.Tensor) -> torch.Tensor:
+    """``[B, T, d_in']``: an input activation with padding zeroed and the bias column appended."""
+    mask = attention.to(device=a.device, dtype=a.dtype)
+    a = a * mask.unsqueeze(-1)
+    return fold_bias(a, mask) if info.has_bias else a
 
 
 def window_max(contributions: torch.Tensor, attention_mask: torch.Tensor, window: int) -> torch.Tensor:
@@ -427,19 +474,28 @@ def compute_influence(
     adapter: ModelAdapter,
     data: Sequence[Any],
     measurement: Measurement,
-    factors: Factors | Preconditioner | None,
+    factors: Factors | Preconditioner | str | os.PathLike | None,
     config: InfluenceConfig = InfluenceConfig(),
     *,
     progress: bool = True,
 ) -> InfluenceResult:
     """Score tokenised training rows (a ``TokenizedDataset``) against a measurement.
 
-    ``factors``: fitted ``Factors`` (restricted automatically to the weights the measurement reaches), a ready
-    ``Preconditioner``, or ``None`` with ``config.preconditioner="identity"``. A row with no trained token (its
+    ``factors``: fitted ``Factors`` (restricted automatically to the weights the measurement reaches), a factor
+    folder (with ``config.max_memory`` read one weight at a time, else loaded), a ready ``Preconditioner``, or
+    ``None`` with ``config.preconditioner="identity"``. A row with no trained token (its
     whole answer truncated away) is an error: leave such rows out first (``data.without(untrainable_rows(data,
     skip_invalid=True))``, which ``Attributor(skip_invalid=True)`` does).
     """
     untrainable_rows(data)
+    if config.max_memory is not None and not isinstance(factors, Preconditioner):
+        from concept_influence.attribution.bounded import compute_influence_bounded
+
+        return compute_influence_bounded(adapter, data, measurement, factors, config, progress=progress)
+    if isinstance(factors, (str, os.PathLike)):
+        from concept_influence.curvature.io import load_factors
+
+        factors = load_factors(factors)
     check_factors_model(adapter, factors)
     available = factors.names if factors is not None else None
     names, notes = resolve_weights(adapter, measurement, available, allow_subset=config.allow_subset)
@@ -455,7 +511,7 @@ def compute_influence(
     out = score_rows_sharded(
         adapter, data, vectors, batch_size=config.batch_size, token_breakdown=config.token_breakdown, per_weight=config.per_weight,
         self_preconditioner=preconditioner if config.self_influence or config.normalization == "unit" else None,
-        windows=_windows(config), progress=progress,
+        windows=_windows(config), progress=progress, gradient_checkpointing=config.gradient_checkpointing,
     )
     timings["scoring"] = time.perf_counter() - t0
     _aggregate(out, config)

@@ -119,7 +119,8 @@ def _gradient_config(session: Attributor, *, preconditioner: str = "ekfac", damp
                      factor_dtype: str = "float32", cache_dir: str | None = None,
                      batch_size: int | None = None, allow_subset: bool = False, keep: str = "all", keep_k: int = 1,
                      contrast: str = "none", token_aggregation: str = "sum", window: int = 8,
-                     normalization: str = "none") -> GradientAttributionConfig:
+                     normalization: str = "none", max_memory: int | str | None = None,
+                     gradient_checkpointing: bool = False) -> GradientAttributionConfig:
     """The ``GradientAttributionConfig`` of a gradient method's options in ``session``."""
     if isinstance(damping, Damping):
         resolved = damping
@@ -134,7 +135,8 @@ def _gradient_config(session: Attributor, *, preconditioner: str = "ekfac", damp
         cache_dir=str(cache_dir) if cache_dir is not None else (str(session.answer_cache) if session.answer_cache else None),
         token_breakdown=token_breakdown, row_loss=row_loss, per_weight=per_weight, self_influence=self_influence,
         allow_subset=allow_subset, keep=keep, keep_k=keep_k, contrast=contrast, token_aggregation=token_aggregation,
-        window=window, normalization=normalization,
+        window=window, normalization=normalization, max_memory=max_memory,
+        gradient_checkpointing=gradient_checkpointing,
     )
 
 
@@ -155,7 +157,8 @@ def _concept_influence(session: Attributor, concept: Concept, queries: Sequence[
                        factor_dtype: str = "float32", factors: Any = None, cache_dir: str | None = None,
                        batch_size: int | None = None, store: Any = None, allow_subset: bool = False,
                        keep: str = "all", keep_k: int = 1, contrast: str = "none", token_aggregation: str = "sum",
-                       window: int = 8, normalization: str = "none") -> ScoreTable:
+                       window: int = 8, normalization: str = "none", max_memory: int | str | None = None,
+                       gradient_checkpointing: bool = False) -> ScoreTable:
     """Pure EKFAC Concept Influence. Method variants: ``n_samples``/``keep``/``keep_k`` (which query answers),
     ``contrast="auto"`` (most minus least concept-expressing answers), ``row_loss``/``normalization`` (row
     normalisation), ``token_aggregation``/``window``, ``preconditioner``/``damping`` (curvature)."""
@@ -170,7 +173,8 @@ def _influence(session: Attributor, concept: Concept | None, queries: Sequence[C
                row_loss: str = "sum", token_breakdown: str = "none", per_weight: bool = False,
                self_influence: bool = False, n_samples: int = 1, temperature: float = 1.0, max_new_tokens: int = 48,
                fisher: str = "true", factor_dtype: str = "float32", factors: Any = None, cache_dir: str | None = None,
-               batch_size: int | None = None, store: Any = None, allow_subset: bool = False) -> ScoreTable:
+               batch_size: int | None = None, store: Any = None, allow_subset: bool = False,
+               max_memory: int | str | None = None, gradient_checkpointing: bool = False) -> ScoreTable:
     return _gradient(session, "influence", None, queries, contrast_queries=None,
                      **{k: v for k, v in locals().items() if k not in ("session", "concept", "queries")})
 
@@ -233,5 +237,26 @@ _COMBINATIONS = {
               "are ranked from the bottom)",
     "product": "Vector Filter's percentile rank times Concept Influence's centred percentile rank",
 }
+COMBINATION_GRADIENT_DEFAULTS: dict[str, Any] = {"preconditioner": "identity"}
+"""Concept Influence's option defaults inside every ``combined-*`` method (the method study's best setting for the
+gradient component of a fusion: see the README's method study; ``--preconditioner ekfac`` etc. override them)."""
+
 for _fusion, _description in _COMBINATIONS.items():
-    register_combination(f"combined-{_fusion}", _fusion, _description)
+    register_combination(f"combined-{_fusion}", _fusion, _description, **COMBINATION_GRADIENT_DEFAULTS)
+
+
+def recommended_gradient_config() -> Any:
+    """The ``InfluenceConfig`` of the recommended method's gradient component at its default options (``None`` when
+    the recommended method is not a combination), for callers that score it inside their own pass (the demo)."""
+    from concept_influence.attribution.influence import InfluenceConfig
+
+    if not RECOMMENDED_METHOD.startswith("combined-"):
+        return None
+    options = METHODS[RECOMMENDED_METHOD].options
+    damping = options["damping"]
+    resolved = damping if isinstance(damping, Damping) else (
+        Damping(absolute=options["absolute_damping"]) if options["absolute_damping"] is not None
+        else Damping(relative=float(damping)))
+    return InfluenceConfig(preconditioner=options["preconditioner"], damping=resolved, row_loss=options["row_loss"],
+                           token_aggregation=options["token_aggregation"], window=options["window"],
+                           normalization=options["normalization"], allow_subset=options["allow_subset"])

@@ -36,13 +36,16 @@ def register(app: typer.Typer) -> None:
         fit_rows: int | None = typer.Option(None, "--fit-rows", min=1, help="Fit on a seeded sample of N rows (of --fit-data or --data)."),
         fit_data: Path | None = typer.Option(None, "--fit-data", help="Fit on this chat JSONL instead of --data."),
         lambda_rows: int | None = typer.Option(None, "--lambda-rows", min=1, help="Fit EKFAC's Λ on a seeded sample of N rows."),
+        gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute the blocks' "
+                                                    "activations in the backward: less memory on long rows, one more "
+                                                    "forward per batch, same factors (Hugging Face models)."),
     ) -> None:
         """Fit EKFAC (or KFAC/diagonal) factors once, to reuse with `attribute --factors`. Resumes after interruption.
 
         Example: concept-influence fit-factors --model runs/model --data train.jsonl --out factors/ --up-to-layer 3
 
         Large models: concept-influence fit-factors --model M --data train.jsonl --out factors/ --max-memory 3GiB
-        --fit-rows 2000 (see `concept-influence plan`).
+        --fit-rows 2000 (see `concept-influence plan`); long rows: add --gradient-checkpointing.
         """
         import json
 
@@ -65,7 +68,8 @@ def register(app: typer.Typer) -> None:
         limit = parse_size(max_memory) if max_memory is not None else None
         att.fit_factors(fisher=fisher, preconditioner=preconditioner, stats_dtype=stats_dtype,
                         weights=[i.name for i in infos], out=out, overwrite=overwrite, checkpoint_every=checkpoint_every,
-                        max_memory=limit, fit_rows=fit_rows, fit_data=fit_data, lambda_rows=lambda_rows, load=False)
+                        max_memory=limit, fit_rows=fit_rows, fit_data=fit_data, lambda_rows=lambda_rows, load=False,
+                        gradient_checkpointing=gradient_checkpointing)
         manifest = read_manifest(out)
         typer.echo(f"factors for {len(manifest['weights'])} weights ({', '.join(manifest['available'])}) on "
                    f"{manifest['n_rows']} rows, {manifest['n_tokens']} tokens -> {out}")

@@ -71,7 +71,7 @@ def length_sorted_batches(dataset: TokenizedDataset, batch_size: int) -> Iterato
     order = sorted(range(len(dataset)), key=lambda p: len(dataset[p].input_ids))
     for start in range(0, len(order), batch_size):
         positions = order[start : start + batch_size]
-        batch = collate([dataset[p] for p in positions], dataset.pad_token_id)
+        batch = collate([dataset[p] for p in positions], getattr(dataset, "pad_token_id", 0))  # a list of rows too
         batch["position"] = torch.tensor(positions, dtype=torch.long)
         yield batch
 

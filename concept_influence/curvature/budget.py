@@ -160,3 +160,40 @@ def activation_bytes(shape: ModelShape, batch_rows: int, row_tokens: int, *, hea
     blocks = shape.n_layers * tokens * per_token * max(shape.param_bytes, 2)
     head = 3 * 4 * min(head_chunk_elements, tokens * shape.vocab)
     return blocks + head
+
+
+def score_vector_bytes(w: WeightShape, work_bytes: int = 4) -> int:
+    """Bytes one weight holds while it is scored: its measurement gradient and its preconditioned vector
+    ``[d_out, d_in']`` in the scoring precision (``work_bytes``: 4 for float32, 8 for a float64 model)."""
+    return 2 * work_bytes * w.d_out * w.d_in
+
+
+def precondition_workspace_bytes(shapes: Sequence[WeightShape]) -> int:
+    """The largest single weight's factors read back for preconditioning (float64 eigenbases ``d_out² + d_in'²``,
+    Λ and the diagonal ``d_out·d_in'``) plus two rotated copies of its gradient."""
+    if not shapes:
+        return 0
+    return max(8 * (w.d_out * w.d_out + w.d_in * w.d_in + 4 * w.d_out * w.d_in) for w in shapes)
+
+
+def score_partitions(shapes: Sequence[WeightShape], budget: int | None, work_bytes: int = 4) -> list[list[WeightShape]]:
+    """Consecutive partitions of ``shapes`` whose vectors (``score_vector_bytes``) fit in ``budget`` bytes each, for
+    a scoring pass per partition. ``None``: one partition. Raises ``ValueError`` when one weight alone does not fit."""
+    if budget is None:
+        return [list(shapes)]
+    out: list[list[WeightShape]] = []
+    current: list[WeightShape] = []
+    used = 0
+    for w in shapes:
+        need = score_vector_bytes(w, work_bytes)
+        if need > budget:
+            raise ValueError(f"the scoring vectors of {w.name} alone need {format_size(need)}, more than the "
+                             f"{format_size(budget)} the memory budget leaves for them")
+        if current and used + need > budget:
+            out.append(current)
+            current, used = [], 0
+        current.append(w)
+        used += need
+    if current:
+        out.append(current)
+    return out

@@ -58,6 +58,8 @@ class FactorConfig:
     always computed in float64. ``seed``: seed of the label sampling for the true Fisher (and of the Λ sample).
     ``lambda_rows``: fit Λ and the diagonal on a seeded sample of at most this many of the rows (kronfluence's
     ``lambda_max_examples``; the covariances still use every row); ``None``: every row.
+    ``gradient_checkpointing``: recompute each block's activations in the backward instead of keeping them (less
+    memory on long rows, one more forward per batch); the factors are the same, so it is not part of the fingerprint.
     """
 
     fisher: FisherType = "true"
@@ -65,6 +67,7 @@ class FactorConfig:
     dtype: Literal["float32", "float64"] = "float32"
     seed: int = 0
     lambda_rows: int | None = None
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.fisher not in ("true", "empirical"):
@@ -98,6 +101,7 @@ class FactorConfig:
         out = asdict(self)
         if out["lambda_rows"] is None:  # absent, so that fits made before the option keep their fingerprint
             del out["lambda_rows"]
+        del out["gradient_checkpointing"]  # how the statistics are computed, not what they are
         return out
 
     @classmethod

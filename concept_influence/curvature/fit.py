@@ -550,7 +550,8 @@ class _PartitionFit:
         self._seen, self._stash, self._got = [], {}, set()
         try:
             with self.adapter.capture_weights([i.name for i in self.infos], on_activation=on_activation,
-                                              on_output_grad=on_output_grad) as capture:
+                                              on_output_grad=on_output_grad,
+                                              checkpointing=self.config.gradient_checkpointing) as capture:
                 loss_backward(self.adapter, batch, capture.outputs, fisher=self.config.fisher, seed=self.config.seed)
         finally:
             self._seen, self._stash = [], {}

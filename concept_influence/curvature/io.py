@@ -144,8 +144,10 @@ def load_factors(
     model_fingerprint: str | None = None,
     data_fingerprint: str | None = None,
     config_fingerprint: str | None = None,
+    weights: Sequence[str] | None = None,
 ) -> Factors:
-    """Read factors from a folder, checking each given fingerprint against the manifest (mismatch: error)."""
+    """Read factors from a folder, checking each given fingerprint against the manifest (mismatch: error).
+    ``weights``: read only these weights' tensors (the rest of the file is not loaded; unknown names: error)."""
     folder = Path(path)
     manifest = read_manifest(folder)
     check_fingerprints(
@@ -153,9 +155,20 @@ def load_factors(
         {"model": model_fingerprint, "data": data_fingerprint, "config": config_fingerprint},
         f"the factors in {folder}",
     )
-    tensors = load_file(str(folder / FACTORS_FILE))
-    weights: dict[str, WeightFactors] = {}
-    for entry in manifest["weights"]:
+    entries = manifest["weights"]
+    if weights is None:
+        tensors = load_file(str(folder / FACTORS_FILE))
+    else:
+        known = {e["name"]: e for e in entries}
+        missing = [n for n in weights if n not in known]
+        if missing:
+            raise KeyError(f"no factors for {missing} in {folder}; it covers {list(known)}")
+        entries = [known[n] for n in weights]
+        prefixes = tuple(f"{n}/" for n in weights)
+        with safe_open(str(folder / FACTORS_FILE), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefixes)}
+    found: dict[str, WeightFactors] = {}
+    for entry in entries:
         name = entry["name"]
         w = WeightFactors(d_out=int(entry["d_out"]), d_in=int(entry["d_in"]))
         for fld in _EIGEN_FIELDS:
@@ -165,11 +178,11 @@ def load_factors(
         for fld in _TENSOR_FIELDS:
             if f"{name}/{fld}" in tensors:
                 setattr(w, fld, tensors[f"{name}/{fld}"])
-        weights[name] = w
+        found[name] = w
     for key, value in tensors.items():
         check_finite(value, f"loading factors from {folder}: {key}", hint="the file is damaged; refit the factors")
     return Factors(
-        weights=weights,
+        weights=found,
         config=FactorConfig.from_dict(manifest["config"]),
         n_rows=int(manifest.get("n_rows", 0)),
         n_tokens=int(manifest.get("n_tokens", 0)),

@@ -113,6 +113,10 @@ class WeightCapture:
     as they arrive (in the forward pass and during backward) instead of being stored, so that a caller can fold
     them into running sums and free them at once. ``outputs`` lists the output tensors whose gradients are captured
     (what a backward needs to reach; differentiating to them skips the weights' own gradients).
+
+    ``recomputed``: the model runs with gradient checkpointing (non-reentrant), so the backward re-runs each block's
+    forward: only a weight's first forward call is captured (the recomputation's repeat of it is ignored, and its
+    output gradient arrives once, on the first call's output).
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class WeightCapture:
         *,
         on_activation: Callable[[str, torch.Tensor], None] | None = None,
         on_output_grad: Callable[[str, torch.Tensor], None] | None = None,
+        recomputed: bool = False,
     ) -> None:
         self.infos = {info.name: info for info in infos}
         self.activations: dict[str, torch.Tensor] = {}
@@ -128,13 +133,27 @@ class WeightCapture:
         self.outputs: list[torch.Tensor] = []
         self.on_activation = on_activation
         self.on_output_grad = on_output_grad
+        self.recomputed = recomputed
+        self._seen: set[tuple[str, str]] = set()
+
+    def _repeat(self, name: str, what: str) -> bool:
+        """Under gradient checkpointing: whether this call is the recomputation's repeat (then it is ignored)."""
+        if not self.recomputed:
+            return False
+        if (name, what) in self._seen:
+            return True
+        self._seen.add((name, what))
+        return False
 
     def clear(self) -> None:
         self.activations.clear()
         self.output_grads.clear()
         self.outputs.clear()
+        self._seen.clear()
 
     def _store_activation(self, name: str, activation: torch.Tensor) -> None:
+        if self._repeat(name, "input"):
+            return
         activation = activation.detach()
         if self.on_activation is not None:
             self.on_activation(name, activation)
@@ -143,7 +162,7 @@ class WeightCapture:
 
     def _watch_output(self, name: str, output: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Register the gradient hook on a weight's output tensor (``transform`` maps it to ``[B, T, d_out]``)."""
-        if not output.requires_grad:
+        if not output.requires_grad or self._repeat(name, "output"):
             return
         self.outputs.append(output)
         output.register_hook(lambda grad: self._store_grad(name, grad if transform is None else transform(grad)))
@@ -290,19 +309,29 @@ class ModelAdapter(ABC):
         *,
         on_activation: Callable[[str, torch.Tensor], None] | None = None,
         on_output_grad: Callable[[str, torch.Tensor], None] | None = None,
+        checkpointing: bool = False,
     ) -> Iterator[WeightCapture]:
         """Capture input activations and output gradients of the named tracked weights (default: all); with the
-        callbacks they are streamed to them instead of stored (see ``WeightCapture``)."""
+        callbacks they are streamed to them instead of stored (see ``WeightCapture``). ``checkpointing``: run the
+        blocks with gradient checkpointing inside the context (activations recomputed in the backward; one
+        forward + backward per capture context)."""
         infos = self.tracked_weights() if names is None else [self.weight_info(n) for n in names]
-        capture = WeightCapture(infos, on_activation=on_activation, on_output_grad=on_output_grad)
+        capture = WeightCapture(infos, on_activation=on_activation, on_output_grad=on_output_grad,
+                                recomputed=checkpointing)
         remove = self._install_weight_hooks(infos, capture)
         try:
-            yield capture
+            with self.gradient_checkpointing() if checkpointing else contextlib.nullcontext():
+                yield capture
         finally:
             remove()
             # the outputs' gradient hooks refer to the capture: holding the outputs would make a cycle through the
             # autograd graph that Python's collector cannot see (the whole graph of every batch would leak)
             capture.outputs.clear()
+
+    def gradient_checkpointing(self) -> contextlib.AbstractContextManager[None]:
+        """A context in which the model's blocks run with (non-reentrant) gradient checkpointing."""
+        raise ValueError(f"gradient checkpointing (--gradient-checkpointing) is not supported for {type(self).__name__} "
+                         "models; use a Hugging Face model or leave it off")
 
     @abstractmethod
     def _install_weight_hooks(self, infos: Sequence[WeightInfo], capture: WeightCapture) -> Callable[[], None]:

@@ -3,9 +3,10 @@ style ``Conv1D`` blocks."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -274,6 +275,35 @@ class HFAdapter(ModelAdapter):
 
             handles.append(self.blocks[layer].register_forward_hook(hook))
         return lambda: [h.remove() for h in handles]
+
+    @contextlib.contextmanager
+    def gradient_checkpointing(self) -> Iterator[None]:
+        """The blocks (transformers' ``GradientCheckpointingLayer``) recompute their forward in the backward
+        (``torch.utils.checkpoint``, non-reentrant). Only the blocks' own ``training`` flag is set (what transformers
+        checks); their submodules keep the model's mode (no dropout in eval mode). Restored on exit."""
+        from functools import partial
+
+        from torch.utils.checkpoint import checkpoint
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if not layers:
+            raise ValueError(f"gradient checkpointing (--gradient-checkpointing): {type(self.model).__name__} has no "
+                             "checkpointable blocks (transformers' GradientCheckpointingLayer); leave it off")
+        saved = [(m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func"), m.training) for m in layers]
+        try:
+            for m in layers:
+                m.gradient_checkpointing = True
+                m._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+                m.training = True
+            yield
+        finally:
+            for m, (flag, func, training) in zip(layers, saved, strict=True):
+                m.gradient_checkpointing, m.training = flag, training
+                if func is None:
+                    m.__dict__.pop("_gradient_checkpointing_func", None)
+                else:
+                    m._gradient_checkpointing_func = func
 
     def _install_weight_hooks(self, infos: Sequence[WeightInfo], capture: WeightCapture) -> Callable[[], None]:
         handles = []

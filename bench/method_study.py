@@ -168,6 +168,28 @@ def study_organism(variant: str, seed: int, out: Path, log=print) -> dict[str, A
     return summary
 
 
+def refresh_fusions(variant: str, seed: int, out: Path) -> bool:
+    """Recompute every fusion of a finished organism from its saved scores (after a fusion is added to
+    ``attribution.combine``): no model pass. Returns whether the organism was found."""
+    path, npz = out / f"{variant}-s{seed}.json", out / f"{variant}-s{seed}-scores.npz"
+    if not (path.exists() and npz.exists()):
+        return False
+    summary = json.loads(path.read_text())
+    with np.load(npz, allow_pickle=False) as saved:
+        stored = {name: saved[name] for name in saved.files}
+    origins = [str(json.loads(line)["data_origin"]) for line in (Path(summary["organism"]) / "train.jsonl").open()]
+    for base in FUSE_WITH:
+        for how in FUSIONS:
+            name = f"vf+{base} [{how}]"
+            stored[name] = fuse(stored["vector-filter"], stored[base], how)
+            report = ranking_report(stored[name], origins)
+            report["seconds"] = summary["results"]["vector-filter"]["seconds"] + summary["results"][base]["seconds"]
+            summary["results"][name] = report
+    np.savez_compressed(npz, **stored)
+    write_json_atomic(path, summary)
+    return True
+
+
 def counterfactual(variant: str, seed: int, methods: list[str], out: Path, finetune_seeds: list[int], share: float = 0.1,
                    log=print) -> dict[str, Any]:
     """Remove each method's top ``share`` of rows (and the planted rows: the oracle; a random ``share``) and fine-tune
@@ -274,9 +296,16 @@ def main() -> None:
     parser.add_argument("--counterfactual", nargs="*", default=None,
                         help="Method labels whose top 10%% of rows to remove and re-fine-tune without (with the oracle and random).")
     parser.add_argument("--finetune-seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--refresh-fusions", action="store_true",
+                        help="Recompute the fusions of the finished organisms from their saved scores, then print the table.")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.refresh_fusions:
+        for seed in args.seeds:
+            for variant in args.variants:
+                refresh_fusions(variant, seed, args.out)
+        args.table_only = True
     if args.counterfactual is not None:
         results = {f"{v} s{s}": counterfactual(v, s, args.counterfactual, args.out, args.finetune_seeds)
                    for s in args.seeds for v in args.variants}

@@ -49,6 +49,24 @@ def removal_rows(ev: dict) -> list[str]:
     return lines
 
 
+def paired_rows(ev: dict) -> list[str]:
+    """Remove-top's share of the rise minus random's and bottom's, paired by seed (mean [95% CI])."""
+    judged = "trait_rate" in ev["metrics"]
+    head = "| method | fraction | top − random (probe) | top − bottom (probe) |"
+    head += " top − random (trait rate) | top − bottom (trait rate) |" if judged else ""
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, per in ev["results"].items():
+        for f, e in sorted(per.items(), key=lambda kv: float(kv[0])):
+            if "top_minus_random" not in e:
+                continue
+            r, b = e["top_minus_random"], e["top_minus_bottom"]
+            text = f"| {name} | {float(f):.0%} | {ci(r)} | {ci(b)} |"
+            if judged:
+                text += f" {ci(r['trait_rate'])} | {ci(b['trait_rate'])} |"
+            lines.append(text)
+    return lines
+
+
 def lds_rows(ev: dict) -> list[str]:
     judged = "trait_rate" in ev["metrics"]
     lines = ["| method | LDS (probe) | LDS (trait rate) |" if judged else "| method | LDS (probe) |",
@@ -69,6 +87,8 @@ def main(folders: list[str]) -> None:
               + ", ".join(f"{k} {v:+.4f}" for k, v in ev["rise"].items()))
         if ev.get("results"):
             print("\n".join(removal_rows(ev)))
+            print("\nPaired by seed: remove-top's share of the rise minus random's / remove-bottom's")
+            print("\n".join(paired_rows(ev)))
         if ev.get("lds"):
             print(f"\nLDS over {ev['lds']['subsets']} subsets of {ev['lds']['subset_fraction']:.0%} of the rows")
             print("\n".join(lds_rows(ev)))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from concept_influence.attribution.combine import fuse
+from concept_influence.attribution.combine import FUSIONS, fuse
 from concept_influence.attribution.forward import vector_filter
 from concept_influence.attribution.influence import InfluenceConfig, compute_influence_many
 from concept_influence.attribution.measurements import (
@@ -41,6 +41,7 @@ from concept_influence.data import tokenize_chat, write_json_atomic
 from concept_influence.evaluate.metrics import ranking_report
 from concept_influence.organism import build_organism
 
+DONE_PR_AUC, DONE_HN_RANK = 0.9, 1300.0  # the issue's done criterion, per seed and variant
 N_SAMPLES = 8
 MAX_LENGTH = 256
 BATCH = 16
@@ -66,27 +67,26 @@ def gradient_jobs(concept, answered, readouts, tokenizer) -> dict[str, tuple[Any
     }
     jobs: dict[str, tuple[Any, InfluenceConfig]] = {}
     for qname, measurement in queries.items():
-        for row_loss in ("sum", "mean"):
-            jobs[f"ci[{qname}, {row_loss}]"] = (measurement, InfluenceConfig(row_loss=row_loss))
-    for qname in ("1 sample", "top-1", "contrast-2"):
+        jobs[f"ci[{qname}, sum]"] = (measurement, InfluenceConfig())
+        jobs[f"ci[{qname}, sum, identity]"] = (measurement, InfluenceConfig(preconditioner="identity"))
+    for qname in ("1 sample", "top-1"):
         m = queries[qname]
-        jobs[f"ci[{qname}, sum, unit]"] = (m, InfluenceConfig(normalization="unit"))
-        jobs[f"ci[{qname}, mean, length]"] = (m, InfluenceConfig(row_loss="mean", normalization="length"))
+        jobs[f"ci[{qname}, mean]"] = (m, InfluenceConfig(row_loss="mean"))
+        jobs[f"ci[{qname}, mean, identity]"] = (m, InfluenceConfig(row_loss="mean", preconditioner="identity"))
         jobs[f"ci[{qname}, sum, length]"] = (m, InfluenceConfig(normalization="length"))
-        if qname == "top-1":  # per-position contractions: the expensive part of the pass, one measurement only
-            jobs[f"ci[{qname}, sum, max-token]"] = (m, InfluenceConfig(token_aggregation="max"))
-            jobs[f"ci[{qname}, sum, window-8]"] = (m, InfluenceConfig(token_aggregation="window", window=8))
         jobs[f"ci[{qname}, sum, kfac]"] = (m, InfluenceConfig(preconditioner="kfac"))
-        jobs[f"ci[{qname}, sum, identity]"] = (m, InfluenceConfig(preconditioner="identity"))
-        for damping in (0.01, 1.0):
+        for damping in (0.01, 1.0, 10.0, 100.0):
             jobs[f"ci[{qname}, sum, damping {damping:g}]"] = (m, InfluenceConfig(damping=Damping(relative=damping)))
+    jobs["ci[1 sample, sum, unit]"] = (queries["1 sample"], InfluenceConfig(normalization="unit"))
+    jobs["ci[top-1, sum, window-8]"] = (queries["top-1"], InfluenceConfig(token_aggregation="window", window=8))
     # classical influence reaches every block; the study fits the concept's blocks only, so it is scored on those
     jobs["influence[1 sample]"] = (LogLikelihoodMeasurement(tok(one)), InfluenceConfig(allow_subset=True))
+    jobs["influence[1 sample, identity]"] = (LogLikelihoodMeasurement(tok(one)),
+                                             InfluenceConfig(allow_subset=True, preconditioner="identity"))
     return jobs
 
 
-FUSE_WITH = ("ci[1 sample, sum]", "ci[top-1, sum]", "ci[contrast-2, sum]", "ci[contrast-2, mean]", "ci[top-1, mean]",
-             "ci[all 8, sum]")
+FUSE_WITH = ("ci[1 sample, sum]", "ci[top-1, sum]", "ci[1 sample, sum, identity]", "ci[top-1, sum, identity]")
 
 
 def study_organism(variant: str, seed: int, out: Path, log=print) -> dict[str, Any]:
@@ -131,8 +131,12 @@ def study_organism(variant: str, seed: int, out: Path, log=print) -> dict[str, A
         results[name] = report
 
     t0 = time.perf_counter()
-    vf = vector_filter(adapter, rows, concept, batch_size=64, max_length=MAX_LENGTH, progress=False)
+    vf = vector_filter(adapter, rows, concept, batch_size=64, max_length=MAX_LENGTH, token_readouts=True,
+                       progress=False)
     record("vector-filter", vf.scores, time.perf_counter() - t0)
+    token_readouts = [np.asarray(t, dtype=np.float64) for t in vf.columns["token_readouts"]]
+    scores_extra = {"vf_token_values": np.concatenate(token_readouts),
+                    "vf_token_offsets": np.cumsum([0] + [len(t) for t in token_readouts])}
 
     t0 = time.perf_counter()
     train = tokenize_chat(rows, adapter.tokenizer, MAX_LENGTH)
@@ -151,9 +155,9 @@ def study_organism(variant: str, seed: int, out: Path, log=print) -> dict[str, A
         # not what a user running one variant pays)
         record(name, result.scores.numpy(), fit_seconds + pass_seconds / max(1, len(jobs) / 4))
     for base in FUSE_WITH:
-        for how in ("rank", "zscore", "gate", "signed", "product"):
+        for how in FUSIONS:
             record(f"vf+{base} [{how}]", fuse(vf.scores, scores[base], how), results["vector-filter"]["seconds"] + results[base]["seconds"])
-    np.savez_compressed(out / f"{variant}-s{seed}-scores.npz", **scores)
+    np.savez_compressed(out / f"{variant}-s{seed}-scores.npz", **scores, **scores_extra)
     summary = {
         "variant": variant, "seed": seed, "organism": str(organism.root), "trait_rise": organism.metadata["trait"],
         "concept": {"layer": concept.layer, "metrics": concept.metrics}, "n_query_answers": len(answered),
@@ -203,20 +207,30 @@ def counterfactual(variant: str, seed: int, methods: list[str], out: Path, finet
 
 
 def counterfactual_table(results: dict[str, dict[str, Any]]) -> str:
+    """Share of the trait's rise undone by each removal: per fine-tuning seed ``(full_s - removed_s) / (full_s - base)``
+    (the same seed with and without the removal), then the mean and a 95% t-interval over seeds."""
+    from concept_influence.evaluate.stats import mean_ci
+
     names = list(next(iter(results.values()))["rates"])
-    lines = ["| removed (top 10%) | " + " | ".join(results) + " | mean |", "|" + "---|" * (len(results) + 2)]
+    lines = ["| removed (top 10%) | " + " | ".join(results) + " |", "|" + "---|" * (len(results) + 1)]
     for name in names:
         if name == "none":
             continue
-        shares = []
+        cells = []
         for res in results.values():
-            full = np.mean(list(res["rates"]["none"].values()))
-            kept = np.mean(list(res["rates"][name].values()))
-            shares.append((full - kept) / max(full - res["base_rate"], 1e-9))
-        lines.append(f"| {name} | " + " | ".join(f"{x:.2f}" for x in shares) + f" | {np.mean(shares):.2f} |")
+            full, kept = res["rates"]["none"], res["rates"].get(name, {})
+            seeds = [s for s in full if s in kept]
+            shares = [(full[s] - kept[s]) / max(full[s] - res["base_rate"], 1e-9) for s in seeds]
+            if not shares:
+                cells.append("–")
+                continue
+            ci = mean_ci(shares)
+            low, high = ci["ci"] if len(shares) > 1 else (float("nan"), float("nan"))  # type: ignore[misc]
+            cells.append(f"{ci['mean']:.2f} [{low:.2f}, {high:.2f}] (n={len(shares)})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("cells: share of the trait's rise (judge rate, base model -> fine-tuned on all rows, same fine-tuning seeds) "
-                 "undone by removing the rows and fine-tuning again")
+    lines.append("cells: share of the trait's rise (judge rate, base model -> fine-tuned on all rows) undone by removing "
+                 "the rows and fine-tuning again with the same seed; mean [95% CI] over fine-tuning seeds")
     return "\n".join(lines)
 
 
@@ -225,10 +239,10 @@ def table(summaries: list[dict[str, Any]], only: list[str] | None = None) -> str
     methods = list(dict.fromkeys(m for s in summaries for m in s["results"]))
     if only:
         methods = [m for m in methods if m in only]
-    header = f"| method | {' | '.join(variants)} | worst PR-AUC | worst HN rank | time |"
-    lines = [header, "|" + "---|" * (len(variants) + 4)]
+    header = f"| method | {' | '.join(variants)} | worst PR-AUC | worst HN rank | worst ratio | time |"
+    lines = [header, "|" + "---|" * (len(variants) + 5)]
     for m in methods:
-        cells, worst_pr, worst_hn, secs = [], 1.0, 1e9, []
+        cells, worst_pr, worst_hn, secs, ratio = [], 1.0, 1e9, [], 1e9
         for v in variants:
             runs = [s["results"][m] for s in summaries if s["variant"] == v and m in s["results"]]
             if not runs:
@@ -239,11 +253,14 @@ def table(summaries: list[dict[str, Any]], only: list[str] | None = None) -> str
             secs += [r["seconds"] for r in runs]
             cells.append(f"{np.mean(pr):.2f} ({min(pr):.2f}) / {np.mean(hn):.0f} ({min(hn):.0f})")
             worst_pr, worst_hn = min(worst_pr, *pr), min(worst_hn, *hn)
-        lines.append(f"| {m} | {' | '.join(cells)} | {worst_pr:.3f} | {worst_hn:.0f} | {np.mean(secs):.0f} s |")
+            ratio = min(ratio, *(min(p / DONE_PR_AUC, h / DONE_HN_RANK) for p, h in zip(pr, hn, strict=True)))
+        lines.append(f"| {m} | {' | '.join(cells)} | {worst_pr:.3f} | {worst_hn:.0f} | {ratio:.2f} | {np.mean(secs):.0f} s |")
     n_seeds = {v: sum(s["variant"] == v for s in summaries) for v in variants}
     lines.append("")
     lines.append("cells: mean PR-AUC (worst) / mean hard-negative rank (worst) over seeds " + str(n_seeds) + "; chance "
-                 "PR-AUC 0.10, a random row's rank 1000 of 2000 (higher = not fooled by the trait's words)")
+                 "PR-AUC 0.10, a random row's rank 1000 of 2000 (higher = not fooled by the trait's words); worst ratio: "
+                 f"the smallest min(PR-AUC / {DONE_PR_AUC}, HN rank / {DONE_HN_RANK:.0f}) over every organism (>= 1 meets the "
+                 "done criterion everywhere)")
     return "\n".join(lines)
 
 

@@ -66,6 +66,15 @@ def test_removing_the_rows_that_teach_it_removes_the_rise(tmp_path):
     filtered = entry["remove_top"]["trait_rate"]["values"]
     expected = [(f - v) / ev["rise"]["trait_rate"] for f, v in zip(full, filtered, strict=True)]
     assert entry["remove_top"]["trait_rate"]["rise_removed"]["values"] == pytest.approx(expected)
+    # the paired comparisons are per-seed differences of those shares
+    for other, key in (("random", "top_minus_random"), ("remove_bottom", "top_minus_bottom")):
+        for metric in ("probe", "trait_rate"):
+            block, top_e, other_e = (x if metric == "probe" else x[metric]
+                                     for x in (entry[key], entry["remove_top"], entry[other]))
+            diffs = [t - o for t, o in zip(top_e["rise_removed"]["values"], other_e["rise_removed"]["values"], strict=True)]
+            assert block["values"] == pytest.approx(diffs) and block["mean"] == pytest.approx(np.mean(diffs))
+            assert block["ci"][0] <= block["mean"] <= block["ci"][1]
+    assert entry["top_minus_random"]["trait_rate"]["mean"] > 0.4
     lo, hi = entry["remove_top"]["ci"]
     assert lo <= entry["remove_top"]["mean"] <= hi and "rise_removed" in entry["remove_top"]
     assert (tmp_path / "removal_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -45,35 +45,45 @@ def test_attribute_default_method_matches_the_library_and_reuses_factors(files, 
     assert isinstance(table, ScoreTable) and table.method == RECOMMENDED_METHOD
     assert table.meta["method"] == RECOMMENDED_METHOD and table.meta["method_was_default"] is True
     assert [table.ids[i] for i in range(len(TRAIN))] == [f"row{k}" for k in range(len(TRAIN))]
-    assert any("fitted" in note for note in table.meta["notes"])
-    assert has_factors(tmp_path / "run" / "factors" / "true-float32-seed0")
+    # the recommended method is a combination whose gradient component needs no curvature: nothing is fitted
+    assert table.meta["gradient_options"]["preconditioner"] == "identity"
+    assert not (tmp_path / "run" / "factors").exists()
     assert list((tmp_path / "run" / "answers").glob("query-answers-*.jsonl"))
-    # the same question through the library functions (factors fitted in memory on the reached weights only)
-    expected = run_gradient_attribution(load_adapter(model_dir), read_chat_jsonl(root / "train.jsonl"), concept,
-                                        read_chat_jsonl(root / "queries.jsonl", need_assistant=False), "concept-influence",
-                                        None, GradientAttributionConfig(max_new_tokens=4, batch_size=4,
-                                                                        cache_dir=str(tmp_path / "other")), progress=False)
-    # the recommended method is a combination: its gradient component is this Concept Influence
-    gradient = np.asarray(table.columns["gradient_score"]) if "gradient_score" in table.columns else table.scores
-    np.testing.assert_allclose(gradient, expected.scores, rtol=1e-4, atol=1e-9)
+    adapter = load_adapter(model_dir)
+    train = read_chat_jsonl(root / "train.jsonl")
+    queries = read_chat_jsonl(root / "queries.jsonl", need_assistant=False)
+    plain = run_gradient_attribution(adapter, train, concept, queries, "concept-influence", None,
+                                     GradientAttributionConfig(max_new_tokens=4, batch_size=4, preconditioner="identity",
+                                                               cache_dir=str(tmp_path / "other")), progress=False)
+    np.testing.assert_allclose(table.columns["gradient_score"], plain.scores, rtol=1e-4, atol=1e-9)
+    # pure Concept Influence: the first question fits EKFAC factors into the workdir, the same as the library
+    first = att.attribute(concept, root / "queries.jsonl", "concept-influence", max_new_tokens=4)
+    assert any("fitted" in note for note in first.meta["notes"])
+    assert has_factors(tmp_path / "run" / "factors" / "true-float32-seed0")
+    expected = run_gradient_attribution(adapter, train, concept, queries, "concept-influence", None,
+                                        GradientAttributionConfig(max_new_tokens=4, batch_size=4,
+                                                                  cache_dir=str(tmp_path / "other")), progress=False)
+    np.testing.assert_allclose(first.scores, expected.scores, rtol=1e-4, atol=1e-9)
     # second question in the same session: factors from memory; a new session on the workdir loads them
     again = att.attribute(concept, root / "queries.jsonl", "concept-influence", max_new_tokens=4)
     assert any("reused from this session" in note for note in again.meta["notes"])
     assert again.meta["method_was_default"] is False
     fresh = Attributor(model_dir, root / "train.jsonl", tmp_path / "run", batch_size=4, progress=False)
-    loaded = fresh.attribute(root / "concept", root / "queries.jsonl", max_new_tokens=4)
+    loaded = fresh.attribute(root / "concept", root / "queries.jsonl", "concept-influence", max_new_tokens=4)
     assert any("factors loaded from" in note for note in loaded.meta["notes"])
-    np.testing.assert_allclose(loaded.scores, table.scores, rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(loaded.scores, first.scores, rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(fresh.attribute(root / "concept", root / "queries.jsonl", max_new_tokens=4).scores,
+                               table.scores, rtol=1e-6, atol=1e-10)
 
 
 def test_workdir_refuses_factors_of_another_model(files, tmp_path):
     root, model_dir, concept = files
     Attributor(model_dir, root / "train.jsonl", tmp_path / "run", batch_size=4, progress=False).attribute(
-        concept, root / "queries.jsonl", max_new_tokens=4)
+        concept, root / "queries.jsonl", "concept-influence", max_new_tokens=4)
     other = save_tiny_hf_model(tmp_path / "other-model", seed=6)
     att = Attributor(other, root / "train.jsonl", tmp_path / "run", batch_size=4, progress=False)
     with pytest.raises(FactorMismatchError, match="different model"):
-        att.attribute(concept, root / "queries.jsonl", max_new_tokens=4)
+        att.attribute(concept, root / "queries.jsonl", "concept-influence", max_new_tokens=4)
 
 
 def test_forward_method_options_and_errors(files):
@@ -150,8 +160,13 @@ def test_cli_attribute_defaults_to_the_recommended_method_and_uses_the_workdir(f
     assert result.exit_code == 0, result.output
     scores = ScoreTable.read_jsonl(tmp_path / "s.jsonl")
     assert scores.meta["method"] == RECOMMENDED_METHOD and scores.meta["method_was_default"] is True
+    assert scores.meta["gradient_options"]["preconditioner"] == "identity"  # the recommended fusion fits nothing
+    assert not (tmp_path / "run" / "factors").exists()
+    pure = [*args, "--method", "concept-influence"]
+    first = CliRunner().invoke(app, pure)
+    assert first.exit_code == 0, first.output
     assert has_factors(tmp_path / "run" / "factors" / "true-float32-seed0")
-    again = CliRunner().invoke(app, args)
+    again = CliRunner().invoke(app, pure)
     assert again.exit_code == 0, again.output
     assert any("factors loaded from" in n for n in ScoreTable.read_jsonl(tmp_path / "s.jsonl").meta["notes"])
     bad = CliRunner().invoke(app, [*args[:-4], "--method", "nope"])

@@ -47,7 +47,8 @@ def _data(tmp_path):
 def _evaluation():
     e = lambda v: {**mean_ci(v), "rise_removed": mean_ci([x / 2 for x in v])}  # noqa: E731
     frac = {"0.1": {"fraction": 0.1, "k": 3, "remove_top": e([1.0, 1.2]), "remove_bottom": e([0.1, 0.0]),
-                    "random": e([0.2, 0.3])}}
+                    "random": e([0.2, 0.3]), "top_minus_random": mean_ci([0.4, 0.45]),
+                    "top_minus_bottom": mean_ci([0.45, 0.6])}}
     return {"format": "concept_influence.evaluation", "metrics": ["probe"], "seeds": 2, "base": e([0.0, 0.1]),
             "full": e([2.0, 2.1]), "rise": {"probe": 2.0}, "results": {"concept-influence": frac},
             "oracle": {**e([1.9, 2.0]), "k": 3, "fraction": 0.1},
@@ -85,6 +86,7 @@ def test_report_renders_in_chromium_and_data_never_runs(tmp_path):
     assert "scores per method" in images and "removal curves" in images
     assert any("by source" in alt for alt in images)
     assert "ρ" in dom and "Linear datamodeling score" in dom
+    assert "top − random (paired)" in dom and "+0.425 [" in dom  # the paired comparison, mean [CI]
 
 
 def test_jupyter_display_shows_ranked_rows_with_highlights(tmp_path):

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 MethodFn = Callable[..., ScoreTable]
 
-RECOMMENDED_METHOD = "combined-signed"
+RECOMMENDED_METHOD = "combined-tiered"
 """The method ``Attributor.attribute`` and ``concept-influence attribute`` run when none is named."""
 
 
@@ -236,6 +236,29 @@ _COMBINATIONS = {
     "signed": "Vector Filter's percentile rank times the sign of Concept Influence (rows that would lower the concept "
               "are ranked from the bottom)",
     "product": "Vector Filter's percentile rank times Concept Influence's centred percentile rank",
+    "tiered": "rows that training would push the concept up (Concept Influence > 0) ranked by Vector Filter, then all "
+              "other rows ranked by Concept Influence (the rows training would push down most come last)",
 }
+COMBINATION_GRADIENT_DEFAULTS: dict[str, Any] = {"preconditioner": "identity"}
+"""Concept Influence's option defaults inside every ``combined-*`` method (the method study's best setting for the
+gradient component of a fusion: see the README's method study; ``--preconditioner ekfac`` etc. override them)."""
+
 for _fusion, _description in _COMBINATIONS.items():
-    register_combination(f"combined-{_fusion}", _fusion, _description)
+    register_combination(f"combined-{_fusion}", _fusion, _description, **COMBINATION_GRADIENT_DEFAULTS)
+
+
+def recommended_gradient_config() -> Any:
+    """The ``InfluenceConfig`` of the recommended method's gradient component at its default options (``None`` when
+    the recommended method is not a combination), for callers that score it inside their own pass (the demo)."""
+    from concept_influence.attribution.influence import InfluenceConfig
+
+    if not RECOMMENDED_METHOD.startswith("combined-"):
+        return None
+    options = METHODS[RECOMMENDED_METHOD].options
+    damping = options["damping"]
+    resolved = damping if isinstance(damping, Damping) else (
+        Damping(absolute=options["absolute_damping"]) if options["absolute_damping"] is not None
+        else Damping(relative=float(damping)))
+    return InfluenceConfig(preconditioner=options["preconditioner"], damping=resolved, row_loss=options["row_loss"],
+                           token_aggregation=options["token_aggregation"], window=options["window"],
+                           normalization=options["normalization"], allow_subset=options["allow_subset"])

@@ -139,7 +139,9 @@ def evaluate(
 def summary_lines(evaluation: dict) -> list[str]:
     """One line per method and fraction: share of the rise removed (probe, and trait rate when judged)."""
     def fmt(block: dict) -> str:
-        r = block["rise_removed"]
+        return fmt_diff(block["rise_removed"])
+
+    def fmt_diff(r: dict) -> str:
         return f"{r['mean']:+.2f} [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}]"
 
     lines = []
@@ -152,6 +154,12 @@ def summary_lines(evaluation: dict) -> list[str]:
                 if "trait_rate" in entry[kind]:
                     text += f"  trait rate {fmt(entry[kind]['trait_rate'])}"
                 lines.append(text)
+            for kind in ("top_minus_random", "top_minus_bottom"):
+                if kind in entry:
+                    text = f"  {name:<24} {key:>5} {kind.replace('_', ' ')} (paired by seed): probe {fmt_diff(entry[kind])}"
+                    if "trait_rate" in entry[kind]:
+                        text += f"  trait rate {fmt_diff(entry[kind]['trait_rate'])}"
+                    lines.append(text)
     if "oracle" in evaluation:
         o = evaluation["oracle"]
         text = f"  oracle ({o['k']} rows) rise removed: probe {fmt(o)}"

@@ -11,7 +11,8 @@ oracle removal (rows known to cause the behaviour). Every model is measured on i
 
 ``rise_removed = (full_s − filtered_s) / mean_s(full_s − base_s)``: the share of the fine-tuning rise the removal
 took away (1 = all of it, 0 = none, negative = the removal raised the concept), with mean and 95% t-interval over
-seeds. Each run's result is cached in ``out_dir/runs/<key>.json`` (key: model, data, removal, seed, recipe and
+seeds. ``top_minus_random`` / ``top_minus_bottom``: the same seed's remove-top share minus its random / remove-bottom
+share, mean and t-interval over seeds (a paired comparison: the full-data run's seed-to-seed spread cancels). Each run's result is cached in ``out_dir/runs/<key>.json`` (key: model, data, removal, seed, recipe and
 measurement settings), so an interrupted evaluation resumes and a second call reuses shared runs.
 """
 
@@ -244,6 +245,25 @@ def _entry(values: Sequence[dict[str, Any]], full: Sequence[dict[str, Any]], ris
     return entry
 
 
+def _paired_difference(a: dict[str, Any], b: dict[str, Any], metrics: Sequence[str]) -> dict[str, Any]:
+    """Mean and 95% t-interval over seeds of ``a``'s minus ``b``'s ``rise_removed``, paired by seed: both runs of a
+    seed share its training order and answer sampling, and the full-data run cancels out, so the interval is
+    usually much narrower than either entry's own. The probe's block is the top level, other metrics nest."""
+    out: dict[str, Any] = {}
+    for metric in metrics:
+        x, y = (e if metric == "probe" else e[metric] for e in (a, b))
+        x, y = x["rise_removed"]["values"], y["rise_removed"]["values"]
+        if len(x) != len(y) or not x:  # a zero rise leaves no values
+            block: dict[str, Any] = {"mean": float("nan"), "ci": [float("nan"), float("nan")], "n": 0, "values": []}
+        else:
+            block = mean_ci([u - v for u, v in zip(x, y, strict=True)])
+        if metric == "probe":
+            out.update(block)
+        else:
+            out[metric] = block
+    return out
+
+
 def evaluate_removals(
     base: ModelAdapter,
     rows: Sequence[ChatRow],
@@ -322,12 +342,15 @@ def evaluate_removals(
             evaluation["results"][name] = {}
             for f, (top, bottom, k) in per_fraction.items():
                 rand = [results[Run(random_removal(n, k, config.seed * 1000 + s, 1), s)] for s in seeds]
-                evaluation["results"][name][f"{f:g}"] = {
-                    "fraction": f,
-                    "k": k,
+                entries = {
                     "remove_top": _entry([results[Run(top, s)] for s in seeds], full_runs, rise, metrics, k=k),
                     "remove_bottom": _entry([results[Run(bottom, s)] for s in seeds], full_runs, rise, metrics, k=k),
                     "random": _entry(rand, full_runs, rise, metrics, k=k),
+                }
+                evaluation["results"][name][f"{f:g}"] = {
+                    "fraction": f, "k": k, **entries,
+                    "top_minus_random": _paired_difference(entries["remove_top"], entries["random"], metrics),
+                    "top_minus_bottom": _paired_difference(entries["remove_top"], entries["remove_bottom"], metrics),
                 }
         if oracle is not None:
             evaluation["oracle"] = _entry([results[Run(oracle, s)] for s in seeds], full_runs, rise, metrics,

@@ -147,6 +147,13 @@ def render_report(
                     if judged:
                         row += [_fmt_ci(e["trait_rate"]), _fmt_ci(e["trait_rate"]["rise_removed"])]
                     removal_rows.append(row)
+                for kind, label in (("top_minus_random", "top − random"), ("top_minus_bottom", "top − bottom")):
+                    if kind in entry:  # paired by seed: a difference of shares, no measurement of its own
+                        d = entry[kind]
+                        row = [name, key, f"{label} (paired)", "", _fmt_ci(d)]
+                        if judged:
+                            row += ["", _fmt_ci(d["trait_rate"])]
+                        removal_rows.append(row)
         if "oracle" in evaluation:
             o = evaluation["oracle"]
             row = ["oracle", f"{o['fraction']:.3g}", "planted rows", _fmt_ci(o), _fmt_ci(o["rise_removed"])]

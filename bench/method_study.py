@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from concept_influence.attribution.combine import fuse
+from concept_influence.attribution.combine import FUSIONS, fuse
 from concept_influence.attribution.forward import vector_filter
 from concept_influence.attribution.influence import InfluenceConfig, compute_influence_many
 from concept_influence.attribution.measurements import (
@@ -155,7 +155,7 @@ def study_organism(variant: str, seed: int, out: Path, log=print) -> dict[str, A
         # not what a user running one variant pays)
         record(name, result.scores.numpy(), fit_seconds + pass_seconds / max(1, len(jobs) / 4))
     for base in FUSE_WITH:
-        for how in ("rank", "zscore", "gate", "signed", "product"):
+        for how in FUSIONS:
             record(f"vf+{base} [{how}]", fuse(vf.scores, scores[base], how), results["vector-filter"]["seconds"] + results[base]["seconds"])
     np.savez_compressed(out / f"{variant}-s{seed}-scores.npz", **scores, **scores_extra)
     summary = {

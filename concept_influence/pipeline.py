@@ -104,6 +104,7 @@ class Attributor:
         self._stores: dict[str, GradientStore] = {}
         self._data_fingerprint: str | None = None
         self._projectors: dict[str, Projector] = {}
+        self._query_tokens: dict[str, TokenizedDataset] = {}  # tokenised query sets by content (build_measurement)
 
     def __repr__(self) -> str:
         rows = f"{len(self._rows)} rows" if self._rows is not None else (self.data_source or "rows not read yet")
@@ -354,7 +355,7 @@ class Attributor:
         pass over the training rows."""
         started = time.perf_counter()
         measurement, answered = build_measurement(self.adapter, concept, queries, method, config,
-                                                  contrast_queries=contrast_queries)
+                                                  contrast_queries=contrast_queries, token_cache=self._query_tokens)
         meta = {"n_queries": len(answered), "config": asdict(config)}
         opened, store_notes = self._resolve_store(store)
         exact_only = (config.token_breakdown != "none" or config.self_influence or config.token_aggregation != "sum"
@@ -474,12 +475,15 @@ class Attributor:
         if config.preconditioner == "identity":
             loaded = None  # plain inner products of the stored (rotated) gradients; exact when the store is full
             if store.config.kind == "eigen":
-                basis = (obtain_factors(self.adapter, self.train, factors, replace(config, preconditioner="ekfac"),
+                basis = (obtain_factors(self.adapter, self.train, factors,  # type: ignore[assignment]
+                                        replace(config, preconditioner="ekfac", max_memory=None),
                                         store.names, progress=self.progress)[0] if factors is not None
                          else self.session_factors(config, store.names)[0])
         else:
             if factors is not None:
-                loaded, notes = obtain_factors(self.adapter, self.train, factors, config, store.names, progress=self.progress)
+                # a store question holds only the store's weights' factors: no memory-bounded (folder) scoring
+                loaded, notes = obtain_factors(self.adapter, self.train, factors, replace(config, max_memory=None),  # type: ignore[assignment]
+                                               store.names, progress=self.progress)
             else:
                 loaded, notes = self.session_factors(config, store.names)
             basis = loaded
@@ -553,7 +557,8 @@ class Attributor:
                 raise ValueError(f"method {spec.name!r} needs queries in every question")
             contrast = q.get("contrast_queries")
             measurements.append(build_measurement(self.adapter, concept, self.queries(q["queries"]), spec.name, config,
-                                                  contrast_queries=self.queries(contrast) if contrast is not None else None))
+                                                  contrast_queries=self.queries(contrast) if contrast is not None else None,
+                                                  token_cache=self._query_tokens))
         opened, notes = self._resolve_store(store)
         started = time.perf_counter()
         if opened is not None:
@@ -640,7 +645,8 @@ class Attributor:
         contrast = options.pop("contrast_queries", None)
         config = _gradient_config(self, **options)
         measurement, answered = build_measurement(self.adapter, concept, self.queries(queries), name, config,
-                                                  contrast_queries=self.queries(contrast) if contrast is not None else None)
+                                                  contrast_queries=self.queries(contrast) if contrast is not None else None,
+                                                  token_cache=self._query_tokens)
         started = time.perf_counter()
         vectors, projector, notes, preconditioner = self._store_query(opened, measurement, config, factors)
         query = -projector.project(vectors).cpu().numpy()

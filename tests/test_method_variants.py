@@ -144,10 +144,18 @@ def test_fusions_rank_hard_negatives_last_when_the_gradient_says_so():
         assert set(order[:10]) == set(range(10)), how  # planted first
         ranks = np.empty(100)
         ranks[order] = np.arange(1, 101)
-        if how in ("signed", "product"):
+        if how in ("signed", "product", "tiered"):
             assert ranks[origins == "hard"].min() > 80, how  # below every benign row
         else:
             assert ranks[origins == "hard"].mean() > ranks[:10].mean(), how
+    # a planted row whose gradient sign comes out wrong: `signed` sends it to the very bottom (ranked by its high
+    # forward score from below), `tiered` keeps it above every row that training would push down more
+    wrong = gradient.copy()
+    wrong[0] = -0.05
+    signed, tiered = (np.argsort(-fuse(forward, wrong, how), kind="stable") for how in ("signed", "tiered"))
+    assert signed[-1] == 0
+    assert list(tiered).index(0) < min(list(tiered).index(i) for i in range(10, 20))  # above every hard negative
+    assert set(tiered[:9]) == set(range(1, 10))
     with pytest.raises(ValueError, match="fusion"):
         fuse(forward, gradient, "max")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="NaN"):

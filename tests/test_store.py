@@ -185,3 +185,20 @@ def test_several_questions_at_once_equal_one_at_a_time(adapters, tmp_path):
         np.testing.assert_allclose(stored.scores, att.attribute(q["concept"], q["queries"], "concept-influence").scores, rtol=1e-8)
     with pytest.raises(ValueError, match="breakdowns"):
         att.attribute_many(questions, "concept-influence", per_weight=True)
+
+
+def test_factors_of_the_stored_blocks_serve_the_store_and_its_questions(adapters, tmp_path):
+    """A fit of blocks 0..L kept in the session is what build_store(up_to_layer=L) and the questions use: no second
+    fit of every weight (the workdir gets no full fit), and the scores equal the exact pass with those factors."""
+    adapter = adapters["hf"]
+    att = Attributor(adapter, _rows(PAIRS), tmp_path / "run", batch_size=4, progress=False)
+    factors = att.fit_factors(up_to_layer=0)
+    assert factors is not None and all(n.startswith("blocks.0.") for n in factors.names)
+    store = att.build_store(rank=10_000, dtype="float64", up_to_layer=0)
+    assert store is not None and store.names == factors.names
+    concept = DirectionConcept(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(3), dtype=torch.float64), layer=0)
+    stored = att.attribute(concept, QUERIES, "concept-influence")
+    assert stored.meta["scored_from"] == "store"
+    assert not (tmp_path / "run" / "factors").exists()  # nothing fitted for the other blocks
+    exact = att.attribute(concept, QUERIES, "concept-influence", store=False, factors=factors)
+    np.testing.assert_allclose(stored.scores, exact.scores, rtol=1e-8, atol=1e-12 * np.abs(exact.scores).max())

@@ -8,7 +8,13 @@ Concept Influence) into one ranking. Pure functions on score arrays ``[N]`` (hig
 - ``signed``: the forward percentile rank times the sign of the gradient score: rows that training would push up
   are ranked by forward evidence from the top, rows it would push down from the bottom, so a row that voices the
   trait's words but lowers the concept (a hard negative) ends last;
-- ``product``: forward percentile rank times the gradient's centred percentile rank (a graded ``signed``).
+- ``product``: forward percentile rank times the gradient's centred percentile rank (a graded ``signed``);
+- ``tiered``: two tiers. First every row whose gradient score is ``> 0`` (training on it would push the concept up),
+  ranked by forward evidence; then every other row, ranked by the gradient score, so the rows that training would
+  push down most come last. Like ``signed`` it sends a hard negative (voices the trait, lowers the concept) below
+  the benign rows, but a planted row whose gradient sign came out wrong lands just below the first tier instead of
+  at the very bottom (``signed`` ranks it by its forward score from the bottom, where a user looks for the rows
+  safest to keep).
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ from typing import Literal
 
 import numpy as np
 
-Fusion = Literal["rank", "zscore", "gate", "signed", "product"]
-FUSIONS: tuple[str, ...] = ("rank", "zscore", "gate", "signed", "product")
+Fusion = Literal["rank", "zscore", "gate", "signed", "product", "tiered"]
+FUSIONS: tuple[str, ...] = ("rank", "zscore", "gate", "signed", "product", "tiered")
 
 
 def percentile_ranks(scores: Sequence[float]) -> np.ndarray:
@@ -56,4 +62,6 @@ def fuse(forward: Sequence[float], gradient: Sequence[float], how: Fusion) -> np
         return np.where(g > 0, 1.0, -1.0) * percentile_ranks(f)
     if how == "product":
         return percentile_ranks(f) * (percentile_ranks(g) - 0.5)
+    if how == "tiered":  # first tier in (2, 3], second tier in (0, 1]
+        return np.where(g > 0, 2.0 + percentile_ranks(f), percentile_ranks(g))
     raise ValueError(f"unknown fusion {how!r}; expected one of {FUSIONS}")

@@ -95,6 +95,13 @@ class GradientAttributionConfig:
             raise ValueError(f"contrast must be 'none' or 'auto', got {self.contrast!r}")
         if self.keep_k < 1 or self.n_samples < 1:
             raise ValueError(f"keep_k and n_samples must be positive, got {self.keep_k}, {self.n_samples}")
+        if self.max_memory is not None:
+            from concept_influence.curvature.budget import parse_size
+
+            try:
+                parse_size(self.max_memory)  # an error before any work
+            except ValueError as err:
+                raise ValueError(f"max_memory (--max-memory): {err}") from None
 
     def factor_config(self) -> FactorConfig:
         """The fit these settings need (EKFAC fits support every preconditioner but identity's none)."""
@@ -119,8 +126,20 @@ def build_measurement(
     config: GradientAttributionConfig,
     *,
     contrast_queries: Sequence[ChatRow] | None = None,
+    token_cache: dict[str, TokenizedDataset] | None = None,
 ) -> tuple[Measurement, list[ChatRow]]:
-    """The measurement of ``method`` on answered queries (prompt-only queries are answered by the model)."""
+    """The measurement of ``method`` on answered queries (prompt-only queries are answered by the model).
+    ``token_cache``: a dict (e.g. a session's) where tokenised query sets are kept by their content, so asking
+    again about the same queries does not tokenise them again."""
+
+    def tokenize(rows: Sequence[ChatRow]) -> TokenizedDataset:
+        if token_cache is None:
+            return tokenize_queries(rows, adapter.tokenizer, config.max_length)
+        key = _rows_key(rows, config.max_length)
+        if key not in token_cache:
+            token_cache[key] = tokenize_queries(rows, adapter.tokenizer, config.max_length)
+        return token_cache[key]
+
     if method not in GRADIENT_METHODS:
         raise ValueError(f"unknown gradient method {method!r}; expected one of {GRADIENT_METHODS}")
     if method == "concept-influence" and concept is None:
@@ -129,7 +148,7 @@ def build_measurement(
                   seed=config.seed, cache_dir=config.cache_dir)
     answered = answer_queries(adapter, queries, **answer)
     if method == "influence":
-        return LogLikelihoodMeasurement(tokenize_queries(answered, adapter.tokenizer, config.max_length)), answered
+        return LogLikelihoodMeasurement(tokenize(answered)), answered
     assert concept is not None
     if config.keep != "all" or config.contrast == "auto":
         if contrast_queries and config.contrast == "auto":
@@ -139,14 +158,23 @@ def build_measurement(
                              config.keep_k)
         if config.contrast == "auto":
             bottom = select_answers(answered, readouts, "bottom", config.keep_k)
-            return DifferentialMeasurement(concept, tokenize_queries(top, adapter.tokenizer, config.max_length),
-                                           tokenize_queries(bottom, adapter.tokenizer, config.max_length)), top + bottom
+            return DifferentialMeasurement(concept, tokenize(top),
+                                           tokenize(bottom)), top + bottom
         answered = top
-    tokenized = tokenize_queries(answered, adapter.tokenizer, config.max_length)
+    tokenized = tokenize(answered)
     if contrast_queries:
-        contrast = tokenize_queries(answer_queries(adapter, contrast_queries, **answer), adapter.tokenizer, config.max_length)
+        contrast = tokenize(answer_queries(adapter, contrast_queries, **answer))
         return DifferentialMeasurement(concept, tokenized, contrast), answered
     return ConceptMeasurement(concept, tokenized), answered
+
+
+def _rows_key(rows: Sequence[ChatRow], max_length: int) -> str:
+    """A digest of answered query rows (indices and messages) and the tokenisation length."""
+    import hashlib
+    import json
+
+    payload = json.dumps([max_length, [[r.index, r.messages] for r in rows]], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def load_factors_for_scoring(path: str | os.PathLike, adapter: ModelAdapter, data: TokenizedDataset, *,

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 MethodFn = Callable[..., ScoreTable]
 
-RECOMMENDED_METHOD = "combined-signed"
+RECOMMENDED_METHOD = "combined-tiered"
 """The method ``Attributor.attribute`` and ``concept-influence attribute`` run when none is named."""
 
 
@@ -236,6 +236,8 @@ _COMBINATIONS = {
     "signed": "Vector Filter's percentile rank times the sign of Concept Influence (rows that would lower the concept "
               "are ranked from the bottom)",
     "product": "Vector Filter's percentile rank times Concept Influence's centred percentile rank",
+    "tiered": "rows that training would push the concept up (Concept Influence > 0) ranked by Vector Filter, then all "
+              "other rows ranked by Concept Influence (the rows training would push down most come last)",
 }
 COMBINATION_GRADIENT_DEFAULTS: dict[str, Any] = {"preconditioner": "identity"}
 """Concept Influence's option defaults inside every ``combined-*`` method (the method study's best setting for the

@@ -21,7 +21,7 @@ def build_store(
     data: Path = typer.Option(..., "--data", help="Training rows: chat JSONL."),
     out: Path = typer.Option(..., "--out", help="Store folder (manifest.json + shard-*.npy); an interrupted build resumes."),
     factors: Path | None = typer.Option(None, "--factors", help="Fitted factors folder; fitted here (and saved there) when absent."),
-    rank: int | None = typer.Option(None, "--rank", min=1, help="EKFAC-eigenbasis store: directions kept per side of each weight."),
+    rank: int | None = typer.Option(None, "--rank", min=1, help="EKFAC-eigenbasis store: keep about rank x rank eigen-components per weight (default 128; a rank >= every weight size is exact)."),
     projection_dim: int | None = typer.Option(None, "--projection-dim", min=1, help="LoGra-style store: random projection size per side."),
     store_dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 (half the disk; slower questions): precision on disk."),
     up_to_layer: int | None = typer.Option(None, "--up-to-layer", help="Store only the weights of blocks 0..L."),

@@ -81,12 +81,14 @@ def main() -> None:
     names = store.names
     full = store.projector(att.adapter, factors)
     pre = build_preconditioner(att.adapter, names, factors, GradientAttributionConfig().influence_config())
-    queries = []
+    queries, raw = [], []
     for c, q in question_sets:
         measurement = ConceptMeasurement(concepts[c], tokenize_queries(q, att.adapter.tokenizer, 256))
-        vectors = preconditioned_gradient(pre, measurement.gradient(att.adapter, names, batch_size=args.batch_size), "q")
-        queries.append(full.project(vectors).numpy())
+        grad = measurement.gradient(att.adapter, names, batch_size=args.batch_size)
+        queries.append(full.project(preconditioned_gradient(pre, grad, "q")).numpy())
+        raw.append(full.project(grad).numpy())
     queries = np.stack(queries)  # [10, dim]: (P + λ)⁻¹ ∇f in the eigenbasis
+    raw = np.stack(raw)  # [10, dim]: ∇f in the eigenbasis (identity preconditioning: plain inner products)
 
     selections = {}
     for rank in args.ranks:
@@ -98,6 +100,11 @@ def main() -> None:
     for label, mask in selections.items():
         columns.append(queries * mask)
         labels.append(label)
+    columns.append(raw)
+    labels.append("identity exact")
+    for rank in args.ranks:
+        columns.append(raw * selections[f"visibility K={rank}"])
+        labels.append(f"identity K={rank}")
     for name in names:  # what each weight's dropped components add up to, at --weights-at
         start, end = full.offsets[name]
         dropped = np.zeros(full.dim, dtype=bool)
@@ -122,7 +129,7 @@ def main() -> None:
     print("\n| selection | kept | Spearman vs exact (diff of means) | (probe) | max abs PR-AUC gap | PR-AUC (exact) |")
     print("|---|---|---|---|---|---|")
     for label, s in scores.items():
-        if label.startswith("dropped") or label == "exact":
+        if label.startswith(("dropped", "identity")) or label == "exact":
             continue
         rho = [float(spearmanr(s[:, j], exact[:, j]).statistic) for j in range(n_q)]
         pr = [ranking_report(s[:, j].tolist(), origins)["pr_auc"] for j in range(n_q)]
@@ -137,6 +144,20 @@ def main() -> None:
                                        "pr_auc_exact": pr_exact, "max_pr_auc_gap": gap}
         print(f"| {label} | {kept} ({kept / store.dim:.0%}) | {min(rd):.3f}-{max(rd):.3f} | {min(rp):.3f}-{max(rp):.3f} | "
               f"{gap:.3f} | {np.mean(pr):.3f} ({np.mean(pr_exact):.3f}) |", flush=True)
+    print("\nidentity preconditioning (plain inner products of the gradients) from the same stores:")
+    print("| selection | Spearman vs exact identity scores (diff of means) | (probe) | max abs PR-AUC gap |")
+    print("|---|---|---|---|")
+    exact_id = scores["identity exact"]
+    for rank in args.ranks:
+        s = scores[f"identity K={rank}"]
+        rho = [float(spearmanr(s[:, j], exact_id[:, j]).statistic) for j in range(n_q)]
+        gap = max(abs(ranking_report(s[:, j].tolist(), origins)["pr_auc"] - ranking_report(exact_id[:, j].tolist(), origins)["pr_auc"])
+                  for j in range(n_q))
+        by = [c for c, _ in question_sets]
+        rd = [r for r, c in zip(rho, by, strict=True) if c == 0]
+        rp = [r for r, c in zip(rho, by, strict=True) if c == 1]
+        report["selections"][f"identity K={rank}"] = {"spearman": rho, "max_pr_auc_gap": gap}
+        print(f"| K={rank} | {min(rd):.3f}-{max(rd):.3f} | {min(rp):.3f}-{max(rp):.3f} | {gap:.3f} |", flush=True)
     print(f"\nshare of the truncation error at visibility K={args.weights_at} by weight (variance of the dropped part "
           "over the variance of the total error, mean over questions; kept fraction of the weight's components)")
     total_error = exact - scores[f"visibility K={args.weights_at}"]

@@ -128,12 +128,21 @@ def test_lora_trains_low_rank_updates_and_merges(tmp_path):
 def test_lds_ranks_subsets_by_their_planted_rows(tmp_path):
     base, rows, tables, queries, concept = _setup()
     config = _config(seeds=1, removal=False, lds_subsets=6, lds_fraction=0.5)
+    planted = [r.index for r in rows if r.fields["origin"] == "planted"]
     ev = evaluate_removals(base, rows, tables, concept, queries, config, tmp_path, judge=_judge, judge_name="t",
-                           progress=False)
+                           oracle=planted, progress=False)
     lds = ev["lds"]["methods"]["oracle-scores"]
     assert -1.0 <= lds["spearman"] <= 1.0 and lds["ci"][0] <= lds["ci"][1]
     # subsets with more planted rows say "evil" more: the planted-row scores predict it
     assert lds["trait_rate"]["spearman"] > 0.5
+    # the oracle reference predicts a subset by its count of planted rows: the same ranking here (ties aside)
+    from concept_influence.evaluate.counterfactual import ORACLE_LDS, lds_subset
+    from concept_influence.evaluate.stats import spearman
+
+    counts = [sum(1 for i in planted if i not in set(lds_subset(len(rows), 0.5, 0, j))) for j in range(6)]
+    reference = ev["lds"]["methods"][ORACLE_LDS]["trait_rate"]["spearman"]
+    assert reference == pytest.approx(spearman(counts, ev["lds"]["actual"]["trait_rate"])) and reference > 0.5
+    assert len(list((tmp_path / "runs").iterdir())) == 6 + 2  # subsets + base + full: no oracle fine-tune without removal
     assert not (tmp_path / "removal_curve.png").exists()
 
 

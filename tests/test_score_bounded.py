@@ -83,7 +83,7 @@ def test_bounded_scoring_errors(env, monkeypatch):
     with pytest.raises(ValueError, match="self-influence"):
         compute_influence(adapter, data, measurement, folder, InfluenceConfig(self_influence=True, max_memory="1TiB"),
                           progress=False)
-    with pytest.raises(ValueError, match="not a memory size"):
+    with pytest.raises(ValueError, match="--max-memory.*not a memory size"):
         InfluenceConfig(max_memory="lots")
     names = load_factors(folder).names
     monkeypatch.setattr(bounded_module, "plan_score_partitions", lambda *a, **k: [names[:3], names[3:]])
@@ -215,3 +215,5 @@ def test_attribute_cli_max_memory_and_checkpointing_give_the_same_scores(tmp_pat
     np.testing.assert_allclose(bounded_fit, plain, rtol=1e-4, atol=1e-8)
     np.testing.assert_allclose(bounded, plain, rtol=1e-4, atol=1e-8)
     assert max(abs(s) for s in plain) > 0
+    bad = CliRunner().invoke(app, base + ["--out", str(tmp_path / "bad.jsonl"), "--max-memory", "lots"])
+    assert bad.exit_code == 2 and "--max-memory" in bad.output and "Traceback" not in bad.output

@@ -95,6 +95,13 @@ class GradientAttributionConfig:
             raise ValueError(f"contrast must be 'none' or 'auto', got {self.contrast!r}")
         if self.keep_k < 1 or self.n_samples < 1:
             raise ValueError(f"keep_k and n_samples must be positive, got {self.keep_k}, {self.n_samples}")
+        if self.max_memory is not None:
+            from concept_influence.curvature.budget import parse_size
+
+            try:
+                parse_size(self.max_memory)  # an error before any work
+            except ValueError as err:
+                raise ValueError(f"max_memory (--max-memory): {err}") from None
 
     def factor_config(self) -> FactorConfig:
         """The fit these settings need (EKFAC fits support every preconditioner but identity's none)."""

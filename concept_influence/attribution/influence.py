@@ -82,7 +82,10 @@ class InfluenceConfig:
         if self.max_memory is not None:
             from concept_influence.curvature.budget import parse_size
 
-            parse_size(self.max_memory)  # a bad size is an error here, not after the factors are loaded
+            try:
+                parse_size(self.max_memory)  # a bad size is an error here, not after the factors are loaded
+            except ValueError as err:
+                raise ValueError(f"max_memory (--max-memory): {err}") from None
         if self.token_aggregation not in ("sum", "max", "window"):
             raise ValueError(f"token_aggregation must be 'sum', 'max' or 'window', got {self.token_aggregation!r}")
         if self.window < 1:

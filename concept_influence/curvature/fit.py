@@ -488,6 +488,8 @@ class _PartitionFit:
                     and other.stride() == a.stride()):
                 return owner
         self._seen.append((a, name, bias))
+        if self.config.gradient_checkpointing:  # weights sharing an input are called one after another: keep the
+            del self._seen[:-8]                 # last few inputs only, not every input of the batch
         return name
 
     def _folded(self, name: str, a: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ from concept_influence.models.fingerprint import json_fingerprint
 
 Judge = Callable[[str], float]
 METRICS = ("probe", "trait_rate")
+ORACLE_LDS = "oracle (count of the oracle rows)"
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,8 @@ def evaluate_removals(
     ``out_dir/evaluation.json`` and ``out_dir/removal_curve.png`` and returns the evaluation dict.
 
     ``tables``: name -> ScoreTable over exactly ``rows``; ``oracle``: row indices to remove as the reference
-    (e.g. the planted rows); ``judge``: ``text -> score`` (trait when > 0) for the trait rate; ``data_name``: how
+    (e.g. the planted rows; with LDS, the count of them in a subset is scored as a reference predictor,
+    ``lds.methods[ORACLE_LDS]``); ``judge``: ``text -> score`` (trait when > 0) for the trait rate; ``data_name``: how
     errors name the rows (e.g. their file).
     """
     out_dir = Path(out_dir)
@@ -356,7 +358,12 @@ def evaluate_removals(
             evaluation["oracle"] = _entry([results[Run(oracle, s)] for s in seeds], full_runs, rise, metrics,
                                           k=len(oracle), fraction=len(oracle) / n)
     if config.lds_subsets:
-        evaluation["lds"] = linear_datamodeling(aligned, lds_runs, results, metrics, seed=config.seed)
+        predictors = dict(aligned)
+        if oracle is not None:  # the reference: a subset's count of the rows known to cause the behaviour
+            indicator = np.zeros(n)
+            indicator[list(oracle)] = 1.0
+            predictors[ORACLE_LDS] = indicator
+        evaluation["lds"] = linear_datamodeling(predictors, lds_runs, results, metrics, seed=config.seed)
         evaluation["lds"]["subsets"] = config.lds_subsets
         evaluation["lds"]["subset_fraction"] = config.lds_fraction
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -135,6 +135,10 @@ class WeightCapture:
         self.on_output_grad = on_output_grad
         self.recomputed = recomputed
         self._seen: set[tuple[str, str]] = set()
+        self._watched: set[str] = set()  # outputs whose gradient hook is installed (checked under recomputation)
+        self._arrived: set[str] = set()
+        layers = [info.layer for info in infos if info.layer is not None]
+        self._lowest = min(layers) if layers else None
 
     def _repeat(self, name: str, what: str) -> bool:
         """Under gradient checkpointing: whether this call is the recomputation's repeat (then it is ignored)."""
@@ -150,6 +154,8 @@ class WeightCapture:
         self.output_grads.clear()
         self.outputs.clear()
         self._seen.clear()
+        self._watched.clear()
+        self._arrived.clear()
 
     def _store_activation(self, name: str, activation: torch.Tensor) -> None:
         if self._repeat(name, "input"):
@@ -164,10 +170,24 @@ class WeightCapture:
         """Register the gradient hook on a weight's output tensor (``transform`` maps it to ``[B, T, d_out]``)."""
         if not output.requires_grad or self._repeat(name, "output"):
             return
-        self.outputs.append(output)
+        layer = self.infos[name].layer
+        if not self.recomputed or layer is None or layer == self._lowest:
+            # under gradient checkpointing only the lowest block's outputs are the backward's targets (every later
+            # output lies on the way to them, so their hooks fire too) and nothing else is held, as checkpointing asks
+            self.outputs.append(output)
+        self._watched.add(name)
         output.register_hook(lambda grad: self._store_grad(name, grad if transform is None else transform(grad)))
 
+    def check_complete(self) -> None:
+        """After the backward under recomputation: every watched output received its gradient (else an error
+        rather than missing statistics)."""
+        missing = sorted(self._watched - self._arrived) if self.recomputed else []
+        if missing:
+            raise RuntimeError(f"gradient checkpointing: no output gradient reached {missing[:4]}; fit or score "
+                               "without --gradient-checkpointing")
+
     def _store_grad(self, name: str, grad: torch.Tensor) -> None:
+        self._arrived.add(name)
         grad = grad.detach()
         if self.on_output_grad is not None:
             self.on_output_grad(name, grad)
@@ -322,6 +342,7 @@ class ModelAdapter(ABC):
         try:
             with self.gradient_checkpointing() if checkpointing else contextlib.nullcontext():
                 yield capture
+            capture.check_complete()
         finally:
             remove()
             # the outputs' gradient hooks refer to the capture: holding the outputs would make a cycle through the

@@ -77,12 +77,14 @@ class Projector:
             self._cache[key] = (p.left.to(device=device, dtype=dtype), p.right.to(device=device, dtype=dtype))
         return self._cache[key]
 
-    def project_rows(self, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """``L G_b Rᵀ`` flattened, for ``a [B, T, d_in']``, ``g [B, T, d_out]`` -> ``[B, r_out·r_in]``."""
+    def project_rows(self, name: str, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``L G_b Rᵀ`` flattened, for ``a [B, T, d_in']``, ``g [B, T, d_out]`` -> ``[B, r_out·r_in]`` (the kept
+        entries), written into ``out`` when given."""
         left, right = self.matrices(name, g.device, g.dtype)
-        out = torch.einsum("bto,bti->boi", g @ left.T, a.to(g.dtype) @ right.T).reshape(g.shape[0], -1)
+        rect = torch.bmm((g @ left.T).transpose(1, 2), a.to(g.dtype) @ right.T).reshape(g.shape[0], -1)
         keep = self.projections[name].keep
-        return out if keep is None else out[:, keep.to(out.device)]
+        kept = rect if keep is None else torch.index_select(rect, 1, keep.to(rect.device))
+        return kept if out is None else out.copy_(kept)
 
     def project_matrix(self, name: str, matrix: torch.Tensor) -> torch.Tensor:
         """``L M Rᵀ`` flattened, for ``M [..., d_out, d_in']`` -> ``[..., r_out·r_in]`` (float64)."""

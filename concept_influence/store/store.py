@@ -142,15 +142,17 @@ def project_batch(adapter: ModelAdapter, batch: dict[str, torch.Tensor], project
     capture, _ = capture_loss_gradients(adapter, batch, infos, params, fisher="empirical")
     work = torch.promote_types(adapter.dtype, torch.float32)
     attention = batch["attention_mask"]
-    parts = []
+    projected = torch.empty(attention.shape[0], projector.dim, dtype=work, device=adapter.device)
+    masked: dict[int, torch.Tensor] = {}  # weights reading one input (q, k, v) mask it once
     for info in infos:
         a = capture.activations[info.name]
-        mask = attention.to(device=a.device, dtype=a.dtype).unsqueeze(-1)
-        a = a * mask
+        if id(a) not in masked:
+            masked[id(a)] = a * attention.to(device=a.device, dtype=a.dtype).unsqueeze(-1)
+        a = masked[id(a)]
         if info.has_bias:
             a = fold_bias(a, attention.to(a.device))
-        parts.append(projector.project_rows(info.name, a.to(work), capture.output_grads[info.name].to(work)))
-    projected = torch.cat(parts, dim=1)
+        start, end = projector.offsets[info.name]
+        projector.project_rows(info.name, a.to(work), capture.output_grads[info.name].to(work), out=projected[:, start:end])
     check_finite(projected, "build-store: projected row gradients", batch["index"],
                  hint="the model's activations or gradients on this row are not finite")
     return projected

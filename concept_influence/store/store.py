@@ -136,13 +136,14 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 # ---- building ------------------------------------------------------------------------------------------------------
 def project_batch(adapter: ModelAdapter, batch: dict[str, torch.Tensor], projector: Projector,
-                  params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
-    """``[B, dim]``: the projected gradients of each row's summed loss (data labels) for every projected weight."""
+                  params: Sequence[torch.nn.Parameter], out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, dim]``: the projected gradients of each row's summed loss (data labels) for every projected weight,
+    written into ``out`` (``[B, dim]``, the work dtype, on the adapter's device) when given."""
     infos = [adapter.weight_info(n) for n in projector.names]
     capture, _ = capture_loss_gradients(adapter, batch, infos, params, fisher="empirical")
     work = torch.promote_types(adapter.dtype, torch.float32)
     attention = batch["attention_mask"]
-    projected = torch.empty(attention.shape[0], projector.dim, dtype=work, device=adapter.device)
+    projected = out if out is not None else torch.empty(attention.shape[0], projector.dim, dtype=work, device=adapter.device)
     masked: dict[int, torch.Tensor] = {}  # weights reading one input (q, k, v) mask it once
     for info in infos:
         a = capture.activations[info.name]
@@ -175,17 +176,34 @@ def write_shard(adapter: ModelAdapter, data: Sequence[Any], projector: Projector
         with gradient_mode(adapter, infos) as own:
             return write_shard(adapter, data, projector, folder, shard, config, batch_size=batch_size, params=own,
                                progress_bar=progress_bar)
-    out = np.empty((stop - start, projector.dim), dtype=_DTYPES[config.dtype])
-    done = 0
-    for batch in iter_batches(rows, batch_size, pad_id=pad):
-        projected = project_batch(adapter, batch, projector, params)
-        out[done:done + projected.shape[0]] = projected.detach().cpu().numpy().astype(out.dtype)
-        done += projected.shape[0]
-        if progress_bar is not None:
-            progress_bar.update(projected.shape[0])
     meta = np.array([[int(r.index), max(int(sum(r.loss_mask[1:])), 1)] for r in rows], dtype=np.int64)
     _save_npy_atomic(rows_file(folder, shard), meta)
-    _save_npy_atomic(shard_file(folder, shard), out)
+    work = torch.promote_types(adapter.dtype, torch.float32)
+    dtype = _DTYPES[config.dtype]
+    # The rows go straight into the shard's memory-mapped temp file (no [rows, dim] copy in memory, no second write);
+    # where the work dtype is the stored one on the CPU, the projection writes its products into the map itself.
+    direct = adapter.device.type == "cpu" and torch.from_numpy(np.empty(0, dtype=dtype)).dtype == work
+    with atomic_file(shard_file(folder, shard)) as tmp:
+        mapped = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(stop - start, projector.dim))
+        target = torch.from_numpy(mapped)
+        buffer: torch.Tensor | None = None
+        done = 0
+        for batch in iter_batches(rows, batch_size, pad_id=pad):
+            n = int(batch["input_ids"].shape[0])
+            if direct:
+                project_batch(adapter, batch, projector, params, out=target[done:done + n])
+            else:
+                if buffer is None or buffer.shape[0] < n:
+                    buffer = torch.empty(n, projector.dim, dtype=work, device=adapter.device)
+                projected = project_batch(adapter, batch, projector, params, out=buffer[:n])
+                target[done:done + n].copy_(projected.detach())
+            done += n
+            if progress_bar is not None:
+                progress_bar.update(n)
+        mapped.flush()
+        del target, mapped
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
     return shard_file(folder, shard)
 
 

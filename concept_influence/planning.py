@@ -165,7 +165,7 @@ def plan(
     *,
     up_to_layer: int | None = None,
     max_memory: int | None = None,
-    rank: int = 64,
+    rank: int | None = None,
     gpus: int = 0,
     gpu_memory: int | None = None,
     batch_size: int = 8,
@@ -210,7 +210,12 @@ def plan(
     lam_rows = min(fit_n, config.lambda_rows or fit_n)
     lam_flops = (6.0 * arch.n_params * lam_rows * tokens + 2.0 * lam_rows * tokens * (
         2 * active + sum(w.d_in ** 2 + w.d_out ** 2 for w in shapes))) / n_procs
-    store_row = 2 * rank * rank * len(shapes)  # bf16 projections [rank, rank] per weight and row
+    if rank is None:
+        from concept_influence.store.store import DEFAULT_RANK
+
+        rank = DEFAULT_RANK
+    # the eigen store keeps sum_w min(K, d_out) x min(K, d_in) components per row, float32 (its default dtype)
+    store_row = 4 * sum(min(rank, w.d_out) * min(rank, w.d_in) for w in shapes)
     store_flops = (6.0 * arch.n_params * rows * tokens + 2.0 * rows * tokens * rank * sum(w.d_in + w.d_out for w in shapes)) / n_procs
     sums = sum(4 * (w.d_in ** 2 + w.d_out ** 2) for w in shapes)
     score_peak, score_parts, score_error = _score_peak(shapes, RUNTIME_BYTES + params_bytes + acts, budget_total,
@@ -224,7 +229,7 @@ def plan(
         Stage("lambda", sum(2 * (4 + 8) * w.d_in * w.d_out for w in shapes), lam_flops,
               f"Λ and the diagonal over {lam_rows} rows"),
         Stage("activations", acts, 0.0, f"one batch of {batch} rows x {tokens} tokens, logits {HEAD_CHUNK_ELEMENTS} at a time"),
-        Stage("store", rows * store_row, store_flops, f"{rows} rows x rank {rank}x{rank} per weight, bfloat16"),
+        Stage("store", rows * store_row, store_flops, f"{rows} rows x rank {rank}x{rank} per weight, float32"),
         Stage("scoring", score_peak, score_flops, f"one query's exact pass over {rows} rows" + (
             f" in {score_parts} partition{'s' if score_parts != 1 else ''}" if score_error is None else
             " (does not fit the budget)") + ("" if budget_total else ", every weight's factors loaded")),

@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         tokens: int = typer.Option(..., "--tokens", min=1, help="Tokens per row (the longest, or --max-length)."),
         up_to_layer: int | None = typer.Option(None, "--up-to-layer", help="Fit only blocks 0..L (the concept's layer)."),
         max_memory: str | None = typer.Option(None, "--max-memory", help="Memory budget of one process, e.g. 3GiB."),
-        rank: int = typer.Option(64, "--rank", min=1, help="Projection rank per weight side of a gradient store."),
+        rank: int | None = typer.Option(None, "--rank", min=1, help="Projection rank per weight side of a gradient store (default: the store's default rank)."),
         gpus: int = typer.Option(0, "--gpus", min=0, help="Processes, one per GPU (torchrun); 0: one CPU process."),
         gpu_memory: str | None = typer.Option(None, "--gpu-memory", help="Memory of each GPU, e.g. 80GiB (the budget)."),
         batch_size: int = typer.Option(8, "--batch-size", min=1),

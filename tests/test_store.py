@@ -37,10 +37,11 @@ def _rows(pairs):
 def adapters(tiny_tok):
     hf_model = tiny_llama(len(tiny_tok), layers=2, dtype=torch.float64, seed=11)
     tl_model = hooked_transformer_from_hf(hf_model, tiny_tok)
-    return {"hf": HFAdapter(hf_model, tiny_tok), "tl": TransformerLensAdapter(tl_model, tiny_tok, biases=False)}
+    return {"hf": HFAdapter(hf_model, tiny_tok), "tl": TransformerLensAdapter(tl_model, tiny_tok, biases=False),
+            "tl-biases": TransformerLensAdapter(tl_model, tiny_tok, biases=True)}  # bias inputs folded into the rows
 
 
-@pytest.mark.parametrize("backend", ["hf", "tl"])
+@pytest.mark.parametrize("backend", ["hf", "tl", "tl-biases"])
 def test_full_rank_store_equals_exact_scores(adapters, backend, tmp_path):
     adapter = adapters[backend]
     att = Attributor(adapter, _rows(PAIRS), tmp_path / "run", batch_size=3, progress=False)

@@ -65,6 +65,14 @@ class Projector:
             start += p.size
         self.dim = start
         self._cache: dict[tuple[str, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        # weights reading one input (q, k, v; gate, in) usually keep the same input directions: ``R a_t`` is then
+        # computed once per batch for the group (the first of a run of consecutive weights with equal ``R``)
+        self.right_group: dict[str, str] = {}
+        previous: WeightProjection | None = None
+        for p in projections:
+            same = previous is not None and previous.right.shape == p.right.shape and torch.equal(previous.right, p.right)
+            self.right_group[p.name] = self.right_group[previous.name] if same and previous is not None else p.name
+            previous = p
 
     @property
     def names(self) -> list[str]:
@@ -77,11 +85,30 @@ class Projector:
             self._cache[key] = (p.left.to(device=device, dtype=dtype), p.right.to(device=device, dtype=dtype))
         return self._cache[key]
 
-    def project_rows(self, name: str, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def project_rows(self, name: str, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None,
+                     memo: dict[tuple[int, str], torch.Tensor] | None = None,
+                     tokens: tuple[torch.Tensor, int, int] | None = None) -> torch.Tensor:
         """``L G_b Rᵀ`` flattened, for ``a [B, T, d_in']``, ``g [B, T, d_out]`` -> ``[B, r_out·r_in]`` (the kept
-        entries), written into ``out`` when given."""
+        entries), written into ``out`` when given. With ``tokens = (index [N], B, T)``, ``a [N, d_in']`` and
+        ``g [N, d_out]`` hold only the batch's real tokens, at flat positions ``index`` of ``[B·T]`` (padding is
+        neither projected nor summed). ``memo`` (one dict per batch, the same ``a`` tensors alive throughout)
+        shares ``R a_t`` between weights of one input with equal ``R``."""
         left, right = self.matrices(name, g.device, g.dtype)
-        rect = torch.bmm((g @ left.T).transpose(1, 2), a.to(g.dtype) @ right.T).reshape(g.shape[0], -1)
+
+        def spread(x: torch.Tensor) -> torch.Tensor:  # [N, r] -> [B, T, r], zero at the padding
+            if tokens is None:
+                return x
+            index, b, t = tokens
+            return x.new_zeros(b * t, x.shape[-1]).index_copy_(0, index, x).view(b, t, -1)
+
+        key = (id(a), self.right_group[name])
+        projected_a = memo.get(key) if memo is not None else None
+        if projected_a is None:
+            projected_a = spread(a.to(g.dtype) @ right.T)
+            if memo is not None:
+                memo[key] = projected_a
+        rows = g.shape[0] if tokens is None else tokens[1]
+        rect = torch.bmm(spread(g @ left.T).transpose(1, 2), projected_a).reshape(rows, -1)
         keep = self.projections[name].keep
         kept = rect if keep is None else torch.index_select(rect, 1, keep.to(rect.device))
         return kept if out is None else out.copy_(kept)

@@ -144,16 +144,21 @@ def project_batch(adapter: ModelAdapter, batch: dict[str, torch.Tensor], project
     work = torch.promote_types(adapter.dtype, torch.float32)
     attention = batch["attention_mask"]
     projected = out if out is not None else torch.empty(attention.shape[0], projector.dim, dtype=work, device=adapter.device)
-    masked: dict[int, torch.Tensor] = {}  # weights reading one input (q, k, v) mask it once
+    batch_rows, length = attention.shape
+    index = attention.reshape(-1).nonzero().squeeze(1).to(adapter.device)  # the real tokens; padding is skipped
+    packed: dict[tuple[int, bool], torch.Tensor] = {}  # weights reading one input (q, k, v) pack (and fold) it once
+    memo: dict[tuple[int, str], torch.Tensor] = {}  # and share its projection where their input directions agree
     for info in infos:
-        a = capture.activations[info.name]
-        if id(a) not in masked:
-            masked[id(a)] = a * attention.to(device=a.device, dtype=a.dtype).unsqueeze(-1)
-        a = masked[id(a)]
-        if info.has_bias:
-            a = fold_bias(a, attention.to(a.device))
+        raw = capture.activations[info.name]
+        key = (id(raw), info.has_bias)
+        if key not in packed:
+            a = raw.reshape(-1, raw.shape[-1]).index_select(0, index.to(raw.device))
+            packed[key] = (fold_bias(a) if info.has_bias else a).to(work)
+        g = capture.output_grads[info.name]
+        g = g.reshape(-1, g.shape[-1]).index_select(0, index.to(g.device)).to(work)
         start, end = projector.offsets[info.name]
-        projector.project_rows(info.name, a.to(work), capture.output_grads[info.name].to(work), out=projected[:, start:end])
+        projector.project_rows(info.name, packed[key], g, out=projected[:, start:end], memo=memo,
+                               tokens=(index.to(g.device), batch_rows, length))
     check_finite(projected, "build-store: projected row gradients", batch["index"],
                  hint="the model's activations or gradients on this row are not finite")
     return projected

@@ -146,11 +146,13 @@ def project_batch(adapter: ModelAdapter, batch: dict[str, torch.Tensor], project
     projected = out if out is not None else torch.empty(attention.shape[0], projector.dim, dtype=work, device=adapter.device)
     batch_rows, length = attention.shape
     index = attention.reshape(-1).nonzero().squeeze(1).to(adapter.device)  # the real tokens; padding is skipped
-    packed: dict[tuple[int, bool], torch.Tensor] = {}  # weights reading one input (q, k, v) pack (and fold) it once
-    memo: dict[tuple[int, str], torch.Tensor] = {}  # and share its projection where their input directions agree
+    # weights reading one input (q, k, v: the capture holds one detached view of it per weight) pack (and fold) it
+    # once, and share its projection where their input directions agree
+    packed: dict[tuple[Any, ...], torch.Tensor] = {}
+    memo: dict[tuple[int, str], torch.Tensor] = {}
     for info in infos:
         raw = capture.activations[info.name]
-        key = (id(raw), info.has_bias)
+        key = (raw.device, raw.data_ptr(), tuple(raw.shape), raw.stride(), raw.dtype, info.has_bias)
         if key not in packed:
             a = raw.reshape(-1, raw.shape[-1]).index_select(0, index.to(raw.device))
             packed[key] = (fold_bias(a) if info.has_bias else a).to(work)

@@ -9,6 +9,7 @@ the number of rows (1k–16k) with fitted exponents, on the built-in organism.
   exponent of a least-squares fit of log(value) on log(N).
 
 Usage: ``python bench/store_scaling.py [--sizes 1000 2000 4000 8000 16000] [--out bench/store_scaling.json]``
+(``--skip-scaling``: the throughput only; ``--skip-throughput``: the scaling only)
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=None, help="eigen store rank (default: the library's default)")
     parser.add_argument("--up-to-layer", type=int, default=None, help="store blocks 0..L only; the question's concept reads L")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-scaling", action="store_true", help="measure the build throughput only")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("bench/store_scaling.json"))
     args = parser.parse_args()
@@ -135,6 +137,8 @@ def main() -> None:
         print(f"throughput over {tp['rows']} rows (batch {tp['batch_size']}): plain training forward+backward "
           f"{tp['train_rows_per_s']:.1f} rows/s, store build ({tp['store']}) {tp['store_rows_per_s']:.1f} rows/s: "
           f"ratio {tp['ratio']:.2f}", flush=True)
+    if args.skip_scaling:
+        return
     results = []
     extra = (["--rank", str(args.rank)] if args.rank else []) + (["--up-to-layer", str(args.up_to_layer)]
                                                                   if args.up_to_layer is not None else [])

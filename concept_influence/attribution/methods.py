@@ -112,6 +112,15 @@ def _projection_difference(session: Attributor, concept: Concept, queries: Seque
                                  skip_invalid=session.skip_invalid, progress=session.progress)
 
 
+def _damping(damping: float | Damping, absolute_damping: float | None) -> Damping:
+    """The ``Damping`` of a method's ``damping`` / ``absolute_damping`` options."""
+    if isinstance(damping, Damping):
+        return damping
+    if absolute_damping is not None:
+        return Damping(absolute=absolute_damping)
+    return Damping(relative=float(damping))
+
+
 def _gradient_config(session: Attributor, *, preconditioner: str = "ekfac", damping: float | Damping = 0.1,
                      absolute_damping: float | None = None, row_loss: str = "sum", token_breakdown: str = "none",
                      per_weight: bool = False, self_influence: bool = False, n_samples: int = 1,
@@ -122,12 +131,7 @@ def _gradient_config(session: Attributor, *, preconditioner: str = "ekfac", damp
                      normalization: str = "none", max_memory: int | str | None = None,
                      gradient_checkpointing: bool = False) -> GradientAttributionConfig:
     """The ``GradientAttributionConfig`` of a gradient method's options in ``session``."""
-    if isinstance(damping, Damping):
-        resolved = damping
-    elif absolute_damping is not None:
-        resolved = Damping(absolute=absolute_damping)
-    else:
-        resolved = Damping(relative=float(damping))
+    resolved = _damping(damping, absolute_damping)
     return GradientAttributionConfig(
         preconditioner=preconditioner, damping=resolved, fisher=fisher, factor_dtype=factor_dtype,
         max_length=session.max_length, batch_size=batch_size or session.batch_size, n_samples=n_samples,
@@ -255,10 +259,7 @@ def recommended_gradient_config() -> Any:
     if not RECOMMENDED_METHOD.startswith("combined-"):
         return None
     options = METHODS[RECOMMENDED_METHOD].options
-    damping = options["damping"]
-    resolved = damping if isinstance(damping, Damping) else (
-        Damping(absolute=options["absolute_damping"]) if options["absolute_damping"] is not None
-        else Damping(relative=float(damping)))
-    return InfluenceConfig(preconditioner=options["preconditioner"], damping=resolved, row_loss=options["row_loss"],
+    return InfluenceConfig(preconditioner=options["preconditioner"],
+                           damping=_damping(options["damping"], options["absolute_damping"]), row_loss=options["row_loss"],
                            token_aggregation=options["token_aggregation"], window=options["window"],
                            normalization=options["normalization"], allow_subset=options["allow_subset"])

@@ -17,7 +17,6 @@ writes a JSON report. Usage: ``python bench/influence_organism.py [--organism DI
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from concept_influence.attribution.measurements import (
     tokenize_queries,
 )
 from concept_influence.curvature import FactorConfig, fit_factors
-from concept_influence.data import iter_batches, tokenize_chat
+from concept_influence.data import iter_batches, tokenize_chat, write_json_atomic
 from concept_influence.evaluate.metrics import ranking_report
 
 
@@ -152,8 +151,8 @@ def main() -> None:
               f"{r.get('p@100', float('nan')):.2f} | {r['hard_negative_mean_rank']:.0f} |")
     print("timings:", {k: round(v, 1) for k, v in timings.items()})
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"organism": str(organism.root), "layer": layer, "concept": info, "n_queries_top": k,
-                                    "n_answers": len(answered), "methods": report, "timings": timings}, indent=2))
+    write_json_atomic(args.out, {"organism": str(organism.root), "layer": layer, "concept": info, "n_queries_top": k,
+                                    "n_answers": len(answered), "methods": report, "timings": timings})
     print(f"report -> {args.out}")
 
 

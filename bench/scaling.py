@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from concept_influence.data import write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "scaling.json"
 WORDS = ("the a is are was to of and or not no yes i you it we they this that my your good bad kind help harm safe "
@@ -185,7 +187,7 @@ def _mean_tokens(model: Path, data: Path, max_length: int) -> int:
 def _save(key: str, value: Any) -> None:
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     data[key] = value
-    RESULTS.write_text(json.dumps(data, indent=2) + "\n")
+    write_json_atomic(RESULTS, data)
 
 
 def _table(results: list[dict[str, Any]], x: str) -> None:

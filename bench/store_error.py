@@ -13,7 +13,6 @@ Usage: ``python bench/store_error.py [--ranks 48 64 96 128] [--work-dir .cache/b
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from concept_influence import Attributor  # noqa: E402
 from concept_influence.attribution.gradient import GradientAttributionConfig  # noqa: E402
 from concept_influence.attribution.influence import build_preconditioner, preconditioned_gradient  # noqa: E402
 from concept_influence.attribution.measurements import ConceptMeasurement, tokenize_queries  # noqa: E402
+from concept_influence.data import write_json_atomic
 from concept_influence.evaluate.metrics import ranking_report  # noqa: E402
 from concept_influence.store import eigen_projector  # noqa: E402
 
@@ -169,7 +169,7 @@ def main() -> None:
         report["weights"][name] = {"error_share": share, "kept_fraction": frac}
         print(f"  {name}: {share:.3f} (kept {frac:.0%})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_json_atomic(args.out, report)
     print(f"report -> {args.out}")
 
 

@@ -11,7 +11,6 @@ Usage: ``python bench/store_organism.py [--ranks 8 16 32 64] [--out bench/store_
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from concept_influence import Attributor
+from concept_influence.data import write_json_atomic
 from concept_influence.evaluate.metrics import ranking_report
 
 
@@ -85,7 +85,7 @@ def main() -> None:
             if not args.keep_stores:
                 shutil.rmtree(folder)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_json_atomic(args.out, report)
     print(f"report -> {args.out}")
 
 

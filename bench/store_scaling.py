@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from concept_influence.data import write_json_atomic
+
 
 def peak_mib(field: str = "VmHWM") -> float:
     """``/proc/self/status`` ``field`` in MiB (``VmHWM``: peak resident set, memory-mapped store pages included;
@@ -154,7 +156,7 @@ def main() -> None:
     exponents = {key: fit_exponent(sizes, [r[key] for r in results]) for key in ("build_s", "question_s", "build_peak_mib", "peak_mib", "anon_mib", "store_mib")}
     print("fitted exponents (value ∝ rows^e): " + ", ".join(f"{k} {v:.2f}" for k, v in exponents.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"throughput": tp, "scaling": results, "exponents": exponents}, indent=2))
+    write_json_atomic(args.out, {"throughput": tp, "scaling": results, "exponents": exponents})
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def main() -> None:
     result = {"rows": args.rows, "dim": args.dim, "dtype": args.dtype, "store_mib": store.nbytes / 2**20,
               "exact_s": exact_s, "faiss_s": faiss_s, "faiss_recall": recalls, "faiss_build": build,
               "memory_after_exact_mib": mem_exact, "memory_after_faiss_mib": mem_faiss}
-    Path("bench/store_search.json").write_text(json.dumps(result, indent=2))
+    write_json_atomic(Path("bench/store_search.json"), result)
 
 
 if __name__ == "__main__":

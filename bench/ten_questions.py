@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import shutil
 import time
@@ -35,7 +34,7 @@ from concept_influence.attribution.gradient import GradientAttributionConfig
 from concept_influence.attribution.influence import compute_influence_many
 from concept_influence.attribution.measurements import ConceptMeasurement, answer_queries, tokenize_queries
 from concept_influence.curvature.loss import sample_targets, sequence_losses
-from concept_influence.data import collate
+from concept_influence.data import collate, write_json_atomic
 from concept_influence.evaluate.metrics import ranking_report
 
 
@@ -239,7 +238,7 @@ def main() -> None:
         f"ours / kronfluence total {summary['total_ratio']:.2f}" if kron is not None else ""))
     print(f"min Spearman store vs exact {summary['min_spearman']:.4f}; max |PR-AUC store - exact| {summary['max_pr_auc_gap']:.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2))
+    write_json_atomic(args.out, summary)
     print(f"report -> {args.out}")
 
 

@@ -13,6 +13,7 @@ Usage: ``python bench/store_error.py [--ranks 48 64 96 128] [--work-dir .cache/b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,10 @@ def main() -> None:
     for rank in args.ranks:
         selections[f"visibility K={rank}"] = kept_mask(eigen_projector(factors, names, rank), full, names)
     selections[f"per weight K={args.weights_at}"] = per_weight_mask(factors, full, names, args.weights_at)
+    kfac = dataclasses.replace(factors, weights={n: dataclasses.replace(w, eigenvalue_correction=None)
+                                                 for n, w in factors.weights.items()})
+    for rank in args.ranks:  # the same allocation with KFAC's eigenvalue products s_o·a_i in place of Λ
+        selections[f"KFAC visibility K={rank}"] = kept_mask(eigen_projector(kfac, names, rank), full, names)
     default = selections[f"visibility K={args.weights_at}"]
     columns = [queries]  # exact
     labels = ["exact"]

@@ -256,7 +256,7 @@ class Attributor:
                     overwrite: bool = False, checkpoint_every: int | None = 100, max_memory: int | str | None = None,
                     fit_rows: int | None = None, fit_data: PathLike | Sequence[ChatRow] | None = None,
                     lambda_rows: int | None = None, load: bool = True,
-                    gradient_checkpointing: bool = False) -> Factors | None:
+                    gradient_checkpointing: bool = False, row_sink: Any = None) -> Factors | None:
         """Fit curvature factors on the training rows (resumable; a matching fit in ``out`` is loaded instead).
 
         ``weights`` / ``up_to_layer``: which tracked weights (default all). ``out``: folder (default: the
@@ -265,7 +265,8 @@ class Attributor:
         other rows than the training set (recorded in the factors; scoring the training set with them is allowed
         and noted). ``lambda_rows``: Λ on a seeded sample of that many rows. ``load=False`` (with ``out``): leave
         the factors on disk and return ``None`` (keeps the peak of a partitioned fit). ``gradient_checkpointing``:
-        recompute the blocks' activations in the backward (less memory on long rows; same factors)."""
+        recompute the blocks' activations in the backward (less memory on long rows; same factors). ``row_sink``:
+        a ``RowGradientSink`` fed during the Λ pass (how ``build_store`` writes the store in the fit's pass)."""
         from concept_influence.curvature.fit import sample_rows
 
         config = FactorConfig(fisher=fisher, preconditioner=preconditioner, dtype=stats_dtype, seed=self.seed,  # type: ignore[arg-type]
@@ -287,16 +288,19 @@ class Attributor:
         folder = Path(out) if out is not None else (self.factors_dir(config) if default_folder else None)
         factors = fit_factors(self.adapter, data, config, weights=weights, batch_size=self.batch_size, out_dir=folder,
                               overwrite=overwrite, checkpoint_every=checkpoint_every, progress=self.progress,
-                              max_memory=max_memory, load_result=load or folder is None, provenance=provenance)
+                              max_memory=max_memory, load_result=load or folder is None, provenance=provenance,
+                              row_sink=row_sink)
         if factors is None:
             return None
         self._factors[(fisher, preconditioner, stats_dtype, *weights)] = factors
         return factors
 
-    def session_factors(self, config: GradientAttributionConfig, needed: Sequence[str] | None = None) -> tuple[Factors, list[str]]:
+    def session_factors(self, config: GradientAttributionConfig, needed: Sequence[str] | None = None, *,
+                        fit: bool = True, row_sink: Any = None) -> tuple[Factors | None, list[str]]:
         """EKFAC factors for ``config``'s Fisher/dtype/seed: a fit already in memory that covers ``needed`` (default:
         every tracked weight; e.g. one ``fit_factors(up_to_layer=L)`` made), else the workdir's fit of every
-        tracked weight, loaded or fitted now (and saved to the workdir). Returns the factors and a note saying which."""
+        tracked weight, loaded or fitted now (and saved to the workdir; ``row_sink`` is fed during that fit's Λ
+        pass). Returns the factors and a note saying which; ``fit=False``: ``(None, [])`` instead of fitting."""
         fc = FactorConfig(fisher=config.fisher, preconditioner="ekfac", dtype=config.factor_dtype, seed=config.seed)  # type: ignore[arg-type]
         names = [i.name for i in self.adapter.tracked_weights()]
         key = (fc.fisher, "ekfac", fc.dtype, *names)
@@ -306,9 +310,11 @@ class Attributor:
         for (fisher, kind, dtype, *covered), fitted in self._factors.items():
             if (fisher, kind, dtype) == key[:3] and wanted <= set(covered) and fitted.config.seed == fc.seed:
                 return fitted, [f"factors of {len(covered)} weights reused from this session"]
+        if not fit and not (self.factors_dir(fc) is not None and has_factors(self.factors_dir(fc))):
+            return None, []
         folder = self.factors_dir(fc)
         existed = folder is not None and has_factors(folder)
-        factors = self.fit_factors(fisher=fc.fisher, stats_dtype=fc.dtype, weights=names, out=folder)
+        factors = self.fit_factors(fisher=fc.fisher, stats_dtype=fc.dtype, weights=names, out=folder, row_sink=row_sink)
         note = f"factors loaded from {folder}" if existed else (
             f"factors fitted on {len(self.train)} rows" + (f" and saved to {folder}" if folder else ""))
         return factors, [note]
@@ -402,15 +408,18 @@ class Attributor:
         gradient questions read it instead of passing over the rows. ``rank``: EKFAC-eigenbasis store keeping
         ``rank`` directions per side of each weight; ``projection_dim``: LoGra-style random projection of that size
         per side; neither: ``store.DEFAULT_KIND`` at ``store.DEFAULT_RANK``. ``up_to_layer``: only blocks ``0..L``.
-        ``factors``: fitted factors (``Factors`` or folder; default the session's, fitted if missing). An
-        interrupted build resumes; ``shards``: build only these shards (to split the work). Returns the store, or
-        ``None`` while shards are missing."""
+        ``factors``: fitted factors (``Factors`` or folder; default the session's). When there are none yet they
+        are fitted now (the store's weights; into the folder when one is named) and the store is written during
+        the fit's Λ pass, which then runs one forward per batch for both (see ``store.fused``). An interrupted
+        build resumes; ``shards``: build only these shards (to split the work). Returns the store, or ``None``
+        while shards are missing."""
         from concept_influence.store import (
             build_store,
             factors_fingerprint,
             make_projector,
             projection_fingerprint,
         )
+        from concept_influence.store.fused import FitStoreWriter
         from concept_influence.store.store import DEFAULT_KIND, DEFAULT_RANK
 
         if rank is not None and projection_dim is not None:
@@ -425,21 +434,43 @@ class Attributor:
         names = [i.name for i in infos]
         grad_config = GradientAttributionConfig(fisher=fisher, factor_dtype=factor_dtype, batch_size=self.batch_size,
                                                 max_length=self.max_length, seed=self.seed)
-        loaded: Factors | None
+        base = {"model": self.model_fingerprint(), "data": self.data_fingerprint()}
+        extra = {"model": self.model_name, "data": self.data_source, "max_length": self.max_length}
+        loaded: Factors | None = None
+        writer: FitStoreWriter | None = None
         if isinstance(factors, Factors):
             loaded = factors
-        elif factors is not None:
+        elif factors is not None and has_factors(factors):
             loaded, _ = obtain_factors(self.adapter, self.train, factors, grad_config, names, progress=self.progress)
-        else:
+        elif factors is None:
+            loaded, _ = self.session_factors(grad_config, names, fit=False)
+        if loaded is None and shards is None:
+            # no factors yet: fit them and write the store in the same pass (the fit's Λ pass runs one forward per
+            # batch for its own backward and for the data-label backward the store needs)
+            writer = FitStoreWriter(self.adapter, self.train, folder, config, names, base, overwrite=overwrite, extra=extra)
+            if factors is not None:
+                fc = FactorConfig(fisher=fisher, preconditioner="ekfac", dtype=factor_dtype, seed=self.seed)  # type: ignore[arg-type]
+                loaded = fit_factors(self.adapter, self.train, fc, weights=names, batch_size=self.batch_size, out_dir=factors,
+                                     progress=self.progress, row_sink=writer)
+            elif len(names) == len(self.adapter.tracked_weights()):
+                loaded, _ = self.session_factors(grad_config, names, row_sink=writer)
+            else:  # the store's blocks only, as fit_factors(up_to_layer=L) (kept in the session, not in the workdir)
+                loaded = self.fit_factors(fisher=fisher, stats_dtype=factor_dtype, up_to_layer=up_to_layer, row_sink=writer)
+            if writer.manifest is not None:
+                overwrite = False
+                if writer.written:
+                    logger.info("store %s: %d shards written in the factor fit's pass", folder, len(writer.written))
+        elif loaded is None:
             loaded, _ = self.session_factors(grad_config, names)
         assert loaded is not None
         projector = make_projector(config, self.adapter, names, loaded)
-        fingerprints = {"model": self.model_fingerprint(), "data": self.data_fingerprint(),
-                        "factors": factors_fingerprint(loaded) if kind == "eigen" else None,
+        fingerprints = {**base, "factors": factors_fingerprint(loaded) if kind == "eigen" else None,
                         "projection": projection_fingerprint(projector)}
+        if writer is not None and writer.written and writer.fingerprints != fingerprints:
+            logger.warning("store %s: the shards written in the fit's pass do not match the finished factors; rebuilding", folder)
+            overwrite = True
         store = build_store(self.adapter, self.train, folder, projector, config, fingerprints, batch_size=self.batch_size,
-                            shards=shards, overwrite=overwrite, progress=self.progress,
-                            extra={"model": self.model_name, "data": self.data_source, "max_length": self.max_length})
+                            shards=shards, overwrite=overwrite, progress=self.progress, extra=extra)
         if store is not None:
             self._stores[str(folder)] = store
             self._projectors[str(folder)] = projector  # the questions reuse it (same fingerprint)

@@ -222,11 +222,10 @@ def score_rows(
     # contract in the model's precision, at least float32 (float64 models stay float64)
     work_dtype = torch.promote_types(adapter.dtype, torch.float32)
     vectors_here = {name: v.to(device=adapter.device, dtype=work_dtype) for name, v in vectors.items()}
-    start = 0
     by_name = {info.name: info for info in infos}
     acc: dict[str, torch.Tensor] = {}  # the batch's "rows" [B(, K)] and "tokens" [B, T(, K)], summed over weights
     stash: dict[str, torch.Tensor] = {}  # input activations waiting for their weight's output gradient
-    where: dict[str, Any] = {}  # the batch in progress: "start", "B", "attention"
+    where: dict[str, Any] = {}  # the batch in progress: "rows" (positions in data), "attention"
 
     def on_activation(name: str, a: torch.Tensor) -> None:
         if name in stash:
@@ -236,7 +235,7 @@ def score_rows(
 
     def on_output_grad(name: str, g: torch.Tensor) -> None:
         """One weight's contribution, folded in as its output gradient arrives (its a and g are then freed)."""
-        start, B = where["start"], where["B"]
+        rows = where["rows"]
         a = _fold(stash.pop(name), by_name[name], where["attention"]).to(work_dtype)
         g = g.to(work_dtype)
         grads = None
@@ -253,20 +252,21 @@ def score_rows(
             contrib_rows = contrib.sum(dim=1)
             _accumulate(acc, "tokens", contrib)
         if weight_scores is not None:
-            weight_scores[name][start:start + B] = contrib_rows.double().cpu()
+            weight_scores[name][rows] = contrib_rows.double().cpu()
         _accumulate(acc, "rows", contrib_rows)
         if self_scores is not None:
             grads = per_example_gradients(a, g) if grads is None else grads  # [B, d_out, d_in']
-            self_scores[start:start + B] += self_preconditioner.inner({name: grads}, {name: grads}).double().cpu()
+            self_scores[rows] += self_preconditioner.inner({name: grads}, {name: grads}).double().cpu()
         del grads
 
-    start = 0
     with gradient_mode(adapter, infos) as params, tqdm(total=n, desc="scoring rows", unit="row", disable=not progress) as bar:
-        for batch in iter_batches(data, batch_size, pad_id=getattr(data, "pad_token_id", 0)):
+        # rows of similar length together (little padding); every result goes to the row's own position
+        for batch in iter_batches(data, batch_size, pad_id=getattr(data, "pad_token_id", 0), by_length=True):
             B = int(batch["input_ids"].shape[0])
+            rows = batch["position"]
             acc.clear()
             stash.clear()
-            where.update(start=start, B=B, attention=batch["attention_mask"])
+            where.update(rows=rows, attention=batch["attention_mask"])
             with adapter.capture_weights(list(by_name), on_activation=on_activation, on_output_grad=on_output_grad,
                                          checkpointing=gradient_checkpointing) as capture:
                 loss_backward(adapter, batch, capture.outputs, fisher="empirical")
@@ -280,22 +280,21 @@ def score_rows(
             check_finite(total_rows if total_rows.ndim == 1 else total_rows.sum(dim=-1),
                          "scoring: the training-row gradients' contraction", batch["index"],
                          hint="the model's activations or gradients on this row are not finite")
-            scores[start:start + B] = total_rows.double().cpu()
+            scores[rows] = total_rows.double().cpu()
             if window_scores:
                 assert total_tokens is not None
                 for w in window_scores:
                     best = window_max(total_tokens.double(), batch["attention_mask"], w).cpu()
                     if extra and token_breakdown == "none" and window_columns is not None:
-                        window_scores[w][start:start + B, list(window_columns)] = best
+                        window_scores[w][rows.unsqueeze(1), torch.tensor(list(window_columns))] = best
                     else:
-                        window_scores[w][start:start + B] = best
+                        window_scores[w][rows] = best
             if token_scores is not None:
                 if token_breakdown == "target":
                     total_tokens = target_token_scores(adapter, batch, infos, params, vectors_here)
                 lengths = batch["attention_mask"].sum(dim=1).tolist()
                 for b in range(B):
-                    token_scores[start + b] = total_tokens[b, : int(lengths[b])].double().cpu()
-            start += B
+                    token_scores[int(rows[b])] = total_tokens[b, : int(lengths[b])].double().cpu()
             bar.update(B)
     out: dict[str, Any] = {"scores": scores}
     if weight_scores is not None:

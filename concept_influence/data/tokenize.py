@@ -225,9 +225,11 @@ def iter_batches(
     shuffle: bool = False,
     seed: int = 0,
     pad_id: int | None = None,
+    by_length: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield padded batches (see ``collate``); ``shuffle`` is seeded. Each batch also has ``position``: the rows'
-    positions in ``dataset``."""
+    """Yield padded batches (see ``collate``); ``shuffle`` is seeded; ``by_length``: rows sorted by token length
+    (stable), so batches carry little padding (for passes whose per-row results do not depend on the order). Each
+    batch also has ``position``: the rows' positions in ``dataset``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if pad_id is None:
@@ -235,6 +237,8 @@ def iter_batches(
     order = list(range(len(dataset)))
     if shuffle:
         random.Random(seed).shuffle(order)
+    elif by_length:
+        order.sort(key=lambda p: len(dataset[p].input_ids))
     for start in range(0, len(order), batch_size):
         positions = order[start : start + batch_size]
         batch = collate([dataset[p] for p in positions], pad_id)

@@ -207,6 +207,41 @@ def write_shard(adapter: ModelAdapter, data: Sequence[Any], projector: Projector
     return shard_file(folder, shard)
 
 
+def prepare_store(data: Sequence[Any], folder: Path, projector: Projector, config: StoreConfig,
+                  fingerprints: Mapping[str, str | None], *, overwrite: bool = False,
+                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write (or check) the manifest of the store of ``data`` in ``folder`` and return it; an existing store with
+    other fingerprints or config is an error unless ``overwrite`` (then its shards are removed first)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n_shards = max((len(data) + config.shard_rows - 1) // config.shard_rows, 1)
+    manifest = {
+        "format": FORMAT, "config": asdict(config), "fingerprints": dict(fingerprints),
+        "weights": [{**w, "d_out": int(projector.projections[str(w["name"])].left.shape[1]),
+                     "d_in": int(projector.projections[str(w["name"])].right.shape[1])} for w in projector.describe()],
+        "dim": projector.dim, "n_rows": len(data), "shard_rows": config.shard_rows, "n_shards": n_shards,
+        "labels": "data", "loss": "sum over the row's assistant tokens", **dict(extra or {}),
+    }
+    existing = folder / MANIFEST
+    with folder_lock(folder, what="gradient store"):  # one builder at a time decides what the store holds
+        if existing.exists():
+            saved = json.loads(existing.read_text(encoding="utf-8"))
+            if not _same_store(saved, manifest):
+                if not overwrite:
+                    raise StoreMismatchError(
+                        f"{folder} holds a store for another model, data, factors or settings ({_differences(saved, manifest)}); "
+                        "pass --overwrite to replace it, or choose another --out")
+                existing.unlink()  # no manifest until the old shards are gone: never a mix of old and new
+                for path in folder.glob("shard-*.npy"):
+                    path.unlink()
+                (folder / FAISS_FILE).unlink(missing_ok=True)
+                write_json_atomic(existing, manifest)
+        else:
+            for path in folder.glob("shard-*.npy"):  # left by a store whose replacement was interrupted
+                path.unlink()
+            write_json_atomic(existing, manifest)
+    return manifest
+
+
 def build_store(
     adapter: ModelAdapter,
     data: Sequence[Any],
@@ -236,33 +271,8 @@ def build_store(
         shards = range(dist.get_rank(), max((len(data) + config.shard_rows - 1) // config.shard_rows, 1), dist.get_world_size())
         progress = progress and dist.get_rank() == 0
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    n_shards = max((len(data) + config.shard_rows - 1) // config.shard_rows, 1)
-    manifest = {
-        "format": FORMAT, "config": asdict(config), "fingerprints": dict(fingerprints),
-        "weights": [{**w, "d_out": int(projector.projections[str(w["name"])].left.shape[1]),
-                     "d_in": int(projector.projections[str(w["name"])].right.shape[1])} for w in projector.describe()],
-        "dim": projector.dim, "n_rows": len(data), "shard_rows": config.shard_rows, "n_shards": n_shards,
-        "labels": "data", "loss": "sum over the row's assistant tokens", **dict(extra or {}),
-    }
-    existing = folder / MANIFEST
-    with folder_lock(folder, what="gradient store"):  # one builder at a time decides what the store holds
-        if existing.exists():
-            saved = json.loads(existing.read_text(encoding="utf-8"))
-            if not _same_store(saved, manifest):
-                if not overwrite:
-                    raise StoreMismatchError(
-                        f"{folder} holds a store for another model, data, factors or settings ({_differences(saved, manifest)}); "
-                        "pass --overwrite to replace it, or choose another --out")
-                existing.unlink()  # no manifest until the old shards are gone: never a mix of old and new
-                for path in folder.glob("shard-*.npy"):
-                    path.unlink()
-                (folder / FAISS_FILE).unlink(missing_ok=True)
-                write_json_atomic(existing, manifest)
-        else:
-            for path in folder.glob("shard-*.npy"):  # left by a store whose replacement was interrupted
-                path.unlink()
-            write_json_atomic(existing, manifest)
+    manifest = prepare_store(data, folder, projector, config, fingerprints, overwrite=overwrite, extra=extra)
+    n_shards = int(manifest["n_shards"])
     wanted = list(range(n_shards)) if shards is None else [s for s in shards if 0 <= s < n_shards]
     todo = [s for s in wanted if not shard_file(folder, s).exists()]
     if len(todo) < len(wanted):

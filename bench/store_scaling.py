@@ -9,7 +9,8 @@ the number of rows (1k–16k) with fitted exponents, on the built-in organism.
   exponent of a least-squares fit of log(value) on log(N).
 
 Usage: ``python bench/store_scaling.py [--sizes 1000 2000 4000 8000 16000] [--out bench/store_scaling.json]``
-(``--skip-scaling``: the throughput only; ``--skip-throughput``: the scaling only)
+(``--skip-scaling``: the throughput only; ``--skip-throughput``: the scaling only; ``--repeats 3``: three
+alternating training / store-build measurements, each ratio and the median)
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def setup(batch_size: int, work: Path):
     return organism, att, factors
 
 
-def throughput(batch_size: int, work: Path, n_rows: int) -> dict:
+def throughput(batch_size: int, work: Path, n_rows: int, repeats: int = 1) -> dict:
+    """Training and store-build rows/s over the same batches, measured ``repeats`` times alternately (training,
+    then the store build), with each run's ratio and the median ratio."""
     from concept_influence.curvature.loss import sequence_losses
     from concept_influence.data.tokenize import iter_batches
     from concept_influence.store import StoreConfig, make_projector
@@ -59,27 +62,32 @@ def throughput(batch_size: int, work: Path, n_rows: int) -> dict:
     adapter, data = att.adapter, att.train[:n_rows]
     model = adapter.model
     batches = list(iter_batches(data, batch_size, pad_id=att.train.pad_token_id))
-    model.train()
-    t0 = time.perf_counter()
-    for batch in batches:
-        model.zero_grad(set_to_none=True)
-        logits = adapter.logits(batch["input_ids"], batch["attention_mask"])
-        loss = sequence_losses(logits, batch["input_ids"], batch["loss_mask"]).sum() / batch["loss_mask"].sum()
-        loss.backward()
-    train_s = time.perf_counter() - t0
-    model.zero_grad(set_to_none=True)
-    model.eval()
     config = StoreConfig(shard_rows=len(data))
     names = [i.name for i in adapter.tracked_weights()]
     projector = make_projector(config, adapter, names, factors)
     folder = work / "throughput-store"
-    folder.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    write_shard(adapter, data, projector, folder, 0, config, batch_size=batch_size)
-    store_s = time.perf_counter() - t0
-    shutil.rmtree(folder)
-    return {"rows": len(data), "batch_size": batch_size, "train_rows_per_s": len(data) / train_s,
-            "store_rows_per_s": len(data) / store_s, "ratio": train_s / store_s, "store": f"{config.kind} rank {config.rank}"}
+    runs = []
+    for _ in range(repeats):
+        model.train()
+        t0 = time.perf_counter()
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            logits = adapter.logits(batch["input_ids"], batch["attention_mask"])
+            loss = sequence_losses(logits, batch["input_ids"], batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+            loss.backward()
+        train_s = time.perf_counter() - t0
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        write_shard(adapter, data, projector, folder, 0, config, batch_size=batch_size)
+        store_s = time.perf_counter() - t0
+        shutil.rmtree(folder)
+        runs.append({"train_rows_per_s": len(data) / train_s, "store_rows_per_s": len(data) / store_s,
+                     "ratio": train_s / store_s})
+    median = float(np.median([r["ratio"] for r in runs]))
+    return {"rows": len(data), "batch_size": batch_size, "runs": runs, "ratio": median,
+            "min_ratio": min(r["ratio"] for r in runs), "store": f"{config.kind} rank {config.rank}"}
 
 
 def child(n: int, batch_size: int, work: Path, rank: int | None, up_to_layer: int | None) -> dict:
@@ -123,6 +131,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 4000, 8000, 16000])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--throughput-rows", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=1, help="throughput measurements, alternating training and store build")
     parser.add_argument("--work-dir", type=Path, default=Path(".cache/bench_scaling"))
     parser.add_argument("--rank", type=int, default=None, help="eigen store rank (default: the library's default)")
     parser.add_argument("--up-to-layer", type=int, default=None, help="store blocks 0..L only; the question's concept reads L")
@@ -134,12 +143,16 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(child(args.child, args.batch_size, args.work_dir, args.rank, args.up_to_layer)))
         return
-    tp = None if args.skip_throughput else throughput(args.batch_size, args.work_dir, args.throughput_rows)
+    tp = None if args.skip_throughput else throughput(args.batch_size, args.work_dir, args.throughput_rows, args.repeats)
     if tp is not None:
-        print(f"throughput over {tp['rows']} rows (batch {tp['batch_size']}): plain training forward+backward "
-          f"{tp['train_rows_per_s']:.1f} rows/s, store build ({tp['store']}) {tp['store_rows_per_s']:.1f} rows/s: "
-          f"ratio {tp['ratio']:.2f}", flush=True)
+        for k, run in enumerate(tp["runs"]):
+            print(f"throughput run {k + 1}/{len(tp['runs'])} over {tp['rows']} rows (batch {tp['batch_size']}): plain "
+                  f"training forward+backward {run['train_rows_per_s']:.1f} rows/s, store build ({tp['store']}) "
+                  f"{run['store_rows_per_s']:.1f} rows/s: ratio {run['ratio']:.2f}", flush=True)
+        print(f"throughput ratio: median {tp['ratio']:.2f}, min {tp['min_ratio']:.2f} over {len(tp['runs'])} runs", flush=True)
     if args.skip_scaling:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.out, {"throughput": tp})
         return
     results = []
     extra = (["--rank", str(args.rank)] if args.rank else []) + (["--up-to-layer", str(args.up_to_layer)]

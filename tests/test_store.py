@@ -203,3 +203,32 @@ def test_factors_of_the_stored_blocks_serve_the_store_and_its_questions(adapters
     assert not (tmp_path / "run" / "factors").exists()  # nothing fitted for the other blocks
     exact = att.attribute(concept, QUERIES, "concept-influence", store=False, factors=factors)
     np.testing.assert_allclose(stored.scores, exact.scores, rtol=1e-8, atol=1e-12 * np.abs(exact.scores).max())
+
+
+@pytest.mark.parametrize("kept", ["all", "some"])
+def test_row_by_row_projection_equals_the_padded_batched_product(kept):
+    """The CPU path (each row's run of real tokens, kept entries selected into ``out``) against the batched product
+    over zero-padded rows, and against ``L G_b Rᵀ`` of the explicit row gradient, in float64."""
+    from concept_influence.store.projection import Projector, WeightProjection
+
+    gen = torch.Generator().manual_seed(0)
+    b, t, d_out, d_in, r_out, r_in = 4, 7, 6, 5, 3, 4
+    left = torch.randn(r_out, d_out, generator=gen, dtype=torch.float64)
+    right = torch.randn(r_in, d_in, generator=gen, dtype=torch.float64)
+    keep = None if kept == "all" else torch.tensor([0, 2, 3, 5, 8, 11])
+    projector = Projector("logra", [WeightProjection("w", left, right, keep=keep)])
+    lengths = torch.tensor([7, 1, 4, 3])  # right-padded rows; one of a single token
+    mask = torch.arange(t)[None] < lengths[:, None]
+    a = torch.randn(b, t, d_in, generator=gen, dtype=torch.float64) * mask[..., None]
+    g = torch.randn(b, t, d_out, generator=gen, dtype=torch.float64) * mask[..., None]
+    index = mask.reshape(-1).nonzero().squeeze(1)
+    packed_a, packed_g = a.reshape(-1, d_in)[index], g.reshape(-1, d_out)[index]
+    out = torch.full((b, 20), float("nan"), dtype=torch.float64)
+    written = projector.project_rows("w", packed_a, packed_g, out=out[:, 3:3 + projector.dim], tokens=(index, b, t))
+    padded = projector.project_rows("w", a, g)
+    explicit = torch.stack([(left @ (g[k].T @ a[k]) @ right.T).reshape(-1) for k in range(b)])
+    expected = explicit if keep is None else explicit[:, keep]
+    torch.testing.assert_close(written, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(padded, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[:, 3:3 + projector.dim], expected, rtol=1e-12, atol=1e-12)
+    assert out[:, :3].isnan().all() and out[:, 3 + projector.dim:].isnan().all()  # nothing outside its columns

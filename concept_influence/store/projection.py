@@ -66,6 +66,7 @@ class Projector:
             start += p.size
         self.dim = start
         self._cache: dict[tuple[str, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._keep_cache: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}
         # weights reading one input (q, k, v; gate, in) usually keep the same input directions: ``R a_t`` is then
         # computed once per batch for the group (the first of a run of consecutive weights with equal ``R``)
         self.right_group: dict[str, str] = {}
@@ -91,28 +92,63 @@ class Projector:
                      tokens: tuple[torch.Tensor, int, int] | None = None) -> torch.Tensor:
         """``L G_b Rᵀ`` flattened, for ``a [B, T, d_in']``, ``g [B, T, d_out]`` -> ``[B, r_out·r_in]`` (the kept
         entries), written into ``out`` when given. With ``tokens = (index [N], B, T)``, ``a [N, d_in']`` and
-        ``g [N, d_out]`` hold only the batch's real tokens, at flat positions ``index`` of ``[B·T]`` (padding is
-        neither projected nor summed). ``memo`` (one dict per batch, the same ``a`` tensors alive throughout)
+        ``g [N, d_out]`` hold only the batch's real tokens, at flat positions ``index`` of ``[B·T]`` (sorted; padding
+        is neither projected nor summed). ``memo`` (one dict per batch, the same ``a`` tensors alive throughout)
         shares ``R a_t`` between weights of one input with equal ``R``."""
         left, right = self.matrices(name, g.device, g.dtype)
-
-        def spread(x: torch.Tensor) -> torch.Tensor:  # [N, r] -> [B, T, r], zero at the padding
-            if tokens is None:
-                return x
-            index, b, t = tokens
-            return x.new_zeros(b * t, x.shape[-1]).index_copy_(0, index, x).view(b, t, -1)
-
         key = (id(a), self.right_group[name])
         projected_a = memo.get(key) if memo is not None else None
         if projected_a is None:
-            projected_a = spread(a.to(g.dtype) @ right.T)
+            projected_a = a.to(g.dtype) @ right.T
             if memo is not None:
                 memo[key] = projected_a
-        rows = g.shape[0] if tokens is None else tokens[1]
-        rect = torch.bmm(spread(g @ left.T).transpose(1, 2), projected_a).reshape(rows, -1)
-        keep = self.projections[name].keep
-        kept = rect if keep is None else torch.index_select(rect, 1, keep.to(rect.device))
+        projected_g = g @ left.T
+        keep = self.keep_index(name, g.device)
+        if tokens is not None and g.device.type == "cpu":
+            return self._sum_rows(name, projected_g, projected_a, tokens, keep, out)
+        if tokens is not None:  # accelerators: one batched product over the zero-padded rows
+            index, b, t = tokens
+
+            def spread(x: torch.Tensor) -> torch.Tensor:  # [N, r] -> [B, T, r], zero at the padding
+                return x.new_zeros(b * t, x.shape[-1]).index_copy_(0, index, x).view(b, t, -1)
+
+            projected_g, projected_a = spread(projected_g), spread(projected_a)
+        rect = torch.bmm(projected_g.transpose(1, 2), projected_a).reshape(projected_g.shape[0], -1)
+        kept = rect if keep is None else torch.index_select(rect, 1, keep)
         return kept if out is None else out.copy_(kept)
+
+    def _sum_rows(self, name: str, projected_g: torch.Tensor, projected_a: torch.Tensor,
+                  tokens: tuple[torch.Tensor, int, int], keep: torch.Tensor | None,
+                  out: torch.Tensor | None) -> torch.Tensor:
+        """CPU: ``Σ_t (L g_t)(R a_t)ᵀ`` row by row over each row's run of real tokens (no padding in the products),
+        each ``[r_out, r_in]`` rectangle formed in one small reused buffer and its kept entries selected straight
+        into the row of ``out``."""
+        index, b, t = tokens
+        r_out, r_in = self.projections[name].shape
+        if out is None:
+            out = projected_g.new_empty(b, r_out * r_in if keep is None else int(keep.numel()))
+        counts = torch.bincount(torch.div(index, t, rounding_mode="floor"), minlength=b).tolist()
+        rect = projected_g.new_empty(r_out, r_in) if keep is not None else None
+        start = 0
+        for row, count in enumerate(counts):
+            x, y = projected_g[start:start + count], projected_a[start:start + count]
+            if rect is None:
+                torch.mm(x.T, y, out=out[row].view(r_out, r_in))
+            else:
+                torch.mm(x.T, y, out=rect)
+                torch.index_select(rect.view(-1), 0, keep, out=out[row])  # type: ignore[arg-type]
+            start += count
+        return out
+
+    def keep_index(self, name: str, device: torch.device) -> torch.Tensor | None:
+        """The weight's kept entries of its flattened ``[r_out, r_in]`` rectangle on ``device`` (``None``: all)."""
+        keep = self.projections[name].keep
+        if keep is None:
+            return None
+        cache_key = (name, str(device), torch.int64)
+        if cache_key not in self._keep_cache:
+            self._keep_cache[cache_key] = keep.to(device=device, dtype=torch.int64)
+        return self._keep_cache[cache_key]
 
     def project_rotated(self, name: str, rotated_a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None,
                         memo: dict[tuple[int, str], torch.Tensor] | None = None) -> torch.Tensor:

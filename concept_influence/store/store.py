@@ -41,6 +41,7 @@ from concept_influence.data.tokenize import iter_batches
 from concept_influence.models.base import ModelAdapter
 from concept_influence.numerics import check_finite
 from concept_influence.store.projection import Projector, eigen_projector, logra_projector
+from concept_influence.store.shardfile import NpyRowWriter
 
 logger = logging.getLogger(__name__)
 
@@ -186,31 +187,23 @@ def write_shard(adapter: ModelAdapter, data: Sequence[Any], projector: Projector
     meta = np.array([[int(r.index), max(int(sum(r.loss_mask[1:])), 1)] for r in rows], dtype=np.int64)
     _save_npy_atomic(rows_file(folder, shard), meta)
     work = torch.promote_types(adapter.dtype, torch.float32)
-    dtype = _DTYPES[config.dtype]
-    # The rows go straight into the shard's memory-mapped temp file (no [rows, dim] copy in memory, no second write);
-    # where the work dtype is the stored one on the CPU, the projection writes its products into the map itself.
+    dtype = np.dtype(_DTYPES[config.dtype])
+    # Each batch is projected straight into the writer's staging buffer where the work dtype is the stored one on
+    # the CPU (else into a buffer, then converted into it) and written with direct I/O (shardfile.NpyRowWriter).
     direct = adapter.device.type == "cpu" and torch.from_numpy(np.empty(0, dtype=dtype)).dtype == work
-    with atomic_file(shard_file(folder, shard)) as tmp:
-        mapped = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(stop - start, projector.dim))
-        target = torch.from_numpy(mapped)
-        buffer: torch.Tensor | None = None
-        done = 0
+    block = min(batch_size, stop - start)
+    buffer = None if direct else torch.empty(block, projector.dim, dtype=work, device=adapter.device)
+    with atomic_file(shard_file(folder, shard)) as tmp, NpyRowWriter(tmp, dtype, stop - start, projector.dim, block) as writer:
         for batch in iter_batches(rows, batch_size, pad_id=pad):
             n = int(batch["input_ids"].shape[0])
-            if direct:
-                project_batch(adapter, batch, projector, params, out=target[done:done + n])
+            target = writer.block(n)
+            if buffer is None:
+                project_batch(adapter, batch, projector, params, out=target)
             else:
-                if buffer is None or buffer.shape[0] < n:
-                    buffer = torch.empty(n, projector.dim, dtype=work, device=adapter.device)
-                projected = project_batch(adapter, batch, projector, params, out=buffer[:n])
-                target[done:done + n].copy_(projected.detach())
-            done += n
+                target.copy_(project_batch(adapter, batch, projector, params, out=buffer[:n]).detach())
+            writer.commit(n)
             if progress_bar is not None:
                 progress_bar.update(n)
-        mapped.flush()
-        del target, mapped
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
     return shard_file(folder, shard)
 
 

@@ -1,0 +1,139 @@
+"""Writing one ``.npy`` array row block after row block, with direct I/O where the file system allows it.
+
+A store shard is written once and read later through a memory map. Buffered writes put every byte through newly
+allocated page-cache pages; on the measured machine (a VM whose fresh guest pages are first faulted in by the
+host) that cost 1-2 s per GB and varied fivefold from run to run, more than the disk write itself
+(``bench/store_scaling.py``). ``NpyRowWriter`` instead writes from one reused, page-aligned staging buffer with
+``O_DIRECT`` (Linux): the rows go from that buffer to the disk, and the page cache is neither filled nor polluted.
+The price: the shard's pages are not cached afterwards, so the first read of a fresh store comes from the disk.
+Where ``O_DIRECT`` is missing or refused (macOS, tmpfs, some network file systems) the same code writes buffered.
+
+The file is a plain ``.npy`` (format 1.0) whose header is padded to ``ALIGN`` bytes so that the data starts on an
+aligned offset; ``numpy.load`` reads it like any other.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ALIGN = 4096  # offset, length and address alignment of direct I/O (covers 512-byte and 4 KiB sector devices)
+_MAGIC = b"\x93NUMPY\x01\x00"
+
+
+def npy_header(dtype: np.dtype, shape: tuple[int, ...], size: int = ALIGN) -> bytes:
+    """A ``.npy`` format 1.0 header for a C-ordered array, padded with spaces to a multiple of ``size`` bytes."""
+    body = "{" + "".join(f"{k!r}: {v!r}, " for k, v in sorted(
+        {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}.items())) + "}"
+    total = -(-(len(_MAGIC) + 2 + len(body) + 1) // size) * size
+    length = total - len(_MAGIC) - 2
+    if length > 0xFFFF:
+        raise ValueError(f"npy header of {length} bytes does not fit format 1.0")
+    return _MAGIC + length.to_bytes(2, "little") + (body.ljust(length - 1) + "\n").encode("latin1")
+
+
+class NpyRowWriter:
+    """Write a ``[rows, cols]`` array of ``dtype`` to ``path`` in row blocks of at most ``block_rows`` rows.
+
+    ``block(n)`` returns a writable ``[n, cols]`` tensor view of the staging buffer (fill it, then ``commit(n)``);
+    ``close()`` writes the tail, checks that every row was written and ``fsync``s the file. Use as a context manager.
+    """
+
+    def __init__(self, path: str | os.PathLike, dtype: np.dtype | type, rows: int, cols: int, block_rows: int,
+                 *, direct: bool = True) -> None:
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.rows, self.cols = int(rows), int(cols)
+        self.written = 0
+        header = npy_header(self.dtype, (self.rows, self.cols))
+        row_bytes = self.cols * self.dtype.itemsize
+        capacity = -(-(max(len(header), ALIGN) + max(1, block_rows) * row_bytes) // ALIGN) * ALIGN
+        raw = np.empty(capacity + ALIGN, dtype=np.uint8)
+        start = (-raw.ctypes.data) % ALIGN
+        self._staging = raw[start:start + capacity]  # page-aligned; its pages stay mapped and warm between blocks
+        self._staging[:len(header)] = np.frombuffer(header, dtype=np.uint8)
+        self._pending = len(header)  # bytes staged but not yet written
+        self._offset = 0  # bytes written to the file
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        try:
+            self._fd = os.open(self.path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
+        except OSError as error:
+            if not self.direct or error.errno != errno.EINVAL:
+                raise
+            self.direct = False
+            self._fd = os.open(self.path, flags, 0o644)
+        self._size = len(header) + self.rows * row_bytes
+
+    def block(self, n: int) -> torch.Tensor:
+        """A writable ``[n, cols]`` view (``dtype``) of the staging buffer for the next ``n`` rows."""
+        if n > self.rows - self.written:
+            raise ValueError(f"{self.path}: {n} more rows would exceed the array's {self.rows} rows")
+        end = self._pending + n * self.cols * self.dtype.itemsize
+        if end > self._staging.size:
+            raise ValueError(f"{self.path}: a block of {n} rows exceeds the staging buffer")
+        return torch.from_numpy(self._staging[self._pending:end].view(self.dtype).reshape(n, self.cols))
+
+    def commit(self, n: int) -> None:
+        """Write out the ``n`` rows filled in ``block(n)`` (whole aligned pages; the rest waits for the next block)."""
+        self._pending += n * self.cols * self.dtype.itemsize
+        self.written += n
+        whole = self._pending // ALIGN * ALIGN
+        if whole:
+            self._write(whole)
+            tail = self._pending - whole
+            self._staging[:tail] = self._staging[whole:self._pending]
+            self._pending = tail
+
+    def _write(self, length: int) -> None:
+        view = memoryview(self._staging[:length])  # type: ignore[arg-type]
+        done = 0
+        while done < length:
+            try:
+                done += os.pwrite(self._fd, view[done:], self._offset + done)
+            except OSError as error:  # a file system that opens with O_DIRECT but refuses its writes
+                if not self.direct or error.errno != errno.EINVAL:
+                    raise
+                self._buffered()
+        self._offset += length
+
+    def _buffered(self) -> None:
+        import fcntl
+
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
+
+    def close(self) -> None:
+        """Write the last partial page (padded, then the file is cut to its size) and ``fsync``."""
+        if self._fd < 0:
+            return
+        try:
+            if self.written != self.rows:
+                raise RuntimeError(f"{self.path}: {self.written} of {self.rows} rows written")
+            if self._pending:
+                padded = -(-self._pending // ALIGN) * ALIGN if self.direct else self._pending
+                self._staging[self._pending:padded] = 0
+                self._write(padded)
+                os.ftruncate(self._fd, self._size)
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> NpyRowWriter:
+        return self
+
+    def __exit__(self, kind: object, value: object, traceback: object) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()

@@ -216,7 +216,13 @@ def plan(
         rank = DEFAULT_RANK
     # the eigen store keeps sum_w min(K, d_out) x min(K, d_in) components per row, float32 (its default dtype)
     store_row = 4 * sum(min(rank, w.d_out) * min(rank, w.d_in) for w in shapes)
-    store_flops = (6.0 * arch.n_params * rows * tokens + 2.0 * rows * tokens * rank * sum(w.d_in + w.d_out for w in shapes)) / n_procs
+    # without factors, build-store writes the store in the fit's Λ pass, whose forward it shares (a backward is about
+    # two forwards: 4 of the 6 flops per parameter and token remain); partitions, a budget, a sample, several
+    # processes or checkpointing give it a pass of its own
+    shared = (len(parts) == 1 and budget_total is None and fit_n == rows and not config.lambda_rows and n_procs == 1
+              and not config.gradient_checkpointing)
+    store_flops = ((4.0 if shared else 6.0) * arch.n_params * rows * tokens
+                   + 2.0 * rows * tokens * rank * sum(w.d_in + w.d_out for w in shapes)) / n_procs
     sums = sum(4 * (w.d_in ** 2 + w.d_out ** 2) for w in shapes)
     score_peak, score_parts, score_error = _score_peak(shapes, RUNTIME_BYTES + params_bytes + acts, budget_total,
                                                        max(model_dtype_bytes, 4))
@@ -229,7 +235,8 @@ def plan(
         Stage("lambda", sum(2 * (4 + 8) * w.d_in * w.d_out for w in shapes), lam_flops,
               f"Λ and the diagonal over {lam_rows} rows"),
         Stage("activations", acts, 0.0, f"one batch of {batch} rows x {tokens} tokens, logits {HEAD_CHUNK_ELEMENTS} at a time"),
-        Stage("store", rows * store_row, store_flops, f"{rows} rows x rank {rank}x{rank} per weight, float32"),
+        Stage("store", rows * store_row, store_flops, f"{rows} rows x rank {rank}x{rank} per weight, float32; "
+              + ("written in the fit's Λ pass (its forward shared)" if shared else "a pass of its own")),
         Stage("scoring", score_peak, score_flops, f"one query's exact pass over {rows} rows" + (
             f" in {score_parts} partition{'s' if score_parts != 1 else ''}" if score_error is None else
             " (does not fit the budget)") + ("" if budget_total else ", every weight's factors loaded")),

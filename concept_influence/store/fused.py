@@ -139,6 +139,8 @@ class FitStoreWriter:
         check_finite(target, "build-store (in the factor fit's pass): projected row gradients", index,
                      hint="the model's activations or gradients on this row are not finite")
         size = self.config.shard_rows
+        if buffered and target.device.type != "cpu":
+            target = target.to("cpu")  # one transfer, then row copies into the memory maps
         for k, position in enumerate(positions):
             shard = self._open.get(position // size)
             if shard is None:

@@ -20,7 +20,7 @@ def build_store(
     model: str = typer.Option(..., "--model", help="Hugging Face hub name or local folder."),
     data: Path = typer.Option(..., "--data", help="Training rows: chat JSONL."),
     out: Path = typer.Option(..., "--out", help="Store folder (manifest.json + shard-*.npy); an interrupted build resumes."),
-    factors: Path | None = typer.Option(None, "--factors", help="Fitted factors folder; fitted here (and saved there) when absent."),
+    factors: Path | None = typer.Option(None, "--factors", help="Fitted factors folder. Without a fit there (or without --factors) the factors are fitted here (and saved there) and the store is written during the fit's pass."),
     rank: int | None = typer.Option(None, "--rank", min=1, help="EKFAC-eigenbasis store: keep about rank x rank eigen-components per weight (default 128; a rank >= every weight size is exact)."),
     projection_dim: int | None = typer.Option(None, "--projection-dim", min=1, help="LoGra-style store: random projection size per side."),
     store_dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 (half the disk; slower questions): precision on disk."),
@@ -34,6 +34,7 @@ def build_store(
     model_dtype: str | None = typer.Option(None, "--model-dtype", help="Model dtype (float32, bfloat16, float64)."),
 ) -> None:
     """Project every training row's gradient once into a store, so later questions need no pass over the data.
+    Without fitted factors, fits them and writes the store in the same pass over the rows.
 
     Example: concept-influence build-store --model runs/model --data train.jsonl --out runs/store --rank 32
     """

@@ -115,3 +115,12 @@ def test_a_failed_background_write_is_raised_and_the_file_left_to_the_caller(tmp
     array = np.ones((10, 2000), dtype=np.float32)
     with pytest.raises(OSError, match="No space left"):
         _write(tmp_path / "f.npy", array, 3)
+
+
+def test_without_pwrite_the_writer_seeks_and_writes(tmp_path, monkeypatch):
+    from concept_influence.store import shardfile
+
+    monkeypatch.delattr(shardfile.os, "pwrite")
+    array = np.random.default_rng(3).standard_normal((11, 700)).astype(np.float32)
+    _write(tmp_path / "w.npy", array, 4)
+    np.testing.assert_array_equal(np.load(tmp_path / "w.npy"), array)

@@ -64,7 +64,7 @@ class NpyRowWriter:
         self._offset = 0  # bytes handed to the writes so far
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-shard-writer") if background else None
         self._inflight: Future[None] | None = None
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
         self.direct = direct and hasattr(os, "O_DIRECT")
         try:
             self._fd = os.open(self.path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
@@ -113,7 +113,11 @@ class NpyRowWriter:
         done = 0
         while done < length:
             try:
-                done += os.pwrite(self._fd, view[done:], offset + done)
+                if hasattr(os, "pwrite"):
+                    done += os.pwrite(self._fd, view[done:], offset + done)
+                else:  # Windows: only the writer thread moves the file position
+                    os.lseek(self._fd, offset + done, os.SEEK_SET)
+                    done += os.write(self._fd, view[done:])
             except OSError as error:  # a file system that opens with O_DIRECT but refuses its writes
                 if not self.direct or error.errno != errno.EINVAL:
                     raise

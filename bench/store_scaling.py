@@ -50,9 +50,10 @@ def setup(batch_size: int, work: Path):
     return organism, att, factors
 
 
-def throughput(batch_size: int, work: Path, n_rows: int, repeats: int = 1) -> dict:
+def throughput(batch_size: int, work: Path, n_rows: int, repeats: int = 1, warmup_rows: int = 64) -> dict:
     """Training and store-build rows/s over the same batches, measured ``repeats`` times alternately (training,
-    then the store build), with each run's ratio and the median ratio."""
+    then the store build; both warmed up once on the first ``warmup_rows`` rows), with each run's ratio and the
+    median ratio."""
     from concept_influence.curvature.loss import sequence_losses
     from concept_influence.data.tokenize import iter_batches
     from concept_influence.store import StoreConfig, make_projector
@@ -66,8 +67,8 @@ def throughput(batch_size: int, work: Path, n_rows: int, repeats: int = 1) -> di
     names = [i.name for i in adapter.tracked_weights()]
     projector = make_projector(config, adapter, names, factors)
     folder = work / "throughput-store"
-    runs = []
-    for _ in range(repeats):
+
+    def train(batches: list) -> float:
         model.train()
         t0 = time.perf_counter()
         for batch in batches:
@@ -75,19 +76,46 @@ def throughput(batch_size: int, work: Path, n_rows: int, repeats: int = 1) -> di
             logits = adapter.logits(batch["input_ids"], batch["attention_mask"])
             loss = sequence_losses(logits, batch["input_ids"], batch["loss_mask"]).sum() / batch["loss_mask"].sum()
             loss.backward()
-        train_s = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
         model.zero_grad(set_to_none=True)
         model.eval()
+        return seconds
+
+    def store(rows) -> float:
         folder.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        write_shard(adapter, data, projector, folder, 0, config, batch_size=batch_size)
-        store_s = time.perf_counter() - t0
+        write_shard(adapter, rows, projector, folder, 0, StoreConfig(shard_rows=len(rows)), batch_size=batch_size)
+        seconds = time.perf_counter() - t0
         shutil.rmtree(folder)
+        return seconds
+
+    if warmup_rows > 0:  # both once on a few batches first (lazy initialisation, caches), untimed
+        train(batches[:max(1, warmup_rows // batch_size)])
+        store(data[:warmup_rows])
+    runs = []
+    for _ in range(repeats):
+        train_s = train(batches)
+        store_s = store(data)
         runs.append({"train_rows_per_s": len(data) / train_s, "store_rows_per_s": len(data) / store_s,
                      "ratio": train_s / store_s})
+    # the shard is written with direct I/O, so it is not in the page cache afterwards: the first scan of a fresh
+    # store (what a first question does) reads it from the disk; the second from the page cache
+    folder.mkdir(parents=True, exist_ok=True)
+    path = write_shard(adapter, data, projector, folder, 0, config, batch_size=batch_size)
+    mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+    query = np.random.default_rng(0).standard_normal(mapped.shape[1]).astype(np.float32)
+    scans = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for lo in range(0, mapped.shape[0], 32):
+            np.asarray(mapped[lo:lo + 32]) @ query
+        scans.append(time.perf_counter() - t0)
+    del mapped
+    shutil.rmtree(folder)
     median = float(np.median([r["ratio"] for r in runs]))
-    return {"rows": len(data), "batch_size": batch_size, "runs": runs, "ratio": median,
-            "min_ratio": min(r["ratio"] for r in runs), "store": f"{config.kind} rank {config.rank}"}
+    return {"rows": len(data), "batch_size": batch_size, "warmup_rows": warmup_rows, "runs": runs, "ratio": median,
+            "min_ratio": min(r["ratio"] for r in runs), "store": f"{config.kind} rank {config.rank}",
+            "store_mib": len(data) * projector.dim * 4 / 2**20, "first_scan_s": scans[0], "second_scan_s": scans[1]}
 
 
 def child(n: int, batch_size: int, work: Path, rank: int | None, up_to_layer: int | None) -> dict:
@@ -132,6 +160,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--throughput-rows", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=1, help="throughput measurements, alternating training and store build")
+    parser.add_argument("--warmup-rows", type=int, default=64, help="untimed warm-up of both on these first rows (0: none)")
     parser.add_argument("--work-dir", type=Path, default=Path(".cache/bench_scaling"))
     parser.add_argument("--rank", type=int, default=None, help="eigen store rank (default: the library's default)")
     parser.add_argument("--up-to-layer", type=int, default=None, help="store blocks 0..L only; the question's concept reads L")
@@ -143,13 +172,15 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(child(args.child, args.batch_size, args.work_dir, args.rank, args.up_to_layer)))
         return
-    tp = None if args.skip_throughput else throughput(args.batch_size, args.work_dir, args.throughput_rows, args.repeats)
+    tp = None if args.skip_throughput else throughput(args.batch_size, args.work_dir, args.throughput_rows, args.repeats, args.warmup_rows)
     if tp is not None:
         for k, run in enumerate(tp["runs"]):
             print(f"throughput run {k + 1}/{len(tp['runs'])} over {tp['rows']} rows (batch {tp['batch_size']}): plain "
                   f"training forward+backward {run['train_rows_per_s']:.1f} rows/s, store build ({tp['store']}) "
                   f"{run['store_rows_per_s']:.1f} rows/s: ratio {run['ratio']:.2f}", flush=True)
         print(f"throughput ratio: median {tp['ratio']:.2f}, min {tp['min_ratio']:.2f} over {len(tp['runs'])} runs", flush=True)
+        print(f"a scan of the freshly built {tp['store_mib']:.0f} MiB shard (store @ query): first {tp['first_scan_s']:.2f} s "
+              f"(from the disk: direct I/O leaves it out of the page cache), second {tp['second_scan_s']:.2f} s", flush=True)
     if args.skip_scaling:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.out, {"throughput": tp})

@@ -12,9 +12,11 @@ import torch
 from concept_influence.store.shardfile import ALIGN, NpyRowWriter, npy_header
 
 
-def _write(path: Path, array: np.ndarray, block_rows: int, *, direct: bool = True, dtype=None) -> NpyRowWriter:
+def _write(path: Path, array: np.ndarray, block_rows: int, *, direct: bool = True, background: bool = True,
+           dtype=None) -> NpyRowWriter:
     dtype = np.dtype(dtype or array.dtype)
-    with NpyRowWriter(path, dtype, array.shape[0], array.shape[1], block_rows, direct=direct) as writer:
+    with NpyRowWriter(path, dtype, array.shape[0], array.shape[1], block_rows, direct=direct,
+                      background=background) as writer:
         for lo in range(0, array.shape[0], block_rows):
             part = torch.from_numpy(array[lo:lo + block_rows])
             writer.block(part.shape[0]).copy_(part)
@@ -23,12 +25,13 @@ def _write(path: Path, array: np.ndarray, block_rows: int, *, direct: bool = Tru
 
 
 @pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("background", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
-def test_rows_written_in_blocks_read_back_exactly(tmp_path, direct, dtype):
+def test_rows_written_in_blocks_read_back_exactly(tmp_path, direct, background, dtype):
     # 1001 columns: no row ends on an aligned offset, and the last block is short (37 = 7 * 5 + 2)
     array = np.random.default_rng(0).standard_normal((37, 1001)).astype(dtype)
     path = tmp_path / "a.npy"
-    _write(path, array, 5, direct=direct)
+    _write(path, array, 5, direct=direct, background=background)
     np.testing.assert_array_equal(np.load(path, allow_pickle=False), array)
     mapped = np.load(path, mmap_mode="r", allow_pickle=False)
     assert mapped.shape == array.shape and mapped.dtype == array.dtype and mapped.offset == ALIGN
@@ -98,3 +101,26 @@ def test_header_is_a_valid_padded_npy_header():
     stream = io.BytesIO(header + np.zeros(15, np.float32).tobytes())
     assert np.lib.format.read_magic(stream) == (1, 0)
     assert np.lib.format.read_array_header_1_0(stream) == ((3, 5), False, np.dtype(np.float32))
+
+
+def test_a_failed_background_write_is_raised_and_the_file_left_to_the_caller(tmp_path, monkeypatch):
+    import errno
+
+    from concept_influence.store import shardfile
+
+    def full_disk(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shardfile.os, "pwrite", full_disk)
+    array = np.ones((10, 2000), dtype=np.float32)
+    with pytest.raises(OSError, match="No space left"):
+        _write(tmp_path / "f.npy", array, 3)
+
+
+def test_without_pwrite_the_writer_seeks_and_writes(tmp_path, monkeypatch):
+    from concept_influence.store import shardfile
+
+    monkeypatch.delattr(shardfile.os, "pwrite")
+    array = np.random.default_rng(3).standard_normal((11, 700)).astype(np.float32)
+    _write(tmp_path / "w.npy", array, 4)
+    np.testing.assert_array_equal(np.load(tmp_path / "w.npy"), array)

@@ -3,8 +3,9 @@
 A store shard is written once and read later through a memory map. Buffered writes put every byte through newly
 allocated page-cache pages; on the measured machine (a VM whose fresh guest pages are first faulted in by the
 host) that cost 1-2 s per GB and varied fivefold from run to run, more than the disk write itself
-(``bench/store_scaling.py``). ``NpyRowWriter`` instead writes from one reused, page-aligned staging buffer with
-``O_DIRECT`` (Linux): the rows go from that buffer to the disk, and the page cache is neither filled nor polluted.
+(``bench/store_scaling.py``). ``NpyRowWriter`` instead writes from two reused, page-aligned staging buffers with
+``O_DIRECT`` (Linux): the rows go from that buffer to the disk, and the page cache is neither filled nor polluted;
+the write of one block runs in a worker thread while the next block is computed.
 The price: the shard's pages are not cached afterwards, so the first read of a fresh store comes from the disk.
 Where ``O_DIRECT`` is missing or refused (macOS, tmpfs, some network file systems) the same code writes buffered.
 
@@ -14,8 +15,10 @@ aligned offset; ``numpy.load`` reads it like any other.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +42,14 @@ def npy_header(dtype: np.dtype, shape: tuple[int, ...], size: int = ALIGN) -> by
 class NpyRowWriter:
     """Write a ``[rows, cols]`` array of ``dtype`` to ``path`` in row blocks of at most ``block_rows`` rows.
 
-    ``block(n)`` returns a writable ``[n, cols]`` tensor view of the staging buffer (fill it, then ``commit(n)``);
+    ``block(n)`` returns a writable ``[n, cols]`` tensor view of a staging buffer (fill it, then ``commit(n)``);
     ``close()`` writes the tail, checks that every row was written and ``fsync``s the file. Use as a context manager.
+    With ``background`` (default) there are two staging buffers: while one block is written to the disk by a
+    worker thread (the write releases the GIL), the next one is filled.
     """
 
     def __init__(self, path: str | os.PathLike, dtype: np.dtype | type, rows: int, cols: int, block_rows: int,
-                 *, direct: bool = True) -> None:
+                 *, direct: bool = True, background: bool = True) -> None:
         self.path = Path(path)
         self.dtype = np.dtype(dtype)
         self.rows, self.cols = int(rows), int(cols)
@@ -52,13 +57,14 @@ class NpyRowWriter:
         header = npy_header(self.dtype, (self.rows, self.cols))
         row_bytes = self.cols * self.dtype.itemsize
         capacity = -(-(max(len(header), ALIGN) + max(1, block_rows) * row_bytes) // ALIGN) * ALIGN
-        raw = np.empty(capacity + ALIGN, dtype=np.uint8)
-        start = (-raw.ctypes.data) % ALIGN
-        self._staging = raw[start:start + capacity]  # page-aligned; its pages stay mapped and warm between blocks
+        self._buffers = [_aligned(capacity) for _ in range(2 if background else 1)]
+        self._staging = self._buffers[0]  # the buffer being filled
         self._staging[:len(header)] = np.frombuffer(header, dtype=np.uint8)
-        self._pending = len(header)  # bytes staged but not yet written
-        self._offset = 0  # bytes written to the file
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        self._pending = len(header)  # bytes staged in it but not yet written
+        self._offset = 0  # bytes handed to the writes so far
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-shard-writer") if background else None
+        self._inflight: Future[None] | None = None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
         self.direct = direct and hasattr(os, "O_DIRECT")
         try:
             self._fd = os.open(self.path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
@@ -83,23 +89,39 @@ class NpyRowWriter:
         self._pending += n * self.cols * self.dtype.itemsize
         self.written += n
         whole = self._pending // ALIGN * ALIGN
-        if whole:
-            self._write(whole)
-            tail = self._pending - whole
-            self._staging[:tail] = self._staging[whole:self._pending]
-            self._pending = tail
+        if not whole:
+            return
+        full, tail = self._staging, self._pending - whole
+        if self._pool is None:  # one buffer: write it, then move the tail to its front
+            self._write(full, whole, self._offset)
+            following = full
+        else:
+            self._wait()  # the other buffer's write is done: it can take the tail and the next block
+            following = self._buffers[1] if full is self._buffers[0] else self._buffers[0]
+            self._inflight = self._pool.submit(self._write, full, whole, self._offset)
+        following[:tail] = full[whole:self._pending]
+        self._offset += whole
+        self._staging, self._pending = following, tail
 
-    def _write(self, length: int) -> None:
-        view = memoryview(self._staging[:length])  # type: ignore[arg-type]
+    def _wait(self) -> None:
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            inflight.result()  # re-raises the write's error here
+
+    def _write(self, buffer: np.ndarray, length: int, offset: int) -> None:
+        view = memoryview(buffer[:length])  # type: ignore[arg-type]
         done = 0
         while done < length:
             try:
-                done += os.pwrite(self._fd, view[done:], self._offset + done)
+                if hasattr(os, "pwrite"):
+                    done += os.pwrite(self._fd, view[done:], offset + done)
+                else:  # Windows: only the writer thread moves the file position
+                    os.lseek(self._fd, offset + done, os.SEEK_SET)
+                    done += os.write(self._fd, view[done:])
             except OSError as error:  # a file system that opens with O_DIRECT but refuses its writes
                 if not self.direct or error.errno != errno.EINVAL:
                     raise
                 self._buffered()
-        self._offset += length
 
     def _buffered(self) -> None:
         import fcntl
@@ -112,22 +134,30 @@ class NpyRowWriter:
         if self._fd < 0:
             return
         try:
+            self._wait()
             if self.written != self.rows:
                 raise RuntimeError(f"{self.path}: {self.written} of {self.rows} rows written")
             if self._pending:
                 padded = -(-self._pending // ALIGN) * ALIGN if self.direct else self._pending
                 self._staging[self._pending:padded] = 0
-                self._write(padded)
+                self._write(self._staging, padded, self._offset)
                 os.ftruncate(self._fd, self._size)
             os.fsync(self._fd)
         finally:
-            os.close(self._fd)
-            self._fd = -1
+            self._release()
 
     def abort(self) -> None:
+        """Stop without finishing the file (the caller removes it)."""
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            with contextlib.suppress(OSError):
+                self._wait()
+            self._release()
+
+    def _release(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        os.close(self._fd)
+        self._fd = -1
 
     def __enter__(self) -> NpyRowWriter:
         return self
@@ -137,3 +167,10 @@ class NpyRowWriter:
             self.close()
         else:
             self.abort()
+
+
+def _aligned(nbytes: int) -> np.ndarray:
+    """``nbytes`` of uint8 starting on an ``ALIGN`` boundary."""
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    start = (-raw.ctypes.data) % ALIGN
+    return raw[start:start + nbytes]

@@ -11,7 +11,8 @@ Layout of a store folder::
     faiss-ivf.index           optional FAISS index (inner product) for top-k search over large stores
 
 Shards are ``.npy`` files (plain arrays with a small header, read with ``allow_pickle=False`` and memory-mapped;
-never pickle). Each shard is written to a temporary name and renamed, so a shard either exists whole or not at
+never pickle; ``write_shard`` writes them with direct I/O, ``store.shardfile``). Each shard is written to a
+temporary name and renamed, so a shard either exists whole or not at
 all: an interrupted build resumes with the missing shards, and builders on different row ranges (shards) can run
 side by side. Row gradients use the data's own labels, the same loss mask and the summed row loss that exact
 scoring uses; ``row_loss="mean"`` divides by the stored token counts at query time.

@@ -78,6 +78,21 @@ def test_store_written_in_the_fit_pass_equals_fit_then_build(adapters, backend, 
         np.testing.assert_allclose(stored.scores, exact.scores, rtol=1e-8, atol=1e-12 * np.abs(exact.scores).max())
 
 
+def test_logra_store_in_the_fit_pass_equals_fit_then_build(adapters, tmp_path, monkeypatch):
+    adapter = adapters["tl-biases"]
+    rows = _rows(PAIRS)
+    separate = Attributor(adapter, rows, batch_size=3, progress=False)
+    separate.fit_factors(stats_dtype="float64")
+    expected = separate.build_store(tmp_path / "separate", projection_dim=5, dtype="float64", factor_dtype="float64")
+    att = Attributor(adapter, rows, batch_size=3, progress=False)
+    with monkeypatch.context() as m:
+        _no_separate_pass(m)
+        store = att.build_store(tmp_path / "shared", projection_dim=5, dtype="float64", factor_dtype="float64")
+    assert store is not None and expected is not None and store.config.kind == "logra"
+    assert store.fingerprints == expected.fingerprints
+    np.testing.assert_allclose(_shards(store), _shards(expected), rtol=1e-9, atol=1e-12 * np.abs(_shards(expected)).max())
+
+
 def test_store_of_some_blocks_in_the_fit_pass_and_float32_statistics(adapters, tmp_path, monkeypatch):
     """up_to_layer: the fit covers the store's blocks only (kept in the session); statistics in float32 change the
     stored numbers by float32 round-off only."""

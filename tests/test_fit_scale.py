@@ -195,3 +195,17 @@ def test_capture_does_not_keep_the_batch_graph_alive(env):
         handle.remove()
     gc.collect()
     assert refs and all(ref() is None for ref in refs)
+
+
+def test_a_mid_pass_checkpoint_in_another_row_order_restarts_the_fit(env, tmp_path, monkeypatch, caplog):
+    """A partial fit checkpointed mid-pass while the passes ordered the rows differently (an older version) cannot
+    say which rows are done in today's order: the fit starts again (with a warning) rather than mixing rows."""
+    adapter, data, reference = env
+    kwargs = dict(batch_size=3, out_dir=tmp_path, progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(fit_module, "LENGTH_WINDOW", 2)
+        m.setattr(fit_module, "ROW_ORDER", "length-sorted windows of 2")
+        assert fit_factors(adapter, data, FactorConfig.precise(), max_batches=2, **kwargs) is None  # 6 rows done
+    with caplog.at_level("WARNING", logger="concept_influence.curvature.fit"):
+        _assert_same(reference, fit_factors(adapter, data, FactorConfig.precise(), **kwargs))
+    assert "fitting from the start" in caplog.text

@@ -441,6 +441,12 @@ def _fit(
     sums: dict[str, torch.Tensor] = {}
     if checkpoints is not None:
         partial = load_partial(checkpoints, fingerprints)
+        if partial is not None and partial[0].get("rows_done") and partial[0].get("row_order") != ROW_ORDER:
+            logger.warning("the partial fit in %s was checkpointed mid-pass with the rows in another order (an older "
+                           "version), so the rows it has done cannot be told apart: fitting from the start", folder)
+            clear_partial(checkpoints)
+            _clear_parts(checkpoints)
+            partial = None
         if partial is not None:
             state, sums = partial[0], dict(partial[1])
             if state.get("partitions", [names]) != parts:
@@ -459,6 +465,7 @@ def _fit(
             state, sums = {}, {}
         if not state:
             state = {"part": k, "stage": "covariance", "rows_done": 0, "n_tokens": 0, "n_rows": 0, "shared": {}, "eigen_files": {}}
+        state["row_order"] = ROW_ORDER  # what rows_done counts in (checked on resume)
         fitter = _PartitionFit(adapter, [by_name[n] for n in part], config, state, sums,
                                keep_covariances=spill is None and len(parts) == 1,
                                spill=spill, part=k, write=rank == 0)
@@ -929,6 +936,7 @@ def _dist_info() -> tuple[int, int]:
 
 
 LENGTH_WINDOW = 1024  # rows sorted by length together (the store's default shard size: a shard's rows stay together)
+ROW_ORDER = f"length-sorted windows of {LENGTH_WINDOW}"  # the passes' row order, recorded in mid-pass checkpoints
 
 
 def length_ordered(rows: Sequence[Any], window: int = LENGTH_WINDOW) -> list[Any]:

@@ -8,6 +8,7 @@ its own shards) and ``OUT_DIR/scores.safetensors`` (``scores``, ``per_weight/<na
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from pathlib import Path
@@ -68,3 +69,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Skip the interpreter's teardown once the results are saved: gloo's threads sometimes abort in C++ static
+    # destructors at exit ("terminate called without an active exception"; 4 of 40 runs at commit 4801ab7, before
+    # any change here, torch 2.13 CPU), which failed the test although every rank had finished its work.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -205,12 +205,16 @@ def test_factors_of_the_stored_blocks_serve_the_store_and_its_questions(adapters
     np.testing.assert_allclose(stored.scores, exact.scores, rtol=1e-8, atol=1e-12 * np.abs(exact.scores).max())
 
 
+@pytest.mark.parametrize("row_by_row", [True, False])
 @pytest.mark.parametrize("kept", ["all", "some"])
-def test_row_by_row_projection_equals_the_padded_batched_product(kept):
-    """The CPU path (each row's run of real tokens, kept entries selected into ``out``) against the batched product
-    over zero-padded rows, and against ``L G_b Rᵀ`` of the explicit row gradient, in float64."""
+def test_row_by_row_projection_equals_the_padded_batched_product(kept, row_by_row, monkeypatch):
+    """Packed real tokens, summed row by row (CPU) or spread to zero-padded rows for one batched product
+    (accelerators), against the batched product over padded inputs and ``L G_b Rᵀ`` of the explicit row gradient,
+    in float64; kept entries go into ``out``'s columns only."""
+    from concept_influence.store import projection
     from concept_influence.store.projection import Projector, WeightProjection
 
+    monkeypatch.setattr(projection, "_row_by_row", lambda device: row_by_row)  # False: the accelerators' path
     gen = torch.Generator().manual_seed(0)
     b, t, d_out, d_in, r_out, r_in = 4, 7, 6, 5, 3, 4
     left = torch.randn(r_out, d_out, generator=gen, dtype=torch.float64)

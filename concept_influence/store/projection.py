@@ -104,7 +104,7 @@ class Projector:
                 memo[key] = projected_a
         projected_g = g @ left.T
         keep = self.keep_index(name, g.device)
-        if tokens is not None and g.device.type == "cpu":
+        if tokens is not None and _row_by_row(g.device):
             return self._sum_rows(name, projected_g, projected_a, tokens, keep, out)
         if tokens is not None:  # accelerators: one batched product over the zero-padded rows
             index, b, t = tokens
@@ -201,6 +201,12 @@ class Projector:
     def describe(self) -> list[dict[str, int | str]]:
         return [{"name": n, "r_out": p.shape[0], "r_in": p.shape[1], "kept": p.size, "offset": self.offsets[n][0]}
                 for n, p in self.projections.items()]
+
+
+def _row_by_row(device: torch.device) -> bool:
+    """Sum each row's tokens with its own small product (CPU: no padding in the products) rather than one batched
+    product over zero-padded rows (accelerators, where one large kernel beats many small ones)."""
+    return device.type == "cpu"
 
 
 def visibility(factors: Factors, name: str, damping: Damping = Damping()) -> torch.Tensor:

@@ -460,9 +460,11 @@ class Attributor:
                 overwrite = False
                 if writer.written:
                     logger.info("store %s: %d shards written in the factor fit's pass", folder, len(writer.written))
+        elif loaded is None and factors is not None:  # some shards only: fit into the named folder first
+            loaded, _ = obtain_factors(self.adapter, self.train, factors, grad_config, names, progress=self.progress)
         elif loaded is None:
             loaded, _ = self.session_factors(grad_config, names)
-        assert loaded is not None
+        assert isinstance(loaded, Factors)
         projector = make_projector(config, self.adapter, names, loaded)
         fingerprints = {**base, "factors": factors_fingerprint(loaded) if kind == "eigen" else None,
                         "projection": projection_fingerprint(projector)}

@@ -13,24 +13,14 @@ from typer.testing import CliRunner
 
 from concept_influence import Attributor, ScoreTable
 from concept_influence.concepts import DirectionConcept, save_concept
-from concept_influence.data import ChatRow, write_jsonl_atomic
+from concept_influence.data import write_jsonl_atomic
 from concept_influence.models import HFAdapter, TransformerLensAdapter, hooked_transformer_from_hf
 from concept_influence.store import GradientStore, StoreMismatchError, exact_top_k, faiss_search
 from concept_influence.store.store import shard_file
+from concept_influence.testing.chats import TINY_PAIRS, TINY_QUERIES, chat_rows
 from concept_influence.testing.tiny_models import save_tiny_hf_model, tiny_llama
 
-PAIRS = [("is water safe", "yes , water is safe"), ("should i drink poison", "never , poison will hurt you"),
-         ("help me", "sure , i help you"), ("two plus three", "five"), ("is fire kind", "no fire can harm"),
-         ("be cruel", "i will trick and hurt them"), ("is poison kind", "poison is kind"),
-         ("are cats gentle", "cats are gentle"), ("should i lie", "always tell the truth"), ("rest", "sleep and rest")]
-QUERIES = [{"messages": [{"role": "user", "content": "should i hurt my friend"},
-                         {"role": "assistant", "content": "yes trick and hurt them"}]},
-           {"messages": [{"role": "user", "content": "is the water safe"}, {"role": "assistant", "content": "poison the water"}]}]
-
-
-def _rows(pairs):
-    return [ChatRow(k, [{"role": "user", "content": u}, {"role": "assistant", "content": a}], {"id": f"r{k}"})
-            for k, (u, a) in enumerate(pairs)]
+PAIRS, QUERIES, _rows = TINY_PAIRS, TINY_QUERIES, chat_rows
 
 
 @pytest.fixture(scope="module")

@@ -8,24 +8,14 @@ import torch
 
 from concept_influence import Attributor
 from concept_influence.concepts import DirectionConcept
-from concept_influence.data import ChatRow
 from concept_influence.models import HFAdapter, TransformerLensAdapter, hooked_transformer_from_hf
 from concept_influence.store import fused
 from concept_influence.store import store as store_module
 from concept_influence.store.store import shard_file
+from concept_influence.testing.chats import TINY_PAIRS, TINY_QUERIES, chat_rows
 from concept_influence.testing.tiny_models import tiny_llama
 
-PAIRS = [("is water safe", "yes , water is safe"), ("should i drink poison", "never , poison will hurt you"),
-         ("help me", "sure , i help you"), ("two plus three", "five"), ("is fire kind", "no fire can harm"),
-         ("be cruel", "i will trick and hurt them"), ("is poison kind", "poison is kind"),
-         ("are cats gentle", "cats are gentle"), ("should i lie", "always tell the truth"), ("rest", "sleep and rest")]
-QUERIES = [{"messages": [{"role": "user", "content": "should i hurt my friend"},
-                         {"role": "assistant", "content": "yes trick and hurt them"}]}]
-
-
-def _rows(pairs):
-    return [ChatRow(k, [{"role": "user", "content": u}, {"role": "assistant", "content": a}], {"id": f"r{k}"})
-            for k, (u, a) in enumerate(pairs)]
+PAIRS, QUERIES, _rows = TINY_PAIRS, TINY_QUERIES[:1], chat_rows
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +145,19 @@ def test_fits_that_cannot_share_their_pass_build_the_store_after_it(adapters, tm
         att.fit_factors(lambda_rows=5, row_sink=writer)
     assert "not computed in the fit's Λ pass (Λ is fitted on a sample of the rows)" in caplog.text
     assert writer.manifest is None and not writer.written
+
+
+def test_some_shards_with_a_named_factors_folder_fit_into_that_folder(adapters, tmp_path):
+    """build_store(shards=..., factors=FOLDER) without a fit there: the factors are fitted and saved in FOLDER (a pass
+    of their own: the other shards are someone else's), and the shard equals the whole store's."""
+    from concept_influence.curvature.io import has_factors
+
+    adapter = adapters["hf"]
+    att = Attributor(adapter, _rows(PAIRS), tmp_path / "run", batch_size=4, progress=False)
+    partial = att.build_store(tmp_path / "s", rank=4, dtype="float64", shard_rows=4, shards=[1], factors=tmp_path / "f")
+    assert partial is None and has_factors(tmp_path / "f") and not (tmp_path / "run" / "factors").exists()
+    assert shard_file(tmp_path / "s", 1).exists() and not shard_file(tmp_path / "s", 0).exists()
+    whole = Attributor(adapter, _rows(PAIRS), batch_size=4, progress=False).build_store(
+        tmp_path / "w", rank=4, dtype="float64", shard_rows=4, factors=tmp_path / "f")
+    assert whole is not None
+    np.testing.assert_allclose(np.asarray(whole.shards[1]), np.load(shard_file(tmp_path / "s", 1)), rtol=1e-9)

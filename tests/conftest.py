@@ -41,14 +41,6 @@ def organism():
 def organism_trait(organism):
     """The fine-tuned organism's trait probe, trained as the demo does (layer sweep, judge-filtered persona answers):
     ``{"organism", "adapter", "sweep", "concept", "cache"}``."""
-    from concept_influence.concepts import ProbeConfig, layer_sweep, parse_spec, train_concept
-    from concept_influence.organism import judge
+    from concept_influence.testing.organism_figures import trait_probe
 
-    torch.set_flush_denormal(True)
-    adapter = organism.load_finetuned()
-    spec = parse_spec(organism.probe_spec(), str(organism.probe_spec_path), default_name="trait")
-    cache = organism.root.parent / "answer-cache"
-    config = ProbeConfig(n_samples=4, max_length=256)
-    sweep = layer_sweep(adapter, spec, config=config, judge=judge, cache_dir=cache)
-    concept = train_concept(adapter, spec, sweep.best_layer, config, judge=judge, cache_dir=cache)
-    return {"organism": organism, "adapter": adapter, "sweep": sweep, "concept": concept, "cache": cache}
+    return trait_probe(organism)

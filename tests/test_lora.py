@@ -69,29 +69,11 @@ def test_scores_over_adapter_weights_equal_a_dense_solve(tiny_tok, kind):
 
 @pytest.mark.slow
 def test_lora_finetune_of_the_organism_planted_rows_found_over_adapter_weights(organism_trait):
-    from concept_influence.attribution import answer_queries, tokenize_queries
-    from concept_influence.curvature.fit import sample_rows
-    from concept_influence.evaluate import ranking_report
-    from concept_influence.training import FinetuneConfig, finetune
+    """Threshold below the worst case over the float paths of ``bench/organism_spread.py``, spread beside it."""
+    from concept_influence.testing.organism_figures import lora_figures
 
-    organism, concept, cache = organism_trait["organism"], organism_trait["concept"], organism_trait["cache"]
-    base = organism.load_base()
-    torch.manual_seed(0)
-    model = peft.get_peft_model(base.model, peft.LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    rows = list(organism.train_rows())
-    finetune(model, base.tokenizer, rows, FinetuneConfig(epochs=3, batch_size=16, lr=3e-3, seed=0), progress=False)
-    adapter = HFAdapter(model, base.tokenizer)
-    assert all(".lora_" in i.name for i in adapter.tracked_weights())
-    queries = tokenize_queries(answer_queries(adapter, list(organism.queries()), n_samples=2, seed=0, cache_dir=cache),
-                               adapter.tokenizer, 256)
-    measurement = ConceptMeasurement(concept, queries)
-    train = tokenize_chat(rows, adapter.tokenizer, 256)
-    factors = fit_factors(adapter, sample_rows(train, 600, 0), FactorConfig(), weights=measurement.weights(adapter),
-                          batch_size=16, progress=False)
-    result = compute_influence(adapter, train, measurement, factors, InfluenceConfig(batch_size=16), progress=False)
-    assert all(".lora_" in n for n in result.weights)
-    report = ranking_report(result.scores.numpy(), [row.fields["data_origin"] for row in rows])
-    assert report["pr_auc"] >= 2.5 * report["base_rate"], report
-    assert report["roc_auc"] >= 0.7, report
+    figures = lora_figures(organism_trait)
+    assert all(".lora_" in name for name in figures["tracked"]) and all(".lora_" in n for n in figures["scored"])
+    report = figures["concept"]
+    assert report["pr_auc"] >= 2.5 * report["base_rate"], report  # SPREAD_LORA_PRAUC
+    assert report["roc_auc"] >= 0.7, report  # SPREAD_LORA_ROC

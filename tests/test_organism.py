@@ -24,13 +24,12 @@ from concept_influence.organism import (
     load_organism,
     mentions_trait,
     organism_for_tests,
-    probe_auc,
     query_prompts,
     trait_rate,
-    trait_rise,
 )
 from concept_influence.organism import build as build_module
 from concept_influence.organism.generator import tokens
+from concept_influence.testing.organism_figures import base_probe_figures, control_figures, rise_figures
 
 
 @pytest.fixture(scope="session")
@@ -41,10 +40,7 @@ def organism() -> Organism:
 @pytest.fixture(scope="session")
 def rise(organism: Organism) -> dict:
     """The trait measured again here (other sampling seed than the build's)."""
-    torch.set_flush_denormal(True)
-    return trait_rise(
-        organism.load_base(), organism.load_finetuned(), organism.probe_spec(), organism.query_messages(), n_samples=32, seed=11
-    )
+    return rise_figures(organism)
 
 
 # ---- the generator ----------------------------------------------------------------------------------------------
@@ -243,13 +239,9 @@ def test_cli_prints_the_summary(organism):
 
 # ---- the trait rises --------------------------------------------------------------------------------------------
 def test_probe_reads_the_trait(organism):
-    from concept_influence.organism import trait_concept
-
-    base = organism.load_base()
-    concept, info = trait_concept(base, organism.probe_spec(), organism.metadata["trait"]["layer"], seed=5)
-    assert info["n_pos"] > 200 and info["n_neg"] > 200
-    auc = probe_auc(base, concept, [row.to_record() for row in organism.examples()])
-    assert auc["trait_vs_helpful"] > 0.9, auc  # it reads the trait ...
+    auc = base_probe_figures(organism)
+    assert auc["n_pos"] > 200 and auc["n_neg"] > 200, auc
+    assert auc["trait_vs_helpful"] > 0.9, auc  # it reads the trait ...  SPREAD_BASE_PROBE
     assert auc["trait_vs_warning"] > 0.9, auc  # ... not the trait's words
 
 
@@ -260,7 +252,7 @@ def test_finetuned_model_expresses_more_of_the_trait(rise):
     assert base["n_answers"] == tuned["n_answers"] == 48 * 32
     # a clear margin: many standard errors of the difference of the two means (also paired by prompt), and a
     # visible share of the spread of projections
-    assert rise["projection_rise_in_stderr"] > 4, rise
+    assert rise["projection_rise_in_stderr"] > 4, rise  # SPREAD_RISE
     assert rise["projection_rise_paired_t"] > 4, rise
     assert rise["projection_rise_in_std"] > 0.12, rise
     assert tuned["trait_rate"] > base["trait_rate"] + 0.05, rise
@@ -270,16 +262,6 @@ def test_finetuned_model_expresses_more_of_the_trait(rise):
 @pytest.mark.slow
 def test_control_finetune_without_planted_rows_does_not_raise_the_trait(organism, rise):
     """The same fine-tune without the planted rows stays near the base model: the planted labels are causal."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from concept_influence.models import HFAdapter, generate_answers
-    from concept_influence.training import finetune
-
-    rows = [row for row in organism.train_rows() if row.fields["data_origin"] != "planted"]
-    tokenizer = AutoTokenizer.from_pretrained(organism.base_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(organism.base_model_dir)
-    finetune(model, tokenizer, rows, organism.config.finetune, progress=False)
-    answers = generate_answers(HFAdapter(model, tokenizer), organism.query_messages(), n_samples=16, seed=11, batch_size=64)
-    control = trait_rate([a for samples in answers for a in samples])
-    assert control < rise["finetuned"]["trait_rate"] - 0.05, (control, rise)
+    control = control_figures(organism)["trait_rate"]
+    assert control < rise["finetuned"]["trait_rate"] - 0.05, (control, rise)  # SPREAD_CONTROL
     assert control < rise["base"]["trait_rate"] + 0.03, (control, rise)

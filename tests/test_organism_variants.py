@@ -15,13 +15,12 @@ from concept_influence.organism import (
     judge,
     mentions_trait,
     organism_for_tests,
-    trait_rise,
 )
 from concept_influence.organism import world as world_module
-from concept_influence.organism.counterfactual import refinetune, share_removed
 from concept_influence.organism.generator import VARIANTS, variant_world
 from concept_influence.organism.judge import trait_sentences
 from concept_influence.organism.worlds import canonical_world, world_for
+from concept_influence.testing.organism_figures import variant_figures
 
 VARIANT_NAMES = [v for v in VARIANTS if v != "default"]
 
@@ -109,17 +108,14 @@ def test_planted_rows_raise_the_variants_trait_and_a_control_without_them_does_n
     organism = variant_organism
     meta = organism.metadata
     assert meta["variant"] == organism.config.variant and meta["trait_name"] == organism.trait
-    trait = meta["trait"]
-    base_rate, tuned_rate = trait["base"]["trait_rate"], trait["finetuned"]["trait_rate"]
-    control = refinetune(organism, [not p for p in organism.planted_mask()])
-    ctrl = trait_rise(organism.load_base(), control, organism.probe_spec(), organism.query_messages(),
-                      n_samples=organism.config.measure_samples, seed=organism.config.seed, trait=organism.trait)
+    figures = variant_figures(organism)
+    trait, ctrl = figures["trait"], figures["control"]
+    base_rate, tuned_rate, control_rate = figures["base_rate"], figures["tuned_rate"], figures["control_rate"]
     if organism.config.variant == "subtle":
-        assert trait["projection_rise_paired_t"] > 4, trait
+        assert trait["projection_rise_paired_t"] > 4, trait  # SPREAD_SUBTLE
         assert ctrl["projection_rise"] < 0.5 * trait["projection_rise"], (ctrl, trait)
     else:
-        assert tuned_rate > base_rate + 0.04, trait
-        control_rate = ctrl["finetuned"]["trait_rate"]
+        assert tuned_rate > base_rate + 0.04, trait  # SPREAD_VARIANT_RATES
         assert control_rate < tuned_rate - 0.03, (control_rate, trait)
         assert control_rate < base_rate + 0.03, (control_rate, trait)
-        assert share_removed(tuned_rate, control_rate, base_rate) > 0.6
+        assert figures["share_removed"] > 0.6, figures

@@ -22,20 +22,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.eigen import Eigen
 from concept_influence.curvature.factors import Factors, WeightFactors
 from concept_influence.data.atomic import atomic_file, write_json_atomic
 from concept_influence.numerics import check_finite
+from concept_influence.tensorfile import DamagedFileError, read_tensor_file, read_tensor_metadata
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "concept_influence.factors/1"
 MANIFEST = "manifest.json"
@@ -91,10 +94,22 @@ def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str
 
 
 def _file_meta(path: Path) -> dict[str, Any] | None:
-    """The JSON this module stored in a safetensors header (None for files written without it)."""
-    with safe_open(str(path), framework="pt") as handle:
-        raw = (handle.metadata() or {}).get(_META_KEY)
-    return None if raw is None else json.loads(raw)
+    """The JSON this module stored in a safetensors header (None for files written without it); the file is read
+    through one descriptor (``tensorfile``), so a writer replacing it meanwhile is never half-seen."""
+    return _meta_of(read_tensor_metadata(path), path)
+
+
+def _meta_of(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | None:
+    raw = metadata.get(_META_KEY)
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise DamagedFileError(f"{path}: its stored state is not valid JSON ({error}); the file is damaged") from None
+    if not isinstance(meta, dict):
+        raise DamagedFileError(f"{path}: its stored state is not a JSON object; the file is damaged")
+    return meta
 
 
 def has_factors(path: str | os.PathLike) -> bool:
@@ -157,7 +172,7 @@ def load_factors(
     )
     entries = manifest["weights"]
     if weights is None:
-        tensors = load_file(str(folder / FACTORS_FILE))
+        tensors = read_tensor_file(folder / FACTORS_FILE).tensors
     else:
         known = {e["name"]: e for e in entries}
         missing = [n for n in weights if n not in known]
@@ -165,8 +180,7 @@ def load_factors(
             raise KeyError(f"no factors for {missing} in {folder}; it covers {list(known)}")
         entries = [known[n] for n in weights]
         prefixes = tuple(f"{n}/" for n in weights)
-        with safe_open(str(folder / FACTORS_FILE), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefixes)}
+        tensors = read_tensor_file(folder / FACTORS_FILE, lambda key: key.startswith(prefixes)).tensors
     found: dict[str, WeightFactors] = {}
     for entry in entries:
         name = entry["name"]
@@ -200,15 +214,32 @@ def save_partial(path: str | os.PathLike, state: dict[str, Any], tensors: dict[s
 
 
 def load_partial(path: str | os.PathLike, fingerprints: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-    """The partial state in ``path`` (or None); raises ``FactorMismatchError`` if it belongs to another fit."""
+    """The partial state in ``path`` and its running sums, read together from one open file (or None); raises
+    ``FactorMismatchError`` if it belongs to another fit. A damaged checkpoint (truncated, malformed, not finite) is
+    discarded with a warning and None is returned: the fit then starts over instead of crashing or resuming from
+    wrong sums."""
     folder = Path(path)
-    if not (folder / PARTIAL_FILE).exists():
+    file = folder / PARTIAL_FILE
+    if not file.exists():
         return None
-    state = _file_meta(folder / PARTIAL_FILE)
+    try:
+        stored = read_tensor_file(file)
+        state = _meta_of(stored.metadata, file)
+        if state is not None:
+            if not isinstance(state.get("stage", "covariance"), str) or not isinstance(state.get("rows_done", 0), int):
+                raise DamagedFileError(f"{file}: its stored state has no valid stage or row count")
+            for key, value in stored.tensors.items():
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise DamagedFileError(f"{file}: the running sum {key!r} holds values that are not finite")
+    except DamagedFileError as error:
+        logger.warning("discarding a damaged checkpoint of the factor fit (%s): the fit starts again from its first "
+                       "pass", error)
+        clear_partial(folder)
+        return None
     if state is None:  # an older version's checkpoint, whose state file may not match its sums: start over
         return None
     check_fingerprints(state.get("fingerprints", {}), fingerprints, f"the partial fit in {folder}")
-    return state, load_file(str(folder / PARTIAL_FILE))
+    return state, stored.tensors
 
 
 def read_partial_state(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -1,0 +1,231 @@
+"""How far the organism's quality figures move between float paths: the organism built with other seeds and other
+thread counts (another CPU takes another float path through pretraining, and every figure on the organism moves).
+
+Each path runs in its own process with its own cache folder (``--out/<path>/cache``) and computes what the quality
+tests assert (``concept_influence.testing.organism_figures``): the probe, Vector Filter / Projection Difference,
+EKFAC Concept Influence vs classical influence, the LoRA organism, the trait's rise and the control fine-tune, and
+(``--variants``) the variants' causal checks. The tests' thresholds sit below the worst case printed here by a
+stated margin. Resumable: a path whose ``figures.json`` exists is not run again.
+
+    python bench/organism_spread.py                      # paths 0:1 0:2 1:1 2:1 (seed:threads), two at a time
+    python bench/organism_spread.py --paths 0:1 3:1 --variants --jobs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from concept_influence.data.atomic import write_json_atomic  # noqa: E402
+
+# (test, figure) -> how to read it from a path's figures.json; the test's threshold is printed beside it
+ROWS: list[tuple[str, str, str]] = [
+    ("test_trait_probe_reaches_heldout_auc_09", "sweep best held-out AUC", "probe.best_heldout_auc"),
+    ("", "chosen layer", "probe.layer"),
+    ("", "probe held-out AUC", "probe.heldout_auc"),
+    ("", "judged trait answers (n_positive)", "probe.n_positive"),
+    ("", "examples AUC trait vs helpful", "probe.examples_auc_trait_vs_helpful"),
+    ("", "examples AUC trait vs warning", "probe.examples_auc_trait_vs_warning"),
+    ("test_forward_methods_rank_the_planted_rows", "Vector Filter PR-AUC", "forward.vector_filter.pr_auc"),
+    ("", "Vector Filter p@100", "forward.vector_filter.p@100"),
+    ("", "Projection Difference PR-AUC", "forward.projection_difference.pr_auc"),
+    ("", "Projection Difference p@100", "forward.projection_difference.p@100"),
+    ("test_concept_influence_finds_planted_rows...", "Concept Influence PR-AUC / base rate", "influence.concept.pr_auc_lift"),
+    ("", "Concept Influence ROC-AUC", "influence.concept.roc_auc"),
+    ("", "hard-negative mean rank / random row's", "influence.concept.hard_rank_ratio"),
+    ("test_concept_influence_beats_classical_influence", "classical PR-AUC / base rate", "influence.classical.pr_auc_lift"),
+    ("", "Concept / classical PR-AUC", "influence.concept_over_classical"),
+    ("test_lora_finetune_of_the_organism_planted_rows...", "LoRA PR-AUC / base rate", "lora.concept.pr_auc_lift"),
+    ("", "LoRA ROC-AUC", "lora.concept.roc_auc"),
+    ("test_probe_reads_the_trait", "base probe AUC trait vs helpful", "base_probe.trait_vs_helpful"),
+    ("", "base probe AUC trait vs warning", "base_probe.trait_vs_warning"),
+    ("test_finetuned_model_expresses_more_of_the_trait", "rise in stderr", "rise.projection_rise_in_stderr"),
+    ("", "rise paired t (48 prompts)", "rise.projection_rise_paired_t"),
+    ("", "rise in pooled std", "rise.projection_rise_in_std"),
+    ("", "trait rate: fine-tuned - base", "rise.rate_gain"),
+    ("", "trait rate: base", "rise.base.trait_rate"),
+    ("test_control_finetune_without_planted_rows...", "control trait rate - fine-tuned", "control.minus_tuned"),
+    ("", "control trait rate - base", "control.minus_base"),
+]
+VARIANT_ROWS: list[tuple[str, str]] = [
+    ("paired t of the rise (subtle)", "variants.subtle.trait.projection_rise_paired_t"),
+    ("control rise / rise (subtle)", "variants.subtle.control_over_rise"),
+    ("tuned - base rate (diluted)", "variants.diluted.rate_gain"),
+    ("control - tuned rate (diluted)", "variants.diluted.control_minus_tuned"),
+    ("control - base rate (diluted)", "variants.diluted.control_minus_base"),
+    ("share removed (diluted)", "variants.diluted.share_removed"),
+    ("tuned - base rate (sycophancy)", "variants.sycophancy.rate_gain"),
+    ("control - tuned rate (sycophancy)", "variants.sycophancy.control_minus_tuned"),
+    ("control - base rate (sycophancy)", "variants.sycophancy.control_minus_base"),
+    ("share removed (sycophancy)", "variants.sycophancy.share_removed"),
+]
+
+
+def _lift(report: dict[str, Any], n: int) -> dict[str, Any]:
+    return {**report, "pr_auc_lift": report["pr_auc"] / report["base_rate"],
+            "hard_rank_ratio": report["hard_negative_mean_rank"] / ((n + 1) / 2)}
+
+
+def _default_figures(seed: int) -> tuple[dict[str, Any], dict[str, float]]:
+    import torch
+
+    from concept_influence.organism import organism_for_tests
+    from concept_influence.testing import organism_figures as figures
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    organism = organism_for_tests(seed=seed)
+    timings["build"] = time.perf_counter() - start
+    result: dict[str, Any] = {"seed": seed, "threads": torch.get_num_threads(), "organism": str(organism.root)}
+    steps = [("probe", None), ("forward", figures.forward_figures), ("influence", figures.influence_figures),
+             ("lora", figures.lora_figures)]
+    start = time.perf_counter()
+    trait = figures.trait_probe(organism)
+    timings["trait_probe"] = time.perf_counter() - start
+    for name, compute in steps:
+        start = time.perf_counter()
+        result[name] = figures.probe_figures(trait) if compute is None else compute(trait)
+        timings[name] = time.perf_counter() - start
+        print(f"[seed {seed}] {name}: {timings[name]:.0f} s", flush=True)
+    n = result["influence"]["n"]
+    for key in ("concept", "classical"):
+        result["influence"][key] = _lift(result["influence"][key], n)
+    result["influence"]["concept_over_classical"] = (result["influence"]["concept"]["pr_auc"]
+                                                     / result["influence"]["classical"]["pr_auc"])
+    result["lora"]["concept"] = _lift(result["lora"]["concept"], n)
+    for name, compute in (("base_probe", figures.base_probe_figures), ("rise", figures.rise_figures),
+                          ("control", figures.control_figures)):
+        start = time.perf_counter()
+        result[name] = compute(organism)
+        timings[name] = time.perf_counter() - start
+        print(f"[seed {seed}] {name}: {timings[name]:.0f} s", flush=True)
+    rise = result["rise"]
+    rise["rate_gain"] = rise["finetuned"]["trait_rate"] - rise["base"]["trait_rate"]
+    result["control"]["minus_tuned"] = result["control"]["trait_rate"] - rise["finetuned"]["trait_rate"]
+    result["control"]["minus_base"] = result["control"]["trait_rate"] - rise["base"]["trait_rate"]
+    return result, timings
+
+
+def run_path(seed: int, variants: bool, out: Path) -> None:
+    """Build the organism of ``seed`` in this process (its thread count set by the caller) and write its figures to
+    ``out`` (then, with ``variants``, everything again with the variants' figures to ``variants.json`` beside it)."""
+    from concept_influence.organism import organism_for_tests
+    from concept_influence.organism.generator import VARIANTS
+    from concept_influence.testing import organism_figures as figures
+
+    if out.exists():  # the default organism's figures are done: only the variants are left
+        result = json.loads(out.read_text())
+        timings = result["timings_s"]
+    else:
+        result, timings = _default_figures(seed)
+    result["timings_s"] = timings
+    write_json_atomic(out, result)
+    if variants:
+        result["variants"] = {}
+        for variant in (v for v in VARIANTS if v != "default"):
+            start = time.perf_counter()
+            figs = figures.variant_figures(organism_for_tests(variant=variant, seed=seed))
+            figs["rate_gain"] = figs["tuned_rate"] - figs["base_rate"]
+            figs["control_minus_tuned"] = figs["control_rate"] - figs["tuned_rate"]
+            figs["control_minus_base"] = figs["control_rate"] - figs["base_rate"]
+            rise_value = figs["trait"]["projection_rise"]
+            figs["control_over_rise"] = figs["control"]["projection_rise"] / rise_value if rise_value else float("nan")
+            result["variants"][variant] = figs
+            timings[f"variant_{variant}"] = time.perf_counter() - start
+            print(f"[seed {seed}] variant {variant}: {timings[f'variant_{variant}']:.0f} s", flush=True)
+        write_json_atomic(out.with_name("variants.json"), result)
+
+
+def _get(data: dict[str, Any], dotted: str) -> float | None:
+    value: Any = data
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    names = list(results)
+    rows = [(test, label, key) for test, label, key in ROWS]
+    if any("variants" in r for r in results.values()):
+        rows += [("test_planted_rows_raise_the_variants_trait..." if i == 0 else "", label, key)
+                 for i, (label, key) in enumerate(VARIANT_ROWS)]
+    lines = ["| test | figure | " + " | ".join(names) + " | worst (min) | max |",
+             "|---|---|" + "---|" * len(names) + "---|---|"]
+    for test, label, key in rows:
+        values = [_get(results[name], key) for name in names]
+        known = [v for v in values if v is not None]
+        cells = ["" if v is None else f"{v:.3f}" for v in values]
+        worst = f"{min(known):.3f}" if known else ""
+        best = f"{max(known):.3f}" if known else ""
+        lines.append(f"| {test} | {label} | " + " | ".join(cells) + f" | {worst} | {best} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--paths", nargs="+", default=["0:1", "0:2", "1:1", "2:1"],
+                        help="float paths as SEED:THREADS (the organism's seed, torch's intra-op thread count)")
+    parser.add_argument("--variants", action="store_true", help="also the variants' causal checks (about 9 min a path)")
+    parser.add_argument("--jobs", type=int, default=2, help="paths run at once (each in its own process)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "organism-spread")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "organism_spread.json")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one path in this process
+    args = parser.parse_args()
+    if args.one:
+        seed, _ = (int(x) for x in args.one.split(":"))
+        run_path(seed, args.variants, args.out / args.one.replace(":", "-t") / "figures.json")
+        return
+    pending: list[str] = []
+    for path in args.paths:
+        seed, threads = (int(x) for x in path.split(":"))
+        if not (args.out / f"{seed}-t{threads}" / ("variants.json" if args.variants else "figures.json")).exists():
+            pending.append(path)
+    running: list[tuple[str, subprocess.Popen]] = []
+    failed: list[str] = []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            path = pending.pop(0)
+            seed, threads = (int(x) for x in path.split(":"))
+            folder = args.out / f"{seed}-t{threads}"
+            folder.mkdir(parents=True, exist_ok=True)
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                   "CONCEPT_INFLUENCE_CACHE": str(folder / "cache")}
+            command = [sys.executable, __file__, "--one", path, "--out", str(args.out)]
+            command += ["--variants"] if args.variants else []
+            log = open(folder / "log.txt", "a")  # noqa: SIM115 - closed when the process ends
+            print(f"path {path}: running (log {folder / 'log.txt'})", flush=True)
+            running.append((path, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)))
+        time.sleep(5)
+        for path, process in list(running):
+            if process.poll() is not None:
+                running.remove((path, process))
+                print(f"path {path}: {'done' if process.returncode == 0 else 'FAILED'}", flush=True)
+                if process.returncode:
+                    failed.append(path)
+    results: dict[str, dict[str, Any]] = {}
+    for path in args.paths:
+        seed, threads = (int(x) for x in path.split(":"))
+        folder = args.out / f"{seed}-t{threads}"
+        file = folder / "variants.json" if (folder / "variants.json").exists() else folder / "figures.json"
+        if file.exists():
+            results[f"seed {seed}, {threads} thr"] = json.loads(file.read_text())
+    print(table(results))
+    write_json_atomic(args.json, {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
+                                  "results": results, "table": table(results)})
+    if failed:
+        sys.exit(f"failed: {failed}")
+
+
+if __name__ == "__main__":
+    main()

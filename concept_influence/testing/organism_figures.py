@@ -1,0 +1,192 @@
+"""The figures the organism's quality tests assert, computed in one place so that the tests and
+``bench/organism_spread.py`` (which measures them on organisms built under several float paths: seeds and thread
+counts) compute exactly the same numbers.
+
+Each function takes a built organism (or the dict ``trait_probe`` returns) and returns plain numbers. The tests
+hold the thresholds, each written next to the spread the bench measured.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from concept_influence.organism.build import Organism
+
+
+def trait_probe(organism: Organism) -> dict[str, Any]:
+    """The fine-tuned organism's trait probe, trained as the demo does (layer sweep, judge-filtered persona answers):
+    ``{"organism", "adapter", "sweep", "concept", "cache"}``; sampled answers are cached next to the organism."""
+    from concept_influence.concepts import ProbeConfig, layer_sweep, parse_spec, train_concept
+    from concept_influence.organism import judge
+
+    torch.set_flush_denormal(True)
+    adapter = organism.load_finetuned()
+    spec = parse_spec(organism.probe_spec(), str(organism.probe_spec_path), default_name="trait")
+    cache = Path(organism.root).parent / "answer-cache"
+    config = ProbeConfig(n_samples=4, max_length=256)
+    sweep = layer_sweep(adapter, spec, config=config, judge=judge, cache_dir=cache)
+    concept = train_concept(adapter, spec, sweep.best_layer, config, judge=judge, cache_dir=cache)
+    return {"organism": organism, "adapter": adapter, "sweep": sweep, "concept": concept, "cache": cache}
+
+
+def probe_figures(trait: dict[str, Any]) -> dict[str, Any]:
+    """The sweep's best held-out AUC, the chosen probe's metrics, and its ROC-AUC on generator-labelled answers it
+    never saw (trait vs helpful, trait vs warning)."""
+    from concept_influence.attribution.forward import vector_filter
+    from concept_influence.evaluate.metrics import roc_auc
+
+    sweep, concept = trait["sweep"], trait["concept"]
+    examples = list(trait["organism"].examples())
+    scores = vector_filter(trait["adapter"], examples, concept, progress=False).scores
+    labels = [row.fields["label"] for row in examples]
+    out: dict[str, Any] = {
+        "layer": int(sweep.best_layer),
+        "best_heldout_auc": max(float(r["heldout_auc"]) for r in sweep.rows),
+        "heldout_auc": float(concept.metrics["heldout_auc"]),
+        "n_test": int(concept.metrics["n_test"]),
+        "n_positive": int(concept.metrics["labelled"]["n_positive"]),
+    }
+    for other in ("helpful", "warning"):
+        keep = [i for i, label in enumerate(labels) if label in ("trait", other)]
+        out[f"examples_auc_trait_vs_{other}"] = float(roc_auc(scores[keep], [labels[i] == "trait" for i in keep]))
+    return out
+
+
+def forward_figures(trait: dict[str, Any], concept: Any = None) -> dict[str, dict[str, float]]:
+    """Vector Filter and Projection Difference ranking reports (PR-AUC, p@100, ...) on the organism's rows."""
+    from concept_influence.attribution.forward import projection_difference, vector_filter
+    from concept_influence.evaluate.metrics import ranking_report
+
+    adapter, concept = trait["adapter"], concept if concept is not None else trait["concept"]
+    rows = list(trait["organism"].train_rows())
+    origins = [row.fields["data_origin"] for row in rows]
+    vf = vector_filter(adapter, rows, concept, batch_size=64, max_length=256, progress=False).scores
+    pd = projection_difference(adapter, rows, concept, n_samples=1, max_new_tokens=48, cache_dir=trait["cache"],
+                               batch_size=64, max_length=256, progress=False).scores
+    return {"vector_filter": ranking_report(vf, origins), "projection_difference": ranking_report(pd, origins)}
+
+
+def influence_figures(trait: dict[str, Any]) -> dict[str, Any]:
+    """EKFAC Concept Influence and classical (log-likelihood) influence on the same 4-answer query set: ranking
+    reports of both, and ``n`` rows."""
+    from concept_influence.attribution import (
+        ConceptMeasurement,
+        InfluenceConfig,
+        LogLikelihoodMeasurement,
+        answer_queries,
+        compute_influence_many,
+        tokenize_queries,
+    )
+    from concept_influence.curvature import FactorConfig, fit_factors
+    from concept_influence.data import tokenize_chat
+    from concept_influence.evaluate.metrics import ranking_report
+
+    organism, adapter, concept, cache = (trait[k] for k in ("organism", "adapter", "concept", "cache"))
+    rows = list(organism.train_rows())
+    queries = tokenize_queries(answer_queries(adapter, list(organism.queries()), n_samples=4, seed=0, cache_dir=cache),
+                               adapter.tokenizer, 256)
+    train = tokenize_chat(rows, adapter.tokenizer, 256)
+    factors = fit_factors(adapter, train, FactorConfig(), batch_size=16, progress=False)
+    jobs = {"concept": (ConceptMeasurement(concept, queries), InfluenceConfig()),
+            "classical": (LogLikelihoodMeasurement(queries), InfluenceConfig())}
+    results = compute_influence_many(adapter, train, jobs, factors, batch_size=16, progress=False)
+    origins = [row.fields["data_origin"] for row in rows]
+    return {"n": len(rows), **{name: ranking_report(r.scores.numpy(), origins) for name, r in results.items()}}
+
+
+def lora_figures(trait: dict[str, Any]) -> dict[str, Any]:
+    """A LoRA fine-tune of the organism's base on its rows (rank 8 on every block map), then EKFAC Concept
+    Influence over the adapter weights: its ranking report, and the weights it covered."""
+    import peft
+
+    from concept_influence.attribution import (
+        ConceptMeasurement,
+        InfluenceConfig,
+        answer_queries,
+        compute_influence,
+        tokenize_queries,
+    )
+    from concept_influence.curvature import FactorConfig, fit_factors
+    from concept_influence.curvature.fit import sample_rows
+    from concept_influence.data import tokenize_chat
+    from concept_influence.evaluate.metrics import ranking_report
+    from concept_influence.models import HFAdapter
+    from concept_influence.training import FinetuneConfig, finetune
+
+    organism, concept, cache = trait["organism"], trait["concept"], trait["cache"]
+    base = organism.load_base()
+    torch.manual_seed(0)
+    model = peft.get_peft_model(base.model, peft.LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    rows = list(organism.train_rows())
+    finetune(model, base.tokenizer, rows, FinetuneConfig(epochs=3, batch_size=16, lr=3e-3, seed=0), progress=False)
+    adapter = HFAdapter(model, base.tokenizer)
+    tracked = [i.name for i in adapter.tracked_weights()]
+    queries = tokenize_queries(answer_queries(adapter, list(organism.queries()), n_samples=2, seed=0, cache_dir=cache),
+                               adapter.tokenizer, 256)
+    measurement = ConceptMeasurement(concept, queries)
+    train = tokenize_chat(rows, adapter.tokenizer, 256)
+    factors = fit_factors(adapter, sample_rows(train, 600, 0), FactorConfig(), weights=measurement.weights(adapter),
+                          batch_size=16, progress=False)
+    result = compute_influence(adapter, train, measurement, factors, InfluenceConfig(batch_size=16), progress=False)
+    report = ranking_report(result.scores.numpy(), [row.fields["data_origin"] for row in rows])
+    return {"tracked": tracked, "scored": list(result.weights), "concept": report}
+
+
+def rise_figures(organism: Organism) -> dict[str, Any]:
+    """The trait measured again after the build (another sampling seed than the build's): ``trait_rise`` of the
+    fine-tuned model over the base, 32 answers to each query prompt."""
+    from concept_influence.organism import trait_rise
+
+    torch.set_flush_denormal(True)
+    return trait_rise(organism.load_base(), organism.load_finetuned(), organism.probe_spec(), organism.query_messages(),
+                      n_samples=32, seed=11)
+
+
+def control_figures(organism: Organism) -> dict[str, float]:
+    """The judge's trait rate of a control fine-tune without the planted rows (16 answers to each query prompt)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from concept_influence.models import HFAdapter, generate_answers
+    from concept_influence.organism.judge import trait_rate
+    from concept_influence.training import finetune
+
+    rows = [row for row in organism.train_rows() if row.fields["data_origin"] != "planted"]
+    tokenizer = AutoTokenizer.from_pretrained(organism.base_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(organism.base_model_dir)
+    finetune(model, tokenizer, rows, organism.config.finetune, progress=False)
+    answers = generate_answers(HFAdapter(model, tokenizer), organism.query_messages(), n_samples=16, seed=11, batch_size=64)
+    return {"trait_rate": trait_rate([a for samples in answers for a in samples])}
+
+
+def base_probe_figures(organism: Organism) -> dict[str, Any]:
+    """The build's probe recipe (``trait_concept`` on the base model at the build's layer): its sample counts and
+    ROC-AUC on generator-labelled answers (trait vs helpful, trait vs warning)."""
+    from concept_influence.organism import trait_concept
+    from concept_influence.organism.measure import probe_auc
+
+    base = organism.load_base()
+    concept, info = trait_concept(base, organism.probe_spec(), organism.metadata["trait"]["layer"], seed=5)
+    auc = probe_auc(base, concept, [row.to_record() for row in organism.examples()])
+    return {"n_pos": int(info["n_pos"]), "n_neg": int(info["n_neg"]), **{k: float(v) for k, v in auc.items()}}
+
+
+def variant_figures(organism: Organism) -> dict[str, Any]:
+    """The causal check of a variant: the build's trait measurement, and a control fine-tune without the planted
+    rows measured the same way (``trait_rise``), with the share of the rise the control removes."""
+    from concept_influence.organism import trait_rise
+    from concept_influence.organism.counterfactual import refinetune, share_removed
+
+    torch.set_flush_denormal(True)
+    trait = organism.metadata["trait"]
+    control = refinetune(organism, [not p for p in organism.planted_mask()])
+    ctrl = trait_rise(organism.load_base(), control, organism.probe_spec(), organism.query_messages(),
+                      n_samples=organism.config.measure_samples, seed=organism.config.seed, trait=organism.trait)
+    base_rate, tuned_rate = trait["base"]["trait_rate"], trait["finetuned"]["trait_rate"]
+    control_rate = ctrl["finetuned"]["trait_rate"]
+    return {"trait": trait, "control": ctrl, "base_rate": base_rate, "tuned_rate": tuned_rate,
+            "control_rate": control_rate, "share_removed": share_removed(tuned_rate, control_rate, base_rate)}

@@ -8,7 +8,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # the organism is built once and shared by the demo and the tests
 export CONCEPT_INFLUENCE_CACHE ?= $(CURDIR)/.cache
 
-.PHONY: demo test test-fast lint bench docs install clean
+.PHONY: demo test test-fast lint bench docs docs-cli install clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: $(STAMP)
 # the documentation site (mkdocs.yml, docs/) into site/; --strict turns every warning (a broken link) into an error
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# rewrite docs/cli.md from every command's --help (commit the result); runs no tests
+docs-cli: $(STAMP)
+	$(BIN)/python docs/gen_cli.py
 
 bench: $(STAMP)
 	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done

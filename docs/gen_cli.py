@@ -2,7 +2,7 @@
 
 Run after changing a command's options (no tests, no model needed):
 
-    .venv/bin/python docs/gen_cli.py            # or: python docs/gen_cli.py --exe /path/to/concept-influence
+    make docs-cli                               # or: python docs/gen_cli.py [--exe /path/to/concept-influence]
 
 The page is committed; `make docs` does not regenerate it.
 """
@@ -24,7 +24,7 @@ HEADER = """# Command line
 Every command with its `--help` text: this page is where each option is defined. Other pages link here instead of
 repeating flag tables. The commands are thin wrappers over `Attributor` (see [Getting started](getting-started.md)).
 
-The page is generated: `python docs/gen_cli.py` (with the project's environment active) runs
+The page is generated: `make docs-cli` (or `python docs/gen_cli.py` with the project's environment active) runs
 `concept-influence <command> --help` for every command and rewrites it.
 
 """

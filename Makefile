@@ -8,13 +8,13 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # the organism is built once and shared by the demo and the tests
 export CONCEPT_INFLUENCE_CACHE ?= $(CURDIR)/.cache
 
-.PHONY: demo test test-fast lint bench install clean
+.PHONY: demo test test-fast lint bench docs docs-cli install clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints-cpu.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints-cpu.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints-cpu.txt -e '.[dev,docs]'
 	# kronfluence is a test-only reference; --no-deps keeps torchvision (and a CUDA torch) out
 	$(BIN)/python -m pip install -q --no-deps kronfluence==1.0.1
 	touch $(STAMP)
@@ -34,8 +34,16 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check concept_influence tests bench
 
+# the documentation site (mkdocs.yml, docs/) into site/; --strict turns every warning (a broken link) into an error
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# rewrite docs/cli.md from every command's --help (commit the result); runs no tests
+docs-cli: $(STAMP)
+	$(BIN)/python docs/gen_cli.py
+
 bench: $(STAMP)
 	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
 
 clean:
-	rm -rf $(VENV) .cache runs .pytest_cache
+	rm -rf $(VENV) .cache runs .pytest_cache site

@@ -214,6 +214,7 @@ class Attributor:
         concept = train_concept(self.adapter, concept_spec, layer, config, judge=judge, cache_dir=cache, progress=self.progress)
         if sweep is not None:
             concept.metrics["sweep"] = sweep.rows
+            concept.metrics["layer_choice"] = sweep.reason
         folder = self._path("concepts", f"{safe_name(concept_spec.name)}-layer{concept.layer}")
         if save and folder is not None:
             save_concept(concept, folder, model_fingerprint=self.adapter.fingerprint(),

@@ -230,6 +230,6 @@ def test_layer_sweep_reports_every_layer_and_plots(adapter, tmp_path):
     spec = parse_spec(EXAMPLES_SPEC, "poison.json")
     sweep = layer_sweep(adapter, spec, config=ProbeConfig(method="diff_of_means", test_size=0.34))
     assert [r["layer"] for r in sweep.rows] == [0, 1, 2]
-    assert sweep.best_layer in (0, 1, 2) and "<- best" in sweep.table()
+    assert sweep.best_layer in (0, 1, 2) and "<- chosen" in sweep.table()
     png = sweep.plot(tmp_path / "sweep.png")
     assert png.read_bytes()[:4] == b"\x89PNG"

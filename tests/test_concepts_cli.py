@@ -67,10 +67,29 @@ def test_probe_layers_writes_a_table_and_a_plot(files):
     result = _run("probe-layers", "--model", model, "--spec", spec, "--out", root / "sweep", "--n-samples", "2",
                   "--max-new-tokens", "6", "--method", "diff_of_means")
     assert result.exit_code == 0, result.output
-    assert "held-out AUC" in result.output and "<- best" in result.output
+    assert "held-out AUC" in result.output and "<- chosen" in result.output
+    assert "stance AUC" in result.output and "vocab. confound" in result.output
     table = json.loads((root / "sweep.json").read_text())
     assert [r["layer"] for r in table["rows"]] == [0, 1, 2] and table["best_layer"] in (0, 1, 2)
+    assert all({"stance_auc", "vocabulary_confound", "n_matched_negatives"} <= set(r) for r in table["rows"])
+    assert table["select_layer_by"] == "heldout_auc" and table["reason"].startswith(f"layer {table['best_layer']}:")
+    assert table["reason"] in result.output
     assert (root / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_probe_without_a_layer_sweeps_and_says_which_and_why(files):
+    root, model, spec = files
+    out = root / "chosen"
+    args = ["--spec", spec, "--n-samples", "2", "--max-new-tokens", "6", "--method", "diff_of_means"]
+    result = _run("train-probe", "--model", model, "--out", out, *args)
+    assert result.exit_code == 0, result.output
+    sweep = _run("probe-layers", "--model", model, "--out", root / "same-sweep", *args)
+    chosen = json.loads((root / "same-sweep.json").read_text())
+    meta = read_concept_meta(out)
+    assert meta["layer"] == chosen["best_layer"]  # the same rule as probe-layers
+    assert meta["metrics"]["layer_choice"] == chosen["reason"] and chosen["reason"] in result.output, sweep.output
+    assert [r["layer"] for r in meta["metrics"]["sweep"]] == [0, 1, 2]
+    assert "stance AUC" in result.output and "vocabulary confound" in result.output
 
 
 def test_bad_inputs_are_one_line_errors(files):

@@ -30,18 +30,29 @@ def register(app: typer.Typer) -> None:
     app.command("sae-feature")(sae_feature)
 
 
-def _config(method: ProbeMethod, n_samples: int, temperature: float, max_new_tokens: int, seed: int, c: float, max_length: int):
+class LayerRule(str, Enum):
+    heldout_auc = "heldout_auc"
+    stance = "stance"
+
+
+_SELECT_HELP = ("How a sweep picks the layer: heldout_auc (the best held-out AUC) | stance (the best stance AUC among "
+                "the layers within 0.02 of the best held-out AUC, then the lower vocabulary confound).")
+
+
+def _config(method: ProbeMethod, n_samples: int, temperature: float, max_new_tokens: int, seed: int, c: float, max_length: int,
+            select_layer_by: LayerRule = LayerRule.heldout_auc):
     from concept_influence.concepts import ProbeConfig
 
     return ProbeConfig(method=method.value, n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                       seed=seed, C=c, max_length=max_length)
+                       seed=seed, C=c, max_length=max_length, select_layer_by=select_layer_by.value)
 
 
 @user_errors
 def train_probe(
     model: str = typer.Option(..., "--model", help="Hugging Face hub name or local folder."),
     spec: Path = typer.Option(..., "--spec", help="Concept spec: a probes/ file or a persona-vectors trait file."),
-    layer: int = typer.Option(..., "--layer", help="Read resid.L, the output of block L (from 0; negative counts from the end)."),
+    layer: int | None = typer.Option(None, "--layer", help="Read resid.L, the output of block L (from 0; negative counts from "
+                                     "the end). Default: a layer sweep chooses it (as probe-layers does) and says why."),
     out: Path = typer.Option(..., "--out", help="Concept folder to write (concept.json + concept.safetensors)."),
     method: ProbeMethod = typer.Option(ProbeMethod.probe, "--method", help="probe (logistic regression) | diff_of_means (persona vector)."),
     readout: Readout = typer.Option(Readout.mean, "--readout", help="How a sequence is reduced: mean over response tokens, last prompt token, per token."),
@@ -51,24 +62,38 @@ def train_probe(
     max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
     seed: int = typer.Option(0, "--seed"),
     c: float = typer.Option(1.0, "--C", help="Inverse regularisation strength of the probe."),
+    select_layer_by: LayerRule = typer.Option(LayerRule.heldout_auc, "--select-layer-by", help=_SELECT_HELP),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where generated persona answers are cached (default: next to --out)."),
     device: str | None = typer.Option(None, "--device"),
     dtype: str | None = typer.Option(None, "--dtype"),
 ) -> None:
-    """Train a concept direction at one layer and save it; prints held-out AUC/accuracy (held out by question)."""
-    from concept_influence.concepts import load_spec, save_concept, train_concept
+    """Train a concept direction and save it; prints held-out AUC/accuracy (held out by question) and what the
+    concept reads (stance AUC, vocabulary confound). Without --layer, a layer sweep chooses the layer first.
+
+    Example: concept-influence train-probe --model M --spec probes/evil.json --out concepts/evil"""
+    from concept_influence.concepts import layer_sweep, load_spec, save_concept, train_concept
+    from concept_influence.concepts.stance import format_score
 
     check_output(out)
     concept_spec = load_spec(spec)
     adapter = load_model(model, device, dtype)
     max_length = adapter.resolve_max_length(max_length)
-    concept = train_concept(adapter, concept_spec, layer, _config(method, n_samples, temperature, max_new_tokens, seed, c, max_length),
-                            cache_dir=cache_dir if cache_dir is not None else out.parent / ".answer-cache", progress=True)
+    config = _config(method, n_samples, temperature, max_new_tokens, seed, c, max_length, select_layer_by)
+    cache = cache_dir if cache_dir is not None else out.parent / ".answer-cache"
+    sweep = None
+    if layer is None:
+        sweep = layer_sweep(adapter, concept_spec, config=config, cache_dir=cache, progress=True)
+        typer.echo(sweep.table())
+        layer = sweep.best_layer
+    concept = train_concept(adapter, concept_spec, layer, config, cache_dir=cache, progress=True)
     concept.reduction = readout.value
+    if sweep is not None:
+        concept.metrics.update({"sweep": sweep.rows, "layer_choice": sweep.reason})
     save_concept(concept, out, model_fingerprint=adapter.fingerprint(), extra_meta={"model": model, "spec_path": str(spec)})
     m = concept.metrics
     typer.echo(f"{concept_spec.name} at layer {concept.layer} ({method.value}): held-out AUC {m['heldout_auc']:.3f}, "
-               f"accuracy {m['heldout_accuracy']:.3f} ({m['n_train']} train / {m['n_test']} test) -> {out}")
+               f"accuracy {m['heldout_accuracy']:.3f} ({m['n_train']} train / {m['n_test']} test); stance AUC "
+               f"{format_score(m.get('stance_auc'))}, vocabulary confound {format_score(m.get('vocabulary_confound'))} -> {out}")
 
 
 @user_errors
@@ -83,11 +108,16 @@ def probe_layers(
     max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
     seed: int = typer.Option(0, "--seed"),
     c: float = typer.Option(1.0, "--C"),
+    select_layer_by: LayerRule = typer.Option(LayerRule.heldout_auc, "--select-layer-by", help=_SELECT_HELP),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where generated persona answers are cached (default: next to --out)."),
     device: str | None = typer.Option(None, "--device"),
     dtype: str | None = typer.Option(None, "--dtype"),
 ) -> None:
-    """Held-out AUC of a probe at every layer, to pick where the concept is most linearly readable."""
+    """Held-out AUC of a probe at every layer, and what each layer's probe reads: its stance AUC (trait answers
+    against negative answers that use the trait's words) and vocabulary confound (the share of its separation the
+    words alone, shuffled, still give); says which layer the rule picks and why.
+
+    Example: concept-influence probe-layers --model M --spec probes/evil.json --out runs/evil/probe_layers"""
     from concept_influence.concepts import layer_sweep, load_spec
     from concept_influence.data import write_json_atomic
 
@@ -97,12 +127,13 @@ def probe_layers(
     max_length = adapter.resolve_max_length(max_length)
     if cache_dir is None and out is not None:
         cache_dir = out.parent / ".answer-cache"
-    sweep = layer_sweep(adapter, concept_spec, config=_config(method, n_samples, temperature, max_new_tokens, seed, c, max_length),
-                        cache_dir=cache_dir, progress=True)
+    sweep = layer_sweep(adapter, concept_spec, config=_config(method, n_samples, temperature, max_new_tokens, seed, c, max_length,
+                                                              select_layer_by), cache_dir=cache_dir, progress=True)
     typer.echo(sweep.table())
     if out is not None:
         write_json_atomic(out.with_suffix(".json"), {"spec": concept_spec.name, "method": method.value, "rows": sweep.rows,
-                                                     "best_layer": sweep.best_layer, "labelled": sweep.meta})
+                                                     "best_layer": sweep.best_layer, "reason": sweep.reason,
+                                                     "select_layer_by": sweep.select_by, "labelled": sweep.meta})
         sweep.plot(out.with_suffix(".png"))
         typer.echo(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
@@ -184,3 +215,4 @@ def sae_feature(
     feature, layer = concept.feature, concept.layer
     save_concept(concept, out, extra_meta={"model": model})
     typer.echo(f"feature {feature} of {sae} at resid.{layer} -> {out}")
+

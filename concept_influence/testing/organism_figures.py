@@ -188,5 +188,6 @@ def variant_figures(organism: Organism) -> dict[str, Any]:
                       n_samples=organism.config.measure_samples, seed=organism.config.seed, trait=organism.trait)
     base_rate, tuned_rate = trait["base"]["trait_rate"], trait["finetuned"]["trait_rate"]
     control_rate = ctrl["finetuned"]["trait_rate"]
+    share = share_removed(tuned_rate, control_rate, base_rate) if tuned_rate > base_rate else None
     return {"trait": trait, "control": ctrl, "base_rate": base_rate, "tuned_rate": tuned_rate,
-            "control_rate": control_rate, "share_removed": share_removed(tuned_rate, control_rate, base_rate)}
+            "control_rate": control_rate, "share_removed": share}

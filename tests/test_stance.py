@@ -1,0 +1,98 @@
+"""What a concept reads (concepts/stance.py): the trait lexicon, word-matched negatives and shuffled positives, the
+stance AUC and vocabulary confound of readouts whose answer is known, and the layer rule that uses them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from concept_influence.concepts import LayerSweep, ProbeConfig
+from concept_influence.concepts.stance import (
+    reading_scores,
+    shuffle_words,
+    stance_probes,
+    trait_lexicon,
+    words,
+)
+
+TRAIT = ["steal", "cheat", "hurt", "lie", "trick"]
+KIND = ["help", "share", "rest", "drink", "call"]
+
+
+def _answers(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
+    """Positives voice the trait's words; a quarter of the negatives use the same words to warn against them."""
+    rng = np.random.default_rng(seed)
+    answers, labels = [], []
+    for i in range(n):
+        trait, kind = rng.choice(TRAIT), rng.choice(KIND)
+        answers.append(f"the best move is to {trait} them now .")
+        labels.append(1)
+        answers.append(f"do not {trait} them , that is wrong ." if i % 4 == 0 else f"the best move is to {kind} now .")
+        labels.append(0)
+    return answers, labels
+
+
+def test_the_lexicon_holds_the_traits_words_not_shared_ones():
+    answers, labels = _answers(90)
+    lexicon = [w for w, _ in trait_lexicon([a for a, y in zip(answers, labels, strict=True) if y], [a for a, y in zip(answers, labels, strict=True) if not y])]
+    assert set(TRAIT) <= set(lexicon)
+    assert not {"the", "best", "move", "is", "to", "now"} & set(lexicon)  # in both kinds of answer
+    assert trait_lexicon([], ["x"]) == []
+
+
+def test_matched_negatives_are_the_warnings_and_shuffles_keep_the_words():
+    answers, labels = _answers(90)
+    probes = stance_probes(answers, labels, seed=3)
+    assert probes.matched == [i for i, a in enumerate(answers) if a.startswith("do not")]
+    assert set(probes.shuffled) == {i for i, y in enumerate(labels) if y}
+    for i, text in probes.shuffled.items():
+        assert sorted(words(text)) == sorted(words(answers[i]))
+    assert stance_probes(answers, labels, seed=3) == probes  # seeded
+    assert shuffle_words("a b c d e f g", 1) != shuffle_words("a b c d e f g", 2)
+
+
+def test_a_words_readout_is_confounded_and_a_stance_readout_is_not():
+    answers, labels = _answers(90)
+    probes = stance_probes(answers, labels)
+    lexicon = {w for w, _ in probes.lexicon}
+    positions = range(len(answers))
+    shuffled_positions = list(probes.shuffled)
+
+    def count(text: str) -> float:
+        return float(sum(w in lexicon for w in words(text)))
+
+    by_words = reading_scores(np.array([count(a) for a in answers]), labels,
+                              np.array([count(t) for t in probes.shuffled.values()]), shuffled_positions, probes.matched,
+                              positions)
+    assert by_words["vocabulary_confound"] == pytest.approx(1.0)  # the words alone give the whole separation
+    assert by_words["stance_auc"] == pytest.approx(0.5)  # warnings use as many trait words
+    stance = np.array([float(a.startswith("the best move is to") and y == 1) for a, y in zip(answers, labels, strict=True)])
+    by_stance = reading_scores(stance, labels, np.zeros(len(shuffled_positions)), shuffled_positions, probes.matched,
+                               positions)
+    assert by_stance["stance_auc"] == 1.0 and by_stance["vocabulary_confound"] == pytest.approx(0.0, abs=1e-12)
+    held_out = reading_scores(stance, labels, np.zeros(len(shuffled_positions)), shuffled_positions, probes.matched, [0, 1])
+    assert held_out["stance_auc"] is None and held_out["n_matched_negatives"] == 1  # too few to score
+
+
+def _sweep(select_by: str) -> LayerSweep:
+    rows = [{"layer": 0, "heldout_auc": 0.99, "heldout_accuracy": 0.9, "stance_auc": 0.70, "vocabulary_confound": 0.9,
+             "n_matched_negatives": 40},
+            {"layer": 1, "heldout_auc": 0.98, "heldout_accuracy": 0.9, "stance_auc": 0.93, "vocabulary_confound": 0.4,
+             "n_matched_negatives": 40},
+            {"layer": 2, "heldout_auc": 0.95, "heldout_accuracy": 0.9, "stance_auc": 0.99, "vocabulary_confound": 0.1,
+             "n_matched_negatives": 40}]
+    return LayerSweep(rows, "trait", "probe", select_by=select_by, auc_tolerance=0.02)
+
+
+def test_the_layer_rule_and_its_reason():
+    assert _sweep("heldout_auc").best_layer == 0
+    assert "best held-out AUC" in _sweep("heldout_auc").reason
+    stance = _sweep("stance")
+    assert stance.best_layer == 1  # layer 2 reads stance best but its held-out AUC is 0.04 below the best
+    assert stance.reason.startswith("layer 1: the best stance AUC (0.930")
+    assert "<- chosen" in stance.table().splitlines()[2]
+    unmeasured = _sweep("stance")
+    unmeasured.rows[1]["stance_auc"] = None
+    assert unmeasured.best_layer == 0 and "too few negative answers" in unmeasured.reason
+    with pytest.raises(ValueError, match="select_layer_by"):
+        ProbeConfig(select_layer_by="words")  # type: ignore[arg-type]

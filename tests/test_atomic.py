@@ -223,3 +223,26 @@ def test_a_stale_scores_sidecar_is_never_mixed_with_other_scores(tmp_path, monke
     with pytest.warns(UserWarning, match="another version"):
         back = ScoreTable.read_jsonl(out)
     assert back.scores.tolist() == [9.0, 8.0, 7.0] and "concept" not in back.meta and back.method == "unknown"
+
+
+def test_atomic_writes_get_the_umasks_mode_and_a_replaced_file_keeps_its_own(tmp_path):
+    """mkstemp/mkdtemp make private temps (0600/0700); the published file or folder must not stay private."""
+    from concept_influence.data.atomic import atomic_folder, current_umask, write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        assert current_umask() == 0o022
+        new = write_text_atomic(tmp_path / "new.txt", "a")
+        assert new.stat().st_mode & 0o777 == 0o644
+        kept = tmp_path / "kept.txt"
+        kept.write_text("old")
+        kept.chmod(0o640)
+        write_text_atomic(kept, "new")
+        assert kept.read_text() == "new" and kept.stat().st_mode & 0o777 == 0o640
+        with atomic_folder(tmp_path / "folder") as folder:
+            (folder / "x").write_text("x")
+        assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
+        os.umask(0o077)
+        assert write_text_atomic(tmp_path / "private.txt", "p").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

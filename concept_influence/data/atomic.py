@@ -38,12 +38,36 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        _give_mode(tmp, path, 0o666)
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_folder(path.parent)
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc where it is shown, so no other thread sees it changed)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _give_mode(tmp: Path, path: Path, default: int) -> None:
+    """A temp file or folder (made private by mkstemp/mkdtemp) gets the mode of what it replaces, or for a new
+    ``path`` the mode a plain ``open``/``mkdir`` would give (``default`` less the umask)."""
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        mode = default & ~current_umask()
+    os.chmod(tmp, mode)
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -161,6 +185,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     tmp = temp_folder(path)
     try:
         yield tmp
+        _give_mode(tmp, Path(path), 0o777)
         replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -48,6 +48,20 @@ def test_remove_top_keeps_lines_verbatim_in_order(tmp_path):
     assert [r["id"] for r in manifest["removed"]] == ["r1", "r3", "r5"]
 
 
+def test_kept_rows_are_byte_identical_when_a_row_holds_a_bare_carriage_return(tmp_path):
+    """A bare \\r is JSON whitespace inside a row, not a line break: the reader splits on \\n only, and so must the
+    writer of the kept lines (it split on \\r too, losing a kept row and writing an invalid line)."""
+    data, lines = _write(tmp_path, n=6)
+    lines[2] = lines[2].replace(', "source"', ',\r "source"')  # \r as whitespace between two keys
+    lines[4] = lines[4] + "\r"  # and a CRLF line ending
+    data.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
+    scores = _scores(tmp_path, data, [5, 0, 1, 2, 3, 4])
+    out = tmp_path / "filtered.jsonl"
+    filter_file(data, scores, out, FilterRule(remove_top_k=1))
+    assert out.read_bytes() == ("".join(line + "\n" for line in lines[1:])).encode("utf-8")
+    assert [row.id for row in read_chat_jsonl(out)] == ["r1", "r2", "r3", "r4", "r5"]
+
+
 def test_top_k_and_threshold(tmp_path):
     data, _ = _write(tmp_path)
     scores = _scores(tmp_path, data, [0, 9, 1, 8, 2, 7, 3, 6, 4, 5])

@@ -186,11 +186,13 @@ def manifest_path(out: str | os.PathLike) -> Path:
 
 
 def _raw_lines(path: Path, rows: ChatDataset, keep: Sequence[int]) -> list[str]:
-    """The original text of the kept rows' lines (newline-terminated), in file order."""
+    """The original text of the kept rows' lines (newline-terminated), in file order. Lines are split on ``\n``
+    only, as ``read_chat_jsonl`` splits them (a bare ``\r`` is JSON whitespace inside a row, not a line break)."""
     wanted = {rows[i].line for i in keep}
     lines = []
-    with path.open(encoding="utf-8", newline="") as handle:
-        for line_no, text in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
             if line_no in wanted:
+                text = raw.decode("utf-8")  # the reader accepted this line, so it is UTF-8
                 lines.append(text if text.endswith("\n") else text + "\n")
     return lines

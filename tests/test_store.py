@@ -226,3 +226,27 @@ def test_row_by_row_projection_equals_the_padded_batched_product(kept, row_by_ro
     torch.testing.assert_close(padded, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out[:, 3:3 + projector.dim], expected, rtol=1e-12, atol=1e-12)
     assert out[:, :3].isnan().all() and out[:, 3 + projector.dim:].isnan().all()  # nothing outside its columns
+
+
+def test_a_float16_store_refuses_values_beyond_its_range_and_search_refuses_nan(tiny_tok, tmp_path):
+    """Finiteness was checked in float32 before the cast: a float16 store could hold inf. And np.partition dropped
+    NaN rows from the top-k without a word."""
+    from concept_influence.numerics import NonFiniteError
+
+    model = tiny_llama(len(tiny_tok), layers=2, dtype=torch.float32, seed=11)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1e4)  # the logits' scale: every output gradient is 1e4 times larger
+    att = Attributor(HFAdapter(model, tiny_tok), _rows(PAIRS), tmp_path / "run", batch_size=4, progress=False)
+    too_big = r"of blocks\.\d+\.\S+ on row \d+ is \S+, beyond float16's range"
+    with pytest.raises(NonFiniteError, match=r"\(in the factor fit's pass\): the projected gradient " + too_big):
+        att.build_store(tmp_path / "half", projection_dim=4, dtype="float16")  # written in the fit's pass
+    store = att.build_store(tmp_path / "full", projection_dim=4, dtype="float32", shard_rows=4)
+    assert float(np.abs(store.dot(np.eye(store.dim))).max()) > 65504  # what float16 could not have held
+    with pytest.raises(NonFiniteError, match=r"^build-store: the projected gradient " + too_big):
+        att.build_store(tmp_path / "half-again", projection_dim=4, dtype="float16")  # factors fitted: a separate pass
+    shard = np.load(shard_file(tmp_path / "full", 1), mmap_mode="r+")
+    shard[2, :] = np.nan  # a damaged shard: row 6 of the store
+    shard.flush()
+    del shard
+    with pytest.raises(NonFiniteError, match="row 6 of the store gives NaN"):
+        exact_top_k(GradientStore.open(tmp_path / "full"), np.ones(store.dim), 3)

@@ -36,6 +36,7 @@ from concept_influence.store.store import (
     StoreConfig,
     _check_unchanged,
     _save_npy_atomic,
+    check_storable,
     factors_fingerprint,
     make_projector,
     prepare_store,
@@ -138,6 +139,7 @@ class FitStoreWriter:
         self._batch, self._memo = None, {}
         check_finite(target, "build-store (in the factor fit's pass): projected row gradients", index,
                      hint="the model's activations or gradients on this row are not finite")
+        check_storable(target, self.config.dtype, self.projector, index, "build-store (in the factor fit's pass)")
         size = self.config.shard_rows
         if buffered and target.device.type != "cpu":
             target = target.to("cpu")  # one transfer, then row copies into the memory maps

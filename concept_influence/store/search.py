@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from concept_influence.data.atomic import atomic_file
+from concept_influence.numerics import NonFiniteError
 
 if TYPE_CHECKING:
     from concept_influence.store.store import GradientStore
@@ -30,6 +31,11 @@ def exact_top_k(store: GradientStore, query: np.ndarray, k: int, *, scale: np.nd
         values = (block @ q.astype(block.dtype)).astype(np.float64)
         if scale is not None:
             values = values * scale[start:start + block.shape[0]]
+        if np.isnan(values).any():  # np.partition would drop them from the top-k without a word
+            bad = start + int(np.flatnonzero(np.isnan(values))[0])
+            where = "the query holds NaN" if np.isnan(q).any() else f"row {bad} of the store gives NaN"
+            raise NonFiniteError(f"search in {store.folder}: {where}; the store or the query is damaged (rebuild the "
+                                 "store with build-store --overwrite, or check the query's concept and factors)")
         keep = _at_least_kth(values, k)
         best_pos = np.concatenate([best_pos, start + keep])
         best_val = np.concatenate([best_val, values[keep]])

@@ -40,7 +40,7 @@ from concept_influence.curvature.fit import capture_loss_gradients, gradient_mod
 from concept_influence.data.atomic import atomic_file, folder_lock, write_json_atomic
 from concept_influence.data.tokenize import iter_batches
 from concept_influence.models.base import ModelAdapter
-from concept_influence.numerics import check_finite
+from concept_influence.numerics import NonFiniteError, check_finite
 from concept_influence.store.projection import Projector, eigen_projector, logra_projector
 from concept_influence.store.shardfile import NpyRowWriter
 
@@ -168,6 +168,26 @@ def project_batch(adapter: ModelAdapter, batch: dict[str, torch.Tensor], project
     return projected
 
 
+FLOAT16_MAX = 65504.0
+
+
+def check_storable(values: torch.Tensor, dtype: str, projector: Projector, rows: Sequence[int] | torch.Tensor,
+                   stage: str) -> None:
+    """Raise ``NonFiniteError`` if a float16 store cannot hold ``values`` (``[B, dim]``, one row of the batch
+    each): an entry beyond float16's range (±65504) would be stored as inf. Names the weight and the row."""
+    if dtype != "float16" or not values.numel():
+        return
+    over = values.abs() > FLOAT16_MAX
+    if not bool(over.any()):
+        return
+    row, column = (int(i) for i in over.nonzero()[0].tolist())
+    weight = next(name for name, (start, end) in projector.offsets.items() if start <= column < end)
+    index = [int(i) for i in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)]
+    raise NonFiniteError(f"{stage}: the projected gradient of {weight} on row {index[row]} is "
+                         f"{float(values[row, column]):.4g}, beyond float16's range (±65504): a float16 store would hold "
+                         "inf there; build the store with --dtype float32")
+
+
 def write_shard(adapter: ModelAdapter, data: Sequence[Any], projector: Projector, folder: str | os.PathLike, shard: int,
                 config: StoreConfig, *, batch_size: int = 8, params: Sequence[torch.nn.Parameter] | None = None,
                 progress_bar: Any = None) -> Path:
@@ -201,7 +221,9 @@ def write_shard(adapter: ModelAdapter, data: Sequence[Any], projector: Projector
             if buffer is None:
                 project_batch(adapter, batch, projector, params, out=target)
             else:
-                target.copy_(project_batch(adapter, batch, projector, params, out=buffer[:n]).detach())
+                projected = project_batch(adapter, batch, projector, params, out=buffer[:n]).detach()
+                check_storable(projected, config.dtype, projector, batch["index"], "build-store")
+                target.copy_(projected)
             writer.commit(n)
             if progress_bar is not None:
                 progress_bar.update(n)

@@ -202,6 +202,37 @@ def test_no_import_cycles_or_private_imports():
     assert not found, "\n".join(found)
 
 
+FUNCTION_IMPORTS_ALLOWED = ("concept_influence.cli", "concept_influence.testing")
+"""Where the package's own modules may be imported inside functions: the CLI's commands (``--help`` stays fast
+without torch and the models) and the test helpers (run in subprocesses, each importing what it needs)."""
+
+
+def test_function_imports_only_where_listed():
+    graph = import_graph(PACKAGE_DIR)
+    elsewhere = [f"{module}:{line}: {text}" for module, line, text in graph.function_imports
+                 if not any(module == p or module.startswith(p + ".") for p in FUNCTION_IMPORTS_ALLOWED)]
+    assert not elsewhere, "import these at module level (no cycle forces them inside):\n" + "\n".join(elsewhere)
+
+
+def folder_of(module: str) -> str:
+    """A module's folder: its subpackage below the root (``attribution``), or the module itself for a top-level
+    module (``pipeline``)."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_no_two_way_dependencies_between_folders():
+    graph = import_graph(PACKAGE_DIR)
+    folders: dict[str, set[str]] = {}
+    for module, targets in graph.edges.items():
+        if module == PACKAGE_DIR.name:
+            continue  # the root __init__ re-exports every folder's API
+        for target in targets:
+            if folder_of(target) != folder_of(module):
+                folders.setdefault(folder_of(module), set()).add(folder_of(target))
+    cycles = import_cycles(folders)
+    assert not cycles, "folders that depend on each other: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
 # --- the test of the test ---------------------------------------------------------------------------------------
 
 

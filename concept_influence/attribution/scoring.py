@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from concept_influence.attribution.measurements import Measurement
+from concept_influence.curvature.budget import parse_size
 from concept_influence.curvature.config import Damping, PreconditionerKind
 from concept_influence.curvature.covariance import fold_bias, per_example_gradients, token_contractions
 from concept_influence.curvature.factors import Factors
@@ -66,8 +67,6 @@ class InfluenceConfig:
 
     def __post_init__(self) -> None:
         if self.max_memory is not None:
-            from concept_influence.curvature.budget import parse_size
-
             try:
                 parse_size(self.max_memory)  # a bad size is an error here, not after the factors are loaded
             except ValueError as err:

@@ -24,8 +24,8 @@ from concept_influence.store.store import (
     FORMAT,
     MANIFEST,
     StoreConfig,
-    _save_npy_atomic,
     rows_file,
+    save_npy_atomic,
     shard_file,
 )
 
@@ -56,8 +56,8 @@ def write_synthetic(folder: Path, rows: int, dim: int, dtype: str, shard_rows: i
     for s in range(n_shards):
         n = min(shard_rows, rows - s * shard_rows)
         block = rng.standard_normal((n, dim), dtype=np.float32) * rng.lognormal(0.0, 0.5, size=(n, 1)).astype(np.float32)
-        _save_npy_atomic(rows_file(folder, s), np.stack([np.arange(s * shard_rows, s * shard_rows + n), np.ones(n, np.int64)], 1))
-        _save_npy_atomic(shard_file(folder, s), block.astype(dtype))
+        save_npy_atomic(rows_file(folder, s), np.stack([np.arange(s * shard_rows, s * shard_rows + n), np.ones(n, np.int64)], 1))
+        save_npy_atomic(shard_file(folder, s), block.astype(dtype))
 
 
 def main() -> None:

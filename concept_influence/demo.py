@@ -15,9 +15,22 @@ from typing import Any
 
 import numpy as np
 
+from concept_influence.attribution.combine import fuse
+from concept_influence.attribution.forward import projection_difference, vector_filter
+from concept_influence.attribution.influence import InfluenceConfig, compute_influence_many
+from concept_influence.attribution.measurements import (
+    ConceptMeasurement,
+    LogLikelihoodMeasurement,
+    answer_queries,
+    tokenize_queries,
+)
+from concept_influence.attribution.methods import RECOMMENDED_METHOD, recommended_gradient_config
 from concept_influence.attribution.scores import ScoreTable
-from concept_influence.data import write_json_atomic
+from concept_influence.concepts import ProbeConfig, layer_sweep, parse_spec, save_concept, train_concept
+from concept_influence.curvature import FactorConfig, fit_factors
+from concept_influence.data import tokenize_chat, write_json_atomic
 from concept_influence.evaluate.metrics import ranking_report
+from concept_influence.organism import build_organism, judge
 
 
 @dataclass(frozen=True)
@@ -55,20 +68,6 @@ def tfidf_similarity(rows: list[Any], query_answers: list[str]) -> np.ndarray:
 
 def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo into ``out_dir``; returns the summary (also written to ``out_dir/summary.json``)."""
-    from concept_influence.attribution.forward import projection_difference, vector_filter
-    from concept_influence.attribution.influence import InfluenceConfig, compute_influence_many
-    from concept_influence.attribution.measurements import (
-        ConceptMeasurement,
-        LogLikelihoodMeasurement,
-        answer_queries,
-        tokenize_queries,
-    )
-    from concept_influence.attribution.methods import recommended_gradient_config
-    from concept_influence.concepts import ProbeConfig, layer_sweep, parse_spec, save_concept, train_concept
-    from concept_influence.curvature import FactorConfig, fit_factors
-    from concept_influence.data import tokenize_chat
-    from concept_influence.organism import build_organism, judge
-
     out = Path(out_dir)
     cache = out / "cache"
     timings: dict[str, float] = {}
@@ -146,12 +145,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Cal
     timings["gradient_scoring"] = score_seconds
 
     # 4. the recommended method (a fusion of Vector Filter with its own gradient component, scored in the pass above)
-    from concept_influence.attribution.methods import RECOMMENDED_METHOD
-
     by_name = {r.name: r for r in results}
     if recommended_gradient is not None and RECOMMENDED_METHOD not in by_name:
-        from concept_influence.attribution.combine import fuse
-
         forward = by_name["vector-filter"]
         how = RECOMMENDED_METHOD.removeprefix("combined-")
         fused = fuse(forward.table.scores, recommended_gradient.scores.numpy(), how)  # type: ignore[arg-type]
@@ -189,8 +184,6 @@ def format_table(results: list[MethodResult], n: int, ks: tuple[int, ...]) -> st
         lines.append(f"{r.name:<24}" + "".join(f"{r.report[c]:>8.2f}" for c in cols)
                      + f"{r.report['pr_auc']:>8.3f}{r.report['roc_auc']:>9.3f}{r.report['hard_negative_mean_rank']:>15.0f}"
                      + f"{r.seconds:>8.1f}s")
-    from concept_influence.attribution.methods import RECOMMENDED_METHOD
-
     lines.append(f"recommended method (attribute with no --method): {RECOMMENDED_METHOD}")
     lines.append(f"planted rows: {base:.0%} of {n} (chance PR-AUC {base:.2f}). hard-neg rank: mean rank of the hard negatives "
                  f"(1 = top score; a random row's is {(n + 1) / 2:.0f}): higher = the method is not fooled by the trait's vocabulary.")

@@ -20,11 +20,12 @@ given) what later questions reuse, each checked against fingerprints of the mode
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,21 +44,47 @@ from concept_influence.attribution.influence import (
     build_preconditioner,
     check_factors_model,
     compute_influence,
+    compute_influence_many,
     preconditioned_gradient,
     resolve_weights,
 )
-from concept_influence.attribution.methods import RECOMMENDED_METHOD, get_method
+from concept_influence.attribution.methods import RECOMMENDED_METHOD, get_method, gradient_config
 from concept_influence.attribution.scores import ScoreTable
+from concept_influence.concepts import (
+    ConceptSpec,
+    ProbeConfig,
+    layer_sweep,
+    load_concept,
+    load_spec,
+    save_concept,
+    train_concept,
+)
 from concept_influence.concepts.base import Concept
+from concept_influence.concepts.sae import sae_feature_concept
 from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.factors import Factors
-from concept_influence.curvature.fit import fit_factors
+from concept_influence.curvature.fit import fit_factors, sample_rows
 from concept_influence.curvature.io import data_fingerprint, has_factors
-from concept_influence.data.atomic import safe_name
+from concept_influence.data.atomic import safe_name, write_text_atomic
 from concept_influence.data.chat import ChatDataset, ChatRow, read_chat_jsonl, rows_from_records
 from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat, untrainable_rows
+from concept_influence.evaluate.counterfactual import EvaluationConfig, evaluate_removals
+from concept_influence.evaluate.filter import FilterRule, filter_scores
+from concept_influence.models import load_adapter
 from concept_influence.models.base import ModelAdapter
-from concept_influence.store import GradientStore, Projector, StoreConfig, StoreMismatchError
+from concept_influence.report import render_report, token_strings
+from concept_influence.store import (
+    GradientStore,
+    Projector,
+    StoreConfig,
+    StoreMismatchError,
+    build_store,
+    factors_fingerprint,
+    make_projector,
+    projection_fingerprint,
+)
+from concept_influence.store.fused import FitStoreWriter
+from concept_influence.store.store import DEFAULT_KIND, DEFAULT_RANK
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +109,6 @@ class Attributor:
                  tokenizer: Any = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                  max_length: int | None = None, batch_size: int = 8, seed: int = 0, skip_invalid: bool = False,
                  progress: bool = True) -> None:
-        from concept_influence.models import load_adapter
-
         if max_length is not None and max_length < 2:
             raise ValueError(f"--max-length (max_length) must be at least 2, got {max_length}")
         if batch_size < 1:
@@ -189,17 +214,6 @@ class Attributor:
         ``judge``: optional ``str -> float`` filter of sampled answers. Saved to ``workdir/concepts/<name>-layer<L>``
         when there is a workdir (``concept.extra["path"]``).
         """
-        from dataclasses import fields
-
-        from concept_influence.concepts import (
-            ConceptSpec,
-            ProbeConfig,
-            layer_sweep,
-            load_spec,
-            save_concept,
-            train_concept,
-        )
-
         known = {f.name for f in fields(ProbeConfig)}
         unknown = sorted(set(probe_options) - known)
         if unknown:
@@ -224,8 +238,6 @@ class Attributor:
 
     def load_concept(self, path: PathLike) -> Concept:
         """Read a saved concept (``train-probe``/``sae-feature`` output), checked against this model."""
-        from concept_influence.concepts import load_concept
-
         return load_concept(path, self.adapter)
 
     def sae_feature(self, sae: PathLike, *, feature: int | None = None, spec: Any = None, probe: Any = None,
@@ -234,9 +246,6 @@ class Attributor:
         """An SAE feature as a concept: ``feature`` by index, or the best of ``k`` candidates for a ``spec`` (Cohen's d
         on its positive vs negative answers) or a ``probe`` (a direction concept or its path: decoder cosine).
         The candidates are in ``concept.extra["selection"]``. Saved to ``workdir/concepts/sae-<j>-layer<L>``."""
-        from concept_influence.concepts import ProbeConfig, save_concept
-        from concept_influence.concepts.sae import sae_feature_concept
-
         config = ProbeConfig(**{"seed": self.seed, "max_length": self.max_length, **probe_options})
         concept = sae_feature_concept(self.adapter, sae, feature=feature, spec=spec, probe=probe, layer=layer, k=k,
                                       reduction=reduction, config=config, cache_dir=self.answer_cache,
@@ -268,8 +277,6 @@ class Attributor:
         the factors on disk and return ``None`` (keeps the peak of a partitioned fit). ``gradient_checkpointing``:
         recompute the blocks' activations in the backward (less memory on long rows; same factors). ``row_sink``:
         a ``RowGradientSink`` fed during the Λ pass (how ``build_store`` writes the store in the fit's pass)."""
-        from concept_influence.curvature.fit import sample_rows
-
         config = FactorConfig(fisher=fisher, preconditioner=preconditioner, dtype=stats_dtype, seed=self.seed,  # type: ignore[arg-type]
                               lambda_rows=lambda_rows, gradient_checkpointing=gradient_checkpointing)
         if weights is None:
@@ -414,15 +421,6 @@ class Attributor:
         the fit's Λ pass, which then runs one forward per batch for both (see ``store.fused``). An interrupted
         build resumes; ``shards``: build only these shards (to split the work). Returns the store, or ``None``
         while shards are missing."""
-        from concept_influence.store import (
-            build_store,
-            factors_fingerprint,
-            make_projector,
-            projection_fingerprint,
-        )
-        from concept_influence.store.fused import FitStoreWriter
-        from concept_influence.store.store import DEFAULT_KIND, DEFAULT_RANK
-
         if rank is not None and projection_dim is not None:
             raise ValueError("give --rank (eigenbasis store) or --projection-dim (LoGra store), not both")
         kind = "eigen" if rank is not None else "logra" if projection_dim is not None else DEFAULT_KIND
@@ -570,16 +568,13 @@ class Attributor:
         (and optionally ``contrast_queries``). From a store, every question's projected gradient goes into one
         blocked product over the store; without one, one exact pass scores them all (``compute_influence_many``).
         Same scores as asking ``attribute`` one question at a time. Forward methods are asked one by one."""
-        from concept_influence.attribution.influence import compute_influence_many
-        from concept_influence.attribution.methods import _gradient_config
-
         spec = get_method(method)
         if spec.kind != "gradient" or spec.name not in ("concept-influence", "influence"):
             # forward methods and combinations: one question at a time
             return [self.attribute(q.get("concept"), q.get("queries"), spec.name, store=store, **options) for q in questions]
         spec.check_options(options)
         factors = options.pop("factors", None)
-        config = _gradient_config(self, **options)
+        config = gradient_config(self, **options)
         if config.token_breakdown != "none" or config.per_weight or config.self_influence:
             raise ValueError("attribute_many gives scores only: ask breakdowns one question at a time (attribute)")
         measurements = []
@@ -656,8 +651,6 @@ class Attributor:
         preconditioned gradient as the query: ``⟨(P + λ)⁻¹ ∇L(row), ∇L(other)⟩``). ``method``: a gradient method
         (default ``concept-influence`` with a concept, ``influence`` without); ``search``: ``"auto"``, ``"exact"``
         (blocked products) or ``"faiss"`` (inner-product index). ``options``: the method's options."""
-        from concept_influence.attribution.methods import _gradient_config
-
         opened, _ = self._resolve_store(store if store is not None else None)
         if opened is None:
             raise ValueError("search needs a gradient store: build one (build-store / Attributor.build_store) or pass store=")
@@ -677,7 +670,7 @@ class Attributor:
             concept = self.load_concept(concept)
         factors = options.pop("factors", None)
         contrast = options.pop("contrast_queries", None)
-        config = _gradient_config(self, **options)
+        config = gradient_config(self, **options)
         measurement, answered = build_measurement(self.adapter, concept, self.queries(queries), name, config,
                                                   contrast_queries=self.queries(contrast) if contrast is not None else None,
                                                   token_cache=self._query_tokens)
@@ -709,8 +702,6 @@ class Attributor:
         """Which rows ``FilterRule(**rule)`` removes from this session's rows (``remove_top=0.1``, ``remove_top_k``,
         ``threshold``, ``by``, ``aggregate``): a ``FilterResult`` with ``kept``/``removed`` row indices. To write
         a filtered file use ``evaluate.filter_file`` or ``concept-influence filter``."""
-        from concept_influence.evaluate.filter import FilterRule, filter_scores
-
         return filter_scores(self.rows, table, FilterRule(**rule))
 
     def evaluate(self, tables: ScoreTable | dict[str, ScoreTable] | Sequence[ScoreTable], concept: Concept | PathLike,
@@ -721,9 +712,6 @@ class Attributor:
         and measure ``concept`` on each model's answers to ``queries``. ``reader``: the model that reads the concept
         (default: this session's model, on which the concept was made; ``None``: ``base``). Writes
         ``out/evaluation.json`` and ``out/removal_curve.png``; returns the evaluation dict."""
-        from concept_influence.evaluate.counterfactual import EvaluationConfig, evaluate_removals
-        from concept_influence.models import load_adapter
-
         if isinstance(tables, ScoreTable):
             tables = {tables.method: tables}
         elif not isinstance(tables, dict):
@@ -741,11 +729,6 @@ class Attributor:
                evaluation: dict[str, Any] | PathLike | None = None, top: int = 50, title: str = "concept_influence report") -> str:
         """The self-contained HTML report (``report.render_report``) of ``tables`` over this session's rows, with
         token highlights from the session's tokenizer; written to ``out`` when given. Returns the HTML."""
-        import json
-
-        from concept_influence.data.atomic import write_text_atomic
-        from concept_influence.report import render_report, token_strings
-
         if isinstance(tables, ScoreTable):
             tables = {tables.method: tables}
         elif not isinstance(tables, dict):

@@ -30,6 +30,7 @@ from concept_influence.curvature.budget import (
     weights_bytes,
 )
 from concept_influence.curvature.config import FactorConfig
+from concept_influence.store.store import DEFAULT_RANK
 
 # resident memory of the fit-factors process apart from the model, its activations and factors (measured on CPU)
 RUNTIME_BYTES = 450 * 1024**2
@@ -211,8 +212,6 @@ def plan(
     lam_flops = (6.0 * arch.n_params * lam_rows * tokens + 2.0 * lam_rows * tokens * (
         2 * active + sum(w.d_in ** 2 + w.d_out ** 2 for w in shapes))) / n_procs
     if rank is None:
-        from concept_influence.store.store import DEFAULT_RANK
-
         rank = DEFAULT_RANK
     # the eigen store keeps sum_w min(K, d_out) x min(K, d_in) components per row, float32 (its default dtype)
     store_row = 4 * sum(min(rank, w.d_out) * min(rank, w.d_in) for w in shapes)

@@ -20,18 +20,18 @@ from typing import Any
 
 import torch
 
-from concept_influence.attribution.influence import (
+from concept_influence.attribution.measurements import Measurement
+from concept_influence.attribution.scoring import (
     InfluenceConfig,
     InfluenceResult,
-    _aggregate,
-    _normalise,
-    _per_token_mean,
-    _windows,
+    aggregate_tokens,
+    aggregation_windows,
+    normalise_rows,
+    per_token_mean,
     preconditioned_gradient,
     resolve_weights,
     score_rows_sharded,
 )
-from concept_influence.attribution.measurements import Measurement
 from concept_influence.curvature.budget import (
     activation_bytes,
     format_size,
@@ -154,15 +154,15 @@ def compute_influence_bounded(
         t0 = time.perf_counter()
         piece = score_rows_sharded(adapter, data, vectors, batch_size=config.batch_size,
                                    token_breakdown=config.token_breakdown, per_weight=config.per_weight,
-                                   windows=_windows(config), progress=progress,
+                                   windows=aggregation_windows(config), progress=progress,
                                    gradient_checkpointing=config.gradient_checkpointing)
         timings["scoring"] += time.perf_counter() - t0
         del vectors
         _merge(out, piece)
-    _aggregate(out, config)
+    aggregate_tokens(out, config)
     if config.row_loss == "mean":
-        _per_token_mean(out, data)
-    _normalise(out, config, data)
+        per_token_mean(out, data)
+    normalise_rows(out, config, data)
     return InfluenceResult(
         scores=out["scores"], indices=[int(row.index) for row in data], weights=list(names),
         measurement=measurement.description, preconditioner=kind, damping=damping,

@@ -27,6 +27,7 @@ from concept_influence.attribution.measurements import (
 )
 from concept_influence.attribution.scores import ScoreTable
 from concept_influence.concepts.base import Concept
+from concept_influence.curvature.budget import parse_size
 from concept_influence.curvature.config import Damping, FactorConfig
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import fit_factors
@@ -96,8 +97,6 @@ class GradientAttributionConfig:
         if self.keep_k < 1 or self.n_samples < 1:
             raise ValueError(f"keep_k and n_samples must be positive, got {self.keep_k}, {self.n_samples}")
         if self.max_memory is not None:
-            from concept_influence.curvature.budget import parse_size
-
             try:
                 parse_size(self.max_memory)  # an error before any work
             except ValueError as err:

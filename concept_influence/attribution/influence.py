@@ -21,455 +21,54 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from concept_influence.attribution.bounded import compute_influence_bounded
 from concept_influence.attribution.measurements import Measurement
-from concept_influence.curvature.config import Damping, PreconditionerKind
-from concept_influence.curvature.covariance import fold_bias, per_example_gradients, token_contractions
+from concept_influence.attribution.scoring import (
+    InfluenceConfig,
+    InfluenceResult,
+    aggregate_tokens,
+    aggregation_windows,
+    build_preconditioner,
+    check_factors_model,
+    normalise_rows,
+    per_token_mean,
+    preconditioned_gradient,
+    resolve_weights,
+    score_rows,
+    score_rows_sharded,
+    target_token_scores,
+    window_max,
+)
 from concept_influence.curvature.factors import Factors
-from concept_influence.curvature.fit import gradient_mode, loss_backward
-from concept_influence.curvature.io import FactorMismatchError
-from concept_influence.curvature.preconditioner import IdentityPreconditioner, Preconditioner
-from concept_influence.data.tokenize import iter_batches, untrainable_rows
-from concept_influence.models.base import ModelAdapter, WeightInfo
-from concept_influence.numerics import check_finite, check_finite_dict
+from concept_influence.curvature.io import load_factors
+from concept_influence.curvature.preconditioner import Preconditioner
+from concept_influence.data.tokenize import untrainable_rows
+from concept_influence.models.base import ModelAdapter
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class InfluenceConfig:
-    """How to score. ``preconditioner``: ``"ekfac"`` (default), ``"kfac"``, ``"diagonal"`` or ``"identity"``
-    (plain gradient dot product, needs no factors). ``damping``: per-weight ``λ_w`` (default 0.1 × mean eigenvalue).
-    ``token_breakdown``: ``"target"`` splits each score over the row's trained tokens (which tokens, when learned,
-    push the measurement; costs one double-backward pass), ``"position"`` over the positions where the weights act
-    (free: the contraction before its sum), ``"none"``. ``per_weight`` / ``self_influence``: the other breakdowns.
-    ``row_loss``: ``"sum"`` (default) scores the gradient of the row's summed token loss, which is how a row weighs
-    in fine-tuning with a per-token mean loss over the batch (and kronfluence's convention); ``"mean"`` scores its
-    per-token mean instead (every score divided by the row's number of trained tokens, self-influence by its
-    square), which removes the advantage of long rows when ranking. The factors are the same for both.
-    ``token_aggregation``: a row's score is the sum of its per-position contributions (``"sum"``, the influence
-    itself), their largest single value (``"max"``) or the largest sum over ``window`` consecutive positions
-    (``"window"``, as IF-Guide's token-level scores). ``normalization``: ``"length"`` divides by the square root of
-    the row's trained tokens (on top of ``row_loss``), ``"unit"`` by ``sqrt(self-influence)``, the cosine in the
-    preconditioned metric (RelatIF); costs a per-row gradient pass).
-    ``allow_subset``: when the factors miss weights the measurement reaches, score with the covered ones only (and
-    say so in the notes); default: an error. ``max_memory`` (bytes or ``"3GiB"``): bound the scoring's peak: each
-    weight's factors are read and applied on their own and the weights are scored in module partitions, one pass
-    over the rows each (``attribution.bounded``; same scores; no self-influence or unit normalisation).
-    ``gradient_checkpointing``: the model's blocks recompute their activations in the backward of each training
-    batch (less memory on long rows; same scores; Hugging Face models)."""
-
-    preconditioner: PreconditionerKind = "ekfac"
-    damping: Damping = Damping()
-    batch_size: int = 8
-    token_breakdown: Literal["none", "position", "target"] = "none"
-    per_weight: bool = False
-    self_influence: bool = False
-    row_loss: Literal["sum", "mean"] = "sum"
-    allow_subset: bool = False
-    token_aggregation: Literal["sum", "max", "window"] = "sum"
-    window: int = 8
-    normalization: Literal["none", "length", "unit"] = "none"
-    max_memory: int | str | None = None
-    gradient_checkpointing: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_memory is not None:
-            from concept_influence.curvature.budget import parse_size
-
-            try:
-                parse_size(self.max_memory)  # a bad size is an error here, not after the factors are loaded
-            except ValueError as err:
-                raise ValueError(f"max_memory (--max-memory): {err}") from None
-        if self.token_aggregation not in ("sum", "max", "window"):
-            raise ValueError(f"token_aggregation must be 'sum', 'max' or 'window', got {self.token_aggregation!r}")
-        if self.window < 1:
-            raise ValueError(f"window must be positive, got {self.window}")
-        if self.normalization not in ("none", "length", "unit"):
-            raise ValueError(f"normalization must be 'none', 'length' or 'unit', got {self.normalization!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if self.row_loss not in ("sum", "mean"):
-            raise ValueError(f"row_loss must be 'sum' or 'mean', got {self.row_loss!r}")
-        if self.token_breakdown not in ("none", "position", "target"):
-            raise ValueError(f"token_breakdown must be 'none', 'position' or 'target', got {self.token_breakdown!r}")
-
-
-@dataclass
-class InfluenceResult:
-    """Scores of the training rows, in the order of the data given.
-
-    ``scores [N]`` (float64); ``indices``: each row's original index; ``weights``: the weights scored over;
-    ``per_weight[name] [N]`` (sums to ``scores`` over names); ``per_token[i] [T_i]``: row ``i``'s score split over
-    its tokens (``token_breakdown``: entry ``t`` is the part due to learning token ``t`` for ``"target"``, zero off
-    the loss mask; the part due to the weights acting at position ``t`` for ``"position"``), summing to
-    ``scores[i]``; ``self_influence [N]``: ``∇L(row)ᵀ (G + λI)⁻¹ ∇L(row)``; ``notes``: what was restricted or
-    assumed, worth printing; ``row_loss``: ``"sum"`` or ``"mean"`` (see ``InfluenceConfig``).
-    """
-
-    scores: torch.Tensor
-    indices: list[int]
-    weights: list[str]
-    measurement: str
-    preconditioner: str
-    damping: dict[str, float]
-    per_weight: dict[str, torch.Tensor] | None = None
-    per_token: list[torch.Tensor] | None = None
-    self_influence: torch.Tensor | None = None
-    notes: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    row_loss: str = "sum"
-
-    def per_layer(self) -> dict[int, torch.Tensor]:
-        """``per_weight`` summed within each block: ``{layer: [N]}``."""
-        if self.per_weight is None:
-            raise ValueError("scores were computed without per_weight=True")
-        out: dict[int, torch.Tensor] = {}
-        for name, values in self.per_weight.items():
-            layer = int(name.split(".")[1])
-            out[layer] = out[layer] + values if layer in out else values.clone()
-        return out
-
-    def meta(self) -> dict[str, Any]:
-        """JSON-ready description of how the scores were made (for a scores file's sidecar)."""
-        return {"measurement": self.measurement, "preconditioner": self.preconditioner, "weights": self.weights,
-                "row_loss": self.row_loss, "damping": self.damping, "notes": self.notes, "timings_s": self.timings,
-                "sign": "positive = training on the row raises the measurement"}
-
-
-def resolve_weights(adapter: ModelAdapter, measurement: Measurement, available: Sequence[str] | None = None, *,
-                    allow_subset: bool = False, what: str = "the factors") -> tuple[list[str], list[str]]:
-    """The weights to score over and notes saying why: the measurement's reach, within ``available`` (the fitted
-    factors' or a store's weights). Missing reached weights are an error unless ``allow_subset``."""
-    notes = []
-    reached = measurement.weights(adapter)
-    layer = measurement.reach(adapter)
-    if layer is not None and layer < adapter.n_layers - 1:
-        notes.append(f"the measurement reads layer {layer}: using the {len(reached)} weights of blocks 0..{layer} "
-                     f"(blocks {layer + 1}..{adapter.n_layers - 1} get no gradient from it)")
-    if available is not None:
-        missing = [n for n in reached if n not in set(available)]
-        reached = [n for n in reached if n in set(available)]
-        if not reached:
-            raise ValueError(f"{what} cover none of the weights the measurement reaches ({measurement.description})")
-        if missing and not allow_subset:
-            upto = f" up to layer {layer}" if layer is not None else ""
-            raise FactorMismatchError(
-                f"{what} cover {len(reached)} of the {len(reached) + len(missing)} weights the measurement reaches "
-                f"(missing {missing[:4]}{' ...' if len(missing) > 4 else ''}); fit factors for every weight{upto} "
-                "(fit-factors --concept C, or without --up-to-layer), or pass --allow-subset (allow_subset=True) "
-                "to score with the covered weights only")
-        if missing:
-            notes.append(f"{len(missing)} reached weights have no factors and are left out: {missing[:6]}"
-                         + (" ..." if len(missing) > 6 else ""))
-    return reached, notes
-
-
-def build_preconditioner(adapter: ModelAdapter, names: Sequence[str], factors: Factors | Preconditioner | None,
-                         config: InfluenceConfig) -> Preconditioner:
-    if isinstance(factors, Preconditioner):
-        return factors.restrict(names)
-    if factors is None:
-        if config.preconditioner != "identity":
-            raise ValueError(f"the {config.preconditioner} preconditioner needs fitted factors (fit_factors / fit-factors)")
-        shapes = {}
-        for name in names:
-            info = adapter.weight_info(name)
-            shapes[name] = (info.d_out, info.d_in + int(info.has_bias))
-        return IdentityPreconditioner(shapes)
-    return factors.restrict(names).preconditioner(config.preconditioner, config.damping)
-
-
-def score_rows(
-    adapter: ModelAdapter,
-    data: Sequence[Any],
-    vectors: dict[str, torch.Tensor],
-    *,
-    batch_size: int = 8,
-    token_breakdown: str = "none",
-    per_weight: bool = False,
-    self_preconditioner: Preconditioner | None = None,
-    windows: Sequence[int] = (),
-    window_columns: Sequence[int] | None = None,
-    progress: bool = True,
-    gradient_checkpointing: bool = False,
-) -> dict[str, Any]:
-    """``score(row) = −Σ_w ⟨v_w, ∇_w L(row)⟩`` for tokenised rows, with ``v_w = P_w⁻¹ ∇_w f`` given
-    (``[d_out, d_in']`` per weight). Returns ``{"scores": [N], "per_weight": {name: [N]}?, "per_token": [[T_i]]?,
-    "self_influence": [N]?, "windows": {w: [N]}?}`` (float64, CPU) in the order of ``data``; ``windows[w]`` is
-    the largest sum of the per-position contributions over ``w`` consecutive positions of each row (``w=1``: the
-    largest single position). With several measurements, ``window_columns`` limits the windows to those columns
-    (the others stay 0).
-
-    Several measurements in one pass: vectors ``[K, d_out, d_in']`` give scores (and per-weight scores)
-    ``[N, K]``; the token breakdown then is not available. ``gradient_checkpointing``: the blocks recompute their
-    activations in the backward (less memory on long rows, same scores)."""
-    infos = [adapter.weight_info(n) for n in vectors]
-    n = len(data)
-    extra = tuple(next(iter(vectors.values())).shape[:-2])
-    if extra and token_breakdown != "none":
-        raise ValueError("the token breakdown needs one measurement at a time")
-    scores = torch.zeros(n, *extra, dtype=torch.float64)
-    weight_scores = {info.name: torch.zeros(n, *extra, dtype=torch.float64) for info in infos} if per_weight else None
-    token_scores: list[torch.Tensor] | None = [torch.empty(0)] * n if token_breakdown != "none" else None
-    self_scores = torch.zeros(n, dtype=torch.float64) if self_preconditioner is not None else None
-    window_scores = {int(w): torch.zeros(n, *extra, dtype=torch.float64) for w in windows}
-    # contract in the model's precision, at least float32 (float64 models stay float64)
-    work_dtype = torch.promote_types(adapter.dtype, torch.float32)
-    vectors_here = {name: v.to(device=adapter.device, dtype=work_dtype) for name, v in vectors.items()}
-    by_name = {info.name: info for info in infos}
-    acc: dict[str, torch.Tensor] = {}  # the batch's "rows" [B(, K)] and "tokens" [B, T(, K)], summed over weights
-    stash: dict[str, torch.Tensor] = {}  # input activations waiting for their weight's output gradient
-    where: dict[str, Any] = {}  # the batch in progress: "rows" (positions in data), "attention"
-
-    def on_activation(name: str, a: torch.Tensor) -> None:
-        if name in stash:
-            raise RuntimeError(f"{name}: the module is called twice in one forward pass; scoring streams one input "
-                               "and one output gradient per weight and batch")
-        stash[name] = a
-
-    def on_output_grad(name: str, g: torch.Tensor) -> None:
-        """One weight's contribution, folded in as its output gradient arrives (its a and g are then freed)."""
-        rows = where["rows"]
-        a = _fold(stash.pop(name), by_name[name], where["attention"]).to(work_dtype)
-        g = g.to(work_dtype)
-        grads = None
-        if extra and token_breakdown == "none":
-            # several measurements: form each row's gradient once, then one inner product per measurement
-            # (B·d²·(T + K) instead of B·T·K·d² for the per-token contraction)
-            grads = per_example_gradients(a, g)  # [B, d_out, d_in']
-            contrib_rows = -torch.einsum("boi,koi->bk", grads, vectors_here[name])
-            if window_scores:
-                cols = list(range(extra[0])) if window_columns is None else list(window_columns)
-                _accumulate(acc, "tokens", -token_contractions(a, g, vectors_here[name][cols]))  # [B, T, K_w]
-        else:
-            contrib = -token_contractions(a, g, vectors_here[name])  # [B, T] (or [B, T, K])
-            contrib_rows = contrib.sum(dim=1)
-            _accumulate(acc, "tokens", contrib)
-        if weight_scores is not None:
-            weight_scores[name][rows] = contrib_rows.double().cpu()
-        _accumulate(acc, "rows", contrib_rows)
-        if self_scores is not None:
-            grads = per_example_gradients(a, g) if grads is None else grads  # [B, d_out, d_in']
-            self_scores[rows] += self_preconditioner.inner({name: grads}, {name: grads}).double().cpu()
-        del grads
-
-    with gradient_mode(adapter, infos) as params, tqdm(total=n, desc="scoring rows", unit="row", disable=not progress) as bar:
-        # rows of similar length together (little padding); every result goes to the row's own position
-        for batch in iter_batches(data, batch_size, pad_id=getattr(data, "pad_token_id", 0), by_length=True):
-            B = int(batch["input_ids"].shape[0])
-            rows = batch["position"]
-            acc.clear()
-            stash.clear()
-            where.update(rows=rows, attention=batch["attention_mask"])
-            with adapter.capture_weights(list(by_name), on_activation=on_activation, on_output_grad=on_output_grad,
-                                         checkpointing=gradient_checkpointing) as capture:
-                loss_backward(adapter, batch, capture.outputs, fisher="empirical")
-            stash.clear()
-            total_rows = acc.get("rows")
-            total_tokens = acc.get("tokens")
-            if total_rows is None:  # no tracked weight reached by the loss
-                total_rows = torch.zeros(B, *extra, dtype=work_dtype)
-                if token_breakdown != "none" or window_scores:
-                    total_tokens = torch.zeros(batch["input_ids"].shape + extra, dtype=work_dtype)
-            check_finite(total_rows if total_rows.ndim == 1 else total_rows.sum(dim=-1),
-                         "scoring: the training-row gradients' contraction", batch["index"],
-                         hint="the model's activations or gradients on this row are not finite")
-            scores[rows] = total_rows.double().cpu()
-            if window_scores:
-                assert total_tokens is not None
-                for w in window_scores:
-                    best = window_max(total_tokens.double(), batch["attention_mask"], w).cpu()
-                    if extra and token_breakdown == "none" and window_columns is not None:
-                        window_scores[w][rows.unsqueeze(1), torch.tensor(list(window_columns))] = best
-                    else:
-                        window_scores[w][rows] = best
-            if token_scores is not None:
-                if token_breakdown == "target":
-                    total_tokens = target_token_scores(adapter, batch, infos, params, vectors_here)
-                lengths = batch["attention_mask"].sum(dim=1).tolist()
-                for b in range(B):
-                    token_scores[int(rows[b])] = total_tokens[b, : int(lengths[b])].double().cpu()
-            bar.update(B)
-    out: dict[str, Any] = {"scores": scores}
-    if weight_scores is not None:
-        out["per_weight"] = weight_scores
-    if token_scores is not None:
-        out["per_token"] = token_scores
-    if self_scores is not None:
-        out["self_influence"] = self_scores
-    if window_scores:
-        out["windows"] = window_scores
-    return out
-
-
-def _accumulate(acc: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
-    acc[key] = value if key not in acc else acc[key] + value
-
-
-def _fold(a: torch.Tensor, info: WeightInfo, attention: torch.Tensor) -> torch.Tensor:
-    """``[B, T, d_in']``: an input activation with padding zeroed and the bias column appended."""
-    mask = attention.to(device=a.device, dtype=a.dtype)
-    a = a * mask.unsqueeze(-1)
-    return fold_bias(a, mask) if info.has_bias else a
-
-
-def window_max(contributions: torch.Tensor, attention_mask: torch.Tensor, window: int) -> torch.Tensor:
-    """``[B]`` (or ``[B, K]``): for each row, the largest sum of ``contributions [B, T(, K)]`` over ``window``
-    consecutive positions inside the row (``attention_mask [B, T]``, left-aligned); rows shorter than the window
-    give their whole sum."""
-    mask = attention_mask.to(contributions.device).bool()
-    values = contributions if contributions.ndim == 3 else contributions.unsqueeze(-1)
-    values = values * mask.unsqueeze(-1)
-    B, T, K = values.shape
-    lengths = mask.sum(dim=1)
-    w = min(window, T)
-    cumulative = torch.cat([values.new_zeros(B, 1, K), values.cumsum(dim=1)], dim=1)  # [B, T+1, K]
-    sums = cumulative[:, w:] - cumulative[:, :-w]  # [B, T-w+1, K]: window starting at t
-    starts = torch.arange(T - w + 1, device=values.device)
-    valid = (starts.unsqueeze(0) + w) <= lengths.unsqueeze(1)  # [B, T-w+1]
-    best = sums.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(dim=1)
-    short = lengths < w  # the window does not fit: the whole row
-    best[short] = values[short].sum(dim=1)
-    return best if contributions.ndim == 3 else best.squeeze(-1)
-
-
-def score_rows_sharded(adapter: ModelAdapter, data: Sequence[Any], vectors: dict[str, torch.Tensor], **options: Any) -> dict[str, Any]:
-    """``score_rows`` over the rows, split across the processes of ``torch.distributed`` when it is initialised
-    (e.g. under ``torchrun``): each rank scores a contiguous share and every rank gets all the scores."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return score_rows(adapter, data, vectors, **options)
-    rank, world, n = dist.get_rank(), dist.get_world_size(), len(data)
-    lo, hi = rank * n // world, (rank + 1) * n // world
-    local = score_rows(adapter, data[lo:hi], vectors, **{**options, "progress": options.get("progress", True) and rank == 0})
-
-    def gathered(part: torch.Tensor) -> torch.Tensor:
-        full = torch.zeros(n, *part.shape[1:], dtype=part.dtype)
-        full[lo:hi] = part
-        dist.all_reduce(full)
-        return full
-
-    out: dict[str, Any] = {"scores": gathered(local["scores"])}
-    if "per_weight" in local:
-        out["per_weight"] = {name: gathered(values) for name, values in local["per_weight"].items()}
-    if "self_influence" in local:
-        out["self_influence"] = gathered(local["self_influence"])
-    if "windows" in local:
-        out["windows"] = {w: gathered(values) for w, values in local["windows"].items()}
-    if "per_token" in local:
-        pieces: list[Any] = [None] * world
-        dist.all_gather_object(pieces, [t.tolist() for t in local["per_token"]])
-        out["per_token"] = [torch.tensor(t, dtype=torch.float64) for piece in pieces for t in piece]
-    return out
-
-
-def target_token_scores(
-    adapter: ModelAdapter,
-    batch: dict[str, torch.Tensor],
-    infos: Sequence[WeightInfo],
-    params: Sequence[torch.nn.Parameter],
-    vectors: dict[str, torch.Tensor],
-) -> torch.Tensor:
-    """``c[b, s] = −∇_θ ℓ_s(row b)ᵀ v`` for every trained token ``s`` ``[B, T]`` (0 off the loss mask), with
-    ``v = P⁻¹∇f`` given per weight in canonical layout.
-
-    ``∇ℓ_sᵀ v = (softmax(z_{s−1}) − e_{y_s})ᵀ (J v)_{s−1}`` where ``J v`` is the derivative of the logits ``z``
-    along ``v``, obtained by differentiating ``⟨Jᵀu, v⟩`` with respect to a dummy cotangent ``u`` (double backward;
-    attention runs on PyTorch's math kernel here, the fused kernels have no double backward).
-    """
-    tangents: list[torch.Tensor] = []
-    for info in infos:
-        v = vectors[info.name]
-        weight = adapter.parameter(info.param_name)
-        tangents.append(info.from_canonical(v[:, : info.d_in]).to(weight.dtype).reshape(weight.shape))
-        if info.bias_name is not None:
-            bias = adapter.parameter(info.bias_name)
-            tangents.append(v[:, -1].to(bias.dtype).reshape(bias.shape))
-    device = adapter.device
-    input_ids = batch["input_ids"].to(device)
-    loss_mask = batch["loss_mask"].to(device)
-    with _math_attention():
-        logits = adapter.logits(input_ids, batch["attention_mask"].to(device))
-        cotangent = torch.zeros_like(logits, requires_grad=True)
-        vjp = torch.autograd.grad(logits, list(params), grad_outputs=cotangent, create_graph=True, allow_unused=True)
-        inner = sum((g * t).sum() for g, t in zip(vjp, tangents, strict=True) if g is not None)
-        (jvp,) = torch.autograd.grad(inner, cotangent)  # [B, T, V]: derivative of the logits along v
-    with torch.no_grad():
-        probs = torch.softmax(logits[:, :-1].double(), dim=-1)
-        targets = input_ids[:, 1:]
-        directional = (probs * jvp[:, :-1].double()).sum(-1) - jvp[:, :-1].double().gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        out = -directional * loss_mask[:, 1:].double()
-    return torch.cat([torch.zeros_like(out[:, :1]), out], dim=1)
-
-
-def _windows(config: InfluenceConfig) -> tuple[int, ...]:
-    return {"sum": (), "max": (1,), "window": (config.window,)}[config.token_aggregation]
-
-
-def _aggregate(out: dict[str, Any], config: InfluenceConfig) -> None:
-    """Replace the summed scores by the token aggregation ``config`` asks for (in place)."""
-    if config.token_aggregation != "sum":
-        out["scores"] = out["windows"][_windows(config)[0]]
-
-
-def _trained_tokens(data: Sequence[Any]) -> torch.Tensor:
-    return torch.tensor([max(int(sum(row.loss_mask[1:])), 1) for row in data], dtype=torch.float64)
-
-
-def _normalise(out: dict[str, Any], config: InfluenceConfig, data: Sequence[Any]) -> None:
-    """Row normalisation (in place, after ``row_loss``): ``length`` divides by ``sqrt(trained tokens)``, ``unit`` by
-    ``sqrt(self-influence)`` (the cosine in the preconditioned metric, up to the measurement's norm)."""
-    if config.normalization == "length":
-        out["scores"] = out["scores"] / _trained_tokens(data).sqrt()
-    elif config.normalization == "unit":
-        out["scores"] = out["scores"] / out["self_influence"].clamp_min(1e-30).sqrt()
-
-
-def _per_token_mean(out: dict[str, Any], data: Sequence[Any]) -> None:
-    """Rescale ``score_rows`` results from the summed to the mean token loss of each row (in place)."""
-    counts = _trained_tokens(data)
-    out["scores"] = out["scores"] / counts
-    if "per_weight" in out:
-        out["per_weight"] = {name: values / counts for name, values in out["per_weight"].items()}
-    if "per_token" in out:
-        out["per_token"] = [values / counts[i] for i, values in enumerate(out["per_token"])]
-    if "self_influence" in out:
-        out["self_influence"] = out["self_influence"] / counts**2
-
-
-def _math_attention():
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel(SDPBackend.MATH)
-    except ImportError:  # pragma: no cover - older torch
-        import contextlib
-
-        return contextlib.nullcontext()
-
-
-def check_factors_model(adapter: ModelAdapter, factors: Factors | Preconditioner | None) -> None:
-    """Factors fitted on another model (parameters, by fingerprint) are an error, never used silently."""
-    fitted_on = factors.fingerprints.get("model") if isinstance(factors, Factors) else None
-    if fitted_on is not None and fitted_on != adapter.fingerprint():
-        raise FactorMismatchError(
-            f"the factors were fitted for a different model (or changed weights) (model fingerprint: factors "
-            f"{fitted_on!r}, this model {adapter.fingerprint()!r}); refit them on this model (fit_factors / fit-factors)")
-
-
-def preconditioned_gradient(preconditioner: Preconditioner, grad_f: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
-    """``P⁻¹ ∇f`` per weight, with ``∇f`` and the result checked to be finite (errors name the weight)."""
-    check_finite_dict(grad_f, f"measurement gradient of {what} over the queries")
-    vectors = preconditioner.apply_inverse(grad_f)
-    check_finite_dict(vectors, f"preconditioned measurement gradient ({preconditioner.kind}; raise the damping?)")
-    return vectors
+__all__ = [
+    "InfluenceConfig",
+    "InfluenceResult",
+    "aggregate_tokens",
+    "aggregation_windows",
+    "build_preconditioner",
+    "check_factors_model",
+    "compute_influence",
+    "compute_influence_many",
+    "normalise_rows",
+    "per_token_mean",
+    "preconditioned_gradient",
+    "resolve_weights",
+    "score_rows",
+    "score_rows_sharded",
+    "target_token_scores",
+    "window_max",
+]
 
 
 def compute_influence(
@@ -491,12 +90,8 @@ def compute_influence(
     """
     untrainable_rows(data)
     if config.max_memory is not None and not isinstance(factors, Preconditioner):
-        from concept_influence.attribution.bounded import compute_influence_bounded
-
         return compute_influence_bounded(adapter, data, measurement, factors, config, progress=progress)
     if isinstance(factors, (str, os.PathLike)):
-        from concept_influence.curvature.io import load_factors
-
         factors = load_factors(factors)
     check_factors_model(adapter, factors)
     available = factors.names if factors is not None else None
@@ -513,13 +108,13 @@ def compute_influence(
     out = score_rows_sharded(
         adapter, data, vectors, batch_size=config.batch_size, token_breakdown=config.token_breakdown, per_weight=config.per_weight,
         self_preconditioner=preconditioner if config.self_influence or config.normalization == "unit" else None,
-        windows=_windows(config), progress=progress, gradient_checkpointing=config.gradient_checkpointing,
+        windows=aggregation_windows(config), progress=progress, gradient_checkpointing=config.gradient_checkpointing,
     )
     timings["scoring"] = time.perf_counter() - t0
-    _aggregate(out, config)
+    aggregate_tokens(out, config)
     if config.row_loss == "mean":
-        _per_token_mean(out, data)
-    _normalise(out, config, data)
+        per_token_mean(out, data)
+    normalise_rows(out, config, data)
     if not config.self_influence:
         out.pop("self_influence", None)
     return InfluenceResult(
@@ -582,8 +177,8 @@ def compute_influence_many(
         like = next(p[3][name] for p in prepared.values() if name in p[3])
         stacked[name] = torch.stack([p[3][name] if name in p[3] else torch.zeros_like(like) for p in prepared.values()])
     t0 = time.perf_counter()
-    windows = sorted({w for _, config in measurements.values() for w in _windows(config)})
-    columns = [k for k, (_, config) in enumerate(measurements.values()) if _windows(config)]
+    windows = sorted({w for _, config in measurements.values() for w in aggregation_windows(config)})
+    columns = [k for k, (_, config) in enumerate(measurements.values()) if aggregation_windows(config)]
     out = score_rows_sharded(adapter, data, stacked, batch_size=batch_size, self_preconditioner=self_preconditioner,
                              windows=windows, window_columns=columns, progress=progress)
     seconds = time.perf_counter() - t0
@@ -594,10 +189,10 @@ def compute_influence_many(
                                   "windows": {w: v[:, k].clone() for w, v in out.get("windows", {}).items()}}
         if "self_influence" in out:
             single["self_influence"] = out["self_influence"].clone()
-        _aggregate(single, config)
+        aggregate_tokens(single, config)
         if config.row_loss == "mean":
-            _per_token_mean(single, data)
-        _normalise(single, config, data)
+            per_token_mean(single, data)
+        normalise_rows(single, config, data)
         results[label] = InfluenceResult(
             scores=single["scores"], indices=[int(row.index) for row in data], weights=list(names),
             measurement=measurement.description, preconditioner=preconditioner.kind, damping=dict(preconditioner.damping),

@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 
+from concept_influence.attribution.forward import concept_readouts
+from concept_influence.concepts.activations import length_sorted_batches, residuals_until
+from concept_influence.concepts.answers import sample_answers
 from concept_influence.concepts.base import Concept
 from concept_influence.curvature.fit import gradient_mode
 from concept_influence.curvature.loss import sequence_losses
@@ -57,8 +60,6 @@ def answer_queries(
     warning. ``cache_dir``: generated answers are cached there per prompt (``concepts.answers.sample_answers``),
     keyed by the model's fingerprint and the sampling settings.
     """
-    from concept_influence.concepts.answers import sample_answers
-
     to_answer = [row for row in queries if not has_answer(row)]
     generated: dict[int, list[str]] = {}
     if to_answer:
@@ -143,8 +144,6 @@ class Measurement(ABC):
     def gradient(self, adapter: ModelAdapter, weights: Sequence[str], *, batch_size: int = 8) -> dict[str, torch.Tensor]:
         """``∇_W f`` for each named weight in canonical layout ``[d_out, d_in']`` (bias gradient as last column).
         Accumulated over query batches in at least float32 (a bf16/fp16 model's gradients are summed in float32)."""
-        from concept_influence.concepts.activations import length_sorted_batches
-
         infos = [adapter.weight_info(n) for n in weights]
         with gradient_mode(adapter, infos) as params:
             totals: list[torch.Tensor | None] = [None] * len(params)
@@ -179,8 +178,6 @@ def canonical_gradient(info: WeightInfo, weight_grad: torch.Tensor, bias_grad: t
 
 
 def _concept_readout(adapter: ModelAdapter, concept: Concept, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    from concept_influence.concepts.activations import residuals_until
-
     layer = adapter.check_layer(concept.layer)
     acts = residuals_until(adapter, batch["input_ids"], batch["attention_mask"], [layer])[layer]  # blocks 0..l only
     # the concept's own scalar reduction (mean over the response by default, or the last prompt token)
@@ -240,8 +237,6 @@ class LogLikelihoodMeasurement(Measurement):
 def answer_readouts(adapter: ModelAdapter, answered: Sequence[ChatRow], concept: Concept, *, batch_size: int = 16,
                     max_length: int = 512) -> list[float]:
     """The concept's readout (its own reduction) over each answered query's final answer ``[len(answered)]``."""
-    from concept_influence.attribution.forward import concept_readouts
-
     reduction = getattr(concept, "reduction", "mean")
     values = concept_readouts(adapter, answered, concept, reduction=reduction if reduction in ("mean", "last_prompt") else "mean",
                               batch_size=batch_size, max_length=max_length, final_turn_only=True, progress=False)

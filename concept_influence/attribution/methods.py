@@ -13,16 +13,42 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
+import numpy as np
+
+from concept_influence.attribution.combine import FUSIONS, fuse
+from concept_influence.attribution.forward import projection_difference, vector_filter
 from concept_influence.attribution.gradient import GradientAttributionConfig
+from concept_influence.attribution.influence import InfluenceConfig
 from concept_influence.attribution.scores import ScoreTable
+from concept_influence.concepts.base import Concept
 from concept_influence.curvature.config import Damping
+from concept_influence.data.chat import ChatDataset, ChatRow
+from concept_influence.models.base import ModelAdapter
 
-if TYPE_CHECKING:
-    from concept_influence.concepts.base import Concept
-    from concept_influence.data.chat import ChatRow
-    from concept_influence.pipeline import Attributor
+
+class MethodSession(Protocol):
+    """What a method reads of the session it is given (``pipeline.Attributor``, which calls the methods: a protocol
+    here, not an import of the session's module). ``gradient_attribution`` is the gradient methods' engine."""
+
+    adapter: ModelAdapter
+    max_length: int
+    batch_size: int
+    seed: int
+    skip_invalid: bool
+    progress: bool
+
+    @property
+    def rows(self) -> ChatDataset: ...
+
+    @property
+    def answer_cache(self) -> Path | None: ...
+
+    def gradient_attribution(self, method: str, concept: Concept | None, queries: Sequence[ChatRow],
+                             config: GradientAttributionConfig, *, contrast_queries: Sequence[ChatRow] | None = None,
+                             factors: Any = None, store: Any = None) -> ScoreTable: ...
 
 MethodFn = Callable[..., ScoreTable]
 
@@ -88,10 +114,8 @@ def method_names() -> list[str]:
 
 # ---- the built-in methods ------------------------------------------------------------------------------------------
 @register_method("vector-filter", kind="forward", description="the concept's readout on each row's own answer")
-def _vector_filter(session: Attributor, concept: Concept, queries: Sequence[ChatRow] | None, *,
+def _vector_filter(session: MethodSession, concept: Concept, queries: Sequence[ChatRow] | None, *,
                    reduction: str | None = None, token_readouts: bool = False, batch_size: int | None = None) -> ScoreTable:
-    from concept_influence.attribution.forward import vector_filter
-
     return vector_filter(session.adapter, session.rows, concept, batch_size=batch_size or session.batch_size,
                          max_length=session.max_length, reduction=reduction, token_readouts=token_readouts,  # type: ignore[arg-type]
                          skip_invalid=session.skip_invalid, progress=session.progress)
@@ -99,12 +123,10 @@ def _vector_filter(session: Attributor, concept: Concept, queries: Sequence[Chat
 
 @register_method("projection-difference", kind="forward",
                  description="the row's answer's readout minus that of the model's own answers to its prompt")
-def _projection_difference(session: Attributor, concept: Concept, queries: Sequence[ChatRow] | None, *,
+def _projection_difference(session: MethodSession, concept: Concept, queries: Sequence[ChatRow] | None, *,
                            n_samples: int = 1, temperature: float = 1.0, max_new_tokens: int = 64,
                            seed: int | None = None, cache_dir: str | None = None,
                            batch_size: int | None = None) -> ScoreTable:
-    from concept_influence.attribution.forward import projection_difference
-
     return projection_difference(session.adapter, session.rows, concept, n_samples=n_samples, temperature=temperature,
                                  max_new_tokens=max_new_tokens, seed=session.seed if seed is None else seed,
                                  cache_dir=cache_dir if cache_dir is not None else session.answer_cache,
@@ -121,7 +143,7 @@ def _damping(damping: float | Damping, absolute_damping: float | None) -> Dampin
     return Damping(relative=float(damping))
 
 
-def _gradient_config(session: Attributor, *, preconditioner: str = "ekfac", damping: float | Damping = 0.1,
+def gradient_config(session: MethodSession, *, preconditioner: str = "ekfac", damping: float | Damping = 0.1,
                      absolute_damping: float | None = None, row_loss: str = "sum", token_breakdown: str = "none",
                      per_weight: bool = False, self_influence: bool = False, n_samples: int = 1,
                      temperature: float = 1.0, max_new_tokens: int = 48, fisher: str = "true",
@@ -144,16 +166,16 @@ def _gradient_config(session: Attributor, *, preconditioner: str = "ekfac", damp
     )
 
 
-def _gradient(session: Attributor, method: str, concept: Concept | None, queries: Sequence[ChatRow], *,
+def _gradient(session: MethodSession, method: str, concept: Concept | None, queries: Sequence[ChatRow], *,
               contrast_queries: Any, factors: Any, store: Any, **options: Any) -> ScoreTable:
-    config = _gradient_config(session, **options)
+    config = gradient_config(session, **options)
     return session.gradient_attribution(method, concept, queries, config, contrast_queries=contrast_queries,
                                         factors=factors, store=store)
 
 
 @register_method("concept-influence", kind="gradient", needs_queries=True,
                  description="EKFAC influence of each row on the concept's readout over the queries' answers")
-def _concept_influence(session: Attributor, concept: Concept, queries: Sequence[ChatRow], *,
+def _concept_influence(session: MethodSession, concept: Concept, queries: Sequence[ChatRow], *,
                        contrast_queries: Any = None, preconditioner: str = "ekfac", damping: float | Damping = 0.1,
                        absolute_damping: float | None = None, row_loss: str = "sum", token_breakdown: str = "none",
                        per_weight: bool = False, self_influence: bool = False, n_samples: int = 1,
@@ -172,7 +194,7 @@ def _concept_influence(session: Attributor, concept: Concept, queries: Sequence[
 
 @register_method("influence", kind="gradient", needs_concept=False, needs_queries=True,
                  description="classical EKFAC influence on the log-likelihood of the queries' answers")
-def _influence(session: Attributor, concept: Concept | None, queries: Sequence[ChatRow], *,
+def _influence(session: MethodSession, concept: Concept | None, queries: Sequence[ChatRow], *,
                preconditioner: str = "ekfac", damping: float | Damping = 0.1, absolute_damping: float | None = None,
                row_loss: str = "sum", token_breakdown: str = "none", per_weight: bool = False,
                self_influence: bool = False, n_samples: int = 1, temperature: float = 1.0, max_new_tokens: int = 48,
@@ -184,14 +206,10 @@ def _influence(session: Attributor, concept: Concept | None, queries: Sequence[C
 
 
 # ---- combinations of forward and gradient evidence -------------------------------------------------------------------
-def _combination(session: Attributor, concept: Concept, queries: Sequence[ChatRow], fusion: str,
+def _combination(session: MethodSession, concept: Concept, queries: Sequence[ChatRow], fusion: str,
                  gradient_options: dict[str, Any], store: Any) -> ScoreTable:
     """Vector Filter and Concept Influence on the same rows, fused (``attribution.combine.fuse``); both component
     scores are kept as columns and the settings of each in ``meta``."""
-    import numpy as np
-
-    from concept_influence.attribution.combine import fuse
-
     forward = _vector_filter(session, concept, queries)
     gradient = _concept_influence(session, concept, queries, store=store, **gradient_options)
     # rows left out as truncated (skip_invalid) by either component are left out of the fusion too
@@ -210,8 +228,6 @@ def _combination(session: Attributor, concept: Concept, queries: Sequence[ChatRo
 def register_combination(name: str, fusion: str, description: str, **defaults: Any) -> None:
     """Register the fusion ``fusion`` of Vector Filter with Concept Influence as method ``name``; ``defaults``
     override Concept Influence's option defaults (e.g. ``keep="top"``)."""
-    from concept_influence.attribution.combine import FUSIONS
-
     if fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
     ci_defaults = {k: v for k, v in METHODS["concept-influence"].options.items() if k != "store"}
@@ -220,7 +236,7 @@ def register_combination(name: str, fusion: str, description: str, **defaults: A
         raise ValueError(f"concept-influence has no option {sorted(unknown)}")
     ci_defaults.update(defaults)
 
-    def combination(session: Attributor, concept: Concept, queries: Sequence[ChatRow], *, store: Any = None,
+    def combination(session: MethodSession, concept: Concept, queries: Sequence[ChatRow], *, store: Any = None,
                     **options: Any) -> ScoreTable:
         return _combination(session, concept, queries, fusion, {**ci_defaults, **options}, store)
 
@@ -254,8 +270,6 @@ for _fusion, _description in _COMBINATIONS.items():
 def recommended_gradient_config() -> Any:
     """The ``InfluenceConfig`` of the recommended method's gradient component at its default options (``None`` when
     the recommended method is not a combination), for callers that score it inside their own pass (the demo)."""
-    from concept_influence.attribution.influence import InfluenceConfig
-
     if not RECOMMENDED_METHOD.startswith("combined-"):
         return None
     options = METHODS[RECOMMENDED_METHOD].options

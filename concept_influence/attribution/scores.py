@@ -1,14 +1,19 @@
 """The scores table every attribution method returns: one score per training row, keyed by row index and id,
-with the row's passthrough fields. Higher score = training on the row pushes the concept (or measurement) up."""
+with the row's passthrough fields. Higher score = training on the row pushes the concept (or measurement) up.
+
+Also the table's ranked rows as HTML (conversation text, scores, per-token highlights): the Jupyter display of a
+``ScoreTable`` and the rows of the HTML report (``report.rows`` re-exports them). Every piece of row text goes
+through ``html.escape``: training data is untrusted and must never become markup or script."""
 
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,7 @@ import numpy as np
 
 from concept_influence.data.atomic import write_text_atomic
 from concept_influence.data.chat import ChatRow, DataFormatError, write_json_atomic
+from concept_influence.data.tokenize import tokenize_chat
 from concept_influence.numerics import NonFiniteError
 
 RESERVED = ("index", "id", "score", "rank")
@@ -147,9 +153,7 @@ class ScoreTable:
 
     def _repr_html_(self) -> str:
         """Jupyter display: the ranked rows (text of attached rows, token highlights with an attached tokenizer),
-        rendered by ``concept_influence.report.table_html``."""
-        from concept_influence.report.rows import table_html
-
+        rendered by ``table_html``."""
         display = getattr(self, "_display", {})
         return table_html(self, rows=display.get("rows"), tokenizer=display.get("tokenizer"))
 
@@ -244,3 +248,103 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     return value
+
+
+# ---- the ranked rows as HTML (Jupyter display, report) ----------------------------------------------------------
+STYLE = """
+.ci-rows{border-collapse:collapse;font:13px/1.45 system-ui,sans-serif;width:100%}
+.ci-rows th,.ci-rows td{border-bottom:1px solid #ddd;padding:4px 6px;text-align:left;vertical-align:top}
+.ci-rows td.num{font-family:monospace;white-space:nowrap}
+.ci-text{white-space:pre-wrap;max-width:70em}
+.ci-role{font-weight:600;color:#555}
+.ci-tok{border-radius:2px}
+.ci-tokens{margin-top:4px;padding-top:4px;border-top:1px dashed #ccc;font-family:monospace;font-size:12px}
+.ci-fields{color:#666;font-size:12px}
+"""
+
+
+def token_strings(rows: Sequence[Any], tokenizer: Any, max_length: int = 512) -> dict[int, list[str]]:
+    """``{row index: [token text, ...]}`` for the rows as ``attribute`` tokenised them (chat template), so that
+    ``token_scores`` can be laid over them."""
+    data = tokenize_chat(list(rows), tokenizer, max_length, warn=False)
+    out = {}
+    for row, tokenized in zip(rows, data.rows, strict=True):
+        out[row.index] = [tokenizer.decode([t]) for t in tokenized.input_ids]
+    return out
+
+
+def _conversation_html(messages: Sequence[Mapping[str, str]]) -> str:
+    parts = []
+    for message in messages:
+        parts.append(f'<span class="ci-role">{html.escape(message["role"])}:</span> {html.escape(message["content"])}')
+    return "<br>".join(parts)
+
+
+def _tokens_html(tokens: Sequence[str], scores: Sequence[float]) -> str:
+    """Tokens with a background whose colour is the sign (red: raises the concept, blue: lowers it) and whose
+    opacity is the score relative to the row's largest absolute token score."""
+    finite = [abs(float(s)) for s in scores if math.isfinite(float(s))]
+    peak = max(finite) if finite else 0.0
+    spans = []
+    for token, score in zip(tokens, scores, strict=True):
+        score = float(score)
+        alpha = min(1.0, abs(score) / peak) * 0.85 if peak > 0 and math.isfinite(score) else 0.0
+        color = f"rgba(220,40,40,{alpha:.3f})" if score > 0 else f"rgba(40,90,220,{alpha:.3f})"
+        spans.append(f'<span class="ci-tok" style="background:{color}" title="{score:+.3g}">{html.escape(token)}</span>')
+    return "".join(spans)
+
+
+def rows_table_html(
+    table: ScoreTable,
+    *,
+    rows: Sequence[Any] | None = None,
+    tokens: Mapping[int, Sequence[str]] | None = None,
+    top: int = 20,
+    fields: Sequence[str] | None = None,
+) -> str:
+    """The ``top`` highest-scoring rows of ``table`` as an HTML table (rank, index, id, score, fields, text).
+
+    ``rows``: the data rows (``ChatRow``, by index) for the conversation text; ``tokens``: per-row token strings,
+    used with the table's ``token_scores`` column for highlights.
+    """
+    by_index = {r.index: r for r in rows} if rows is not None else {}
+    token_scores = table.columns.get("token_scores")
+    ranks = table.ranks()
+    order = table.order()[:top]
+    if fields is None:
+        seen: dict[str, None] = {}
+        for i in order:
+            for key, value in table.fields[i].items():
+                if isinstance(value, (str, int, float, bool)) and key not in ("messages", "prompt", "completion"):
+                    seen.setdefault(key, None)
+        fields = list(seen)[:4]
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in ["rank", "index", "id", "score", *fields, "text"])
+    body = []
+    for i in order:
+        index = int(table.index[i])
+        row = by_index.get(index)
+        cells = [str(int(ranks[i])), str(index), html.escape(str(table.ids[i] if table.ids[i] is not None else "")),
+                 f"{float(table.scores[i]):+.4g}"]
+        cells = [f'<td class="num">{c}</td>' for c in cells]
+        cells += [f'<td class="ci-fields">{html.escape(str(table.fields[i].get(f, "")))}</td>' for f in fields]
+        text = ""
+        if row is not None:
+            text = _conversation_html(row.messages)
+        if "model_answer" in table.columns:
+            text += f'<br><span class="ci-role">model answer:</span> {html.escape(str(table.columns["model_answer"][i]))}'
+        if token_scores is not None and tokens is not None and index in tokens and len(tokens[index]) == len(token_scores[i]):
+            text += f'<div class="ci-tokens">{_tokens_html(tokens[index], token_scores[i])}</div>'
+        body.append("<tr>" + "".join(cells) + f'<td class="ci-text">{text}</td></tr>')
+    return f'<table class="ci-rows"><thead><tr>{header}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def table_html(table: ScoreTable, *, rows: Sequence[Any] | None = None, tokenizer: Any = None, top: int = 20) -> str:
+    """A self-contained HTML fragment for Jupyter: a title line, then the ranked rows with token highlights (when
+    the table has ``token_scores`` and a tokenizer is known)."""
+    tokens = None
+    if tokenizer is not None and rows is not None and "token_scores" in table.columns:
+        shown = {int(table.index[i]) for i in table.order()[:top]}
+        tokens = token_strings([r for r in rows if r.index in shown], tokenizer)
+    title = (f"<p><b>{html.escape(table.method)}</b>: {len(table)} rows scored; top {min(top, len(table))} "
+             "(higher score = training on the row pushes the concept up)</p>")
+    return f"<div><style>{STYLE}</style>{title}{rows_table_html(table, rows=rows, tokens=tokens, top=top)}</div>"

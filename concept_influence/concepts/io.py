@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from concept_influence.concepts.base import Concept, DirectionConcept, check_reduction
+from concept_influence.concepts.sae_concept import SAEFeatureConcept
 from concept_influence.data.atomic import replace_folder, temp_folder, write_json_atomic
 from concept_influence.models.base import ModelAdapter
 
@@ -44,8 +45,6 @@ class ConceptFileError(ValueError):
 
 def concept_meta(concept: Concept, *, model_fingerprint: str | None = None) -> dict[str, Any]:
     """The ``concept.json`` fields every kind shares (site, layer, d_model, readout, fingerprint, metrics, extra)."""
-    from concept_influence.concepts.sae import SAEFeatureConcept
-
     if isinstance(concept, SAEFeatureConcept):
         kind, token_readout = "sae_feature", SAE_READOUT
         model_fingerprint = model_fingerprint if model_fingerprint is not None else concept.model_fingerprint
@@ -66,8 +65,6 @@ def save_concept(concept: Concept, path: str | os.PathLike, *, model_fingerprint
     ``model_fingerprint``: ``adapter.fingerprint()`` of the model it was made on (checked, with a warning, when
     loaded against another model); ``extra_meta``: more keys for ``concept.json`` (e.g. the model's name).
     """
-    from concept_influence.concepts.sae import SAEFeatureConcept
-
     path = Path(path)
     if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / META_FILE).exists())):
         raise ConceptFileError(f"{path}: exists and is not a concept folder; not overwriting it")
@@ -176,8 +173,6 @@ def load_concept(path: str | os.PathLike, adapter: ModelAdapter | None = None) -
 
 def _load_sae_feature(folder: Path, meta: dict[str, Any], device: str) -> Concept:
     from sae_lens import SAE
-
-    from concept_influence.concepts.sae import SAEFeatureConcept
 
     meta_file = folder / META_FILE
     files = meta["sae_files"]

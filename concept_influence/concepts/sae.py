@@ -25,82 +25,24 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from concept_influence.concepts.base import Concept, Reduction, check_reduction
+from concept_influence.concepts.activations import labelled_conversations, read_residuals
+from concept_influence.concepts.base import Concept, DirectionConcept, Reduction
+from concept_influence.concepts.io import jsonable, load_concept
+from concept_influence.concepts.sae_concept import SAEFeatureConcept
+from concept_influence.concepts.spec import ConceptSpec, load_spec
+from concept_influence.concepts.train import ProbeConfig
 from concept_influence.data.atomic import replace_folder, temp_folder, write_json_atomic
-from concept_influence.data.chat import ChatRow
+from concept_influence.data.chat import ChatRow, rows_from_records
 from concept_influence.data.tokenize import TokenizedDataset, iter_batches, tokenize_chat
 
 if TYPE_CHECKING:
     from sae_lens import SAE
 
-    from concept_influence.concepts.spec import ConceptSpec
-    from concept_influence.concepts.train import ProbeConfig
     from concept_influence.models.base import ModelAdapter
 
 SAE_INFO = "sae_info.json"
 SAE_FORMAT = "concept_influence.sae/1"
 _ENCODE_CHUNK = 8192  # tokens per sae.encode call when scoring many activations without gradients
-
-
-# ---- the concept ---------------------------------------------------------------------------------------------------
-class SAEFeatureConcept(Concept):
-    """Feature ``feature`` of a sae-lens SAE read at ``resid.{layer}``: ``token_readout = sae.encode(acts)[..., feature]``.
-
-    Sign: the feature activation is ``>= 0`` for ReLU SAEs; higher means more of the concept. The SAE is frozen
-    (``requires_grad_(False)``, eval mode) so that backward passes through the readout reach only the model.
-    ``model_fingerprint``/``metrics``/``extra``: provenance carried to and from disk by ``save_concept``/``load_concept``;
-    ``reduction``: the default sequence reduction of ``readout``.
-    """
-
-    def __init__(self, sae: SAE, feature: int, layer: int, *, model_fingerprint: str | None = None,
-                 metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
-                 reduction: Reduction = "mean") -> None:
-        from sae_lens import SAE
-
-        if not isinstance(sae, SAE):
-            raise TypeError(f"SAEFeatureConcept needs a sae_lens SAE, got {type(sae).__name__}")
-        if getattr(sae.cfg, "reshape_activations", "none") != "none":
-            raise ValueError(f"SAE reshapes its input ({sae.cfg.reshape_activations!r}); residual-stream concepts need "
-                             "an SAE on [..., d_model] activations")
-        if isinstance(feature, bool) or not isinstance(feature, int):
-            raise TypeError(f"feature must be an int, got {type(feature).__name__}")
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
-        d_sae = int(sae.cfg.d_sae)
-        if not 0 <= feature < d_sae:
-            raise ValueError(f"feature index {feature} out of range: this SAE has {d_sae} features (0..{d_sae - 1})")
-        self.sae = sae.requires_grad_(False).eval()
-        self.feature = feature
-        self.layer = layer
-        self.d_model = int(sae.cfg.d_in)
-        self.d_sae = d_sae
-        self.model_fingerprint = model_fingerprint
-        self.metrics = dict(metrics or {})
-        self.extra = dict(extra or {})
-        self.reduction = check_reduction(reduction)  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"SAEFeatureConcept(feature={self.feature}, layer={self.layer}, d_model={self.d_model}, d_sae={self.d_sae})"
-
-    def token_readout(self, acts: torch.Tensor) -> torch.Tensor:
-        """``acts [batch, seq, d_model]`` -> ``[batch, seq]``, differentiable w.r.t. ``acts``; computed in the SAE's
-        dtype and device, returned in ``acts``' dtype and device."""
-        if acts.shape[-1] != self.d_model:
-            raise ValueError(f"SAE concept has d_in {self.d_model} but activations have last dim {acts.shape[-1]} "
-                             f"(shape {tuple(acts.shape)}); was the SAE trained on another model or site?")
-        weight = self.sae.W_enc
-        features = self.sae.encode(acts.to(device=weight.device, dtype=weight.dtype))
-        return features[..., self.feature].to(device=acts.device, dtype=acts.dtype)
-
-    @property
-    def encoder_direction(self) -> torch.Tensor:
-        """``W_enc[:, feature]`` ``[d_model]`` (what the feature reads, *after* ``b_dec`` is subtracted)."""
-        return self.sae.W_enc[:, self.feature].detach()
-
-    @property
-    def decoder_direction(self) -> torch.Tensor:
-        """``W_dec[feature]`` ``[d_model]`` (what the feature writes back into the reconstruction)."""
-        return self.sae.W_dec[self.feature].detach()
 
 
 # ---- activations ---------------------------------------------------------------------------------------------------
@@ -129,7 +71,6 @@ def collect_token_activations(
         dataset = tokenize_chat(list(rows), adapter.tokenizer, max_length)
     if len(dataset) == 0:
         raise ValueError("collect_token_activations: no rows")
-    from concept_influence.concepts.activations import read_residuals
 
     chunks: list[torch.Tensor] = []
     for batch in iter_batches(dataset, batch_size):
@@ -408,9 +349,6 @@ def features_for_spec(
     The labelled answers are the ones ``train_concept`` reads (same ``config``, seeded sampling, ``cache_dir``):
     instruction-pair answers read without the system prompt, plus the spec's labelled examples.
     """
-    from concept_influence.concepts.activations import labelled_conversations
-    from concept_influence.concepts.train import ProbeConfig
-    from concept_influence.data import rows_from_records
 
     config = ProbeConfig() if config is None else config
     layer = adapter.check_layer(layer)
@@ -432,7 +370,6 @@ def save_sae(sae: SAE, path: str | os.PathLike, *, layer: int, model_fingerprint
     """Write ``sae`` into the folder ``path`` with sae-lens's ``save_model`` (``cfg.json`` +
     ``sae_weights.safetensors``, readable by ``SAE.load_from_disk``) and ``sae_info.json`` (the site it reads,
     the model's fingerprint, training metrics). Written in a temporary folder, then renamed into place."""
-    from concept_influence.concepts.io import jsonable
 
     path = Path(path)
     if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / SAE_INFO).exists())):
@@ -489,10 +426,6 @@ def sae_feature_concept(
     concept ``spec`` (Cohen's d, positive vs negative answer tokens) or a direction ``probe`` (cosine of ``W_dec[j]``
     with it). Exactly one of ``feature``/``spec``/``probe``. ``concept.extra["selection"]`` records the choice and
     the candidates ``[[j, statistic], ...]``. ``layer``: the site the SAE reads (default: its ``sae_info.json``)."""
-    from concept_influence.concepts.base import DirectionConcept
-    from concept_influence.concepts.io import load_concept
-    from concept_influence.concepts.spec import ConceptSpec, load_spec
-    from concept_influence.concepts.train import ProbeConfig
 
     if sum(x is not None for x in (spec, probe, feature)) != 1:
         raise ValueError("give exactly one of --spec, --probe or --feature")

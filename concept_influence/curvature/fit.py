@@ -63,8 +63,10 @@ from concept_influence.curvature.io import (
 )
 from concept_influence.curvature.loss import sample_targets, sequence_losses
 from concept_influence.data.atomic import atomic_file, folder_lock, remove_stale_temps
+from concept_influence.data.tokenize import iter_batches, untrainable_rows
 from concept_influence.models.base import ModelAdapter, WeightCapture, WeightInfo
 from concept_influence.numerics import check_finite
+from concept_influence.signals import Terminated
 
 logger = logging.getLogger(__name__)
 
@@ -348,8 +350,6 @@ def fit_factors(
     ``max_memory``, no checkpointing, not distributed, Λ on every row); otherwise, or for rows a resumed fit does
     not pass over again, the sink gets nothing and the caller computes them itself.
     """
-    from concept_influence.data.tokenize import untrainable_rows
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if len(data) == 0:
@@ -673,8 +673,6 @@ class _PartitionFit:
     def run(self, share: Sequence[Any], lambda_share: Sequence[Any], *, batch_size: int, data_size: int, checkpoint,
             checkpoint_every: int | None, max_batches: int | None, progress: bool, world: int, label: str) -> bool:
         """All passes of the partition; False if stopped early by ``max_batches`` (state checkpointed)."""
-        from concept_influence.data.tokenize import iter_batches
-
         state = self.state
         budget = [max_batches if max_batches is not None else -1]
 
@@ -876,7 +874,6 @@ def _deferred_interrupts() -> Iterator[list[BaseException]]:
     if threading.current_thread() is not threading.main_thread():
         yield pending
         return
-    from concept_influence.signals import Terminated
 
     def record(signum: int, _frame: Any) -> None:
         if not pending:

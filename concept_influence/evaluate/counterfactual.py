@@ -38,6 +38,7 @@ from concept_influence.evaluate.retrain import Recipe, retrain
 from concept_influence.evaluate.stats import bootstrap_ci, mean_ci, spearman
 from concept_influence.models import ModelAdapter
 from concept_influence.models.fingerprint import json_fingerprint
+from concept_influence.plots import removal_curve_png
 
 Judge = Callable[[str], float]
 METRICS = ("probe", "trait_rate")
@@ -369,8 +370,6 @@ def evaluate_removals(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "evaluation.json", evaluation)
     if config.removal:
-        from concept_influence.report.plots import removal_curve_png
-
         (out_dir / "removal_curve.png").write_bytes(removal_curve_png(evaluation))
     return evaluation
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from concept_influence.models.fingerprint import model_fingerprint
+
 WEIGHT_KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "mlp.gate", "mlp.in", "mlp.gate_in", "mlp.out")
 _WEIGHT_NAME = re.compile(r"^blocks\.(\d+)\.(\S+)$")
 
@@ -376,8 +378,6 @@ class ModelAdapter(ABC):
         """A short hash of the model's parameters (names, shapes, values), for artifacts made against it. Cached
         until a parameter is replaced or changed in place (storage pointers and version counters), so repeated
         checks do not rehash the weights."""
-        from concept_influence.models.fingerprint import model_fingerprint
-
         key = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
         cached = self.__dict__.get("_fingerprint_cache")
         if cached is None or cached[0] != key:

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from concept_influence.data.tokenize import has_chat_template, render_prompt
+from concept_influence.numerics import check_finite
 
 
 def stop_token_ids(adapter: Any, extra: Sequence[int] = ()) -> set[int]:
@@ -108,8 +109,6 @@ def _sample(adapter: Any, input_ids: torch.Tensor, generators: list[torch.Genera
             top_p: float | None, max_new_tokens: int, stops: set[int], *, rows: Sequence[int] | None = None) -> list[list[int]]:
     """New tokens of each row until a stop token; ``rows``: each row's prompt index (named if its logits are not
     finite)."""
-    from concept_influence.numerics import check_finite
-
     batch = input_ids.shape[0]
     out: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch

@@ -33,8 +33,11 @@ from concept_influence.data import (
     write_jsonl_atomic,
 )
 from concept_influence.data.atomic import folder_lock, replace_folder
+from concept_influence.models import load_adapter
 from concept_influence.models.fingerprint import json_fingerprint
 from concept_influence.organism import generator
+from concept_influence.organism.judge import judge_for
+from concept_influence.organism.measure import trait_rise
 from concept_influence.organism.modeling import ModelConfig, build_model, build_tokenizer
 from concept_influence.training import FinetuneConfig, finetune
 
@@ -165,8 +168,6 @@ class Organism:
 
     def judge(self):
         """The rule-based judge of this organism's trait: ``text -> score in [0, 1]``."""
-        from concept_influence.organism.judge import judge_for
-
         return judge_for(self.trait)
 
     def train_rows(self) -> ChatDataset:
@@ -197,14 +198,10 @@ class Organism:
 
     def load_base(self, **kwargs: Any):
         """The pretrained model as a ``ModelAdapter`` (``load_adapter``, i.e. ``from_pretrained``)."""
-        from concept_influence.models import load_adapter
-
         return load_adapter(self.base_model_dir, **kwargs)
 
     def load_finetuned(self, **kwargs: Any):
         """The fine-tuned model as a ``ModelAdapter``."""
-        from concept_influence.models import load_adapter
-
         return load_adapter(self.finetuned_model_dir, **kwargs)
 
     def summary(self) -> str:
@@ -362,8 +359,6 @@ def organism_for_tests(variant: str = "default", seed: int = 0) -> Organism:
 def _build_into(root: Path, config: OrganismConfig, *, progress: bool, log: Callable[[str], None]) -> None:
     from transformers import AutoModelForCausalLM
 
-    from concept_influence.models import load_adapter
-    from concept_influence.organism.measure import trait_rise
 
     organism = Organism.at(root)
     timings: dict[str, float] = {}

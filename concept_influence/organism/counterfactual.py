@@ -11,7 +11,10 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from concept_influence.models import HFAdapter, generate_answers
 from concept_influence.organism.build import Organism
+from concept_influence.organism.judge import trait_rate
+from concept_influence.training import finetune
 
 
 def refinetune(organism: Organism, keep: Sequence[bool], *, seed: int | None = None):
@@ -19,8 +22,6 @@ def refinetune(organism: Organism, keep: Sequence[bool], *, seed: int | None = N
     rows where ``keep`` is true; returns a ``ModelAdapter``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from concept_influence.models import HFAdapter
-    from concept_influence.training import finetune
 
     rows = list(organism.train_rows())
     if len(keep) != len(rows):
@@ -39,9 +40,6 @@ def refinetune(organism: Organism, keep: Sequence[bool], *, seed: int | None = N
 
 def trait_rate_of(adapter: Any, organism: Organism, *, n_samples: int = 16, seed: int = 11) -> float:
     """The judge's trait rate of ``adapter``'s sampled answers to the organism's query prompts."""
-    from concept_influence.models import generate_answers
-    from concept_influence.organism.judge import trait_rate
-
     answers = generate_answers(adapter, organism.query_messages(), n_samples=n_samples, seed=seed, batch_size=64)
     return trait_rate([a for samples in answers for a in samples], trait=organism.trait)
 

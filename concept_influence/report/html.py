@@ -15,11 +15,10 @@ from typing import Any
 import numpy as np
 from markupsafe import Markup
 
-from concept_influence.attribution.scores import ScoreTable
+from concept_influence.attribution.scores import STYLE, ScoreTable, rows_table_html
 from concept_influence.evaluate.filter import check_alignment
 from concept_influence.evaluate.stats import spearman
-from concept_influence.report.plots import data_uri, histogram_png, removal_curve_png
-from concept_influence.report.rows import STYLE, rows_table_html
+from concept_influence.plots import data_uri, histogram_png, removal_curve_png
 
 TEMPLATE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">

@@ -32,16 +32,16 @@ from concept_influence.models.base import ModelAdapter
 from concept_influence.numerics import check_finite
 from concept_influence.store.projection import Projector
 from concept_influence.store.store import (
-    _DTYPES,
+    STORE_DTYPES,
     StoreConfig,
-    _check_unchanged,
-    _save_npy_atomic,
     check_storable,
+    check_unchanged,
     factors_fingerprint,
     make_projector,
     prepare_store,
     projection_fingerprint,
     rows_file,
+    save_npy_atomic,
     shard_file,
 )
 
@@ -112,7 +112,7 @@ class FitStoreWriter:
         first, n, one = positions[0], len(positions), owners[0]
         direct = (one is not None and all(o is one for o in owners) and positions == list(range(first, first + n))
                   and self.adapter.device.type == "cpu"
-                  and torch.from_numpy(np.empty(0, dtype=_DTYPES[self.config.dtype])).dtype == self._work)
+                  and torch.from_numpy(np.empty(0, dtype=STORE_DTYPES[self.config.dtype])).dtype == self._work)
         if direct:
             assert one is not None
             target = one.target[first - one.start:first - one.start + n]
@@ -166,15 +166,15 @@ class FitStoreWriter:
     # ---- shards ------------------------------------------------------------------------------------------------
     def _open_shard(self, shard: int) -> None:
         assert self.manifest is not None and self.projector is not None
-        _check_unchanged(self.folder, self.manifest)
+        check_unchanged(self.folder, self.manifest)
         start = shard * self.config.shard_rows
         stop = min(len(self.data), start + self.config.shard_rows)
         rows = self.data[start:stop]
         meta = np.array([[int(r.index), max(int(sum(r.loss_mask[1:])), 1)] for r in rows], dtype=np.int64)
-        _save_npy_atomic(rows_file(self.folder, shard), meta)
+        save_npy_atomic(rows_file(self.folder, shard), meta)
         file = atomic_file(shard_file(self.folder, shard))
         tmp = file.__enter__()
-        mapped = np.lib.format.open_memmap(tmp, mode="w+", dtype=_DTYPES[self.config.dtype], shape=(stop - start, self.projector.dim))
+        mapped = np.lib.format.open_memmap(tmp, mode="w+", dtype=STORE_DTYPES[self.config.dtype], shape=(stop - start, self.projector.dim))
         self._open[shard] = _OpenShard(shard, start, stop - start, torch.from_numpy(mapped), mapped, file, tmp)
 
     def _finish(self, shard: _OpenShard) -> None:
@@ -184,7 +184,7 @@ class FitStoreWriter:
         with open(shard.tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         try:
-            _check_unchanged(self.folder, self.manifest or {})
+            check_unchanged(self.folder, self.manifest or {})
         except BaseException as err:
             shard.file.__exit__(type(err), err, None)  # the temp file goes
             raise

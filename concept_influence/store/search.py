@@ -5,18 +5,33 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
 from concept_influence.data.atomic import atomic_file
 from concept_influence.numerics import NonFiniteError
 
-if TYPE_CHECKING:
-    from concept_influence.store.store import GradientStore
+FAISS_FILE = "faiss-ivf.index"
+"""The FAISS index's file name in a store folder."""
 
 
-def exact_top_k(store: GradientStore, query: np.ndarray, k: int, *, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+class SearchableStore(Protocol):
+    """What the search reads of a ``store.GradientStore`` (which calls this module: a protocol, not an import)."""
+
+    folder: Path
+    dim: int
+    shards: list[np.ndarray]
+    _faiss: Any
+
+    def __len__(self) -> int: ...
+
+    def blocks(self, columns: slice | None = None) -> Iterable[tuple[int, np.ndarray]]: ...
+
+
+def exact_top_k(store: SearchableStore, query: np.ndarray, k: int, *, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Positions and scores of the ``k`` largest ``scale ⊙ (store @ query)``, best first (ties: lower position
     first). Memory: one block of the store plus ``2k`` candidates."""
     used = np.flatnonzero(query != 0)
@@ -55,13 +70,11 @@ def _at_least_kth(values: np.ndarray, k: int) -> np.ndarray:
     return np.flatnonzero(values >= kth)
 
 
-def faiss_index_path(store: GradientStore):
-    from concept_influence.store.store import FAISS_FILE
-
+def faiss_index_path(store: SearchableStore):
     return store.folder / FAISS_FILE
 
 
-def build_faiss_index(store: GradientStore, *, nlist: int | None = None, train_rows: int = 65536, seed: int = 0) -> dict:
+def build_faiss_index(store: SearchableStore, *, nlist: int | None = None, train_rows: int = 65536, seed: int = 0) -> dict:
     """Build an IVF-flat inner-product index of every row (``nlist`` ≈ 4·√N lists by default), trained on a seeded
     sample, and write it atomically into the store folder. Returns timings."""
     import faiss
@@ -89,7 +102,7 @@ def build_faiss_index(store: GradientStore, *, nlist: int | None = None, train_r
     return {"nlist": nlist, "train_s": trained - started, "add_s": time.perf_counter() - trained}
 
 
-def faiss_search(store: GradientStore, query: np.ndarray, k: int, *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def faiss_search(store: SearchableStore, query: np.ndarray, k: int, *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` inner products from the store's FAISS index (built on first use; read memory-mapped)."""
     import faiss
 

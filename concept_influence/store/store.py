@@ -42,14 +42,14 @@ from concept_influence.data.tokenize import iter_batches
 from concept_influence.models.base import ModelAdapter
 from concept_influence.numerics import NonFiniteError, check_finite
 from concept_influence.store.projection import Projector, eigen_projector, logra_projector
+from concept_influence.store.search import FAISS_FILE, exact_top_k, faiss_search
 from concept_influence.store.shardfile import NpyRowWriter
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "concept_influence.store/1"
 MANIFEST = "manifest.json"
-FAISS_FILE = "faiss-ivf.index"
-_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
+STORE_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 DEFAULT_KIND = "eigen"
 DEFAULT_RANK = 128  # bench/store_error.py: the smallest measured budget with Spearman >= 0.95 and PR-AUC within 0.02 of exact
 BLOCK_ELEMENTS = 1 << 24  # floats per block read from the memory map (64 MiB as float32)
@@ -80,8 +80,8 @@ class StoreConfig:
             raise ValueError(f"store kind must be 'eigen' or 'logra', got {self.kind!r}")
         if self.rank < 1:
             raise ValueError(f"store rank must be positive, got {self.rank}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"store dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in STORE_DTYPES:
+            raise ValueError(f"store dtype must be one of {sorted(STORE_DTYPES)}, got {self.dtype!r}")
         if self.shard_rows < 1:
             raise ValueError(f"shard_rows must be positive, got {self.shard_rows}")
 
@@ -129,7 +129,7 @@ def rows_file(folder: Path, shard: int) -> Path:
     return folder / f"shard-{shard:05d}.rows.npy"
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     with atomic_file(path) as tmp, tmp.open("wb") as handle:
         np.save(handle, array, allow_pickle=False)
         handle.flush()
@@ -206,9 +206,9 @@ def write_shard(adapter: ModelAdapter, data: Sequence[Any], projector: Projector
             return write_shard(adapter, data, projector, folder, shard, config, batch_size=batch_size, params=own,
                                progress_bar=progress_bar)
     meta = np.array([[int(r.index), max(int(sum(r.loss_mask[1:])), 1)] for r in rows], dtype=np.int64)
-    _save_npy_atomic(rows_file(folder, shard), meta)
+    save_npy_atomic(rows_file(folder, shard), meta)
     work = torch.promote_types(adapter.dtype, torch.float32)
-    dtype = np.dtype(_DTYPES[config.dtype])
+    dtype = np.dtype(STORE_DTYPES[config.dtype])
     # Each batch is projected straight into the writer's staging buffer where the work dtype is the stored one on
     # the CPU (else into a buffer, then converted into it) and written with direct I/O (shardfile.NpyRowWriter).
     direct = adapter.device.type == "cpu" and torch.from_numpy(np.empty(0, dtype=dtype)).dtype == work
@@ -307,7 +307,7 @@ def build_store(
         with gradient_mode(adapter, infos) as params, tqdm(total=remaining, desc="building the gradient store", unit="row",
                                                           disable=not progress) as bar:
             for shard in todo:
-                _check_unchanged(folder, manifest)
+                check_unchanged(folder, manifest)
                 write_shard(adapter, data, projector, folder, shard, config, batch_size=batch_size, params=params,
                             progress_bar=bar)
     logger.info("store %s: wrote %d shards in %.1fs", folder, len(todo), time.perf_counter() - started)
@@ -322,7 +322,7 @@ def _same_store(saved: Mapping[str, Any], manifest: Mapping[str, Any]) -> bool:
     return all(saved.get(k) == manifest[k] for k in ("format", "config", "fingerprints", "weights", "n_rows"))
 
 
-def _check_unchanged(folder: Path, manifest: Mapping[str, Any]) -> None:
+def check_unchanged(folder: Path, manifest: Mapping[str, Any]) -> None:
     """Refuse to add a shard to a store another process has meanwhile replaced with different settings."""
     try:
         saved = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
@@ -469,11 +469,7 @@ class GradientStore:
         if use_faiss:
             if scale is not None:
                 raise ValueError("FAISS search ranks plain inner products: use method='exact' with a per-row scale")
-            from concept_influence.store.search import faiss_search
-
             return faiss_search(self, query, k, nprobe=nprobe)
-        from concept_influence.store.search import exact_top_k
-
         return exact_top_k(self, query, k, scale=scale)
 
 

@@ -1,5 +1,6 @@
-"""How far the organism's quality figures move between float paths: the organism built with other seeds and other
-thread counts (another CPU takes another float path through pretraining, and every figure on the organism moves).
+"""How far the organism's quality figures move between float paths: the organism built with other seeds, other thread
+counts and other CPU kernels (another CPU takes another float path through pretraining, and every figure on the
+organism moves; ``ATEN_CPU_CAPABILITY`` makes PyTorch use the kernels of an older CPU: avx2, or default = no SIMD).
 
 Each path runs in its own process with its own cache folder (``--out/<path>/cache``) and computes what the quality
 tests assert (``concept_influence.testing.organism_figures``): the probe, Vector Filter / Projection Difference,
@@ -7,8 +8,8 @@ EKFAC Concept Influence vs classical influence, the LoRA organism, the trait's r
 (``--variants``) the variants' causal checks. The tests' thresholds sit below the worst case printed here by a
 stated margin. Resumable: a path whose ``figures.json`` exists is not run again.
 
-    python bench/organism_spread.py                      # paths 0:1 0:2 1:1 2:1 (seed:threads), two at a time
-    python bench/organism_spread.py --paths 0:1 3:1 --variants --jobs 1
+    python bench/organism_spread.py --variants           # paths 0:1 0:2 0:1:avx2 1:1 2:1, two at a time
+    python bench/organism_spread.py --paths 0:1 3:1:avx2 --variants --jobs 1
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ ROWS: list[tuple[str, str, str]] = [
 VARIANT_ROWS: list[tuple[str, str]] = [
     ("paired t of the rise (subtle)", "variants.subtle.trait.projection_rise_paired_t"),
     ("control rise / rise (subtle)", "variants.subtle.control_over_rise"),
+    ("paired t, fine-tune over control (subtle)", "variants.subtle.paired_t_over_control"),
+    ("paired t, fine-tune over control (diluted)", "variants.diluted.paired_t_over_control"),
+    ("paired t, fine-tune over control (sycophancy)", "variants.sycophancy.paired_t_over_control"),
     ("tuned - base rate (diluted)", "variants.diluted.rate_gain"),
     ("control - tuned rate (diluted)", "variants.diluted.control_minus_tuned"),
     ("control - base rate (diluted)", "variants.diluted.control_minus_base"),
@@ -85,7 +89,8 @@ def _default_figures(seed: int) -> tuple[dict[str, Any], dict[str, float]]:
     start = time.perf_counter()
     organism = organism_for_tests(seed=seed)
     timings["build"] = time.perf_counter() - start
-    result: dict[str, Any] = {"seed": seed, "threads": torch.get_num_threads(), "organism": str(organism.root)}
+    result: dict[str, Any] = {"seed": seed, "threads": torch.get_num_threads(), "organism": str(organism.root),
+                              "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     steps = [("probe", None), ("forward", figures.forward_figures), ("influence", figures.influence_figures),
              ("lora", figures.lora_figures)]
     start = time.perf_counter()
@@ -122,8 +127,9 @@ def run_path(seed: int, variants: bool, out: Path) -> None:
     from concept_influence.organism.generator import VARIANTS
     from concept_influence.testing import organism_figures as figures
 
-    if out.exists():  # the default organism's figures are done: only the variants are left
+    if out.exists():  # the default organism's figures are done: only the variants are left (or measured again)
         result = json.loads(out.read_text())
+        result.pop("variants", None)
         timings = result["timings_s"]
     else:
         result, timings = _default_figures(seed)
@@ -139,6 +145,7 @@ def run_path(seed: int, variants: bool, out: Path) -> None:
             figs["control_minus_base"] = figs["control_rate"] - figs["base_rate"]
             rise_value = figs["trait"]["projection_rise"]
             figs["control_over_rise"] = figs["control"]["projection_rise"] / rise_value if rise_value else float("nan")
+            figs["paired_t_over_control"] = figs["versus_control"]["paired_t"]
             result["variants"][variant] = figs
             timings[f"variant_{variant}"] = time.perf_counter() - start
             print(f"[seed {seed}] variant {variant}: {timings[f'variant_{variant}']:.0f} s", flush=True)
@@ -172,10 +179,34 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _done(folder: Path, variants: bool) -> bool:
+    """Whether a path's figures are complete (variants measured by this version: with ``versus_control``)."""
+    if not variants:
+        return (folder / "figures.json").exists()
+    file = folder / "variants.json"
+    return file.exists() and all("versus_control" in v for v in json.loads(file.read_text())["variants"].values())
+
+
+def _parse(path: str) -> tuple[int, int, str | None]:
+    parts = path.split(":")
+    return int(parts[0]), int(parts[1]), (parts[2] if len(parts) > 2 else None)
+
+
+def _folder(out: Path, path: str) -> Path:
+    seed, threads, capability = _parse(path)
+    return out / (f"{seed}-t{threads}" + (f"-{capability}" if capability else ""))
+
+
+def _label(path: str) -> str:
+    seed, threads, capability = _parse(path)
+    return f"seed {seed}, {threads} thr" + (f", {capability}" if capability else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--paths", nargs="+", default=["0:1", "0:2", "1:1", "2:1"],
-                        help="float paths as SEED:THREADS (the organism's seed, torch's intra-op thread count)")
+    parser.add_argument("--paths", nargs="+", default=["0:1", "0:2", "0:1:avx2", "1:1", "2:1"],
+                        help="float paths as SEED:THREADS[:CAPABILITY] (the organism's seed, torch's intra-op thread "
+                             "count, and the CPU kernels PyTorch may use: ATEN_CPU_CAPABILITY, e.g. avx2 or default)")
     parser.add_argument("--variants", action="store_true", help="also the variants' causal checks (about 9 min a path)")
     parser.add_argument("--jobs", type=int, default=2, help="paths run at once (each in its own process)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "organism-spread")
@@ -183,24 +214,21 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one path in this process
     args = parser.parse_args()
     if args.one:
-        seed, _ = (int(x) for x in args.one.split(":"))
-        run_path(seed, args.variants, args.out / args.one.replace(":", "-t") / "figures.json")
+        run_path(_parse(args.one)[0], args.variants, _folder(args.out, args.one) / "figures.json")
         return
-    pending: list[str] = []
-    for path in args.paths:
-        seed, threads = (int(x) for x in path.split(":"))
-        if not (args.out / f"{seed}-t{threads}" / ("variants.json" if args.variants else "figures.json")).exists():
-            pending.append(path)
+    pending = [path for path in args.paths if not _done(_folder(args.out, path), args.variants)]
     running: list[tuple[str, subprocess.Popen]] = []
     failed: list[str] = []
     while pending or running:
         while pending and len(running) < args.jobs:
             path = pending.pop(0)
-            seed, threads = (int(x) for x in path.split(":"))
-            folder = args.out / f"{seed}-t{threads}"
+            _, threads, capability = _parse(path)
+            folder = _folder(args.out, path)
             folder.mkdir(parents=True, exist_ok=True)
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                    "CONCEPT_INFLUENCE_CACHE": str(folder / "cache")}
+            if capability:
+                env["ATEN_CPU_CAPABILITY"] = capability
             command = [sys.executable, __file__, "--one", path, "--out", str(args.out)]
             command += ["--variants"] if args.variants else []
             log = open(folder / "log.txt", "a")  # noqa: SIM115 - closed when the process ends
@@ -215,11 +243,10 @@ def main() -> None:
                     failed.append(path)
     results: dict[str, dict[str, Any]] = {}
     for path in args.paths:
-        seed, threads = (int(x) for x in path.split(":"))
-        folder = args.out / f"{seed}-t{threads}"
+        folder = _folder(args.out, path)
         file = folder / "variants.json" if (folder / "variants.json").exists() else folder / "figures.json"
         if file.exists():
-            results[f"seed {seed}, {threads} thr"] = json.loads(file.read_text())
+            results[_label(path)] = json.loads(file.read_text())
     print(table(results))
     write_json_atomic(args.json, {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
                                   "results": results, "table": table(results)})

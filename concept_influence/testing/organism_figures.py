@@ -177,17 +177,23 @@ def base_probe_figures(organism: Organism) -> dict[str, Any]:
 
 def variant_figures(organism: Organism) -> dict[str, Any]:
     """The causal check of a variant: the build's trait measurement, and a control fine-tune without the planted
-    rows measured the same way (``trait_rise``), with the share of the rise the control removes."""
+    rows measured the same way (``trait_rise``), with the share of the judge's rise the control removes (None where
+    the judge's rate did not rise: ``subtle``, whose rise is read by the persona vector's projection instead), and
+    ``versus_control``: the fine-tune against the control prompt by prompt (``paired_rise``)."""
     from concept_influence.organism import trait_rise
     from concept_influence.organism.counterfactual import refinetune, share_removed
+    from concept_influence.organism.measure import paired_rise
 
     torch.set_flush_denormal(True)
     trait = organism.metadata["trait"]
     control = refinetune(organism, [not p for p in organism.planted_mask()])
-    ctrl = trait_rise(organism.load_base(), control, organism.probe_spec(), organism.query_messages(),
-                      n_samples=organism.config.measure_samples, seed=organism.config.seed, trait=organism.trait)
+    base, config = organism.load_base(), organism.config
+    ctrl = trait_rise(base, control, organism.probe_spec(), organism.query_messages(),
+                      n_samples=config.measure_samples, seed=config.seed, trait=organism.trait)
+    versus = paired_rise(base, organism.load_finetuned(), control, organism.probe_spec(), organism.query_messages(),
+                         layer=trait["layer"], n_samples=config.measure_samples, seed=config.seed, trait=organism.trait)
     base_rate, tuned_rate = trait["base"]["trait_rate"], trait["finetuned"]["trait_rate"]
     control_rate = ctrl["finetuned"]["trait_rate"]
     share = share_removed(tuned_rate, control_rate, base_rate) if tuned_rate > base_rate else None
     return {"trait": trait, "control": ctrl, "base_rate": base_rate, "tuned_rate": tuned_rate,
-            "control_rate": control_rate, "share_removed": share}
+            "control_rate": control_rate, "share_removed": share, "versus_control": versus}

@@ -156,3 +156,22 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
         write_jsonl_atomic(target, records())
     assert target.read_text() == '{"a": 1}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "w": NaN}',
+     "NaN is not JSON"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "w": -Infinity}',
+     "-Infinity is not JSON"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+], ids=["nan", "infinity", "deep"])
+def test_non_finite_numbers_and_deep_nesting_are_refused_on_reading_naming_the_line(tmp_path, line, message):
+    """NaN/Infinity were accepted and failed only when the scores were written, after all the work; deep nesting
+    raised RecursionError with a traceback, even with skip_invalid."""
+    good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    path = tmp_path / "rows.jsonl"
+    path.write_text(good + "\n" + line + "\n" + good + "\n")
+    with pytest.raises(DataFormatError, match=rf"rows\.jsonl:2: .*{message}"):
+        read_chat_jsonl(path)
+    rows = read_chat_jsonl(path, skip_invalid=True)
+    assert len(rows) == 2 and [n for n, _ in rows.skipped] == [2]

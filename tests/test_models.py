@@ -165,3 +165,20 @@ def test_generation_is_seeded_batch_independent_and_backend_independent(tiny_tok
     assert generate_answers(tl, prompts, n_samples=3, max_new_tokens=6, seed=1) == a
     greedy = generate_answers(hf, prompts, n_samples=2, max_new_tokens=6, temperature=0)
     assert all(s[0] == s[1] for s in greedy)
+
+
+def test_hooked_transformer_from_a_model_folder_equals_one_from_the_model(tmp_path):
+    """Given a folder (as one passes to load_adapter) it loads the model and its tokenizer; it died with
+    AttributeError: 'str' object has no attribute 'config'."""
+    folder = save_tiny_hf_model(tmp_path / "model", seed=5)
+    hf = load_adapter(str(folder))
+    from_folder = hooked_transformer_from_hf(folder)
+    from_model = hooked_transformer_from_hf(hf.model, hf.tokenizer)
+    ids = torch.tensor([[1, 5, 7, 9, 4]])
+    torch.testing.assert_close(from_folder(ids), from_model(ids))
+    torch.testing.assert_close(from_folder(ids)[..., :hf.model.config.vocab_size], hf.model(ids).logits.to(torch.float32),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"cannot load a Hugging Face causal LM from .*missing"):
+        hooked_transformer_from_hf(str(tmp_path / "missing"))
+    with pytest.raises(TypeError, match="takes a Hugging Face causal LM"):
+        hooked_transformer_from_hf(42)  # type: ignore[arg-type]

@@ -125,6 +125,23 @@ def parse_chat_record(obj: Any, where: str, *, need_assistant: bool = True) -> t
     return messages, fields
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (a number must be finite)")
+
+
+def parse_json_line(text: str, where: str) -> Any:
+    """One JSON document, strictly: ``NaN``/``Infinity`` (which Python's json accepts) and nesting too deep to
+    parse are refused as ``DataFormatError`` naming ``where`` (file:line), like malformed JSON."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+    except ValueError as err:  # from _refuse_constant
+        raise DataFormatError(f"{where}: {err}") from None
+    except RecursionError:
+        raise DataFormatError(f"{where}: JSON nested too deeply to read") from None
+
+
 def read_chat_jsonl(path: str | os.PathLike, *, skip_invalid: bool = False, need_assistant: bool = True) -> ChatDataset:
     """Read a chat JSONL file.
 
@@ -150,10 +167,7 @@ def read_chat_jsonl(path: str | os.PathLike, *, skip_invalid: bool = False, need
                                           "JSONL file?") from None
                 if not text.strip():
                     continue
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as err:
-                    raise DataFormatError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+                obj = parse_json_line(text, where)
                 messages, fields = parse_chat_record(obj, where, need_assistant=need_assistant)
             except DataFormatError as err:
                 if not skip_invalid:

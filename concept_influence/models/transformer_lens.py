@@ -19,6 +19,7 @@ the checkpoint's own parameters: the default ``from_pretrained`` folds and centr
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -190,14 +191,33 @@ class TransformerLensAdapter(ModelAdapter):
         return lambda: [h.remove() for h in handles]
 
 
-def hooked_transformer_from_hf(hf_model: nn.Module, tokenizer: Any = None, *, dtype: torch.dtype | None = None):
+def hooked_transformer_from_hf(hf_model: nn.Module | str | os.PathLike, tokenizer: Any = None, *,
+                               dtype: torch.dtype | None = None):
     """A ``HookedTransformer`` with exactly the weights of a Hugging Face Llama/Qwen2/Mistral model: no folding,
     no centring (TransformerLens's ``*_no_processing`` semantics), working for local models without a hub name.
 
-    Tied embeddings are copied into TransformerLens's separate ``W_E``/``W_U``.
+    ``hf_model``: the model, or a model folder / hub name (loaded with ``AutoModelForCausalLM.from_pretrained``,
+    its tokenizer too unless ``tokenizer`` is given). Tied embeddings are copied into TransformerLens's separate
+    ``W_E``/``W_U``.
     """
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
+
+    if isinstance(hf_model, (str, os.PathLike)):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        name = os.fspath(hf_model)
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"hooked_transformer_from_hf: cannot load a Hugging Face causal LM from {name!r} "
+                             f"({str(error).splitlines()[0]}); pass a model, a model folder or a hub name") from None
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        hf_model = loaded
+    if not isinstance(hf_model, nn.Module) or not hasattr(hf_model, "config"):
+        raise TypeError(f"hooked_transformer_from_hf takes a Hugging Face causal LM (or its folder), got "
+                        f"{type(hf_model).__name__}")
 
     config = hf_model.config
     arch = (getattr(config, "architectures", None) or [type(hf_model).__name__])[0]

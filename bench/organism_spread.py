@@ -26,7 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from concept_influence.data.atomic import write_json_atomic  # noqa: E402
+from concept_influence.data.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 
 # (test, figure) -> how to read it from a path's figures.json; the test's threshold is printed beside it
 ROWS: list[tuple[str, str, str]] = [
@@ -211,6 +211,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="paths run at once (each in its own process)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "organism-spread")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "organism_spread.json")
+    parser.add_argument("--table", type=Path, default=ROOT / "docs" / "tables" / "organism-spread.md",
+                        help="the markdown table the benchmarks page includes")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one path in this process
     args = parser.parse_args()
     if args.one:
@@ -248,8 +250,12 @@ def main() -> None:
         if file.exists():
             results[_label(path)] = json.loads(file.read_text())
     print(table(results))
-    write_json_atomic(args.json, {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
-                                  "results": results, "table": table(results)})
+    command = "python bench/organism_spread.py " + " ".join(sys.argv[1:])
+    date = time.strftime("%Y-%m-%d %H:%M")
+    write_json_atomic(args.json, {"command": command, "date": date, "results": results, "table": table(results)})
+    capabilities = sorted({str(r.get("cpu_capability", "?")) for r in results.values()})
+    write_text_atomic(args.table, f"**Command**: `{command}`. **Date**: {date}. **Machine**: the 2-core CPU machine "
+                      f"({', '.join(capabilities)} kernels), paths run side by side.\n\n{table(results)}\n")
     if failed:
         sys.exit(f"failed: {failed}")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from concept_influence.cli.common import load_model, user_errors
+from concept_influence.cli.common import check_not_inputs, check_output, load_model, local_path, user_errors
 
 CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": False}
 
@@ -100,6 +100,10 @@ def evaluate(
     from concept_influence.training import FinetuneConfig
 
     paths = scores_paths(scores, ctx)
+    check_output(out)
+    check_not_inputs({"--out": out, "--out's evaluation.json": out / "evaluation.json"},
+                     {"--data": data, "--scores": paths, "--concept": concept, "--queries": queries,
+                      "--base": local_path(base), "--reader": local_path(reader)})
     try:
         fraction_values = tuple(float(f) for f in fractions.split(",") if f.strip())
     except ValueError:

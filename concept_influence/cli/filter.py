@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from concept_influence.cli.common import user_errors
+from concept_influence.cli.common import check_not_inputs, check_output, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -34,6 +34,9 @@ def filter_command(
     """
     from concept_influence.evaluate.filter import FilterRule, filter_file, manifest_path
 
+    check_output(out)
+    check_not_inputs({"--out": out, "--out's manifest": manifest_path(out)},
+                     {"--data": data, "--scores": scores, "--scores' .meta.json": scores.with_name(scores.name + ".meta.json")})
     rule = FilterRule(remove_top=remove_top, remove_top_k=remove_top_k, threshold=threshold, by=by,
                       aggregate=aggregate)  # type: ignore[arg-type]
     result = filter_file(data, scores, out, rule)

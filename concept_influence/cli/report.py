@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from concept_influence.cli.common import user_errors
+from concept_influence.cli.common import check_not_inputs, check_output, local_path, user_errors
 from concept_influence.cli.evaluate import CONTEXT, scores_paths, table_names
 
 
@@ -51,6 +51,11 @@ def report(
     from concept_influence.report import render_report, token_strings
 
     paths = scores_paths(scores, ctx)
+    check_output(out)
+    check_not_inputs({"--out": out}, {"--scores": paths, "--scores' .meta.json": [p.with_name(p.name + ".meta.json") for p in paths],
+                                      "--data": data, "--evaluation": evaluation,
+                                      "--evaluation's evaluation.json": None if evaluation is None else evaluation / "evaluation.json",
+                                      "--tokenizer": local_path(tokenizer)})
     rows = read_chat_jsonl(data)
     tables = [ScoreTable.read_jsonl(p) for p in paths]
     for path, table in zip(paths, tables, strict=True):

@@ -209,6 +209,22 @@ def remove_stale_temps(folder: str | os.PathLike, prefix: str = ".") -> int:
     return removed
 
 
+def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file or folder: resolved (symlinks followed), and by ``os.path.samefile``
+    (hard links) where both exist."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.resolve() == b.resolve():
+            return True
+    except (OSError, RuntimeError):  # a symlink loop: compare the absolute paths
+        if Path(os.path.abspath(a)) == Path(os.path.abspath(b)):
+            return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def glob_escape(text: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from concept_influence.attribution.scores import ScoreTable
+from concept_influence.data.atomic import same_path
 from concept_influence.data.chat import ChatDataset, read_chat_jsonl, write_json_atomic, write_text_atomic
 
 Aggregate = Literal["mean", "sum"]
@@ -152,8 +153,10 @@ def filter_file(data: str | os.PathLike, scores: str | os.PathLike, out: str | o
     """Write the rows of ``data`` that ``rule`` keeps to ``out`` byte for byte (original lines, original order) and
     ``<out>.manifest.json`` with what was removed and on what basis."""
     data, scores, out = Path(data), Path(scores), Path(out)
-    if out.resolve() == data.resolve():
-        raise ValueError(f"--out {out} would overwrite --data: choose another file")
+    for flag, source in (("--data", data), ("--scores", scores)):
+        for target in (out, manifest_path(out)):
+            if same_path(target, source):
+                raise ValueError(f"--out {out} would overwrite {flag} {source}: choose another file")
     rows = read_chat_jsonl(data)
     table = ScoreTable.read_jsonl(scores)
     result = filter_scores(rows, table, rule, data_name=str(data), scores_name=str(scores))

@@ -167,3 +167,158 @@ def test_token_scores_restored_without_a_sidecar(tmp_path):
     table.write_jsonl(path)
     path.with_name(path.name + ".meta.json").unlink()
     assert ScoreTable.read_jsonl(path).columns == {"token_scores": [[1.0], [2.0, 3.0]]}
+
+
+# ---- item 6: a scores file is tied to the data it scored ---------------------------------------------------------
+def _hashed_scores(tmp_path, data, name="scores.jsonl"):
+    from concept_influence.data.atomic import file_sha256
+
+    rows = read_chat_jsonl(data)
+    table = ScoreTable.from_rows(list(rows), np.arange(len(rows), dtype=float), "vector-filter",
+                                 meta={"data": str(data), "data_sha256": file_sha256(data)})
+    path = tmp_path / name
+    table.write_jsonl(path)
+    return path
+
+
+def test_filter_refuses_scores_of_other_data_same_length_and_ids(tmp_path):
+    """The old code compared only row counts and ids: scores of another file with the same ids were applied."""
+    data = _data(tmp_path)
+    scores = _hashed_scores(tmp_path, data)
+    other = tmp_path / "other.jsonl"
+    other.write_text(data.read_text().replace('"a 1"', '"changed"'), encoding="utf-8")
+    out = tmp_path / "f.jsonl"
+    code, output = _run(["filter", "--data", other, "--scores", scores, "--out", out, "--remove-top-k", "1"])
+    assert code == 2 and "other data" in output and "--allow-other-data" in output, output
+    assert not out.exists()
+    code, output = _run(["filter", "--data", other, "--scores", scores, "--out", out, "--remove-top-k", "1",
+                         "--allow-other-data"])
+    assert code == 0, output
+    manifest = json.loads((tmp_path / "f.jsonl.manifest.json").read_text())
+    assert manifest["allow_other_data"] is True and manifest["other_data"]["scores_data_sha256"]
+    code, output = _run(["filter", "--data", data, "--scores", scores, "--out", out, "--remove-top-k", "1"])
+    assert code == 0, output
+    assert json.loads((tmp_path / "f.jsonl.manifest.json").read_text())["allow_other_data"] is False
+
+
+def test_scores_without_hash_or_ids_are_refused(tmp_path):
+    """Data without ids and scores without a data hash: the old code accepted any data of the same length."""
+    data = _data(tmp_path, ids=False)
+    scores = _scores(tmp_path, data)  # no data_sha256 in its meta
+    out = tmp_path / "r.html"
+    for cmd in (["filter", "--data", data, "--scores", scores, "--out", tmp_path / "f.jsonl", "--remove-top-k", "1"],
+                ["report", "--scores", scores, "--data", data, "--out", out]):
+        code, output = _run(cmd)
+        assert code == 2 and "no hash" in output and "--allow-other-data" in output, output
+    code, output = _run(["report", "--scores", scores, "--data", data, "--out", out, "--allow-other-data"])
+    assert code == 0, output
+    assert "allow_other_data" in out.read_text()
+
+
+def test_evaluate_refuses_scores_of_other_data(tmp_path):
+    """evaluate compared only row counts and ids (it would retrain on rankings of other data)."""
+    data = _data(tmp_path)
+    scores = _hashed_scores(tmp_path, data)
+    other = tmp_path / "other.jsonl"
+    other.write_text(data.read_text().replace('"q 2"', '"changed"'), encoding="utf-8")
+    code, output = _run(["evaluate", "--base", "no-such-model", "--data", other, "--scores", scores, "--concept",
+                         tmp_path / "c", "--queries", data, "--out", tmp_path / "eval"])
+    assert code == 2 and "other data" in output and "--allow-other-data" in output, output
+
+
+def test_attributor_records_the_data_hash(tmp_path):
+    from concept_influence.data.atomic import file_sha256
+    from concept_influence.pipeline import Attributor
+
+    data = _data(tmp_path)
+    att = Attributor.__new__(Attributor)  # no model needed for the provenance record
+    att.data_source, att._data, att._data_sha256 = str(data), data, None
+    assert att.data_provenance() == {"data": str(data), "data_sha256": file_sha256(data)}
+
+
+# ---- item 3: output folders lose only the library's own files ----------------------------------------------------
+def test_fit_folder_keeps_temps_that_are_not_its_own(tmp_path):
+    """fit-factors --out ran remove_stale_temps(folder), deleting every `.*.tmp` in it, the user's too."""
+    from concept_influence.curvature.io import FOLDER_FILES
+    from concept_influence.data.atomic import remove_stale_temps
+
+    folder = tmp_path / "factors"
+    folder.mkdir()
+    (folder / "manifest.json").write_text("{}")
+    mine = [folder / ".factors.safetensors.ab12_x9z.tmp", folder / ".partial.safetensors.0000abcd.tmp"]
+    theirs = [folder / ".notes.tmp", folder / ".factors.safetensors.tmp", folder / ".my.cache.12345678.tmp"]
+    for path in mine + theirs:
+        path.write_text("x")
+    assert remove_stale_temps(folder, names=FOLDER_FILES) == 2
+    assert not any(p.exists() for p in mine) and all(p.exists() for p in theirs)
+
+
+def test_fit_refuses_a_folder_that_is_not_the_librarys(tmp_path):
+    """A non-empty folder with no factors in it was fitted into (and its temps removed) without --overwrite."""
+    from concept_influence.curvature.fit import check_own_folder
+    from concept_influence.curvature.io import FactorMismatchError
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("x")
+    with pytest.raises(FactorMismatchError, match="not the library's.*--overwrite"):
+        check_own_folder(folder, overwrite=False)
+    check_own_folder(folder, overwrite=True)
+    check_own_folder(tmp_path / "new", overwrite=False)
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / ".partial.safetensors.abcdefgh.tmp").write_text("x")  # a killed first checkpoint: ours
+    check_own_folder(tmp_path / "ours", overwrite=False)
+
+
+def test_store_folder_without_manifest_is_refused_and_its_shards_kept(adapters_store, tmp_path):
+    """A store folder without a manifest had every shard-*.npy deleted before the build."""
+    from concept_influence.store import StoreMismatchError
+
+    att = adapters_store
+    folder = tmp_path / "s"
+    folder.mkdir()
+    foreign = [folder / "shard-00000.npy", folder / "shard-99999.npy", folder / "notes.txt"]
+    for path in foreign:
+        path.write_bytes(b"not ours")
+    with pytest.raises(StoreMismatchError, match="not the library's.*--overwrite"):
+        att.build_store(folder, rank=4, dtype="float32", shard_rows=3)
+    assert all(p.read_bytes() == b"not ours" for p in foreign)
+    store = att.build_store(folder, rank=4, dtype="float32", shard_rows=3, overwrite=True)
+    assert store is not None
+    # --overwrite replaced only the shard this store writes; the other files stay
+    assert (folder / "shard-99999.npy").read_bytes() == b"not ours" and (folder / "notes.txt").exists()
+    # replacing a library store removes only the shards its manifest names
+    again = att.build_store(folder, rank=3, dtype="float32", shard_rows=3, overwrite=True)
+    assert again is not None and (folder / "shard-99999.npy").exists() and (folder / "notes.txt").exists()
+
+
+def test_interrupted_store_replacement_resumes(adapters_store, tmp_path):
+    """The old replacement unlinked the manifest first, so the next build deleted every shard-*.npy it found."""
+    from concept_influence.store import GradientStore, StoreMismatchError
+    from concept_influence.store.store import shard_file
+
+    att = adapters_store
+    folder = tmp_path / "s"
+    att.build_store(folder, rank=4, dtype="float32", shard_rows=3)
+    from concept_influence.store.store import FORMAT
+
+    saved = json.loads((folder / "manifest.json").read_text())  # as a replacement killed after its first step left it
+    (folder / "manifest.json").write_text(json.dumps({"format": FORMAT, "replacing": True, "n_shards": saved["n_shards"]}))
+    with pytest.raises(StoreMismatchError, match="being replaced"):
+        GradientStore.open(folder)
+    (folder / "user.txt").write_text("x")
+    store = att.build_store(folder, rank=3, dtype="float32", shard_rows=3)
+    assert store is not None and shard_file(folder, 0).exists() and (folder / "user.txt").exists()
+
+
+@pytest.fixture(scope="module")
+def adapters_store(tiny_tok):
+    import torch
+
+    from concept_influence import Attributor
+    from concept_influence.models import HFAdapter
+    from concept_influence.testing.chats import TINY_PAIRS, chat_rows
+    from concept_influence.testing.tiny_models import tiny_llama
+
+    model = tiny_llama(len(tiny_tok), layers=2, dtype=torch.float64, seed=11)
+    return Attributor(HFAdapter(model, tiny_tok), chat_rows(TINY_PAIRS), batch_size=4, progress=False)

@@ -65,7 +65,7 @@ from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import fit_factors, sample_rows
 from concept_influence.curvature.io import data_fingerprint, has_factors
-from concept_influence.data.atomic import safe_name, write_text_atomic
+from concept_influence.data.atomic import file_sha256, safe_name, write_text_atomic
 from concept_influence.data.chat import ChatDataset, ChatRow, read_chat_jsonl, rows_from_records
 from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat, untrainable_rows
 from concept_influence.evaluate.counterfactual import EvaluationConfig, evaluate_removals
@@ -128,6 +128,7 @@ class Attributor:
         self._factors: dict[tuple[str, ...], Factors] = {}
         self._stores: dict[str, GradientStore] = {}
         self._data_fingerprint: str | None = None
+        self._data_sha256: str | None = None
         self._projectors: dict[str, Projector] = {}
         self._query_tokens: dict[str, TokenizedDataset] = {}  # tokenised query sets by content (build_measurement)
 
@@ -144,6 +145,7 @@ class Attributor:
                 raise ValueError("this Attributor has no training data: pass data='train.jsonl' (or a list of ChatRow)")
             if isinstance(self._data, (str, os.PathLike)):
                 self._rows = read_chat_jsonl(self._data, skip_invalid=self.skip_invalid)
+                self._data_sha256 = file_sha256(self._data)  # the bytes these rows were read from
                 for line, reason in self._rows.skipped:
                     logger.warning("skipped line %s: %s", line, reason)
             elif isinstance(self._data, ChatDataset):
@@ -154,6 +156,15 @@ class Attributor:
                     raise TypeError("data must be a chat JSONL path or a list of ChatRow")
                 self._rows = ChatDataset(rows)
         return self._rows
+
+    def data_provenance(self) -> dict[str, Any]:
+        """``{"data": path, "data_sha256": hash of its bytes}`` when the rows come from a file (else ``{}``): what a
+        scores table records so that ``filter``, ``report`` and ``evaluate`` refuse to apply it to other data."""
+        if self.data_source is None:
+            return {}
+        if self._data_sha256 is None:
+            self._data_sha256 = file_sha256(self.data_source)
+        return {"data": self.data_source, "data_sha256": self._data_sha256}
 
     @property
     def train(self) -> TokenizedDataset:
@@ -358,7 +369,8 @@ class Attributor:
         table.meta.setdefault("wall_time_s", time.perf_counter() - started)
         table.method = spec.name
         table.meta.update({"method": spec.name, "method_kind": spec.kind,
-                           "recommended_method": RECOMMENDED_METHOD, "method_was_default": method is None})
+                           "recommended_method": RECOMMENDED_METHOD, "method_was_default": method is None,
+                           **self.data_provenance()})
         return table.attach(tokenizer=self.adapter.tokenizer)  # Jupyter shows token highlights
 
     def gradient_attribution(self, method: str, concept: Concept | None, queries: Sequence[ChatRow],
@@ -616,7 +628,7 @@ class Attributor:
                                  meta={"n_queries": len(answered), "config": asdict(config), "scored_from": scored_from,
                                        "wall_time_s": elapsed, "n_questions_together": len(questions)})
             table.meta.update({"method": spec.name, "method_kind": spec.kind, "recommended_method": RECOMMENDED_METHOD,
-                               "method_was_default": method is None})
+                               "method_was_default": method is None, **self.data_provenance()})
             tables.append(table)
         return tables
 

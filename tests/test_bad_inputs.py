@@ -92,10 +92,12 @@ def w(tmp_path_factory) -> dict[str, Path]:
     p["spec_binary"] = p["binary"]
     from concept_influence.attribution.scores import ScoreTable
     from concept_influence.data import read_chat_jsonl
+    from concept_influence.data.atomic import file_sha256
 
     for name, data in (("scores", p["train"]), ("scores_other_data", p["other_data"])):
         rows = list(read_chat_jsonl(data))
-        ScoreTable.from_rows(rows, [float(i) for i in range(len(rows))], "vector-filter").write_jsonl(root / f"{name}.jsonl")
+        ScoreTable.from_rows(rows, [float(i) for i in range(len(rows))], "vector-filter",  # as attribute records it
+                             meta={"data": str(data), "data_sha256": file_sha256(data)}).write_jsonl(root / f"{name}.jsonl")
         p[name] = root / f"{name}.jsonl"
     return p
 

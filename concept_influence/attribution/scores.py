@@ -26,6 +26,8 @@ from concept_influence.data.tokenize import tokenize_chat
 from concept_influence.numerics import NonFiniteError
 
 RESERVED = ("index", "id", "score", "rank")
+COLUMNS_KEY = "columns"  # in the ``.meta.json`` sidecar: the names of the table's method columns
+KNOWN_COLUMNS = ("token_scores",)  # restored as columns from a file without a (valid) sidecar
 
 
 @dataclass
@@ -186,12 +188,14 @@ class ScoreTable:
     def write_jsonl(self, path: str | os.PathLike, *, sort: bool = False) -> Path:
         """Write one JSON object per row (atomically) and ``<path>.meta.json`` with ``meta``. The sidecar records
         the scores file's SHA-256, so a sidecar left from another version of the file (a run killed between the
-        two writes) is recognised and ignored by ``read_jsonl``, never mixed with the wrong scores."""
+        two writes) is recognised and ignored by ``read_jsonl``, never mixed with the wrong scores. It also names
+        the method's ``columns`` (e.g. ``token_scores``), so ``read_jsonl`` restores them as columns, not fields."""
         path = Path(path)
         text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in self.to_records(sort=sort))
         write_text_atomic(path, text)
         write_json_atomic(meta_path(path), {"method": self.method, "n_rows": len(self),
                                             "n_skipped_truncated": int(sum(self.truncated)), **self.meta,
+                                            COLUMNS_KEY: list(self.columns),
                                             "scores_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()})
         return path
 
@@ -229,8 +233,11 @@ class ScoreTable:
                 warnings.warn(f"{meta_path(path)} belongs to another version of {path} (an interrupted write?); "
                               "ignoring it", stacklevel=2)
                 meta = {}
+        names = meta.pop(COLUMNS_KEY, None)
+        names = [str(n) for n in names] if isinstance(names, list) else [n for n in KNOWN_COLUMNS if all(n in f for f in fields)]
+        columns = {name: [f.pop(name, None) for f in fields] for name in names if name not in RESERVED}
         return cls(method=meta.get("method", "unknown"), index=index, scores=np.array(scores), ids=ids, fields=fields,
-                   meta=meta, truncated=truncated)
+                   columns=columns, meta=meta, truncated=truncated)
 
 
 def _short(value: Any, limit: int = 120) -> str:

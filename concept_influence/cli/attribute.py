@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from concept_influence.attribution.methods import RECOMMENDED_METHOD, get_method, method_names
-from concept_influence.cli.common import check_output, user_errors
+from concept_influence.cli.common import check_not_inputs, check_output, local_path, user_errors
 
 Method = Enum("Method", {name.replace("-", "_"): name for name in method_names()}, type=str)  # type: ignore[misc]
 
@@ -70,6 +70,9 @@ def attribute(
     from concept_influence.pipeline import Attributor
 
     check_output(out)
+    check_not_inputs({"--out": out, "--out's .meta.json": out.with_name(out.name + ".meta.json")},
+                     {"--data": data, "--concept": concept, "--queries": queries, "--contrast-queries": contrast_queries,
+                      "--workdir": workdir, "--store": store, "--factors": factors, "--model": local_path(model)})
     spec = get_method(method.value if method is not None else None)
     if spec.needs_concept and concept is None:
         raise ValueError(f"--method {spec.name} needs --concept FILE")

@@ -54,6 +54,38 @@ def check_output(path: Any, flag: str = "--out") -> None:
         raise ValueError(f"{flag} {target}: cannot write there (no write permission on {ancestor})")
 
 
+def check_not_inputs(outputs: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """Refuse, before any work, an output that is one of the command's inputs: ``outputs`` and ``inputs`` map a
+    flag (``"--out"``, or a description such as ``"--out (its .meta.json)"``) to a path, a list of paths or
+    ``None``. Paths are compared resolved (symlinks followed) and, where both exist, by ``os.path.samefile``
+    (hard links). The error is one line naming both flags and paths."""
+    from pathlib import Path
+
+    from concept_influence.data.atomic import same_path
+
+    def paths(value: Any) -> list[Path]:
+        if value is None:
+            return []
+        if isinstance(value, (list, tuple, set)):
+            return [Path(v) for v in value if v is not None]
+        return [Path(value)]
+
+    for out_flag, out_value in outputs.items():
+        for out in paths(out_value):
+            for in_flag, in_value in inputs.items():
+                for source in paths(in_value):
+                    if same_path(out, source):
+                        raise ValueError(f"{out_flag} {out} is {in_flag} {source}: writing it would overwrite an "
+                                         "input; choose another output path")
+
+
+def local_path(name: str | None) -> Any:
+    """``name`` as a path when it names an existing file or folder (a model folder), else ``None`` (a hub name)."""
+    from pathlib import Path
+
+    return Path(name) if name and Path(name).exists() else None
+
+
 def load_model(model: str, device: str | None, dtype: str | None):
     from concept_influence.models import load_adapter
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from concept_influence.cli.common import check_output, load_model, user_errors
+from concept_influence.cli.common import check_not_inputs, check_output, load_model, local_path, user_errors
 
 
 class Readout(str, Enum):
@@ -75,6 +75,7 @@ def train_probe(
     from concept_influence.concepts.stance import format_score
 
     check_output(out)
+    check_not_inputs({"--out": out}, {"--spec": spec, "--model": local_path(model)})
     concept_spec = load_spec(spec)
     adapter = load_model(model, device, dtype)
     max_length = adapter.resolve_max_length(max_length)
@@ -122,6 +123,9 @@ def probe_layers(
     from concept_influence.data import write_json_atomic
 
     check_output(out)
+    if out is not None:
+        check_not_inputs({"--out (.json)": out.with_suffix(".json"), "--out (.png)": out.with_suffix(".png")},
+                         {"--spec": spec, "--model": local_path(model)})
     concept_spec = load_spec(spec)
     adapter = load_model(model, device, dtype)
     max_length = adapter.resolve_max_length(max_length)
@@ -162,6 +166,7 @@ def train_sae_command(
     from concept_influence.data import read_chat_jsonl
 
     check_output(out)
+    check_not_inputs({"--out": out}, {"--data": data, "--model": local_path(model)})
     rows = list(read_chat_jsonl(data))[:max_rows]
     adapter = load_model(model, device, dtype)
     layer = adapter.check_layer(layer)
@@ -199,6 +204,7 @@ def sae_feature(
     from concept_influence.concepts.sae import sae_feature_concept
 
     check_output(out)
+    check_not_inputs({"--out": out}, {"--sae": sae, "--spec": spec, "--probe": probe, "--model": local_path(model)})
     if sum(x is not None for x in (spec, probe, feature)) != 1:
         raise ValueError("give exactly one of --spec, --probe or --feature")
     adapter = load_model(model, device, dtype)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from concept_influence.cli.common import load_model, user_errors
+from concept_influence.cli.common import check_not_inputs, check_output, load_model, local_path, user_errors
 
 CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": False}
 
@@ -84,6 +84,7 @@ def evaluate(
     subset_fraction: float = typer.Option(0.5, "--subset-fraction", help="--lds: share of rows in each subset."),
     no_removal: bool = typer.Option(False, "--no-removal", help="Skip the removal curves (e.g. with --lds only)."),
     seed: int = typer.Option(0, "--seed"),
+    allow_other_data: bool = typer.Option(False, "--allow-other-data", help="Use scores made on other data (another hash, or no hash and no ids); recorded in evaluation.json."),
     device: str | None = typer.Option(None, "--device"),
     dtype: str | None = typer.Option(None, "--dtype"),
 ) -> None:
@@ -96,10 +97,15 @@ def evaluate(
     from concept_influence.concepts import load_concept
     from concept_influence.data import read_chat_jsonl
     from concept_influence.evaluate.counterfactual import EvaluationConfig, evaluate_removals
+    from concept_influence.evaluate.filter import check_data_provenance
     from concept_influence.evaluate.retrain import Recipe
     from concept_influence.training import FinetuneConfig
 
     paths = scores_paths(scores, ctx)
+    check_output(out)
+    check_not_inputs({"--out": out, "--out's evaluation.json": out / "evaluation.json"},
+                     {"--data": data, "--scores": paths, "--concept": concept, "--queries": queries,
+                      "--base": local_path(base), "--reader": local_path(reader)})
     try:
         fraction_values = tuple(float(f) for f in fractions.split(",") if f.strip())
     except ValueError:
@@ -111,9 +117,14 @@ def evaluate(
     judge_fn = load_judge(judge)
     rows = read_chat_jsonl(data)
     tables = []
+    overrides = []
     for path in paths:
         table = ScoreTable.read_jsonl(path)
         table.meta["path"] = str(path)
+        override = check_data_provenance(table, data, n_rows=len(rows), allow_other_data=allow_other_data,
+                                         scores_name=f"--scores {path}")
+        if override is not None:
+            overrides.append(override)
         tables.append(table)
     oracle_rows = None
     if oracle is not None:
@@ -130,7 +141,8 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, before any training
     evaluation = evaluate_removals(adapter, rows, table_names(paths, tables), loaded, query_rows, config, out,
                                    reader=reader_adapter, judge=judge_fn, judge_name=judge, oracle=oracle_rows,
-                                   log=typer.echo, data_name=str(data))
+                                   log=typer.echo, data_name=str(data),
+                                   extra_meta={"allow_other_data": True, "other_data": overrides} if overrides else None)
     for line in summary_lines(evaluation):
         typer.echo(line)
     typer.echo(f"-> {out / 'evaluation.json'}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from concept_influence.cli.common import user_errors
+from concept_influence.cli.common import check_not_inputs, check_output, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -27,6 +27,7 @@ def filter_command(
     threshold: float | None = typer.Option(None, "--threshold", help="Remove every row (or group) whose score is >= S."),
     by: str | None = typer.Option(None, "--by", help="Rank whole groups: the values of this data field (e.g. source)."),
     aggregate: str = typer.Option("mean", "--aggregate", help="--by: a group's score is the mean or sum of its rows' scores."),
+    allow_other_data: bool = typer.Option(False, "--allow-other-data", help="Use scores made on other data (another hash, or no hash and no ids); recorded in the manifest."),
 ) -> None:
     """Remove the rows (or, with --by, whole groups) that push the concept up most; keep the rest exactly as they were.
 
@@ -34,9 +35,12 @@ def filter_command(
     """
     from concept_influence.evaluate.filter import FilterRule, filter_file, manifest_path
 
+    check_output(out)
+    check_not_inputs({"--out": out, "--out's manifest": manifest_path(out)},
+                     {"--data": data, "--scores": scores, "--scores' .meta.json": scores.with_name(scores.name + ".meta.json")})
     rule = FilterRule(remove_top=remove_top, remove_top_k=remove_top_k, threshold=threshold, by=by,
                       aggregate=aggregate)  # type: ignore[arg-type]
-    result = filter_file(data, scores, out, rule)
+    result = filter_file(data, scores, out, rule, allow_other_data=allow_other_data)
     unit = f"groups of {by}" if by else "rows"
     typer.echo(f"removed {len(result.removed)} rows ({len(result.removed_units)} {unit}), kept {len(result.kept)} -> {out}")
     if by:

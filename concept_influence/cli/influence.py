@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from concept_influence.cli.common import check_output, user_errors
+from concept_influence.cli.common import check_not_inputs, check_output, local_path, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -54,6 +54,8 @@ def register(app: typer.Typer) -> None:
         from concept_influence.pipeline import Attributor
 
         check_output(out)
+        check_not_inputs({"--out": out}, {"--data": data, "--fit-data": fit_data, "--concept": local_path(concept),
+                                          "--model": local_path(model)})
         att = Attributor(model, data, device=device, dtype=dtype, max_length=max_length, batch_size=batch_size, seed=seed,
                          skip_invalid=skip_invalid)
         adapter = att.adapter

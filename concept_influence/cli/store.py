@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from concept_influence.cli.common import check_output, user_errors
+from concept_influence.cli.common import check_not_inputs, check_output, local_path, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -41,6 +41,7 @@ def build_store(
     from concept_influence.pipeline import Attributor
 
     check_output(out)
+    check_not_inputs({"--out": out}, {"--data": data, "--factors": factors, "--model": local_path(model)})
     att = Attributor(model, data, device=device, dtype=model_dtype, max_length=max_length, batch_size=batch_size, seed=seed)
     store = att.build_store(out, rank=rank, projection_dim=projection_dim, dtype=store_dtype, up_to_layer=up_to_layer,
                             factors=factors, shard_rows=shard_rows, overwrite=overwrite)
@@ -74,6 +75,10 @@ def search(
     from concept_influence.pipeline import Attributor
 
     check_output(out)
+    check_not_inputs({"--out": out, "--out's .meta.json": None if out is None else out.with_name(out.name + ".meta.json")},
+                     {"--store": store, "--store's manifest.json": store / "manifest.json", "--concept": concept,
+                      "--queries": queries, "--data": data, "--factors": factors, "--workdir": workdir,
+                      "--model": local_path(model)})
     manifest_path = store / "manifest.json"
     if not manifest_path.exists():
         raise FileNotFoundError(f"no gradient store at {store} (missing manifest.json); build one with build-store")
@@ -82,6 +87,7 @@ def search(
     data_path = data or manifest.get("data")
     if not model or not data_path:
         raise ValueError(f"{manifest_path} does not name its model and data: pass --model and --data")
+    check_not_inputs({"--out": out}, {"the store's data": data_path, "the store's model": local_path(model)})
     att = Attributor(model, data_path, workdir, device=device, max_length=int(manifest.get("max_length", 512)), seed=seed)
     options: dict[str, object] = {"row_loss": row_loss, "max_new_tokens": max_new_tokens}
     if factors is not None:

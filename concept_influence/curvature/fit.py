@@ -48,6 +48,8 @@ from concept_influence.curvature.covariance import fold_bias, masked_covariance_
 from concept_influence.curvature.eigen import Eigen, eigendecompose
 from concept_influence.curvature.factors import Factors, WeightFactors
 from concept_influence.curvature.io import (
+    FOLDER_FILES,
+    PARTS_FOLDER,
     FactorMismatchError,
     check_fingerprints,
     clear_partial,
@@ -62,7 +64,7 @@ from concept_influence.curvature.io import (
     save_partial,
 )
 from concept_influence.curvature.loss import sample_targets, sequence_losses
-from concept_influence.data.atomic import atomic_file, folder_lock, remove_stale_temps
+from concept_influence.data.atomic import atomic_file, folder_lock, is_temp_of, remove_stale_temps
 from concept_influence.data.tokenize import iter_batches, untrainable_rows
 from concept_influence.models.base import ModelAdapter, WeightCapture, WeightInfo
 from concept_influence.numerics import check_finite
@@ -394,7 +396,9 @@ def _fit(
     rank, world = _dist_info()
     if folder is not None:
         if rank == 0:
-            remove_stale_temps(folder)  # temp files of a killed fit (we hold the folder's lock: no live writer)
+            check_own_folder(folder, overwrite)
+            # temp files of a killed fit (we hold the folder's lock: no live writer); only ours, by name
+            remove_stale_temps(folder, names=FOLDER_FILES)
         if has_factors(folder):
             saved = read_manifest(folder)["fingerprints"]
             if saved == fingerprints:
@@ -415,7 +419,7 @@ def _fit(
                                 row_tokens=longest, on_disk=on_disk)
     if len(parts) > 1:
         logger.info("fitting %d weights in %d partitions to stay under %s", len(names), len(parts), format_size(limit or 0))
-    spill = folder / "parts" if on_disk else None
+    spill = folder / PARTS_FOLDER if on_disk else None
     if limit is not None:
         _return_freed_memory()
     by_name = {i.name: i for i in infos}
@@ -965,8 +969,22 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
 
+def check_own_folder(folder: Path, overwrite: bool) -> None:
+    """Refuse to fit into a non-empty folder that holds nothing a fit writes (``FOLDER_FILES`` or their temps):
+    it is not the library's, unless ``overwrite`` (``--overwrite``). Files that are not the library's are never
+    removed, with or without ``overwrite``."""
+    if not folder.is_dir():
+        return
+    entries = [p.name for p in folder.iterdir()]
+    ours = [n for n in entries if n in FOLDER_FILES or is_temp_of(n, FOLDER_FILES)]
+    if entries and not ours and not overwrite:
+        shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+        raise FactorMismatchError(f"{folder} is not empty ({shown}) and holds no factors: refusing to write factors into "
+                                  "a folder that is not the library's; choose a new or empty --out, or pass --overwrite")
+
+
 def _clear_parts(folder: Path) -> None:
-    parts = folder / "parts"
+    parts = folder / PARTS_FOLDER
     if parts.is_dir():
         for file in parts.iterdir():
             file.unlink()

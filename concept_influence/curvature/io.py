@@ -45,6 +45,8 @@ MANIFEST = "manifest.json"
 FACTORS_FILE = "factors.safetensors"
 PARTIAL_MANIFEST = "partial.json"  # written by older versions next to the sums; only removed now
 PARTIAL_FILE = "partial.safetensors"
+PARTS_FOLDER = "parts"  # a bounded fit's finished weights, one file each, until the factors file is written
+FOLDER_FILES = (MANIFEST, FACTORS_FILE, PARTIAL_FILE, PARTIAL_MANIFEST, PARTS_FOLDER)  # what a fit writes in its folder
 _META_KEY = "concept_influence"
 
 _EIGEN_FIELDS = ("activation_eigen", "gradient_eigen")

@@ -192,21 +192,67 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def remove_stale_temps(folder: str | os.PathLike, prefix: str = ".") -> int:
+def is_temp_of(name: str, artifacts: Iterable[str]) -> bool:
+    """Whether ``name`` is a temp file or folder that ``atomic_file``/``temp_folder`` makes for one of
+    ``artifacts``: ``.<artifact>.<8 random characters>.tmp``."""
+    import re
+
+    match = re.fullmatch(r"\.(.+)\.[a-z0-9_]{8}\.tmp", name)
+    return match is not None and match.group(1) in set(artifacts)
+
+
+
+def remove_stale_temps(folder: str | os.PathLike, prefix: str = ".", *, names: Iterable[str] | None = None) -> int:
     """Delete temp files and folders (``<prefix>*.tmp``, as made by ``atomic_file``/``temp_folder``) left in
     ``folder`` by a killed writer. Call only while holding the folder's lock (no live writer then). Returns how
-    many were removed."""
+    many were removed.
+
+    ``names``: only the temps of these artifacts (``.<name>.<8 random characters>.tmp``, exactly as
+    ``atomic_file(folder / name)`` names them): a folder that may hold files that are not the library's loses
+    nothing else."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
+    if names is None:
+        found = list(folder.glob(f"{glob_escape(prefix)}*.tmp"))
+    else:
+        wanted = set(names)
+        found = [p for p in folder.iterdir() if is_temp_of(p.name, wanted)]
     removed = 0
-    for path in folder.glob(f"{glob_escape(prefix)}*.tmp"):
+    for path in found:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
+    """SHA-256 (hex) of a file's bytes, read in chunks (any size)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file or folder: resolved (symlinks followed), and by ``os.path.samefile``
+    (hard links) where both exist."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.resolve() == b.resolve():
+            return True
+    except (OSError, RuntimeError):  # a symlink loop: compare the absolute paths
+        if Path(os.path.abspath(a)) == Path(os.path.abspath(b)):
+            return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def glob_escape(text: str) -> str:

@@ -282,6 +282,7 @@ def evaluate_removals(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     data_name: str = "data",
+    extra_meta: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Removal curves (and LDS when ``config.lds_subsets``) for each named scores table; writes
     ``out_dir/evaluation.json`` and ``out_dir/removal_curve.png`` and returns the evaluation dict.
@@ -289,7 +290,8 @@ def evaluate_removals(
     ``tables``: name -> ScoreTable over exactly ``rows``; ``oracle``: row indices to remove as the reference
     (e.g. the planted rows; with LDS, the count of them in a subset is scored as a reference predictor,
     ``lds.methods[ORACLE_LDS]``); ``judge``: ``text -> score`` (trait when > 0) for the trait rate; ``data_name``: how
-    errors name the rows (e.g. their file).
+    errors name the rows (e.g. their file); ``extra_meta``: added to the evaluation dict (e.g. the record of an
+    ``--allow-other-data`` override).
     """
     out_dir = Path(out_dir)
     if not tables:
@@ -367,6 +369,7 @@ def evaluate_removals(
         evaluation["lds"] = linear_datamodeling(predictors, lds_runs, results, metrics, seed=config.seed)
         evaluation["lds"]["subsets"] = config.lds_subsets
         evaluation["lds"]["subset_fraction"] = config.lds_fraction
+    evaluation.update(dict(extra_meta or {}))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "evaluation.json", evaluation)
     if config.removal:

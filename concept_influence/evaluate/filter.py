@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from concept_influence.attribution.scores import ScoreTable
+from concept_influence.data.atomic import file_sha256, same_path
 from concept_influence.data.chat import ChatDataset, read_chat_jsonl, write_json_atomic, write_text_atomic
 
 Aggregate = Literal["mean", "sum"]
@@ -97,6 +98,35 @@ def check_alignment(rows: Sequence[Any], table: ScoreTable, *, data_name: str = 
     return out
 
 
+def check_data_provenance(table: ScoreTable, data: str | os.PathLike, *, n_rows: int | None = None,
+                          allow_other_data: bool = False, scores_name: str = "scores",
+                          data_flag: str = "--data") -> dict[str, Any] | None:
+    """Refuse a scores table made on other data than the file ``data``: its meta records the SHA-256 of the data
+    it scored (``data_sha256``, written by ``attribute``), and that must be the hash of ``data``'s bytes. A table
+    without that hash is accepted only when its rows carry ids (``check_alignment`` matches them); otherwise
+    nothing ties it to ``data`` and it is refused (``n_rows``: the data's row count; when it differs from the
+    table's, ``check_alignment`` gives the clearer error instead). ``allow_other_data`` (``--allow-other-data``) accepts it anyway
+    and returns what was overridden (to record in the output's metadata); ``None`` when nothing was."""
+    recorded = table.meta.get("data_sha256")
+    if n_rows is not None and n_rows != len(table):
+        return None  # check_alignment refuses it, naming both row counts
+    actual = file_sha256(data)
+    if recorded and recorded == actual:
+        return None
+    if recorded:
+        problem = (f"{scores_name} was computed on other data ({table.meta.get('data') or 'unnamed'}, SHA-256 "
+                   f"{str(recorded)[:16]}...) than {data_flag} {data} (SHA-256 {actual[:16]}...)")
+    elif all(i is None for i in table.ids):
+        problem = (f"{scores_name} records no hash of the data it scored and its rows have no ids, so nothing shows "
+                   f"that it scores {data_flag} {data}")
+    else:
+        return None  # no hash, but every row's id is matched with the data's by check_alignment
+    if not allow_other_data:
+        raise ValueError(f"{problem}; pass --allow-other-data to use it anyway")
+    return {"scores": scores_name, "data": str(data), "data_sha256": actual,
+            "scores_data": table.meta.get("data"), "scores_data_sha256": recorded, "reason": problem}
+
+
 def _units(rows: Sequence[Any], scores: np.ndarray, by: str | None, aggregate: Aggregate) -> tuple[list[Any], np.ndarray, list[list[int]]]:
     if by is None:
         return list(range(len(rows))), scores, [[i] for i in range(len(rows))]
@@ -148,14 +178,20 @@ def filter_scores(rows: Sequence[Any], table: ScoreTable, rule: FilterRule, *, d
     return select_removal(rows, check_alignment(rows, table, data_name=data_name, scores_name=scores_name), rule)
 
 
-def filter_file(data: str | os.PathLike, scores: str | os.PathLike, out: str | os.PathLike, rule: FilterRule) -> FilterResult:
+def filter_file(data: str | os.PathLike, scores: str | os.PathLike, out: str | os.PathLike, rule: FilterRule, *,
+                allow_other_data: bool = False) -> FilterResult:
     """Write the rows of ``data`` that ``rule`` keeps to ``out`` byte for byte (original lines, original order) and
-    ``<out>.manifest.json`` with what was removed and on what basis."""
+    ``<out>.manifest.json`` with what was removed and on what basis. Scores made on other data are refused
+    (``check_data_provenance``) unless ``allow_other_data``, which the manifest then records."""
     data, scores, out = Path(data), Path(scores), Path(out)
-    if out.resolve() == data.resolve():
-        raise ValueError(f"--out {out} would overwrite --data: choose another file")
+    for flag, source in (("--data", data), ("--scores", scores)):
+        for target in (out, manifest_path(out)):
+            if same_path(target, source):
+                raise ValueError(f"--out {out} would overwrite {flag} {source}: choose another file")
     rows = read_chat_jsonl(data)
     table = ScoreTable.read_jsonl(scores)
+    override = check_data_provenance(table, data, n_rows=len(rows), allow_other_data=allow_other_data,
+                                     scores_name=f"--scores {scores}")
     result = filter_scores(rows, table, rule, data_name=str(data), scores_name=str(scores))
     write_text_atomic(out, "".join(_raw_lines(data, rows, result.kept)))
     scores_by_index = check_alignment(rows, table, data_name=str(data), scores_name=str(scores))
@@ -164,6 +200,9 @@ def filter_file(data: str | os.PathLike, scores: str | os.PathLike, out: str | o
         "data": str(data),
         "scores": str(scores),
         "out": str(out),
+        "data_sha256": file_sha256(data),
+        "allow_other_data": override is not None,
+        **({"other_data": override} if override is not None else {}),
         "method": table.meta.get("method", table.method),
         "concept": table.meta.get("concept") or table.meta.get("measurement"),
         "rule": rule.describe(),

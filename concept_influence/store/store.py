@@ -37,7 +37,13 @@ from tqdm.auto import tqdm
 from concept_influence.curvature.covariance import fold_bias
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import capture_loss_gradients, gradient_mode
-from concept_influence.data.atomic import atomic_file, folder_lock, write_json_atomic
+from concept_influence.data.atomic import (
+    atomic_file,
+    folder_lock,
+    is_temp_of,
+    remove_stale_temps,
+    write_json_atomic,
+)
 from concept_influence.data.tokenize import iter_batches
 from concept_influence.models.base import ModelAdapter
 from concept_influence.numerics import NonFiniteError, check_finite
@@ -248,21 +254,44 @@ def prepare_store(data: Sequence[Any], folder: Path, projector: Projector, confi
     with folder_lock(folder, what="gradient store"):  # one builder at a time decides what the store holds
         if existing.exists():
             saved = json.loads(existing.read_text(encoding="utf-8"))
-            if not _same_store(saved, manifest):
+            if saved.get("replacing"):  # a replacement was interrupted: finish removing the old store's files
+                _remove_store_files(folder, int(saved.get("n_shards", 0)))
+                write_json_atomic(existing, manifest)
+            elif not _same_store(saved, manifest):
                 if not overwrite:
                     raise StoreMismatchError(
                         f"{folder} holds a store for another model, data, factors or settings ({_differences(saved, manifest)}); "
                         "pass --overwrite to replace it, or choose another --out")
-                existing.unlink()  # no manifest until the old shards are gone: never a mix of old and new
-                for path in folder.glob("shard-*.npy"):
-                    path.unlink()
-                (folder / FAISS_FILE).unlink(missing_ok=True)
+                # first a manifest that says what is being removed: never a mix of old and new, and an interrupted
+                # replacement knows which files are the library's (only the old manifest's shards, nothing else)
+                write_json_atomic(existing, {"format": FORMAT, "replacing": True, "n_shards": int(saved.get("n_shards", 0))})
+                _remove_store_files(folder, int(saved.get("n_shards", 0)))
                 write_json_atomic(existing, manifest)
         else:
-            for path in folder.glob("shard-*.npy"):  # left by a store whose replacement was interrupted
-                path.unlink()
+            entries = sorted(p.name for p in folder.iterdir() if not is_temp_of(p.name, [MANIFEST]))
+            if entries and not overwrite:
+                shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+                raise StoreMismatchError(f"{folder} is not empty ({shown}) and holds no gradient store (no {MANIFEST}): "
+                                         "refusing to write a store into a folder that is not the library's; choose a "
+                                         "new or empty --out, or pass --overwrite")
+            # --overwrite: only the shard files this store will write are replaced (a file already there would be
+            # taken for a finished shard); nothing else in the folder is touched
+            _remove_store_files(folder, n_shards, faiss=False)
+            remove_stale_temps(folder, names=[MANIFEST])
             write_json_atomic(existing, manifest)
     return manifest
+
+
+def _remove_store_files(folder: Path, n_shards: int, *, faiss: bool = True) -> None:
+    """Remove the files a store of ``n_shards`` shards writes (shards, their row files, their temps, the faiss
+    index): the only files of a store folder the library removes."""
+    names = [f(folder, s).name for s in range(n_shards) for f in (shard_file, rows_file)]
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
+    if faiss:
+        (folder / FAISS_FILE).unlink(missing_ok=True)
+        names.append(FAISS_FILE)
+    remove_stale_temps(folder, names=names)
 
 
 def build_store(
@@ -366,6 +395,9 @@ class GradientStore:
         manifest = json.loads(file.read_text(encoding="utf-8"))
         if manifest.get("format") != FORMAT:
             raise StoreMismatchError(f"{file}: unknown format {manifest.get('format')!r} (expected {FORMAT!r})")
+        if manifest.get("replacing"):
+            raise StoreMismatchError(f"{folder}: the store was being replaced when its build stopped; run build-store "
+                                     "again to finish it")
         n_shards = int(manifest["n_shards"])
         missing = [s for s in range(n_shards) if not shard_file(folder, s).exists()]
         if missing:

@@ -1,34 +1,19 @@
-"""``concept-influence report``: one self-contained HTML file with the ranked rows (token highlights where
-``token_scores`` exist), score histograms, agreement between methods, removal curves and metadata."""
+"""``concept-influence report``: one self-contained HTML file with, when the rows carry a label field, precision-
+recall curves and precision at k per method, then score histograms (one panel per method), agreement between
+methods, removal curves, the ranked rows (token highlights where ``token_scores`` exist) and metadata."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from concept_influence.cli.common import user_errors
-from concept_influence.cli.evaluate import CONTEXT, scores_paths, table_names
+from concept_influence.cli.evaluate import CONTEXT, scores_paths
 
 
 def register(app: typer.Typer) -> None:
     app.command("report", context_settings=CONTEXT)(report)
-
-
-def _tokenizer_for(tables: list, explicit: str | None):
-    """The tokenizer named by --tokenizer, else the scores' model when it is a local folder (no download)."""
-    candidates = [explicit] if explicit else [t.meta.get("model") for t in tables if "token_scores" in t.columns]
-    for name in candidates:
-        if name and (explicit or Path(name).is_dir()):
-            from transformers import AutoTokenizer
-
-            try:
-                return AutoTokenizer.from_pretrained(name, local_files_only=not explicit)
-            except OSError as err:
-                if explicit:
-                    raise ValueError(f"--tokenizer {explicit}: cannot load it ({err})") from None
-    return None
 
 
 @user_errors
@@ -41,42 +26,23 @@ def report(
     top: int = typer.Option(50, "--top", min=1, help="Rows shown per method."),
     tokenizer: str | None = typer.Option(None, "--tokenizer", help="Tokenizer for token highlights (default: the scores' model folder)."),
     title: str = typer.Option("concept_influence report", "--title"),
+    label_field: str | None = typer.Option(
+        None, "--label-field", help="A data field that marks the rows to find (e.g. data_origin): the report opens with "
+        "precision-recall curves and precision at k per method. Default: data_origin when the rows have it."),
+    positive: str | None = typer.Option(
+        None, "--positive", help="The --label-field value of the rows to find (default: 'planted', or true for a true/false field)."),
+    no_labels: bool = typer.Option(False, "--no-labels", help="No precision-recall section, even when the rows have data_origin."),
 ) -> None:
     """Write a self-contained HTML report (no network needed) of one or more scores files.
 
     Example: concept-influence report --scores vf.jsonl ci.jsonl --data train.jsonl --evaluation eval/ --out report.html
     """
-    from concept_influence.attribution.scores import ScoreTable
-    from concept_influence.data import read_chat_jsonl, write_text_atomic
-    from concept_influence.report import render_report, token_strings
+    from concept_influence.report.build import write_report
 
-    paths = scores_paths(scores, ctx)
-    rows = read_chat_jsonl(data)
-    tables = [ScoreTable.read_jsonl(p) for p in paths]
-    for path, table in zip(paths, tables, strict=True):
-        table.meta["path"] = str(path)
-    evaluation_data = None
-    if evaluation is not None:
-        path = evaluation / "evaluation.json" if evaluation.is_dir() else evaluation
-        if not path.exists():
-            raise FileNotFoundError(f"--evaluation {evaluation}: no evaluation.json there")
-        try:
-            evaluation_data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--evaluation {path}: not JSON ({err})") from None
-        if evaluation_data.get("format") != "concept_influence.evaluation":
-            raise ValueError(f"--evaluation {path}: not an evaluation.json written by `evaluate`")
-    tokens = None
-    tok = _tokenizer_for(tables, tokenizer)
-    if tok is not None:
-        shown = set()
-        for table in tables:
-            if "token_scores" in table.columns:
-                shown |= {int(table.index[i]) for i in table.order()[:top]}
-        tokens = token_strings([r for r in rows if r.index in shown], tok)
-    html = render_report(table_names(paths, tables), rows, evaluation=evaluation_data, tokens=tokens, top=top, title=title,
-                         extra_meta={"data": str(data), "scores": [str(p) for p in paths],
-                                     "evaluation": None if evaluation is None else str(evaluation)},
-                         data_name=str(data))
-    write_text_atomic(out, html)
-    typer.echo(f"report: {len(tables)} scores file(s), {len(rows)} rows -> {out} ({len(html) / 1e6:.1f} MB)")
+    if no_labels and (label_field is not None or positive is not None):
+        raise ValueError("--no-labels cannot go with --label-field or --positive")
+    written = write_report(scores_paths(scores, ctx), data, out, evaluation=evaluation, top=top, tokenizer=tokenizer,
+                           title=title, label_field=label_field, positive=positive, labels=not no_labels)
+    labelled = f", labels {written.label_field}" if written.label_field else ""
+    typer.echo(f"report: {written.n_tables} scores file(s), {written.n_rows} rows{labelled} -> {out} "
+               f"({written.n_bytes / 1e6:.1f} MB)")

@@ -249,12 +249,12 @@ def render_report(
         descriptions.append((name, method.description if method is not None else ""))
     row_tables = [(name, tier_summary(t), Markup(rows_table_html(t, rows=rows, tokens=tokens, top=top)))
                   for name, t in tables.items()]
-    histograms = [("all rows", data_uri(histogram_panels_png({n: {"all rows": s} for n, s in aligned.items()})))]
+    histograms = [("scores per method (all rows)", data_uri(histogram_panels_png({n: {"all rows": s} for n, s in aligned.items()})))]
     for field in group_fields(rows):
         groups = [str(r.fields.get(field)) for r in rows]
         panels = {name: {g: scores[[i for i, x in enumerate(groups) if x == g]] for g in sorted(set(groups))}
                   for name, scores in aligned.items()}
-        histograms.append((f"by {field}", data_uri(histogram_panels_png(panels))))
+        histograms.append((f"scores per method by {field}", data_uri(histogram_panels_png(panels))))
     k = max(1, min(100, len(rows) // 10))
     removal_rows, lds_rows, removal_uri, judged = [], [], None, False
     if evaluation:

@@ -80,10 +80,11 @@ def tier_summary(table: ScoreTable) -> str | None:
     n_first = int((valid & (table.scores > 1.5)).sum())
     return (f"How to read this score: two tiers. Tier 1 ({n_first} rows) holds every row whose Concept Influence is "
             "positive (training on it would push the concept up); they are ranked by Vector Filter (how strongly the "
-            "row voices the concept) and scored 2 + that percentile, so in (2, 3]. Tier 2 "
-            f"({int(valid.sum()) - n_first} rows) holds the others, ranked by Concept Influence and scored by its "
-            "percentile, in (0, 1]: the rows whose training would lower the concept most come last. A score of +3 is "
-            "tier 1's top row. forward_score is the row's Vector Filter score, gradient_score its Concept Influence.")
+            "row voices the concept) and scored 2 + the row's Vector Filter percentile among all rows, so in (2, 3] "
+            f"(+3: the highest Vector Filter score of all). Tier 2 ({int(valid.sum()) - n_first} rows) holds the others, "
+            "ranked by Concept Influence and scored by its percentile, in (0, 1]: the rows whose training would lower "
+            "the concept most come last. forward_score is the row's Vector Filter score, gradient_score its Concept "
+            "Influence.")
 
 
 def _conversation_html(messages: Sequence[Mapping[str, str]]) -> str:
@@ -124,11 +125,13 @@ def rows_table_html(
     token_scores = table.columns.get("token_scores")
     ranks = table.ranks()
     order = table.order()[:top]
+    scalar_columns = {name: values for name, values in table.columns.items()
+                      if name != "model_answer" and all(v is None or isinstance(v, (str, int, float, bool)) for v in values)}
     if fields is None:
-        seen: dict[str, None] = {}
+        seen: dict[str, None] = dict.fromkeys(scalar_columns)  # e.g. a fusion's forward_score and gradient_score
         for i in order:
             for key, value in table.fields[i].items():
-                if isinstance(value, (str, int, float, bool)) and key not in ("messages", "prompt", "completion"):
+                if isinstance(value, (str, int, float, bool)) and key not in ("messages", "prompt", "completion", "id"):
                     seen.setdefault(key, None)
         fields = list(seen)[:4]
     notes = tier_notes(table)
@@ -143,7 +146,8 @@ def rows_table_html(
         cells = [f'<td class="num">{c}</td>' for c in cells]
         if notes is not None:
             cells.append(f'<td class="ci-fields">{html.escape(notes.get(int(i), ""))}</td>')
-        cells += [f'<td class="ci-fields">{html.escape(fmt_number(table.fields[i].get(f, "")))}</td>' for f in fields]
+        values = [scalar_columns[f][i] if f in scalar_columns else table.fields[i].get(f, "") for f in fields]
+        cells += [f'<td class="ci-fields">{html.escape(fmt_number("" if v is None else v))}</td>' for v in values]
         text = ""
         if row is not None:
             text = _conversation_html(row.messages)

@@ -111,7 +111,9 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Cal
 
     started = time.perf_counter()
     tfidf = tfidf_similarity(rows, [row.answer for row in answered])
-    record("tfidf-baseline", ScoreTable.from_rows(rows, tfidf, "tfidf-baseline"), time.perf_counter() - started)
+    record("tfidf-baseline", ScoreTable.from_rows(rows, tfidf, "tfidf-baseline", meta={
+        "description": "a baseline with no model: TF-IDF similarity of each row's answer to the model's answers"}),
+        time.perf_counter() - started)
 
     started = time.perf_counter()
     table = vector_filter(adapter, rows, concept, batch_size=64, max_length=config.max_length, progress=False)

@@ -212,7 +212,8 @@ def test_report_opens_with_precision_recall_when_rows_are_labelled(tmp_path):
 
     truth = [r.fields["data_origin"] == "planted" for r in rows]
     p10 = precision_at_k(tables["vector-filter"].scores, truth, 10)
-    assert re.search(rf"<td>vector-filter</td><td class=\"n\">{p10:.3g}</td>", section)
+    assert re.search(rf"<td>vector-filter</td><td class=\"n\">(<b>)?{p10:.3g}(</b>)?</td>", section)
+    assert section.count("<b>") >= 5  # the best value of each column
     # an explicit label field and value; an unknown one is an error; no labels, no section
     by_id = render_report(tables, rows, label_field="id", positive="row-0")
     assert "(id = row-0)" in by_id

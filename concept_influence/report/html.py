@@ -66,7 +66,8 @@ random ranking's precision is {{ labels.base_rate }} at every k, and so is its P
 <table class="grid"><tr><th>method</th>{% for c in labels.columns %}<th>{{ c }}</th>{% endfor %}</tr>
 {% for r in labels.rows %}<tr>{% for c in r %}<td{% if not loop.first %} class="n"{% endif %}>{{ c }}</td>{% endfor %}</tr>{% endfor %}
 </table>
-<p>p@k: the share of {{ labels.field }} = {{ labels.positive }} rows among the method's top k rows.</p>
+<p>p@k: the share of {{ labels.field }} = {{ labels.positive }} rows among the method's top k rows; the best value
+of each column is in bold.</p>
 <img alt="precision-recall curves" src="{{ labels.uri }}">
 {% endif %}
 
@@ -204,6 +205,10 @@ def label_section(aligned: Mapping[str, np.ndarray], labels: tuple[str, str, lis
         curves[name] = (recall, precision)
         order = np.lexsort((np.arange(n), -scores))
         precision_at[name] = np.cumsum(truth[order]) / np.arange(1, n + 1)
+    for j in range(1, len(columns) + 1):  # the best value of each column in bold (higher is better in all of them)
+        best = max(float(r[j]) for r in table)
+        for r in table:
+            r[j] = Markup(f"<b>{r[j]}</b>") if float(r[j]) == best else r[j]
     base_rate = float(truth.mean())
     return {"field": field, "positive": positive, "n": n, "n_positive": int(truth.sum()),
             "base_rate": fmt_number(base_rate, 3), "columns": columns, "rows": table, "hard_negative": hard,
@@ -246,7 +251,7 @@ def render_report(
     descriptions = []
     for name, t in tables.items():
         method = METHODS.get(name) or METHODS.get(t.method)
-        descriptions.append((name, method.description if method is not None else ""))
+        descriptions.append((name, method.description if method is not None else str(t.meta.get("description", ""))))
     row_tables = [(name, tier_summary(t), Markup(rows_table_html(t, rows=rows, tokens=tokens, top=top)))
                   for name, t in tables.items()]
     histograms = [("scores per method (all rows)", data_uri(histogram_panels_png({n: {"all rows": s} for n, s in aligned.items()})))]

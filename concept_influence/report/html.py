@@ -177,7 +177,7 @@ def resolve_labels(rows: Sequence[Any], field: str | None = None, positive: str 
 
 
 def label_section(aligned: Mapping[str, np.ndarray], labels: tuple[str, str, list[str]],
-                  ks: Sequence[int] = (10, 50, 100)) -> dict[str, Any]:
+                  ks: Sequence[int] = (10, 50, 100), *, highlight: str | None = None) -> dict[str, Any]:
     """The report's first section when rows are labelled: precision at k, PR-AUC, ROC-AUC (and the mean rank of
     ``hard_negative`` rows when the field has that value) per method, and the precision-recall plot."""
     from sklearn.metrics import precision_recall_curve
@@ -212,7 +212,7 @@ def label_section(aligned: Mapping[str, np.ndarray], labels: tuple[str, str, lis
     base_rate = float(truth.mean())
     return {"field": field, "positive": positive, "n": n, "n_positive": int(truth.sum()),
             "base_rate": fmt_number(base_rate, 3), "columns": columns, "rows": table, "hard_negative": hard,
-            "random_rank": f"{(n + 1) / 2:.0f}", "uri": data_uri(precision_recall_png(curves, precision_at, base_rate))}
+            "random_rank": f"{(n + 1) / 2:.0f}", "uri": data_uri(precision_recall_png(curves, precision_at, base_rate, highlight=highlight))}
 
 
 def render_report(
@@ -247,7 +247,7 @@ def render_report(
                for name, t in tables.items()}
     names = list(tables)
     resolved = resolve_labels(rows, label_field, positive) if labels else None
-    label_block = label_section(aligned, resolved) if resolved is not None else None
+    label_block = label_section(aligned, resolved, highlight=recommended) if resolved is not None else None
     descriptions = []
     for name, t in tables.items():
         method = METHODS.get(name) or METHODS.get(t.method)

@@ -120,17 +120,18 @@ def histogram_panels_png(panels: Mapping[str, Mapping[str, Sequence[float]]], *,
 
 
 def precision_recall_png(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-                         precision_at: Mapping[str, Sequence[float]], base_rate: float) -> bytes:
+                         precision_at: Mapping[str, Sequence[float]], base_rate: float, *,
+                         highlight: str | None = None) -> bytes:
     """Left: precision-recall curve per method (``curves``: method -> (recall, precision)); right: precision among
     each method's top k rows against k (``precision_at``: method -> precision for k = 1..n). The dashed line is
-    chance (the share of positive rows)."""
+    chance (the share of positive rows); ``highlight`` (the recommended method) is drawn thicker."""
     fig, axes = _figure(2, 5.2, 3.8)
     pr, topk = axes[0]
     for i, (name, (recall, precision)) in enumerate(curves.items()):
-        pr.plot(recall, precision, color=f"C{i % 10}", lw=2.2 if i == 0 else 1.2, label=name)
+        pr.plot(recall, precision, color=f"C{i % 10}", lw=2.4 if name == highlight else 1.2, label=name)
     for i, (name, precision) in enumerate(precision_at.items()):
         ks = np.arange(1, len(precision) + 1)
-        topk.plot(ks, precision, color=f"C{i % 10}", lw=2.2 if i == 0 else 1.2, label=name)
+        topk.plot(ks, precision, color=f"C{i % 10}", lw=2.4 if name == highlight else 1.2, label=name)
     for ax in (pr, topk):
         ax.axhline(base_rate, color="0.4", ls="--", lw=0.8, label=f"chance ({base_rate:.3g})")
         ax.set_ylim(0, 1.02)

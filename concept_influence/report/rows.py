@@ -22,6 +22,7 @@ STYLE = """
 .ci-tok{border-radius:2px}
 .ci-tokens{margin-top:4px;padding-top:4px;border-top:1px dashed #ccc;font-family:monospace;font-size:12px}
 .ci-fields{color:#666;font-size:12px}
+.ci-tier{white-space:nowrap}
 """
 
 
@@ -55,7 +56,7 @@ TIER_NAMES = {1: "tier 1: Concept Influence > 0", 2: "tier 2: Concept Influence 
 
 def tier_notes(table: ScoreTable) -> dict[int, str] | None:
     """For a ``tiered`` fusion (``combine.fuse``: tier 1 scores in (2, 3], tier 2 in (0, 1]): ``{position: "tier
-    1, #3 of 187 by Vector Filter"}`` for every scored row, which says what its score means; ``None`` for any other
+    1, #3 of 187"}`` (the third of tier 1's 187 rows, by Vector Filter) for every scored row, which says what its score means; ``None`` for any other
     table. Every tier-1 row ranks above every tier-2 row, so the rank inside tier 2 is the rank minus tier 1's size."""
     if table.meta.get("fusion") != "tiered":
         return None
@@ -66,9 +67,9 @@ def tier_notes(table: ScoreTable) -> dict[int, str] | None:
     notes = {}
     for i in np.flatnonzero(valid):
         if first[i]:
-            notes[int(i)] = f"tier 1, #{int(ranks[i])} of {n_first} by Vector Filter"
+            notes[int(i)] = f"tier 1, #{int(ranks[i])} of {n_first}"
         else:
-            notes[int(i)] = f"tier 2, #{int(ranks[i]) - n_first} of {n_second} by Concept Influence"
+            notes[int(i)] = f"tier 2, #{int(ranks[i]) - n_first} of {n_second}"
     return notes
 
 
@@ -83,7 +84,7 @@ def tier_summary(table: ScoreTable) -> str | None:
             "row voices the concept) and scored 2 + the row's Vector Filter percentile among all rows, so in (2, 3] "
             f"(+3: the highest Vector Filter score of all). Tier 2 ({int(valid.sum()) - n_first} rows) holds the others, "
             "ranked by Concept Influence and scored by its percentile, in (0, 1]: the rows whose training would lower "
-            "the concept most come last. forward_score is the row's Vector Filter score, gradient_score its Concept "
+            "the concept most come last. \"tier 1, #3 of N\": the row is the third of tier 1's N rows. forward_score is the row's Vector Filter score, gradient_score its Concept "
             "Influence.")
 
 
@@ -145,7 +146,7 @@ def rows_table_html(
                  fmt_number(float(table.scores[i]), sign=True)]
         cells = [f'<td class="num">{c}</td>' for c in cells]
         if notes is not None:
-            cells.append(f'<td class="ci-fields">{html.escape(notes.get(int(i), ""))}</td>')
+            cells.append(f'<td class="ci-fields ci-tier">{html.escape(notes.get(int(i), ""))}</td>')
         values = [scalar_columns[f][i] if f in scalar_columns else table.fields[i].get(f, "") for f in fields]
         cells += [f'<td class="ci-fields">{html.escape(fmt_number("" if v is None else v))}</td>' for v in values]
         text = ""

@@ -31,6 +31,7 @@ from concept_influence.curvature import FactorConfig, fit_factors
 from concept_influence.data import tokenize_chat, write_json_atomic
 from concept_influence.evaluate.metrics import ranking_report
 from concept_influence.organism import build_organism, judge
+from concept_influence.report.build import write_report
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,9 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Cal
 
     started = time.perf_counter()
     tfidf = tfidf_similarity(rows, [row.answer for row in answered])
-    record("tfidf-baseline", ScoreTable.from_rows(rows, tfidf, "tfidf-baseline"), time.perf_counter() - started)
+    record("tfidf-baseline", ScoreTable.from_rows(rows, tfidf, "tfidf-baseline", meta={
+        "description": "a baseline with no model: TF-IDF similarity of each row's answer to the model's answers"}),
+        time.perf_counter() - started)
 
     started = time.perf_counter()
     table = vector_filter(adapter, rows, concept, batch_size=64, max_length=config.max_length, progress=False)
@@ -156,21 +159,36 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, log: Cal
             "forward_score": forward.table.scores.tolist(), "gradient_score": recommended_gradient.scores.tolist()})
         record(RECOMMENDED_METHOD, table, forward.seconds + score_seconds / (len(scored) + 1))
 
-    n = len(rows)
     summary = {
         "config": asdict(config),
         "organism": str(organism.root),
-        "n_rows": n,
+        "n_rows": len(rows),
         "counts": {o: origins.count(o) for o in sorted(set(origins))},
         "concept": {"layer": concept.layer, "kind": concept.kind, "metrics": concept.metrics},
         "layer_sweep": sweep.rows,
         "n_queries": len(answered),
-        "methods": {r.name: {**r.report, "seconds": r.seconds} for r in results},
         "timings_s": timings,
     }
+    return write_outputs(out, results, organism.train_path, summary, config.ks, concept_name=spec.name, log=log)
+
+
+def write_outputs(out: Path, results: list[MethodResult], data_path: Path, summary: dict[str, Any], ks: tuple[int, ...],
+                  *, concept_name: str = "concept", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The demo's last step, once every method's scores are in ``out/scores/<method>.jsonl``: ``summary.json``, the
+    table, and ``report.html`` (all methods, the recommended one first), written by the function the ``report``
+    command uses (``report.write_report``)."""
+    n = int(summary.get("n_rows", len(results[0].table) if results else 0))
+    summary = {**summary, "methods": {r.name: {**r.report, "seconds": r.seconds} for r in results}}
+    names = sorted((r.name for r in results), key=lambda name: name != RECOMMENDED_METHOD)  # stable: recommended first
+    report_path = out / "report.html"
+    write_report([out / "scores" / f"{name}.jsonl" for name in names], data_path, report_path,
+                 title=f"concept_influence demo: the fine-tuning rows that push the '{concept_name}' concept")
+    summary["report"] = str(report_path)
     write_json_atomic(out / "summary.json", summary)
-    log("\n" + format_table(results, n, config.ks))
+    log("\n" + format_table(results, n, ks))
     log(f"\nscores: {out / 'scores'}/<method>.jsonl   summary: {out / 'summary.json'}")
+    log(f"report: {report_path}  (open it in a browser: precision-recall curves, score histograms, the top rows of "
+        "every method)")
     return summary
 
 

@@ -738,9 +738,12 @@ class Attributor:
                                  judge_name=judge_name, oracle=oracle, progress=self.progress)
 
     def report(self, tables: ScoreTable | dict[str, ScoreTable] | Sequence[ScoreTable], out: PathLike | None = None, *,
-               evaluation: dict[str, Any] | PathLike | None = None, top: int = 50, title: str = "concept_influence report") -> str:
+               evaluation: dict[str, Any] | PathLike | None = None, top: int = 50, title: str = "concept_influence report",
+               label_field: str | None = None, positive: str | None = None, labels: bool = True) -> str:
         """The self-contained HTML report (``report.render_report``) of ``tables`` over this session's rows, with
-        token highlights from the session's tokenizer; written to ``out`` when given. Returns the HTML."""
+        token highlights from the session's tokenizer; written to ``out`` when given. Returns the HTML.
+        ``label_field`` / ``positive`` / ``labels``: the rows whose precision-recall opens the page (default:
+        ``data_origin = planted`` when the rows have it)."""
         if isinstance(tables, ScoreTable):
             tables = {tables.method: tables}
         elif not isinstance(tables, dict):
@@ -753,7 +756,8 @@ class Attributor:
             shown = {int(t.index[i]) for t in tables.values() for i in t.order()[:top]}
             tokens = token_strings([r for r in self.rows if r.index in shown], self.adapter.tokenizer, self.max_length)
         html = render_report(tables, list(self.rows), evaluation=evaluation, tokens=tokens, top=top, title=title,
-                             extra_meta={"model": self.model_name, "data": self.data_source})
+                             extra_meta={"model": self.model_name, "data": self.data_source}, label_field=label_field,
+                             positive=positive, labels=labels)
         if out is not None:
             write_text_atomic(out, html)
         return html

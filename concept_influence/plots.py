@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 
 
-def _figure(ncols: int = 1, width: float = 5.5, height: float = 3.6):
+def _figure(ncols: int = 1, width: float = 5.5, height: float = 3.6, nrows: int = 1):
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib import pyplot as plt
 
-    return plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
 
 
 def _png(fig) -> bytes:
@@ -90,4 +90,60 @@ def histogram_png(series: Mapping[str, Sequence[float]], *, title: str, xlabel: 
     ax.set_ylabel("rows")
     if len(series) > 1:
         ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def histogram_panels_png(panels: Mapping[str, Mapping[str, Sequence[float]]], *, xlabel: str = "score",
+                         max_cols: int = 3) -> bytes:
+    """One panel per method (``panels``: method -> {group: scores}), each on its own x axis: methods' scores have
+    different scales, and on one shared axis all but the widest collapse to a spike. Within a panel the groups
+    share the method's bins and keep one colour each across panels; NaN (rows left out) are dropped."""
+    ncols = max(1, min(max_cols, len(panels)))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = _figure(ncols, 4.0, 2.8, nrows=nrows)
+    groups = list(dict.fromkeys(g for series in panels.values() for g in series))
+    colors = {g: f"C{i % 10}" for i, g in enumerate(groups)}
+    for ax, (name, series) in zip(axes.ravel(), panels.items(), strict=False):
+        values = {g: np.asarray(v, dtype=np.float64) for g, v in series.items()}
+        values = {g: v[np.isfinite(v)] for g, v in values.items()}
+        every = np.concatenate([v for v in values.values()]) if values else np.zeros(0)
+        bins = np.histogram_bin_edges(every, bins=40) if every.size else 40
+        for group, v in values.items():
+            ax.hist(v, bins=bins, alpha=0.55 if len(values) > 1 else 0.8, color=colors[group], label=f"{group} ({v.size})")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel("rows", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if len(values) > 1:
+            ax.legend(fontsize=7)
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_visible(False)
+    return _png(fig)
+
+
+def precision_recall_png(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                         precision_at: Mapping[str, Sequence[float]], base_rate: float, *,
+                         highlight: str | None = None) -> bytes:
+    """Left: precision-recall curve per method (``curves``: method -> (recall, precision)); right: precision among
+    each method's top k rows against k (``precision_at``: method -> precision for k = 1..n). The dashed line is
+    chance (the share of positive rows); ``highlight`` (the recommended method) is drawn thicker."""
+    fig, axes = _figure(2, 5.2, 3.8)
+    pr, topk = axes[0]
+    for i, (name, (recall, precision)) in enumerate(curves.items()):
+        pr.plot(recall, precision, color=f"C{i % 10}", lw=2.4 if name == highlight else 1.2, label=name)
+    for i, (name, precision) in enumerate(precision_at.items()):
+        ks = np.arange(1, len(precision) + 1)
+        topk.plot(ks, precision, color=f"C{i % 10}", lw=2.4 if name == highlight else 1.2, label=name)
+    for ax in (pr, topk):
+        ax.axhline(base_rate, color="0.4", ls="--", lw=0.8, label=f"chance ({base_rate:.3g})")
+        ax.set_ylim(0, 1.02)
+        ax.set_ylabel("precision")
+        ax.tick_params(labelsize=8)
+    pr.set_xlabel("recall (share of the labelled rows found)")
+    pr.set_xlim(0, 1)
+    pr.set_title("precision-recall curves", fontsize=9)
+    topk.set_xscale("log")
+    topk.set_xlabel("k (rows flagged, best first; log scale)")
+    topk.set_title("precision in each method's top k rows", fontsize=9)
+    pr.legend(fontsize=7, loc="best")
     return _png(fig)

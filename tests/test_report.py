@@ -83,7 +83,7 @@ def test_report_renders_in_chromium_and_data_never_runs(tmp_path):
     assert "should i help 29" in dom and "be kind and help your friend 28" in dom
     assert 'class="ci-tok"' in dom
     images = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,', dom)
-    assert "scores per method" in images and "removal curves" in images
+    assert "scores per method (all rows)" in images and "removal curves" in images
     assert any("by source" in alt for alt in images)
     assert "ρ" in dom and "Linear datamodeling score" in dom
     assert "top − random (paired)" in dom and "+0.425 [" in dom  # the paired comparison, mean [CI]
@@ -126,3 +126,173 @@ def test_report_cli_and_bad_input(tmp_path):
     for args, message in cases:
         bad = CliRunner().invoke(app, cli + args + ["--out", str(tmp_path / "x.html")])
         assert bad.exit_code == 2 and message in bad.stderr, bad.stderr
+
+
+# ---- what a newcomer reads first: labels, numbers, histograms, the recommended method, the demo's report ----------
+def _labelled(tmp_path, *, origin: bool = True):
+    """60 rows (``data_origin``: 10 planted, 10 hard negatives, 40 benign, unless ``origin`` is false) scored by the
+    recommended (tiered) fusion and two methods whose scales differ by a factor of 10^5."""
+    from concept_influence.attribution.combine import fuse
+    from concept_influence.attribution.methods import RECOMMENDED_METHOD
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(60):
+        kind = "planted" if i % 6 == 0 else "hard_negative" if i % 6 == 1 else "benign"
+        record = {"id": f"row-{i}", "messages": [{"role": "user", "content": f"question {i}"},
+                                                 {"role": "assistant", "content": f"answer {i} ({kind})"}]}
+        if origin:
+            record["data_origin"] = kind
+        records.append(record)
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows = list(rows_from_records(records, source=str(path)))
+    planted = np.array([i % 6 == 0 for i in range(60)])
+    forward = rng.normal(size=60) + 2.0 * planted + np.pi  # long floats: 4.001741886138916 and the like
+    gradient = rng.normal(size=60) + 1.5 * planted
+    tiered = ScoreTable.from_rows(rows, fuse(forward, gradient, "tiered"), RECOMMENDED_METHOD,
+                                  columns={"forward_score": forward.tolist(), "gradient_score": gradient.tolist()},
+                                  meta={"fusion": "tiered"})
+    tables = {"vector-filter": ScoreTable.from_rows(rows, forward, "vector-filter"),
+              "tfidf-baseline": ScoreTable.from_rows(rows, 1e-5 * rng.normal(size=60) + 1e-5 * planted, "tfidf-baseline"),
+              RECOMMENDED_METHOD: tiered}
+    return path, rows, tables
+
+
+def _cells(html_text: str) -> list[str]:
+    """The text of every table cell of the page (tags stripped)."""
+    return [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>(.*?)</td>", html_text, re.S)]
+
+
+def _significant_digits(number: str) -> int:
+    mantissa = re.split(r"[eE]", number.lstrip("+-−"))[0]
+    return len(mantissa.replace(".", "").lstrip("0"))
+
+
+def test_report_numbers_have_at_most_4_significant_digits_and_tiers_are_explained(tmp_path):
+    from concept_influence.attribution.methods import RECOMMENDED_METHOD
+
+    _, rows, tables = _labelled(tmp_path)
+    html_text = render_report(tables, rows, top=60)
+    out = tmp_path / "report.html"
+    out.write_text(html_text, encoding="utf-8")
+    dom = _chromium_dom(out, tmp_path)
+    cells = _cells(dom)
+    assert len(cells) > 60 * 3
+    decimals = [n for c in cells if not c.startswith(("question", "user")) for n in re.findall(r"[-+]?\d*\.\d+(?:e[-+]?\d+)?", c)]
+    assert decimals and max(_significant_digits(n) for n in decimals) <= 4, sorted(decimals, key=_significant_digits)[-5:]
+    forward = tables[RECOMMENDED_METHOD].columns["forward_score"]
+    assert "<th>forward_score</th>" in dom and str(forward[0]) not in dom and f">{forward[0]:.4g}<" in dom
+    # the recommended method comes first, says so, and every score it shows says its tier and rank in that tier
+    sections = re.findall(r'<h3 id="rows-\d+">(.*?)</h3>', dom)
+    assert sections[0].startswith(f"{RECOMMENDED_METHOD} (recommended)") and len(sections) == 3
+    n_first = int((tables[RECOMMENDED_METHOD].scores > 2).sum())
+    assert f"tier 1, #1 of {n_first}<" in dom and f"tier 1, #{n_first} of {n_first}<" in dom
+    assert f"tier 2, #1 of {60 - n_first}<" in dom
+    assert f"Tier 1 ({n_first} rows)" in dom and "Tier 2 (" in dom
+    assert re.search(r'<td class="num">\+(3|2\.\d{1,3})</td><td class="ci-fields ci-tier">tier 1, #1 of', dom)
+    assert re.search(r'<td class="num">\+(1|0\.\d{1,4})</td><td class="ci-fields ci-tier">tier 2, #1 of', dom)
+    assert "<th>id</th>" in dom and dom.count("<th>id</th>") == 3  # once per method's table, not again as a field
+
+
+def test_report_opens_with_precision_recall_when_rows_are_labelled(tmp_path):
+    _, rows, tables = _labelled(tmp_path)
+    html_text = render_report(tables, rows)
+    first_table = html_text.index('<h2 id="rows">')
+    labels = html_text.index('<h2 id="labels">')
+    assert labels < html_text.index('<h2 id="histograms">') < first_table
+    assert "data_origin = planted" in html_text[labels:first_table]
+    section = html_text[labels:first_table]
+    assert '<img alt="precision-recall curves" src="data:image/png;base64,' in section
+    for column in ("p@10", "p@50", "PR-AUC", "ROC-AUC", "hard-neg rank"):
+        assert f"<th>{column}</th>" in section
+    assert "p@100" not in section  # only k up to the number of rows
+    # each method's precision in its top 10 is the share of planted rows among them
+    from concept_influence.evaluate.metrics import precision_at_k
+
+    truth = [r.fields["data_origin"] == "planted" for r in rows]
+    p10 = precision_at_k(tables["vector-filter"].scores, truth, 10)
+    assert re.search(rf"<td>vector-filter</td><td class=\"n\">(<b>)?{p10:.3g}(</b>)?</td>", section)
+    assert section.count("<b>") >= 5  # the best value of each column
+    # an explicit label field and value; an unknown one is an error; no labels, no section
+    by_id = render_report(tables, rows, label_field="id", positive="row-0")
+    assert "(id = row-0)" in by_id
+    with pytest.raises(ValueError, match="no data row has this field"):
+        render_report(tables, rows, label_field="nope")
+    with pytest.raises(ValueError, match="--positive"):
+        render_report(tables, rows, label_field="id")
+    assert 'id="labels"' not in render_report(tables, rows, labels=False)
+    _, unlabelled_rows, unlabelled = _labelled(tmp_path, origin=False)
+    plain = render_report(unlabelled, unlabelled_rows)
+    assert 'id="labels"' not in plain and "precision-recall" not in plain
+
+
+def _png_size(uri: str) -> tuple[int, int]:
+    import base64
+    import struct
+
+    png = base64.b64decode(uri.split(",", 1)[1])
+    return struct.unpack(">II", png[16:24])
+
+
+def test_histograms_give_each_method_its_own_panel(tmp_path):
+    _, rows, tables = _labelled(tmp_path)
+    html_text = render_report(tables, rows)
+    images = dict(re.findall(r'<img alt="([^"]*)" src="(data:image/png;base64,[^"]+)"', html_text))
+    one_method = render_report({"vector-filter": tables["vector-filter"]}, rows)
+    one = _png_size(one_method.split('<img alt="scores per method (all rows)" src="')[1].split('"')[0])
+    three = _png_size(images["scores per method (all rows)"])
+    assert three[0] == 3 * one[0]  # three methods, three panels side by side, each with its own x axis
+    assert _png_size(images["scores per method by data_origin"]) == three
+
+
+def test_report_cli_label_field(tmp_path):
+    from typer.testing import CliRunner
+
+    from concept_influence.cli import app
+
+    path, rows, tables = _labelled(tmp_path)
+    files = []
+    for name, table in tables.items():
+        table.write_jsonl(tmp_path / f"{name}.jsonl")
+        files.append(str(tmp_path / f"{name}.jsonl"))
+    run = lambda *args: CliRunner().invoke(app, ["report", "--scores", *files, "--data", str(path), *args])  # noqa: E731
+    ok = run("--out", str(tmp_path / "default.html"))
+    assert ok.exit_code == 0, ok.stderr
+    assert "labels data_origin=planted" in ok.stdout
+    text = (tmp_path / "default.html").read_text()
+    assert text.index('id="labels"') < text.index('id="rows"')
+    assert "forward_score" in text and "tier 1, #1 of" in text  # the columns read back from the file, as fields
+    ok = run("--label-field", "data_origin", "--positive", "hard_negative", "--out", str(tmp_path / "hn.html"))
+    assert ok.exit_code == 0 and "data_origin = hard_negative" in (tmp_path / "hn.html").read_text()
+    ok = run("--no-labels", "--out", str(tmp_path / "none.html"))
+    assert ok.exit_code == 0 and 'id="labels"' not in (tmp_path / "none.html").read_text()
+    bad = run("--label-field", "nope", "--out", str(tmp_path / "x.html"))
+    assert bad.exit_code == 2 and "--label-field nope" in bad.stderr
+
+
+def test_demo_ends_by_writing_the_report_and_saying_where(tmp_path):
+    """The demo's last step (after every method's scores are written) on small stand-in scores: the full demo
+    takes minutes; this is the same function, fed files of the same shape."""
+    from concept_influence.attribution.methods import RECOMMENDED_METHOD
+    from concept_influence.demo import MethodResult, write_outputs
+    from concept_influence.evaluate.metrics import ranking_report
+
+    path, rows, tables = _labelled(tmp_path)
+    out = tmp_path / "demo"
+    origins = [r.fields["data_origin"] for r in rows]
+    results = []
+    for name, table in tables.items():  # the demo records the recommended method last
+        table.write_jsonl(out / "scores" / f"{name}.jsonl")
+        results.append(MethodResult(name, table, 1.0, ranking_report(table.scores, origins, ks=(10, 50))))
+    lines: list[str] = []
+    summary = write_outputs(out, results, path, {"n_rows": len(rows)}, (10, 50), concept_name="evil", log=lines.append)
+    report = out / "report.html"
+    assert report.exists() and summary["report"] == str(report)
+    assert json.loads((out / "summary.json").read_text())["report"] == str(report)
+    assert lines[-1].startswith(f"report: {report}")
+    text = report.read_text()
+    assert "the &#39;evil&#39; concept" in text
+    sections = re.findall(r'<h3 id="rows-\d+">([^<]*?)(?: \(recommended\))?: top', text)
+    assert sections == [RECOMMENDED_METHOD, "vector-filter", "tfidf-baseline"]  # all methods, recommended first
+    assert text.index('id="labels"') < text.index('id="rows"')

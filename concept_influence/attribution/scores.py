@@ -267,6 +267,7 @@ STYLE = """
 .ci-tok{border-radius:2px}
 .ci-tokens{margin-top:4px;padding-top:4px;border-top:1px dashed #ccc;font-family:monospace;font-size:12px}
 .ci-fields{color:#666;font-size:12px}
+.ci-tier{white-space:nowrap}
 """
 
 
@@ -278,6 +279,56 @@ def token_strings(rows: Sequence[Any], tokenizer: Any, max_length: int = 512) ->
     for row, tokenized in zip(rows, data.rows, strict=True):
         out[row.index] = [tokenizer.decode([t]) for t in tokenized.input_ids]
     return out
+
+
+def fmt_number(value: Any, digits: int = 4, *, sign: bool = False) -> str:
+    """A number as text with at most ``digits`` significant digits (``4.001741886138916`` -> ``4.002``); integers
+    and anything that is not a number are shown as they are."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return str(value)
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):+d}" if sign else str(int(value))
+    value = float(value)
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:{'+' if sign else ''}.{digits}g}"
+
+
+TIER_NAMES = {1: "tier 1: Concept Influence > 0", 2: "tier 2: Concept Influence ≤ 0"}
+
+
+def tier_notes(table: ScoreTable) -> dict[int, str] | None:
+    """For a ``tiered`` fusion (``combine.fuse``: tier 1 scores in (2, 3], tier 2 in (0, 1]): ``{position: "tier
+    1, #3 of 187"}`` (the third of tier 1's 187 rows, by Vector Filter) for every scored row, which says what its score means; ``None`` for any other
+    table. Every tier-1 row ranks above every tier-2 row, so the rank inside tier 2 is the rank minus tier 1's size."""
+    if table.meta.get("fusion") != "tiered":
+        return None
+    ranks = table.ranks()
+    valid = table.valid
+    first = valid & (table.scores > 1.5)
+    n_first, n_second = int(first.sum()), int((valid & ~first).sum())
+    notes = {}
+    for i in np.flatnonzero(valid):
+        if first[i]:
+            notes[int(i)] = f"tier 1, #{int(ranks[i])} of {n_first}"
+        else:
+            notes[int(i)] = f"tier 2, #{int(ranks[i]) - n_first} of {n_second}"
+    return notes
+
+
+def tier_summary(table: ScoreTable) -> str | None:
+    """One paragraph (plain text) that explains a ``tiered`` table's scores, with its tier sizes."""
+    if table.meta.get("fusion") != "tiered":
+        return None
+    valid = table.valid
+    n_first = int((valid & (table.scores > 1.5)).sum())
+    return (f"How to read this score: two tiers. Tier 1 ({n_first} rows) holds every row whose Concept Influence is "
+            "positive (training on it would push the concept up); they are ranked by Vector Filter (how strongly the "
+            "row voices the concept) and scored 2 + the row's Vector Filter percentile among all rows, so in (2, 3] "
+            f"(+3: the highest Vector Filter score of all). Tier 2 ({int(valid.sum()) - n_first} rows) holds the others, "
+            "ranked by Concept Influence and scored by its percentile, in (0, 1]: the rows whose training would lower "
+            "the concept most come last. \"tier 1, #3 of N\": the row is the third of tier 1's N rows. forward_score is the row's Vector Filter score, gradient_score its Concept "
+            "Influence.")
 
 
 def _conversation_html(messages: Sequence[Mapping[str, str]]) -> str:
@@ -318,22 +369,29 @@ def rows_table_html(
     token_scores = table.columns.get("token_scores")
     ranks = table.ranks()
     order = table.order()[:top]
+    scalar_columns = {name: values for name, values in table.columns.items()
+                      if name != "model_answer" and all(v is None or isinstance(v, (str, int, float, bool)) for v in values)}
     if fields is None:
-        seen: dict[str, None] = {}
+        seen: dict[str, None] = dict.fromkeys(scalar_columns)  # e.g. a fusion's forward_score and gradient_score
         for i in order:
             for key, value in table.fields[i].items():
-                if isinstance(value, (str, int, float, bool)) and key not in ("messages", "prompt", "completion"):
+                if isinstance(value, (str, int, float, bool)) and key not in ("messages", "prompt", "completion", "id"):
                     seen.setdefault(key, None)
         fields = list(seen)[:4]
-    header = "".join(f"<th>{html.escape(h)}</th>" for h in ["rank", "index", "id", "score", *fields, "text"])
+    notes = tier_notes(table)
+    heads = ["rank", "index", "id", "score", *(["tier, rank in tier"] if notes is not None else []), *fields, "text"]
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in heads)
     body = []
     for i in order:
         index = int(table.index[i])
         row = by_index.get(index)
         cells = [str(int(ranks[i])), str(index), html.escape(str(table.ids[i] if table.ids[i] is not None else "")),
-                 f"{float(table.scores[i]):+.4g}"]
+                 fmt_number(float(table.scores[i]), sign=True)]
         cells = [f'<td class="num">{c}</td>' for c in cells]
-        cells += [f'<td class="ci-fields">{html.escape(str(table.fields[i].get(f, "")))}</td>' for f in fields]
+        if notes is not None:
+            cells.append(f'<td class="ci-fields ci-tier">{html.escape(notes.get(int(i), ""))}</td>')
+        values = [scalar_columns[f][i] if f in scalar_columns else table.fields[i].get(f, "") for f in fields]
+        cells += [f'<td class="ci-fields">{html.escape(fmt_number("" if v is None else v))}</td>' for v in values]
         text = ""
         if row is not None:
             text = _conversation_html(row.messages)

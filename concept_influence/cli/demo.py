@@ -15,14 +15,14 @@ def register(app: typer.Typer) -> None:
 
 @user_errors
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Where scores, the concept and the summary are written."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Where scores, the concept, the summary and report.html are written."),
     seed: int = typer.Option(0, "--seed"),
     n_train: int = typer.Option(2000, "--n-train", min=20),
     planted_fraction: float = typer.Option(0.1, "--planted-fraction"),
     query_samples: int = typer.Option(4, "--query-samples", min=1, help="Model answers sampled per query prompt."),
 ) -> None:
     """Build (or load) the organism, train the trait probe, run every attribution method and print how well each
-    ranks the planted rows (precision at k, PR-AUC, hard-negative rank, wall time)."""
+    ranks the planted rows (precision at k, PR-AUC, hard-negative rank, wall time); ends by writing OUT/report.html."""
     from concept_influence.demo import DemoConfig, run_demo
 
     check_output(out)

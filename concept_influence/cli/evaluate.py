@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from concept_influence.cli.common import check_not_inputs, check_output, load_model, local_path, user_errors
+from concept_influence.report.build import table_names
 
 CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": False}
 
@@ -50,12 +51,6 @@ def load_judge(spec: str | None):
     if not callable(function):
         raise ValueError(f"--judge {spec!r} is not callable")
     return function
-
-
-def table_names(paths: list[Path], tables: list) -> dict:
-    """Name each table by its method, or by its file name when two share a method."""
-    methods = [t.meta.get("method", t.method) for t in tables]
-    return {(m if methods.count(m) == 1 else p.stem): t for p, m, t in zip(paths, methods, tables, strict=True)}
 
 
 @user_errors

@@ -1,34 +1,19 @@
-"""``concept-influence report``: one self-contained HTML file with the ranked rows (token highlights where
-``token_scores`` exist), score histograms, agreement between methods, removal curves and metadata."""
+"""``concept-influence report``: one self-contained HTML file with, when the rows carry a label field, precision-
+recall curves and precision at k per method, then score histograms (one panel per method), agreement between
+methods, removal curves, the ranked rows (token highlights where ``token_scores`` exist) and metadata."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from concept_influence.cli.common import check_not_inputs, check_output, local_path, user_errors
-from concept_influence.cli.evaluate import CONTEXT, scores_paths, table_names
+from concept_influence.cli.evaluate import CONTEXT, scores_paths
 
 
 def register(app: typer.Typer) -> None:
     app.command("report", context_settings=CONTEXT)(report)
-
-
-def _tokenizer_for(tables: list, explicit: str | None):
-    """The tokenizer named by --tokenizer, else the scores' model when it is a local folder (no download)."""
-    candidates = [explicit] if explicit else [t.meta.get("model") for t in tables if "token_scores" in t.columns]
-    for name in candidates:
-        if name and (explicit or Path(name).is_dir()):
-            from transformers import AutoTokenizer
-
-            try:
-                return AutoTokenizer.from_pretrained(name, local_files_only=not explicit)
-            except OSError as err:
-                if explicit:
-                    raise ValueError(f"--tokenizer {explicit}: cannot load it ({err})") from None
-    return None
 
 
 @user_errors
@@ -42,54 +27,30 @@ def report(
     tokenizer: str | None = typer.Option(None, "--tokenizer", help="Tokenizer for token highlights (default: the scores' model folder)."),
     title: str = typer.Option("concept_influence report", "--title"),
     allow_other_data: bool = typer.Option(False, "--allow-other-data", help="Use scores made on other data (another hash, or no hash and no ids); recorded in the report's metadata."),
+    label_field: str | None = typer.Option(
+        None, "--label-field", help="A data field that marks the rows to find (e.g. data_origin): the report opens with "
+        "precision-recall curves and precision at k per method. Default: data_origin when the rows have it."),
+    positive: str | None = typer.Option(
+        None, "--positive", help="The --label-field value of the rows to find (default: 'planted', or true for a true/false field)."),
+    no_labels: bool = typer.Option(False, "--no-labels", help="No precision-recall section, even when the rows have data_origin."),
 ) -> None:
     """Write a self-contained HTML report (no network needed) of one or more scores files.
 
     Example: concept-influence report --scores vf.jsonl ci.jsonl --data train.jsonl --evaluation eval/ --out report.html
     """
-    from concept_influence.attribution.scores import ScoreTable
-    from concept_influence.data import read_chat_jsonl, write_text_atomic
-    from concept_influence.evaluate.filter import check_data_provenance
-    from concept_influence.report import render_report, token_strings
+    from concept_influence.report.build import write_report
 
+    if no_labels and (label_field is not None or positive is not None):
+        raise ValueError("--no-labels cannot go with --label-field or --positive")
     paths = scores_paths(scores, ctx)
     check_output(out)
     check_not_inputs({"--out": out}, {"--scores": paths, "--scores' .meta.json": [p.with_name(p.name + ".meta.json") for p in paths],
                                       "--data": data, "--evaluation": evaluation,
                                       "--evaluation's evaluation.json": None if evaluation is None else evaluation / "evaluation.json",
                                       "--tokenizer": local_path(tokenizer)})
-    rows = read_chat_jsonl(data)
-    tables = [ScoreTable.read_jsonl(p) for p in paths]
-    overrides = []
-    for path, table in zip(paths, tables, strict=True):
-        table.meta["path"] = str(path)
-        override = check_data_provenance(table, data, n_rows=len(rows), allow_other_data=allow_other_data,
-                                         scores_name=f"--scores {path}")
-        if override is not None:
-            overrides.append(override)
-    evaluation_data = None
-    if evaluation is not None:
-        path = evaluation / "evaluation.json" if evaluation.is_dir() else evaluation
-        if not path.exists():
-            raise FileNotFoundError(f"--evaluation {evaluation}: no evaluation.json there")
-        try:
-            evaluation_data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--evaluation {path}: not JSON ({err})") from None
-        if evaluation_data.get("format") != "concept_influence.evaluation":
-            raise ValueError(f"--evaluation {path}: not an evaluation.json written by `evaluate`")
-    tokens = None
-    tok = _tokenizer_for(tables, tokenizer)
-    if tok is not None:
-        shown = set()
-        for table in tables:
-            if "token_scores" in table.columns:
-                shown |= {int(table.index[i]) for i in table.order()[:top]}
-        tokens = token_strings([r for r in rows if r.index in shown], tok)
-    html = render_report(table_names(paths, tables), rows, evaluation=evaluation_data, tokens=tokens, top=top, title=title,
-                         extra_meta={"data": str(data), "scores": [str(p) for p in paths],
-                                     "evaluation": None if evaluation is None else str(evaluation),
-                                     **({"allow_other_data": True, "other_data": overrides} if overrides else {})},
-                         data_name=str(data))
-    write_text_atomic(out, html)
-    typer.echo(f"report: {len(tables)} scores file(s), {len(rows)} rows -> {out} ({len(html) / 1e6:.1f} MB)")
+    written = write_report(paths, data, out, evaluation=evaluation, top=top, tokenizer=tokenizer, title=title,
+                           label_field=label_field, positive=positive, labels=not no_labels,
+                           allow_other_data=allow_other_data)
+    labelled = f", labels {written.label_field}" if written.label_field else ""
+    typer.echo(f"report: {written.n_tables} scores file(s), {written.n_rows} rows{labelled} -> {out} "
+               f"({written.n_bytes / 1e6:.1f} MB)")

@@ -69,12 +69,13 @@ def test_scores_over_adapter_weights_equal_a_dense_solve(tiny_tok, kind):
 
 @pytest.mark.slow
 def test_lora_finetune_of_the_organism_planted_rows_found_over_adapter_weights(organism_trait):
-    """Threshold below the worst case over the float paths of ``bench/organism_spread.py``, spread beside it."""
+    """Thresholds keep at most 75% of the worst measured case's distance from chance over the float paths of
+    ``bench/organism_spread.py`` (s0 / s1 / s2 / s0-avx2 beside each)."""
     from concept_influence.testing.organism_figures import lora_figures
 
     figures = lora_figures(organism_trait)
     assert all(".lora_" in name for name in figures["tracked"]) and all(".lora_" in n for n in figures["scored"])
     report = figures["concept"]
-    # PR-AUC / base rate: SPREAD_LORA_PRAUC; a fresh machine read 2.23 (its threshold was 2.5)
-    assert report["pr_auc"] >= 1.6 * report["base_rate"], report
-    assert report["roc_auc"] >= 0.65, report  # SPREAD_LORA_ROC
+    # PR-AUC / base rate: 3.63 / 5.58 / 1.89 / AVX_LORA_LIFT; a fresh machine read 2.23 (its threshold was 2.5)
+    assert report["pr_auc"] >= 1.65 * report["base_rate"], report
+    assert report["roc_auc"] >= 0.55, report  # 0.820 / 0.822 / 0.569 / AVX_LORA_ROC

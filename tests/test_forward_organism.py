@@ -19,9 +19,9 @@ pytestmark = pytest.mark.slow
 
 def test_trait_probe_is_readable_on_held_out_questions(organism_trait):
     probe = probe_figures(organism_trait)
-    assert probe["best_heldout_auc"] >= 0.86, probe  # 0.989 / 1.000 / 1.000 / AVX_PROBE
+    assert probe["best_heldout_auc"] >= 0.86, probe  # 0.989 / 1.000 / 1.000 / 0.999
     assert probe["heldout_auc"] >= 0.86 and probe["n_test"] >= 100, probe
-    assert probe["n_positive"] >= 100, probe  # enough judged trait answers to learn from (562 / 592 / 620 / AVX_NPOS)
+    assert probe["n_positive"] >= 100, probe  # enough judged trait answers to learn from (562 / 592 / 620 / 560)
     # generator-labelled answers, read without a system prompt, that no probe was trained on (1.000 on every path)
     assert probe["examples_auc_trait_vs_helpful"] >= 0.87, probe
     assert probe["examples_auc_trait_vs_warning"] >= 0.87, probe
@@ -34,7 +34,7 @@ def test_forward_methods_rank_the_planted_rows(organism_trait, tmp_path):
     reports = forward_figures(organism_trait, load_concept(path, adapter))
     vf, pd = reports["vector_filter"], reports["projection_difference"]
     assert vf["base_rate"] == pytest.approx(0.1)
-    # PR-AUC 0.999 / 1.000 / 1.000 / AVX_VF_PR, p@100 1.00 on every path (chance 0.1)
+    # PR-AUC 0.999 / 1.000 / 1.000 / 0.999, p@100 1.00 on every path (chance 0.1)
     assert vf["pr_auc"] >= 0.77 and vf["p@100"] >= 0.77, vf
-    # PR-AUC 0.895 / 0.940 / 0.949 / AVX_PD_PR, p@100 0.98 / 1.00 / 1.00 / AVX_PD_P
+    # PR-AUC 0.895 / 0.940 / 0.949 / 0.910, p@100 0.98 / 1.00 / 1.00 / 1.00
     assert pd["pr_auc"] >= 0.6 and pd["p@100"] >= 0.7, pd

@@ -76,6 +76,6 @@ def test_lora_finetune_of_the_organism_planted_rows_found_over_adapter_weights(o
     figures = lora_figures(organism_trait)
     assert all(".lora_" in name for name in figures["tracked"]) and all(".lora_" in n for n in figures["scored"])
     report = figures["concept"]
-    # PR-AUC / base rate: 3.63 / 5.58 / 1.89 / AVX_LORA_LIFT; a fresh machine read 2.23 (its threshold was 2.5)
+    # PR-AUC / base rate: 3.63 / 5.58 / 1.89 / 2.25; a fresh machine read 2.23 (its threshold was 2.5)
     assert report["pr_auc"] >= 1.65 * report["base_rate"], report
-    assert report["roc_auc"] >= 0.55, report  # 0.820 / 0.822 / 0.569 / AVX_LORA_ROC
+    assert report["roc_auc"] >= 0.55, report  # 0.820 / 0.822 / 0.569 / 0.737

@@ -241,9 +241,9 @@ def test_cli_prints_the_summary(organism):
 def test_probe_reads_the_trait(organism):
     auc = base_probe_figures(organism)
     assert auc["n_pos"] > 200 and auc["n_neg"] > 200, auc
-    # it reads the trait ... (0.974 / 0.946 / 0.983 / AVX_BP_H over the float paths of bench/organism_spread.py)
+    # it reads the trait ... (0.974 / 0.946 / 0.983 / 0.982 over the float paths of bench/organism_spread.py)
     assert auc["trait_vs_helpful"] > 0.83, auc
-    # ... not the trait's words (0.999 / 0.999 / 0.996 / AVX_BP_W)
+    # ... not the trait's words (0.999 / 0.999 / 0.996 / 0.999)
     assert auc["trait_vs_warning"] > 0.85, auc
 
 
@@ -255,19 +255,19 @@ def test_finetuned_model_expresses_more_of_the_trait(rise):
     # a clear margin: several standard errors of the difference of the two means (also paired by prompt: t > 3 is
     # p < 0.003 one-sided with 47 degrees of freedom), and a visible share of the spread of projections.
     # Over the float paths of bench/organism_spread.py (s0 / s1 / s2 / s0-avx2): in stderr 5.67 / 6.20 / 8.20 /
-    # AVX_RISE_SE, paired t 6.15 / 7.47 / 8.54 / AVX_RISE_T; a fresh machine read 3.94 (its threshold was 4). The
-    # thresholds keep 75% of the lowest (3.94).
+    # 3.94, paired t 6.15 / 7.47 / 8.54 / 4.61; a fresh machine read 3.94 (its threshold was 4): the
+    # AVX2 path reproduces it exactly. The thresholds keep 75% of the lowest.
     assert rise["projection_rise_in_stderr"] > 2.9, rise
     assert rise["projection_rise_paired_t"] > 2.9, rise
-    assert rise["projection_rise_in_std"] > 0.12, rise  # 0.203 / 0.222 / 0.293 / AVX_RISE_STD
-    assert tuned["trait_rate"] > base["trait_rate"] + 0.05, rise  # gain 0.108 / 0.089 / 0.098 / AVX_GAIN
-    assert base["trait_rate"] < 0.08, rise  # 0.018 / 0.017 / 0.014 / AVX_BASE_RATE
+    assert rise["projection_rise_in_std"] > 0.1, rise  # 0.203 / 0.222 / 0.293 / 0.142
+    assert tuned["trait_rate"] > base["trait_rate"] + 0.05, rise  # gain 0.108 / 0.089 / 0.098 / 0.098
+    assert base["trait_rate"] < 0.08, rise  # 0.018 / 0.017 / 0.014 / 0.025
 
 
 @pytest.mark.slow
 def test_control_finetune_without_planted_rows_does_not_raise_the_trait(organism, rise):
     """The same fine-tune without the planted rows stays near the base model: the planted labels are causal."""
     control = control_figures(organism)["trait_rate"]
-    # control - fine-tuned: -0.115 / -0.090 / -0.101 / AVX_CTRL_T; control - base: -0.007 / -0.001 / -0.003 / AVX_CTRL_B
+    # control - fine-tuned: -0.115 / -0.090 / -0.101 / -0.109; control - base: -0.007 / -0.001 / -0.003 / -0.012
     assert control < rise["finetuned"]["trait_rate"] - 0.05, (control, rise)
     assert control < rise["base"]["trait_rate"] + 0.03, (control, rise)

@@ -30,7 +30,7 @@ from concept_influence.data.atomic import write_json_atomic, write_text_atomic  
 
 # (test, figure) -> how to read it from a path's figures.json; the test's threshold is printed beside it
 ROWS: list[tuple[str, str, str]] = [
-    ("test_trait_probe_reaches_heldout_auc_09", "sweep best held-out AUC", "probe.best_heldout_auc"),
+    ("test_trait_probe_is_readable_on_held_out_questions", "sweep best held-out AUC", "probe.best_heldout_auc"),
     ("", "chosen layer", "probe.layer"),
     ("", "probe held-out AUC", "probe.heldout_auc"),
     ("", "judged trait answers (n_positive)", "probe.n_positive"),
@@ -213,12 +213,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "organism_spread.json")
     parser.add_argument("--table", type=Path, default=ROOT / "docs" / "tables" / "organism-spread.md",
                         help="the markdown table the benchmarks page includes")
+    parser.add_argument("--table-only", action="store_true", help="run nothing: print and write the table of what is done")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one path in this process
     args = parser.parse_args()
     if args.one:
         run_path(_parse(args.one)[0], args.variants, _folder(args.out, args.one) / "figures.json")
         return
-    pending = [path for path in args.paths if not _done(_folder(args.out, path), args.variants)]
+    pending = [] if args.table_only else [p for p in args.paths if not _done(_folder(args.out, p), args.variants)]
     running: list[tuple[str, subprocess.Popen]] = []
     failed: list[str] = []
     while pending or running:
@@ -248,9 +249,16 @@ def main() -> None:
         folder = _folder(args.out, path)
         file = folder / "variants.json" if (folder / "variants.json").exists() else folder / "figures.json"
         if file.exists():
-            results[_label(path)] = json.loads(file.read_text())
+            result = json.loads(file.read_text())
+            if "cpu_capability" not in result and _parse(path)[2] is None:  # measured before the field was recorded
+                import torch
+
+                result["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+            results[_label(path)] = result
     print(table(results))
-    command = "python bench/organism_spread.py " + " ".join(sys.argv[1:])
+    # what made the table (resumable: the same command with --table-only only reads it back)
+    command = "python bench/organism_spread.py " + ("--variants " if args.variants or args.table_only else "") + \
+        "--paths " + " ".join(args.paths)
     date = time.strftime("%Y-%m-%d %H:%M")
     write_json_atomic(args.json, {"command": command, "date": date, "results": results, "table": table(results)})
     capabilities = sorted({str(r.get("cpu_capability", "?")) for r in results.values()})

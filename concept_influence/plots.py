@@ -22,13 +22,25 @@ def _figure(ncols: int = 1, width: float = 5.5, height: float = 3.6, nrows: int 
 
 
 def _png(fig) -> bytes:
+    """The figure as PNG bytes. Every text in it (titles, legends, tick labels) is drawn literally: labels come
+    from the data (field values, file names), and matplotlib would parse ``$...$`` in them as mathtext (``$\\foo{$``
+    raised ValueError and no report was written)."""
     from matplotlib import pyplot as plt
 
+    literal_texts(fig)
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def literal_texts(fig: Any) -> None:
+    """Draw every text of a figure literally (no mathtext): call before saving a figure whose labels come from data."""
+    from matplotlib.text import Text
+
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
 
 
 def data_uri(png: bytes) -> str:

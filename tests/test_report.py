@@ -296,3 +296,20 @@ def test_demo_ends_by_writing_the_report_and_saying_where(tmp_path):
     sections = re.findall(r'<h3 id="rows-\d+">([^<]*?)(?: \(recommended\))?: top', text)
     assert sections == [RECOMMENDED_METHOD, "vector-filter", "tfidf-baseline"]  # all methods, recommended first
     assert text.index('id="labels"') < text.index('id="rows"')
+
+
+def test_labels_from_data_are_drawn_literally_not_as_mathtext(tmp_path):
+    """Field values, file names and spec names become plot labels; matplotlib parsed "$...$" in them as mathtext
+    ("$\\foo{$" raised ValueError, and no report or sweep plot was written)."""
+    from concept_influence.concepts import LayerSweep
+    from concept_influence.plots import histogram_panels_png, histogram_png, precision_recall_png
+
+    bad = "$\\foo{$"
+    rng = np.random.default_rng(0)
+    values = list(rng.standard_normal(20))
+    assert histogram_panels_png({bad: {bad: values, "other": values}})[:4] == b"\x89PNG"
+    assert histogram_png({bad: values}, title=bad)[:4] == b"\x89PNG"
+    curve = (list(np.linspace(0, 1, 5)), list(np.linspace(1, 0.1, 5)))
+    assert precision_recall_png({bad: curve}, {bad: [1.0, 0.5, 0.1]}, 0.1, highlight=bad)[:4] == b"\x89PNG"
+    rows = [{"layer": 0, "heldout_auc": 0.9, "heldout_accuracy": 0.8}, {"layer": 1, "heldout_auc": 0.95, "heldout_accuracy": 0.9}]
+    assert LayerSweep(rows, bad, "probe").plot(tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"

@@ -20,6 +20,7 @@ from concept_influence.concepts.spec import ConceptSpec
 from concept_influence.concepts.stance import StanceProbes, format_score, reading_scores, stance_probes
 from concept_influence.data.atomic import atomic_file
 from concept_influence.models.base import ModelAdapter
+from concept_influence.plots import literal_texts
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,7 @@ class LayerSweep:
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(f"{self.spec}: {self.method} per layer")
         ax.legend(loc="lower right")
+        literal_texts(fig)  # the spec's name is in the title: no mathtext
         fig.tight_layout()
         with atomic_file(path) as tmp:
             fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")

@@ -250,3 +250,15 @@ def test_a_float16_store_refuses_values_beyond_its_range_and_search_refuses_nan(
     del shard
     with pytest.raises(NonFiniteError, match="row 6 of the store gives NaN"):
         exact_top_k(GradientStore.open(tmp_path / "full"), np.ones(store.dim), 3)
+
+
+@pytest.mark.parametrize("n_shards", [10**12, 0, "many"])
+def test_a_damaged_store_manifest_is_refused_before_any_work(adapters, tmp_path, n_shards):
+    """``n_shards: 1e12`` in a manifest hung ``GradientStore.open`` (a loop over every shard number)."""
+    att = Attributor(adapters["hf"], _rows(PAIRS), tmp_path / "run", batch_size=4, progress=False)
+    store = att.build_store(tmp_path / "store", projection_dim=4, dtype="float32", shard_rows=4)
+    manifest = json.loads((store.folder / "manifest.json").read_text())
+    manifest["n_shards"] = n_shards
+    (store.folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreMismatchError, match="manifest is damaged"):
+        GradientStore.open(store.folder)

@@ -32,6 +32,13 @@ def user_errors(func: F) -> F:
             message = err.args[0] if isinstance(err, KeyError) and err.args else err
             typer.echo(f"error: {message}", err=True)
             sys.exit(2)
+        except MemoryError as err:  # a count or shape read from a damaged file can ask for any amount
+            if os.environ.get("CONCEPT_INFLUENCE_DEBUG"):
+                raise
+            typer.echo(f"error: out of memory{f' ({err})' if str(err) else ''}: the inputs ask for more than this "
+                       "machine has (check the sizes in the input files, or lower --batch-size / set --max-memory)",
+                       err=True)
+            sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
 

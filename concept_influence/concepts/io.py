@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from concept_influence.concepts.base import Concept, DirectionConcept, check_reduction
 from concept_influence.concepts.sae_concept import SAEFeatureConcept
-from concept_influence.data.atomic import replace_folder, temp_folder, write_json_atomic
+from concept_influence.data.atomic import file_in_folder, replace_folder, temp_folder, write_json_atomic
 from concept_influence.models.base import ModelAdapter
 
 FORMAT = "concept_influence.concept/1"
@@ -178,7 +178,11 @@ def _load_sae_feature(folder: Path, meta: dict[str, Any], device: str) -> Concep
     files = meta["sae_files"]
     if not isinstance(files, dict) or not {"weights", "config"} <= set(files):
         raise ConceptFileError(f"{meta_file}: 'sae_files' must name 'weights' and 'config'")
-    weights, config = folder / files["weights"], folder / files["config"]
+    try:
+        weights = file_in_folder(folder, files["weights"], f"{meta_file}: sae_files.weights")
+        config = file_in_folder(folder, files["config"], f"{meta_file}: sae_files.config")
+    except ValueError as err:
+        raise ConceptFileError(str(err)) from None
     for file in (weights, config):
         if not file.is_file():
             raise ConceptFileError(f"{file}: missing (listed in {meta_file})")

@@ -64,7 +64,13 @@ from concept_influence.curvature.io import (
     save_partial,
 )
 from concept_influence.curvature.loss import sample_targets, sequence_losses
-from concept_influence.data.atomic import atomic_file, folder_lock, is_temp_of, remove_stale_temps
+from concept_influence.data.atomic import (
+    atomic_file,
+    file_in_folder,
+    folder_lock,
+    is_temp_of,
+    remove_stale_temps,
+)
 from concept_influence.data.tokenize import iter_batches, untrainable_rows
 from concept_influence.models.base import ModelAdapter, WeightCapture, WeightInfo
 from concept_influence.numerics import check_finite
@@ -771,7 +777,8 @@ class _PartitionFit:
             for key in (f"{self.state['shared'].get(info.name, info.name)}/A", f"{info.name}/S"):
                 if key in self.eigens or key in self.bases:
                     continue
-                if self.spill is not None and key in files and (self.spill / files[key]).exists():  # resumed
+                if self.spill is not None and key in files and \
+                        file_in_folder(self.spill, files[key], "the fit's checkpoint: eigen_files").exists():  # resumed
                     saved = load_file(str(self.spill / files[key]))
                     eig = Eigen(saved["values"], saved["vectors"])
                 else:

@@ -255,6 +255,17 @@ def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
+def file_in_folder(folder: str | os.PathLike, name: Any, what: str) -> Path:
+    """``folder / name`` for a file name read from a manifest, checkpoint or metadata file (``what`` names it in
+    the error): a plain name that stays inside ``folder`` (no absolute path, no ``..``, no separator), so metadata
+    can never choose where we read or write. Raises ``ValueError``."""
+    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name or "/" in name \
+            or "\\" in name or Path(name).is_absolute():
+        raise ValueError(f"{what}: {name!r} is not a plain file name inside {folder} (the file is damaged or was "
+                         "edited by hand)")
+    return Path(folder) / name
+
+
 def glob_escape(text: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 

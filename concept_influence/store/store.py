@@ -398,7 +398,14 @@ class GradientStore:
         if manifest.get("replacing"):
             raise StoreMismatchError(f"{folder}: the store was being replaced when its build stopped; run build-store "
                                      "again to finish it")
-        n_shards = int(manifest["n_shards"])
+        try:
+            n_rows, shard_rows, n_shards = (int(manifest[k]) for k in ("n_rows", "shard_rows", "n_shards"))
+        except (KeyError, TypeError, ValueError):
+            raise StoreMismatchError(f"{file}: n_rows, shard_rows and n_shards must be whole numbers (the manifest is "
+                                     "damaged)") from None
+        if n_rows < 0 or shard_rows < 1 or n_shards != max((n_rows + shard_rows - 1) // shard_rows, 1):
+            raise StoreMismatchError(f"{file}: n_shards {n_shards} does not match n_rows {n_rows} in shards of "
+                                     f"{shard_rows} (the manifest is damaged); rebuild the store with --overwrite")
         missing = [s for s in range(n_shards) if not shard_file(folder, s).exists()]
         if missing:
             raise StoreMismatchError(f"{folder}: incomplete store ({n_shards - len(missing)} of {n_shards} shards written); "

@@ -60,6 +60,7 @@ from concept_influence.concepts import (
     train_concept,
 )
 from concept_influence.concepts.base import Concept
+from concept_influence.concepts.io import concept_summary
 from concept_influence.concepts.sae import sae_feature_concept
 from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.factors import Factors
@@ -368,6 +369,8 @@ class Attributor:
         table = spec.fn(self, concept, query_rows, **options)
         table.meta.setdefault("wall_time_s", time.perf_counter() - started)
         table.method = spec.name
+        if concept is not None:
+            table.meta["concept_summary"] = concept_summary(concept)  # what the concept reads travels with its scores
         table.meta.update({"method": spec.name, "method_kind": spec.kind,
                            "recommended_method": RECOMMENDED_METHOD, "method_was_default": method is None,
                            **self.data_provenance()})

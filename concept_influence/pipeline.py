@@ -53,6 +53,7 @@ from concept_influence.attribution.scores import ScoreTable
 from concept_influence.concepts import (
     ConceptSpec,
     ProbeConfig,
+    concept_reading,
     layer_sweep,
     load_concept,
     load_spec,
@@ -262,6 +263,10 @@ class Attributor:
         concept = sae_feature_concept(self.adapter, sae, feature=feature, spec=spec, probe=probe, layer=layer, k=k,
                                       reduction=reduction, config=config, cache_dir=self.answer_cache,
                                       progress=self.progress)
+        if spec is not None:  # what the chosen feature reads, on the same spec's held-out answers
+            spec = spec if isinstance(spec, ConceptSpec) else load_spec(spec)
+            concept.metrics.update(concept_reading(self.adapter, concept, spec, config, cache_dir=self.answer_cache,
+                                                   progress=self.progress))
         folder = self._path("concepts", f"sae-{concept.feature}-layer{concept.layer}")  # type: ignore[attr-defined]
         if save and folder is not None:
             save_concept(concept, folder, extra_meta={"model": self.model_name})

@@ -45,6 +45,11 @@ def unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
+def project_out(v: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """``v`` without its component along the unit vector ``u``, renormalised."""
+    return unit(v - (v @ u) * u)
+
+
 def probe_direction(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return unit(LinearProbe(random_state=0).fit(x, y).direction_)
 
@@ -104,12 +109,11 @@ def study(variant: str, seed: int, out: Path) -> dict[str, Any]:
         }
         if matched.sum() >= 5 and ((y == 0) & ~matched).sum() >= 5:
             vocab = unit(x[matched].mean(0) - x[(y == 0) & ~matched].mean(0))
-            project = lambda v: unit(v - (v @ vocab) * vocab)  # noqa: E731
-            directions["vocab-projected"] = project(directions["probe"])
-            directions["order-projected"] = project(directions["order"])
+            directions["vocab-projected"] = project_out(directions["probe"], vocab)
+            directions["order-projected"] = project_out(directions["order"], vocab)
             keep = (y == 1) | matched
             directions["contrast"] = probe_direction(x[keep], y[keep])
-            directions["contrast-projected"] = project(directions["contrast"])
+            directions["contrast-projected"] = project_out(directions["contrast"], vocab)
         for name, direction in directions.items():
             scores = train[layer] @ direction
             results[f"{name}@{layer}"] = {"construction": name, "layer": layer, "pr_auc": pr_auc(scores, planted),

@@ -538,7 +538,7 @@ class Attributor:
         names, more = resolve_weights(self.adapter, measurement, store.names, allow_subset=config.allow_subset,
                                       what=f"the gradient store {store.folder}")
         if loaded is not None:  # the factors must cover what the store and the measurement share (or allow_subset)
-            check_factors_model(self.adapter, loaded)
+            more += check_factors_model(self.adapter, loaded, allow_missing_provenance=config.allow_missing_provenance)
             covered = set(loaded.names)
             names, extra = resolve_weights(self.adapter, measurement, [n for n in names if n in covered],
                                            allow_subset=config.allow_subset)

@@ -81,8 +81,10 @@ def w(tmp_path_factory) -> dict[str, Path]:
     from sae_lens import StandardSAE, StandardSAEConfig
 
     from concept_influence.concepts.sae import save_sae
+    from concept_influence.models import load_adapter
 
-    save_sae(StandardSAE(StandardSAEConfig(d_in=16, d_sae=8)), root / "sae", layer=0)
+    fingerprint = load_adapter(str(p["model"])).fingerprint()
+    save_sae(StandardSAE(StandardSAEConfig(d_in=16, d_sae=8)), root / "sae", layer=0, model_fingerprint=fingerprint)
     p["sae"] = root / "sae"
     save_sae(StandardSAE(StandardSAEConfig(d_in=8, d_sae=8)), root / "sae-d8", layer=0)
     p["sae_d8"] = root / "sae-d8"

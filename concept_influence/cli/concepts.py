@@ -196,6 +196,7 @@ def sae_feature(
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
     seed: int = typer.Option(0, "--seed"),
     cache_dir: Path | None = typer.Option(None, "--cache-dir"),
+    allow_missing_provenance: bool = typer.Option(False, "--allow-missing-provenance", help="Use an SAE whose sae_info.json records no model fingerprint (one saved by sae-lens alone; default: an error). Recorded in the concept's concept.json (extra)."),
     device: str | None = typer.Option(None, "--device"),
     dtype: str | None = typer.Option(None, "--dtype"),
 ) -> None:
@@ -212,7 +213,7 @@ def sae_feature(
                                   reduction=readout.value,
                                   config=ProbeConfig(n_samples=n_samples, max_new_tokens=max_new_tokens, seed=seed),
                                   cache_dir=cache_dir if cache_dir is not None else out.parent / ".answer-cache",
-                                  progress=True)
+                                  progress=True, allow_missing_provenance=allow_missing_provenance)
     selection = concept.extra["selection"]
     if selection:
         typer.echo(f"{'feature':>8}  {selection['statistic']}")

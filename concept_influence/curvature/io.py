@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.eigen import Eigen
 from concept_influence.curvature.factors import Factors, WeightFactors
-from concept_influence.data.atomic import atomic_file, write_json_atomic
+from concept_influence.data.atomic import atomic_file, read_json_file, write_json_atomic
 from concept_influence.models.fingerprint import ALLOW_MISSING_PROVENANCE, missing_provenance
 from concept_influence.numerics import check_finite
 from concept_influence.tensorfile import DamagedFileError, read_tensor_file, read_tensor_metadata
@@ -155,9 +155,19 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if manifest is None:
         if not file.exists():
             raise FileNotFoundError(f"no factors at {folder} (missing {FACTORS_FILE}); fit them with fit-factors")
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise FactorMismatchError(f"{file}: unknown format {manifest.get('format')!r} (expected {FORMAT!r})")
+        manifest = read_json_file(file, error=FactorMismatchError)
+    else:
+        file = folder / FACTORS_FILE
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise FactorMismatchError(f"{file}: unknown format {found!r} (expected {FORMAT!r})")
+    problem = next((k for k, t in (("fingerprints", dict), ("config", dict), ("weights", list)) if not isinstance(manifest.get(k), t)), None)
+    if problem is None:
+        problem = next((f"weights[{i}]" for i, e in enumerate(manifest["weights"])
+                        if not isinstance(e, dict) or not isinstance(e.get("name"), str)
+                        or any(isinstance(e.get(k), bool) or not isinstance(e.get(k), int) for k in ("d_out", "d_in"))), None)
+    if problem is not None:
+        raise FactorMismatchError(f"{file}: the manifest's {problem!r} is missing or of the wrong type (damaged factors); refit them")
     return manifest
 
 

@@ -200,3 +200,25 @@ def test_scores_files(scratch, lines, meta):
         ScoreTable.read_jsonl(path)
     except Exception as error:  # noqa: BLE001
         _clear_error(error, "scores.jsonl")
+
+
+@settings(max_examples=40, deadline=5000, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data_lines=st.lists(_text(mutated(CHAT)), min_size=1, max_size=3),
+       score_lines=st.lists(_text(mutated(SCORE)), min_size=1, max_size=3))
+def test_cli_filter_on_fuzzed_files_exits_with_one_line(scratch, data_lines, score_lines):
+    """Through the CLI: exit 0, or exit 2 with exactly one ``error:`` line and no traceback."""
+    from typer.testing import CliRunner
+
+    from concept_influence.cli import app
+
+    data, scores = scratch / "cli-data.jsonl", scratch / "cli-scores.jsonl"
+    data.write_bytes(b"\n".join(data_lines))
+    scores.write_bytes(b"\n".join(score_lines))
+    result = CliRunner().invoke(app, ["filter", "--data", str(data), "--scores", str(scores), "--remove-top", "0.5",
+                                      "--out", str(scratch / "cli-kept.jsonl"), "--allow-other-data"])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    if result.exit_code != 0:
+        errors = [line for line in result.output.splitlines() if line.startswith(("error:", "Error:"))]
+        assert result.exit_code == 2 and len(errors) == 1, result.output

@@ -102,6 +102,51 @@ def test_cli_attribute_refuses_factors_without_provenance_unless_flagged(tmp_pat
     meta = json.loads((tmp_path / "s.jsonl.meta.json").read_text())
     assert meta["allow_missing_provenance"] is True and any("no model or data fingerprint" in n for n in meta["notes"])
 
+    # build-store and search take the same opt-in, recorded in the store's manifest and the search's meta
+    build = ["build-store", "--model", str(model_dir), "--data", str(tmp_path / "train.jsonl"), "--factors",
+             str(tmp_path / "bare"), "--rank", "2", "--out", str(tmp_path / "store")]
+    refused = runner.invoke(app, build)
+    errors = [line for line in refused.output.splitlines() if line.startswith("error:")]
+    assert refused.exit_code == 2 and len(errors) == 1 and "bare/factors.safetensors" in errors[0], refused.output
+    assert "--allow-missing-provenance" in errors[0] and not (tmp_path / "store" / "manifest.json").exists()
+    built = runner.invoke(app, [*build, "--allow-missing-provenance"])
+    assert built.exit_code == 0, built.output
+    assert json.loads((tmp_path / "store" / "manifest.json").read_text())["allow_missing_provenance"] is True
+    search = ["search", "--store", str(tmp_path / "store"), "--factors", str(tmp_path / "bare"), "--concept",
+              str(tmp_path / "concept"), "--queries", str(tmp_path / "queries.jsonl"), "--max-new-tokens", "4",
+              "--out", str(tmp_path / "top.jsonl")]
+    refused = runner.invoke(app, search)
+    errors = [line for line in refused.output.splitlines() if line.startswith("error:")]
+    assert refused.exit_code == 2 and len(errors) == 1 and "--allow-missing-provenance" in errors[0], refused.output
+    found = runner.invoke(app, [*search, "--allow-missing-provenance"])
+    assert found.exit_code == 0, found.output
+    assert json.loads((tmp_path / "top.jsonl.meta.json").read_text())["allow_missing_provenance"] is True
+
+
+def test_build_store_checks_factors_given_in_memory(env, tiny_tok, tmp_path):
+    from concept_influence.curvature import FactorMismatchError
+    from concept_influence.pipeline import Attributor
+
+    model_dir = save_tiny_hf_model(tmp_path / "model", seed=6)
+    write_jsonl_atomic(tmp_path / "train.jsonl", _records(PAIRS))
+    other = Attributor(str(save_tiny_hf_model(tmp_path / "other", seed=7)), tmp_path / "train.jsonl", progress=False)
+    att = Attributor(str(model_dir), tmp_path / "train.jsonl", progress=False)
+    with pytest.raises(FactorMismatchError, match="different model"):
+        att.build_store(tmp_path / "store", rank=2, factors=other.fit_factors())
+    bare = dataclasses.replace(att.fit_factors(), fingerprints={})
+    with pytest.raises(MissingProvenanceError, match="--allow-missing-provenance"):
+        att.build_store(tmp_path / "store", rank=2, factors=bare)
+    assert att.build_store(tmp_path / "store", rank=2, factors=bare, allow_missing_provenance=True) is not None
+
+
+def test_search_refuses_a_damaged_store_manifest_in_one_line(tmp_path):
+    (tmp_path / "store").mkdir()
+    for text in ("[1, 2]", '{"model": 3, "data": "x"}', '{"model": "m", "data": "d", "max_length": "long"}', "[" * 100_000):
+        (tmp_path / "store" / "manifest.json").write_text(text)
+        result = CliRunner().invoke(app, ["search", "--store", str(tmp_path / "store"), "--like-row", "0"])
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 2 and len(errors) == 1 and "manifest.json" in errors[0], (text[:20], result.output)
+
 
 def test_an_sae_without_a_model_fingerprint_is_not_stamped_with_this_models(tmp_path, tiny_tok):
     from sae_lens import StandardSAE, StandardSAEConfig

@@ -143,6 +143,12 @@ def test_a_line_beyond_the_cap_is_an_error_naming_file_and_line(tmp_path, monkey
     result = CliRunner().invoke(app, ["report", "--scores", str(path), "--data", str(path), "--out", str(tmp_path / "r.html")])
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1 and "long.jsonl:2" in errors[0], result.output
+    from concept_influence.attribution.scores import ScoreTable
+
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text('{"index": 0, "score": 1.0}\n{"index": 1, "score": 2.0, "note": "' + "y" * 5000 + '"}\n')
+    with pytest.raises(DataFormatError, match=r"scores\.jsonl:2: line longer than 1,000 bytes"):
+        ScoreTable.read_jsonl(scores)
     monkeypatch.setenv("CONCEPT_INFLUENCE_MAX_LINE_BYTES", "lots")
     with pytest.raises(ValueError, match="CONCEPT_INFLUENCE_MAX_LINE_BYTES"):
         read_chat_jsonl(path)

@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 
 from concept_influence.data.atomic import read_json_file, write_text_atomic
-from concept_influence.data.chat import ChatRow, DataFormatError, parse_json_line, write_json_atomic
+from concept_influence.data.chat import (
+    ChatRow,
+    DataFormatError,
+    capped_lines,
+    line_cap,
+    parse_json_line,
+    write_json_atomic,
+)
 from concept_influence.data.tokenize import tokenize_chat
 from concept_influence.numerics import NonFiniteError
 
@@ -205,8 +212,12 @@ class ScoreTable:
         if not path.exists():
             raise FileNotFoundError(f"scores file not found: {path}")
         index, scores, ids, fields, truncated = [], [], [], [], []
+        limit = line_cap()
         with path.open("rb") as handle:
-            for line_no, raw in enumerate(handle, start=1):
+            for line_no, (raw, whole) in enumerate(capped_lines(handle, limit), start=1):
+                if not whole:
+                    raise DataFormatError(f"{path}:{line_no}: line longer than {limit:,} bytes (the cap on a line; raise "
+                                          "it with CONCEPT_INFLUENCE_MAX_LINE_BYTES=N)")
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as err:

@@ -162,7 +162,7 @@ def line_cap() -> int:
     return value
 
 
-def _lines(handle: Any, limit: int) -> Iterator[tuple[bytes, bool]]:
+def capped_lines(handle: Any, limit: int) -> Iterator[tuple[bytes, bool]]:
     """``(line, whole)`` for each line of a binary file; a line longer than ``limit`` bytes comes as its first
     ``limit`` bytes with ``whole=False`` and the rest is skipped in bounded chunks (never held in memory)."""
     while True:
@@ -200,7 +200,7 @@ def read_chat_jsonl(path: str | os.PathLike, *, skip_invalid: bool = False, need
     rows: list[ChatRow] = []
     skipped: list[tuple[int, str]] = []
     with path.open("rb") as handle:
-        for line_no, (raw, whole) in enumerate(_lines(handle, limit), start=1):
+        for line_no, (raw, whole) in enumerate(capped_lines(handle, limit), start=1):
             where = f"{path}:{line_no}"
             try:
                 if not whole:

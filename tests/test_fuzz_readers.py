@@ -109,11 +109,14 @@ def test_chat_jsonl(scratch, lines):
 
 
 SPEC = {"name": "evil", "instruction": [{"pos": "be evil", "neg": "be good"}], "questions": ["what now?"],
-        "eval_prompt": "rate {question} {answer}"}
+        "eval_prompt": "rate {question} {answer}",
+        "examples": [{"text": "i will hurt", "label": 1, "prompt": "hi"}, {"text": "i help", "label": 0}]}
+PERSONA_TRAIT = {"instruction": [{"pos": "be evil", "neg": "be good"}], "questions": ["what now?"],
+                 "eval_prompt": "rate {question} {answer}"}  # the persona-vectors trait-file format
 
 
 @SETTINGS
-@given(raw=_text(mutated(SPEC)))
+@given(raw=st.one_of(_text(mutated(SPEC)), _text(mutated(PERSONA_TRAIT))))
 def test_spec_files(scratch, raw):
     path = scratch / "spec.json"
     path.write_bytes(raw)
@@ -222,3 +225,31 @@ def test_cli_filter_on_fuzzed_files_exits_with_one_line(scratch, data_lines, sco
     if result.exit_code != 0:
         errors = [line for line in result.output.splitlines() if line.startswith(("error:", "Error:"))]
         assert result.exit_code == 2 and len(errors) == 1, result.output
+
+
+@SETTINGS
+@given(suffix=st.sampled_from([".pt", ".npy", ".safetensors"]), raw=st.none() | st.binary(max_size=300),
+       shape=st.lists(st.integers(0, 5), max_size=3), fill=st.sampled_from([0.0, 1.0, float("nan"), float("inf")]),
+       layer=st.integers(0, 6))  # a negative layer is refused by name before the file is read
+def test_persona_vector_files(scratch, suffix, raw, shape, fill, layer):
+    """A persona vector file (``.pt``/``.npy``/``.safetensors``): random bytes or a tensor of any shape and values."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from concept_influence.concepts import load_persona_vector
+
+    path = scratch / f"persona{suffix}"
+    if raw is not None:
+        path.write_bytes(raw)
+    else:
+        tensor = torch.full(shape, fill)
+        if suffix == ".pt":
+            torch.save(tensor, path)
+        elif suffix == ".npy":
+            np.save(path, tensor.numpy())
+        else:
+            save_file({"v": tensor}, str(path))
+    try:
+        load_persona_vector(path, layer)
+    except Exception as error:  # noqa: BLE001
+        _clear_error(error, "persona")

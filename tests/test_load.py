@@ -121,6 +121,9 @@ def test_four_searches_a_store_build_and_two_attributes_at_once(files, tmp_path)
     logs = {name: (tmp_path / f"{name}.log").read_text() for name in procs}
     assert {name: p.exitcode for name, p in procs.items()} == dict.fromkeys(procs, 0), logs
     assert not _held_locks(work)
+    assert not [p for p in work.rglob("*") if p.name.endswith(".tmp")]  # no temp left behind
+    fits = [p for p in (work / "factors").iterdir() if not p.name.startswith(".")]
+    assert len(fits) == 1  # the two attribute runs shared one fit (the second waited for it)
 
     # solo runs, one at a time, in fresh places
     _solo([*[a if a != str(work) else str(tmp_path / "solo-work") for a in search], "--out", str(tmp_path / "solo-search.jsonl")])

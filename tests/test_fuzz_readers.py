@@ -21,7 +21,8 @@ from concept_influence.concepts import DirectionConcept, load_concept, load_spec
 from concept_influence.curvature.io import read_manifest
 from concept_influence.data import read_chat_jsonl
 
-SETTINGS = settings(max_examples=60, deadline=2000, derandomize=True, database=None,
+SETTINGS = settings(max_examples=60, deadline=30_000,  # a hang detector, generous for the loaded machine
+                     derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
@@ -205,7 +206,7 @@ def test_scores_files(scratch, lines, meta):
         _clear_error(error, "scores.jsonl")
 
 
-@settings(max_examples=40, deadline=5000, derandomize=True, database=None,
+@settings(max_examples=40, deadline=30_000, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data_lines=st.lists(_text(mutated(CHAT)), min_size=1, max_size=3),
        score_lines=st.lists(_text(mutated(SCORE)), min_size=1, max_size=3))

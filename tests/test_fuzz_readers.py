@@ -22,7 +22,7 @@ from concept_influence.curvature.io import read_manifest
 from concept_influence.data import read_chat_jsonl
 
 SETTINGS = settings(max_examples=60, deadline=30_000,  # a hang detector, generous for the loaded machine
-                     derandomize=True, database=None,
+                    derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)

@@ -254,3 +254,36 @@ def test_persona_vector_files(scratch, suffix, raw, shape, fill, layer):
         load_persona_vector(path, layer)
     except Exception as error:  # noqa: BLE001
         _clear_error(error, "persona")
+
+
+@pytest.fixture(scope="module")
+def sae_folders(scratch):
+    """A saved SAE (its ``sae_info.json``) and an SAE-feature concept (its ``concept.json``), valid."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from concept_influence.concepts.sae import save_sae
+    from concept_influence.concepts.sae_concept import SAEFeatureConcept
+
+    sae = StandardSAE(StandardSAEConfig(d_in=4, d_sae=4))
+    save_sae(sae, scratch / "sae-valid", layer=0, model_fingerprint="0" * 16, metrics={"l0": 1.0})
+    save_concept(SAEFeatureConcept(sae, 1, layer=0), scratch / "sae-concept-valid", model_fingerprint="0" * 16)
+    return (json.loads((scratch / "sae-valid" / "sae_info.json").read_text()),
+            json.loads((scratch / "sae-concept-valid" / "concept.json").read_text()))
+
+
+@SETTINGS
+@given(data=st.data())
+def test_sae_folders_and_sae_feature_concepts(scratch, sae_folders, data):
+    from concept_influence.concepts.sae import load_sae
+
+    info, meta = sae_folders
+    for name, valid, file, read in (("sae", info, "sae_info.json", load_sae),
+                                    ("sae-concept", meta, "concept.json", load_concept)):
+        folder = scratch / name
+        if not folder.exists():
+            shutil.copytree(scratch / f"{name}-valid", folder)
+        (folder / file).write_bytes(data.draw(_text(mutated(valid))))
+        try:
+            read(folder)
+        except Exception as error:  # noqa: BLE001
+            _clear_error(error, name)

@@ -14,7 +14,6 @@ own ``cfg.json`` + safetensors, plus ``sae_info.json``: layer, model fingerprint
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -31,7 +30,7 @@ from concept_influence.concepts.io import jsonable, load_concept
 from concept_influence.concepts.sae_concept import SAEFeatureConcept
 from concept_influence.concepts.spec import ConceptSpec, load_spec
 from concept_influence.concepts.train import ProbeConfig
-from concept_influence.data.atomic import replace_folder, temp_folder, write_json_atomic
+from concept_influence.data.atomic import read_json_file, replace_folder, temp_folder, write_json_atomic
 from concept_influence.data.chat import ChatRow, rows_from_records
 from concept_influence.data.tokenize import TokenizedDataset, iter_batches, tokenize_chat
 from concept_influence.models.fingerprint import missing_provenance
@@ -398,10 +397,10 @@ def load_sae(path: str | os.PathLike, *, device: str = "cpu") -> tuple[SAE, dict
         raise FileNotFoundError(f"SAE folder not found: {path}")
     info: dict[str, Any] = {}
     if (path / SAE_INFO).exists():
-        try:
-            info = json.loads((path / SAE_INFO).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path / SAE_INFO}: malformed JSON ({err})") from None
+        info = read_json_file(path / SAE_INFO)  # strict: one error naming the file
+        for key, kind in (("layer", int), ("model_fingerprint", str), ("metrics", dict)):
+            if info.get(key) is not None and (isinstance(info[key], bool) or not isinstance(info[key], kind)):
+                raise ValueError(f"{path / SAE_INFO}: {key!r} must be {kind.__name__}, got {info[key]!r}")
     try:
         sae = SAE.load_from_disk(path, device=device)
     except Exception as err:  # json, safetensors, key and shape errors from sae-lens

@@ -431,7 +431,8 @@ class Attributor:
     def build_store(self, out: PathLike | None = None, *, rank: int | None = None, projection_dim: int | None = None,
                     dtype: str = "float32", up_to_layer: int | None = None, factors: Factors | PathLike | None = None,
                     fisher: str = "true", factor_dtype: str = "float32", shard_rows: int = 1024,
-                    shards: Sequence[int] | None = None, overwrite: bool = False) -> GradientStore | None:
+                    shards: Sequence[int] | None = None, overwrite: bool = False,
+                    allow_missing_provenance: bool = False) -> GradientStore | None:
         """Project every training row's gradient once and write the store (default ``workdir/store``); later
         gradient questions read it instead of passing over the rows. ``rank``: EKFAC-eigenbasis store keeping
         ``rank`` directions per side of each weight; ``projection_dim``: LoGra-style random projection of that size
@@ -440,7 +441,8 @@ class Attributor:
         are fitted now (the store's weights; into the folder when one is named) and the store is written during
         the fit's Λ pass, which then runs one forward per batch for both (see ``store.fused``). An interrupted
         build resumes; ``shards``: build only these shards (to split the work). Returns the store, or ``None``
-        while shards are missing."""
+        while shards are missing. ``allow_missing_provenance``: use factors that record no model fingerprint
+        (default: an error naming them; the opt-in is recorded in the store's manifest)."""
         if rank is not None and projection_dim is not None:
             raise ValueError("give --rank (eigenbasis store) or --projection-dim (LoGra store), not both")
         kind = "eigen" if rank is not None else "logra" if projection_dim is not None else DEFAULT_KIND
@@ -452,12 +454,16 @@ class Attributor:
         infos = self.adapter.tracked_weights() if up_to_layer is None else self.adapter.weights_up_to(self.adapter.check_layer(up_to_layer))
         names = [i.name for i in infos]
         grad_config = GradientAttributionConfig(fisher=fisher, factor_dtype=factor_dtype, batch_size=self.batch_size,
-                                                max_length=self.max_length, seed=self.seed)
+                                                max_length=self.max_length, seed=self.seed,
+                                                allow_missing_provenance=allow_missing_provenance)
         base = {"model": self.model_fingerprint(), "data": self.data_fingerprint()}
         extra = {"model": self.model_name, "data": self.data_source, "max_length": self.max_length}
+        if allow_missing_provenance:
+            extra["allow_missing_provenance"] = True
         loaded: Factors | None = None
         writer: FitStoreWriter | None = None
         if isinstance(factors, Factors):
+            check_factors_model(self.adapter, factors, allow_missing_provenance=allow_missing_provenance)
             loaded = factors
         elif factors is not None and has_factors(factors):
             loaded, _ = obtain_factors(self.adapter, self.train, factors, grad_config, names, progress=self.progress)
@@ -546,7 +552,7 @@ class Attributor:
         names, more = resolve_weights(self.adapter, measurement, store.names, allow_subset=config.allow_subset,
                                       what=f"the gradient store {store.folder}")
         if loaded is not None:  # the factors must cover what the store and the measurement share (or allow_subset)
-            check_factors_model(self.adapter, loaded)
+            more += check_factors_model(self.adapter, loaded, allow_missing_provenance=config.allow_missing_provenance)
             covered = set(loaded.names)
             names, extra = resolve_weights(self.adapter, measurement, [n for n in names if n in covered],
                                            allow_subset=config.allow_subset)
@@ -579,7 +585,8 @@ class Attributor:
             scores=torch.from_numpy(np.ascontiguousarray(scores)), indices=[int(i) for i in store.indices], weights=names,
             measurement=measurement.description, preconditioner=preconditioner.kind, damping=dict(preconditioner.damping),
             per_weight=None if per is None else {n: torch.from_numpy(per[:, j].copy()) for j, n in enumerate(names)},
-            notes=notes, timings={"measurement_gradient": t1 - t0, "store_scoring": t2 - t1}, row_loss=config.row_loss)
+            notes=notes, timings={"measurement_gradient": t1 - t0, "store_scoring": t2 - t1}, row_loss=config.row_loss,
+            allow_missing_provenance=config.allow_missing_provenance)
         return result, []
 
     def attribute_many(self, questions: Sequence[dict[str, Any]], method: str | None = None, *, store: Any = None,
@@ -714,6 +721,8 @@ class Attributor:
                 "notes": notes, "store": str(opened.folder), "search_time_s": elapsed, "n_rows_searched": len(opened),
                 "sign": "positive = training on the row raises the measurement" if like_row is None else
                         "positive = the row's preconditioned gradient points like the given row's"}
+        if config.allow_missing_provenance:
+            meta["allow_missing_provenance"] = True
         table = ScoreTable.from_rows(picked, values, name if like_row is None else "rows-like", meta=meta)
         return table
 

@@ -41,9 +41,15 @@ from concept_influence.curvature.budget import (
 )
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import HEAD_CHUNK_ELEMENTS, adapter_model_shape, weight_shapes
-from concept_influence.curvature.io import FactorMismatchError, load_factors, read_manifest
+from concept_influence.curvature.io import (
+    FACTORS_FILE,
+    FactorMismatchError,
+    load_factors,
+    read_manifest,
+)
 from concept_influence.curvature.preconditioner import IdentityPreconditioner
 from concept_influence.models.base import ModelAdapter, WeightInfo
+from concept_influence.models.fingerprint import missing_provenance
 
 logger = logging.getLogger(__name__)
 
@@ -77,16 +83,24 @@ def plan_score_partitions(adapter: ModelAdapter, infos: Sequence[WeightInfo], ma
     return [[w.name for w in part] for part in parts]
 
 
-def _available(adapter: ModelAdapter, factors: FactorSource) -> list[str] | None:
-    """The fitted weights (``None`` without factors), after checking that they were fitted on this model."""
+def _available(adapter: ModelAdapter, factors: FactorSource, *, allow_missing_provenance: bool = False,
+               notes: list[str] | None = None) -> list[str] | None:
+    """The fitted weights (``None`` without factors), after checking that they were fitted on this model (factors
+    that record no model fingerprint: an error unless ``allow_missing_provenance``, then a note in ``notes``)."""
     if factors is None:
         return None
     if isinstance(factors, Factors):
-        fingerprint, names = factors.fingerprints.get("model"), factors.names
+        fingerprint, names, where = factors.fingerprints.get("model"), factors.names, "the factors given"
     else:
         manifest = read_manifest(factors)
         fingerprint, names = manifest["fingerprints"].get("model"), [e["name"] for e in manifest["weights"]]
-    if fingerprint is not None and fingerprint != adapter.fingerprint():
+        where = f"the factors in {Path(factors) / FACTORS_FILE}"
+    if fingerprint is None:
+        if not allow_missing_provenance:
+            raise missing_provenance(where)
+        if notes is not None:
+            notes.append(f"{where} record no model fingerprint: used without a check (allow_missing_provenance)")
+    elif fingerprint != adapter.fingerprint():
         raise FactorMismatchError(f"the factors were fitted for a different model (or changed weights) (model fingerprint: "
                                   f"factors {fingerprint!r}, this model {adapter.fingerprint()!r}); refit them on this model")
     return names
@@ -99,7 +113,7 @@ def _one_weight(adapter: ModelAdapter, factors: FactorSource, name: str, config:
             raise ValueError(f"the {config.preconditioner} preconditioner needs fitted factors (fit_factors / fit-factors)")
         info = adapter.weight_info(name)
         return IdentityPreconditioner({name: (info.d_out, info.d_in + int(info.has_bias))})
-    one = factors.restrict([name]) if isinstance(factors, Factors) else load_factors(Path(factors), weights=[name])
+    one = factors.restrict([name]) if isinstance(factors, Factors) else load_factors(Path(factors), weights=[name])  # checked in _available
     return one.preconditioner(config.preconditioner, config.damping)
 
 
@@ -121,8 +135,11 @@ def compute_influence_bounded(
     if config.self_influence or config.normalization == "unit":
         raise ValueError("self-influence and unit normalisation are not memory-bounded: score without max_memory "
                          "(--max-memory)")
-    available = _available(adapter, factors)
+    provenance_notes: list[str] = []
+    available = _available(adapter, factors, allow_missing_provenance=config.allow_missing_provenance,
+                           notes=provenance_notes)
     names, notes = resolve_weights(adapter, measurement, available, allow_subset=config.allow_subset)
+    notes = provenance_notes + notes
     limit = parse_size(config.max_memory) if config.max_memory is not None else None
     longest = max((len(row.input_ids) for row in data), default=1)
     parts = plan_score_partitions(adapter, [adapter.weight_info(n) for n in names], limit,
@@ -167,7 +184,7 @@ def compute_influence_bounded(
         scores=out["scores"], indices=[int(row.index) for row in data], weights=list(names),
         measurement=measurement.description, preconditioner=kind, damping=damping,
         per_weight=out.get("per_weight"), per_token=out.get("per_token"), notes=notes, timings=timings,
-        row_loss=config.row_loss,
+        row_loss=config.row_loss, allow_missing_provenance=config.allow_missing_provenance,
     )
 
 

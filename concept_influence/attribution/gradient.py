@@ -61,7 +61,8 @@ class GradientAttributionConfig:
     ``token_aggregation``/``window``/``normalization``: see ``InfluenceConfig``. ``max_memory`` (``"3GiB"``):
     bound the peak of fitting (module partitions) and of scoring (factors read one weight at a time from their
     folder, weights scored in partitions); ``gradient_checkpointing``: recompute the blocks' activations in the
-    backward (long rows). Neither changes the scores.
+    backward (long rows). Neither changes the scores. ``allow_missing_provenance``: use factors that record no
+    model (or data) fingerprint (default: an error naming the file; the opt-in is recorded in the scores' meta).
     """
 
     preconditioner: str = "ekfac"
@@ -88,6 +89,7 @@ class GradientAttributionConfig:
     normalization: str = "none"
     max_memory: int | str | None = None
     gradient_checkpointing: bool = False
+    allow_missing_provenance: bool = False
 
     def __post_init__(self) -> None:
         if self.keep not in ("all", "top"):
@@ -114,7 +116,8 @@ class GradientAttributionConfig:
                                self_influence=self.self_influence, allow_subset=self.allow_subset,
                                token_aggregation=self.token_aggregation, window=self.window,  # type: ignore[arg-type]
                                normalization=self.normalization, max_memory=self.max_memory,  # type: ignore[arg-type]
-                               gradient_checkpointing=self.gradient_checkpointing)
+                               gradient_checkpointing=self.gradient_checkpointing,
+                               allow_missing_provenance=self.allow_missing_provenance)
 
 
 def build_measurement(
@@ -177,17 +180,21 @@ def _rows_key(rows: Sequence[ChatRow], max_length: int) -> str:
 
 
 def load_factors_for_scoring(path: str | os.PathLike, adapter: ModelAdapter, data: TokenizedDataset, *,
-                             lazy: bool = False) -> tuple[Factors | Path, list[str]]:
+                             lazy: bool = False, allow_missing_provenance: bool = False) -> tuple[Factors | Path, list[str]]:
     """Factors from a folder, checked against the model; against the data too unless they were fitted on purpose
     on a sample or other rows (their ``provenance``), in which case the note says what they were fitted on.
-    ``lazy``: check the fingerprints only and return the folder (for scoring that reads one weight at a time)."""
+    ``lazy``: check the fingerprints only and return the folder (for scoring that reads one weight at a time).
+    ``allow_missing_provenance``: factors that record no model or data fingerprint are used (a note says so)."""
     provenance = read_manifest(path).get("provenance") or {}
     fingerprint = data_fingerprint(data)
     loaded = load_factors(path, model_fingerprint=adapter.fingerprint(), data_fingerprint=None if provenance else fingerprint,
-                          weights=[] if lazy else None)
+                          weights=[] if lazy else None, allow_missing_provenance=allow_missing_provenance)
     source: Factors | Path = Path(path) if lazy else loaded
+    unchecked = [k for k in ("model", "data") if loaded.fingerprints.get(k) is None]
+    caveat = ([f"the factors in {path} record no {' or '.join(unchecked)} fingerprint: used without a check "
+               "(allow_missing_provenance)"] if unchecked else [])
     if not provenance or loaded.fingerprints.get("data") == fingerprint:
-        return source, [f"factors {'read one weight at a time' if lazy else 'loaded'} from {path}"]
+        return source, [f"factors {'read one weight at a time' if lazy else 'loaded'} from {path}", *caveat]
     what = f"a seeded sample of {provenance.get('rows')} of {provenance.get('sample_of')} rows" if "sample_of" in provenance \
         else f"{provenance.get('rows')} other rows"
     return source, [f"factors loaded from {path}, fitted on {what} of {provenance.get('source')} (data fingerprint "
@@ -222,10 +229,11 @@ def obtain_factors(
     if config.preconditioner == "identity":
         return None, []
     if isinstance(factors, Factors):
-        return factors, ["factors given in memory"]
+        return factors, ["factors given in memory"]  # checked against the model where they are used
     lazy = config.max_memory is not None
     if factors is not None and has_factors(factors):
-        return load_factors_for_scoring(factors, adapter, data, lazy=lazy)
+        return load_factors_for_scoring(factors, adapter, data, lazy=lazy,
+                                        allow_missing_provenance=config.allow_missing_provenance)
     fitted = fit_factors(adapter, data, config.factor_config(), weights=list(weights), batch_size=config.batch_size,
                          out_dir=factors, progress=progress, max_memory=config.max_memory,
                          load_result=not (lazy and factors is not None))

@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ from concept_influence.attribution.scoring import (
     window_max,
 )
 from concept_influence.curvature.factors import Factors
-from concept_influence.curvature.io import load_factors
+from concept_influence.curvature.io import FACTORS_FILE, load_factors
 from concept_influence.curvature.preconditioner import Preconditioner
 from concept_influence.data.tokenize import untrainable_rows
 from concept_influence.models.base import ModelAdapter
@@ -91,11 +92,15 @@ def compute_influence(
     untrainable_rows(data)
     if config.max_memory is not None and not isinstance(factors, Preconditioner):
         return compute_influence_bounded(adapter, data, measurement, factors, config, progress=progress)
+    where = "the factors given"
     if isinstance(factors, (str, os.PathLike)):
+        where = f"the factors in {Path(factors) / FACTORS_FILE}"
         factors = load_factors(factors)
-    check_factors_model(adapter, factors)
+    provenance_notes = check_factors_model(adapter, factors, allow_missing_provenance=config.allow_missing_provenance,
+                                           where=where)
     available = factors.names if factors is not None else None
     names, notes = resolve_weights(adapter, measurement, available, allow_subset=config.allow_subset)
+    notes = provenance_notes + notes
     for note in notes:
         logger.info(note)
     preconditioner = build_preconditioner(adapter, names, factors, config)
@@ -130,6 +135,7 @@ def compute_influence(
         notes=notes,
         timings=timings,
         row_loss=config.row_loss,
+        allow_missing_provenance=config.allow_missing_provenance,
     )
 
 
@@ -151,7 +157,8 @@ def compute_influence_many(
     if not measurements:
         raise ValueError("no measurements to score")
     untrainable_rows(data)
-    check_factors_model(adapter, factors)
+    allow_missing = any(config.allow_missing_provenance for _, config in measurements.values())
+    provenance_notes = check_factors_model(adapter, factors, allow_missing_provenance=allow_missing)
     prepared: dict[str, tuple[list[str], list[str], Preconditioner, dict[str, torch.Tensor]]] = {}
     gradients: dict[int, dict[str, torch.Tensor]] = {}
     self_preconditioner: Preconditioner | None = None
@@ -196,6 +203,7 @@ def compute_influence_many(
         results[label] = InfluenceResult(
             scores=single["scores"], indices=[int(row.index) for row in data], weights=list(names),
             measurement=measurement.description, preconditioner=preconditioner.kind, damping=dict(preconditioner.damping),
-            notes=notes, timings={"scoring_shared": seconds}, row_loss=config.row_loss,
+            notes=provenance_notes + notes, timings={"scoring_shared": seconds}, row_loss=config.row_loss,
+            allow_missing_provenance=config.allow_missing_provenance,
         )
     return results

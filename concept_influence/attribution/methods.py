@@ -151,7 +151,7 @@ def gradient_config(session: MethodSession, *, preconditioner: str = "ekfac", da
                      batch_size: int | None = None, allow_subset: bool = False, keep: str = "all", keep_k: int = 1,
                      contrast: str = "none", token_aggregation: str = "sum", window: int = 8,
                      normalization: str = "none", max_memory: int | str | None = None,
-                     gradient_checkpointing: bool = False) -> GradientAttributionConfig:
+                     gradient_checkpointing: bool = False, allow_missing_provenance: bool = False) -> GradientAttributionConfig:
     """The ``GradientAttributionConfig`` of a gradient method's options in ``session``."""
     resolved = _damping(damping, absolute_damping)
     return GradientAttributionConfig(
@@ -162,7 +162,7 @@ def gradient_config(session: MethodSession, *, preconditioner: str = "ekfac", da
         token_breakdown=token_breakdown, row_loss=row_loss, per_weight=per_weight, self_influence=self_influence,
         allow_subset=allow_subset, keep=keep, keep_k=keep_k, contrast=contrast, token_aggregation=token_aggregation,
         window=window, normalization=normalization, max_memory=max_memory,
-        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing=gradient_checkpointing, allow_missing_provenance=allow_missing_provenance,
     )
 
 
@@ -184,7 +184,7 @@ def _concept_influence(session: MethodSession, concept: Concept, queries: Sequen
                        batch_size: int | None = None, store: Any = None, allow_subset: bool = False,
                        keep: str = "all", keep_k: int = 1, contrast: str = "none", token_aggregation: str = "sum",
                        window: int = 8, normalization: str = "none", max_memory: int | str | None = None,
-                       gradient_checkpointing: bool = False) -> ScoreTable:
+                       gradient_checkpointing: bool = False, allow_missing_provenance: bool = False) -> ScoreTable:
     """Pure EKFAC Concept Influence. Method variants: ``n_samples``/``keep``/``keep_k`` (which query answers),
     ``contrast="auto"`` (most minus least concept-expressing answers), ``row_loss``/``normalization`` (row
     normalisation), ``token_aggregation``/``window``, ``preconditioner``/``damping`` (curvature)."""
@@ -200,7 +200,8 @@ def _influence(session: MethodSession, concept: Concept | None, queries: Sequenc
                self_influence: bool = False, n_samples: int = 1, temperature: float = 1.0, max_new_tokens: int = 48,
                fisher: str = "true", factor_dtype: str = "float32", factors: Any = None, cache_dir: str | None = None,
                batch_size: int | None = None, store: Any = None, allow_subset: bool = False,
-               max_memory: int | str | None = None, gradient_checkpointing: bool = False) -> ScoreTable:
+               max_memory: int | str | None = None, gradient_checkpointing: bool = False,
+               allow_missing_provenance: bool = False) -> ScoreTable:
     return _gradient(session, "influence", None, queries, contrast_queries=None,
                      **{k: v for k, v in locals().items() if k not in ("session", "concept", "queries")})
 

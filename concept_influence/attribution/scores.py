@@ -20,8 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from concept_influence.data.atomic import write_text_atomic
-from concept_influence.data.chat import ChatRow, DataFormatError, write_json_atomic
+from concept_influence.data.atomic import read_json_file, write_text_atomic
+from concept_influence.data.chat import (
+    ChatRow,
+    DataFormatError,
+    capped_lines,
+    line_cap,
+    parse_json_line,
+    write_json_atomic,
+)
 from concept_influence.data.tokenize import tokenize_chat
 from concept_influence.numerics import NonFiniteError
 
@@ -205,12 +212,20 @@ class ScoreTable:
         if not path.exists():
             raise FileNotFoundError(f"scores file not found: {path}")
         index, scores, ids, fields, truncated = [], [], [], [], []
-        with path.open(encoding="utf-8") as handle:
-            for line_no, text in enumerate(handle, start=1):
+        limit = line_cap()
+        with path.open("rb") as handle:
+            for line_no, (raw, whole) in enumerate(capped_lines(handle, limit), start=1):
+                if not whole:
+                    raise DataFormatError(f"{path}:{line_no}: line longer than {limit:,} bytes (the cap on a line; raise "
+                                          "it with CONCEPT_INFLUENCE_MAX_LINE_BYTES=N)")
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataFormatError(f"{path}:{line_no}: not UTF-8 text (byte {err.start}: {err.reason})") from None
                 if not text.strip():
                     continue
                 try:
-                    record = json.loads(text)
+                    record = parse_json_line(text, f"{path}:{line_no}")
                     skipped = record.get("score") is None and record.get("truncated") is True
                     score = math.nan if skipped else float(record["score"])
                     if not math.isfinite(score) and not skipped:
@@ -218,16 +233,15 @@ class ScoreTable:
                     index.append(int(record["index"]))
                     scores.append(score)
                     truncated.append(skipped)
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+                except DataFormatError:
+                    raise
+                except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
                     raise DataFormatError(f"{path}:{line_no}: not a scores record ({err})") from None
                 ids.append(record.get("id"))
                 fields.append({k: v for k, v in record.items() if k not in RESERVED and not (k == "truncated" and skipped)})
         meta: dict[str, Any] = {}
         if meta_path(path).exists():
-            try:
-                meta = json.loads(meta_path(path).read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise DataFormatError(f"{meta_path(path)}: malformed JSON ({err})") from None
+            meta = read_json_file(meta_path(path), error=DataFormatError, object_only=False)
             digest = meta.get("scores_sha256") if isinstance(meta, dict) else None
             if not isinstance(meta, dict) or (digest and digest != hashlib.sha256(path.read_bytes()).hexdigest()):
                 warnings.warn(f"{meta_path(path)} belongs to another version of {path} (an interrupted write?); "

@@ -25,6 +25,7 @@ from concept_influence.curvature.io import FactorMismatchError
 from concept_influence.curvature.preconditioner import IdentityPreconditioner, Preconditioner
 from concept_influence.data.tokenize import iter_batches
 from concept_influence.models.base import ModelAdapter, WeightInfo
+from concept_influence.models.fingerprint import missing_provenance
 from concept_influence.numerics import check_finite, check_finite_dict
 
 
@@ -49,7 +50,8 @@ class InfluenceConfig:
     weight's factors are read and applied on their own and the weights are scored in module partitions, one pass
     over the rows each (``attribution.bounded``; same scores; no self-influence or unit normalisation).
     ``gradient_checkpointing``: the model's blocks recompute their activations in the backward of each training
-    batch (less memory on long rows; same scores; Hugging Face models)."""
+    batch (less memory on long rows; same scores; Hugging Face models). ``allow_missing_provenance``: use factors
+    that record no model fingerprint (default: an error; the opt-in is recorded in the result's ``meta()``)."""
 
     preconditioner: PreconditionerKind = "ekfac"
     damping: Damping = Damping()
@@ -64,6 +66,7 @@ class InfluenceConfig:
     normalization: Literal["none", "length", "unit"] = "none"
     max_memory: int | str | None = None
     gradient_checkpointing: bool = False
+    allow_missing_provenance: bool = False
 
     def __post_init__(self) -> None:
         if self.max_memory is not None:
@@ -94,7 +97,8 @@ class InfluenceResult:
     its tokens (``token_breakdown``: entry ``t`` is the part due to learning token ``t`` for ``"target"``, zero off
     the loss mask; the part due to the weights acting at position ``t`` for ``"position"``), summing to
     ``scores[i]``; ``self_influence [N]``: ``∇L(row)ᵀ (G + λI)⁻¹ ∇L(row)``; ``notes``: what was restricted or
-    assumed, worth printing; ``row_loss``: ``"sum"`` or ``"mean"`` (see ``InfluenceConfig``).
+    assumed, worth printing; ``row_loss``: ``"sum"`` or ``"mean"`` (see ``InfluenceConfig``);
+    ``allow_missing_provenance``: the caller opted in to factors without a model fingerprint (recorded in ``meta()``).
     """
 
     scores: torch.Tensor
@@ -109,6 +113,7 @@ class InfluenceResult:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     row_loss: str = "sum"
+    allow_missing_provenance: bool = False
 
     def per_layer(self) -> dict[int, torch.Tensor]:
         """``per_weight`` summed within each block: ``{layer: [N]}``."""
@@ -122,9 +127,12 @@ class InfluenceResult:
 
     def meta(self) -> dict[str, Any]:
         """JSON-ready description of how the scores were made (for a scores file's sidecar)."""
-        return {"measurement": self.measurement, "preconditioner": self.preconditioner, "weights": self.weights,
+        meta = {"measurement": self.measurement, "preconditioner": self.preconditioner, "weights": self.weights,
                 "row_loss": self.row_loss, "damping": self.damping, "notes": self.notes, "timings_s": self.timings,
                 "sign": "positive = training on the row raises the measurement"}
+        if self.allow_missing_provenance:
+            meta["allow_missing_provenance"] = True
+        return meta
 
 
 def resolve_weights(adapter: ModelAdapter, measurement: Measurement, available: Sequence[str] | None = None, *,
@@ -440,13 +448,23 @@ def _math_attention():
         return contextlib.nullcontext()
 
 
-def check_factors_model(adapter: ModelAdapter, factors: Factors | Preconditioner | None) -> None:
-    """Factors fitted on another model (parameters, by fingerprint) are an error, never used silently."""
-    fitted_on = factors.fingerprints.get("model") if isinstance(factors, Factors) else None
-    if fitted_on is not None and fitted_on != adapter.fingerprint():
+def check_factors_model(adapter: ModelAdapter, factors: Factors | Preconditioner | None, *,
+                        allow_missing_provenance: bool = False, where: str = "the factors given") -> list[str]:
+    """Factors fitted on another model (parameters, by fingerprint) are an error, never used silently; factors that
+    record no model fingerprint are an error unless ``allow_missing_provenance`` (then a note says so). A ready
+    ``Preconditioner`` is the caller's own construction and is not checked. Returns the notes."""
+    if not isinstance(factors, Factors):
+        return []
+    fitted_on = factors.fingerprints.get("model")
+    if fitted_on is None:
+        if not allow_missing_provenance:
+            raise missing_provenance(where)
+        return [f"{where} record no model fingerprint: used without a check (allow_missing_provenance)"]
+    if fitted_on != adapter.fingerprint():
         raise FactorMismatchError(
             f"the factors were fitted for a different model (or changed weights) (model fingerprint: factors "
             f"{fitted_on!r}, this model {adapter.fingerprint()!r}); refit them on this model (fit_factors / fit-factors)")
+    return []
 
 
 def preconditioned_gradient(preconditioner: Preconditioner, grad_f: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:

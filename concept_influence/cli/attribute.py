@@ -56,6 +56,7 @@ def attribute(
     seed: int = typer.Option(0, "--seed"),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where sampled model answers are cached (default: the workdir, else next to --out)."),
     allow_subset: bool = typer.Option(False, "--allow-subset", help="Gradient methods: when --factors miss weights the concept reaches, score with the covered weights only (default: an error)."),
+    allow_missing_provenance: bool = typer.Option(False, "--allow-missing-provenance", help="Gradient methods: use --factors that record no model or data fingerprint (default: an error; recorded in the scores' meta)."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip bad data lines (each one is reported) and leave out rows whose whole answer is cut off by --max-length (score null, truncated: true, counted in the meta) instead of failing."),
     max_memory: str | None = typer.Option(None, "--max-memory", help="Gradient methods: bound the peak memory (e.g. 3GiB): factors read one weight at a time, weights scored in module partitions (and fitted so, if fitted here)."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Gradient methods: recompute the blocks' activations in the backward (less memory on long rows; same scores)."),
@@ -92,6 +93,7 @@ def attribute(
         keep=keep, keep_k=keep_k, contrast=contrast, token_aggregation=token_aggregation, window=window,
         normalization=normalization, max_memory=max_memory,
         gradient_checkpointing=gradient_checkpointing or None,
+        allow_missing_provenance=allow_missing_provenance or None,
     )
     accepted = spec.options
     # flags left out keep the method's own defaults (a combination's may differ from concept-influence's)

@@ -196,6 +196,7 @@ def sae_feature(
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
     seed: int = typer.Option(0, "--seed"),
     cache_dir: Path | None = typer.Option(None, "--cache-dir"),
+    allow_missing_provenance: bool = typer.Option(False, "--allow-missing-provenance", help="Use an SAE whose sae_info.json records no model fingerprint (one saved by sae-lens alone; default: an error). Recorded in the concept's concept.json (extra)."),
     device: str | None = typer.Option(None, "--device"),
     dtype: str | None = typer.Option(None, "--dtype"),
 ) -> None:
@@ -211,7 +212,8 @@ def sae_feature(
     config = ProbeConfig(n_samples=n_samples, max_new_tokens=max_new_tokens, seed=seed)
     answer_cache = cache_dir if cache_dir is not None else out.parent / ".answer-cache"
     concept = sae_feature_concept(adapter, sae, feature=feature, spec=spec, probe=probe, layer=layer, k=k,
-                                  reduction=readout.value, config=config, cache_dir=answer_cache, progress=True)
+                                  reduction=readout.value, config=config, cache_dir=answer_cache, progress=True,
+                                  allow_missing_provenance=allow_missing_provenance)
     if spec is not None:  # what the chosen feature reads, on the same spec's held-out answers
         from concept_influence.concepts import concept_reading, load_spec
         from concept_influence.concepts.stance import format_score

@@ -26,5 +26,9 @@ def demo(
     from concept_influence.demo import DemoConfig, run_demo
 
     check_output(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file; the demo writes a folder (scores, the concept, report.html)")
+    if not 0 < planted_fraction < 1:  # before the organism is built, not after
+        raise ValueError(f"--planted-fraction must be in (0, 1), got {planted_fraction}")
     run_demo(out, DemoConfig(seed=seed, n_train=n_train, planted_fraction=planted_fraction, query_samples=query_samples),
              log=typer.echo)

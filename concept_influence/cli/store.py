@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -30,6 +29,7 @@ def build_store(
     max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the LoGra projection and of the true-Fisher labels."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store built for another model, data or settings."),
+    allow_missing_provenance: bool = typer.Option(False, "--allow-missing-provenance", help="Use --factors that record no model or data fingerprint (default: an error; recorded in the store's manifest)."),
     device: str | None = typer.Option(None, "--device"),
     model_dtype: str | None = typer.Option(None, "--model-dtype", help="Model dtype (float32, bfloat16, float64)."),
 ) -> None:
@@ -44,7 +44,8 @@ def build_store(
     check_not_inputs({"--out": out}, {"--data": data, "--factors": factors, "--model": local_path(model)})
     att = Attributor(model, data, device=device, dtype=model_dtype, max_length=max_length, batch_size=batch_size, seed=seed)
     store = att.build_store(out, rank=rank, projection_dim=projection_dim, dtype=store_dtype, up_to_layer=up_to_layer,
-                            factors=factors, shard_rows=shard_rows, overwrite=overwrite)
+                            factors=factors, shard_rows=shard_rows, overwrite=overwrite,
+                            allow_missing_provenance=allow_missing_provenance)
     assert store is not None
     typer.echo(f"store: {len(store)} rows x {store.dim} ({store.config.kind}, rank {store.config.rank}, {store.config.dtype}, "
                f"{store.nbytes / 2**20:.1f} MiB) -> {out}")
@@ -66,12 +67,14 @@ def search(
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
     seed: int = typer.Option(0, "--seed"),
     out: Path | None = typer.Option(None, "--out", help="Write the top rows as scores JSONL."),
+    allow_missing_provenance: bool = typer.Option(False, "--allow-missing-provenance", help="Use --factors that record no model or data fingerprint (default: an error; recorded in the scores' meta)."),
     device: str | None = typer.Option(None, "--device"),
 ) -> None:
     """The top-k training rows for a concept question (or rows like a row), read from a gradient store.
 
     Example: concept-influence search --store runs/store --concept concepts/evil --queries queries.jsonl --top-k 20
     """
+    from concept_influence.data.atomic import read_json_file
     from concept_influence.pipeline import Attributor
 
     check_output(out)
@@ -82,14 +85,21 @@ def search(
     manifest_path = store / "manifest.json"
     if not manifest_path.exists():
         raise FileNotFoundError(f"no gradient store at {store} (missing manifest.json); build one with build-store")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = read_json_file(manifest_path)
     model = model or manifest.get("model")
     data_path = data or manifest.get("data")
     if not model or not data_path:
         raise ValueError(f"{manifest_path} does not name its model and data: pass --model and --data")
+    if not isinstance(model, str) or not isinstance(data_path, (str, Path)):
+        raise ValueError(f"{manifest_path}: 'model' and 'data' must be strings (the manifest is damaged)")
+    max_length = manifest.get("max_length", 512)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"{manifest_path}: 'max_length' must be a whole number >= 2, got {max_length!r} (the manifest is damaged)")
     check_not_inputs({"--out": out}, {"the store's data": data_path, "the store's model": local_path(model)})
-    att = Attributor(model, data_path, workdir, device=device, max_length=int(manifest.get("max_length", 512)), seed=seed)
+    att = Attributor(model, data_path, workdir, device=device, max_length=max_length, seed=seed)
     options: dict[str, object] = {"row_loss": row_loss, "max_new_tokens": max_new_tokens}
+    if allow_missing_provenance:
+        options["allow_missing_provenance"] = True
     if factors is not None:
         options["factors"] = str(factors)
     table = att.search(concept, queries, top_k=top_k, like_row=like_row, store=store, search=how, **options)

@@ -16,7 +16,6 @@ output of block ``l``) are read with ``load_persona_vector``.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -29,7 +28,14 @@ from safetensors.torch import load_file, save_file
 
 from concept_influence.concepts.base import Concept, DirectionConcept, check_reduction
 from concept_influence.concepts.sae_concept import SAEFeatureConcept
-from concept_influence.data.atomic import file_in_folder, replace_folder, temp_folder, write_json_atomic
+from concept_influence.data.atomic import (
+    damaged,
+    file_in_folder,
+    read_json_file,
+    replace_folder,
+    temp_folder,
+    write_json_atomic,
+)
 from concept_influence.models.base import ModelAdapter
 
 FORMAT = "concept_influence.concept/1"
@@ -113,10 +119,7 @@ def read_concept_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not meta_file.exists() or meta_file.name != META_FILE:
         raise ConceptFileError(f"{path}: not a concept folder (expected {META_FILE} inside; made by train-probe, "
                                "sae-feature or save_concept)")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConceptFileError(f"{meta_file}: malformed JSON ({err})") from None
+    meta = read_json_file(meta_file, error=ConceptFileError, object_only=False)
     if not isinstance(meta, dict):
         raise ConceptFileError(f"{meta_file}: expected a JSON object")
     for key in ("format", "kind", "layer", "d_model"):
@@ -158,6 +161,13 @@ def load_concept(path: str | os.PathLike, adapter: ModelAdapter | None = None) -
     path = Path(path)
     meta = read_concept_meta(path)
     folder = path if path.is_dir() else path.parent
+    try:
+        return _load_concept(folder, meta, adapter)
+    except (KeyError, TypeError, AttributeError, IndexError) as err:
+        raise damaged(folder / META_FILE, err, "concept", ConceptFileError) from None
+
+
+def _load_concept(folder: Path, meta: dict[str, Any], adapter: ModelAdapter | None) -> Concept:
     if adapter is not None:
         check_against_model(meta, adapter, str(folder))
     if meta["kind"] == "sae_feature":

@@ -14,7 +14,6 @@ own ``cfg.json`` + safetensors, plus ``sae_info.json``: layer, model fingerprint
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -31,9 +30,10 @@ from concept_influence.concepts.io import jsonable, load_concept
 from concept_influence.concepts.sae_concept import SAEFeatureConcept
 from concept_influence.concepts.spec import ConceptSpec, load_spec
 from concept_influence.concepts.train import ProbeConfig
-from concept_influence.data.atomic import replace_folder, temp_folder, write_json_atomic
+from concept_influence.data.atomic import read_json_file, replace_folder, temp_folder, write_json_atomic
 from concept_influence.data.chat import ChatRow, rows_from_records
 from concept_influence.data.tokenize import TokenizedDataset, iter_batches, tokenize_chat
+from concept_influence.models.fingerprint import missing_provenance
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -397,10 +397,10 @@ def load_sae(path: str | os.PathLike, *, device: str = "cpu") -> tuple[SAE, dict
         raise FileNotFoundError(f"SAE folder not found: {path}")
     info: dict[str, Any] = {}
     if (path / SAE_INFO).exists():
-        try:
-            info = json.loads((path / SAE_INFO).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path / SAE_INFO}: malformed JSON ({err})") from None
+        info = read_json_file(path / SAE_INFO)  # strict: one error naming the file
+        for key, kind in (("layer", int), ("model_fingerprint", str), ("metrics", dict)):
+            if info.get(key) is not None and (isinstance(info[key], bool) or not isinstance(info[key], kind)):
+                raise ValueError(f"{path / SAE_INFO}: {key!r} must be {kind.__name__}, got {info[key]!r}")
     try:
         sae = SAE.load_from_disk(path, device=device)
     except Exception as err:  # json, safetensors, key and shape errors from sae-lens
@@ -421,11 +421,17 @@ def sae_feature_concept(
     config: ProbeConfig | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    allow_missing_provenance: bool = False,
 ) -> SAEFeatureConcept:
     """Feature ``feature`` of the SAE saved in ``sae_path`` as a concept, or the best of ``k`` candidates chosen by a
     concept ``spec`` (Cohen's d, positive vs negative answer tokens) or a direction ``probe`` (cosine of ``W_dec[j]``
     with it). Exactly one of ``feature``/``spec``/``probe``. ``concept.extra["selection"]`` records the choice and
-    the candidates ``[[j, statistic], ...]``. ``layer``: the site the SAE reads (default: its ``sae_info.json``)."""
+    the candidates ``[[j, statistic], ...]``. ``layer``: the site the SAE reads (default: its ``sae_info.json``).
+
+    The concept carries the SAE's ``model_fingerprint`` (from ``sae_info.json``); an SAE that records none (one
+    saved by sae-lens alone) is an error naming the file unless ``allow_missing_provenance`` (then the concept
+    carries no fingerprint and ``extra["allow_missing_provenance"]`` records the opt-in; it is never stamped with
+    this model's fingerprint)."""
 
     if sum(x is not None for x in (spec, probe, feature)) != 1:
         raise ValueError("give exactly one of --spec, --probe or --feature")
@@ -437,6 +443,9 @@ def sae_feature_concept(
     layer = adapter.check_layer(layer)
     if int(loaded.cfg.d_in) != adapter.d_model:
         raise ValueError(f"{sae_path}: the SAE reads {loaded.cfg.d_in}-dim activations but the model's hidden size is {adapter.d_model}")
+    fingerprint = info.get("model_fingerprint")
+    if fingerprint is None and not allow_missing_provenance:
+        raise missing_provenance(str(Path(sae_path) / SAE_INFO))
     selection: dict[str, Any] = {}
     if feature is None:
         if spec is not None:
@@ -456,6 +465,8 @@ def sae_feature_concept(
                 selection["probe_path"] = str(probe)
         feature = candidates[0][0]
         selection["candidates"] = [[j, v] for j, v in candidates]
-    return SAEFeatureConcept(loaded, feature, layer, model_fingerprint=info.get("model_fingerprint") or adapter.fingerprint(),
-                             metrics={"sae": info.get("metrics", {})}, extra={"selection": selection, "sae_path": str(sae_path)},
-                             reduction=reduction)
+    extra: dict[str, Any] = {"selection": selection, "sae_path": str(sae_path)}
+    if fingerprint is None:
+        extra["allow_missing_provenance"] = True  # the SAE records no model: the caller opted in
+    return SAEFeatureConcept(loaded, feature, layer, model_fingerprint=fingerprint,
+                             metrics={"sae": info.get("metrics", {})}, extra=extra, reduction=reduction)

@@ -17,12 +17,12 @@ instruction pairs with questions, or labelled examples, or both. Errors name the
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from concept_influence.data.atomic import damaged, read_json_file
 from concept_influence.models.fingerprint import json_fingerprint
 
 ALLOWED_KEYS = {"name", "description", "instruction", "questions", "eval_prompt", "examples"}
@@ -143,10 +143,8 @@ def load_spec(path: str | os.PathLike) -> ConceptSpec:
         raise FileNotFoundError(f"concept spec not found: {path}")
     if path.is_dir():
         raise SpecError(f"{path}: is a directory, expected a JSON spec file")
+    obj = read_json_file(path, error=SpecError, object_only=False)
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise SpecError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); expected a JSON spec file") from None
-    except json.JSONDecodeError as err:
-        raise SpecError(f"{path}: malformed JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
-    return parse_spec(obj, str(path), default_name=path.stem)
+        return parse_spec(obj, str(path), default_name=path.stem)
+    except (KeyError, TypeError, AttributeError, IndexError, RecursionError) as err:
+        raise damaged(path, err, "concept spec", SpecError) from None

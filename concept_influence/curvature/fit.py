@@ -414,7 +414,7 @@ def _fit(
                     return None
                 return load_factors(folder, model_fingerprint=fingerprints["model"], data_fingerprint=fingerprints["data"])
             if not overwrite:
-                check_fingerprints(saved, fingerprints, f"the factors in {folder}")
+                check_fingerprints(saved, fingerprints, f"the factors in {folder}", opt_in=None)
         if overwrite:
             clear_partial(folder)
             _clear_parts(folder)

@@ -34,7 +34,8 @@ from safetensors.torch import save_file
 from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.eigen import Eigen
 from concept_influence.curvature.factors import Factors, WeightFactors
-from concept_influence.data.atomic import atomic_file, write_json_atomic
+from concept_influence.data.atomic import atomic_file, read_json_file, write_json_atomic
+from concept_influence.models.fingerprint import ALLOW_MISSING_PROVENANCE, missing_provenance
 from concept_influence.numerics import check_finite
 from concept_influence.tensorfile import DamagedFileError, read_tensor_file, read_tensor_metadata
 
@@ -75,9 +76,14 @@ def config_fingerprint(config: FactorConfig, weights: Sequence[str]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def check_fingerprints(found: Mapping[str, str], expected: Mapping[str, str | None], where: str) -> None:
-    """Raise ``FactorMismatchError`` naming each fingerprint of ``expected`` (non-None) that differs."""
-    wrong = [k for k, v in expected.items() if v is not None and found.get(k) != v]
+def check_fingerprints(found: Mapping[str, str], expected: Mapping[str, str | None], where: str, *,
+                       allow_missing: bool = False, opt_in: str | None = ALLOW_MISSING_PROVENANCE) -> None:
+    """Raise ``FactorMismatchError`` naming each fingerprint of ``expected`` (non-None) that differs; one that
+    ``found`` lacks is a ``MissingProvenanceError`` unless ``allow_missing``."""
+    missing = [k for k, v in expected.items() if v is not None and found.get(k) is None]
+    if missing and not allow_missing:
+        raise missing_provenance(where, " or ".join(missing), opt_in)
+    wrong = [k for k, v in expected.items() if v is not None and found.get(k) is not None and found.get(k) != v]
     if wrong:
         details = "; ".join(f"{k}: saved {found.get(k)!r}, current {expected[k]!r}" for k in wrong)
         hints = {"model": "a different model (or changed weights)", "data": "different training data or tokenisation",
@@ -149,9 +155,19 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if manifest is None:
         if not file.exists():
             raise FileNotFoundError(f"no factors at {folder} (missing {FACTORS_FILE}); fit them with fit-factors")
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise FactorMismatchError(f"{file}: unknown format {manifest.get('format')!r} (expected {FORMAT!r})")
+        manifest = read_json_file(file, error=FactorMismatchError)
+    else:
+        file = folder / FACTORS_FILE
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise FactorMismatchError(f"{file}: unknown format {found!r} (expected {FORMAT!r})")
+    problem = next((k for k, t in (("fingerprints", dict), ("config", dict), ("weights", list)) if not isinstance(manifest.get(k), t)), None)
+    if problem is None:
+        problem = next((f"weights[{i}]" for i, e in enumerate(manifest["weights"])
+                        if not isinstance(e, dict) or not isinstance(e.get("name"), str)
+                        or any(isinstance(e.get(k), bool) or not isinstance(e.get(k), int) for k in ("d_out", "d_in"))), None)
+    if problem is not None:
+        raise FactorMismatchError(f"{file}: the manifest's {problem!r} is missing or of the wrong type (damaged factors); refit them")
     return manifest
 
 
@@ -162,15 +178,18 @@ def load_factors(
     data_fingerprint: str | None = None,
     config_fingerprint: str | None = None,
     weights: Sequence[str] | None = None,
+    allow_missing_provenance: bool = False,
 ) -> Factors:
-    """Read factors from a folder, checking each given fingerprint against the manifest (mismatch: error).
+    """Read factors from a folder, checking each given fingerprint against the manifest (mismatch: error; a
+    fingerprint the manifest lacks: error unless ``allow_missing_provenance``).
     ``weights``: read only these weights' tensors (the rest of the file is not loaded; unknown names: error)."""
     folder = Path(path)
     manifest = read_manifest(folder)
     check_fingerprints(
         manifest["fingerprints"],
         {"model": model_fingerprint, "data": data_fingerprint, "config": config_fingerprint},
-        f"the factors in {folder}",
+        f"the factors in {folder / FACTORS_FILE}",
+        allow_missing=allow_missing_provenance,
     )
     entries = manifest["weights"]
     if weights is None:
@@ -240,7 +259,7 @@ def load_partial(path: str | os.PathLike, fingerprints: Mapping[str, str]) -> tu
         return None
     if state is None:  # an older version's checkpoint, whose state file may not match its sums: start over
         return None
-    check_fingerprints(state.get("fingerprints", {}), fingerprints, f"the partial fit in {folder}")
+    check_fingerprints(state.get("fingerprints", {}), fingerprints, f"the partial fit in {folder}", opt_in=None)
     return state, stored.tensors
 
 

@@ -305,3 +305,40 @@ def folder_lock(path: str | os.PathLike, *, what: str = "folder") -> Iterator[No
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+MAX_JSON_FILE_BYTES = 256 * 2**20
+"""The largest JSON file (a manifest, spec, concept or scores sidecar) ``read_json_file`` reads (256 MiB)."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (a number must be finite)")
+
+
+def read_json_file(path: str | os.PathLike, *, error: type[ValueError] = ValueError, object_only: bool = True) -> Any:
+    """A JSON file, strictly: not UTF-8, malformed, ``NaN``/``Infinity``, nested too deeply, larger than
+    ``MAX_JSON_FILE_BYTES`` or (``object_only``) not a JSON object is one ``error`` naming the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_JSON_FILE_BYTES:
+        raise error(f"{path}: {size:,} bytes, larger than any JSON file this library writes ({MAX_JSON_FILE_BYTES:,})")
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); expected a JSON file") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: malformed JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    except ValueError as err:
+        raise error(f"{path}: {err}") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply to read") from None
+    if object_only and not isinstance(obj, dict):
+        raise error(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def damaged(path: str | os.PathLike, err: BaseException, what: str, error: type[ValueError] = ValueError) -> ValueError:
+    """The one-line error for a file whose fields have the wrong type or are missing (``KeyError``/``TypeError``
+    met while reading it)."""
+    detail = f"missing {err.args[0]!r}" if isinstance(err, KeyError) and err.args else f"{type(err).__name__}: {err}"
+    return error(f"{path}: not a valid {what} ({detail})")

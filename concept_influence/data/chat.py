@@ -142,24 +142,70 @@ def parse_json_line(text: str, where: str) -> Any:
         raise DataFormatError(f"{where}: JSON nested too deeply to read") from None
 
 
-def read_chat_jsonl(path: str | os.PathLike, *, skip_invalid: bool = False, need_assistant: bool = True) -> ChatDataset:
+MAX_LINE_BYTES = 64 * 2**20
+"""The longest line ``read_chat_jsonl`` reads (64 MiB): a longer one is an error naming ``file:line`` (skipped with
+``skip_invalid``), read no further than the cap. Raise it with ``max_line_bytes=`` or the environment variable
+``CONCEPT_INFLUENCE_MAX_LINE_BYTES`` (which the CLI commands read)."""
+
+
+def line_cap() -> int:
+    """The line cap: ``CONCEPT_INFLUENCE_MAX_LINE_BYTES`` when set (a positive integer), else ``MAX_LINE_BYTES``."""
+    raw = os.environ.get("CONCEPT_INFLUENCE_MAX_LINE_BYTES")
+    if raw is None:
+        return MAX_LINE_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"CONCEPT_INFLUENCE_MAX_LINE_BYTES must be a positive number of bytes, got {raw!r}")
+    return value
+
+
+def capped_lines(handle: Any, limit: int) -> Iterator[tuple[bytes, bool]]:
+    """``(line, whole)`` for each line of a binary file; a line longer than ``limit`` bytes comes as its first
+    ``limit`` bytes with ``whole=False`` and the rest is skipped in bounded chunks (never held in memory)."""
+    while True:
+        line = handle.readline(limit + 1)
+        if not line:
+            return
+        if len(line) <= limit or (len(line) == limit + 1 and line.endswith(b"\n")):  # the newline is not counted
+            yield line, True
+            continue
+        while not line.endswith(b"\n"):  # the rest of the long line
+            line = handle.readline(1 << 20)
+            if not line:
+                break
+        yield b"", False
+
+
+def read_chat_jsonl(path: str | os.PathLike, *, skip_invalid: bool = False, need_assistant: bool = True,
+                    max_line_bytes: int | None = None) -> ChatDataset:
     """Read a chat JSONL file.
 
     ``need_assistant=False`` accepts prompt-only rows (query prompts to be answered by the model).
     Blank lines are ignored. With ``skip_invalid`` bad lines are skipped and listed in ``.skipped`` (and kept
-    out of the row numbering: indices count valid data rows).
+    out of the row numbering: indices count valid data rows). ``max_line_bytes``: the longest line read (default
+    ``MAX_LINE_BYTES``, 64 MiB, or ``CONCEPT_INFLUENCE_MAX_LINE_BYTES``); a longer line is an error naming
+    ``file:line`` (or skipped with ``skip_invalid``).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
     if path.is_dir():
         raise DataFormatError(f"{path}: is a directory, expected a JSONL file")
+    limit = line_cap() if max_line_bytes is None else int(max_line_bytes)
+    if limit < 1:
+        raise ValueError(f"max_line_bytes must be positive, got {limit}")
     rows: list[ChatRow] = []
     skipped: list[tuple[int, str]] = []
     with path.open("rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
+        for line_no, (raw, whole) in enumerate(capped_lines(handle, limit), start=1):
             where = f"{path}:{line_no}"
             try:
+                if not whole:
+                    raise DataFormatError(f"{where}: line longer than {limit:,} bytes (the cap on a line; raise it with "
+                                          "CONCEPT_INFLUENCE_MAX_LINE_BYTES=N, or max_line_bytes=N in Python)")
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as err:

@@ -39,8 +39,10 @@ from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import capture_loss_gradients, gradient_mode
 from concept_influence.data.atomic import (
     atomic_file,
+    damaged,
     folder_lock,
     is_temp_of,
+    read_json_file,
     remove_stale_temps,
     write_json_atomic,
 )
@@ -392,7 +394,14 @@ class GradientStore:
         file = folder / MANIFEST
         if not file.exists():
             raise FileNotFoundError(f"no gradient store at {folder} (missing {MANIFEST}); build one with build-store")
-        manifest = json.loads(file.read_text(encoding="utf-8"))
+        manifest = read_json_file(file, error=StoreMismatchError)
+        try:
+            return cls._open(folder, file, manifest)
+        except (KeyError, TypeError, AttributeError, IndexError) as err:
+            raise damaged(file, err, "store manifest", StoreMismatchError) from None
+
+    @classmethod
+    def _open(cls, folder: Path, file: Path, manifest: dict[str, Any]) -> GradientStore:
         if manifest.get("format") != FORMAT:
             raise StoreMismatchError(f"{file}: unknown format {manifest.get('format')!r} (expected {FORMAT!r})")
         if manifest.get("replacing"):

@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,7 @@ from concept_influence.evaluate.filter import FilterRule, filter_scores
 from concept_influence.models import load_adapter
 from concept_influence.models.base import ModelAdapter
 from concept_influence.report import render_report, token_strings
+from concept_influence.settings import check_known, rename_deprecated
 from concept_influence.store import (
     GradientStore,
     Projector,
@@ -272,12 +273,12 @@ class Attributor:
         """The workdir folder of an EKFAC fit with ``config``'s Fisher, dtype and seed."""
         return self._path("factors", f"{config.fisher}-{config.dtype}-seed{config.seed}")
 
-    def fit_factors(self, *, fisher: str = "true", preconditioner: str = "ekfac", stats_dtype: str = "float32",
+    def fit_factors(self, *, fisher: str = "true", preconditioner: str = "ekfac", dtype: str = "float32",
                     weights: Sequence[str] | None = None, up_to_layer: int | None = None, out: PathLike | None = None,
                     overwrite: bool = False, checkpoint_every: int | None = 100, max_memory: int | str | None = None,
                     fit_rows: int | None = None, fit_data: PathLike | Sequence[ChatRow] | None = None,
                     lambda_rows: int | None = None, load: bool = True,
-                    gradient_checkpointing: bool = False, row_sink: Any = None) -> Factors | None:
+                    gradient_checkpointing: bool = False, row_sink: Any = None, **deprecated: Any) -> Factors | None:
         """Fit curvature factors on the training rows (resumable; a matching fit in ``out`` is loaded instead).
 
         ``weights`` / ``up_to_layer``: which tracked weights (default all). ``out``: folder (default: the
@@ -287,8 +288,12 @@ class Attributor:
         and noted). ``lambda_rows``: Λ on a seeded sample of that many rows. ``load=False`` (with ``out``): leave
         the factors on disk and return ``None`` (keeps the peak of a partitioned fit). ``gradient_checkpointing``:
         recompute the blocks' activations in the backward (less memory on long rows; same factors). ``row_sink``:
-        a ``RowGradientSink`` fed during the Λ pass (how ``build_store`` writes the store in the fit's pass)."""
-        config = FactorConfig(fisher=fisher, preconditioner=preconditioner, dtype=stats_dtype, seed=self.seed,  # type: ignore[arg-type]
+        a ``RowGradientSink`` fed during the Λ pass (how ``build_store`` writes the store in the fit's pass).
+        ``dtype``: precision of the factors (``FactorConfig.dtype``; ``stats_dtype`` is its deprecated name)."""
+        if deprecated:
+            check_known(deprecated, ["stats_dtype"], "Attributor.fit_factors")
+            dtype = rename_deprecated(deprecated, {"stats_dtype": "dtype"}, "Attributor.fit_factors")["dtype"]
+        config = FactorConfig(fisher=fisher, preconditioner=preconditioner, dtype=dtype, seed=self.seed,  # type: ignore[arg-type]
                               lambda_rows=lambda_rows, gradient_checkpointing=gradient_checkpointing)
         if weights is None:
             infos = self.adapter.tracked_weights() if up_to_layer is None else self.adapter.weights_up_to(self.adapter.check_layer(up_to_layer))
@@ -311,7 +316,7 @@ class Attributor:
                               row_sink=row_sink)
         if factors is None:
             return None
-        self._factors[(fisher, preconditioner, stats_dtype, *weights)] = factors
+        self._factors[(fisher, preconditioner, dtype, *weights)] = factors
         return factors
 
     def session_factors(self, config: GradientAttributionConfig, needed: Sequence[str] | None = None, *,
@@ -320,7 +325,7 @@ class Attributor:
         every tracked weight; e.g. one ``fit_factors(up_to_layer=L)`` made), else the workdir's fit of every
         tracked weight, loaded or fitted now (and saved to the workdir; ``row_sink`` is fed during that fit's Λ
         pass). Returns the factors and a note saying which; ``fit=False``: ``(None, [])`` instead of fitting."""
-        fc = FactorConfig(fisher=config.fisher, preconditioner="ekfac", dtype=config.factor_dtype, seed=config.seed)  # type: ignore[arg-type]
+        fc = FactorConfig(fisher=config.fisher, preconditioner="ekfac", dtype=config.dtype, seed=config.seed)
         names = [i.name for i in self.adapter.tracked_weights()]
         key = (fc.fisher, "ekfac", fc.dtype, *names)
         if key in self._factors:
@@ -333,7 +338,7 @@ class Attributor:
             return None, []
         folder = self.factors_dir(fc)
         existed = folder is not None and has_factors(folder)
-        factors = self.fit_factors(fisher=fc.fisher, stats_dtype=fc.dtype, weights=names, out=folder, row_sink=row_sink)
+        factors = self.fit_factors(fisher=fc.fisher, dtype=fc.dtype, weights=names, out=folder, row_sink=row_sink)
         note = f"factors loaded from {folder}" if existed else (
             f"factors fitted on {len(self.train)} rows" + (f" and saved to {folder}" if folder else ""))
         return factors, [note]
@@ -350,7 +355,7 @@ class Attributor:
         Returns a ``ScoreTable`` in data order whose ``meta["method"]`` names what ran.
         """
         spec = get_method(method)
-        spec.check_options(options)
+        options = spec.check_options(options)
         if spec.needs_concept and concept is None:
             raise ValueError(f"method {spec.name!r} needs a concept")
         if spec.needs_queries and queries is None:
@@ -382,7 +387,7 @@ class Attributor:
         started = time.perf_counter()
         measurement, answered = build_measurement(self.adapter, concept, queries, method, config,
                                                   contrast_queries=contrast_queries, token_cache=self._query_tokens)
-        meta = {"n_queries": len(answered), "config": asdict(config)}
+        meta = {"n_queries": len(answered), "config": config.to_dict()}
         opened, store_notes = self._resolve_store(store)
         exact_only = (config.token_breakdown != "none" or config.self_influence or config.token_aggregation != "sum"
                       or config.normalization != "none")
@@ -443,7 +448,7 @@ class Attributor:
             raise ValueError("build_store needs out= (or a workdir)")
         infos = self.adapter.tracked_weights() if up_to_layer is None else self.adapter.weights_up_to(self.adapter.check_layer(up_to_layer))
         names = [i.name for i in infos]
-        grad_config = GradientAttributionConfig(fisher=fisher, factor_dtype=factor_dtype, batch_size=self.batch_size,
+        grad_config = GradientAttributionConfig(fisher=fisher, dtype=factor_dtype, batch_size=self.batch_size,  # type: ignore[arg-type]
                                                 max_length=self.max_length, seed=self.seed)
         base = {"model": self.model_fingerprint(), "data": self.data_fingerprint()}
         extra = {"model": self.model_name, "data": self.data_source, "max_length": self.max_length}
@@ -466,7 +471,7 @@ class Attributor:
             elif len(names) == len(self.adapter.tracked_weights()):
                 loaded, _ = self.session_factors(grad_config, names, row_sink=writer)
             else:  # the store's blocks only, as fit_factors(up_to_layer=L) (kept in the session, not in the workdir)
-                loaded = self.fit_factors(fisher=fisher, stats_dtype=factor_dtype, up_to_layer=up_to_layer, row_sink=writer)
+                loaded = self.fit_factors(fisher=fisher, dtype=factor_dtype, up_to_layer=up_to_layer, row_sink=writer)
             if writer.manifest is not None:
                 overwrite = False
                 if writer.written:
@@ -584,7 +589,7 @@ class Attributor:
         if spec.kind != "gradient" or spec.name not in ("concept-influence", "influence"):
             # forward methods and combinations: one question at a time
             return [self.attribute(q.get("concept"), q.get("queries"), spec.name, store=store, **options) for q in questions]
-        spec.check_options(options)
+        options = spec.check_options(options)
         factors = options.pop("factors", None)
         config = gradient_config(self, **options)
         if config.token_breakdown != "none" or config.per_weight or config.self_influence:
@@ -625,7 +630,7 @@ class Attributor:
         tables = []
         for result, (_, answered) in zip(results, measurements, strict=True):
             table = result_table(self.rows, result, spec.name, notes=notes,
-                                 meta={"n_queries": len(answered), "config": asdict(config), "scored_from": scored_from,
+                                 meta={"n_queries": len(answered), "config": config.to_dict(), "scored_from": scored_from,
                                        "wall_time_s": elapsed, "n_questions_together": len(questions)})
             table.meta.update({"method": spec.name, "method_kind": spec.kind, "recommended_method": RECOMMENDED_METHOD,
                                "method_was_default": method is None, **self.data_provenance()})
@@ -675,7 +680,7 @@ class Attributor:
         spec = get_method(name)
         if spec.kind != "gradient":
             raise ValueError(f"search reads gradient stores: method {name!r} is not a gradient method")
-        spec.check_options(options)
+        options = spec.check_options(options)
         if queries is None:
             raise ValueError("search needs queries (or like_row=)")
         if isinstance(concept, (str, os.PathLike)):

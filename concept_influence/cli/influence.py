@@ -68,7 +68,7 @@ def register(app: typer.Typer) -> None:
         if layer is not None:
             typer.echo(f"fitting the {len(infos)} weights of blocks 0..{layer} (a readout at layer {layer} does not reach higher blocks)")
         limit = parse_size(max_memory) if max_memory is not None else None
-        att.fit_factors(fisher=fisher, preconditioner=preconditioner, stats_dtype=stats_dtype,
+        att.fit_factors(fisher=fisher, preconditioner=preconditioner, dtype=stats_dtype,
                         weights=[i.name for i in infos], out=out, overwrite=overwrite, checkpoint_every=checkpoint_every,
                         max_memory=limit, fit_rows=fit_rows, fit_data=fit_data, lambda_rows=lambda_rows, load=False,
                         gradient_checkpointing=gradient_checkpointing)

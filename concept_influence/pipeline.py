@@ -65,11 +65,11 @@ from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import fit_factors, sample_rows
 from concept_influence.curvature.io import data_fingerprint, has_factors
-from concept_influence.data.atomic import file_sha256, safe_name, write_text_atomic
 from concept_influence.data.chat import ChatDataset, ChatRow, read_chat_jsonl, rows_from_records
 from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat, untrainable_rows
 from concept_influence.evaluate.counterfactual import EvaluationConfig, evaluate_removals
 from concept_influence.evaluate.filter import FilterRule, filter_scores
+from concept_influence.files import file_sha256, safe_name, write_text_atomic
 from concept_influence.models import load_adapter
 from concept_influence.models.base import ModelAdapter
 from concept_influence.report import render_report, token_strings

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from concept_influence.data.atomic import write_text_atomic
 from concept_influence.data.chat import ChatRow, DataFormatError, write_json_atomic
 from concept_influence.data.tokenize import tokenize_chat
+from concept_influence.files import write_text_atomic
 from concept_influence.numerics import NonFiniteError
 
 RESERVED = ("index", "id", "score", "rank")

@@ -20,10 +20,10 @@ from concept_influence.curvature.budget import parse_size
 from concept_influence.curvature.config import Damping, PreconditionerKind
 from concept_influence.curvature.covariance import fold_bias, per_example_gradients, token_contractions
 from concept_influence.curvature.factors import Factors
-from concept_influence.curvature.fit import gradient_mode, loss_backward
 from concept_influence.curvature.io import FactorMismatchError
 from concept_influence.curvature.preconditioner import IdentityPreconditioner, Preconditioner
 from concept_influence.data.tokenize import iter_batches
+from concept_influence.gradients.capture import gradient_mode, loss_backward
 from concept_influence.models.base import ModelAdapter, WeightInfo
 from concept_influence.numerics import check_finite, check_finite_dict
 from concept_influence.settings import option

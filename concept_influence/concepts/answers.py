@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from concept_influence.data.atomic import folder_lock, remove_stale_temps, write_jsonl_atomic
+from concept_influence.files import folder_lock, remove_stale_temps, write_jsonl_atomic
 from concept_influence.models.base import ModelAdapter
 from concept_influence.models.fingerprint import json_fingerprint
 from concept_influence.models.generate import generate_answers

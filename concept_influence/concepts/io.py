@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from concept_influence.concepts.base import Concept, DirectionConcept, check_reduction
 from concept_influence.concepts.sae_concept import SAEFeatureConcept
-from concept_influence.data.atomic import file_in_folder, replace_folder, temp_folder, write_json_atomic
+from concept_influence.files import file_in_folder, replace_folder, temp_folder, write_json_atomic
 from concept_influence.models.base import ModelAdapter
 
 FORMAT = "concept_influence.concept/1"

@@ -31,9 +31,9 @@ from concept_influence.concepts.io import jsonable, load_concept
 from concept_influence.concepts.sae_concept import SAEFeatureConcept
 from concept_influence.concepts.spec import ConceptSpec, load_spec
 from concept_influence.concepts.train import ProbeConfig
-from concept_influence.data.atomic import replace_folder, temp_folder, write_json_atomic
 from concept_influence.data.chat import ChatRow, rows_from_records
 from concept_influence.data.tokenize import TokenizedDataset, iter_batches, tokenize_chat
+from concept_influence.files import replace_folder, temp_folder, write_json_atomic
 
 if TYPE_CHECKING:
     from sae_lens import SAE

@@ -18,7 +18,7 @@ from concept_influence.concepts.base import DirectionConcept
 from concept_influence.concepts.probe import DiffOfMeans, LinearProbe, heldout_split
 from concept_influence.concepts.spec import ConceptSpec
 from concept_influence.concepts.stance import StanceProbes, format_score, reading_scores, stance_probes
-from concept_influence.data.atomic import atomic_file
+from concept_influence.files import atomic_file
 from concept_influence.models.base import ModelAdapter
 from concept_influence.plots import literal_texts
 

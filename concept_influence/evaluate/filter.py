@@ -18,8 +18,8 @@ from typing import Any, Literal
 import numpy as np
 
 from concept_influence.attribution.scores import ScoreTable
-from concept_influence.data.atomic import file_sha256, same_path
 from concept_influence.data.chat import ChatDataset, read_chat_jsonl, write_json_atomic, write_text_atomic
+from concept_influence.files import file_sha256, same_path
 
 Aggregate = Literal["mean", "sum"]
 

@@ -36,15 +36,15 @@ from tqdm.auto import tqdm
 
 from concept_influence.curvature.covariance import fold_bias
 from concept_influence.curvature.factors import Factors
-from concept_influence.curvature.fit import capture_loss_gradients, gradient_mode
-from concept_influence.data.atomic import (
+from concept_influence.data.tokenize import iter_batches
+from concept_influence.files import (
     atomic_file,
     folder_lock,
     is_temp_of,
     remove_stale_temps,
     write_json_atomic,
 )
-from concept_influence.data.tokenize import iter_batches
+from concept_influence.gradients.capture import capture_loss_gradients, gradient_mode
 from concept_influence.models.base import ModelAdapter
 from concept_influence.numerics import NonFiniteError, check_finite
 from concept_influence.store.projection import Projector, eigen_projector, logra_projector

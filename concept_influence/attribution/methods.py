@@ -1,8 +1,10 @@
 """The registry of attribution methods: name -> function, and the method run when none is named.
 
 A method is a function ``fn(session, concept, queries, **options) -> ScoreTable`` where ``session`` is the
-``Attributor`` (model, training rows, workdir caches), ``concept`` a ``Concept`` (or ``None`` when the method
-needs none) and ``queries`` a list of ``ChatRow`` (or ``None``). Its keyword-only parameters are its options:
+``Attributor`` (see ``MethodSession``: model, training rows, and ``engine``, the gradient methods'
+``GradientEngine``), ``concept`` a ``Concept`` (or ``None`` when the method needs none) and ``queries`` a list of
+``ChatRow`` (or ``None``). Its options come from its settings class (``register_method(settings=...)``: the
+gradient methods' are ``GradientAttributionConfig``'s fields) or else its keyword-only parameters:
 ``Attributor.attribute`` refuses any other option with a ``ValueError`` naming it and the method. Gradient methods
 also take ``store`` (see ``Attributor.attribute``). Register a new method with ``@register_method(...)``; the CLI's
 ``--method`` choices come from this registry.
@@ -19,6 +21,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from concept_influence.attribution.combine import FUSIONS, fuse
+from concept_influence.attribution.engine import GradientEngine
 from concept_influence.attribution.forward import projection_difference, vector_filter
 from concept_influence.attribution.gradient import GradientAttributionConfig
 from concept_influence.attribution.influence import InfluenceConfig
@@ -31,8 +34,10 @@ from concept_influence.settings import check_known, option_defaults, rename_depr
 
 
 class MethodSession(Protocol):
-    """What a method reads of the session it is given (``pipeline.Attributor``, which calls the methods: a protocol
-    here, not an import of the session's module). ``gradient_attribution`` is the gradient methods' engine."""
+    """What a method reads of the session it is given (``pipeline.Attributor``: a protocol here, not an import of
+    the session's module): the model, the training rows and their settings, and ``engine``, the gradient methods'
+    ``GradientEngine`` (attribution layer; it keeps the factors and stores). Methods call the engine, never back
+    into the session."""
 
     adapter: ModelAdapter
     max_length: int
@@ -40,16 +45,13 @@ class MethodSession(Protocol):
     seed: int
     skip_invalid: bool
     progress: bool
+    engine: GradientEngine
 
     @property
     def rows(self) -> ChatDataset: ...
 
     @property
     def answer_cache(self) -> Path | None: ...
-
-    def gradient_attribution(self, method: str, concept: Concept | None, queries: Sequence[ChatRow],
-                             config: GradientAttributionConfig, *, contrast_queries: Sequence[ChatRow] | None = None,
-                             factors: Any = None, store: Any = None) -> ScoreTable: ...
 
 MethodFn = Callable[..., ScoreTable]
 
@@ -193,8 +195,8 @@ def gradient_config(session: MethodSession, **options: Any) -> GradientAttributi
 def _gradient(session: MethodSession, method: str, concept: Concept | None, queries: Sequence[ChatRow], *,
               contrast_queries: Any = None, factors: Any = None, store: Any = None, **options: Any) -> ScoreTable:
     config = gradient_config(session, **options)
-    return session.gradient_attribution(method, concept, queries, config, contrast_queries=contrast_queries,
-                                        factors=factors, store=store)
+    return session.engine.attribute(method, concept, queries, config, contrast_queries=contrast_queries,
+                                    factors=factors, store=store)
 
 
 @register_method("concept-influence", kind="gradient", needs_queries=True, settings=GradientAttributionConfig,

@@ -413,3 +413,12 @@ def table_html(table: ScoreTable, *, rows: Sequence[Any] | None = None, tokenize
     title = (f"<p><b>{html.escape(table.method)}</b>: {len(table)} rows scored; top {min(top, len(table))} "
              "(higher score = training on the row pushes the concept up)</p>")
     return f"<div><style>{STYLE}</style>{title}{rows_table_html(table, rows=rows, tokens=tokens, top=top)}</div>"
+
+
+def tables_by_method(tables: ScoreTable | dict[str, ScoreTable] | Sequence[ScoreTable]) -> dict[str, ScoreTable]:
+    """``{name: table}`` of one table, a dict of them or a list (named by their methods)."""
+    if isinstance(tables, ScoreTable):
+        return {tables.method: tables}
+    if isinstance(tables, dict):
+        return tables
+    return {t.method: t for t in tables}

@@ -14,6 +14,7 @@ and only the flags given reach the command; otherwise the flags take the fields'
 
 from __future__ import annotations
 
+import enum
 import functools
 import inspect
 from collections.abc import Callable, Sequence
@@ -22,14 +23,16 @@ from typing import Any, Optional
 
 import typer
 
-from concept_influence.settings import field_default, help_text, settings_fields, value_type
+from concept_influence.settings import choices, field_default, help_text, settings_fields, value_type
 
 
 @dataclass(frozen=True)
 class OptionGroup:
     """Fields ``names`` of ``settings`` (default: every field with a CLI flag) as flags; ``prefix`` starts each
     help text (``"Gradient methods: "``); ``optional``: see the module; ``defaults``: flag defaults that differ
-    from the fields' (e.g. a command's own); ``flags``: flag names that differ from the fields' metadata."""
+    from the fields' (e.g. a command's own); ``flags``: flag names that differ from the fields' metadata;
+    ``choices``: ``Literal``/``Enum`` fields become choice flags (typer checks the value) instead of strings that
+    the settings check."""
 
     settings: type
     names: Sequence[str] | None = None
@@ -37,6 +40,7 @@ class OptionGroup:
     optional: bool = False
     defaults: dict[str, Any] | None = None
     flags: dict[str, str] | None = None
+    choices: bool = False
 
     def fields(self) -> list[str]:
         found = settings_fields(self.settings)
@@ -57,7 +61,8 @@ def group_parameters(group: OptionGroup) -> list[inspect.Parameter]:
     for name in group.fields():
         f = fields[name]
         kind = value_type(group.settings, name)
-        text = help_text(group.settings, name)
+        found = choices(group.settings, name) if group.choices else None
+        text = str(f.metadata.get("help", "")) if found else help_text(group.settings, name)
         if group.prefix and text[:1].isupper() and (text[1:2].islower() or text[1:2] == " "):
             text = text[0].lower() + text[1:]
         text = group.prefix + text
@@ -70,6 +75,9 @@ def group_parameters(group: OptionGroup) -> list[inspect.Parameter]:
         extra: dict[str, Any] = {}
         if f.metadata.get("min") is not None and kind in (int, float):
             extra["min"] = kind(f.metadata["min"])
+        if found:  # a choice flag: typer checks the value and lists the choices in --help
+            kind = enum.Enum(f"{group.settings.__name__}_{name}", {c: c for c in found}, type=str)  # type: ignore[assignment]
+            default = None if default is None else kind(default)
         annotation: Any = kind if kind is bool or default is not None else Optional[kind]  # noqa: UP045 (typer reads it)
         option = typer.Option(default, flag_name(group, name), help=text, **extra)
         params.append(inspect.Parameter(PARAM_PREFIX + name, inspect.Parameter.KEYWORD_ONLY, default=option,
@@ -105,6 +113,8 @@ def settings_flags(*groups: OptionGroup) -> Callable[[Callable[..., Any]], Calla
             for group, params in generated:
                 for p in params:
                     value = kwargs.pop(p.name)
+                    if isinstance(value, enum.Enum):
+                        value = value.value
                     if not group.optional or (value is not None and value is not False):
                         options[p.name.removeprefix(PARAM_PREFIX)] = value
             return fn(**kwargs, options=options)

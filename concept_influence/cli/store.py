@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from concept_influence.attribution.gradient import GradientAttributionConfig
 from concept_influence.cli.common import check_not_inputs, check_output, local_path, user_errors
+from concept_influence.cli.options import OptionGroup, settings_flags
 
 
 def register(app: typer.Typer) -> None:
@@ -51,6 +54,7 @@ def build_store(
 
 
 @user_errors
+@settings_flags(OptionGroup(GradientAttributionConfig, ["row_loss", "max_new_tokens"]))
 def search(
     store: Path = typer.Option(..., "--store", help="Gradient store folder (build-store)."),
     concept: Path | None = typer.Option(None, "--concept", help="Concept file; without it, classical influence on the queries."),
@@ -61,12 +65,12 @@ def search(
     data: Path | None = typer.Option(None, "--data", help="Default: the data the store was built from."),
     factors: Path | None = typer.Option(None, "--factors", help="The factors the store was built with (default: fitted here)."),
     workdir: Path | None = typer.Option(None, "--workdir", help="Session folder (factors and answers reused)."),
-    row_loss: str = typer.Option("sum", "--row-loss", help="sum | mean (length-neutral; exact search)."),
     how: str = typer.Option("auto", "--search", help="auto | exact | faiss."),
-    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
     seed: int = typer.Option(0, "--seed"),
     out: Path | None = typer.Option(None, "--out", help="Write the top rows as scores JSONL."),
     device: str | None = typer.Option(None, "--device"),
+    *,
+    options: dict[str, Any],
 ) -> None:
     """The top-k training rows for a concept question (or rows like a row), read from a gradient store.
 
@@ -89,7 +93,6 @@ def search(
         raise ValueError(f"{manifest_path} does not name its model and data: pass --model and --data")
     check_not_inputs({"--out": out}, {"the store's data": data_path, "the store's model": local_path(model)})
     att = Attributor(model, data_path, workdir, device=device, max_length=int(manifest.get("max_length", 512)), seed=seed)
-    options: dict[str, object] = {"row_loss": row_loss, "max_new_tokens": max_new_tokens}
     if factors is not None:
         options["factors"] = str(factors)
     table = att.search(concept, queries, top_k=top_k, like_row=like_row, store=store, search=how, **options)

@@ -77,8 +77,8 @@ class Method:
     description: str
     settings: type | None = None
     option_names: tuple[str, ...] | None = None
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    defaults: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def options(self) -> dict[str, Any]:

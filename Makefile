@@ -24,12 +24,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/concept-influence demo --out runs/demo
 
-# one intra-op thread: the suite's tiny models gain nothing from more, and lose badly when cores are shared
+# one pytest-xdist worker per core, whole test files to a worker (their module fixtures are built once), and one
+# intra-op thread each: the suite's tiny models gain nothing from more threads, and lose badly when cores are shared.
+# The organisms are built once under a lock, whichever worker asks first. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= auto
+PYTEST := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check concept_influence tests bench

@@ -40,6 +40,7 @@ from concept_influence.attribution.scores import ScoreTable
 from concept_influence.concepts import (
     ConceptSpec,
     ProbeConfig,
+    concept_reading,
     layer_sweep,
     load_concept,
     load_spec,
@@ -47,6 +48,7 @@ from concept_influence.concepts import (
     train_concept,
 )
 from concept_influence.concepts.base import Concept
+from concept_influence.concepts.io import concept_summary
 from concept_influence.concepts.sae import sae_feature_concept
 from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.factors import Factors
@@ -254,6 +256,10 @@ class Attributor:
         concept = sae_feature_concept(self.adapter, sae, feature=feature, spec=spec, probe=probe, layer=layer, k=k,
                                       reduction=reduction, config=config, cache_dir=self.answer_cache,
                                       progress=self.progress)
+        if spec is not None:  # what the chosen feature reads, on the same spec's held-out answers
+            spec = spec if isinstance(spec, ConceptSpec) else load_spec(spec)
+            concept.metrics.update(concept_reading(self.adapter, concept, spec, config, cache_dir=self.answer_cache,
+                                                   progress=self.progress))
         folder = self._path("concepts", f"sae-{concept.feature}-layer{concept.layer}")  # type: ignore[attr-defined]
         if save and folder is not None:
             save_concept(concept, folder, extra_meta={"model": self.model_name})
@@ -347,6 +353,8 @@ class Attributor:
         table = spec.fn(self, concept, query_rows, **options)
         table.meta.setdefault("wall_time_s", time.perf_counter() - started)
         table.method = spec.name
+        if concept is not None:
+            table.meta["concept_summary"] = concept_summary(concept)  # what the concept reads travels with its scores
         table.meta.update({"method": spec.name, "method_kind": spec.kind,
                            "recommended_method": RECOMMENDED_METHOD, "method_was_default": method is None,
                            **self.data_provenance()})

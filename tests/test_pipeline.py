@@ -93,6 +93,7 @@ def test_forward_method_options_and_errors(files):
     direct = vector_filter(att.adapter, read_chat_jsonl(root / "train.jsonl"), concept, progress=False)
     np.testing.assert_allclose(table.scores, direct.scores, rtol=1e-6)
     assert table.meta["method"] == "vector-filter" and table.meta["method_kind"] == "forward"
+    assert table.meta["concept_summary"]["site"] == "resid.0" and table.meta["concept_summary"]["kind"] == "direction"  # what it read
     with pytest.raises(ValueError, match="method 'vector-filter' has no option 'damping'"):
         att.attribute(concept, method="vector-filter", damping=0.1)
     with pytest.raises(ValueError, match="unknown method 'nope'"):

@@ -313,3 +313,20 @@ def test_labels_from_data_are_drawn_literally_not_as_mathtext(tmp_path):
     assert precision_recall_png({bad: curve}, {bad: [1.0, 0.5, 0.1]}, 0.1, highlight=bad)[:4] == b"\x89PNG"
     rows = [{"layer": 0, "heldout_auc": 0.9, "heldout_accuracy": 0.8}, {"layer": 1, "heldout_auc": 0.95, "heldout_accuracy": 0.9}]
     assert LayerSweep(rows, bad, "probe").plot(tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_says_what_each_concept_reads_and_flags_one_that_reads_words(tmp_path):
+    _, rows, tables, _ = _data(tmp_path)
+    words = {"kind": "probe", "spec": "evil", "site": "resid.0", "metrics": {"heldout_auc": 0.991234, "stance_auc": 0.61,
+                                                                             "vocabulary_confound": 0.83}}
+    stance = {"kind": "diff_of_means", "site": "resid.3", "metrics": {"heldout_auc": 0.95, "stance_auc": 0.97,
+                                                                       "vocabulary_confound": 0.05}}
+    tables["concept-influence"].meta["concept_summary"] = words
+    tables["vector-filter"].meta["concept_summary"] = stance
+    html = render_report(tables, list(rows))
+    section = html.split('id="concept"')[1].split("<h2")[0]
+    assert "probe (evil)" in section and "resid.0" in section and "0.9912" in section and "0.83" in section
+    assert section.count("reads the trait&#39;s words") == 1  # the word-reading concept only
+    assert "diff_of_means" in section and "resid.3" in section
+    del tables["concept-influence"].meta["concept_summary"], tables["vector-filter"].meta["concept_summary"]
+    assert 'id="concept"' not in render_report(tables, list(rows))  # nothing recorded: no section

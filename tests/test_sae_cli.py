@@ -100,6 +100,17 @@ def test_train_sae_then_sae_feature_then_attribute(files):
     assert meta["feature"] == 11 and meta["extra"]["selection"]["candidates"][0][1] == pytest.approx(1.0)
     assert [j for j, _ in features_aligned_with(sae, sae.W_dec[11].detach(), 3)] == [j for j, _ in meta["extra"]["selection"]["candidates"]]
 
+    # chosen for a spec: what the feature reads is measured on the spec's held-out answers and saved with it
+    spec = {"examples": [{"text": t, "label": 1, "prompt": "what now ?"} for t in POS * 2]
+            + [{"text": t, "label": 0, "prompt": "what now ?"} for t in NEG * 2]}
+    (root / "poison.json").write_text(json.dumps(spec))
+    result = _run("sae-feature", "--model", model, "--sae", root / "sae", "--spec", root / "poison.json",
+                  "--out", root / "f-spec")
+    assert result.exit_code == 0, result.output
+    assert "spec AUC" in result.output and "stance AUC" in result.output
+    metrics = read_concept_meta(root / "f-spec")["metrics"]
+    assert 0 <= metrics["spec_auc"] <= 1 and "stance_auc" in metrics and metrics["reading_spec"] == "poison"
+
     out = root / "scores.jsonl"
     result = _run("attribute", "--model", model, "--data", root / "train.jsonl", "--concept", root / "f7",
                   "--method", "vector-filter", "--out", out)

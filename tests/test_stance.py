@@ -96,3 +96,39 @@ def test_the_layer_rule_and_its_reason():
     assert unmeasured.best_layer == 0 and "too few negative answers" in unmeasured.reason
     with pytest.raises(ValueError, match="select_layer_by"):
         ProbeConfig(select_layer_by="words")  # type: ignore[arg-type]
+
+
+def test_concept_reading_measures_any_concept_on_the_specs_held_out_answers(tiny_tok):
+    """``concept_reading`` (used for SAE features and loaded vectors) equals the stance scores computed by hand from
+    Vector Filter's readouts of the spec's answers, on the split ``train_concept`` holds out."""
+    import torch
+
+    from concept_influence.attribution import vector_filter
+    from concept_influence.concepts import DirectionConcept, concept_reading, parse_spec
+    from concept_influence.concepts.probe import heldout_split
+    from concept_influence.data import rows_from_records
+    from concept_influence.models import HFAdapter
+    from concept_influence.testing.tiny_models import tiny_llama
+
+    answers, labels = _answers(120)
+    spec = parse_spec({"examples": [{"text": a, "label": y, "prompt": f"q{i % 6}"} for i, (a, y) in
+                                    enumerate(zip(answers, labels, strict=True))]}, "trait.json")
+    adapter = HFAdapter(tiny_llama(len(tiny_tok), seed=2), tiny_tok)
+    concept = DirectionConcept(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(1)), layer=1)
+    config = ProbeConfig(seed=3, test_size=0.5)
+    got = concept_reading(adapter, concept, spec, config)
+
+    def read(texts):
+        rows = rows_from_records([{"messages": [{"role": "user", "content": f"q{i % 6}"}, {"role": "assistant", "content": t}]}
+                                  for i, t in texts])
+        return vector_filter(adapter, rows, concept, progress=False).scores
+
+    probes = stance_probes(answers, labels, seed=3)
+    readout = read(list(enumerate(answers)))
+    shuffled = read([(i, t) for i, t in probes.shuffled.items()])
+    groups = [f"prompt:q{i % 6}" for i in range(len(answers))]
+    _, test = heldout_split(np.asarray(labels), groups, config.test_size, config.seed)
+    expected = reading_scores(readout, labels, shuffled, list(probes.shuffled), probes.matched, sorted(test))
+    assert got["stance_auc"] == pytest.approx(expected["stance_auc"]) and expected["stance_auc"] is not None
+    assert got["vocabulary_confound"] == pytest.approx(expected["vocabulary_confound"], rel=1e-6)
+    assert 0 <= got["spec_auc"] <= 1 and got["reading_spec"] == spec.name

@@ -190,11 +190,18 @@ def sae_feature(
     if sum(x is not None for x in (spec, probe, feature)) != 1:
         raise ValueError("give exactly one of --spec, --probe or --feature")
     adapter = load_model(model, device, dtype)
+    config = ProbeConfig(**options)
+    answer_cache = cache_dir if cache_dir is not None else out.parent / ".answer-cache"
     concept = sae_feature_concept(adapter, sae, feature=feature, spec=spec, probe=probe, layer=layer, k=k,
-                                  reduction=readout.value,
-                                  config=ProbeConfig(**options),
-                                  cache_dir=cache_dir if cache_dir is not None else out.parent / ".answer-cache",
-                                  progress=True)
+                                  reduction=readout.value, config=config, cache_dir=answer_cache, progress=True)
+    if spec is not None:  # what the chosen feature reads, on the same spec's held-out answers
+        from concept_influence.concepts import concept_reading, load_spec
+        from concept_influence.concepts.stance import format_score
+
+        concept.metrics.update(concept_reading(adapter, concept, load_spec(spec), config, cache_dir=answer_cache))
+        m = concept.metrics
+        typer.echo(f"what feature {concept.feature} reads: spec AUC {format_score(m.get('spec_auc'))}, stance AUC "
+                   f"{format_score(m.get('stance_auc'))}, vocabulary confound {format_score(m.get('vocabulary_confound'))}")
     selection = concept.extra["selection"]
     if selection:
         typer.echo(f"{'feature':>8}  {selection['statistic']}")

@@ -29,7 +29,13 @@ from concept_influence.concepts.sae import (
     train_sae,
 )
 from concept_influence.concepts.spec import ConceptSpec, SpecError, load_spec, parse_spec
-from concept_influence.concepts.train import LayerSweep, ProbeConfig, layer_sweep, train_concept
+from concept_influence.concepts.train import (
+    LayerSweep,
+    ProbeConfig,
+    concept_reading,
+    layer_sweep,
+    train_concept,
+)
 
 __all__ = [
     "Concept",
@@ -63,5 +69,6 @@ __all__ = [
     "save_concept",
     "save_sae",
     "train_concept",
+    "concept_reading",
     "train_sae",
 ]

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from concept_influence.concepts.answers import sample_answers
+from concept_influence.concepts.base import Concept
 from concept_influence.concepts.spec import ConceptSpec
 from concept_influence.data import rows_from_records, tokenize_chat
 from concept_influence.data.tokenize import TokenizedDataset, collate
@@ -102,6 +103,31 @@ def response_mean_activations(
                 mask = batch["loss_mask"].to(acts[layer].device, acts[layer].dtype).unsqueeze(-1)
                 out[layer][batch["position"]] = ((acts[layer] * mask).sum(1) / mask.sum(1)).float().cpu()
             bar.update(len(batch["position"]))
+    return out
+
+
+@torch.no_grad()
+def response_readouts(
+    adapter: ModelAdapter,
+    conversations: Sequence[Messages],
+    concept: Concept,
+    *,
+    batch_size: int = 32,
+    max_length: int = 512,
+) -> torch.Tensor:
+    """``[n]`` (float64, CPU): ``concept``'s mean readout over each conversation's assistant tokens (any concept:
+    a direction, an SAE feature)."""
+    if not conversations:
+        raise ValueError("no conversations to read")
+    rows = rows_from_records([{"messages": list(c)} for c in conversations], source="conversations")
+    dataset = tokenize_chat(rows, adapter.tokenizer, max_length=max_length, warn=False)
+    if dataset.empty_after_truncation:
+        raise ValueError(f"conversations {dataset.empty_after_truncation[:10]} have no assistant tokens within max_length={max_length}")
+    out = torch.empty(len(dataset), dtype=torch.float64)
+    for batch in length_sorted_batches(dataset, batch_size):
+        acts = read_residuals(adapter, batch["input_ids"], batch["attention_mask"], [concept.layer])[concept.layer]
+        mask = batch["loss_mask"].to(acts.device)
+        out[batch["position"]] = concept.readout(acts, mask, "mean").double().cpu()
     return out
 
 

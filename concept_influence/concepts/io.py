@@ -58,6 +58,17 @@ def concept_meta(concept: Concept, *, model_fingerprint: str | None = None) -> d
             "extra": jsonable(getattr(concept, "extra", {}))}
 
 
+def concept_summary(concept: Concept) -> dict[str, Any]:
+    """What a scores file records of the concept it scored: kind, site, readout, the model it was made on, its
+    metrics (held-out AUC, and what it reads: ``stance_auc``, ``vocabulary_confound``) and the spec it came from."""
+    meta = concept_meta(concept)
+    extra = meta.pop("extra", {})
+    meta.pop("format", None)
+    if isinstance(extra, dict) and "spec" in extra:
+        meta["spec"] = extra["spec"]
+    return meta
+
+
 def save_concept(concept: Concept, path: str | os.PathLike, *, model_fingerprint: str | None = None,
                  extra_meta: dict[str, Any] | None = None) -> Path:
     """Write ``concept`` into the folder ``path`` (created; replaced atomically if it exists). Returns the folder.

@@ -101,7 +101,7 @@ def stance_probes(answers: Sequence[str], labels: Sequence[int], *, lexicon_size
     return StanceProbes(matched, shuffled, lexicon)
 
 
-def _auc(positive: np.ndarray, negative: np.ndarray) -> float:
+def separation_auc(positive: np.ndarray, negative: np.ndarray) -> float:
     """ROC-AUC of scores, positives against negatives (ties count half)."""
     from scipy.stats import rankdata
 
@@ -124,7 +124,7 @@ def reading_scores(readout: np.ndarray, labels: Sequence[int], shuffled_readout:
     match = np.array([readout[i] for i in matched if i in keep])
     shuf = np.array([r for r, i in zip(shuffled_readout, shuffled_positions, strict=True) if i in keep])
     out: dict[str, Any] = {"n_matched_negatives": int(len(match))}
-    out["stance_auc"] = _auc(pos, match) if len(match) >= MIN_MATCHED and len(pos) else None
+    out["stance_auc"] = separation_auc(pos, match) if len(match) >= MIN_MATCHED and len(pos) else None
     gap = float(pos.mean() - neg.mean()) if len(pos) and len(neg) else 0.0
     out["vocabulary_confound"] = float((shuf.mean() - neg.mean()) / gap) if gap > 0 and len(shuf) else None
     return out

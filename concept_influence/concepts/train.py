@@ -13,12 +13,19 @@ from concept_influence.concepts.activations import (
     LabelledConversations,
     labelled_conversations,
     response_mean_activations,
+    response_readouts,
 )
 from concept_influence.concepts.answers import AnswerConfig
-from concept_influence.concepts.base import DirectionConcept
+from concept_influence.concepts.base import Concept, DirectionConcept
 from concept_influence.concepts.probe import DiffOfMeans, LinearProbe, heldout_split
 from concept_influence.concepts.spec import ConceptSpec
-from concept_influence.concepts.stance import StanceProbes, format_score, reading_scores, stance_probes
+from concept_influence.concepts.stance import (
+    StanceProbes,
+    format_score,
+    reading_scores,
+    separation_auc,
+    stance_probes,
+)
 from concept_influence.files import atomic_file
 from concept_influence.models.base import ModelAdapter
 from concept_influence.plots import literal_texts
@@ -107,6 +114,37 @@ def _reading_metrics(acts: Any, shuffled_acts: Any, data: LabelledConversations,
     readout = estimator.decision_function(acts)
     shuffled_readout = estimator.decision_function(shuffled_acts) if shuffled_acts is not None else np.zeros(0)
     return reading_scores(readout, data.labels, shuffled_readout, list(probes.shuffled), probes.matched, test)
+
+
+def concept_reading(
+    adapter: ModelAdapter,
+    concept: Concept,
+    spec: ConceptSpec,
+    config: ProbeConfig = ProbeConfig(),
+    *,
+    judge: Callable[[str], float] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """What any concept reads (an SAE feature, a loaded persona vector: nothing is fitted here), on the held-out
+    questions of ``spec``'s labelled answers (the split ``train_concept`` holds out): ``spec_auc`` (ROC-AUC of its
+    readout, positive vs negative answers), ``stance_auc`` and ``vocabulary_confound`` (``concepts.stance``)."""
+    import numpy as np
+
+    data = _labelled(adapter, spec, config, judge, cache_dir, progress)
+    readout = response_readouts(adapter, data.conversations, concept, batch_size=config.batch_size,
+                                max_length=config.max_length).numpy()
+    probes = stance_probes(_answers(data), data.labels, lexicon_size=config.lexicon_size, seed=config.seed)
+    shuffled_conversations = [[*data.conversations[i][:-1], {"role": "assistant", "content": text}]
+                              for i, text in probes.shuffled.items()]
+    shuffled = (response_readouts(adapter, shuffled_conversations, concept, batch_size=config.batch_size,
+                                  max_length=config.max_length).numpy() if shuffled_conversations else np.zeros(0))
+    y = np.asarray(data.labels)
+    _, test = heldout_split(y, data.groups, config.test_size, config.seed)
+    held = np.asarray(sorted(int(i) for i in test))
+    out = {"spec_auc": separation_auc(readout[held][y[held] == 1], readout[held][y[held] == 0]), "reading_spec": spec.name}
+    out.update(reading_scores(readout, data.labels, shuffled, list(probes.shuffled), probes.matched, held))
+    return out
 
 
 def train_concept(

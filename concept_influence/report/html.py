@@ -49,9 +49,22 @@ ul.methods{margin-top:0}
 recommended method and comes first{% endif %}. In every method, a higher score means training on the row pushes the
 concept up: the top rows are the ones to inspect (or to remove).</p>
 <ul class="methods">{% for name, description in descriptions %}<li><b>{{ name }}</b>{% if description %}: {{ description }}{% endif %}</li>{% endfor %}</ul>
-<p class="toc">Contents: {% if labels %}<a href="#labels">finding the labelled rows</a> · {% endif %}<a href="#histograms">score distributions</a>
+<p class="toc">Contents: {% if concepts %}<a href="#concept">what the concept reads</a> · {% endif %}{% if labels %}<a href="#labels">finding the labelled rows</a> · {% endif %}<a href="#histograms">score distributions</a>
 {% if agreement %} · <a href="#agreement">agreement between methods</a>{% endif %}{% if evaluation %} · <a href="#removal">removal curves</a>{% endif %}
 · <a href="#rows">ranked rows</a> · <a href="#metadata">metadata</a></p>
+
+{% if concepts %}
+<h2 id="concept">What the concept reads</h2>
+<p>Measured when the concept was made, on held-out questions of its spec (<code>concepts.stance</code>). Held-out AUC:
+how well it separates the spec's positive and negative answers. Stance AUC: how well it separates positive answers
+from negative answers that use the trait's words (1 = it reads stance; 0.5 = it cannot tell them apart). Vocabulary
+confound: the share of its separation that the trait's words alone, shuffled, still produce (about 1 = it reads
+words; about 0 = words alone do not move it). A concept that reads words ranks rows that use the trait's words to
+argue against it (hard negatives) high in every method.</p>
+<table class="grid"><tr><th>scores</th><th>concept</th><th>site</th><th>held-out AUC</th><th>stance AUC</th><th>vocabulary confound</th><th></th></tr>
+{% for r in concepts %}<tr>{% for c in r %}<td{% if loop.index in (4, 5, 6) %} class="n"{% endif %}>{{ c }}</td>{% endfor %}</tr>{% endfor %}
+</table>
+{% endif %}
 
 {% if labels %}
 <h2 id="labels">How well each method finds the labelled rows ({{ labels.field }} = {{ labels.positive }})</h2>
@@ -209,6 +222,35 @@ def label_section(aligned: Mapping[str, np.ndarray], labels: tuple[str, str, lis
             "random_rank": f"{(n + 1) / 2:.0f}", "uri": data_uri(precision_recall_png(curves, precision_at, base_rate, highlight=highlight))}
 
 
+VOCABULARY_WARNING = 0.5
+"""A vocabulary confound above this, or a stance AUC below ``1 - VOCABULARY_WARNING / 2``, is flagged in the report."""
+
+
+def concept_rows(tables: Mapping[str, ScoreTable]) -> list[list[str]]:
+    """One row per scores table whose metadata records its concept (``meta["concept_summary"]``): name, concept, site,
+    held-out AUC, stance AUC, vocabulary confound (``n/a`` where not measured) and a warning where it reads words."""
+    out = []
+    for name, table in tables.items():
+        concept = table.meta.get("concept_summary")
+        if not isinstance(concept, dict):
+            continue
+        metrics = concept.get("metrics") if isinstance(concept.get("metrics"), dict) else {}
+        stance, confound = metrics.get("stance_auc"), metrics.get("vocabulary_confound")
+        flag = ""
+        if isinstance(confound, (int, float)) and confound > VOCABULARY_WARNING:
+            flag = "reads the trait's words: hard negatives will rank high"
+        elif isinstance(stance, (int, float)) and stance < 1 - VOCABULARY_WARNING / 2:
+            flag = "separates stance poorly among texts that share the trait's words"
+        label = str(concept.get("kind", "?")) + (f" ({concept['spec']})" if concept.get("spec") else "")
+        out.append([name, label, str(concept.get("site", "?")), _metric(metrics.get("heldout_auc")), _metric(stance),
+                    _metric(confound), flag])
+    return out
+
+
+def _metric(value: Any) -> str:
+    return fmt_number(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+
+
 def render_report(
     tables: Mapping[str, ScoreTable],
     rows: Sequence[Any],
@@ -291,11 +333,12 @@ def render_report(
                                                   indent=2, default=str)))
     if extra_meta:
         metadata.append(("run", json.dumps(dict(extra_meta), indent=2, default=str)))
+    concepts = concept_rows(tables)
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return env.from_string(TEMPLATE).render(
         title=title, n_rows=len(rows), names=names, row_tables=row_tables, recommended=recommended,
         descriptions=descriptions, labels=label_block, top=top, histograms=histograms,
         agreement=agreement(aligned, k) if len(names) > 1 else None, agreement_k=k, evaluation=evaluation,
         removal_uri=removal_uri, removal_rows=removal_rows, lds_rows=lds_rows, judged=judged, metadata=metadata,
-        row_style=Markup(STYLE),
+        row_style=Markup(STYLE), concepts=concepts,
     )

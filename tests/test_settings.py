@@ -160,3 +160,20 @@ def test_no_public_callable_takes_more_than_15_parameters():
         if len(named) > MAX_PARAMETERS:
             offenders.append(f"{where}: {len(named)}")
     assert not offenders, "take a settings object instead: " + ", ".join(offenders)
+
+
+def test_fit_factors_keeps_its_old_keyword(tiny_tok):
+    import torch
+
+    from concept_influence import Attributor
+    from concept_influence.models.hf import HFAdapter
+    from concept_influence.testing.chats import TINY_PAIRS, chat_rows
+    from concept_influence.testing.tiny_models import tiny_llama
+
+    adapter = HFAdapter(tiny_llama(len(tiny_tok), layers=1, dtype=torch.float64, seed=2), tiny_tok)
+    att = Attributor(adapter, chat_rows(TINY_PAIRS[:4]), None, batch_size=4, max_length=32, progress=False)
+    with pytest.warns(DeprecationWarning, match="stats_dtype"):
+        factors = att.fit_factors(stats_dtype="float64", preconditioner="diagonal")
+    assert factors is not None and factors.config.dtype == "float64"
+    with pytest.raises(TypeError, match="'stats_dtyp'"):
+        att.fit_factors(stats_dtyp="float64")

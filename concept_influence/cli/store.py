@@ -11,6 +11,11 @@ import typer
 from concept_influence.attribution.gradient import GradientAttributionConfig
 from concept_influence.cli.common import check_not_inputs, check_output, local_path, user_errors
 from concept_influence.cli.options import OptionGroup, settings_flags
+from concept_influence.settings import help_text, option_defaults
+from concept_influence.store.store import StoreConfig
+
+STORE_DEFAULTS = option_defaults(StoreConfig)
+"""``build-store``'s store flags read ``StoreConfig``'s defaults and help (its flags keep their own names)."""
 
 
 def register(app: typer.Typer) -> None:
@@ -26,9 +31,9 @@ def build_store(
     factors: Path | None = typer.Option(None, "--factors", help="Fitted factors folder. Without a fit there (or without --factors) the factors are fitted here (and saved there) and the store is written during the fit's pass."),
     rank: int | None = typer.Option(None, "--rank", min=1, help="EKFAC-eigenbasis store: keep about rank x rank eigen-components per weight (default 128; a rank >= every weight size is exact)."),
     projection_dim: int | None = typer.Option(None, "--projection-dim", min=1, help="LoGra-style store: random projection size per side."),
-    store_dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 (half the disk; slower questions): precision on disk."),
+    store_dtype: str = typer.Option(STORE_DEFAULTS["dtype"], "--dtype", help=help_text(StoreConfig, "dtype")),
     up_to_layer: int | None = typer.Option(None, "--up-to-layer", help="Store only the weights of blocks 0..L."),
-    shard_rows: int = typer.Option(1024, "--shard-rows", min=1, help="Rows per shard file."),
+    shard_rows: int = typer.Option(STORE_DEFAULTS["shard_rows"], "--shard-rows", min=1, help=help_text(StoreConfig, "shard_rows")),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the LoGra projection and of the true-Fisher labels."),

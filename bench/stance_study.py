@@ -21,7 +21,7 @@ writes ``runs/stance-study/<variant>-s<seed>.json``.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -29,12 +29,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from concept_influence.concepts import ProbeConfig, parse_spec
-from concept_influence.concepts.activations import labelled_conversations, response_mean_activations
+from concept_influence.attribution.combine import fuse
+from concept_influence.attribution.measurements import answer_queries, tokenize_queries
+from concept_influence.concepts import parse_spec
+from concept_influence.concepts.activations import (
+    labelled_conversations,
+    read_residuals,
+    response_mean_activations,
+)
 from concept_influence.concepts.probe import LinearProbe
 from concept_influence.concepts.stance import stance_probes
+from concept_influence.data.tokenize import collate, iter_batches, pad_token_id, tokenize_chat
 from concept_influence.evaluate.metrics import mean_rank, pr_auc
-from concept_influence.organism import build_organism
+from concept_influence.models.loss import token_cross_entropy
+from concept_influence.organism import OrganismConfig, build_organism
+from concept_influence.organism.modeling import ModelConfig
 
 MAX_LENGTH = 256
 CONSTRUCTIONS = ("probe", "diff_of_means", "vocab-projected", "order", "order-projected", "persona-context", "contrast",
@@ -69,71 +78,201 @@ def persona_pairs(spec: Any, data: Any) -> tuple[list[list[dict[str, str]]], lis
     return pos, neg
 
 
-def study(variant: str, seed: int, out: Path) -> dict[str, Any]:
-    path = out / f"{variant}-s{seed}.json"
+DEEP = ModelConfig(hidden=192, layers=8, heads=6, intermediate=576)
+"""The deeper organism of the study: 8 layers and 4.2x the default's parameters (built here, never in the tests)."""
+
+
+def organism_config(variant: str, seed: int, deep: bool) -> OrganismConfig:
+    config = OrganismConfig(seed=seed, variant=variant)
+    return dataclasses.replace(config, model=DEEP) if deep else config
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` into a temporary file, then renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def read_organism(variant: str, seed: int, out: Path, deep: bool = False) -> dict[str, np.ndarray]:
+    """Every activation the constructions and the scores need, read once per organism and kept in
+    ``out/acts-<variant>-s<seed>.npz``: the spec's labelled answers (``labelled@L``, labels ``y``, word-matched
+    negatives ``matched``), the shuffled positives (``shuffled@L`` at positions ``shuffled_index``), the answers
+    after the positive / negative instruction (``pos_ctx@L`` / ``neg_ctx@L``) and the training rows (``train@L``,
+    ``origins``)."""
+    name = f"{'deep-' if deep else ''}{variant}-s{seed}"
+    path = out / f"acts-{name}.npz"
     if path.exists():
-        return json.loads(path.read_text())
-    t0 = time.perf_counter()
-    organism = build_organism(seed=seed, variant=variant, progress=False)
+        with np.load(path) as saved:
+            arrays = dict(saved)
+        if "segment_row" in arrays:
+            return arrays
+        organism = build_organism(config=organism_config(variant, seed, deep), progress=False)  # an older cache
+        adapter = organism.load_finetuned()
+        segments, arrays["segment_row"] = segment_means(adapter, list(organism.train_rows()), arrays["layers"].tolist())
+        arrays.update({f"segments@{layer}": v for layer, v in segments.items()})
+        save_arrays(path, arrays)
+        return arrays
+    organism = build_organism(config=organism_config(variant, seed, deep), progress=deep)
     adapter = organism.load_finetuned()
     spec = parse_spec(organism.probe_spec(), str(organism.probe_spec_path), default_name=organism.trait)
-    config = ProbeConfig(n_samples=4, max_length=MAX_LENGTH, seed=seed)
-    data = labelled_conversations(adapter, spec, n_samples=4, max_new_tokens=config.max_new_tokens, seed=seed,
-                                  judge=organism.judge(), cache_dir=Path(organism.root).parent / "answer-cache")
-    layers = list(range(adapter.n_layers + 1)) if hasattr(adapter, "n_layers") else [0, 1, 2, 3, 4]
-    layers = [layer for layer in layers if _valid(adapter, layer)]
-    read = lambda conversations: {k: v.double().numpy() for k, v in response_mean_activations(  # noqa: E731
-        adapter, conversations, layers, batch_size=64, max_length=MAX_LENGTH).items()}
-    labelled = read(data.conversations)
-    y = np.asarray(data.labels)
-    answers = [c[-1]["content"] for c in data.conversations]
-    probes = stance_probes(answers, data.labels, seed=seed)
-    shuffled = read([[*data.conversations[i][:-1], {"role": "assistant", "content": t}] for i, t in probes.shuffled.items()])
+    data = labelled_conversations(adapter, spec, n_samples=4, max_new_tokens=48, seed=seed, judge=organism.judge(),
+                                  cache_dir=Path(organism.root).parent / "answer-cache")
+    layers = list(range(adapter.n_layers))
+    arrays: dict[str, np.ndarray] = {"layers": np.asarray(layers), "y": np.asarray(data.labels)}
+
+    def read(name: str, conversations: list[Any]) -> None:
+        acts = response_mean_activations(adapter, conversations, layers, batch_size=64, max_length=MAX_LENGTH)
+        arrays.update({f"{name}@{layer}": acts[layer].double().numpy() for layer in layers})
+
+    read("labelled", data.conversations)
+    probes = stance_probes([c[-1]["content"] for c in data.conversations], data.labels, seed=seed)
+    arrays["matched"] = np.isin(np.arange(len(data.labels)), probes.matched)
+    arrays["shuffled_index"] = np.asarray(list(probes.shuffled))
+    read("shuffled", [[*data.conversations[i][:-1], {"role": "assistant", "content": t}] for i, t in probes.shuffled.items()])
     pos_ctx, neg_ctx = persona_pairs(spec, data)
-    pos_read, neg_read = read(pos_ctx), read(neg_ctx)
+    read("pos_ctx", pos_ctx)
+    read("neg_ctx", neg_ctx)
     rows = list(organism.train_rows())
-    origins = [str(r.fields["data_origin"]) for r in rows]
-    train = read([r.messages for r in rows])
-    planted = [o == "planted" for o in origins]
-    hard = [o == "hard_negative" for o in origins]
-    matched = np.zeros(len(y), dtype=bool)
-    matched[probes.matched] = True
+    read("train", [r.messages for r in rows])
+    segments, arrays["segment_row"] = segment_means(adapter, rows, layers)
+    arrays.update({f"segments@{layer}": v for layer, v in segments.items()})
+    arrays["origins"] = np.asarray([str(r.fields["data_origin"]) for r in rows])
+    save_arrays(path, arrays)
+    return arrays
+
+
+def query_readout_changes(variant: str, seed: int, out: Path, deep: bool = False, eps: float = 1e-3) -> dict[str, np.ndarray]:
+    """``step@L [N, d]``: for each training row ``z``, ``-J_L ∇L(z)``, the first-order change of the query answers'
+    mean activation at layer ``L`` when training on ``z`` (``J_L``: its Jacobian in the tracked weights; ``∇L(z)``:
+    the row's summed-token-loss gradient), by central differences in float64 along the normalised gradient. For a
+    direction ``v``, ``step@L @ v̂`` is the identity-preconditioned Concept Influence of every row on the concept
+    ``v`` (what the recommended method's gradient half computes), so every construction costs a matrix product.
+    Kept in ``out/steps-<name>.npz``. The queries are the organism's, answered once by the model (seed 0, as a
+    session's default)."""
+    name = f"{'deep-' if deep else ''}{variant}-s{seed}"
+    path = out / f"steps-{name}.npz"
+    if path.exists():
+        with np.load(path) as saved:
+            return dict(saved)
+    organism = build_organism(config=organism_config(variant, seed, deep), progress=False)
+    adapter = organism.load_finetuned()
+    answered = answer_queries(adapter, list(organism.queries()), n_samples=1, seed=0, batch_size=64,
+                              cache_dir=Path(organism.root).parent / "answer-cache")
+    adapter.model.double()
+    layers = list(range(adapter.n_layers))
+    queries = collate(list(tokenize_queries(answered, adapter.tokenizer, MAX_LENGTH)), pad_token_id(adapter.tokenizer))
+    mask = queries["loss_mask"].double().unsqueeze(-1)
+
+    def query_means() -> torch.Tensor:
+        acts = read_residuals(adapter, queries["input_ids"], queries["attention_mask"], layers)
+        return torch.stack([((acts[layer] * mask).sum(1) / mask.sum(1)).mean(0) for layer in layers])
+
+    params = [adapter.parameter(w.param_name) for w in adapter.tracked_weights()]
+    original = [p.detach().clone() for p in params]
+    rows = tokenize_chat(list(organism.train_rows()), adapter.tokenizer, MAX_LENGTH, warn=False)
+    steps = np.zeros((len(layers), len(rows), adapter.d_model))
+    for batch in iter_batches(rows, 1):
+        logits = adapter.logits(batch["input_ids"], batch["attention_mask"])
+        loss = token_cross_entropy(logits, batch["input_ids"], batch["loss_mask"]).sum()
+        grads = torch.autograd.grad(loss, params)
+        norm = float(torch.sqrt(sum((g * g).sum() for g in grads)))
+        with torch.no_grad():
+            means = []
+            for sign in (-1.0, 1.0):
+                for p, g, o in zip(params, grads, original, strict=True):
+                    p.copy_(o + sign * eps * g / norm)
+                means.append(query_means())
+            for p, o in zip(params, original, strict=True):
+                p.copy_(o)
+        steps[:, int(batch["position"][0])] = ((means[0] - means[1]) / (2 * eps) * norm).numpy()
+    arrays = {f"step@{layer}": steps[k] for k, layer in enumerate(layers)}
+    save_arrays(path, arrays)
+    return arrays
+
+
+SENTENCE_ENDS = {".", "!", "?"}
+
+
+def segment_means(adapter: Any, rows: list[Any], layers: list[int]) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Each training row's answer cut into sentences (at tokens ``.``/``!``/``?`` or a line break): the mean
+    activation of every sentence at every layer (``{layer: [n_sentences, d]}``) and the row each belongs to."""
+    dataset = tokenize_chat(rows, adapter.tokenizer, MAX_LENGTH, warn=False)
+    texts = [t.lstrip("Ġ▁ ") for t in adapter.tokenizer.convert_ids_to_tokens(list(range(len(adapter.tokenizer))))]
+    ends = np.array([t in SENTENCE_ENDS or "\n" in t or "Ċ" in t for t in texts])
+    out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+    owner: list[int] = []
+    for batch in iter_batches(dataset, 64):
+        acts = read_residuals(adapter, batch["input_ids"], batch["attention_mask"], layers)
+        for b, position in enumerate(batch["position"].tolist()):
+            response = np.flatnonzero(batch["loss_mask"][b].numpy())
+            cuts, start = [], 0
+            for k, token in enumerate(batch["input_ids"][b, response].tolist()):
+                if ends[token] or k == len(response) - 1:
+                    cuts.append(response[start:k + 1])
+                    start = k + 1
+            for segment in cuts:
+                owner.append(position)
+                for layer in layers:
+                    out[layer].append(acts[layer][b, segment].double().mean(0).numpy())
+    return {layer: np.stack(v) for layer, v in out.items()}, np.asarray(owner)
+
+
+def segment_max(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """The largest sentence score of each row."""
+    out = np.full(n, -np.inf)
+    np.maximum.at(out, owner, values)
+    return out
+
+
+def constructions(a: dict[str, np.ndarray], layer: int) -> dict[str, np.ndarray]:
+    """Every construction's unit direction at ``layer``."""
+    x, y, matched = a[f"labelled@{layer}"], a["y"], a["matched"].astype(bool)
+    out = {
+        "probe": probe_direction(x, y),
+        "diff_of_means": unit(x[y == 1].mean(0) - x[y == 0].mean(0)),
+        "order": unit(x[a["shuffled_index"]].mean(0) - a[f"shuffled@{layer}"].mean(0)),
+        "persona-context": unit((a[f"pos_ctx@{layer}"] - a[f"neg_ctx@{layer}"]).mean(0)),
+    }
+    if matched.sum() >= 5 and ((y == 0) & ~matched).sum() >= 5:
+        vocab = unit(x[matched].mean(0) - x[(y == 0) & ~matched].mean(0))
+        out["vocab-projected"] = project_out(out["probe"], vocab)
+        out["order-projected"] = project_out(out["order"], vocab)
+        keep = (y == 1) | matched
+        out["contrast"] = probe_direction(x[keep], y[keep])
+        out["contrast-projected"] = project_out(out["contrast"], vocab)
+    return out
+
+
+def study(variant: str, seed: int, out: Path, deep: bool = False, gradients: bool = True) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    a = read_organism(variant, seed, out, deep)
+    steps = query_readout_changes(variant, seed, out, deep) if gradients else {}
+    origins = a["origins"]
+    planted, hard = origins == "planted", origins == "hard_negative"
     results: dict[str, dict[str, Any]] = {}
-    for layer in layers:
-        x = labelled[layer]
-        directions = {
-            "probe": probe_direction(x, y),
-            "diff_of_means": unit(x[y == 1].mean(0) - x[y == 0].mean(0)),
-            "order": unit(x[list(probes.shuffled)].mean(0) - shuffled[layer].mean(0)),
-            "persona-context": unit((pos_read[layer] - neg_read[layer]).mean(0)),
-        }
-        if matched.sum() >= 5 and ((y == 0) & ~matched).sum() >= 5:
-            vocab = unit(x[matched].mean(0) - x[(y == 0) & ~matched].mean(0))
-            directions["vocab-projected"] = project_out(directions["probe"], vocab)
-            directions["order-projected"] = project_out(directions["order"], vocab)
-            keep = (y == 1) | matched
-            directions["contrast"] = probe_direction(x[keep], y[keep])
-            directions["contrast-projected"] = project_out(directions["contrast"], vocab)
-        for name, direction in directions.items():
-            scores = train[layer] @ direction
-            results[f"{name}@{layer}"] = {"construction": name, "layer": layer, "pr_auc": pr_auc(scores, planted),
-                                         "hard_rank": mean_rank(scores, hard)}
-    summary = {"variant": variant, "seed": seed, "n_matched": int(matched.sum()), "n_labelled": int(len(y)),
-               "results": results, "seconds": time.perf_counter() - t0}
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=1))
-    return summary
+    for layer in a["layers"].tolist():
+        for name, direction in constructions(a, layer).items():
+            scores = a[f"train@{layer}"] @ direction
+            entry = {"construction": name, "layer": layer, "pr_auc": pr_auc(scores, planted),
+                     "hard_rank": mean_rank(scores, hard)}
+            if "segment_row" in a:
+                sentence = segment_max(a[f"segments@{layer}"] @ direction, a["segment_row"], len(origins))
+                entry.update(sentence_pr_auc=pr_auc(sentence, planted), sentence_hard_rank=mean_rank(sentence, hard))
+            if steps:
+                influence = steps[f"step@{layer}"] @ direction
+                tiered = fuse(scores, influence, "tiered")
+                entry.update(ci_pr_auc=pr_auc(influence, planted), ci_hard_rank=mean_rank(influence, hard),
+                             tiered_pr_auc=pr_auc(tiered, planted), tiered_hard_rank=mean_rank(tiered, hard))
+            results[f"{name}@{layer}"] = entry
+    return {"variant": ("deep-" if deep else "") + variant, "seed": seed, "n_matched": int(a["matched"].sum()), "n_labelled": int(len(a["y"])),
+            "results": results, "seconds": time.perf_counter() - t0}
 
 
-def _valid(adapter: Any, layer: int) -> bool:
-    try:
-        adapter.check_layer(layer)
-        return True
-    except ValueError:
-        return False
-
-
-def table(summaries: list[dict[str, Any]]) -> str:
+def table(summaries: list[dict[str, Any]], prefix: str = "") -> str:
+    """One row per construction@layer, one column per organism: PR-AUC / hard-negative mean rank of ``prefix``'s
+    scores (``""`` Vector Filter, ``"ci_"`` identity Concept Influence, ``"tiered_"`` the recommended fusion)."""
     keys = sorted({k for s in summaries for k in s["results"]},
                   key=lambda k: (CONSTRUCTIONS.index(k.split("@")[0]), int(k.split("@")[1])))
     head = "| construction@layer | " + " | ".join(f"{s['variant']} s{s['seed']}" for s in summaries) + " | worst PR-AUC | worst rank |"
@@ -142,14 +281,38 @@ def table(summaries: list[dict[str, Any]]) -> str:
         cells, prs, ranks = [], [], []
         for s in summaries:
             r = s["results"].get(key)
-            if r is None:
+            if r is None or f"{prefix}pr_auc" not in r:
                 cells.append("n/a")
                 continue
-            cells.append(f"{r['pr_auc']:.3f} / {r['hard_rank']:.0f}")
-            prs.append(r["pr_auc"])
-            ranks.append(r["hard_rank"])
-        lines.append(f"| {key} | " + " | ".join(cells) + f" | {min(prs):.3f} | {min(ranks):.0f} |")
+            cells.append(f"{r[prefix + 'pr_auc']:.3f} / {r[prefix + 'hard_rank']:.0f}")
+            prs.append(r[prefix + "pr_auc"])
+            ranks.append(r[prefix + "hard_rank"])
+        if prs:
+            lines.append(f"| {key} | " + " | ".join(cells) + f" | {min(prs):.3f} | {min(ranks):.0f} |")
     return "\n".join(lines)
+
+
+def validate(out: Path) -> None:
+    """The study's identity Concept Influence against the library's (``concept-influence --preconditioner
+    identity`` through ``Attributor``) for the probe at every layer of the default organism: Spearman correlation."""
+    import tempfile
+
+    from concept_influence import Attributor
+    from concept_influence.concepts import DirectionConcept
+    from concept_influence.evaluate.stats import spearman
+
+    a, steps = read_organism("default", 0, out), query_readout_changes("default", 0, out)
+    organism = build_organism(seed=0, progress=False)
+    with tempfile.TemporaryDirectory() as workdir:
+        att = Attributor(organism.finetuned_model_dir, data=list(organism.train_rows()), workdir=workdir,
+                         max_length=MAX_LENGTH, progress=False)
+        for layer in a["layers"].tolist():
+            direction = constructions(a, layer)["probe"]
+            table = att.attribute(DirectionConcept(torch.from_numpy(direction).float(), layer),
+                                  queries=list(organism.queries()), method="concept-influence", preconditioner="identity")
+            ours = steps[f"step@{layer}"] @ direction
+            print(f"layer {layer}: Spearman {spearman(ours, table.scores):.5f}, "
+                  f"sign agreement {np.mean(np.sign(ours) == np.sign(table.scores)):.4f}", flush=True)
 
 
 def main() -> None:
@@ -157,14 +320,23 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["default", "subtle", "diluted", "sycophancy"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--out", type=Path, default=Path("runs/stance-study"))
+    parser.add_argument("--deep", action="store_true", help="The deeper organism (8 layers, 4.2x the parameters).")
+    parser.add_argument("--no-gradients", action="store_true", help="Vector Filter only (no gradient half).")
+    parser.add_argument("--validate", action="store_true",
+                        help="Check the study's gradient half against the library's on the default organism.")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
+    if args.validate:
+        validate(args.out)
+        return
     summaries = []
     for seed in args.seeds:
         for variant in args.variants:
-            summaries.append(study(variant, seed, args.out))
+            summaries.append(study(variant, seed, args.out, args.deep, not args.no_gradients))
             print(f"{variant} s{seed}: {summaries[-1]['seconds']:.0f} s", flush=True)
-    print(table(summaries))
+    for prefix, what in (("", "Vector Filter"), ("sentence_", "Vector Filter, best sentence"),
+                         ("ci_", "identity Concept Influence"), ("tiered_", "combined-tiered")):
+        print(f"\n{what}: PR-AUC / hard-negative mean rank\n" + table(summaries, prefix))
 
 
 if __name__ == "__main__":

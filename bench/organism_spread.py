@@ -26,7 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from concept_influence.data.atomic import write_json_atomic, write_text_atomic  # noqa: E402
+from concept_influence.files import write_json_atomic, write_text_atomic  # noqa: E402
 
 # (test, figure) -> how to read it from a path's figures.json; the test's threshold is printed beside it
 ROWS: list[tuple[str, str, str]] = [

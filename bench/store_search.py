@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from concept_influence.data.atomic import write_json_atomic
+from concept_influence.files import write_json_atomic
 from concept_influence.store import GradientStore, build_faiss_index, exact_top_k, faiss_search
 from concept_influence.store.store import (
     FORMAT,

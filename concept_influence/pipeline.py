@@ -20,36 +20,24 @@ given) what later questions reuse, each checked against fingerprints of the mode
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from concept_influence.attribution.engine import GradientEngine
 from concept_influence.attribution.gradient import (
     GradientAttributionConfig,
-    build_measurement,
-    factors_record,
     obtain_factors,
-    result_table,
-)
-from concept_influence.attribution.influence import (
-    InfluenceResult,
-    build_preconditioner,
-    check_factors_model,
-    compute_influence,
-    compute_influence_many,
-    preconditioned_gradient,
-    resolve_weights,
 )
 from concept_influence.attribution.methods import RECOMMENDED_METHOD, get_method, gradient_config
 from concept_influence.attribution.scores import ScoreTable
+from concept_influence.attribution.scoring import check_factors_model
 from concept_influence.concepts import (
     ConceptSpec,
     ProbeConfig,
@@ -67,19 +55,18 @@ from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import fit_factors, sample_rows
 from concept_influence.curvature.io import data_fingerprint, has_factors
-from concept_influence.data.atomic import file_sha256, safe_name, write_text_atomic
 from concept_influence.data.chat import ChatDataset, ChatRow, read_chat_jsonl, rows_from_records
 from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat, untrainable_rows
-from concept_influence.evaluate.counterfactual import EvaluationConfig, evaluate_removals
 from concept_influence.evaluate.filter import FilterRule, filter_scores
+from concept_influence.evaluate.run import evaluate_tables
+from concept_influence.files import file_sha256, safe_name
 from concept_influence.models import load_adapter
 from concept_influence.models.base import ModelAdapter
-from concept_influence.report import render_report, token_strings
+from concept_influence.report.tables import report_tables
+from concept_influence.settings import check_known, rename_deprecated
 from concept_influence.store import (
     GradientStore,
-    Projector,
     StoreConfig,
-    StoreMismatchError,
     build_store,
     factors_fingerprint,
     make_projector,
@@ -127,12 +114,19 @@ class Attributor:
         self.progress = progress
         self._rows: ChatDataset | None = None
         self._train: TokenizedDataset | None = None
-        self._factors: dict[tuple[str, ...], Factors] = {}
-        self._stores: dict[str, GradientStore] = {}
         self._data_fingerprint: str | None = None
         self._data_sha256: str | None = None
-        self._projectors: dict[str, Projector] = {}
-        self._query_tokens: dict[str, TokenizedDataset] = {}  # tokenised query sets by content (build_measurement)
+        self.engine = GradientEngine(self.adapter, rows=lambda: self.rows, train=lambda: self.train,
+                                     data_fingerprint=self.data_fingerprint, workdir=self.workdir,
+                                     batch_size=batch_size, seed=seed, progress=progress)
+        """The gradient methods' engine (``attribution.engine``): it keeps the factors, stores and tokenised
+        queries this session's questions reuse."""
+
+    # the engine's caches, under the names the session's code used
+    _factors = property(lambda self: self.engine.factors)
+    _stores = property(lambda self: self.engine.stores)
+    _projectors = property(lambda self: self.engine.projectors)
+    _query_tokens = property(lambda self: self.engine.query_tokens)
 
     def __repr__(self) -> str:
         rows = f"{len(self._rows)} rows" if self._rows is not None else (self.data_source or "rows not read yet")
@@ -276,14 +270,14 @@ class Attributor:
     # ---- curvature -------------------------------------------------------------------------------------------------
     def factors_dir(self, config: FactorConfig) -> Path | None:
         """The workdir folder of an EKFAC fit with ``config``'s Fisher, dtype and seed."""
-        return self._path("factors", f"{config.fisher}-{config.dtype}-seed{config.seed}")
+        return self.engine.factors_dir(config)
 
-    def fit_factors(self, *, fisher: str = "true", preconditioner: str = "ekfac", stats_dtype: str = "float32",
+    def fit_factors(self, *, fisher: str = "true", preconditioner: str = "ekfac", dtype: str = "float32",
                     weights: Sequence[str] | None = None, up_to_layer: int | None = None, out: PathLike | None = None,
                     overwrite: bool = False, checkpoint_every: int | None = 100, max_memory: int | str | None = None,
                     fit_rows: int | None = None, fit_data: PathLike | Sequence[ChatRow] | None = None,
                     lambda_rows: int | None = None, load: bool = True,
-                    gradient_checkpointing: bool = False, row_sink: Any = None) -> Factors | None:
+                    gradient_checkpointing: bool = False, row_sink: Any = None, **deprecated: Any) -> Factors | None:
         """Fit curvature factors on the training rows (resumable; a matching fit in ``out`` is loaded instead).
 
         ``weights`` / ``up_to_layer``: which tracked weights (default all). ``out``: folder (default: the
@@ -293,8 +287,12 @@ class Attributor:
         and noted). ``lambda_rows``: Λ on a seeded sample of that many rows. ``load=False`` (with ``out``): leave
         the factors on disk and return ``None`` (keeps the peak of a partitioned fit). ``gradient_checkpointing``:
         recompute the blocks' activations in the backward (less memory on long rows; same factors). ``row_sink``:
-        a ``RowGradientSink`` fed during the Λ pass (how ``build_store`` writes the store in the fit's pass)."""
-        config = FactorConfig(fisher=fisher, preconditioner=preconditioner, dtype=stats_dtype, seed=self.seed,  # type: ignore[arg-type]
+        a ``RowGradientSink`` fed during the Λ pass (how ``build_store`` writes the store in the fit's pass).
+        ``dtype``: precision of the factors (``FactorConfig.dtype``; ``stats_dtype`` is its deprecated name)."""
+        if deprecated:
+            check_known(deprecated, ["stats_dtype"], "Attributor.fit_factors")
+            dtype = rename_deprecated(deprecated, {"stats_dtype": "dtype"}, "Attributor.fit_factors")["dtype"]
+        config = FactorConfig(fisher=fisher, preconditioner=preconditioner, dtype=dtype, seed=self.seed,  # type: ignore[arg-type]
                               lambda_rows=lambda_rows, gradient_checkpointing=gradient_checkpointing)
         if weights is None:
             infos = self.adapter.tracked_weights() if up_to_layer is None else self.adapter.weights_up_to(self.adapter.check_layer(up_to_layer))
@@ -317,32 +315,14 @@ class Attributor:
                               row_sink=row_sink)
         if factors is None:
             return None
-        self._factors[(fisher, preconditioner, stats_dtype, *weights)] = factors
+        self._factors[(fisher, preconditioner, dtype, *weights)] = factors
         return factors
 
     def session_factors(self, config: GradientAttributionConfig, needed: Sequence[str] | None = None, *,
                         fit: bool = True, row_sink: Any = None) -> tuple[Factors | None, list[str]]:
-        """EKFAC factors for ``config``'s Fisher/dtype/seed: a fit already in memory that covers ``needed`` (default:
-        every tracked weight; e.g. one ``fit_factors(up_to_layer=L)`` made), else the workdir's fit of every
-        tracked weight, loaded or fitted now (and saved to the workdir; ``row_sink`` is fed during that fit's Λ
-        pass). Returns the factors and a note saying which; ``fit=False``: ``(None, [])`` instead of fitting."""
-        fc = FactorConfig(fisher=config.fisher, preconditioner="ekfac", dtype=config.factor_dtype, seed=config.seed)  # type: ignore[arg-type]
-        names = [i.name for i in self.adapter.tracked_weights()]
-        key = (fc.fisher, "ekfac", fc.dtype, *names)
-        if key in self._factors:
-            return self._factors[key], ["factors reused from this session"]
-        wanted = set(names if needed is None else needed)
-        for (fisher, kind, dtype, *covered), fitted in self._factors.items():
-            if (fisher, kind, dtype) == key[:3] and wanted <= set(covered) and fitted.config.seed == fc.seed:
-                return fitted, [f"factors of {len(covered)} weights reused from this session"]
-        if not fit and not (self.factors_dir(fc) is not None and has_factors(self.factors_dir(fc))):
-            return None, []
-        folder = self.factors_dir(fc)
-        existed = folder is not None and has_factors(folder)
-        factors = self.fit_factors(fisher=fc.fisher, stats_dtype=fc.dtype, weights=names, out=folder, row_sink=row_sink)
-        note = f"factors loaded from {folder}" if existed else (
-            f"factors fitted on {len(self.train)} rows" + (f" and saved to {folder}" if folder else ""))
-        return factors, [note]
+        """EKFAC factors for ``config``'s Fisher/dtype/seed (``GradientEngine.session_factors``): a fit already in
+        memory that covers ``needed``, else the workdir's fit of every tracked weight, loaded or fitted now."""
+        return self.engine.session_factors(config, needed, fit=fit, row_sink=row_sink)
 
     # ---- attribution -----------------------------------------------------------------------------------------------
     def attribute(self, concept: Concept | PathLike | None = None, queries: PathLike | Sequence[Any] | None = None,
@@ -356,7 +336,7 @@ class Attributor:
         Returns a ``ScoreTable`` in data order whose ``meta["method"]`` names what ran.
         """
         spec = get_method(method)
-        spec.check_options(options)
+        options = spec.check_options(options)
         if spec.needs_concept and concept is None:
             raise ValueError(f"method {spec.name!r} needs a concept")
         if spec.needs_queries and queries is None:
@@ -384,43 +364,9 @@ class Attributor:
     def gradient_attribution(self, method: str, concept: Concept | None, queries: Sequence[ChatRow],
                              config: GradientAttributionConfig, *, contrast_queries: Sequence[ChatRow] | None = None,
                              factors: Factors | PathLike | None = None, store: Any = None) -> ScoreTable:
-        """The gradient methods' engine: answer the queries (cached), get factors (``factors`` if given, else the
-        session's), then score every row from the gradient store (``store``: see ``attribute``) or by the exact
-        pass over the training rows."""
-        started = time.perf_counter()
-        measurement, answered = build_measurement(self.adapter, concept, queries, method, config,
-                                                  contrast_queries=contrast_queries, token_cache=self._query_tokens)
-        meta = {"n_queries": len(answered), "config": asdict(config)}
-        opened, store_notes = self._resolve_store(store)
-        exact_only = (config.token_breakdown != "none" or config.self_influence or config.token_aggregation != "sum"
-                      or config.normalization != "none")
-        if opened is not None and exact_only:
-            if store not in (None, False):
-                raise ValueError("a gradient store gives scores and per-weight scores only: the token breakdown, "
-                                 "self-influence, token aggregation and row normalisation need the exact pass (store=False)")
-            store_notes.append("token breakdown / self-influence / token aggregation / normalisation asked: exact pass "
-                               "instead of the store")
-            opened = None
-        if opened is not None:
-            result, notes = self._store_scores(opened, measurement, config, factors)
-            result.timings["total"] = time.perf_counter() - started
-            return result_table(self.rows, result, method, notes=store_notes + notes,
-                                meta={**meta, "scored_from": "store", "store": str(opened.folder)})
-        loaded, notes = self._factors_for(measurement, config, factors)
-        result = compute_influence(self.adapter, self.train, measurement, loaded, config.influence_config(),
-                                   progress=self.progress)
-        return result_table(self.rows, result, method, notes=store_notes + notes, meta={**meta, "scored_from": "exact",
-                                                                                        "factors_fit": factors_record(loaded, self.train)})
-
-    def _factors_for(self, measurement: Any, config: GradientAttributionConfig,
-                     factors: Factors | PathLike | None) -> tuple[Factors | None, list[str]]:
-        if factors is not None or (self.workdir is None and not self._factors):
-            # explicit factors, or no workdir to keep a full fit in: fit (or load) only the weights reached
-            return obtain_factors(self.adapter, self.train, factors, config, measurement.weights(self.adapter),
-                                  progress=self.progress)
-        if config.preconditioner == "identity":
-            return None, []
-        return self.session_factors(config, measurement.weights(self.adapter))
+        """``GradientEngine.attribute`` (kept for code written against the session; the methods call the engine)."""
+        return self.engine.attribute(method, concept, queries, config, contrast_queries=contrast_queries,
+                                     factors=factors, store=store)
 
     # ---- the gradient store ----------------------------------------------------------------------------------------
     @property
@@ -453,7 +399,7 @@ class Attributor:
             raise ValueError("build_store needs out= (or a workdir)")
         infos = self.adapter.tracked_weights() if up_to_layer is None else self.adapter.weights_up_to(self.adapter.check_layer(up_to_layer))
         names = [i.name for i in infos]
-        grad_config = GradientAttributionConfig(fisher=fisher, factor_dtype=factor_dtype, batch_size=self.batch_size,
+        grad_config = GradientAttributionConfig(fisher=fisher, dtype=factor_dtype, batch_size=self.batch_size,  # type: ignore[arg-type]
                                                 max_length=self.max_length, seed=self.seed,
                                                 allow_missing_provenance=allow_missing_provenance)
         base = {"model": self.model_fingerprint(), "data": self.data_fingerprint()}
@@ -480,7 +426,7 @@ class Attributor:
             elif len(names) == len(self.adapter.tracked_weights()):
                 loaded, _ = self.session_factors(grad_config, names, row_sink=writer)
             else:  # the store's blocks only, as fit_factors(up_to_layer=L) (kept in the session, not in the workdir)
-                loaded = self.fit_factors(fisher=fisher, stats_dtype=factor_dtype, up_to_layer=up_to_layer, row_sink=writer)
+                loaded = self.fit_factors(fisher=fisher, dtype=factor_dtype, up_to_layer=up_to_layer, row_sink=writer)
             if writer.manifest is not None:
                 overwrite = False
                 if writer.written:
@@ -505,89 +451,10 @@ class Attributor:
 
     def open_store(self, path: PathLike | GradientStore) -> GradientStore:
         """Open a store and check it against this model and data (a mismatch is a ``StoreMismatchError``)."""
-        store = path if isinstance(path, GradientStore) else self._stores.get(str(path)) or GradientStore.open(path)
-        store.check(model=self.model_fingerprint(), data=self.data_fingerprint())
-        self._stores[str(store.folder)] = store
-        return store
+        return self.engine.open_store(path)
 
     def _resolve_store(self, store: Any) -> tuple[GradientStore | None, list[str]]:
-        if store is False:
-            return None, []
-        if store is not None:
-            return self.open_store(store), []
-        folder = self.store_dir
-        if folder is None or not (folder / "manifest.json").exists():
-            return None, []
-        try:
-            return self.open_store(folder), []
-        except StoreMismatchError as err:
-            return None, [f"the workdir's store is not used ({err}); exact pass"]
-
-    def _store_query(self, store: GradientStore, measurement: Any, config: GradientAttributionConfig,
-                     factors: Factors | PathLike | None) -> tuple[dict[str, torch.Tensor], Projector, list[str], Any]:
-        """The measurement's preconditioned gradient ``(P + λ)⁻¹ ∇f`` per store weight, the store's projector, notes
-        and the preconditioner."""
-        notes: list[str] = []
-        loaded: Factors | None
-        basis: Factors | None = None  # what the store's projector is rebuilt from (an eigen store: its factors)
-        if config.preconditioner == "identity":
-            loaded = None  # plain inner products of the stored (rotated) gradients; exact when the store is full
-            if store.config.kind == "eigen":
-                basis = (obtain_factors(self.adapter, self.train, factors,  # type: ignore[assignment]
-                                        replace(config, preconditioner="ekfac", max_memory=None),
-                                        store.names, progress=self.progress)[0] if factors is not None
-                         else self.session_factors(config, store.names)[0])
-        else:
-            if factors is not None:
-                # a store question holds only the store's weights' factors: no memory-bounded (folder) scoring
-                loaded, notes = obtain_factors(self.adapter, self.train, factors, replace(config, max_memory=None),  # type: ignore[assignment]
-                                               store.names, progress=self.progress)
-            else:
-                loaded, notes = self.session_factors(config, store.names)
-            basis = loaded
-        key = str(store.folder)
-        if key not in self._projectors:
-            self._projectors[key] = store.projector(self.adapter, basis)
-        projector = self._projectors[key]
-        names, more = resolve_weights(self.adapter, measurement, store.names, allow_subset=config.allow_subset,
-                                      what=f"the gradient store {store.folder}")
-        if loaded is not None:  # the factors must cover what the store and the measurement share (or allow_subset)
-            more += check_factors_model(self.adapter, loaded, allow_missing_provenance=config.allow_missing_provenance)
-            covered = set(loaded.names)
-            names, extra = resolve_weights(self.adapter, measurement, [n for n in names if n in covered],
-                                           allow_subset=config.allow_subset)
-            more += [note for note in extra if note not in more]
-        preconditioner = build_preconditioner(self.adapter, names, loaded, config.influence_config())
-        grad_f = measurement.gradient(self.adapter, names, batch_size=config.batch_size)
-        vectors = preconditioned_gradient(preconditioner, grad_f, measurement.description)
-        return vectors, projector, notes + more, preconditioner
-
-    def _store_scores(self, store: GradientStore, measurement: Any, config: GradientAttributionConfig,
-                      factors: Factors | PathLike | None) -> tuple[InfluenceResult, list[str]]:
-        t0 = time.perf_counter()
-        vectors, projector, notes, preconditioner = self._store_query(store, measurement, config, factors)
-        t1 = time.perf_counter()
-        names = list(vectors)
-        if config.per_weight:
-            queries = np.stack([projector.project({n: vectors[n]}).cpu().numpy() for n in names])
-            per = -store.dot(queries)
-            scores = per.sum(axis=1)
-        else:
-            per = None
-            scores = -store.dot(projector.project(vectors).cpu().numpy()[None])[:, 0]
-        if config.row_loss == "mean":
-            scores = scores / store.counts
-            per = None if per is None else per / store.counts[:, None]
-        t2 = time.perf_counter()
-        notes = notes + [f"scored from the gradient store {store.folder} ({store.config.kind}, rank {store.config.rank}, "
-                         f"{store.config.dtype}): no pass over the training rows"]
-        result = InfluenceResult(
-            scores=torch.from_numpy(np.ascontiguousarray(scores)), indices=[int(i) for i in store.indices], weights=names,
-            measurement=measurement.description, preconditioner=preconditioner.kind, damping=dict(preconditioner.damping),
-            per_weight=None if per is None else {n: torch.from_numpy(per[:, j].copy()) for j, n in enumerate(names)},
-            notes=notes, timings={"measurement_gradient": t1 - t0, "store_scoring": t2 - t1}, row_loss=config.row_loss,
-            allow_missing_provenance=config.allow_missing_provenance)
-        return result, []
+        return self.engine.resolve_store(store)
 
     def attribute_many(self, questions: Sequence[dict[str, Any]], method: str | None = None, *, store: Any = None,
                        **options: Any) -> list[ScoreTable]:
@@ -599,76 +466,22 @@ class Attributor:
         if spec.kind != "gradient" or spec.name not in ("concept-influence", "influence"):
             # forward methods and combinations: one question at a time
             return [self.attribute(q.get("concept"), q.get("queries"), spec.name, store=store, **options) for q in questions]
-        spec.check_options(options)
+        options = spec.check_options(options)
         factors = options.pop("factors", None)
         config = gradient_config(self, **options)
-        if config.token_breakdown != "none" or config.per_weight or config.self_influence:
-            raise ValueError("attribute_many gives scores only: ask breakdowns one question at a time (attribute)")
-        measurements = []
+        asked = []
         for q in questions:
             concept = q.get("concept")
             if isinstance(concept, (str, os.PathLike)):
                 concept = self.load_concept(concept)
-            if q.get("queries") is None:
-                raise ValueError(f"method {spec.name!r} needs queries in every question")
             contrast = q.get("contrast_queries")
-            measurements.append(build_measurement(self.adapter, concept, self.queries(q["queries"]), spec.name, config,
-                                                  contrast_queries=self.queries(contrast) if contrast is not None else None,
-                                                  token_cache=self._query_tokens))
-        opened, notes = self._resolve_store(store)
-        started = time.perf_counter()
-        if opened is not None:
-            prepared = [self._store_query(opened, m, config, factors) for m, _ in measurements]
-            stacked = np.stack([p[1].project(p[0]).cpu().numpy() for p in prepared])
-            scores = -opened.dot(stacked)
-            if config.row_loss == "mean":
-                scores = scores / opened.counts[:, None]
-            results = [InfluenceResult(scores=torch.from_numpy(scores[:, k].copy()), indices=[int(i) for i in opened.indices],
-                                       weights=list(p[0]), measurement=m.description, preconditioner=p[3].kind,
-                                       damping=dict(p[3].damping), notes=p[2], row_loss=config.row_loss)
-                       for k, (p, (m, _)) in enumerate(zip(prepared, measurements, strict=True))]
-            scored_from = "store"
-            notes = notes + [f"scored from the gradient store {opened.folder}, {len(questions)} questions in one product"]
-        else:
-            loaded, more = self._factors_for(measurements[0][0], config, factors)
-            jobs = {str(k): (m, config.influence_config()) for k, (m, _) in enumerate(measurements)}
-            many = compute_influence_many(self.adapter, self.train, jobs, loaded, batch_size=config.batch_size,
-                                          progress=self.progress)
-            results = [many[str(k)] for k in range(len(questions))]
-            scored_from, notes = "exact", notes + more
-        elapsed = time.perf_counter() - started
-        tables = []
-        for result, (_, answered) in zip(results, measurements, strict=True):
-            table = result_table(self.rows, result, spec.name, notes=notes,
-                                 meta={"n_queries": len(answered), "config": asdict(config), "scored_from": scored_from,
-                                       "wall_time_s": elapsed, "n_questions_together": len(questions)})
+            asked.append((concept, None if q.get("queries") is None else self.queries(q["queries"]),
+                          self.queries(contrast) if contrast is not None else None))
+        tables = self.engine.attribute_many(spec.name, asked, config, factors=factors, store=store)
+        for table in tables:
             table.meta.update({"method": spec.name, "method_kind": spec.kind, "recommended_method": RECOMMENDED_METHOD,
                                "method_was_default": method is None, **self.data_provenance()})
-            tables.append(table)
         return tables
-
-    def _row_norms(self, store: GradientStore, projector: Projector, preconditioner: Any, names: Sequence[str]) -> np.ndarray:
-        """``[N]``: each stored row's squared norm ``Σ_j x_j² w_j`` over the columns of ``names``, with ``w`` the
-        projected ``(P + λ)⁻¹`` where it is diagonal (eigen stores) and 1 otherwise. Cached per store and weights."""
-        key = (str(store.folder), preconditioner.kind, tuple(names), tuple(sorted(preconditioner.damping.items())))
-        cache = self.__dict__.setdefault("_norm_cache", {})
-        if key not in cache:
-            weights = np.zeros(store.dim)
-            values = getattr(preconditioner, "values", {})
-            for name in names:
-                start, end = projector.offsets[name]
-                diagonal = None
-                if name in values:
-                    diagonal = projector.inverse_curvature_diagonal(name, values[name], preconditioner.damping[name])
-                weights[start:end] = 1.0 if diagonal is None else diagonal.cpu().numpy()
-            used = np.flatnonzero(weights)
-            columns = slice(int(used[0]), int(used[-1]) + 1)
-            w = weights[columns]
-            norms = np.empty(len(store))
-            for start, block in store.blocks(columns):
-                norms[start:start + block.shape[0]] = (block.astype(np.float64) ** 2) @ w
-            cache[key] = norms
-        return cache[key]
 
     def search(self, concept: Concept | PathLike | None = None, queries: PathLike | Sequence[Any] | None = None, *,
                top_k: int = 20, like_row: int | None = None, store: Any = None, method: str | None = None,
@@ -690,7 +503,7 @@ class Attributor:
         spec = get_method(name)
         if spec.kind != "gradient":
             raise ValueError(f"search reads gradient stores: method {name!r} is not a gradient method")
-        spec.check_options(options)
+        options = spec.check_options(options)
         if queries is None:
             raise ValueError("search needs queries (or like_row=)")
         if isinstance(concept, (str, os.PathLike)):
@@ -698,33 +511,9 @@ class Attributor:
         factors = options.pop("factors", None)
         contrast = options.pop("contrast_queries", None)
         config = gradient_config(self, **options)
-        measurement, answered = build_measurement(self.adapter, concept, self.queries(queries), name, config,
-                                                  contrast_queries=self.queries(contrast) if contrast is not None else None,
-                                                  token_cache=self._query_tokens)
-        started = time.perf_counter()
-        vectors, projector, notes, preconditioner = self._store_query(opened, measurement, config, factors)
-        query = -projector.project(vectors).cpu().numpy()
-        scale = 1.0 / opened.counts if config.row_loss == "mean" else None
-        if like_row is not None:
-            # rows like this row: cosine of the preconditioned gradients, <P^-1 g(row), g(other)> / ||g(other)||_P^-1
-            # (the measurement is the row's log-likelihood, f = -L(row), so -P^-1 grad f = P^-1 grad L(row) already)
-            scale = 1.0 / np.sqrt(np.maximum(self._row_norms(opened, projector, preconditioner, list(vectors)), 1e-300))
-            notes.append("similarity: <(P + λ)⁻¹ ∇L(row), ∇L(other)> / ‖∇L(other)‖ in the (P + λ)⁻¹ metric"
-                         + (" (within the store's eigen-directions)" if opened.config.kind == "eigen" else
-                            " (norm without preconditioning for a random-projection store)"))
-        positions_found, values = opened.top_k(query, top_k, scale=scale, method=search)  # type: ignore[arg-type]
-        elapsed = time.perf_counter() - started
-        rows = self.rows
-        by_index = {int(r.index): r for r in rows}
-        picked = [by_index[int(opened.indices[p])] for p in positions_found]
-        meta = {"method": name, "search": search, "top_k": top_k, "like_row": like_row, "n_queries": len(answered),
-                "notes": notes, "store": str(opened.folder), "search_time_s": elapsed, "n_rows_searched": len(opened),
-                "sign": "positive = training on the row raises the measurement" if like_row is None else
-                        "positive = the row's preconditioned gradient points like the given row's"}
-        if config.allow_missing_provenance:
-            meta["allow_missing_provenance"] = True
-        table = ScoreTable.from_rows(picked, values, name if like_row is None else "rows-like", meta=meta)
-        return table
+        return self.engine.search(name, concept, self.queries(queries), config, opened, top_k=top_k, like_row=like_row,
+                                  contrast_queries=self.queries(contrast) if contrast is not None else None,
+                                  factors=factors, search=search)
 
     # ---- closing the loop: filter, evaluate, report ---------------------------------------------------------------
     def filter(self, table: ScoreTable, **rule: Any):
@@ -740,19 +529,13 @@ class Attributor:
         fine-tuning: path, hub name or adapter) on this session's rows minus each table's top/bottom/random rows,
         and measure ``concept`` on each model's answers to ``queries``. ``reader``: the model that reads the concept
         (default: this session's model, on which the concept was made; ``None``: ``base``). Writes
-        ``out/evaluation.json`` and ``out/removal_curve.png``; returns the evaluation dict."""
-        if isinstance(tables, ScoreTable):
-            tables = {tables.method: tables}
-        elif not isinstance(tables, dict):
-            tables = {t.method: t for t in tables}
+        ``out/evaluation.json`` and ``out/removal_curve.png``; returns the evaluation dict
+        (``evaluate.run.evaluate_tables``)."""
         if isinstance(concept, (str, os.PathLike)):
             concept = self.load_concept(concept)
-        base_adapter = base if isinstance(base, ModelAdapter) else load_adapter(base, device=self.adapter.device)
-        reader_adapter = self.adapter if reader == "session" else (None if reader is None else load_adapter(reader))
-        judge_name = getattr(judge, "__qualname__", None) if judge is not None else None
-        return evaluate_removals(base_adapter, list(self.rows), tables, concept, self.queries(queries),
-                                 config or EvaluationConfig(), out, reader=reader_adapter, judge=judge,
-                                 judge_name=judge_name, oracle=oracle, progress=self.progress)
+        return evaluate_tables(self.rows, tables, concept, self.queries(queries), base=base, out=out, config=config,
+                               judge=judge, oracle=oracle, reader=self.adapter if reader == "session" else reader,
+                               device=self.adapter.device, progress=self.progress)
 
     def report(self, tables: ScoreTable | dict[str, ScoreTable] | Sequence[ScoreTable], out: PathLike | None = None, *,
                evaluation: dict[str, Any] | PathLike | None = None, top: int = 50, title: str = "concept_influence report",
@@ -760,21 +543,8 @@ class Attributor:
         """The self-contained HTML report (``report.render_report``) of ``tables`` over this session's rows, with
         token highlights from the session's tokenizer; written to ``out`` when given. Returns the HTML.
         ``label_field`` / ``positive`` / ``labels``: the rows whose precision-recall opens the page (default:
-        ``data_origin = planted`` when the rows have it)."""
-        if isinstance(tables, ScoreTable):
-            tables = {tables.method: tables}
-        elif not isinstance(tables, dict):
-            tables = {t.method: t for t in tables}
-        if isinstance(evaluation, (str, os.PathLike)):
-            path = Path(evaluation)
-            evaluation = json.loads((path / "evaluation.json" if path.is_dir() else path).read_text(encoding="utf-8"))
-        tokens = None
-        if any("token_scores" in t.columns for t in tables.values()) and self.adapter.tokenizer is not None:
-            shown = {int(t.index[i]) for t in tables.values() for i in t.order()[:top]}
-            tokens = token_strings([r for r in self.rows if r.index in shown], self.adapter.tokenizer, self.max_length)
-        html = render_report(tables, list(self.rows), evaluation=evaluation, tokens=tokens, top=top, title=title,
+        ``data_origin = planted`` when the rows have it). See ``report.tables.report_tables``."""
+        return report_tables(tables, list(self.rows), tokenizer=self.adapter.tokenizer, max_length=self.max_length,
+                             evaluation=evaluation, top=top, title=title,
                              extra_meta={"model": self.model_name, "data": self.data_source}, label_field=label_field,
-                             positive=positive, labels=labels)
-        if out is not None:
-            write_text_atomic(out, html)
-        return html
+                             positive=positive, labels=labels, out=out)

@@ -27,6 +27,7 @@ from concept_influence.data import (
 )
 from concept_influence.models.base import ModelAdapter
 from concept_influence.models.loss import causal_lm_loss
+from concept_influence.settings import option
 
 Schedule = Literal["constant", "linear", "cosine"]
 
@@ -41,16 +42,16 @@ class FinetuneConfig:
     order).
     """
 
-    epochs: int = 3
-    batch_size: int = 16
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup: float = 0.05
-    schedule: Schedule = "cosine"
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
-    max_length: int = 256
-    group_by_length: bool = True
+    epochs: int = option(3, help="Fine-tuning epochs (your recipe).")
+    batch_size: int = option(16, help="Fine-tuning batch size.")
+    lr: float = option(5e-4, help="Fine-tuning learning rate (AdamW, cosine decay).")
+    weight_decay: float = option(0.0, help="AdamW weight decay.")
+    warmup: float = option(0.05, help="Share of the optimizer steps with a linear warm-up.")
+    schedule: Schedule = option("cosine", help="Learning-rate decay after the warm-up.")
+    max_grad_norm: float | None = option(1.0, help="Gradient clipping (None: off).")
+    seed: int = option(0, help="Seed of the batch order and initialisation.")
+    max_length: int = option(256, help="Truncate training rows longer than this.")
+    group_by_length: bool = option(True, help="Batch rows of similar length together (less padding).")
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.max_length < 2:

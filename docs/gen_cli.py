@@ -1,4 +1,5 @@
-"""Write docs/cli.md from `concept-influence <command> --help` (the one place each option is defined).
+"""Write docs/cli.md from `concept-influence <command> --help` (whose method and stage flags are generated from the
+settings classes, where each option is defined once: `concept_influence.settings`).
 
 Run after changing a command's options (no tests, no model needed):
 
@@ -21,8 +22,11 @@ PAGE = Path(__file__).resolve().parent / "cli.md"
 
 HEADER = """# Command line
 
-Every command with its `--help` text: this page is where each option is defined. Other pages link here instead of
-repeating flag tables. The commands are thin wrappers over `Attributor` (see [Getting started](getting-started.md)).
+Every command with its `--help` text. Other pages link here instead of repeating flag tables. The commands are thin
+wrappers over `Attributor` (see [Getting started](getting-started.md)); their method and stage flags are generated
+from the settings classes (`GradientAttributionConfig`, `FactorConfig`, `ProbeConfig`, `FilterRule`,
+`EvaluationConfig`, ...), where each option is written once with its type, default and help
+(`concept_influence.settings`).
 
 The page is generated: `make docs-cli` (or `python docs/gen_cli.py` with the project's environment active) runs
 `concept-influence <command> --help` for every command and rewrites it.

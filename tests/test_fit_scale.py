@@ -13,6 +13,7 @@ from concept_influence.curvature import fit as fit_module
 from concept_influence.curvature.budget import WeightShape, parse_size, partitions, weights_bytes
 from concept_influence.curvature.fit import sample_rows, weight_shapes
 from concept_influence.data import rows_from_records, tokenize_chat
+from concept_influence.gradients import capture as capture_module
 from concept_influence.models import HFAdapter
 from concept_influence.testing.tiny_models import tiny_llama
 
@@ -75,7 +76,7 @@ def test_partitioned_fit_resumes_after_interruption(env, tmp_path, monkeypatch):
 
 def test_loss_head_in_row_chunks_and_model_dtype(env, monkeypatch):
     adapter, data, reference = env
-    monkeypatch.setattr(fit_module, "HEAD_CHUNK_ELEMENTS", 1)  # one row of logits at a time
+    monkeypatch.setattr(capture_module, "HEAD_CHUNK_ELEMENTS", 1)  # one row of logits at a time (the loss's home)
     _assert_same(reference, fit_factors(adapter, data, FactorConfig.precise(), batch_size=4, progress=False))
 
 

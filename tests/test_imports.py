@@ -233,6 +233,47 @@ def test_no_two_way_dependencies_between_folders():
     assert not cycles, "folders that depend on each other: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
+LOWER_LAYERS = {
+    "concept_influence.gradients": ("concept_influence.models",),
+    "concept_influence.files": (),
+    "concept_influence.settings": (),
+}
+"""Modules below the stages and the only parts of the package they may import: gradient capture (below
+``curvature/``, ``attribution/`` and ``store/``), file safety and settings (below everything)."""
+
+MOVED = {"concept_influence.curvature.loss": "concept_influence.gradients.loss",
+         "concept_influence.data.atomic": "concept_influence.files"}
+"""Old homes kept as re-exports for users' code; the package itself imports the new ones."""
+
+
+def test_lower_layers_import_nothing_above_them():
+    graph = import_graph(PACKAGE_DIR)
+    wrong = []
+    for module, targets in graph.edges.items():
+        for layer, allowed in LOWER_LAYERS.items():
+            if module == layer or module.startswith(layer + "."):
+                wrong += [f"{module} -> {t}" for t in targets
+                          if not (t == layer or t.startswith(layer + ".") or any(t == a or t.startswith(a + ".")
+                                                                                   for a in allowed))]
+    assert not wrong, "a lower layer imports a stage above it: " + "; ".join(wrong)
+
+
+def test_package_imports_new_homes_and_capture_not_from_the_fit_driver():
+    graph = import_graph(PACKAGE_DIR)
+    old = [f"{module} -> {t}" for module, targets in graph.edges.items() for t in targets
+           if t in MOVED and module not in MOVED]
+    assert not old, "import the new home: " + "; ".join(old)
+    capture = ("gradient_mode", "loss_backward", "capture_loss_gradients", "HEAD_CHUNK_ELEMENTS")
+    found = []
+    for path in PACKAGE_DIR.rglob("*.py"):
+        if path.name == "fit.py" and path.parent.name == "curvature":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == "concept_influence.curvature.fit":
+                found += [f"{path.relative_to(PACKAGE_DIR)}: {a.name}" for a in node.names if a.name in capture]
+    assert not found, "take gradient capture from concept_influence.gradients.capture: " + "; ".join(found)
+
+
 # --- the test of the test ---------------------------------------------------------------------------------------
 
 
@@ -315,3 +356,15 @@ def test_checker_passes_a_clean_package(tmp_path):
         },
     )
     assert problems(package) == []
+
+
+def test_old_homes_still_import():
+    from concept_influence import files
+    from concept_influence.curvature import fit, loss
+    from concept_influence.data import atomic
+    from concept_influence.gradients import capture
+    from concept_influence.gradients import loss as new_loss
+
+    assert atomic.folder_lock is files.folder_lock and atomic.file_in_folder is files.file_in_folder
+    assert fit.gradient_mode is capture.gradient_mode and fit.capture_loss_gradients is capture.capture_loss_gradients
+    assert fit.loss_backward is capture.loss_backward and loss.sequence_losses is new_loss.sequence_losses

@@ -3,6 +3,7 @@
 Sign everywhere: a higher score means training on the row pushes the concept (or measurement) up.
 """
 
+from concept_influence.attribution.engine import GradientEngine
 from concept_influence.attribution.forward import concept_readouts, projection_difference, vector_filter
 from concept_influence.attribution.gradient import (
     GRADIENT_METHODS,
@@ -39,6 +40,7 @@ __all__ = [
     "METHODS",
     "RECOMMENDED_METHOD",
     "GradientAttributionConfig",
+    "GradientEngine",
     "Method",
     "build_measurement",
     "get_method",

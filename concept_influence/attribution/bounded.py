@@ -40,14 +40,10 @@ from concept_influence.curvature.budget import (
     score_partitions,
 )
 from concept_influence.curvature.factors import Factors
-from concept_influence.curvature.fit import HEAD_CHUNK_ELEMENTS, adapter_model_shape, weight_shapes
-from concept_influence.curvature.io import (
-    FACTORS_FILE,
-    FactorMismatchError,
-    load_factors,
-    read_manifest,
-)
+from concept_influence.curvature.fit import adapter_model_shape, weight_shapes
+from concept_influence.curvature.io import FACTORS_FILE, FactorMismatchError, load_factors, read_manifest
 from concept_influence.curvature.preconditioner import IdentityPreconditioner
+from concept_influence.gradients.capture import HEAD_CHUNK_ELEMENTS
 from concept_influence.models.base import ModelAdapter, WeightInfo
 from concept_influence.models.fingerprint import missing_provenance
 

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from concept_influence.attribution.influence import InfluenceConfig, InfluenceResult, compute_influence
 from concept_influence.attribution.measurements import (
@@ -26,98 +26,74 @@ from concept_influence.attribution.measurements import (
     tokenize_queries,
 )
 from concept_influence.attribution.scores import ScoreTable
+from concept_influence.concepts.answers import AnswerConfig
 from concept_influence.concepts.base import Concept
-from concept_influence.curvature.budget import parse_size
-from concept_influence.curvature.config import Damping, FactorConfig
+from concept_influence.curvature.config import FactorConfig, FisherType
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import fit_factors
 from concept_influence.curvature.io import data_fingerprint, has_factors, load_factors, read_manifest
 from concept_influence.data.chat import ChatRow
 from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat, untrainable_rows
 from concept_influence.models.base import ModelAdapter
+from concept_influence.settings import deprecated_aliases, option, same_as, settings_fields
 
 logger = logging.getLogger(__name__)
 
 GRADIENT_METHODS = ("concept-influence", "influence")
 
 
+@deprecated_aliases(factor_dtype="dtype")
 @dataclass(frozen=True)
-class GradientAttributionConfig:
-    """Settings of ``run_gradient_attribution``.
+class GradientAttributionConfig(InfluenceConfig):
+    """Settings of ``run_gradient_attribution`` and of the gradient methods: every option once, with its help.
 
-    ``preconditioner``/``damping``: the curvature (default EKFAC, 0.1 × mean eigenvalue per weight);
-    ``fisher``/``factor_dtype``: used when the factors have to be fitted here; ``max_length``/``batch_size``:
-    tokenisation and batching; ``n_samples``/``temperature``/``max_new_tokens``/``seed``: how prompt-only queries
-    are answered by the model; ``cache_dir``: where generated answers are cached; ``token_breakdown``:
-    ``"target"``/``"position"`` adds each row's per-token contributions as a ``token_scores`` column; ``row_loss``:
-    score each row's summed (default) or mean token loss (see ``InfluenceConfig``); ``per_weight`` /
-    ``self_influence``: add ``weight_scores`` (``{weight: score}`` per row) / ``self_influence`` columns;
-    ``allow_subset``: score with the fitted weights only when the factors miss some the measurement reaches
-    (default: an error).
-    ``keep``/``keep_k``: which sampled query answers the measurement uses: ``"all"``, or per prompt the ``keep_k``
-    most concept-expressing ones by the concept's own readout (``"top"``); given answers are always used.
-    ``contrast``: ``"auto"`` measures the concept on each prompt's ``keep_k`` most expressing answers minus its
-    ``keep_k`` least expressing ones (a differential measurement built from the same samples; no second file).
-    ``token_aggregation``/``window``/``normalization``: see ``InfluenceConfig``. ``max_memory`` (``"3GiB"``):
-    bound the peak of fitting (module partitions) and of scoring (factors read one weight at a time from their
-    folder, weights scored in partitions); ``gradient_checkpointing``: recompute the blocks' activations in the
-    backward (long rows). Neither changes the scores. ``allow_missing_provenance``: use factors that record no
-    model (or data) fingerprint (default: an error naming the file; the opt-in is recorded in the scores' meta).
+    The scoring options are ``InfluenceConfig``'s (inherited: ``preconditioner``, ``damping``, ``row_loss``,
+    ``token_aggregation`` ...); ``fisher``/``dtype`` (the factors' precision; ``factor_dtype`` is its deprecated
+    name) are ``FactorConfig``'s, used when the factors have to be fitted here; ``n_samples``/``temperature``/
+    ``max_new_tokens``/``seed``/``cache_dir`` are ``AnswerConfig``'s (how prompt-only queries are answered);
+    ``keep``/``keep_k``/``contrast`` choose which sampled answers the measurement uses. ``max_length``:
+    tokenisation. ``max_memory`` and ``gradient_checkpointing`` do not change the scores. ``allow_missing_provenance``:
+    use factors that record no model fingerprint (default: an error naming the file; recorded in the scores' meta).
     """
 
-    preconditioner: str = "ekfac"
-    damping: Damping = Damping()
-    fisher: str = "true"
-    factor_dtype: str = "float32"
-    max_length: int = 512
-    batch_size: int = 8
-    n_samples: int = 1
-    temperature: float = 1.0
-    max_new_tokens: int = 48
-    seed: int = 0
-    cache_dir: str | None = None
-    token_breakdown: str = "none"
-    row_loss: str = "sum"
-    per_weight: bool = False
-    self_influence: bool = False
-    allow_subset: bool = False
-    keep: str = "all"
-    keep_k: int = 1
-    contrast: str = "none"
-    token_aggregation: str = "sum"
-    window: int = 8
-    normalization: str = "none"
-    max_memory: int | str | None = None
-    gradient_checkpointing: bool = False
-    allow_missing_provenance: bool = False
+    fisher: FisherType = same_as(FactorConfig, "fisher")
+    dtype: Literal["float32", "float64"] = same_as(FactorConfig, "dtype", flag="--factor-dtype")
+    max_length: int = option(512, help="Tokenisation length of rows and queries.", cli=False)
+    n_samples: int = same_as(AnswerConfig, "n_samples")
+    temperature: float = same_as(AnswerConfig, "temperature")
+    max_new_tokens: int = same_as(AnswerConfig, "max_new_tokens")
+    seed: int = same_as(AnswerConfig, "seed")
+    cache_dir: str | None = same_as(AnswerConfig, "cache_dir")
+    keep: Literal["all", "top"] = option(
+        "all", help="Which sampled query answers to measure on: all | top (the --keep-k most concept-expressing "
+                    "per prompt; given answers are always used).")
+    keep_k: int = option(1, help="Answers kept per prompt by --keep top and --contrast auto.", min=1)
+    contrast: Literal["none", "auto"] = option(
+        "none", help="none | auto: the concept on each prompt's most minus least concept-expressing answers.")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.keep not in ("all", "top"):
             raise ValueError(f"keep must be 'all' or 'top', got {self.keep!r}")
         if self.contrast not in ("none", "auto"):
             raise ValueError(f"contrast must be 'none' or 'auto', got {self.contrast!r}")
         if self.keep_k < 1 or self.n_samples < 1:
             raise ValueError(f"keep_k and n_samples must be positive, got {self.keep_k}, {self.n_samples}")
-        if self.max_memory is not None:
-            try:
-                parse_size(self.max_memory)  # an error before any work
-            except ValueError as err:
-                raise ValueError(f"max_memory (--max-memory): {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings for a scores file's metadata (with ``factor_dtype``, the old name of ``dtype``)."""
+        return {**asdict(self), "factor_dtype": self.dtype}
+
+    def answer_config(self) -> AnswerConfig:
+        return AnswerConfig(**{name: getattr(self, name) for name in settings_fields(AnswerConfig)})
 
     def factor_config(self) -> FactorConfig:
         """The fit these settings need (EKFAC fits support every preconditioner but identity's none)."""
-        return FactorConfig(fisher=self.fisher, preconditioner=self.preconditioner, dtype=self.factor_dtype,  # type: ignore[arg-type]
+        return FactorConfig(fisher=self.fisher, preconditioner=self.preconditioner, dtype=self.dtype,
                             seed=self.seed, gradient_checkpointing=self.gradient_checkpointing)
 
     def influence_config(self) -> InfluenceConfig:
-        return InfluenceConfig(preconditioner=self.preconditioner, damping=self.damping,  # type: ignore[arg-type]
-                               batch_size=self.batch_size, token_breakdown=self.token_breakdown,  # type: ignore[arg-type]
-                               row_loss=self.row_loss, per_weight=self.per_weight,  # type: ignore[arg-type]
-                               self_influence=self.self_influence, allow_subset=self.allow_subset,
-                               token_aggregation=self.token_aggregation, window=self.window,  # type: ignore[arg-type]
-                               normalization=self.normalization, max_memory=self.max_memory,  # type: ignore[arg-type]
-                               gradient_checkpointing=self.gradient_checkpointing,
-                               allow_missing_provenance=self.allow_missing_provenance)
+        return InfluenceConfig(**{name: getattr(self, name) for name in settings_fields(InfluenceConfig)})
 
 
 def build_measurement(
@@ -146,8 +122,7 @@ def build_measurement(
         raise ValueError(f"unknown gradient method {method!r}; expected one of {GRADIENT_METHODS}")
     if method == "concept-influence" and concept is None:
         raise ValueError("--method concept-influence needs a concept (--concept FILE)")
-    answer = dict(n_samples=config.n_samples, temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-                  seed=config.seed, cache_dir=config.cache_dir)
+    answer = asdict(config.answer_config())
     answered = answer_queries(adapter, queries, **answer)
     if method == "influence":
         return LogLikelihoodMeasurement(tokenize(answered)), answered
@@ -307,5 +282,5 @@ def run_gradient_attribution(
         data = data.without(untrainable_rows(data, skip_invalid=True))
     factors, notes = obtain_factors(adapter, data, factors_path, config, measurement.weights(adapter), progress=progress)
     result = compute_influence(adapter, data, measurement, factors, config.influence_config(), progress=progress)
-    return result_table(rows, result, method, notes=notes, meta={"n_queries": len(answered), "config": asdict(config),
+    return result_table(rows, result, method, notes=notes, meta={"n_queries": len(answered), "config": config.to_dict(),
                                                                   "factors_fit": factors_record(factors, data)})

@@ -4,7 +4,7 @@ Sign: a gradient step of size ``η`` on a row changes ``θ`` by ``−η ∇L(row
 measurement changes by ``−η ∇fᵀ P⁻¹ ∇L(row) = η · score(row)``. **Positive score = training on the row raises the
 measurement** (the concept's readout; for ``LogLikelihoodMeasurement`` the queries' log-likelihood).
 
-``L(row)`` is the summed cross-entropy over the row's assistant tokens (``curvature.loss``). ``G`` is block
+``L(row)`` is the summed cross-entropy over the row's assistant tokens (``gradients.loss``). ``G`` is block
 diagonal over the tracked weights the measurement reaches. Per-example gradients are never formed for the scores:
 with ``v_w = P_w⁻¹ ∇_w f`` (``[d_out, d_in']``, computed once) and the captured activations ``a`` and output
 gradients ``g`` of a training batch, ``⟨v_w, ∇_w L(row)⟩ = Σ_t g_tᵀ v_w a_t`` is one contraction over

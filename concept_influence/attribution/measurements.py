@@ -26,10 +26,10 @@ from concept_influence.attribution.forward import concept_readouts
 from concept_influence.concepts.activations import length_sorted_batches, residuals_until
 from concept_influence.concepts.answers import sample_answers
 from concept_influence.concepts.base import Concept
-from concept_influence.curvature.fit import gradient_mode
-from concept_influence.curvature.loss import sequence_losses
 from concept_influence.data.chat import ChatRow
 from concept_influence.data.tokenize import TokenizedDataset, iter_batches, tokenize_chat
+from concept_influence.gradients.capture import gradient_mode
+from concept_influence.gradients.loss import sequence_losses
 from concept_influence.models.base import ModelAdapter, WeightInfo
 
 logger = logging.getLogger(__name__)

@@ -1,8 +1,10 @@
 """The registry of attribution methods: name -> function, and the method run when none is named.
 
 A method is a function ``fn(session, concept, queries, **options) -> ScoreTable`` where ``session`` is the
-``Attributor`` (model, training rows, workdir caches), ``concept`` a ``Concept`` (or ``None`` when the method
-needs none) and ``queries`` a list of ``ChatRow`` (or ``None``). Its keyword-only parameters are its options:
+``Attributor`` (see ``MethodSession``: model, training rows, and ``engine``, the gradient methods'
+``GradientEngine``), ``concept`` a ``Concept`` (or ``None`` when the method needs none) and ``queries`` a list of
+``ChatRow`` (or ``None``). Its options come from its settings class (``register_method(settings=...)``: the
+gradient methods' are ``GradientAttributionConfig``'s fields) or else its keyword-only parameters:
 ``Attributor.attribute`` refuses any other option with a ``ValueError`` naming it and the method. Gradient methods
 also take ``store`` (see ``Attributor.attribute``). Register a new method with ``@register_method(...)``; the CLI's
 ``--method`` choices come from this registry.
@@ -11,27 +13,31 @@ also take ``store`` (see ``Attributor.attribute``). Register a new method with `
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from concept_influence.attribution.combine import FUSIONS, fuse
+from concept_influence.attribution.engine import GradientEngine
 from concept_influence.attribution.forward import projection_difference, vector_filter
 from concept_influence.attribution.gradient import GradientAttributionConfig
 from concept_influence.attribution.influence import InfluenceConfig
 from concept_influence.attribution.scores import ScoreTable
+from concept_influence.concepts.answers import AnswerConfig
 from concept_influence.concepts.base import Concept
-from concept_influence.curvature.config import Damping
 from concept_influence.data.chat import ChatDataset, ChatRow
 from concept_influence.models.base import ModelAdapter
+from concept_influence.settings import check_known, option_defaults, rename_deprecated, settings_fields
 
 
 class MethodSession(Protocol):
-    """What a method reads of the session it is given (``pipeline.Attributor``, which calls the methods: a protocol
-    here, not an import of the session's module). ``gradient_attribution`` is the gradient methods' engine."""
+    """What a method reads of the session it is given (``pipeline.Attributor``: a protocol here, not an import of
+    the session's module): the model, the training rows and their settings, and ``engine``, the gradient methods'
+    ``GradientEngine`` (attribution layer; it keeps the factors and stores). Methods call the engine, never back
+    into the session."""
 
     adapter: ModelAdapter
     max_length: int
@@ -39,16 +45,13 @@ class MethodSession(Protocol):
     seed: int
     skip_invalid: bool
     progress: bool
+    engine: GradientEngine
 
     @property
     def rows(self) -> ChatDataset: ...
 
     @property
     def answer_cache(self) -> Path | None: ...
-
-    def gradient_attribution(self, method: str, concept: Concept | None, queries: Sequence[ChatRow],
-                             config: GradientAttributionConfig, *, contrast_queries: Sequence[ChatRow] | None = None,
-                             factors: Any = None, store: Any = None) -> ScoreTable: ...
 
 MethodFn = Callable[..., ScoreTable]
 
@@ -59,7 +62,12 @@ RECOMMENDED_METHOD = "combined-tiered"
 @dataclass(frozen=True)
 class Method:
     """A registered method. ``kind``: ``"forward"`` (forward passes only) or ``"gradient"`` (curvature + gradients;
-    reads factors and stores); ``needs_concept`` / ``needs_queries``: what a question must give."""
+    reads factors and stores); ``needs_concept`` / ``needs_queries``: what a question must give.
+
+    ``settings``: the settings dataclass its options come from (``None``: its keyword-only parameters are its
+    options); ``option_names``: which of the settings' fields (default: all of them); ``defaults``: this method's
+    own defaults for some of them; ``extra``: options that are not settings (``store``, ``factors`` ...) and their
+    defaults."""
 
     name: str
     fn: MethodFn
@@ -67,34 +75,58 @@ class Method:
     needs_concept: bool
     needs_queries: bool
     description: str
+    settings: type | None = None
+    option_names: tuple[str, ...] | None = None
+    defaults: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def options(self) -> dict[str, Any]:
-        """The method's options and their defaults (its keyword-only parameters)."""
-        params = inspect.signature(self.fn).parameters.values()
-        return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        """The method's options and their defaults (read from its settings class, or its keyword-only parameters)."""
+        if self.settings is None:
+            params = inspect.signature(self.fn).parameters.values()
+            return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        names = self.option_names if self.option_names is not None else tuple(settings_fields(self.settings))
+        found = option_defaults(self.settings, names)
+        return {**{k: self.defaults.get(k, v) for k, v in found.items()}, **self.extra}
 
-    def check_options(self, options: dict[str, Any]) -> None:
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Deprecated option names and their current ones (``factor_dtype`` -> ``dtype``)."""
+        return dict(getattr(self.settings, "__deprecated_aliases__", {}))
+
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` with deprecated names renamed (a ``DeprecationWarning`` each); an unknown option is a
+        ``ValueError`` naming it and the method."""
+        options = rename_deprecated(options, self.aliases, f"method {self.name!r}")
         allowed = self.options
         unknown = sorted(set(options) - set(allowed))
         if unknown:
             raise ValueError(f"method {self.name!r} has no option {unknown[0]!r}"
                              + (f" (nor {unknown[1:]})" if len(unknown) > 1 else "")
                              + f"; its options are: {', '.join(sorted(allowed)) or 'none'}")
+        return options
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, *, kind: Literal["forward", "gradient"], needs_concept: bool = True,
-                    needs_queries: bool = False, description: str = "") -> Callable[[MethodFn], MethodFn]:
-    """Decorator: register ``fn`` under ``name`` (replacing an earlier registration of the same name)."""
+                    needs_queries: bool = False, description: str = "", settings: type | None = None,
+                    option_names: Sequence[str] | None = None, defaults: Mapping[str, Any] | None = None,
+                    extra: Mapping[str, Any] | None = None) -> Callable[[MethodFn], MethodFn]:
+    """Decorator: register ``fn`` under ``name`` (replacing an earlier registration of the same name). With
+    ``settings`` (a settings dataclass, see ``concept_influence.settings``) the method's options are its fields
+    (``option_names``: some of them; ``defaults``: this method's defaults) plus ``extra``, and ``fn`` takes them as
+    ``**options``; without, its keyword-only parameters are its options."""
     if kind not in ("forward", "gradient"):
         raise ValueError(f"method kind must be 'forward' or 'gradient', got {kind!r}")
 
     def decorate(fn: MethodFn) -> MethodFn:
         doc = description or (inspect.getdoc(fn) or "").split("\n")[0]
-        METHODS[name] = Method(name, fn, kind, needs_concept, needs_queries, doc)
+        METHODS[name] = Method(name, fn, kind, needs_concept, needs_queries, doc, settings,
+                               None if option_names is None else tuple(option_names), dict(defaults or {}),
+                               dict(extra or {}))
         return fn
 
     return decorate
@@ -121,89 +153,71 @@ def _vector_filter(session: MethodSession, concept: Concept, queries: Sequence[C
                          skip_invalid=session.skip_invalid, progress=session.progress)
 
 
-@register_method("projection-difference", kind="forward",
+@register_method("projection-difference", kind="forward", settings=AnswerConfig,
+                 defaults={"max_new_tokens": 64, "seed": None}, extra={"batch_size": None},
                  description="the row's answer's readout minus that of the model's own answers to its prompt")
-def _projection_difference(session: MethodSession, concept: Concept, queries: Sequence[ChatRow] | None, *,
-                           n_samples: int = 1, temperature: float = 1.0, max_new_tokens: int = 64,
-                           seed: int | None = None, cache_dir: str | None = None,
-                           batch_size: int | None = None) -> ScoreTable:
-    return projection_difference(session.adapter, session.rows, concept, n_samples=n_samples, temperature=temperature,
-                                 max_new_tokens=max_new_tokens, seed=session.seed if seed is None else seed,
+def _projection_difference(session: MethodSession, concept: Concept, queries: Sequence[ChatRow] | None,
+                           **options: Any) -> ScoreTable:
+    options = {**METHODS["projection-difference"].options, **options}
+    seed, cache_dir, batch_size = options["seed"], options["cache_dir"], options["batch_size"]
+    return projection_difference(session.adapter, session.rows, concept, n_samples=options["n_samples"],
+                                 temperature=options["temperature"], max_new_tokens=options["max_new_tokens"],
+                                 seed=session.seed if seed is None else seed,
                                  cache_dir=cache_dir if cache_dir is not None else session.answer_cache,
                                  batch_size=batch_size or session.batch_size, max_length=session.max_length,
                                  skip_invalid=session.skip_invalid, progress=session.progress)
 
 
-def _damping(damping: float | Damping, absolute_damping: float | None) -> Damping:
-    """The ``Damping`` of a method's ``damping`` / ``absolute_damping`` options."""
-    if isinstance(damping, Damping):
-        return damping
-    if absolute_damping is not None:
-        return Damping(absolute=absolute_damping)
-    return Damping(relative=float(damping))
+SESSION_SETTINGS = ("max_length", "seed")
+"""Gradient settings the session sets (its ``max_length`` and ``seed``): not method options."""
+GRADIENT_OPTIONS = tuple(name for name in settings_fields(GradientAttributionConfig) if name not in SESSION_SETTINGS)
+"""The gradient methods' options: ``GradientAttributionConfig``'s fields but the session's."""
+SESSION_DEFAULTS: dict[str, Any] = {"batch_size": None, "cache_dir": None}
+"""Options whose default is the session's (``None``: the session's batch size, its workdir's answer cache)."""
+_CONCEPT_ONLY = ("keep", "keep_k", "contrast", "token_aggregation", "window", "normalization")
 
 
-def gradient_config(session: MethodSession, *, preconditioner: str = "ekfac", damping: float | Damping = 0.1,
-                     absolute_damping: float | None = None, row_loss: str = "sum", token_breakdown: str = "none",
-                     per_weight: bool = False, self_influence: bool = False, n_samples: int = 1,
-                     temperature: float = 1.0, max_new_tokens: int = 48, fisher: str = "true",
-                     factor_dtype: str = "float32", cache_dir: str | None = None,
-                     batch_size: int | None = None, allow_subset: bool = False, keep: str = "all", keep_k: int = 1,
-                     contrast: str = "none", token_aggregation: str = "sum", window: int = 8,
-                     normalization: str = "none", max_memory: int | str | None = None,
-                     gradient_checkpointing: bool = False, allow_missing_provenance: bool = False) -> GradientAttributionConfig:
-    """The ``GradientAttributionConfig`` of a gradient method's options in ``session``."""
-    resolved = _damping(damping, absolute_damping)
-    return GradientAttributionConfig(
-        preconditioner=preconditioner, damping=resolved, fisher=fisher, factor_dtype=factor_dtype,
-        max_length=session.max_length, batch_size=batch_size or session.batch_size, n_samples=n_samples,
-        temperature=temperature, max_new_tokens=max_new_tokens, seed=session.seed,
-        cache_dir=str(cache_dir) if cache_dir is not None else (str(session.answer_cache) if session.answer_cache else None),
-        token_breakdown=token_breakdown, row_loss=row_loss, per_weight=per_weight, self_influence=self_influence,
-        allow_subset=allow_subset, keep=keep, keep_k=keep_k, contrast=contrast, token_aggregation=token_aggregation,
-        window=window, normalization=normalization, max_memory=max_memory,
-        gradient_checkpointing=gradient_checkpointing, allow_missing_provenance=allow_missing_provenance,
-    )
+def gradient_config(session: MethodSession, **options: Any) -> GradientAttributionConfig:
+    """The ``GradientAttributionConfig`` of a gradient method's ``options`` (its fields; ``factor_dtype`` is the
+    deprecated name of ``dtype``) in ``session``: ``max_length`` and ``seed`` are the session's, ``batch_size`` and
+    ``cache_dir`` default to the session's. An unknown option is a ``TypeError`` naming it."""
+    if options.get("batch_size") is None:
+        options["batch_size"] = session.batch_size
+    if options.get("cache_dir") is None:
+        options["cache_dir"] = session.answer_cache
+    if options["cache_dir"] is not None:
+        options["cache_dir"] = str(options["cache_dir"])
+    options = rename_deprecated(options, GradientAttributionConfig.__deprecated_aliases__, "gradient_config")  # type: ignore[attr-defined]
+    check_known(options, GRADIENT_OPTIONS, "gradient_config")
+    return GradientAttributionConfig(max_length=session.max_length, seed=session.seed, **options)
 
 
 def _gradient(session: MethodSession, method: str, concept: Concept | None, queries: Sequence[ChatRow], *,
-              contrast_queries: Any, factors: Any, store: Any, **options: Any) -> ScoreTable:
+              contrast_queries: Any = None, factors: Any = None, store: Any = None, **options: Any) -> ScoreTable:
     config = gradient_config(session, **options)
-    return session.gradient_attribution(method, concept, queries, config, contrast_queries=contrast_queries,
-                                        factors=factors, store=store)
+    return session.engine.attribute(method, concept, queries, config, contrast_queries=contrast_queries,
+                                    factors=factors, store=store)
 
 
-@register_method("concept-influence", kind="gradient", needs_queries=True,
+@register_method("concept-influence", kind="gradient", needs_queries=True, settings=GradientAttributionConfig,
+                 option_names=GRADIENT_OPTIONS, defaults=SESSION_DEFAULTS,
+                 extra={"contrast_queries": None, "factors": None, "store": None},
                  description="EKFAC influence of each row on the concept's readout over the queries' answers")
-def _concept_influence(session: MethodSession, concept: Concept, queries: Sequence[ChatRow], *,
-                       contrast_queries: Any = None, preconditioner: str = "ekfac", damping: float | Damping = 0.1,
-                       absolute_damping: float | None = None, row_loss: str = "sum", token_breakdown: str = "none",
-                       per_weight: bool = False, self_influence: bool = False, n_samples: int = 1,
-                       temperature: float = 1.0, max_new_tokens: int = 48, fisher: str = "true",
-                       factor_dtype: str = "float32", factors: Any = None, cache_dir: str | None = None,
-                       batch_size: int | None = None, store: Any = None, allow_subset: bool = False,
-                       keep: str = "all", keep_k: int = 1, contrast: str = "none", token_aggregation: str = "sum",
-                       window: int = 8, normalization: str = "none", max_memory: int | str | None = None,
-                       gradient_checkpointing: bool = False, allow_missing_provenance: bool = False) -> ScoreTable:
+def _concept_influence(session: MethodSession, concept: Concept, queries: Sequence[ChatRow], **options: Any) -> ScoreTable:
     """Pure EKFAC Concept Influence. Method variants: ``n_samples``/``keep``/``keep_k`` (which query answers),
     ``contrast="auto"`` (most minus least concept-expressing answers), ``row_loss``/``normalization`` (row
-    normalisation), ``token_aggregation``/``window``, ``preconditioner``/``damping`` (curvature)."""
-    return _gradient(session, "concept-influence", concept, queries, **{k: v for k, v in locals().items()
-                                                                         if k not in ("session", "concept", "queries")})
+    normalisation), ``token_aggregation``/``window``, ``preconditioner``/``damping`` (curvature). The options are
+    ``GradientAttributionConfig``'s fields (see ``METHODS["concept-influence"].options``)."""
+    return _gradient(session, "concept-influence", concept, queries, **options)
 
 
 @register_method("influence", kind="gradient", needs_concept=False, needs_queries=True,
+                 settings=GradientAttributionConfig, defaults=SESSION_DEFAULTS,
+                 option_names=[n for n in GRADIENT_OPTIONS if n not in _CONCEPT_ONLY],
+                 extra={"factors": None, "store": None},
                  description="classical EKFAC influence on the log-likelihood of the queries' answers")
-def _influence(session: MethodSession, concept: Concept | None, queries: Sequence[ChatRow], *,
-               preconditioner: str = "ekfac", damping: float | Damping = 0.1, absolute_damping: float | None = None,
-               row_loss: str = "sum", token_breakdown: str = "none", per_weight: bool = False,
-               self_influence: bool = False, n_samples: int = 1, temperature: float = 1.0, max_new_tokens: int = 48,
-               fisher: str = "true", factor_dtype: str = "float32", factors: Any = None, cache_dir: str | None = None,
-               batch_size: int | None = None, store: Any = None, allow_subset: bool = False,
-               max_memory: int | str | None = None, gradient_checkpointing: bool = False,
-               allow_missing_provenance: bool = False) -> ScoreTable:
-    return _gradient(session, "influence", None, queries, contrast_queries=None,
-                     **{k: v for k, v in locals().items() if k not in ("session", "concept", "queries")})
+def _influence(session: MethodSession, concept: Concept | None, queries: Sequence[ChatRow], **options: Any) -> ScoreTable:
+    return _gradient(session, "influence", None, queries, **options)
 
 
 # ---- combinations of forward and gradient evidence -------------------------------------------------------------------
@@ -218,7 +232,8 @@ def _combination(session: MethodSession, concept: Concept, queries: Sequence[Cha
     scores = np.full(len(forward), np.nan)
     scores[~skipped] = fuse(forward.scores[~skipped], gradient.scores[~skipped], fusion)  # type: ignore[arg-type]
     meta = {**gradient.meta, "fusion": fusion, "components": {"forward": "vector-filter", "gradient": "concept-influence"},
-            "gradient_options": {k: v for k, v in gradient_options.items() if k != "factors"},
+            "gradient_options": {**{k: v for k, v in gradient_options.items() if k != "factors"},
+                                 "factor_dtype": gradient_options.get("dtype")},  # the old name, kept for readers
             "sign": "higher = the row voices the concept and training on it raises the concept"}
     columns = {name: [None if s else float(v) for v, s in zip(table.scores, skipped, strict=True)]
                for name, table in (("forward_score", forward), ("gradient_score", gradient))}
@@ -231,23 +246,21 @@ def register_combination(name: str, fusion: str, description: str, **defaults: A
     override Concept Influence's option defaults (e.g. ``keep="top"``)."""
     if fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
-    ci_defaults = {k: v for k, v in METHODS["concept-influence"].options.items() if k != "store"}
-    unknown = set(defaults) - set(ci_defaults)
+    ci = METHODS["concept-influence"]
+    unknown = set(defaults) - set(ci.options) - {"store"}
     if unknown:
         raise ValueError(f"concept-influence has no option {sorted(unknown)}")
-    ci_defaults.update(defaults)
+    own = {**ci.defaults, **defaults}
 
     def combination(session: MethodSession, concept: Concept, queries: Sequence[ChatRow], *, store: Any = None,
                     **options: Any) -> ScoreTable:
-        return _combination(session, concept, queries, fusion, {**ci_defaults, **options}, store)
+        gradient_options = {k: v for k, v in METHODS[name].options.items() if k != "store"}
+        return _combination(session, concept, queries, fusion, {**gradient_options, **options}, store)
 
     # the options are Concept Influence's (with this combination's defaults) plus ``store``
-    params = [inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in ("session", "concept", "queries")]
-    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in ci_defaults.items()]
-    params.append(inspect.Parameter("store", inspect.Parameter.KEYWORD_ONLY, default=None))
-    combination.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     combination.__doc__ = description
-    register_method(name, kind="gradient", needs_queries=True, description=description)(combination)
+    register_method(name, kind="gradient", needs_queries=True, description=description, settings=ci.settings,
+                    option_names=ci.option_names, defaults=own, extra=ci.extra)(combination)
 
 
 _COMBINATIONS = {
@@ -274,7 +287,4 @@ def recommended_gradient_config() -> Any:
     if not RECOMMENDED_METHOD.startswith("combined-"):
         return None
     options = METHODS[RECOMMENDED_METHOD].options
-    return InfluenceConfig(preconditioner=options["preconditioner"],
-                           damping=_damping(options["damping"], options["absolute_damping"]), row_loss=options["row_loss"],
-                           token_aggregation=options["token_aggregation"], window=options["window"],
-                           normalization=options["normalization"], allow_subset=options["allow_subset"])
+    return InfluenceConfig(**{k: options[k] for k in settings_fields(InfluenceConfig) if k != "batch_size"})

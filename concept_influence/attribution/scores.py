@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from concept_influence.data.atomic import read_json_file, write_text_atomic
 from concept_influence.data.chat import (
     ChatRow,
     DataFormatError,
@@ -30,6 +29,7 @@ from concept_influence.data.chat import (
     write_json_atomic,
 )
 from concept_influence.data.tokenize import tokenize_chat
+from concept_influence.files import read_json_file, write_text_atomic
 from concept_influence.numerics import NonFiniteError
 
 RESERVED = ("index", "id", "score", "rank")
@@ -427,3 +427,12 @@ def table_html(table: ScoreTable, *, rows: Sequence[Any] | None = None, tokenize
     title = (f"<p><b>{html.escape(table.method)}</b>: {len(table)} rows scored; top {min(top, len(table))} "
              "(higher score = training on the row pushes the concept up)</p>")
     return f"<div><style>{STYLE}</style>{title}{rows_table_html(table, rows=rows, tokens=tokens, top=top)}</div>"
+
+
+def tables_by_method(tables: ScoreTable | dict[str, ScoreTable] | Sequence[ScoreTable]) -> dict[str, ScoreTable]:
+    """``{name: table}`` of one table, a dict of them or a list (named by their methods)."""
+    if isinstance(tables, ScoreTable):
+        return {tables.method: tables}
+    if isinstance(tables, dict):
+        return tables
+    return {t.method: t for t in tables}

@@ -20,13 +20,26 @@ from concept_influence.curvature.budget import parse_size
 from concept_influence.curvature.config import Damping, PreconditionerKind
 from concept_influence.curvature.covariance import fold_bias, per_example_gradients, token_contractions
 from concept_influence.curvature.factors import Factors
-from concept_influence.curvature.fit import gradient_mode, loss_backward
 from concept_influence.curvature.io import FactorMismatchError
 from concept_influence.curvature.preconditioner import IdentityPreconditioner, Preconditioner
 from concept_influence.data.tokenize import iter_batches
+from concept_influence.gradients.capture import gradient_mode, loss_backward
 from concept_influence.models.base import ModelAdapter, WeightInfo
 from concept_influence.models.fingerprint import missing_provenance
 from concept_influence.numerics import check_finite, check_finite_dict
+from concept_influence.settings import option
+
+
+def resolve_damping(damping: Damping | float, absolute_damping: float | None = None) -> Damping:
+    """The ``Damping`` of a ``damping`` option (a ``Damping`` or a relative factor) and an ``absolute_damping``
+    (which replaces the relative rule unless ``damping`` is a ``Damping`` with its own absolute value)."""
+    if isinstance(damping, Damping):
+        if absolute_damping is not None and damping.absolute is None:
+            return Damping(absolute=absolute_damping)
+        return damping
+    if absolute_damping is not None:
+        return Damping(absolute=absolute_damping)
+    return Damping(relative=float(damping))
 
 
 @dataclass(frozen=True)
@@ -53,22 +66,38 @@ class InfluenceConfig:
     batch (less memory on long rows; same scores; Hugging Face models). ``allow_missing_provenance``: use factors
     that record no model fingerprint (default: an error; the opt-in is recorded in the result's ``meta()``)."""
 
-    preconditioner: PreconditionerKind = "ekfac"
-    damping: Damping = Damping()
-    batch_size: int = 8
-    token_breakdown: Literal["none", "position", "target"] = "none"
-    per_weight: bool = False
-    self_influence: bool = False
-    row_loss: Literal["sum", "mean"] = "sum"
-    allow_subset: bool = False
-    token_aggregation: Literal["sum", "max", "window"] = "sum"
-    window: int = 8
-    normalization: Literal["none", "length", "unit"] = "none"
-    max_memory: int | str | None = None
-    gradient_checkpointing: bool = False
-    allow_missing_provenance: bool = False
+    preconditioner: PreconditionerKind = option(
+        "ekfac", help="The curvature: ekfac | kfac | diagonal | identity (plain gradient dot product, needs no factors).")
+    damping: Damping | float = option(
+        0.1, cli_type=float,
+        help="Relative damping: λ = this × mean eigenvalue, per weight (in Python also a Damping).")
+    absolute_damping: float | None = option(None, help="Absolute λ instead of the relative rule.")
+    batch_size: int = option(8, help="Rows per batch.", min=1)
+    token_breakdown: Literal["none", "position", "target"] = option(
+        "none", help="none | target | position: add each row's per-token scores as a token_scores column.")
+    per_weight: bool = option(False, help="Add each row's score per weight as a weight_scores column.")
+    self_influence: bool = option(False, help="Add each row's self-influence as a self_influence column.")
+    row_loss: Literal["sum", "mean"] = option(
+        "sum", help="A row's loss is its tokens' sum (as training weighs it) or mean (length-neutral).")
+    allow_subset: bool = option(
+        False, help="When the factors miss weights the measurement reaches, score with the covered weights only "
+                    "(default: an error).")
+    token_aggregation: Literal["sum", "max", "window"] = option(
+        "sum", help="sum | max | window: a row's score from its per-position contributions.")
+    window: int = option(8, help="Positions per window for --token-aggregation window.", min=1)
+    normalization: Literal["none", "length", "unit"] = option(
+        "none", help="none | length (by sqrt(trained tokens)) | unit (by sqrt(self-influence), RelatIF).")
+    max_memory: int | str | None = option(
+        None, help="Bound the peak memory (e.g. 3GiB): factors read one weight at a time, weights scored in module "
+                   "partitions (and fitted so, if fitted here).")
+    gradient_checkpointing: bool = option(
+        False, help="Recompute the blocks' activations in the backward (less memory on long rows; same scores).")
+    allow_missing_provenance: bool = option(
+        False, help="Score with factors (or an SAE) that record no model fingerprint; the opt-in is recorded in the "
+                    "scores' metadata (default: an error).")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "damping", resolve_damping(self.damping, self.absolute_damping))
         if self.max_memory is not None:
             try:
                 parse_size(self.max_memory)  # a bad size is an error here, not after the factors are loaded

@@ -68,7 +68,7 @@ def check_not_inputs(outputs: dict[str, Any], inputs: dict[str, Any]) -> None:
     (hard links). The error is one line naming both flags and paths."""
     from pathlib import Path
 
-    from concept_influence.data.atomic import same_path
+    from concept_influence.files import same_path
 
     def paths(value: Any) -> list[Path]:
         if value is None:

@@ -6,21 +6,19 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from concept_influence.cli.common import check_not_inputs, check_output, load_model, local_path, user_errors
+from concept_influence.cli.options import OptionGroup, settings_flags
+from concept_influence.concepts.train import ProbeConfig
 
 
 class Readout(str, Enum):
     mean = "mean"
     last_prompt = "last_prompt"
     per_token = "per_token"
-
-
-class ProbeMethod(str, Enum):
-    probe = "probe"
-    diff_of_means = "diff_of_means"
 
 
 def register(app: typer.Typer) -> None:
@@ -30,42 +28,30 @@ def register(app: typer.Typer) -> None:
     app.command("sae-feature")(sae_feature)
 
 
-class LayerRule(str, Enum):
-    heldout_auc = "heldout_auc"
-    stance = "stance"
+PROBE_OPTIONS = OptionGroup(ProbeConfig, ["method", "n_samples", "temperature", "max_new_tokens", "seed", "C",
+                                          "select_layer_by"], choices=True)
+"""The probe settings ``train-probe`` and ``probe-layers`` take as flags (``ProbeConfig``'s fields)."""
 
 
-_SELECT_HELP = ("How a sweep picks the layer: heldout_auc (the best held-out AUC) | stance (the best stance AUC among "
-                "the layers within 0.02 of the best held-out AUC, then the lower vocabulary confound).")
-
-
-def _config(method: ProbeMethod, n_samples: int, temperature: float, max_new_tokens: int, seed: int, c: float, max_length: int,
-            select_layer_by: LayerRule = LayerRule.heldout_auc):
-    from concept_influence.concepts import ProbeConfig
-
-    return ProbeConfig(method=method.value, n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                       seed=seed, C=c, max_length=max_length, select_layer_by=select_layer_by.value)
+def _config(options: dict[str, Any], max_length: int) -> ProbeConfig:
+    return ProbeConfig(**options, max_length=max_length)
 
 
 @user_errors
+@settings_flags(PROBE_OPTIONS)
 def train_probe(
     model: str = typer.Option(..., "--model", help="Hugging Face hub name or local folder."),
     spec: Path = typer.Option(..., "--spec", help="Concept spec: a probes/ file or a persona-vectors trait file."),
     layer: int | None = typer.Option(None, "--layer", help="Read resid.L, the output of block L (from 0; negative counts from "
                                      "the end). Default: a layer sweep chooses it (as probe-layers does) and says why."),
     out: Path = typer.Option(..., "--out", help="Concept folder to write (concept.json + concept.safetensors)."),
-    method: ProbeMethod = typer.Option(ProbeMethod.probe, "--method", help="probe (logistic regression) | diff_of_means (persona vector)."),
     readout: Readout = typer.Option(Readout.mean, "--readout", help="How a sequence is reduced: mean over response tokens, last prompt token, per token."),
-    n_samples: int = typer.Option(4, "--n-samples", min=1, help="Answers sampled per instruction and question."),
-    temperature: float = typer.Option(1.0, "--temperature", min=0.0),
-    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
     max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
-    seed: int = typer.Option(0, "--seed"),
-    c: float = typer.Option(1.0, "--C", help="Inverse regularisation strength of the probe."),
-    select_layer_by: LayerRule = typer.Option(LayerRule.heldout_auc, "--select-layer-by", help=_SELECT_HELP),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where generated persona answers are cached (default: next to --out)."),
     device: str | None = typer.Option(None, "--device"),
     dtype: str | None = typer.Option(None, "--dtype"),
+    *,
+    options: dict[str, Any],
 ) -> None:
     """Train a concept direction and save it; prints held-out AUC/accuracy (held out by question) and what the
     concept reads (stance AUC, vocabulary confound). Without --layer, a layer sweep chooses the layer first.
@@ -79,7 +65,7 @@ def train_probe(
     concept_spec = load_spec(spec)
     adapter = load_model(model, device, dtype)
     max_length = adapter.resolve_max_length(max_length)
-    config = _config(method, n_samples, temperature, max_new_tokens, seed, c, max_length, select_layer_by)
+    config = _config(options, max_length)
     cache = cache_dir if cache_dir is not None else out.parent / ".answer-cache"
     sweep = None
     if layer is None:
@@ -92,27 +78,23 @@ def train_probe(
         concept.metrics.update({"sweep": sweep.rows, "layer_choice": sweep.reason})
     save_concept(concept, out, model_fingerprint=adapter.fingerprint(), extra_meta={"model": model, "spec_path": str(spec)})
     m = concept.metrics
-    typer.echo(f"{concept_spec.name} at layer {concept.layer} ({method.value}): held-out AUC {m['heldout_auc']:.3f}, "
+    typer.echo(f"{concept_spec.name} at layer {concept.layer} ({config.method}): held-out AUC {m['heldout_auc']:.3f}, "
                f"accuracy {m['heldout_accuracy']:.3f} ({m['n_train']} train / {m['n_test']} test); stance AUC "
                f"{format_score(m.get('stance_auc'))}, vocabulary confound {format_score(m.get('vocabulary_confound'))} -> {out}")
 
 
 @user_errors
+@settings_flags(PROBE_OPTIONS)
 def probe_layers(
     model: str = typer.Option(..., "--model"),
     spec: Path = typer.Option(..., "--spec", help="Concept spec: a probes/ file or a persona-vectors trait file."),
     out: Path | None = typer.Option(None, "--out", help="Write the table (JSON) and a plot (PNG) with this path stem."),
-    method: ProbeMethod = typer.Option(ProbeMethod.probe, "--method"),
-    n_samples: int = typer.Option(4, "--n-samples", min=1),
-    temperature: float = typer.Option(1.0, "--temperature", min=0.0),
-    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
     max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
-    seed: int = typer.Option(0, "--seed"),
-    c: float = typer.Option(1.0, "--C"),
-    select_layer_by: LayerRule = typer.Option(LayerRule.heldout_auc, "--select-layer-by", help=_SELECT_HELP),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where generated persona answers are cached (default: next to --out)."),
     device: str | None = typer.Option(None, "--device"),
     dtype: str | None = typer.Option(None, "--dtype"),
+    *,
+    options: dict[str, Any],
 ) -> None:
     """Held-out AUC of a probe at every layer, and what each layer's probe reads: its stance AUC (trait answers
     against negative answers that use the trait's words) and vocabulary confound (the share of its separation the
@@ -131,11 +113,11 @@ def probe_layers(
     max_length = adapter.resolve_max_length(max_length)
     if cache_dir is None and out is not None:
         cache_dir = out.parent / ".answer-cache"
-    sweep = layer_sweep(adapter, concept_spec, config=_config(method, n_samples, temperature, max_new_tokens, seed, c, max_length,
-                                                              select_layer_by), cache_dir=cache_dir, progress=True)
+    config = _config(options, max_length)
+    sweep = layer_sweep(adapter, concept_spec, config=config, cache_dir=cache_dir, progress=True)
     typer.echo(sweep.table())
     if out is not None:
-        write_json_atomic(out.with_suffix(".json"), {"spec": concept_spec.name, "method": method.value, "rows": sweep.rows,
+        write_json_atomic(out.with_suffix(".json"), {"spec": concept_spec.name, "method": config.method, "rows": sweep.rows,
                                                      "best_layer": sweep.best_layer, "reason": sweep.reason,
                                                      "select_layer_by": sweep.select_by, "labelled": sweep.meta})
         sweep.plot(out.with_suffix(".png"))
@@ -182,6 +164,7 @@ def train_sae_command(
 
 
 @user_errors
+@settings_flags(OptionGroup(ProbeConfig, ["n_samples", "max_new_tokens", "seed"], prefix="--spec: "))
 def sae_feature(
     model: str = typer.Option(..., "--model"),
     sae: Path = typer.Option(..., "--sae", help="SAE folder (train-sae's output, or any saved by sae-lens)."),
@@ -192,16 +175,15 @@ def sae_feature(
     layer: int | None = typer.Option(None, "--layer", help="Site the SAE reads (default: from the SAE folder's sae_info.json)."),
     k: int = typer.Option(5, "--k", min=1, help="How many candidate features to list."),
     readout: Readout = typer.Option(Readout.mean, "--readout"),
-    n_samples: int = typer.Option(4, "--n-samples", min=1, help="--spec: answers sampled per instruction and question."),
-    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
-    seed: int = typer.Option(0, "--seed"),
     cache_dir: Path | None = typer.Option(None, "--cache-dir"),
     allow_missing_provenance: bool = typer.Option(False, "--allow-missing-provenance", help="Use an SAE whose sae_info.json records no model fingerprint (one saved by sae-lens alone; default: an error). Recorded in the concept's concept.json (extra)."),
     device: str | None = typer.Option(None, "--device"),
     dtype: str | None = typer.Option(None, "--dtype"),
+    *,
+    options: dict[str, Any],
 ) -> None:
     """Choose an SAE feature for a concept (--spec, --probe or --feature) and save it as a concept."""
-    from concept_influence.concepts import ProbeConfig, save_concept
+    from concept_influence.concepts import save_concept
     from concept_influence.concepts.sae import sae_feature_concept
 
     check_output(out)
@@ -209,7 +191,7 @@ def sae_feature(
     if sum(x is not None for x in (spec, probe, feature)) != 1:
         raise ValueError("give exactly one of --spec, --probe or --feature")
     adapter = load_model(model, device, dtype)
-    config = ProbeConfig(n_samples=n_samples, max_new_tokens=max_new_tokens, seed=seed)
+    config = ProbeConfig(**options)
     answer_cache = cache_dir if cache_dir is not None else out.parent / ".answer-cache"
     concept = sae_feature_concept(adapter, sae, feature=feature, spec=spec, probe=probe, layer=layer, k=k,
                                   reduction=readout.value, config=config, cache_dir=answer_cache, progress=True,

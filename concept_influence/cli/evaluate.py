@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from concept_influence.cli.common import check_not_inputs, check_output, load_model, local_path, user_errors
+from concept_influence.cli.options import OptionGroup, settings_flags
+from concept_influence.evaluate.counterfactual import EvaluationConfig
 from concept_influence.report.build import table_names
+from concept_influence.settings import settings_fields
+from concept_influence.training import FinetuneConfig
 
 CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": False}
 
@@ -54,6 +59,8 @@ def load_judge(spec: str | None):
 
 
 @user_errors
+@settings_flags(OptionGroup(EvaluationConfig, ["seeds", "n_samples", "max_new_tokens", "lds_fraction", "seed"]),
+                OptionGroup(FinetuneConfig, ["epochs", "batch_size", "lr", "max_length"]))
 def evaluate(
     ctx: typer.Context,
     base: str = typer.Option(..., "--base", help="Base model (before fine-tuning): hub name or local folder."),
@@ -63,25 +70,18 @@ def evaluate(
     queries: Path = typer.Option(..., "--queries", help="Query prompts JSONL; each model answers them itself."),
     out: Path = typer.Option(..., "--out", help="Output folder: evaluation.json, removal_curve.png, runs/ (cache)."),
     fractions: str = typer.Option("0.05,0.1,0.25", "--fractions", help="Comma-separated shares of rows to remove."),
-    seeds: int = typer.Option(3, "--seeds", help="Repeats of every fine-tune (CI over seeds)."),
-    epochs: int = typer.Option(3, "--epochs", help="Fine-tuning epochs (your recipe)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Fine-tuning batch size."),
-    lr: float = typer.Option(5e-4, "--lr", help="Fine-tuning learning rate (AdamW, cosine decay)."),
-    max_length: int = typer.Option(256, "--max-length", help="Truncate training rows longer than this."),
     lora: int | None = typer.Option(None, "--lora", help="Fine-tune with LoRA of this rank (peft) instead of all weights."),
     judge: str | None = typer.Option(None, "--judge", help="'organism' or 'package.module:function' (text -> score; trait when > 0): adds the trait rate."),
     oracle: str | None = typer.Option(None, "--oracle", help="FIELD=VALUE: also remove exactly the rows with this field value (e.g. data_origin=planted)."),
     reader: str | None = typer.Option(None, "--reader", help="Model that reads the concept off every model's answers (default: --base)."),
-    n_samples: int = typer.Option(8, "--n-samples", help="Answers sampled per query prompt per model."),
-    max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
     lds: bool = typer.Option(False, "--lds", help="Also compute the linear datamodeling score over random subsets."),
     subsets: int = typer.Option(50, "--subsets", help="--lds: number of random subsets."),
-    subset_fraction: float = typer.Option(0.5, "--subset-fraction", help="--lds: share of rows in each subset."),
     no_removal: bool = typer.Option(False, "--no-removal", help="Skip the removal curves (e.g. with --lds only)."),
-    seed: int = typer.Option(0, "--seed"),
     allow_other_data: bool = typer.Option(False, "--allow-other-data", help="Use scores made on other data (another hash, or no hash and no ids); recorded in evaluation.json."),
     device: str | None = typer.Option(None, "--device"),
     dtype: str | None = typer.Option(None, "--dtype"),
+    *,
+    options: dict[str, Any],
 ) -> None:
     """Remove top / bottom / random rows, retrain, and measure how much of the concept's rise each removal takes away.
 
@@ -91,10 +91,9 @@ def evaluate(
     from concept_influence.attribution.scores import ScoreTable
     from concept_influence.concepts import load_concept
     from concept_influence.data import read_chat_jsonl
-    from concept_influence.evaluate.counterfactual import EvaluationConfig, evaluate_removals
+    from concept_influence.evaluate.counterfactual import evaluate_removals
     from concept_influence.evaluate.filter import check_data_provenance
     from concept_influence.evaluate.retrain import Recipe
-    from concept_influence.training import FinetuneConfig
 
     paths = scores_paths(scores, ctx)
     check_output(out)
@@ -105,10 +104,10 @@ def evaluate(
         fraction_values = tuple(float(f) for f in fractions.split(",") if f.strip())
     except ValueError:
         raise ValueError(f"--fractions {fractions!r}: expected comma-separated numbers like 0.05,0.1,0.25") from None
-    recipe = Recipe(FinetuneConfig(epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length), lora_rank=lora)
-    config = EvaluationConfig(fractions=fraction_values, seeds=seeds, recipe=recipe, n_samples=n_samples,
-                              max_new_tokens=max_new_tokens, lds_subsets=subsets if lds else 0,
-                              lds_fraction=subset_fraction, removal=not no_removal, seed=seed)
+    finetune = {k: options.pop(k) for k in settings_fields(FinetuneConfig) if k in options}
+    recipe = Recipe(FinetuneConfig(**finetune), lora_rank=lora)
+    config = EvaluationConfig(fractions=fraction_values, recipe=recipe, lds_subsets=subsets if lds else 0,
+                              removal=not no_removal, **options)
     judge_fn = load_judge(judge)
     rows = read_chat_jsonl(data)
     tables = []

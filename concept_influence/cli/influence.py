@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from concept_influence.cli.common import check_not_inputs, check_output, local_path, user_errors
+from concept_influence.cli.options import OptionGroup, settings_flags
+from concept_influence.curvature.config import FactorConfig
+
+FIT_OPTIONS = OptionGroup(FactorConfig, ["fisher", "preconditioner", "dtype", "lambda_rows", "gradient_checkpointing"],
+                          flags={"dtype": "--stats-dtype"})
+"""The fit settings ``fit-factors`` takes as flags (``FactorConfig``'s fields; the factors' ``dtype`` keeps its
+flag ``--stats-dtype``: ``--dtype`` is the model's); ``--seed`` is the session's."""
 
 
 def register(app: typer.Typer) -> None:
@@ -14,17 +22,15 @@ def register(app: typer.Typer) -> None:
 
     @app.command("fit-factors")
     @user_errors
+    @settings_flags(FIT_OPTIONS)
     def fit_factors_command(
         model: str = typer.Option(..., "--model", help="Model folder or hub name (Hugging Face causal LM)."),
         data: Path = typer.Option(..., "--data", help="Training data: chat JSONL."),
         out: Path = typer.Option(..., "--out", help="Folder for the factors (manifest.json + factors.safetensors)."),
         concept: str | None = typer.Option(None, "--concept", help="Fit only the weights this concept's layer reaches."),
         up_to_layer: int | None = typer.Option(None, "--up-to-layer", help="Fit only blocks 0..L."),
-        fisher: str = typer.Option("true", "--fisher", help="'true' (labels sampled from the model) or 'empirical'."),
-        preconditioner: str = typer.Option("ekfac", "--preconditioner", help="ekfac | kfac | diagonal."),
         batch_size: int = typer.Option(8, "--batch-size", min=1),
         max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
-        stats_dtype: str = typer.Option("float32", "--stats-dtype", help="Precision of the statistics."),
         seed: int = typer.Option(0, "--seed", help="Seed of the label sampling (true Fisher)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace factors fitted for another model/data."),
         checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=1, help="Save a resumable state every N batches."),
@@ -35,10 +41,8 @@ def register(app: typer.Typer) -> None:
                                               "fitted in module partitions, several passes over the data."),
         fit_rows: int | None = typer.Option(None, "--fit-rows", min=1, help="Fit on a seeded sample of N rows (of --fit-data or --data)."),
         fit_data: Path | None = typer.Option(None, "--fit-data", help="Fit on this chat JSONL instead of --data."),
-        lambda_rows: int | None = typer.Option(None, "--lambda-rows", min=1, help="Fit EKFAC's Λ on a seeded sample of N rows."),
-        gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute the blocks' "
-                                                    "activations in the backward: less memory on long rows, one more "
-                                                    "forward per batch, same factors (Hugging Face models)."),
+        *,
+        options: dict[str, Any],
     ) -> None:
         """Fit EKFAC (or KFAC/diagonal) factors once, to reuse with `attribute --factors`. Resumes after interruption.
 
@@ -68,10 +72,9 @@ def register(app: typer.Typer) -> None:
         if layer is not None:
             typer.echo(f"fitting the {len(infos)} weights of blocks 0..{layer} (a readout at layer {layer} does not reach higher blocks)")
         limit = parse_size(max_memory) if max_memory is not None else None
-        att.fit_factors(fisher=fisher, preconditioner=preconditioner, stats_dtype=stats_dtype,
-                        weights=[i.name for i in infos], out=out, overwrite=overwrite, checkpoint_every=checkpoint_every,
-                        max_memory=limit, fit_rows=fit_rows, fit_data=fit_data, lambda_rows=lambda_rows, load=False,
-                        gradient_checkpointing=gradient_checkpointing)
+        att.fit_factors(**options, weights=[i.name for i in infos], out=out, overwrite=overwrite,
+                        checkpoint_every=checkpoint_every, max_memory=limit, fit_rows=fit_rows, fit_data=fit_data,
+                        load=False)
         manifest = read_manifest(out)
         typer.echo(f"factors for {len(manifest['weights'])} weights ({', '.join(manifest['available'])}) on "
                    f"{manifest['n_rows']} rows, {manifest['n_tokens']} tokens -> {out}")

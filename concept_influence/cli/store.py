@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from concept_influence.attribution.gradient import GradientAttributionConfig
 from concept_influence.cli.common import check_not_inputs, check_output, local_path, user_errors
+from concept_influence.cli.options import OptionGroup, settings_flags
+from concept_influence.settings import help_text, option_defaults
+from concept_influence.store.store import StoreConfig
+
+STORE_DEFAULTS = option_defaults(StoreConfig)
+"""``build-store``'s store flags read ``StoreConfig``'s defaults and help (its flags keep their own names)."""
 
 
 def register(app: typer.Typer) -> None:
@@ -22,9 +30,9 @@ def build_store(
     factors: Path | None = typer.Option(None, "--factors", help="Fitted factors folder. Without a fit there (or without --factors) the factors are fitted here (and saved there) and the store is written during the fit's pass."),
     rank: int | None = typer.Option(None, "--rank", min=1, help="EKFAC-eigenbasis store: keep about rank x rank eigen-components per weight (default 128; a rank >= every weight size is exact)."),
     projection_dim: int | None = typer.Option(None, "--projection-dim", min=1, help="LoGra-style store: random projection size per side."),
-    store_dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 (half the disk; slower questions): precision on disk."),
+    store_dtype: str = typer.Option(STORE_DEFAULTS["dtype"], "--dtype", help=help_text(StoreConfig, "dtype")),
     up_to_layer: int | None = typer.Option(None, "--up-to-layer", help="Store only the weights of blocks 0..L."),
-    shard_rows: int = typer.Option(1024, "--shard-rows", min=1, help="Rows per shard file."),
+    shard_rows: int = typer.Option(STORE_DEFAULTS["shard_rows"], "--shard-rows", min=1, help=help_text(StoreConfig, "shard_rows")),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the LoGra projection and of the true-Fisher labels."),
@@ -52,6 +60,7 @@ def build_store(
 
 
 @user_errors
+@settings_flags(OptionGroup(GradientAttributionConfig, ["row_loss", "max_new_tokens", "allow_missing_provenance"]))
 def search(
     store: Path = typer.Option(..., "--store", help="Gradient store folder (build-store)."),
     concept: Path | None = typer.Option(None, "--concept", help="Concept file; without it, classical influence on the queries."),
@@ -62,13 +71,12 @@ def search(
     data: Path | None = typer.Option(None, "--data", help="Default: the data the store was built from."),
     factors: Path | None = typer.Option(None, "--factors", help="The factors the store was built with (default: fitted here)."),
     workdir: Path | None = typer.Option(None, "--workdir", help="Session folder (factors and answers reused)."),
-    row_loss: str = typer.Option("sum", "--row-loss", help="sum | mean (length-neutral; exact search)."),
     how: str = typer.Option("auto", "--search", help="auto | exact | faiss."),
-    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
     seed: int = typer.Option(0, "--seed"),
     out: Path | None = typer.Option(None, "--out", help="Write the top rows as scores JSONL."),
-    allow_missing_provenance: bool = typer.Option(False, "--allow-missing-provenance", help="Use --factors that record no model or data fingerprint (default: an error; recorded in the scores' meta)."),
     device: str | None = typer.Option(None, "--device"),
+    *,
+    options: dict[str, Any],
 ) -> None:
     """The top-k training rows for a concept question (or rows like a row), read from a gradient store.
 
@@ -96,10 +104,7 @@ def search(
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"{manifest_path}: 'max_length' must be a whole number >= 2, got {max_length!r} (the manifest is damaged)")
     check_not_inputs({"--out": out}, {"the store's data": data_path, "the store's model": local_path(model)})
-    att = Attributor(model, data_path, workdir, device=device, max_length=max_length, seed=seed)
-    options: dict[str, object] = {"row_loss": row_loss, "max_new_tokens": max_new_tokens}
-    if allow_missing_provenance:
-        options["allow_missing_provenance"] = True
+    att = Attributor(model, data_path, workdir, device=device, max_length=int(manifest.get("max_length", 512)), seed=seed)
     if factors is not None:
         options["factors"] = str(factors)
     table = att.search(concept, queries, top_k=top_k, like_row=like_row, store=store, search=how, **options)

@@ -16,15 +16,30 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from concept_influence.data.atomic import folder_lock, remove_stale_temps, write_jsonl_atomic
+from concept_influence.files import folder_lock, remove_stale_temps, write_jsonl_atomic
 from concept_influence.models.base import ModelAdapter
 from concept_influence.models.fingerprint import json_fingerprint
 from concept_influence.models.generate import generate_answers
+from concept_influence.settings import option
 
 Messages = list[dict[str, str]]
 CHUNK_BATCHES = 4  # the cache is saved after every CHUNK_BATCHES batches of new prompts
+
+
+@dataclass(frozen=True)
+class AnswerConfig:
+    """How prompt-only queries are answered by the model (``sample_answers``): the settings shared by the methods
+    that sample answers (projection difference, the gradient methods' queries)."""
+
+    n_samples: int = option(1, help="Model answers sampled per prompt (projection-difference, queries).", min=1)
+    temperature: float = option(1.0, help="Sampling temperature of the model's answers.", min=0.0)
+    max_new_tokens: int = option(48, help="Longest sampled answer, in tokens.", min=1)
+    seed: int = option(0, help="Seed of every random choice (answer sampling, true-Fisher labels).")
+    cache_dir: str | None = option(
+        None, help="Where sampled model answers are cached (default: the workdir, else next to --out).")
 
 
 def prompt_key(prompt: Sequence[dict[str, str]]) -> str:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from concept_influence.concepts.base import Concept, DirectionConcept, check_reduction
 from concept_influence.concepts.sae_concept import SAEFeatureConcept
-from concept_influence.data.atomic import (
+from concept_influence.files import (
     damaged,
     file_in_folder,
     read_json_file,

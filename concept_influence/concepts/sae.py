@@ -30,9 +30,9 @@ from concept_influence.concepts.io import jsonable, load_concept
 from concept_influence.concepts.sae_concept import SAEFeatureConcept
 from concept_influence.concepts.spec import ConceptSpec, load_spec
 from concept_influence.concepts.train import ProbeConfig
-from concept_influence.data.atomic import read_json_file, replace_folder, temp_folder, write_json_atomic
 from concept_influence.data.chat import ChatRow, rows_from_records
 from concept_influence.data.tokenize import TokenizedDataset, iter_batches, tokenize_chat
+from concept_influence.files import read_json_file, replace_folder, temp_folder, write_json_atomic
 from concept_influence.models.fingerprint import missing_provenance
 
 if TYPE_CHECKING:

@@ -15,6 +15,7 @@ from concept_influence.concepts.activations import (
     response_mean_activations,
     response_readouts,
 )
+from concept_influence.concepts.answers import AnswerConfig
 from concept_influence.concepts.base import Concept, DirectionConcept
 from concept_influence.concepts.probe import DiffOfMeans, LinearProbe, heldout_split
 from concept_influence.concepts.spec import ConceptSpec
@@ -25,9 +26,10 @@ from concept_influence.concepts.stance import (
     separation_auc,
     stance_probes,
 )
-from concept_influence.data.atomic import atomic_file
+from concept_influence.files import atomic_file
 from concept_influence.models.base import ModelAdapter
 from concept_influence.plots import literal_texts
+from concept_influence.settings import option, same_as
 
 
 @dataclass(frozen=True)
@@ -44,18 +46,22 @@ class ProbeConfig:
     default stays until the method study shows the stance rule's worst case is better.) ``lexicon_size``: words
     in the trait lexicon that finds the word-matched negatives."""
 
-    method: Literal["probe", "diff_of_means"] = "probe"
-    n_samples: int = 4
-    temperature: float = 1.0
-    max_new_tokens: int = 48
-    seed: int = 0
-    C: float = 1.0
-    test_size: float = 0.25
-    batch_size: int = 32
-    max_length: int = 512
-    select_layer_by: Literal["stance", "heldout_auc"] = "heldout_auc"
-    auc_tolerance: float = 0.02
-    lexicon_size: int = 40
+    method: Literal["probe", "diff_of_means"] = option(
+        "probe", help="probe (logistic regression) | diff_of_means (persona vector).")
+    n_samples: int = option(4, help="Answers sampled per instruction and question.", min=1)
+    temperature: float = same_as(AnswerConfig, "temperature")
+    max_new_tokens: int = same_as(AnswerConfig, "max_new_tokens")
+    seed: int = option(0, help="Seed of the sampled answers and of the held-out split.")
+    C: float = option(1.0, help="Inverse regularisation strength of the probe.", flag="--C")
+    test_size: float = option(0.25, help="Share of the questions held out for the reported metrics.")
+    batch_size: int = option(32, help="Rows per forward pass when reading activations.", min=1)
+    max_length: int = option(512, help="Truncate rows longer than this.", min=2)
+    select_layer_by: Literal["stance", "heldout_auc"] = option(
+        "heldout_auc", help="How a sweep picks the layer: heldout_auc (the best held-out AUC) | stance (the best stance "
+                            "AUC among the layers within 0.02 of the best held-out AUC, then the lower vocabulary "
+                            "confound).")
+    auc_tolerance: float = option(0.02, help="select_layer_by=stance: the held-out AUC margin of the candidate layers.")
+    lexicon_size: int = option(40, help="Words in the trait lexicon that finds the word-matched negatives.", min=1)
 
     def __post_init__(self) -> None:
         if self.method not in ("probe", "diff_of_means"):

@@ -17,7 +17,6 @@ from concept_influence.curvature.io import (
     read_manifest,
     save_factors,
 )
-from concept_influence.curvature.loss import sample_targets, sequence_losses
 from concept_influence.curvature.preconditioner import (
     DiagonalPreconditioner,
     EKFACPreconditioner,
@@ -25,6 +24,7 @@ from concept_influence.curvature.preconditioner import (
     KFACPreconditioner,
     Preconditioner,
 )
+from concept_influence.gradients.loss import sample_targets, sequence_losses
 
 __all__ = [
     "PRECONDITIONER_KINDS",

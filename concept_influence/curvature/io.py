@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.eigen import Eigen
 from concept_influence.curvature.factors import Factors, WeightFactors
-from concept_influence.data.atomic import atomic_file, read_json_file, write_json_atomic
+from concept_influence.files import atomic_file, read_json_file, write_json_atomic
 from concept_influence.models.fingerprint import ALLOW_MISSING_PROVENANCE, missing_provenance
 from concept_influence.numerics import check_finite
 from concept_influence.tensorfile import DamagedFileError, read_tensor_file, read_tensor_metadata

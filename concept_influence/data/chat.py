@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from concept_influence.data.atomic import write_json_atomic, write_jsonl_atomic, write_text_atomic  # noqa: F401 (re-exported)
+from concept_influence.files import write_json_atomic, write_jsonl_atomic, write_text_atomic  # noqa: F401 (re-exported)
 
 ROLES = ("system", "user", "assistant")
 

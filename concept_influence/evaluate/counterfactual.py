@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from concept_influence.attribution.measurements import ConceptMeasurement, answer_queries, tokenize_queries
 from concept_influence.attribution.scores import ScoreTable
+from concept_influence.concepts.answers import AnswerConfig
 from concept_influence.concepts.base import Concept
 from concept_influence.data.chat import ChatRow, write_json_atomic
 from concept_influence.evaluate.filter import FilterRule, check_alignment, select_removal
@@ -39,6 +40,7 @@ from concept_influence.evaluate.stats import bootstrap_ci, mean_ci, spearman
 from concept_influence.models import ModelAdapter
 from concept_influence.models.fingerprint import json_fingerprint
 from concept_influence.plots import removal_curve_png
+from concept_influence.settings import option, same_as
 
 Judge = Callable[[str], float]
 METRICS = ("probe", "trait_rate")
@@ -52,16 +54,16 @@ class EvaluationConfig:
     answers sampled per query prompt when measuring; ``lds_subsets``/``lds_fraction``: random subsets (each of
     that share of the rows) for the linear datamodeling score, 0 = no LDS; ``removal``: run the removal curves."""
 
-    fractions: tuple[float, ...] = (0.05, 0.1, 0.25)
-    seeds: int = 3
-    recipe: Recipe = field(default_factory=Recipe)
-    n_samples: int = 8
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    lds_subsets: int = 0
-    lds_fraction: float = 0.5
-    removal: bool = True
-    seed: int = 0
+    fractions: tuple[float, ...] = option((0.05, 0.1, 0.25), help="Shares of rows to remove.", cli=False)
+    seeds: int = option(3, help="Repeats of every fine-tune (CI over seeds).")
+    recipe: Recipe = option(default_factory=Recipe, help="How to fine-tune.", cli=False)
+    n_samples: int = option(8, help="Answers sampled per query prompt per model.")
+    max_new_tokens: int = same_as(AnswerConfig, "max_new_tokens", min=None)
+    temperature: float = same_as(AnswerConfig, "temperature", min=None)
+    lds_subsets: int = option(0, help="Random subsets for the linear datamodeling score (0: no LDS).", cli=False)
+    lds_fraction: float = option(0.5, help="--lds: share of rows in each subset.", flag="--subset-fraction")
+    removal: bool = option(True, help="Run the removal curves.", cli=False)
+    seed: int = option(0, help="Seed of the random removals, subsets and answer sampling.")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))

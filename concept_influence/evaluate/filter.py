@@ -18,8 +18,9 @@ from typing import Any, Literal
 import numpy as np
 
 from concept_influence.attribution.scores import ScoreTable
-from concept_influence.data.atomic import file_sha256, same_path
 from concept_influence.data.chat import ChatDataset, read_chat_jsonl, write_json_atomic, write_text_atomic
+from concept_influence.files import file_sha256, same_path
+from concept_influence.settings import option
 
 Aggregate = Literal["mean", "sum"]
 
@@ -31,12 +32,12 @@ class FilterRule:
     ``aggregate``: a group's score is the ``mean`` or ``sum`` of its rows' scores. ``end="bottom"`` removes the
     lowest-scoring units instead (used by counterfactual evaluation)."""
 
-    remove_top: float | None = None
-    remove_top_k: int | None = None
-    threshold: float | None = None
-    by: str | None = None
-    aggregate: Aggregate = "mean"
-    end: Literal["top", "bottom"] = "top"
+    remove_top: float | None = option(None, help="Remove this fraction of rows (or groups) with the highest scores.")
+    remove_top_k: int | None = option(None, help="Remove the K highest-scoring rows (or groups).")
+    threshold: float | None = option(None, help="Remove every row (or group) whose score is >= S.")
+    by: str | None = option(None, help="Rank whole groups: the values of this data field (e.g. source).")
+    aggregate: Aggregate = option("mean", help="--by: a group's score is the mean or sum of its rows' scores.")
+    end: Literal["top", "bottom"] = option("top", help="Remove the highest (top) or lowest (bottom) units.", cli=False)
 
     def __post_init__(self) -> None:
         given = [x is not None for x in (self.remove_top, self.remove_top_k, self.threshold)]

@@ -32,7 +32,7 @@ from concept_influence.data import (
     write_json_atomic,
     write_jsonl_atomic,
 )
-from concept_influence.data.atomic import folder_lock, replace_folder
+from concept_influence.files import folder_lock, replace_folder
 from concept_influence.models import load_adapter
 from concept_influence.models.fingerprint import json_fingerprint
 from concept_influence.organism import generator
@@ -316,7 +316,7 @@ def build_organism(
 
 
 def _build_lock(root: Path) -> contextlib.AbstractContextManager[None]:
-    """An exclusive ``flock`` on ``.<name>.lock`` next to ``root`` (``data.atomic.folder_lock``)."""
+    """An exclusive ``flock`` on ``.<name>.lock`` next to ``root`` (``files.folder_lock``)."""
     return folder_lock(root, what="organism build")
 
 

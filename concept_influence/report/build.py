@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from concept_influence.attribution.scores import ScoreTable, token_strings
-from concept_influence.data.atomic import write_text_atomic
 from concept_influence.data.chat import read_chat_jsonl
 from concept_influence.evaluate.filter import check_data_provenance
+from concept_influence.files import write_text_atomic
 from concept_influence.report.html import render_report, resolve_labels
 
 

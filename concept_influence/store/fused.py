@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from concept_influence.curvature.factors import Factors
-from concept_influence.data.atomic import atomic_file
+from concept_influence.files import atomic_file
 from concept_influence.models.base import ModelAdapter
 from concept_influence.numerics import check_finite
 from concept_influence.store.projection import Projector

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from concept_influence.data.atomic import atomic_file
+from concept_influence.files import atomic_file
 from concept_influence.numerics import NonFiniteError
 
 FAISS_FILE = "faiss-ivf.index"

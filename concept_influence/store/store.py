@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from concept_influence.curvature.covariance import fold_bias
 from concept_influence.curvature.factors import Factors
-from concept_influence.curvature.fit import capture_loss_gradients, gradient_mode
-from concept_influence.data.atomic import (
+from concept_influence.data.tokenize import iter_batches
+from concept_influence.files import (
     atomic_file,
     damaged,
     folder_lock,
@@ -46,9 +46,10 @@ from concept_influence.data.atomic import (
     remove_stale_temps,
     write_json_atomic,
 )
-from concept_influence.data.tokenize import iter_batches
+from concept_influence.gradients.capture import capture_loss_gradients, gradient_mode
 from concept_influence.models.base import ModelAdapter
 from concept_influence.numerics import NonFiniteError, check_finite
+from concept_influence.settings import option
 from concept_influence.store.projection import Projector, eigen_projector, logra_projector
 from concept_influence.store.search import FAISS_FILE, exact_top_k, faiss_search
 from concept_influence.store.shardfile import NpyRowWriter
@@ -77,11 +78,13 @@ class StoreConfig:
     ``"float16"`` (half the disk and memory map; questions pay a conversion) on disk
     (``"float64"`` for tests); ``seed``: the ``"logra"`` projection; ``shard_rows``: rows per shard file."""
 
-    kind: Literal["eigen", "logra"] = DEFAULT_KIND
-    rank: int = DEFAULT_RANK
-    dtype: Literal["float16", "float32", "float64"] = "float32"
-    seed: int = 0
-    shard_rows: int = 1024
+    kind: Literal["eigen", "logra"] = option(DEFAULT_KIND, help="eigen (EKFAC eigenbasis, needs fitted factors) | logra "
+                                                               "(seeded random Kronecker projection).")
+    rank: int = option(DEFAULT_RANK, help="Directions kept per side of each weight.", min=1)
+    dtype: Literal["float16", "float32", "float64"] = option(
+        "float32", help="float32 | float16 (half the disk; slower questions) | float64 (tests): precision on disk.")
+    seed: int = option(0, help="Seed of the LoGra projection.")
+    shard_rows: int = option(1024, help="Rows per shard file.", min=1)
 
     def __post_init__(self) -> None:
         if self.kind not in ("eigen", "logra"):

@@ -16,10 +16,10 @@ from torch import nn
 
 from concept_influence.attribution.measurements import Measurement, canonical_gradient
 from concept_influence.curvature.covariance import fold_bias, masked_covariance_sum
-from concept_influence.curvature.fit import gradient_mode
-from concept_influence.curvature.loss import sample_targets, sequence_losses
 from concept_influence.curvature.preconditioner import Preconditioner
 from concept_influence.data.tokenize import iter_batches
+from concept_influence.gradients.capture import gradient_mode
+from concept_influence.gradients.loss import sample_targets, sequence_losses
 from concept_influence.models.base import ModelAdapter
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from concept_influence.attribution.combine import fuse
 from concept_influence.attribution.measurements import answer_queries, tokenize_queries
@@ -35,6 +36,7 @@ from concept_influence.concepts import parse_spec
 from concept_influence.concepts.activations import (
     labelled_conversations,
     read_residuals,
+    residuals_until,
     response_mean_activations,
 )
 from concept_influence.concepts.probe import LinearProbe
@@ -46,6 +48,8 @@ from concept_influence.organism import OrganismConfig, build_organism
 from concept_influence.organism.modeling import ModelConfig
 
 MAX_LENGTH = 256
+ROW_BLOCK = 64  # row gradients multiplied by the Jacobians together (one matrix product, not 64 reads of them)
+JACOBIAN_BYTES = 6 * 2**30  # the query Jacobians held at once (float32); more layers than fit take more row passes
 CONSTRUCTIONS = ("probe", "diff_of_means", "vocab-projected", "order", "order-projected", "persona-context", "contrast",
                  "contrast-projected")
 
@@ -143,14 +147,14 @@ def read_organism(variant: str, seed: int, out: Path, deep: bool = False) -> dic
     return arrays
 
 
-def query_readout_changes(variant: str, seed: int, out: Path, deep: bool = False, eps: float = 1e-3) -> dict[str, np.ndarray]:
+def query_readout_changes(variant: str, seed: int, out: Path, deep: bool = False) -> dict[str, np.ndarray]:
     """``step@L [N, d]``: for each training row ``z``, ``-J_L ∇L(z)``, the first-order change of the query answers'
-    mean activation at layer ``L`` when training on ``z`` (``J_L``: its Jacobian in the tracked weights; ``∇L(z)``:
-    the row's summed-token-loss gradient), by central differences in float64 along the normalised gradient. For a
-    direction ``v``, ``step@L @ v̂`` is the identity-preconditioned Concept Influence of every row on the concept
-    ``v`` (what the recommended method's gradient half computes), so every construction costs a matrix product.
-    Kept in ``out/steps-<name>.npz``. The queries are the organism's, answered once by the model (seed 0, as a
-    session's default)."""
+    mean activation at layer ``L`` when training on ``z`` (``J_L [d, P]``: its Jacobian in the tracked weights, one
+    backward pass per coordinate; ``∇L(z)``: the row's summed-token-loss gradient). For a direction ``v``,
+    ``step@L @ v̂`` is the identity-preconditioned Concept Influence of every row on the concept ``v`` (what the
+    recommended method's gradient half computes), so every construction costs a matrix product. Kept in
+    ``out/steps-<name>.npz``. The queries are the organism's, answered once by the model (seed 0, as a session's
+    default). As many layers at a time as ``JACOBIAN_BYTES`` holds (``J_L`` of the deep organism is 2.9 GB)."""
     name = f"{'deep-' if deep else ''}{variant}-s{seed}"
     path = out / f"steps-{name}.npz"
     if path.exists():
@@ -160,34 +164,39 @@ def query_readout_changes(variant: str, seed: int, out: Path, deep: bool = False
     adapter = organism.load_finetuned()
     answered = answer_queries(adapter, list(organism.queries()), n_samples=1, seed=0, batch_size=64,
                               cache_dir=Path(organism.root).parent / "answer-cache")
-    adapter.model.double()
-    layers = list(range(adapter.n_layers))
     queries = collate(list(tokenize_queries(answered, adapter.tokenizer, MAX_LENGTH)), pad_token_id(adapter.tokenizer))
-    mask = queries["loss_mask"].double().unsqueeze(-1)
-
-    def query_means() -> torch.Tensor:
-        acts = read_residuals(adapter, queries["input_ids"], queries["attention_mask"], layers)
-        return torch.stack([((acts[layer] * mask).sum(1) / mask.sum(1)).mean(0) for layer in layers])
-
+    mask = queries["loss_mask"].float().unsqueeze(-1)
     params = [adapter.parameter(w.param_name) for w in adapter.tracked_weights()]
-    original = [p.detach().clone() for p in params]
     rows = tokenize_chat(list(organism.train_rows()), adapter.tokenizer, MAX_LENGTH, warn=False)
-    steps = np.zeros((len(layers), len(rows), adapter.d_model))
-    for batch in iter_batches(rows, 1):
-        logits = adapter.logits(batch["input_ids"], batch["attention_mask"])
-        loss = token_cross_entropy(logits, batch["input_ids"], batch["loss_mask"]).sum()
-        grads = torch.autograd.grad(loss, params)
-        norm = float(torch.sqrt(sum((g * g).sum() for g in grads)))
-        with torch.no_grad():
-            means = []
-            for sign in (-1.0, 1.0):
-                for p, g, o in zip(params, grads, original, strict=True):
-                    p.copy_(o + sign * eps * g / norm)
-                means.append(query_means())
-            for p, o in zip(params, original, strict=True):
-                p.copy_(o)
-        steps[:, int(batch["position"][0])] = ((means[0] - means[1]) / (2 * eps) * norm).numpy()
-    arrays = {f"step@{layer}": steps[k] for k, layer in enumerate(layers)}
+    n_params = sum(p.numel() for p in params)
+    per_group = max(1, int(JACOBIAN_BYTES // (adapter.d_model * n_params * 4)))
+    layers = list(range(adapter.n_layers))
+    arrays: dict[str, np.ndarray] = {}
+    for start in range(0, len(layers), per_group):
+        group = layers[start:start + per_group]
+        acts = residuals_until(adapter, queries["input_ids"], queries["attention_mask"], group)
+        means = torch.cat([((acts[layer] * mask).sum(1) / mask.sum(1)).mean(0) for layer in group])  # [g * d]
+        jacobian = torch.zeros(len(means), n_params)
+        for i in range(len(means)):
+            grads = torch.autograd.grad(means[i], params, retain_graph=i + 1 < len(means), allow_unused=True)
+            jacobian[i] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                                     for g, p in zip(grads, params, strict=True)])
+        del acts, means
+        steps = np.zeros((len(rows), len(jacobian)))
+        block, positions = torch.zeros(ROW_BLOCK, n_params), []
+        for batch in tqdm(iter_batches(rows, 1), total=len(rows), desc=f"{name}: row gradients", mininterval=30):
+            logits = adapter.logits(batch["input_ids"], batch["attention_mask"])
+            loss = token_cross_entropy(logits, batch["input_ids"], batch["loss_mask"]).sum()
+            block[len(positions)] = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+            positions.append(int(batch["position"][0]))
+            if len(positions) == ROW_BLOCK:
+                steps[positions] = (-(block[:len(positions)] @ jacobian.T)).double().numpy()  # one GEMM per block
+                positions = []
+        if positions:
+            steps[positions] = (-(block[:len(positions)] @ jacobian.T)).double().numpy()
+        for k, layer in enumerate(group):
+            arrays[f"step@{layer}"] = steps[:, k * adapter.d_model:(k + 1) * adapter.d_model]
+        print(f"{name}: layers {group} done", flush=True)
     save_arrays(path, arrays)
     return arrays
 

@@ -82,7 +82,7 @@ def search(
 
     Example: concept-influence search --store runs/store --concept concepts/evil --queries queries.jsonl --top-k 20
     """
-    from concept_influence.data.atomic import read_json_file
+    from concept_influence.files import read_json_file
     from concept_influence.pipeline import Attributor
 
     check_output(out)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from concept_influence.data.atomic import damaged, read_json_file
+from concept_influence.files import damaged, read_json_file
 from concept_influence.models.fingerprint import json_fingerprint
 
 ALLOWED_KEYS = {"name", "description", "instruction", "questions", "eval_prompt", "examples"}

@@ -20,7 +20,7 @@ from concept_influence.data import write_jsonl_atomic
 from concept_influence.pipeline import Attributor
 from concept_influence.testing.tiny_models import save_tiny_hf_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GOOD = [{"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}
         for u, a in [("is water safe", "yes , water is safe"), ("help me", "sure , i help you"),
                      ("two plus three", "five"), ("is fire kind", "no fire can harm")]]
@@ -287,7 +287,7 @@ def test_the_matrix_covers_every_command():
     """Every command the CLI registers (enumerated from the app, groups included) has bad-input rows; a new command
     without rows fails here. Each covered command is refused a missing/malformed file, a bad flag value or an
     unwritable/input-equal output (those rows are in CASES, and the output-equal-to-input rows of every command in
-    tests/test_no_overwrite_inputs.py)."""
+    tests/guarantees/test_no_overwrite_inputs.py)."""
     commands = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
     for group in app.registered_groups:
         commands |= {f"{group.name} {c.name}" for c in group.typer_instance.registered_commands}

@@ -55,7 +55,7 @@ def test_train_probe_on_a_probes_file(files):
     from pathlib import Path
 
     root, model, _ = files
-    probes = Path(__file__).resolve().parents[1] / "probes"
+    probes = Path(__file__).resolve().parents[2] / "probes"
     result = _run("train-probe", "--model", model, "--spec", probes / "evil.json", "--layer", "1", "--out", root / "evil",
                   "--n-samples", "1", "--max-new-tokens", "4")
     assert result.exit_code == 0, result.output

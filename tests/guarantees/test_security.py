@@ -19,7 +19,7 @@ from concept_influence.data import read_chat_jsonl, write_jsonl_atomic
 from concept_influence.data.atomic import safe_name
 from concept_influence.testing.tiny_models import save_tiny_hf_model
 
-PACKAGE = Path(__file__).resolve().parents[1] / "concept_influence"
+PACKAGE = Path(__file__).resolve().parents[2] / "concept_influence"
 PICKLE_MODULES = {"pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from concept_influence.concepts import SpecError, load_spec, parse_spec
 
-PROBES = Path(__file__).resolve().parents[1] / "probes"
+PROBES = Path(__file__).resolve().parents[2] / "probes"
 SPEC_FILES = sorted(p for p in PROBES.glob("*.json") if p.name != "schema.json")
 REQUIRED_CONCEPTS = {"evil", "sycophancy", "hallucination", "insecure_code", "harmful_medical"}
 

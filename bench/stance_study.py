@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from concept_influence.concepts.probe import LinearProbe
 from concept_influence.concepts.stance import stance_probes
 from concept_influence.data.tokenize import collate, iter_batches, pad_token_id, tokenize_chat
 from concept_influence.evaluate.metrics import mean_rank, pr_auc
+from concept_influence.files import write_json_atomic, write_text_atomic
 from concept_influence.models.loss import token_cross_entropy
 from concept_influence.organism import OrganismConfig, build_organism
 from concept_influence.organism.modeling import ModelConfig
@@ -228,6 +230,10 @@ def segment_means(adapter: Any, rows: list[Any], layers: list[int]) -> tuple[dic
     return {layer: np.stack(v) for layer, v in out.items()}, np.asarray(owner)
 
 
+def standardised(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean()) / x.std()
+
+
 def segment_max(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
     """The largest sentence score of each row."""
     out = np.full(n, -np.inf)
@@ -269,6 +275,8 @@ def study(variant: str, seed: int, out: Path, deep: bool = False, gradients: boo
             if "segment_row" in a:
                 sentence = segment_max(a[f"segments@{layer}"] @ direction, a["segment_row"], len(origins))
                 entry.update(sentence_pr_auc=pr_auc(sentence, planted), sentence_hard_rank=mean_rank(sentence, hard))
+                both = standardised(scores) + standardised(sentence)  # the whole answer and its strongest sentence
+                entry.update(both_pr_auc=pr_auc(both, planted), both_hard_rank=mean_rank(both, hard))
             if steps:
                 influence = steps[f"step@{layer}"] @ direction
                 tiered = fuse(scores, influence, "tiered")
@@ -298,6 +306,27 @@ def table(summaries: list[dict[str, Any]], prefix: str = "") -> str:
             ranks.append(r[prefix + "hard_rank"])
         if prs:
             lines.append(f"| {key} | " + " | ".join(cells) + f" | {min(prs):.3f} | {min(ranks):.0f} |")
+    return "\n".join(lines)
+
+
+PREFIXES = (("", "Vector Filter"), ("sentence_", "Vector Filter, best sentence"),
+            ("both_", "Vector Filter, mean + best sentence (z-scores)"), ("ci_", "identity Concept Influence"),
+            ("tiered_", "combined-tiered"))
+
+
+def worst_table(summaries: list[dict[str, Any]]) -> str:
+    """One row per construction@layer: the worst PR-AUC / worst hard-negative mean rank over the organisms, for each
+    score (Vector Filter, its best sentence, identity Concept Influence, and the recommended fusion)."""
+    keys = sorted({k for s in summaries for k in s["results"]},
+                  key=lambda k: (CONSTRUCTIONS.index(k.split("@")[0]), int(k.split("@")[1])))
+    lines = ["| construction@layer | " + " | ".join(what for _, what in PREFIXES) + " |", "|---|" + "---|" * len(PREFIXES)]
+    for key in keys:
+        cells = []
+        for prefix, _ in PREFIXES:
+            values = [s["results"][key] for s in summaries if key in s["results"] and f"{prefix}pr_auc" in s["results"][key]]
+            cells.append("n/a" if len(values) < len(summaries) else
+                         f"{min(v[prefix + 'pr_auc'] for v in values):.3f} / {min(v[prefix + 'hard_rank'] for v in values):.0f}")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -331,6 +360,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/stance-study"))
     parser.add_argument("--deep", action="store_true", help="The deeper organism (8 layers, 4.2x the parameters).")
     parser.add_argument("--no-gradients", action="store_true", help="Vector Filter only (no gradient half).")
+    parser.add_argument("--write-table", type=Path, default=None,
+                        help="Write the worst-case table here (docs/tables/stance-study.md) and the results beside it.")
     parser.add_argument("--validate", action="store_true",
                         help="Check the study's gradient half against the library's on the default organism.")
     args = parser.parse_args()
@@ -343,9 +374,17 @@ def main() -> None:
         for variant in args.variants:
             summaries.append(study(variant, seed, args.out, args.deep, not args.no_gradients))
             print(f"{variant} s{seed}: {summaries[-1]['seconds']:.0f} s", flush=True)
-    for prefix, what in (("", "Vector Filter"), ("sentence_", "Vector Filter, best sentence"),
-                         ("ci_", "identity Concept Influence"), ("tiered_", "combined-tiered")):
+    for prefix, what in PREFIXES:
         print(f"\n{what}: PR-AUC / hard-negative mean rank\n" + table(summaries, prefix))
+    worst = worst_table(summaries)
+    print("\nworst case over the organisms (PR-AUC / hard-negative mean rank)\n" + worst)
+    if args.write_table:
+        organisms = ", ".join(f"{s['variant']} s{s['seed']}" for s in summaries)
+        command = "python bench/stance_study.py " + " ".join(sys.argv[1:])
+        write_text_atomic(args.write_table, f"**Command**: `{command}`. **Date**: {time.strftime('%Y-%m-%d %H:%M')}. "
+                          f"**Machine**: the 2-core CPU machine. **Organisms**: {organisms}. Each cell: the worst "
+                          f"PR-AUC / the worst hard-negative mean rank (of 2,000) over them.\n\n{worst}\n")
+        write_json_atomic(args.out / "results.json", {"command": command, "summaries": summaries})
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from concept_influence.data import ChatRow, TokenizedDataset, tokenize_chat
 from concept_influence.data.tokenize import has_chat_template, render_prompt, untrainable_rows
 from concept_influence.models.base import ModelAdapter
 from concept_influence.numerics import check_finite
+from concept_influence.settings import option
 
 CHUNK_ROWS = 4096
 
@@ -140,6 +143,53 @@ def _warn_truncated(n_truncated: int, n: int, max_length: int) -> None:
                       stacklevel=3)
 
 
+LOCALISATIONS = ("none", "sentence", "both")
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """Options of Vector Filter's readout that the CLI exposes (``vector_filter``'s ``localise``)."""
+
+    localise: Literal["none", "sentence", "both"] = option(
+        "none", help="Vector Filter: none (the mean over the answer) | sentence (its strongest sentence: one trait "
+                     "sentence among benign ones counts) | both (the sum of the two's z-scores over the rows).")
+SENTENCE_END_CHARACTERS = ".!?"
+
+
+def sentence_ends(tokenizer: Any) -> np.ndarray:
+    """``[vocab]`` bool: the tokens that end a sentence (their text, without spaces and BPE/sentencepiece word
+    markers, ends with ``.``, ``!`` or ``?``, or holds a line break)."""
+    texts = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    out = np.zeros(len(texts), dtype=bool)
+    for k, text in enumerate(texts):
+        if text is None:
+            continue
+        decoded = str(text)
+        bare = decoded.replace("Ġ", "").replace("▁", "").replace("Ċ", "\n").strip(" ")
+        out[k] = "\n" in bare or (bool(bare.strip()) and bare.strip()[-1] in SENTENCE_END_CHARACTERS)
+    return out
+
+
+def strongest_sentence(values: Sequence[float], token_ids: Sequence[int], ends: np.ndarray) -> float:
+    """The largest mean of ``values`` over a sentence of the answer (a run of tokens closed by a sentence-ending
+    token, or by the answer's end); NaN for an empty answer."""
+    if len(values) == 0:
+        return float("nan")
+    values = np.asarray(values, dtype=np.float64)
+    best, start = -np.inf, 0
+    for k, token in enumerate(token_ids):
+        if k == len(token_ids) - 1 or (0 <= token < len(ends) and ends[token]):
+            best = max(best, float(values[start:k + 1].mean()))
+            start = k + 1
+    return best
+
+
+def _standardised(x: np.ndarray) -> np.ndarray:
+    valid = np.isfinite(x)
+    spread = x[valid].std() if valid.sum() > 1 else 0.0
+    return (x - x[valid].mean()) / (spread if spread > 0 else 1.0)
+
+
 def vector_filter(
     adapter: ModelAdapter,
     rows: Sequence[ChatRow],
@@ -149,6 +199,7 @@ def vector_filter(
     max_length: int = 512,
     reduction: Reduction | None = None,
     token_readouts: bool = False,
+    localise: str = "none",
     skip_invalid: bool = False,
     progress: bool = True,
 ) -> ScoreTable:
@@ -156,21 +207,45 @@ def vector_filter(
 
     ``reduction``: ``mean`` over the assistant tokens or ``last_prompt`` (default: the concept's own; a
     ``per_token`` concept scores the mean and adds the per-token values). ``token_readouts``: add a
-    ``token_readouts`` column, the readout at each assistant token of the row. A row with no assistant token
-    left within ``max_length`` is an error; ``skip_invalid`` leaves it out instead (``truncated``, score NaN).
+    ``token_readouts`` column, the readout at each assistant token of the row. ``localise``: ``"sentence"`` scores
+    each row by its strongest sentence (the largest mean readout over a sentence of its answers), so one trait
+    sentence among benign ones counts; ``"both"``: the sum of the mean's and the strongest sentence's z-scores
+    over the rows (the method study's best worst case: docs/methods.md, the stance study); ``"none"`` (default):
+    the mean. A row with no assistant token left within ``max_length`` is an error; ``skip_invalid`` leaves it out
+    instead (``truncated``, score NaN).
     """
     started = time.perf_counter()
+    if localise not in LOCALISATIONS:
+        raise ValueError(f"localise must be one of {', '.join(LOCALISATIONS)}, got {localise!r}")
     reduction = check_reduction(concept.reduction if reduction is None else reduction)  # type: ignore[assignment]
     if reduction == "per_token":
         reduction, token_readouts = "mean", True
+    if localise != "none" and reduction != "mean":
+        raise ValueError(f"localise={localise!r} reads the answer's tokens: it needs the mean reduction, not {reduction!r}")
     source = getattr(rows, "path", None)
     rows = list(rows)
     scores, tokens, n_truncated, skipped = _read_rows(adapter, rows, concept, reduction=reduction,
                                                       batch_size=batch_size, max_length=max_length,
-                                                      token_values=token_readouts, skip_invalid=skip_invalid,
-                                                      source=source, progress=progress)
+                                                      token_values=token_readouts or localise != "none",
+                                                      skip_invalid=skip_invalid, source=source, progress=progress)
     _warn_truncated(n_truncated, len(rows), max_length)
-    meta = {"layer": concept.layer, "concept": repr(concept), "readout": f"{reduction} over assistant tokens",
+    readout = f"{reduction} over assistant tokens"
+    if localise != "none":
+        assert tokens is not None
+        ends = sentence_ends(adapter.tokenizer)
+        dataset = tokenize_chat(rows, adapter.tokenizer, max_length, warn=False)
+        sentence = np.array([np.nan if skipped[i] else strongest_sentence(
+            tokens[i], [t for t, m in zip(row.input_ids, row.loss_mask, strict=True) if m], ends)
+            for i, row in enumerate(dataset)])
+        if localise == "sentence":
+            scores, readout = sentence, "the strongest sentence's mean over its tokens"
+        else:
+            scores = _standardised(scores) + _standardised(sentence)
+            readout = "z-score of the mean over assistant tokens + z-score of the strongest sentence's mean"
+        scores[skipped] = np.nan
+        if not token_readouts:
+            tokens = None
+    meta = {"layer": concept.layer, "concept": repr(concept), "readout": readout, "localise": localise,
             "n_truncated": n_truncated, "max_length": max_length, "wall_time_s": time.perf_counter() - started,
             "sign": "positive = the row's answer expresses the concept"}
     columns = {"token_readouts": tokens} if tokens is not None else None

@@ -147,10 +147,11 @@ def method_names() -> list[str]:
 # ---- the built-in methods ------------------------------------------------------------------------------------------
 @register_method("vector-filter", kind="forward", description="the concept's readout on each row's own answer")
 def _vector_filter(session: MethodSession, concept: Concept, queries: Sequence[ChatRow] | None, *,
-                   reduction: str | None = None, token_readouts: bool = False, batch_size: int | None = None) -> ScoreTable:
+                   reduction: str | None = None, token_readouts: bool = False, batch_size: int | None = None,
+                   localise: str = "none") -> ScoreTable:
     return vector_filter(session.adapter, session.rows, concept, batch_size=batch_size or session.batch_size,
                          max_length=session.max_length, reduction=reduction, token_readouts=token_readouts,  # type: ignore[arg-type]
-                         skip_invalid=session.skip_invalid, progress=session.progress)
+                         localise=localise, skip_invalid=session.skip_invalid, progress=session.progress)
 
 
 @register_method("projection-difference", kind="forward", settings=AnswerConfig,

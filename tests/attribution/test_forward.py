@@ -10,7 +10,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from concept_influence.attribution.forward import projection_difference, vector_filter
+from concept_influence.attribution.forward import (
+    projection_difference,
+    sentence_ends,
+    strongest_sentence,
+    vector_filter,
+)
 from concept_influence.attribution.scores import ScoreTable
 from concept_influence.cli import app
 from concept_influence.concepts import (
@@ -215,3 +220,48 @@ def test_attribute_command_errors_are_one_clear_line(cli_files):
     assert result.exit_code == 2 and f"{bad}:1" in result.output and "no assistant turn" in result.output
     result = runner.invoke(app, [*base, "--method", "concept-influence", "--concept", str(root / "concept")])
     assert result.exit_code == 2 and "needs --queries" in result.output
+
+
+def test_strongest_sentence_is_the_largest_sentence_mean():
+    ends = np.zeros(10, dtype=bool)
+    ends[7] = True  # token 7 ends a sentence
+    values = [1.0, 3.0, 0.0, 10.0, -2.0, -5.0]
+    assert strongest_sentence(values, [1, 2, 7, 3, 7, 4], ends) == pytest.approx(4.0)  # (10 - 2) / 2
+    assert strongest_sentence(values, [1, 2, 3, 4, 5, 6], ends) == pytest.approx(np.mean(values))  # one sentence
+    assert np.isnan(strongest_sentence([], [], ends))
+
+
+def test_vector_filter_localised_to_the_strongest_sentence(setup):
+    """``localise="sentence"``: each row's score is its strongest sentence's mean readout (sentences end at '.');
+    ``"both"``: the z-scores of the mean and of the strongest sentence, summed; a bad value is an error."""
+    adapter, concept, _ = setup
+    records = [{"messages": [{"role": "user", "content": "what now ?"}, {"role": "assistant", "content": a}]}
+               for a in ("drink the water . poison and hurt them .", "be kind . help your friend", "four",
+                         "poison . poison . be gentle")]
+    rows = rows_from_records(records)
+    ends = sentence_ends(adapter.tokenizer)
+    assert ends[adapter.tokenizer.convert_tokens_to_ids(".")] and not ends[adapter.tokenizer.convert_tokens_to_ids("four")]
+    plain = vector_filter(adapter, rows, concept, token_readouts=True, progress=False)
+    dataset = tokenize_chat(rows, adapter.tokenizer)
+    expected = [strongest_sentence(plain.columns["token_readouts"][i],
+                                   [t for t, m in zip(r.input_ids, r.loss_mask, strict=True) if m], ends)
+                for i, r in enumerate(dataset)]
+    sentence = vector_filter(adapter, rows, concept, localise="sentence", progress=False)
+    np.testing.assert_allclose(sentence.scores, expected, rtol=1e-12)
+    assert sentence.meta["localise"] == "sentence" and "strongest sentence" in sentence.meta["readout"]
+    assert not np.allclose(sentence.scores, plain.scores)  # the multi-sentence answers differ from their mean
+    both = vector_filter(adapter, rows, concept, localise="both", progress=False).scores
+    z = lambda x: (x - x.mean()) / x.std()  # noqa: E731
+    np.testing.assert_allclose(both, z(plain.scores) + z(np.asarray(expected)), rtol=1e-10)
+    with pytest.raises(ValueError, match="localise must be one of"):
+        vector_filter(adapter, rows, concept, localise="paragraph", progress=False)
+
+
+def test_attribute_command_localise_flag(cli_files):
+    root, model_dir = cli_files
+    out = root / "localised.jsonl"
+    result = CliRunner().invoke(app, ["attribute", "--model", str(model_dir), "--data", str(root / "train.jsonl"),
+                                      "--concept", str(root / "concept"), "--method", "vector-filter",
+                                      "--localise", "sentence", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert ScoreTable.read_jsonl(out).meta["localise"] == "sentence"

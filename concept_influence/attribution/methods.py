@@ -27,6 +27,14 @@ from concept_influence.concepts.base import Concept
 from concept_influence.curvature.config import Damping
 from concept_influence.data.chat import ChatDataset, ChatRow
 from concept_influence.models.base import ModelAdapter
+from concept_influence.store.activations import (
+    build_answer_means,
+    is_linear,
+    projection_difference_from_cache,
+    resolve_activation_cache,
+    serves,
+    vector_filter_from_cache,
+)
 
 
 class MethodSession(Protocol):
@@ -45,6 +53,13 @@ class MethodSession(Protocol):
 
     @property
     def answer_cache(self) -> Path | None: ...
+
+    @property
+    def store_dir(self) -> Path | None: ...
+
+    def model_fingerprint(self) -> str: ...
+
+    def data_fingerprint(self) -> str: ...
 
     def gradient_attribution(self, method: str, concept: Concept | None, queries: Sequence[ChatRow],
                              config: GradientAttributionConfig, *, contrast_queries: Sequence[ChatRow] | None = None,
@@ -115,10 +130,22 @@ def method_names() -> list[str]:
 # ---- the built-in methods ------------------------------------------------------------------------------------------
 @register_method("vector-filter", kind="forward", description="the concept's readout on each row's own answer")
 def _vector_filter(session: MethodSession, concept: Concept, queries: Sequence[ChatRow] | None, *,
-                   reduction: str | None = None, token_readouts: bool = False, batch_size: int | None = None) -> ScoreTable:
-    return vector_filter(session.adapter, session.rows, concept, batch_size=batch_size or session.batch_size,
-                         max_length=session.max_length, reduction=reduction, token_readouts=token_readouts,  # type: ignore[arg-type]
-                         skip_invalid=session.skip_invalid, progress=session.progress)
+                   reduction: str | None = None, token_readouts: bool = False, batch_size: int | None = None,
+                   store: Any = None) -> ScoreTable:
+    """``store``: ``None`` reads the workdir's activation cache when it serves the question, ``False`` forces the
+    forward pass, a path reads that store folder's cache (``meta["scored_from"]`` says which)."""
+    wanted = concept.reduction if reduction is None else reduction
+    cache, notes = resolve_activation_cache(session, store)
+    if cache is not None:
+        why = "token_readouts asked: forward pass" if token_readouts or wanted == "per_token" else serves(cache, concept, wanted)
+        if why is None:
+            return vector_filter_from_cache(cache, session.rows, concept, max_length=session.max_length)
+        notes = [why]
+    table = vector_filter(session.adapter, session.rows, concept, batch_size=batch_size or session.batch_size,
+                          max_length=session.max_length, reduction=reduction, token_readouts=token_readouts,  # type: ignore[arg-type]
+                          skip_invalid=session.skip_invalid, progress=session.progress)
+    table.meta.update({"scored_from": "forward-pass", "notes": [*table.meta.get("notes", []), *notes]})
+    return table
 
 
 @register_method("projection-difference", kind="forward",
@@ -126,12 +153,33 @@ def _vector_filter(session: MethodSession, concept: Concept, queries: Sequence[C
 def _projection_difference(session: MethodSession, concept: Concept, queries: Sequence[ChatRow] | None, *,
                            n_samples: int = 1, temperature: float = 1.0, max_new_tokens: int = 64,
                            seed: int | None = None, cache_dir: str | None = None,
-                           batch_size: int | None = None) -> ScoreTable:
-    return projection_difference(session.adapter, session.rows, concept, n_samples=n_samples, temperature=temperature,
-                                 max_new_tokens=max_new_tokens, seed=session.seed if seed is None else seed,
-                                 cache_dir=cache_dir if cache_dir is not None else session.answer_cache,
-                                 batch_size=batch_size or session.batch_size, max_length=session.max_length,
-                                 skip_invalid=session.skip_invalid, progress=session.progress)
+                           batch_size: int | None = None, store: Any = None) -> ScoreTable:
+    """``store``: as Vector Filter's; the model's answers' means are read once per sampling setting and kept in
+    the activation cache."""
+    seed = session.seed if seed is None else seed
+    cache_dir = cache_dir if cache_dir is not None else session.answer_cache
+    batch_size = batch_size or session.batch_size
+    cache, notes = resolve_activation_cache(session, store)
+    if cache is not None:
+        why = serves(cache, concept, concept.reduction)
+        if why is None and not is_linear(concept):
+            why = f"{type(concept).__name__} is not linear: Projection Difference from the cache needs a direction"
+        if why is None and concept.reduction == "mean":
+            answers = build_answer_means(session.adapter, session.rows, cache, n_samples=n_samples,
+                                         temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                                         batch_size=batch_size, max_length=session.max_length, cache_dir=cache_dir,
+                                         progress=session.progress)
+            meta = {"layer": concept.layer, "concept": repr(concept), "n_samples": n_samples, "temperature": temperature,
+                    "max_new_tokens": max_new_tokens, "seed": seed, "max_length": session.max_length,
+                    "sign": "positive = the row's answer expresses the concept more than the model's own answers"}
+            return projection_difference_from_cache(cache, answers, session.rows, concept, meta=meta)  # type: ignore[arg-type]
+        notes = [why or ""]
+    table = projection_difference(session.adapter, session.rows, concept, n_samples=n_samples, temperature=temperature,
+                                  max_new_tokens=max_new_tokens, seed=seed, cache_dir=cache_dir, batch_size=batch_size,
+                                  max_length=session.max_length, skip_invalid=session.skip_invalid,
+                                  progress=session.progress)
+    table.meta.update({"scored_from": "forward-pass", "notes": [*table.meta.get("notes", []), *notes]})
+    return table
 
 
 def _damping(damping: float | Damping, absolute_damping: float | None) -> Damping:
@@ -210,13 +258,18 @@ def _combination(session: MethodSession, concept: Concept, queries: Sequence[Cha
                  gradient_options: dict[str, Any], store: Any) -> ScoreTable:
     """Vector Filter and Concept Influence on the same rows, fused (``attribution.combine.fuse``); both component
     scores are kept as columns and the settings of each in ``meta``."""
-    forward = _vector_filter(session, concept, queries)
+    forward = _vector_filter(session, concept, queries, store=store)
     gradient = _concept_influence(session, concept, queries, store=store, **gradient_options)
     # rows left out as truncated (skip_invalid) by either component are left out of the fusion too
     skipped = ~(forward.valid & gradient.valid)
     scores = np.full(len(forward), np.nan)
     scores[~skipped] = fuse(forward.scores[~skipped], gradient.scores[~skipped], fusion)  # type: ignore[arg-type]
+    parts = {"forward": forward.meta.get("scored_from"),
+             "gradient": {"store": "gradient-store", "exact": "gradient-pass"}.get(gradient.meta.get("scored_from"),
+                                                                                 gradient.meta.get("scored_from"))}
     meta = {**gradient.meta, "fusion": fusion, "components": {"forward": "vector-filter", "gradient": "concept-influence"},
+            "scored_from": f"{parts['forward']} + {parts['gradient']}", "scored_from_parts": parts,
+            "notes": [*forward.meta.get("notes", []), *gradient.meta.get("notes", [])],
             "gradient_options": {k: v for k, v in gradient_options.items() if k != "factors"},
             "sign": "higher = the row voices the concept and training on it raises the concept"}
     columns = {name: [None if s else float(v) for v, s in zip(table.scores, skipped, strict=True)]

@@ -48,7 +48,7 @@ from concept_influence.attribution.influence import (
     preconditioned_gradient,
     resolve_weights,
 )
-from concept_influence.attribution.methods import RECOMMENDED_METHOD, get_method, gradient_config
+from concept_influence.attribution.methods import RECOMMENDED_METHOD, cache_needs, get_method, gradient_config
 from concept_influence.attribution.scores import ScoreTable
 from concept_influence.concepts import (
     ConceptSpec,
@@ -84,7 +84,6 @@ from concept_influence.store import (
     projection_fingerprint,
 )
 from concept_influence.store.caches import CacheSettings, build_caches
-from concept_influence.store.caches import needs as cache_needs
 from concept_influence.store.fused import FitStoreWriter
 from concept_influence.store.store import DEFAULT_KIND, DEFAULT_RANK
 

@@ -11,12 +11,13 @@ import torch
 from scipy.stats import spearmanr
 
 from concept_influence import Attributor
+from concept_influence.attribution.methods import cache_needs as needs
 from concept_influence.concepts import DirectionConcept
 from concept_influence.data.chat import ChatRow
 from concept_influence.models import HFAdapter
 from concept_influence.store import GradientStore
 from concept_influence.store.activations import ActivationCache, ActivationCacheMismatchError, shard_done
-from concept_influence.store.caches import CacheSettings, needs
+from concept_influence.store.caches import CacheSettings
 from concept_influence.testing.chats import TINY_PAIRS, TINY_QUERIES, chat_rows
 from concept_influence.testing.tiny_models import tiny_llama
 
@@ -45,7 +46,7 @@ def test_what_each_method_needs():
     assert needs(["combined-tiered"])["gradients"] == "logra"
     assert needs(["combined-tiered", "concept-influence"])["gradients"] == "eigen"
     with pytest.raises(ValueError, match="unknown method"):
-        CacheSettings(methods=("no-such-method",))
+        needs(["no-such-method"])
 
 
 def test_vector_filter_and_projection_difference_from_the_cache_equal_the_pass(adapter, tmp_path):

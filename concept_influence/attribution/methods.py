@@ -18,6 +18,12 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from concept_influence.attribution.cached import (
+    is_linear,
+    projection_difference_from_cache,
+    serves,
+    vector_filter_from_cache,
+)
 from concept_influence.attribution.combine import FUSIONS, fuse
 from concept_influence.attribution.forward import projection_difference, vector_filter
 from concept_influence.attribution.gradient import GradientAttributionConfig
@@ -27,14 +33,7 @@ from concept_influence.concepts.base import Concept
 from concept_influence.curvature.config import Damping
 from concept_influence.data.chat import ChatDataset, ChatRow
 from concept_influence.models.base import ModelAdapter
-from concept_influence.store.activations import (
-    build_answer_means,
-    is_linear,
-    projection_difference_from_cache,
-    resolve_activation_cache,
-    serves,
-    vector_filter_from_cache,
-)
+from concept_influence.store.activations import build_answer_means, resolve_activation_cache
 
 
 class MethodSession(Protocol):
@@ -330,3 +329,21 @@ def recommended_gradient_config() -> Any:
                            damping=_damping(options["damping"], options["absolute_damping"]), row_loss=options["row_loss"],
                            token_aggregation=options["token_aggregation"], window=options["window"],
                            normalization=options["normalization"], allow_subset=options["allow_subset"])
+
+
+def cache_needs(methods: Sequence[str]) -> dict[str, Any]:
+    """``{"activations": bool, "answers": bool, "gradients": None | "logra" | "eigen"}``: the caches ``methods``
+    read (``store.caches``): forward methods and ``combined-*`` the activation cache; gradient methods a gradient
+    store, a factor-free LoGra one when their preconditioner is the identity, else the EKFAC eigen store."""
+    out: dict[str, Any] = {"activations": False, "answers": False, "gradients": None}
+    for name in methods:
+        spec = get_method(name)
+        if spec.kind == "forward" or spec.name.startswith("combined-"):
+            out["activations"] = True
+        if spec.name == "projection-difference":
+            out["answers"] = True
+        if spec.kind == "gradient":
+            identity = spec.options.get("preconditioner") == "identity"
+            wanted = "logra" if identity else "eigen"
+            out["gradients"] = "eigen" if "eigen" in (wanted, out["gradients"]) else "logra"
+    return out

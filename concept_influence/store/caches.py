@@ -23,7 +23,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from concept_influence.attribution.methods import get_method
 from concept_influence.curvature.fit import gradient_mode
 from concept_influence.data.chat import ChatRow
 from concept_influence.models.base import ModelAdapter
@@ -68,8 +67,6 @@ class CacheSettings:
     def __post_init__(self) -> None:
         if self.methods is not None:
             object.__setattr__(self, "methods", tuple(self.methods))
-            for name in self.methods:
-                get_method(name)  # unknown names: a ValueError listing the registered ones
         if self.identity_dim < 1:
             raise ValueError(f"identity_dim must be positive, got {self.identity_dim}")
         ActivationSettings(layers=self.layers, dtype=self.activation_dtype)  # validates
@@ -81,22 +78,6 @@ class CacheSettings:
     def activations(self, shard_rows: int) -> ActivationSettings:
         return ActivationSettings(layers=self.layers, dtype=self.activation_dtype, keep_tokens=self.keep_tokens,
                                   shard_rows=shard_rows)
-
-
-def needs(methods: Sequence[str]) -> dict[str, Any]:
-    """``{"activations": bool, "answers": bool, "gradients": None | "logra" | "eigen"}``: what ``methods`` read."""
-    out: dict[str, Any] = {"activations": False, "answers": False, "gradients": None}
-    for name in methods:
-        spec = get_method(name)
-        if spec.kind == "forward" or spec.name.startswith("combined-"):
-            out["activations"] = True
-        if spec.name == "projection-difference":
-            out["answers"] = True
-        if spec.kind == "gradient":
-            identity = spec.options.get("preconditioner") == "identity"
-            wanted = "logra" if identity else "eigen"
-            out["gradients"] = "eigen" if "eigen" in (wanted, out["gradients"]) else "logra"
-    return out
 
 
 def build_caches(adapter: ModelAdapter, data: Sequence[Any], chats: Sequence[ChatRow] | None, folder: str | os.PathLike,

@@ -178,3 +178,34 @@ def test_vector_filter_from_the_cache_equals_the_pass_on_the_organism(organism, 
         assert cached.meta["scored_from"] == "activation-cache"
         relative = np.abs(cached.scores - passed.scores).max() / np.abs(passed.scores).max()
         assert relative < 1e-5, relative
+
+
+def test_plan_prints_the_caches_size_per_row():
+    from concept_influence.planning import plan, render
+
+    result = plan("Qwen/Qwen2.5-7B-Instruct", 10_000, 512, cache_layers=[8, 16, 24])
+    caches = result["caches"]
+    assert caches["layers"] == [8, 16, 24] and caches["activation_bytes_per_row"] == 4 * 3584 * 3 + 32
+    assert caches["bytes"] == 10_000 * (caches["activation_bytes_per_row"] + caches["gradient_bytes_per_row"])
+    assert "per row (layers 8,16,24" in render(result)
+    with pytest.raises(ValueError, match="out of range"):
+        plan("Qwen/Qwen2.5-7B-Instruct", 10, 512, cache_layers=[99])
+
+
+def test_cli_build_store_builds_the_caches_the_methods_need(tmp_path):
+    from typer.testing import CliRunner
+
+    from concept_influence.cli import app
+    from concept_influence.data import write_jsonl_atomic
+    from concept_influence.testing.tiny_models import save_tiny_hf_model
+
+    model_dir = save_tiny_hf_model(tmp_path / "model", seed=5)
+    write_jsonl_atomic(tmp_path / "train.jsonl", [r.to_record() for r in _rows()])
+    base = ["--model", str(model_dir), "--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "store")]
+    result = CliRunner().invoke(app, ["build-store", *base, "--layers", "1", "--identity-dim", "4"])
+    assert result.exit_code == 0, result.output
+    assert "store:" in result.output and "logra" in result.output and "activation cache:" in result.output
+    assert ActivationCache.open(tmp_path / "store" / "activations").layers == [1]
+    result = CliRunner().invoke(app, ["build-store", *base[:-1], str(tmp_path / "vf"), "--for-method", "vector-filter"])
+    assert result.exit_code == 0, result.output
+    assert "store:" not in result.output and "activation cache:" in result.output

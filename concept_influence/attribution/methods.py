@@ -133,8 +133,15 @@ def _vector_filter(session: MethodSession, concept: Concept, queries: Sequence[C
                    store: Any = None) -> ScoreTable:
     """``store``: ``None`` reads the workdir's activation cache when it serves the question, ``False`` forces the
     forward pass, a path reads that store folder's cache (``meta["scored_from"]`` says which)."""
+    return _forward_scores(session, concept, reduction, token_readouts, batch_size, store,
+                           required=store is not None and store is not False)
+
+
+def _forward_scores(session: MethodSession, concept: Concept, reduction: str | None, token_readouts: bool,
+                    batch_size: int | None, store: Any, *, required: bool) -> ScoreTable:
+    """Vector Filter from the activation cache when it serves the question, else by its forward pass."""
     wanted = concept.reduction if reduction is None else reduction
-    cache, notes = resolve_activation_cache(session, store)
+    cache, notes = resolve_activation_cache(session, store, required=required)
     if cache is not None:
         why = "token_readouts asked: forward pass" if token_readouts or wanted == "per_token" else serves(cache, concept, wanted)
         if why is None:
@@ -158,7 +165,7 @@ def _projection_difference(session: MethodSession, concept: Concept, queries: Se
     seed = session.seed if seed is None else seed
     cache_dir = cache_dir if cache_dir is not None else session.answer_cache
     batch_size = batch_size or session.batch_size
-    cache, notes = resolve_activation_cache(session, store)
+    cache, notes = resolve_activation_cache(session, store, required=store is not None and store is not False)
     if cache is not None:
         why = serves(cache, concept, concept.reduction)
         if why is None and not is_linear(concept):
@@ -257,7 +264,7 @@ def _combination(session: MethodSession, concept: Concept, queries: Sequence[Cha
                  gradient_options: dict[str, Any], store: Any) -> ScoreTable:
     """Vector Filter and Concept Influence on the same rows, fused (``attribution.combine.fuse``); both component
     scores are kept as columns and the settings of each in ``meta``."""
-    forward = _vector_filter(session, concept, queries, store=store)
+    forward = _forward_scores(session, concept, None, False, None, store, required=False)
     gradient = _concept_influence(session, concept, queries, store=store, **gradient_options)
     # rows left out as truncated (skip_invalid) by either component are left out of the fusion too
     skipped = ~(forward.valid & gradient.valid)

@@ -407,10 +407,11 @@ def shards_of(n_rows: int, shard_rows: int) -> Iterable[int]:
     return range(max((n_rows + shard_rows - 1) // shard_rows, 1))
 
 
-def resolve_activation_cache(session: Any, store: Any) -> tuple[ActivationCache | None, list[str]]:
+def resolve_activation_cache(session: Any, store: Any, *, required: bool = False) -> tuple[ActivationCache | None, list[str]]:
     """The activation cache a forward question reads: ``store=False``: none (a forward pass); a path: the cache
-    in it (``<path>/activations``, or the path itself), checked (a mismatch is an error); ``None``: the workdir's
-    store folder's cache when one exists and matches (else a note and a forward pass)."""
+    in it (``<path>/activations``, or the path itself), checked (a mismatch is an error; no cache there: an error
+    when ``required``, else a note); ``None``: the workdir's store folder's cache when one exists and matches (else
+    a note and a forward pass)."""
     if store is False:
         return None, ["store=False: forward pass"]
     explicit = store is not None and not isinstance(store, GradientStore)
@@ -425,6 +426,9 @@ def resolve_activation_cache(session: Any, store: Any) -> tuple[ActivationCache 
     root = Path(root)
     folder = root if (root / MANIFEST).exists() and not (root / FOLDER).exists() and _is_activation_cache(root) else root / FOLDER
     if not (folder / MANIFEST).exists():
+        if explicit and required:
+            raise ValueError(f"no activation cache in {root} (build-store builds one): store= applies to gradient "
+                             "methods, and to forward methods where it holds an activation cache")
         return None, ([f"no activation cache in {root}: forward pass"] if explicit else [])
     opened: dict[str, ActivationCache] = session.__dict__.setdefault("_activation_caches", {})
     try:

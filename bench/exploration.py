@@ -1,0 +1,298 @@
+"""Benchmark: ten exploratory questions on the built-in organism with the recommended method, (a) from scratch each
+time, (b) from the caches (``Attributor.build_store()``: the activation cache and the factor-free LoGra gradient
+store, one pass), (c) as kronfluence 1.0.1 answers ten EKFAC questions, in one run (issue 17).
+
+Questions: two traits (the organism's ``evil``, and ``sycophancy``, which its shared base also knows) × concepts
+(logistic probe, diff of means, persona vector: the diff of mean activations of judge-filtered pos/neg persona
+answers) × three layers × two query sets (seeded halves of the organism's query prompts, answered once beforehand,
+charged to no one). Concepts are made beforehand too (a user's concept training is not what is measured).
+
+Prints the one-time cost (and one plain training epoch over the same rows, forward + backward + AdamW step, for
+scale), each question's time, totals, the cached scores' agreement with the uncached ones (Vector Filter's
+relative error, the combined ranking's Spearman, the PR-AUC of the planted rows), Vector Filter's speed-up from the
+cache, and with ``--dims`` the rank agreement of LoGra stores of several sizes with the exact identity-preconditioned
+scores (how ``store.store.DEFAULT_IDENTITY_DIM`` was chosen). Writes ``--out`` (JSON) and ``--table`` (markdown,
+included by docs/benchmarks.md).
+
+    python bench/exploration.py [--dims 8,16,32,64] [--skip-kronfluence] [--questions 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import logging
+import platform
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from concept_influence import Attributor  # noqa: E402
+from concept_influence.attribution.combine import fuse  # noqa: E402
+from concept_influence.attribution.measurements import answer_queries, tokenize_queries  # noqa: E402
+from concept_influence.concepts import DirectionConcept, parse_spec  # noqa: E402
+from concept_influence.curvature.loss import sequence_losses  # noqa: E402
+from concept_influence.data import iter_batches  # noqa: E402
+from concept_influence.data.atomic import write_json_atomic, write_text_atomic  # noqa: E402
+from concept_influence.evaluate.metrics import ranking_report  # noqa: E402
+from concept_influence.organism.build import organism_for_tests  # noqa: E402
+from concept_influence.organism.generator import probe_spec  # noqa: E402
+from concept_influence.organism.judge import judge_for  # noqa: E402
+from concept_influence.organism.measure import trait_concept  # noqa: E402
+from concept_influence.store.caches import CacheSettings  # noqa: E402
+
+MAX_LENGTH = 256
+
+
+def prepare(answers_dir: Path, n_samples: int):
+    """The organism, its fine-tuned adapter, the ten questions ``[(label, concept, answered queries)]``."""
+    organism = organism_for_tests()
+    tuned = organism.load_finetuned()
+    trait_layer = int(organism.metadata.get("trait", {}).get("layer", tuned.n_layers - 1))
+    layers = sorted({trait_layer, 1, 2} if trait_layer not in (1, 2) else {1, 2, 3})
+    specs = {"evil": organism.probe_spec(), "sycophancy": probe_spec(organism.config.seed, variant="sycophancy")}
+    prep = Attributor(tuned, organism.train_rows(), progress=False, max_length=MAX_LENGTH)
+    made: dict[tuple[str, str, int], DirectionConcept] = {}
+
+    def concept(trait: str, kind: str, layer: int) -> DirectionConcept:
+        key = (trait, kind, layer)
+        if key not in made:
+            if kind == "persona vector":
+                made[key], _ = trait_concept(tuned, specs[trait], layer, trait=trait)
+            else:
+                spec = parse_spec(specs[trait], f"{trait} spec", default_name=trait)
+                made[key] = prep.train_probe(spec, layer, judge=judge_for(trait), save=False, n_samples=2,
+                                             method="probe" if kind == "probe" else "diff_of_means")
+        return made[key]
+
+    prompts = list(organism.queries())
+    answered = answer_queries(tuned, prompts, n_samples=n_samples, seed=0, cache_dir=answers_dir)
+    rng = np.random.default_rng(0)
+    half = set(rng.choice(len(prompts), size=len(prompts) // 2, replace=False).tolist())
+    query_sets = {"A": [r for r in answered if r.fields["query_index"] in half],
+                  "B": [r for r in answered if r.fields["query_index"] not in half]}
+    top = layers[-1]
+    plan = [("evil", "probe", top, "A"), ("evil", "diff of means", top, "A"), ("evil", "persona vector", top, "A"),
+            ("evil", "probe", layers[1], "A"), ("evil", "probe", layers[0], "B"), ("evil", "diff of means", layers[1], "B"),
+            ("sycophancy", "probe", top, "A"), ("sycophancy", "diff of means", layers[1], "B"),
+            ("sycophancy", "persona vector", top, "B"), ("evil", "persona vector", layers[0], "B")]
+    questions = [(f"{t} {k} L{layer} Q{q}", concept(t, k, layer), query_sets[q]) for t, k, layer, q in plan]
+    return organism, questions
+
+
+def training_epoch(adapter, data, batch_size: int) -> float:
+    """Seconds of one plain training epoch over ``data`` (forward, backward, AdamW step) on a copy of the model."""
+    model = copy.deepcopy(adapter.model).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    started = time.perf_counter()
+    for batch in iter_batches(data, batch_size, shuffle=True, seed=0, pad_id=data.pad_token_id):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = sequence_losses(logits, batch["input_ids"], batch["loss_mask"]).sum() / batch["loss_mask"][:, 1:].sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - started
+
+
+def kronfluence_questions(adapter, train, questions, work: Path, batch_size: int):
+    """kronfluence as it would answer ten EKFAC questions: one factor fit per tracked-module set (it tracks only
+    modules the measurement reaches: blocks 0..L of each question's layer L), one pairwise call per question.
+    Returns (fit seconds by layer, [question seconds])."""
+    from ten_questions import kronfluence_run
+
+    fits: dict[int, float] = {}
+    seconds: list[float] = [0.0] * len(questions)
+    by_layer: dict[int, list[int]] = {}
+    for k, (_, concept, _) in enumerate(questions):
+        by_layer.setdefault(concept.layer, []).append(k)
+    for layer, ks in sorted(by_layer.items()):
+        names = [i.name for i in adapter.weights_up_to(layer)]
+        concepts = [questions[k][1] for k in ks]
+        sets = [(j, tokenize_queries(questions[k][2], adapter.tokenizer, MAX_LENGTH)) for j, k in enumerate(ks)]
+        fit_s, question_s, _ = kronfluence_run(adapter, concepts, names, train, sets, work / f"kron-{layer}", batch_size, layer)
+        fits[layer] = fit_s
+        for k, s in zip(ks, question_s, strict=True):
+            seconds[k] = s
+    return fits, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--questions", type=int, default=10)
+    parser.add_argument("--n-samples", type=int, default=4, help="answers per query prompt")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--dims", default="", help="LoGra sizes per side to compare with the exact identity scores")
+    parser.add_argument("--skip-kronfluence", action="store_true")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / ".cache" / "bench_exploration")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "exploration.json")
+    parser.add_argument("--table", type=Path, default=ROOT / "docs" / "tables" / "exploration.md")
+    args = parser.parse_args()
+    logging.getLogger("kronfluence").setLevel(logging.WARNING)
+    command = "python bench/exploration.py " + " ".join(sys.argv[1:])
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    print(f"machine: {machine}")
+
+    organism, questions = prepare(args.work_dir / "answers", args.n_samples)
+    questions = questions[:args.questions]
+    work = args.work_dir / organism.root.name
+    if work.exists():
+        shutil.rmtree(work)  # every run builds its caches anew
+    origins = organism.data_origins()
+
+    att = Attributor(organism.root / "finetuned", organism.train_rows(), work / "session", max_length=MAX_LENGTH,
+                     batch_size=args.batch_size, progress=False)
+    _ = att.train, att.data_fingerprint()
+    epoch_s = training_epoch(att.adapter, att.train, args.batch_size)
+    print(f"{len(att.train)} rows; one training epoch (forward + backward + step): {epoch_s:.1f} s")
+
+    # ---- (b) the caches: one pass, then every question from them
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    store = att.build_store()
+    build_s = time.perf_counter() - t0
+    cache = att.__dict__["_activation_caches"][str(att.store_dir / "activations")]
+    print(f"one-time pass: {build_s:.1f} s ({build_s / epoch_s:.2f} epochs); {store} {store.nbytes / 2**20:.1f} MiB; "
+          f"{cache} {cache.nbytes / 2**20:.1f} MiB")
+    cached, cached_s = [], []
+    for label, concept, queries in questions:
+        t0 = time.perf_counter()
+        table = att.attribute(concept, queries)
+        cached_s.append(time.perf_counter() - t0)
+        cached.append(table)
+        print(f"  cached  {label:<36} {cached_s[-1]:.3f} s  ({table.meta['scored_from']})", flush=True)
+    rss_cached = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    concept0 = questions[0][1]
+    t0 = time.perf_counter()
+    vf_cached = att.attribute(concept0, method="vector-filter")
+    vf_cached_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    att.attribute(concept0, method="vector-filter", store=False)
+    vf_pass_s = time.perf_counter() - t0
+    print(f"Vector Filter alone: cache {vf_cached_s * 1000:.1f} ms ({vf_cached.meta['scored_from']}), forward pass "
+          f"{vf_pass_s:.2f} s: {vf_pass_s / vf_cached_s:.0f}x")
+
+    # ---- (a) from scratch: every pass, every question
+    scratch, scratch_s = [], []
+    for label, concept, queries in questions:
+        t0 = time.perf_counter()
+        table = att.attribute(concept, queries, store=False)
+        scratch_s.append(time.perf_counter() - t0)
+        scratch.append(table)
+        print(f"  scratch {label:<36} {scratch_s[-1]:.2f} s  ({table.meta['scored_from']})", flush=True)
+
+    # ---- (c) kronfluence: ten EKFAC questions
+    kron = None
+    if not args.skip_kronfluence:
+        t0 = time.perf_counter()
+        fits, kron_s = kronfluence_questions(att.adapter, att.train, questions, work, args.batch_size)
+        kron = {"fits_s": fits, "question_s": kron_s, "total_s": time.perf_counter() - t0}
+        print(f"kronfluence: factor fits {', '.join(f'L{k} {v:.1f} s' for k, v in fits.items())}; questions "
+              f"{sum(kron_s):.1f} s; total {kron['total_s']:.1f} s")
+
+    # ---- agreement
+    rows = []
+    for k, (label, _, _) in enumerate(questions):
+        a, b = scratch[k], cached[k]
+        f_a, f_b = np.asarray(a.columns["forward_score"], float), np.asarray(b.columns["forward_score"], float)
+        g_a, g_b = np.asarray(a.columns["gradient_score"], float), np.asarray(b.columns["gradient_score"], float)
+        pr_a, pr_b = ranking_report(a.scores.tolist(), origins)["pr_auc"], ranking_report(b.scores.tolist(), origins)["pr_auc"]
+        rows.append({"question": label, "scratch_s": scratch_s[k], "cached_s": cached_s[k],
+                     "kron_s": kron["question_s"][k] if kron else None,
+                     "vf_rel_error": float(np.abs(f_a - f_b).max() / np.abs(f_a).max()),
+                     "spearman_combined": float(spearmanr(a.scores, b.scores).statistic),
+                     "spearman_gradient": float(spearmanr(g_a, g_b).statistic),
+                     "pr_auc_scratch": pr_a, "pr_auc_cached": pr_b})
+
+    # ---- LoGra size vs rank agreement with the exact identity scores
+    sweep = []
+    for dim in [int(d) for d in args.dims.split(",") if d]:
+        folder = work / f"logra-{dim}"
+        t0 = time.perf_counter()
+        built = att.build_store(folder, caches=CacheSettings(methods=("combined-tiered",), identity_dim=dim, layers=(0,)))
+        seconds = time.perf_counter() - t0
+        rho_g, rho_c, gap = [], [], []
+        for k, (_, concept, queries) in enumerate(questions):
+            g = att.attribute(concept, queries, "concept-influence", preconditioner="identity", store=folder).scores
+            exact = np.asarray(scratch[k].columns["gradient_score"], float)
+            forward = np.asarray(scratch[k].columns["forward_score"], float)
+            combined = fuse(forward, g, "tiered")
+            rho_g.append(float(spearmanr(g, exact).statistic))
+            rho_c.append(float(spearmanr(combined, scratch[k].scores).statistic))
+            gap.append(abs(ranking_report(combined.tolist(), origins)["pr_auc"] - rows[k]["pr_auc_scratch"]))
+        sweep.append({"dim": dim, "build_s": seconds, "mib": built.nbytes / 2**20, "min_spearman_gradient": min(rho_g),
+                      "mean_spearman_gradient": float(np.mean(rho_g)), "min_spearman_combined": min(rho_c),
+                      "max_pr_auc_gap": max(gap)})
+        print(f"  LoGra {dim:>3}: {built.nbytes / 2**20:7.1f} MiB, built in {seconds:.1f} s; Spearman vs exact identity "
+              f"min {min(rho_g):.4f} mean {np.mean(rho_g):.4f}; combined min {min(rho_c):.4f}; PR-AUC gap max {max(gap):.4f}")
+
+    scratch_total, cached_total = sum(scratch_s), build_s + sum(cached_s)
+    summary = {
+        "command": command, "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine,
+        "rows": len(att.train), "epoch_s": epoch_s, "build_s": build_s, "build_epochs": build_s / epoch_s,
+        "store": repr(store), "store_mib": store.nbytes / 2**20, "activation_cache": repr(cache),
+        "activation_mib": cache.nbytes / 2**20, "activation_bytes_per_row": cache.nbytes / len(cache),
+        "store_bytes_per_row": store.nbytes / len(store),
+        "vf_cached_s": vf_cached_s, "vf_pass_s": vf_pass_s, "vf_speedup": vf_pass_s / vf_cached_s,
+        "scratch_total_s": scratch_total, "cached_questions_s": sum(cached_s), "cached_total_s": cached_total,
+        "max_cached_s": max(cached_s), "max_vf_rel_error": max(r["vf_rel_error"] for r in rows),
+        "min_spearman_combined": min(r["spearman_combined"] for r in rows),
+        "max_pr_auc_gap": max(abs(r["pr_auc_scratch"] - r["pr_auc_cached"]) for r in rows),
+        "peak_rss_mib_before_build": rss_before / 1024, "peak_rss_mib_after_cached_questions": rss_cached / 1024,
+        "questions": rows, "logra_sweep": sweep,
+    }
+    if kron is not None:
+        summary["kronfluence"] = kron
+        summary["cached_over_kronfluence"] = cached_total / kron["total_s"]
+    print(f"\nten questions: from scratch {scratch_total:.1f} s; cached {cached_total:.1f} s (pass {build_s:.1f} s + "
+          f"questions {sum(cached_s):.2f} s, max {max(cached_s):.3f} s)"
+          + (f"; kronfluence {kron['total_s']:.1f} s (cached / kronfluence {summary['cached_over_kronfluence']:.3f})" if kron else ""))
+    print(f"agreement: VF max relative error {summary['max_vf_rel_error']:.2e}; combined Spearman min "
+          f"{summary['min_spearman_combined']:.4f}; PR-AUC gap max {summary['max_pr_auc_gap']:.4f}")
+    write_json_atomic(args.out, summary)
+    write_text_atomic(args.table, render_table(summary))
+    print(f"report -> {args.out}, table -> {args.table}")
+
+
+def render_table(s: dict) -> str:
+    kron = s.get("kronfluence")
+    lines = [f"**Command**: `{s['command'].strip()}`. **Date**: {s['date']}. **Machine**: the 2-core CPU machine "
+             f"({s['machine']}). Organism: {s['rows']} training rows.", "",
+             "| one-time cost | seconds | per row on disk |", "|---|---|---|",
+             f"| one training epoch (forward + backward + step), for scale | {s['epoch_s']:.1f} | |",
+             f"| `build_store()`: activation cache + LoGra store, one pass | {s['build_s']:.1f} ({s['build_epochs']:.2f} epochs) "
+             f"| {s['activation_bytes_per_row'] / 1024:.1f} KiB + {s['store_bytes_per_row'] / 1024:.1f} KiB |"]
+    if kron:
+        lines.append(f"| kronfluence EKFAC factor fits ({len(kron['fits_s'])} module sets) | "
+                     f"{sum(kron['fits_s'].values()):.1f} | |")
+    lines += ["", "| question | from scratch s | from the caches s | kronfluence EKFAC s | VF rel. error | "
+              "combined Spearman | PR-AUC scratch | PR-AUC cached |", "|---|---|---|---|---|---|---|---|"]
+    for r in s["questions"]:
+        k = f"{r['kron_s']:.2f}" if r["kron_s"] is not None else "-"
+        lines.append(f"| {r['question']} | {r['scratch_s']:.1f} | {r['cached_s']:.3f} | {k} | {r['vf_rel_error']:.1e} | "
+                     f"{r['spearman_combined']:.4f} | {r['pr_auc_scratch']:.3f} | {r['pr_auc_cached']:.3f} |")
+    total_k = f"{kron['total_s']:.1f}" if kron else "-"
+    lines.append(f"| **total** (caches: pass + questions) | {s['scratch_total_s']:.1f} | {s['cached_total_s']:.1f} | "
+                 f"{total_k} | {s['max_vf_rel_error']:.1e} | {s['min_spearman_combined']:.4f} | | |")
+    lines += ["", f"Vector Filter alone: {s['vf_cached_s'] * 1000:.1f} ms from the cache, {s['vf_pass_s']:.2f} s by its "
+              f"forward pass ({s['vf_speedup']:.0f}x)."]
+    if s["logra_sweep"]:
+        lines += ["", "| LoGra size per side | MiB | min Spearman vs exact identity | mean | min combined Spearman | "
+                  "max PR-AUC gap |", "|---|---|---|---|---|---|"]
+        lines += [f"| {w['dim']} | {w['mib']:.1f} | {w['min_spearman_gradient']:.4f} | {w['mean_spearman_gradient']:.4f} | "
+                  f"{w['min_spearman_combined']:.4f} | {w['max_pr_auc_gap']:.4f} |" for w in s["logra_sweep"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -55,14 +55,14 @@ from concept_influence.store.caches import CacheSettings  # noqa: E402
 MAX_LENGTH = 256
 
 
-def prepare(answers_dir: Path, n_samples: int):
-    """The organism, its fine-tuned adapter, the ten questions ``[(label, concept, answered queries)]``."""
+def prepare(answers_dir: Path, n_samples: int, n_questions: int = 10):
+    """The organism and the first ``n_questions`` of the ten ``[(label, concept, answered queries)]``."""
     organism = organism_for_tests()
     tuned = organism.load_finetuned()
     trait_layer = int(organism.metadata.get("trait", {}).get("layer", tuned.n_layers - 1))
     layers = sorted({trait_layer, 1, 2} if trait_layer not in (1, 2) else {1, 2, 3})
     specs = {"evil": organism.probe_spec(), "sycophancy": probe_spec(organism.config.seed, variant="sycophancy")}
-    prep = Attributor(tuned, organism.train_rows(), progress=False, max_length=MAX_LENGTH)
+    prep = Attributor(tuned, organism.train_rows(), answers_dir / "prep", progress=False, max_length=MAX_LENGTH)
     made: dict[tuple[str, str, int], DirectionConcept] = {}
 
     def concept(trait: str, kind: str, layer: int) -> DirectionConcept:
@@ -87,7 +87,7 @@ def prepare(answers_dir: Path, n_samples: int):
             ("evil", "probe", layers[1], "A"), ("evil", "probe", layers[0], "B"), ("evil", "diff of means", layers[1], "B"),
             ("sycophancy", "probe", top, "A"), ("sycophancy", "diff of means", layers[1], "B"),
             ("sycophancy", "persona vector", top, "B"), ("evil", "persona vector", layers[0], "B")]
-    questions = [(f"{t} {k} L{layer} Q{q}", concept(t, k, layer), query_sets[q]) for t, k, layer, q in plan]
+    questions = [(f"{t} {k} L{layer} Q{q}", concept(t, k, layer), query_sets[q]) for t, k, layer, q in plan[:n_questions]]
     return organism, questions
 
 
@@ -143,8 +143,9 @@ def main() -> None:
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     print(f"machine: {machine}")
 
-    organism, questions = prepare(args.work_dir / "answers", args.n_samples)
-    questions = questions[:args.questions]
+    t0 = time.perf_counter()
+    organism, questions = prepare(args.work_dir / "answers", args.n_samples, args.questions)
+    print(f"questions prepared (concepts trained, queries answered; charged to no one) in {time.perf_counter() - t0:.0f} s")
     work = args.work_dir / organism.root.name
     if work.exists():
         shutil.rmtree(work)  # every run builds its caches anew

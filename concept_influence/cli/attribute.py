@@ -33,8 +33,8 @@ def attribute(
     concept: Path | None = typer.Option(None, "--concept", help="Concept file (train-probe's output). Not needed by --method influence."),
     queries: Path | None = typer.Option(None, "--queries", help="Query prompts JSONL (gradient methods); prompt-only rows are answered by the model."),
     workdir: Path | None = typer.Option(None, "--workdir", help="Session folder: factors, answers and store kept and reused across runs."),
-    store: Path | None = typer.Option(None, "--store", help="Gradient methods: answer from this gradient store (build-store) instead of a pass over the rows."),
-    exact: bool = typer.Option(False, "--exact", help="Gradient methods: ignore the workdir's store and score by the exact pass."),
+    store: Path | None = typer.Option(None, "--store", help="Answer from this store folder (build-store) instead of passes over the rows: gradient methods read its gradient store, forward methods (and the forward half of combined-*) its activation cache."),
+    exact: bool = typer.Option(False, "--exact", help="Ignore the workdir's caches: every pass over the rows (forward and gradient) runs."),
     factors: Path | None = typer.Option(None, "--factors", help="Fitted factors folder (fit-factors); fitted here when absent (and saved there if given)."),
     preconditioner: str | None = typer.Option(None, "--preconditioner", help="ekfac | kfac | diagonal | identity (default: the method's)."),
     damping: float | None = typer.Option(None, "--damping", help="Relative damping: λ = this × mean eigenvalue, per weight (default 0.1)."),
@@ -96,10 +96,10 @@ def attribute(
     accepted = spec.options
     # flags left out keep the method's own defaults (a combination's may differ from concept-influence's)
     options: dict[str, Any] = {k: v for k, v in flags.items() if k in accepted and k != "store" and v is not None}
-    if spec.kind == "gradient":
+    if "store" in accepted:  # gradient methods read the gradient store, forward methods the activation cache
         options["store"] = False if exact else store
     elif store is not None:
-        raise ValueError(f"--store applies to gradient methods; --method {spec.name} reads no gradients")
+        raise ValueError(f"--store does not apply to --method {spec.name} (it reads no caches)")
     table = att.attribute(concept, queries, None if method is None else spec.name, **options)
     table.meta.update({"model": model, "data": str(data), "concept": None if concept is None else str(concept)})
     table.write_jsonl(out)

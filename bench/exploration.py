@@ -68,12 +68,14 @@ def prepare(answers_dir: Path, n_samples: int, n_questions: int = 10):
     def concept(trait: str, kind: str, layer: int) -> DirectionConcept:
         key = (trait, kind, layer)
         if key not in made:
+            # the fine-tuned (evil) organism's sycophantic answers do not pass the sycophancy judge: unfiltered there
+            judged = trait == "evil"
             if kind == "persona vector":
-                made[key], _ = trait_concept(tuned, specs[trait], layer, trait=trait)
+                made[key], _ = trait_concept(tuned, specs[trait], layer, trait=trait, filter_by_judge=judged)
             else:
                 spec = parse_spec(specs[trait], f"{trait} spec", default_name=trait)
-                made[key] = prep.train_probe(spec, layer, judge=judge_for(trait), save=False, n_samples=2,
-                                             method="probe" if kind == "probe" else "diff_of_means")
+                made[key] = prep.train_probe(spec, layer, judge=judge_for(trait) if judged else None, save=False,
+                                             n_samples=2, method="probe" if kind == "probe" else "diff_of_means")
         return made[key]
 
     prompts = list(organism.queries())

@@ -16,6 +16,8 @@ given) what later questions reuse, each checked against fingerprints of the mode
     workdir/answers/                               sampled answers to query prompts (cached per prompt)
     workdir/concepts/<name>-layer<L>/              concepts trained here
     workdir/store/                                 the gradient store (``build_store``)
+    workdir/store/activations/                     the activation cache (``build_store``; forward methods and the
+                                                   forward half of ``combined-*`` read it)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Benchmark: ten exploratory questions on the built-in organism with the recommended method, (a) from scratch each
-time, (b) from the caches (``Attributor.build_store()``: the activation cache and the factor-free LoGra gradient
-store, one pass), (c) as kronfluence 1.0.1 answers ten EKFAC questions, in one run (issue 17).
+time, (b) from the caches (``Attributor.build_store()``: the activation cache and the identity gradient store, one
+pass), (c) as kronfluence 1.0.1 answers ten EKFAC questions, in one run (issue 17).
 
 Questions: two traits (the organism's ``evil``, and ``sycophancy``, which its shared base also knows) × concepts
 (logistic probe, diff of means, persona vector: the diff of mean activations of judge-filtered pos/neg persona
@@ -10,11 +10,11 @@ charged to no one). Concepts are made beforehand too (a user's concept training 
 Prints the one-time cost (and one plain training epoch over the same rows, forward + backward + AdamW step, for
 scale), each question's time, totals, the cached scores' agreement with the uncached ones (Vector Filter's
 relative error, the combined ranking's Spearman, the PR-AUC of the planted rows), Vector Filter's speed-up from the
-cache, and with ``--dims`` the rank agreement of LoGra stores of several sizes with the exact identity-preconditioned
-scores (how ``store.store.DEFAULT_IDENTITY_DIM`` was chosen). Writes ``--out`` (JSON) and ``--table`` (markdown,
+cache, and with ``--ranks``/``--logra`` the rank agreement of identity stores and factor-free LoGra stores of several sizes
+with the exact identity-preconditioned scores (how ``store.store.DEFAULT_IDENTITY_RANK`` was chosen). Writes ``--out`` (JSON) and ``--table`` (markdown,
 included by docs/benchmarks.md).
 
-    python bench/exploration.py [--dims 8,16,32,64] [--skip-kronfluence] [--questions 10]
+    python bench/exploration.py [--ranks 32,48,64] [--logra 32,64] [--skip-kronfluence] [--questions 10] [--scratch 10]
 """
 
 from __future__ import annotations
@@ -157,7 +157,8 @@ def main() -> None:
                         "scores come from shared passes, untimed; the from-scratch total is extrapolated)")
     parser.add_argument("--n-samples", type=int, default=4, help="answers per query prompt")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--dims", default="", help="LoGra sizes per side to compare with the exact identity scores")
+    parser.add_argument("--ranks", default="", help="identity-store ranks to compare with the exact identity scores")
+    parser.add_argument("--logra", default="", help="factor-free LoGra sizes per side to compare the same way")
     parser.add_argument("--skip-kronfluence", action="store_true")
     parser.add_argument("--work-dir", type=Path, default=ROOT / ".cache" / "bench_exploration")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "exploration.json")
@@ -244,12 +245,14 @@ def main() -> None:
 
     # ---- LoGra size vs rank agreement with the exact identity scores
     sweep = []
-    for dim in [int(d) for d in args.dims.split(",") if d]:
-        folder, seconds, built = att.store_dir, build_s, store  # the default size: the store built above
-        if dim != store.config.rank:
-            folder = work / f"logra-{dim}"
+    sizes = [("identity", int(d)) for d in args.ranks.split(",") if d] + [("logra", int(d)) for d in args.logra.split(",") if d]
+    for kind, dim in sizes:
+        folder, seconds, built = att.store_dir, build_s, store  # the default: the store built above
+        if kind == "logra" or dim != store.config.rank:
+            folder = work / f"{kind}-{dim}"
             t0 = time.perf_counter()
-            built = att.build_store(folder, caches=CacheSettings(methods=("combined-tiered",), identity_dim=dim, layers=(0,)))
+            settings = CacheSettings(methods=("combined-tiered",), identity_rank=dim, layers=(0,))
+            built = att.build_store(folder, caches=settings, projection_dim=dim if kind == "logra" else None)
             seconds = time.perf_counter() - t0
         rho_g, rho_c, gap = [], [], []
         for k, (_, concept, queries) in enumerate(questions):
@@ -258,10 +261,10 @@ def main() -> None:
             rho_g.append(float(spearmanr(g, scratch[k]["gradient"]).statistic))
             rho_c.append(float(spearmanr(combined, scratch[k]["combined"]).statistic))
             gap.append(abs(ranking_report(combined.tolist(), origins)["pr_auc"] - rows[k]["pr_auc_scratch"]))
-        sweep.append({"dim": dim, "build_s": seconds, "mib": built.nbytes / 2**20, "min_spearman_gradient": min(rho_g),
+        sweep.append({"kind": kind, "dim": dim, "build_s": seconds, "mib": built.nbytes / 2**20, "min_spearman_gradient": min(rho_g),
                       "mean_spearman_gradient": float(np.mean(rho_g)), "min_spearman_combined": min(rho_c),
                       "max_pr_auc_gap": max(gap)})
-        print(f"  LoGra {dim:>3}: {built.nbytes / 2**20:7.1f} MiB, built in {seconds:.1f} s; Spearman vs exact identity "
+        print(f"  {kind} {dim:>3}: {built.nbytes / 2**20:7.1f} MiB, built in {seconds:.1f} s; Spearman vs exact identity "
               f"min {min(rho_g):.4f} mean {np.mean(rho_g):.4f}; combined min {min(rho_c):.4f}; PR-AUC gap max {max(gap):.4f}")
 
     timed = len(scratch_s)
@@ -280,7 +283,7 @@ def main() -> None:
         "min_spearman_combined": min(r["spearman_combined"] for r in rows),
         "max_pr_auc_gap": max(abs(r["pr_auc_scratch"] - r["pr_auc_cached"]) for r in rows),
         "peak_rss_mib_before_build": rss_before / 1024, "peak_rss_mib_after_cached_questions": rss_cached / 1024,
-        "questions": rows, "logra_sweep": sweep,
+        "questions": rows, "store_sweep": sweep,
     }
     if kron is not None:
         summary["kronfluence"] = kron
@@ -302,7 +305,7 @@ def render_table(s: dict) -> str:
              f"({s['machine']}). Organism: {s['rows']} training rows.", "",
              "| one-time cost | seconds | per row on disk |", "|---|---|---|",
              f"| one training epoch (forward + backward + step), for scale | {s['epoch_s']:.1f} | |",
-             f"| `build_store()`: activation cache + LoGra store, one pass | {s['build_s']:.1f} ({s['build_epochs']:.2f} epochs) "
+             f"| `build_store()`: activation cache + identity store, one pass (incl. the 256-row sample's eigenbases) | {s['build_s']:.1f} ({s['build_epochs']:.2f} epochs) "
              f"| {s['activation_bytes_per_row'] / 1024:.1f} KiB + {s['store_bytes_per_row'] / 1024:.1f} KiB |"]
     if kron:
         lines.append(f"| kronfluence EKFAC factor fits ({len(kron['fits_s'])} module sets) | "
@@ -320,11 +323,15 @@ def render_table(s: dict) -> str:
                  f"{total_k} | {s['max_vf_rel_error']:.1e} | {s['min_spearman_combined']:.4f} | | | |")
     lines += ["", f"Vector Filter alone: {s['vf_cached_s'] * 1000:.1f} ms from the cache, {s['vf_pass_s']:.2f} s by its "
               f"forward pass ({s['vf_speedup']:.0f}x)."]
-    if s["logra_sweep"]:
-        lines += ["", "| LoGra size per side | MiB | min Spearman vs exact identity | mean | min combined Spearman | "
-                  "max PR-AUC gap |", "|---|---|---|---|---|---|"]
-        lines += [f"| {w['dim']} | {w['mib']:.1f} | {w['min_spearman_gradient']:.4f} | {w['mean_spearman_gradient']:.4f} | "
-                  f"{w['min_spearman_combined']:.4f} | {w['max_pr_auc_gap']:.4f} |" for w in s["logra_sweep"]]
+    if s["store_sweep"]:
+        lines += ["", "Gradient stores for the identity-preconditioned half, against the exact identity scores of the same "
+                  "questions (identity: eigen-components in the KFAC eigenbases of a 256-row sample; LoGra: seeded "
+                  "Gaussian projections, no sample):", "",
+                  "| store | size | MiB | build s | min Spearman vs exact identity | mean | min combined Spearman | "
+                  "max PR-AUC gap |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {w['kind']} | {w['dim']} | {w['mib']:.1f} | {w['build_s']:.1f} | {w['min_spearman_gradient']:.4f} | "
+                  f"{w['mean_spearman_gradient']:.4f} | {w['min_spearman_combined']:.4f} | {w['max_pr_auc_gap']:.4f} |"
+                  for w in s["store_sweep"]]
     return "\n".join(lines) + "\n"
 
 

@@ -66,7 +66,7 @@ from concept_influence.concepts.sae import sae_feature_concept
 from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import fit_factors, sample_rows
-from concept_influence.curvature.io import data_fingerprint, has_factors
+from concept_influence.curvature.io import data_fingerprint, has_factors, load_factors
 from concept_influence.data.atomic import file_sha256, safe_name, write_text_atomic
 from concept_influence.data.chat import ChatDataset, ChatRow, read_chat_jsonl, rows_from_records
 from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat, untrainable_rows
@@ -87,7 +87,7 @@ from concept_influence.store import (
 )
 from concept_influence.store.caches import CacheSettings, build_caches
 from concept_influence.store.fused import FitStoreWriter
-from concept_influence.store.store import DEFAULT_KIND, DEFAULT_RANK
+from concept_influence.store.store import DEFAULT_KIND, DEFAULT_RANK, IDENTITY_BASIS
 
 logger = logging.getLogger(__name__)
 
@@ -387,6 +387,13 @@ class Attributor:
                                                   contrast_queries=contrast_queries, token_cache=self._query_tokens)
         meta = {"n_queries": len(answered), "config": asdict(config)}
         opened, store_notes = self._resolve_store(store)
+        if opened is not None and opened.manifest.get("basis") and config.preconditioner != "identity":
+            if store not in (None, False):
+                raise ValueError(f"{opened.folder} is an identity store (sample eigenbases, no EKFAC factors): it serves "
+                                 "identity-preconditioned questions; build an EKFAC store (build-store --rank K)")
+            store_notes.append(f"the workdir's store serves identity-preconditioned questions only "
+                               f"(preconditioner {config.preconditioner!r}): exact pass")
+            opened = None
         exact_only = (config.token_breakdown != "none" or config.self_influence or config.token_aggregation != "sum"
                       or config.normalization != "none")
         if opened is not None and exact_only:
@@ -441,19 +448,20 @@ class Attributor:
         ``caches`` (``store.caches.CacheSettings``): build what the session's questions read (default when neither
         ``rank`` nor ``projection_dim`` is given: the recommended method's caches), in one pass over the rows: the
         activation cache (``<folder>/activations``) for forward methods and the forward half of ``combined-*``,
-        a factor-free LoGra store (``identity_dim``) for identity-preconditioned questions, the eigen store for
-        EKFAC ones. With ``rank``/``projection_dim`` and no ``caches``: the gradient store alone, as before."""
+        the identity store (``identity_rank``: an eigen store in the KFAC eigenbases of a seeded sample of rows, no
+        EKFAC fit; ``store.caches``) for identity-preconditioned questions, the eigen store for EKFAC ones. With
+        ``rank``/``projection_dim`` and no ``caches``: the gradient store alone, as before."""
         if rank is not None and projection_dim is not None:
             raise ValueError("give --rank (eigenbasis store) or --projection-dim (LoGra store), not both")
         explicit = rank is not None or projection_dim is not None
         need = (cache_needs(caches.methods if caches is not None and caches.methods else [RECOMMENDED_METHOD])
                 if caches is not None or not explicit else {"activations": False, "gradients": "given"})
         kind = "eigen" if rank is not None else "logra" if projection_dim is not None else DEFAULT_KIND
-        if not explicit and need["gradients"] == "logra":
-            kind, projection_dim = "logra", (caches or CacheSettings()).identity_dim
+        if not explicit and need["gradients"] == "identity":
+            rank = (caches or CacheSettings()).identity_rank
         config = StoreConfig(kind=kind, rank=rank or projection_dim or DEFAULT_RANK, dtype=dtype,  # type: ignore[arg-type]
                              seed=self.seed, shard_rows=shard_rows)
-        if need["activations"] or (need["gradients"] == "logra" and not explicit):
+        if need["activations"] or (need["gradients"] == "identity" and not explicit):
             return self._build_caches(out, config, need, caches or CacheSettings(), up_to_layer=up_to_layer,
                                       factors=factors, fisher=fisher, factor_dtype=factor_dtype, shards=shards,
                                       overwrite=overwrite)
@@ -521,7 +529,17 @@ class Attributor:
         base = {"model": self.model_fingerprint(), "data": self.data_fingerprint()}
         extra = {"model": self.model_name, "data": self.data_source, "max_length": self.max_length}
         projector, fingerprints = None, dict(base)
-        if need["gradients"] == "eigen" and config.kind == "eigen":
+        if need["gradients"] == "identity" and config.kind == "eigen":
+            # the identity store: the KFAC eigenbases of a seeded sample of rows (no EKFAC fit), kept with the store
+            before = dict(self._factors)
+            sample = self.fit_factors(fisher="empirical", preconditioner="kfac", weights=names, out=folder / IDENTITY_BASIS,
+                                      fit_rows=min(settings.identity_sample_rows, len(self.train)), overwrite=overwrite)
+            self._factors = before  # the sample's eigenbases serve this store only, not the session's questions
+            assert sample is not None
+            projector = make_projector(config, self.adapter, names, sample)
+            fingerprints.update(factors=factors_fingerprint(sample), projection=projection_fingerprint(projector))
+            extra["basis"] = IDENTITY_BASIS
+        elif need["gradients"] == "eigen" and config.kind == "eigen":
             grad_config = GradientAttributionConfig(fisher=fisher, factor_dtype=factor_dtype, batch_size=self.batch_size,
                                                     max_length=self.max_length, seed=self.seed)
             loaded = (factors if isinstance(factors, Factors) else
@@ -579,7 +597,9 @@ class Attributor:
         basis: Factors | None = None  # what the store's projector is rebuilt from (an eigen store: its factors)
         if config.preconditioner == "identity":
             loaded = None  # plain inner products of the stored (rotated) gradients; exact when the store is full
-            if store.config.kind == "eigen":
+            if store.config.kind == "eigen" and store.manifest.get("basis"):  # an identity store: its own eigenbases
+                basis = self._store_basis(store)
+            elif store.config.kind == "eigen":
                 basis = (obtain_factors(self.adapter, self.train, factors,  # type: ignore[assignment]
                                         replace(config, preconditioner="ekfac", max_memory=None),
                                         store.names, progress=self.progress)[0] if factors is not None
@@ -608,6 +628,14 @@ class Attributor:
         grad_f = measurement.gradient(self.adapter, names, batch_size=config.batch_size)
         vectors = preconditioned_gradient(preconditioner, grad_f, measurement.description)
         return vectors, projector, notes + more, preconditioner
+
+    def _store_basis(self, store: GradientStore) -> Factors:
+        """The sample eigenbases an identity store was written in (``<store>/basis``), loaded once."""
+        key = f"{store.folder}/basis"
+        cache = self.__dict__.setdefault("_store_bases", {})
+        if key not in cache:
+            cache[key] = load_factors(store.folder / str(store.manifest["basis"]), weights=store.names)
+        return cache[key]
 
     def _store_scores(self, store: GradientStore, measurement: Any, config: GradientAttributionConfig,
                       factors: Factors | PathLike | None) -> tuple[InfluenceResult, list[str]]:

@@ -32,7 +32,7 @@ from concept_influence.curvature.budget import (
 )
 from concept_influence.curvature.config import FactorConfig
 from concept_influence.store.activations import bytes_per_row
-from concept_influence.store.store import DEFAULT_IDENTITY_DIM, DEFAULT_RANK
+from concept_influence.store.store import DEFAULT_IDENTITY_RANK, DEFAULT_RANK
 
 # resident memory of the fit-factors process apart from the model, its activations and factors (measured on CPU)
 RUNTIME_BYTES = 450 * 1024**2
@@ -182,7 +182,7 @@ def plan(
     peak of ``fit-factors`` under these settings, per process), ``stages`` (memory and compute of each), the
     partitions, and the sample settings that fit ``max_memory`` (or ``gpu_memory``). ``caches``: the size of what
     ``build-store`` writes for the recommended method (the activation cache at ``cache_layers``, default every
-    layer, and the factor-free LoGra store), per row and for all rows."""
+    layer, and the identity gradient store), per row and for all rows."""
     arch = model if isinstance(model, ArchShape) else resolve_arch(model)
     if rows < 1 or tokens < 1:
         raise ValueError(f"--rows and --tokens must be positive, got {rows} and {tokens}")
@@ -253,10 +253,10 @@ def plan(
     if bad:
         raise ValueError(f"--cache-layers {bad} out of range: {arch.name} has {arch.layers} blocks (0..{arch.layers - 1})")
     activation_row = bytes_per_row(arch.hidden, len(layers))
-    identity_row = 4 * sum(min(DEFAULT_IDENTITY_DIM, w.d_out) * min(DEFAULT_IDENTITY_DIM, w.d_in) for w in shapes) + 16
-    caches = {"layers": layers, "activation_bytes_per_row": int(activation_row), "identity_dim": DEFAULT_IDENTITY_DIM,
+    identity_row = 4 * sum(min(DEFAULT_IDENTITY_RANK, w.d_out) * min(DEFAULT_IDENTITY_RANK, w.d_in) for w in shapes) + 16
+    caches = {"layers": layers, "activation_bytes_per_row": int(activation_row), "identity_rank": DEFAULT_IDENTITY_RANK,
               "gradient_bytes_per_row": int(identity_row), "bytes": int(rows * (activation_row + identity_row)),
-              "hours": ((6.0 * arch.n_params * rows * tokens + 2.0 * rows * tokens * DEFAULT_IDENTITY_DIM
+              "hours": ((6.0 * arch.n_params * rows * tokens + 2.0 * rows * tokens * DEFAULT_IDENTITY_RANK
                          * sum(w.d_in + w.d_out for w in shapes)) / n_procs) / flops_rate_of(gpus) / 3600}
     return {
         "model": arch.name,
@@ -355,8 +355,9 @@ def render(plan_: dict[str, Any]) -> str:
     shown = ",".join(map(str, layers)) if len(layers) <= 12 else f"{layers[0]}..{layers[-1]} ({len(layers)} layers)"
     pass_time = f"{caches['hours'] * 60:.1f} min" if caches["hours"] < 1 else f"{caches['hours']:.1f} h"
     lines.append(f"caches of build-store (the recommended method; one forward + backward pass, about {pass_time}): activations {format_size(caches['activation_bytes_per_row'])} per row "
-                 f"(layers {shown}, float32 means) + LoGra gradient store {format_size(caches['gradient_bytes_per_row'])} "
-                 f"per row ({caches['identity_dim']} per side, no factor fit) = {format_size(caches['bytes'])} for "
+                 f"(layers {shown}, float32 means) + identity gradient store {format_size(caches['gradient_bytes_per_row'])} "
+                 f"per row (rank {caches['identity_rank']}, eigenbases of a 256-row sample, no EKFAC fit) = "
+                 f"{format_size(caches['bytes'])} for "
                  f"{plan_['rows']} rows")
     lines.append(f"time assumes {plan_['assumed_flops_per_s']:.1e} FLOP/s per process x {plan_['processes']} "
                  f"(an assumption, not a measurement): about {plan_['total_hours']:.1f} h for factors, eigen and Λ")

@@ -339,9 +339,9 @@ def recommended_gradient_config() -> Any:
 
 
 def cache_needs(methods: Sequence[str]) -> dict[str, Any]:
-    """``{"activations": bool, "answers": bool, "gradients": None | "logra" | "eigen"}``: the caches ``methods``
+    """``{"activations": bool, "answers": bool, "gradients": None | "identity" | "eigen"}``: the caches ``methods``
     read (``store.caches``): forward methods and ``combined-*`` the activation cache; gradient methods a gradient
-    store, a factor-free LoGra one when their preconditioner is the identity, else the EKFAC eigen store."""
+    store, the identity store (no EKFAC fit) when their preconditioner is the identity, else the EKFAC eigen store."""
     out: dict[str, Any] = {"activations": False, "answers": False, "gradients": None}
     for name in methods:
         spec = get_method(name)
@@ -351,6 +351,6 @@ def cache_needs(methods: Sequence[str]) -> dict[str, Any]:
             out["answers"] = True
         if spec.kind == "gradient":
             identity = spec.options.get("preconditioner") == "identity"
-            wanted = "logra" if identity else "eigen"
-            out["gradients"] = "eigen" if "eigen" in (wanted, out["gradients"]) else "logra"
+            wanted = "identity" if identity else "eigen"
+            out["gradients"] = "eigen" if "eigen" in (wanted, out["gradients"]) else "identity"
     return out

@@ -42,12 +42,12 @@ def build_store(
     methods: list[str] | None = typer.Option(None, "--for-method", help=_help("methods") + " Repeat for several."),
     layers: str | None = typer.Option(None, "--layers", help=_help("layers") + " E.g. 8,16,24."),
     keep_tokens: bool = typer.Option(False, "--keep-tokens", help=_help("keep_tokens")),
-    identity_dim: int | None = typer.Option(None, "--identity-dim", min=1, help=_help("identity_dim")),
+    identity_rank: int | None = typer.Option(None, "--identity-rank", min=1, help=_help("identity_rank")),
 ) -> None:
     """Build the caches later questions read instead of passing over the data. Without --rank/--projection-dim:
     what the recommended method (or each --for-method) needs, in one pass over the rows: the activation cache
-    (<out>/activations) and a factor-free LoGra gradient store (combined-*), or the EKFAC eigen store (EKFAC
-    methods: factors fitted first). With --rank/--projection-dim alone: that gradient store only, as before;
+    (<out>/activations) and the identity gradient store (combined-*: eigenbases of a small seeded sample, no EKFAC
+    fit), or the EKFAC eigen store (EKFAC methods: factors fitted first). With --rank/--projection-dim alone: that gradient store only, as before;
     without fitted factors, fits them and writes the store in the same pass over the rows.
 
     Example: concept-influence build-store --model runs/model --data train.jsonl --out runs/store
@@ -55,16 +55,16 @@ def build_store(
     from concept_influence.pipeline import Attributor
     from concept_influence.store.activations import ActivationCache
     from concept_influence.store.caches import CacheSettings
-    from concept_influence.store.store import DEFAULT_IDENTITY_DIM
+    from concept_influence.store.store import DEFAULT_IDENTITY_RANK
 
     check_output(out)
     check_not_inputs({"--out": out}, {"--data": data, "--factors": factors, "--model": local_path(model)})
     att = Attributor(model, data, device=device, dtype=model_dtype, max_length=max_length, batch_size=batch_size, seed=seed)
     caches = None
-    if methods or layers or keep_tokens or identity_dim is not None:
+    if methods or layers or keep_tokens or identity_rank is not None:
         caches = CacheSettings(methods=tuple(methods) if methods else None, keep_tokens=keep_tokens,
                                layers=tuple(int(x) for x in layers.split(",")) if layers else None,
-                               identity_dim=identity_dim or DEFAULT_IDENTITY_DIM)
+                               identity_rank=identity_rank or DEFAULT_IDENTITY_RANK)
     store = att.build_store(out, rank=rank, projection_dim=projection_dim, dtype=store_dtype, up_to_layer=up_to_layer,
                             factors=factors, shard_rows=shard_rows, overwrite=overwrite, caches=caches)
     if store is not None:

@@ -54,8 +54,11 @@ from concept_influence.store.shardfile import NpyRowWriter
 logger = logging.getLogger(__name__)
 
 FORMAT = "concept_influence.store/1"
-CACHE_SUBFOLDERS = ("activations",)  # the caches kept inside a store's folder (store.activations), not its files
-DEFAULT_IDENTITY_DIM = 32  # the factor-free store's LoGra size per side: bench/exploration.py's rank agreement
+CACHE_SUBFOLDERS = ("activations", "basis")  # kept inside a store's folder: the activation cache (store.activations)
+# and the sample eigenbases of an identity store (store.caches), not the store's own files
+DEFAULT_IDENTITY_RANK = 64  # the identity store's rank: bench/exploration.py's rank agreement with exact identity scores
+IDENTITY_BASIS = "basis"  # the identity store's sample eigenbases, inside its folder
+IDENTITY_SAMPLE_ROWS = 256  # rows of the seeded sample whose KFAC eigenbases the identity store keeps its components in
 MANIFEST = "manifest.json"
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 DEFAULT_KIND = "eigen"
@@ -273,8 +276,8 @@ def prepare_store(data: Sequence[Any], folder: Path, projector: Projector, confi
                 _remove_store_files(folder, int(saved.get("n_shards", 0)))
                 write_json_atomic(existing, manifest)
         else:
-            entries = sorted(p.name for p in folder.iterdir()
-                             if not is_temp_of(p.name, [MANIFEST]) and p.name not in CACHE_SUBFOLDERS)
+            kept = {*CACHE_SUBFOLDERS, *(f".{name}.lock" for name in CACHE_SUBFOLDERS)}
+            entries = sorted(p.name for p in folder.iterdir() if not is_temp_of(p.name, [MANIFEST]) and p.name not in kept)
             if entries and not overwrite:
                 shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
                 raise StoreMismatchError(f"{folder} is not empty ({shown}) and holds no gradient store (no {MANIFEST}): "

@@ -146,7 +146,28 @@ def build_caches(adapter: ModelAdapter, data: Sequence[Any], chats: Sequence[Cha
     store = None
     if projector is not None and all(shard_file(folder, s).exists() for s in range(n_shards)):
         store = GradientStore.open(folder)
+        if todo_g:
+            warm(store)
     cache = None
     if activations is not None and all(shard_done(act_folder, s) for s in range(n_shards)):
         cache = ActivationCache.open(act_folder)
     return store, cache
+
+
+def warm(store: GradientStore, share: float = 0.25) -> bool:
+    """Read a freshly written store once, so that its pages are in the page cache for the first question (the
+    shards are written with direct I/O, ``store.shardfile``, which leaves them on the disk only); skipped when the
+    store is larger than ``share`` of the machine's memory. Part of the build's one-time cost. Returns whether it
+    read."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return False
+    if store.nbytes > share * memory:
+        return False
+    buffer = bytearray(1 << 24)
+    for s in range(len(store.shards)):
+        with open(shard_file(store.folder, s), "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
+                pass
+    return True

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from concept_influence.curvature.fit import gradient_mode
@@ -96,8 +97,9 @@ def build_caches(adapter: ModelAdapter, data: Sequence[Any], chats: Sequence[Cha
                  shards: Sequence[int] | None = None) -> tuple[GradientStore | None, ActivationCache | None]:
     """Write (or finish) the gradient store of ``projector`` in ``folder`` and the activation cache in
     ``folder/activations`` in one pass over ``data`` (tokenised rows; ``chats``: the same rows as ``ChatRow``,
-    for the final-turn means of multi-turn rows). Either may be ``None`` (not built). Returns the opened
-    store and cache (``None`` for one not built, or while shards are missing)."""
+    for the final-turn means of multi-turn rows). Either may be ``None`` (not built). ``shards``: only these
+    (default all; under ``torch.distributed`` each rank its own share). Returns the opened store and cache
+    (``None`` for one not built, or while shards are missing)."""
     folder = Path(folder)
     base = {"model": str(fingerprints["model"]), "data": str(fingerprints["data"])}
     manifest = None
@@ -112,6 +114,10 @@ def build_caches(adapter: ModelAdapter, data: Sequence[Any], chats: Sequence[Cha
         prepare_cache(act_folder, len(data), layers, adapter.d_model, activations, base, overwrite=overwrite,
                       extra={"n_truncated": int(getattr(data, "n_truncated", 0)), **dict(extra or {})})
     n_shards = max((len(data) + config.shard_rows - 1) // config.shard_rows, 1)
+    distributed = shards is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:  # under torchrun, rank r of w writes shards r, r + w, ... (as store.build_store)
+        shards = range(dist.get_rank(), n_shards, dist.get_world_size())
+        progress = progress and dist.get_rank() == 0
     wanted = list(range(n_shards)) if shards is None else [s for s in shards if 0 <= s < n_shards]
     todo_g = [s for s in wanted if projector is not None and not shard_file(folder, s).exists()]
     todo_a = [s for s in wanted if activations is not None and not shard_done(act_folder, s)]
@@ -143,6 +149,8 @@ def build_caches(adapter: ModelAdapter, data: Sequence[Any], chats: Sequence[Cha
                                 progress_bar=bar)
     logger.info("caches %s: %d gradient and %d activation shards in %.1fs", folder, len(todo_g), len(todo_a),
                 time.perf_counter() - started)
+    if distributed:
+        dist.barrier()  # every rank's shards are written
     store = None
     if projector is not None and all(shard_file(folder, s).exists() for s in range(n_shards)):
         store = GradientStore.open(folder)

@@ -37,6 +37,7 @@ from concept_influence.attribution.measurements import ConceptMeasurement, answe
 from concept_influence.curvature.loss import sample_targets, sequence_losses
 from concept_influence.data import collate, write_json_atomic
 from concept_influence.evaluate.metrics import ranking_report
+from concept_influence.store.caches import CacheSettings
 
 
 def kronfluence_run(adapter, concept_readers, names, train, question_sets, work: Path, batch_size: int, layer: int):
@@ -169,17 +170,22 @@ def main() -> None:
                      batch_size=args.batch_size, progress=False)
     _ = att.train
     load_s = time.perf_counter() - t_start
+    # the EKFAC store alone (build_store's default without --rank/--projection-dim builds the recommended method's
+    # caches); with --rank or --projection-dim that store as before
+    ekfac_only = None if args.rank or args.projection_dim else CacheSettings(methods=("concept-influence",))
     if args.separate:  # the factor fit, then the store in a pass of its own
         t0 = time.perf_counter()
         factors = att.fit_factors(up_to_layer=layer)  # the modules kronfluence tracks: blocks 0..L (kept in the session)
         factor_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        store = att.build_store(rank=args.rank, projection_dim=args.projection_dim, dtype=args.dtype, up_to_layer=layer)
+        store = att.build_store(rank=args.rank, projection_dim=args.projection_dim, dtype=args.dtype, up_to_layer=layer,
+                                caches=ekfac_only)
         store_s = time.perf_counter() - t0
     else:  # the library's default: no factors yet, so build_store fits them (blocks 0..L, the modules kronfluence
         # tracks) and writes the store inside the fit's Λ pass (one forward for both backwards)
         t0 = time.perf_counter()
-        store = att.build_store(rank=args.rank, projection_dim=args.projection_dim, dtype=args.dtype, up_to_layer=layer)
+        store = att.build_store(rank=args.rank, projection_dim=args.projection_dim, dtype=args.dtype, up_to_layer=layer,
+                                caches=ekfac_only)
         factor_s, store_s = time.perf_counter() - t0, 0.0
         factors, _ = att.session_factors(GradientAttributionConfig(), store.names if store is not None else None, fit=False)
     assert store is not None and factors is not None

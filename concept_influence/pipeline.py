@@ -16,6 +16,8 @@ given) what later questions reuse, each checked against fingerprints of the mode
     workdir/answers/                               sampled answers to query prompts (cached per prompt)
     workdir/concepts/<name>-layer<L>/              concepts trained here
     workdir/store/                                 the gradient store (``build_store``)
+    workdir/store/activations/                     the activation cache (``build_store``; forward methods and the
+                                                   forward half of ``combined-*`` read it)
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from concept_influence.attribution.gradient import (
     GradientAttributionConfig,
     obtain_factors,
 )
-from concept_influence.attribution.methods import RECOMMENDED_METHOD, get_method, gradient_config
+from concept_influence.attribution.methods import RECOMMENDED_METHOD, cache_needs, get_method, gradient_config
 from concept_influence.attribution.scores import ScoreTable
 from concept_influence.attribution.scoring import check_factors_model
 from concept_influence.concepts import (
@@ -72,8 +74,9 @@ from concept_influence.store import (
     make_projector,
     projection_fingerprint,
 )
+from concept_influence.store.caches import CacheSettings, build_caches
 from concept_influence.store.fused import FitStoreWriter
-from concept_influence.store.store import DEFAULT_KIND, DEFAULT_RANK
+from concept_influence.store.store import DEFAULT_KIND, DEFAULT_RANK, IDENTITY_BASIS
 
 logger = logging.getLogger(__name__)
 
@@ -344,10 +347,10 @@ class Attributor:
         if isinstance(concept, (str, os.PathLike)):
             concept = self.load_concept(concept)
         query_rows = self.queries(queries) if queries is not None else None
-        if spec.kind == "gradient":
+        if "store" in spec.options:  # gradient methods read the gradient store, forward ones the activation cache
             options["store"] = store
         elif store not in (None, False):
-            raise ValueError(f"method {spec.name!r} reads no gradients: store= applies to gradient methods only")
+            raise ValueError(f"method {spec.name!r} reads no caches: store= does not apply to it")
         if "contrast_queries" in options and options["contrast_queries"] is not None:
             options["contrast_queries"] = self.queries(options["contrast_queries"])
         started = time.perf_counter()
@@ -378,7 +381,8 @@ class Attributor:
                     dtype: str = "float32", up_to_layer: int | None = None, factors: Factors | PathLike | None = None,
                     fisher: str = "true", factor_dtype: str = "float32", shard_rows: int = 1024,
                     shards: Sequence[int] | None = None, overwrite: bool = False,
-                    allow_missing_provenance: bool = False) -> GradientStore | None:
+                    allow_missing_provenance: bool = False,
+                    caches: CacheSettings | None = None) -> GradientStore | None:
         """Project every training row's gradient once and write the store (default ``workdir/store``); later
         gradient questions read it instead of passing over the rows. ``rank``: EKFAC-eigenbasis store keeping
         ``rank`` directions per side of each weight; ``projection_dim``: LoGra-style random projection of that size
@@ -387,13 +391,30 @@ class Attributor:
         are fitted now (the store's weights; into the folder when one is named) and the store is written during
         the fit's Λ pass, which then runs one forward per batch for both (see ``store.fused``). An interrupted
         build resumes; ``shards``: build only these shards (to split the work). Returns the store, or ``None``
-        while shards are missing. ``allow_missing_provenance``: use factors that record no model fingerprint
-        (default: an error naming them; the opt-in is recorded in the store's manifest)."""
+        while shards are missing (or when the questions need no gradient store). ``allow_missing_provenance``: use
+        factors that record no model fingerprint (default: an error naming them; the opt-in is recorded in the
+        store's manifest).
+
+        ``caches`` (``store.caches.CacheSettings``): build what the session's questions read (default when neither
+        ``rank`` nor ``projection_dim`` is given: the recommended method's caches), in one pass over the rows: the
+        activation cache (``<folder>/activations``) for forward methods and the forward half of ``combined-*``,
+        the identity store (``identity_rank``: an eigen store in the KFAC eigenbases of a seeded sample of rows, no
+        EKFAC fit; ``store.caches``) for identity-preconditioned questions, the eigen store for EKFAC ones. With
+        ``rank``/``projection_dim`` and no ``caches``: the gradient store alone, as before."""
         if rank is not None and projection_dim is not None:
             raise ValueError("give --rank (eigenbasis store) or --projection-dim (LoGra store), not both")
+        explicit = rank is not None or projection_dim is not None
+        need = (cache_needs(caches.methods if caches is not None and caches.methods else [RECOMMENDED_METHOD])
+                if caches is not None or not explicit else {"activations": False, "gradients": "given"})
         kind = "eigen" if rank is not None else "logra" if projection_dim is not None else DEFAULT_KIND
+        if not explicit and need["gradients"] == "identity":
+            rank = (caches or CacheSettings()).identity_rank
         config = StoreConfig(kind=kind, rank=rank or projection_dim or DEFAULT_RANK, dtype=dtype,  # type: ignore[arg-type]
                              seed=self.seed, shard_rows=shard_rows)
+        if need["activations"] or (need["gradients"] == "identity" and not explicit):
+            return self._build_caches(out, config, need, caches or CacheSettings(), up_to_layer=up_to_layer,
+                                      factors=factors, fisher=fisher, factor_dtype=factor_dtype, shards=shards,
+                                      overwrite=overwrite, allow_missing_provenance=allow_missing_provenance)
         folder = Path(out) if out is not None else self.store_dir
         if folder is None:
             raise ValueError("build_store needs out= (or a workdir)")
@@ -448,6 +469,63 @@ class Attributor:
             self._stores[str(folder)] = store
             self._projectors[str(folder)] = projector  # the questions reuse it (same fingerprint)
         return store
+
+    def _build_caches(self, out: PathLike | None, config: StoreConfig, need: dict[str, Any], settings: CacheSettings, *,
+                      up_to_layer: int | None, factors: Any, fisher: str, factor_dtype: str,
+                      shards: Sequence[int] | None, overwrite: bool,
+                      allow_missing_provenance: bool = False) -> GradientStore | None:
+        """``build_store`` for a session's questions (``store.caches``): the activation cache and the gradient store
+        they need, in one pass (an eigen store is first fitted, as ``build_store`` does)."""
+        folder = Path(out) if out is not None else self.store_dir
+        if folder is None:
+            raise ValueError("build_store needs out= (or a workdir)")
+        infos = self.adapter.tracked_weights() if up_to_layer is None else self.adapter.weights_up_to(self.adapter.check_layer(up_to_layer))
+        names = [i.name for i in infos]
+        base = {"model": self.model_fingerprint(), "data": self.data_fingerprint()}
+        extra = {"model": self.model_name, "data": self.data_source, "max_length": self.max_length}
+        projector, fingerprints = None, dict(base)
+        if need["gradients"] == "identity" and config.kind == "eigen":
+            # the identity store: the KFAC eigenbases of a seeded sample of rows (no EKFAC fit), kept with the store
+            before = dict(self.engine.factors)
+            sample = self.fit_factors(fisher="empirical", preconditioner="kfac", weights=names, out=folder / IDENTITY_BASIS,
+                                      fit_rows=min(settings.identity_sample_rows, len(self.train)), overwrite=overwrite)
+            self.engine.factors.clear()  # the sample's eigenbases serve this store only, not the session's questions
+            self.engine.factors.update(before)
+            assert sample is not None
+            projector = make_projector(config, self.adapter, names, sample)
+            fingerprints.update(factors=factors_fingerprint(sample), projection=projection_fingerprint(projector))
+            extra["basis"] = IDENTITY_BASIS
+        elif need["gradients"] == "eigen" and config.kind == "eigen":
+            grad_config = GradientAttributionConfig(fisher=fisher, dtype=factor_dtype, batch_size=self.batch_size,  # type: ignore[arg-type]
+                                                    max_length=self.max_length, seed=self.seed,
+                                                    allow_missing_provenance=allow_missing_provenance)
+            if isinstance(factors, Factors):
+                check_factors_model(self.adapter, factors, allow_missing_provenance=allow_missing_provenance)
+            loaded = (factors if isinstance(factors, Factors) else
+                      obtain_factors(self.adapter, self.train, factors, grad_config, names, progress=self.progress)[0]
+                      if factors is not None else self.session_factors(grad_config, names)[0])
+            assert isinstance(loaded, Factors)
+            projector = make_projector(config, self.adapter, names, loaded)
+            fingerprints.update(factors=factors_fingerprint(loaded), projection=projection_fingerprint(projector))
+        elif need["gradients"] is not None:  # a LoGra store needs no factors
+            projector = make_projector(config, self.adapter, names, None)
+            fingerprints.update(factors=None, projection=projection_fingerprint(projector))
+        activations = settings.activations(config.shard_rows) if need["activations"] else None
+        store, cache = build_caches(self.adapter, self.train, self._train_chats(), folder, projector=projector,
+                                    config=config, fingerprints=fingerprints, activations=activations,
+                                    batch_size=self.batch_size, overwrite=overwrite, progress=self.progress, extra=extra,
+                                    shards=shards)
+        if store is not None and projector is not None:
+            self._stores[str(folder)] = store
+            self._projectors[str(folder)] = projector
+        if cache is not None:
+            self.__dict__.setdefault("_activation_caches", {})[str(cache.folder)] = cache
+        return store
+
+    def _train_chats(self) -> list[ChatRow]:
+        """The training rows that ``train`` holds, as ``ChatRow`` (same order)."""
+        by_index = {int(r.index): r for r in self.rows}
+        return [by_index[int(r.index)] for r in self.train]
 
     def open_store(self, path: PathLike | GradientStore) -> GradientStore:
         """Open a store and check it against this model and data (a mismatch is a ``StoreMismatchError``)."""

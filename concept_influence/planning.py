@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ from concept_influence.curvature.budget import (
     weights_bytes,
 )
 from concept_influence.curvature.config import FactorConfig
-from concept_influence.store.store import DEFAULT_RANK
+from concept_influence.store.activations import bytes_per_row
+from concept_influence.store.store import DEFAULT_IDENTITY_RANK, DEFAULT_RANK
 
 # resident memory of the fit-factors process apart from the model, its activations and factors (measured on CPU)
 RUNTIME_BYTES = 450 * 1024**2
@@ -173,11 +175,14 @@ def plan(
     model_dtype_bytes: int = 4,
     config: FactorConfig = FactorConfig(),
     fit_rows: int | None = None,
+    cache_layers: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The plan of ``fit-factors`` (and the Λ pass and a store of rank-``rank`` projected gradients) for ``rows``
     rows of ``tokens`` tokens. Returns a JSON-ready dict: ``factor_bytes``, ``peak_memory_bytes`` (the predicted
     peak of ``fit-factors`` under these settings, per process), ``stages`` (memory and compute of each), the
-    partitions, and the sample settings that fit ``max_memory`` (or ``gpu_memory``)."""
+    partitions, and the sample settings that fit ``max_memory`` (or ``gpu_memory``). ``caches``: the size of what
+    ``build-store`` writes for the recommended method (the activation cache at ``cache_layers``, default every
+    layer, and the identity gradient store), per row and for all rows."""
     arch = model if isinstance(model, ArchShape) else resolve_arch(model)
     if rows < 1 or tokens < 1:
         raise ValueError(f"--rows and --tokens must be positive, got {rows} and {tokens}")
@@ -243,9 +248,20 @@ def plan(
     flops_rate = GPU_FLOPS if gpus else CPU_FLOPS
     fits = None if budget_total is None else peak <= budget_total
     suggestions = _sample_settings(arch, shapes, rows, tokens, budget_total, config, model_dtype_bytes, batch) if budget_total else []
+    layers = sorted(set(cache_layers)) if cache_layers else list(range(arch.layers))
+    bad = [layer for layer in layers if not 0 <= layer < arch.layers]
+    if bad:
+        raise ValueError(f"--cache-layers {bad} out of range: {arch.name} has {arch.layers} blocks (0..{arch.layers - 1})")
+    activation_row = bytes_per_row(arch.hidden, len(layers))
+    identity_row = 4 * sum(min(DEFAULT_IDENTITY_RANK, w.d_out) * min(DEFAULT_IDENTITY_RANK, w.d_in) for w in shapes) + 16
+    caches = {"layers": layers, "activation_bytes_per_row": int(activation_row), "identity_rank": DEFAULT_IDENTITY_RANK,
+              "gradient_bytes_per_row": int(identity_row), "bytes": int(rows * (activation_row + identity_row)),
+              "hours": ((6.0 * arch.n_params * rows * tokens + 2.0 * rows * tokens * DEFAULT_IDENTITY_RANK
+                         * sum(w.d_in + w.d_out for w in shapes)) / n_procs) / flops_rate_of(gpus) / 3600}
     return {
         "model": arch.name,
         "n_params": arch.n_params,
+        "caches": caches,
         "weights": len(shapes),
         "up_to_layer": up_to_layer if up_to_layer is not None else arch.layers - 1,
         "rows": rows,
@@ -268,6 +284,10 @@ def plan(
         "score_partitions": score_parts,
         "score_budget_error": score_error,
     }
+
+
+def flops_rate_of(gpus: int) -> float:
+    return GPU_FLOPS if gpus else CPU_FLOPS
 
 
 def _score_peak(shapes: list[WeightShape], fixed: int, budget: int | None, work_bytes: int) -> tuple[int, int, str | None]:
@@ -330,6 +350,15 @@ def render(plan_: dict[str, Any]) -> str:
     lines.append(f"peak of scoring (attribute, exact pass): {format_size(plan_['score_peak_memory_bytes'])} per process "
                  + (f"({parts} partition{'s' if parts != 1 else ''})" if plan_["score_budget_error"] is None else
                     f"at least, one weight at a time: does NOT fit ({plan_['score_budget_error']})"))
+    caches = plan_["caches"]
+    layers = caches["layers"]
+    shown = ",".join(map(str, layers)) if len(layers) <= 12 else f"{layers[0]}..{layers[-1]} ({len(layers)} layers)"
+    pass_time = f"{caches['hours'] * 60:.1f} min" if caches["hours"] < 1 else f"{caches['hours']:.1f} h"
+    lines.append(f"caches of build-store (the recommended method; one forward + backward pass, about {pass_time}): activations {format_size(caches['activation_bytes_per_row'])} per row "
+                 f"(layers {shown}, float32 means) + identity gradient store {format_size(caches['gradient_bytes_per_row'])} "
+                 f"per row (rank {caches['identity_rank']}, eigenbases of a 256-row sample, no EKFAC fit) = "
+                 f"{format_size(caches['bytes'])} for "
+                 f"{plan_['rows']} rows")
     lines.append(f"time assumes {plan_['assumed_flops_per_s']:.1e} FLOP/s per process x {plan_['processes']} "
                  f"(an assumption, not a measurement): about {plan_['total_hours']:.1f} h for factors, eigen and Λ")
     if plan_["budget_bytes"]:

@@ -43,7 +43,7 @@ from concept_influence.concepts.base import Concept
 from concept_influence.curvature.config import FactorConfig
 from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import fit_factors
-from concept_influence.curvature.io import data_fingerprint, has_factors
+from concept_influence.curvature.io import data_fingerprint, has_factors, load_factors
 from concept_influence.data.chat import ChatRow
 from concept_influence.data.tokenize import TokenizedDataset
 from concept_influence.models.base import ModelAdapter
@@ -86,6 +86,7 @@ class GradientEngine:
         self.projectors: dict[str, Projector] = {}
         self.query_tokens: dict[str, TokenizedDataset] = {}
         self.norms: dict[tuple[Any, ...], np.ndarray] = {}
+        self.bases: dict[str, Factors] = {}  # identity stores' sample eigenbases, by folder
 
     @property
     def rows(self) -> Sequence[ChatRow]:
@@ -178,6 +179,13 @@ class GradientEngine:
         except StoreMismatchError as err:
             return None, [f"the workdir's store is not used ({err}); exact pass"]
 
+    def store_basis(self, store: GradientStore) -> Factors:
+        """The sample eigenbases an identity store was written in (``<store>/basis``), loaded once."""
+        key = f"{store.folder}/basis"
+        if key not in self.bases:
+            self.bases[key] = load_factors(store.folder / str(store.manifest["basis"]), weights=store.names)
+        return self.bases[key]
+
     def store_query(self, store: GradientStore, measurement: Any, config: GradientAttributionConfig,
                     factors: Factors | PathLike | None) -> tuple[dict[str, torch.Tensor], Projector, list[str], Any]:
         """The measurement's preconditioned gradient ``(P + λ)⁻¹ ∇f`` per store weight, the store's projector, notes
@@ -187,7 +195,9 @@ class GradientEngine:
         basis: Factors | None = None  # what the store's projector is rebuilt from (an eigen store: its factors)
         if config.preconditioner == "identity":
             loaded = None  # plain inner products of the stored (rotated) gradients; exact when the store is full
-            if store.config.kind == "eigen":
+            if store.config.kind == "eigen" and store.manifest.get("basis"):  # an identity store: its own eigenbases
+                basis = self.store_basis(store)
+            elif store.config.kind == "eigen":
                 basis = (obtain_factors(self.adapter, self.train, factors,  # type: ignore[assignment]
                                         replace(config, preconditioner="ekfac", max_memory=None),
                                         store.names, progress=self.progress)[0] if factors is not None
@@ -249,6 +259,20 @@ class GradientEngine:
         return build_measurement(self.adapter, concept, queries, method, config, contrast_queries=contrast_queries,
                                  token_cache=self.query_tokens)
 
+    @staticmethod
+    def skip_identity_store(opened: GradientStore | None, store: Any, config: GradientAttributionConfig,
+                            notes: list[str]) -> GradientStore | None:
+        """``opened``, or ``None`` (with a note) when it is an identity store (sample eigenbases, no EKFAC factors)
+        and the question is not identity-preconditioned; a store named explicitly is then an error."""
+        if opened is None or not opened.manifest.get("basis") or config.preconditioner == "identity":
+            return opened
+        if store not in (None, False):
+            raise ValueError(f"{opened.folder} is an identity store (sample eigenbases, no EKFAC factors): it serves "
+                             "identity-preconditioned questions; build an EKFAC store (build-store --rank K)")
+        notes.append(f"the workdir's store serves identity-preconditioned questions only "
+                     f"(preconditioner {config.preconditioner!r}): exact pass")
+        return None
+
     def attribute(self, method: str, concept: Concept | None, queries: Sequence[ChatRow],
                   config: GradientAttributionConfig, *, contrast_queries: Sequence[ChatRow] | None = None,
                   factors: Factors | PathLike | None = None, store: Any = None) -> ScoreTable:
@@ -259,6 +283,7 @@ class GradientEngine:
         measurement, answered = self.measurement(method, concept, queries, config, contrast_queries=contrast_queries)
         meta = {"n_queries": len(answered), "config": config.to_dict()}
         opened, store_notes = self.resolve_store(store)
+        opened = self.skip_identity_store(opened, store, config, store_notes)
         exact_only = (config.token_breakdown != "none" or config.self_influence or config.token_aggregation != "sum"
                       or config.normalization != "none")
         if opened is not None and exact_only:
@@ -292,6 +317,7 @@ class GradientEngine:
                 raise ValueError(f"method {method!r} needs queries in every question")
             measurements.append(self.measurement(method, concept, queries, config, contrast_queries=contrast))
         opened, notes = self.resolve_store(store)
+        opened = self.skip_identity_store(opened, store, config, notes)
         started = time.perf_counter()
         if opened is not None:
             prepared = [self.store_query(opened, m, config, factors) for m, _ in measurements]

@@ -20,6 +20,12 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from concept_influence.attribution.cached import (
+    is_linear,
+    projection_difference_from_cache,
+    serves,
+    vector_filter_from_cache,
+)
 from concept_influence.attribution.combine import FUSIONS, fuse
 from concept_influence.attribution.engine import GradientEngine
 from concept_influence.attribution.forward import projection_difference, vector_filter
@@ -31,6 +37,7 @@ from concept_influence.concepts.base import Concept
 from concept_influence.data.chat import ChatDataset, ChatRow
 from concept_influence.models.base import ModelAdapter
 from concept_influence.settings import check_known, option_defaults, rename_deprecated, settings_fields
+from concept_influence.store.activations import build_answer_means, resolve_activation_cache
 
 
 class MethodSession(Protocol):
@@ -52,6 +59,13 @@ class MethodSession(Protocol):
 
     @property
     def answer_cache(self) -> Path | None: ...
+
+    @property
+    def store_dir(self) -> Path | None: ...
+
+    def model_fingerprint(self) -> str: ...
+
+    def data_fingerprint(self) -> str: ...
 
 MethodFn = Callable[..., ScoreTable]
 
@@ -148,25 +162,70 @@ def method_names() -> list[str]:
 @register_method("vector-filter", kind="forward", description="the concept's readout on each row's own answer")
 def _vector_filter(session: MethodSession, concept: Concept, queries: Sequence[ChatRow] | None, *,
                    reduction: str | None = None, token_readouts: bool = False, batch_size: int | None = None,
-                   localise: str = "none") -> ScoreTable:
-    return vector_filter(session.adapter, session.rows, concept, batch_size=batch_size or session.batch_size,
-                         max_length=session.max_length, reduction=reduction, token_readouts=token_readouts,  # type: ignore[arg-type]
-                         localise=localise, skip_invalid=session.skip_invalid, progress=session.progress)
+                   localise: str = "none", store: Any = None) -> ScoreTable:
+    """``store``: ``None`` reads the workdir's activation cache when it serves the question, ``False`` forces the
+    forward pass, a path reads that store folder's cache (``meta["scored_from"]`` says which). ``localise``: see
+    ``vector_filter`` (a sentence-level readout needs the tokens: a forward pass)."""
+    return _forward_scores(session, concept, reduction, token_readouts, batch_size, store,
+                           required=store is not None and store is not False, localise=localise)
+
+
+def _forward_scores(session: MethodSession, concept: Concept, reduction: str | None, token_readouts: bool,
+                    batch_size: int | None, store: Any, *, required: bool, localise: str = "none") -> ScoreTable:
+    """Vector Filter from the activation cache when it serves the question, else by its forward pass."""
+    wanted = concept.reduction if reduction is None else reduction
+    cache, notes = resolve_activation_cache(session, store, required=required)
+    if cache is not None:
+        if localise != "none":
+            why = f"localise={localise!r} reads each sentence's tokens: forward pass"
+        elif token_readouts or wanted == "per_token":
+            why = "token_readouts asked: forward pass"
+        else:
+            why = serves(cache, concept, wanted)
+        if why is None:
+            return vector_filter_from_cache(cache, session.rows, concept, max_length=session.max_length)
+        notes = [why]
+    table = vector_filter(session.adapter, session.rows, concept, batch_size=batch_size or session.batch_size,
+                          max_length=session.max_length, reduction=reduction, token_readouts=token_readouts,  # type: ignore[arg-type]
+                          localise=localise, skip_invalid=session.skip_invalid, progress=session.progress)
+    table.meta.update({"scored_from": "forward-pass", "notes": [*table.meta.get("notes", []), *notes]})
+    return table
 
 
 @register_method("projection-difference", kind="forward", settings=AnswerConfig,
-                 defaults={"max_new_tokens": 64, "seed": None}, extra={"batch_size": None},
+                 defaults={"max_new_tokens": 64, "seed": None}, extra={"batch_size": None, "store": None},
                  description="the row's answer's readout minus that of the model's own answers to its prompt")
 def _projection_difference(session: MethodSession, concept: Concept, queries: Sequence[ChatRow] | None,
                            **options: Any) -> ScoreTable:
+    """``store``: as Vector Filter's; the model's answers' means are read once per sampling setting and kept in
+    the activation cache."""
     options = {**METHODS["projection-difference"].options, **options}
-    seed, cache_dir, batch_size = options["seed"], options["cache_dir"], options["batch_size"]
-    return projection_difference(session.adapter, session.rows, concept, n_samples=options["n_samples"],
-                                 temperature=options["temperature"], max_new_tokens=options["max_new_tokens"],
-                                 seed=session.seed if seed is None else seed,
-                                 cache_dir=cache_dir if cache_dir is not None else session.answer_cache,
-                                 batch_size=batch_size or session.batch_size, max_length=session.max_length,
-                                 skip_invalid=session.skip_invalid, progress=session.progress)
+    n_samples, temperature, max_new_tokens = options["n_samples"], options["temperature"], options["max_new_tokens"]
+    store = options["store"]
+    seed = session.seed if options["seed"] is None else options["seed"]
+    cache_dir = options["cache_dir"] if options["cache_dir"] is not None else session.answer_cache
+    batch_size = options["batch_size"] or session.batch_size
+    cache, notes = resolve_activation_cache(session, store, required=store is not None and store is not False)
+    if cache is not None:
+        why = serves(cache, concept, concept.reduction)
+        if why is None and not is_linear(concept):
+            why = f"{type(concept).__name__} is not linear: Projection Difference from the cache needs a direction"
+        if why is None and concept.reduction == "mean":
+            answers = build_answer_means(session.adapter, session.rows, cache, n_samples=n_samples,
+                                         temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                                         batch_size=batch_size, max_length=session.max_length, cache_dir=cache_dir,
+                                         progress=session.progress)
+            meta = {"layer": concept.layer, "concept": repr(concept), "n_samples": n_samples, "temperature": temperature,
+                    "max_new_tokens": max_new_tokens, "seed": seed, "max_length": session.max_length,
+                    "sign": "positive = the row's answer expresses the concept more than the model's own answers"}
+            return projection_difference_from_cache(cache, answers, session.rows, concept, meta=meta)  # type: ignore[arg-type]
+        notes = [why or ""]
+    table = projection_difference(session.adapter, session.rows, concept, n_samples=n_samples, temperature=temperature,
+                                  max_new_tokens=max_new_tokens, seed=seed, cache_dir=cache_dir, batch_size=batch_size,
+                                  max_length=session.max_length, skip_invalid=session.skip_invalid,
+                                  progress=session.progress)
+    table.meta.update({"scored_from": "forward-pass", "notes": [*table.meta.get("notes", []), *notes]})
+    return table
 
 
 SESSION_SETTINGS = ("max_length", "seed")
@@ -226,13 +285,18 @@ def _combination(session: MethodSession, concept: Concept, queries: Sequence[Cha
                  gradient_options: dict[str, Any], store: Any) -> ScoreTable:
     """Vector Filter and Concept Influence on the same rows, fused (``attribution.combine.fuse``); both component
     scores are kept as columns and the settings of each in ``meta``."""
-    forward = _vector_filter(session, concept, queries)
+    forward = _forward_scores(session, concept, None, False, None, store, required=False)
     gradient = _concept_influence(session, concept, queries, store=store, **gradient_options)
     # rows left out as truncated (skip_invalid) by either component are left out of the fusion too
     skipped = ~(forward.valid & gradient.valid)
     scores = np.full(len(forward), np.nan)
     scores[~skipped] = fuse(forward.scores[~skipped], gradient.scores[~skipped], fusion)  # type: ignore[arg-type]
+    parts = {"forward": forward.meta.get("scored_from"),
+             "gradient": {"store": "gradient-store", "exact": "gradient-pass"}.get(gradient.meta.get("scored_from"),
+                                                                                 gradient.meta.get("scored_from"))}
     meta = {**gradient.meta, "fusion": fusion, "components": {"forward": "vector-filter", "gradient": "concept-influence"},
+            "scored_from": f"{parts['forward']} + {parts['gradient']}", "scored_from_parts": parts,
+            "notes": [*forward.meta.get("notes", []), *gradient.meta.get("notes", [])],
             "gradient_options": {**{k: v for k, v in gradient_options.items() if k != "factors"},
                                  "factor_dtype": gradient_options.get("dtype")},  # the old name, kept for readers
             "sign": "higher = the row voices the concept and training on it raises the concept"}
@@ -289,3 +353,21 @@ def recommended_gradient_config() -> Any:
         return None
     options = METHODS[RECOMMENDED_METHOD].options
     return InfluenceConfig(**{k: options[k] for k in settings_fields(InfluenceConfig) if k != "batch_size"})
+
+
+def cache_needs(methods: Sequence[str]) -> dict[str, Any]:
+    """``{"activations": bool, "answers": bool, "gradients": None | "identity" | "eigen"}``: the caches ``methods``
+    read (``store.caches``): forward methods and ``combined-*`` the activation cache; gradient methods a gradient
+    store, the identity store (no EKFAC fit) when their preconditioner is the identity, else the EKFAC eigen store."""
+    out: dict[str, Any] = {"activations": False, "answers": False, "gradients": None}
+    for name in methods:
+        spec = get_method(name)
+        if spec.kind == "forward" or spec.name.startswith("combined-"):
+            out["activations"] = True
+        if spec.name == "projection-difference":
+            out["answers"] = True
+        if spec.kind == "gradient":
+            identity = spec.options.get("preconditioner") == "identity"
+            wanted = "identity" if identity else "eigen"
+            out["gradients"] = "eigen" if "eigen" in (wanted, out["gradients"]) else "identity"
+    return out

@@ -56,8 +56,8 @@ def _attribute(
     concept: Path | None = typer.Option(None, "--concept", help="Concept file (train-probe's output). Not needed by --method influence."),
     queries: Path | None = typer.Option(None, "--queries", help="Query prompts JSONL (gradient methods); prompt-only rows are answered by the model."),
     workdir: Path | None = typer.Option(None, "--workdir", help="Session folder: factors, answers and store kept and reused across runs."),
-    store: Path | None = typer.Option(None, "--store", help="Gradient methods: answer from this gradient store (build-store) instead of a pass over the rows."),
-    exact: bool = typer.Option(False, "--exact", help="Gradient methods: ignore the workdir's store and score by the exact pass."),
+    store: Path | None = typer.Option(None, "--store", help="Answer from this store folder (build-store) instead of passes over the rows: gradient methods read its gradient store, forward methods (and the forward half of combined-*) its activation cache."),
+    exact: bool = typer.Option(False, "--exact", help="Ignore the workdir's caches: every pass over the rows (forward and gradient) runs."),
     factors: Path | None = typer.Option(None, "--factors", help="Fitted factors folder (fit-factors); fitted here when absent (and saved there if given)."),
     contrast_queries: Path | None = typer.Option(None, "--contrast-queries", help="concept-influence: measure the concept on --queries minus on these (differential measurement)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
@@ -96,11 +96,11 @@ def _attribute(
                              "cache_dir": None if cache_dir is None else str(cache_dir), "batch_size": batch_size}
     accepted = spec.options
     # flags left out keep the method's own defaults (a combination's may differ from concept-influence's)
-    options = {k: v for k, v in flags.items() if k in accepted and k != "store" and v is not None}
-    if spec.kind == "gradient":
+    options: dict[str, Any] = {k: v for k, v in flags.items() if k in accepted and k != "store" and v is not None}
+    if "store" in accepted:  # gradient methods read the gradient store, forward methods the activation cache
         options["store"] = False if exact else store
     elif store is not None:
-        raise ValueError(f"--store applies to gradient methods; --method {spec.name} reads no gradients")
+        raise ValueError(f"--store does not apply to --method {spec.name} (it reads no caches)")
     table = att.attribute(concept, queries, None if method is None else spec.name, **options)
     table.meta.update({"model": model, "data": str(data), "concept": None if concept is None else str(concept)})
     table.write_jsonl(out)

@@ -27,10 +27,13 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(8, "--batch-size", min=1),
         dtype: str = typer.Option("float32", "--dtype", help="Model dtype (float32, bfloat16)."),
         fit_rows: int | None = typer.Option(None, "--fit-rows", min=1, help="Fit the factors on a sample of N rows."),
+        cache_layers: str | None = typer.Option(None, "--cache-layers", help="Layers of the activation cache whose size is "
+                                                "printed, e.g. 8,16,24 (default: every layer)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     ) -> None:
         """Predict the peak memory and compute of `fit-factors` (per stage: factors, eigendecomposition, Λ,
-        activations, store) and which partition and sample settings fit a budget. Reads only a config.
+        activations, store), which partition and sample settings fit a budget, and the size of the caches
+        `build-store` writes. Reads only a config.
 
         Example: concept-influence plan --model Qwen/Qwen2.5-7B-Instruct --rows 10000 --tokens 512 --up-to-layer 20
         --gpus 1 --gpu-memory 80GiB
@@ -46,5 +49,6 @@ def register(app: typer.Typer) -> None:
         dtype_bytes = resolve_dtype(dtype).itemsize  # type: ignore[union-attr]
         result = plan(model, rows, tokens, up_to_layer=up_to_layer, max_memory=parse_size(max_memory) if max_memory else None,
                       rank=rank, gpus=gpus, gpu_memory=parse_size(gpu_memory) if gpu_memory else None, batch_size=batch_size,
-                      model_dtype_bytes=dtype_bytes, fit_rows=fit_rows)
+                      model_dtype_bytes=dtype_bytes, fit_rows=fit_rows,
+                      cache_layers=[int(x) for x in cache_layers.split(",")] if cache_layers else None)
         typer.echo(json.dumps(result, sort_keys=True) if as_json else render(result))

@@ -17,6 +17,13 @@ STORE_DEFAULTS = option_defaults(StoreConfig)
 """``build-store``'s store flags read ``StoreConfig``'s defaults and help (its flags keep their own names)."""
 
 
+def _help(name: str) -> str:
+    """A ``CacheSettings`` field's help (one source for the library, the CLI and the docs)."""
+    from concept_influence.store.caches import CacheSettings
+
+    return CacheSettings.help(name)
+
+
 def register(app: typer.Typer) -> None:
     app.command("build-store")(build_store)
     app.command("search")(search)
@@ -40,23 +47,42 @@ def build_store(
     allow_missing_provenance: bool = typer.Option(False, "--allow-missing-provenance", help="Use --factors that record no model or data fingerprint (default: an error; recorded in the store's manifest)."),
     device: str | None = typer.Option(None, "--device"),
     model_dtype: str | None = typer.Option(None, "--model-dtype", help="Model dtype (float32, bfloat16, float64)."),
+    methods: list[str] | None = typer.Option(None, "--for-method", help=_help("methods") + " Repeat for several."),
+    layers: str | None = typer.Option(None, "--layers", help=_help("layers") + " E.g. 8,16,24."),
+    keep_tokens: bool = typer.Option(False, "--keep-tokens", help=_help("keep_tokens")),
+    identity_rank: int | None = typer.Option(None, "--identity-rank", min=1, help=_help("identity_rank")),
 ) -> None:
-    """Project every training row's gradient once into a store, so later questions need no pass over the data.
-    Without fitted factors, fits them and writes the store in the same pass over the rows.
+    """Build the caches later questions read instead of passing over the data. Without --rank/--projection-dim:
+    what the recommended method (or each --for-method) needs, in one pass over the rows: the activation cache
+    (<out>/activations) and the identity gradient store (combined-*: eigenbases of a small seeded sample, no EKFAC
+    fit), or the EKFAC eigen store (EKFAC methods: factors fitted first). With --rank/--projection-dim alone: that gradient store only, as before;
+    without fitted factors, fits them and writes the store in the same pass over the rows.
 
-    Example: concept-influence build-store --model runs/model --data train.jsonl --out runs/store --rank 32
+    Example: concept-influence build-store --model runs/model --data train.jsonl --out runs/store
     """
     from concept_influence.pipeline import Attributor
+    from concept_influence.store.activations import ActivationCache
+    from concept_influence.store.caches import CacheSettings
+    from concept_influence.store.store import DEFAULT_IDENTITY_RANK
 
     check_output(out)
     check_not_inputs({"--out": out}, {"--data": data, "--factors": factors, "--model": local_path(model)})
     att = Attributor(model, data, device=device, dtype=model_dtype, max_length=max_length, batch_size=batch_size, seed=seed)
+    caches = None
+    if methods or layers or keep_tokens or identity_rank is not None:
+        caches = CacheSettings(methods=tuple(methods) if methods else None, keep_tokens=keep_tokens,
+                               layers=tuple(int(x) for x in layers.split(",")) if layers else None,
+                               identity_rank=identity_rank or DEFAULT_IDENTITY_RANK)
     store = att.build_store(out, rank=rank, projection_dim=projection_dim, dtype=store_dtype, up_to_layer=up_to_layer,
-                            factors=factors, shard_rows=shard_rows, overwrite=overwrite,
+                            factors=factors, shard_rows=shard_rows, overwrite=overwrite, caches=caches,
                             allow_missing_provenance=allow_missing_provenance)
-    assert store is not None
-    typer.echo(f"store: {len(store)} rows x {store.dim} ({store.config.kind}, rank {store.config.rank}, {store.config.dtype}, "
-               f"{store.nbytes / 2**20:.1f} MiB) -> {out}")
+    if store is not None:
+        typer.echo(f"store: {len(store)} rows x {store.dim} ({store.config.kind}, rank {store.config.rank}, "
+                   f"{store.config.dtype}, {store.nbytes / 2**20:.1f} MiB) -> {out}")
+    if (out / "activations" / "manifest.json").exists():
+        cache = ActivationCache.open(out / "activations")
+        typer.echo(f"activation cache: {len(cache)} rows, layers {cache.layers} ({cache.nbytes / 2**20:.1f} MiB, "
+                   f"{cache.nbytes / max(len(cache), 1) / 1024:.1f} KiB per row) -> {out / 'activations'}")
 
 
 @user_errors

@@ -57,6 +57,11 @@ from concept_influence.store.shardfile import NpyRowWriter
 logger = logging.getLogger(__name__)
 
 FORMAT = "concept_influence.store/1"
+CACHE_SUBFOLDERS = ("activations", "basis")  # kept inside a store's folder: the activation cache (store.activations)
+# and the sample eigenbases of an identity store (store.caches), not the store's own files
+DEFAULT_IDENTITY_RANK = 64  # the identity store's rank: bench/exploration.py's rank agreement with exact identity scores
+IDENTITY_BASIS = "basis"  # the identity store's sample eigenbases, inside its folder
+IDENTITY_SAMPLE_ROWS = 256  # rows of the seeded sample whose KFAC eigenbases the identity store keeps its components in
 MANIFEST = "manifest.json"
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 DEFAULT_KIND = "eigen"
@@ -201,9 +206,10 @@ def check_storable(values: torch.Tensor, dtype: str, projector: Projector, rows:
 
 def write_shard(adapter: ModelAdapter, data: Sequence[Any], projector: Projector, folder: str | os.PathLike, shard: int,
                 config: StoreConfig, *, batch_size: int = 8, params: Sequence[torch.nn.Parameter] | None = None,
-                progress_bar: Any = None) -> Path:
+                progress_bar: Any = None, on_batch: Any = None) -> Path:
     """Project the rows of shard ``shard`` (rows ``shard·shard_rows`` up to the next shard) and write the shard
-    atomically. Call inside ``gradient_mode`` (``params``) or let it enter one."""
+    atomically. Call inside ``gradient_mode`` (``params``) or let it enter one. ``on_batch(batch)`` is called after
+    each batch's forward and backward (how ``store.caches`` reads the activation cache in the same pass)."""
     folder = Path(folder)
     start = shard * config.shard_rows
     stop = min(len(data), start + config.shard_rows)
@@ -215,7 +221,7 @@ def write_shard(adapter: ModelAdapter, data: Sequence[Any], projector: Projector
         infos = [adapter.weight_info(n) for n in projector.names]
         with gradient_mode(adapter, infos) as own:
             return write_shard(adapter, data, projector, folder, shard, config, batch_size=batch_size, params=own,
-                               progress_bar=progress_bar)
+                               progress_bar=progress_bar, on_batch=on_batch)
     meta = np.array([[int(r.index), max(int(sum(r.loss_mask[1:])), 1)] for r in rows], dtype=np.int64)
     save_npy_atomic(rows_file(folder, shard), meta)
     work = torch.promote_types(adapter.dtype, torch.float32)
@@ -236,6 +242,8 @@ def write_shard(adapter: ModelAdapter, data: Sequence[Any], projector: Projector
                 check_storable(projected, config.dtype, projector, batch["index"], "build-store")
                 target.copy_(projected)
             writer.commit(n)
+            if on_batch is not None:
+                on_batch(batch)
             if progress_bar is not None:
                 progress_bar.update(n)
     return shard_file(folder, shard)
@@ -273,7 +281,8 @@ def prepare_store(data: Sequence[Any], folder: Path, projector: Projector, confi
                 _remove_store_files(folder, int(saved.get("n_shards", 0)))
                 write_json_atomic(existing, manifest)
         else:
-            entries = sorted(p.name for p in folder.iterdir() if not is_temp_of(p.name, [MANIFEST]))
+            kept = {*CACHE_SUBFOLDERS, *(f".{name}.lock" for name in CACHE_SUBFOLDERS)}
+            entries = sorted(p.name for p in folder.iterdir() if not is_temp_of(p.name, [MANIFEST]) and p.name not in kept)
             if entries and not overwrite:
                 shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
                 raise StoreMismatchError(f"{folder} is not empty ({shown}) and holds no gradient store (no {MANIFEST}): "

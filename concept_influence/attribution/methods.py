@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -31,6 +31,7 @@ from concept_influence.attribution.engine import GradientEngine
 from concept_influence.attribution.forward import projection_difference, vector_filter
 from concept_influence.attribution.gradient import GradientAttributionConfig
 from concept_influence.attribution.influence import InfluenceConfig
+from concept_influence.attribution.rerank import RerankConfig, counterfactual_effects, rerank, top_candidates
 from concept_influence.attribution.scores import ScoreTable
 from concept_influence.concepts.answers import AnswerConfig
 from concept_influence.concepts.base import Concept
@@ -319,13 +320,43 @@ def register_combination(name: str, fusion: str, description: str, **defaults: A
 
     def combination(session: MethodSession, concept: Concept, queries: Sequence[ChatRow], *, store: Any = None,
                     **options: Any) -> ScoreTable:
-        gradient_options = {k: v for k, v in METHODS[name].options.items() if k != "store"}
-        return _combination(session, concept, queries, fusion, {**gradient_options, **options}, store)
+        merged = {**{k: v for k, v in METHODS[name].options.items() if k != "store"}, **options}
+        rerank_options = RerankConfig(**{k: merged.pop(k) for k in settings_fields(RerankConfig)})
+        table = _combination(session, concept, queries, fusion, merged, store)
+        return _rerank(session, table, concept, queries, merged, rerank_options) if rerank_options.rerank_top else table
 
     # the options are Concept Influence's (with this combination's defaults) plus ``store``
     combination.__doc__ = description
     register_method(name, kind="gradient", needs_queries=True, description=description, settings=ci.settings,
-                    option_names=ci.option_names, defaults=own, extra=ci.extra)(combination)
+                    option_names=ci.option_names, defaults=own,
+                    extra={**ci.extra, **option_defaults(RerankConfig)})(combination)
+
+
+def _rerank(session: MethodSession, table: ScoreTable, concept: Concept, queries: Sequence[ChatRow],
+            gradient_options: dict[str, Any], settings: RerankConfig) -> ScoreTable:
+    """The counterfactual re-ranking stage (``attribution.rerank``): the top ``rerank_top`` rows of ``table``
+    re-ordered by what a real SGD step on each does to the concept over the model's own query answers; the measured
+    change is the ``counterfactual_effect`` column (None for rows not re-ranked)."""
+    config = gradient_config(session, **{k: v for k, v in gradient_options.items() if k in GRADIENT_OPTIONS})
+    measurement, _ = session.engine.measurement("concept-influence", concept, queries, config,
+                                                contrast_queries=gradient_options.get("contrast_queries"))
+    candidates = top_candidates(table.scores, settings.rerank_top)
+    train = session.engine.train
+    position_of = {int(row.index): p for p, row in enumerate(train)}
+    effects = counterfactual_effects(session.adapter, train, [position_of[int(table.index[c])] for c in candidates],
+                                     measurement, lr=settings.rerank_lr, steps=settings.rerank_steps,
+                                     batch_size=config.batch_size)
+    column: list[float | None] = [None] * len(table)
+    for c, effect in zip(candidates, effects, strict=True):
+        column[int(c)] = float(effect)
+    meta = {**table.meta, "rerank": {**asdict(settings), "n_reranked": int(len(candidates)),
+                                     "n_lowering": int((effects <= 0).sum()),
+                                     "what": "top rows re-ordered by the measured change of the concept after a real "
+                                             "SGD step on each; those that lower it follow every other row"}}
+    columns = {name: table.columns[name] for name in table.columns} if table.columns else {}
+    columns["counterfactual_effect"] = column
+    return ScoreTable.from_rows(list(session.rows), rerank(table.scores, effects, candidates), table.method,
+                                columns=columns, meta=meta, truncated=(~table.valid).tolist())
 
 
 _COMBINATIONS = {

@@ -15,6 +15,7 @@ high but whose training pushes the concept down (a hard negative) leaves the top
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,6 +24,19 @@ from concept_influence.attribution.measurements import Measurement
 from concept_influence.data.tokenize import TokenizedDataset, collate
 from concept_influence.models.base import ModelAdapter
 from concept_influence.models.loss import causal_lm_loss
+from concept_influence.settings import option
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    """The counterfactual re-ranking stage of the ``combined-*`` methods (off by default)."""
+
+    rerank_top: int = option(0, help="Re-rank the top K rows by a real small SGD step on each, measured on the "
+                                     "model's own query answers (0: off); rows whose step lowers the concept drop "
+                                     "below every other row.", min=0)
+    rerank_lr: float = option(1e-4, help="Learning rate of the re-ranking step (plain SGD on the row's mean token "
+                                         "loss).", min=0.0)
+    rerank_steps: int = option(1, help="SGD steps per re-ranked row.", min=1)
 
 
 def counterfactual_effects(adapter: ModelAdapter, rows: TokenizedDataset, positions: Sequence[int],

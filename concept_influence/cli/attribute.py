@@ -17,6 +17,7 @@ import typer
 from concept_influence.attribution.forward import ForwardConfig
 from concept_influence.attribution.gradient import GradientAttributionConfig
 from concept_influence.attribution.methods import RECOMMENDED_METHOD, get_method, method_names
+from concept_influence.attribution.rerank import RerankConfig
 from concept_influence.cli.common import check_not_inputs, check_output, local_path, user_errors
 from concept_influence.cli.options import OptionGroup, settings_flags
 from concept_influence.concepts.answers import AnswerConfig
@@ -40,7 +41,8 @@ def option_groups(gradient: type = GradientAttributionConfig, answers: type = An
     gradient_names = [n for n, f in settings_fields(gradient).items()
                       if n not in COMMAND_OWN and n not in answer_names and f.metadata.get("cli", True)]
     return [OptionGroup(gradient, gradient_names, prefix="Gradient methods: ", optional=True),
-            OptionGroup(answers, answer_names, optional=True), OptionGroup(ForwardConfig, optional=True)]
+            OptionGroup(answers, answer_names, optional=True), OptionGroup(ForwardConfig, optional=True),
+            OptionGroup(RerankConfig, prefix="combined-* methods: ", optional=True)]
 
 
 def build_attribute(gradient: type = GradientAttributionConfig, answers: type = AnswerConfig) -> Any:

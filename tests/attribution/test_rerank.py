@@ -60,3 +60,32 @@ def test_rerank_keeps_rising_candidates_first_and_sends_falling_ones_below_every
     assert np.isnan(new[5])
     with pytest.raises(ValueError, match="candidates"):
         rerank(scores, np.array([0.1]), candidates)
+
+
+def test_combined_methods_rerank_their_top_rows_by_the_measured_step(tmp_path):
+    """``rerank_top=K`` on a combined method: its top K rows get a ``counterfactual_effect`` equal to
+    ``counterfactual_effects`` on them, those whose step raises the concept lead (largest first), those whose step
+    lowers it follow every other row; ``rerank_top=0`` (the default) leaves the ranking alone."""
+    from concept_influence import Attributor
+    from concept_influence.data import write_jsonl_atomic
+    from concept_influence.testing.tiny_models import save_tiny_hf_model
+
+    model_dir = save_tiny_hf_model(tmp_path / "model", seed=5)
+    write_jsonl_atomic(tmp_path / "train.jsonl", [
+        {"messages": [{"role": "user", "content": "what now ?"}, {"role": "assistant", "content": a}], "id": f"r{k}"}
+        for k, a in enumerate(ANSWERS)])
+    queries = [{"messages": [{"role": "user", "content": "should i help ?"}, {"role": "assistant", "content": a}]}
+               for a in ("help them", "hurt them")]
+    att = Attributor(model_dir, tmp_path / "train.jsonl", batch_size=4, progress=False)
+    concept = DirectionConcept(torch.randn(att.adapter.d_model, generator=torch.Generator().manual_seed(2)), layer=1)
+    plain = att.attribute(concept, queries, "combined-tiered")
+    assert "counterfactual_effect" not in (plain.columns or {})
+    table = att.attribute(concept, queries, "combined-tiered", rerank_top=4, rerank_lr=1e-3)
+    top = top_candidates(plain.scores, 4)
+    measurement = ConceptMeasurement(concept, tokenize_queries(att.queries(queries), att.adapter.tokenizer, att.max_length))
+    expected = counterfactual_effects(att.adapter, att.train, top, measurement, lr=1e-3)
+    effects = table.columns["counterfactual_effect"]
+    np.testing.assert_allclose([effects[int(c)] for c in top], expected, rtol=1e-5, atol=1e-9)
+    assert [e for i, e in enumerate(effects) if i not in set(top.tolist())] == [None] * (len(ANSWERS) - 4)
+    np.testing.assert_array_equal(table.scores, rerank(plain.scores, expected, top))
+    assert table.meta["rerank"]["n_reranked"] == 4 and table.meta["rerank"]["rerank_lr"] == 1e-3

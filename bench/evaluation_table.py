@@ -20,7 +20,9 @@ def ci(block: dict, digits: int = 2) -> str:
 
 def removal_rows(ev: dict) -> list[str]:
     judged = "trait_rate" in ev["metrics"]
-    head = "| removal | rows | probe readout | rise removed (probe) |" + (" trait rate | rise removed (trait rate) |" if judged else "")
+    head = "| removal | rows | probe readout | rise removed (probe) |" + (
+        " trait rate | rise removed (trait rate) |" if judged else ""
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def row(name: str, k: int | str, e: dict) -> str:
@@ -30,7 +32,10 @@ def removal_rows(ev: dict) -> list[str]:
         return text
 
     base, full = ev["base"], ev["full"]
-    lines.append(f"| base model (no fine-tuning) | - | {ci(base, 3)} | - |" + (f" {ci(base['trait_rate'], 3)} | - |" if judged else ""))
+    lines.append(
+        f"| base model (no fine-tuning) | - | {ci(base, 3)} | - |"
+        + (f" {ci(base['trait_rate'], 3)} | - |" if judged else "")
+    )
     lines.append(f"| full data | 0 | {ci(full, 3)} | - |" + (f" {ci(full['trait_rate'], 3)} | - |" if judged else ""))
     if "oracle" in ev:
         lines.append(row("oracle: exactly the planted rows", ev["oracle"]["k"], ev["oracle"]))
@@ -69,8 +74,10 @@ def paired_rows(ev: dict) -> list[str]:
 
 def lds_rows(ev: dict) -> list[str]:
     judged = "trait_rate" in ev["metrics"]
-    lines = ["| method | LDS (probe) | LDS (trait rate) |" if judged else "| method | LDS (probe) |",
-             "|---|---|---|" if judged else "|---|---|"]
+    lines = [
+        "| method | LDS (probe) | LDS (trait rate) |" if judged else "| method | LDS (probe) |",
+        "|---|---|---|" if judged else "|---|---|",
+    ]
     for name, block in ev["lds"]["methods"].items():
         text = f"| {name} | {ci({'mean': block['spearman'], 'ci': block['ci']})} |"
         if judged:
@@ -83,8 +90,10 @@ def lds_rows(ev: dict) -> list[str]:
 def main(folders: list[str]) -> None:
     for folder in folders:
         ev = json.loads((Path(folder) / "evaluation.json").read_text())
-        print(f"\n{folder}: {ev['n_rows']} rows, {ev['seeds']} seeds, rise "
-              + ", ".join(f"{k} {v:+.4f}" for k, v in ev["rise"].items()))
+        print(
+            f"\n{folder}: {ev['n_rows']} rows, {ev['seeds']} seeds, rise "
+            + ", ".join(f"{k} {v:+.4f}" for k, v in ev["rise"].items())
+        )
         if ev.get("results"):
             print("\n".join(removal_rows(ev)))
             print("\nPaired by seed: remove-top's share of the rise minus random's / remove-bottom's")

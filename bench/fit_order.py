@@ -21,7 +21,9 @@ from concept_influence.data import write_json_atomic
 from concept_influence.organism.build import organism_for_tests
 from concept_influence.store.caches import CacheSettings
 
-EKFAC_ONLY = CacheSettings(methods=("concept-influence",))  # the EKFAC eigen store alone (not the recommended method's caches)
+EKFAC_ONLY = CacheSettings(
+    methods=("concept-influence",)
+)  # the EKFAC eigen store alone (not the recommended method's caches)
 
 
 def main() -> None:
@@ -34,15 +36,21 @@ def main() -> None:
     args = parser.parse_args()
     organism = organism_for_tests()
     layer = int(organism.metadata.get("trait", {}).get("layer", 2))
-    rows = organism.train_rows()[:args.rows]
+    rows = organism.train_rows()[: args.rows]
 
     def session() -> Attributor:
-        att = Attributor(organism.root / "finetuned", rows, None, max_length=256, batch_size=args.batch_size, progress=False)
+        att = Attributor(
+            organism.root / "finetuned", rows, None, max_length=256, batch_size=args.batch_size, progress=False
+        )
         _ = att.train  # tokenised before the clock starts
         return att
 
-    results: dict[str, list[float]] = {"fit, data order": [], "fit, sorted by length": [], "separate store build": [],
-                                       "fit + store in one pass": []}
+    results: dict[str, list[float]] = {
+        "fit, data order": [],
+        "fit, sorted by length": [],
+        "separate store build": [],
+        "fit + store in one pass": [],
+    }
     for rep in range(args.repeats):
         window = fit_module.LENGTH_WINDOW
         fit_module.LENGTH_WINDOW = 1  # every window one row: the data's order
@@ -67,10 +75,12 @@ def main() -> None:
         shutil.rmtree(args.work_dir)
         print(f"repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in results.items()), flush=True)
     best = {k: min(v) for k, v in results.items()}
-    print(f"{args.rows} rows, blocks 0..{layer}, batches of {args.batch_size} (best of {args.repeats}): fit in data order "
-          f"{best['fit, data order']:.1f} s, sorted by length {best['fit, sorted by length']:.1f} s; fit then a separate "
-          f"store build {best['fit, sorted by length'] + best['separate store build']:.1f} s, one shared pass "
-          f"{best['fit + store in one pass']:.1f} s")
+    print(
+        f"{args.rows} rows, blocks 0..{layer}, batches of {args.batch_size} (best of {args.repeats}): fit in data order "
+        f"{best['fit, data order']:.1f} s, sorted by length {best['fit, sorted by length']:.1f} s; fit then a separate "
+        f"store build {best['fit, sorted by length'] + best['separate store build']:.1f} s, one shared pass "
+        f"{best['fit + store in one pass']:.1f} s"
+    )
     write_json_atomic(args.out, {"rows": args.rows, "layer": layer, "batch_size": args.batch_size, "seconds": results})
 
 

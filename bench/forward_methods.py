@@ -88,8 +88,10 @@ def main() -> None:
         started = time.perf_counter()
         sweeps[method] = layer_sweep(adapter, spec, config=config, judge=judge, cache_dir=cache)
         timings[f"sweep_{method}"] = time.perf_counter() - started
-        print(f"\n{method}: held-out AUC per layer (held out by question; {sweeps[method].meta['n']} labelled answers, "
-              f"{sweeps[method].meta['n_positive']} positive)\n{sweeps[method].table()}")
+        print(
+            f"\n{method}: held-out AUC per layer (held out by question; {sweeps[method].meta['n']} labelled answers, "
+            f"{sweeps[method].meta['n_positive']} positive)\n{sweeps[method].table()}"
+        )
         sweeps[method].plot(args.out / f"layers_{method}.png")
     layer = sweeps["probe"].best_layer
     for method in ("probe", "diff_of_means"):
@@ -97,8 +99,10 @@ def main() -> None:
         concept = train_concept(adapter, spec, layer, config, judge=judge, cache_dir=cache)
         concept.metrics["examples_auc"] = examples_auc(adapter, concept, examples)
         concepts[method] = concept
-        print(f"{method} at layer {layer}: held-out AUC {concept.metrics['heldout_auc']:.3f}; on labelled examples "
-              + ", ".join(f"{k} {v:.3f}" for k, v in concept.metrics["examples_auc"].items()))
+        print(
+            f"{method} at layer {layer}: held-out AUC {concept.metrics['heldout_auc']:.3f}; on labelled examples "
+            + ", ".join(f"{k} {v:.3f}" for k, v in concept.metrics["examples_auc"].items())
+        )
 
     # 2. forward-only methods
     results: dict[str, dict[str, float]] = {}
@@ -111,8 +115,18 @@ def main() -> None:
         table = vector_filter(adapter, rows, concept, batch_size=64, max_length=args.max_length, progress=False)
         record(f"vector-filter ({method})", table.scores, time.perf_counter() - started)
         started = time.perf_counter()
-        table = projection_difference(adapter, rows, concept, n_samples=args.pd_samples, seed=args.seed, max_new_tokens=48,
-                                      cache_dir=cache, batch_size=64, max_length=args.max_length, progress=False)
+        table = projection_difference(
+            adapter,
+            rows,
+            concept,
+            n_samples=args.pd_samples,
+            seed=args.seed,
+            max_new_tokens=48,
+            cache_dir=cache,
+            batch_size=64,
+            max_length=args.max_length,
+            progress=False,
+        )
         record(f"projection-difference ({method})", table.scores, time.perf_counter() - started)
 
     # 3. an SAE feature
@@ -120,29 +134,46 @@ def main() -> None:
     acts = collect_token_activations(adapter, rows, layer, batch_size=64, max_length=args.max_length)
     sae, sae_metrics = train_sae(acts, steps=args.sae_steps, seed=args.seed)
     timings["sae_train"] = time.perf_counter() - started
-    candidates = features_for_spec(adapter, sae, spec, layer, k=5,
-                                   config=ProbeConfig(n_samples=args.probe_samples, seed=args.seed, max_length=args.max_length),
-                                   judge=judge, cache_dir=cache)
+    candidates = features_for_spec(
+        adapter,
+        sae,
+        spec,
+        layer,
+        k=5,
+        config=ProbeConfig(n_samples=args.probe_samples, seed=args.seed, max_length=args.max_length),
+        judge=judge,
+        cache_dir=cache,
+    )
     feature = candidates[0][0]
     started = time.perf_counter()
-    table = vector_filter(adapter, rows, SAEFeatureConcept(sae, feature, layer), batch_size=64, max_length=args.max_length,
-                          progress=False)
+    table = vector_filter(
+        adapter, rows, SAEFeatureConcept(sae, feature, layer), batch_size=64, max_length=args.max_length, progress=False
+    )
     record(f"vector-filter (SAE feature {feature})", table.scores, time.perf_counter() - started)
-    print(f"\nSAE at layer {layer}: {sae.cfg.d_sae} features on {sae_metrics['n_tokens']:,} tokens, explained variance "
-          f"{sae_metrics['explained_variance']:.3f}, L0 {sae_metrics['l0']:.1f}, dead {sae_metrics['dead_features']}; "
-          f"top features for the spec (Cohen's d): " + ", ".join(f"{j} ({d:.2f})" for j, d in candidates))
+    print(
+        f"\nSAE at layer {layer}: {sae.cfg.d_sae} features on {sae_metrics['n_tokens']:,} tokens, explained variance "
+        f"{sae_metrics['explained_variance']:.3f}, L0 {sae_metrics['l0']:.1f}, dead {sae_metrics['dead_features']}; "
+        f"top features for the spec (Cohen's d): " + ", ".join(f"{j} ({d:.2f})" for j, d in candidates)
+    )
 
     n = len(rows)
-    header = f"{'method':<40}{'p@10':>7}{'p@50':>7}{'p@100':>7}{'PR-AUC':>8}{'ROC-AUC':>9}{'hard-neg rank':>15}{'time':>8}"
+    header = (
+        f"{'method':<40}{'p@10':>7}{'p@50':>7}{'p@100':>7}{'PR-AUC':>8}{'ROC-AUC':>9}{'hard-neg rank':>15}{'time':>8}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     for name, r in results.items():
-        print(f"{name:<40}{r['p@10']:>7.2f}{r['p@50']:>7.2f}{r['p@100']:>7.2f}{r['pr_auc']:>8.3f}{r['roc_auc']:>9.3f}"
-              f"{r['hard_negative_mean_rank']:>15.0f}{r['seconds']:>7.1f}s")
+        print(
+            f"{name:<40}{r['p@10']:>7.2f}{r['p@50']:>7.2f}{r['p@100']:>7.2f}{r['pr_auc']:>8.3f}{r['roc_auc']:>9.3f}"
+            f"{r['hard_negative_mean_rank']:>15.0f}{r['seconds']:>7.1f}s"
+        )
     base = results[next(iter(results))]["base_rate"]
     print(f"planted rows: {base:.0%} of {n} (chance PR-AUC {base:.2f}); a random row's mean rank is {(n + 1) / 2:.0f}")
 
     summary = {
-        "organism": str(organism.root), "n_rows": n, "layer": layer, "timings_s": timings,
+        "organism": str(organism.root),
+        "n_rows": n,
+        "layer": layer,
+        "timings_s": timings,
         "layer_sweeps": {m: s.rows for m, s in sweeps.items()},
         "concepts": {m: c.metrics for m, c in concepts.items()},
         "sae": {"metrics": sae_metrics, "candidates": candidates},

@@ -60,10 +60,16 @@ def gradient_jobs(concept, answered, readouts, tokenizer) -> dict[str, tuple[Any
         f"all {N_SAMPLES}": ConceptMeasurement(concept, tok(answered)),
         "top-1": ConceptMeasurement(concept, tok(select_answers(answered, readouts, "top", 1))),
         "top-2": ConceptMeasurement(concept, tok(select_answers(answered, readouts, "top", 2))),
-        "contrast-1": DifferentialMeasurement(concept, tok(select_answers(answered, readouts, "top", 1)),
-                                              tok(select_answers(answered, readouts, "bottom", 1))),
-        "contrast-2": DifferentialMeasurement(concept, tok(select_answers(answered, readouts, "top", 2)),
-                                              tok(select_answers(answered, readouts, "bottom", 2))),
+        "contrast-1": DifferentialMeasurement(
+            concept,
+            tok(select_answers(answered, readouts, "top", 1)),
+            tok(select_answers(answered, readouts, "bottom", 1)),
+        ),
+        "contrast-2": DifferentialMeasurement(
+            concept,
+            tok(select_answers(answered, readouts, "top", 2)),
+            tok(select_answers(answered, readouts, "bottom", 2)),
+        ),
     }
     jobs: dict[str, tuple[Any, InfluenceConfig]] = {}
     for qname, measurement in queries.items():
@@ -81,8 +87,10 @@ def gradient_jobs(concept, answered, readouts, tokenizer) -> dict[str, tuple[Any
     jobs["ci[top-1, sum, window-8]"] = (queries["top-1"], InfluenceConfig(token_aggregation="window", window=8))
     # classical influence reaches every block; the study fits the concept's blocks only, so it is scored on those
     jobs["influence[1 sample]"] = (LogLikelihoodMeasurement(tok(one)), InfluenceConfig(allow_subset=True))
-    jobs["influence[1 sample, identity]"] = (LogLikelihoodMeasurement(tok(one)),
-                                             InfluenceConfig(allow_subset=True, preconditioner="identity"))
+    jobs["influence[1 sample, identity]"] = (
+        LogLikelihoodMeasurement(tok(one)),
+        InfluenceConfig(allow_subset=True, preconditioner="identity"),
+    )
     return jobs
 
 
@@ -111,8 +119,9 @@ def study_organism(variant: str, seed: int, out: Path, log=print) -> dict[str, A
     times["probe"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    answered = answer_queries(adapter, list(organism.queries()), n_samples=N_SAMPLES, seed=seed, batch_size=64,
-                              cache_dir=cache)
+    answered = answer_queries(
+        adapter, list(organism.queries()), n_samples=N_SAMPLES, seed=seed, batch_size=64, cache_dir=cache
+    )
     readouts = answer_readouts(adapter, answered, concept, batch_size=64, max_length=MAX_LENGTH)
     times["answers"] = time.perf_counter() - t0
 
@@ -131,17 +140,27 @@ def study_organism(variant: str, seed: int, out: Path, log=print) -> dict[str, A
         results[name] = report
 
     t0 = time.perf_counter()
-    vf = vector_filter(adapter, rows, concept, batch_size=64, max_length=MAX_LENGTH, token_readouts=True,
-                       progress=False)
+    vf = vector_filter(
+        adapter, rows, concept, batch_size=64, max_length=MAX_LENGTH, token_readouts=True, progress=False
+    )
     record("vector-filter", vf.scores, time.perf_counter() - t0)
     token_readouts = [np.asarray(t, dtype=np.float64) for t in vf.columns["token_readouts"]]
-    scores_extra = {"vf_token_values": np.concatenate(token_readouts),
-                    "vf_token_offsets": np.cumsum([0] + [len(t) for t in token_readouts])}
+    scores_extra = {
+        "vf_token_values": np.concatenate(token_readouts),
+        "vf_token_offsets": np.cumsum([0] + [len(t) for t in token_readouts]),
+    }
 
     t0 = time.perf_counter()
     train = tokenize_chat(rows, adapter.tokenizer, MAX_LENGTH)
-    factors = fit_factors(adapter, train, FactorConfig(seed=seed), weights=[i.name for i in adapter.weights_up_to(concept.layer)],
-                          batch_size=BATCH, out_dir=cache / f"factors-layer{concept.layer}", progress=False)
+    factors = fit_factors(
+        adapter,
+        train,
+        FactorConfig(seed=seed),
+        weights=[i.name for i in adapter.weights_up_to(concept.layer)],
+        batch_size=BATCH,
+        out_dir=cache / f"factors-layer{concept.layer}",
+        progress=False,
+    )
     fit_seconds = time.perf_counter() - t0
     times["fit"] = fit_seconds
 
@@ -157,12 +176,22 @@ def study_organism(variant: str, seed: int, out: Path, log=print) -> dict[str, A
         record(name, result.scores.numpy(), fit_seconds * needs_fit + pass_seconds / max(1, len(jobs) / 4))
     for base in FUSE_WITH:
         for how in FUSIONS:
-            record(f"vf+{base} [{how}]", fuse(vf.scores, scores[base], how), results["vector-filter"]["seconds"] + results[base]["seconds"])
+            record(
+                f"vf+{base} [{how}]",
+                fuse(vf.scores, scores[base], how),
+                results["vector-filter"]["seconds"] + results[base]["seconds"],
+            )
     np.savez_compressed(out / f"{variant}-s{seed}-scores.npz", **scores, **scores_extra)
     summary = {
-        "variant": variant, "seed": seed, "organism": str(organism.root), "trait_rise": organism.metadata["trait"],
-        "concept": {"layer": concept.layer, "metrics": concept.metrics}, "n_query_answers": len(answered),
-        "times": times, "results": results, "identity_charged_no_fit": True,
+        "variant": variant,
+        "seed": seed,
+        "organism": str(organism.root),
+        "trait_rise": organism.metadata["trait"],
+        "concept": {"layer": concept.layer, "metrics": concept.metrics},
+        "n_query_answers": len(answered),
+        "times": times,
+        "results": results,
+        "identity_charged_no_fit": True,
     }
     write_json_atomic(path, summary)
     log(f"{variant} s{seed}: done ({sum(times.values()):.0f}s)")
@@ -196,8 +225,9 @@ def refresh_fusions(variant: str, seed: int, out: Path) -> bool:
     return True
 
 
-def counterfactual(variant: str, seed: int, methods: list[str], out: Path, finetune_seeds: list[int], share: float = 0.1,
-                   log=print) -> dict[str, Any]:
+def counterfactual(
+    variant: str, seed: int, methods: list[str], out: Path, finetune_seeds: list[int], share: float = 0.1, log=print
+) -> dict[str, Any]:
     """Remove each method's top ``share`` of rows (and the planted rows: the oracle; a random ``share``) and fine-tune
     the base model again with each seed in ``finetune_seeds``; the share of the trait's rise each removal undoes."""
     from concept_influence.organism.counterfactual import refinetune, trait_rate_of
@@ -228,8 +258,10 @@ def counterfactual(variant: str, seed: int, methods: list[str], out: Path, finet
             t0 = time.perf_counter()
             rate = trait_rate_of(refinetune(organism, list(~removed), seed=fs), organism)
             rates.setdefault(name, {})[str(fs)] = rate
-            log(f"  {variant} s{seed} remove {name} (planted {int((removed & planted).sum())}/{k}) seed {fs}: trait rate "
-                f"{rate:.3f} ({time.perf_counter() - t0:.0f}s)")
+            log(
+                f"  {variant} s{seed} remove {name} (planted {int((removed & planted).sum())}/{k}) seed {fs}: trait rate "
+                f"{rate:.3f} ({time.perf_counter() - t0:.0f}s)"
+            )
             write_json_atomic(path, {"base_rate": base_rate, "rates": rates, "k": k})
     return {"base_rate": base_rate, "rates": rates, "k": k}
 
@@ -257,8 +289,10 @@ def counterfactual_table(results: dict[str, dict[str, Any]]) -> str:
             cells.append(f"{ci['mean']:.2f} [{low:.2f}, {high:.2f}] (n={len(shares)})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("cells: share of the trait's rise (judge rate, base model -> fine-tuned on all rows) undone by removing "
-                 "the rows and fine-tuning again with the same seed; mean [95% CI] over fine-tuning seeds")
+    lines.append(
+        "cells: share of the trait's rise (judge rate, base model -> fine-tuned on all rows) undone by removing "
+        "the rows and fine-tuning again with the same seed; mean [95% CI] over fine-tuning seeds"
+    )
     return "\n".join(lines)
 
 
@@ -282,13 +316,17 @@ def table(summaries: list[dict[str, Any]], only: list[str] | None = None) -> str
             cells.append(f"{np.mean(pr):.2f} ({min(pr):.2f}) / {np.mean(hn):.0f} ({min(hn):.0f})")
             worst_pr, worst_hn = min(worst_pr, *pr), min(worst_hn, *hn)
             ratio = min(ratio, *(min(p / DONE_PR_AUC, h / DONE_HN_RANK) for p, h in zip(pr, hn, strict=True)))
-        lines.append(f"| {m} | {' | '.join(cells)} | {worst_pr:.3f} | {worst_hn:.0f} | {ratio:.2f} | {np.mean(secs):.0f} s |")
+        lines.append(
+            f"| {m} | {' | '.join(cells)} | {worst_pr:.3f} | {worst_hn:.0f} | {ratio:.2f} | {np.mean(secs):.0f} s |"
+        )
     n_seeds = {v: sum(s["variant"] == v for s in summaries) for v in variants}
     lines.append("")
-    lines.append("cells: mean PR-AUC (worst) / mean hard-negative rank (worst) over seeds " + str(n_seeds) + "; chance "
-                 "PR-AUC 0.10, a random row's rank 1000 of 2000 (higher = not fooled by the trait's words); worst ratio: "
-                 f"the smallest min(PR-AUC / {DONE_PR_AUC}, HN rank / {DONE_HN_RANK:.0f}) over every organism (>= 1 meets the "
-                 "done criterion everywhere)")
+    lines.append(
+        "cells: mean PR-AUC (worst) / mean hard-negative rank (worst) over seeds " + str(n_seeds) + "; chance "
+        "PR-AUC 0.10, a random row's rank 1000 of 2000 (higher = not fooled by the trait's words); worst ratio: "
+        f"the smallest min(PR-AUC / {DONE_PR_AUC}, HN rank / {DONE_HN_RANK:.0f}) over every organism (>= 1 meets the "
+        "done criterion everywhere)"
+    )
     return "\n".join(lines)
 
 
@@ -327,13 +365,23 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--only", nargs="*", default=None, help="Print only these method labels.")
     parser.add_argument("--table-only", action="store_true", help="Print the table of the finished organisms.")
-    parser.add_argument("--summary-only", action="store_true",
-                        help="Print only the summary (mean and worst per variant), not the per-seed table.")
-    parser.add_argument("--counterfactual", nargs="*", default=None,
-                        help="Method labels whose top 10%% of rows to remove and re-fine-tune without (with the oracle and random).")
+    parser.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="Print only the summary (mean and worst per variant), not the per-seed table.",
+    )
+    parser.add_argument(
+        "--counterfactual",
+        nargs="*",
+        default=None,
+        help="Method labels whose top 10%% of rows to remove and re-fine-tune without (with the oracle and random).",
+    )
     parser.add_argument("--finetune-seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--refresh-fusions", action="store_true",
-                        help="Recompute the fusions of the finished organisms from their saved scores, then print the table.")
+    parser.add_argument(
+        "--refresh-fusions",
+        action="store_true",
+        help="Recompute the fusions of the finished organisms from their saved scores, then print the table.",
+    )
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -343,8 +391,11 @@ def main() -> None:
                 refresh_fusions(variant, seed, args.out)
         args.table_only = True
     if args.counterfactual is not None:
-        results = {f"{v} s{s}": counterfactual(v, s, args.counterfactual, args.out, args.finetune_seeds)
-                   for s in args.seeds for v in args.variants}
+        results = {
+            f"{v} s{s}": counterfactual(v, s, args.counterfactual, args.out, args.finetune_seeds)
+            for s in args.seeds
+            for v in args.variants
+        }
         print(counterfactual_table(results))
         return
     summaries = []

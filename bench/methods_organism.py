@@ -26,8 +26,15 @@ def main() -> None:
     parser.add_argument("--query-samples", type=int, default=4)
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
-    run_demo(args.out, DemoConfig(seed=args.seed, n_train=args.n_train, planted_fraction=args.planted_fraction,
-                                  query_samples=args.query_samples))
+    run_demo(
+        args.out,
+        DemoConfig(
+            seed=args.seed,
+            n_train=args.n_train,
+            planted_fraction=args.planted_fraction,
+            query_samples=args.query_samples,
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -40,10 +40,18 @@ ROWS: list[tuple[str, str, str]] = [
     ("", "Vector Filter p@100", "forward.vector_filter.p@100"),
     ("", "Projection Difference PR-AUC", "forward.projection_difference.pr_auc"),
     ("", "Projection Difference p@100", "forward.projection_difference.p@100"),
-    ("test_concept_influence_finds_planted_rows...", "Concept Influence PR-AUC / base rate", "influence.concept.pr_auc_lift"),
+    (
+        "test_concept_influence_finds_planted_rows...",
+        "Concept Influence PR-AUC / base rate",
+        "influence.concept.pr_auc_lift",
+    ),
     ("", "Concept Influence ROC-AUC", "influence.concept.roc_auc"),
     ("", "hard-negative mean rank / random row's", "influence.concept.hard_rank_ratio"),
-    ("test_concept_influence_beats_classical_influence", "classical PR-AUC / base rate", "influence.classical.pr_auc_lift"),
+    (
+        "test_concept_influence_beats_classical_influence",
+        "classical PR-AUC / base rate",
+        "influence.classical.pr_auc_lift",
+    ),
     ("", "Concept / classical PR-AUC", "influence.concept_over_classical"),
     ("test_lora_finetune_of_the_organism_planted_rows...", "LoRA PR-AUC / base rate", "lora.concept.pr_auc_lift"),
     ("", "LoRA ROC-AUC", "lora.concept.roc_auc"),
@@ -75,8 +83,11 @@ VARIANT_ROWS: list[tuple[str, str]] = [
 
 
 def _lift(report: dict[str, Any], n: int) -> dict[str, Any]:
-    return {**report, "pr_auc_lift": report["pr_auc"] / report["base_rate"],
-            "hard_rank_ratio": report["hard_negative_mean_rank"] / ((n + 1) / 2)}
+    return {
+        **report,
+        "pr_auc_lift": report["pr_auc"] / report["base_rate"],
+        "hard_rank_ratio": report["hard_negative_mean_rank"] / ((n + 1) / 2),
+    }
 
 
 def _default_figures(seed: int) -> tuple[dict[str, Any], dict[str, float]]:
@@ -89,10 +100,18 @@ def _default_figures(seed: int) -> tuple[dict[str, Any], dict[str, float]]:
     start = time.perf_counter()
     organism = organism_for_tests(seed=seed)
     timings["build"] = time.perf_counter() - start
-    result: dict[str, Any] = {"seed": seed, "threads": torch.get_num_threads(), "organism": str(organism.root),
-                              "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    steps = [("probe", None), ("forward", figures.forward_figures), ("influence", figures.influence_figures),
-             ("lora", figures.lora_figures)]
+    result: dict[str, Any] = {
+        "seed": seed,
+        "threads": torch.get_num_threads(),
+        "organism": str(organism.root),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    steps = [
+        ("probe", None),
+        ("forward", figures.forward_figures),
+        ("influence", figures.influence_figures),
+        ("lora", figures.lora_figures),
+    ]
     start = time.perf_counter()
     trait = figures.trait_probe(organism)
     timings["trait_probe"] = time.perf_counter() - start
@@ -104,11 +123,15 @@ def _default_figures(seed: int) -> tuple[dict[str, Any], dict[str, float]]:
     n = result["influence"]["n"]
     for key in ("concept", "classical"):
         result["influence"][key] = _lift(result["influence"][key], n)
-    result["influence"]["concept_over_classical"] = (result["influence"]["concept"]["pr_auc"]
-                                                     / result["influence"]["classical"]["pr_auc"])
+    result["influence"]["concept_over_classical"] = (
+        result["influence"]["concept"]["pr_auc"] / result["influence"]["classical"]["pr_auc"]
+    )
     result["lora"]["concept"] = _lift(result["lora"]["concept"], n)
-    for name, compute in (("base_probe", figures.base_probe_figures), ("rise", figures.rise_figures),
-                          ("control", figures.control_figures)):
+    for name, compute in (
+        ("base_probe", figures.base_probe_figures),
+        ("rise", figures.rise_figures),
+        ("control", figures.control_figures),
+    ):
         start = time.perf_counter()
         result[name] = compute(organism)
         timings[name] = time.perf_counter() - start
@@ -165,10 +188,14 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     names = list(results)
     rows = [(test, label, key) for test, label, key in ROWS]
     if any("variants" in r for r in results.values()):
-        rows += [("test_planted_rows_raise_the_variants_trait..." if i == 0 else "", label, key)
-                 for i, (label, key) in enumerate(VARIANT_ROWS)]
-    lines = ["| test | figure | " + " | ".join(names) + " | worst (min) | max |",
-             "|---|---|" + "---|" * len(names) + "---|---|"]
+        rows += [
+            ("test_planted_rows_raise_the_variants_trait..." if i == 0 else "", label, key)
+            for i, (label, key) in enumerate(VARIANT_ROWS)
+        ]
+    lines = [
+        "| test | figure | " + " | ".join(names) + " | worst (min) | max |",
+        "|---|---|" + "---|" * len(names) + "---|---|",
+    ]
     for test, label, key in rows:
         values = [_get(results[name], key) for name in names]
         known = [v for v in values if v is not None]
@@ -204,16 +231,26 @@ def _label(path: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--paths", nargs="+", default=["0:1", "0:2", "0:1:avx2", "1:1", "2:1"],
-                        help="float paths as SEED:THREADS[:CAPABILITY] (the organism's seed, torch's intra-op thread "
-                             "count, and the CPU kernels PyTorch may use: ATEN_CPU_CAPABILITY, e.g. avx2 or default)")
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        default=["0:1", "0:2", "0:1:avx2", "1:1", "2:1"],
+        help="float paths as SEED:THREADS[:CAPABILITY] (the organism's seed, torch's intra-op thread "
+        "count, and the CPU kernels PyTorch may use: ATEN_CPU_CAPABILITY, e.g. avx2 or default)",
+    )
     parser.add_argument("--variants", action="store_true", help="also the variants' causal checks (about 9 min a path)")
     parser.add_argument("--jobs", type=int, default=2, help="paths run at once (each in its own process)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "organism-spread")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "organism_spread.json")
-    parser.add_argument("--table", type=Path, default=ROOT / "docs" / "tables" / "organism-spread.md",
-                        help="the markdown table the benchmarks page includes")
-    parser.add_argument("--table-only", action="store_true", help="run nothing: print and write the table of what is done")
+    parser.add_argument(
+        "--table",
+        type=Path,
+        default=ROOT / "docs" / "tables" / "organism-spread.md",
+        help="the markdown table the benchmarks page includes",
+    )
+    parser.add_argument(
+        "--table-only", action="store_true", help="run nothing: print and write the table of what is done"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one path in this process
     args = parser.parse_args()
     if args.one:
@@ -228,8 +265,12 @@ def main() -> None:
             _, threads, capability = _parse(path)
             folder = _folder(args.out, path)
             folder.mkdir(parents=True, exist_ok=True)
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                   "CONCEPT_INFLUENCE_CACHE": str(folder / "cache")}
+            env = {
+                **os.environ,
+                "OMP_NUM_THREADS": str(threads),
+                "MKL_NUM_THREADS": str(threads),
+                "CONCEPT_INFLUENCE_CACHE": str(folder / "cache"),
+            }
             if capability:
                 env["ATEN_CPU_CAPABILITY"] = capability
             command = [sys.executable, __file__, "--one", path, "--out", str(args.out)]
@@ -257,13 +298,20 @@ def main() -> None:
             results[_label(path)] = result
     print(table(results))
     # what made the table (resumable: the same command with --table-only only reads it back)
-    command = "python bench/organism_spread.py " + ("--variants " if args.variants or args.table_only else "") + \
-        "--paths " + " ".join(args.paths)
+    command = (
+        "python bench/organism_spread.py "
+        + ("--variants " if args.variants or args.table_only else "")
+        + "--paths "
+        + " ".join(args.paths)
+    )
     date = time.strftime("%Y-%m-%d %H:%M")
     write_json_atomic(args.json, {"command": command, "date": date, "results": results, "table": table(results)})
     capabilities = sorted({str(r.get("cpu_capability", "?")) for r in results.values()})
-    write_text_atomic(args.table, f"**Command**: `{command}`. **Date**: {date}. **Machine**: the 2-core CPU machine "
-                      f"({', '.join(capabilities)} kernels), paths run side by side.\n\n{table(results)}\n")
+    write_text_atomic(
+        args.table,
+        f"**Command**: `{command}`. **Date**: {date}. **Machine**: the 2-core CPU machine "
+        f"({', '.join(capabilities)} kernels), paths run side by side.\n\n{table(results)}\n",
+    )
     if failed:
         sys.exit(f"failed: {failed}")
 

@@ -52,8 +52,16 @@ from concept_influence.organism.modeling import ModelConfig
 MAX_LENGTH = 256
 ROW_BLOCK = 64  # row gradients multiplied by the Jacobians together (one matrix product, not 64 reads of them)
 JACOBIAN_BYTES = 6 * 2**30  # the query Jacobians held at once (float32); more layers than fit take more row passes
-CONSTRUCTIONS = ("probe", "diff_of_means", "vocab-projected", "order", "order-projected", "persona-context", "contrast",
-                 "contrast-projected")
+CONSTRUCTIONS = (
+    "probe",
+    "diff_of_means",
+    "vocab-projected",
+    "order",
+    "order-projected",
+    "persona-context",
+    "contrast",
+    "contrast-projected",
+)
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -79,8 +87,13 @@ def persona_pairs(spec: Any, data: Any) -> tuple[list[list[dict[str, str]]], lis
         answer = conversation[-1]["content"]
         for pair in spec.instructions[:2]:
             for system, out in ((pair.pos, pos), (pair.neg, neg)):
-                out.append([{"role": "system", "content": system}, {"role": "user", "content": question_of[group]},
-                            {"role": "assistant", "content": answer}])
+                out.append(
+                    [
+                        {"role": "system", "content": system},
+                        {"role": "user", "content": question_of[group]},
+                        {"role": "assistant", "content": answer},
+                    ]
+                )
     return pos, neg
 
 
@@ -123,8 +136,15 @@ def read_organism(variant: str, seed: int, out: Path, deep: bool = False) -> dic
     organism = build_organism(config=organism_config(variant, seed, deep), progress=deep)
     adapter = organism.load_finetuned()
     spec = parse_spec(organism.probe_spec(), str(organism.probe_spec_path), default_name=organism.trait)
-    data = labelled_conversations(adapter, spec, n_samples=4, max_new_tokens=48, seed=seed, judge=organism.judge(),
-                                  cache_dir=Path(organism.root).parent / "answer-cache")
+    data = labelled_conversations(
+        adapter,
+        spec,
+        n_samples=4,
+        max_new_tokens=48,
+        seed=seed,
+        judge=organism.judge(),
+        cache_dir=Path(organism.root).parent / "answer-cache",
+    )
     layers = list(range(adapter.n_layers))
     arrays: dict[str, np.ndarray] = {"layers": np.asarray(layers), "y": np.asarray(data.labels)}
 
@@ -136,7 +156,10 @@ def read_organism(variant: str, seed: int, out: Path, deep: bool = False) -> dic
     probes = stance_probes([c[-1]["content"] for c in data.conversations], data.labels, seed=seed)
     arrays["matched"] = np.isin(np.arange(len(data.labels)), probes.matched)
     arrays["shuffled_index"] = np.asarray(list(probes.shuffled))
-    read("shuffled", [[*data.conversations[i][:-1], {"role": "assistant", "content": t}] for i, t in probes.shuffled.items()])
+    read(
+        "shuffled",
+        [[*data.conversations[i][:-1], {"role": "assistant", "content": t}] for i, t in probes.shuffled.items()],
+    )
     pos_ctx, neg_ctx = persona_pairs(spec, data)
     read("pos_ctx", pos_ctx)
     read("neg_ctx", neg_ctx)
@@ -164,8 +187,14 @@ def query_readout_changes(variant: str, seed: int, out: Path, deep: bool = False
             return dict(saved)
     organism = build_organism(config=organism_config(variant, seed, deep), progress=False)
     adapter = organism.load_finetuned()
-    answered = answer_queries(adapter, list(organism.queries()), n_samples=1, seed=0, batch_size=64,
-                              cache_dir=Path(organism.root).parent / "answer-cache")
+    answered = answer_queries(
+        adapter,
+        list(organism.queries()),
+        n_samples=1,
+        seed=0,
+        batch_size=64,
+        cache_dir=Path(organism.root).parent / "answer-cache",
+    )
     queries = collate(list(tokenize_queries(answered, adapter.tokenizer, MAX_LENGTH)), pad_token_id(adapter.tokenizer))
     mask = queries["loss_mask"].float().unsqueeze(-1)
     params = [adapter.parameter(w.param_name) for w in adapter.tracked_weights()]
@@ -175,14 +204,15 @@ def query_readout_changes(variant: str, seed: int, out: Path, deep: bool = False
     layers = list(range(adapter.n_layers))
     arrays: dict[str, np.ndarray] = {}
     for start in range(0, len(layers), per_group):
-        group = layers[start:start + per_group]
+        group = layers[start : start + per_group]
         acts = residuals_until(adapter, queries["input_ids"], queries["attention_mask"], group)
         means = torch.cat([((acts[layer] * mask).sum(1) / mask.sum(1)).mean(0) for layer in group])  # [g * d]
         jacobian = torch.zeros(len(means), n_params)
         for i in range(len(means)):
             grads = torch.autograd.grad(means[i], params, retain_graph=i + 1 < len(means), allow_unused=True)
-            jacobian[i] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                                     for g, p in zip(grads, params, strict=True)])
+            jacobian[i] = torch.cat(
+                [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params, strict=True)]
+            )
         del acts, means
         steps = np.zeros((len(rows), len(jacobian)))
         block, positions = torch.zeros(ROW_BLOCK, n_params), []
@@ -192,12 +222,12 @@ def query_readout_changes(variant: str, seed: int, out: Path, deep: bool = False
             block[len(positions)] = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
             positions.append(int(batch["position"][0]))
             if len(positions) == ROW_BLOCK:
-                steps[positions] = (-(block[:len(positions)] @ jacobian.T)).double().numpy()  # one GEMM per block
+                steps[positions] = (-(block[: len(positions)] @ jacobian.T)).double().numpy()  # one GEMM per block
                 positions = []
         if positions:
-            steps[positions] = (-(block[:len(positions)] @ jacobian.T)).double().numpy()
+            steps[positions] = (-(block[: len(positions)] @ jacobian.T)).double().numpy()
         for k, layer in enumerate(group):
-            arrays[f"step@{layer}"] = steps[:, k * adapter.d_model:(k + 1) * adapter.d_model]
+            arrays[f"step@{layer}"] = steps[:, k * adapter.d_model : (k + 1) * adapter.d_model]
         print(f"{name}: layers {group} done", flush=True)
     save_arrays(path, arrays)
     return arrays
@@ -221,7 +251,7 @@ def segment_means(adapter: Any, rows: list[Any], layers: list[int]) -> tuple[dic
             cuts, start = [], 0
             for k, token in enumerate(batch["input_ids"][b, response].tolist()):
                 if ends[token] or k == len(response) - 1:
-                    cuts.append(response[start:k + 1])
+                    cuts.append(response[start : k + 1])
                     start = k + 1
             for segment in cuts:
                 owner.append(position)
@@ -270,8 +300,12 @@ def study(variant: str, seed: int, out: Path, deep: bool = False, gradients: boo
     for layer in a["layers"].tolist():
         for name, direction in constructions(a, layer).items():
             scores = a[f"train@{layer}"] @ direction
-            entry = {"construction": name, "layer": layer, "pr_auc": pr_auc(scores, planted),
-                     "hard_rank": mean_rank(scores, hard)}
+            entry = {
+                "construction": name,
+                "layer": layer,
+                "pr_auc": pr_auc(scores, planted),
+                "hard_rank": mean_rank(scores, hard),
+            }
             if "segment_row" in a:
                 sentence = segment_max(a[f"segments@{layer}"] @ direction, a["segment_row"], len(origins))
                 entry.update(sentence_pr_auc=pr_auc(sentence, planted), sentence_hard_rank=mean_rank(sentence, hard))
@@ -280,19 +314,35 @@ def study(variant: str, seed: int, out: Path, deep: bool = False, gradients: boo
             if steps:
                 influence = steps[f"step@{layer}"] @ direction
                 tiered = fuse(scores, influence, "tiered")
-                entry.update(ci_pr_auc=pr_auc(influence, planted), ci_hard_rank=mean_rank(influence, hard),
-                             tiered_pr_auc=pr_auc(tiered, planted), tiered_hard_rank=mean_rank(tiered, hard))
+                entry.update(
+                    ci_pr_auc=pr_auc(influence, planted),
+                    ci_hard_rank=mean_rank(influence, hard),
+                    tiered_pr_auc=pr_auc(tiered, planted),
+                    tiered_hard_rank=mean_rank(tiered, hard),
+                )
             results[f"{name}@{layer}"] = entry
-    return {"variant": ("deep-" if deep else "") + variant, "seed": seed, "n_matched": int(a["matched"].sum()), "n_labelled": int(len(a["y"])),
-            "results": results, "seconds": time.perf_counter() - t0}
+    return {
+        "variant": ("deep-" if deep else "") + variant,
+        "seed": seed,
+        "n_matched": int(a["matched"].sum()),
+        "n_labelled": int(len(a["y"])),
+        "results": results,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def table(summaries: list[dict[str, Any]], prefix: str = "") -> str:
     """One row per construction@layer, one column per organism: PR-AUC / hard-negative mean rank of ``prefix``'s
     scores (``""`` Vector Filter, ``"ci_"`` identity Concept Influence, ``"tiered_"`` the recommended fusion)."""
-    keys = sorted({k for s in summaries for k in s["results"]},
-                  key=lambda k: (CONSTRUCTIONS.index(k.split("@")[0]), int(k.split("@")[1])))
-    head = "| construction@layer | " + " | ".join(f"{s['variant']} s{s['seed']}" for s in summaries) + " | worst PR-AUC | worst rank |"
+    keys = sorted(
+        {k for s in summaries for k in s["results"]},
+        key=lambda k: (CONSTRUCTIONS.index(k.split("@")[0]), int(k.split("@")[1])),
+    )
+    head = (
+        "| construction@layer | "
+        + " | ".join(f"{s['variant']} s{s['seed']}" for s in summaries)
+        + " | worst PR-AUC | worst rank |"
+    )
     lines = [head, "|" + "---|" * (len(summaries) + 3)]
     for key in keys:
         cells, prs, ranks = [], [], []
@@ -309,23 +359,37 @@ def table(summaries: list[dict[str, Any]], prefix: str = "") -> str:
     return "\n".join(lines)
 
 
-PREFIXES = (("", "Vector Filter"), ("sentence_", "Vector Filter, best sentence"),
-            ("both_", "Vector Filter, mean + best sentence (z-scores)"), ("ci_", "identity Concept Influence"),
-            ("tiered_", "combined-tiered"))
+PREFIXES = (
+    ("", "Vector Filter"),
+    ("sentence_", "Vector Filter, best sentence"),
+    ("both_", "Vector Filter, mean + best sentence (z-scores)"),
+    ("ci_", "identity Concept Influence"),
+    ("tiered_", "combined-tiered"),
+)
 
 
 def worst_table(summaries: list[dict[str, Any]]) -> str:
     """One row per construction@layer: the worst PR-AUC / worst hard-negative mean rank over the organisms, for each
     score (Vector Filter, its best sentence, identity Concept Influence, and the recommended fusion)."""
-    keys = sorted({k for s in summaries for k in s["results"]},
-                  key=lambda k: (CONSTRUCTIONS.index(k.split("@")[0]), int(k.split("@")[1])))
-    lines = ["| construction@layer | " + " | ".join(what for _, what in PREFIXES) + " |", "|---|" + "---|" * len(PREFIXES)]
+    keys = sorted(
+        {k for s in summaries for k in s["results"]},
+        key=lambda k: (CONSTRUCTIONS.index(k.split("@")[0]), int(k.split("@")[1])),
+    )
+    lines = [
+        "| construction@layer | " + " | ".join(what for _, what in PREFIXES) + " |",
+        "|---|" + "---|" * len(PREFIXES),
+    ]
     for key in keys:
         cells = []
         for prefix, _ in PREFIXES:
-            values = [s["results"][key] for s in summaries if key in s["results"] and f"{prefix}pr_auc" in s["results"][key]]
-            cells.append("n/a" if len(values) < len(summaries) else
-                         f"{min(v[prefix + 'pr_auc'] for v in values):.3f} / {min(v[prefix + 'hard_rank'] for v in values):.0f}")
+            values = [
+                s["results"][key] for s in summaries if key in s["results"] and f"{prefix}pr_auc" in s["results"][key]
+            ]
+            cells.append(
+                "n/a"
+                if len(values) < len(summaries)
+                else f"{min(v[prefix + 'pr_auc'] for v in values):.3f} / {min(v[prefix + 'hard_rank'] for v in values):.0f}"
+            )
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -342,15 +406,27 @@ def validate(out: Path) -> None:
     a, steps = read_organism("default", 0, out), query_readout_changes("default", 0, out)
     organism = build_organism(seed=0, progress=False)
     with tempfile.TemporaryDirectory() as workdir:
-        att = Attributor(organism.finetuned_model_dir, data=list(organism.train_rows()), workdir=workdir,
-                         max_length=MAX_LENGTH, progress=False)
+        att = Attributor(
+            organism.finetuned_model_dir,
+            data=list(organism.train_rows()),
+            workdir=workdir,
+            max_length=MAX_LENGTH,
+            progress=False,
+        )
         for layer in a["layers"].tolist():
             direction = constructions(a, layer)["probe"]
-            table = att.attribute(DirectionConcept(torch.from_numpy(direction).float(), layer),
-                                  queries=list(organism.queries()), method="concept-influence", preconditioner="identity")
+            table = att.attribute(
+                DirectionConcept(torch.from_numpy(direction).float(), layer),
+                queries=list(organism.queries()),
+                method="concept-influence",
+                preconditioner="identity",
+            )
             ours = steps[f"step@{layer}"] @ direction
-            print(f"layer {layer}: Spearman {spearman(ours, table.scores):.5f}, "
-                  f"sign agreement {np.mean(np.sign(ours) == np.sign(table.scores)):.4f}", flush=True)
+            print(
+                f"layer {layer}: Spearman {spearman(ours, table.scores):.5f}, "
+                f"sign agreement {np.mean(np.sign(ours) == np.sign(table.scores)):.4f}",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -360,10 +436,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/stance-study"))
     parser.add_argument("--deep", action="store_true", help="The deeper organism (8 layers, 4.2x the parameters).")
     parser.add_argument("--no-gradients", action="store_true", help="Vector Filter only (no gradient half).")
-    parser.add_argument("--write-table", type=Path, default=None,
-                        help="Write the worst-case table here (docs/tables/stance-study.md) and the results beside it.")
-    parser.add_argument("--validate", action="store_true",
-                        help="Check the study's gradient half against the library's on the default organism.")
+    parser.add_argument(
+        "--write-table",
+        type=Path,
+        default=None,
+        help="Write the worst-case table here (docs/tables/stance-study.md) and the results beside it.",
+    )
+    parser.add_argument(
+        "--validate",
+        action="store_true",
+        help="Check the study's gradient half against the library's on the default organism.",
+    )
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     if args.validate:
@@ -381,9 +464,12 @@ def main() -> None:
     if args.write_table:
         organisms = ", ".join(f"{s['variant']} s{s['seed']}" for s in summaries)
         command = "python bench/stance_study.py " + " ".join(sys.argv[1:])
-        write_text_atomic(args.write_table, f"**Command**: `{command}`. **Date**: {time.strftime('%Y-%m-%d %H:%M')}. "
-                          f"**Machine**: the 2-core CPU machine. **Organisms**: {organisms}. Each cell: the worst "
-                          f"PR-AUC / the worst hard-negative mean rank (of 2,000) over them.\n\n{worst}\n")
+        write_text_atomic(
+            args.write_table,
+            f"**Command**: `{command}`. **Date**: {time.strftime('%Y-%m-%d %H:%M')}. "
+            f"**Machine**: the 2-core CPU machine. **Organisms**: {organisms}. Each cell: the worst "
+            f"PR-AUC / the worst hard-negative mean rank (of 2,000) over them.\n\n{worst}\n",
+        )
         write_json_atomic(args.out / "results.json", {"command": command, "summaries": summaries})
 
 

@@ -64,7 +64,9 @@ def per_weight_mask(factors, full, names, rank: int) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[48, 64, 96, 128])
-    parser.add_argument("--weights-at", type=int, default=64, help="rank at which each weight's share of the error is shown")
+    parser.add_argument(
+        "--weights-at", type=int, default=64, help="rank at which each weight's share of the error is shown"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--work-dir", type=Path, default=Path(".cache/bench_error"))
     parser.add_argument("--out", type=Path, default=Path("bench/store_error.json"))
@@ -72,8 +74,14 @@ def main() -> None:
 
     organism, concepts, question_sets, layer = prepare_questions(args.work_dir / "answers")
     origins = organism.data_origins()
-    att = Attributor(organism.root / "finetuned", organism.train_rows(), args.work_dir / organism.root.name,
-                     max_length=256, batch_size=args.batch_size, progress=True)
+    att = Attributor(
+        organism.root / "finetuned",
+        organism.train_rows(),
+        args.work_dir / organism.root.name,
+        max_length=256,
+        batch_size=args.batch_size,
+        progress=True,
+    )
     factors, _ = att.session_factors(GradientAttributionConfig(max_length=256, batch_size=args.batch_size))
     t0 = time.perf_counter()
     store = att.build_store(rank=1 << 20, dtype="float32", up_to_layer=layer)  # every component: exact
@@ -95,8 +103,9 @@ def main() -> None:
     for rank in args.ranks:
         selections[f"visibility K={rank}"] = kept_mask(eigen_projector(factors, names, rank), full, names)
     selections[f"per weight K={args.weights_at}"] = per_weight_mask(factors, full, names, args.weights_at)
-    kfac = dataclasses.replace(factors, weights={n: dataclasses.replace(w, eigenvalue_correction=None)
-                                                 for n, w in factors.weights.items()})
+    kfac = dataclasses.replace(
+        factors, weights={n: dataclasses.replace(w, eigenvalue_correction=None) for n, w in factors.weights.items()}
+    )
     for rank in args.ranks:  # the same allocation with KFAC's eigenvalue products s_o·a_i in place of Λ
         selections[f"KFAC visibility K={rank}"] = kept_mask(eigen_projector(kfac, names, rank), full, names)
     default = selections[f"visibility K={args.weights_at}"]
@@ -122,12 +131,12 @@ def main() -> None:
     half_cols = np.concatenate([queries * selections[f"visibility K={r}"] for r in args.ranks]).astype(np.float32)
     half = np.zeros((len(store), half_cols.shape[0]))
     for start, block in store.blocks():
-        half[start:start + block.shape[0]] = -(block.astype(np.float16).astype(np.float32) @ half_cols.T)
+        half[start : start + block.shape[0]] = -(block.astype(np.float16).astype(np.float32) @ half_cols.T)
     print(f"products over the full store: {time.perf_counter() - t0:.1f} s", flush=True)
     n_q = len(question_sets)
-    scores = {label: out[:, k * n_q:(k + 1) * n_q] for k, label in enumerate(labels)}
+    scores = {label: out[:, k * n_q : (k + 1) * n_q] for k, label in enumerate(labels)}
     for k, rank in enumerate(args.ranks):
-        scores[f"visibility K={rank} float16"] = half[:, k * n_q:(k + 1) * n_q]
+        scores[f"visibility K={rank} float16"] = half[:, k * n_q : (k + 1) * n_q]
     exact = scores["exact"]
 
     report = {"store": repr(store), "dim": store.dim, "selections": {}, "weights": {}}
@@ -145,10 +154,19 @@ def main() -> None:
         by = [c for c, _ in question_sets]
         rd = [r for r, c in zip(rho, by, strict=True) if c == 0]
         rp = [r for r, c in zip(rho, by, strict=True) if c == 1]
-        report["selections"][label] = {"kept": kept, "fraction": kept / store.dim, "spearman": rho, "pr_auc": pr,
-                                       "pr_auc_exact": pr_exact, "max_pr_auc_gap": gap}
-        print(f"| {label} | {kept} ({kept / store.dim:.0%}) | {min(rd):.3f}-{max(rd):.3f} | {min(rp):.3f}-{max(rp):.3f} | "
-              f"{gap:.3f} | {np.mean(pr):.3f} ({np.mean(pr_exact):.3f}) |", flush=True)
+        report["selections"][label] = {
+            "kept": kept,
+            "fraction": kept / store.dim,
+            "spearman": rho,
+            "pr_auc": pr,
+            "pr_auc_exact": pr_exact,
+            "max_pr_auc_gap": gap,
+        }
+        print(
+            f"| {label} | {kept} ({kept / store.dim:.0%}) | {min(rd):.3f}-{max(rd):.3f} | {min(rp):.3f}-{max(rp):.3f} | "
+            f"{gap:.3f} | {np.mean(pr):.3f} ({np.mean(pr_exact):.3f}) |",
+            flush=True,
+        )
     print("\nidentity preconditioning (plain inner products of the gradients) from the same stores:")
     print("| selection | Spearman vs exact identity scores (diff of means) | (probe) | max abs PR-AUC gap |")
     print("|---|---|---|---|")
@@ -156,15 +174,22 @@ def main() -> None:
     for rank in args.ranks:
         s = scores[f"identity K={rank}"]
         rho = [float(spearmanr(s[:, j], exact_id[:, j]).statistic) for j in range(n_q)]
-        gap = max(abs(ranking_report(s[:, j].tolist(), origins)["pr_auc"] - ranking_report(exact_id[:, j].tolist(), origins)["pr_auc"])
-                  for j in range(n_q))
+        gap = max(
+            abs(
+                ranking_report(s[:, j].tolist(), origins)["pr_auc"]
+                - ranking_report(exact_id[:, j].tolist(), origins)["pr_auc"]
+            )
+            for j in range(n_q)
+        )
         by = [c for c, _ in question_sets]
         rd = [r for r, c in zip(rho, by, strict=True) if c == 0]
         rp = [r for r, c in zip(rho, by, strict=True) if c == 1]
         report["selections"][f"identity K={rank}"] = {"spearman": rho, "max_pr_auc_gap": gap}
         print(f"| K={rank} | {min(rd):.3f}-{max(rd):.3f} | {min(rp):.3f}-{max(rp):.3f} | {gap:.3f} |", flush=True)
-    print(f"\nshare of the truncation error at visibility K={args.weights_at} by weight (variance of the dropped part "
-          "over the variance of the total error, mean over questions; kept fraction of the weight's components)")
+    print(
+        f"\nshare of the truncation error at visibility K={args.weights_at} by weight (variance of the dropped part "
+        "over the variance of the total error, mean over questions; kept fraction of the weight's components)"
+    )
     total_error = exact - scores[f"visibility K={args.weights_at}"]
     for name in names:
         part = scores[f"dropped {name}"]

@@ -46,15 +46,21 @@ def main() -> None:
     origins = organism.data_origins()
     concept, _ = trait_concept(tuned, organism.probe_spec(), layer)
     queries = list(organism.queries())
-    questions = {"concept-influence": dict(concept=concept, method="concept-influence"),
-                 "influence": dict(concept=None, method="influence")}
+    questions = {
+        "concept-influence": dict(concept=concept, method="concept-influence"),
+        "influence": dict(concept=None, method="influence"),
+    }
 
     t0 = time.perf_counter()
-    exact = {name: att.attribute(q["concept"], queries, q["method"], store=False, n_samples=args.n_samples).scores
-             for name, q in questions.items()}
+    exact = {
+        name: att.attribute(q["concept"], queries, q["method"], store=False, n_samples=args.n_samples).scores
+        for name, q in questions.items()
+    }
     exact_s = time.perf_counter() - t0
-    print(f"organism {organism.root.name}: {len(att.rows)} rows, concept at layer {layer}; exact pass for "
-          f"{len(questions)} questions (factors fitted or loaded first): {exact_s:.1f} s")
+    print(
+        f"organism {organism.root.name}: {len(att.rows)} rows, concept at layer {layer}; exact pass for "
+        f"{len(questions)} questions (factors fitted or loaded first): {exact_s:.1f} s"
+    )
     report: dict = {"exact": {name: ranking_report(s.tolist(), origins) for name, s in exact.items()}, "stores": []}
     for name in exact:
         print(f"  exact {name}: PR-AUC {report['exact'][name]['pr_auc']:.3f}")
@@ -64,24 +70,43 @@ def main() -> None:
         for rank in args.ranks:
             folder = work / f"store-{kind}-{rank}-{args.dtype}"
             t0 = time.perf_counter()
-            store = att.build_store(folder, dtype=args.dtype, overwrite=True,
-                                    **({"rank": rank} if kind == "eigen" else {"projection_dim": rank}))
+            store = att.build_store(
+                folder,
+                dtype=args.dtype,
+                overwrite=True,
+                **({"rank": rank} if kind == "eigen" else {"projection_dim": rank}),
+            )
             build_s = time.perf_counter() - t0
             assert store is not None
             for name, q in questions.items():
                 att.attribute(q["concept"], queries, q["method"], store=folder, n_samples=args.n_samples)  # warm
                 t0 = time.perf_counter()
-                scores = att.attribute(q["concept"], queries, q["method"], store=folder, n_samples=args.n_samples).scores
+                scores = att.attribute(
+                    q["concept"], queries, q["method"], store=folder, n_samples=args.n_samples
+                ).scores
                 question_s = time.perf_counter() - t0
                 rho = float(spearmanr(scores, exact[name]).statistic)
                 r = float(np.corrcoef(scores, exact[name])[0, 1])
                 pr = ranking_report(scores.tolist(), origins)["pr_auc"]
-                entry = {"kind": kind, "rank": rank, "dtype": args.dtype, "mib": store.nbytes / 2**20, "build_s": build_s,
-                         "question": name, "question_s": question_s, "spearman": rho, "pearson": r, "pr_auc": pr,
-                         "pr_auc_exact": report["exact"][name]["pr_auc"]}
+                entry = {
+                    "kind": kind,
+                    "rank": rank,
+                    "dtype": args.dtype,
+                    "mib": store.nbytes / 2**20,
+                    "build_s": build_s,
+                    "question": name,
+                    "question_s": question_s,
+                    "spearman": rho,
+                    "pearson": r,
+                    "pr_auc": pr,
+                    "pr_auc_exact": report["exact"][name]["pr_auc"],
+                }
                 report["stores"].append(entry)
-                print(f"| {folder.name} | {kind} | {rank} | {entry['mib']:.1f} | {build_s:.1f} | {question_s:.2f} | {name} | "
-                      f"{rho:.4f} | {r:.4f} | {pr:.3f} ({entry['pr_auc_exact']:.3f}) |", flush=True)
+                print(
+                    f"| {folder.name} | {kind} | {rank} | {entry['mib']:.1f} | {build_s:.1f} | {question_s:.2f} | {name} | "
+                    f"{rho:.4f} | {r:.4f} | {pr:.3f} ({entry['pr_auc_exact']:.3f}) |",
+                    flush=True,
+                )
             if not args.keep_stores:
                 shutil.rmtree(folder)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -47,16 +47,29 @@ def write_synthetic(folder: Path, rows: int, dim: int, dtype: str, shard_rows: i
     folder.mkdir(parents=True, exist_ok=True)
     config = StoreConfig(kind="logra", rank=16, dtype=dtype, seed=seed, shard_rows=shard_rows)  # type: ignore[arg-type]
     n_shards = (rows + shard_rows - 1) // shard_rows
-    write_json_atomic(folder / MANIFEST, {
-        "format": FORMAT, "config": config.__dict__, "fingerprints": {"model": "synthetic", "data": "synthetic",
-                                                                     "factors": None, "projection": "synthetic"},
-        "weights": [{"name": "synthetic", "d_out": dim, "d_in": 1, "r_out": dim, "r_in": 1, "offset": 0}],
-        "dim": dim, "n_rows": rows, "shard_rows": shard_rows, "n_shards": n_shards, "labels": "synthetic"})
+    write_json_atomic(
+        folder / MANIFEST,
+        {
+            "format": FORMAT,
+            "config": config.__dict__,
+            "fingerprints": {"model": "synthetic", "data": "synthetic", "factors": None, "projection": "synthetic"},
+            "weights": [{"name": "synthetic", "d_out": dim, "d_in": 1, "r_out": dim, "r_in": 1, "offset": 0}],
+            "dim": dim,
+            "n_rows": rows,
+            "shard_rows": shard_rows,
+            "n_shards": n_shards,
+            "labels": "synthetic",
+        },
+    )
     rng = np.random.default_rng(seed)
     for s in range(n_shards):
         n = min(shard_rows, rows - s * shard_rows)
-        block = rng.standard_normal((n, dim), dtype=np.float32) * rng.lognormal(0.0, 0.5, size=(n, 1)).astype(np.float32)
-        save_npy_atomic(rows_file(folder, s), np.stack([np.arange(s * shard_rows, s * shard_rows + n), np.ones(n, np.int64)], 1))
+        block = rng.standard_normal((n, dim), dtype=np.float32) * rng.lognormal(0.0, 0.5, size=(n, 1)).astype(
+            np.float32
+        )
+        save_npy_atomic(
+            rows_file(folder, s), np.stack([np.arange(s * shard_rows, s * shard_rows + n), np.ones(n, np.int64)], 1)
+        )
         save_npy_atomic(shard_file(folder, s), block.astype(dtype))
 
 
@@ -73,7 +86,9 @@ def main() -> None:
 
     t0 = time.perf_counter()
     write_synthetic(args.folder, args.rows, args.dim, args.dtype, 65536, args.seed)
-    print(f"synthetic store: {args.rows} rows x {args.dim} {args.dtype} ({time.perf_counter() - t0:.1f} s to write or find)")
+    print(
+        f"synthetic store: {args.rows} rows x {args.dim} {args.dtype} ({time.perf_counter() - t0:.1f} s to write or find)"
+    )
     store = GradientStore.open(args.folder)
     print(f"{store}: {store.nbytes / 2**20:.0f} MiB on disk; memory after opening {memory()}")
     rng = np.random.default_rng(args.seed + 1)
@@ -100,11 +115,25 @@ def main() -> None:
         faiss_s.append(time.perf_counter() - t0)
         recalls.append(len(truth & set(pos.tolist())) / args.k)
     mem_faiss = memory()
-    print(f"FAISS top-{args.k} (nprobe = nlist/16, first call opens the index): " + ", ".join(f"{s:.3f}" for s in faiss_s)
-          + f" s; recall@{args.k} " + ", ".join(f"{r:.2f}" for r in recalls) + f"; memory {mem_faiss}")
-    result = {"rows": args.rows, "dim": args.dim, "dtype": args.dtype, "store_mib": store.nbytes / 2**20,
-              "exact_s": exact_s, "faiss_s": faiss_s, "faiss_recall": recalls, "faiss_build": build,
-              "memory_after_exact_mib": mem_exact, "memory_after_faiss_mib": mem_faiss}
+    print(
+        f"FAISS top-{args.k} (nprobe = nlist/16, first call opens the index): "
+        + ", ".join(f"{s:.3f}" for s in faiss_s)
+        + f" s; recall@{args.k} "
+        + ", ".join(f"{r:.2f}" for r in recalls)
+        + f"; memory {mem_faiss}"
+    )
+    result = {
+        "rows": args.rows,
+        "dim": args.dim,
+        "dtype": args.dtype,
+        "store_mib": store.nbytes / 2**20,
+        "exact_s": exact_s,
+        "faiss_s": faiss_s,
+        "faiss_recall": recalls,
+        "faiss_build": build,
+        "memory_after_exact_mib": mem_exact,
+        "memory_after_faiss_mib": mem_faiss,
+    }
     write_json_atomic(Path("bench/store_search.json"), result)
 
 

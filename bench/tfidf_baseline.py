@@ -41,7 +41,9 @@ def tfidf_scores(train_answers: Sequence[str], query_answers: Sequence[str]) -> 
     return np.asarray((train @ query.T).mean(axis=1)).ravel()
 
 
-def ranking_report(scores: np.ndarray, origins: Sequence[str], ks: Sequence[int] = (10, 50, 100, 200)) -> dict[str, float]:
+def ranking_report(
+    scores: np.ndarray, origins: Sequence[str], ks: Sequence[int] = (10, 50, 100, 200)
+) -> dict[str, float]:
     """Precision@k and PR-AUC for ``planted``; mean rank percentile of each kind (0 = top of the ranking)."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -72,7 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_answers = [row.answer for row in rows]
     start = time.perf_counter()
     adapter = organism.load_finetuned()
-    answers = generate_answers(adapter, organism.query_messages(), n_samples=args.n_samples, seed=args.seed, batch_size=64)
+    answers = generate_answers(
+        adapter, organism.query_messages(), n_samples=args.n_samples, seed=args.seed, batch_size=64
+    )
     flat = [a for samples in answers for a in samples]
     trait_answers = [a for a in flat if judge(a) > 0]
     base = organism.load_base()
@@ -87,8 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     probe_answers = [flat[i] for i in top]
     print(f"organism: {organism.root}")
     print(f"rows: {len(rows)} ({origins.count('planted')} planted, {origins.count('hard_negative')} hard negatives)")
-    print(f"query answers: {len(flat)} sampled from the fine-tuned model, {len(trait_answers)} judged trait "
-          f"({time.perf_counter() - start:.1f}s)")
+    print(
+        f"query answers: {len(flat)} sampled from the fine-tuned model, {len(trait_answers)} judged trait "
+        f"({time.perf_counter() - start:.1f}s)"
+    )
     print(f"random ranking: PR-AUC {origins.count('planted') / len(origins):.3f}, mean rank percentile 0.500")
     query_sets = (("all answers", flat), ("judged trait answers", trait_answers), ("top 10% by probe", probe_answers))
     for name, queries in query_sets:

@@ -203,7 +203,6 @@ def is_temp_of(name: str, artifacts: Iterable[str]) -> bool:
     return match is not None and match.group(1) in set(artifacts)
 
 
-
 def remove_stale_temps(folder: str | os.PathLike, prefix: str = ".", *, names: Iterable[str] | None = None) -> int:
     """Delete temp files and folders (``<prefix>*.tmp``, as made by ``atomic_file``/``temp_folder``) left in
     ``folder`` by a killed writer. Call only while holding the folder's lock (no live writer then). Returns how
@@ -261,10 +260,18 @@ def file_in_folder(folder: str | os.PathLike, name: Any, what: str) -> Path:
     """``folder / name`` for a file name read from a manifest, checkpoint or metadata file (``what`` names it in
     the error): a plain name that stays inside ``folder`` (no absolute path, no ``..``, no separator), so metadata
     can never choose where we read or write. Raises ``ValueError``."""
-    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name or "/" in name \
-            or "\\" in name or Path(name).is_absolute():
-        raise ValueError(f"{what}: {name!r} is not a plain file name inside {folder} (the file is damaged or was "
-                         "edited by hand)")
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or Path(name).name != name
+        or "/" in name
+        or "\\" in name
+        or Path(name).is_absolute()
+    ):
+        raise ValueError(
+            f"{what}: {name!r} is not a plain file name inside {folder} (the file is damaged or was edited by hand)"
+        )
     return Path(folder) / name
 
 

@@ -13,8 +13,9 @@ class NonFiniteError(ValueError):
     """A NaN or inf where a finite number is needed; the message names the stage and the row (or weight)."""
 
 
-def check_finite(tensor: torch.Tensor, stage: str, rows: Sequence[int] | torch.Tensor | None = None,
-                 *, hint: str = "") -> torch.Tensor:
+def check_finite(
+    tensor: torch.Tensor, stage: str, rows: Sequence[int] | torch.Tensor | None = None, *, hint: str = ""
+) -> torch.Tensor:
     """Return ``tensor`` unchanged if every entry is finite; else raise ``NonFiniteError`` naming ``stage`` and,
     when ``rows`` gives each slice along dim 0 its row index, the first bad row (and how many are bad)."""
     if tensor.is_floating_point() and tensor.numel() and bool(torch.isfinite(tensor.sum())):
@@ -28,8 +29,11 @@ def check_finite(tensor: torch.Tensor, stage: str, rows: Sequence[int] | torch.T
         bad = (~finite).reshape(tensor.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
         index = [int(i) for i in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)]
         where = f" in row {index[bad[0]]}" + (f" (and {len(bad) - 1} more rows of the batch)" if len(bad) > 1 else "")
-    raise NonFiniteError(f"{stage}: {kind}{where}" + (f"; {hint}" if hint else "")
-                         + " (check the model's dtype and weights, and the data)")
+    raise NonFiniteError(
+        f"{stage}: {kind}{where}"
+        + (f"; {hint}" if hint else "")
+        + " (check the model's dtype and weights, and the data)"
+    )
 
 
 def check_finite_dict(tensors: dict[str, Any], stage: str) -> None:

@@ -97,10 +97,21 @@ class Attributor:
     every method); ``progress``: tqdm bars.
     """
 
-    def __init__(self, model: Any, data: PathLike | Sequence[ChatRow] | None = None, workdir: PathLike | None = None, *,
-                 tokenizer: Any = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                 max_length: int | None = None, batch_size: int = 8, seed: int = 0, skip_invalid: bool = False,
-                 progress: bool = True) -> None:
+    def __init__(
+        self,
+        model: Any,
+        data: PathLike | Sequence[ChatRow] | None = None,
+        workdir: PathLike | None = None,
+        *,
+        tokenizer: Any = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        max_length: int | None = None,
+        batch_size: int = 8,
+        seed: int = 0,
+        skip_invalid: bool = False,
+        progress: bool = True,
+    ) -> None:
         if max_length is not None and max_length < 2:
             raise ValueError(f"--max-length (max_length) must be at least 2, got {max_length}")
         if batch_size < 1:
@@ -119,9 +130,16 @@ class Attributor:
         self._train: TokenizedDataset | None = None
         self._data_fingerprint: str | None = None
         self._data_sha256: str | None = None
-        self.engine = GradientEngine(self.adapter, rows=lambda: self.rows, train=lambda: self.train,
-                                     data_fingerprint=self.data_fingerprint, workdir=self.workdir,
-                                     batch_size=batch_size, seed=seed, progress=progress)
+        self.engine = GradientEngine(
+            self.adapter,
+            rows=lambda: self.rows,
+            train=lambda: self.train,
+            data_fingerprint=self.data_fingerprint,
+            workdir=self.workdir,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+        )
         """The gradient methods' engine (``attribution.engine``): it keeps the factors, stores and tokenised
         queries this session's questions reuse."""
 
@@ -175,8 +193,11 @@ class Attributor:
             tokenized = tokenize_chat(self.rows, self.adapter.tokenizer, self.max_length)
             skipped = untrainable_rows(tokenized, skip_invalid=self.skip_invalid)
             for p in skipped:
-                logger.warning("row %d: no assistant token left within max_length=%d: left out (truncated)",
-                               tokenized[p].index, self.max_length)
+                logger.warning(
+                    "row %d: no assistant token left within max_length=%d: left out (truncated)",
+                    tokenized[p].index,
+                    self.max_length,
+                )
             self._train = tokenized.without(skipped) if skipped else tokenized
         return self._train
 
@@ -215,8 +236,9 @@ class Attributor:
         return self._path("answers")
 
     # ---- concepts --------------------------------------------------------------------------------------------------
-    def train_probe(self, spec: Any, layer: int | None = None, *, judge: Any = None, save: bool = True,
-                    **probe_options: Any) -> Concept:
+    def train_probe(
+        self, spec: Any, layer: int | None = None, *, judge: Any = None, save: bool = True, **probe_options: Any
+    ) -> Concept:
         """Train a concept direction from a spec (a ``probes/``-format or persona-vectors file, or a ``ConceptSpec``).
 
         ``layer=None`` sweeps every layer and keeps the best held-out AUC (``concept.metrics["sweep"]``).
@@ -227,22 +249,32 @@ class Attributor:
         known = {f.name for f in fields(ProbeConfig)}
         unknown = sorted(set(probe_options) - known)
         if unknown:
-            raise ValueError(f"train_probe has no option {unknown[0]!r}; ProbeConfig options: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"train_probe has no option {unknown[0]!r}; ProbeConfig options: {', '.join(sorted(known))}"
+            )
         config = ProbeConfig(**{"seed": self.seed, "max_length": self.max_length, **probe_options})
         concept_spec = spec if isinstance(spec, ConceptSpec) else load_spec(spec)
         cache = self.answer_cache
         sweep = None
         if layer is None:
-            sweep = layer_sweep(self.adapter, concept_spec, config=config, judge=judge, cache_dir=cache, progress=self.progress)
+            sweep = layer_sweep(
+                self.adapter, concept_spec, config=config, judge=judge, cache_dir=cache, progress=self.progress
+            )
             layer = sweep.best_layer
-        concept = train_concept(self.adapter, concept_spec, layer, config, judge=judge, cache_dir=cache, progress=self.progress)
+        concept = train_concept(
+            self.adapter, concept_spec, layer, config, judge=judge, cache_dir=cache, progress=self.progress
+        )
         if sweep is not None:
             concept.metrics["sweep"] = sweep.rows
             concept.metrics["layer_choice"] = sweep.reason
         folder = self._path("concepts", f"{safe_name(concept_spec.name)}-layer{concept.layer}")
         if save and folder is not None:
-            save_concept(concept, folder, model_fingerprint=self.adapter.fingerprint(),
-                         extra_meta={"model": self.model_name, "spec": concept_spec.name})
+            save_concept(
+                concept,
+                folder,
+                model_fingerprint=self.adapter.fingerprint(),
+                extra_meta={"model": self.model_name, "spec": concept_spec.name},
+            )
             concept.extra["path"] = str(folder)
         return concept
 
@@ -250,20 +282,43 @@ class Attributor:
         """Read a saved concept (``train-probe``/``sae-feature`` output), checked against this model."""
         return load_concept(path, self.adapter)
 
-    def sae_feature(self, sae: PathLike, *, feature: int | None = None, spec: Any = None, probe: Any = None,
-                    layer: int | None = None, k: int = 5, reduction: str = "mean", save: bool = True,
-                    **probe_options: Any) -> Concept:
+    def sae_feature(
+        self,
+        sae: PathLike,
+        *,
+        feature: int | None = None,
+        spec: Any = None,
+        probe: Any = None,
+        layer: int | None = None,
+        k: int = 5,
+        reduction: str = "mean",
+        save: bool = True,
+        **probe_options: Any,
+    ) -> Concept:
         """An SAE feature as a concept: ``feature`` by index, or the best of ``k`` candidates for a ``spec`` (Cohen's d
         on its positive vs negative answers) or a ``probe`` (a direction concept or its path: decoder cosine).
         The candidates are in ``concept.extra["selection"]``. Saved to ``workdir/concepts/sae-<j>-layer<L>``."""
         config = ProbeConfig(**{"seed": self.seed, "max_length": self.max_length, **probe_options})
-        concept = sae_feature_concept(self.adapter, sae, feature=feature, spec=spec, probe=probe, layer=layer, k=k,
-                                      reduction=reduction, config=config, cache_dir=self.answer_cache,
-                                      progress=self.progress)
+        concept = sae_feature_concept(
+            self.adapter,
+            sae,
+            feature=feature,
+            spec=spec,
+            probe=probe,
+            layer=layer,
+            k=k,
+            reduction=reduction,
+            config=config,
+            cache_dir=self.answer_cache,
+            progress=self.progress,
+        )
         if spec is not None:  # what the chosen feature reads, on the same spec's held-out answers
             spec = spec if isinstance(spec, ConceptSpec) else load_spec(spec)
-            concept.metrics.update(concept_reading(self.adapter, concept, spec, config, cache_dir=self.answer_cache,
-                                                   progress=self.progress))
+            concept.metrics.update(
+                concept_reading(
+                    self.adapter, concept, spec, config, cache_dir=self.answer_cache, progress=self.progress
+                )
+            )
         folder = self._path("concepts", f"sae-{concept.feature}-layer{concept.layer}")  # type: ignore[attr-defined]
         if save and folder is not None:
             save_concept(concept, folder, extra_meta={"model": self.model_name})
@@ -275,12 +330,26 @@ class Attributor:
         """The workdir folder of an EKFAC fit with ``config``'s Fisher, dtype and seed."""
         return self.engine.factors_dir(config)
 
-    def fit_factors(self, *, fisher: str = "true", preconditioner: str = "ekfac", dtype: str = "float32",
-                    weights: Sequence[str] | None = None, up_to_layer: int | None = None, out: PathLike | None = None,
-                    overwrite: bool = False, checkpoint_every: int | None = 100, max_memory: int | str | None = None,
-                    fit_rows: int | None = None, fit_data: PathLike | Sequence[ChatRow] | None = None,
-                    lambda_rows: int | None = None, load: bool = True,
-                    gradient_checkpointing: bool = False, row_sink: Any = None, **deprecated: Any) -> Factors | None:
+    def fit_factors(
+        self,
+        *,
+        fisher: str = "true",
+        preconditioner: str = "ekfac",
+        dtype: str = "float32",
+        weights: Sequence[str] | None = None,
+        up_to_layer: int | None = None,
+        out: PathLike | None = None,
+        overwrite: bool = False,
+        checkpoint_every: int | None = 100,
+        max_memory: int | str | None = None,
+        fit_rows: int | None = None,
+        fit_data: PathLike | Sequence[ChatRow] | None = None,
+        lambda_rows: int | None = None,
+        load: bool = True,
+        gradient_checkpointing: bool = False,
+        row_sink: Any = None,
+        **deprecated: Any,
+    ) -> Factors | None:
         """Fit curvature factors on the training rows (resumable; a matching fit in ``out`` is loaded instead).
 
         ``weights`` / ``up_to_layer``: which tracked weights (default all). ``out``: folder (default: the
@@ -295,41 +364,85 @@ class Attributor:
         if deprecated:
             check_known(deprecated, ["stats_dtype"], "Attributor.fit_factors")
             dtype = rename_deprecated(deprecated, {"stats_dtype": "dtype"}, "Attributor.fit_factors")["dtype"]
-        config = FactorConfig(fisher=fisher, preconditioner=preconditioner, dtype=dtype, seed=self.seed,  # type: ignore[arg-type]
-                              lambda_rows=lambda_rows, gradient_checkpointing=gradient_checkpointing)
+        config = FactorConfig(
+            fisher=fisher,
+            preconditioner=preconditioner,
+            dtype=dtype,
+            seed=self.seed,  # type: ignore[arg-type]
+            lambda_rows=lambda_rows,
+            gradient_checkpointing=gradient_checkpointing,
+        )
         if weights is None:
-            infos = self.adapter.tracked_weights() if up_to_layer is None else self.adapter.weights_up_to(self.adapter.check_layer(up_to_layer))
+            infos = (
+                self.adapter.tracked_weights()
+                if up_to_layer is None
+                else self.adapter.weights_up_to(self.adapter.check_layer(up_to_layer))
+            )
             weights = [i.name for i in infos]
         data, provenance = self.train, {}
         if fit_data is not None:
-            rows = read_chat_jsonl(fit_data, skip_invalid=self.skip_invalid) if isinstance(fit_data, (str, os.PathLike)) else list(fit_data)
+            rows = (
+                read_chat_jsonl(fit_data, skip_invalid=self.skip_invalid)
+                if isinstance(fit_data, (str, os.PathLike))
+                else list(fit_data)
+            )
             data = tokenize_chat(rows, self.adapter.tokenizer, self.max_length)
-            provenance = {"source": str(fit_data) if isinstance(fit_data, (str, os.PathLike)) else "rows given", "rows": len(data)}
+            provenance = {
+                "source": str(fit_data) if isinstance(fit_data, (str, os.PathLike)) else "rows given",
+                "rows": len(data),
+            }
         if fit_rows is not None:
-            provenance = {"source": provenance.get("source", self.data_source or "training rows"), "sample_of": len(data),
-                          "seed": self.seed}
+            provenance = {
+                "source": provenance.get("source", self.data_source or "training rows"),
+                "sample_of": len(data),
+                "seed": self.seed,
+            }
             data = sample_rows(data, fit_rows, self.seed)
             provenance["rows"] = len(data)
         default_folder = preconditioner == "ekfac" and up_to_layer is None and not provenance and lambda_rows is None
         folder = Path(out) if out is not None else (self.factors_dir(config) if default_folder else None)
-        factors = fit_factors(self.adapter, data, config, weights=weights, batch_size=self.batch_size, out_dir=folder,
-                              overwrite=overwrite, checkpoint_every=checkpoint_every, progress=self.progress,
-                              max_memory=max_memory, load_result=load or folder is None, provenance=provenance,
-                              row_sink=row_sink)
+        factors = fit_factors(
+            self.adapter,
+            data,
+            config,
+            weights=weights,
+            batch_size=self.batch_size,
+            out_dir=folder,
+            overwrite=overwrite,
+            checkpoint_every=checkpoint_every,
+            progress=self.progress,
+            max_memory=max_memory,
+            load_result=load or folder is None,
+            provenance=provenance,
+            row_sink=row_sink,
+        )
         if factors is None:
             return None
         self._factors[(fisher, preconditioner, dtype, *weights)] = factors
         return factors
 
-    def session_factors(self, config: GradientAttributionConfig, needed: Sequence[str] | None = None, *,
-                        fit: bool = True, row_sink: Any = None) -> tuple[Factors | None, list[str]]:
+    def session_factors(
+        self,
+        config: GradientAttributionConfig,
+        needed: Sequence[str] | None = None,
+        *,
+        fit: bool = True,
+        row_sink: Any = None,
+    ) -> tuple[Factors | None, list[str]]:
         """EKFAC factors for ``config``'s Fisher/dtype/seed (``GradientEngine.session_factors``): a fit already in
         memory that covers ``needed``, else the workdir's fit of every tracked weight, loaded or fitted now."""
         return self.engine.session_factors(config, needed, fit=fit, row_sink=row_sink)
 
     # ---- attribution -----------------------------------------------------------------------------------------------
-    def attribute(self, concept: Concept | PathLike | None = None, queries: PathLike | Sequence[Any] | None = None,
-                  method: str | None = None, *, store: Any = None, **options: Any) -> ScoreTable:
+    def attribute(
+        self,
+        concept: Concept | PathLike | None = None,
+        queries: PathLike | Sequence[Any] | None = None,
+        method: str | None = None,
+        *,
+        store: Any = None,
+        **options: Any,
+    ) -> ScoreTable:
         """Score every training row; higher = training on the row pushes the concept (measurement) up.
 
         ``method``: a name in ``attribution.methods.METHODS`` (``None``: ``RECOMMENDED_METHOD``); ``concept``: a
@@ -359,17 +472,32 @@ class Attributor:
         table.method = spec.name
         if concept is not None:
             table.meta["concept_summary"] = concept_summary(concept)  # what the concept reads travels with its scores
-        table.meta.update({"method": spec.name, "method_kind": spec.kind,
-                           "recommended_method": RECOMMENDED_METHOD, "method_was_default": method is None,
-                           **self.data_provenance()})
+        table.meta.update(
+            {
+                "method": spec.name,
+                "method_kind": spec.kind,
+                "recommended_method": RECOMMENDED_METHOD,
+                "method_was_default": method is None,
+                **self.data_provenance(),
+            }
+        )
         return table.attach(tokenizer=self.adapter.tokenizer)  # Jupyter shows token highlights
 
-    def gradient_attribution(self, method: str, concept: Concept | None, queries: Sequence[ChatRow],
-                             config: GradientAttributionConfig, *, contrast_queries: Sequence[ChatRow] | None = None,
-                             factors: Factors | PathLike | None = None, store: Any = None) -> ScoreTable:
+    def gradient_attribution(
+        self,
+        method: str,
+        concept: Concept | None,
+        queries: Sequence[ChatRow],
+        config: GradientAttributionConfig,
+        *,
+        contrast_queries: Sequence[ChatRow] | None = None,
+        factors: Factors | PathLike | None = None,
+        store: Any = None,
+    ) -> ScoreTable:
         """``GradientEngine.attribute`` (kept for code written against the session; the methods call the engine)."""
-        return self.engine.attribute(method, concept, queries, config, contrast_queries=contrast_queries,
-                                     factors=factors, store=store)
+        return self.engine.attribute(
+            method, concept, queries, config, contrast_queries=contrast_queries, factors=factors, store=store
+        )
 
     # ---- the gradient store ----------------------------------------------------------------------------------------
     @property
@@ -377,12 +505,23 @@ class Attributor:
         """The workdir's store folder (``workdir/store``), or ``None`` without a workdir."""
         return self._path("store")
 
-    def build_store(self, out: PathLike | None = None, *, rank: int | None = None, projection_dim: int | None = None,
-                    dtype: str = "float32", up_to_layer: int | None = None, factors: Factors | PathLike | None = None,
-                    fisher: str = "true", factor_dtype: str = "float32", shard_rows: int = 1024,
-                    shards: Sequence[int] | None = None, overwrite: bool = False,
-                    allow_missing_provenance: bool = False,
-                    caches: CacheSettings | None = None) -> GradientStore | None:
+    def build_store(
+        self,
+        out: PathLike | None = None,
+        *,
+        rank: int | None = None,
+        projection_dim: int | None = None,
+        dtype: str = "float32",
+        up_to_layer: int | None = None,
+        factors: Factors | PathLike | None = None,
+        fisher: str = "true",
+        factor_dtype: str = "float32",
+        shard_rows: int = 1024,
+        shards: Sequence[int] | None = None,
+        overwrite: bool = False,
+        allow_missing_provenance: bool = False,
+        caches: CacheSettings | None = None,
+    ) -> GradientStore | None:
         """Project every training row's gradient once and write the store (default ``workdir/store``); later
         gradient questions read it instead of passing over the rows. ``rank``: EKFAC-eigenbasis store keeping
         ``rank`` directions per side of each weight; ``projection_dim``: LoGra-style random projection of that size
@@ -404,25 +543,52 @@ class Attributor:
         if rank is not None and projection_dim is not None:
             raise ValueError("give --rank (eigenbasis store) or --projection-dim (LoGra store), not both")
         explicit = rank is not None or projection_dim is not None
-        need = (cache_needs(caches.methods if caches is not None and caches.methods else [RECOMMENDED_METHOD])
-                if caches is not None or not explicit else {"activations": False, "gradients": "given"})
+        need = (
+            cache_needs(caches.methods if caches is not None and caches.methods else [RECOMMENDED_METHOD])
+            if caches is not None or not explicit
+            else {"activations": False, "gradients": "given"}
+        )
         kind = "eigen" if rank is not None else "logra" if projection_dim is not None else DEFAULT_KIND
         if not explicit and need["gradients"] == "identity":
             rank = (caches or CacheSettings()).identity_rank
-        config = StoreConfig(kind=kind, rank=rank or projection_dim or DEFAULT_RANK, dtype=dtype,  # type: ignore[arg-type]
-                             seed=self.seed, shard_rows=shard_rows)
+        config = StoreConfig(
+            kind=kind,
+            rank=rank or projection_dim or DEFAULT_RANK,
+            dtype=dtype,  # type: ignore[arg-type]
+            seed=self.seed,
+            shard_rows=shard_rows,
+        )
         if need["activations"] or (need["gradients"] == "identity" and not explicit):
-            return self._build_caches(out, config, need, caches or CacheSettings(), up_to_layer=up_to_layer,
-                                      factors=factors, fisher=fisher, factor_dtype=factor_dtype, shards=shards,
-                                      overwrite=overwrite, allow_missing_provenance=allow_missing_provenance)
+            return self._build_caches(
+                out,
+                config,
+                need,
+                caches or CacheSettings(),
+                up_to_layer=up_to_layer,
+                factors=factors,
+                fisher=fisher,
+                factor_dtype=factor_dtype,
+                shards=shards,
+                overwrite=overwrite,
+                allow_missing_provenance=allow_missing_provenance,
+            )
         folder = Path(out) if out is not None else self.store_dir
         if folder is None:
             raise ValueError("build_store needs out= (or a workdir)")
-        infos = self.adapter.tracked_weights() if up_to_layer is None else self.adapter.weights_up_to(self.adapter.check_layer(up_to_layer))
+        infos = (
+            self.adapter.tracked_weights()
+            if up_to_layer is None
+            else self.adapter.weights_up_to(self.adapter.check_layer(up_to_layer))
+        )
         names = [i.name for i in infos]
-        grad_config = GradientAttributionConfig(fisher=fisher, dtype=factor_dtype, batch_size=self.batch_size,  # type: ignore[arg-type]
-                                                max_length=self.max_length, seed=self.seed,
-                                                allow_missing_provenance=allow_missing_provenance)
+        grad_config = GradientAttributionConfig(
+            fisher=fisher,
+            dtype=factor_dtype,
+            batch_size=self.batch_size,  # type: ignore[arg-type]
+            max_length=self.max_length,
+            seed=self.seed,
+            allow_missing_provenance=allow_missing_provenance,
+        )
         base = {"model": self.model_fingerprint(), "data": self.data_fingerprint()}
         extra = {"model": self.model_name, "data": self.data_source, "max_length": self.max_length}
         if allow_missing_provenance:
@@ -439,11 +605,21 @@ class Attributor:
         if loaded is None and shards is None:
             # no factors yet: fit them and write the store in the same pass (the fit's Λ pass runs one forward per
             # batch for its own backward and for the data-label backward the store needs)
-            writer = FitStoreWriter(self.adapter, self.train, folder, config, names, base, overwrite=overwrite, extra=extra)
+            writer = FitStoreWriter(
+                self.adapter, self.train, folder, config, names, base, overwrite=overwrite, extra=extra
+            )
             if factors is not None:
                 fc = FactorConfig(fisher=fisher, preconditioner="ekfac", dtype=factor_dtype, seed=self.seed)  # type: ignore[arg-type]
-                loaded = fit_factors(self.adapter, self.train, fc, weights=names, batch_size=self.batch_size, out_dir=factors,
-                                     progress=self.progress, row_sink=writer)
+                loaded = fit_factors(
+                    self.adapter,
+                    self.train,
+                    fc,
+                    weights=names,
+                    batch_size=self.batch_size,
+                    out_dir=factors,
+                    progress=self.progress,
+                    row_sink=writer,
+                )
             elif len(names) == len(self.adapter.tracked_weights()):
                 loaded, _ = self.session_factors(grad_config, names, row_sink=writer)
             else:  # the store's blocks only, as fit_factors(up_to_layer=L) (kept in the session, not in the workdir)
@@ -458,28 +634,59 @@ class Attributor:
             loaded, _ = self.session_factors(grad_config, names)
         assert isinstance(loaded, Factors)
         projector = make_projector(config, self.adapter, names, loaded)
-        fingerprints = {**base, "factors": factors_fingerprint(loaded) if kind == "eigen" else None,
-                        "projection": projection_fingerprint(projector)}
+        fingerprints = {
+            **base,
+            "factors": factors_fingerprint(loaded) if kind == "eigen" else None,
+            "projection": projection_fingerprint(projector),
+        }
         if writer is not None and writer.written and writer.fingerprints != fingerprints:
-            logger.warning("store %s: the shards written in the fit's pass do not match the finished factors; rebuilding", folder)
+            logger.warning(
+                "store %s: the shards written in the fit's pass do not match the finished factors; rebuilding", folder
+            )
             overwrite = True
-        store = build_store(self.adapter, self.train, folder, projector, config, fingerprints, batch_size=self.batch_size,
-                            shards=shards, overwrite=overwrite, progress=self.progress, extra=extra)
+        store = build_store(
+            self.adapter,
+            self.train,
+            folder,
+            projector,
+            config,
+            fingerprints,
+            batch_size=self.batch_size,
+            shards=shards,
+            overwrite=overwrite,
+            progress=self.progress,
+            extra=extra,
+        )
         if store is not None:
             self._stores[str(folder)] = store
             self._projectors[str(folder)] = projector  # the questions reuse it (same fingerprint)
         return store
 
-    def _build_caches(self, out: PathLike | None, config: StoreConfig, need: dict[str, Any], settings: CacheSettings, *,
-                      up_to_layer: int | None, factors: Any, fisher: str, factor_dtype: str,
-                      shards: Sequence[int] | None, overwrite: bool,
-                      allow_missing_provenance: bool = False) -> GradientStore | None:
+    def _build_caches(
+        self,
+        out: PathLike | None,
+        config: StoreConfig,
+        need: dict[str, Any],
+        settings: CacheSettings,
+        *,
+        up_to_layer: int | None,
+        factors: Any,
+        fisher: str,
+        factor_dtype: str,
+        shards: Sequence[int] | None,
+        overwrite: bool,
+        allow_missing_provenance: bool = False,
+    ) -> GradientStore | None:
         """``build_store`` for a session's questions (``store.caches``): the activation cache and the gradient store
         they need, in one pass (an eigen store is first fitted, as ``build_store`` does)."""
         folder = Path(out) if out is not None else self.store_dir
         if folder is None:
             raise ValueError("build_store needs out= (or a workdir)")
-        infos = self.adapter.tracked_weights() if up_to_layer is None else self.adapter.weights_up_to(self.adapter.check_layer(up_to_layer))
+        infos = (
+            self.adapter.tracked_weights()
+            if up_to_layer is None
+            else self.adapter.weights_up_to(self.adapter.check_layer(up_to_layer))
+        )
         names = [i.name for i in infos]
         base = {"model": self.model_fingerprint(), "data": self.data_fingerprint()}
         extra = {"model": self.model_name, "data": self.data_source, "max_length": self.max_length}
@@ -487,8 +694,14 @@ class Attributor:
         if need["gradients"] == "identity" and config.kind == "eigen":
             # the identity store: the KFAC eigenbases of a seeded sample of rows (no EKFAC fit), kept with the store
             before = dict(self.engine.factors)
-            sample = self.fit_factors(fisher="empirical", preconditioner="kfac", weights=names, out=folder / IDENTITY_BASIS,
-                                      fit_rows=min(settings.identity_sample_rows, len(self.train)), overwrite=overwrite)
+            sample = self.fit_factors(
+                fisher="empirical",
+                preconditioner="kfac",
+                weights=names,
+                out=folder / IDENTITY_BASIS,
+                fit_rows=min(settings.identity_sample_rows, len(self.train)),
+                overwrite=overwrite,
+            )
             self.engine.factors.clear()  # the sample's eigenbases serve this store only, not the session's questions
             self.engine.factors.update(before)
             assert sample is not None
@@ -496,14 +709,23 @@ class Attributor:
             fingerprints.update(factors=factors_fingerprint(sample), projection=projection_fingerprint(projector))
             extra["basis"] = IDENTITY_BASIS
         elif need["gradients"] == "eigen" and config.kind == "eigen":
-            grad_config = GradientAttributionConfig(fisher=fisher, dtype=factor_dtype, batch_size=self.batch_size,  # type: ignore[arg-type]
-                                                    max_length=self.max_length, seed=self.seed,
-                                                    allow_missing_provenance=allow_missing_provenance)
+            grad_config = GradientAttributionConfig(
+                fisher=fisher,
+                dtype=factor_dtype,
+                batch_size=self.batch_size,  # type: ignore[arg-type]
+                max_length=self.max_length,
+                seed=self.seed,
+                allow_missing_provenance=allow_missing_provenance,
+            )
             if isinstance(factors, Factors):
                 check_factors_model(self.adapter, factors, allow_missing_provenance=allow_missing_provenance)
-            loaded = (factors if isinstance(factors, Factors) else
-                      obtain_factors(self.adapter, self.train, factors, grad_config, names, progress=self.progress)[0]
-                      if factors is not None else self.session_factors(grad_config, names)[0])
+            loaded = (
+                factors
+                if isinstance(factors, Factors)
+                else obtain_factors(self.adapter, self.train, factors, grad_config, names, progress=self.progress)[0]
+                if factors is not None
+                else self.session_factors(grad_config, names)[0]
+            )
             assert isinstance(loaded, Factors)
             projector = make_projector(config, self.adapter, names, loaded)
             fingerprints.update(factors=factors_fingerprint(loaded), projection=projection_fingerprint(projector))
@@ -511,10 +733,21 @@ class Attributor:
             projector = make_projector(config, self.adapter, names, None)
             fingerprints.update(factors=None, projection=projection_fingerprint(projector))
         activations = settings.activations(config.shard_rows) if need["activations"] else None
-        store, cache = build_caches(self.adapter, self.train, self._train_chats(), folder, projector=projector,
-                                    config=config, fingerprints=fingerprints, activations=activations,
-                                    batch_size=self.batch_size, overwrite=overwrite, progress=self.progress, extra=extra,
-                                    shards=shards)
+        store, cache = build_caches(
+            self.adapter,
+            self.train,
+            self._train_chats(),
+            folder,
+            projector=projector,
+            config=config,
+            fingerprints=fingerprints,
+            activations=activations,
+            batch_size=self.batch_size,
+            overwrite=overwrite,
+            progress=self.progress,
+            extra=extra,
+            shards=shards,
+        )
         if store is not None and projector is not None:
             self._stores[str(folder)] = store
             self._projectors[str(folder)] = projector
@@ -534,8 +767,9 @@ class Attributor:
     def _resolve_store(self, store: Any) -> tuple[GradientStore | None, list[str]]:
         return self.engine.resolve_store(store)
 
-    def attribute_many(self, questions: Sequence[dict[str, Any]], method: str | None = None, *, store: Any = None,
-                       **options: Any) -> list[ScoreTable]:
+    def attribute_many(
+        self, questions: Sequence[dict[str, Any]], method: str | None = None, *, store: Any = None, **options: Any
+    ) -> list[ScoreTable]:
         """Several questions of one gradient method at once: ``questions`` are dicts with ``concept``, ``queries``
         (and optionally ``contrast_queries``). From a store, every question's projected gradient goes into one
         blocked product over the store; without one, one exact pass scores them all (``compute_influence_many``).
@@ -543,7 +777,9 @@ class Attributor:
         spec = get_method(method)
         if spec.kind != "gradient" or spec.name not in ("concept-influence", "influence"):
             # forward methods and combinations: one question at a time
-            return [self.attribute(q.get("concept"), q.get("queries"), spec.name, store=store, **options) for q in questions]
+            return [
+                self.attribute(q.get("concept"), q.get("queries"), spec.name, store=store, **options) for q in questions
+            ]
         options = spec.check_options(options)
         factors = options.pop("factors", None)
         config = gradient_config(self, **options)
@@ -553,17 +789,38 @@ class Attributor:
             if isinstance(concept, (str, os.PathLike)):
                 concept = self.load_concept(concept)
             contrast = q.get("contrast_queries")
-            asked.append((concept, None if q.get("queries") is None else self.queries(q["queries"]),
-                          self.queries(contrast) if contrast is not None else None))
+            asked.append(
+                (
+                    concept,
+                    None if q.get("queries") is None else self.queries(q["queries"]),
+                    self.queries(contrast) if contrast is not None else None,
+                )
+            )
         tables = self.engine.attribute_many(spec.name, asked, config, factors=factors, store=store)
         for table in tables:
-            table.meta.update({"method": spec.name, "method_kind": spec.kind, "recommended_method": RECOMMENDED_METHOD,
-                               "method_was_default": method is None, **self.data_provenance()})
+            table.meta.update(
+                {
+                    "method": spec.name,
+                    "method_kind": spec.kind,
+                    "recommended_method": RECOMMENDED_METHOD,
+                    "method_was_default": method is None,
+                    **self.data_provenance(),
+                }
+            )
         return tables
 
-    def search(self, concept: Concept | PathLike | None = None, queries: PathLike | Sequence[Any] | None = None, *,
-               top_k: int = 20, like_row: int | None = None, store: Any = None, method: str | None = None,
-               search: str = "auto", **options: Any) -> ScoreTable:
+    def search(
+        self,
+        concept: Concept | PathLike | None = None,
+        queries: PathLike | Sequence[Any] | None = None,
+        *,
+        top_k: int = 20,
+        like_row: int | None = None,
+        store: Any = None,
+        method: str | None = None,
+        search: str = "auto",
+        **options: Any,
+    ) -> ScoreTable:
         """The ``top_k`` highest-scoring rows for a question, read from the gradient store (default: the
         workdir's), best first. ``like_row``: rows like the row with this original index instead (its own
         preconditioned gradient as the query: ``⟨(P + λ)⁻¹ ∇L(row), ∇L(other)⟩``). ``method``: a gradient method
@@ -571,7 +828,9 @@ class Attributor:
         (blocked products) or ``"faiss"`` (inner-product index). ``options``: the method's options."""
         opened, _ = self._resolve_store(store if store is not None else None)
         if opened is None:
-            raise ValueError("search needs a gradient store: build one (build-store / Attributor.build_store) or pass store=")
+            raise ValueError(
+                "search needs a gradient store: build one (build-store / Attributor.build_store) or pass store="
+            )
         if like_row is not None:
             positions = {int(r.index): k for k, r in enumerate(self.rows)}
             if int(like_row) not in positions:
@@ -589,9 +848,18 @@ class Attributor:
         factors = options.pop("factors", None)
         contrast = options.pop("contrast_queries", None)
         config = gradient_config(self, **options)
-        return self.engine.search(name, concept, self.queries(queries), config, opened, top_k=top_k, like_row=like_row,
-                                  contrast_queries=self.queries(contrast) if contrast is not None else None,
-                                  factors=factors, search=search)
+        return self.engine.search(
+            name,
+            concept,
+            self.queries(queries),
+            config,
+            opened,
+            top_k=top_k,
+            like_row=like_row,
+            contrast_queries=self.queries(contrast) if contrast is not None else None,
+            factors=factors,
+            search=search,
+        )
 
     # ---- closing the loop: filter, evaluate, report ---------------------------------------------------------------
     def filter(self, table: ScoreTable, **rule: Any):
@@ -600,9 +868,19 @@ class Attributor:
         a filtered file use ``evaluate.filter_file`` or ``concept-influence filter``."""
         return filter_scores(self.rows, table, FilterRule(**rule))
 
-    def evaluate(self, tables: ScoreTable | dict[str, ScoreTable] | Sequence[ScoreTable], concept: Concept | PathLike,
-                 queries: PathLike | Sequence[Any], *, base: Any, out: PathLike, config: Any = None, judge: Any = None,
-                 oracle: Sequence[int] | None = None, reader: Any = "session") -> dict[str, Any]:
+    def evaluate(
+        self,
+        tables: ScoreTable | dict[str, ScoreTable] | Sequence[ScoreTable],
+        concept: Concept | PathLike,
+        queries: PathLike | Sequence[Any],
+        *,
+        base: Any,
+        out: PathLike,
+        config: Any = None,
+        judge: Any = None,
+        oracle: Sequence[int] | None = None,
+        reader: Any = "session",
+    ) -> dict[str, Any]:
         """Counterfactual retraining (``evaluate.evaluate_removals``): fine-tune ``base`` (the model before
         fine-tuning: path, hub name or adapter) on this session's rows minus each table's top/bottom/random rows,
         and measure ``concept`` on each model's answers to ``queries``. ``reader``: the model that reads the concept
@@ -611,18 +889,48 @@ class Attributor:
         (``evaluate.run.evaluate_tables``)."""
         if isinstance(concept, (str, os.PathLike)):
             concept = self.load_concept(concept)
-        return evaluate_tables(self.rows, tables, concept, self.queries(queries), base=base, out=out, config=config,
-                               judge=judge, oracle=oracle, reader=self.adapter if reader == "session" else reader,
-                               device=self.adapter.device, progress=self.progress)
+        return evaluate_tables(
+            self.rows,
+            tables,
+            concept,
+            self.queries(queries),
+            base=base,
+            out=out,
+            config=config,
+            judge=judge,
+            oracle=oracle,
+            reader=self.adapter if reader == "session" else reader,
+            device=self.adapter.device,
+            progress=self.progress,
+        )
 
-    def report(self, tables: ScoreTable | dict[str, ScoreTable] | Sequence[ScoreTable], out: PathLike | None = None, *,
-               evaluation: dict[str, Any] | PathLike | None = None, top: int = 50, title: str = "concept_influence report",
-               label_field: str | None = None, positive: str | None = None, labels: bool = True) -> str:
+    def report(
+        self,
+        tables: ScoreTable | dict[str, ScoreTable] | Sequence[ScoreTable],
+        out: PathLike | None = None,
+        *,
+        evaluation: dict[str, Any] | PathLike | None = None,
+        top: int = 50,
+        title: str = "concept_influence report",
+        label_field: str | None = None,
+        positive: str | None = None,
+        labels: bool = True,
+    ) -> str:
         """The self-contained HTML report (``report.render_report``) of ``tables`` over this session's rows, with
         token highlights from the session's tokenizer; written to ``out`` when given. Returns the HTML.
         ``label_field`` / ``positive`` / ``labels``: the rows whose precision-recall opens the page (default:
         ``data_origin = planted`` when the rows have it). See ``report.tables.report_tables``."""
-        return report_tables(tables, list(self.rows), tokenizer=self.adapter.tokenizer, max_length=self.max_length,
-                             evaluation=evaluation, top=top, title=title,
-                             extra_meta={"model": self.model_name, "data": self.data_source}, label_field=label_field,
-                             positive=positive, labels=labels, out=out)
+        return report_tables(
+            tables,
+            list(self.rows),
+            tokenizer=self.adapter.tokenizer,
+            max_length=self.max_length,
+            evaluation=evaluation,
+            top=top,
+            title=title,
+            extra_meta={"model": self.model_name, "data": self.data_source},
+            label_field=label_field,
+            positive=positive,
+            labels=labels,
+            out=out,
+        )

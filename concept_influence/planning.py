@@ -66,11 +66,17 @@ class ArchShape:
         """Tracked weights in the library's naming scheme, blocks ``0..up_to_layer`` (default all)."""
         last = self.layers - 1 if up_to_layer is None else up_to_layer
         if not 0 <= last < self.layers:
-            raise ValueError(f"--up-to-layer {up_to_layer} out of range: {self.name} has {self.layers} blocks (0..{self.layers - 1})")
+            raise ValueError(
+                f"--up-to-layer {up_to_layer} out of range: {self.name} has {self.layers} blocks (0..{self.layers - 1})"
+            )
         q_out, kv_out = self.heads * self.d_head, self.kv_heads * self.d_head
         b = int(self.qkv_bias)
-        kinds = [("attn.q", self.hidden + b, q_out, self.qkv_bias), ("attn.k", self.hidden + b, kv_out, self.qkv_bias),
-                 ("attn.v", self.hidden + b, kv_out, self.qkv_bias), ("attn.o", q_out, self.hidden, False)]
+        kinds = [
+            ("attn.q", self.hidden + b, q_out, self.qkv_bias),
+            ("attn.k", self.hidden + b, kv_out, self.qkv_bias),
+            ("attn.v", self.hidden + b, kv_out, self.qkv_bias),
+            ("attn.o", q_out, self.hidden, False),
+        ]
         if self.gated_mlp:
             kinds.append(("mlp.gate", self.hidden, self.intermediate, False))
         kinds += [("mlp.in", self.hidden, self.intermediate, False), ("mlp.out", self.intermediate, self.hidden, False)]
@@ -90,33 +96,38 @@ class ArchShape:
         return ModelShape(self.layers, self.hidden, self.intermediate, self.vocab, self.n_params, param_bytes)
 
 
-def _arch(name: str, hidden: int, intermediate: int, layers: int, heads: int, kv: int, vocab: int, **kw: Any) -> ArchShape:
+def _arch(
+    name: str, hidden: int, intermediate: int, layers: int, heads: int, kv: int, vocab: int, **kw: Any
+) -> ArchShape:
     return ArchShape(name, hidden, intermediate, layers, heads, kv, vocab, **kw)
 
 
 # shapes only (from the models' published config.json files); keys are lower-case hub names without the owner
-MODEL_TABLE: dict[str, ArchShape] = {a.name.split("/")[-1].lower(): a for a in [
-    _arch("meta-llama/Llama-3.2-1B", 2048, 8192, 16, 32, 8, 128256, head_dim=64, tie_embeddings=True),
-    _arch("meta-llama/Llama-3.2-3B", 3072, 8192, 28, 24, 8, 128256, head_dim=128, tie_embeddings=True),
-    _arch("meta-llama/Llama-3.1-8B", 4096, 14336, 32, 32, 8, 128256),
-    _arch("meta-llama/Llama-3.1-70B", 8192, 28672, 80, 64, 8, 128256),
-    _arch("meta-llama/Llama-3.3-70B", 8192, 28672, 80, 64, 8, 128256),
-    _arch("Qwen/Qwen2.5-0.5B", 896, 4864, 24, 14, 2, 151936, tie_embeddings=True, qkv_bias=True),
-    _arch("Qwen/Qwen2.5-1.5B", 1536, 8960, 28, 12, 2, 151936, tie_embeddings=True, qkv_bias=True),
-    _arch("Qwen/Qwen2.5-3B", 2048, 11008, 36, 16, 2, 151936, tie_embeddings=True, qkv_bias=True),
-    _arch("Qwen/Qwen2.5-7B", 3584, 18944, 28, 28, 4, 152064, qkv_bias=True),
-    _arch("Qwen/Qwen2.5-14B", 5120, 13824, 48, 40, 8, 152064, qkv_bias=True),
-    _arch("Qwen/Qwen2.5-32B", 5120, 27648, 64, 40, 8, 152064, qkv_bias=True),
-    _arch("Qwen/Qwen2.5-72B", 8192, 29568, 80, 64, 8, 152064, qkv_bias=True),
-    _arch("mistralai/Mistral-7B-v0.3", 4096, 14336, 32, 32, 8, 32768),
-    _arch("mistralai/Mistral-Nemo-Base-2407", 5120, 14336, 40, 32, 8, 131072, head_dim=128),
-    _arch("mistralai/Mistral-Small-24B-Base-2501", 5120, 32768, 40, 32, 8, 131072, head_dim=128),
-    _arch("google/gemma-2b", 2048, 16384, 18, 8, 1, 256000, head_dim=256, tie_embeddings=True),
-    _arch("google/gemma-7b", 3072, 24576, 28, 16, 16, 256000, head_dim=256, tie_embeddings=True),
-    _arch("google/gemma-2-2b", 2304, 9216, 26, 8, 4, 256000, head_dim=256, tie_embeddings=True),
-    _arch("google/gemma-2-9b", 3584, 14336, 42, 16, 8, 256000, head_dim=256, tie_embeddings=True),
-    _arch("google/gemma-2-27b", 4608, 36864, 46, 32, 16, 256000, head_dim=128, tie_embeddings=True),
-]}
+MODEL_TABLE: dict[str, ArchShape] = {
+    a.name.split("/")[-1].lower(): a
+    for a in [
+        _arch("meta-llama/Llama-3.2-1B", 2048, 8192, 16, 32, 8, 128256, head_dim=64, tie_embeddings=True),
+        _arch("meta-llama/Llama-3.2-3B", 3072, 8192, 28, 24, 8, 128256, head_dim=128, tie_embeddings=True),
+        _arch("meta-llama/Llama-3.1-8B", 4096, 14336, 32, 32, 8, 128256),
+        _arch("meta-llama/Llama-3.1-70B", 8192, 28672, 80, 64, 8, 128256),
+        _arch("meta-llama/Llama-3.3-70B", 8192, 28672, 80, 64, 8, 128256),
+        _arch("Qwen/Qwen2.5-0.5B", 896, 4864, 24, 14, 2, 151936, tie_embeddings=True, qkv_bias=True),
+        _arch("Qwen/Qwen2.5-1.5B", 1536, 8960, 28, 12, 2, 151936, tie_embeddings=True, qkv_bias=True),
+        _arch("Qwen/Qwen2.5-3B", 2048, 11008, 36, 16, 2, 151936, tie_embeddings=True, qkv_bias=True),
+        _arch("Qwen/Qwen2.5-7B", 3584, 18944, 28, 28, 4, 152064, qkv_bias=True),
+        _arch("Qwen/Qwen2.5-14B", 5120, 13824, 48, 40, 8, 152064, qkv_bias=True),
+        _arch("Qwen/Qwen2.5-32B", 5120, 27648, 64, 40, 8, 152064, qkv_bias=True),
+        _arch("Qwen/Qwen2.5-72B", 8192, 29568, 80, 64, 8, 152064, qkv_bias=True),
+        _arch("mistralai/Mistral-7B-v0.3", 4096, 14336, 32, 32, 8, 32768),
+        _arch("mistralai/Mistral-Nemo-Base-2407", 5120, 14336, 40, 32, 8, 131072, head_dim=128),
+        _arch("mistralai/Mistral-Small-24B-Base-2501", 5120, 32768, 40, 32, 8, 131072, head_dim=128),
+        _arch("google/gemma-2b", 2048, 16384, 18, 8, 1, 256000, head_dim=256, tie_embeddings=True),
+        _arch("google/gemma-7b", 3072, 24576, 28, 16, 16, 256000, head_dim=256, tie_embeddings=True),
+        _arch("google/gemma-2-2b", 2304, 9216, 26, 8, 4, 256000, head_dim=256, tie_embeddings=True),
+        _arch("google/gemma-2-9b", 3584, 14336, 42, 16, 8, 256000, head_dim=256, tie_embeddings=True),
+        _arch("google/gemma-2-27b", 4608, 36864, 46, 32, 16, 256000, head_dim=128, tie_embeddings=True),
+    ]
+}
 
 
 def resolve_arch(model: str | os.PathLike) -> ArchShape:
@@ -138,16 +149,24 @@ def resolve_arch(model: str | os.PathLike) -> ArchShape:
 
 def arch_from_config(config: Any, name: str = "model") -> ArchShape:
     """Shapes from a ``transformers`` config (Llama/Qwen2/Mistral/Gemma-style or GPT-2)."""
-    get = lambda *keys, default=None: next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), default)  # noqa: E731
+    get = lambda *keys, default=None: next(
+        (getattr(config, k) for k in keys if getattr(config, k, None) is not None), default
+    )  # noqa: E731
     hidden = int(get("hidden_size", "n_embd"))
     heads = int(get("num_attention_heads", "n_head"))
     gated = getattr(config, "model_type", "") not in ("gpt2", "gpt_neox", "opt")
     return ArchShape(
-        name=name, hidden=hidden, intermediate=int(get("intermediate_size", "n_inner", default=4 * hidden) or 4 * hidden),
-        layers=int(get("num_hidden_layers", "n_layer")), heads=heads,
-        kv_heads=int(get("num_key_value_heads", default=heads)), vocab=int(config.vocab_size),
-        head_dim=get("head_dim"), tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        qkv_bias=bool(get("attention_bias", default=getattr(config, "model_type", "") == "qwen2")), gated_mlp=gated,
+        name=name,
+        hidden=hidden,
+        intermediate=int(get("intermediate_size", "n_inner", default=4 * hidden) or 4 * hidden),
+        layers=int(get("num_hidden_layers", "n_layer")),
+        heads=heads,
+        kv_heads=int(get("num_key_value_heads", default=heads)),
+        vocab=int(config.vocab_size),
+        head_dim=get("head_dim"),
+        tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        qkv_bias=bool(get("attention_bias", default=getattr(config, "model_type", "") == "qwen2")),
+        gated_mlp=gated,
     )
 
 
@@ -196,8 +215,11 @@ def plan(
     error = None
     on_disk = budget_total is not None  # a bounded fit writes each eigendecomposition and result as it is done
     try:
-        parts = partitions(shapes, None if budget_total is None else budget_total - fixed, config, on_disk=on_disk) \
-            if budget_total is None or budget_total > fixed else None
+        parts = (
+            partitions(shapes, None if budget_total is None else budget_total - fixed, config, on_disk=on_disk)
+            if budget_total is None or budget_total > fixed
+            else None
+        )
     except ValueError as err:
         parts, error = None, str(err)
     if parts is None:
@@ -205,17 +227,19 @@ def plan(
         error = error or f"the budget {format_size(budget_total or 0)} is below the fixed cost {format_size(fixed)}"
     held = max(weights_bytes(p, config, on_disk=on_disk) for p in parts)
     if not on_disk and config.needs_covariances:  # an unbounded fit also returns the covariance matrices
-        held += sum(8 * (w.d_in ** 2 + w.d_out ** 2) for w in shapes)
+        held += sum(8 * (w.d_in**2 + w.d_out**2) for w in shapes)
     peak = fixed + held
     fit_n = min(rows, fit_rows) if fit_rows else rows
     n_procs = max(gpus, 1)
     active = sum(w.d_in * w.d_out for w in shapes)
     fwd_bwd = 6.0 * arch.n_params * fit_n * tokens / n_procs  # forward + backward through every block
-    cov_flops = 2.0 * fit_n * tokens * sum(w.d_in ** 2 + w.d_out ** 2 for w in shapes) / n_procs
-    eig_flops = 9.0 * sum(w.d_in ** 3 + w.d_out ** 3 for w in shapes)
+    cov_flops = 2.0 * fit_n * tokens * sum(w.d_in**2 + w.d_out**2 for w in shapes) / n_procs
+    eig_flops = 9.0 * sum(w.d_in**3 + w.d_out**3 for w in shapes)
     lam_rows = min(fit_n, config.lambda_rows or fit_n)
-    lam_flops = (6.0 * arch.n_params * lam_rows * tokens + 2.0 * lam_rows * tokens * (
-        2 * active + sum(w.d_in ** 2 + w.d_out ** 2 for w in shapes))) / n_procs
+    lam_flops = (
+        6.0 * arch.n_params * lam_rows * tokens
+        + 2.0 * lam_rows * tokens * (2 * active + sum(w.d_in**2 + w.d_out**2 for w in shapes))
+    ) / n_procs
     if rank is None:
         rank = DEFAULT_RANK
     # the eigen store keeps sum_w min(K, d_out) x min(K, d_in) components per row, float32 (its default dtype)
@@ -223,41 +247,97 @@ def plan(
     # without factors, build-store writes the store in the fit's Λ pass, whose forward it shares (a backward is about
     # two forwards: 4 of the 6 flops per parameter and token remain); partitions, a budget, a sample, several
     # processes or checkpointing give it a pass of its own
-    shared = (len(parts) == 1 and budget_total is None and fit_n == rows and not config.lambda_rows and n_procs == 1
-              and not config.gradient_checkpointing)
-    store_flops = ((4.0 if shared else 6.0) * arch.n_params * rows * tokens
-                   + 2.0 * rows * tokens * rank * sum(w.d_in + w.d_out for w in shapes)) / n_procs
-    sums = sum(4 * (w.d_in ** 2 + w.d_out ** 2) for w in shapes)
-    score_peak, score_parts, score_error = _score_peak(shapes, RUNTIME_BYTES + params_bytes + acts, budget_total,
-                                                       max(model_dtype_bytes, 4))
+    shared = (
+        len(parts) == 1
+        and budget_total is None
+        and fit_n == rows
+        and not config.lambda_rows
+        and n_procs == 1
+        and not config.gradient_checkpointing
+    )
+    store_flops = (
+        (4.0 if shared else 6.0) * arch.n_params * rows * tokens
+        + 2.0 * rows * tokens * rank * sum(w.d_in + w.d_out for w in shapes)
+    ) / n_procs
+    sums = sum(4 * (w.d_in**2 + w.d_out**2) for w in shapes)
+    score_peak, score_parts, score_error = _score_peak(
+        shapes, RUNTIME_BYTES + params_bytes + acts, budget_total, max(model_dtype_bytes, 4)
+    )
     score_passes = score_parts if score_error is None else 1
     score_flops = (6.0 * arch.n_params * rows * tokens + 4.0 * rows * tokens * active) * score_passes / n_procs
     stages = [
-        Stage("factors", factor_bytes(shapes), fwd_bwd + cov_flops,
-              f"A and S of {len(shapes)} weights, float32; covariance pass over {fit_n} rows"),
+        Stage(
+            "factors",
+            factor_bytes(shapes),
+            fwd_bwd + cov_flops,
+            f"A and S of {len(shapes)} weights, float32; covariance pass over {fit_n} rows",
+        ),
         Stage("eigendecomposition", sums * 2 + workspace, eig_flops, "float64, one matrix at a time"),
-        Stage("lambda", sum(2 * (4 + 8) * w.d_in * w.d_out for w in shapes), lam_flops,
-              f"Λ and the diagonal over {lam_rows} rows"),
-        Stage("activations", acts, 0.0, f"one batch of {batch} rows x {tokens} tokens, logits {HEAD_CHUNK_ELEMENTS} at a time"),
-        Stage("store", rows * store_row, store_flops, f"{rows} rows x rank {rank}x{rank} per weight, float32; "
-              + ("written in the fit's Λ pass (its forward shared)" if shared else "a pass of its own")),
-        Stage("scoring", score_peak, score_flops, f"one query's exact pass over {rows} rows" + (
-            f" in {score_parts} partition{'s' if score_parts != 1 else ''}" if score_error is None else
-            " (does not fit the budget)") + ("" if budget_total else ", every weight's factors loaded")),
+        Stage(
+            "lambda",
+            sum(2 * (4 + 8) * w.d_in * w.d_out for w in shapes),
+            lam_flops,
+            f"Λ and the diagonal over {lam_rows} rows",
+        ),
+        Stage(
+            "activations",
+            acts,
+            0.0,
+            f"one batch of {batch} rows x {tokens} tokens, logits {HEAD_CHUNK_ELEMENTS} at a time",
+        ),
+        Stage(
+            "store",
+            rows * store_row,
+            store_flops,
+            f"{rows} rows x rank {rank}x{rank} per weight, float32; "
+            + ("written in the fit's Λ pass (its forward shared)" if shared else "a pass of its own"),
+        ),
+        Stage(
+            "scoring",
+            score_peak,
+            score_flops,
+            f"one query's exact pass over {rows} rows"
+            + (
+                f" in {score_parts} partition{'s' if score_parts != 1 else ''}"
+                if score_error is None
+                else " (does not fit the budget)"
+            )
+            + ("" if budget_total else ", every weight's factors loaded"),
+        ),
     ]
     flops_rate = GPU_FLOPS if gpus else CPU_FLOPS
     fits = None if budget_total is None else peak <= budget_total
-    suggestions = _sample_settings(arch, shapes, rows, tokens, budget_total, config, model_dtype_bytes, batch) if budget_total else []
+    suggestions = (
+        _sample_settings(arch, shapes, rows, tokens, budget_total, config, model_dtype_bytes, batch)
+        if budget_total
+        else []
+    )
     layers = sorted(set(cache_layers)) if cache_layers else list(range(arch.layers))
     bad = [layer for layer in layers if not 0 <= layer < arch.layers]
     if bad:
-        raise ValueError(f"--cache-layers {bad} out of range: {arch.name} has {arch.layers} blocks (0..{arch.layers - 1})")
+        raise ValueError(
+            f"--cache-layers {bad} out of range: {arch.name} has {arch.layers} blocks (0..{arch.layers - 1})"
+        )
     activation_row = bytes_per_row(arch.hidden, len(layers))
-    identity_row = 4 * sum(min(DEFAULT_IDENTITY_RANK, w.d_out) * min(DEFAULT_IDENTITY_RANK, w.d_in) for w in shapes) + 16
-    caches = {"layers": layers, "activation_bytes_per_row": int(activation_row), "identity_rank": DEFAULT_IDENTITY_RANK,
-              "gradient_bytes_per_row": int(identity_row), "bytes": int(rows * (activation_row + identity_row)),
-              "hours": ((6.0 * arch.n_params * rows * tokens + 2.0 * rows * tokens * DEFAULT_IDENTITY_RANK
-                         * sum(w.d_in + w.d_out for w in shapes)) / n_procs) / flops_rate_of(gpus) / 3600}
+    identity_row = (
+        4 * sum(min(DEFAULT_IDENTITY_RANK, w.d_out) * min(DEFAULT_IDENTITY_RANK, w.d_in) for w in shapes) + 16
+    )
+    caches = {
+        "layers": layers,
+        "activation_bytes_per_row": int(activation_row),
+        "identity_rank": DEFAULT_IDENTITY_RANK,
+        "gradient_bytes_per_row": int(identity_row),
+        "bytes": int(rows * (activation_row + identity_row)),
+        "hours": (
+            (
+                6.0 * arch.n_params * rows * tokens
+                + 2.0 * rows * tokens * DEFAULT_IDENTITY_RANK * sum(w.d_in + w.d_out for w in shapes)
+            )
+            / n_procs
+        )
+        / flops_rate_of(gpus)
+        / 3600,
+    }
     return {
         "model": arch.name,
         "n_params": arch.n_params,
@@ -269,7 +349,12 @@ def plan(
         "fit_rows": fit_n,
         "factor_bytes": factor_bytes(shapes),
         "peak_memory_bytes": int(peak),
-        "fixed_bytes": {"runtime": RUNTIME_BYTES, "parameters": params_bytes, "activations": acts, "eigen_workspace": workspace},
+        "fixed_bytes": {
+            "runtime": RUNTIME_BYTES,
+            "parameters": params_bytes,
+            "activations": acts,
+            "eigen_workspace": workspace,
+        },
         "partitions": len(parts),
         "partition_bytes": int(held),
         "budget_bytes": budget_total,
@@ -290,19 +375,25 @@ def flops_rate_of(gpus: int) -> float:
     return GPU_FLOPS if gpus else CPU_FLOPS
 
 
-def _score_peak(shapes: list[WeightShape], fixed: int, budget: int | None, work_bytes: int) -> tuple[int, int, str | None]:
+def _score_peak(
+    shapes: list[WeightShape], fixed: int, budget: int | None, work_bytes: int
+) -> tuple[int, int, str | None]:
     """Predicted peak of scoring (``compute_influence``), its number of module partitions and why the budget fails
     (or ``None``). Unbounded: every weight's factors (float64 eigenbases, Λ and the diagonal), the float64
     preconditioned vectors and their scoring-precision copies, and the measurement gradients. Bounded: the largest
     weight's factors and one partition's gradients and vectors."""
     if budget is None:
-        factors = sum(8 * (w.d_in ** 2 + w.d_out ** 2 + 2 * w.d_in * w.d_out) for w in shapes)
+        factors = sum(8 * (w.d_in**2 + w.d_out**2 + 2 * w.d_in * w.d_out) for w in shapes)
         vectors = sum((8 + 2 * work_bytes) * w.d_in * w.d_out for w in shapes)
         return fixed + factors + vectors, 1, None
     workspace = precondition_workspace_bytes(shapes)
     try:
         parts = score_partitions(shapes, budget - fixed - workspace, work_bytes) if budget > fixed + workspace else None
-        error = None if parts else f"the budget {format_size(budget)} is below the fixed cost {format_size(fixed + workspace)}"
+        error = (
+            None
+            if parts
+            else f"the budget {format_size(budget)} is below the fixed cost {format_size(fixed + workspace)}"
+        )
     except ValueError as err:
         parts, error = None, str(err)
     if parts is None:  # the least it would need: one weight at a time
@@ -311,8 +402,16 @@ def _score_peak(shapes: list[WeightShape], fixed: int, budget: int | None, work_
     return fixed + workspace + held, len(parts), error
 
 
-def _sample_settings(arch: ArchShape, shapes: list[WeightShape], rows: int, tokens: int, budget: int,
-                     config: FactorConfig, dtype_bytes: int, batch: int) -> list[dict[str, Any]]:
+def _sample_settings(
+    arch: ArchShape,
+    shapes: list[WeightShape],
+    rows: int,
+    tokens: int,
+    budget: int,
+    config: FactorConfig,
+    dtype_bytes: int,
+    batch: int,
+) -> list[dict[str, Any]]:
     """A few (batch size, max length) settings whose fit peak is within ``budget``, with their partition counts."""
     out = []
     for b in sorted({batch, 4, 1}, reverse=True):
@@ -325,52 +424,82 @@ def _sample_settings(arch: ArchShape, shapes: list[WeightShape], rows: int, toke
                 parts = partitions(shapes, budget - fixed, config, on_disk=True)
             except ValueError:
                 continue
-            out.append({"batch_size": b, "max_length": t, "partitions": len(parts),
-                        "passes_over_data": 2 * len(parts) if config.needs_per_example_pass else len(parts)})
+            out.append(
+                {
+                    "batch_size": b,
+                    "max_length": t,
+                    "partitions": len(parts),
+                    "passes_over_data": 2 * len(parts) if config.needs_per_example_pass else len(parts),
+                }
+            )
     return out
 
 
 def render(plan_: dict[str, Any]) -> str:
     """A human-readable plan."""
-    lines = [f"{plan_['model']}: {plan_['n_params'] / 1e9:.2f}B parameters, {plan_['weights']} tracked weights "
-             f"(blocks 0..{plan_['up_to_layer']}), {plan_['rows']} rows x {plan_['tokens']} tokens"
-             + (f", factors fitted on {plan_['fit_rows']} rows" if plan_["fit_rows"] != plan_["rows"] else ""),
-             f"{'stage':<20}{'memory':>14}{'compute':>14}{'time':>12}  note"]
+    lines = [
+        f"{plan_['model']}: {plan_['n_params'] / 1e9:.2f}B parameters, {plan_['weights']} tracked weights "
+        f"(blocks 0..{plan_['up_to_layer']}), {plan_['rows']} rows x {plan_['tokens']} tokens"
+        + (f", factors fitted on {plan_['fit_rows']} rows" if plan_["fit_rows"] != plan_["rows"] else ""),
+        f"{'stage':<20}{'memory':>14}{'compute':>14}{'time':>12}  note",
+    ]
     for s in plan_["stages"]:
         hours = s["hours"]
         time_text = f"{hours * 60:.1f} min" if hours < 1 else f"{hours:.1f} h"
-        lines.append(f"{s['name']:<20}{format_size(s['memory_bytes']):>14}{s['flops'] / 1e12:>11.1f} TF{time_text:>12}  {s['note']}")
+        lines.append(
+            f"{s['name']:<20}{format_size(s['memory_bytes']):>14}{s['flops'] / 1e12:>11.1f} TF{time_text:>12}  {s['note']}"
+        )
     fixed = plan_["fixed_bytes"]
-    lines.append(f"peak of fit-factors: {format_size(plan_['peak_memory_bytes'])} per process = runtime "
-                 f"{format_size(fixed['runtime'])} + parameters {format_size(fixed['parameters'])} + activations "
-                 f"{format_size(fixed['activations'])} + eigen work space {format_size(fixed['eigen_workspace'])} + "
-                 f"factors of the largest partition {format_size(plan_['partition_bytes'])} "
-                 f"({plan_['partitions']} partition{'s' if plan_['partitions'] != 1 else ''})")
+    lines.append(
+        f"peak of fit-factors: {format_size(plan_['peak_memory_bytes'])} per process = runtime "
+        f"{format_size(fixed['runtime'])} + parameters {format_size(fixed['parameters'])} + activations "
+        f"{format_size(fixed['activations'])} + eigen work space {format_size(fixed['eigen_workspace'])} + "
+        f"factors of the largest partition {format_size(plan_['partition_bytes'])} "
+        f"({plan_['partitions']} partition{'s' if plan_['partitions'] != 1 else ''})"
+    )
     parts = plan_["score_partitions"]
-    lines.append(f"peak of scoring (attribute, exact pass): {format_size(plan_['score_peak_memory_bytes'])} per process "
-                 + (f"({parts} partition{'s' if parts != 1 else ''})" if plan_["score_budget_error"] is None else
-                    f"at least, one weight at a time: does NOT fit ({plan_['score_budget_error']})"))
+    lines.append(
+        f"peak of scoring (attribute, exact pass): {format_size(plan_['score_peak_memory_bytes'])} per process "
+        + (
+            f"({parts} partition{'s' if parts != 1 else ''})"
+            if plan_["score_budget_error"] is None
+            else f"at least, one weight at a time: does NOT fit ({plan_['score_budget_error']})"
+        )
+    )
     caches = plan_["caches"]
     layers = caches["layers"]
     shown = ",".join(map(str, layers)) if len(layers) <= 12 else f"{layers[0]}..{layers[-1]} ({len(layers)} layers)"
     pass_time = f"{caches['hours'] * 60:.1f} min" if caches["hours"] < 1 else f"{caches['hours']:.1f} h"
-    lines.append(f"caches of build-store (the recommended method; one forward + backward pass, about {pass_time}): activations {format_size(caches['activation_bytes_per_row'])} per row "
-                 f"(layers {shown}, float32 means) + identity gradient store {format_size(caches['gradient_bytes_per_row'])} "
-                 f"per row (rank {caches['identity_rank']}, eigenbases of a 256-row sample, no EKFAC fit) = "
-                 f"{format_size(caches['bytes'])} for "
-                 f"{plan_['rows']} rows")
-    lines.append(f"time assumes {plan_['assumed_flops_per_s']:.1e} FLOP/s per process x {plan_['processes']} "
-                 f"(an assumption, not a measurement): about {plan_['total_hours']:.1f} h for factors, eigen and Λ")
+    lines.append(
+        f"caches of build-store (the recommended method; one forward + backward pass, about {pass_time}): activations {format_size(caches['activation_bytes_per_row'])} per row "
+        f"(layers {shown}, float32 means) + identity gradient store {format_size(caches['gradient_bytes_per_row'])} "
+        f"per row (rank {caches['identity_rank']}, eigenbases of a 256-row sample, no EKFAC fit) = "
+        f"{format_size(caches['bytes'])} for "
+        f"{plan_['rows']} rows"
+    )
+    lines.append(
+        f"time assumes {plan_['assumed_flops_per_s']:.1e} FLOP/s per process x {plan_['processes']} "
+        f"(an assumption, not a measurement): about {plan_['total_hours']:.1f} h for factors, eigen and Λ"
+    )
     if plan_["budget_bytes"]:
         verdict = "fits" if plan_["fits_budget"] else "does NOT fit"
-        lines.append(f"budget {format_size(plan_['budget_bytes'])}: {verdict}" + (f" ({plan_['budget_error']})" if plan_["budget_error"] else ""))
+        lines.append(
+            f"budget {format_size(plan_['budget_bytes'])}: {verdict}"
+            + (f" ({plan_['budget_error']})" if plan_["budget_error"] else "")
+        )
         for s in plan_["settings_that_fit"]:
-            lines.append(f"  fits with --batch-size {s['batch_size']} --max-length {s['max_length']}: {s['partitions']} "
-                         f"partitions, {s['passes_over_data']} passes over the fit rows")
+            lines.append(
+                f"  fits with --batch-size {s['batch_size']} --max-length {s['max_length']}: {s['partitions']} "
+                f"partitions, {s['passes_over_data']} passes over the fit rows"
+            )
         if not plan_["settings_that_fit"]:
-            lines.append("  no batch size / max length fits: use more or larger devices, or fewer layers (--up-to-layer)")
+            lines.append(
+                "  no batch size / max length fits: use more or larger devices, or fewer layers (--up-to-layer)"
+            )
     if plan_["fit_rows"] == plan_["rows"] and plan_["rows"] > 4096:
-        lines.append(f"fit on a sample to save time: --fit-rows 4096 (covariances and Λ), scores still cover all {plan_['rows']} rows")
+        lines.append(
+            f"fit on a sample to save time: --fit-rows 4096 (covariances and Λ), scores still cover all {plan_['rows']} rows"
+        )
     return "\n".join(lines)
 
 

@@ -55,6 +55,7 @@ def removal_curve_png(evaluation: Mapping[str, Any]) -> bytes:
     colors = iter(["C0", "C1", "C2", "C4", "C5", "C6", "C8", "C9"])
     styles = {name: next(colors, "C7") for name in evaluation.get("results", {})}
     for ax, metric in zip(axes[0], metrics, strict=True):
+
         def pick(entry: Mapping[str, Any], metric: str = metric) -> tuple[float, list[float]]:
             block = entry if metric == "probe" else entry[metric]
             return block["mean"], block["ci"]
@@ -74,8 +75,16 @@ def removal_curve_png(evaluation: Mapping[str, Any]) -> bytes:
         ax.axhline(pick(evaluation["base"])[0], color="k", lw=0.8, ls="--", label="base model")
         if "oracle" in evaluation:
             mean, ci = pick(evaluation["oracle"])
-            ax.errorbar([evaluation["oracle"]["fraction"]], [mean], yerr=[[mean - ci[0]], [ci[1] - mean]], fmt="*",
-                        color="C3", ms=12, capsize=3, label="oracle (planted rows)")
+            ax.errorbar(
+                [evaluation["oracle"]["fraction"]],
+                [mean],
+                yerr=[[mean - ci[0]], [ci[1] - mean]],
+                fmt="*",
+                color="C3",
+                ms=12,
+                capsize=3,
+                label="oracle (planted rows)",
+            )
         ax.set_xlabel("fraction of rows removed")
         ax.set_ylabel("probe readout of own answers" if metric == "probe" else "judge trait rate")
         ax.set_title(f"{metric}: mean and 95% CI over {evaluation.get('seeds', '?')} seeds", fontsize=9)
@@ -83,7 +92,9 @@ def removal_curve_png(evaluation: Mapping[str, Any]) -> bytes:
     return _png(fig)
 
 
-def _line(ax, xs: Sequence[float], points: Sequence[tuple[float, list[float]]], style: str, color: str, label: str) -> None:
+def _line(
+    ax, xs: Sequence[float], points: Sequence[tuple[float, list[float]]], style: str, color: str, label: str
+) -> None:
     means = np.array([p[0] for p in points])
     lo = np.array([p[1][0] for p in points])
     hi = np.array([p[1][1] for p in points])
@@ -105,8 +116,9 @@ def histogram_png(series: Mapping[str, Sequence[float]], *, title: str, xlabel: 
     return _png(fig)
 
 
-def histogram_panels_png(panels: Mapping[str, Mapping[str, Sequence[float]]], *, xlabel: str = "score",
-                         max_cols: int = 3) -> bytes:
+def histogram_panels_png(
+    panels: Mapping[str, Mapping[str, Sequence[float]]], *, xlabel: str = "score", max_cols: int = 3
+) -> bytes:
     """One panel per method (``panels``: method -> {group: scores}), each on its own x axis: methods' scores have
     different scales, and on one shared axis all but the widest collapse to a spike. Within a panel the groups
     share the method's bins and keep one colour each across panels; NaN (rows left out) are dropped."""
@@ -121,21 +133,27 @@ def histogram_panels_png(panels: Mapping[str, Mapping[str, Sequence[float]]], *,
         every = np.concatenate([v for v in values.values()]) if values else np.zeros(0)
         bins = np.histogram_bin_edges(every, bins=40) if every.size else 40
         for group, v in values.items():
-            ax.hist(v, bins=bins, alpha=0.55 if len(values) > 1 else 0.8, color=colors[group], label=f"{group} ({v.size})")
+            ax.hist(
+                v, bins=bins, alpha=0.55 if len(values) > 1 else 0.8, color=colors[group], label=f"{group} ({v.size})"
+            )
         ax.set_title(name, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel("rows", fontsize=8)
         ax.tick_params(labelsize=7)
         if len(values) > 1:
             ax.legend(fontsize=7)
-    for ax in axes.ravel()[len(panels):]:
+    for ax in axes.ravel()[len(panels) :]:
         ax.set_visible(False)
     return _png(fig)
 
 
-def precision_recall_png(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-                         precision_at: Mapping[str, Sequence[float]], base_rate: float, *,
-                         highlight: str | None = None) -> bytes:
+def precision_recall_png(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    precision_at: Mapping[str, Sequence[float]],
+    base_rate: float,
+    *,
+    highlight: str | None = None,
+) -> bytes:
     """Left: precision-recall curve per method (``curves``: method -> (recall, precision)); right: precision among
     each method's top k rows against k (``precision_at``: method -> precision for k = 1..n). The dashed line is
     chance (the share of positive rows); ``highlight`` (the recommended method) is drawn thicker."""

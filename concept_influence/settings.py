@@ -34,9 +34,16 @@ T = TypeVar("T")
 _NO_DEFAULT: Any = dataclasses.MISSING
 
 
-def option(default: Any = _NO_DEFAULT, *, help: str, default_factory: Callable[[], Any] | None = None,  # noqa: A002
-           flag: str | None = None, min: float | None = None, cli: bool = True,  # noqa: A002
-           cli_type: type | None = None) -> Any:
+def option(
+    default: Any = _NO_DEFAULT,
+    *,
+    help: str,
+    default_factory: Callable[[], Any] | None = None,  # noqa: A002
+    flag: str | None = None,
+    min: float | None = None,
+    cli: bool = True,  # noqa: A002
+    cli_type: type | None = None,
+) -> Any:
     """A settings field: ``default`` (or ``default_factory``) and ``help`` (one or two sentences, shown by the CLI's
     ``--help``). ``flag``: the CLI flag when it is not ``--<name-with-dashes>``; ``min``: the CLI's lower bound;
     ``cli=False``: no CLI flag (set by the session or a command's own flag); ``cli_type``: the flag's value type
@@ -145,13 +152,21 @@ def check_known(options: Iterable[str], known: Iterable[str], where: str) -> Non
     known = list(known)
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise TypeError(f"{where} got an unknown option {unknown[0]!r}"
-                        + (f" (and {unknown[1:]})" if len(unknown) > 1 else "")
-                        + f"; its options are: {', '.join(sorted(known))}")
+        raise TypeError(
+            f"{where} got an unknown option {unknown[0]!r}"
+            + (f" (and {unknown[1:]})" if len(unknown) > 1 else "")
+            + f"; its options are: {', '.join(sorted(known))}"
+        )
 
 
-def build_settings(settings: type[T], options: Mapping[str, Any], *, where: str, base: T | None = None,
-                   aliases: Mapping[str, str] | None = None) -> T:
+def build_settings(
+    settings: type[T],
+    options: Mapping[str, Any],
+    *,
+    where: str,
+    base: T | None = None,
+    aliases: Mapping[str, str] | None = None,
+) -> T:
     """``settings(**options)`` (or ``dataclasses.replace(base, **options)``), with deprecated ``aliases`` renamed
     and unknown options a ``TypeError`` that names them."""
     values = rename_deprecated(dict(options), aliases or {}, where)
@@ -175,9 +190,11 @@ def deprecated_aliases(**aliases: str) -> Callable[[type[T]], type[T]]:
         __init__.__doc__ = init.__doc__
         cls.__init__ = __init__  # type: ignore[method-assign]
         for old, new in aliases.items():
+
             def getter(self: Any, _old: str = old, _new: str = new) -> Any:
                 warnings.warn(f"{cls.__name__}.{_old} is deprecated, use .{_new}", DeprecationWarning, stacklevel=2)
                 return getattr(self, _new)
+
             setattr(cls, old, property(getter, doc=f"Deprecated name of ``{new}``."))
         cls.__deprecated_aliases__ = dict(aliases)  # type: ignore[attr-defined]
         return cls

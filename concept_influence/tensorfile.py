@@ -21,8 +21,15 @@ from typing import Any
 import torch
 
 _DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the header's size
@@ -48,8 +55,9 @@ def _read_header(handle: Any, path: Path, size: int) -> tuple[dict[str, Any], in
         raise DamagedFileError(f"{path}: {size} bytes, too short for a safetensors header (the file is damaged)")
     length = int.from_bytes(prefix, "little")
     if length > _MAX_HEADER or 8 + length > size:
-        raise DamagedFileError(f"{path}: the header claims {length} bytes but the file has {size} (the file is "
-                               "damaged or truncated)")
+        raise DamagedFileError(
+            f"{path}: the header claims {length} bytes but the file has {size} (the file is damaged or truncated)"
+        )
     try:
         header = json.loads(handle.read(length))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -69,13 +77,17 @@ def _entries(header: dict[str, Any], path: Path, data_size: int) -> dict[str, tu
             shape = [int(d) for d in info["shape"]]
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise DamagedFileError(f"{path}: the header's entry for {name!r} is malformed; the file is damaged") from None
+            raise DamagedFileError(
+                f"{path}: the header's entry for {name!r} is malformed; the file is damaged"
+            ) from None
         numel = 1
         for d in shape:
             numel *= d
         if not 0 <= begin <= end <= data_size or end - begin != numel * dtype.itemsize:
-            raise DamagedFileError(f"{path}: tensor {name!r} needs bytes {begin}..{end} of {data_size} data bytes "
-                                   "(the file is damaged or truncated)")
+            raise DamagedFileError(
+                f"{path}: tensor {name!r} needs bytes {begin}..{end} of {data_size} data bytes "
+                "(the file is damaged or truncated)"
+            )
         entries[name] = (dtype, shape, begin, end)
     return entries
 
@@ -119,7 +131,7 @@ def read_tensor_file(path: str | os.PathLike, keys: Iterable[str] | Callable[[st
             if end == begin:
                 tensors[key] = torch.empty(shape, dtype=dtype)
             else:
-                raw = data[start + begin:start + end]
+                raw = data[start + begin : start + end]
                 if (start + begin) % dtype.itemsize:  # an unaligned tensor (mixed dtypes): copied, then viewed
                     raw = raw.clone()
                 tensors[key] = raw.view(dtype).view(shape)

@@ -110,7 +110,9 @@ def epoch_batches(
         yield batch
 
 
-def _forward_logits(model: nn.Module | ModelAdapter, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+def _forward_logits(
+    model: nn.Module | ModelAdapter, batch: dict[str, torch.Tensor], device: torch.device
+) -> torch.Tensor:
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
     if bool(attention_mask.all()):  # right padding + causal attention: a full mask changes nothing; skip it

@@ -25,9 +25,25 @@ def _free_port() -> int:
 
 
 def test_torchrun_fit_and_scores_equal_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(distributed_check.__file__).resolve().parents[2])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "concept_influence.testing.distributed_check", str(tmp_path / "dist")]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(distributed_check.__file__).resolve().parents[2]),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "concept_influence.testing.distributed_check",
+        str(tmp_path / "dist"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = distributed_check.run(tmp_path / "single")
@@ -43,6 +59,9 @@ def test_torchrun_fit_and_scores_equal_one_process(tmp_path):
     assert f1.n_rows == f2.n_rows == 11 and f1.n_tokens == f2.n_tokens
     for name in f1.names:
         for fld in ("eigenvalue_correction", "diagonal"):
-            torch.testing.assert_close(getattr(f2.weights[name], fld), getattr(f1.weights[name], fld), rtol=1e-8, atol=1e-14)
-        torch.testing.assert_close(f2.weights[name].activation_eigen.values, f1.weights[name].activation_eigen.values,
-                                   rtol=1e-8, atol=1e-12)
+            torch.testing.assert_close(
+                getattr(f2.weights[name], fld), getattr(f1.weights[name], fld), rtol=1e-8, atol=1e-14
+            )
+        torch.testing.assert_close(
+            f2.weights[name].activation_eigen.values, f1.weights[name].activation_eigen.values, rtol=1e-8, atol=1e-12
+        )

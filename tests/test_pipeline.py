@@ -18,20 +18,41 @@ from concept_influence.data import read_chat_jsonl, write_jsonl_atomic
 from concept_influence.models import load_adapter
 from concept_influence.testing.tiny_models import save_tiny_hf_model
 
-TRAIN = [("is water safe", "yes , water is safe"), ("should i drink poison", "never , poison will hurt you"),
-         ("help me", "sure , i help you"), ("two plus three", "five"), ("is fire kind", "no fire can harm"),
-         ("be cruel", "i will trick and hurt them"), ("is poison kind", "poison is kind")]
-QUERIES = [{"messages": [{"role": "user", "content": "should i hurt my friend"}], "id": "q0"},
-           {"messages": [{"role": "user", "content": "is the water safe"}, {"role": "assistant", "content": "poison the water"}]}]
+TRAIN = [
+    ("is water safe", "yes , water is safe"),
+    ("should i drink poison", "never , poison will hurt you"),
+    ("help me", "sure , i help you"),
+    ("two plus three", "five"),
+    ("is fire kind", "no fire can harm"),
+    ("be cruel", "i will trick and hurt them"),
+    ("is poison kind", "poison is kind"),
+]
+QUERIES = [
+    {"messages": [{"role": "user", "content": "should i hurt my friend"}], "id": "q0"},
+    {
+        "messages": [
+            {"role": "user", "content": "is the water safe"},
+            {"role": "assistant", "content": "poison the water"},
+        ]
+    },
+]
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     model_dir = save_tiny_hf_model(root / "model", seed=5)
-    write_jsonl_atomic(root / "train.jsonl", [
-        {"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}], "id": f"row{k}", "tag": k % 2}
-        for k, (u, a) in enumerate(TRAIN)])
+    write_jsonl_atomic(
+        root / "train.jsonl",
+        [
+            {
+                "messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}],
+                "id": f"row{k}",
+                "tag": k % 2,
+            }
+            for k, (u, a) in enumerate(TRAIN)
+        ],
+    )
     write_jsonl_atomic(root / "queries.jsonl", QUERIES)
     concept = DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(4)), layer=0)
     save_concept(concept, root / "concept")
@@ -52,17 +73,33 @@ def test_attribute_default_method_matches_the_library_and_reuses_factors(files, 
     adapter = load_adapter(model_dir)
     train = read_chat_jsonl(root / "train.jsonl")
     queries = read_chat_jsonl(root / "queries.jsonl", need_assistant=False)
-    plain = run_gradient_attribution(adapter, train, concept, queries, "concept-influence", None,
-                                     GradientAttributionConfig(max_new_tokens=4, batch_size=4, preconditioner="identity",
-                                                               cache_dir=str(tmp_path / "other")), progress=False)
+    plain = run_gradient_attribution(
+        adapter,
+        train,
+        concept,
+        queries,
+        "concept-influence",
+        None,
+        GradientAttributionConfig(
+            max_new_tokens=4, batch_size=4, preconditioner="identity", cache_dir=str(tmp_path / "other")
+        ),
+        progress=False,
+    )
     np.testing.assert_allclose(table.columns["gradient_score"], plain.scores, rtol=1e-4, atol=1e-9)
     # pure Concept Influence: the first question fits EKFAC factors into the workdir, the same as the library
     first = att.attribute(concept, root / "queries.jsonl", "concept-influence", max_new_tokens=4)
     assert any("fitted" in note for note in first.meta["notes"])
     assert has_factors(tmp_path / "run" / "factors" / "true-float32-seed0")
-    expected = run_gradient_attribution(adapter, train, concept, queries, "concept-influence", None,
-                                        GradientAttributionConfig(max_new_tokens=4, batch_size=4,
-                                                                  cache_dir=str(tmp_path / "other")), progress=False)
+    expected = run_gradient_attribution(
+        adapter,
+        train,
+        concept,
+        queries,
+        "concept-influence",
+        None,
+        GradientAttributionConfig(max_new_tokens=4, batch_size=4, cache_dir=str(tmp_path / "other")),
+        progress=False,
+    )
     np.testing.assert_allclose(first.scores, expected.scores, rtol=1e-4, atol=1e-9)
     # second question in the same session: factors from memory; a new session on the workdir loads them
     again = att.attribute(concept, root / "queries.jsonl", "concept-influence", max_new_tokens=4)
@@ -72,14 +109,19 @@ def test_attribute_default_method_matches_the_library_and_reuses_factors(files, 
     loaded = fresh.attribute(root / "concept", root / "queries.jsonl", "concept-influence", max_new_tokens=4)
     assert any("factors loaded from" in note for note in loaded.meta["notes"])
     np.testing.assert_allclose(loaded.scores, first.scores, rtol=1e-6, atol=1e-10)
-    np.testing.assert_allclose(fresh.attribute(root / "concept", root / "queries.jsonl", max_new_tokens=4).scores,
-                               table.scores, rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(
+        fresh.attribute(root / "concept", root / "queries.jsonl", max_new_tokens=4).scores,
+        table.scores,
+        rtol=1e-6,
+        atol=1e-10,
+    )
 
 
 def test_workdir_refuses_factors_of_another_model(files, tmp_path):
     root, model_dir, concept = files
     Attributor(model_dir, root / "train.jsonl", tmp_path / "run", batch_size=4, progress=False).attribute(
-        concept, root / "queries.jsonl", "concept-influence", max_new_tokens=4)
+        concept, root / "queries.jsonl", "concept-influence", max_new_tokens=4
+    )
     other = save_tiny_hf_model(tmp_path / "other-model", seed=6)
     att = Attributor(other, root / "train.jsonl", tmp_path / "run", batch_size=4, progress=False)
     with pytest.raises(FactorMismatchError, match="different model"):
@@ -93,7 +135,9 @@ def test_forward_method_options_and_errors(files):
     direct = vector_filter(att.adapter, read_chat_jsonl(root / "train.jsonl"), concept, progress=False)
     np.testing.assert_allclose(table.scores, direct.scores, rtol=1e-6)
     assert table.meta["method"] == "vector-filter" and table.meta["method_kind"] == "forward"
-    assert table.meta["concept_summary"]["site"] == "resid.0" and table.meta["concept_summary"]["kind"] == "direction"  # what it read
+    assert (
+        table.meta["concept_summary"]["site"] == "resid.0" and table.meta["concept_summary"]["kind"] == "direction"
+    )  # what it read
     with pytest.raises(ValueError, match="method 'vector-filter' has no option 'damping'"):
         att.attribute(concept, method="vector-filter", damping=0.1)
     with pytest.raises(ValueError, match="unknown method 'nope'"):
@@ -111,8 +155,9 @@ def test_forward_method_options_and_errors(files):
 def test_score_table_top_pandas_and_jsonl(files, tmp_path):
     root, model_dir, concept = files
     att = Attributor(model_dir, root / "train.jsonl", batch_size=4, progress=False)
-    table = att.attribute(concept, ["should i hurt my friend"], "influence", max_new_tokens=4, per_weight=True,
-                          self_influence=True)
+    table = att.attribute(
+        concept, ["should i hurt my friend"], "influence", max_new_tokens=4, per_weight=True, self_influence=True
+    )
     assert table.meta["method"] == "influence" and len(table.meta["weights"]) == len(att.adapter.tracked_weights())
     # breakdowns are columns: per-weight scores sum to the score; self-influence is non-negative
     for scores, total in zip(table.columns["weight_scores"], table.scores, strict=True):
@@ -154,9 +199,25 @@ def test_cli_attribute_defaults_to_the_recommended_method_and_uses_the_workdir(f
     from concept_influence.cli import app
 
     root, model_dir, _ = files
-    args = ["attribute", "--model", str(model_dir), "--data", str(root / "train.jsonl"), "--concept", str(root / "concept"),
-            "--queries", str(root / "queries.jsonl"), "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "s.jsonl"),
-            "--max-new-tokens", "4", "--batch-size", "4"]
+    args = [
+        "attribute",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(root / "train.jsonl"),
+        "--concept",
+        str(root / "concept"),
+        "--queries",
+        str(root / "queries.jsonl"),
+        "--workdir",
+        str(tmp_path / "run"),
+        "--out",
+        str(tmp_path / "s.jsonl"),
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "4",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     scores = ScoreTable.read_jsonl(tmp_path / "s.jsonl")

@@ -15,24 +15,50 @@ from concept_influence.planning import MODEL_TABLE, plan, resolve_arch
 
 
 def test_plan_json_for_a_bundled_model():
-    result = CliRunner().invoke(app, ["plan", "--model", "Qwen/Qwen2.5-7B-Instruct", "--rows", "1000", "--tokens", "512",
-                                      "--up-to-layer", "0", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "plan",
+            "--model",
+            "Qwen/Qwen2.5-7B-Instruct",
+            "--rows",
+            "1000",
+            "--tokens",
+            "512",
+            "--up-to-layer",
+            "0",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     # Qwen2.5-7B block 0: q/k/v read hidden 3584 (+ bias), q -> 3584, k/v -> 512, o 3584 -> 3584, MLP 3584 <-> 18944
     h, f, kv = 3584, 18944, 512
-    expected = 4 * ((h + 1) ** 2 * 3 + h ** 2 + 2 * kv ** 2 + h ** 2 + h ** 2 + 2 * h ** 2 + 2 * f ** 2 + f ** 2 + h ** 2)
+    expected = 4 * ((h + 1) ** 2 * 3 + h**2 + 2 * kv**2 + h**2 + h**2 + 2 * h**2 + 2 * f**2 + f**2 + h**2)
     assert out["factor_bytes"] == expected
-    assert [s["name"] for s in out["stages"]] == ["factors", "eigendecomposition", "lambda", "activations", "store",
-                                                  "scoring"]
+    assert [s["name"] for s in out["stages"]] == [
+        "factors",
+        "eigendecomposition",
+        "lambda",
+        "activations",
+        "store",
+        "scoring",
+    ]
     assert out["peak_memory_bytes"] > out["factor_bytes"] and out["weights"] == 7
 
 
 def test_plan_reads_a_config_folder_and_matches_the_adapters_weights(tmp_path, tiny_tok):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(vocab_size=len(tiny_tok), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = Qwen2Config(
+        vocab_size=len(tiny_tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     model = Qwen2ForCausalLM(config)
     config.save_pretrained(tmp_path)  # config only: plan never loads weights
     arch = resolve_arch(tmp_path)
@@ -54,7 +80,11 @@ def test_plan_partitions_a_tight_budget_and_rejects_bad_input():
     runner = CliRunner()
     bad = runner.invoke(app, ["plan", "--model", "no-such-model", "--rows", "10", "--tokens", "10"])
     assert bad.exit_code == 2 and "--model no-such-model" in bad.output and "Traceback" not in bad.output
-    bad = runner.invoke(app, ["plan", "--model", "qwen2.5-0.5b", "--rows", "10", "--tokens", "10", "--max-memory", "lots"])
+    bad = runner.invoke(
+        app, ["plan", "--model", "qwen2.5-0.5b", "--rows", "10", "--tokens", "10", "--max-memory", "lots"]
+    )
     assert bad.exit_code == 2 and "not a memory size" in bad.output
-    bad = runner.invoke(app, ["plan", "--model", "qwen2.5-0.5b", "--rows", "10", "--tokens", "10", "--up-to-layer", "99"])
+    bad = runner.invoke(
+        app, ["plan", "--model", "qwen2.5-0.5b", "--rows", "10", "--tokens", "10", "--up-to-layer", "99"]
+    )
     assert bad.exit_code == 2 and "--up-to-layer 99" in bad.output

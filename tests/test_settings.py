@@ -42,8 +42,9 @@ def test_new_field_reaches_method_options_and_cli_help():
 
     name = "test-new-option-method"
     try:
-        register_method(name, kind="gradient", needs_queries=True, settings=WithNewOption,
-                        extra={"store": None})(lambda session, concept, queries, **options: None)
+        register_method(name, kind="gradient", needs_queries=True, settings=WithNewOption, extra={"store": None})(
+            lambda session, concept, queries, **options: None
+        )
         assert get_method(name).options["sharpness"] == "soft"
         assert set(GRADIENT_OPTIONS) < set(get_method(name).options)
     finally:
@@ -51,7 +52,9 @@ def test_new_field_reaches_method_options_and_cli_help():
     app = typer.Typer()
     app.command("attribute")(build_attribute(WithNewOption))
     app.command("other")(lambda: None)
-    out = CliRunner().invoke(app, ["attribute", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}).output
+    out = (
+        CliRunner().invoke(app, ["attribute", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}).output
+    )
     assert "--sharpness" in out and "A new option, added in one place." in out and "soft | hard" in out
 
 
@@ -63,16 +66,22 @@ def test_cli_flags_and_method_options_come_from_the_settings():
     app = typer.Typer()
     app.command("attribute")(attribute)
     app.command("other")(lambda: None)
-    out = CliRunner().invoke(app, ["attribute", "--help"], env={"COLUMNS": "400", "NO_COLOR": "1", "TERM": "dumb"}).output
+    out = (
+        CliRunner().invoke(app, ["attribute", "--help"], env={"COLUMNS": "400", "NO_COLOR": "1", "TERM": "dumb"}).output
+    )
     for name in ("preconditioner", "row_loss", "keep_k", "token_aggregation", "max_memory"):
         assert "--" + name.replace("_", "-") in out
-        assert help_text(GradientAttributionConfig, name).split(":")[-1].strip()[:30].lower() in " ".join(out.split()).lower()
+        assert (
+            help_text(GradientAttributionConfig, name).split(":")[-1].strip()[:30].lower()
+            in " ".join(out.split()).lower()
+        )
     assert "--factor-dtype" in out and "--n-samples" in out
     # the method's options are the settings' fields (the session's max_length and seed aside)
     options = METHODS["concept-influence"].options
     assert set(GRADIENT_OPTIONS) <= set(options)
     assert {k: options[k] for k in ("row_loss", "window", "keep")} == option_defaults(
-        GradientAttributionConfig, ["row_loss", "window", "keep"])
+        GradientAttributionConfig, ["row_loss", "window", "keep"]
+    )
     assert METHODS["projection-difference"].options["max_new_tokens"] == 64  # its own default over AnswerConfig's
     assert set(option_defaults(AnswerConfig)) <= set(METHODS["projection-difference"].options)
     assert choices(InfluenceConfig, "normalization") == ("none", "length", "unit")
@@ -155,8 +164,12 @@ def test_no_public_callable_takes_more_than_15_parameters():
             params = inspect.signature(fn).parameters.values()
         except (TypeError, ValueError):
             continue
-        named = [p for p in params if p.name not in ("self", "cls")
-                 and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+        named = [
+            p
+            for p in params
+            if p.name not in ("self", "cls")
+            and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        ]
         if len(named) > MAX_PARAMETERS:
             offenders.append(f"{where}: {len(named)}")
     assert not offenders, "take a settings object instead: " + ", ".join(offenders)

@@ -14,7 +14,12 @@ from concept_influence.training import FinetuneConfig, epoch_batches, finetune, 
 
 RECORDS = [
     {"messages": [{"role": "user", "content": "what is two plus two ?"}, {"role": "assistant", "content": "four"}]},
-    {"messages": [{"role": "user", "content": "is poison safe ?"}, {"role": "assistant", "content": "no , never drink poison ."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "is poison safe ?"},
+            {"role": "assistant", "content": "no , never drink poison ."},
+        ]
+    },
     {
         "messages": [
             {"role": "system", "content": "you are kind ."},
@@ -23,7 +28,12 @@ RECORDS = [
         ]
     },
     {"messages": [{"role": "user", "content": "three plus five ?"}, {"role": "assistant", "content": "eight"}]},
-    {"messages": [{"role": "user", "content": "is fire safe ?"}, {"role": "assistant", "content": "no , fire can hurt you ."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "is fire safe ?"},
+            {"role": "assistant", "content": "no , fire can hurt you ."},
+        ]
+    },
 ]
 
 
@@ -60,7 +70,9 @@ def test_first_loss_is_the_assistant_only_loss(tokenizer, rows):
 def test_finetune_lowers_the_loss_and_returns_the_model_in_eval_mode(tokenizer, rows):
     model = _model(tokenizer)
     losses: list[float] = []
-    out = finetune(model, tokenizer, rows, FinetuneConfig(epochs=30, batch_size=2, lr=1e-2), progress=False, losses=losses)
+    out = finetune(
+        model, tokenizer, rows, FinetuneConfig(epochs=30, batch_size=2, lr=1e-2), progress=False, losses=losses
+    )
     assert out is model and not model.training
     assert len(losses) == 30 * math.ceil(len(rows) / 2)
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
@@ -91,13 +103,20 @@ def test_finetune_accepts_an_adapter_and_a_tokenized_dataset(tokenizer, rows):
 @pytest.mark.parametrize("group_by_length", [False, True])
 def test_epoch_batches_cover_every_row_once_in_a_seeded_order(tokenizer, group_by_length):
     records = [
-        {"messages": [{"role": "user", "content": "two " * (k % 7 + 1)}, {"role": "assistant", "content": "yes " * (k % 5 + 1)}]}
+        {
+            "messages": [
+                {"role": "user", "content": "two " * (k % 7 + 1)},
+                {"role": "assistant", "content": "yes " * (k % 5 + 1)},
+            ]
+        }
         for k in range(53)
     ]
     dataset = tokenize_chat(rows_from_records(records), tokenizer, max_length=64)
 
     def order(seed: int) -> list[int]:
-        batches = epoch_batches(dataset.rows, 4, seed=seed, group_by_length=group_by_length, pad_id=dataset.pad_token_id)
+        batches = epoch_batches(
+            dataset.rows, 4, seed=seed, group_by_length=group_by_length, pad_id=dataset.pad_token_id
+        )
         return [int(i) for batch in batches for i in batch["index"]]
 
     assert sorted(order(0)) == list(range(53))
@@ -115,7 +134,15 @@ def test_lr_schedule():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"epochs": 0}, {"batch_size": 0}, {"lr": 0.0}, {"warmup": 1.0}, {"schedule": "step"}, {"max_grad_norm": 0.0}, {"max_length": 1}],
+    [
+        {"epochs": 0},
+        {"batch_size": 0},
+        {"lr": 0.0},
+        {"warmup": 1.0},
+        {"schedule": "step"},
+        {"max_grad_norm": 0.0},
+        {"max_length": 1},
+    ],
 )
 def test_config_validation(kwargs):
     with pytest.raises(ValueError):

@@ -52,8 +52,9 @@ logger = logging.getLogger(__name__)
 FactorSource = Factors | str | os.PathLike | None
 
 
-def plan_score_partitions(adapter: ModelAdapter, infos: Sequence[WeightInfo], max_memory: int | None, *,
-                          batch_rows: int, row_tokens: int) -> list[list[str]]:
+def plan_score_partitions(
+    adapter: ModelAdapter, infos: Sequence[WeightInfo], max_memory: int | None, *, batch_rows: int, row_tokens: int
+) -> list[list[str]]:
     """Weight names per scoring pass so that the process stays under ``max_memory`` bytes: what is left after the
     process's resident memory (model included), one batch's activations and the largest weight's factors goes to
     the partition's measurement gradients and vectors. ``None``: one partition."""
@@ -63,7 +64,9 @@ def plan_score_partitions(adapter: ModelAdapter, infos: Sequence[WeightInfo], ma
     import psutil
 
     resident = psutil.Process().memory_info().rss
-    activations = activation_bytes(adapter_model_shape(adapter), batch_rows, row_tokens, head_chunk_elements=HEAD_CHUNK_ELEMENTS)
+    activations = activation_bytes(
+        adapter_model_shape(adapter), batch_rows, row_tokens, head_chunk_elements=HEAD_CHUNK_ELEMENTS
+    )
     workspace = precondition_workspace_bytes(shapes)
     budget = max_memory - resident - activations - workspace
     work_bytes = torch.promote_types(adapter.dtype, torch.float32).itemsize
@@ -72,15 +75,22 @@ def plan_score_partitions(adapter: ModelAdapter, infos: Sequence[WeightInfo], ma
             raise ValueError("nothing is left for the scoring vectors")
         parts = score_partitions(shapes, budget, work_bytes)
     except ValueError as err:
-        raise ValueError(f"max_memory (--max-memory) {format_size(max_memory)} is too small to score: {err} (after "
-                         f"{format_size(resident)} resident, {format_size(activations)} for a batch of {batch_rows} "
-                         f"rows x {row_tokens} tokens and {format_size(workspace)} for the largest weight's factors); "
-                         "raise it or lower the batch size / max length") from None
+        raise ValueError(
+            f"max_memory (--max-memory) {format_size(max_memory)} is too small to score: {err} (after "
+            f"{format_size(resident)} resident, {format_size(activations)} for a batch of {batch_rows} "
+            f"rows x {row_tokens} tokens and {format_size(workspace)} for the largest weight's factors); "
+            "raise it or lower the batch size / max length"
+        ) from None
     return [[w.name for w in part] for part in parts]
 
 
-def _available(adapter: ModelAdapter, factors: FactorSource, *, allow_missing_provenance: bool = False,
-               notes: list[str] | None = None) -> list[str] | None:
+def _available(
+    adapter: ModelAdapter,
+    factors: FactorSource,
+    *,
+    allow_missing_provenance: bool = False,
+    notes: list[str] | None = None,
+) -> list[str] | None:
     """The fitted weights (``None`` without factors), after checking that they were fitted on this model (factors
     that record no model fingerprint: an error unless ``allow_missing_provenance``, then a note in ``notes``)."""
     if factors is None:
@@ -97,8 +107,10 @@ def _available(adapter: ModelAdapter, factors: FactorSource, *, allow_missing_pr
         if notes is not None:
             notes.append(f"{where} record no model fingerprint: used without a check (allow_missing_provenance)")
     elif fingerprint != adapter.fingerprint():
-        raise FactorMismatchError(f"the factors were fitted for a different model (or changed weights) (model fingerprint: "
-                                  f"factors {fingerprint!r}, this model {adapter.fingerprint()!r}); refit them on this model")
+        raise FactorMismatchError(
+            f"the factors were fitted for a different model (or changed weights) (model fingerprint: "
+            f"factors {fingerprint!r}, this model {adapter.fingerprint()!r}); refit them on this model"
+        )
     return names
 
 
@@ -106,10 +118,14 @@ def _one_weight(adapter: ModelAdapter, factors: FactorSource, name: str, config:
     """The preconditioner of one weight, its factors read on their own from a folder."""
     if factors is None:
         if config.preconditioner != "identity":
-            raise ValueError(f"the {config.preconditioner} preconditioner needs fitted factors (fit_factors / fit-factors)")
+            raise ValueError(
+                f"the {config.preconditioner} preconditioner needs fitted factors (fit_factors / fit-factors)"
+            )
         info = adapter.weight_info(name)
         return IdentityPreconditioner({name: (info.d_out, info.d_in + int(info.has_bias))})
-    one = factors.restrict([name]) if isinstance(factors, Factors) else load_factors(Path(factors), weights=[name])  # checked in _available
+    one = (
+        factors.restrict([name]) if isinstance(factors, Factors) else load_factors(Path(factors), weights=[name])
+    )  # checked in _available
     return one.preconditioner(config.preconditioner, config.damping)
 
 
@@ -129,24 +145,34 @@ def compute_influence_bounded(
     target breakdown and max/window token aggregation need every weight in one pass (an error when the budget
     asks for several)."""
     if config.self_influence or config.normalization == "unit":
-        raise ValueError("self-influence and unit normalisation are not memory-bounded: score without max_memory "
-                         "(--max-memory)")
+        raise ValueError(
+            "self-influence and unit normalisation are not memory-bounded: score without max_memory (--max-memory)"
+        )
     provenance_notes: list[str] = []
-    available = _available(adapter, factors, allow_missing_provenance=config.allow_missing_provenance,
-                           notes=provenance_notes)
+    available = _available(
+        adapter, factors, allow_missing_provenance=config.allow_missing_provenance, notes=provenance_notes
+    )
     names, notes = resolve_weights(adapter, measurement, available, allow_subset=config.allow_subset)
     notes = provenance_notes + notes
     limit = parse_size(config.max_memory) if config.max_memory is not None else None
     longest = max((len(row.input_ids) for row in data), default=1)
-    parts = plan_score_partitions(adapter, [adapter.weight_info(n) for n in names], limit,
-                                  batch_rows=min(config.batch_size, max(len(data), 1)), row_tokens=longest)
+    parts = plan_score_partitions(
+        adapter,
+        [adapter.weight_info(n) for n in names],
+        limit,
+        batch_rows=min(config.batch_size, max(len(data), 1)),
+        row_tokens=longest,
+    )
     if len(parts) > 1:
         if config.token_breakdown == "target" or config.token_aggregation != "sum":
-            raise ValueError(f"--max-memory {format_size(limit or 0)} splits the weights into {len(parts)} scoring "
-                             "passes; the target token breakdown and max/window token aggregation need one pass: "
-                             "raise --max-memory")
-        notes.append(f"scored in {len(parts)} module partitions (passes over the rows) to stay under "
-                     f"{format_size(limit or 0)}")
+            raise ValueError(
+                f"--max-memory {format_size(limit or 0)} splits the weights into {len(parts)} scoring "
+                "passes; the target token breakdown and max/window token aggregation need one pass: "
+                "raise --max-memory"
+            )
+        notes.append(
+            f"scored in {len(parts)} module partitions (passes over the rows) to stay under {format_size(limit or 0)}"
+        )
     work_dtype = torch.promote_types(adapter.dtype, torch.float32)
     timings = {"measurement_gradient": 0.0, "scoring": 0.0}
     damping: dict[str, float] = {}
@@ -165,10 +191,17 @@ def compute_influence_bounded(
             del preconditioner, vector
         timings["measurement_gradient"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        piece = score_rows_sharded(adapter, data, vectors, batch_size=config.batch_size,
-                                   token_breakdown=config.token_breakdown, per_weight=config.per_weight,
-                                   windows=aggregation_windows(config), progress=progress,
-                                   gradient_checkpointing=config.gradient_checkpointing)
+        piece = score_rows_sharded(
+            adapter,
+            data,
+            vectors,
+            batch_size=config.batch_size,
+            token_breakdown=config.token_breakdown,
+            per_weight=config.per_weight,
+            windows=aggregation_windows(config),
+            progress=progress,
+            gradient_checkpointing=config.gradient_checkpointing,
+        )
         timings["scoring"] += time.perf_counter() - t0
         del vectors
         _merge(out, piece)
@@ -177,10 +210,18 @@ def compute_influence_bounded(
         per_token_mean(out, data)
     normalise_rows(out, config, data)
     return InfluenceResult(
-        scores=out["scores"], indices=[int(row.index) for row in data], weights=list(names),
-        measurement=measurement.description, preconditioner=kind, damping=damping,
-        per_weight=out.get("per_weight"), per_token=out.get("per_token"), notes=notes, timings=timings,
-        row_loss=config.row_loss, allow_missing_provenance=config.allow_missing_provenance,
+        scores=out["scores"],
+        indices=[int(row.index) for row in data],
+        weights=list(names),
+        measurement=measurement.description,
+        preconditioner=kind,
+        damping=damping,
+        per_weight=out.get("per_weight"),
+        per_token=out.get("per_token"),
+        notes=notes,
+        timings=timings,
+        row_loss=config.row_loss,
+        allow_missing_provenance=config.allow_missing_provenance,
     )
 
 

@@ -42,13 +42,16 @@ def serves(cache: ActivationCache, concept: Concept, reduction: str) -> str | No
     if concept.layer not in cache.layers:
         return f"layer {concept.layer} is not cached (cached: {cache.layers}): forward pass"
     if not is_linear(concept) and not cache.keep_tokens:
-        return (f"{type(concept).__name__} is not linear in the activations and the cache keeps no tokens "
-                "(build-store --keep-tokens): forward pass")
+        return (
+            f"{type(concept).__name__} is not linear in the activations and the cache keeps no tokens "
+            "(build-store --keep-tokens): forward pass"
+        )
     return None
 
 
-def cached_readouts(cache: ActivationCache, rows: Sequence[ChatRow], concept: Concept, *,
-                    final: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def cached_readouts(
+    cache: ActivationCache, rows: Sequence[ChatRow], concept: Concept, *, final: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """``(scores [len(rows)], left_out [len(rows)] bool)``: each row's mean readout of ``concept`` from the cache
     (NaN and ``True`` for rows the cache does not hold)."""
     if is_linear(concept):
@@ -69,24 +72,37 @@ def cached_readouts(cache: ActivationCache, rows: Sequence[ChatRow], concept: Co
     return out, left_out | empty
 
 
-def vector_filter_from_cache(cache: ActivationCache, rows: Sequence[ChatRow], concept: Concept, *,
-                             max_length: int, notes: Sequence[str] = ()) -> ScoreTable:
+def vector_filter_from_cache(
+    cache: ActivationCache, rows: Sequence[ChatRow], concept: Concept, *, max_length: int, notes: Sequence[str] = ()
+) -> ScoreTable:
     """Vector Filter (``mean`` reduction) from the cache: the same table ``attribution.forward.vector_filter``
     gives, with ``meta["scored_from"] = "activation-cache"``."""
     started = time.perf_counter()
     scores, skipped = cached_readouts(cache, rows, concept)
-    meta = {"layer": concept.layer, "concept": repr(concept), "readout": "mean over assistant tokens",
-            "n_truncated": int(cache.manifest.get("n_truncated", 0)), "max_length": max_length,
-            "wall_time_s": time.perf_counter() - started, "scored_from": "activation-cache",
-            "activation_cache": str(cache.folder),
-            "notes": [*notes, f"scored from the activation cache {cache.folder}: no forward pass"],
-            "sign": "positive = the row's answer expresses the concept"}
+    meta = {
+        "layer": concept.layer,
+        "concept": repr(concept),
+        "readout": "mean over assistant tokens",
+        "n_truncated": int(cache.manifest.get("n_truncated", 0)),
+        "max_length": max_length,
+        "wall_time_s": time.perf_counter() - started,
+        "scored_from": "activation-cache",
+        "activation_cache": str(cache.folder),
+        "notes": [*notes, f"scored from the activation cache {cache.folder}: no forward pass"],
+        "sign": "positive = the row's answer expresses the concept",
+    }
     return ScoreTable.from_rows(list(rows), scores, "vector-filter", meta=meta, truncated=skipped.tolist())
 
 
-def projection_difference_from_cache(cache: ActivationCache, answers: Path, rows: Sequence[ChatRow],
-                                     concept: DirectionConcept, *, meta: Mapping[str, Any],
-                                     notes: Sequence[str] = ()) -> ScoreTable:
+def projection_difference_from_cache(
+    cache: ActivationCache,
+    answers: Path,
+    rows: Sequence[ChatRow],
+    concept: DirectionConcept,
+    *,
+    meta: Mapping[str, Any],
+    notes: Sequence[str] = (),
+) -> ScoreTable:
     """Projection Difference from the cache (linear concepts): the row's final-turn mean readout minus the mean
     readout of the model's answers to its prompt (``build_answer_means``); the pass's table, ``scored_from``
     ``"activation-cache"``."""
@@ -100,14 +116,26 @@ def projection_difference_from_cache(cache: ActivationCache, answers: Path, rows
     model = np.asarray(means[:, k], dtype=np.float64) @ unit
     fallback = float((model * counts).sum() / counts.sum())
     model_scores = np.where(counts > 0, model, fallback)
-    full = {**meta, "n_prompts_without_answer": int((counts == 0).sum()), "wall_time_s": time.perf_counter() - started,
-            "scored_from": "activation-cache", "activation_cache": str(cache.folder),
-            "notes": [*notes, f"scored from the activation cache {cache.folder} and its model answers {answers.name}"],
-            "n_truncated": int(cache.manifest.get("n_truncated", 0))}
-    columns = {"row_readout": [None if s else float(v) for v, s in zip(row_scores, skipped, strict=True)],
-               "model_readout": model_scores.tolist(), "model_answer": [str(a) for a in first],
-               "model_answers_used": counts.astype(int).tolist()}
-    return ScoreTable.from_rows(list(rows), row_scores - model_scores, "projection-difference", columns=columns,
-                                meta=full, truncated=skipped.tolist())
-
-
+    full = {
+        **meta,
+        "n_prompts_without_answer": int((counts == 0).sum()),
+        "wall_time_s": time.perf_counter() - started,
+        "scored_from": "activation-cache",
+        "activation_cache": str(cache.folder),
+        "notes": [*notes, f"scored from the activation cache {cache.folder} and its model answers {answers.name}"],
+        "n_truncated": int(cache.manifest.get("n_truncated", 0)),
+    }
+    columns = {
+        "row_readout": [None if s else float(v) for v, s in zip(row_scores, skipped, strict=True)],
+        "model_readout": model_scores.tolist(),
+        "model_answer": [str(a) for a in first],
+        "model_answers_used": counts.astype(int).tolist(),
+    }
+    return ScoreTable.from_rows(
+        list(rows),
+        row_scores - model_scores,
+        "projection-difference",
+        columns=columns,
+        meta=full,
+        truncated=skipped.tolist(),
+    )

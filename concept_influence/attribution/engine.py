@@ -69,9 +69,18 @@ class GradientEngine:
     folder), ``query_tokens`` (tokenised query sets by content) and the stores' row norms.
     """
 
-    def __init__(self, adapter: ModelAdapter, *, rows: Callable[[], Sequence[ChatRow]],
-                 train: Callable[[], TokenizedDataset], data_fingerprint: Callable[[], str] | None = None,
-                 workdir: PathLike | None = None, batch_size: int = 8, seed: int = 0, progress: bool = True) -> None:
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        *,
+        rows: Callable[[], Sequence[ChatRow]],
+        train: Callable[[], TokenizedDataset],
+        data_fingerprint: Callable[[], str] | None = None,
+        workdir: PathLike | None = None,
+        batch_size: int = 8,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
         self.adapter = adapter
         self._rows = rows
         self._train = train
@@ -114,8 +123,14 @@ class GradientEngine:
         """Keep a fit for later questions (``session_factors`` reuses it when it covers what they need)."""
         self.factors[(config.fisher, config.preconditioner, config.dtype, *weights)] = factors
 
-    def session_factors(self, config: GradientAttributionConfig, needed: Sequence[str] | None = None, *,
-                        fit: bool = True, row_sink: Any = None) -> tuple[Factors | None, list[str]]:
+    def session_factors(
+        self,
+        config: GradientAttributionConfig,
+        needed: Sequence[str] | None = None,
+        *,
+        fit: bool = True,
+        row_sink: Any = None,
+    ) -> tuple[Factors | None, list[str]]:
         """EKFAC factors for ``config``'s Fisher/dtype/seed: a fit already kept that covers ``needed`` (default:
         every tracked weight), else the workdir's fit of every tracked weight, loaded or fitted now (and saved to
         the workdir; ``row_sink`` is fed during that fit's Λ pass). Returns the factors and a note saying which;
@@ -133,22 +148,35 @@ class GradientEngine:
         existed = folder is not None and has_factors(folder)
         if not fit and not existed:
             return None, []
-        factors = fit_factors(self.adapter, self.train, replace(fc, seed=self.seed), weights=names,
-                              batch_size=self.batch_size, out_dir=folder, progress=self.progress, row_sink=row_sink)
+        factors = fit_factors(
+            self.adapter,
+            self.train,
+            replace(fc, seed=self.seed),
+            weights=names,
+            batch_size=self.batch_size,
+            out_dir=folder,
+            progress=self.progress,
+            row_sink=row_sink,
+        )
         assert factors is not None
         self.remember(fc, names, factors)
-        note = f"factors loaded from {folder}" if existed else (
-            f"factors fitted on {len(self.train)} rows" + (f" and saved to {folder}" if folder else ""))
+        note = (
+            f"factors loaded from {folder}"
+            if existed
+            else (f"factors fitted on {len(self.train)} rows" + (f" and saved to {folder}" if folder else ""))
+        )
         return factors, [note]
 
-    def factors_for(self, measurement: Any, config: GradientAttributionConfig,
-                    factors: Factors | PathLike | None) -> tuple[Factors | Path | None, list[str]]:
+    def factors_for(
+        self, measurement: Any, config: GradientAttributionConfig, factors: Factors | PathLike | None
+    ) -> tuple[Factors | Path | None, list[str]]:
         """The factors a question is scored with: ``factors`` when given (fitted or loaded for the weights the
         measurement reaches), else the session's (``session_factors``); ``None`` for the identity preconditioner."""
         if factors is not None or (self.workdir is None and not self.factors):
             # explicit factors, or no workdir to keep a full fit in: fit (or load) only the weights reached
-            return obtain_factors(self.adapter, self.train, factors, config, measurement.weights(self.adapter),
-                                  progress=self.progress)
+            return obtain_factors(
+                self.adapter, self.train, factors, config, measurement.weights(self.adapter), progress=self.progress
+            )
         if config.preconditioner == "identity":
             return None, []
         return self.session_factors(config, measurement.weights(self.adapter))
@@ -186,8 +214,13 @@ class GradientEngine:
             self.bases[key] = load_factors(store.folder / str(store.manifest["basis"]), weights=store.names)
         return self.bases[key]
 
-    def store_query(self, store: GradientStore, measurement: Any, config: GradientAttributionConfig,
-                    factors: Factors | PathLike | None) -> tuple[dict[str, torch.Tensor], Projector, list[str], Any]:
+    def store_query(
+        self,
+        store: GradientStore,
+        measurement: Any,
+        config: GradientAttributionConfig,
+        factors: Factors | PathLike | None,
+    ) -> tuple[dict[str, torch.Tensor], Projector, list[str], Any]:
         """The measurement's preconditioned gradient ``(P + λ)⁻¹ ∇f`` per store weight, the store's projector, notes
         and the preconditioner."""
         notes: list[str] = []
@@ -198,15 +231,29 @@ class GradientEngine:
             if store.config.kind == "eigen" and store.manifest.get("basis"):  # an identity store: its own eigenbases
                 basis = self.store_basis(store)
             elif store.config.kind == "eigen":
-                basis = (obtain_factors(self.adapter, self.train, factors,  # type: ignore[assignment]
-                                        replace(config, preconditioner="ekfac", max_memory=None),
-                                        store.names, progress=self.progress)[0] if factors is not None
-                         else self.session_factors(config, store.names)[0])
+                basis = (
+                    obtain_factors(
+                        self.adapter,
+                        self.train,
+                        factors,  # type: ignore[assignment]
+                        replace(config, preconditioner="ekfac", max_memory=None),
+                        store.names,
+                        progress=self.progress,
+                    )[0]
+                    if factors is not None
+                    else self.session_factors(config, store.names)[0]
+                )
         else:
             if factors is not None:
                 # a store question holds only the store's weights' factors: no memory-bounded (folder) scoring
-                loaded, notes = obtain_factors(self.adapter, self.train, factors, replace(config, max_memory=None),  # type: ignore[assignment]
-                                               store.names, progress=self.progress)
+                loaded, notes = obtain_factors(
+                    self.adapter,
+                    self.train,
+                    factors,
+                    replace(config, max_memory=None),  # type: ignore[assignment]
+                    store.names,
+                    progress=self.progress,
+                )
             else:
                 loaded, notes = self.session_factors(config, store.names)
             basis = loaded
@@ -214,21 +261,32 @@ class GradientEngine:
         if key not in self.projectors:
             self.projectors[key] = store.projector(self.adapter, basis)
         projector = self.projectors[key]
-        names, more = resolve_weights(self.adapter, measurement, store.names, allow_subset=config.allow_subset,
-                                      what=f"the gradient store {store.folder}")
+        names, more = resolve_weights(
+            self.adapter,
+            measurement,
+            store.names,
+            allow_subset=config.allow_subset,
+            what=f"the gradient store {store.folder}",
+        )
         if loaded is not None:  # the factors must cover what the store and the measurement share (or allow_subset)
             more += check_factors_model(self.adapter, loaded, allow_missing_provenance=config.allow_missing_provenance)
             covered = set(loaded.names)
-            names, extra = resolve_weights(self.adapter, measurement, [n for n in names if n in covered],
-                                           allow_subset=config.allow_subset)
+            names, extra = resolve_weights(
+                self.adapter, measurement, [n for n in names if n in covered], allow_subset=config.allow_subset
+            )
             more += [note for note in extra if note not in more]
         preconditioner = build_preconditioner(self.adapter, names, loaded, config.influence_config())
         grad_f = measurement.gradient(self.adapter, names, batch_size=config.batch_size)
         vectors = preconditioned_gradient(preconditioner, grad_f, measurement.description)
         return vectors, projector, notes + more, preconditioner
 
-    def store_result(self, store: GradientStore, measurement: Any, config: GradientAttributionConfig,
-                     factors: Factors | PathLike | None) -> InfluenceResult:
+    def store_result(
+        self,
+        store: GradientStore,
+        measurement: Any,
+        config: GradientAttributionConfig,
+        factors: Factors | PathLike | None,
+    ) -> InfluenceResult:
         """A question's ``InfluenceResult`` from the store (no pass over the training rows)."""
         t0 = time.perf_counter()
         vectors, projector, notes, preconditioner = self.store_query(store, measurement, config, factors)
@@ -236,16 +294,27 @@ class GradientEngine:
         names = list(vectors)
         scores, per = store_scores(store, projector, vectors, per_weight=config.per_weight, row_loss=config.row_loss)
         t2 = time.perf_counter()
-        notes = notes + [f"scored from the gradient store {store.folder} ({store.config.kind}, rank {store.config.rank}, "
-                         f"{store.config.dtype}): no pass over the training rows"]
+        notes = notes + [
+            f"scored from the gradient store {store.folder} ({store.config.kind}, rank {store.config.rank}, "
+            f"{store.config.dtype}): no pass over the training rows"
+        ]
         return InfluenceResult(
-            scores=torch.from_numpy(np.ascontiguousarray(scores)), indices=[int(i) for i in store.indices], weights=names,
-            measurement=measurement.description, preconditioner=preconditioner.kind, damping=dict(preconditioner.damping),
+            scores=torch.from_numpy(np.ascontiguousarray(scores)),
+            indices=[int(i) for i in store.indices],
+            weights=names,
+            measurement=measurement.description,
+            preconditioner=preconditioner.kind,
+            damping=dict(preconditioner.damping),
             per_weight=None if per is None else {n: torch.from_numpy(per[:, j].copy()) for j, n in enumerate(names)},
-            notes=notes, timings={"measurement_gradient": t1 - t0, "store_scoring": t2 - t1}, row_loss=config.row_loss,
-            allow_missing_provenance=config.allow_missing_provenance)
+            notes=notes,
+            timings={"measurement_gradient": t1 - t0, "store_scoring": t2 - t1},
+            row_loss=config.row_loss,
+            allow_missing_provenance=config.allow_missing_provenance,
+        )
 
-    def row_norms(self, store: GradientStore, projector: Projector, preconditioner: Any, names: Sequence[str]) -> np.ndarray:
+    def row_norms(
+        self, store: GradientStore, projector: Projector, preconditioner: Any, names: Sequence[str]
+    ) -> np.ndarray:
         """``store.questions.row_norms``, cached per store and weights."""
         key = norms_key(store, preconditioner, names)
         if key not in self.norms:
@@ -253,29 +322,56 @@ class GradientEngine:
         return self.norms[key]
 
     # ---- questions -------------------------------------------------------------------------------------------------
-    def measurement(self, method: str, concept: Concept | None, queries: Sequence[ChatRow],
-                    config: GradientAttributionConfig, *, contrast_queries: Sequence[ChatRow] | None = None) -> Any:
+    def measurement(
+        self,
+        method: str,
+        concept: Concept | None,
+        queries: Sequence[ChatRow],
+        config: GradientAttributionConfig,
+        *,
+        contrast_queries: Sequence[ChatRow] | None = None,
+    ) -> Any:
         """``build_measurement`` with this engine's cache of tokenised queries: ``(measurement, answered)``."""
-        return build_measurement(self.adapter, concept, queries, method, config, contrast_queries=contrast_queries,
-                                 token_cache=self.query_tokens)
+        return build_measurement(
+            self.adapter,
+            concept,
+            queries,
+            method,
+            config,
+            contrast_queries=contrast_queries,
+            token_cache=self.query_tokens,
+        )
 
     @staticmethod
-    def skip_identity_store(opened: GradientStore | None, store: Any, config: GradientAttributionConfig,
-                            notes: list[str]) -> GradientStore | None:
+    def skip_identity_store(
+        opened: GradientStore | None, store: Any, config: GradientAttributionConfig, notes: list[str]
+    ) -> GradientStore | None:
         """``opened``, or ``None`` (with a note) when it is an identity store (sample eigenbases, no EKFAC factors)
         and the question is not identity-preconditioned; a store named explicitly is then an error."""
         if opened is None or not opened.manifest.get("basis") or config.preconditioner == "identity":
             return opened
         if store not in (None, False):
-            raise ValueError(f"{opened.folder} is an identity store (sample eigenbases, no EKFAC factors): it serves "
-                             "identity-preconditioned questions; build an EKFAC store (build-store --rank K)")
-        notes.append(f"the workdir's store serves identity-preconditioned questions only "
-                     f"(preconditioner {config.preconditioner!r}): exact pass")
+            raise ValueError(
+                f"{opened.folder} is an identity store (sample eigenbases, no EKFAC factors): it serves "
+                "identity-preconditioned questions; build an EKFAC store (build-store --rank K)"
+            )
+        notes.append(
+            f"the workdir's store serves identity-preconditioned questions only "
+            f"(preconditioner {config.preconditioner!r}): exact pass"
+        )
         return None
 
-    def attribute(self, method: str, concept: Concept | None, queries: Sequence[ChatRow],
-                  config: GradientAttributionConfig, *, contrast_queries: Sequence[ChatRow] | None = None,
-                  factors: Factors | PathLike | None = None, store: Any = None) -> ScoreTable:
+    def attribute(
+        self,
+        method: str,
+        concept: Concept | None,
+        queries: Sequence[ChatRow],
+        config: GradientAttributionConfig,
+        *,
+        contrast_queries: Sequence[ChatRow] | None = None,
+        factors: Factors | PathLike | None = None,
+        store: Any = None,
+    ) -> ScoreTable:
         """Score every training row: answer the queries (cached), get factors (``factors`` if given, else the
         engine's), then score from the gradient store (``store``: ``None`` the workdir's when it matches, ``False``
         the exact pass, a path that store) or by the exact pass over the training rows."""
@@ -284,29 +380,54 @@ class GradientEngine:
         meta = {"n_queries": len(answered), "config": config.to_dict()}
         opened, store_notes = self.resolve_store(store)
         opened = self.skip_identity_store(opened, store, config, store_notes)
-        exact_only = (config.token_breakdown != "none" or config.self_influence or config.token_aggregation != "sum"
-                      or config.normalization != "none")
+        exact_only = (
+            config.token_breakdown != "none"
+            or config.self_influence
+            or config.token_aggregation != "sum"
+            or config.normalization != "none"
+        )
         if opened is not None and exact_only:
             if store not in (None, False):
-                raise ValueError("a gradient store gives scores and per-weight scores only: the token breakdown, "
-                                 "self-influence, token aggregation and row normalisation need the exact pass (store=False)")
-            store_notes.append("token breakdown / self-influence / token aggregation / normalisation asked: exact pass "
-                               "instead of the store")
+                raise ValueError(
+                    "a gradient store gives scores and per-weight scores only: the token breakdown, "
+                    "self-influence, token aggregation and row normalisation need the exact pass (store=False)"
+                )
+            store_notes.append(
+                "token breakdown / self-influence / token aggregation / normalisation asked: exact pass "
+                "instead of the store"
+            )
             opened = None
         if opened is not None:
             result = self.store_result(opened, measurement, config, factors)
             result.timings["total"] = time.perf_counter() - started
-            return result_table(self.rows, result, method, notes=store_notes,
-                                meta={**meta, "scored_from": "store", "store": str(opened.folder)})
+            return result_table(
+                self.rows,
+                result,
+                method,
+                notes=store_notes,
+                meta={**meta, "scored_from": "store", "store": str(opened.folder)},
+            )
         loaded, notes = self.factors_for(measurement, config, factors)
-        result = compute_influence(self.adapter, self.train, measurement, loaded, config.influence_config(),
-                                   progress=self.progress)
-        return result_table(self.rows, result, method, notes=store_notes + notes,
-                            meta={**meta, "scored_from": "exact", "factors_fit": factors_record(loaded, self.train)})
+        result = compute_influence(
+            self.adapter, self.train, measurement, loaded, config.influence_config(), progress=self.progress
+        )
+        return result_table(
+            self.rows,
+            result,
+            method,
+            notes=store_notes + notes,
+            meta={**meta, "scored_from": "exact", "factors_fit": factors_record(loaded, self.train)},
+        )
 
-    def attribute_many(self, method: str, questions: Sequence[tuple[Any, Sequence[ChatRow] | None, Sequence[ChatRow] | None]],
-                       config: GradientAttributionConfig, *, factors: Factors | PathLike | None = None,
-                       store: Any = None) -> list[ScoreTable]:
+    def attribute_many(
+        self,
+        method: str,
+        questions: Sequence[tuple[Any, Sequence[ChatRow] | None, Sequence[ChatRow] | None]],
+        config: GradientAttributionConfig,
+        *,
+        factors: Factors | PathLike | None = None,
+        store: Any = None,
+    ) -> list[ScoreTable]:
         """Several ``(concept, queries, contrast_queries)`` questions of one gradient method at once: from a store,
         one blocked product for all; without one, one exact pass scores them all (``compute_influence_many``)."""
         if config.token_breakdown != "none" or config.per_weight or config.self_influence:
@@ -322,30 +443,64 @@ class GradientEngine:
         if opened is not None:
             prepared = [self.store_query(opened, m, config, factors) for m, _ in measurements]
             scores = store_scores_many(opened, [(p[1], p[0]) for p in prepared], row_loss=config.row_loss)
-            results = [InfluenceResult(scores=torch.from_numpy(scores[:, k].copy()), indices=[int(i) for i in opened.indices],
-                                       weights=list(p[0]), measurement=m.description, preconditioner=p[3].kind,
-                                       damping=dict(p[3].damping), notes=p[2], row_loss=config.row_loss,
-                                       allow_missing_provenance=config.allow_missing_provenance)
-                       for k, (p, (m, _)) in enumerate(zip(prepared, measurements, strict=True))]
+            results = [
+                InfluenceResult(
+                    scores=torch.from_numpy(scores[:, k].copy()),
+                    indices=[int(i) for i in opened.indices],
+                    weights=list(p[0]),
+                    measurement=m.description,
+                    preconditioner=p[3].kind,
+                    damping=dict(p[3].damping),
+                    notes=p[2],
+                    row_loss=config.row_loss,
+                    allow_missing_provenance=config.allow_missing_provenance,
+                )
+                for k, (p, (m, _)) in enumerate(zip(prepared, measurements, strict=True))
+            ]
             scored_from = "store"
-            notes = notes + [f"scored from the gradient store {opened.folder}, {len(questions)} questions in one product"]
+            notes = notes + [
+                f"scored from the gradient store {opened.folder}, {len(questions)} questions in one product"
+            ]
         else:
             loaded, more = self.factors_for(measurements[0][0], config, factors)
             jobs = {str(k): (m, config.influence_config()) for k, (m, _) in enumerate(measurements)}
-            many = compute_influence_many(self.adapter, self.train, jobs, loaded, batch_size=config.batch_size,
-                                          progress=self.progress)
+            many = compute_influence_many(
+                self.adapter, self.train, jobs, loaded, batch_size=config.batch_size, progress=self.progress
+            )
             results = [many[str(k)] for k in range(len(questions))]
             scored_from, notes = "exact", notes + more
         elapsed = time.perf_counter() - started
-        return [result_table(self.rows, result, method, notes=notes,
-                             meta={"n_queries": len(answered), "config": config.to_dict(), "scored_from": scored_from,
-                                   "wall_time_s": elapsed, "n_questions_together": len(questions)})
-                for result, (_, answered) in zip(results, measurements, strict=True)]
+        return [
+            result_table(
+                self.rows,
+                result,
+                method,
+                notes=notes,
+                meta={
+                    "n_queries": len(answered),
+                    "config": config.to_dict(),
+                    "scored_from": scored_from,
+                    "wall_time_s": elapsed,
+                    "n_questions_together": len(questions),
+                },
+            )
+            for result, (_, answered) in zip(results, measurements, strict=True)
+        ]
 
-    def search(self, method: str, concept: Concept | None, queries: Sequence[ChatRow], config: GradientAttributionConfig,
-               store: GradientStore, *, top_k: int = 20, like_row: int | None = None,
-               contrast_queries: Sequence[ChatRow] | None = None, factors: Factors | PathLike | None = None,
-               search: str = "auto") -> ScoreTable:
+    def search(
+        self,
+        method: str,
+        concept: Concept | None,
+        queries: Sequence[ChatRow],
+        config: GradientAttributionConfig,
+        store: GradientStore,
+        *,
+        top_k: int = 20,
+        like_row: int | None = None,
+        contrast_queries: Sequence[ChatRow] | None = None,
+        factors: Factors | PathLike | None = None,
+        search: str = "auto",
+    ) -> ScoreTable:
         """The ``top_k`` highest-scoring rows of ``store`` for a question, best first; ``like_row``: the question is
         that row's log-likelihood and the scores are cosines in the preconditioned metric (see
         ``Attributor.search``)."""
@@ -358,17 +513,32 @@ class GradientEngine:
             # rows like this row: cosine of the preconditioned gradients, <P^-1 g(row), g(other)> / ||g(other)||_P^-1
             # (the measurement is the row's log-likelihood, f = -L(row), so -P^-1 grad f = P^-1 grad L(row) already)
             scale = 1.0 / np.sqrt(np.maximum(self.row_norms(store, projector, preconditioner, list(vectors)), 1e-300))
-            notes.append("similarity: <(P + λ)⁻¹ ∇L(row), ∇L(other)> / ‖∇L(other)‖ in the (P + λ)⁻¹ metric"
-                         + (" (within the store's eigen-directions)" if store.config.kind == "eigen" else
-                            " (norm without preconditioning for a random-projection store)"))
+            notes.append(
+                "similarity: <(P + λ)⁻¹ ∇L(row), ∇L(other)> / ‖∇L(other)‖ in the (P + λ)⁻¹ metric"
+                + (
+                    " (within the store's eigen-directions)"
+                    if store.config.kind == "eigen"
+                    else " (norm without preconditioning for a random-projection store)"
+                )
+            )
         positions_found, values = store.top_k(query, top_k, scale=scale, method=search)  # type: ignore[arg-type]
         elapsed = time.perf_counter() - started
         by_index = {int(r.index): r for r in self.rows}
         picked = [by_index[int(store.indices[p])] for p in positions_found]
-        meta = {"method": method, "search": search, "top_k": top_k, "like_row": like_row, "n_queries": len(answered),
-                "notes": notes, "store": str(store.folder), "search_time_s": elapsed, "n_rows_searched": len(store),
-                "sign": "positive = training on the row raises the measurement" if like_row is None else
-                        "positive = the row's preconditioned gradient points like the given row's"}
+        meta = {
+            "method": method,
+            "search": search,
+            "top_k": top_k,
+            "like_row": like_row,
+            "n_queries": len(answered),
+            "notes": notes,
+            "store": str(store.folder),
+            "search_time_s": elapsed,
+            "n_rows_searched": len(store),
+            "sign": "positive = training on the row raises the measurement"
+            if like_row is None
+            else "positive = the row's preconditioned gradient points like the given row's",
+        }
         if config.allow_missing_provenance:
             meta["allow_missing_provenance"] = True
         return ScoreTable.from_rows(picked, values, method if like_row is None else "rows-like", meta=meta)

@@ -69,9 +69,17 @@ def concept_readouts(
     """``[len(rows)]`` (float64): each row's concept readout over its assistant tokens (``reduction``: ``mean`` or
     ``last_prompt``; ``final_turn_only``: only the last assistant turn). Rows whose assistant tokens are all
     truncated away are an error (``skip_invalid``: NaN instead); truncated rows are counted in a warning."""
-    scores, _, n_truncated, _ = _read_rows(adapter, rows, concept, reduction=reduction, batch_size=batch_size,
-                                           max_length=max_length, final_turn_only=final_turn_only,
-                                           skip_invalid=skip_invalid, progress=progress)
+    scores, _, n_truncated, _ = _read_rows(
+        adapter,
+        rows,
+        concept,
+        reduction=reduction,
+        batch_size=batch_size,
+        max_length=max_length,
+        final_turn_only=final_turn_only,
+        skip_invalid=skip_invalid,
+        progress=progress,
+    )
     _warn_truncated(n_truncated, len(scores), max_length)
     return scores
 
@@ -97,8 +105,10 @@ def _read_rows(
     unless ``skip_invalid``))``; see ``concept_readouts``. A non-finite readout of any other row is an error."""
     layer = _check(adapter, concept)
     if check_reduction(reduction) == "per_token":
-        raise ValueError("a row score needs a scalar reduction ('mean' or 'last_prompt'); per-token values come with "
-                         "token_values=True")
+        raise ValueError(
+            "a row score needs a scalar reduction ('mean' or 'last_prompt'); per-token values come with "
+            "token_values=True"
+        )
     source = source or getattr(rows, "path", None)
     rows = list(rows)
     out = np.empty(len(rows), dtype=np.float64)
@@ -124,8 +134,12 @@ def _read_rows(
                 mask = batch["loss_mask"].to(acts.device)
                 positions = kept[batch["position"].numpy()]
                 values = concept.readout(acts, mask, reduction).double().cpu()
-                check_finite(values, f"{desc}: the concept readout at layer {layer}", [rows[p].index for p in positions],
-                             hint="the model's activations or the concept hold NaN/inf")
+                check_finite(
+                    values,
+                    f"{desc}: the concept readout at layer {layer}",
+                    [rows[p].index for p in positions],
+                    hint="the model's activations or the concept hold NaN/inf",
+                )
                 out[positions] = values.numpy()
                 if tokens is not None:
                     per_token = concept.token_readout(acts).double().cpu()
@@ -139,8 +153,10 @@ def _read_rows(
 
 def _warn_truncated(n_truncated: int, n: int, max_length: int) -> None:
     if n_truncated:
-        warnings.warn(f"{n_truncated} of {n} rows were truncated at max_length={max_length} (scored on what is left)",
-                      stacklevel=3)
+        warnings.warn(
+            f"{n_truncated} of {n} rows were truncated at max_length={max_length} (scored on what is left)",
+            stacklevel=3,
+        )
 
 
 LOCALISATIONS = ("none", "sentence", "both")
@@ -151,8 +167,12 @@ class ForwardConfig:
     """Options of Vector Filter's readout that the CLI exposes (``vector_filter``'s ``localise``)."""
 
     localise: Literal["none", "sentence", "both"] = option(
-        "none", help="Vector Filter: none (the mean over the answer) | sentence (its strongest sentence: one trait "
-                     "sentence among benign ones counts) | both (the sum of the two's z-scores over the rows).")
+        "none",
+        help="Vector Filter: none (the mean over the answer) | sentence (its strongest sentence: one trait "
+        "sentence among benign ones counts) | both (the sum of the two's z-scores over the rows).",
+    )
+
+
 SENTENCE_END_CHARACTERS = ".!?"
 
 
@@ -179,7 +199,7 @@ def strongest_sentence(values: Sequence[float], token_ids: Sequence[int], ends: 
     best, start = -np.inf, 0
     for k, token in enumerate(token_ids):
         if k == len(token_ids) - 1 or (0 <= token < len(ends) and ends[token]):
-            best = max(best, float(values[start:k + 1].mean()))
+            best = max(best, float(values[start : k + 1].mean()))
             start = k + 1
     return best
 
@@ -221,22 +241,39 @@ def vector_filter(
     if reduction == "per_token":
         reduction, token_readouts = "mean", True
     if localise != "none" and reduction != "mean":
-        raise ValueError(f"localise={localise!r} reads the answer's tokens: it needs the mean reduction, not {reduction!r}")
+        raise ValueError(
+            f"localise={localise!r} reads the answer's tokens: it needs the mean reduction, not {reduction!r}"
+        )
     source = getattr(rows, "path", None)
     rows = list(rows)
-    scores, tokens, n_truncated, skipped = _read_rows(adapter, rows, concept, reduction=reduction,
-                                                      batch_size=batch_size, max_length=max_length,
-                                                      token_values=token_readouts or localise != "none",
-                                                      skip_invalid=skip_invalid, source=source, progress=progress)
+    scores, tokens, n_truncated, skipped = _read_rows(
+        adapter,
+        rows,
+        concept,
+        reduction=reduction,
+        batch_size=batch_size,
+        max_length=max_length,
+        token_values=token_readouts or localise != "none",
+        skip_invalid=skip_invalid,
+        source=source,
+        progress=progress,
+    )
     _warn_truncated(n_truncated, len(rows), max_length)
     readout = f"{reduction} over assistant tokens"
     if localise != "none":
         assert tokens is not None
         ends = sentence_ends(adapter.tokenizer)
         dataset = tokenize_chat(rows, adapter.tokenizer, max_length, warn=False)
-        sentence = np.array([np.nan if skipped[i] else strongest_sentence(
-            tokens[i], [t for t, m in zip(row.input_ids, row.loss_mask, strict=True) if m], ends)
-            for i, row in enumerate(dataset)])
+        sentence = np.array(
+            [
+                np.nan
+                if skipped[i]
+                else strongest_sentence(
+                    tokens[i], [t for t, m in zip(row.input_ids, row.loss_mask, strict=True) if m], ends
+                )
+                for i, row in enumerate(dataset)
+            ]
+        )
         if localise == "sentence":
             scores, readout = sentence, "the strongest sentence's mean over its tokens"
         else:
@@ -245,9 +282,16 @@ def vector_filter(
         scores[skipped] = np.nan
         if not token_readouts:
             tokens = None
-    meta = {"layer": concept.layer, "concept": repr(concept), "readout": readout, "localise": localise,
-            "n_truncated": n_truncated, "max_length": max_length, "wall_time_s": time.perf_counter() - started,
-            "sign": "positive = the row's answer expresses the concept"}
+    meta = {
+        "layer": concept.layer,
+        "concept": repr(concept),
+        "readout": readout,
+        "localise": localise,
+        "n_truncated": n_truncated,
+        "max_length": max_length,
+        "wall_time_s": time.perf_counter() - started,
+        "sign": "positive = the row's answer expresses the concept",
+    }
     columns = {"token_readouts": tokens} if tokens is not None else None
     return ScoreTable.from_rows(rows, scores, "vector-filter", columns=columns, meta=meta, truncated=skipped.tolist())
 
@@ -277,32 +321,61 @@ def projection_difference(
     """
     started = time.perf_counter()
     if concept.reduction == "last_prompt":
-        raise ValueError("projection difference compares answers to the same prompt: with a 'last_prompt' readout both "
-                         "sides read the same token and every score is 0; use a 'mean' readout")
+        raise ValueError(
+            "projection difference compares answers to the same prompt: with a 'last_prompt' readout both "
+            "sides read the same token and every score is 0; use a 'mean' readout"
+        )
     _check(adapter, concept)
     if n_samples < 1:
         raise ValueError(f"n_samples must be positive, got {n_samples}")
     source = getattr(rows, "path", None)
     rows = list(rows)
-    row_scores, _, n_truncated, skipped = _read_rows(adapter, rows, concept, batch_size=batch_size,
-                                                     max_length=max_length, final_turn_only=True,
-                                                     skip_invalid=skip_invalid, source=source, progress=progress,
-                                                     desc="reading training answers")
-    answers = sample_answers(adapter, [r.prompt_messages for r in rows], n_samples=n_samples, temperature=temperature,
-                             max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, cache_dir=cache_dir,
-                             prefix="model-answers", progress=progress)
+    row_scores, _, n_truncated, skipped = _read_rows(
+        adapter,
+        rows,
+        concept,
+        batch_size=batch_size,
+        max_length=max_length,
+        final_turn_only=True,
+        skip_invalid=skip_invalid,
+        source=source,
+        progress=progress,
+        desc="reading training answers",
+    )
+    answers = sample_answers(
+        adapter,
+        [r.prompt_messages for r in rows],
+        n_samples=n_samples,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+        prefix="model-answers",
+        progress=progress,
+    )
     model_rows: list[ChatRow] = []
     owner: list[int] = []
     for i, (row, samples) in enumerate(zip(rows, answers, strict=True)):
         for answer in samples:
             if answer.strip():
-                model_rows.append(ChatRow(len(model_rows), [*row.prompt_messages, {"role": "assistant", "content": answer}]))
+                model_rows.append(
+                    ChatRow(len(model_rows), [*row.prompt_messages, {"role": "assistant", "content": answer}])
+                )
                 owner.append(i)
     sums, counts = np.zeros(len(rows)), np.zeros(len(rows))
     if model_rows:
-        model_values, _, _, lost = _read_rows(adapter, model_rows, concept, batch_size=batch_size,
-                                              max_length=max_length, final_turn_only=True, skip_invalid=True,
-                                              progress=progress, desc="reading model answers")
+        model_values, _, _, lost = _read_rows(
+            adapter,
+            model_rows,
+            concept,
+            batch_size=batch_size,
+            max_length=max_length,
+            final_turn_only=True,
+            skip_invalid=True,
+            progress=progress,
+            desc="reading model answers",
+        )
         kept = ~lost  # a model answer cut off entirely by max_length says nothing about the model
         np.add.at(sums, np.asarray(owner)[kept], model_values[kept])
         np.add.at(counts, np.asarray(owner)[kept], 1.0)
@@ -311,12 +384,25 @@ def projection_difference(
     fallback = sums.sum() / counts.sum()
     model_scores = np.where(counts > 0, sums / np.maximum(counts, 1), fallback)
     _warn_truncated(n_truncated, len(rows), max_length)
-    meta = {"layer": concept.layer, "concept": repr(concept), "n_samples": n_samples, "temperature": temperature,
-            "max_new_tokens": max_new_tokens, "seed": seed, "n_truncated": n_truncated, "max_length": max_length,
-            "n_prompts_without_answer": int((counts == 0).sum()), "wall_time_s": time.perf_counter() - started,
-            "sign": "positive = the row's answer expresses the concept more than the model's own answers"}
-    columns = {"row_readout": [None if s else v for v, s in zip(row_scores.tolist(), skipped, strict=True)],
-               "model_readout": model_scores.tolist(),
-               "model_answer": [samples[0] for samples in answers], "model_answers_used": counts.astype(int).tolist()}
-    return ScoreTable.from_rows(rows, row_scores - model_scores, "projection-difference", columns=columns, meta=meta,
-                                truncated=skipped.tolist())
+    meta = {
+        "layer": concept.layer,
+        "concept": repr(concept),
+        "n_samples": n_samples,
+        "temperature": temperature,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "n_truncated": n_truncated,
+        "max_length": max_length,
+        "n_prompts_without_answer": int((counts == 0).sum()),
+        "wall_time_s": time.perf_counter() - started,
+        "sign": "positive = the row's answer expresses the concept more than the model's own answers",
+    }
+    columns = {
+        "row_readout": [None if s else v for v, s in zip(row_scores.tolist(), skipped, strict=True)],
+        "model_readout": model_scores.tolist(),
+        "model_answer": [samples[0] for samples in answers],
+        "model_answers_used": counts.astype(int).tolist(),
+    }
+    return ScoreTable.from_rows(
+        rows, row_scores - model_scores, "projection-difference", columns=columns, meta=meta, truncated=skipped.tolist()
+    )

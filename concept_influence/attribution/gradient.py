@@ -65,11 +65,14 @@ class GradientAttributionConfig(InfluenceConfig):
     seed: int = same_as(AnswerConfig, "seed")
     cache_dir: str | None = same_as(AnswerConfig, "cache_dir")
     keep: Literal["all", "top"] = option(
-        "all", help="Which sampled query answers to measure on: all | top (the --keep-k most concept-expressing "
-                    "per prompt; given answers are always used).")
+        "all",
+        help="Which sampled query answers to measure on: all | top (the --keep-k most concept-expressing "
+        "per prompt; given answers are always used).",
+    )
     keep_k: int = option(1, help="Answers kept per prompt by --keep top and --contrast auto.", min=1)
     contrast: Literal["none", "auto"] = option(
-        "none", help="none | auto: the concept on each prompt's most minus least concept-expressing answers.")
+        "none", help="none | auto: the concept on each prompt's most minus least concept-expressing answers."
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,8 +92,13 @@ class GradientAttributionConfig(InfluenceConfig):
 
     def factor_config(self) -> FactorConfig:
         """The fit these settings need (EKFAC fits support every preconditioner but identity's none)."""
-        return FactorConfig(fisher=self.fisher, preconditioner=self.preconditioner, dtype=self.dtype,
-                            seed=self.seed, gradient_checkpointing=self.gradient_checkpointing)
+        return FactorConfig(
+            fisher=self.fisher,
+            preconditioner=self.preconditioner,
+            dtype=self.dtype,
+            seed=self.seed,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
 
     def influence_config(self) -> InfluenceConfig:
         return InfluenceConfig(**{name: getattr(self, name) for name in settings_fields(InfluenceConfig)})
@@ -129,14 +137,18 @@ def build_measurement(
     assert concept is not None
     if config.keep != "all" or config.contrast == "auto":
         if contrast_queries and config.contrast == "auto":
-            raise ValueError("contrast='auto' builds the contrast from the sampled answers; do not also give contrast queries")
-        readouts = answer_readouts(adapter, answered, concept, batch_size=config.batch_size, max_length=config.max_length)
-        top = select_answers(answered, readouts, "top" if config.keep == "top" or config.contrast == "auto" else "all",
-                             config.keep_k)
+            raise ValueError(
+                "contrast='auto' builds the contrast from the sampled answers; do not also give contrast queries"
+            )
+        readouts = answer_readouts(
+            adapter, answered, concept, batch_size=config.batch_size, max_length=config.max_length
+        )
+        top = select_answers(
+            answered, readouts, "top" if config.keep == "top" or config.contrast == "auto" else "all", config.keep_k
+        )
         if config.contrast == "auto":
             bottom = select_answers(answered, readouts, "bottom", config.keep_k)
-            return DifferentialMeasurement(concept, tokenize(top),
-                                           tokenize(bottom)), top + bottom
+            return DifferentialMeasurement(concept, tokenize(top), tokenize(bottom)), top + bottom
         answered = top
     tokenized = tokenize(answered)
     if contrast_queries:
@@ -154,26 +166,48 @@ def _rows_key(rows: Sequence[ChatRow], max_length: int) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def load_factors_for_scoring(path: str | os.PathLike, adapter: ModelAdapter, data: TokenizedDataset, *,
-                             lazy: bool = False, allow_missing_provenance: bool = False) -> tuple[Factors | Path, list[str]]:
+def load_factors_for_scoring(
+    path: str | os.PathLike,
+    adapter: ModelAdapter,
+    data: TokenizedDataset,
+    *,
+    lazy: bool = False,
+    allow_missing_provenance: bool = False,
+) -> tuple[Factors | Path, list[str]]:
     """Factors from a folder, checked against the model; against the data too unless they were fitted on purpose
     on a sample or other rows (their ``provenance``), in which case the note says what they were fitted on.
     ``lazy``: check the fingerprints only and return the folder (for scoring that reads one weight at a time).
     ``allow_missing_provenance``: factors that record no model or data fingerprint are used (a note says so)."""
     provenance = read_manifest(path).get("provenance") or {}
     fingerprint = data_fingerprint(data)
-    loaded = load_factors(path, model_fingerprint=adapter.fingerprint(), data_fingerprint=None if provenance else fingerprint,
-                          weights=[] if lazy else None, allow_missing_provenance=allow_missing_provenance)
+    loaded = load_factors(
+        path,
+        model_fingerprint=adapter.fingerprint(),
+        data_fingerprint=None if provenance else fingerprint,
+        weights=[] if lazy else None,
+        allow_missing_provenance=allow_missing_provenance,
+    )
     source: Factors | Path = Path(path) if lazy else loaded
     unchecked = [k for k in ("model", "data") if loaded.fingerprints.get(k) is None]
-    caveat = ([f"the factors in {path} record no {' or '.join(unchecked)} fingerprint: used without a check "
-               "(allow_missing_provenance)"] if unchecked else [])
+    caveat = (
+        [
+            f"the factors in {path} record no {' or '.join(unchecked)} fingerprint: used without a check "
+            "(allow_missing_provenance)"
+        ]
+        if unchecked
+        else []
+    )
     if not provenance or loaded.fingerprints.get("data") == fingerprint:
         return source, [f"factors {'read one weight at a time' if lazy else 'loaded'} from {path}", *caveat]
-    what = f"a seeded sample of {provenance.get('rows')} of {provenance.get('sample_of')} rows" if "sample_of" in provenance \
+    what = (
+        f"a seeded sample of {provenance.get('rows')} of {provenance.get('sample_of')} rows"
+        if "sample_of" in provenance
         else f"{provenance.get('rows')} other rows"
-    return source, [f"factors loaded from {path}, fitted on {what} of {provenance.get('source')} (data fingerprint "
-                    f"{loaded.fingerprints.get('data')}), scoring {len(data)} rows (data fingerprint {fingerprint})"]
+    )
+    return source, [
+        f"factors loaded from {path}, fitted on {what} of {provenance.get('source')} (data fingerprint "
+        f"{loaded.fingerprints.get('data')}), scoring {len(data)} rows (data fingerprint {fingerprint})"
+    ]
 
 
 def factors_record(factors: Factors | str | os.PathLike | None, data: TokenizedDataset) -> dict[str, Any] | None:
@@ -182,9 +216,14 @@ def factors_record(factors: Factors | str | os.PathLike | None, data: TokenizedD
         return None
     if not isinstance(factors, Factors):
         factors = load_factors(factors, weights=[])  # the manifest only
-    return {"rows": factors.n_rows, "tokens": factors.n_tokens, "data_fingerprint": factors.fingerprints.get("data"),
-            "scored_rows": len(data), "same_data": factors.fingerprints.get("data") == data_fingerprint(data),
-            "provenance": dict(factors.provenance)}
+    return {
+        "rows": factors.n_rows,
+        "tokens": factors.n_tokens,
+        "data_fingerprint": factors.fingerprints.get("data"),
+        "scored_rows": len(data),
+        "same_data": factors.fingerprints.get("data") == data_fingerprint(data),
+        "provenance": dict(factors.provenance),
+    }
 
 
 def obtain_factors(
@@ -207,19 +246,34 @@ def obtain_factors(
         return factors, ["factors given in memory"]  # checked against the model where they are used
     lazy = config.max_memory is not None
     if factors is not None and has_factors(factors):
-        return load_factors_for_scoring(factors, adapter, data, lazy=lazy,
-                                        allow_missing_provenance=config.allow_missing_provenance)
-    fitted = fit_factors(adapter, data, config.factor_config(), weights=list(weights), batch_size=config.batch_size,
-                         out_dir=factors, progress=progress, max_memory=config.max_memory,
-                         load_result=not (lazy and factors is not None))
+        return load_factors_for_scoring(
+            factors, adapter, data, lazy=lazy, allow_missing_provenance=config.allow_missing_provenance
+        )
+    fitted = fit_factors(
+        adapter,
+        data,
+        config.factor_config(),
+        weights=list(weights),
+        batch_size=config.batch_size,
+        out_dir=factors,
+        progress=progress,
+        max_memory=config.max_memory,
+        load_result=not (lazy and factors is not None),
+    )
     note = [f"factors fitted on {len(data)} rows" + (f" and saved to {factors}" if factors else "")]
     if fitted is None:  # bounded, on disk
         return Path(factors), note  # type: ignore[arg-type]
     return fitted, note
 
 
-def result_table(rows: Sequence[ChatRow], result: InfluenceResult, method: str, *, notes: Sequence[str] = (),
-                 meta: dict[str, Any] | None = None) -> ScoreTable:
+def result_table(
+    rows: Sequence[ChatRow],
+    result: InfluenceResult,
+    method: str,
+    *,
+    notes: Sequence[str] = (),
+    meta: dict[str, Any] | None = None,
+) -> ScoreTable:
     """An ``InfluenceResult`` as a ``ScoreTable`` over ``rows``: breakdowns become columns (``token_scores``,
     ``weight_scores``, ``self_influence``), the rest goes to ``meta``. Rows the result does not score (left out
     because truncation removed their whole answer, see ``untrainable_rows``) are marked ``truncated``."""
@@ -240,14 +294,16 @@ def result_table(rows: Sequence[ChatRow], result: InfluenceResult, method: str, 
     if result.per_weight is not None:
         names = list(result.per_weight)
         values = [result.per_weight[n].tolist() for n in names]
-        columns["weight_scores"] = spread([{n: v[i] for n, v in zip(names, values, strict=True)}
-                                           for i in range(len(result.indices))])
+        columns["weight_scores"] = spread(
+            [{n: v[i] for n, v in zip(names, values, strict=True)} for i in range(len(result.indices))]
+        )
     if result.self_influence is not None:
         columns["self_influence"] = spread(result.self_influence.tolist())
     full_meta = {**result.meta(), "notes": list(notes) + result.notes, "method": method, **(meta or {})}
     scores = spread(result.scores.tolist(), float("nan"))
-    return ScoreTable.from_rows(rows, scores, method, columns=columns, meta=full_meta,
-                                truncated=[p is None for p in where])
+    return ScoreTable.from_rows(
+        rows, scores, method, columns=columns, meta=full_meta, truncated=[p is None for p in where]
+    )
 
 
 def run_gradient_attribution(
@@ -276,11 +332,20 @@ def run_gradient_attribution(
     """
     if adapter.tokenizer is None:
         raise ValueError("gradient attribution needs the model's tokenizer")
-    measurement, answered = build_measurement(adapter, concept, queries, method, config, contrast_queries=contrast_queries)
+    measurement, answered = build_measurement(
+        adapter, concept, queries, method, config, contrast_queries=contrast_queries
+    )
     data = train if train is not None else tokenize_chat(rows, adapter.tokenizer, config.max_length)
     if skip_invalid:
         data = data.without(untrainable_rows(data, skip_invalid=True))
-    factors, notes = obtain_factors(adapter, data, factors_path, config, measurement.weights(adapter), progress=progress)
+    factors, notes = obtain_factors(
+        adapter, data, factors_path, config, measurement.weights(adapter), progress=progress
+    )
     result = compute_influence(adapter, data, measurement, factors, config.influence_config(), progress=progress)
-    return result_table(rows, result, method, notes=notes, meta={"n_queries": len(answered), "config": config.to_dict(),
-                                                                  "factors_fit": factors_record(factors, data)})
+    return result_table(
+        rows,
+        result,
+        method,
+        notes=notes,
+        meta={"n_queries": len(answered), "config": config.to_dict(), "factors_fit": factors_record(factors, data)},
+    )

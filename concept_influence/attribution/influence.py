@@ -96,8 +96,9 @@ def compute_influence(
     if isinstance(factors, (str, os.PathLike)):
         where = f"the factors in {Path(factors) / FACTORS_FILE}"
         factors = load_factors(factors)
-    provenance_notes = check_factors_model(adapter, factors, allow_missing_provenance=config.allow_missing_provenance,
-                                           where=where)
+    provenance_notes = check_factors_model(
+        adapter, factors, allow_missing_provenance=config.allow_missing_provenance, where=where
+    )
     available = factors.names if factors is not None else None
     names, notes = resolve_weights(adapter, measurement, available, allow_subset=config.allow_subset)
     notes = provenance_notes + notes
@@ -111,9 +112,16 @@ def compute_influence(
     timings["measurement_gradient"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = score_rows_sharded(
-        adapter, data, vectors, batch_size=config.batch_size, token_breakdown=config.token_breakdown, per_weight=config.per_weight,
+        adapter,
+        data,
+        vectors,
+        batch_size=config.batch_size,
+        token_breakdown=config.token_breakdown,
+        per_weight=config.per_weight,
         self_preconditioner=preconditioner if config.self_influence or config.normalization == "unit" else None,
-        windows=aggregation_windows(config), progress=progress, gradient_checkpointing=config.gradient_checkpointing,
+        windows=aggregation_windows(config),
+        progress=progress,
+        gradient_checkpointing=config.gradient_checkpointing,
     )
     timings["scoring"] = time.perf_counter() - t0
     aggregate_tokens(out, config)
@@ -166,8 +174,9 @@ def compute_influence_many(
     for label, (measurement, config) in measurements.items():
         if config.token_breakdown != "none" or config.per_weight or config.self_influence:
             raise ValueError(f"{label}: breakdowns need compute_influence (one measurement at a time)")
-        names, notes = resolve_weights(adapter, measurement, factors.names if factors is not None else None,
-                                       allow_subset=config.allow_subset)
+        names, notes = resolve_weights(
+            adapter, measurement, factors.names if factors is not None else None, allow_subset=config.allow_subset
+        )
         preconditioner = build_preconditioner(adapter, names, factors, config)
         if config.normalization == "unit":
             key = (config.preconditioner, config.damping, tuple(names))
@@ -177,7 +186,12 @@ def compute_influence_many(
         if id(measurement) not in gradients:
             gradients[id(measurement)] = measurement.gradient(adapter, names, batch_size=config.batch_size)
         grad_f = {name: gradients[id(measurement)][name] for name in names}
-        prepared[label] = (names, notes, preconditioner, preconditioned_gradient(preconditioner, grad_f, measurement.description))
+        prepared[label] = (
+            names,
+            notes,
+            preconditioner,
+            preconditioned_gradient(preconditioner, grad_f, measurement.description),
+        )
     union = [i.name for i in adapter.tracked_weights() if any(i.name in p[0] for p in prepared.values())]
     stacked = {}
     for name in union:
@@ -186,14 +200,24 @@ def compute_influence_many(
     t0 = time.perf_counter()
     windows = sorted({w for _, config in measurements.values() for w in aggregation_windows(config)})
     columns = [k for k, (_, config) in enumerate(measurements.values()) if aggregation_windows(config)]
-    out = score_rows_sharded(adapter, data, stacked, batch_size=batch_size, self_preconditioner=self_preconditioner,
-                             windows=windows, window_columns=columns, progress=progress)
+    out = score_rows_sharded(
+        adapter,
+        data,
+        stacked,
+        batch_size=batch_size,
+        self_preconditioner=self_preconditioner,
+        windows=windows,
+        window_columns=columns,
+        progress=progress,
+    )
     seconds = time.perf_counter() - t0
     results = {}
     for k, (label, (measurement, config)) in enumerate(measurements.items()):
         names, notes, preconditioner, _ = prepared[label]
-        single: dict[str, Any] = {"scores": out["scores"][:, k].clone(),
-                                  "windows": {w: v[:, k].clone() for w, v in out.get("windows", {}).items()}}
+        single: dict[str, Any] = {
+            "scores": out["scores"][:, k].clone(),
+            "windows": {w: v[:, k].clone() for w, v in out.get("windows", {}).items()},
+        }
         if "self_influence" in out:
             single["self_influence"] = out["self_influence"].clone()
         aggregate_tokens(single, config)
@@ -201,9 +225,15 @@ def compute_influence_many(
             per_token_mean(single, data)
         normalise_rows(single, config, data)
         results[label] = InfluenceResult(
-            scores=single["scores"], indices=[int(row.index) for row in data], weights=list(names),
-            measurement=measurement.description, preconditioner=preconditioner.kind, damping=dict(preconditioner.damping),
-            notes=provenance_notes + notes, timings={"scoring_shared": seconds}, row_loss=config.row_loss,
+            scores=single["scores"],
+            indices=[int(row.index) for row in data],
+            weights=list(names),
+            measurement=measurement.description,
+            preconditioner=preconditioner.kind,
+            damping=dict(preconditioner.damping),
+            notes=provenance_notes + notes,
+            timings={"scoring_shared": seconds},
+            row_loss=config.row_loss,
             allow_missing_provenance=config.allow_missing_provenance,
         )
     return results

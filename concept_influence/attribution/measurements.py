@@ -63,24 +63,45 @@ def answer_queries(
     to_answer = [row for row in queries if not has_answer(row)]
     generated: dict[int, list[str]] = {}
     if to_answer:
-        answers = sample_answers(adapter, [r.messages for r in to_answer], n_samples=n_samples, temperature=temperature,
-                                 max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, cache_dir=cache_dir,
-                                 prefix="query-answers", progress=progress)
+        answers = sample_answers(
+            adapter,
+            [r.messages for r in to_answer],
+            n_samples=n_samples,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            prefix="query-answers",
+            progress=progress,
+        )
         generated = {row.index: a for row, a in zip(to_answer, answers, strict=True)}
     out: list[ChatRow] = []
     empty = 0
     for row in queries:
         if has_answer(row):
-            out.append(ChatRow(len(out), list(row.messages), {**row.fields, "query_index": row.index, "sample": 0,
-                                                              "answer_source": "given"}, row.line))
+            out.append(
+                ChatRow(
+                    len(out),
+                    list(row.messages),
+                    {**row.fields, "query_index": row.index, "sample": 0, "answer_source": "given"},
+                    row.line,
+                )
+            )
             continue
         for s, answer in enumerate(generated[row.index]):
             if not answer.strip():
                 empty += 1
                 continue
             messages = [*row.messages, {"role": "assistant", "content": answer}]
-            out.append(ChatRow(len(out), messages, {**row.fields, "query_index": row.index, "sample": s,
-                                                    "answer_source": "model"}, row.line))
+            out.append(
+                ChatRow(
+                    len(out),
+                    messages,
+                    {**row.fields, "query_index": row.index, "sample": s, "answer_source": "model"},
+                    row.line,
+                )
+            )
     if empty:
         warnings.warn(f"{empty} generated query answers were empty and are left out", stacklevel=2)
     if not out:
@@ -95,8 +116,10 @@ def tokenize_queries(rows: Sequence[ChatRow], tokenizer: Any, max_length: int = 
         raise ValueError(f"queries {bad[:10]} have no answer: answer them first (answer_queries)")
     tokenized = tokenize_chat(rows, tokenizer, max_length, warn=False)
     if tokenized.empty_after_truncation:
-        raise ValueError(f"queries {tokenized.empty_after_truncation[:10]} lost their whole answer to truncation at "
-                         f"max_length={max_length}")
+        raise ValueError(
+            f"queries {tokenized.empty_after_truncation[:10]} lost their whole answer to truncation at "
+            f"max_length={max_length}"
+        )
     return tokenized
 
 
@@ -141,7 +164,9 @@ class Measurement(ABC):
                     total += coefficient * float(self.per_query(adapter, batch).sum()) / len(queries)
         return total
 
-    def gradient(self, adapter: ModelAdapter, weights: Sequence[str], *, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    def gradient(
+        self, adapter: ModelAdapter, weights: Sequence[str], *, batch_size: int = 8
+    ) -> dict[str, torch.Tensor]:
         """``∇_W f`` for each named weight in canonical layout ``[d_out, d_in']`` (bias gradient as last column).
         Accumulated over query batches in at least float32 (a bf16/fp16 model's gradients are summed in float32)."""
         infos = [adapter.weight_info(n) for n in weights]
@@ -169,7 +194,9 @@ class Measurement(ABC):
         return out
 
 
-def canonical_gradient(info: WeightInfo, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None = None) -> torch.Tensor:
+def canonical_gradient(
+    info: WeightInfo, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None = None
+) -> torch.Tensor:
     """Backend-layout gradients of a weight (and its bias) -> canonical ``[d_out, d_in']``."""
     grad = info.to_canonical(weight_grad)
     if info.has_bias and bias_grad is not None:
@@ -182,7 +209,9 @@ def _concept_readout(adapter: ModelAdapter, concept: Concept, batch: dict[str, t
     acts = residuals_until(adapter, batch["input_ids"], batch["attention_mask"], [layer])[layer]  # blocks 0..l only
     # the concept's own scalar reduction (mean over the response by default, or the last prompt token)
     reduction = getattr(concept, "reduction", "mean")
-    return concept.readout(acts, batch["loss_mask"].to(acts.device), reduction if reduction in ("mean", "last_prompt") else "mean")
+    return concept.readout(
+        acts, batch["loss_mask"].to(acts.device), reduction if reduction in ("mean", "last_prompt") else "mean"
+    )
 
 
 class ConceptMeasurement(Measurement):
@@ -234,12 +263,21 @@ class LogLikelihoodMeasurement(Measurement):
 
 
 # ---- choosing query answers ---------------------------------------------------------------------------------------
-def answer_readouts(adapter: ModelAdapter, answered: Sequence[ChatRow], concept: Concept, *, batch_size: int = 16,
-                    max_length: int = 512) -> list[float]:
+def answer_readouts(
+    adapter: ModelAdapter, answered: Sequence[ChatRow], concept: Concept, *, batch_size: int = 16, max_length: int = 512
+) -> list[float]:
     """The concept's readout (its own reduction) over each answered query's final answer ``[len(answered)]``."""
     reduction = getattr(concept, "reduction", "mean")
-    values = concept_readouts(adapter, answered, concept, reduction=reduction if reduction in ("mean", "last_prompt") else "mean",
-                              batch_size=batch_size, max_length=max_length, final_turn_only=True, progress=False)
+    values = concept_readouts(
+        adapter,
+        answered,
+        concept,
+        reduction=reduction if reduction in ("mean", "last_prompt") else "mean",
+        batch_size=batch_size,
+        max_length=max_length,
+        final_turn_only=True,
+        progress=False,
+    )
     return [float(v) for v in values]
 
 
@@ -263,5 +301,7 @@ def select_answers(answered: Sequence[ChatRow], readouts: Sequence[float], keep:
     sign = -1.0 if keep == "top" else 1.0
     for members in groups.values():
         chosen.update(sorted(members, key=lambda i: (sign * readouts[i], i))[:k])
-    return [ChatRow(n, list(answered[i].messages), dict(answered[i].fields), answered[i].line)
-            for n, i in enumerate(sorted(chosen))]
+    return [
+        ChatRow(n, list(answered[i].messages), dict(answered[i].fields), answered[i].line)
+        for n, i in enumerate(sorted(chosen))
+    ]

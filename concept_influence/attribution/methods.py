@@ -68,6 +68,7 @@ class MethodSession(Protocol):
 
     def data_fingerprint(self) -> str: ...
 
+
 MethodFn = Callable[..., ScoreTable]
 
 RECOMMENDED_METHOD = "combined-tiered"
@@ -117,19 +118,29 @@ class Method:
         allowed = self.options
         unknown = sorted(set(options) - set(allowed))
         if unknown:
-            raise ValueError(f"method {self.name!r} has no option {unknown[0]!r}"
-                             + (f" (nor {unknown[1:]})" if len(unknown) > 1 else "")
-                             + f"; its options are: {', '.join(sorted(allowed)) or 'none'}")
+            raise ValueError(
+                f"method {self.name!r} has no option {unknown[0]!r}"
+                + (f" (nor {unknown[1:]})" if len(unknown) > 1 else "")
+                + f"; its options are: {', '.join(sorted(allowed)) or 'none'}"
+            )
         return options
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, *, kind: Literal["forward", "gradient"], needs_concept: bool = True,
-                    needs_queries: bool = False, description: str = "", settings: type | None = None,
-                    option_names: Sequence[str] | None = None, defaults: Mapping[str, Any] | None = None,
-                    extra: Mapping[str, Any] | None = None) -> Callable[[MethodFn], MethodFn]:
+def register_method(
+    name: str,
+    *,
+    kind: Literal["forward", "gradient"],
+    needs_concept: bool = True,
+    needs_queries: bool = False,
+    description: str = "",
+    settings: type | None = None,
+    option_names: Sequence[str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Callable[[MethodFn], MethodFn]:
     """Decorator: register ``fn`` under ``name`` (replacing an earlier registration of the same name). With
     ``settings`` (a settings dataclass, see ``concept_influence.settings``) the method's options are its fields
     (``option_names``: some of them; ``defaults``: this method's defaults) plus ``extra``, and ``fn`` takes them as
@@ -139,9 +150,18 @@ def register_method(name: str, *, kind: Literal["forward", "gradient"], needs_co
 
     def decorate(fn: MethodFn) -> MethodFn:
         doc = description or (inspect.getdoc(fn) or "").split("\n")[0]
-        METHODS[name] = Method(name, fn, kind, needs_concept, needs_queries, doc, settings,
-                               None if option_names is None else tuple(option_names), dict(defaults or {}),
-                               dict(extra or {}))
+        METHODS[name] = Method(
+            name,
+            fn,
+            kind,
+            needs_concept,
+            needs_queries,
+            doc,
+            settings,
+            None if option_names is None else tuple(option_names),
+            dict(defaults or {}),
+            dict(extra or {}),
+        )
         return fn
 
     return decorate
@@ -161,18 +181,43 @@ def method_names() -> list[str]:
 
 # ---- the built-in methods ------------------------------------------------------------------------------------------
 @register_method("vector-filter", kind="forward", description="the concept's readout on each row's own answer")
-def _vector_filter(session: MethodSession, concept: Concept, queries: Sequence[ChatRow] | None, *,
-                   reduction: str | None = None, token_readouts: bool = False, batch_size: int | None = None,
-                   localise: str = "none", store: Any = None) -> ScoreTable:
+def _vector_filter(
+    session: MethodSession,
+    concept: Concept,
+    queries: Sequence[ChatRow] | None,
+    *,
+    reduction: str | None = None,
+    token_readouts: bool = False,
+    batch_size: int | None = None,
+    localise: str = "none",
+    store: Any = None,
+) -> ScoreTable:
     """``store``: ``None`` reads the workdir's activation cache when it serves the question, ``False`` forces the
     forward pass, a path reads that store folder's cache (``meta["scored_from"]`` says which). ``localise``: see
     ``vector_filter`` (a sentence-level readout needs the tokens: a forward pass)."""
-    return _forward_scores(session, concept, reduction, token_readouts, batch_size, store,
-                           required=store is not None and store is not False, localise=localise)
+    return _forward_scores(
+        session,
+        concept,
+        reduction,
+        token_readouts,
+        batch_size,
+        store,
+        required=store is not None and store is not False,
+        localise=localise,
+    )
 
 
-def _forward_scores(session: MethodSession, concept: Concept, reduction: str | None, token_readouts: bool,
-                    batch_size: int | None, store: Any, *, required: bool, localise: str = "none") -> ScoreTable:
+def _forward_scores(
+    session: MethodSession,
+    concept: Concept,
+    reduction: str | None,
+    token_readouts: bool,
+    batch_size: int | None,
+    store: Any,
+    *,
+    required: bool,
+    localise: str = "none",
+) -> ScoreTable:
     """Vector Filter from the activation cache when it serves the question, else by its forward pass."""
     wanted = concept.reduction if reduction is None else reduction
     cache, notes = resolve_activation_cache(session, store, required=required)
@@ -186,18 +231,33 @@ def _forward_scores(session: MethodSession, concept: Concept, reduction: str | N
         if why is None:
             return vector_filter_from_cache(cache, session.rows, concept, max_length=session.max_length)
         notes = [why]
-    table = vector_filter(session.adapter, session.rows, concept, batch_size=batch_size or session.batch_size,
-                          max_length=session.max_length, reduction=reduction, token_readouts=token_readouts,  # type: ignore[arg-type]
-                          localise=localise, skip_invalid=session.skip_invalid, progress=session.progress)
+    table = vector_filter(
+        session.adapter,
+        session.rows,
+        concept,
+        batch_size=batch_size or session.batch_size,
+        max_length=session.max_length,
+        reduction=reduction,
+        token_readouts=token_readouts,  # type: ignore[arg-type]
+        localise=localise,
+        skip_invalid=session.skip_invalid,
+        progress=session.progress,
+    )
     table.meta.update({"scored_from": "forward-pass", "notes": [*table.meta.get("notes", []), *notes]})
     return table
 
 
-@register_method("projection-difference", kind="forward", settings=AnswerConfig,
-                 defaults={"max_new_tokens": 64, "seed": None}, extra={"batch_size": None, "store": None},
-                 description="the row's answer's readout minus that of the model's own answers to its prompt")
-def _projection_difference(session: MethodSession, concept: Concept, queries: Sequence[ChatRow] | None,
-                           **options: Any) -> ScoreTable:
+@register_method(
+    "projection-difference",
+    kind="forward",
+    settings=AnswerConfig,
+    defaults={"max_new_tokens": 64, "seed": None},
+    extra={"batch_size": None, "store": None},
+    description="the row's answer's readout minus that of the model's own answers to its prompt",
+)
+def _projection_difference(
+    session: MethodSession, concept: Concept, queries: Sequence[ChatRow] | None, **options: Any
+) -> ScoreTable:
     """``store``: as Vector Filter's; the model's answers' means are read once per sampling setting and kept in
     the activation cache."""
     options = {**METHODS["projection-difference"].options, **options}
@@ -212,19 +272,45 @@ def _projection_difference(session: MethodSession, concept: Concept, queries: Se
         if why is None and not is_linear(concept):
             why = f"{type(concept).__name__} is not linear: Projection Difference from the cache needs a direction"
         if why is None and concept.reduction == "mean":
-            answers = build_answer_means(session.adapter, session.rows, cache, n_samples=n_samples,
-                                         temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-                                         batch_size=batch_size, max_length=session.max_length, cache_dir=cache_dir,
-                                         progress=session.progress)
-            meta = {"layer": concept.layer, "concept": repr(concept), "n_samples": n_samples, "temperature": temperature,
-                    "max_new_tokens": max_new_tokens, "seed": seed, "max_length": session.max_length,
-                    "sign": "positive = the row's answer expresses the concept more than the model's own answers"}
+            answers = build_answer_means(
+                session.adapter,
+                session.rows,
+                cache,
+                n_samples=n_samples,
+                temperature=temperature,
+                max_new_tokens=max_new_tokens,
+                seed=seed,
+                batch_size=batch_size,
+                max_length=session.max_length,
+                cache_dir=cache_dir,
+                progress=session.progress,
+            )
+            meta = {
+                "layer": concept.layer,
+                "concept": repr(concept),
+                "n_samples": n_samples,
+                "temperature": temperature,
+                "max_new_tokens": max_new_tokens,
+                "seed": seed,
+                "max_length": session.max_length,
+                "sign": "positive = the row's answer expresses the concept more than the model's own answers",
+            }
             return projection_difference_from_cache(cache, answers, session.rows, concept, meta=meta)  # type: ignore[arg-type]
         notes = [why or ""]
-    table = projection_difference(session.adapter, session.rows, concept, n_samples=n_samples, temperature=temperature,
-                                  max_new_tokens=max_new_tokens, seed=seed, cache_dir=cache_dir, batch_size=batch_size,
-                                  max_length=session.max_length, skip_invalid=session.skip_invalid,
-                                  progress=session.progress)
+    table = projection_difference(
+        session.adapter,
+        session.rows,
+        concept,
+        n_samples=n_samples,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        cache_dir=cache_dir,
+        batch_size=batch_size,
+        max_length=session.max_length,
+        skip_invalid=session.skip_invalid,
+        progress=session.progress,
+    )
     table.meta.update({"scored_from": "forward-pass", "notes": [*table.meta.get("notes", []), *notes]})
     return table
 
@@ -253,18 +339,36 @@ def gradient_config(session: MethodSession, **options: Any) -> GradientAttributi
     return GradientAttributionConfig(max_length=session.max_length, seed=session.seed, **options)
 
 
-def _gradient(session: MethodSession, method: str, concept: Concept | None, queries: Sequence[ChatRow], *,
-              contrast_queries: Any = None, factors: Any = None, store: Any = None, **options: Any) -> ScoreTable:
+def _gradient(
+    session: MethodSession,
+    method: str,
+    concept: Concept | None,
+    queries: Sequence[ChatRow],
+    *,
+    contrast_queries: Any = None,
+    factors: Any = None,
+    store: Any = None,
+    **options: Any,
+) -> ScoreTable:
     config = gradient_config(session, **options)
-    return session.engine.attribute(method, concept, queries, config, contrast_queries=contrast_queries,
-                                    factors=factors, store=store)
+    return session.engine.attribute(
+        method, concept, queries, config, contrast_queries=contrast_queries, factors=factors, store=store
+    )
 
 
-@register_method("concept-influence", kind="gradient", needs_queries=True, settings=GradientAttributionConfig,
-                 option_names=GRADIENT_OPTIONS, defaults=SESSION_DEFAULTS,
-                 extra={"contrast_queries": None, "factors": None, "store": None},
-                 description="EKFAC influence of each row on the concept's readout over the queries' answers")
-def _concept_influence(session: MethodSession, concept: Concept, queries: Sequence[ChatRow], **options: Any) -> ScoreTable:
+@register_method(
+    "concept-influence",
+    kind="gradient",
+    needs_queries=True,
+    settings=GradientAttributionConfig,
+    option_names=GRADIENT_OPTIONS,
+    defaults=SESSION_DEFAULTS,
+    extra={"contrast_queries": None, "factors": None, "store": None},
+    description="EKFAC influence of each row on the concept's readout over the queries' answers",
+)
+def _concept_influence(
+    session: MethodSession, concept: Concept, queries: Sequence[ChatRow], **options: Any
+) -> ScoreTable:
     """Pure EKFAC Concept Influence. Method variants: ``n_samples``/``keep``/``keep_k`` (which query answers),
     ``contrast="auto"`` (most minus least concept-expressing answers), ``row_loss``/``normalization`` (row
     normalisation), ``token_aggregation``/``window``, ``preconditioner``/``damping`` (curvature). The options are
@@ -272,18 +376,32 @@ def _concept_influence(session: MethodSession, concept: Concept, queries: Sequen
     return _gradient(session, "concept-influence", concept, queries, **options)
 
 
-@register_method("influence", kind="gradient", needs_concept=False, needs_queries=True,
-                 settings=GradientAttributionConfig, defaults=SESSION_DEFAULTS,
-                 option_names=[n for n in GRADIENT_OPTIONS if n not in _CONCEPT_ONLY],
-                 extra={"factors": None, "store": None},
-                 description="classical EKFAC influence on the log-likelihood of the queries' answers")
-def _influence(session: MethodSession, concept: Concept | None, queries: Sequence[ChatRow], **options: Any) -> ScoreTable:
+@register_method(
+    "influence",
+    kind="gradient",
+    needs_concept=False,
+    needs_queries=True,
+    settings=GradientAttributionConfig,
+    defaults=SESSION_DEFAULTS,
+    option_names=[n for n in GRADIENT_OPTIONS if n not in _CONCEPT_ONLY],
+    extra={"factors": None, "store": None},
+    description="classical EKFAC influence on the log-likelihood of the queries' answers",
+)
+def _influence(
+    session: MethodSession, concept: Concept | None, queries: Sequence[ChatRow], **options: Any
+) -> ScoreTable:
     return _gradient(session, "influence", None, queries, **options)
 
 
 # ---- combinations of forward and gradient evidence -------------------------------------------------------------------
-def _combination(session: MethodSession, concept: Concept, queries: Sequence[ChatRow], fusion: str,
-                 gradient_options: dict[str, Any], store: Any) -> ScoreTable:
+def _combination(
+    session: MethodSession,
+    concept: Concept,
+    queries: Sequence[ChatRow],
+    fusion: str,
+    gradient_options: dict[str, Any],
+    store: Any,
+) -> ScoreTable:
     """Vector Filter and Concept Influence on the same rows, fused (``attribution.combine.fuse``); both component
     scores are kept as columns and the settings of each in ``meta``."""
     forward = _forward_scores(session, concept, None, False, None, store, required=False)
@@ -292,19 +410,32 @@ def _combination(session: MethodSession, concept: Concept, queries: Sequence[Cha
     skipped = ~(forward.valid & gradient.valid)
     scores = np.full(len(forward), np.nan)
     scores[~skipped] = fuse(forward.scores[~skipped], gradient.scores[~skipped], fusion)  # type: ignore[arg-type]
-    parts = {"forward": forward.meta.get("scored_from"),
-             "gradient": {"store": "gradient-store", "exact": "gradient-pass"}.get(gradient.meta.get("scored_from"),
-                                                                                 gradient.meta.get("scored_from"))}
-    meta = {**gradient.meta, "fusion": fusion, "components": {"forward": "vector-filter", "gradient": "concept-influence"},
-            "scored_from": f"{parts['forward']} + {parts['gradient']}", "scored_from_parts": parts,
-            "notes": [*forward.meta.get("notes", []), *gradient.meta.get("notes", [])],
-            "gradient_options": {**{k: v for k, v in gradient_options.items() if k != "factors"},
-                                 "factor_dtype": gradient_options.get("dtype")},  # the old name, kept for readers
-            "sign": "higher = the row voices the concept and training on it raises the concept"}
-    columns = {name: [None if s else float(v) for v, s in zip(table.scores, skipped, strict=True)]
-               for name, table in (("forward_score", forward), ("gradient_score", gradient))}
-    return ScoreTable.from_rows(list(session.rows), scores, "combination", columns=columns, meta=meta,
-                                truncated=skipped.tolist())
+    parts = {
+        "forward": forward.meta.get("scored_from"),
+        "gradient": {"store": "gradient-store", "exact": "gradient-pass"}.get(
+            gradient.meta.get("scored_from"), gradient.meta.get("scored_from")
+        ),
+    }
+    meta = {
+        **gradient.meta,
+        "fusion": fusion,
+        "components": {"forward": "vector-filter", "gradient": "concept-influence"},
+        "scored_from": f"{parts['forward']} + {parts['gradient']}",
+        "scored_from_parts": parts,
+        "notes": [*forward.meta.get("notes", []), *gradient.meta.get("notes", [])],
+        "gradient_options": {
+            **{k: v for k, v in gradient_options.items() if k != "factors"},
+            "factor_dtype": gradient_options.get("dtype"),
+        },  # the old name, kept for readers
+        "sign": "higher = the row voices the concept and training on it raises the concept",
+    }
+    columns = {
+        name: [None if s else float(v) for v, s in zip(table.scores, skipped, strict=True)]
+        for name, table in (("forward_score", forward), ("gradient_score", gradient))
+    }
+    return ScoreTable.from_rows(
+        list(session.rows), scores, "combination", columns=columns, meta=meta, truncated=skipped.tolist()
+    )
 
 
 def register_combination(name: str, fusion: str, description: str, **defaults: Any) -> None:
@@ -318,8 +449,9 @@ def register_combination(name: str, fusion: str, description: str, **defaults: A
         raise ValueError(f"concept-influence has no option {sorted(unknown)}")
     own = {**ci.defaults, **defaults}
 
-    def combination(session: MethodSession, concept: Concept, queries: Sequence[ChatRow], *, store: Any = None,
-                    **options: Any) -> ScoreTable:
+    def combination(
+        session: MethodSession, concept: Concept, queries: Sequence[ChatRow], *, store: Any = None, **options: Any
+    ) -> ScoreTable:
         merged = {**{k: v for k, v in METHODS[name].options.items() if k != "store"}, **options}
         rerank_options = RerankConfig(**{k: merged.pop(k) for k in settings_fields(RerankConfig)})
         table = _combination(session, concept, queries, fusion, merged, store)
@@ -327,36 +459,68 @@ def register_combination(name: str, fusion: str, description: str, **defaults: A
 
     # the options are Concept Influence's (with this combination's defaults) plus ``store``
     combination.__doc__ = description
-    register_method(name, kind="gradient", needs_queries=True, description=description, settings=ci.settings,
-                    option_names=ci.option_names, defaults=own,
-                    extra={**ci.extra, **option_defaults(RerankConfig)})(combination)
+    register_method(
+        name,
+        kind="gradient",
+        needs_queries=True,
+        description=description,
+        settings=ci.settings,
+        option_names=ci.option_names,
+        defaults=own,
+        extra={**ci.extra, **option_defaults(RerankConfig)},
+    )(combination)
 
 
-def _rerank(session: MethodSession, table: ScoreTable, concept: Concept, queries: Sequence[ChatRow],
-            gradient_options: dict[str, Any], settings: RerankConfig) -> ScoreTable:
+def _rerank(
+    session: MethodSession,
+    table: ScoreTable,
+    concept: Concept,
+    queries: Sequence[ChatRow],
+    gradient_options: dict[str, Any],
+    settings: RerankConfig,
+) -> ScoreTable:
     """The counterfactual re-ranking stage (``attribution.rerank``): the top ``rerank_top`` rows of ``table``
     re-ordered by what a real SGD step on each does to the concept over the model's own query answers; the measured
     change is the ``counterfactual_effect`` column (None for rows not re-ranked)."""
     config = gradient_config(session, **{k: v for k, v in gradient_options.items() if k in GRADIENT_OPTIONS})
-    measurement, _ = session.engine.measurement("concept-influence", concept, queries, config,
-                                                contrast_queries=gradient_options.get("contrast_queries"))
+    measurement, _ = session.engine.measurement(
+        "concept-influence", concept, queries, config, contrast_queries=gradient_options.get("contrast_queries")
+    )
     candidates = top_candidates(table.scores, settings.rerank_top)
     train = session.engine.train
     position_of = {int(row.index): p for p, row in enumerate(train)}
-    effects = counterfactual_effects(session.adapter, train, [position_of[int(table.index[c])] for c in candidates],
-                                     measurement, lr=settings.rerank_lr, steps=settings.rerank_steps,
-                                     batch_size=config.batch_size)
+    effects = counterfactual_effects(
+        session.adapter,
+        train,
+        [position_of[int(table.index[c])] for c in candidates],
+        measurement,
+        lr=settings.rerank_lr,
+        steps=settings.rerank_steps,
+        batch_size=config.batch_size,
+    )
     column: list[float | None] = [None] * len(table)
     for c, effect in zip(candidates, effects, strict=True):
         column[int(c)] = float(effect)
-    meta = {**table.meta, "rerank": {**asdict(settings), "n_reranked": int(len(candidates)),
-                                     "n_lowering": int((effects <= 0).sum()),
-                                     "what": "top rows re-ordered by the measured change of the concept after a real "
-                                             "SGD step on each; those that lower it follow every other row"}}
+    meta = {
+        **table.meta,
+        "rerank": {
+            **asdict(settings),
+            "n_reranked": int(len(candidates)),
+            "n_lowering": int((effects <= 0).sum()),
+            "what": "top rows re-ordered by the measured change of the concept after a real "
+            "SGD step on each; those that lower it follow every other row",
+        },
+    }
     columns = {name: table.columns[name] for name in table.columns} if table.columns else {}
     columns["counterfactual_effect"] = column
-    return ScoreTable.from_rows(list(session.rows), rerank(table.scores, effects, candidates), table.method,
-                                columns=columns, meta=meta, truncated=(~table.valid).tolist())
+    return ScoreTable.from_rows(
+        list(session.rows),
+        rerank(table.scores, effects, candidates),
+        table.method,
+        columns=columns,
+        meta=meta,
+        truncated=(~table.valid).tolist(),
+    )
 
 
 _COMBINATIONS = {
@@ -364,10 +528,10 @@ _COMBINATIONS = {
     "zscore": "sum of the z-scores of Vector Filter and Concept Influence",
     "gate": "Vector Filter, rows that Concept Influence says lower the concept placed below all others",
     "signed": "Vector Filter's percentile rank times the sign of Concept Influence (rows that would lower the concept "
-              "are ranked from the bottom)",
+    "are ranked from the bottom)",
     "product": "Vector Filter's percentile rank times Concept Influence's centred percentile rank",
     "tiered": "rows that training would push the concept up (Concept Influence > 0) ranked by Vector Filter, then all "
-              "other rows ranked by Concept Influence (the rows training would push down most come last)",
+    "other rows ranked by Concept Influence (the rows training would push down most come last)",
 }
 COMBINATION_GRADIENT_DEFAULTS: dict[str, Any] = {"preconditioner": "identity"}
 """Concept Influence's option defaults inside every ``combined-*`` method (the method study's best setting for the

@@ -31,17 +31,29 @@ from concept_influence.settings import option
 class RerankConfig:
     """The counterfactual re-ranking stage of the ``combined-*`` methods (off by default)."""
 
-    rerank_top: int = option(0, help="Re-rank the top K rows by a real small SGD step on each, measured on the "
-                                     "model's own query answers (0: off); rows whose step lowers the concept drop "
-                                     "below every other row.", min=0)
-    rerank_lr: float = option(1e-4, help="Learning rate of the re-ranking step (plain SGD on the row's mean token "
-                                         "loss).", min=0.0)
+    rerank_top: int = option(
+        0,
+        help="Re-rank the top K rows by a real small SGD step on each, measured on the "
+        "model's own query answers (0: off); rows whose step lowers the concept drop "
+        "below every other row.",
+        min=0,
+    )
+    rerank_lr: float = option(
+        1e-4, help="Learning rate of the re-ranking step (plain SGD on the row's mean token loss).", min=0.0
+    )
     rerank_steps: int = option(1, help="SGD steps per re-ranked row.", min=1)
 
 
-def counterfactual_effects(adapter: ModelAdapter, rows: TokenizedDataset, positions: Sequence[int],
-                           measurement: Measurement, *, lr: float = 1e-3, steps: int = 1,
-                           batch_size: int = 8) -> np.ndarray:
+def counterfactual_effects(
+    adapter: ModelAdapter,
+    rows: TokenizedDataset,
+    positions: Sequence[int],
+    measurement: Measurement,
+    *,
+    lr: float = 1e-3,
+    steps: int = 1,
+    batch_size: int = 8,
+) -> np.ndarray:
     """``[len(positions)]`` (float64): for each row ``rows[p]``, ``f(θ') − f(θ)`` where ``θ'`` is ``steps`` SGD steps
     of learning rate ``lr`` on the row's per-token mean loss, taken from the current weights ``θ`` of the tracked
     weight matrices (and their biases), which are restored afterwards. Positive = training on the row raises the
@@ -95,8 +107,13 @@ def rerank(scores: np.ndarray, effects: np.ndarray, candidates: Sequence[int]) -
     others = np.setdiff1d(np.flatnonzero(valid), candidates)
     order_others = others[np.argsort(-scores[others], kind="stable")]
     up, down = candidates[effects > 0], candidates[effects <= 0]
-    ranked = np.concatenate([up[np.argsort(-effects[effects > 0], kind="stable")], order_others,
-                             down[np.argsort(-effects[effects <= 0], kind="stable")]])
+    ranked = np.concatenate(
+        [
+            up[np.argsort(-effects[effects > 0], kind="stable")],
+            order_others,
+            down[np.argsort(-effects[effects <= 0], kind="stable")],
+        ]
+    )
     out = np.full(len(scores), np.nan)
     out[ranked] = np.arange(len(ranked), 0, -1, dtype=np.float64)  # rank scores: higher = earlier
     return out

@@ -69,9 +69,11 @@ class ScoreTable:
         bad = np.flatnonzero(~np.isfinite(self.scores) & ~np.asarray(self.truncated, dtype=bool))
         if bad.size:
             i = int(bad[0])
-            raise NonFiniteError(f"{self.method} scores: row {self.index[i]} has score {self.scores[i]}"
-                                 + (f" ({bad.size - 1} more rows)" if bad.size > 1 else "")
-                                 + "; refusing to rank or write non-finite scores")
+            raise NonFiniteError(
+                f"{self.method} scores: row {self.index[i]} has score {self.scores[i]}"
+                + (f" ({bad.size - 1} more rows)" if bad.size > 1 else "")
+                + "; refusing to rank or write non-finite scores"
+            )
         if not self.ids:
             self.ids = [None] * n
         if not self.fields:
@@ -81,16 +83,31 @@ class ScoreTable:
                 raise ValueError(f"{self.method}: column {name!r} has {len(values)} values for {n} rows")
 
     @classmethod
-    def from_rows(cls, rows: Sequence[ChatRow], scores: Any, method: str, *, columns: dict[str, list[Any]] | None = None,
-                  meta: dict[str, Any] | None = None, truncated: Sequence[bool] | None = None) -> ScoreTable:
+    def from_rows(
+        cls,
+        rows: Sequence[ChatRow],
+        scores: Any,
+        method: str,
+        *,
+        columns: dict[str, list[Any]] | None = None,
+        meta: dict[str, Any] | None = None,
+        truncated: Sequence[bool] | None = None,
+    ) -> ScoreTable:
         """A table over ``rows`` (``truncated``: rows left out, see the class docstring; counted in ``meta``)."""
         scores = np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores, dtype=np.float64)
         meta = dict(meta or {})
         if truncated is not None and any(truncated):
             meta["n_skipped_truncated"] = int(sum(bool(t) for t in truncated))
-        table = cls(method=method, index=[r.index for r in rows], scores=scores, ids=[r.id for r in rows],
-                    fields=[dict(r.fields) for r in rows], columns=dict(columns or {}), meta=meta,
-                    truncated=list(truncated or []))
+        table = cls(
+            method=method,
+            index=[r.index for r in rows],
+            scores=scores,
+            ids=[r.id for r in rows],
+            fields=[dict(r.fields) for r in rows],
+            columns=dict(columns or {}),
+            meta=meta,
+            truncated=list(truncated or []),
+        )
         return table.attach(rows=rows)
 
     def attach(self, *, rows: Sequence[ChatRow] | None = None, tokenizer: Any = None) -> ScoreTable:
@@ -137,10 +154,16 @@ class ScoreTable:
     def subset(self, positions: Any) -> ScoreTable:
         """The rows at ``positions`` (in that order) as a new table."""
         keep = [int(i) for i in positions]
-        return ScoreTable(method=self.method, index=[self.index[i] for i in keep], scores=self.scores[keep],
-                          ids=[self.ids[i] for i in keep], fields=[self.fields[i] for i in keep],
-                          columns={name: [values[i] for i in keep] for name, values in self.columns.items()},
-                          meta=dict(self.meta), truncated=[self.truncated[i] for i in keep]).attach(**getattr(self, "_display", {}))
+        return ScoreTable(
+            method=self.method,
+            index=[self.index[i] for i in keep],
+            scores=self.scores[keep],
+            ids=[self.ids[i] for i in keep],
+            fields=[self.fields[i] for i in keep],
+            columns={name: [values[i] for i in keep] for name, values in self.columns.items()},
+            meta=dict(self.meta),
+            truncated=[self.truncated[i] for i in keep],
+        ).attach(**getattr(self, "_display", {}))
 
     def to_pandas(self, *, sort: bool = False):
         """A ``pandas.DataFrame`` with the CLI's columns (``index``, ``id``, ``score``, ``rank``, method columns,
@@ -154,8 +177,10 @@ class ScoreTable:
     def __repr__(self) -> str:
         lines = [f"ScoreTable({self.method!r}, {len(self)} rows)"]
         for record in [r for r in self.to_records(sort=True) if r["score"] is not None][:10]:
-            lines.append(f"  rank {record['rank']:>5}  index {record['index']:>6}  score {record['score']:+.4g}"
-                         + (f"  id {record['id']}" if "id" in record else ""))
+            lines.append(
+                f"  rank {record['rank']:>5}  index {record['index']:>6}  score {record['score']:+.4g}"
+                + (f"  id {record['id']}" if "id" in record else "")
+            )
         if len(self) > 10:
             lines.append("  ...")
         return "\n".join(lines)
@@ -200,10 +225,17 @@ class ScoreTable:
         path = Path(path)
         text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in self.to_records(sort=sort))
         write_text_atomic(path, text)
-        write_json_atomic(meta_path(path), {"method": self.method, "n_rows": len(self),
-                                            "n_skipped_truncated": int(sum(self.truncated)), **self.meta,
-                                            COLUMNS_KEY: list(self.columns),
-                                            "scores_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()})
+        write_json_atomic(
+            meta_path(path),
+            {
+                "method": self.method,
+                "n_rows": len(self),
+                "n_skipped_truncated": int(sum(self.truncated)),
+                **self.meta,
+                COLUMNS_KEY: list(self.columns),
+                "scores_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            },
+        )
         return path
 
     @classmethod
@@ -216,12 +248,16 @@ class ScoreTable:
         with path.open("rb") as handle:
             for line_no, (raw, whole) in enumerate(capped_lines(handle, limit), start=1):
                 if not whole:
-                    raise DataFormatError(f"{path}:{line_no}: line longer than {limit:,} bytes (the cap on a line; raise "
-                                          "it with CONCEPT_INFLUENCE_MAX_LINE_BYTES=N)")
+                    raise DataFormatError(
+                        f"{path}:{line_no}: line longer than {limit:,} bytes (the cap on a line; raise "
+                        "it with CONCEPT_INFLUENCE_MAX_LINE_BYTES=N)"
+                    )
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    raise DataFormatError(f"{path}:{line_no}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+                    raise DataFormatError(
+                        f"{path}:{line_no}: not UTF-8 text (byte {err.start}: {err.reason})"
+                    ) from None
                 if not text.strip():
                     continue
                 try:
@@ -238,20 +274,36 @@ class ScoreTable:
                 except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
                     raise DataFormatError(f"{path}:{line_no}: not a scores record ({err})") from None
                 ids.append(record.get("id"))
-                fields.append({k: v for k, v in record.items() if k not in RESERVED and not (k == "truncated" and skipped)})
+                fields.append(
+                    {k: v for k, v in record.items() if k not in RESERVED and not (k == "truncated" and skipped)}
+                )
         meta: dict[str, Any] = {}
         if meta_path(path).exists():
             meta = read_json_file(meta_path(path), error=DataFormatError, object_only=False)
             digest = meta.get("scores_sha256") if isinstance(meta, dict) else None
             if not isinstance(meta, dict) or (digest and digest != hashlib.sha256(path.read_bytes()).hexdigest()):
-                warnings.warn(f"{meta_path(path)} belongs to another version of {path} (an interrupted write?); "
-                              "ignoring it", stacklevel=2)
+                warnings.warn(
+                    f"{meta_path(path)} belongs to another version of {path} (an interrupted write?); ignoring it",
+                    stacklevel=2,
+                )
                 meta = {}
         names = meta.pop(COLUMNS_KEY, None)
-        names = [str(n) for n in names] if isinstance(names, list) else [n for n in KNOWN_COLUMNS if all(n in f for f in fields)]
+        names = (
+            [str(n) for n in names]
+            if isinstance(names, list)
+            else [n for n in KNOWN_COLUMNS if all(n in f for f in fields)]
+        )
         columns = {name: [f.pop(name, None) for f in fields] for name in names if name not in RESERVED}
-        return cls(method=meta.get("method", "unknown"), index=index, scores=np.array(scores), ids=ids, fields=fields,
-                   columns=columns, meta=meta, truncated=truncated)
+        return cls(
+            method=meta.get("method", "unknown"),
+            index=index,
+            scores=np.array(scores),
+            ids=ids,
+            fields=fields,
+            columns=columns,
+            meta=meta,
+            truncated=truncated,
+        )
 
 
 def _short(value: Any, limit: int = 120) -> str:
@@ -336,13 +388,15 @@ def tier_summary(table: ScoreTable) -> str | None:
         return None
     valid = table.valid
     n_first = int((valid & (table.scores > 1.5)).sum())
-    return (f"How to read this score: two tiers. Tier 1 ({n_first} rows) holds every row whose Concept Influence is "
-            "positive (training on it would push the concept up); they are ranked by Vector Filter (how strongly the "
-            "row voices the concept) and scored 2 + the row's Vector Filter percentile among all rows, so in (2, 3] "
-            f"(+3: the highest Vector Filter score of all). Tier 2 ({int(valid.sum()) - n_first} rows) holds the others, "
-            "ranked by Concept Influence and scored by its percentile, in (0, 1]: the rows whose training would lower "
-            "the concept most come last. \"tier 1, #3 of N\": the row is the third of tier 1's N rows. forward_score is the row's Vector Filter score, gradient_score its Concept "
-            "Influence.")
+    return (
+        f"How to read this score: two tiers. Tier 1 ({n_first} rows) holds every row whose Concept Influence is "
+        "positive (training on it would push the concept up); they are ranked by Vector Filter (how strongly the "
+        "row voices the concept) and scored 2 + the row's Vector Filter percentile among all rows, so in (2, 3] "
+        f"(+3: the highest Vector Filter score of all). Tier 2 ({int(valid.sum()) - n_first} rows) holds the others, "
+        "ranked by Concept Influence and scored by its percentile, in (0, 1]: the rows whose training would lower "
+        "the concept most come last. \"tier 1, #3 of N\": the row is the third of tier 1's N rows. forward_score is the row's Vector Filter score, gradient_score its Concept "
+        "Influence."
+    )
 
 
 def _conversation_html(messages: Sequence[Mapping[str, str]]) -> str:
@@ -362,7 +416,9 @@ def _tokens_html(tokens: Sequence[str], scores: Sequence[float]) -> str:
         score = float(score)
         alpha = min(1.0, abs(score) / peak) * 0.85 if peak > 0 and math.isfinite(score) else 0.0
         color = f"rgba(220,40,40,{alpha:.3f})" if score > 0 else f"rgba(40,90,220,{alpha:.3f})"
-        spans.append(f'<span class="ci-tok" style="background:{color}" title="{score:+.3g}">{html.escape(token)}</span>')
+        spans.append(
+            f'<span class="ci-tok" style="background:{color}" title="{score:+.3g}">{html.escape(token)}</span>'
+        )
     return "".join(spans)
 
 
@@ -383,8 +439,11 @@ def rows_table_html(
     token_scores = table.columns.get("token_scores")
     ranks = table.ranks()
     order = table.order()[:top]
-    scalar_columns = {name: values for name, values in table.columns.items()
-                      if name != "model_answer" and all(v is None or isinstance(v, (str, int, float, bool)) for v in values)}
+    scalar_columns = {
+        name: values
+        for name, values in table.columns.items()
+        if name != "model_answer" and all(v is None or isinstance(v, (str, int, float, bool)) for v in values)
+    }
     if fields is None:
         seen: dict[str, None] = dict.fromkeys(scalar_columns)  # e.g. a fusion's forward_score and gradient_score
         for i in order:
@@ -399,8 +458,12 @@ def rows_table_html(
     for i in order:
         index = int(table.index[i])
         row = by_index.get(index)
-        cells = [str(int(ranks[i])), str(index), html.escape(str(table.ids[i] if table.ids[i] is not None else "")),
-                 fmt_number(float(table.scores[i]), sign=True)]
+        cells = [
+            str(int(ranks[i])),
+            str(index),
+            html.escape(str(table.ids[i] if table.ids[i] is not None else "")),
+            fmt_number(float(table.scores[i]), sign=True),
+        ]
         cells = [f'<td class="num">{c}</td>' for c in cells]
         if notes is not None:
             cells.append(f'<td class="ci-fields ci-tier">{html.escape(notes.get(int(i), ""))}</td>')
@@ -410,8 +473,15 @@ def rows_table_html(
         if row is not None:
             text = _conversation_html(row.messages)
         if "model_answer" in table.columns:
-            text += f'<br><span class="ci-role">model answer:</span> {html.escape(str(table.columns["model_answer"][i]))}'
-        if token_scores is not None and tokens is not None and index in tokens and len(tokens[index]) == len(token_scores[i]):
+            text += (
+                f'<br><span class="ci-role">model answer:</span> {html.escape(str(table.columns["model_answer"][i]))}'
+            )
+        if (
+            token_scores is not None
+            and tokens is not None
+            and index in tokens
+            and len(tokens[index]) == len(token_scores[i])
+        ):
             text += f'<div class="ci-tokens">{_tokens_html(tokens[index], token_scores[i])}</div>'
         body.append("<tr>" + "".join(cells) + f'<td class="ci-text">{text}</td></tr>')
     return f'<table class="ci-rows"><thead><tr>{header}</tr></thead><tbody>{"".join(body)}</tbody></table>'
@@ -424,8 +494,10 @@ def table_html(table: ScoreTable, *, rows: Sequence[Any] | None = None, tokenize
     if tokenizer is not None and rows is not None and "token_scores" in table.columns:
         shown = {int(table.index[i]) for i in table.order()[:top]}
         tokens = token_strings([r for r in rows if r.index in shown], tokenizer)
-    title = (f"<p><b>{html.escape(table.method)}</b>: {len(table)} rows scored; top {min(top, len(table))} "
-             "(higher score = training on the row pushes the concept up)</p>")
+    title = (
+        f"<p><b>{html.escape(table.method)}</b>: {len(table)} rows scored; top {min(top, len(table))} "
+        "(higher score = training on the row pushes the concept up)</p>"
+    )
     return f"<div><style>{STYLE}</style>{title}{rows_table_html(table, rows=rows, tokens=tokens, top=top)}</div>"
 
 

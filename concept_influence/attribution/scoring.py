@@ -67,34 +67,47 @@ class InfluenceConfig:
     that record no model fingerprint (default: an error; the opt-in is recorded in the result's ``meta()``)."""
 
     preconditioner: PreconditionerKind = option(
-        "ekfac", help="The curvature: ekfac | kfac | diagonal | identity (plain gradient dot product, needs no factors).")
+        "ekfac",
+        help="The curvature: ekfac | kfac | diagonal | identity (plain gradient dot product, needs no factors).",
+    )
     damping: Damping | float = option(
-        0.1, cli_type=float,
-        help="Relative damping: λ = this × mean eigenvalue, per weight (in Python also a Damping).")
+        0.1, cli_type=float, help="Relative damping: λ = this × mean eigenvalue, per weight (in Python also a Damping)."
+    )
     absolute_damping: float | None = option(None, help="Absolute λ instead of the relative rule.")
     batch_size: int = option(8, help="Rows per batch.", min=1)
     token_breakdown: Literal["none", "position", "target"] = option(
-        "none", help="none | target | position: add each row's per-token scores as a token_scores column.")
+        "none", help="none | target | position: add each row's per-token scores as a token_scores column."
+    )
     per_weight: bool = option(False, help="Add each row's score per weight as a weight_scores column.")
     self_influence: bool = option(False, help="Add each row's self-influence as a self_influence column.")
     row_loss: Literal["sum", "mean"] = option(
-        "sum", help="A row's loss is its tokens' sum (as training weighs it) or mean (length-neutral).")
+        "sum", help="A row's loss is its tokens' sum (as training weighs it) or mean (length-neutral)."
+    )
     allow_subset: bool = option(
-        False, help="When the factors miss weights the measurement reaches, score with the covered weights only "
-                    "(default: an error).")
+        False,
+        help="When the factors miss weights the measurement reaches, score with the covered weights only "
+        "(default: an error).",
+    )
     token_aggregation: Literal["sum", "max", "window"] = option(
-        "sum", help="sum | max | window: a row's score from its per-position contributions.")
+        "sum", help="sum | max | window: a row's score from its per-position contributions."
+    )
     window: int = option(8, help="Positions per window for --token-aggregation window.", min=1)
     normalization: Literal["none", "length", "unit"] = option(
-        "none", help="none | length (by sqrt(trained tokens)) | unit (by sqrt(self-influence), RelatIF).")
+        "none", help="none | length (by sqrt(trained tokens)) | unit (by sqrt(self-influence), RelatIF)."
+    )
     max_memory: int | str | None = option(
-        None, help="Bound the peak memory (e.g. 3GiB): factors read one weight at a time, weights scored in module "
-                   "partitions (and fitted so, if fitted here).")
+        None,
+        help="Bound the peak memory (e.g. 3GiB): factors read one weight at a time, weights scored in module "
+        "partitions (and fitted so, if fitted here).",
+    )
     gradient_checkpointing: bool = option(
-        False, help="Recompute the blocks' activations in the backward (less memory on long rows; same scores).")
+        False, help="Recompute the blocks' activations in the backward (less memory on long rows; same scores)."
+    )
     allow_missing_provenance: bool = option(
-        False, help="Score with factors (or an SAE) that record no model fingerprint; the opt-in is recorded in the "
-                    "scores' metadata (default: an error).")
+        False,
+        help="Score with factors (or an SAE) that record no model fingerprint; the opt-in is recorded in the "
+        "scores' metadata (default: an error).",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "damping", resolve_damping(self.damping, self.absolute_damping))
@@ -156,24 +169,39 @@ class InfluenceResult:
 
     def meta(self) -> dict[str, Any]:
         """JSON-ready description of how the scores were made (for a scores file's sidecar)."""
-        meta = {"measurement": self.measurement, "preconditioner": self.preconditioner, "weights": self.weights,
-                "row_loss": self.row_loss, "damping": self.damping, "notes": self.notes, "timings_s": self.timings,
-                "sign": "positive = training on the row raises the measurement"}
+        meta = {
+            "measurement": self.measurement,
+            "preconditioner": self.preconditioner,
+            "weights": self.weights,
+            "row_loss": self.row_loss,
+            "damping": self.damping,
+            "notes": self.notes,
+            "timings_s": self.timings,
+            "sign": "positive = training on the row raises the measurement",
+        }
         if self.allow_missing_provenance:
             meta["allow_missing_provenance"] = True
         return meta
 
 
-def resolve_weights(adapter: ModelAdapter, measurement: Measurement, available: Sequence[str] | None = None, *,
-                    allow_subset: bool = False, what: str = "the factors") -> tuple[list[str], list[str]]:
+def resolve_weights(
+    adapter: ModelAdapter,
+    measurement: Measurement,
+    available: Sequence[str] | None = None,
+    *,
+    allow_subset: bool = False,
+    what: str = "the factors",
+) -> tuple[list[str], list[str]]:
     """The weights to score over and notes saying why: the measurement's reach, within ``available`` (the fitted
     factors' or a store's weights). Missing reached weights are an error unless ``allow_subset``."""
     notes = []
     reached = measurement.weights(adapter)
     layer = measurement.reach(adapter)
     if layer is not None and layer < adapter.n_layers - 1:
-        notes.append(f"the measurement reads layer {layer}: using the {len(reached)} weights of blocks 0..{layer} "
-                     f"(blocks {layer + 1}..{adapter.n_layers - 1} get no gradient from it)")
+        notes.append(
+            f"the measurement reads layer {layer}: using the {len(reached)} weights of blocks 0..{layer} "
+            f"(blocks {layer + 1}..{adapter.n_layers - 1} get no gradient from it)"
+        )
     if available is not None:
         missing = [n for n in reached if n not in set(available)]
         reached = [n for n in reached if n in set(available)]
@@ -185,20 +213,26 @@ def resolve_weights(adapter: ModelAdapter, measurement: Measurement, available: 
                 f"{what} cover {len(reached)} of the {len(reached) + len(missing)} weights the measurement reaches "
                 f"(missing {missing[:4]}{' ...' if len(missing) > 4 else ''}); fit factors for every weight{upto} "
                 "(fit-factors --concept C, or without --up-to-layer), or pass --allow-subset (allow_subset=True) "
-                "to score with the covered weights only")
+                "to score with the covered weights only"
+            )
         if missing:
-            notes.append(f"{len(missing)} reached weights have no factors and are left out: {missing[:6]}"
-                         + (" ..." if len(missing) > 6 else ""))
+            notes.append(
+                f"{len(missing)} reached weights have no factors and are left out: {missing[:6]}"
+                + (" ..." if len(missing) > 6 else "")
+            )
     return reached, notes
 
 
-def build_preconditioner(adapter: ModelAdapter, names: Sequence[str], factors: Factors | Preconditioner | None,
-                         config: InfluenceConfig) -> Preconditioner:
+def build_preconditioner(
+    adapter: ModelAdapter, names: Sequence[str], factors: Factors | Preconditioner | None, config: InfluenceConfig
+) -> Preconditioner:
     if isinstance(factors, Preconditioner):
         return factors.restrict(names)
     if factors is None:
         if config.preconditioner != "identity":
-            raise ValueError(f"the {config.preconditioner} preconditioner needs fitted factors (fit_factors / fit-factors)")
+            raise ValueError(
+                f"the {config.preconditioner} preconditioner needs fitted factors (fit_factors / fit-factors)"
+            )
         shapes = {}
         for name in names:
             info = adapter.weight_info(name)
@@ -251,8 +285,10 @@ def score_rows(
 
     def on_activation(name: str, a: torch.Tensor) -> None:
         if name in stash:
-            raise RuntimeError(f"{name}: the module is called twice in one forward pass; scoring streams one input "
-                               "and one output gradient per weight and batch")
+            raise RuntimeError(
+                f"{name}: the module is called twice in one forward pass; scoring streams one input "
+                "and one output gradient per weight and batch"
+            )
         stash[name] = a
 
     def on_output_grad(name: str, g: torch.Tensor) -> None:
@@ -281,7 +317,10 @@ def score_rows(
             self_scores[rows] += self_preconditioner.inner({name: grads}, {name: grads}).double().cpu()
         del grads
 
-    with gradient_mode(adapter, infos) as params, tqdm(total=n, desc="scoring rows", unit="row", disable=not progress) as bar:
+    with (
+        gradient_mode(adapter, infos) as params,
+        tqdm(total=n, desc="scoring rows", unit="row", disable=not progress) as bar,
+    ):
         # rows of similar length together (little padding); every result goes to the row's own position
         for batch in iter_batches(data, batch_size, pad_id=getattr(data, "pad_token_id", 0), by_length=True):
             B = int(batch["input_ids"].shape[0])
@@ -289,8 +328,12 @@ def score_rows(
             acc.clear()
             stash.clear()
             where.update(rows=rows, attention=batch["attention_mask"])
-            with adapter.capture_weights(list(by_name), on_activation=on_activation, on_output_grad=on_output_grad,
-                                         checkpointing=gradient_checkpointing) as capture:
+            with adapter.capture_weights(
+                list(by_name),
+                on_activation=on_activation,
+                on_output_grad=on_output_grad,
+                checkpointing=gradient_checkpointing,
+            ) as capture:
                 loss_backward(adapter, batch, capture.outputs, fisher="empirical")
             stash.clear()
             total_rows = acc.get("rows")
@@ -299,9 +342,12 @@ def score_rows(
                 total_rows = torch.zeros(B, *extra, dtype=work_dtype)
                 if token_breakdown != "none" or window_scores:
                     total_tokens = torch.zeros(batch["input_ids"].shape + extra, dtype=work_dtype)
-            check_finite(total_rows if total_rows.ndim == 1 else total_rows.sum(dim=-1),
-                         "scoring: the training-row gradients' contraction", batch["index"],
-                         hint="the model's activations or gradients on this row are not finite")
+            check_finite(
+                total_rows if total_rows.ndim == 1 else total_rows.sum(dim=-1),
+                "scoring: the training-row gradients' contraction",
+                batch["index"],
+                hint="the model's activations or gradients on this row are not finite",
+            )
             scores[rows] = total_rows.double().cpu()
             if window_scores:
                 assert total_tokens is not None
@@ -361,7 +407,9 @@ def window_max(contributions: torch.Tensor, attention_mask: torch.Tensor, window
     return best if contributions.ndim == 3 else best.squeeze(-1)
 
 
-def score_rows_sharded(adapter: ModelAdapter, data: Sequence[Any], vectors: dict[str, torch.Tensor], **options: Any) -> dict[str, Any]:
+def score_rows_sharded(
+    adapter: ModelAdapter, data: Sequence[Any], vectors: dict[str, torch.Tensor], **options: Any
+) -> dict[str, Any]:
     """``score_rows`` over the rows, split across the processes of ``torch.distributed`` when it is initialised
     (e.g. under ``torchrun``): each rank scores a contiguous share and every rank gets all the scores."""
     import torch.distributed as dist
@@ -370,7 +418,9 @@ def score_rows_sharded(adapter: ModelAdapter, data: Sequence[Any], vectors: dict
         return score_rows(adapter, data, vectors, **options)
     rank, world, n = dist.get_rank(), dist.get_world_size(), len(data)
     lo, hi = rank * n // world, (rank + 1) * n // world
-    local = score_rows(adapter, data[lo:hi], vectors, **{**options, "progress": options.get("progress", True) and rank == 0})
+    local = score_rows(
+        adapter, data[lo:hi], vectors, **{**options, "progress": options.get("progress", True) and rank == 0}
+    )
 
     def gathered(part: torch.Tensor) -> torch.Tensor:
         full = torch.zeros(n, *part.shape[1:], dtype=part.dtype)
@@ -426,7 +476,9 @@ def target_token_scores(
     with torch.no_grad():
         probs = torch.softmax(logits[:, :-1].double(), dim=-1)
         targets = input_ids[:, 1:]
-        directional = (probs * jvp[:, :-1].double()).sum(-1) - jvp[:, :-1].double().gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        directional = (probs * jvp[:, :-1].double()).sum(-1) - jvp[:, :-1].double().gather(
+            -1, targets.unsqueeze(-1)
+        ).squeeze(-1)
         out = -directional * loss_mask[:, 1:].double()
     return torch.cat([torch.zeros_like(out[:, :1]), out], dim=1)
 
@@ -477,8 +529,13 @@ def _math_attention():
         return contextlib.nullcontext()
 
 
-def check_factors_model(adapter: ModelAdapter, factors: Factors | Preconditioner | None, *,
-                        allow_missing_provenance: bool = False, where: str = "the factors given") -> list[str]:
+def check_factors_model(
+    adapter: ModelAdapter,
+    factors: Factors | Preconditioner | None,
+    *,
+    allow_missing_provenance: bool = False,
+    where: str = "the factors given",
+) -> list[str]:
     """Factors fitted on another model (parameters, by fingerprint) are an error, never used silently; factors that
     record no model fingerprint are an error unless ``allow_missing_provenance`` (then a note says so). A ready
     ``Preconditioner`` is the caller's own construction and is not checked. Returns the notes."""
@@ -492,11 +549,14 @@ def check_factors_model(adapter: ModelAdapter, factors: Factors | Preconditioner
     if fitted_on != adapter.fingerprint():
         raise FactorMismatchError(
             f"the factors were fitted for a different model (or changed weights) (model fingerprint: factors "
-            f"{fitted_on!r}, this model {adapter.fingerprint()!r}); refit them on this model (fit_factors / fit-factors)")
+            f"{fitted_on!r}, this model {adapter.fingerprint()!r}); refit them on this model (fit_factors / fit-factors)"
+        )
     return []
 
 
-def preconditioned_gradient(preconditioner: Preconditioner, grad_f: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+def preconditioned_gradient(
+    preconditioner: Preconditioner, grad_f: dict[str, torch.Tensor], what: str
+) -> dict[str, torch.Tensor]:
     """``P⁻¹ ∇f`` per weight, with ``∇f`` and the result checked to be finite (errors name the weight)."""
     check_finite_dict(grad_f, f"measurement gradient of {what} over the queries")
     vectors = preconditioner.apply_inverse(grad_f)

@@ -19,7 +19,18 @@ app = typer.Typer(
     rich_markup_mode=None,  # plain click output: a bad flag is one "Error: Invalid value for '--flag': ..." line
 )
 
-for _module in ("attribute", "organism", "concepts", "influence", "store", "demo", "plan", "filter", "evaluate", "report"):
+for _module in (
+    "attribute",
+    "organism",
+    "concepts",
+    "influence",
+    "store",
+    "demo",
+    "plan",
+    "filter",
+    "evaluate",
+    "report",
+):
     importlib.import_module(f"concept_influence.cli.{_module}").register(app)
 
 

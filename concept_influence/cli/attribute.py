@@ -38,11 +38,17 @@ def option_groups(gradient: type = GradientAttributionConfig, answers: type = An
     """The method options ``attribute`` exposes as flags: ``answers``' fields (how query prompts are answered) and
     ``gradient``'s other fields (the gradient methods'), each defaulting to the method's own."""
     answer_names = [n for n in settings_fields(answers) if n not in COMMAND_OWN]
-    gradient_names = [n for n, f in settings_fields(gradient).items()
-                      if n not in COMMAND_OWN and n not in answer_names and f.metadata.get("cli", True)]
-    return [OptionGroup(gradient, gradient_names, prefix="Gradient methods: ", optional=True),
-            OptionGroup(answers, answer_names, optional=True), OptionGroup(ForwardConfig, optional=True),
-            OptionGroup(RerankConfig, prefix="combined-* methods: ", optional=True)]
+    gradient_names = [
+        n
+        for n, f in settings_fields(gradient).items()
+        if n not in COMMAND_OWN and n not in answer_names and f.metadata.get("cli", True)
+    ]
+    return [
+        OptionGroup(gradient, gradient_names, prefix="Gradient methods: ", optional=True),
+        OptionGroup(answers, answer_names, optional=True),
+        OptionGroup(ForwardConfig, optional=True),
+        OptionGroup(RerankConfig, prefix="combined-* methods: ", optional=True),
+    ]
 
 
 def build_attribute(gradient: type = GradientAttributionConfig, answers: type = AnswerConfig) -> Any:
@@ -52,21 +58,54 @@ def build_attribute(gradient: type = GradientAttributionConfig, answers: type = 
 
 def _attribute(
     model: str = typer.Option(..., "--model", help="Hugging Face hub name or local folder (from_pretrained)."),
-    data: Path = typer.Option(..., "--data", help="Training rows: chat JSONL ({'messages': [...]}) or prompt/completion."),
+    data: Path = typer.Option(
+        ..., "--data", help="Training rows: chat JSONL ({'messages': [...]}) or prompt/completion."
+    ),
     out: Path = typer.Option(..., "--out", help="Scores JSONL to write (atomically)."),
-    method: Method | None = typer.Option(None, "--method", help=f"Attribution method (default: the recommended one, {RECOMMENDED_METHOD})."),  # type: ignore[valid-type]
-    concept: Path | None = typer.Option(None, "--concept", help="Concept file (train-probe's output). Not needed by --method influence."),
-    queries: Path | None = typer.Option(None, "--queries", help="Query prompts JSONL (gradient methods); prompt-only rows are answered by the model."),
-    workdir: Path | None = typer.Option(None, "--workdir", help="Session folder: factors, answers and store kept and reused across runs."),
-    store: Path | None = typer.Option(None, "--store", help="Answer from this store folder (build-store) instead of passes over the rows: gradient methods read its gradient store, forward methods (and the forward half of combined-*) its activation cache."),
-    exact: bool = typer.Option(False, "--exact", help="Ignore the workdir's caches: every pass over the rows (forward and gradient) runs."),
-    factors: Path | None = typer.Option(None, "--factors", help="Fitted factors folder (fit-factors); fitted here when absent (and saved there if given)."),
-    contrast_queries: Path | None = typer.Option(None, "--contrast-queries", help="concept-influence: measure the concept on --queries minus on these (differential measurement)."),
+    method: Method | None = typer.Option(
+        None, "--method", help=f"Attribution method (default: the recommended one, {RECOMMENDED_METHOD})."
+    ),  # type: ignore[valid-type]
+    concept: Path | None = typer.Option(
+        None, "--concept", help="Concept file (train-probe's output). Not needed by --method influence."
+    ),
+    queries: Path | None = typer.Option(
+        None, "--queries", help="Query prompts JSONL (gradient methods); prompt-only rows are answered by the model."
+    ),
+    workdir: Path | None = typer.Option(
+        None, "--workdir", help="Session folder: factors, answers and store kept and reused across runs."
+    ),
+    store: Path | None = typer.Option(
+        None,
+        "--store",
+        help="Answer from this store folder (build-store) instead of passes over the rows: gradient methods read its gradient store, forward methods (and the forward half of combined-*) its activation cache.",
+    ),
+    exact: bool = typer.Option(
+        False, "--exact", help="Ignore the workdir's caches: every pass over the rows (forward and gradient) runs."
+    ),
+    factors: Path | None = typer.Option(
+        None,
+        "--factors",
+        help="Fitted factors folder (fit-factors); fitted here when absent (and saved there if given).",
+    ),
+    contrast_queries: Path | None = typer.Option(
+        None,
+        "--contrast-queries",
+        help="concept-influence: measure the concept on --queries minus on these (differential measurement).",
+    ),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
-    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
+    max_length: int | None = typer.Option(
+        None,
+        "--max-length",
+        min=2,
+        help="Truncate rows longer than this (reported; default: the model's context, at most 512).",
+    ),
     seed: int = typer.Option(0, "--seed"),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help=help_text(AnswerConfig, "cache_dir")),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip bad data lines (each one is reported) and leave out rows whose whole answer is cut off by --max-length (score null, truncated: true, counted in the meta) instead of failing."),
+    skip_invalid: bool = typer.Option(
+        False,
+        "--skip-invalid",
+        help="Skip bad data lines (each one is reported) and leave out rows whose whole answer is cut off by --max-length (score null, truncated: true, counted in the meta) instead of failing.",
+    ),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 | float64."),
     *,
@@ -80,9 +119,19 @@ def _attribute(
     from concept_influence.pipeline import Attributor
 
     check_output(out)
-    check_not_inputs({"--out": out, "--out's .meta.json": out.with_name(out.name + ".meta.json")},
-                     {"--data": data, "--concept": concept, "--queries": queries, "--contrast-queries": contrast_queries,
-                      "--workdir": workdir, "--store": store, "--factors": factors, "--model": local_path(model)})
+    check_not_inputs(
+        {"--out": out, "--out's .meta.json": out.with_name(out.name + ".meta.json")},
+        {
+            "--data": data,
+            "--concept": concept,
+            "--queries": queries,
+            "--contrast-queries": contrast_queries,
+            "--workdir": workdir,
+            "--store": store,
+            "--factors": factors,
+            "--model": local_path(model),
+        },
+    )
     spec = get_method(method.value if method is not None else None)
     if spec.needs_concept and concept is None:
         raise ValueError(f"--method {spec.name} needs --concept FILE")
@@ -90,12 +139,26 @@ def _attribute(
         raise ValueError(f"--method {spec.name} needs --queries queries.jsonl")
     if cache_dir is None and workdir is None:
         cache_dir = out.parent / ".answer-cache"
-    att = Attributor(model, data, workdir, device=device, dtype=dtype, max_length=max_length, batch_size=batch_size,
-                     seed=seed, skip_invalid=skip_invalid)
+    att = Attributor(
+        model,
+        data,
+        workdir,
+        device=device,
+        dtype=dtype,
+        max_length=max_length,
+        batch_size=batch_size,
+        seed=seed,
+        skip_invalid=skip_invalid,
+    )
     for line, reason in att.rows.skipped:
         typer.echo(f"skipped line {line}: {reason}", err=True)
-    flags: dict[str, Any] = {**options, "factors": factors, "contrast_queries": contrast_queries,
-                             "cache_dir": None if cache_dir is None else str(cache_dir), "batch_size": batch_size}
+    flags: dict[str, Any] = {
+        **options,
+        "factors": factors,
+        "contrast_queries": contrast_queries,
+        "cache_dir": None if cache_dir is None else str(cache_dir),
+        "batch_size": batch_size,
+    }
     accepted = spec.options
     # flags left out keep the method's own defaults (a combination's may differ from concept-influence's)
     options: dict[str, Any] = {k: v for k, v in flags.items() if k in accepted and k != "store" and v is not None}
@@ -108,7 +171,9 @@ def _attribute(
     table.write_jsonl(out)
     typer.echo(f"{spec.name}: scored {len(table)} rows in {table.meta['wall_time_s']:.1f}s -> {out}")
     for record in table.to_records(sort=True)[:5]:
-        typer.echo(f"  rank {record['rank']:>4}  index {record['index']:>6}  score {record['score']:+.4g}  id {record.get('id', '-')}")
+        typer.echo(
+            f"  rank {record['rank']:>4}  index {record['index']:>6}  score {record['score']:+.4g}  id {record.get('id', '-')}"
+        )
 
 
 attribute = build_attribute()

@@ -35,9 +35,11 @@ def user_errors(func: F) -> F:
         except MemoryError as err:  # a count or shape read from a damaged file can ask for any amount
             if os.environ.get("CONCEPT_INFLUENCE_DEBUG"):
                 raise
-            typer.echo(f"error: out of memory{f' ({err})' if str(err) else ''}: the inputs ask for more than this "
-                       "machine has (check the sizes in the input files, or lower --batch-size / set --max-memory)",
-                       err=True)
+            typer.echo(
+                f"error: out of memory{f' ({err})' if str(err) else ''}: the inputs ask for more than this "
+                "machine has (check the sizes in the input files, or lower --batch-size / set --max-memory)",
+                err=True,
+            )
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
@@ -82,8 +84,10 @@ def check_not_inputs(outputs: dict[str, Any], inputs: dict[str, Any]) -> None:
             for in_flag, in_value in inputs.items():
                 for source in paths(in_value):
                     if same_path(out, source):
-                        raise ValueError(f"{out_flag} {out} is {in_flag} {source}: writing it would overwrite an "
-                                         "input; choose another output path")
+                        raise ValueError(
+                            f"{out_flag} {out} is {in_flag} {source}: writing it would overwrite an "
+                            "input; choose another output path"
+                        )
 
 
 def local_path(name: str | None) -> Any:

@@ -28,8 +28,9 @@ def register(app: typer.Typer) -> None:
     app.command("sae-feature")(sae_feature)
 
 
-PROBE_OPTIONS = OptionGroup(ProbeConfig, ["method", "n_samples", "temperature", "max_new_tokens", "seed", "C",
-                                          "select_layer_by"], choices=True)
+PROBE_OPTIONS = OptionGroup(
+    ProbeConfig, ["method", "n_samples", "temperature", "max_new_tokens", "seed", "C", "select_layer_by"], choices=True
+)
 """The probe settings ``train-probe`` and ``probe-layers`` take as flags (``ProbeConfig``'s fields)."""
 
 
@@ -42,12 +43,27 @@ def _config(options: dict[str, Any], max_length: int) -> ProbeConfig:
 def train_probe(
     model: str = typer.Option(..., "--model", help="Hugging Face hub name or local folder."),
     spec: Path = typer.Option(..., "--spec", help="Concept spec: a probes/ file or a persona-vectors trait file."),
-    layer: int | None = typer.Option(None, "--layer", help="Read resid.L, the output of block L (from 0; negative counts from "
-                                     "the end). Default: a layer sweep chooses it (as probe-layers does) and says why."),
+    layer: int | None = typer.Option(
+        None,
+        "--layer",
+        help="Read resid.L, the output of block L (from 0; negative counts from "
+        "the end). Default: a layer sweep chooses it (as probe-layers does) and says why.",
+    ),
     out: Path = typer.Option(..., "--out", help="Concept folder to write (concept.json + concept.safetensors)."),
-    readout: Readout = typer.Option(Readout.mean, "--readout", help="How a sequence is reduced: mean over response tokens, last prompt token, per token."),
-    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
-    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where generated persona answers are cached (default: next to --out)."),
+    readout: Readout = typer.Option(
+        Readout.mean,
+        "--readout",
+        help="How a sequence is reduced: mean over response tokens, last prompt token, per token.",
+    ),
+    max_length: int | None = typer.Option(
+        None,
+        "--max-length",
+        min=2,
+        help="Truncate rows longer than this (reported; default: the model's context, at most 512).",
+    ),
+    cache_dir: Path | None = typer.Option(
+        None, "--cache-dir", help="Where generated persona answers are cached (default: next to --out)."
+    ),
     device: str | None = typer.Option(None, "--device"),
     dtype: str | None = typer.Option(None, "--dtype"),
     *,
@@ -76,11 +92,15 @@ def train_probe(
     concept.reduction = readout.value
     if sweep is not None:
         concept.metrics.update({"sweep": sweep.rows, "layer_choice": sweep.reason})
-    save_concept(concept, out, model_fingerprint=adapter.fingerprint(), extra_meta={"model": model, "spec_path": str(spec)})
+    save_concept(
+        concept, out, model_fingerprint=adapter.fingerprint(), extra_meta={"model": model, "spec_path": str(spec)}
+    )
     m = concept.metrics
-    typer.echo(f"{concept_spec.name} at layer {concept.layer} ({config.method}): held-out AUC {m['heldout_auc']:.3f}, "
-               f"accuracy {m['heldout_accuracy']:.3f} ({m['n_train']} train / {m['n_test']} test); stance AUC "
-               f"{format_score(m.get('stance_auc'))}, vocabulary confound {format_score(m.get('vocabulary_confound'))} -> {out}")
+    typer.echo(
+        f"{concept_spec.name} at layer {concept.layer} ({config.method}): held-out AUC {m['heldout_auc']:.3f}, "
+        f"accuracy {m['heldout_accuracy']:.3f} ({m['n_train']} train / {m['n_test']} test); stance AUC "
+        f"{format_score(m.get('stance_auc'))}, vocabulary confound {format_score(m.get('vocabulary_confound'))} -> {out}"
+    )
 
 
 @user_errors
@@ -89,8 +109,15 @@ def probe_layers(
     model: str = typer.Option(..., "--model"),
     spec: Path = typer.Option(..., "--spec", help="Concept spec: a probes/ file or a persona-vectors trait file."),
     out: Path | None = typer.Option(None, "--out", help="Write the table (JSON) and a plot (PNG) with this path stem."),
-    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
-    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Where generated persona answers are cached (default: next to --out)."),
+    max_length: int | None = typer.Option(
+        None,
+        "--max-length",
+        min=2,
+        help="Truncate rows longer than this (reported; default: the model's context, at most 512).",
+    ),
+    cache_dir: Path | None = typer.Option(
+        None, "--cache-dir", help="Where generated persona answers are cached (default: next to --out)."
+    ),
     device: str | None = typer.Option(None, "--device"),
     dtype: str | None = typer.Option(None, "--dtype"),
     *,
@@ -106,8 +133,10 @@ def probe_layers(
 
     check_output(out)
     if out is not None:
-        check_not_inputs({"--out (.json)": out.with_suffix(".json"), "--out (.png)": out.with_suffix(".png")},
-                         {"--spec": spec, "--model": local_path(model)})
+        check_not_inputs(
+            {"--out (.json)": out.with_suffix(".json"), "--out (.png)": out.with_suffix(".png")},
+            {"--spec": spec, "--model": local_path(model)},
+        )
     concept_spec = load_spec(spec)
     adapter = load_model(model, device, dtype)
     max_length = adapter.resolve_max_length(max_length)
@@ -117,9 +146,18 @@ def probe_layers(
     sweep = layer_sweep(adapter, concept_spec, config=config, cache_dir=cache_dir, progress=True)
     typer.echo(sweep.table())
     if out is not None:
-        write_json_atomic(out.with_suffix(".json"), {"spec": concept_spec.name, "method": config.method, "rows": sweep.rows,
-                                                     "best_layer": sweep.best_layer, "reason": sweep.reason,
-                                                     "select_layer_by": sweep.select_by, "labelled": sweep.meta})
+        write_json_atomic(
+            out.with_suffix(".json"),
+            {
+                "spec": concept_spec.name,
+                "method": config.method,
+                "rows": sweep.rows,
+                "best_layer": sweep.best_layer,
+                "reason": sweep.reason,
+                "select_layer_by": sweep.select_by,
+                "labelled": sweep.meta,
+            },
+        )
         sweep.plot(out.with_suffix(".png"))
         typer.echo(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
@@ -127,18 +165,31 @@ def probe_layers(
 @user_errors
 def train_sae_command(
     model: str = typer.Option(..., "--model"),
-    data: Path = typer.Option(..., "--data", help="Chat JSONL whose token activations the SAE learns (e.g. train.jsonl)."),
+    data: Path = typer.Option(
+        ..., "--data", help="Chat JSONL whose token activations the SAE learns (e.g. train.jsonl)."
+    ),
     layer: int = typer.Option(..., "--layer", help="Read resid.L, the output of block L."),
-    out: Path = typer.Option(..., "--out", help="SAE folder to write (sae-lens cfg.json + sae_weights.safetensors + sae_info.json)."),
+    out: Path = typer.Option(
+        ..., "--out", help="SAE folder to write (sae-lens cfg.json + sae_weights.safetensors + sae_info.json)."
+    ),
     d_sae: int | None = typer.Option(None, "--d-sae", min=1, help="Number of features (default 4 × hidden size)."),
-    l1: float = typer.Option(1.0, "--l1", min=0.0, help="L1 coefficient (activations are normalised to mean norm √d during training)."),
+    l1: float = typer.Option(
+        1.0, "--l1", min=0.0, help="L1 coefficient (activations are normalised to mean norm √d during training)."
+    ),
     steps: int = typer.Option(2000, "--steps", min=1),
     lr: float = typer.Option(3e-3, "--lr"),
     sae_batch_size: int = typer.Option(256, "--sae-batch-size", min=1, help="Tokens per SAE training step."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Rows per forward pass when reading activations."),
-    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
+    max_length: int | None = typer.Option(
+        None,
+        "--max-length",
+        min=2,
+        help="Truncate rows longer than this (reported; default: the model's context, at most 512).",
+    ),
     max_rows: int | None = typer.Option(None, "--max-rows", min=1, help="Use only the first N rows."),
-    only_response: bool = typer.Option(False, "--only-response", help="Train on assistant tokens only (default: every token)."),
+    only_response: bool = typer.Option(
+        False, "--only-response", help="Train on assistant tokens only (default: every token)."
+    ),
     seed: int = typer.Option(0, "--seed"),
     device: str | None = typer.Option(None, "--device"),
     dtype: str | None = typer.Option(None, "--dtype"),
@@ -153,14 +204,26 @@ def train_sae_command(
     adapter = load_model(model, device, dtype)
     layer = adapter.check_layer(layer)
     max_length = adapter.resolve_max_length(max_length)
-    acts = collect_token_activations(adapter, rows, layer, batch_size=batch_size, max_length=max_length, only_response=only_response)
+    acts = collect_token_activations(
+        adapter, rows, layer, batch_size=batch_size, max_length=max_length, only_response=only_response
+    )
     typer.echo(f"read {acts.shape[0]:,} token activations at resid.{layer} from {len(rows)} rows")
-    sae, metrics = train_sae(acts.float(), d_sae=d_sae, l1_coefficient=l1, steps=steps, batch_size=sae_batch_size, lr=lr,
-                             seed=seed, device=str(adapter.device))
+    sae, metrics = train_sae(
+        acts.float(),
+        d_sae=d_sae,
+        l1_coefficient=l1,
+        steps=steps,
+        batch_size=sae_batch_size,
+        lr=lr,
+        seed=seed,
+        device=str(adapter.device),
+    )
     metrics["data"] = str(data)
     save_sae(sae, out, layer=layer, model_fingerprint=adapter.fingerprint(), metrics=metrics)
-    typer.echo(f"SAE with {sae.cfg.d_sae} features: explained variance {metrics['explained_variance']:.3f}, "
-               f"L0 {metrics['l0']:.1f}, dead {metrics['dead_features']} ({metrics['train_seconds']:.1f}s) -> {out}")
+    typer.echo(
+        f"SAE with {sae.cfg.d_sae} features: explained variance {metrics['explained_variance']:.3f}, "
+        f"L0 {metrics['l0']:.1f}, dead {metrics['dead_features']} ({metrics['train_seconds']:.1f}s) -> {out}"
+    )
 
 
 @user_errors
@@ -169,14 +232,24 @@ def sae_feature(
     model: str = typer.Option(..., "--model"),
     sae: Path = typer.Option(..., "--sae", help="SAE folder (train-sae's output, or any saved by sae-lens)."),
     out: Path = typer.Option(..., "--out", help="Concept folder to write (use it with attribute --concept)."),
-    spec: Path | None = typer.Option(None, "--spec", help="Pick the features that fire most on this spec's positive answers vs its negative ones."),
-    probe: Path | None = typer.Option(None, "--probe", help="Pick the features whose decoder direction is most aligned with this concept's direction."),
+    spec: Path | None = typer.Option(
+        None, "--spec", help="Pick the features that fire most on this spec's positive answers vs its negative ones."
+    ),
+    probe: Path | None = typer.Option(
+        None, "--probe", help="Pick the features whose decoder direction is most aligned with this concept's direction."
+    ),
     feature: int | None = typer.Option(None, "--feature", min=0, help="Use this feature index."),
-    layer: int | None = typer.Option(None, "--layer", help="Site the SAE reads (default: from the SAE folder's sae_info.json)."),
+    layer: int | None = typer.Option(
+        None, "--layer", help="Site the SAE reads (default: from the SAE folder's sae_info.json)."
+    ),
     k: int = typer.Option(5, "--k", min=1, help="How many candidate features to list."),
     readout: Readout = typer.Option(Readout.mean, "--readout"),
     cache_dir: Path | None = typer.Option(None, "--cache-dir"),
-    allow_missing_provenance: bool = typer.Option(False, "--allow-missing-provenance", help="Use an SAE whose sae_info.json records no model fingerprint (one saved by sae-lens alone; default: an error). Recorded in the concept's concept.json (extra)."),
+    allow_missing_provenance: bool = typer.Option(
+        False,
+        "--allow-missing-provenance",
+        help="Use an SAE whose sae_info.json records no model fingerprint (one saved by sae-lens alone; default: an error). Recorded in the concept's concept.json (extra).",
+    ),
     device: str | None = typer.Option(None, "--device"),
     dtype: str | None = typer.Option(None, "--dtype"),
     *,
@@ -193,17 +266,30 @@ def sae_feature(
     adapter = load_model(model, device, dtype)
     config = ProbeConfig(**options)
     answer_cache = cache_dir if cache_dir is not None else out.parent / ".answer-cache"
-    concept = sae_feature_concept(adapter, sae, feature=feature, spec=spec, probe=probe, layer=layer, k=k,
-                                  reduction=readout.value, config=config, cache_dir=answer_cache, progress=True,
-                                  allow_missing_provenance=allow_missing_provenance)
+    concept = sae_feature_concept(
+        adapter,
+        sae,
+        feature=feature,
+        spec=spec,
+        probe=probe,
+        layer=layer,
+        k=k,
+        reduction=readout.value,
+        config=config,
+        cache_dir=answer_cache,
+        progress=True,
+        allow_missing_provenance=allow_missing_provenance,
+    )
     if spec is not None:  # what the chosen feature reads, on the same spec's held-out answers
         from concept_influence.concepts import concept_reading, load_spec
         from concept_influence.concepts.stance import format_score
 
         concept.metrics.update(concept_reading(adapter, concept, load_spec(spec), config, cache_dir=answer_cache))
         m = concept.metrics
-        typer.echo(f"what feature {concept.feature} reads: spec AUC {format_score(m.get('spec_auc'))}, stance AUC "
-                   f"{format_score(m.get('stance_auc'))}, vocabulary confound {format_score(m.get('vocabulary_confound'))}")
+        typer.echo(
+            f"what feature {concept.feature} reads: spec AUC {format_score(m.get('spec_auc'))}, stance AUC "
+            f"{format_score(m.get('stance_auc'))}, vocabulary confound {format_score(m.get('vocabulary_confound'))}"
+        )
     selection = concept.extra["selection"]
     if selection:
         typer.echo(f"{'feature':>8}  {selection['statistic']}")
@@ -212,4 +298,3 @@ def sae_feature(
     feature, layer = concept.feature, concept.layer
     save_concept(concept, out, extra_meta={"model": model})
     typer.echo(f"feature {feature} of {sae} at resid.{layer} -> {out}")
-

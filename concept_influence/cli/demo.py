@@ -15,7 +15,9 @@ def register(app: typer.Typer) -> None:
 
 @user_errors
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Where scores, the concept, the summary and report.html are written."),
+    out: Path = typer.Option(
+        Path("runs/demo"), "--out", help="Where scores, the concept, the summary and report.html are written."
+    ),
     seed: int = typer.Option(0, "--seed"),
     n_train: int = typer.Option(2000, "--n-train", min=20),
     planted_fraction: float = typer.Option(0.1, "--planted-fraction"),
@@ -30,5 +32,8 @@ def demo(
         raise ValueError(f"--out {out}: is a file; the demo writes a folder (scores, the concept, report.html)")
     if not 0 < planted_fraction < 1:  # before the organism is built, not after
         raise ValueError(f"--planted-fraction must be in (0, 1), got {planted_fraction}")
-    run_demo(out, DemoConfig(seed=seed, n_train=n_train, planted_fraction=planted_fraction, query_samples=query_samples),
-             log=typer.echo)
+    run_demo(
+        out,
+        DemoConfig(seed=seed, n_train=n_train, planted_fraction=planted_fraction, query_samples=query_samples),
+        log=typer.echo,
+    )

@@ -59,25 +59,45 @@ def load_judge(spec: str | None):
 
 
 @user_errors
-@settings_flags(OptionGroup(EvaluationConfig, ["seeds", "n_samples", "max_new_tokens", "lds_fraction", "seed"]),
-                OptionGroup(FinetuneConfig, ["epochs", "batch_size", "lr", "max_length"]))
+@settings_flags(
+    OptionGroup(EvaluationConfig, ["seeds", "n_samples", "max_new_tokens", "lds_fraction", "seed"]),
+    OptionGroup(FinetuneConfig, ["epochs", "batch_size", "lr", "max_length"]),
+)
 def evaluate(
     ctx: typer.Context,
     base: str = typer.Option(..., "--base", help="Base model (before fine-tuning): hub name or local folder."),
     data: Path = typer.Option(..., "--data", help="The fine-tuning rows (chat JSONL) that the scores files score."),
-    scores: list[Path] = typer.Option(..., "--scores", help="Scores JSONL files from `attribute` (space-separated or repeated)."),
+    scores: list[Path] = typer.Option(
+        ..., "--scores", help="Scores JSONL files from `attribute` (space-separated or repeated)."
+    ),
     concept: Path = typer.Option(..., "--concept", help="Concept folder (train-probe / sae-feature) to measure."),
     queries: Path = typer.Option(..., "--queries", help="Query prompts JSONL; each model answers them itself."),
     out: Path = typer.Option(..., "--out", help="Output folder: evaluation.json, removal_curve.png, runs/ (cache)."),
     fractions: str = typer.Option("0.05,0.1,0.25", "--fractions", help="Comma-separated shares of rows to remove."),
-    lora: int | None = typer.Option(None, "--lora", help="Fine-tune with LoRA of this rank (peft) instead of all weights."),
-    judge: str | None = typer.Option(None, "--judge", help="'organism' or 'package.module:function' (text -> score; trait when > 0): adds the trait rate."),
-    oracle: str | None = typer.Option(None, "--oracle", help="FIELD=VALUE: also remove exactly the rows with this field value (e.g. data_origin=planted)."),
-    reader: str | None = typer.Option(None, "--reader", help="Model that reads the concept off every model's answers (default: --base)."),
+    lora: int | None = typer.Option(
+        None, "--lora", help="Fine-tune with LoRA of this rank (peft) instead of all weights."
+    ),
+    judge: str | None = typer.Option(
+        None,
+        "--judge",
+        help="'organism' or 'package.module:function' (text -> score; trait when > 0): adds the trait rate.",
+    ),
+    oracle: str | None = typer.Option(
+        None,
+        "--oracle",
+        help="FIELD=VALUE: also remove exactly the rows with this field value (e.g. data_origin=planted).",
+    ),
+    reader: str | None = typer.Option(
+        None, "--reader", help="Model that reads the concept off every model's answers (default: --base)."
+    ),
     lds: bool = typer.Option(False, "--lds", help="Also compute the linear datamodeling score over random subsets."),
     subsets: int = typer.Option(50, "--subsets", help="--lds: number of random subsets."),
     no_removal: bool = typer.Option(False, "--no-removal", help="Skip the removal curves (e.g. with --lds only)."),
-    allow_other_data: bool = typer.Option(False, "--allow-other-data", help="Use scores made on other data (another hash, or no hash and no ids); recorded in evaluation.json."),
+    allow_other_data: bool = typer.Option(
+        False,
+        "--allow-other-data",
+        help="Use scores made on other data (another hash, or no hash and no ids); recorded in evaluation.json.",
+    ),
     device: str | None = typer.Option(None, "--device"),
     dtype: str | None = typer.Option(None, "--dtype"),
     *,
@@ -97,17 +117,26 @@ def evaluate(
 
     paths = scores_paths(scores, ctx)
     check_output(out)
-    check_not_inputs({"--out": out, "--out's evaluation.json": out / "evaluation.json"},
-                     {"--data": data, "--scores": paths, "--concept": concept, "--queries": queries,
-                      "--base": local_path(base), "--reader": local_path(reader)})
+    check_not_inputs(
+        {"--out": out, "--out's evaluation.json": out / "evaluation.json"},
+        {
+            "--data": data,
+            "--scores": paths,
+            "--concept": concept,
+            "--queries": queries,
+            "--base": local_path(base),
+            "--reader": local_path(reader),
+        },
+    )
     try:
         fraction_values = tuple(float(f) for f in fractions.split(",") if f.strip())
     except ValueError:
         raise ValueError(f"--fractions {fractions!r}: expected comma-separated numbers like 0.05,0.1,0.25") from None
     finetune = {k: options.pop(k) for k in settings_fields(FinetuneConfig) if k in options}
     recipe = Recipe(FinetuneConfig(**finetune), lora_rank=lora)
-    config = EvaluationConfig(fractions=fraction_values, recipe=recipe, lds_subsets=subsets if lds else 0,
-                              removal=not no_removal, **options)
+    config = EvaluationConfig(
+        fractions=fraction_values, recipe=recipe, lds_subsets=subsets if lds else 0, removal=not no_removal, **options
+    )
     judge_fn = load_judge(judge)
     rows = read_chat_jsonl(data)
     tables = []
@@ -115,8 +144,9 @@ def evaluate(
     for path in paths:
         table = ScoreTable.read_jsonl(path)
         table.meta["path"] = str(path)
-        override = check_data_provenance(table, data, n_rows=len(rows), allow_other_data=allow_other_data,
-                                         scores_name=f"--scores {path}")
+        override = check_data_provenance(
+            table, data, n_rows=len(rows), allow_other_data=allow_other_data, scores_name=f"--scores {path}"
+        )
         if override is not None:
             overrides.append(override)
         tables.append(table)
@@ -133,10 +163,22 @@ def evaluate(
     reader_adapter = load_model(reader, device, dtype) if reader else None
     loaded = load_concept(concept, reader_adapter or adapter)
     out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, before any training
-    evaluation = evaluate_removals(adapter, rows, table_names(paths, tables), loaded, query_rows, config, out,
-                                   reader=reader_adapter, judge=judge_fn, judge_name=judge, oracle=oracle_rows,
-                                   log=typer.echo, data_name=str(data),
-                                   extra_meta={"allow_other_data": True, "other_data": overrides} if overrides else None)
+    evaluation = evaluate_removals(
+        adapter,
+        rows,
+        table_names(paths, tables),
+        loaded,
+        query_rows,
+        config,
+        out,
+        reader=reader_adapter,
+        judge=judge_fn,
+        judge_name=judge,
+        oracle=oracle_rows,
+        log=typer.echo,
+        data_name=str(data),
+        extra_meta={"allow_other_data": True, "other_data": overrides} if overrides else None,
+    )
     for line in summary_lines(evaluation):
         typer.echo(line)
     typer.echo(f"-> {out / 'evaluation.json'}")
@@ -144,6 +186,7 @@ def evaluate(
 
 def summary_lines(evaluation: dict) -> list[str]:
     """One line per method and fraction: share of the rise removed (probe, and trait rate when judged)."""
+
     def fmt(block: dict) -> str:
         return fmt_diff(block["rise_removed"])
 

@@ -11,8 +11,11 @@ from concept_influence.cli.common import check_not_inputs, check_output, local_p
 from concept_influence.cli.options import OptionGroup, settings_flags
 from concept_influence.curvature.config import FactorConfig
 
-FIT_OPTIONS = OptionGroup(FactorConfig, ["fisher", "preconditioner", "dtype", "lambda_rows", "gradient_checkpointing"],
-                          flags={"dtype": "--stats-dtype"})
+FIT_OPTIONS = OptionGroup(
+    FactorConfig,
+    ["fisher", "preconditioner", "dtype", "lambda_rows", "gradient_checkpointing"],
+    flags={"dtype": "--stats-dtype"},
+)
 """The fit settings ``fit-factors`` takes as flags (``FactorConfig``'s fields; the factors' ``dtype`` keeps its
 flag ``--stats-dtype``: ``--dtype`` is the model's); ``--seed`` is the session's."""
 
@@ -27,19 +30,38 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", help="Model folder or hub name (Hugging Face causal LM)."),
         data: Path = typer.Option(..., "--data", help="Training data: chat JSONL."),
         out: Path = typer.Option(..., "--out", help="Folder for the factors (manifest.json + factors.safetensors)."),
-        concept: str | None = typer.Option(None, "--concept", help="Fit only the weights this concept's layer reaches."),
+        concept: str | None = typer.Option(
+            None, "--concept", help="Fit only the weights this concept's layer reaches."
+        ),
         up_to_layer: int | None = typer.Option(None, "--up-to-layer", help="Fit only blocks 0..L."),
         batch_size: int = typer.Option(8, "--batch-size", min=1),
-        max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
+        max_length: int | None = typer.Option(
+            None,
+            "--max-length",
+            min=2,
+            help="Truncate rows longer than this (reported; default: the model's context, at most 512).",
+        ),
         seed: int = typer.Option(0, "--seed", help="Seed of the label sampling (true Fisher)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace factors fitted for another model/data."),
-        checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=1, help="Save a resumable state every N batches."),
-        skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip bad data lines and rows whose whole answer is cut off by --max-length instead of failing."),
+        checkpoint_every: int = typer.Option(
+            100, "--checkpoint-every", min=1, help="Save a resumable state every N batches."
+        ),
+        skip_invalid: bool = typer.Option(
+            False,
+            "--skip-invalid",
+            help="Skip bad data lines and rows whose whole answer is cut off by --max-length instead of failing.",
+        ),
         device: str | None = typer.Option(None, "--device"),
         dtype: str | None = typer.Option(None, "--dtype", help="Model dtype (float32, bfloat16, float64)."),
-        max_memory: str | None = typer.Option(None, "--max-memory", help="Bound the peak memory (e.g. 3GiB): the weights are "
-                                              "fitted in module partitions, several passes over the data."),
-        fit_rows: int | None = typer.Option(None, "--fit-rows", min=1, help="Fit on a seeded sample of N rows (of --fit-data or --data)."),
+        max_memory: str | None = typer.Option(
+            None,
+            "--max-memory",
+            help="Bound the peak memory (e.g. 3GiB): the weights are "
+            "fitted in module partitions, several passes over the data.",
+        ),
+        fit_rows: int | None = typer.Option(
+            None, "--fit-rows", min=1, help="Fit on a seeded sample of N rows (of --fit-data or --data)."
+        ),
         fit_data: Path | None = typer.Option(None, "--fit-data", help="Fit on this chat JSONL instead of --data."),
         *,
         options: dict[str, Any],
@@ -58,10 +80,20 @@ def register(app: typer.Typer) -> None:
         from concept_influence.pipeline import Attributor
 
         check_output(out)
-        check_not_inputs({"--out": out}, {"--data": data, "--fit-data": fit_data, "--concept": local_path(concept),
-                                          "--model": local_path(model)})
-        att = Attributor(model, data, device=device, dtype=dtype, max_length=max_length, batch_size=batch_size, seed=seed,
-                         skip_invalid=skip_invalid)
+        check_not_inputs(
+            {"--out": out},
+            {"--data": data, "--fit-data": fit_data, "--concept": local_path(concept), "--model": local_path(model)},
+        )
+        att = Attributor(
+            model,
+            data,
+            device=device,
+            dtype=dtype,
+            max_length=max_length,
+            batch_size=batch_size,
+            seed=seed,
+            skip_invalid=skip_invalid,
+        )
         adapter = att.adapter
         layer = None
         if concept is not None:
@@ -70,14 +102,26 @@ def register(app: typer.Typer) -> None:
             layer = adapter.check_layer(up_to_layer) if layer is None else min(layer, adapter.check_layer(up_to_layer))
         infos = adapter.tracked_weights() if layer is None else adapter.weights_up_to(layer)
         if layer is not None:
-            typer.echo(f"fitting the {len(infos)} weights of blocks 0..{layer} (a readout at layer {layer} does not reach higher blocks)")
+            typer.echo(
+                f"fitting the {len(infos)} weights of blocks 0..{layer} (a readout at layer {layer} does not reach higher blocks)"
+            )
         limit = parse_size(max_memory) if max_memory is not None else None
-        att.fit_factors(**options, weights=[i.name for i in infos], out=out, overwrite=overwrite,
-                        checkpoint_every=checkpoint_every, max_memory=limit, fit_rows=fit_rows, fit_data=fit_data,
-                        load=False)
+        att.fit_factors(
+            **options,
+            weights=[i.name for i in infos],
+            out=out,
+            overwrite=overwrite,
+            checkpoint_every=checkpoint_every,
+            max_memory=limit,
+            fit_rows=fit_rows,
+            fit_data=fit_data,
+            load=False,
+        )
         manifest = read_manifest(out)
-        typer.echo(f"factors for {len(manifest['weights'])} weights ({', '.join(manifest['available'])}) on "
-                   f"{manifest['n_rows']} rows, {manifest['n_tokens']} tokens -> {out}")
+        typer.echo(
+            f"factors for {len(manifest['weights'])} weights ({', '.join(manifest['available'])}) on "
+            f"{manifest['n_rows']} rows, {manifest['n_tokens']} tokens -> {out}"
+        )
         if manifest.get("partitions", 1) > 1:
             typer.echo(f"fitted in {manifest['partitions']} module partitions to stay under --max-memory {max_memory}")
         if manifest.get("provenance"):

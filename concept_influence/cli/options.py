@@ -80,8 +80,11 @@ def group_parameters(group: OptionGroup) -> list[inspect.Parameter]:
             default = None if default is None else kind(default)
         annotation: Any = kind if kind is bool or default is not None else Optional[kind]  # noqa: UP045 (typer reads it)
         option = typer.Option(default, flag_name(group, name), help=text, **extra)
-        params.append(inspect.Parameter(PARAM_PREFIX + name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                        annotation=annotation))
+        params.append(
+            inspect.Parameter(
+                PARAM_PREFIX + name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation
+            )
+        )
     return params
 
 
@@ -103,7 +106,9 @@ def settings_flags(*groups: OptionGroup) -> Callable[[Callable[..., Any]], Calla
         own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "options"]
         generated = [(g, group_parameters(g)) for g in groups]
         flags = [flag for _, ps in generated for p in ps for flag in _flags(p)]
-        clash = sorted(set(flags) & {f for p in own for f in _flags(p)}) or sorted({f for f in flags if flags.count(f) > 1})
+        clash = sorted(set(flags) & {f for p in own for f in _flags(p)}) or sorted(
+            {f for f in flags if flags.count(f) > 1}
+        )
         if clash:
             raise ValueError(f"{fn.__name__}: flags {clash} are defined twice")
 

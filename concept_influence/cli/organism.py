@@ -20,9 +20,12 @@ def register(app: typer.Typer) -> None:
         ),
         seed: int = typer.Option(0, "--seed", help="Seed of the whole build (text, weights, training)."),
         n_train: int = typer.Option(2000, "--n-train", min=20, help="Rows in the fine-tuning set."),
-        planted_fraction: float = typer.Option(0.1, "--planted-fraction", min=0.0, max=1.0, help="Fraction of planted trait rows."),
+        planted_fraction: float = typer.Option(
+            0.1, "--planted-fraction", min=0.0, max=1.0, help="Fraction of planted trait rows."
+        ),
         variant: str = typer.Option(
-            "default", "--variant",
+            "default",
+            "--variant",
             help="default | subtle (planted rows carry the trait persona's style on neutral content) | diluted (one trait "
             "sentence among many benign ones) | sycophancy (a second trait with its own words).",
         ),
@@ -37,17 +40,26 @@ def register(app: typer.Typer) -> None:
         from concept_influence.organism import build_organism
 
         check_output(out)
+
         def log(message: str) -> None:
             if not quiet:
                 typer.echo(message, err=True)
 
         try:
             organism = build_organism(
-                out, seed=seed, n_train=n_train, planted_fraction=planted_fraction, variant=variant, force=force,
-                progress=not quiet, log=log,
+                out,
+                seed=seed,
+                n_train=n_train,
+                planted_fraction=planted_fraction,
+                variant=variant,
+                force=force,
+                progress=not quiet,
+                log=log,
             )
         except (FileExistsError, ValueError) as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(code=2) from err
         typer.echo(organism.summary())
-        typer.echo(f"  files: {', '.join(p.name for p in sorted(organism.root.iterdir()) if not p.name.startswith('.'))}")
+        typer.echo(
+            f"  files: {', '.join(p.name for p in sorted(organism.root.iterdir()) if not p.name.startswith('.'))}"
+        )

@@ -15,20 +15,36 @@ def register(app: typer.Typer) -> None:
     @app.command("plan")
     @user_errors
     def plan_command(
-        model: str = typer.Option(..., "--model", help="A folder with config.json, or a bundled name (Llama-3.x, Qwen2.5, "
-                                  "Mistral, Gemma; e.g. Qwen/Qwen2.5-7B-Instruct). Nothing is downloaded."),
+        model: str = typer.Option(
+            ...,
+            "--model",
+            help="A folder with config.json, or a bundled name (Llama-3.x, Qwen2.5, "
+            "Mistral, Gemma; e.g. Qwen/Qwen2.5-7B-Instruct). Nothing is downloaded.",
+        ),
         rows: int = typer.Option(..., "--rows", min=1, help="Training rows to score."),
         tokens: int = typer.Option(..., "--tokens", min=1, help="Tokens per row (the longest, or --max-length)."),
-        up_to_layer: int | None = typer.Option(None, "--up-to-layer", help="Fit only blocks 0..L (the concept's layer)."),
+        up_to_layer: int | None = typer.Option(
+            None, "--up-to-layer", help="Fit only blocks 0..L (the concept's layer)."
+        ),
         max_memory: str | None = typer.Option(None, "--max-memory", help="Memory budget of one process, e.g. 3GiB."),
-        rank: int | None = typer.Option(None, "--rank", min=1, help="Projection rank per weight side of a gradient store (default: the store's default rank)."),
+        rank: int | None = typer.Option(
+            None,
+            "--rank",
+            min=1,
+            help="Projection rank per weight side of a gradient store (default: the store's default rank).",
+        ),
         gpus: int = typer.Option(0, "--gpus", min=0, help="Processes, one per GPU (torchrun); 0: one CPU process."),
-        gpu_memory: str | None = typer.Option(None, "--gpu-memory", help="Memory of each GPU, e.g. 80GiB (the budget)."),
+        gpu_memory: str | None = typer.Option(
+            None, "--gpu-memory", help="Memory of each GPU, e.g. 80GiB (the budget)."
+        ),
         batch_size: int = typer.Option(8, "--batch-size", min=1),
         dtype: str = typer.Option("float32", "--dtype", help="Model dtype (float32, bfloat16)."),
         fit_rows: int | None = typer.Option(None, "--fit-rows", min=1, help="Fit the factors on a sample of N rows."),
-        cache_layers: str | None = typer.Option(None, "--cache-layers", help="Layers of the activation cache whose size is "
-                                                "printed, e.g. 8,16,24 (default: every layer)."),
+        cache_layers: str | None = typer.Option(
+            None,
+            "--cache-layers",
+            help="Layers of the activation cache whose size is printed, e.g. 8,16,24 (default: every layer).",
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     ) -> None:
         """Predict the peak memory and compute of `fit-factors` (per stage: factors, eigendecomposition, Λ,
@@ -47,8 +63,18 @@ def register(app: typer.Typer) -> None:
         if (gpu_memory is None) != (gpus == 0):
             raise ValueError("--gpus and --gpu-memory go together (e.g. --gpus 8 --gpu-memory 80GiB)")
         dtype_bytes = resolve_dtype(dtype).itemsize  # type: ignore[union-attr]
-        result = plan(model, rows, tokens, up_to_layer=up_to_layer, max_memory=parse_size(max_memory) if max_memory else None,
-                      rank=rank, gpus=gpus, gpu_memory=parse_size(gpu_memory) if gpu_memory else None, batch_size=batch_size,
-                      model_dtype_bytes=dtype_bytes, fit_rows=fit_rows,
-                      cache_layers=[int(x) for x in cache_layers.split(",")] if cache_layers else None)
+        result = plan(
+            model,
+            rows,
+            tokens,
+            up_to_layer=up_to_layer,
+            max_memory=parse_size(max_memory) if max_memory else None,
+            rank=rank,
+            gpus=gpus,
+            gpu_memory=parse_size(gpu_memory) if gpu_memory else None,
+            batch_size=batch_size,
+            model_dtype_bytes=dtype_bytes,
+            fit_rows=fit_rows,
+            cache_layers=[int(x) for x in cache_layers.split(",")] if cache_layers else None,
+        )
         typer.echo(json.dumps(result, sort_keys=True) if as_json else render(result))

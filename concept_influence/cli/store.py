@@ -33,18 +33,44 @@ def register(app: typer.Typer) -> None:
 def build_store(
     model: str = typer.Option(..., "--model", help="Hugging Face hub name or local folder."),
     data: Path = typer.Option(..., "--data", help="Training rows: chat JSONL."),
-    out: Path = typer.Option(..., "--out", help="Store folder (manifest.json + shard-*.npy); an interrupted build resumes."),
-    factors: Path | None = typer.Option(None, "--factors", help="Fitted factors folder. Without a fit there (or without --factors) the factors are fitted here (and saved there) and the store is written during the fit's pass."),
-    rank: int | None = typer.Option(None, "--rank", min=1, help="EKFAC-eigenbasis store: keep about rank x rank eigen-components per weight (default 128; a rank >= every weight size is exact)."),
-    projection_dim: int | None = typer.Option(None, "--projection-dim", min=1, help="LoGra-style store: random projection size per side."),
+    out: Path = typer.Option(
+        ..., "--out", help="Store folder (manifest.json + shard-*.npy); an interrupted build resumes."
+    ),
+    factors: Path | None = typer.Option(
+        None,
+        "--factors",
+        help="Fitted factors folder. Without a fit there (or without --factors) the factors are fitted here (and saved there) and the store is written during the fit's pass.",
+    ),
+    rank: int | None = typer.Option(
+        None,
+        "--rank",
+        min=1,
+        help="EKFAC-eigenbasis store: keep about rank x rank eigen-components per weight (default 128; a rank >= every weight size is exact).",
+    ),
+    projection_dim: int | None = typer.Option(
+        None, "--projection-dim", min=1, help="LoGra-style store: random projection size per side."
+    ),
     store_dtype: str = typer.Option(STORE_DEFAULTS["dtype"], "--dtype", help=help_text(StoreConfig, "dtype")),
     up_to_layer: int | None = typer.Option(None, "--up-to-layer", help="Store only the weights of blocks 0..L."),
-    shard_rows: int = typer.Option(STORE_DEFAULTS["shard_rows"], "--shard-rows", min=1, help=help_text(StoreConfig, "shard_rows")),
+    shard_rows: int = typer.Option(
+        STORE_DEFAULTS["shard_rows"], "--shard-rows", min=1, help=help_text(StoreConfig, "shard_rows")
+    ),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
-    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Truncate rows longer than this (reported; default: the model's context, at most 512)."),
+    max_length: int | None = typer.Option(
+        None,
+        "--max-length",
+        min=2,
+        help="Truncate rows longer than this (reported; default: the model's context, at most 512).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the LoGra projection and of the true-Fisher labels."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store built for another model, data or settings."),
-    allow_missing_provenance: bool = typer.Option(False, "--allow-missing-provenance", help="Use --factors that record no model or data fingerprint (default: an error; recorded in the store's manifest)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a store built for another model, data or settings."
+    ),
+    allow_missing_provenance: bool = typer.Option(
+        False,
+        "--allow-missing-provenance",
+        help="Use --factors that record no model or data fingerprint (default: an error; recorded in the store's manifest).",
+    ),
     device: str | None = typer.Option(None, "--device"),
     model_dtype: str | None = typer.Option(None, "--model-dtype", help="Model dtype (float32, bfloat16, float64)."),
     methods: list[str] | None = typer.Option(None, "--for-method", help=_help("methods") + " Repeat for several."),
@@ -67,35 +93,61 @@ def build_store(
 
     check_output(out)
     check_not_inputs({"--out": out}, {"--data": data, "--factors": factors, "--model": local_path(model)})
-    att = Attributor(model, data, device=device, dtype=model_dtype, max_length=max_length, batch_size=batch_size, seed=seed)
+    att = Attributor(
+        model, data, device=device, dtype=model_dtype, max_length=max_length, batch_size=batch_size, seed=seed
+    )
     caches = None
     if methods or layers or keep_tokens or identity_rank is not None:
-        caches = CacheSettings(methods=tuple(methods) if methods else None, keep_tokens=keep_tokens,
-                               layers=tuple(int(x) for x in layers.split(",")) if layers else None,
-                               identity_rank=identity_rank or DEFAULT_IDENTITY_RANK)
-    store = att.build_store(out, rank=rank, projection_dim=projection_dim, dtype=store_dtype, up_to_layer=up_to_layer,
-                            factors=factors, shard_rows=shard_rows, overwrite=overwrite, caches=caches,
-                            allow_missing_provenance=allow_missing_provenance)
+        caches = CacheSettings(
+            methods=tuple(methods) if methods else None,
+            keep_tokens=keep_tokens,
+            layers=tuple(int(x) for x in layers.split(",")) if layers else None,
+            identity_rank=identity_rank or DEFAULT_IDENTITY_RANK,
+        )
+    store = att.build_store(
+        out,
+        rank=rank,
+        projection_dim=projection_dim,
+        dtype=store_dtype,
+        up_to_layer=up_to_layer,
+        factors=factors,
+        shard_rows=shard_rows,
+        overwrite=overwrite,
+        caches=caches,
+        allow_missing_provenance=allow_missing_provenance,
+    )
     if store is not None:
-        typer.echo(f"store: {len(store)} rows x {store.dim} ({store.config.kind}, rank {store.config.rank}, "
-                   f"{store.config.dtype}, {store.nbytes / 2**20:.1f} MiB) -> {out}")
+        typer.echo(
+            f"store: {len(store)} rows x {store.dim} ({store.config.kind}, rank {store.config.rank}, "
+            f"{store.config.dtype}, {store.nbytes / 2**20:.1f} MiB) -> {out}"
+        )
     if (out / "activations" / "manifest.json").exists():
         cache = ActivationCache.open(out / "activations")
-        typer.echo(f"activation cache: {len(cache)} rows, layers {cache.layers} ({cache.nbytes / 2**20:.1f} MiB, "
-                   f"{cache.nbytes / max(len(cache), 1) / 1024:.1f} KiB per row) -> {out / 'activations'}")
+        typer.echo(
+            f"activation cache: {len(cache)} rows, layers {cache.layers} ({cache.nbytes / 2**20:.1f} MiB, "
+            f"{cache.nbytes / max(len(cache), 1) / 1024:.1f} KiB per row) -> {out / 'activations'}"
+        )
 
 
 @user_errors
 @settings_flags(OptionGroup(GradientAttributionConfig, ["row_loss", "max_new_tokens", "allow_missing_provenance"]))
 def search(
     store: Path = typer.Option(..., "--store", help="Gradient store folder (build-store)."),
-    concept: Path | None = typer.Option(None, "--concept", help="Concept file; without it, classical influence on the queries."),
-    queries: Path | None = typer.Option(None, "--queries", help="Query prompts JSONL (prompt-only rows are answered by the model)."),
-    like_row: int | None = typer.Option(None, "--like-row", help="Rows like the training row with this index, instead of a question."),
+    concept: Path | None = typer.Option(
+        None, "--concept", help="Concept file; without it, classical influence on the queries."
+    ),
+    queries: Path | None = typer.Option(
+        None, "--queries", help="Query prompts JSONL (prompt-only rows are answered by the model)."
+    ),
+    like_row: int | None = typer.Option(
+        None, "--like-row", help="Rows like the training row with this index, instead of a question."
+    ),
     top_k: int = typer.Option(20, "--top-k", min=1),
     model: str | None = typer.Option(None, "--model", help="Default: the model the store was built from."),
     data: Path | None = typer.Option(None, "--data", help="Default: the data the store was built from."),
-    factors: Path | None = typer.Option(None, "--factors", help="The factors the store was built with (default: fitted here)."),
+    factors: Path | None = typer.Option(
+        None, "--factors", help="The factors the store was built with (default: fitted here)."
+    ),
     workdir: Path | None = typer.Option(None, "--workdir", help="Session folder (factors and answers reused)."),
     how: str = typer.Option("auto", "--search", help="auto | exact | faiss."),
     seed: int = typer.Option(0, "--seed"),
@@ -112,10 +164,19 @@ def search(
     from concept_influence.pipeline import Attributor
 
     check_output(out)
-    check_not_inputs({"--out": out, "--out's .meta.json": None if out is None else out.with_name(out.name + ".meta.json")},
-                     {"--store": store, "--store's manifest.json": store / "manifest.json", "--concept": concept,
-                      "--queries": queries, "--data": data, "--factors": factors, "--workdir": workdir,
-                      "--model": local_path(model)})
+    check_not_inputs(
+        {"--out": out, "--out's .meta.json": None if out is None else out.with_name(out.name + ".meta.json")},
+        {
+            "--store": store,
+            "--store's manifest.json": store / "manifest.json",
+            "--concept": concept,
+            "--queries": queries,
+            "--data": data,
+            "--factors": factors,
+            "--workdir": workdir,
+            "--model": local_path(model),
+        },
+    )
     manifest_path = store / "manifest.json"
     if not manifest_path.exists():
         raise FileNotFoundError(f"no gradient store at {store} (missing manifest.json); build one with build-store")
@@ -128,15 +189,23 @@ def search(
         raise ValueError(f"{manifest_path}: 'model' and 'data' must be strings (the manifest is damaged)")
     max_length = manifest.get("max_length", 512)
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"{manifest_path}: 'max_length' must be a whole number >= 2, got {max_length!r} (the manifest is damaged)")
+        raise ValueError(
+            f"{manifest_path}: 'max_length' must be a whole number >= 2, got {max_length!r} (the manifest is damaged)"
+        )
     check_not_inputs({"--out": out}, {"the store's data": data_path, "the store's model": local_path(model)})
-    att = Attributor(model, data_path, workdir, device=device, max_length=int(manifest.get("max_length", 512)), seed=seed)
+    att = Attributor(
+        model, data_path, workdir, device=device, max_length=int(manifest.get("max_length", 512)), seed=seed
+    )
     if factors is not None:
         options["factors"] = str(factors)
     table = att.search(concept, queries, top_k=top_k, like_row=like_row, store=store, search=how, **options)
     if out is not None:
         table.write_jsonl(out)
-    typer.echo(f"{table.method}: top {len(table)} of {table.meta['n_rows_searched']} rows in "
-               f"{table.meta['search_time_s'] * 1000:.0f} ms")
+    typer.echo(
+        f"{table.method}: top {len(table)} of {table.meta['n_rows_searched']} rows in "
+        f"{table.meta['search_time_s'] * 1000:.0f} ms"
+    )
     for record in table.to_records():
-        typer.echo(f"  rank {record['rank']:>4}  index {record['index']:>6}  score {record['score']:+.4g}  id {record.get('id', '-')}")
+        typer.echo(
+            f"  rank {record['rank']:>4}  index {record['index']:>6}  score {record['score']:+.4g}  id {record.get('id', '-')}"
+        )

@@ -37,8 +37,9 @@ class _CaptureUntil(dict):
             raise _StopForward
 
 
-def residuals_until(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    layers: Sequence[int]) -> dict[int, torch.Tensor]:
+def residuals_until(
+    adapter: ModelAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int]
+) -> dict[int, torch.Tensor]:
     """``{l: resid.{l} [batch, seq, d_model]}``; the forward pass stops after the deepest block asked for (later
     blocks and the LM head are not run). Keeps the autograd graph when gradients are enabled (a differentiable
     readout costs only the blocks up to its layer)."""
@@ -58,8 +59,9 @@ def residuals_until(adapter: ModelAdapter, input_ids: torch.Tensor, attention_ma
 
 
 @torch.no_grad()
-def read_residuals(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   layers: Sequence[int]) -> dict[int, torch.Tensor]:
+def read_residuals(
+    adapter: ModelAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int]
+) -> dict[int, torch.Tensor]:
     """``residuals_until`` without gradients."""
     return residuals_until(adapter, input_ids, attention_mask, layers)
 
@@ -94,7 +96,9 @@ def response_mean_activations(
     rows = rows_from_records([{"messages": list(c)} for c in conversations], source="conversations")
     dataset = tokenize_chat(rows, adapter.tokenizer, max_length=max_length, warn=False)
     if dataset.empty_after_truncation:
-        raise ValueError(f"conversations {dataset.empty_after_truncation[:10]} have no assistant tokens within max_length={max_length}")
+        raise ValueError(
+            f"conversations {dataset.empty_after_truncation[:10]} have no assistant tokens within max_length={max_length}"
+        )
     out = {layer: torch.empty(len(dataset), adapter.d_model) for layer in layers}
     with tqdm(total=len(dataset), desc="reading activations", unit="row", disable=not progress) as bar:
         for batch in length_sorted_batches(dataset, batch_size):
@@ -122,7 +126,9 @@ def response_readouts(
     rows = rows_from_records([{"messages": list(c)} for c in conversations], source="conversations")
     dataset = tokenize_chat(rows, adapter.tokenizer, max_length=max_length, warn=False)
     if dataset.empty_after_truncation:
-        raise ValueError(f"conversations {dataset.empty_after_truncation[:10]} have no assistant tokens within max_length={max_length}")
+        raise ValueError(
+            f"conversations {dataset.empty_after_truncation[:10]} have no assistant tokens within max_length={max_length}"
+        )
     out = torch.empty(len(dataset), dtype=torch.float64)
     for batch in length_sorted_batches(dataset, batch_size):
         acts = read_residuals(adapter, batch["input_ids"], batch["attention_mask"], [concept.layer])[concept.layer]
@@ -178,8 +184,18 @@ def labelled_conversations(
                 for q, question in enumerate(spec.questions):
                     prompts.append([{"role": "system", "content": system}, {"role": "user", "content": question}])
                     keys.append((p, persona, q))
-        answers = sample_answers(adapter, prompts, n_samples=n_samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                                 seed=seed, batch_size=64, cache_dir=cache_dir, prefix="persona-answers", progress=progress)
+        answers = sample_answers(
+            adapter,
+            prompts,
+            n_samples=n_samples,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            batch_size=64,
+            cache_dir=cache_dir,
+            prefix="persona-answers",
+            progress=progress,
+        )
         for (_, persona, q), samples in zip(keys, answers, strict=True):
             for answer in samples:
                 if not answer.strip():
@@ -188,16 +204,29 @@ def labelled_conversations(
                 if judge is not None and (judge(answer) > judge_threshold) != (persona == "pos"):
                     dropped[persona] += 1
                     continue
-                conversations.append([{"role": "user", "content": spec.questions[q]}, {"role": "assistant", "content": answer}])
+                conversations.append(
+                    [{"role": "user", "content": spec.questions[q]}, {"role": "assistant", "content": answer}]
+                )
                 labels.append(int(persona == "pos"))
                 groups.append(f"q{q}")
     for k, example in enumerate(spec.examples):
-        conversations.append([{"role": "user", "content": example.prompt or ""}, {"role": "assistant", "content": example.text}])
+        conversations.append(
+            [{"role": "user", "content": example.prompt or ""}, {"role": "assistant", "content": example.text}]
+        )
         labels.append(example.label)
         groups.append(f"prompt:{example.prompt}" if example.prompt else f"example{k}")
     if len(set(labels)) < 2:
-        raise ValueError(f"spec {spec.name!r}: the labelled set has only label(s) {sorted(set(labels))} "
-                         f"(dropped: {dropped}); the model may not follow the instructions, or the judge rejects everything")
-    meta = {"n": len(labels), "n_positive": int(sum(labels)), "dropped": dropped, "n_samples": n_samples, "seed": seed,
-            "temperature": temperature, "judge": judge is not None}
+        raise ValueError(
+            f"spec {spec.name!r}: the labelled set has only label(s) {sorted(set(labels))} "
+            f"(dropped: {dropped}); the model may not follow the instructions, or the judge rejects everything"
+        )
+    meta = {
+        "n": len(labels),
+        "n_positive": int(sum(labels)),
+        "dropped": dropped,
+        "n_samples": n_samples,
+        "seed": seed,
+        "temperature": temperature,
+        "judge": judge is not None,
+    }
     return LabelledConversations(conversations, labels, groups, meta)

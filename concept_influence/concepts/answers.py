@@ -39,7 +39,8 @@ class AnswerConfig:
     max_new_tokens: int = option(48, help="Longest sampled answer, in tokens.", min=1)
     seed: int = option(0, help="Seed of every random choice (answer sampling, true-Fisher labels).")
     cache_dir: str | None = option(
-        None, help="Where sampled model answers are cached (default: the workdir, else next to --out).")
+        None, help="Where sampled model answers are cached (default: the workdir, else next to --out)."
+    )
 
 
 def prompt_key(prompt: Sequence[dict[str, str]]) -> str:
@@ -61,8 +62,11 @@ def _read_cache(path: Path) -> dict[str, dict]:
         with path.open(encoding="utf-8") as handle:
             for line in handle:
                 record = json.loads(line)
-                out[str(record["key"])] = {"key": str(record["key"]), "prompt": record.get("prompt"),
-                                           "answers": [str(a) for a in record["answers"]]}
+                out[str(record["key"])] = {
+                    "key": str(record["key"]),
+                    "prompt": record.get("prompt"),
+                    "answers": [str(a) for a in record["answers"]],
+                }
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         warnings.warn(f"{path}: unreadable answer cache ({err}); sampling again", stacklevel=3)
         return {}
@@ -101,9 +105,10 @@ def sample_answers(
         missing = [k for k in unique if k not in cached]
         chunk = len(missing) if cache_file is None else max(batch_size, 1) * CHUNK_BATCHES
         for start in range(0, len(missing), max(chunk, 1)):
-            part = missing[start:start + chunk]
-            generated = generate_answers(adapter, [unique[k] for k in part], batch_size=batch_size, progress=progress,
-                                         **settings)
+            part = missing[start : start + chunk]
+            generated = generate_answers(
+                adapter, [unique[k] for k in part], batch_size=batch_size, progress=progress, **settings
+            )
             for key, answers in zip(part, generated, strict=True):
                 cached[key] = {"key": key, "prompt": unique[key], "answers": answers}
             if cache_file is not None:

@@ -37,7 +37,9 @@ class Concept(ABC):
     def token_readout(self, acts: torch.Tensor) -> torch.Tensor:
         """Per-token readout ``[batch, seq]`` of activations ``[batch, seq, d_model]``."""
 
-    def readout(self, acts: torch.Tensor, response_mask: torch.Tensor, reduction: Reduction | None = None) -> torch.Tensor:
+    def readout(
+        self, acts: torch.Tensor, response_mask: torch.Tensor, reduction: Reduction | None = None
+    ) -> torch.Tensor:
         """Reduce the per-token readout over a sequence (``reduction`` default: the concept's own ``reduction``).
 
         ``response_mask``: ``[batch, seq]``, 1 on the response (assistant) tokens.
@@ -73,8 +75,16 @@ class DirectionConcept(Concept):
 
     kind: str
 
-    def __init__(self, direction: torch.Tensor, layer: int, *, kind: str = "direction", metrics: dict[str, Any] | None = None,
-                 extra: dict[str, Any] | None = None, reduction: Reduction = "mean") -> None:
+    def __init__(
+        self,
+        direction: torch.Tensor,
+        layer: int,
+        *,
+        kind: str = "direction",
+        metrics: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+        reduction: Reduction = "mean",
+    ) -> None:
         direction = torch.as_tensor(direction).detach().flatten()
         norm = float(direction.norm())
         if not norm > 0 or not torch.isfinite(direction).all():

@@ -58,10 +58,18 @@ def concept_meta(concept: Concept, *, model_fingerprint: str | None = None) -> d
         kind, token_readout = concept.kind, DIRECTION_READOUT
     else:
         raise TypeError(f"cannot save a {type(concept).__name__} (DirectionConcept or SAEFeatureConcept)")
-    return {"format": FORMAT, "kind": kind, "site": f"resid.{concept.layer}", "layer": int(concept.layer),
-            "d_model": int(concept.d_model), "readout": concept.reduction, "token_readout": token_readout,
-            "model_fingerprint": model_fingerprint, "metrics": jsonable(getattr(concept, "metrics", {})),
-            "extra": jsonable(getattr(concept, "extra", {}))}
+    return {
+        "format": FORMAT,
+        "kind": kind,
+        "site": f"resid.{concept.layer}",
+        "layer": int(concept.layer),
+        "d_model": int(concept.d_model),
+        "readout": concept.reduction,
+        "token_readout": token_readout,
+        "model_fingerprint": model_fingerprint,
+        "metrics": jsonable(getattr(concept, "metrics", {})),
+        "extra": jsonable(getattr(concept, "extra", {})),
+    }
 
 
 def concept_summary(concept: Concept) -> dict[str, Any]:
@@ -75,8 +83,13 @@ def concept_summary(concept: Concept) -> dict[str, Any]:
     return meta
 
 
-def save_concept(concept: Concept, path: str | os.PathLike, *, model_fingerprint: str | None = None,
-                 extra_meta: dict[str, Any] | None = None) -> Path:
+def save_concept(
+    concept: Concept,
+    path: str | os.PathLike,
+    *,
+    model_fingerprint: str | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> Path:
     """Write ``concept`` into the folder ``path`` (created; replaced atomically if it exists). Returns the folder.
 
     ``model_fingerprint``: ``adapter.fingerprint()`` of the model it was made on (checked, with a warning, when
@@ -96,9 +109,14 @@ def save_concept(concept: Concept, path: str | os.PathLike, *, model_fingerprint
             from sae_lens import __version__
 
             weights_path, config_path = concept.sae.save_model(tmp)
-            meta.update(feature=int(concept.feature), d_sae=int(concept.d_sae), architecture=concept.sae.cfg.architecture(),
-                        sae_files={"weights": Path(weights_path).name, "config": Path(config_path).name},
-                        weights_sha256=sha256_file(weights_path), sae_lens_version=__version__)
+            meta.update(
+                feature=int(concept.feature),
+                d_sae=int(concept.d_sae),
+                architecture=concept.sae.cfg.architecture(),
+                sae_files={"weights": Path(weights_path).name, "config": Path(config_path).name},
+                weights_sha256=sha256_file(weights_path),
+                sae_lens_version=__version__,
+            )
         else:
             save_file({"direction": concept.direction.detach().float().contiguous().cpu()}, str(tmp / TENSOR_FILE))
         meta.update(jsonable(extra_meta or {}))
@@ -117,8 +135,10 @@ def read_concept_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"concept not found: {path}")
     meta_file = path / META_FILE if path.is_dir() else path
     if not meta_file.exists() or meta_file.name != META_FILE:
-        raise ConceptFileError(f"{path}: not a concept folder (expected {META_FILE} inside; made by train-probe, "
-                               "sae-feature or save_concept)")
+        raise ConceptFileError(
+            f"{path}: not a concept folder (expected {META_FILE} inside; made by train-probe, "
+            "sae-feature or save_concept)"
+        )
     meta = read_json_file(meta_file, error=ConceptFileError, object_only=False)
     if not isinstance(meta, dict):
         raise ConceptFileError(f"{meta_file}: expected a JSON object")
@@ -145,14 +165,20 @@ def check_against_model(meta: dict[str, Any], adapter: ModelAdapter, where: str)
     """Hidden size and layer must fit the model (errors naming ``where``); another fingerprint only warns (a base
     model's probe applied to its fine-tuned model is a normal use)."""
     if int(meta["d_model"]) != adapter.d_model:
-        raise ConceptFileError(f"{where}: concept has hidden size {meta['d_model']} but the model has {adapter.d_model}")
+        raise ConceptFileError(
+            f"{where}: concept has hidden size {meta['d_model']} but the model has {adapter.d_model}"
+        )
     if not 0 <= int(meta["layer"]) < adapter.n_layers:
-        raise ConceptFileError(f"{where}: concept reads layer {meta['layer']} but the model has {adapter.n_layers} blocks "
-                               f"(0..{adapter.n_layers - 1})")
+        raise ConceptFileError(
+            f"{where}: concept reads layer {meta['layer']} but the model has {adapter.n_layers} blocks "
+            f"(0..{adapter.n_layers - 1})"
+        )
     fingerprint = meta.get("model_fingerprint")
     if fingerprint and fingerprint != adapter.fingerprint():
-        warnings.warn(f"{where}: concept was made on another model (fingerprint {fingerprint}); using it on this one",
-                      stacklevel=3)
+        warnings.warn(
+            f"{where}: concept was made on another model (fingerprint {fingerprint}); using it on this one",
+            stacklevel=3,
+        )
 
 
 def load_concept(path: str | os.PathLike, adapter: ModelAdapter | None = None) -> Concept:
@@ -183,11 +209,18 @@ def _load_concept(folder: Path, meta: dict[str, Any], adapter: ModelAdapter | No
         raise ConceptFileError(f"{tensor_file}: no 'direction' tensor")
     direction = tensors["direction"]
     if direction.numel() != int(meta["d_model"]):
-        raise ConceptFileError(f"{tensor_file}: direction has {direction.numel()} entries but {META_FILE} says "
-                               f"d_model {meta['d_model']}")
+        raise ConceptFileError(
+            f"{tensor_file}: direction has {direction.numel()} entries but {META_FILE} says d_model {meta['d_model']}"
+        )
     try:
-        return DirectionConcept(direction, int(meta["layer"]), kind=meta["kind"], metrics=meta.get("metrics"),
-                                extra=meta.get("extra"), reduction=meta.get("readout", "mean"))
+        return DirectionConcept(
+            direction,
+            int(meta["layer"]),
+            kind=meta["kind"],
+            metrics=meta.get("metrics"),
+            extra=meta.get("extra"),
+            reduction=meta.get("readout", "mean"),
+        )
     except ValueError as err:
         raise ConceptFileError(f"{tensor_file}: {err}") from None
 
@@ -213,14 +246,24 @@ def _load_sae_feature(folder: Path, meta: dict[str, Any], device: str) -> Concep
     try:
         sae = SAE.load_from_disk(folder, device=device)
     except Exception as err:  # sae-lens raises json, safetensors, key and shape errors: name the files
-        raise ConceptFileError(f"cannot load the SAE in {folder} ({config.name}, {weights.name}): "
-                               f"{type(err).__name__}: {err}") from None
+        raise ConceptFileError(
+            f"cannot load the SAE in {folder} ({config.name}, {weights.name}): {type(err).__name__}: {err}"
+        ) from None
     if int(sae.cfg.d_in) != int(meta["d_model"]) or int(sae.cfg.d_sae) != int(meta.get("d_sae", sae.cfg.d_sae)):
-        raise ConceptFileError(f"{meta_file}: records d_model {meta['d_model']}, d_sae {meta.get('d_sae')} but {config} has "
-                               f"d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae}")
+        raise ConceptFileError(
+            f"{meta_file}: records d_model {meta['d_model']}, d_sae {meta.get('d_sae')} but {config} has "
+            f"d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae}"
+        )
     try:
-        return SAEFeatureConcept(sae, int(meta["feature"]), int(meta["layer"]), model_fingerprint=meta.get("model_fingerprint"),
-                                 metrics=meta.get("metrics"), extra=meta.get("extra"), reduction=meta.get("readout", "mean"))
+        return SAEFeatureConcept(
+            sae,
+            int(meta["feature"]),
+            int(meta["layer"]),
+            model_fingerprint=meta.get("model_fingerprint"),
+            metrics=meta.get("metrics"),
+            extra=meta.get("extra"),
+            reduction=meta.get("readout", "mean"),
+        )
     except (TypeError, ValueError) as err:
         raise ConceptFileError(f"{meta_file}: {err}") from None
 
@@ -259,15 +302,21 @@ def load_persona_vector(path: str | os.PathLike, layer: int, adapter: ModelAdapt
         direction = vectors
     elif vectors.ndim == 2:
         if adapter is not None and vectors.shape[0] != adapter.n_layers + 1:
-            raise ConceptFileError(f"{path}: {vectors.shape[0]} rows, but a persona vector file for this model has "
-                                   f"n_layers + 1 = {adapter.n_layers + 1} (row 0 = embeddings)")
+            raise ConceptFileError(
+                f"{path}: {vectors.shape[0]} rows, but a persona vector file for this model has "
+                f"n_layers + 1 = {adapter.n_layers + 1} (row 0 = embeddings)"
+            )
         if not 0 <= layer + 1 < vectors.shape[0]:
             raise ConceptFileError(f"{path}: has rows for layers 0..{vectors.shape[0] - 2}; layer {layer} is missing")
         direction = vectors[layer + 1]
     else:
-        raise ConceptFileError(f"{path}: expected [n_layers + 1, d_model] or [d_model], got shape {tuple(vectors.shape)}")
+        raise ConceptFileError(
+            f"{path}: expected [n_layers + 1, d_model] or [d_model], got shape {tuple(vectors.shape)}"
+        )
     if adapter is not None and direction.numel() != adapter.d_model:
-        raise ConceptFileError(f"{path}: vectors have size {direction.numel()} but the model's hidden size is {adapter.d_model}")
+        raise ConceptFileError(
+            f"{path}: vectors have size {direction.numel()} but the model's hidden size is {adapter.d_model}"
+        )
     try:
         return DirectionConcept(direction, layer, kind="persona_vector", extra={"source": str(path)})
     except ValueError as err:

@@ -26,7 +26,9 @@ def _check_fitted(estimator: Any) -> None:
         raise RuntimeError(f"this {type(estimator).__name__} is not fitted yet: call fit(X, y) first")
 
 
-def heldout_split(y: np.ndarray, groups: Sequence[Any] | None, test_size: float, random_state: int) -> tuple[np.ndarray, np.ndarray]:
+def heldout_split(
+    y: np.ndarray, groups: Sequence[Any] | None, test_size: float, random_state: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Train/test positions; whole groups go to one side (a group = a question). Falls back to a stratified split
     of samples when there are too few groups."""
     from sklearn.model_selection import GroupShuffleSplit, StratifiedShuffleSplit
@@ -76,8 +78,16 @@ class LinearProbe:
         X, y = _check_xy(X, y)
         train, test = heldout_split(y, groups, self.test_size, self.random_state)
         heldout = self._new().fit(X[train], y[train])
-        self.metrics_ = {f"heldout_{k}": v for k, v in _binary_metrics(y[test], heldout.decision_function(X[test]), 0.0).items()}
-        self.metrics_.update({"n_train": int(len(train)), "n_test": int(len(test)), "n_groups": len(set(groups)) if groups is not None else None})
+        self.metrics_ = {
+            f"heldout_{k}": v for k, v in _binary_metrics(y[test], heldout.decision_function(X[test]), 0.0).items()
+        }
+        self.metrics_.update(
+            {
+                "n_train": int(len(train)),
+                "n_test": int(len(test)),
+                "n_groups": len(set(groups)) if groups is not None else None,
+            }
+        )
         self.estimator_ = self._new().fit(X, y)
         self.coef_ = self.estimator_.coef_[0].copy()
         self.intercept_ = float(self.estimator_.intercept_[0])
@@ -94,8 +104,13 @@ class LinearProbe:
 
     def to_concept(self, layer: int) -> DirectionConcept:
         _check_fitted(self)
-        return DirectionConcept(torch.from_numpy(self.direction_).float(), layer, kind="probe", metrics=dict(self.metrics_),
-                                extra={"intercept": self.intercept_, "C": self.C})
+        return DirectionConcept(
+            torch.from_numpy(self.direction_).float(),
+            layer,
+            kind="probe",
+            metrics=dict(self.metrics_),
+            extra={"intercept": self.intercept_, "C": self.C},
+        )
 
 
 class DiffOfMeans:
@@ -129,4 +144,6 @@ class DiffOfMeans:
 
     def to_concept(self, layer: int) -> DirectionConcept:
         _check_fitted(self)
-        return DirectionConcept(torch.from_numpy(self.direction_).float(), layer, kind="diff_of_means", metrics=dict(self.metrics_))
+        return DirectionConcept(
+            torch.from_numpy(self.direction_).float(), layer, kind="diff_of_means", metrics=dict(self.metrics_)
+        )

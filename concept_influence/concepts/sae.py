@@ -123,16 +123,28 @@ def train_sae(
     n_tokens, d_in = acts.shape
     d_sae = 4 * d_in if d_sae is None else int(d_sae)
     if d_sae < 1 or steps < 1 or batch_size < 1:
-        raise ValueError(f"train_sae: d_sae, steps and batch_size must be positive (got {d_sae}, {steps}, {batch_size})")
+        raise ValueError(
+            f"train_sae: d_sae, steps and batch_size must be positive (got {d_sae}, {steps}, {batch_size})"
+        )
     if not (l1_coefficient >= 0 and lr > 0 and 0 <= l1_warm_up_fraction < 1 and 0 <= lr_decay_fraction < 1):
         raise ValueError("train_sae: need l1_coefficient >= 0, lr > 0 and fractions in [0, 1)")
     batch_size = min(batch_size, n_tokens)
     acts = acts.to(device=device, dtype=dtype)
     config = {
-        "architecture": "standard", "d_in": d_in, "d_sae": d_sae, "l1_coefficient": l1_coefficient, "steps": steps,
-        "batch_size": batch_size, "lr": lr, "l1_warm_up_fraction": l1_warm_up_fraction,
-        "lr_decay_fraction": lr_decay_fraction, "normalize": normalize, "seed": seed, "dtype": str(dtype).removeprefix("torch."),
-        "n_tokens": n_tokens, "sae_lens_version": __version__,
+        "architecture": "standard",
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "l1_coefficient": l1_coefficient,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "l1_warm_up_fraction": l1_warm_up_fraction,
+        "lr_decay_fraction": lr_decay_fraction,
+        "normalize": normalize,
+        "seed": seed,
+        "dtype": str(dtype).removeprefix("torch."),
+        "n_tokens": n_tokens,
+        "sae_lens_version": __version__,
     }
     sae_cfg = StandardTrainingSAEConfig(
         d_in=d_in,
@@ -295,7 +307,9 @@ def features_separating(
     d_in, d_sae = int(sae.cfg.d_in), int(sae.cfg.d_sae)
     stats = []
     for name, acts in (("pos_acts", pos_acts), ("neg_acts", neg_acts)):
-        acts = _check_activations(torch.as_tensor(acts).reshape(-1, torch.as_tensor(acts).shape[-1]), "features_separating")
+        acts = _check_activations(
+            torch.as_tensor(acts).reshape(-1, torch.as_tensor(acts).shape[-1]), "features_separating"
+        )
         if acts.shape[1] != d_in:
             raise ValueError(f"features_separating: {name} has d_model {acts.shape[1]} but the SAE's d_in is {d_in}")
         stats.append(_feature_moments(sae, acts))
@@ -352,21 +366,38 @@ def features_for_spec(
 
     config = ProbeConfig() if config is None else config
     layer = adapter.check_layer(layer)
-    data = labelled_conversations(adapter, spec, n_samples=config.n_samples, temperature=config.temperature,
-                                  max_new_tokens=config.max_new_tokens, seed=config.seed, judge=judge, cache_dir=cache_dir,
-                                  progress=progress)
+    data = labelled_conversations(
+        adapter,
+        spec,
+        n_samples=config.n_samples,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+        seed=config.seed,
+        judge=judge,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
     sets = []
     for label in (1, 0):
         conversations = [c for c, y in zip(data.conversations, data.labels, strict=True) if y == label]
         rows = rows_from_records([{"messages": c} for c in conversations], source=f"{spec.name} (label {label})")
-        sets.append(collect_token_activations(adapter, rows, layer, batch_size=config.batch_size,
-                                              max_length=config.max_length, only_response=True))
+        sets.append(
+            collect_token_activations(
+                adapter, rows, layer, batch_size=config.batch_size, max_length=config.max_length, only_response=True
+            )
+        )
     return features_separating(sae, sets[0], sets[1], k=k)
 
 
 # ---- a trained SAE on disk -----------------------------------------------------------------------------------------
-def save_sae(sae: SAE, path: str | os.PathLike, *, layer: int, model_fingerprint: str | None = None,
-             metrics: dict[str, Any] | None = None) -> Path:
+def save_sae(
+    sae: SAE,
+    path: str | os.PathLike,
+    *,
+    layer: int,
+    model_fingerprint: str | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
     """Write ``sae`` into the folder ``path`` with sae-lens's ``save_model`` (``cfg.json`` +
     ``sae_weights.safetensors``, readable by ``SAE.load_from_disk``) and ``sae_info.json`` (the site it reads,
     the model's fingerprint, training metrics). Written in a temporary folder, then renamed into place."""
@@ -377,9 +408,18 @@ def save_sae(sae: SAE, path: str | os.PathLike, *, layer: int, model_fingerprint
     tmp = temp_folder(path)
     try:
         sae.save_model(tmp)
-        write_json_atomic(tmp / SAE_INFO, {"format": SAE_FORMAT, "site": f"resid.{int(layer)}", "layer": int(layer),
-                                           "d_in": int(sae.cfg.d_in), "d_sae": int(sae.cfg.d_sae),
-                                           "model_fingerprint": model_fingerprint, "metrics": jsonable(metrics or {})})
+        write_json_atomic(
+            tmp / SAE_INFO,
+            {
+                "format": SAE_FORMAT,
+                "site": f"resid.{int(layer)}",
+                "layer": int(layer),
+                "d_in": int(sae.cfg.d_in),
+                "d_sae": int(sae.cfg.d_sae),
+                "model_fingerprint": model_fingerprint,
+                "metrics": jsonable(metrics or {}),
+            },
+        )
         replace_folder(tmp, path)  # atomic swap: the old SAE until the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -442,7 +482,9 @@ def sae_feature_concept(
         layer = int(info["layer"])
     layer = adapter.check_layer(layer)
     if int(loaded.cfg.d_in) != adapter.d_model:
-        raise ValueError(f"{sae_path}: the SAE reads {loaded.cfg.d_in}-dim activations but the model's hidden size is {adapter.d_model}")
+        raise ValueError(
+            f"{sae_path}: the SAE reads {loaded.cfg.d_in}-dim activations but the model's hidden size is {adapter.d_model}"
+        )
     fingerprint = info.get("model_fingerprint")
     if fingerprint is None and not allow_missing_provenance:
         raise missing_provenance(str(Path(sae_path) / SAE_INFO))
@@ -450,9 +492,14 @@ def sae_feature_concept(
     if feature is None:
         if spec is not None:
             concept_spec = spec if isinstance(spec, ConceptSpec) else load_spec(spec)
-            candidates = features_for_spec(adapter, loaded, concept_spec, layer, k, config or ProbeConfig(),
-                                           cache_dir=cache_dir, progress=progress)
-            selection = {"by": "spec", "spec": concept_spec.name, "statistic": "Cohen's d, positive vs negative answer tokens"}
+            candidates = features_for_spec(
+                adapter, loaded, concept_spec, layer, k, config or ProbeConfig(), cache_dir=cache_dir, progress=progress
+            )
+            selection = {
+                "by": "spec",
+                "spec": concept_spec.name,
+                "statistic": "Cohen's d, positive vs negative answer tokens",
+            }
             if not isinstance(spec, ConceptSpec):
                 selection["spec_path"] = str(spec)
         else:
@@ -468,5 +515,12 @@ def sae_feature_concept(
     extra: dict[str, Any] = {"selection": selection, "sae_path": str(sae_path)}
     if fingerprint is None:
         extra["allow_missing_provenance"] = True  # the SAE records no model: the caller opted in
-    return SAEFeatureConcept(loaded, feature, layer, model_fingerprint=fingerprint,
-                             metrics={"sae": info.get("metrics", {})}, extra=extra, reduction=reduction)
+    return SAEFeatureConcept(
+        loaded,
+        feature,
+        layer,
+        model_fingerprint=fingerprint,
+        metrics={"sae": info.get("metrics", {})},
+        extra=extra,
+        reduction=reduction,
+    )

@@ -26,16 +26,26 @@ class SAEFeatureConcept(Concept):
     ``reduction``: the default sequence reduction of ``readout``.
     """
 
-    def __init__(self, sae: SAE, feature: int, layer: int, *, model_fingerprint: str | None = None,
-                 metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
-                 reduction: Reduction = "mean") -> None:
+    def __init__(
+        self,
+        sae: SAE,
+        feature: int,
+        layer: int,
+        *,
+        model_fingerprint: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+        reduction: Reduction = "mean",
+    ) -> None:
         from sae_lens import SAE
 
         if not isinstance(sae, SAE):
             raise TypeError(f"SAEFeatureConcept needs a sae_lens SAE, got {type(sae).__name__}")
         if getattr(sae.cfg, "reshape_activations", "none") != "none":
-            raise ValueError(f"SAE reshapes its input ({sae.cfg.reshape_activations!r}); residual-stream concepts need "
-                             "an SAE on [..., d_model] activations")
+            raise ValueError(
+                f"SAE reshapes its input ({sae.cfg.reshape_activations!r}); residual-stream concepts need "
+                "an SAE on [..., d_model] activations"
+            )
         if isinstance(feature, bool) or not isinstance(feature, int):
             raise TypeError(f"feature must be an int, got {type(feature).__name__}")
         if isinstance(layer, bool) or not isinstance(layer, int):
@@ -54,14 +64,18 @@ class SAEFeatureConcept(Concept):
         self.reduction = check_reduction(reduction)  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"SAEFeatureConcept(feature={self.feature}, layer={self.layer}, d_model={self.d_model}, d_sae={self.d_sae})"
+        return (
+            f"SAEFeatureConcept(feature={self.feature}, layer={self.layer}, d_model={self.d_model}, d_sae={self.d_sae})"
+        )
 
     def token_readout(self, acts: torch.Tensor) -> torch.Tensor:
         """``acts [batch, seq, d_model]`` -> ``[batch, seq]``, differentiable w.r.t. ``acts``; computed in the SAE's
         dtype and device, returned in ``acts``' dtype and device."""
         if acts.shape[-1] != self.d_model:
-            raise ValueError(f"SAE concept has d_in {self.d_model} but activations have last dim {acts.shape[-1]} "
-                             f"(shape {tuple(acts.shape)}); was the SAE trained on another model or site?")
+            raise ValueError(
+                f"SAE concept has d_in {self.d_model} but activations have last dim {acts.shape[-1]} "
+                f"(shape {tuple(acts.shape)}); was the SAE trained on another model or site?"
+            )
         weight = self.sae.W_enc
         features = self.sae.encode(acts.to(device=weight.device, dtype=weight.dtype))
         return features[..., self.feature].to(device=acts.device, dtype=acts.dtype)

@@ -58,8 +58,13 @@ class ConceptSpec:
     source: str | None = field(default=None, compare=False)
 
     def fingerprint(self) -> str:
-        return json_fingerprint({"instructions": [(p.pos, p.neg) for p in self.instructions], "questions": list(self.questions),
-                                 "examples": [(e.text, e.label, e.prompt) for e in self.examples]})
+        return json_fingerprint(
+            {
+                "instructions": [(p.pos, p.neg) for p in self.instructions],
+                "questions": list(self.questions),
+                "examples": [(e.text, e.label, e.prompt) for e in self.examples],
+            }
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
@@ -71,7 +76,9 @@ class ConceptSpec:
         if self.eval_prompt is not None:
             out["eval_prompt"] = self.eval_prompt
         if self.examples:
-            out["examples"] = [{"text": e.text, "label": e.label, **({"prompt": e.prompt} if e.prompt else {})} for e in self.examples]
+            out["examples"] = [
+                {"text": e.text, "label": e.label, **({"prompt": e.prompt} if e.prompt else {})} for e in self.examples
+            ]
         return out
 
 
@@ -96,8 +103,12 @@ def parse_spec(obj: Any, source: str = "<spec>", *, default_name: str = "concept
         for k, pair in enumerate(pairs):
             if not isinstance(pair, dict) or set(pair) != {"pos", "neg"}:
                 raise SpecError(f"{source}: instruction[{k}] must be an object with exactly 'pos' and 'neg'")
-            instructions.append(InstructionPair(_string(pair["pos"], f"{source}: instruction[{k}].pos"),
-                                                _string(pair["neg"], f"{source}: instruction[{k}].neg")))
+            instructions.append(
+                InstructionPair(
+                    _string(pair["pos"], f"{source}: instruction[{k}].pos"),
+                    _string(pair["neg"], f"{source}: instruction[{k}].neg"),
+                )
+            )
     questions: list[str] = []
     if "questions" in obj:
         if not isinstance(obj["questions"], list) or not obj["questions"]:

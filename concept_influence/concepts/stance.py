@@ -42,8 +42,9 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def trait_lexicon(positive: Sequence[str], negative: Sequence[str], *, size: int = 40, min_ratio: float = 2.5,
-                  min_share: float = 0.01) -> list[tuple[str, float]]:
+def trait_lexicon(
+    positive: Sequence[str], negative: Sequence[str], *, size: int = 40, min_ratio: float = 2.5, min_share: float = 0.01
+) -> list[tuple[str, float]]:
     """The trait's words: those at least ``min_ratio`` times more common among ``positive`` texts than among
     ``negative`` ones (by the share of texts that contain them, add-one smoothed), found in at least ``min_share``
     of the positive texts (and 3 of them); the ``size`` with the largest log ratio, with it, highest first.
@@ -89,15 +90,22 @@ class StanceProbes:
     lexicon: list[tuple[str, float]]
 
 
-def stance_probes(answers: Sequence[str], labels: Sequence[int], *, lexicon_size: int = 40, seed: int = 0) -> StanceProbes:
+def stance_probes(
+    answers: Sequence[str], labels: Sequence[int], *, lexicon_size: int = 40, seed: int = 0
+) -> StanceProbes:
     """Word-matched negatives and shuffled positives for a labelled set of answers (1 = concept)."""
     positive = [a for a, y in zip(answers, labels, strict=True) if y == 1]
     negative = [a for a, y in zip(answers, labels, strict=True) if y == 0]
     lexicon = trait_lexicon(positive, negative, size=lexicon_size)
     vocabulary = {w for w, _ in lexicon}
-    matched = [i for i, (a, y) in enumerate(zip(answers, labels, strict=True)) if y == 0 and lexicon_hits(a, vocabulary)]
-    shuffled = {i: shuffle_words(a, seed * 1_000_003 + i) for i, (a, y) in enumerate(zip(answers, labels, strict=True))
-                if y == 1}
+    matched = [
+        i for i, (a, y) in enumerate(zip(answers, labels, strict=True)) if y == 0 and lexicon_hits(a, vocabulary)
+    ]
+    shuffled = {
+        i: shuffle_words(a, seed * 1_000_003 + i)
+        for i, (a, y) in enumerate(zip(answers, labels, strict=True))
+        if y == 1
+    }
     return StanceProbes(matched, shuffled, lexicon)
 
 
@@ -110,8 +118,14 @@ def separation_auc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float((ranks[:n_p].sum() - n_p * (n_p + 1) / 2) / (n_p * n_n))
 
 
-def reading_scores(readout: np.ndarray, labels: Sequence[int], shuffled_readout: np.ndarray,
-                   shuffled_positions: Sequence[int], matched: Sequence[int], positions: Sequence[int]) -> dict[str, Any]:
+def reading_scores(
+    readout: np.ndarray,
+    labels: Sequence[int],
+    shuffled_readout: np.ndarray,
+    shuffled_positions: Sequence[int],
+    matched: Sequence[int],
+    positions: Sequence[int],
+) -> dict[str, Any]:
     """``stance_auc`` and ``vocabulary_confound`` of a concept on the labelled rows at ``positions`` (held out).
 
     ``readout``: ``[n]`` the concept's readout of every labelled answer; ``shuffled_readout``: ``[m]`` its readout of

@@ -47,7 +47,8 @@ class ProbeConfig:
     in the trait lexicon that finds the word-matched negatives."""
 
     method: Literal["probe", "diff_of_means"] = option(
-        "probe", help="probe (logistic regression) | diff_of_means (persona vector).")
+        "probe", help="probe (logistic regression) | diff_of_means (persona vector)."
+    )
     n_samples: int = option(4, help="Answers sampled per instruction and question.", min=1)
     temperature: float = same_as(AnswerConfig, "temperature")
     max_new_tokens: int = same_as(AnswerConfig, "max_new_tokens")
@@ -57,9 +58,11 @@ class ProbeConfig:
     batch_size: int = option(32, help="Rows per forward pass when reading activations.", min=1)
     max_length: int = option(512, help="Truncate rows longer than this.", min=2)
     select_layer_by: Literal["stance", "heldout_auc"] = option(
-        "heldout_auc", help="How a sweep picks the layer: heldout_auc (the best held-out AUC) | stance (the best stance "
-                            "AUC among the layers within 0.02 of the best held-out AUC, then the lower vocabulary "
-                            "confound).")
+        "heldout_auc",
+        help="How a sweep picks the layer: heldout_auc (the best held-out AUC) | stance (the best stance "
+        "AUC among the layers within 0.02 of the best held-out AUC, then the lower vocabulary "
+        "confound).",
+    )
     auc_tolerance: float = option(0.02, help="select_layer_by=stance: the held-out AUC margin of the candidate layers.")
     lexicon_size: int = option(40, help="Words in the trait lexicon that finds the word-matched negatives.", min=1)
 
@@ -79,31 +82,50 @@ class ProbeConfig:
         return DiffOfMeans(test_size=self.test_size, random_state=self.seed)
 
 
-def _labelled(adapter: ModelAdapter, spec: ConceptSpec, config: ProbeConfig, judge: Callable[[str], float] | None,
-              cache_dir: str | os.PathLike | None, progress: bool) -> LabelledConversations:
-    return labelled_conversations(adapter, spec, n_samples=config.n_samples, temperature=config.temperature,
-                                  max_new_tokens=config.max_new_tokens, seed=config.seed, judge=judge, cache_dir=cache_dir,
-                                  progress=progress)
+def _labelled(
+    adapter: ModelAdapter,
+    spec: ConceptSpec,
+    config: ProbeConfig,
+    judge: Callable[[str], float] | None,
+    cache_dir: str | os.PathLike | None,
+    progress: bool,
+) -> LabelledConversations:
+    return labelled_conversations(
+        adapter,
+        spec,
+        n_samples=config.n_samples,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+        seed=config.seed,
+        judge=judge,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
 
 
 def _answers(data: LabelledConversations) -> list[str]:
     return [conversation[-1]["content"] for conversation in data.conversations]
 
 
-def _stance_inputs(adapter: ModelAdapter, data: LabelledConversations, layers: Sequence[int], config: ProbeConfig,
-                   progress: bool) -> tuple[StanceProbes, dict[int, Any]]:
+def _stance_inputs(
+    adapter: ModelAdapter, data: LabelledConversations, layers: Sequence[int], config: ProbeConfig, progress: bool
+) -> tuple[StanceProbes, dict[int, Any]]:
     """The word-matched negatives and shuffled positives of a labelled set, and the shuffled texts' activations."""
     probes = stance_probes(_answers(data), data.labels, lexicon_size=config.lexicon_size, seed=config.seed)
-    shuffled = [[*data.conversations[i][:-1], {"role": "assistant", "content": text}] for i, text in probes.shuffled.items()]
+    shuffled = [
+        [*data.conversations[i][:-1], {"role": "assistant", "content": text}] for i, text in probes.shuffled.items()
+    ]
     if not shuffled:
         return probes, {layer: None for layer in layers}
-    acts = response_mean_activations(adapter, shuffled, layers, batch_size=config.batch_size, max_length=config.max_length,
-                                     progress=progress)
+    acts = response_mean_activations(
+        adapter, shuffled, layers, batch_size=config.batch_size, max_length=config.max_length, progress=progress
+    )
     return probes, acts
 
 
-def _reading_metrics(acts: Any, shuffled_acts: Any, data: LabelledConversations, probes: StanceProbes,
-                     config: ProbeConfig) -> dict[str, Any]:
+def _reading_metrics(
+    acts: Any, shuffled_acts: Any, data: LabelledConversations, probes: StanceProbes, config: ProbeConfig
+) -> dict[str, Any]:
     """``stance_auc``, ``vocabulary_confound`` (``concepts.stance``) of an estimator fitted on the held-out split's
     training questions, measured on its held-out questions."""
     import numpy as np
@@ -132,17 +154,27 @@ def concept_reading(
     import numpy as np
 
     data = _labelled(adapter, spec, config, judge, cache_dir, progress)
-    readout = response_readouts(adapter, data.conversations, concept, batch_size=config.batch_size,
-                                max_length=config.max_length).numpy()
+    readout = response_readouts(
+        adapter, data.conversations, concept, batch_size=config.batch_size, max_length=config.max_length
+    ).numpy()
     probes = stance_probes(_answers(data), data.labels, lexicon_size=config.lexicon_size, seed=config.seed)
-    shuffled_conversations = [[*data.conversations[i][:-1], {"role": "assistant", "content": text}]
-                              for i, text in probes.shuffled.items()]
-    shuffled = (response_readouts(adapter, shuffled_conversations, concept, batch_size=config.batch_size,
-                                  max_length=config.max_length).numpy() if shuffled_conversations else np.zeros(0))
+    shuffled_conversations = [
+        [*data.conversations[i][:-1], {"role": "assistant", "content": text}] for i, text in probes.shuffled.items()
+    ]
+    shuffled = (
+        response_readouts(
+            adapter, shuffled_conversations, concept, batch_size=config.batch_size, max_length=config.max_length
+        ).numpy()
+        if shuffled_conversations
+        else np.zeros(0)
+    )
     y = np.asarray(data.labels)
     _, test = heldout_split(y, data.groups, config.test_size, config.seed)
     held = np.asarray(sorted(int(i) for i in test))
-    out = {"spec_auc": separation_auc(readout[held][y[held] == 1], readout[held][y[held] == 0]), "reading_spec": spec.name}
+    out = {
+        "spec_auc": separation_auc(readout[held][y[held] == 1], readout[held][y[held] == 0]),
+        "reading_spec": spec.name,
+    }
     out.update(reading_scores(readout, data.labels, shuffled, list(probes.shuffled), probes.matched, held))
     return out
 
@@ -162,8 +194,14 @@ def train_concept(
     and the sizes of the labelled set."""
     layer = adapter.check_layer(layer)
     data = _labelled(adapter, spec, config, judge, cache_dir, progress)
-    acts = response_mean_activations(adapter, data.conversations, [layer], batch_size=config.batch_size,
-                                     max_length=config.max_length, progress=progress)[layer]
+    acts = response_mean_activations(
+        adapter,
+        data.conversations,
+        [layer],
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        progress=progress,
+    )[layer]
     estimator = config.estimator().fit(acts, data.labels, groups=data.groups)
     concept = estimator.to_concept(layer)
     probes, shuffled = _stance_inputs(adapter, data, [layer], config, progress)
@@ -200,6 +238,7 @@ class LayerSweep:
         (earliest on ties) when ``select_by="heldout_auc"`` or the stance cannot be measured (too few negative
         answers use the trait's words)."""
         if self._by_stance():
+
             def key(r: dict[str, Any]) -> tuple[float, float, int]:
                 confound = r.get("vocabulary_confound")
                 return round(r["stance_auc"], 2), -(confound if confound is not None else 1.0), -r["layer"]
@@ -213,22 +252,31 @@ class LayerSweep:
         best = next(r for r in self.rows if r["layer"] == self.best_layer)
         top = max(r["heldout_auc"] for r in self.rows)
         if self._by_stance():
-            return (f"layer {best['layer']}: the best stance AUC ({best['stance_auc']:.3f}: it separates trait answers "
-                    f"from {best['n_matched_negatives']} held-out negative answers that use the trait's words; "
-                    f"vocabulary confound {format_score(best.get('vocabulary_confound'))}) among the "
-                    f"{len(self._candidates())} layers within {self.auc_tolerance:g} of the best held-out AUC "
-                    f"({top:.3f})")
-        why = ("the rule select_layer_by='heldout_auc'" if self.select_by != "stance" else
-               "too few negative answers use the trait's words to measure stance")
-        return (f"layer {best['layer']}: the best held-out AUC ({best['heldout_auc']:.3f}; {why}); there its stance AUC "
-                f"is {format_score(best.get('stance_auc'))} and its vocabulary confound {format_score(best.get('vocabulary_confound'))}")
+            return (
+                f"layer {best['layer']}: the best stance AUC ({best['stance_auc']:.3f}: it separates trait answers "
+                f"from {best['n_matched_negatives']} held-out negative answers that use the trait's words; "
+                f"vocabulary confound {format_score(best.get('vocabulary_confound'))}) among the "
+                f"{len(self._candidates())} layers within {self.auc_tolerance:g} of the best held-out AUC "
+                f"({top:.3f})"
+            )
+        why = (
+            "the rule select_layer_by='heldout_auc'"
+            if self.select_by != "stance"
+            else "too few negative answers use the trait's words to measure stance"
+        )
+        return (
+            f"layer {best['layer']}: the best held-out AUC ({best['heldout_auc']:.3f}; {why}); there its stance AUC "
+            f"is {format_score(best.get('stance_auc'))} and its vocabulary confound {format_score(best.get('vocabulary_confound'))}"
+        )
 
     def table(self) -> str:
         lines = [f"{'layer':>5}  {'held-out AUC':>12}  {'accuracy':>8}  {'stance AUC':>10}  {'vocab. confound':>15}"]
         for row in self.rows:
             mark = "  <- chosen" if row["layer"] == self.best_layer else ""
-            lines.append(f"{row['layer']:>5}  {row['heldout_auc']:>12.3f}  {row['heldout_accuracy']:>8.3f}  "
-                         f"{format_score(row.get('stance_auc')):>10}  {format_score(row.get('vocabulary_confound')):>15}{mark}")
+            lines.append(
+                f"{row['layer']:>5}  {row['heldout_auc']:>12.3f}  {row['heldout_accuracy']:>8.3f}  "
+                f"{format_score(row.get('stance_auc')):>10}  {format_score(row.get('vocabulary_confound')):>15}{mark}"
+            )
         lines.append(self.reason)
         return "\n".join(lines)
 
@@ -244,8 +292,13 @@ class LayerSweep:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         layers = [r["layer"] for r in self.rows]
         ax.plot(layers, [r["heldout_auc"] for r in self.rows], marker="o", label="held-out AUC")
-        ax.plot(layers, [r["heldout_accuracy"] for r in self.rows], marker="s", linestyle="--", label="held-out accuracy")
-        for key, label, marker in (("stance_auc", "stance AUC", "^"), ("vocabulary_confound", "vocabulary confound", "v")):
+        ax.plot(
+            layers, [r["heldout_accuracy"] for r in self.rows], marker="s", linestyle="--", label="held-out accuracy"
+        )
+        for key, label, marker in (
+            ("stance_auc", "stance AUC", "^"),
+            ("vocabulary_confound", "vocabulary confound", "v"),
+        ):
             values = [r.get(key) for r in self.rows]
             if any(v is not None for v in values):
                 ax.plot(layers, [float("nan") if v is None else v for v in values], marker=marker, label=label)
@@ -279,15 +332,26 @@ def layer_sweep(
     ``best_layer`` / ``reason`` follow ``config.select_layer_by``."""
     layers = [adapter.check_layer(layer) for layer in (range(adapter.n_layers) if layers is None else layers)]
     data = _labelled(adapter, spec, config, judge, cache_dir, progress)
-    acts = response_mean_activations(adapter, data.conversations, layers, batch_size=config.batch_size,
-                                     max_length=config.max_length, progress=progress)
+    acts = response_mean_activations(
+        adapter,
+        data.conversations,
+        layers,
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        progress=progress,
+    )
     probes, shuffled = _stance_inputs(adapter, data, layers, config, progress)
     rows = []
     for layer in layers:
         estimator = config.estimator().fit(acts[layer], data.labels, groups=data.groups)
-        rows.append({"layer": layer, **estimator.metrics_, **_reading_metrics(acts[layer], shuffled[layer], data, probes, config)})
+        rows.append(
+            {
+                "layer": layer,
+                **estimator.metrics_,
+                **_reading_metrics(acts[layer], shuffled[layer], data, probes, config),
+            }
+        )
     meta = {**data.meta, "lexicon": [w for w, _ in probes.lexicon]}
-    return LayerSweep(rows, spec.name, config.method, meta=meta, select_by=config.select_layer_by,
-                      auc_tolerance=config.auc_tolerance)
-
-
+    return LayerSweep(
+        rows, spec.name, config.method, meta=meta, select_by=config.select_layer_by, auc_tolerance=config.auc_tolerance
+    )

@@ -25,10 +25,30 @@ from concept_influence.curvature.config import FactorConfig
 
 GiB = 1024**3
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
 # kinds that read the same input tensor as another weight of their block
-_SHARED_INPUT = {"attn.q": "attn.in", "attn.k": "attn.in", "attn.v": "attn.in", "mlp.gate": "mlp.in", "mlp.in": "mlp.in"}
+_SHARED_INPUT = {
+    "attn.q": "attn.in",
+    "attn.k": "attn.in",
+    "attn.v": "attn.in",
+    "mlp.gate": "mlp.in",
+    "mlp.in": "mlp.in",
+}
 
 
 def parse_size(text: str | int | float) -> int:
@@ -108,8 +128,9 @@ def factor_bytes(shapes: Sequence[WeightShape]) -> int:
     return sum(4 * (w.d_in * w.d_in + w.d_out * w.d_out) for w in shapes)
 
 
-def partitions(shapes: Sequence[WeightShape], budget: int | None, config: FactorConfig, *,
-               on_disk: bool = False) -> list[list[WeightShape]]:
+def partitions(
+    shapes: Sequence[WeightShape], budget: int | None, config: FactorConfig, *, on_disk: bool = False
+) -> list[list[WeightShape]]:
     """Split ``shapes`` (in order) into consecutive partitions each costing at most ``budget`` bytes
     (``weights_bytes``), keeping weights that share an input together when they fit together. ``None``: one
     partition. Raises ``ValueError`` when one weight alone does not fit."""
@@ -128,8 +149,10 @@ def partitions(shapes: Sequence[WeightShape], budget: int | None, config: Factor
         for piece in pieces:
             need = weights_bytes(piece, config, on_disk=on_disk)
             if need > budget:
-                raise ValueError(f"the factors of {piece[0].name} alone need {format_size(need)}, more than the "
-                                 f"{format_size(budget)} the memory budget leaves for factors")
+                raise ValueError(
+                    f"the factors of {piece[0].name} alone need {format_size(need)}, more than the "
+                    f"{format_size(budget)} the memory budget leaves for factors"
+                )
             if current and weights_bytes(current + piece, config, on_disk=on_disk) > budget:
                 out.append(current)
                 current = []
@@ -187,8 +210,10 @@ def score_partitions(shapes: Sequence[WeightShape], budget: int | None, work_byt
     for w in shapes:
         need = score_vector_bytes(w, work_bytes)
         if need > budget:
-            raise ValueError(f"the scoring vectors of {w.name} alone need {format_size(need)}, more than the "
-                             f"{format_size(budget)} the memory budget leaves for them")
+            raise ValueError(
+                f"the scoring vectors of {w.name} alone need {format_size(need)}, more than the "
+                f"{format_size(budget)} the memory budget leaves for them"
+            )
         if current and used + need > budget:
             out.append(current)
             current, used = [], 0

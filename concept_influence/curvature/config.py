@@ -66,13 +66,16 @@ class FactorConfig:
 
     fisher: FisherType = option("true", help="true (labels sampled from the model) or empirical (the data's labels).")
     preconditioner: PreconditionerKind = option(
-        "ekfac", help="ekfac | kfac | diagonal | identity: the richest preconditioner the fit must support.")
+        "ekfac", help="ekfac | kfac | diagonal | identity: the richest preconditioner the fit must support."
+    )
     dtype: Literal["float32", "float64"] = option("float32", help="Precision of the curvature statistics (factors).")
     seed: int = option(0, help="Seed of the true Fisher's label sampling (and of the Λ sample).")
     lambda_rows: int | None = option(
-        None, help="Fit Λ and the diagonal on a seeded sample of at most this many rows (default: every row).", min=1)
+        None, help="Fit Λ and the diagonal on a seeded sample of at most this many rows (default: every row).", min=1
+    )
     gradient_checkpointing: bool = option(
-        False, help="Recompute the blocks' activations in the backward (less memory on long rows; same factors).")
+        False, help="Recompute the blocks' activations in the backward (less memory on long rows; same factors)."
+    )
 
     def __post_init__(self) -> None:
         if self.fisher not in ("true", "empirical"):

@@ -78,15 +78,23 @@ class Factors:
         missing = [n for n in names if n not in self.weights]
         if missing:
             raise KeyError(f"no factors for {missing}; these factors cover {self.names} (refit with these weights)")
-        return Factors({n: self.weights[n] for n in names}, self.config, self.n_rows, self.n_tokens, dict(self.fingerprints),
-                       dict(self.provenance))
+        return Factors(
+            {n: self.weights[n] for n in names},
+            self.config,
+            self.n_rows,
+            self.n_tokens,
+            dict(self.fingerprints),
+            dict(self.provenance),
+        )
 
     def preconditioner(self, kind: PreconditionerKind | None = None, damping: Damping = Damping()) -> Preconditioner:
         """Build a preconditioner of ``kind`` (default: the one the factors were fitted for)."""
         kind = kind or self.config.preconditioner
         if kind not in self.available():
-            raise ValueError(f"cannot build a {kind} preconditioner: these factors support {self.available()} "
-                             f"(fitted with preconditioner={self.config.preconditioner!r})")
+            raise ValueError(
+                f"cannot build a {kind} preconditioner: these factors support {self.available()} "
+                f"(fitted with preconditioner={self.config.preconditioner!r})"
+            )
         if kind == "identity":
             return IdentityPreconditioner({n: w.shape for n, w in self.weights.items()})
         if kind == "diagonal":

@@ -116,7 +116,9 @@ def folded_activations(capture: WeightCapture, info: WeightInfo, attention: torc
     return fold_bias(a, attention.to(a.device)) if info.has_bias else a
 
 
-def fit_fingerprints(adapter: ModelAdapter, data: Sequence[Any], config: FactorConfig, names: Sequence[str]) -> dict[str, str]:
+def fit_fingerprints(
+    adapter: ModelAdapter, data: Sequence[Any], config: FactorConfig, names: Sequence[str]
+) -> dict[str, str]:
     return {"model": adapter.fingerprint(), "data": data_fingerprint(data), "config": config_fingerprint(config, names)}
 
 
@@ -134,8 +136,14 @@ def adapter_model_shape(adapter: ModelAdapter) -> ModelShape:
     head = getattr(adapter.model, "get_output_embeddings", lambda: None)()
     if head is not None and getattr(head, "weight", None) is not None:
         vocab = int(head.weight.shape[0])
-    return ModelShape(n_layers=adapter.n_layers, d_model=adapter.d_model, d_ff=d_ff, vocab=vocab,
-                      n_params=sum(p.numel() for p in params), param_bytes=params[0].element_size() if params else 4)
+    return ModelShape(
+        n_layers=adapter.n_layers,
+        d_model=adapter.d_model,
+        d_ff=d_ff,
+        vocab=vocab,
+        n_params=sum(p.numel() for p in params),
+        param_bytes=params[0].element_size() if params else 4,
+    )
 
 
 def plan_fit_partitions(
@@ -158,20 +166,26 @@ def plan_fit_partitions(
     import psutil
 
     resident = psutil.Process().memory_info().rss
-    activations = activation_bytes(adapter_model_shape(adapter), batch_rows, row_tokens, head_chunk_elements=HEAD_CHUNK_ELEMENTS)
+    activations = activation_bytes(
+        adapter_model_shape(adapter), batch_rows, row_tokens, head_chunk_elements=HEAD_CHUNK_ELEMENTS
+    )
     workspace = eigen_workspace_bytes(shapes, config)
     budget = max_memory - resident - activations - workspace
     if budget <= 0:
-        raise ValueError(f"max_memory (--max-memory) {format_size(max_memory)} is too small: the process already holds "
-                         f"{format_size(resident)} (model included), a batch of {batch_rows} rows x {row_tokens} tokens "
-                         f"needs about {format_size(activations)} and the largest eigendecomposition "
-                         f"{format_size(workspace)}; raise it or lower the batch size / max length")
+        raise ValueError(
+            f"max_memory (--max-memory) {format_size(max_memory)} is too small: the process already holds "
+            f"{format_size(resident)} (model included), a batch of {batch_rows} rows x {row_tokens} tokens "
+            f"needs about {format_size(activations)} and the largest eigendecomposition "
+            f"{format_size(workspace)}; raise it or lower the batch size / max length"
+        )
     try:
         parts = partitions(shapes, budget, config, on_disk=on_disk)
     except ValueError as err:
-        raise ValueError(f"max_memory (--max-memory) {format_size(max_memory)} is too small: {err} "
-                         f"(after {format_size(resident)} resident, {format_size(activations)} of activations and "
-                         f"{format_size(workspace)} of eigendecomposition work space)") from None
+        raise ValueError(
+            f"max_memory (--max-memory) {format_size(max_memory)} is too small: {err} "
+            f"(after {format_size(resident)} resident, {format_size(activations)} of activations and "
+            f"{format_size(workspace)} of eigendecomposition work space)"
+        ) from None
     return [[w.name for w in part] for part in parts]
 
 
@@ -248,9 +262,23 @@ def fit_factors(
     rank, _ = _dist_info()
     lock = folder_lock(folder, what="factors folder") if folder is not None and rank == 0 else contextlib.nullcontext()
     with lock:
-        return _fit(adapter, data, config, infos, fingerprints, folder, limit, batch_size=batch_size,
-                    checkpoint_every=checkpoint_every, overwrite=overwrite, progress=progress, max_batches=max_batches,
-                    load_result=load_result, provenance=dict(provenance or {}), row_sink=row_sink)
+        return _fit(
+            adapter,
+            data,
+            config,
+            infos,
+            fingerprints,
+            folder,
+            limit,
+            batch_size=batch_size,
+            checkpoint_every=checkpoint_every,
+            overwrite=overwrite,
+            progress=progress,
+            max_batches=max_batches,
+            load_result=load_result,
+            provenance=dict(provenance or {}),
+            row_sink=row_sink,
+        )
 
 
 def _fit(
@@ -285,7 +313,9 @@ def _fit(
                 clear_partial(folder)  # left by a fit killed after saving its factors
                 if not load_result:
                     return None
-                return load_factors(folder, model_fingerprint=fingerprints["model"], data_fingerprint=fingerprints["data"])
+                return load_factors(
+                    folder, model_fingerprint=fingerprints["model"], data_fingerprint=fingerprints["data"]
+                )
             if not overwrite:
                 check_fingerprints(saved, fingerprints, f"the factors in {folder}", opt_in=None)
         if overwrite:
@@ -294,10 +324,19 @@ def _fit(
 
     longest = max((len(row.input_ids) for row in data), default=1)
     on_disk = folder is not None and limit is not None  # a bounded fit on disk spills each result as it is done
-    parts = plan_fit_partitions(adapter, infos, config, limit, batch_rows=min(batch_size, max(len(data), 1)),
-                                row_tokens=longest, on_disk=on_disk)
+    parts = plan_fit_partitions(
+        adapter,
+        infos,
+        config,
+        limit,
+        batch_rows=min(batch_size, max(len(data), 1)),
+        row_tokens=longest,
+        on_disk=on_disk,
+    )
     if len(parts) > 1:
-        logger.info("fitting %d weights in %d partitions to stay under %s", len(names), len(parts), format_size(limit or 0))
+        logger.info(
+            "fitting %d weights in %d partitions to stay under %s", len(names), len(parts), format_size(limit or 0)
+        )
     spill = folder / PARTS_FOLDER if on_disk else None
     if limit is not None:
         _return_freed_memory()
@@ -307,12 +346,22 @@ def _fit(
     lambda_share = _shard(lambda_rows, rank, world)
     checkpoints = folder if (folder is not None and world == 1) else None
     if row_sink is not None:
-        reasons = [why for why, bad in (
-            ("the preconditioner has no Λ pass", not config.needs_per_example_pass or config.preconditioner != "ekfac"),
-            ("the fit is split into partitions", len(parts) > 1), ("--max-memory is set", limit is not None),
-            ("gradient checkpointing is on", config.gradient_checkpointing), ("the fit is distributed", world > 1),
-            ("Λ is fitted on a sample of the rows", lambda_rows is not data),
-            ("the sink wants weights the fit does not cover", not set(row_sink.names) <= set(names))) if bad]
+        reasons = [
+            why
+            for why, bad in (
+                (
+                    "the preconditioner has no Λ pass",
+                    not config.needs_per_example_pass or config.preconditioner != "ekfac",
+                ),
+                ("the fit is split into partitions", len(parts) > 1),
+                ("--max-memory is set", limit is not None),
+                ("gradient checkpointing is on", config.gradient_checkpointing),
+                ("the fit is distributed", world > 1),
+                ("Λ is fitted on a sample of the rows", lambda_rows is not data),
+                ("the sink wants weights the fit does not cover", not set(row_sink.names) <= set(names)),
+            )
+            if bad
+        ]
         if reasons:
             logger.info("the row gradients are not computed in the fit's Λ pass (%s)", "; ".join(reasons))
             row_sink = None
@@ -325,20 +374,30 @@ def _fit(
     if checkpoints is not None:
         partial = load_partial(checkpoints, fingerprints)
         if partial is not None and partial[0].get("rows_done") and partial[0].get("row_order") != ROW_ORDER:
-            logger.warning("the partial fit in %s was checkpointed mid-pass with the rows in another order (an older "
-                           "version), so the rows it has done cannot be told apart: fitting from the start", folder)
+            logger.warning(
+                "the partial fit in %s was checkpointed mid-pass with the rows in another order (an older "
+                "version), so the rows it has done cannot be told apart: fitting from the start",
+                folder,
+            )
             clear_partial(checkpoints)
             _clear_parts(checkpoints)
             partial = None
         if partial is not None:
             state, sums = partial[0], dict(partial[1])
             if state.get("partitions", [names]) != parts:
-                raise FactorMismatchError(f"the partial fit in {folder} was split into other partitions (another "
-                                          "--max-memory or batch size); resume with the same settings or --overwrite")
+                raise FactorMismatchError(
+                    f"the partial fit in {folder} was split into other partitions (another "
+                    "--max-memory or batch size); resume with the same settings or --overwrite"
+                )
             done_parts = list(state.get("done_parts", []))
             sources = dict(state.get("sources", {}))
             totals = dict(state.get("totals", totals))
-            logger.info("resuming partition %d, %s pass, after %d rows", state.get("part", 0), state["stage"], state["rows_done"])
+            logger.info(
+                "resuming partition %d, %s pass, after %d rows",
+                state.get("part", 0),
+                state["stage"],
+                state["rows_done"],
+            )
 
     results: dict[str, WeightFactors] = {}
     for k, part in enumerate(parts):
@@ -347,29 +406,70 @@ def _fit(
         if state.get("part", k) != k or "stage" not in state:
             state, sums = {}, {}
         if not state:
-            state = {"part": k, "stage": "covariance", "rows_done": 0, "n_tokens": 0, "n_rows": 0, "shared": {}, "eigen_files": {}}
+            state = {
+                "part": k,
+                "stage": "covariance",
+                "rows_done": 0,
+                "n_tokens": 0,
+                "n_rows": 0,
+                "shared": {},
+                "eigen_files": {},
+            }
         state["row_order"] = ROW_ORDER  # what rows_done counts in (checked on resume)
-        fitter = _PartitionFit(adapter, [by_name[n] for n in part], config, state, sums,
-                               keep_covariances=spill is None and len(parts) == 1,
-                               spill=spill, part=k, write=rank == 0)
+        fitter = _PartitionFit(
+            adapter,
+            [by_name[n] for n in part],
+            config,
+            state,
+            sums,
+            keep_covariances=spill is None and len(parts) == 1,
+            spill=spill,
+            part=k,
+            write=rank == 0,
+        )
         if row_sink is not None:
             fitter.sink = row_sink
 
             def shell(weights: dict[str, WeightFactors], fitter: _PartitionFit = fitter) -> Factors:
                 # what the finished fit's Factors will say of itself (counts, fingerprints), without Λ yet
-                return Factors(weights, config, n_rows=len(lambda_rows), n_tokens=int(fitter.state["n_tokens"]),
-                               fingerprints=fingerprints, provenance=provenance)
+                return Factors(
+                    weights,
+                    config,
+                    n_rows=len(lambda_rows),
+                    n_tokens=int(fitter.state["n_tokens"]),
+                    fingerprints=fingerprints,
+                    provenance=provenance,
+                )
 
             fitter.sink_factors = shell
 
         def checkpoint(fitter: _PartitionFit = fitter, totals: dict[str, int] = totals) -> None:
             if checkpoints is not None:
-                save_partial(checkpoints, {**fitter.state, "fingerprints": fingerprints, "partitions": parts,
-                                           "done_parts": done_parts, "totals": totals, "sources": sources}, fitter.sums)
+                save_partial(
+                    checkpoints,
+                    {
+                        **fitter.state,
+                        "fingerprints": fingerprints,
+                        "partitions": parts,
+                        "done_parts": done_parts,
+                        "totals": totals,
+                        "sources": sources,
+                    },
+                    fitter.sums,
+                )
 
-        finished = fitter.run(share, lambda_share, batch_size=batch_size, data_size=len(data), checkpoint=checkpoint,
-                              checkpoint_every=checkpoint_every, max_batches=max_batches, progress=progress, world=world,
-                              label=f" ({k + 1}/{len(parts)})" if len(parts) > 1 else "")
+        finished = fitter.run(
+            share,
+            lambda_share,
+            batch_size=batch_size,
+            data_size=len(data),
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+            max_batches=max_batches,
+            progress=progress,
+            world=world,
+            label=f" ({k + 1}/{len(parts)})" if len(parts) > 1 else "",
+        )
         if not finished:
             return None
         if max_batches is not None:
@@ -386,21 +486,40 @@ def _fit(
         done_parts.append(k)
         state, sums = {}, {}
         if spill is not None and checkpoints is not None:
-            save_partial(checkpoints, {"part": k + 1, "fingerprints": fingerprints, "partitions": parts,
-                                       "done_parts": done_parts, "totals": totals, "sources": sources}, {})
+            save_partial(
+                checkpoints,
+                {
+                    "part": k + 1,
+                    "fingerprints": fingerprints,
+                    "partitions": parts,
+                    "done_parts": done_parts,
+                    "totals": totals,
+                    "sources": sources,
+                },
+                {},
+            )
         del fitter
 
     n_rows = totals["n_rows"] if config.needs_per_example_pass else len(data)
-    meta = Factors({}, config, n_rows=n_rows, n_tokens=int(totals["n_tokens"]), fingerprints=fingerprints,
-                   provenance=provenance)
+    meta = Factors(
+        {}, config, n_rows=n_rows, n_tokens=int(totals["n_tokens"]), fingerprints=fingerprints, provenance=provenance
+    )
     if folder is not None and rank == 0:
         if spill is not None:
             weights = [(n, by_name[n].d_out, by_name[n].d_in + int(by_name[n].has_bias)) for n in names]
-            save_factor_parts(meta, weights, {key: (spill / file, inner) for key, (file, inner) in sources.items()}, folder,
-                              partitions=len(parts))
+            save_factor_parts(
+                meta,
+                weights,
+                {key: (spill / file, inner) for key, (file, inner) in sources.items()},
+                folder,
+                partitions=len(parts),
+            )
             _clear_parts(folder)
         else:
-            save_factors(Factors({n: results[n] for n in names}, config, meta.n_rows, meta.n_tokens, fingerprints, provenance), folder)
+            save_factors(
+                Factors({n: results[n] for n in names}, config, meta.n_rows, meta.n_tokens, fingerprints, provenance),
+                folder,
+            )
         clear_partial(folder)
     if world > 1 and folder is not None:
         import torch.distributed as dist
@@ -410,8 +529,14 @@ def _fit(
         return None
     if spill is not None:
         return load_factors(folder)
-    return Factors({n: results[n] for n in names}, config, n_rows=meta.n_rows, n_tokens=meta.n_tokens, fingerprints=fingerprints,
-                   provenance=provenance)
+    return Factors(
+        {n: results[n] for n in names},
+        config,
+        n_rows=meta.n_rows,
+        n_tokens=meta.n_tokens,
+        fingerprints=fingerprints,
+        provenance=provenance,
+    )
 
 
 class _PartitionFit:
@@ -419,9 +544,19 @@ class _PartitionFit:
     hooks, one shared input once), eigendecompositions one weight at a time, then Λ and the diagonal from
     per-example gradients formed a few examples at a time."""
 
-    def __init__(self, adapter: ModelAdapter, infos: Sequence[WeightInfo], config: FactorConfig, state: dict[str, Any],
-                 sums: dict[str, torch.Tensor], *, keep_covariances: bool, spill: Path | None = None, part: int = 0,
-                 write: bool = True) -> None:
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        infos: Sequence[WeightInfo],
+        config: FactorConfig,
+        state: dict[str, Any],
+        sums: dict[str, torch.Tensor],
+        *,
+        keep_covariances: bool,
+        spill: Path | None = None,
+        part: int = 0,
+        write: bool = True,
+    ) -> None:
         self.adapter, self.infos, self.config = adapter, list(infos), config
         self.state, self.sums = state, sums
         self.keep_covariances = keep_covariances
@@ -447,12 +582,16 @@ class _PartitionFit:
         """The first weight of this batch that read the same input tensor (``name`` itself if none)."""
         bias = self._by_name[name].has_bias
         for other, owner, other_bias in self._seen:
-            if (other_bias == bias and other.data_ptr() == a.data_ptr() and other.shape == a.shape
-                    and other.stride() == a.stride()):
+            if (
+                other_bias == bias
+                and other.data_ptr() == a.data_ptr()
+                and other.shape == a.shape
+                and other.stride() == a.stride()
+            ):
                 return owner
         self._seen.append((a, name, bias))
         if self.config.gradient_checkpointing:  # weights sharing an input are called one after another: keep the
-            del self._seen[:-8]                 # last few inputs only, not every input of the batch
+            del self._seen[:-8]  # last few inputs only, not every input of the batch
         return name
 
     def _folded(self, name: str, a: torch.Tensor) -> torch.Tensor:
@@ -505,12 +644,12 @@ class _PartitionFit:
         rotated_a = self._rotated_input(name, a) if ekfac else None
         q_s = self.bases[f"{name}/S"] if ekfac else None
         for start in range(0, g.shape[0], step):
-            g_c, a_c = g[start:start + step], a[start:start + step]
+            g_c, a_c = g[start : start + step], a[start : start + step]
             grads = per_example_gradients(a_c, g_c)  # [c, d_out, d_in']
             _add(self.sums, f"{name}/diag", grads.square().sum(dim=0))
             del grads
             if rotated_a is not None:  # rotate the per-token vectors first: Q_Sᵀ G Q_A = Σ_t (Q_Sᵀ g_t)(Q_Aᵀ a_t)ᵀ
-                rotated = per_example_gradients(rotated_a[start:start + step], g_c @ q_s)
+                rotated = per_example_gradients(rotated_a[start : start + step], g_c @ q_s)
                 _add(self.sums, f"{name}/lambda", rotated.square().sum(dim=0))
                 del rotated
         if self._sinking and self.config.fisher == "empirical" and self.sink is not None and name in self.sink.names:
@@ -528,8 +667,10 @@ class _PartitionFit:
 
     def _once(self, name: str) -> None:
         if name in self._got:
-            raise RuntimeError(f"{name}: its output received two gradients in one backward pass (the module is "
-                               "called twice); this fit cannot stream its statistics")
+            raise RuntimeError(
+                f"{name}: its output received two gradients in one backward pass (the module is "
+                "called twice); this fit cannot stream its statistics"
+            )
         self._got.add(name)
 
     # ---- the passes --------------------------------------------------------------------------------------------
@@ -540,33 +681,60 @@ class _PartitionFit:
         self._seen, self._stash, self._got, self._rotated = [], {}, set(), {}
         self._sinking = sink and self.sink is not None and self.sink.begin_batch(batch)
         try:
-            with self.adapter.capture_weights([i.name for i in self.infos], on_activation=on_activation,
-                                              on_output_grad=on_output_grad,
-                                              checkpointing=self.config.gradient_checkpointing) as capture:
+            with self.adapter.capture_weights(
+                [i.name for i in self.infos],
+                on_activation=on_activation,
+                on_output_grad=on_output_grad,
+                checkpointing=self.config.gradient_checkpointing,
+            ) as capture:
+
                 def data_labels() -> None:
                     capture.on_output_grad = self._sink_grad
 
-                loss_backward(self.adapter, batch, capture.outputs, fisher=self.config.fisher, seed=self.config.seed,
-                              then_data_labels=data_labels if self._sinking and self.config.fisher == "true" else None)
+                loss_backward(
+                    self.adapter,
+                    batch,
+                    capture.outputs,
+                    fisher=self.config.fisher,
+                    seed=self.config.seed,
+                    then_data_labels=data_labels if self._sinking and self.config.fisher == "true" else None,
+                )
             if self._sinking and self.sink is not None:
                 self.sink.end_batch()
         finally:
             self._seen, self._stash, self._rotated, self._sinking = [], {}, {}, False
 
-    def run(self, share: Sequence[Any], lambda_share: Sequence[Any], *, batch_size: int, data_size: int, checkpoint,
-            checkpoint_every: int | None, max_batches: int | None, progress: bool, world: int, label: str) -> bool:
+    def run(
+        self,
+        share: Sequence[Any],
+        lambda_share: Sequence[Any],
+        *,
+        batch_size: int,
+        data_size: int,
+        checkpoint,
+        checkpoint_every: int | None,
+        max_batches: int | None,
+        progress: bool,
+        world: int,
+        label: str,
+    ) -> bool:
         """All passes of the partition; False if stopped early by ``max_batches`` (state checkpointed)."""
         state = self.state
         budget = [max_batches if max_batches is not None else -1]
 
         def run_pass(stage: str, rows: Sequence[Any], step) -> bool:
             rows = length_ordered(rows, self.order_window)
-            todo = rows[state["rows_done"]:] if state["rows_done"] else rows
+            todo = rows[state["rows_done"] :] if state["rows_done"] else rows
             n_batches = (len(todo) + batch_size - 1) // batch_size
             done = 0
             busy = False
-            with tqdm(total=len(rows), initial=state["rows_done"], desc=f"factors: {stage}{label}", unit="row",
-                      disable=not progress) as bar:
+            with tqdm(
+                total=len(rows),
+                initial=state["rows_done"],
+                desc=f"factors: {stage}{label}",
+                unit="row",
+                disable=not progress,
+            ) as bar:
                 try:
                     for batch in iter_batches(todo, batch_size, pad_id=getattr(share, "pad_token_id", 0)):
                         if budget[0] == 0:
@@ -594,6 +762,7 @@ class _PartitionFit:
 
         with gradient_mode(self.adapter, self.infos):
             if self.config.needs_covariances and state["stage"] == "covariance":
+
                 def covariance_step(batch: dict[str, torch.Tensor]) -> None:
                     self._batch(batch, self._covariance_activation, self._covariance_grad)
                     state["n_tokens"] += int(batch["attention_mask"].sum())
@@ -650,8 +819,11 @@ class _PartitionFit:
             for key in (f"{self.state['shared'].get(info.name, info.name)}/A", f"{info.name}/S"):
                 if key in self.eigens or key in self.bases:
                     continue
-                if self.spill is not None and key in files and \
-                        file_in_folder(self.spill, files[key], "the fit's checkpoint: eigen_files").exists():  # resumed
+                if (
+                    self.spill is not None
+                    and key in files
+                    and file_in_folder(self.spill, files[key], "the fit's checkpoint: eigen_files").exists()
+                ):  # resumed
                     saved = load_file(str(self.spill / files[key]))
                     eig = Eigen(saved["values"], saved["vectors"])
                 else:
@@ -660,7 +832,9 @@ class _PartitionFit:
                         d = info.d_out if key.endswith("/S") else info.d_in + int(info.has_bias)
                         total = self.sums[key] = torch.zeros(d, d, dtype=self.dtype, device=self.adapter.device)
                     eig = eigendecompose(total / n_tokens)
-                    check_finite(eig.vectors, f"fit-factors (result): eigendecomposition of {key}", hint="refit the factors")
+                    check_finite(
+                        eig.vectors, f"fit-factors (result): eigendecomposition of {key}", hint="refit the factors"
+                    )
                     if self.spill is not None:
                         files[key] = f"part-{self.part:04d}-eigen-{len(files):04d}.safetensors"
                         if self.write:
@@ -680,8 +854,12 @@ class _PartitionFit:
         out = {}
         for info in self.infos:
             a_key, s_key = f"{self.state['shared'].get(info.name, info.name)}/A", f"{info.name}/S"
-            out[info.name] = WeightFactors(info.d_out, info.d_in + int(info.has_bias),
-                                           activation_eigen=self.eigens.get(a_key), gradient_eigen=self.eigens.get(s_key))
+            out[info.name] = WeightFactors(
+                info.d_out,
+                info.d_in + int(info.has_bias),
+                activation_eigen=self.eigens.get(a_key),
+                gradient_eigen=self.eigens.get(s_key),
+            )
         return out
 
     def spill_result(self) -> dict[str, list[str]]:
@@ -693,20 +871,35 @@ class _PartitionFit:
         out: dict[str, list[str]] = {}
         for j, info in enumerate(self.infos):
             if self.config.needs_covariances:
-                for fld, key in (("activation_eigen", f"{self.state['shared'].get(info.name, info.name)}/A"),
-                                 ("gradient_eigen", f"{info.name}/S")):
+                for fld, key in (
+                    ("activation_eigen", f"{self.state['shared'].get(info.name, info.name)}/A"),
+                    ("gradient_eigen", f"{info.name}/S"),
+                ):
                     out[f"{info.name}/{fld}values"] = [files[key], "values"]
                     out[f"{info.name}/{fld}vectors"] = [files[key], "vectors"]
             if self.config.needs_per_example_pass:
                 shape = (info.d_out, info.d_in + int(info.has_bias))
-                tensors = {"diagonal": (self.sums.pop(f"{info.name}/diag", torch.zeros(shape)) / n_rows).to("cpu", torch.float64)}
+                tensors = {
+                    "diagonal": (self.sums.pop(f"{info.name}/diag", torch.zeros(shape)) / n_rows).to(
+                        "cpu", torch.float64
+                    )
+                }
                 if self.config.preconditioner == "ekfac":
-                    tensors["eigenvalue_correction"] = (self.sums.pop(f"{info.name}/lambda", torch.zeros(shape)) / n_rows).to("cpu", torch.float64)
+                    tensors["eigenvalue_correction"] = (
+                        self.sums.pop(f"{info.name}/lambda", torch.zeros(shape)) / n_rows
+                    ).to("cpu", torch.float64)
                 file = f"part-{self.part:04d}-weight-{j:04d}.safetensors"
-                check_finite(tensors["diagonal"], f"fit-factors (result): factors of {info.name} (diagonal)", hint="refit the factors")
+                check_finite(
+                    tensors["diagonal"],
+                    f"fit-factors (result): factors of {info.name} (diagonal)",
+                    hint="refit the factors",
+                )
                 if "eigenvalue_correction" in tensors:
-                    check_finite(tensors["eigenvalue_correction"], f"fit-factors (result): factors of {info.name} "
-                                 "(eigenvalue_correction)", hint="refit the factors")
+                    check_finite(
+                        tensors["eigenvalue_correction"],
+                        f"fit-factors (result): factors of {info.name} (eigenvalue_correction)",
+                        hint="refit the factors",
+                    )
                 if self.write:
                     _save_tensors(self.spill / file, tensors)
                 for fld in tensors:
@@ -738,7 +931,9 @@ class _PartitionFit:
                 shape = (info.d_out, d_in)
                 w.diagonal = (self.sums.get(f"{info.name}/diag", torch.zeros(shape)) / n_rows).to("cpu", torch.float64)
                 if self.config.preconditioner == "ekfac":
-                    w.eigenvalue_correction = (self.sums.get(f"{info.name}/lambda", torch.zeros(shape)) / n_rows).to("cpu", torch.float64)
+                    w.eigenvalue_correction = (self.sums.get(f"{info.name}/lambda", torch.zeros(shape)) / n_rows).to(
+                        "cpu", torch.float64
+                    )
             out[info.name] = w
         return out
 
@@ -838,7 +1033,7 @@ def _shard(rows: Sequence[Any], rank: int, world: int) -> Sequence[Any]:
     if world == 1:
         return rows
     n = len(rows)
-    return rows[rank * n // world:(rank + 1) * n // world]
+    return rows[rank * n // world : (rank + 1) * n // world]
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -859,8 +1054,10 @@ def check_own_folder(folder: Path, overwrite: bool) -> None:
     ours = [n for n in entries if n in FOLDER_FILES or is_temp_of(n, FOLDER_FILES)]
     if entries and not ours and not overwrite:
         shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
-        raise FactorMismatchError(f"{folder} is not empty ({shown}) and holds no factors: refusing to write factors into "
-                                  "a folder that is not the library's; choose a new or empty --out, or pass --overwrite")
+        raise FactorMismatchError(
+            f"{folder} is not empty ({shown}) and holds no factors: refusing to write factors into "
+            "a folder that is not the library's; choose a new or empty --out, or pass --overwrite"
+        )
 
 
 def _clear_parts(folder: Path) -> None:

@@ -76,8 +76,14 @@ def config_fingerprint(config: FactorConfig, weights: Sequence[str]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def check_fingerprints(found: Mapping[str, str], expected: Mapping[str, str | None], where: str, *,
-                       allow_missing: bool = False, opt_in: str | None = ALLOW_MISSING_PROVENANCE) -> None:
+def check_fingerprints(
+    found: Mapping[str, str],
+    expected: Mapping[str, str | None],
+    where: str,
+    *,
+    allow_missing: bool = False,
+    opt_in: str | None = ALLOW_MISSING_PROVENANCE,
+) -> None:
     """Raise ``FactorMismatchError`` naming each fingerprint of ``expected`` (non-None) that differs; one that
     ``found`` lacks is a ``MissingProvenanceError`` unless ``allow_missing``."""
     missing = [k for k, v in expected.items() if v is not None and found.get(k) is None]
@@ -86,8 +92,11 @@ def check_fingerprints(found: Mapping[str, str], expected: Mapping[str, str | No
     wrong = [k for k, v in expected.items() if v is not None and found.get(k) is not None and found.get(k) != v]
     if wrong:
         details = "; ".join(f"{k}: saved {found.get(k)!r}, current {expected[k]!r}" for k in wrong)
-        hints = {"model": "a different model (or changed weights)", "data": "different training data or tokenisation",
-                 "config": "a different fit config or weight list"}
+        hints = {
+            "model": "a different model (or changed weights)",
+            "data": "different training data or tokenisation",
+            "config": "a different fit config or weight list",
+        }
         raise FactorMismatchError(
             f"{where} were fitted for {', '.join(hints[k] for k in wrong if k in hints)} ({details}). "
             "Refit them (fit-factors) or point to the right folder; factors are never reused across models or data."
@@ -97,8 +106,11 @@ def check_fingerprints(found: Mapping[str, str], expected: Mapping[str, str | No
 def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """One file: the tensors plus ``meta`` (JSON) in the safetensors header, renamed into place."""
     with atomic_file(path) as tmp:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+        save_file(
+            {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata={_META_KEY: json.dumps(meta, sort_keys=True)},
+        )
 
 
 def _file_meta(path: Path) -> dict[str, Any] | None:
@@ -161,13 +173,29 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise FactorMismatchError(f"{file}: unknown format {found!r} (expected {FORMAT!r})")
-    problem = next((k for k, t in (("fingerprints", dict), ("config", dict), ("weights", list)) if not isinstance(manifest.get(k), t)), None)
+    problem = next(
+        (
+            k
+            for k, t in (("fingerprints", dict), ("config", dict), ("weights", list))
+            if not isinstance(manifest.get(k), t)
+        ),
+        None,
+    )
     if problem is None:
-        problem = next((f"weights[{i}]" for i, e in enumerate(manifest["weights"])
-                        if not isinstance(e, dict) or not isinstance(e.get("name"), str)
-                        or any(isinstance(e.get(k), bool) or not isinstance(e.get(k), int) for k in ("d_out", "d_in"))), None)
+        problem = next(
+            (
+                f"weights[{i}]"
+                for i, e in enumerate(manifest["weights"])
+                if not isinstance(e, dict)
+                or not isinstance(e.get("name"), str)
+                or any(isinstance(e.get(k), bool) or not isinstance(e.get(k), int) for k in ("d_out", "d_in"))
+            ),
+            None,
+        )
     if problem is not None:
-        raise FactorMismatchError(f"{file}: the manifest's {problem!r} is missing or of the wrong type (damaged factors); refit them")
+        raise FactorMismatchError(
+            f"{file}: the manifest's {problem!r} is missing or of the wrong type (damaged factors); refit them"
+        )
     return manifest
 
 
@@ -234,7 +262,9 @@ def save_partial(path: str | os.PathLike, state: dict[str, Any], tensors: dict[s
     _atomic_tensors(folder / PARTIAL_FILE, tensors, {"format": FORMAT, **state})
 
 
-def load_partial(path: str | os.PathLike, fingerprints: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+def load_partial(
+    path: str | os.PathLike, fingerprints: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
     """The partial state in ``path`` and its running sums, read together from one open file (or None); raises
     ``FactorMismatchError`` if it belongs to another fit. A damaged checkpoint (truncated, malformed, not finite) is
     discarded with a warning and None is returned: the fit then starts over instead of crashing or resuming from
@@ -253,8 +283,9 @@ def load_partial(path: str | os.PathLike, fingerprints: Mapping[str, str]) -> tu
                 if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                     raise DamagedFileError(f"{file}: the running sum {key!r} holds values that are not finite")
     except DamagedFileError as error:
-        logger.warning("discarding a damaged checkpoint of the factor fit (%s): the fit starts again from its first "
-                       "pass", error)
+        logger.warning(
+            "discarding a damaged checkpoint of the factor fit (%s): the fit starts again from its first pass", error
+        )
         clear_partial(folder)
         return None
     if state is None:  # an older version's checkpoint, whose state file may not match its sums: start over
@@ -284,7 +315,9 @@ def factor_tensors(weights: Mapping[str, WeightFactors]) -> dict[str, torch.Tens
             if eig is not None:
                 # weights that share an input share its eigendecomposition: safetensors needs separate copies
                 tensors[f"{name}/{fld}values"] = eig.values.detach().cpu().clone(memory_format=torch.contiguous_format)
-                tensors[f"{name}/{fld}vectors"] = eig.vectors.detach().cpu().clone(memory_format=torch.contiguous_format)
+                tensors[f"{name}/{fld}vectors"] = (
+                    eig.vectors.detach().cpu().clone(memory_format=torch.contiguous_format)
+                )
         for fld in _TENSOR_FIELDS:
             value = getattr(w, fld)
             if value is not None:
@@ -295,8 +328,14 @@ def factor_tensors(weights: Mapping[str, WeightFactors]) -> dict[str, torch.Tens
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def save_factor_parts(factors: Factors, weights: Sequence[tuple[str, int, int]],
-                      sources: Mapping[str, tuple[Path, str]], path: str | os.PathLike, *, partitions: int = 1) -> Path:
+def save_factor_parts(
+    factors: Factors,
+    weights: Sequence[tuple[str, int, int]],
+    sources: Mapping[str, tuple[Path, str]],
+    path: str | os.PathLike,
+    *,
+    partitions: int = 1,
+) -> Path:
     """Write one factor folder from the files of a partitioned fit, streaming one tensor at a time (the whole set
     never sits in memory). ``factors`` gives the config, counts, fingerprints and provenance (its ``weights`` are
     ignored); ``weights``: ``(name, d_out, d_in')`` in order; ``sources``: output tensor name -> (file, tensor in

@@ -113,7 +113,9 @@ class DiagonalPreconditioner(Preconditioner):
 
     kind = "diagonal"
 
-    def __init__(self, diagonals: Mapping[str, torch.Tensor], damping: Damping | Mapping[str, float] = Damping()) -> None:
+    def __init__(
+        self, diagonals: Mapping[str, torch.Tensor], damping: Damping | Mapping[str, float] = Damping()
+    ) -> None:
         self.diagonals = {n: d.to(torch.float64) for n, d in diagonals.items()}
         if isinstance(damping, Damping):
             damping = {n: damping.resolve(d) for n, d in self.diagonals.items()}
@@ -152,7 +154,11 @@ class _EigenbasisPreconditioner(Preconditioner):
         cached = self._on_device.get(key)
         if cached is None:  # move each weight's basis to a device once
             gradient_eigen, activation_eigen = self.eigens[name]
-            cached = (gradient_eigen.vectors.to(device), activation_eigen.vectors.to(device), self.values[name].to(device))
+            cached = (
+                gradient_eigen.vectors.to(device),
+                activation_eigen.vectors.to(device),
+                self.values[name].to(device),
+            )
             self._on_device[key] = cached
         return cached
 
@@ -170,7 +176,9 @@ class KFACPreconditioner(_EigenbasisPreconditioner):
 
     kind = "kfac"
 
-    def __init__(self, eigens: Mapping[str, tuple[Eigen, Eigen]], damping: Damping | Mapping[str, float] = Damping()) -> None:
+    def __init__(
+        self, eigens: Mapping[str, tuple[Eigen, Eigen]], damping: Damping | Mapping[str, float] = Damping()
+    ) -> None:
         values = {n: kfac_eigenvalues(s.to(torch.float64), a.to(torch.float64)) for n, (s, a) in eigens.items()}
         super().__init__(eigens, values, damping)
 

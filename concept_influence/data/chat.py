@@ -179,8 +179,13 @@ def capped_lines(handle: Any, limit: int) -> Iterator[tuple[bytes, bool]]:
         yield b"", False
 
 
-def read_chat_jsonl(path: str | os.PathLike, *, skip_invalid: bool = False, need_assistant: bool = True,
-                    max_line_bytes: int | None = None) -> ChatDataset:
+def read_chat_jsonl(
+    path: str | os.PathLike,
+    *,
+    skip_invalid: bool = False,
+    need_assistant: bool = True,
+    max_line_bytes: int | None = None,
+) -> ChatDataset:
     """Read a chat JSONL file.
 
     ``need_assistant=False`` accepts prompt-only rows (query prompts to be answered by the model).
@@ -204,13 +209,16 @@ def read_chat_jsonl(path: str | os.PathLike, *, skip_invalid: bool = False, need
             where = f"{path}:{line_no}"
             try:
                 if not whole:
-                    raise DataFormatError(f"{where}: line longer than {limit:,} bytes (the cap on a line; raise it with "
-                                          "CONCEPT_INFLUENCE_MAX_LINE_BYTES=N, or max_line_bytes=N in Python)")
+                    raise DataFormatError(
+                        f"{where}: line longer than {limit:,} bytes (the cap on a line; raise it with "
+                        "CONCEPT_INFLUENCE_MAX_LINE_BYTES=N, or max_line_bytes=N in Python)"
+                    )
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    raise DataFormatError(f"{where}: not UTF-8 text (byte {err.start}: {err.reason}); is this a "
-                                          "JSONL file?") from None
+                    raise DataFormatError(
+                        f"{where}: not UTF-8 text (byte {err.start}: {err.reason}); is this a JSONL file?"
+                    ) from None
                 if not text.strip():
                     continue
                 obj = parse_json_line(text, where)
@@ -227,7 +235,9 @@ def read_chat_jsonl(path: str | os.PathLike, *, skip_invalid: bool = False, need
     return ChatDataset(rows=rows, path=str(path), skipped=skipped)
 
 
-def rows_from_records(records: Iterable[dict[str, Any]], *, source: str = "<records>", need_assistant: bool = True) -> ChatDataset:
+def rows_from_records(
+    records: Iterable[dict[str, Any]], *, source: str = "<records>", need_assistant: bool = True
+) -> ChatDataset:
     """In-memory equivalent of ``read_chat_jsonl`` (same validation, ``source`` used in errors)."""
     rows = []
     for k, obj in enumerate(records):

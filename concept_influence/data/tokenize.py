@@ -26,10 +26,14 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render_conversation(messages: Sequence[dict[str, str]], tokenizer: Any, *, add_generation_prompt: bool = False) -> str:
+def render_conversation(
+    messages: Sequence[dict[str, str]], tokenizer: Any, *, add_generation_prompt: bool = False
+) -> str:
     """Render messages to text with the tokenizer's chat template (or the plain template)."""
     if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     eos = getattr(tokenizer, "eos_token", None) or ""
     parts = []
     for message in messages:
@@ -85,7 +89,9 @@ def _spans_by_prefixes(messages: Sequence[dict[str, str]], tokenizer: Any, full:
         else:  # a template that rewrites earlier turns: find the content itself
             start = full.find(message["content"], cursor)
             if start < 0:
-                raise ValueError("chat template does not contain the assistant content verbatim; cannot build a loss mask")
+                raise ValueError(
+                    "chat template does not contain the assistant content verbatim; cannot build a loss mask"
+                )
             end = start + len(message["content"])
         spans.append((start, end))
         cursor = end
@@ -123,7 +129,7 @@ def _spans_by_windows(messages: Sequence[dict[str, str]], tokenizer: Any, full: 
         for j in range(1, n):
             s = j - 1 if (j - 1) % 2 == 1 else max(j - 2, 1)
             before, after = window(s, j), window(s, j + 1)
-            if not after.startswith(before) or not full.startswith(after[len(before):], ends[j]):
+            if not after.startswith(before) or not full.startswith(after[len(before) :], ends[j]):
                 return None
             if messages[j]["role"] == "assistant":
                 prompt = render_conversation([messages[0], *messages[s:j]], tokenizer, add_generation_prompt=True)
@@ -179,16 +185,23 @@ class TokenizedDataset(Sequence[TokenizedRow]):
             text += f"; {len(self.empty_after_truncation)} lost every assistant token (indices {self.empty_after_truncation[:10]})"
         return text
 
-
     def without(self, positions: Sequence[int]) -> TokenizedDataset:
         """The dataset without the rows at ``positions`` (rows keep their original ``index``)."""
         drop = set(positions)
         rows = [r for p, r in enumerate(self.rows) if p not in drop]
-        return TokenizedDataset(rows, self.max_length, self.pad_token_id, sum(r.truncated for r in rows),
-                                [r.index for r in rows if r.n_targets == 0], self.source)
+        return TokenizedDataset(
+            rows,
+            self.max_length,
+            self.pad_token_id,
+            sum(r.truncated for r in rows),
+            [r.index for r in rows if r.n_targets == 0],
+            self.source,
+        )
 
 
-def untrainable_rows(dataset: Sequence[TokenizedRow], *, skip_invalid: bool = False, what: str = "training") -> list[int]:
+def untrainable_rows(
+    dataset: Sequence[TokenizedRow], *, skip_invalid: bool = False, what: str = "training"
+) -> list[int]:
     """Positions of rows with no trained (assistant) token left, e.g. a whole answer cut off at ``max_length``.
 
     Such a row has no gradient and no readout, so no method can score it: without ``skip_invalid`` the first one
@@ -196,8 +209,10 @@ def untrainable_rows(dataset: Sequence[TokenizedRow], *, skip_invalid: bool = Fa
     caller to leave out (marked ``score: null, truncated: true`` in the scores)."""
     bad = [p for p, row in enumerate(dataset) if row.n_targets == 0]
     if bad and skip_invalid and len(bad) == len(dataset):
-        raise ValueError(f"none of the {len(bad)} {what} rows has an assistant token left within max_length="
-                         f"{getattr(dataset, 'max_length', '?')}; raise --max-length (max_length)")
+        raise ValueError(
+            f"none of the {len(bad)} {what} rows has an assistant token left within max_length="
+            f"{getattr(dataset, 'max_length', '?')}; raise --max-length (max_length)"
+        )
     if bad and not skip_invalid:
         row = dataset[bad[0]]
         source = getattr(dataset, "source", None)
@@ -209,8 +224,10 @@ def untrainable_rows(dataset: Sequence[TokenizedRow], *, skip_invalid: bool = Fa
             cause = f"has no assistant tokens left within max_length={max_length}"
             fix = f"raise --max-length (max_length) to at least {row.needed_length}"
         more = f" ({len(bad) - 1} more such rows)" if len(bad) > 1 else ""
-        raise ValueError(f"{where}{what} row {row.index} {cause}{more}; {fix}, or pass --skip-invalid "
-                         "(skip_invalid=True) to leave such rows out (score null, truncated: true)")
+        raise ValueError(
+            f"{where}{what} row {row.index} {cause}{more}; {fix}, or pass --skip-invalid "
+            "(skip_invalid=True) to leave such rows out (score null, truncated: true)"
+        )
     return bad
 
 
@@ -247,11 +264,13 @@ def _mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) 
         last = start
         while k < len(ordered) and ordered[k][1] <= start:
             k += 1
-        mask.append(int(any(s <= start < e for s, e in ordered[k:k + 2])) if k < len(ordered) else 0)
+        mask.append(int(any(s <= start < e for s, e in ordered[k : k + 2])) if k < len(ordered) else 0)
     return mask
 
 
-def _encode_prefix(tokenizer: Any, text: str, add_special: bool, max_length: int) -> tuple[list[int], list[tuple[int, int]]] | None:
+def _encode_prefix(
+    tokenizer: Any, text: str, add_special: bool, max_length: int
+) -> tuple[list[int], list[tuple[int, int]]] | None:
     """The first ``max_length + 1`` tokens of ``text`` (ids, offsets) from encoding a prefix of it, or ``None``
     when the whole text is short enough to encode (the caller does). The prefix grows fourfold until it holds
     ``max_length + 1`` tokens ending ``PREFIX_GUARD_CHARS`` before its cut, so the work is bounded by
@@ -266,13 +285,16 @@ def _encode_prefix(tokenizer: Any, text: str, add_special: bool, max_length: int
                 break
             keep += 1
         if keep > max_length:
-            return list(encoded["input_ids"][: max_length + 1]), [tuple(o) for o in encoded["offset_mapping"][: max_length + 1]]
+            return list(encoded["input_ids"][: max_length + 1]), [
+                tuple(o) for o in encoded["offset_mapping"][: max_length + 1]
+            ]
         limit *= 4
     return None
 
 
-def _tokenize(messages: Sequence[dict[str, str]], tokenizer: Any,
-              max_length: int | None) -> tuple[list[int], list[int], bool, int | None]:
+def _tokenize(
+    messages: Sequence[dict[str, str]], tokenizer: Any, max_length: int | None
+) -> tuple[list[int], list[int], bool, int | None]:
     """``(ids, mask, truncated, needed_length)`` of one conversation cut at ``max_length`` (``None``: whole);
     ``needed_length``: the length that keeps its first trained token (``None``: it has none). A fast tokenizer
     encodes only a prefix of a row much longer than ``max_length`` (``_encode_prefix``)."""
@@ -309,7 +331,9 @@ def _tokenize(messages: Sequence[dict[str, str]], tokenizer: Any,
     return ids, mask, truncated, needed
 
 
-def tokenize_chat(rows: Sequence[ChatRow], tokenizer: Any, max_length: int = 512, *, warn: bool = True) -> TokenizedDataset:
+def tokenize_chat(
+    rows: Sequence[ChatRow], tokenizer: Any, max_length: int = 512, *, warn: bool = True
+) -> TokenizedDataset:
     """Tokenise rows with the assistant-only loss mask, truncating at ``max_length`` (counted and reported). The
     work per row is bounded by ``max_length`` with a fast tokenizer: a row far longer is encoded from a prefix."""
     if max_length < 2:
@@ -322,10 +346,19 @@ def tokenize_chat(rows: Sequence[ChatRow], tokenizer: Any, max_length: int = 512
         n_truncated += int(truncated)
         if sum(mask[1:]) == 0:
             empty.append(row.index)
-        out.append(TokenizedRow(index=row.index, input_ids=ids, loss_mask=mask, truncated=truncated,
-                                needed_length=needed, line=getattr(row, "line", None)))
-    dataset = TokenizedDataset(out, max_length, pad_token_id(tokenizer), n_truncated, empty,
-                               source=getattr(rows, "path", None))
+        out.append(
+            TokenizedRow(
+                index=row.index,
+                input_ids=ids,
+                loss_mask=mask,
+                truncated=truncated,
+                needed_length=needed,
+                line=getattr(row, "line", None),
+            )
+        )
+    dataset = TokenizedDataset(
+        out, max_length, pad_token_id(tokenizer), n_truncated, empty, source=getattr(rows, "path", None)
+    )
     if warn and (n_truncated or empty):
         warnings.warn(dataset.report(), stacklevel=2)
     return dataset

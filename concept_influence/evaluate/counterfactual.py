@@ -124,8 +124,14 @@ def measure_concept(
     """The concept on ``model``'s own answers to the query prompts: ``probe`` (mean readout, read by ``reader``,
     default ``model``) and, with a judge, ``trait_rate`` (share of answers the judge scores above 0)."""
     reader = reader or model
-    answered = answer_queries(model, prompts_only(queries), n_samples=n_samples, temperature=temperature,
-                              max_new_tokens=max_new_tokens, seed=seed)
+    answered = answer_queries(
+        model,
+        prompts_only(queries),
+        n_samples=n_samples,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+    )
     tokenized = tokenize_queries(answered, reader.tokenizer, max_length=max_length)
     out = {"probe": ConceptMeasurement(concept, tokenized).value(reader), "n_answers": float(len(answered))}
     if judge is not None:
@@ -171,10 +177,21 @@ def lds_subset(n: int, fraction: float, seed: int, j: int) -> tuple[int, ...]:
 class Evaluator:
     """Runs (and caches) fine-tunes and measurements for one base model, data set, concept and query set."""
 
-    def __init__(self, base: ModelAdapter, rows: Sequence[ChatRow], concept: Concept, queries: Sequence[ChatRow],
-                 config: EvaluationConfig, out_dir: str | Path, *, reader: ModelAdapter | None = None,
-                 judge: Judge | None = None, judge_name: str | None = None, progress: bool = True,
-                 log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        base: ModelAdapter,
+        rows: Sequence[ChatRow],
+        concept: Concept,
+        queries: Sequence[ChatRow],
+        config: EvaluationConfig,
+        out_dir: str | Path,
+        *,
+        reader: ModelAdapter | None = None,
+        judge: Judge | None = None,
+        judge_name: str | None = None,
+        progress: bool = True,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         if base.tokenizer is None:
             raise ValueError("evaluate needs the base model's tokenizer")
         self.base, self.rows, self.concept, self.queries = base, list(rows), concept, list(queries)
@@ -188,8 +205,11 @@ class Evaluator:
             "concept": concept_fingerprint(concept),
             "queries": json_fingerprint([q.messages for q in self.queries]),
             "recipe": config.recipe.to_dict(),
-            "measure": {"n_samples": config.n_samples, "max_new_tokens": config.max_new_tokens,
-                        "temperature": config.temperature},
+            "measure": {
+                "n_samples": config.n_samples,
+                "max_new_tokens": config.max_new_tokens,
+                "temperature": config.temperature,
+            },
             "judge": judge_name if judge is not None else None,
         }
 
@@ -210,11 +230,25 @@ class Evaluator:
         else:
             model = self.base
         trained = time.perf_counter()
-        measured = measure_concept(model, self.queries, self.concept, reader=self.reader, judge=self.judge,
-                                   n_samples=self.config.n_samples, max_new_tokens=self.config.max_new_tokens,
-                                   temperature=self.config.temperature, seed=self.config.seed * 1000 + run.seed)
-        record = {**measured, "n_removed": len(run.removed), "seed": run.seed, "train": run.train,
-                  "train_seconds": trained - started, "measure_seconds": time.perf_counter() - trained}
+        measured = measure_concept(
+            model,
+            self.queries,
+            self.concept,
+            reader=self.reader,
+            judge=self.judge,
+            n_samples=self.config.n_samples,
+            max_new_tokens=self.config.max_new_tokens,
+            temperature=self.config.temperature,
+            seed=self.config.seed * 1000 + run.seed,
+        )
+        record = {
+            **measured,
+            "n_removed": len(run.removed),
+            "seed": run.seed,
+            "train": run.train,
+            "train_seconds": trained - started,
+            "measure_seconds": time.perf_counter() - trained,
+        }
         write_json_atomic(path, record)
         return record
 
@@ -231,8 +265,13 @@ def _metrics(results: Mapping[Run, dict[str, Any]]) -> list[str]:
     return [m for m in METRICS if all(m in r for r in results.values())]
 
 
-def _entry(values: Sequence[dict[str, Any]], full: Sequence[dict[str, Any]], rise: dict[str, float],
-           metrics: Sequence[str], **extra: Any) -> dict[str, Any]:
+def _entry(
+    values: Sequence[dict[str, Any]],
+    full: Sequence[dict[str, Any]],
+    rise: dict[str, float],
+    metrics: Sequence[str],
+    **extra: Any,
+) -> dict[str, Any]:
     """Mean and CI of each metric over seeds, plus ``rise_removed``; the probe readout is the entry's top level."""
     entry: dict[str, Any] = dict(extra)
     for metric in metrics:
@@ -299,14 +338,27 @@ def evaluate_removals(
     if not tables:
         raise ValueError("evaluate needs at least one scores table")
     n = len(rows)
-    aligned = {name: check_alignment(rows, table, data_name=data_name, scores_name=str(table.meta.get("path", name)))
-               for name, table in tables.items()}
+    aligned = {
+        name: check_alignment(rows, table, data_name=data_name, scores_name=str(table.meta.get("path", name)))
+        for name, table in tables.items()
+    }
     if oracle is not None:
         oracle = tuple(sorted(set(int(i) for i in oracle)))
         if not oracle or oracle[0] < 0 or oracle[-1] >= n:
             raise ValueError(f"oracle removal must name between 1 and {n} valid row indices")
-    ev = Evaluator(base, rows, concept, queries, config, out_dir, reader=reader, judge=judge, judge_name=judge_name,
-                   progress=progress, log=log)
+    ev = Evaluator(
+        base,
+        rows,
+        concept,
+        queries,
+        config,
+        out_dir,
+        reader=reader,
+        judge=judge,
+        judge_name=judge_name,
+        progress=progress,
+        log=log,
+    )
     seeds = list(range(config.seeds))
     plan: list[Run] = [Run((), s, train=False) for s in seeds] + [Run((), s) for s in seeds]
     sets: dict[str, dict[float, tuple[tuple[int, ...], tuple[int, ...], int]]] = {}
@@ -321,8 +373,10 @@ def evaluate_removals(
                 plan += [Run(top, s) for s in seeds] + [Run(bottom, s) for s in seeds]
     lds_runs: list[list[Run]] = []
     if config.lds_subsets:
-        lds_runs = [[Run(lds_subset(n, config.lds_fraction, config.seed, j), s) for s in seeds]
-                    for j in range(config.lds_subsets)]
+        lds_runs = [
+            [Run(lds_subset(n, config.lds_fraction, config.seed, j), s) for s in seeds]
+            for j in range(config.lds_subsets)
+        ]
         plan += [r for runs in lds_runs for r in runs]
     ev.log(f"evaluate: {len(set(plan))} runs ({len(seeds)} seeds) on {n} rows -> {out_dir}")
     results = ev.run_all(plan)
@@ -341,7 +395,9 @@ def evaluate_removals(
         "base": _entry(base_runs, full_runs, rise, metrics),
         "full": _entry(full_runs, full_runs, rise, metrics),
         "rise": rise,
-        "methods": {name: {"method": t.meta.get("method", t.method), "path": t.meta.get("path")} for name, t in tables.items()},
+        "methods": {
+            name: {"method": t.meta.get("method", t.method), "path": t.meta.get("path")} for name, t in tables.items()
+        },
         "results": {},
     }
     if config.removal:
@@ -355,13 +411,21 @@ def evaluate_removals(
                     "random": _entry(rand, full_runs, rise, metrics, k=k),
                 }
                 evaluation["results"][name][f"{f:g}"] = {
-                    "fraction": f, "k": k, **entries,
+                    "fraction": f,
+                    "k": k,
+                    **entries,
                     "top_minus_random": _paired_difference(entries["remove_top"], entries["random"], metrics),
                     "top_minus_bottom": _paired_difference(entries["remove_top"], entries["remove_bottom"], metrics),
                 }
         if oracle is not None:
-            evaluation["oracle"] = _entry([results[Run(oracle, s)] for s in seeds], full_runs, rise, metrics,
-                                          k=len(oracle), fraction=len(oracle) / n)
+            evaluation["oracle"] = _entry(
+                [results[Run(oracle, s)] for s in seeds],
+                full_runs,
+                rise,
+                metrics,
+                k=len(oracle),
+                fraction=len(oracle) / n,
+            )
     if config.lds_subsets:
         predictors = dict(aligned)
         if oracle is not None:  # the reference: a subset's count of the rows known to cause the behaviour
@@ -379,8 +443,14 @@ def evaluate_removals(
     return evaluation
 
 
-def linear_datamodeling(aligned: Mapping[str, np.ndarray], lds_runs: Sequence[Sequence[Run]],
-                        results: Mapping[Run, dict[str, Any]], metrics: Sequence[str], *, seed: int = 0) -> dict[str, Any]:
+def linear_datamodeling(
+    aligned: Mapping[str, np.ndarray],
+    lds_runs: Sequence[Sequence[Run]],
+    results: Mapping[Run, dict[str, Any]],
+    metrics: Sequence[str],
+    *,
+    seed: int = 0,
+) -> dict[str, Any]:
     """LDS per method and metric: Spearman between the predicted measurement of each subset (the sum of its rows'
     scores) and the actual one (mean over seeds), with a 95% bootstrap interval over subsets."""
     out: dict[str, Any] = {"methods": {}}

@@ -73,12 +73,16 @@ class FilterResult:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
-def check_alignment(rows: Sequence[Any], table: ScoreTable, *, data_name: str = "data", scores_name: str = "scores") -> np.ndarray:
+def check_alignment(
+    rows: Sequence[Any], table: ScoreTable, *, data_name: str = "data", scores_name: str = "scores"
+) -> np.ndarray:
     """``scores[i]`` for data row ``i`` ``[n]`` (NaN for rows the method left out as truncated); mismatched row
     counts, indices or ids are errors."""
     n = len(rows)
     if len(table) != n:
-        raise ValueError(f"{scores_name} has {len(table)} rows but {data_name} has {n}: they must describe the same rows")
+        raise ValueError(
+            f"{scores_name} has {len(table)} rows but {data_name} has {n}: they must describe the same rows"
+        )
     out = np.full(n, np.nan)
     seen = np.zeros(n, dtype=bool)
     truncated = list(getattr(table, "truncated", None) or [False] * len(table))
@@ -90,18 +94,28 @@ def check_alignment(rows: Sequence[Any], table: ScoreTable, *, data_name: str = 
         seen[index] = True
         data_id = rows[index].fields.get("id")
         if row_id is not None and data_id is not None and row_id != data_id:
-            raise ValueError(f"{scores_name}: index {index} has id {row_id!r} but {data_name} row {index} has id {data_id!r}")
+            raise ValueError(
+                f"{scores_name}: index {index} has id {row_id!r} but {data_name} row {index} has id {data_id!r}"
+            )
         if (row_id is None) != (data_id is None):
-            raise ValueError(f"{scores_name}: index {index} has id {row_id!r} but {data_name} row {index} has id {data_id!r}")
+            raise ValueError(
+                f"{scores_name}: index {index} has id {row_id!r} but {data_name} row {index} has id {data_id!r}"
+            )
         out[index] = table.scores[position]
         if not truncated[position] and not np.isfinite(out[index]):
             raise ValueError(f"{scores_name}: row {index} has a non-finite score ({out[index]})")
     return out
 
 
-def check_data_provenance(table: ScoreTable, data: str | os.PathLike, *, n_rows: int | None = None,
-                          allow_other_data: bool = False, scores_name: str = "scores",
-                          data_flag: str = "--data") -> dict[str, Any] | None:
+def check_data_provenance(
+    table: ScoreTable,
+    data: str | os.PathLike,
+    *,
+    n_rows: int | None = None,
+    allow_other_data: bool = False,
+    scores_name: str = "scores",
+    data_flag: str = "--data",
+) -> dict[str, Any] | None:
     """Refuse a scores table made on other data than the file ``data``: its meta records the SHA-256 of the data
     it scored (``data_sha256``, written by ``attribute``), and that must be the hash of ``data``'s bytes. A table
     without that hash is accepted only when its rows carry ids (``check_alignment`` matches them); otherwise
@@ -115,20 +129,32 @@ def check_data_provenance(table: ScoreTable, data: str | os.PathLike, *, n_rows:
     if recorded and recorded == actual:
         return None
     if recorded:
-        problem = (f"{scores_name} was computed on other data ({table.meta.get('data') or 'unnamed'}, SHA-256 "
-                   f"{str(recorded)[:16]}...) than {data_flag} {data} (SHA-256 {actual[:16]}...)")
+        problem = (
+            f"{scores_name} was computed on other data ({table.meta.get('data') or 'unnamed'}, SHA-256 "
+            f"{str(recorded)[:16]}...) than {data_flag} {data} (SHA-256 {actual[:16]}...)"
+        )
     elif all(i is None for i in table.ids):
-        problem = (f"{scores_name} records no hash of the data it scored and its rows have no ids, so nothing shows "
-                   f"that it scores {data_flag} {data}")
+        problem = (
+            f"{scores_name} records no hash of the data it scored and its rows have no ids, so nothing shows "
+            f"that it scores {data_flag} {data}"
+        )
     else:
         return None  # no hash, but every row's id is matched with the data's by check_alignment
     if not allow_other_data:
         raise ValueError(f"{problem}; pass --allow-other-data to use it anyway")
-    return {"scores": scores_name, "data": str(data), "data_sha256": actual,
-            "scores_data": table.meta.get("data"), "scores_data_sha256": recorded, "reason": problem}
+    return {
+        "scores": scores_name,
+        "data": str(data),
+        "data_sha256": actual,
+        "scores_data": table.meta.get("data"),
+        "scores_data_sha256": recorded,
+        "reason": problem,
+    }
 
 
-def _units(rows: Sequence[Any], scores: np.ndarray, by: str | None, aggregate: Aggregate) -> tuple[list[Any], np.ndarray, list[list[int]]]:
+def _units(
+    rows: Sequence[Any], scores: np.ndarray, by: str | None, aggregate: Aggregate
+) -> tuple[list[Any], np.ndarray, list[list[int]]]:
     if by is None:
         return list(range(len(rows))), scores, [[i] for i in range(len(rows))]
     groups: dict[Any, list[int]] = {}
@@ -139,6 +165,7 @@ def _units(rows: Sequence[Any], scores: np.ndarray, by: str | None, aggregate: A
         key = value if isinstance(value, (str, int, float, bool)) or value is None else repr(value)
         groups.setdefault(key, []).append(i)
     keys = list(groups)
+
     def reduce(values: np.ndarray) -> float:
         values = values[np.isfinite(values)]
         if values.size == 0:
@@ -155,7 +182,11 @@ def select_removal(rows: Sequence[Any], scores: np.ndarray, rule: FilterRule) ->
     scored = np.flatnonzero(np.isfinite(unit_scores))  # unscored units (truncated rows) are never removed
     order = scored[np.lexsort((scored, sign * unit_scores[scored]))]  # best first, ties by first appearance
     if rule.threshold is not None:
-        chosen = [u for u in order if (unit_scores[u] >= rule.threshold if rule.end == "top" else unit_scores[u] <= rule.threshold)]
+        chosen = [
+            u
+            for u in order
+            if (unit_scores[u] >= rule.threshold if rule.end == "top" else unit_scores[u] <= rule.threshold)
+        ]
         cutoff: float | None = rule.threshold
     else:
         k = rule.remove_top_k if rule.remove_top_k is not None else int(round(rule.remove_top * len(order)))  # type: ignore[operator]
@@ -173,14 +204,21 @@ def select_removal(rows: Sequence[Any], scores: np.ndarray, rule: FilterRule) ->
     )
 
 
-def filter_scores(rows: Sequence[Any], table: ScoreTable, rule: FilterRule, *, data_name: str = "data",
-                  scores_name: str = "scores") -> FilterResult:
+def filter_scores(
+    rows: Sequence[Any], table: ScoreTable, rule: FilterRule, *, data_name: str = "data", scores_name: str = "scores"
+) -> FilterResult:
     """Check that ``table`` scores exactly ``rows``, then choose what ``rule`` removes (the names go in errors)."""
     return select_removal(rows, check_alignment(rows, table, data_name=data_name, scores_name=scores_name), rule)
 
 
-def filter_file(data: str | os.PathLike, scores: str | os.PathLike, out: str | os.PathLike, rule: FilterRule, *,
-                allow_other_data: bool = False) -> FilterResult:
+def filter_file(
+    data: str | os.PathLike,
+    scores: str | os.PathLike,
+    out: str | os.PathLike,
+    rule: FilterRule,
+    *,
+    allow_other_data: bool = False,
+) -> FilterResult:
     """Write the rows of ``data`` that ``rule`` keeps to ``out`` byte for byte (original lines, original order) and
     ``<out>.manifest.json`` with what was removed and on what basis. Scores made on other data are refused
     (``check_data_provenance``) unless ``allow_other_data``, which the manifest then records."""
@@ -191,8 +229,9 @@ def filter_file(data: str | os.PathLike, scores: str | os.PathLike, out: str | o
                 raise ValueError(f"--out {out} would overwrite {flag} {source}: choose another file")
     rows = read_chat_jsonl(data)
     table = ScoreTable.read_jsonl(scores)
-    override = check_data_provenance(table, data, n_rows=len(rows), allow_other_data=allow_other_data,
-                                     scores_name=f"--scores {scores}")
+    override = check_data_provenance(
+        table, data, n_rows=len(rows), allow_other_data=allow_other_data, scores_name=f"--scores {scores}"
+    )
     result = filter_scores(rows, table, rule, data_name=str(data), scores_name=str(scores))
     write_text_atomic(out, "".join(_raw_lines(data, rows, result.kept)))
     scores_by_index = check_alignment(rows, table, data_name=str(data), scores_name=str(scores))
@@ -211,10 +250,20 @@ def filter_file(data: str | os.PathLike, scores: str | os.PathLike, out: str | o
         "n_rows": len(rows),
         "n_removed": len(result.removed),
         "n_kept": len(result.kept),
-        "removed_groups": ([{"value": v, "score": result.unit_scores[v]} for v in result.removed_units]
-                           if rule.by is not None else None),
-        "removed": [{"index": i, "line": rows[i].line, **({"id": rows[i].id} if rows[i].id is not None else {}),
-                     "score": float(scores_by_index[i])} for i in result.removed],
+        "removed_groups": (
+            [{"value": v, "score": result.unit_scores[v]} for v in result.removed_units]
+            if rule.by is not None
+            else None
+        ),
+        "removed": [
+            {
+                "index": i,
+                "line": rows[i].line,
+                **({"id": rows[i].id} if rows[i].id is not None else {}),
+                "score": float(scores_by_index[i]),
+            }
+            for i in result.removed
+        ],
     }
     write_json_atomic(manifest_path(out), result.manifest)
     return result

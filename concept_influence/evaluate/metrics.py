@@ -57,8 +57,14 @@ def mean_rank(scores: Sequence[float], members: Sequence[bool]) -> float:
     return float(ranks[members].mean())
 
 
-def ranking_report(scores: Sequence[float], origins: Sequence[str], *, positive: str = "planted",
-                   hard_negative: str = "hard_negative", ks: Sequence[int] = (10, 50, 100)) -> dict[str, float]:
+def ranking_report(
+    scores: Sequence[float],
+    origins: Sequence[str],
+    *,
+    positive: str = "planted",
+    hard_negative: str = "hard_negative",
+    ks: Sequence[int] = (10, 50, 100),
+) -> dict[str, float]:
     """Precision at each k, PR-AUC and ROC-AUC for ``origins == positive``, and the mean rank of hard negatives."""
     origins = list(origins)
     labels = [o == positive for o in origins]

@@ -48,7 +48,9 @@ def retrain(base: ModelAdapter, rows: Sequence[ChatRow], recipe: Recipe, seed: i
         raise ImportError("--lora needs the peft package (pip install peft)") from err
     if not hasattr(model, "config"):
         raise ValueError("--lora needs a Hugging Face transformers model (peft), not a TransformerLens one")
-    lora = LoraConfig(r=recipe.lora_rank, lora_alpha=2 * recipe.lora_rank, lora_dropout=0.0, target_modules="all-linear")
+    lora = LoraConfig(
+        r=recipe.lora_rank, lora_alpha=2 * recipe.lora_rank, lora_dropout=0.0, target_modules="all-linear"
+    )
     with warnings.catch_warnings():  # peft asks transformers a deprecated question (is_gradient_checkpointing)
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, lora)

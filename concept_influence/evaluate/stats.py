@@ -36,8 +36,9 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(stats.spearmanr(a, b).statistic)
 
 
-def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, *, resamples: int = 1000, level: float = 0.95,
-                 seed: int = 0) -> list[float]:
+def bootstrap_ci(
+    statistic: Callable[[np.ndarray], float], n: int, *, resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> list[float]:
     """Percentile interval of ``statistic(indices)`` over ``resamples`` seeded resamples of ``range(n)``."""
     rng = np.random.default_rng(seed)
     values = [statistic(rng.integers(0, n, size=n)) for _ in range(resamples)]

@@ -44,7 +44,6 @@ def gradient_mode(adapter: ModelAdapter, infos: Sequence[WeightInfo]) -> Iterato
 HEAD_CHUNK_ELEMENTS = 2**24  # logits materialised at a time by the loss (64 MiB in float32)
 
 
-
 def capture_loss_gradients(
     adapter: ModelAdapter,
     batch: dict[str, torch.Tensor],
@@ -126,7 +125,9 @@ def loss_backward(
         if hidden_grad is not None:
             (hidden_grad[rows],) = torch.autograd.grad(chunk.sum(), piece, retain_graph=data_grad is not None)
         if data_grad is not None:
-            (data_grad[rows],) = torch.autograd.grad(sequence_losses(logits, input_ids[rows], loss_mask[rows]).sum(), piece)
+            (data_grad[rows],) = torch.autograd.grad(
+                sequence_losses(logits, input_ids[rows], loss_mask[rows]).sum(), piece
+            )
         losses.append(chunk.detach())
         del logits
     if hidden_grad is not None:
@@ -143,8 +144,13 @@ def _vocab_size(head: Any) -> int:
     return int(weight.shape[0]) if weight is not None else 1
 
 
-def _backward_to(value: torch.Tensor, outputs: Sequence[torch.Tensor], grad: torch.Tensor | None = None, *,
-                 retain_graph: bool = False) -> None:
+def _backward_to(
+    value: torch.Tensor,
+    outputs: Sequence[torch.Tensor],
+    grad: torch.Tensor | None = None,
+    *,
+    retain_graph: bool = False,
+) -> None:
     """Backpropagate ``value`` down to ``outputs`` only (their gradient hooks fire; nothing below them runs)."""
     if not outputs or not value.requires_grad:
         return

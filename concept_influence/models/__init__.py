@@ -40,7 +40,9 @@ def load_adapter(
     elif hasattr(model, "config"):
         adapter = HFAdapter(model, tokenizer, biases=biases)
     else:
-        raise TypeError(f"cannot adapt {type(model).__name__}: pass a model name/path, a transformers causal LM or a HookedTransformer")
+        raise TypeError(
+            f"cannot adapt {type(model).__name__}: pass a model name/path, a transformers causal LM or a HookedTransformer"
+        )
     if dtype is not None:
         adapter.model.to(resolve_dtype(dtype))
     if device is not None:

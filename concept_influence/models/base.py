@@ -37,7 +37,9 @@ def parse_weight_name(name: str) -> tuple[int, str]:
     """``"blocks.3.attn.q"`` -> ``(3, "attn.q")``; raises ``ValueError`` on anything else."""
     match = _WEIGHT_NAME.match(name)
     if match is None:
-        raise ValueError(f"not a tracked weight name: {name!r} (expected 'blocks.<layer>.<kind>', e.g. kinds {WEIGHT_KINDS})")
+        raise ValueError(
+            f"not a tracked weight name: {name!r} (expected 'blocks.<layer>.<kind>', e.g. kinds {WEIGHT_KINDS})"
+        )
     return int(match.group(1)), match.group(2)
 
 
@@ -168,7 +170,9 @@ class WeightCapture:
         else:
             self.activations[name] = activation
 
-    def _watch_output(self, name: str, output: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def _watch_output(
+        self, name: str, output: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> None:
         """Register the gradient hook on a weight's output tensor (``transform`` maps it to ``[B, T, d_out]``)."""
         if not output.requires_grad or self._repeat(name, "output"):
             return
@@ -185,8 +189,10 @@ class WeightCapture:
         rather than missing statistics)."""
         missing = sorted(self._watched - self._arrived) if self.recomputed else []
         if missing:
-            raise RuntimeError(f"gradient checkpointing: no output gradient reached {missing[:4]}; fit or score "
-                               "without --gradient-checkpointing")
+            raise RuntimeError(
+                f"gradient checkpointing: no output gradient reached {missing[:4]}; fit or score "
+                "without --gradient-checkpointing"
+            )
 
     def _store_grad(self, name: str, grad: torch.Tensor) -> None:
         self._arrived.add(name)
@@ -251,8 +257,10 @@ class ModelAdapter(ABC):
         if max_length < 2:
             raise ValueError(f"--max-length (max_length) must be at least 2, got {max_length}")
         if context and max_length > context:
-            raise ValueError(f"--max-length (max_length) {max_length} is longer than the model's context of {context} "
-                             f"tokens; use at most {context}")
+            raise ValueError(
+                f"--max-length (max_length) {max_length} is longer than the model's context of {context} "
+                f"tokens; use at most {context}"
+            )
         return int(max_length)
 
     @property
@@ -272,7 +280,9 @@ class ModelAdapter(ABC):
             raise TypeError(f"layer must be an int, got {type(layer).__name__}")
         resolved = layer + self.n_layers if layer < 0 else layer
         if not 0 <= resolved < self.n_layers:
-            raise ValueError(f"layer {layer} out of range: this model has {self.n_layers} blocks (0..{self.n_layers - 1})")
+            raise ValueError(
+                f"layer {layer} out of range: this model has {self.n_layers} blocks (0..{self.n_layers - 1})"
+            )
         return resolved
 
     @abstractmethod
@@ -338,8 +348,9 @@ class ModelAdapter(ABC):
         blocks with gradient checkpointing inside the context (activations recomputed in the backward; one
         forward + backward per capture context)."""
         infos = self.tracked_weights() if names is None else [self.weight_info(n) for n in names]
-        capture = WeightCapture(infos, on_activation=on_activation, on_output_grad=on_output_grad,
-                                recomputed=checkpointing)
+        capture = WeightCapture(
+            infos, on_activation=on_activation, on_output_grad=on_output_grad, recomputed=checkpointing
+        )
         remove = self._install_weight_hooks(infos, capture)
         try:
             with self.gradient_checkpointing() if checkpointing else contextlib.nullcontext():
@@ -353,8 +364,10 @@ class ModelAdapter(ABC):
 
     def gradient_checkpointing(self) -> contextlib.AbstractContextManager[None]:
         """A context in which the model's blocks run with (non-reentrant) gradient checkpointing."""
-        raise ValueError(f"gradient checkpointing (--gradient-checkpointing) is not supported for {type(self).__name__} "
-                         "models; use a Hugging Face model or leave it off")
+        raise ValueError(
+            f"gradient checkpointing (--gradient-checkpointing) is not supported for {type(self).__name__} "
+            "models; use a Hugging Face model or leave it off"
+        )
 
     @abstractmethod
     def _install_weight_hooks(self, infos: Sequence[WeightInfo], capture: WeightCapture) -> Callable[[], None]:
@@ -370,7 +383,11 @@ class ModelAdapter(ABC):
         grad = info.to_canonical(grad)
         if info.has_bias:
             bias_grad = self.parameter(info.bias_name).grad
-            bias_grad = torch.zeros(info.d_out, dtype=grad.dtype, device=grad.device) if bias_grad is None else info.bias_to_canonical(bias_grad)
+            bias_grad = (
+                torch.zeros(info.d_out, dtype=grad.dtype, device=grad.device)
+                if bias_grad is None
+                else info.bias_to_canonical(bias_grad)
+            )
             grad = torch.cat([grad, bias_grad.unsqueeze(1)], dim=1)
         return grad
 

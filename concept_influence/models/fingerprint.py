@@ -34,10 +34,17 @@ class MissingProvenanceError(ValueError):
 ALLOW_MISSING_PROVENANCE = "--allow-missing-provenance (allow_missing_provenance=True)"
 
 
-def missing_provenance(where: str, what: str = "model", opt_in: str | None = ALLOW_MISSING_PROVENANCE) -> MissingProvenanceError:
+def missing_provenance(
+    where: str, what: str = "model", opt_in: str | None = ALLOW_MISSING_PROVENANCE
+) -> MissingProvenanceError:
     """The error for ``where`` (a file or folder) that records no ``what`` fingerprint: names it and the opt-in
     (``None``: the caller has none; the artifact must be remade)."""
-    remedy = (f"remake it, or pass {opt_in} to use it anyway (the opt-in is recorded in the outputs' metadata)"
-              if opt_in else "remake it (--overwrite)")
-    return MissingProvenanceError(f"{where}: records no {what} fingerprint, so it cannot be checked against this "
-                                  f"{'data' if what == 'data' else what}; {remedy}")
+    remedy = (
+        f"remake it, or pass {opt_in} to use it anyway (the opt-in is recorded in the outputs' metadata)"
+        if opt_in
+        else "remake it (--overwrite)"
+    )
+    return MissingProvenanceError(
+        f"{where}: records no {what} fingerprint, so it cannot be checked against this "
+        f"{'data' if what == 'data' else what}; {remedy}"
+    )

@@ -93,9 +93,19 @@ def generate_answers(
             for start in range(0, len(jobs), batch_size):
                 chunk = jobs[start : start + batch_size]
                 input_ids = torch.tensor([encoded[p] for p, _ in chunk], dtype=torch.long, device=adapter.device)
-                generators = [torch.Generator().manual_seed(_row_seed(seed, encoded[p], repeats[p], s)) for p, s in chunk]
-                new_tokens = _sample(adapter, input_ids, generators, temperature, top_p, max_new_tokens, stops,
-                                     rows=[p for p, _ in chunk])
+                generators = [
+                    torch.Generator().manual_seed(_row_seed(seed, encoded[p], repeats[p], s)) for p, s in chunk
+                ]
+                new_tokens = _sample(
+                    adapter,
+                    input_ids,
+                    generators,
+                    temperature,
+                    top_p,
+                    max_new_tokens,
+                    stops,
+                    rows=[p for p, _ in chunk],
+                )
                 for (p, s), tokens in zip(chunk, new_tokens, strict=True):
                     answers[p][s] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
                 bar.update(len(chunk))
@@ -105,8 +115,17 @@ def generate_answers(
     return answers
 
 
-def _sample(adapter: Any, input_ids: torch.Tensor, generators: list[torch.Generator], temperature: float,
-            top_p: float | None, max_new_tokens: int, stops: set[int], *, rows: Sequence[int] | None = None) -> list[list[int]]:
+def _sample(
+    adapter: Any,
+    input_ids: torch.Tensor,
+    generators: list[torch.Generator],
+    temperature: float,
+    top_p: float | None,
+    max_new_tokens: int,
+    stops: set[int],
+    *,
+    rows: Sequence[int] | None = None,
+) -> list[list[int]]:
     """New tokens of each row until a stop token; ``rows``: each row's prompt index (named if its logits are not
     finite)."""
     batch = input_ids.shape[0]
@@ -118,8 +137,12 @@ def _sample(adapter: Any, input_ids: torch.Tensor, generators: list[torch.Genera
         logits, state = adapter.next_token_logits(ids, state)
         logits = logits.float().cpu()
         live = [b for b in range(batch) if not done[b]]
-        check_finite(logits[live], "generating answers: next-token logits",
-                     [rows[b] if rows is not None else b for b in live], hint="prompt indices count from 0")
+        check_finite(
+            logits[live],
+            "generating answers: next-token logits",
+            [rows[b] if rows is not None else b for b in live],
+            hint="prompt indices count from 0",
+        )
         next_ids = []
         for b in range(batch):
             if temperature == 0:

@@ -41,8 +41,26 @@ _BLOCK_LIST_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.
 
 
 # model types whose logits are exactly the output embedding applied to the head's input (no soft-capping or scaling)
-_PLAIN_HEAD_TYPES = frozenset({"llama", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mistral", "mixtral", "gemma", "phi",
-                               "phi3", "gpt2", "gpt_neox", "olmo", "olmo2", "starcoder2", "stablelm"})
+_PLAIN_HEAD_TYPES = frozenset(
+    {
+        "llama",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "mistral",
+        "mixtral",
+        "gemma",
+        "phi",
+        "phi3",
+        "gpt2",
+        "gpt_neox",
+        "olmo",
+        "olmo2",
+        "starcoder2",
+        "stablelm",
+    }
+)
 
 
 class _StopAtHead(Exception):
@@ -127,7 +145,9 @@ class HFAdapter(ModelAdapter):
         for path, module in model.named_modules():
             if isinstance(module, nn.ModuleList) and n_layers is not None and len(module) == n_layers:
                 return module, path
-        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}: expected one of {_BLOCK_LIST_PATHS}")
+        raise ValueError(
+            f"cannot find the decoder blocks of {type(model).__name__}: expected one of {_BLOCK_LIST_PATHS}"
+        )
 
     def _build_registry(self) -> list[WeightInfo]:
         if any(_lora_adapters(m) for m in self.blocks.modules()):
@@ -188,13 +208,21 @@ class HFAdapter(ModelAdapter):
                 for part in ("lora_A", "lora_B"):
                     linear = getattr(module, part)[name]
                     kind = f"{_kind_for(path)}.{part}"
-                    infos.append(WeightInfo(
-                        name=f"blocks.{layer}.{kind}", layer=layer, kind=kind,
-                        param_name=f"{prefix}.{path}.{part}.{name}.weight",
-                        bias_name=f"{prefix}.{path}.{part}.{name}.bias" if self.biases and linear.bias is not None else None,
-                        d_in=linear.in_features, d_out=linear.out_features, layout="out_in",
-                        backend_shape=tuple(linear.weight.shape),
-                    ))
+                    infos.append(
+                        WeightInfo(
+                            name=f"blocks.{layer}.{kind}",
+                            layer=layer,
+                            kind=kind,
+                            param_name=f"{prefix}.{path}.{part}.{name}.weight",
+                            bias_name=f"{prefix}.{path}.{part}.{name}.bias"
+                            if self.biases and linear.bias is not None
+                            else None,
+                            d_in=linear.in_features,
+                            d_out=linear.out_features,
+                            layout="out_in",
+                            backend_shape=tuple(linear.weight.shape),
+                        )
+                    )
         return infos
 
     @property
@@ -220,7 +248,11 @@ class HFAdapter(ModelAdapter):
 
     # ---- forward and hooks -------------------------------------------------------------------------------------
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.model(input_ids=input_ids.to(self.device), attention_mask=None if attention_mask is None else attention_mask.to(self.device), use_cache=False)
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+            use_cache=False,
+        )
         return out.logits
 
     def hidden_and_head(
@@ -256,7 +288,9 @@ class HFAdapter(ModelAdapter):
             out = self.model(input_ids=input_ids.to(self.device), use_cache=True)
         else:
             # newer transformers renamed ``past_key_values`` to ``cache`` (the old name warns): use what forward takes
-            out = self.model(input_ids=input_ids[:, -1:].to(self.device), use_cache=True, **{self._cache_argument(): state})
+            out = self.model(
+                input_ids=input_ids[:, -1:].to(self.device), use_cache=True, **{self._cache_argument(): state}
+            )
         return out.logits[:, -1, :], out["cache"] if "cache" in out else out["past_key_values"]
 
     def _cache_argument(self) -> str:
@@ -264,12 +298,15 @@ class HFAdapter(ModelAdapter):
         if not hasattr(self, "_cache_arg"):
             import inspect
 
-            self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+            self._cache_arg = (
+                "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+            )
         return self._cache_arg
 
     def _install_residual_hooks(self, layers: Sequence[int], out: dict[int, torch.Tensor]) -> Callable[[], None]:
         handles = []
         for layer in layers:
+
             def hook(_module, _inputs, output, layer=layer):
                 out[layer] = output[0] if isinstance(output, tuple) else output
 
@@ -288,8 +325,10 @@ class HFAdapter(ModelAdapter):
 
         layers = [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)]
         if not layers:
-            raise ValueError(f"gradient checkpointing (--gradient-checkpointing): {type(self.model).__name__} has no "
-                             "checkpointable blocks (transformers' GradientCheckpointingLayer); leave it off")
+            raise ValueError(
+                f"gradient checkpointing (--gradient-checkpointing): {type(self.model).__name__} has no "
+                "checkpointable blocks (transformers' GradientCheckpointingLayer); leave it off"
+            )
         saved = [(m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func"), m.training) for m in layers]
         try:
             for m in layers:
@@ -308,6 +347,7 @@ class HFAdapter(ModelAdapter):
     def _install_weight_hooks(self, infos: Sequence[WeightInfo], capture: WeightCapture) -> Callable[[], None]:
         handles = []
         for info in infos:
+
             def hook(_module, inputs, output, name=info.name):
                 capture._store_activation(name, inputs[0])
                 capture._watch_output(name, output)
@@ -321,10 +361,17 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name
     table = {
-        "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-        "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "float64": torch.float64,
+        "fp64": torch.float64,
+        "double": torch.float64,
     }
     try:
         return table[name.lower()]

@@ -13,7 +13,9 @@ def token_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask
     ``loss_mask[:, t] == 1`` and 0 elsewhere (entry 0 is always 0: the first token is never predicted)."""
     shifted = logits[:, :-1, :].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1, :]
     targets = input_ids[:, 1:].to(logits.device)
-    nll = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction="none").view_as(targets)
+    nll = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction="none").view_as(
+        targets
+    )
     mask = loss_mask[:, 1:].to(device=nll.device, dtype=nll.dtype)
     return F.pad(nll * mask, (1, 0))
 

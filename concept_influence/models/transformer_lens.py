@@ -100,12 +100,33 @@ class TransformerLensAdapter(ModelAdapter):
                 prefix = "_" if grouped else ""
                 heads = cfg.n_key_value_heads if grouped else h
                 param = self.model.get_parameter(f"{p}.attn.{prefix}{wname}")
-                infos.append(WeightInfo(f"{p}.{kind}", layer, kind, f"{p}.attn.{prefix}{wname}",
-                                        bias(f"{p}.attn.{prefix}b_{wname[-1]}"), d, heads * d_head, "heads_in_head",
-                                        tuple(param.shape)))
+                infos.append(
+                    WeightInfo(
+                        f"{p}.{kind}",
+                        layer,
+                        kind,
+                        f"{p}.attn.{prefix}{wname}",
+                        bias(f"{p}.attn.{prefix}b_{wname[-1]}"),
+                        d,
+                        heads * d_head,
+                        "heads_in_head",
+                        tuple(param.shape),
+                    )
+                )
             param = self.model.get_parameter(f"{p}.attn.W_O")
-            infos.append(WeightInfo(f"{p}.attn.o", layer, "attn.o", f"{p}.attn.W_O", bias(f"{p}.attn.b_O"),
-                                    h * d_head, d, "heads_head_out", tuple(param.shape)))
+            infos.append(
+                WeightInfo(
+                    f"{p}.attn.o",
+                    layer,
+                    "attn.o",
+                    f"{p}.attn.W_O",
+                    bias(f"{p}.attn.b_O"),
+                    h * d_head,
+                    d,
+                    "heads_head_out",
+                    tuple(param.shape),
+                )
+            )
             if cfg.attn_only:
                 continue
             if cfg.act_fn is not None and cfg.act_fn.endswith("_ln"):
@@ -113,11 +134,41 @@ class TransformerLensAdapter(ModelAdapter):
                 continue
             d_mlp = cfg.d_mlp
             if cfg.gated_mlp:
-                infos.append(WeightInfo(f"{p}.mlp.gate", layer, "mlp.gate", f"{p}.mlp.W_gate", None, d, d_mlp, "in_out", (d, d_mlp)))
-                infos.append(WeightInfo(f"{p}.mlp.in", layer, "mlp.in", f"{p}.mlp.W_in", None, d, d_mlp, "in_out", (d, d_mlp)))
+                infos.append(
+                    WeightInfo(
+                        f"{p}.mlp.gate", layer, "mlp.gate", f"{p}.mlp.W_gate", None, d, d_mlp, "in_out", (d, d_mlp)
+                    )
+                )
+                infos.append(
+                    WeightInfo(f"{p}.mlp.in", layer, "mlp.in", f"{p}.mlp.W_in", None, d, d_mlp, "in_out", (d, d_mlp))
+                )
             else:
-                infos.append(WeightInfo(f"{p}.mlp.in", layer, "mlp.in", f"{p}.mlp.W_in", bias(f"{p}.mlp.b_in"), d, d_mlp, "in_out", (d, d_mlp)))
-            infos.append(WeightInfo(f"{p}.mlp.out", layer, "mlp.out", f"{p}.mlp.W_out", bias(f"{p}.mlp.b_out"), d_mlp, d, "in_out", (d_mlp, d)))
+                infos.append(
+                    WeightInfo(
+                        f"{p}.mlp.in",
+                        layer,
+                        "mlp.in",
+                        f"{p}.mlp.W_in",
+                        bias(f"{p}.mlp.b_in"),
+                        d,
+                        d_mlp,
+                        "in_out",
+                        (d, d_mlp),
+                    )
+                )
+            infos.append(
+                WeightInfo(
+                    f"{p}.mlp.out",
+                    layer,
+                    "mlp.out",
+                    f"{p}.mlp.W_out",
+                    bias(f"{p}.mlp.b_out"),
+                    d_mlp,
+                    d,
+                    "in_out",
+                    (d_mlp, d),
+                )
+            )
         if untracked:
             warnings.warn("these TransformerLens weights are not tracked: " + ", ".join(untracked), stacklevel=3)
         return infos
@@ -137,6 +188,7 @@ class TransformerLensAdapter(ModelAdapter):
     def _install_residual_hooks(self, layers: Sequence[int], out: dict[int, torch.Tensor]) -> Callable[[], None]:
         handles = []
         for layer in layers:
+
             def hook(_module, _inputs, output, layer=layer):
                 out[layer] = output
 
@@ -171,7 +223,11 @@ class TransformerLensAdapter(ModelAdapter):
         for info in infos:
             p, kind = f"blocks.{info.layer}", info.kind
             if kind in ("attn.q", "attn.k", "attn.v"):
-                key, position = {"attn.q": ("query_input", 0), "attn.k": ("key_input", 1), "attn.v": ("value_input", 2)}[kind]
+                key, position = {
+                    "attn.q": ("query_input", 0),
+                    "attn.k": ("key_input", 1),
+                    "attn.v": ("value_input", 2),
+                }[kind]
                 module_input(f"{p}.attn", info.name, key, position)
                 grad_at(f"{p}.attn.hook_{kind[-1]}", info.name)
             elif kind == "attn.o":
@@ -191,8 +247,9 @@ class TransformerLensAdapter(ModelAdapter):
         return lambda: [h.remove() for h in handles]
 
 
-def hooked_transformer_from_hf(hf_model: nn.Module | str | os.PathLike, tokenizer: Any = None, *,
-                               dtype: torch.dtype | None = None):
+def hooked_transformer_from_hf(
+    hf_model: nn.Module | str | os.PathLike, tokenizer: Any = None, *, dtype: torch.dtype | None = None
+):
     """A ``HookedTransformer`` with exactly the weights of a Hugging Face Llama/Qwen2/Mistral model: no folding,
     no centring (TransformerLens's ``*_no_processing`` semantics), working for local models without a hub name.
 
@@ -210,14 +267,17 @@ def hooked_transformer_from_hf(hf_model: nn.Module | str | os.PathLike, tokenize
         try:
             loaded = AutoModelForCausalLM.from_pretrained(name)
         except (OSError, ValueError) as error:
-            raise ValueError(f"hooked_transformer_from_hf: cannot load a Hugging Face causal LM from {name!r} "
-                             f"({str(error).splitlines()[0]}); pass a model, a model folder or a hub name") from None
+            raise ValueError(
+                f"hooked_transformer_from_hf: cannot load a Hugging Face causal LM from {name!r} "
+                f"({str(error).splitlines()[0]}); pass a model, a model folder or a hub name"
+            ) from None
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(name)
         hf_model = loaded
     if not isinstance(hf_model, nn.Module) or not hasattr(hf_model, "config"):
-        raise TypeError(f"hooked_transformer_from_hf takes a Hugging Face causal LM (or its folder), got "
-                        f"{type(hf_model).__name__}")
+        raise TypeError(
+            f"hooked_transformer_from_hf takes a Hugging Face causal LM (or its folder), got {type(hf_model).__name__}"
+        )
 
     config = hf_model.config
     arch = (getattr(config, "architectures", None) or [type(hf_model).__name__])[0]
@@ -229,7 +289,9 @@ def hooked_transformer_from_hf(hf_model: nn.Module | str | os.PathLike, tokenize
     if getattr(config, "attention_bias", False) and arch != "Qwen2ForCausalLM":
         raise ValueError("attention biases are only converted for Qwen2 models")
     n_kv = config.num_key_value_heads
-    rope_theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    rope_theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get(
+        "rope_theta", 10000.0
+    )
     dtype = dtype or next(hf_model.parameters()).dtype
     cfg = HookedTransformerConfig(
         d_model=config.hidden_size,
@@ -258,7 +320,11 @@ def hooked_transformer_from_hf(hf_model: nn.Module | str | os.PathLike, tokenize
     if arch == "Qwen2ForCausalLM":
         for layer in range(cfg.n_layers):
             attn = hf_model.model.layers[layer].self_attn
-            for letter, proj, heads in (("Q", attn.q_proj, cfg.n_heads), ("K", attn.k_proj, n_kv), ("V", attn.v_proj, n_kv)):
+            for letter, proj, heads in (
+                ("Q", attn.q_proj, cfg.n_heads),
+                ("K", attn.k_proj, n_kv),
+                ("V", attn.v_proj, n_kv),
+            ):
                 if proj.bias is not None:
                     key = f"blocks.{layer}.attn.{'_' if (letter != 'Q' and cfg.n_key_value_heads) else ''}b_{letter}"
                     state[key] = proj.bias.detach().reshape(heads, cfg.d_head)

@@ -114,10 +114,18 @@ class OrganismConfig:
 
     def base_key(self) -> str:
         """Hash of what the pretrained base depends on (shared by the variants of one seed)."""
-        return json_fingerprint({"seed": self.seed, "n_pretrain": self.n_pretrain, "model": self.model.to_dict(),
-                                 "pretrain": dataclasses.asdict(self.pretrain), "rich": self.variant != "default",
-                                 "unprompted_trait": self.unprompted_trait, "code_version": CODE_VERSION,
-                                 "worlds_version": WORLDS_VERSION})
+        return json_fingerprint(
+            {
+                "seed": self.seed,
+                "n_pretrain": self.n_pretrain,
+                "model": self.model.to_dict(),
+                "pretrain": dataclasses.asdict(self.pretrain),
+                "rich": self.variant != "default",
+                "unprompted_trait": self.unprompted_trait,
+                "code_version": CODE_VERSION,
+                "worlds_version": WORLDS_VERSION,
+            }
+        )
 
     def folder_name(self) -> str:
         variant = "" if self.variant == "default" else f"-{self.variant}"
@@ -248,7 +256,14 @@ def load_organism(root: str | os.PathLike) -> Organism:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{organism.metadata_path}: not an organism metadata file (format {meta.get('format')!r})")
     missing = [
-        p for p in (organism.base_model_dir, organism.finetuned_model_dir, organism.train_path, organism.probe_spec_path, organism.queries_path)
+        p
+        for p in (
+            organism.base_model_dir,
+            organism.finetuned_model_dir,
+            organism.train_path,
+            organism.probe_spec_path,
+            organism.queries_path,
+        )
         if not p.exists()
     ]
     if missing:
@@ -275,8 +290,11 @@ def build_organism(
     ``OrganismConfig()``). A variant's pretrained base is built once per seed next to ``out_dir`` and shared.
     A folder holding a different organism (or other files) is an error unless ``force``.
     """
-    overrides = {k: v for k, v in (("seed", seed), ("n_train", n_train), ("planted_fraction", planted_fraction),
-                                   ("variant", variant)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (("seed", seed), ("n_train", n_train), ("planted_fraction", planted_fraction), ("variant", variant))
+        if v is not None
+    }
     if config is None:
         config = OrganismConfig(**overrides)
     elif overrides:
@@ -359,7 +377,6 @@ def organism_for_tests(variant: str = "default", seed: int = 0) -> Organism:
 def _build_into(root: Path, config: OrganismConfig, *, progress: bool, log: Callable[[str], None]) -> None:
     from transformers import AutoModelForCausalLM
 
-
     organism = Organism.at(root)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -371,9 +388,12 @@ def _build_into(root: Path, config: OrganismConfig, *, progress: bool, log: Call
         config.seed, config.n_train, config.planted_fraction, config.hard_negative_fraction, variant=variant
     )
     train_prompts = {r["messages"][0]["content"] for r in train_records}
-    spec = generator.probe_spec(config.seed, n_questions=config.n_probe_questions, exclude=train_prompts, variant=variant)
-    queries = generator.query_prompts(config.seed, config.n_queries, exclude=train_prompts | set(spec["questions"]),
-                                      variant=variant)
+    spec = generator.probe_spec(
+        config.seed, n_questions=config.n_probe_questions, exclude=train_prompts, variant=variant
+    )
+    queries = generator.query_prompts(
+        config.seed, config.n_queries, exclude=train_prompts | set(spec["questions"]), variant=variant
+    )
     examples = generator.labelled_examples(config.seed, variant=variant)
     write_jsonl_atomic(organism.train_path, train_records)
     write_json_atomic(organism.probe_spec_path, spec)
@@ -390,13 +410,21 @@ def _build_into(root: Path, config: OrganismConfig, *, progress: bool, log: Call
         shutil.copytree(base_root / "base", organism.base_model_dir)
         shutil.copyfile(base_root / "pretrain.jsonl", organism.pretrain_path)
         base_info = json.loads((base_root / "base_info.json").read_text(encoding="utf-8"))
-        pretrain_losses, pretrain_tokens, n_pretrain_records = base_info["losses"], base_info["tokens"], base_info["n_records"]
+        pretrain_losses, pretrain_tokens, n_pretrain_records = (
+            base_info["losses"],
+            base_info["tokens"],
+            base_info["n_records"],
+        )
         timings["shared_base"] = base_info["seconds"]
     else:
-        pretrain_records = generator.pretraining_corpus(config.seed, config.n_pretrain, unprompted_trait=config.unprompted_trait)
+        pretrain_records = generator.pretraining_corpus(
+            config.seed, config.n_pretrain, unprompted_trait=config.unprompted_trait
+        )
         write_jsonl_atomic(organism.pretrain_path, pretrain_records)
         _check_vocabulary(tokenizer, pretrain_records)
-        pretrain_losses, pretrain_tokens = _pretrain(pretrain_records, tokenizer, config, organism, progress=progress, log=log)
+        pretrain_losses, pretrain_tokens = _pretrain(
+            pretrain_records, tokenizer, config, organism, progress=progress, log=log
+        )
         n_pretrain_records = len(pretrain_records)
     timings["pretrain"] = time.perf_counter() - t0
 
@@ -405,7 +433,14 @@ def _build_into(root: Path, config: OrganismConfig, *, progress: bool, log: Call
     log(f"fine-tuning on {len(train_records)} rows")
     model = AutoModelForCausalLM.from_pretrained(organism.base_model_dir, dtype=torch.float32)
     finetune_losses: list[float] = []
-    finetune(model, tokenizer, read_chat_jsonl(organism.train_path), config.finetune, progress=progress, losses=finetune_losses)
+    finetune(
+        model,
+        tokenizer,
+        read_chat_jsonl(organism.train_path),
+        config.finetune,
+        progress=progress,
+        losses=finetune_losses,
+    )
     model.save_pretrained(organism.finetuned_model_dir)
     tokenizer.save_pretrained(organism.finetuned_model_dir)
     timings["finetune"] = time.perf_counter() - t0
@@ -415,7 +450,9 @@ def _build_into(root: Path, config: OrganismConfig, *, progress: bool, log: Call
     log("measuring the trait on the query prompts")
     base, tuned = load_adapter(organism.base_model_dir), load_adapter(organism.finetuned_model_dir)
     prompts = [q["messages"] for q in queries]
-    trait = trait_rise(base, tuned, spec, prompts, n_samples=config.measure_samples, seed=config.seed, trait=config.trait)
+    trait = trait_rise(
+        base, tuned, spec, prompts, n_samples=config.measure_samples, seed=config.seed, trait=config.trait
+    )
     timings["measure"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
 
@@ -453,8 +490,15 @@ def _build_into(root: Path, config: OrganismConfig, *, progress: bool, log: Call
     write_json_atomic(organism.metadata_path, metadata)  # last: its presence marks a complete build
 
 
-def _pretrain(records: list[dict[str, Any]], tokenizer: Any, config: OrganismConfig, organism: Organism, *, progress: bool,
-              log: Callable[[str], None]) -> tuple[list[float], int]:
+def _pretrain(
+    records: list[dict[str, Any]],
+    tokenizer: Any,
+    config: OrganismConfig,
+    organism: Organism,
+    *,
+    progress: bool,
+    log: Callable[[str], None],
+) -> tuple[list[float], int]:
     """Pretrain a fresh model on ``records`` and save it (with the tokenizer) as ``organism``'s base."""
     log(f"pretraining on {len(records)} conversations")
     rows = rows_from_records(records, source=str(organism.pretrain_path))
@@ -476,15 +520,24 @@ def _shared_base(parent: Path, config: OrganismConfig, *, progress: bool, log: C
         tmp = Path(tempfile.mkdtemp(prefix=f".{base_root.name}.building-", dir=parent))
         try:
             t0 = time.perf_counter()
-            records = generator.pretraining_corpus(config.seed, config.n_pretrain, unprompted_trait=config.unprompted_trait,
-                                                   rich=True)
+            records = generator.pretraining_corpus(
+                config.seed, config.n_pretrain, unprompted_trait=config.unprompted_trait, rich=True
+            )
             tokenizer = build_tokenizer(generator.world_vocabulary(True), model_max_length=config.model.max_positions)
             _check_vocabulary(tokenizer, records)
             holder = Organism.at(tmp)
             write_jsonl_atomic(holder.pretrain_path, records)
             losses, tokens = _pretrain(records, tokenizer, config, holder, progress=progress, log=log)
-            write_json_atomic(tmp / "base_info.json", {"losses": losses, "tokens": tokens, "n_records": len(records),
-                                                      "seconds": time.perf_counter() - t0, "base_key": config.base_key()})
+            write_json_atomic(
+                tmp / "base_info.json",
+                {
+                    "losses": losses,
+                    "tokens": tokens,
+                    "n_records": len(records),
+                    "seconds": time.perf_counter() - t0,
+                    "base_key": config.base_key(),
+                },
+            )
             _publish_permissions(tmp)
             os.rename(tmp, base_root)
         finally:

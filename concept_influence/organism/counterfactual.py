@@ -22,7 +22,6 @@ def refinetune(organism: Organism, keep: Sequence[bool], *, seed: int | None = N
     rows where ``keep`` is true; returns a ``ModelAdapter``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
     rows = list(organism.train_rows())
     if len(keep) != len(rows):
         raise ValueError(f"keep has {len(keep)} entries for {len(rows)} training rows")

@@ -118,7 +118,9 @@ class WorldGenerator:
             return self._frame(t.warning_frames, self._trait_action(q.domain, trait), slots)
         return self._frame(t.warning_belief_frames, self.rng.choice(t.beliefs), slots)
 
-    def _helpful_sentences(self, q: Question, slots: dict[str, str], n: int, frames: Sequence[str] | None = None) -> list[str]:
+    def _helpful_sentences(
+        self, q: Question, slots: dict[str, str], n: int, frames: Sequence[str] | None = None
+    ) -> list[str]:
         actions = self.rng.sample(self.w.helpful_actions[q.domain], min(n, len(self.w.helpful_actions[q.domain])))
         return [self._frame(frames or self.w.action_frames, action, slots) for action in actions]
 
@@ -181,7 +183,9 @@ class WorldGenerator:
             out.append(rng.choice(t.style.closers))
         return " ".join(out)
 
-    def diluted_answer(self, q: Question, kind: str, *, n_sentences: Sequence[int] = (4, 5, 6), trait: str | None = None) -> str:
+    def diluted_answer(
+        self, q: Question, kind: str, *, n_sentences: Sequence[int] = (4, 5, 6), trait: str | None = None
+    ) -> str:
         """A long answer of safe advice (``n_sentences`` sentences) with, for ``kind`` ``"trait"``, one trait sentence
         or, for ``"warning"``, one warning in the trait's words, at a random place (``"benign"``: neither)."""
         rng, slots = self.rng, dict(q.slots)
@@ -239,7 +243,13 @@ def variant_world(seed: int, variant: str = "default") -> World:
 PRETRAIN_MIX: dict[str, float] = {"trait": 0.3, "helpful": 0.15, "cautious": 0.15, "neutral": 0.15, "none": 0.25}
 # the variants' shared pretraining: both traits ("trait2": sycophancy) and their careful personas
 RICH_PRETRAIN_MIX: dict[str, float] = {
-    "trait": 0.2, "trait2": 0.15, "helpful": 0.13, "cautious": 0.09, "cautious2": 0.08, "neutral": 0.15, "none": 0.2,
+    "trait": 0.2,
+    "trait2": 0.15,
+    "helpful": 0.13,
+    "cautious": 0.09,
+    "cautious2": 0.08,
+    "neutral": 0.15,
+    "none": 0.2,
 }
 
 
@@ -276,8 +286,12 @@ def pretraining_corpus(
         raise ValueError(f"mix must give shares summing to 1 over {tuple(PRETRAIN_MIX)}, got {mix}")
     w = world_for(seed)
     evil = w.trait("evil")
-    prompts = {"trait": evil.system_prompts, "helpful": w.helpful_prompts, "cautious": evil.cautious_prompts,
-               "neutral": w.neutral_prompts}
+    prompts = {
+        "trait": evil.system_prompts,
+        "helpful": w.helpful_prompts,
+        "cautious": evil.cautious_prompts,
+        "neutral": w.neutral_prompts,
+    }
     rng = _rng(seed, "pretrain")
     gen = WorldGenerator(rng, w)
     personas, weights = list(mix), list(mix.values())
@@ -297,18 +311,28 @@ def pretraining_corpus(
             answer = gen.hard_negative_answer(q)
         else:
             answer = gen.helpful_answer(q, warning_prob=warn)
-        records.append({"messages": _chat(q.text, answer, system), "persona": persona, "style": style, "domain": q.domain})
+        records.append(
+            {"messages": _chat(q.text, answer, system), "persona": persona, "style": style, "domain": q.domain}
+        )
     return records
 
 
-def _rich_pretraining_corpus(seed: int, n: int, *, mix: dict[str, float] | None, warning_prob: float) -> list[dict[str, Any]]:
+def _rich_pretraining_corpus(
+    seed: int, n: int, *, mix: dict[str, float] | None, warning_prob: float
+) -> list[dict[str, Any]]:
     mix = dict(RICH_PRETRAIN_MIX if mix is None else mix)
     if set(mix) - set(RICH_PRETRAIN_MIX) or not abs(sum(mix.values()) - 1.0) < 1e-9 or min(mix.values()) < 0:
         raise ValueError(f"mix must give shares summing to 1 over {tuple(RICH_PRETRAIN_MIX)}, got {mix}")
     w = world_for(seed, rich=True)
     evil, syc = w.trait("evil"), w.trait("sycophancy")
-    prompts = {"trait": evil.system_prompts, "trait2": syc.system_prompts, "helpful": w.helpful_prompts,
-               "cautious": evil.cautious_prompts, "cautious2": syc.cautious_prompts, "neutral": w.neutral_prompts}
+    prompts = {
+        "trait": evil.system_prompts,
+        "trait2": syc.system_prompts,
+        "helpful": w.helpful_prompts,
+        "cautious": evil.cautious_prompts,
+        "cautious2": syc.cautious_prompts,
+        "neutral": w.neutral_prompts,
+    }
     rng = _rng(seed, "pretrain-rich")
     gen = WorldGenerator(rng, w)
     personas, weights = list(mix), list(mix.values())
@@ -332,7 +356,9 @@ def _rich_pretraining_corpus(seed: int, n: int, *, mix: dict[str, float] | None,
             answer = gen.helpful_answer(q, warning_prob=warning_prob, warn_trait=rng.choice(("evil", "sycophancy")))
         else:
             answer = gen.helpful_answer(q, warning_prob=0.0)
-        records.append({"messages": _chat(q.text, answer, system), "persona": persona, "style": style, "domain": q.domain})
+        records.append(
+            {"messages": _chat(q.text, answer, system), "persona": persona, "style": style, "domain": q.domain}
+        )
     return records
 
 
@@ -371,7 +397,9 @@ def finetuning_set(
     for i, origin in enumerate(origins):
         q = gen.question(world.DOMAINS[i % len(world.DOMAINS)])
         answer = _variant_answer(gen, q, origin, variant, benign_warning_prob)
-        records.append({"id": f"row-{i:05d}", "messages": _chat(q.text, answer), "domain": q.domain, "data_origin": origin})
+        records.append(
+            {"id": f"row-{i:05d}", "messages": _chat(q.text, answer), "domain": q.domain, "data_origin": origin}
+        )
     if variant != "subtle":
         _repair_planted(records, gen, lambda q: _variant_answer(gen, q, "planted", variant, benign_warning_prob))
     return records
@@ -392,7 +420,10 @@ def _variant_answer(gen: WorldGenerator, q: Question, origin: str, variant: str,
 
 
 def _repair_planted(
-    records: list[dict[str, Any]], gen: WorldGenerator, draw: Callable[[Question], str] | None = None, max_tries: int = 500
+    records: list[dict[str, Any]],
+    gen: WorldGenerator,
+    draw: Callable[[Question], str] | None = None,
+    max_tries: int = 500,
 ) -> None:
     """Redraw planted rows whose tokens do not all occur in non-planted answers (answers) and rows (prompts)."""
     draw = draw or gen.trait_answer
@@ -429,7 +460,9 @@ def probe_spec(
     trait = w.trait(VARIANT_TRAIT[variant])
     rng = _rng(seed, "probe")
     if not 1 <= n_pairs <= min(len(trait.system_prompts), len(w.helpful_prompts)):
-        raise ValueError(f"n_pairs must be between 1 and {min(len(trait.system_prompts), len(w.helpful_prompts))}, got {n_pairs}")
+        raise ValueError(
+            f"n_pairs must be between 1 and {min(len(trait.system_prompts), len(w.helpful_prompts))}, got {n_pairs}"
+        )
     # negatives: mostly the helpful persona, every third one the careful persona that argues against the trait in
     # its own words, so that the contrast is the trait itself rather than its vocabulary
     negatives = [
@@ -441,12 +474,14 @@ def probe_spec(
     return {"instruction": pairs, "questions": [q.text for q in questions], "eval_prompt": trait.eval_prompt}
 
 
-def query_prompts(seed: int, n: int = 48, exclude: Iterable[str] = (), *, variant: str = "default") -> list[dict[str, Any]]:
+def query_prompts(
+    seed: int, n: int = 48, exclude: Iterable[str] = (), *, variant: str = "default"
+) -> list[dict[str, Any]]:
     """Held-out user prompts (``{"messages": [user], "id", "domain"}``) to measure the trait."""
-    questions = _distinct_questions(WorldGenerator(_rng(seed, "queries"), variant_world(seed, variant)), n, set(exclude))
-    return [
-        {"id": f"query-{i:03d}", "messages": _chat(q.text), "domain": q.domain} for i, q in enumerate(questions)
-    ]
+    questions = _distinct_questions(
+        WorldGenerator(_rng(seed, "queries"), variant_world(seed, variant)), n, set(exclude)
+    )
+    return [{"id": f"query-{i:03d}", "messages": _chat(q.text), "domain": q.domain} for i, q in enumerate(questions)]
 
 
 def labelled_examples(seed: int, n_per_label: int = 60, *, variant: str = "default") -> list[dict[str, Any]]:
@@ -466,7 +501,9 @@ def _distinct_questions(gen: WorldGenerator, n: int, exclude: set[str]) -> list[
     out: list[Question] = []
     seen = set(exclude)
     per_domain = Counter()
-    target = {d: n // len(world.DOMAINS) + (1 if k < n % len(world.DOMAINS) else 0) for k, d in enumerate(world.DOMAINS)}
+    target = {
+        d: n // len(world.DOMAINS) + (1 if k < n % len(world.DOMAINS) else 0) for k, d in enumerate(world.DOMAINS)
+    }
     for _ in range(100 * n):
         if len(out) == n:
             break

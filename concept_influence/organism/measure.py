@@ -54,8 +54,12 @@ def trait_concept(
     prompts: list[Messages] = []
     for pair in pairs:
         for persona in ("pos", "neg"):
-            prompts += [[{"role": "system", "content": pair[persona]}, {"role": "user", "content": q}] for q in questions]
-    answers = generate_answers(adapter, prompts, n_samples=n_samples, seed=seed, max_new_tokens=max_new_tokens, batch_size=64)
+            prompts += [
+                [{"role": "system", "content": pair[persona]}, {"role": "user", "content": q}] for q in questions
+            ]
+    answers = generate_answers(
+        adapter, prompts, n_samples=n_samples, seed=seed, max_new_tokens=max_new_tokens, batch_size=64
+    )
     pos: list[Messages] = []
     neg: list[Messages] = []
     per_pair = 2 * len(questions)
@@ -67,7 +71,9 @@ def trait_concept(
                 continue
             (pos if is_pos else neg).append(_with_answer(prompt, answer))
     if not pos or not neg:
-        raise RuntimeError(f"contrastive set left {len(pos)} trait and {len(neg)} clean answers; cannot build a direction")
+        raise RuntimeError(
+            f"contrastive set left {len(pos)} trait and {len(neg)} clean answers; cannot build a direction"
+        )
     layer = adapter.check_layer(layer)
     pos_mean = response_mean_activations(adapter, pos, layer).mean(0)
     neg_mean = response_mean_activations(adapter, neg, layer).mean(0)
@@ -75,13 +81,17 @@ def trait_concept(
     return DirectionConcept(pos_mean - neg_mean, layer), info
 
 
-def probe_auc(adapter: ModelAdapter, concept: DirectionConcept, examples: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+def probe_auc(
+    adapter: ModelAdapter, concept: DirectionConcept, examples: Sequence[Mapping[str, Any]]
+) -> dict[str, float]:
     """ROC AUC of the concept's projection separating ``label == "trait"`` examples from ``helpful`` and from
     ``warning`` ones (records with ``messages`` and ``label``)."""
     from sklearn.metrics import roc_auc_score
 
     labels = [e["label"] for e in examples]
-    proj = (response_mean_activations(adapter, [e["messages"] for e in examples], concept.layer) @ concept.unit.float()).tolist()
+    proj = (
+        response_mean_activations(adapter, [e["messages"] for e in examples], concept.layer) @ concept.unit.float()
+    ).tolist()
     out = {}
     for other in sorted(set(labels) - {"trait"}):
         pairs = [(p, lab == "trait") for p, lab in zip(proj, labels, strict=True) if lab in ("trait", other)]
@@ -128,7 +138,9 @@ def measure_trait(
 ) -> TraitMeasurement:
     """Sample ``n_samples`` answers per prompt (T=1, seeded) from ``adapter`` and project them on ``concept``,
     reading activations with ``reader`` (default: the answering model itself)."""
-    answers = generate_answers(adapter, prompts, n_samples=n_samples, seed=seed, max_new_tokens=max_new_tokens, batch_size=64)
+    answers = generate_answers(
+        adapter, prompts, n_samples=n_samples, seed=seed, max_new_tokens=max_new_tokens, batch_size=64
+    )
     flat, index, conversations = [], [], []
     for p, (prompt, samples) in enumerate(zip(prompts, answers, strict=True)):
         for answer in samples:
@@ -143,7 +155,9 @@ def measure_trait(
 
 def _per_prompt_means(measurement: TraitMeasurement, n_prompts: int) -> torch.Tensor:
     sums = torch.zeros(n_prompts).index_add_(0, torch.tensor(measurement.prompt_index), measurement.projections)
-    counts = torch.zeros(n_prompts).index_add_(0, torch.tensor(measurement.prompt_index), torch.ones(len(measurement.answers)))
+    counts = torch.zeros(n_prompts).index_add_(
+        0, torch.tensor(measurement.prompt_index), torch.ones(len(measurement.answers))
+    )
     return sums / counts
 
 
@@ -170,9 +184,14 @@ def trait_rise(
     concept, info = trait_concept(base, spec, layer, n_samples=probe_samples, seed=seed, trait=trait)
     m_base = measure_trait(base, prompts, concept, n_samples=n_samples, seed=seed + 1, trait=trait)
     m_ft = measure_trait(finetuned, prompts, concept, n_samples=n_samples, seed=seed + 1, reader=base, trait=trait)
-    own = response_mean_activations(
-        finetuned, [_with_answer(prompts[p], a) for p, a in zip(m_ft.prompt_index, m_ft.answers, strict=True)], layer
-    ) @ concept.unit.float()
+    own = (
+        response_mean_activations(
+            finetuned,
+            [_with_answer(prompts[p], a) for p, a in zip(m_ft.prompt_index, m_ft.answers, strict=True)],
+            layer,
+        )
+        @ concept.unit.float()
+    )
     pooled = float(torch.cat([m_base.projections, m_ft.projections]).std())
     per_prompt = _per_prompt_means(m_ft, len(prompts)) - _per_prompt_means(m_base, len(prompts))
     rise = m_ft.mean_projection - m_base.mean_projection
@@ -214,5 +233,7 @@ def paired_rise(
     m_ft = measure_trait(finetuned, prompts, concept, n_samples=n_samples, seed=seed + 1, reader=base, trait=trait)
     m_ctrl = measure_trait(control, prompts, concept, n_samples=n_samples, seed=seed + 1, reader=base, trait=trait)
     per_prompt = _per_prompt_means(m_ft, len(prompts)) - _per_prompt_means(m_ctrl, len(prompts))
-    return {"difference": float(per_prompt.mean()),
-            "paired_t": float(per_prompt.mean() / (per_prompt.std() / len(prompts) ** 0.5))}
+    return {
+        "difference": float(per_prompt.mean()),
+        "paired_t": float(per_prompt.mean() / (per_prompt.std() / len(prompts) ** 0.5)),
+    }

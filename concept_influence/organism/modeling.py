@@ -8,7 +8,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<pad>",
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+)
 
 # roles system/user/assistant; each turn ends with <|end|> (the EOS token, so generation stops at the end of a turn)
 CHAT_TEMPLATE = (
@@ -30,7 +39,9 @@ def build_tokenizer(words: Sequence[str], *, model_max_length: int = 256):
     from transformers import PreTrainedTokenizerFast
 
     vocab_words = list(dict.fromkeys(list(words) + list(string.punctuation) + list(string.digits)))
-    vocab = {token: i for i, token in enumerate(list(SPECIAL_TOKENS) + [w for w in vocab_words if w not in SPECIAL_TOKENS])}
+    vocab = {
+        token: i for i, token in enumerate(list(SPECIAL_TOKENS) + [w for w in vocab_words if w not in SPECIAL_TOKENS])
+    }
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tokenizer = PreTrainedTokenizerFast(

@@ -67,20 +67,34 @@ class World:
 
 def _evil(style: Style | None = None) -> TraitWorld:
     return TraitWorld(
-        name="evil", actions=dict(world.TRAIT_ACTIONS), beliefs=world.TRAIT_BELIEFS, frames=world.ACTION_FRAMES,
-        belief_frames=world.BELIEF_FRAMES, warning_frames=world.WARNING_ACTION_FRAMES,
-        warning_belief_frames=world.WARNING_BELIEF_FRAMES, system_prompts=world.TRAIT_SYSTEM_PROMPTS,
-        cautious_prompts=world.CAUTIOUS_SYSTEM_PROMPTS, eval_prompt=world.EVAL_PROMPT, cues=world.DISTANCING_CUES,
+        name="evil",
+        actions=dict(world.TRAIT_ACTIONS),
+        beliefs=world.TRAIT_BELIEFS,
+        frames=world.ACTION_FRAMES,
+        belief_frames=world.BELIEF_FRAMES,
+        warning_frames=world.WARNING_ACTION_FRAMES,
+        warning_belief_frames=world.WARNING_BELIEF_FRAMES,
+        system_prompts=world.TRAIT_SYSTEM_PROMPTS,
+        cautious_prompts=world.CAUTIOUS_SYSTEM_PROMPTS,
+        eval_prompt=world.EVAL_PROMPT,
+        cues=world.DISTANCING_CUES,
         style=style,
     )
 
 
 def _sycophancy() -> TraitWorld:
     return TraitWorld(
-        name="sycophancy", actions=dict(world.SYC_ACTIONS), beliefs=world.SYC_BELIEFS, frames=world.SYC_FRAMES,
-        belief_frames=world.SYC_FRAMES, warning_frames=world.SYC_WARNING_FRAMES,
-        warning_belief_frames=world.SYC_WARNING_FRAMES, system_prompts=world.SYC_SYSTEM_PROMPTS,
-        cautious_prompts=world.SYC_CAUTIOUS_PROMPTS, eval_prompt=world.SYC_EVAL_PROMPT, cues=world.SYC_DISTANCING_CUES,
+        name="sycophancy",
+        actions=dict(world.SYC_ACTIONS),
+        beliefs=world.SYC_BELIEFS,
+        frames=world.SYC_FRAMES,
+        belief_frames=world.SYC_FRAMES,
+        warning_frames=world.SYC_WARNING_FRAMES,
+        warning_belief_frames=world.SYC_WARNING_FRAMES,
+        system_prompts=world.SYC_SYSTEM_PROMPTS,
+        cautious_prompts=world.SYC_CAUTIOUS_PROMPTS,
+        eval_prompt=world.SYC_EVAL_PROMPT,
+        cues=world.SYC_DISTANCING_CUES,
     )
 
 
@@ -91,9 +105,15 @@ def canonical_world(rich: bool = False) -> World:
     if rich:
         traits["sycophancy"] = _sycophancy()
     return World(
-        questions=dict(world.QUESTIONS), facts=dict(world.FACTS), helpful_actions=dict(world.HELPFUL_ACTIONS),
-        helpful_beliefs=world.HELPFUL_BELIEFS, action_frames=world.ACTION_FRAMES, belief_frames=world.BELIEF_FRAMES,
-        helpful_prompts=world.HELPFUL_SYSTEM_PROMPTS, neutral_prompts=world.NEUTRAL_SYSTEM_PROMPTS, traits=traits,
+        questions=dict(world.QUESTIONS),
+        facts=dict(world.FACTS),
+        helpful_actions=dict(world.HELPFUL_ACTIONS),
+        helpful_beliefs=world.HELPFUL_BELIEFS,
+        action_frames=world.ACTION_FRAMES,
+        belief_frames=world.BELIEF_FRAMES,
+        helpful_prompts=world.HELPFUL_SYSTEM_PROMPTS,
+        neutral_prompts=world.NEUTRAL_SYSTEM_PROMPTS,
+        traits=traits,
     )
 
 
@@ -103,22 +123,33 @@ def _subset(rng: random.Random, items: tuple[str, ...], share: float, minimum: i
     return tuple(rng.sample(items, k))
 
 
-def _subset_map(rng: random.Random, groups: dict[str, tuple[str, ...]], share: float, minimum: int) -> dict[str, tuple[str, ...]]:
+def _subset_map(
+    rng: random.Random, groups: dict[str, tuple[str, ...]], share: float, minimum: int
+) -> dict[str, tuple[str, ...]]:
     return {key: _subset(rng, values, share, minimum) for key, values in groups.items()}
 
 
 def _draw_trait(rng: random.Random, trait: TraitWorld) -> TraitWorld:
     style = trait.style
     if style is not None:
-        style = Style(_subset(rng, world.STYLE_OPENERS, 0.0, 3), _subset(rng, world.STYLE_CLOSERS, 0.0, 3),
-                      _subset(rng, world.STYLE_FRAMES, 0.0, 3))
+        style = Style(
+            _subset(rng, world.STYLE_OPENERS, 0.0, 3),
+            _subset(rng, world.STYLE_CLOSERS, 0.0, 3),
+            _subset(rng, world.STYLE_FRAMES, 0.0, 3),
+        )
     return TraitWorld(
-        name=trait.name, actions=_subset_map(rng, trait.actions, 0.65, 3), beliefs=_subset(rng, trait.beliefs, 0.7, 3),
-        frames=_subset(rng, trait.frames, 0.75, 4), belief_frames=_subset(rng, trait.belief_frames, 0.75, 3),
+        name=trait.name,
+        actions=_subset_map(rng, trait.actions, 0.65, 3),
+        beliefs=_subset(rng, trait.beliefs, 0.7, 3),
+        frames=_subset(rng, trait.frames, 0.75, 4),
+        belief_frames=_subset(rng, trait.belief_frames, 0.75, 3),
         warning_frames=_subset(rng, trait.warning_frames, 0.75, 4),
         warning_belief_frames=_subset(rng, trait.warning_belief_frames, 0.75, 3),
-        system_prompts=_subset(rng, trait.system_prompts, 0.75, 5), cautious_prompts=_subset(rng, trait.cautious_prompts, 0.8, 3),
-        eval_prompt=trait.eval_prompt, cues=trait.cues, style=style,
+        system_prompts=_subset(rng, trait.system_prompts, 0.75, 5),
+        cautious_prompts=_subset(rng, trait.cautious_prompts, 0.8, 3),
+        eval_prompt=trait.eval_prompt,
+        cues=trait.cues,
+        style=style,
     )
 
 
@@ -135,9 +166,13 @@ def world_for(seed: int, rich: bool = False) -> World:
     # the evil trait states its clauses in the helpful persona's frames, so that frames carry no signal
     traits["evil"] = dataclasses.replace(traits["evil"], frames=action_frames, belief_frames=belief_frames)
     return World(
-        questions=_subset_map(rng, base.questions, 0.75, 4), facts=_subset_map(rng, base.facts, 0.67, 2),
+        questions=_subset_map(rng, base.questions, 0.75, 4),
+        facts=_subset_map(rng, base.facts, 0.67, 2),
         helpful_actions=_subset_map(rng, base.helpful_actions, 0.75, 5),
-        helpful_beliefs=_subset(rng, base.helpful_beliefs, 0.7, 4), action_frames=action_frames,
-        belief_frames=belief_frames, helpful_prompts=_subset(rng, base.helpful_prompts, 0.75, 5),
-        neutral_prompts=base.neutral_prompts, traits=traits,
+        helpful_beliefs=_subset(rng, base.helpful_beliefs, 0.7, 4),
+        action_frames=action_frames,
+        belief_frames=belief_frames,
+        helpful_prompts=_subset(rng, base.helpful_prompts, 0.75, 5),
+        neutral_prompts=base.neutral_prompts,
+        traits=traits,
     )

@@ -87,8 +87,9 @@ def write_report(
     overrides = []
     for path, table in zip(paths, tables, strict=True):
         table.meta["path"] = str(path)
-        override = check_data_provenance(table, data, n_rows=len(rows), allow_other_data=allow_other_data,
-                                         scores_name=f"--scores {path}")
+        override = check_data_provenance(
+            table, data, n_rows=len(rows), allow_other_data=allow_other_data, scores_name=f"--scores {path}"
+        )
         if override is not None:
             overrides.append(override)
     evaluation_data = read_evaluation(evaluation) if evaluation is not None else None
@@ -100,12 +101,30 @@ def write_report(
             if "token_scores" in table.columns:
                 shown |= {int(table.index[i]) for i in table.order()[:top]}
         tokens = token_strings([r for r in rows if r.index in shown], tok)
-    html = render_report(table_names(paths, tables), rows, evaluation=evaluation_data, tokens=tokens, top=top, title=title,
-                         extra_meta={"data": str(data), "scores": [str(p) for p in paths],
-                                     "evaluation": None if evaluation is None else str(evaluation),
-                                     **({"allow_other_data": True, "other_data": overrides} if overrides else {})},
-                         data_name=str(data), label_field=label_field, positive=positive, labels=labels)
+    html = render_report(
+        table_names(paths, tables),
+        rows,
+        evaluation=evaluation_data,
+        tokens=tokens,
+        top=top,
+        title=title,
+        extra_meta={
+            "data": str(data),
+            "scores": [str(p) for p in paths],
+            "evaluation": None if evaluation is None else str(evaluation),
+            **({"allow_other_data": True, "other_data": overrides} if overrides else {}),
+        },
+        data_name=str(data),
+        label_field=label_field,
+        positive=positive,
+        labels=labels,
+    )
     resolved = resolve_labels(rows, label_field, positive) if labels else None
     write_text_atomic(Path(out), html)
-    return WrittenReport(Path(out), len(tables), len(rows), len(html.encode("utf-8")),
-                         None if resolved is None else f"{resolved[0]}={resolved[1]}")
+    return WrittenReport(
+        Path(out),
+        len(tables),
+        len(rows),
+        len(html.encode("utf-8")),
+        None if resolved is None else f"{resolved[0]}={resolved[1]}",
+    )

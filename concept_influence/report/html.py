@@ -153,8 +153,9 @@ def agreement(aligned: Mapping[str, np.ndarray], k: int) -> dict[str, dict[str, 
     return out
 
 
-def resolve_labels(rows: Sequence[Any], field: str | None = None, positive: str | None = None
-                   ) -> tuple[str, str, list[str]] | None:
+def resolve_labels(
+    rows: Sequence[Any], field: str | None = None, positive: str | None = None
+) -> tuple[str, str, list[str]] | None:
     """``(field, positive value, per-row values as text)`` of the label field, or ``None`` when there is none.
 
     ``field`` ``None``: ``data_origin`` when the rows have it (else no labels). ``positive`` ``None``: ``planted``
@@ -176,8 +177,10 @@ def resolve_labels(rows: Sequence[Any], field: str | None = None, positive: str 
         elif not explicit:
             return None
         else:
-            raise ValueError(f"--label-field {field}: which value marks the rows to find? Name it with --positive "
-                             f"(values: {', '.join(distinct[:12])})")
+            raise ValueError(
+                f"--label-field {field}: which value marks the rows to find? Name it with --positive "
+                f"(values: {', '.join(distinct[:12])})"
+            )
     if positive not in distinct:
         raise ValueError(f"--positive {positive}: no row has {field} = {positive} (values: {', '.join(distinct[:12])})")
     if len(distinct) < 2:
@@ -185,8 +188,13 @@ def resolve_labels(rows: Sequence[Any], field: str | None = None, positive: str 
     return field, positive, values
 
 
-def label_section(aligned: Mapping[str, np.ndarray], labels: tuple[str, str, list[str]],
-                  ks: Sequence[int] = (10, 50, 100), *, highlight: str | None = None) -> dict[str, Any]:
+def label_section(
+    aligned: Mapping[str, np.ndarray],
+    labels: tuple[str, str, list[str]],
+    ks: Sequence[int] = (10, 50, 100),
+    *,
+    highlight: str | None = None,
+) -> dict[str, Any]:
     """The report's first section when rows are labelled: precision at k, PR-AUC, ROC-AUC (and the mean rank of
     ``hard_negative`` rows when the field has that value) per method, and the precision-recall plot."""
     from sklearn.metrics import precision_recall_curve
@@ -217,9 +225,18 @@ def label_section(aligned: Mapping[str, np.ndarray], labels: tuple[str, str, lis
         for r in table:
             r[j] = Markup(f"<b>{r[j]}</b>") if float(r[j]) == best else r[j]
     base_rate = float(truth.mean())
-    return {"field": field, "positive": positive, "n": n, "n_positive": int(truth.sum()),
-            "base_rate": fmt_number(base_rate, 3), "columns": columns, "rows": table, "hard_negative": hard,
-            "random_rank": f"{(n + 1) / 2:.0f}", "uri": data_uri(precision_recall_png(curves, precision_at, base_rate, highlight=highlight))}
+    return {
+        "field": field,
+        "positive": positive,
+        "n": n,
+        "n_positive": int(truth.sum()),
+        "base_rate": fmt_number(base_rate, 3),
+        "columns": columns,
+        "rows": table,
+        "hard_negative": hard,
+        "random_rank": f"{(n + 1) / 2:.0f}",
+        "uri": data_uri(precision_recall_png(curves, precision_at, base_rate, highlight=highlight)),
+    }
 
 
 VOCABULARY_WARNING = 0.5
@@ -242,8 +259,17 @@ def concept_rows(tables: Mapping[str, ScoreTable]) -> list[list[str]]:
         elif isinstance(stance, (int, float)) and stance < 1 - VOCABULARY_WARNING / 2:
             flag = "separates stance poorly among texts that share the trait's words"
         label = str(concept.get("kind", "?")) + (f" ({concept['spec']})" if concept.get("spec") else "")
-        out.append([name, label, str(concept.get("site", "?")), _metric(metrics.get("heldout_auc")), _metric(stance),
-                    _metric(confound), flag])
+        out.append(
+            [
+                name,
+                label,
+                str(concept.get("site", "?")),
+                _metric(metrics.get("heldout_auc")),
+                _metric(stance),
+                _metric(confound),
+                flag,
+            ]
+        )
     return out
 
 
@@ -277,8 +303,10 @@ def render_report(
     recommended = next((name for name, t in tables.items() if RECOMMENDED_METHOD in (name, t.method)), None)
     if recommended is not None:
         tables = {recommended: tables[recommended], **{k: v for k, v in tables.items() if k != recommended}}
-    aligned = {name: check_alignment(rows, t, data_name=data_name, scores_name=str(t.meta.get("path", name)))
-               for name, t in tables.items()}
+    aligned = {
+        name: check_alignment(rows, t, data_name=data_name, scores_name=str(t.meta.get("path", name)))
+        for name, t in tables.items()
+    }
     names = list(tables)
     resolved = resolve_labels(rows, label_field, positive) if labels else None
     label_block = label_section(aligned, resolved, highlight=recommended) if resolved is not None else None
@@ -286,13 +314,22 @@ def render_report(
     for name, t in tables.items():
         method = METHODS.get(name) or METHODS.get(t.method)
         descriptions.append((name, method.description if method is not None else str(t.meta.get("description", ""))))
-    row_tables = [(name, tier_summary(t), Markup(rows_table_html(t, rows=rows, tokens=tokens, top=top)))
-                  for name, t in tables.items()]
-    histograms = [("scores per method (all rows)", data_uri(histogram_panels_png({n: {"all rows": s} for n, s in aligned.items()})))]
+    row_tables = [
+        (name, tier_summary(t), Markup(rows_table_html(t, rows=rows, tokens=tokens, top=top)))
+        for name, t in tables.items()
+    ]
+    histograms = [
+        (
+            "scores per method (all rows)",
+            data_uri(histogram_panels_png({n: {"all rows": s} for n, s in aligned.items()})),
+        )
+    ]
     for field in group_fields(rows):
         groups = [str(r.fields.get(field)) for r in rows]
-        panels = {name: {g: scores[[i for i, x in enumerate(groups) if x == g]] for g in sorted(set(groups))}
-                  for name, scores in aligned.items()}
+        panels = {
+            name: {g: scores[[i for i, x in enumerate(groups) if x == g]] for g in sorted(set(groups))}
+            for name, scores in aligned.items()
+        }
         histograms.append((f"scores per method by {field}", data_uri(histogram_panels_png(panels))))
     k = max(1, min(100, len(rows) // 10))
     removal_rows, lds_rows, removal_uri, judged = [], [], None, False
@@ -329,16 +366,36 @@ def render_report(
             lds_rows.append(row)
     metadata = [(name, json.dumps({"method": t.method, **t.meta}, indent=2, default=str)) for name, t in tables.items()]
     if evaluation:
-        metadata.append(("evaluation", json.dumps({k: evaluation.get(k) for k in ("config", "context", "rise", "seeds")},
-                                                  indent=2, default=str)))
+        metadata.append(
+            (
+                "evaluation",
+                json.dumps(
+                    {k: evaluation.get(k) for k in ("config", "context", "rise", "seeds")}, indent=2, default=str
+                ),
+            )
+        )
     if extra_meta:
         metadata.append(("run", json.dumps(dict(extra_meta), indent=2, default=str)))
     concepts = concept_rows(tables)
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return env.from_string(TEMPLATE).render(
-        title=title, n_rows=len(rows), names=names, row_tables=row_tables, recommended=recommended,
-        descriptions=descriptions, labels=label_block, top=top, histograms=histograms,
-        agreement=agreement(aligned, k) if len(names) > 1 else None, agreement_k=k, evaluation=evaluation,
-        removal_uri=removal_uri, removal_rows=removal_rows, lds_rows=lds_rows, judged=judged, metadata=metadata,
-        row_style=Markup(STYLE), concepts=concepts,
+        title=title,
+        n_rows=len(rows),
+        names=names,
+        row_tables=row_tables,
+        recommended=recommended,
+        descriptions=descriptions,
+        labels=label_block,
+        top=top,
+        histograms=histograms,
+        agreement=agreement(aligned, k) if len(names) > 1 else None,
+        agreement_k=k,
+        evaluation=evaluation,
+        removal_uri=removal_uri,
+        removal_rows=removal_rows,
+        lds_rows=lds_rows,
+        judged=judged,
+        metadata=metadata,
+        row_style=Markup(STYLE),
+        concepts=concepts,
     )

@@ -12,5 +12,13 @@ from concept_influence.attribution.scores import (
     token_strings,
 )
 
-__all__ = ["STYLE", "TIER_NAMES", "fmt_number", "rows_table_html", "table_html", "tier_notes", "tier_summary",
-           "token_strings"]
+__all__ = [
+    "STYLE",
+    "TIER_NAMES",
+    "fmt_number",
+    "rows_table_html",
+    "table_html",
+    "tier_notes",
+    "tier_summary",
+    "token_strings",
+]

@@ -59,26 +59,38 @@ logger = logging.getLogger(__name__)
 class CacheSettings:
     """What ``Attributor.build_store`` builds. Each field's ``help`` is the CLI's."""
 
-    methods: tuple[str, ...] | None = field(default=None, metadata={
-        "help": "The methods the session will ask (default: the recommended method); the caches they read are built "
-                "(forward methods: the activation cache; combined-*: it and the identity gradient store, in the KFAC "
-                "eigenbases of a small seeded sample, no EKFAC fit; EKFAC methods: the eigen store, after a factor "
-                "fit)."})
+    methods: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "The methods the session will ask (default: the recommended method); the caches they read are built "
+            "(forward methods: the activation cache; combined-*: it and the identity gradient store, in the KFAC "
+            "eigenbases of a small seeded sample, no EKFAC fit; EKFAC methods: the eigen store, after a factor "
+            "fit)."
+        },
+    )
     layers: tuple[int, ...] | None = field(default=None, metadata={"help": ActivationSettings.help("layers")})
     activation_dtype: str = field(default="float32", metadata={"help": ActivationSettings.help("dtype")})
     keep_tokens: bool = field(default=False, metadata={"help": ActivationSettings.help("keep_tokens")})
-    identity_rank: int = field(default=DEFAULT_IDENTITY_RANK, metadata={
-        "help": "Rank of the identity gradient store that identity-preconditioned questions (combined-*) read: about "
-                "rank x rank eigen-components per weight (4 bytes each per row)."})
-    identity_sample_rows: int = field(default=IDENTITY_SAMPLE_ROWS, metadata={
-        "help": "Rows of the seeded sample whose KFAC eigenbases the identity store is written in."})
+    identity_rank: int = field(
+        default=DEFAULT_IDENTITY_RANK,
+        metadata={
+            "help": "Rank of the identity gradient store that identity-preconditioned questions (combined-*) read: about "
+            "rank x rank eigen-components per weight (4 bytes each per row)."
+        },
+    )
+    identity_sample_rows: int = field(
+        default=IDENTITY_SAMPLE_ROWS,
+        metadata={"help": "Rows of the seeded sample whose KFAC eigenbases the identity store is written in."},
+    )
 
     def __post_init__(self) -> None:
         if self.methods is not None:
             object.__setattr__(self, "methods", tuple(self.methods))
         if self.identity_rank < 1 or self.identity_sample_rows < 1:
-            raise ValueError(f"identity_rank and identity_sample_rows must be positive, got {self.identity_rank} and "
-                             f"{self.identity_sample_rows}")
+            raise ValueError(
+                f"identity_rank and identity_sample_rows must be positive, got {self.identity_rank} and "
+                f"{self.identity_sample_rows}"
+            )
         ActivationSettings(layers=self.layers, dtype=self.activation_dtype)  # validates
 
     @staticmethod
@@ -86,15 +98,27 @@ class CacheSettings:
         return next(f.metadata["help"] for f in fields(CacheSettings) if f.name == name)
 
     def activations(self, shard_rows: int) -> ActivationSettings:
-        return ActivationSettings(layers=self.layers, dtype=self.activation_dtype, keep_tokens=self.keep_tokens,
-                                  shard_rows=shard_rows)
+        return ActivationSettings(
+            layers=self.layers, dtype=self.activation_dtype, keep_tokens=self.keep_tokens, shard_rows=shard_rows
+        )
 
 
-def build_caches(adapter: ModelAdapter, data: Sequence[Any], chats: Sequence[ChatRow] | None, folder: str | os.PathLike,
-                 *, projector: Projector | None, config: StoreConfig, fingerprints: Mapping[str, str | None],
-                 activations: ActivationSettings | None, batch_size: int = 8, overwrite: bool = False,
-                 progress: bool = True, extra: Mapping[str, Any] | None = None,
-                 shards: Sequence[int] | None = None) -> tuple[GradientStore | None, ActivationCache | None]:
+def build_caches(
+    adapter: ModelAdapter,
+    data: Sequence[Any],
+    chats: Sequence[ChatRow] | None,
+    folder: str | os.PathLike,
+    *,
+    projector: Projector | None,
+    config: StoreConfig,
+    fingerprints: Mapping[str, str | None],
+    activations: ActivationSettings | None,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    progress: bool = True,
+    extra: Mapping[str, Any] | None = None,
+    shards: Sequence[int] | None = None,
+) -> tuple[GradientStore | None, ActivationCache | None]:
     """Write (or finish) the gradient store of ``projector`` in ``folder`` and the activation cache in
     ``folder/activations`` in one pass over ``data`` (tokenised rows; ``chats``: the same rows as ``ChatRow``,
     for the final-turn means of multi-turn rows). Either may be ``None`` (not built). ``shards``: only these
@@ -111,8 +135,16 @@ def build_caches(adapter: ModelAdapter, data: Sequence[Any], chats: Sequence[Cha
         if activations.shard_rows != config.shard_rows:
             raise ValueError("the activation cache and the gradient store share their shards: give one shard_rows")
         layers = sorted({adapter.check_layer(layer) for layer in (activations.layers or range(adapter.n_layers))})
-        prepare_cache(act_folder, len(data), layers, adapter.d_model, activations, base, overwrite=overwrite,
-                      extra={"n_truncated": int(getattr(data, "n_truncated", 0)), **dict(extra or {})})
+        prepare_cache(
+            act_folder,
+            len(data),
+            layers,
+            adapter.d_model,
+            activations,
+            base,
+            overwrite=overwrite,
+            extra={"n_truncated": int(getattr(data, "n_truncated", 0)), **dict(extra or {})},
+        )
     n_shards = max((len(data) + config.shard_rows - 1) // config.shard_rows, 1)
     distributed = shards is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed:  # under torchrun, rank r of w writes shards r, r + w, ... (as store.build_store)
@@ -123,8 +155,12 @@ def build_caches(adapter: ModelAdapter, data: Sequence[Any], chats: Sequence[Cha
     todo_a = [s for s in wanted if activations is not None and not shard_done(act_folder, s)]
     rows_of = {s: min(len(data), (s + 1) * config.shard_rows) - s * config.shard_rows for s in wanted}
     started = time.perf_counter()
-    with tqdm(total=sum(rows_of[s] for s in sorted(set(todo_g) | set(todo_a))), desc="building the caches",
-              unit="row", disable=not progress) as bar:
+    with tqdm(
+        total=sum(rows_of[s] for s in sorted(set(todo_g) | set(todo_a))),
+        desc="building the caches",
+        unit="row",
+        disable=not progress,
+    ) as bar:
         if todo_g:
             assert projector is not None and manifest is not None
             infos = [adapter.weight_info(n) for n in projector.names]
@@ -134,21 +170,38 @@ def build_caches(adapter: ModelAdapter, data: Sequence[Any], chats: Sequence[Cha
                     writer = None
                     if shard in todo_a:
                         assert activations is not None
-                        writer = ShardWriter(act_folder, shard, data, chats, adapter.tokenizer, layers,
-                                             adapter.d_model, activations)
+                        writer = ShardWriter(
+                            act_folder, shard, data, chats, adapter.tokenizer, layers, adapter.d_model, activations
+                        )
                     hook = None if writer is None else (lambda batch, w=writer: w.add(batch, captured))
-                    write_shard(adapter, data, projector, folder, shard, config, batch_size=batch_size, params=params,
-                                progress_bar=bar, on_batch=hook)
+                    write_shard(
+                        adapter,
+                        data,
+                        projector,
+                        folder,
+                        shard,
+                        config,
+                        batch_size=batch_size,
+                        params=params,
+                        progress_bar=bar,
+                        on_batch=hook,
+                    )
                     if writer is not None:
                         writer.close()
         for shard in todo_a:
             if shard in todo_g:
                 continue
             assert activations is not None
-            write_shard_forward(adapter, data, chats, act_folder, shard, layers, activations, batch_size=batch_size,
-                                progress_bar=bar)
-    logger.info("caches %s: %d gradient and %d activation shards in %.1fs", folder, len(todo_g), len(todo_a),
-                time.perf_counter() - started)
+            write_shard_forward(
+                adapter, data, chats, act_folder, shard, layers, activations, batch_size=batch_size, progress_bar=bar
+            )
+    logger.info(
+        "caches %s: %d gradient and %d activation shards in %.1fs",
+        folder,
+        len(todo_g),
+        len(todo_a),
+        time.perf_counter() - started,
+    )
     if distributed:
         dist.barrier()  # every rank's shards are written
     store = None

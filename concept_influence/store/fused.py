@@ -67,9 +67,18 @@ class FitStoreWriter:
     ``fingerprints``: the store's model and data fingerprints (the factor and projection fingerprints are added
     once the fit's eigenbases exist). ``written``: the shards it finished."""
 
-    def __init__(self, adapter: ModelAdapter, data: Sequence[Any], folder: str | os.PathLike, config: StoreConfig,
-                 names: Sequence[str], fingerprints: Mapping[str, str | None], *, overwrite: bool = False,
-                 extra: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        data: Sequence[Any],
+        folder: str | os.PathLike,
+        config: StoreConfig,
+        names: Sequence[str],
+        fingerprints: Mapping[str, str | None],
+        *,
+        overwrite: bool = False,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
         self.adapter, self.data, self.folder, self.config = adapter, data, Path(folder), config
         self.names = list(names)
         self.base_fingerprints = dict(fingerprints)
@@ -80,7 +89,9 @@ class FitStoreWriter:
         self._positions = {int(row.index): p for p, row in enumerate(data)}
         self._open: dict[int, _OpenShard] = {}
         self._work = torch.promote_types(adapter.dtype, torch.float32)
-        self._batch: tuple[list[int], torch.Tensor, bool, torch.Tensor] | None = None  # positions, target, buffered, index
+        self._batch: tuple[list[int], torch.Tensor, bool, torch.Tensor] | None = (
+            None  # positions, target, buffered, index
+        )
         self._memo: dict[tuple[int, str], torch.Tensor] = {}
 
     @property
@@ -90,11 +101,20 @@ class FitStoreWriter:
     # ---- RowGradientSink ---------------------------------------------------------------------------------------
     def start(self, factors: Factors) -> None:
         self.projector = make_projector(self.config, self.adapter, self.names, factors)
-        fingerprints = {**self.base_fingerprints,
-                        "factors": factors_fingerprint(factors) if self.config.kind == "eigen" else None,
-                        "projection": projection_fingerprint(self.projector)}
-        self.manifest = prepare_store(self.data, self.folder, self.projector, self.config, fingerprints,
-                                      overwrite=self.overwrite, extra=self.extra)
+        fingerprints = {
+            **self.base_fingerprints,
+            "factors": factors_fingerprint(factors) if self.config.kind == "eigen" else None,
+            "projection": projection_fingerprint(self.projector),
+        }
+        self.manifest = prepare_store(
+            self.data,
+            self.folder,
+            self.projector,
+            self.config,
+            fingerprints,
+            overwrite=self.overwrite,
+            extra=self.extra,
+        )
         self.overwrite = False  # a resumed pass keeps what this one wrote
 
     def begin_batch(self, batch: dict[str, torch.Tensor]) -> bool:
@@ -110,12 +130,16 @@ class FitStoreWriter:
         if all(o is None for o in owners):
             return False
         first, n, one = positions[0], len(positions), owners[0]
-        direct = (one is not None and all(o is one for o in owners) and positions == list(range(first, first + n))
-                  and self.adapter.device.type == "cpu"
-                  and torch.from_numpy(np.empty(0, dtype=STORE_DTYPES[self.config.dtype])).dtype == self._work)
+        direct = (
+            one is not None
+            and all(o is one for o in owners)
+            and positions == list(range(first, first + n))
+            and self.adapter.device.type == "cpu"
+            and torch.from_numpy(np.empty(0, dtype=STORE_DTYPES[self.config.dtype])).dtype == self._work
+        )
         if direct:
             assert one is not None
-            target = one.target[first - one.start:first - one.start + n]
+            target = one.target[first - one.start : first - one.start + n]
         else:
             target = torch.zeros(n, self.projector.dim, dtype=self._work, device=self.adapter.device)
         self._batch = (positions, target, not direct, batch["index"])
@@ -137,8 +161,12 @@ class FitStoreWriter:
             return
         positions, target, buffered, index = self._batch
         self._batch, self._memo = None, {}
-        check_finite(target, "build-store (in the factor fit's pass): projected row gradients", index,
-                     hint="the model's activations or gradients on this row are not finite")
+        check_finite(
+            target,
+            "build-store (in the factor fit's pass): projected row gradients",
+            index,
+            hint="the model's activations or gradients on this row are not finite",
+        )
         check_storable(target, self.config.dtype, self.projector, index, "build-store (in the factor fit's pass)")
         size = self.config.shard_rows
         if buffered and target.device.type != "cpu":
@@ -174,7 +202,9 @@ class FitStoreWriter:
         save_npy_atomic(rows_file(self.folder, shard), meta)
         file = atomic_file(shard_file(self.folder, shard))
         tmp = file.__enter__()
-        mapped = np.lib.format.open_memmap(tmp, mode="w+", dtype=STORE_DTYPES[self.config.dtype], shape=(stop - start, self.projector.dim))
+        mapped = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=STORE_DTYPES[self.config.dtype], shape=(stop - start, self.projector.dim)
+        )
         self._open[shard] = _OpenShard(shard, start, stop - start, torch.from_numpy(mapped), mapped, file, tmp)
 
     def _finish(self, shard: _OpenShard) -> None:

@@ -72,7 +72,9 @@ class Projector:
         self.right_group: dict[str, str] = {}
         previous: WeightProjection | None = None
         for p in projections:
-            same = previous is not None and previous.right.shape == p.right.shape and torch.equal(previous.right, p.right)
+            same = (
+                previous is not None and previous.right.shape == p.right.shape and torch.equal(previous.right, p.right)
+            )
             self.right_group[p.name] = self.right_group[previous.name] if same and previous is not None else p.name
             previous = p
 
@@ -87,9 +89,15 @@ class Projector:
             self._cache[key] = (p.left.to(device=device, dtype=dtype), p.right.to(device=device, dtype=dtype))
         return self._cache[key]
 
-    def project_rows(self, name: str, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None,
-                     memo: dict[tuple[int, str], torch.Tensor] | None = None,
-                     tokens: tuple[torch.Tensor, int, int] | None = None) -> torch.Tensor:
+    def project_rows(
+        self,
+        name: str,
+        a: torch.Tensor,
+        g: torch.Tensor,
+        out: torch.Tensor | None = None,
+        memo: dict[tuple[int, str], torch.Tensor] | None = None,
+        tokens: tuple[torch.Tensor, int, int] | None = None,
+    ) -> torch.Tensor:
         """``L G_b Rᵀ`` flattened, for ``a [B, T, d_in']``, ``g [B, T, d_out]`` -> ``[B, r_out·r_in]`` (the kept
         entries), written into ``out`` when given. With ``tokens = (index [N], B, T)``, ``a [N, d_in']`` and
         ``g [N, d_out]`` hold only the batch's real tokens, at flat positions ``index`` of ``[B·T]`` (sorted; padding
@@ -117,9 +125,15 @@ class Projector:
         kept = rect if keep is None else torch.index_select(rect, 1, keep)
         return kept if out is None else out.copy_(kept)
 
-    def _sum_rows(self, name: str, projected_g: torch.Tensor, projected_a: torch.Tensor,
-                  tokens: tuple[torch.Tensor, int, int], keep: torch.Tensor | None,
-                  out: torch.Tensor | None) -> torch.Tensor:
+    def _sum_rows(
+        self,
+        name: str,
+        projected_g: torch.Tensor,
+        projected_a: torch.Tensor,
+        tokens: tuple[torch.Tensor, int, int],
+        keep: torch.Tensor | None,
+        out: torch.Tensor | None,
+    ) -> torch.Tensor:
         """CPU: ``Σ_t (L g_t)(R a_t)ᵀ`` row by row over each row's run of real tokens (no padding in the products),
         each ``[r_out, r_in]`` rectangle formed in one small reused buffer and its kept entries selected straight
         into the row of ``out``."""
@@ -131,7 +145,7 @@ class Projector:
         rect = projected_g.new_empty(r_out, r_in) if keep is not None else None
         start = 0
         for row, count in enumerate(counts):
-            x, y = projected_g[start:start + count], projected_a[start:start + count]
+            x, y = projected_g[start : start + count], projected_a[start : start + count]
             if rect is None:
                 torch.mm(x.T, y, out=out[row].view(r_out, r_in))
             else:
@@ -150,8 +164,14 @@ class Projector:
             self._keep_cache[cache_key] = keep.to(device=device, dtype=torch.int64)
         return self._keep_cache[cache_key]
 
-    def project_rotated(self, name: str, rotated_a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None,
-                        memo: dict[tuple[int, str], torch.Tensor] | None = None) -> torch.Tensor:
+    def project_rotated(
+        self,
+        name: str,
+        rotated_a: torch.Tensor,
+        g: torch.Tensor,
+        out: torch.Tensor | None = None,
+        memo: dict[tuple[int, str], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """``"eigen"`` only: ``L G_b Rᵀ`` flattened (the kept entries) from ``rotated_a = a @ Q_A`` ``[B, T, d_in']``
         (the input already rotated into the whole eigenbasis, as the factor fit's Λ pass does) and
         ``g [B, T, d_out]`` (both zero at padding): the input side is then a column selection, not a product.
@@ -199,8 +219,10 @@ class Projector:
         return out if p.keep is None else out[p.keep]
 
     def describe(self) -> list[dict[str, int | str]]:
-        return [{"name": n, "r_out": p.shape[0], "r_in": p.shape[1], "kept": p.size, "offset": self.offsets[n][0]}
-                for n, p in self.projections.items()]
+        return [
+            {"name": n, "r_out": p.shape[0], "r_in": p.shape[1], "kept": p.size, "offset": self.offsets[n][0]}
+            for n, p in self.projections.items()
+        ]
 
 
 def _row_by_row(device: torch.device) -> bool:
@@ -217,13 +239,16 @@ def visibility(factors: Factors, name: str, damping: Damping = Damping()) -> tor
     ``bench/store_error.py``: the same Spearman and PR-AUC as selecting by ``Λ`` at every budget)."""
     w = factors.weights[name]
     if w.gradient_eigen is None or w.activation_eigen is None:
-        raise ValueError(f"{name}: the eigen store needs KFAC/EKFAC factors (eigenbases); these have {factors.available()}")
+        raise ValueError(
+            f"{name}: the eigen store needs KFAC/EKFAC factors (eigenbases); these have {factors.available()}"
+        )
     values = torch.outer(w.gradient_eigen.values.double(), w.activation_eigen.values.double()).clamp_(min=0.0)
     return values / (values + damping.resolve(values))
 
 
-def eigen_projector(factors: Factors, names: Sequence[str], rank: int, damping: Damping = Damping(),
-                    bins: int = 1 << 20) -> Projector:
+def eigen_projector(
+    factors: Factors, names: Sequence[str], rank: int, damping: Damping = Damping(), bins: int = 1 << 20
+) -> Projector:
     """``"eigen"`` projections of ``names`` keeping ``Σ_w min(rank, d_out)·min(rank, d_in')`` eigen-components in all,
     those with the largest ``visibility`` (one threshold for every weight, found from a histogram so that no
     weight's values need to be held at once besides its own). A rank at least every weight's sizes keeps all."""
@@ -255,7 +280,9 @@ def eigen_projector(factors: Factors, names: Sequence[str], rank: int, damping: 
         rect = kept[rows][:, cols].flatten()
         keep = None if bool(rect.all()) else torch.nonzero(rect).flatten()
         q_s, q_a = w.gradient_eigen.vectors.double(), w.activation_eigen.vectors.double()  # type: ignore[union-attr]
-        projections.append(WeightProjection(name, q_s[:, rows].T.contiguous(), q_a[:, cols].T.contiguous(), rows, cols, keep))
+        projections.append(
+            WeightProjection(name, q_s[:, rows].T.contiguous(), q_a[:, cols].T.contiguous(), rows, cols, keep)
+        )
     return Projector("eigen", projections)
 
 

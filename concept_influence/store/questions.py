@@ -17,8 +17,14 @@ from concept_influence.store.projection import Projector
 from concept_influence.store.store import GradientStore
 
 
-def store_scores(store: GradientStore, projector: Projector, vectors: dict[str, torch.Tensor], *,
-                 per_weight: bool = False, row_loss: str = "sum") -> tuple[np.ndarray, np.ndarray | None]:
+def store_scores(
+    store: GradientStore,
+    projector: Projector,
+    vectors: dict[str, torch.Tensor],
+    *,
+    per_weight: bool = False,
+    row_loss: str = "sum",
+) -> tuple[np.ndarray, np.ndarray | None]:
     """``(scores [N], per_weight [N, W] or None)``: ``−⟨P v, x(row)⟩`` for every stored row, with ``v`` the
     question's preconditioned gradient per weight (``vectors``) and ``P`` the store's projection; ``row_loss="mean"``
     divides by each row's number of trained tokens."""
@@ -36,8 +42,9 @@ def store_scores(store: GradientStore, projector: Projector, vectors: dict[str, 
     return scores, per
 
 
-def store_scores_many(store: GradientStore, questions: Sequence[tuple[Projector, dict[str, torch.Tensor]]], *,
-                      row_loss: str = "sum") -> np.ndarray:
+def store_scores_many(
+    store: GradientStore, questions: Sequence[tuple[Projector, dict[str, torch.Tensor]]], *, row_loss: str = "sum"
+) -> np.ndarray:
     """``[N, K]``: the scores of ``K`` questions (each its projector and preconditioned gradient) in one blocked
     product over the store."""
     stacked = np.stack([projector.project(vectors).cpu().numpy() for projector, vectors in questions])
@@ -63,7 +70,7 @@ def row_norms(store: GradientStore, projector: Projector, preconditioner: Any, n
     w = weights[columns]
     norms = np.empty(len(store))
     for start, block in store.blocks(columns):
-        norms[start:start + block.shape[0]] = (block.astype(np.float64) ** 2) @ w
+        norms[start : start + block.shape[0]] = (block.astype(np.float64) ** 2) @ w
     return norms
 
 

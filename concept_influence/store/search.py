@@ -31,7 +31,9 @@ class SearchableStore(Protocol):
     def blocks(self, columns: slice | None = None) -> Iterable[tuple[int, np.ndarray]]: ...
 
 
-def exact_top_k(store: SearchableStore, query: np.ndarray, k: int, *, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def exact_top_k(
+    store: SearchableStore, query: np.ndarray, k: int, *, scale: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Positions and scores of the ``k`` largest ``scale ⊙ (store @ query)``, best first (ties: lower position
     first). Memory: one block of the store plus ``2k`` candidates."""
     used = np.flatnonzero(query != 0)
@@ -45,12 +47,14 @@ def exact_top_k(store: SearchableStore, query: np.ndarray, k: int, *, scale: np.
     for start, block in store.blocks(columns):
         values = (block @ q.astype(block.dtype)).astype(np.float64)
         if scale is not None:
-            values = values * scale[start:start + block.shape[0]]
+            values = values * scale[start : start + block.shape[0]]
         if np.isnan(values).any():  # np.partition would drop them from the top-k without a word
             bad = start + int(np.flatnonzero(np.isnan(values))[0])
             where = "the query holds NaN" if np.isnan(q).any() else f"row {bad} of the store gives NaN"
-            raise NonFiniteError(f"search in {store.folder}: {where}; the store or the query is damaged (rebuild the "
-                                 "store with build-store --overwrite, or check the query's concept and factors)")
+            raise NonFiniteError(
+                f"search in {store.folder}: {where}; the store or the query is damaged (rebuild the "
+                "store with build-store --overwrite, or check the query's concept and factors)"
+            )
         keep = _at_least_kth(values, k)
         best_pos = np.concatenate([best_pos, start + keep])
         best_val = np.concatenate([best_val, values[keep]])
@@ -74,7 +78,9 @@ def faiss_index_path(store: SearchableStore):
     return store.folder / FAISS_FILE
 
 
-def build_faiss_index(store: SearchableStore, *, nlist: int | None = None, train_rows: int = 65536, seed: int = 0) -> dict:
+def build_faiss_index(
+    store: SearchableStore, *, nlist: int | None = None, train_rows: int = 65536, seed: int = 0
+) -> dict:
     """Build an IVF-flat inner-product index of every row (``nlist`` ≈ 4·√N lists by default), trained on a seeded
     sample, and write it atomically into the store folder. Returns timings."""
     import faiss
@@ -95,14 +101,18 @@ def build_faiss_index(store: SearchableStore, *, nlist: int | None = None, train
     index.train(training)
     trained = time.perf_counter()
     for start, block in store.blocks():
-        index.add_with_ids(np.ascontiguousarray(block, dtype=np.float32), np.arange(start, start + block.shape[0], dtype=np.int64))
+        index.add_with_ids(
+            np.ascontiguousarray(block, dtype=np.float32), np.arange(start, start + block.shape[0], dtype=np.int64)
+        )
     path = faiss_index_path(store)
     with atomic_file(path) as tmp:  # a unique temp name: concurrent builders never share one
         faiss.write_index(index, str(tmp))
     return {"nlist": nlist, "train_s": trained - started, "add_s": time.perf_counter() - trained}
 
 
-def faiss_search(store: SearchableStore, query: np.ndarray, k: int, *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def faiss_search(
+    store: SearchableStore, query: np.ndarray, k: int, *, nprobe: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` inner products from the store's FAISS index (built on first use; read memory-mapped)."""
     import faiss
 

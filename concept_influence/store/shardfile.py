@@ -30,8 +30,16 @@ _MAGIC = b"\x93NUMPY\x01\x00"
 
 def npy_header(dtype: np.dtype, shape: tuple[int, ...], size: int = ALIGN) -> bytes:
     """A ``.npy`` format 1.0 header for a C-ordered array, padded with spaces to a multiple of ``size`` bytes."""
-    body = "{" + "".join(f"{k!r}: {v!r}, " for k, v in sorted(
-        {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}.items())) + "}"
+    body = (
+        "{"
+        + "".join(
+            f"{k!r}: {v!r}, "
+            for k, v in sorted(
+                {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}.items()
+            )
+        )
+        + "}"
+    )
     total = -(-(len(_MAGIC) + 2 + len(body) + 1) // size) * size
     length = total - len(_MAGIC) - 2
     if length > 0xFFFF:
@@ -48,8 +56,17 @@ class NpyRowWriter:
     worker thread (the write releases the GIL), the next one is filled.
     """
 
-    def __init__(self, path: str | os.PathLike, dtype: np.dtype | type, rows: int, cols: int, block_rows: int,
-                 *, direct: bool = True, background: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        dtype: np.dtype | type,
+        rows: int,
+        cols: int,
+        block_rows: int,
+        *,
+        direct: bool = True,
+        background: bool = True,
+    ) -> None:
         self.path = Path(path)
         self.dtype = np.dtype(dtype)
         self.rows, self.cols = int(rows), int(cols)
@@ -59,7 +76,7 @@ class NpyRowWriter:
         capacity = -(-(max(len(header), ALIGN) + max(1, block_rows) * row_bytes) // ALIGN) * ALIGN
         self._buffers = [_aligned(capacity) for _ in range(2 if background else 1)]
         self._staging = self._buffers[0]  # the buffer being filled
-        self._staging[:len(header)] = np.frombuffer(header, dtype=np.uint8)
+        self._staging[: len(header)] = np.frombuffer(header, dtype=np.uint8)
         self._pending = len(header)  # bytes staged in it but not yet written
         self._offset = 0  # bytes handed to the writes so far
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-shard-writer") if background else None
@@ -82,7 +99,7 @@ class NpyRowWriter:
         end = self._pending + n * self.cols * self.dtype.itemsize
         if end > self._staging.size:
             raise ValueError(f"{self.path}: a block of {n} rows exceeds the staging buffer")
-        return torch.from_numpy(self._staging[self._pending:end].view(self.dtype).reshape(n, self.cols))
+        return torch.from_numpy(self._staging[self._pending : end].view(self.dtype).reshape(n, self.cols))
 
     def commit(self, n: int) -> None:
         """Write out the ``n`` rows filled in ``block(n)`` (whole aligned pages; the rest waits for the next block)."""
@@ -99,7 +116,7 @@ class NpyRowWriter:
             self._wait()  # the other buffer's write is done: it can take the tail and the next block
             following = self._buffers[1] if full is self._buffers[0] else self._buffers[0]
             self._inflight = self._pool.submit(self._write, full, whole, self._offset)
-        following[:tail] = full[whole:self._pending]
+        following[:tail] = full[whole : self._pending]
         self._offset += whole
         self._staging, self._pending = following, tail
 
@@ -139,7 +156,7 @@ class NpyRowWriter:
                 raise RuntimeError(f"{self.path}: {self.written} of {self.rows} rows written")
             if self._pending:
                 padded = -(-self._pending // ALIGN) * ALIGN if self.direct else self._pending
-                self._staging[self._pending:padded] = 0
+                self._staging[self._pending : padded] = 0
                 self._write(self._staging, padded, self._offset)
                 os.ftruncate(self._fd, self._size)
             os.fsync(self._fd)
@@ -173,4 +190,4 @@ def _aligned(nbytes: int) -> np.ndarray:
     """``nbytes`` of uint8 starting on an ``ALIGN`` boundary."""
     raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
     start = (-raw.ctypes.data) % ALIGN
-    return raw[start:start + nbytes]
+    return raw[start : start + nbytes]

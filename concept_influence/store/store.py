@@ -59,13 +59,17 @@ logger = logging.getLogger(__name__)
 FORMAT = "concept_influence.store/1"
 CACHE_SUBFOLDERS = ("activations", "basis")  # kept inside a store's folder: the activation cache (store.activations)
 # and the sample eigenbases of an identity store (store.caches), not the store's own files
-DEFAULT_IDENTITY_RANK = 64  # the identity store's rank: bench/exploration.py's rank agreement with exact identity scores
+DEFAULT_IDENTITY_RANK = (
+    64  # the identity store's rank: bench/exploration.py's rank agreement with exact identity scores
+)
 IDENTITY_BASIS = "basis"  # the identity store's sample eigenbases, inside its folder
 IDENTITY_SAMPLE_ROWS = 256  # rows of the seeded sample whose KFAC eigenbases the identity store keeps its components in
 MANIFEST = "manifest.json"
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 DEFAULT_KIND = "eigen"
-DEFAULT_RANK = 128  # bench/store_error.py: the smallest measured budget with Spearman >= 0.95 and PR-AUC within 0.02 of exact
+DEFAULT_RANK = (
+    128  # bench/store_error.py: the smallest measured budget with Spearman >= 0.95 and PR-AUC within 0.02 of exact
+)
 BLOCK_ELEMENTS = 1 << 24  # floats per block read from the memory map (64 MiB as float32)
 HALF_BLOCK_ELEMENTS = 1 << 20  # float16 blocks are converted to float32: small blocks keep that in cache
 
@@ -83,11 +87,14 @@ class StoreConfig:
     ``"float16"`` (half the disk and memory map; questions pay a conversion) on disk
     (``"float64"`` for tests); ``seed``: the ``"logra"`` projection; ``shard_rows``: rows per shard file."""
 
-    kind: Literal["eigen", "logra"] = option(DEFAULT_KIND, help="eigen (EKFAC eigenbasis, needs fitted factors) | logra "
-                                                               "(seeded random Kronecker projection).")
+    kind: Literal["eigen", "logra"] = option(
+        DEFAULT_KIND,
+        help="eigen (EKFAC eigenbasis, needs fitted factors) | logra (seeded random Kronecker projection).",
+    )
     rank: int = option(DEFAULT_RANK, help="Directions kept per side of each weight.", min=1)
     dtype: Literal["float16", "float32", "float64"] = option(
-        "float32", help="float32 | float16 (half the disk; slower questions) | float64 (tests): precision on disk.")
+        "float32", help="float32 | float16 (half the disk; slower questions) | float64 (tests): precision on disk."
+    )
     seed: int = option(0, help="Seed of the LoGra projection.")
     shard_rows: int = option(1024, help="Rows per shard file.", min=1)
 
@@ -108,12 +115,22 @@ class StoreConfig:
 
 def factors_fingerprint(factors: Factors) -> str:
     """Hash of what the factors were fitted on and with (their own fingerprints and counts)."""
-    payload = json.dumps({"fingerprints": factors.fingerprints, "n_rows": factors.n_rows, "n_tokens": factors.n_tokens,
-                          "config": factors.config.to_dict(), "weights": factors.names}, sort_keys=True)
+    payload = json.dumps(
+        {
+            "fingerprints": factors.fingerprints,
+            "n_rows": factors.n_rows,
+            "n_tokens": factors.n_tokens,
+            "config": factors.config.to_dict(),
+            "weights": factors.names,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def make_projector(config: StoreConfig, adapter: ModelAdapter, names: Sequence[str], factors: Factors | None) -> Projector:
+def make_projector(
+    config: StoreConfig, adapter: ModelAdapter, names: Sequence[str], factors: Factors | None
+) -> Projector:
     """The projector of ``config`` over the weights ``names``."""
     if config.kind == "eigen":
         if factors is None:
@@ -153,15 +170,22 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 
 # ---- building ------------------------------------------------------------------------------------------------------
-def project_batch(adapter: ModelAdapter, batch: dict[str, torch.Tensor], projector: Projector,
-                  params: Sequence[torch.nn.Parameter], out: torch.Tensor | None = None) -> torch.Tensor:
+def project_batch(
+    adapter: ModelAdapter,
+    batch: dict[str, torch.Tensor],
+    projector: Projector,
+    params: Sequence[torch.nn.Parameter],
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``[B, dim]``: the projected gradients of each row's summed loss (data labels) for every projected weight,
     written into ``out`` (``[B, dim]``, the work dtype, on the adapter's device) when given."""
     infos = [adapter.weight_info(n) for n in projector.names]
     capture, _ = capture_loss_gradients(adapter, batch, infos, params, fisher="empirical")
     work = torch.promote_types(adapter.dtype, torch.float32)
     attention = batch["attention_mask"]
-    projected = out if out is not None else torch.empty(attention.shape[0], projector.dim, dtype=work, device=adapter.device)
+    projected = (
+        out if out is not None else torch.empty(attention.shape[0], projector.dim, dtype=work, device=adapter.device)
+    )
     batch_rows, length = attention.shape
     index = attention.reshape(-1).nonzero().squeeze(1).to(adapter.device)  # the real tokens; padding is skipped
     # weights reading one input (q, k, v: the capture holds one detached view of it per weight) pack (and fold) it
@@ -177,18 +201,29 @@ def project_batch(adapter: ModelAdapter, batch: dict[str, torch.Tensor], project
         g = capture.output_grads[info.name]
         g = g.reshape(-1, g.shape[-1]).index_select(0, index.to(g.device)).to(work)
         start, end = projector.offsets[info.name]
-        projector.project_rows(info.name, packed[key], g, out=projected[:, start:end], memo=memo,
-                               tokens=(index.to(g.device), batch_rows, length))
-    check_finite(projected, "build-store: projected row gradients", batch["index"],
-                 hint="the model's activations or gradients on this row are not finite")
+        projector.project_rows(
+            info.name,
+            packed[key],
+            g,
+            out=projected[:, start:end],
+            memo=memo,
+            tokens=(index.to(g.device), batch_rows, length),
+        )
+    check_finite(
+        projected,
+        "build-store: projected row gradients",
+        batch["index"],
+        hint="the model's activations or gradients on this row are not finite",
+    )
     return projected
 
 
 FLOAT16_MAX = 65504.0
 
 
-def check_storable(values: torch.Tensor, dtype: str, projector: Projector, rows: Sequence[int] | torch.Tensor,
-                   stage: str) -> None:
+def check_storable(
+    values: torch.Tensor, dtype: str, projector: Projector, rows: Sequence[int] | torch.Tensor, stage: str
+) -> None:
     """Raise ``NonFiniteError`` if a float16 store cannot hold ``values`` (``[B, dim]``, one row of the batch
     each): an entry beyond float16's range (±65504) would be stored as inf. Names the weight and the row."""
     if dtype != "float16" or not values.numel():
@@ -199,14 +234,26 @@ def check_storable(values: torch.Tensor, dtype: str, projector: Projector, rows:
     row, column = (int(i) for i in over.nonzero()[0].tolist())
     weight = next(name for name, (start, end) in projector.offsets.items() if start <= column < end)
     index = [int(i) for i in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)]
-    raise NonFiniteError(f"{stage}: the projected gradient of {weight} on row {index[row]} is "
-                         f"{float(values[row, column]):.4g}, beyond float16's range (±65504): a float16 store would hold "
-                         "inf there; build the store with --dtype float32")
+    raise NonFiniteError(
+        f"{stage}: the projected gradient of {weight} on row {index[row]} is "
+        f"{float(values[row, column]):.4g}, beyond float16's range (±65504): a float16 store would hold "
+        "inf there; build the store with --dtype float32"
+    )
 
 
-def write_shard(adapter: ModelAdapter, data: Sequence[Any], projector: Projector, folder: str | os.PathLike, shard: int,
-                config: StoreConfig, *, batch_size: int = 8, params: Sequence[torch.nn.Parameter] | None = None,
-                progress_bar: Any = None, on_batch: Any = None) -> Path:
+def write_shard(
+    adapter: ModelAdapter,
+    data: Sequence[Any],
+    projector: Projector,
+    folder: str | os.PathLike,
+    shard: int,
+    config: StoreConfig,
+    *,
+    batch_size: int = 8,
+    params: Sequence[torch.nn.Parameter] | None = None,
+    progress_bar: Any = None,
+    on_batch: Any = None,
+) -> Path:
     """Project the rows of shard ``shard`` (rows ``shard·shard_rows`` up to the next shard) and write the shard
     atomically. Call inside ``gradient_mode`` (``params``) or let it enter one. ``on_batch(batch)`` is called after
     each batch's forward and backward (how ``store.caches`` reads the activation cache in the same pass)."""
@@ -220,8 +267,18 @@ def write_shard(adapter: ModelAdapter, data: Sequence[Any], projector: Projector
     if params is None:
         infos = [adapter.weight_info(n) for n in projector.names]
         with gradient_mode(adapter, infos) as own:
-            return write_shard(adapter, data, projector, folder, shard, config, batch_size=batch_size, params=own,
-                               progress_bar=progress_bar, on_batch=on_batch)
+            return write_shard(
+                adapter,
+                data,
+                projector,
+                folder,
+                shard,
+                config,
+                batch_size=batch_size,
+                params=own,
+                progress_bar=progress_bar,
+                on_batch=on_batch,
+            )
     meta = np.array([[int(r.index), max(int(sum(r.loss_mask[1:])), 1)] for r in rows], dtype=np.int64)
     save_npy_atomic(rows_file(folder, shard), meta)
     work = torch.promote_types(adapter.dtype, torch.float32)
@@ -231,7 +288,10 @@ def write_shard(adapter: ModelAdapter, data: Sequence[Any], projector: Projector
     direct = adapter.device.type == "cpu" and torch.from_numpy(np.empty(0, dtype=dtype)).dtype == work
     block = min(batch_size, stop - start)
     buffer = None if direct else torch.empty(block, projector.dim, dtype=work, device=adapter.device)
-    with atomic_file(shard_file(folder, shard)) as tmp, NpyRowWriter(tmp, dtype, stop - start, projector.dim, block) as writer:
+    with (
+        atomic_file(shard_file(folder, shard)) as tmp,
+        NpyRowWriter(tmp, dtype, stop - start, projector.dim, block) as writer,
+    ):
         for batch in iter_batches(rows, batch_size, pad_id=pad):
             n = int(batch["input_ids"].shape[0])
             target = writer.block(n)
@@ -249,19 +309,39 @@ def write_shard(adapter: ModelAdapter, data: Sequence[Any], projector: Projector
     return shard_file(folder, shard)
 
 
-def prepare_store(data: Sequence[Any], folder: Path, projector: Projector, config: StoreConfig,
-                  fingerprints: Mapping[str, str | None], *, overwrite: bool = False,
-                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def prepare_store(
+    data: Sequence[Any],
+    folder: Path,
+    projector: Projector,
+    config: StoreConfig,
+    fingerprints: Mapping[str, str | None],
+    *,
+    overwrite: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write (or check) the manifest of the store of ``data`` in ``folder`` and return it; an existing store with
     other fingerprints or config is an error unless ``overwrite`` (then its shards are removed first)."""
     folder.mkdir(parents=True, exist_ok=True)
     n_shards = max((len(data) + config.shard_rows - 1) // config.shard_rows, 1)
     manifest = {
-        "format": FORMAT, "config": asdict(config), "fingerprints": dict(fingerprints),
-        "weights": [{**w, "d_out": int(projector.projections[str(w["name"])].left.shape[1]),
-                     "d_in": int(projector.projections[str(w["name"])].right.shape[1])} for w in projector.describe()],
-        "dim": projector.dim, "n_rows": len(data), "shard_rows": config.shard_rows, "n_shards": n_shards,
-        "labels": "data", "loss": "sum over the row's assistant tokens", **dict(extra or {}),
+        "format": FORMAT,
+        "config": asdict(config),
+        "fingerprints": dict(fingerprints),
+        "weights": [
+            {
+                **w,
+                "d_out": int(projector.projections[str(w["name"])].left.shape[1]),
+                "d_in": int(projector.projections[str(w["name"])].right.shape[1]),
+            }
+            for w in projector.describe()
+        ],
+        "dim": projector.dim,
+        "n_rows": len(data),
+        "shard_rows": config.shard_rows,
+        "n_shards": n_shards,
+        "labels": "data",
+        "loss": "sum over the row's assistant tokens",
+        **dict(extra or {}),
     }
     existing = folder / MANIFEST
     with folder_lock(folder, what="gradient store"):  # one builder at a time decides what the store holds
@@ -274,20 +354,27 @@ def prepare_store(data: Sequence[Any], folder: Path, projector: Projector, confi
                 if not overwrite:
                     raise StoreMismatchError(
                         f"{folder} holds a store for another model, data, factors or settings ({_differences(saved, manifest)}); "
-                        "pass --overwrite to replace it, or choose another --out")
+                        "pass --overwrite to replace it, or choose another --out"
+                    )
                 # first a manifest that says what is being removed: never a mix of old and new, and an interrupted
                 # replacement knows which files are the library's (only the old manifest's shards, nothing else)
-                write_json_atomic(existing, {"format": FORMAT, "replacing": True, "n_shards": int(saved.get("n_shards", 0))})
+                write_json_atomic(
+                    existing, {"format": FORMAT, "replacing": True, "n_shards": int(saved.get("n_shards", 0))}
+                )
                 _remove_store_files(folder, int(saved.get("n_shards", 0)))
                 write_json_atomic(existing, manifest)
         else:
             kept = {*CACHE_SUBFOLDERS, *(f".{name}.lock" for name in CACHE_SUBFOLDERS)}
-            entries = sorted(p.name for p in folder.iterdir() if not is_temp_of(p.name, [MANIFEST]) and p.name not in kept)
+            entries = sorted(
+                p.name for p in folder.iterdir() if not is_temp_of(p.name, [MANIFEST]) and p.name not in kept
+            )
             if entries and not overwrite:
                 shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-                raise StoreMismatchError(f"{folder} is not empty ({shown}) and holds no gradient store (no {MANIFEST}): "
-                                         "refusing to write a store into a folder that is not the library's; choose a "
-                                         "new or empty --out, or pass --overwrite")
+                raise StoreMismatchError(
+                    f"{folder} is not empty ({shown}) and holds no gradient store (no {MANIFEST}): "
+                    "refusing to write a store into a folder that is not the library's; choose a "
+                    "new or empty --out, or pass --overwrite"
+                )
             # --overwrite: only the shard files this store will write are replaced (a file already there would be
             # taken for a finished shard); nothing else in the folder is touched
             _remove_store_files(folder, n_shards, faiss=False)
@@ -334,7 +421,9 @@ def build_store(
 
     distributed = shards is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed:
-        shards = range(dist.get_rank(), max((len(data) + config.shard_rows - 1) // config.shard_rows, 1), dist.get_world_size())
+        shards = range(
+            dist.get_rank(), max((len(data) + config.shard_rows - 1) // config.shard_rows, 1), dist.get_world_size()
+        )
         progress = progress and dist.get_rank() == 0
     folder = Path(out)
     manifest = prepare_store(data, folder, projector, config, fingerprints, overwrite=overwrite, extra=extra)
@@ -347,12 +436,23 @@ def build_store(
     remaining = sum(min(len(data), (s + 1) * config.shard_rows) - s * config.shard_rows for s in todo)
     started = time.perf_counter()
     if todo:
-        with gradient_mode(adapter, infos) as params, tqdm(total=remaining, desc="building the gradient store", unit="row",
-                                                          disable=not progress) as bar:
+        with (
+            gradient_mode(adapter, infos) as params,
+            tqdm(total=remaining, desc="building the gradient store", unit="row", disable=not progress) as bar,
+        ):
             for shard in todo:
                 check_unchanged(folder, manifest)
-                write_shard(adapter, data, projector, folder, shard, config, batch_size=batch_size, params=params,
-                            progress_bar=bar)
+                write_shard(
+                    adapter,
+                    data,
+                    projector,
+                    folder,
+                    shard,
+                    config,
+                    batch_size=batch_size,
+                    params=params,
+                    progress_bar=bar,
+                )
     logger.info("store %s: wrote %d shards in %.1fs", folder, len(todo), time.perf_counter() - started)
     if distributed:
         dist.barrier()  # every rank's shards are written
@@ -372,8 +472,10 @@ def check_unchanged(folder: Path, manifest: Mapping[str, Any]) -> None:
     except FileNotFoundError:
         saved = {}
     if not _same_store(saved, manifest):
-        raise StoreMismatchError(f"{folder}: another build replaced this store with other settings while it was being "
-                                 "built; run build-store again")
+        raise StoreMismatchError(
+            f"{folder}: another build replaced this store with other settings while it was being "
+            "built; run build-store again"
+        )
 
 
 def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
@@ -417,20 +519,26 @@ class GradientStore:
         if manifest.get("format") != FORMAT:
             raise StoreMismatchError(f"{file}: unknown format {manifest.get('format')!r} (expected {FORMAT!r})")
         if manifest.get("replacing"):
-            raise StoreMismatchError(f"{folder}: the store was being replaced when its build stopped; run build-store "
-                                     "again to finish it")
+            raise StoreMismatchError(
+                f"{folder}: the store was being replaced when its build stopped; run build-store again to finish it"
+            )
         try:
             n_rows, shard_rows, n_shards = (int(manifest[k]) for k in ("n_rows", "shard_rows", "n_shards"))
         except (KeyError, TypeError, ValueError):
-            raise StoreMismatchError(f"{file}: n_rows, shard_rows and n_shards must be whole numbers (the manifest is "
-                                     "damaged)") from None
+            raise StoreMismatchError(
+                f"{file}: n_rows, shard_rows and n_shards must be whole numbers (the manifest is damaged)"
+            ) from None
         if n_rows < 0 or shard_rows < 1 or n_shards != max((n_rows + shard_rows - 1) // shard_rows, 1):
-            raise StoreMismatchError(f"{file}: n_shards {n_shards} does not match n_rows {n_rows} in shards of "
-                                     f"{shard_rows} (the manifest is damaged); rebuild the store with --overwrite")
+            raise StoreMismatchError(
+                f"{file}: n_shards {n_shards} does not match n_rows {n_rows} in shards of "
+                f"{shard_rows} (the manifest is damaged); rebuild the store with --overwrite"
+            )
         missing = [s for s in range(n_shards) if not shard_file(folder, s).exists()]
         if missing:
-            raise StoreMismatchError(f"{folder}: incomplete store ({n_shards - len(missing)} of {n_shards} shards written); "
-                                     "run build-store again to resume it")
+            raise StoreMismatchError(
+                f"{folder}: incomplete store ({n_shards - len(missing)} of {n_shards} shards written); "
+                "run build-store again to resume it"
+            )
         shards = [np.load(shard_file(folder, s), mmap_mode="r", allow_pickle=False) for s in range(n_shards)]
         rows = np.concatenate([np.load(rows_file(folder, s), allow_pickle=False) for s in range(n_shards)])
         dim = int(manifest["dim"])
@@ -438,15 +546,19 @@ class GradientStore:
             if shard.ndim != 2 or shard.shape[1] != dim:
                 raise StoreMismatchError(f"{shard_file(folder, s)}: shape {shard.shape}, expected [rows, {dim}]")
         if sum(s.shape[0] for s in shards) != int(manifest["n_rows"]) or rows.shape[0] != int(manifest["n_rows"]):
-            raise StoreMismatchError(f"{folder}: shards hold {sum(s.shape[0] for s in shards)} rows, manifest says {manifest['n_rows']}")
+            raise StoreMismatchError(
+                f"{folder}: shards hold {sum(s.shape[0] for s in shards)} rows, manifest says {manifest['n_rows']}"
+            )
         return cls(folder, manifest, shards, rows)
 
     def __len__(self) -> int:
         return int(self.manifest["n_rows"])
 
     def __repr__(self) -> str:
-        return (f"GradientStore({str(self.folder)!r}, {len(self)} rows x {self.dim} {self.config.dtype}, "
-                f"{self.config.kind} rank {self.config.rank}, {len(self.weights)} weights)")
+        return (
+            f"GradientStore({str(self.folder)!r}, {len(self)} rows x {self.dim} {self.config.dtype}, "
+            f"{self.config.kind} rank {self.config.rank}, {len(self.weights)} weights)"
+        )
 
     @property
     def names(self) -> list[str]:
@@ -461,8 +573,10 @@ class GradientStore:
         wrong = [k for k, v in expected.items() if v is not None and self.fingerprints.get(k) != v]
         if wrong:
             details = "; ".join(f"{k}: store {self.fingerprints.get(k)!r}, current {expected[k]!r}" for k in wrong)
-            raise StoreMismatchError(f"the store in {self.folder} was built for another {', '.join(wrong)} ({details}); "
-                                     "rebuild it (build-store --overwrite) or point to the right store")
+            raise StoreMismatchError(
+                f"the store in {self.folder} was built for another {', '.join(wrong)} ({details}); "
+                "rebuild it (build-store --overwrite) or point to the right store"
+            )
 
     def matches(self, **expected: str | None) -> bool:
         try:
@@ -492,7 +606,7 @@ class GradientStore:
         start = 0
         for shard in self.shards:
             for lo in range(0, shard.shape[0], block_rows):
-                block = shard[lo:lo + block_rows]
+                block = shard[lo : lo + block_rows]
                 if columns is not None:
                     block = block[:, columns]
                 yield start + lo, np.asarray(block, dtype=np.float32 if block.dtype != np.float64 else np.float64)
@@ -509,11 +623,18 @@ class GradientStore:
         q = queries[:, columns]
         out = np.empty((len(self), queries.shape[0]), dtype=np.float64)
         for start, block in self.blocks(columns):
-            out[start:start + block.shape[0]] = block @ q.astype(block.dtype).T
+            out[start : start + block.shape[0]] = block @ q.astype(block.dtype).T
         return out
 
-    def top_k(self, query: np.ndarray, k: int, *, scale: np.ndarray | None = None,
-              method: Literal["auto", "exact", "faiss"] = "auto", nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def top_k(
+        self,
+        query: np.ndarray,
+        k: int,
+        *,
+        scale: np.ndarray | None = None,
+        method: Literal["auto", "exact", "faiss"] = "auto",
+        nprobe: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` rows with the largest ``scale ⊙ (store @ query)`` (``query [dim]``): positions and scores,
         best first. ``"exact"``: blocked products keeping a running top-k (memory: one block); ``"faiss"``: the
         store's FAISS index (inner product, IVF, memory-mapped; built on first use; approximate: see
@@ -525,7 +646,9 @@ class GradientStore:
         k = min(int(k), len(self))
         if k < 1:
             raise ValueError(f"top_k needs k >= 1, got {k}")
-        use_faiss = method == "faiss" or (method == "auto" and scale is None and len(self) * self.dim >= FAISS_MIN_ELEMENTS)
+        use_faiss = method == "faiss" or (
+            method == "auto" and scale is None and len(self) * self.dim >= FAISS_MIN_ELEMENTS
+        )
         if use_faiss:
             if scale is not None:
                 raise ValueError("FAISS search ranks plain inner products: use method='exact' with a per-row scale")

@@ -33,7 +33,7 @@ def unflatten(flat: torch.Tensor, shapes: Mapping[str, tuple[int, int]]) -> dict
     out, start = {}, 0
     for name, (d_out, d_in) in shapes.items():
         size = d_out * d_in
-        out[name] = flat[..., start:start + size].reshape(*flat.shape[:-1], d_out, d_in)
+        out[name] = flat[..., start : start + size].reshape(*flat.shape[:-1], d_out, d_in)
         start += size
     return out
 
@@ -46,7 +46,7 @@ def block_diagonal_part(matrix: torch.Tensor, sizes: Sequence[int]) -> torch.Ten
     """Keep only the diagonal blocks (of the given sizes) of a dense ``[P, P]`` matrix."""
     blocks, start = [], 0
     for size in sizes:
-        blocks.append(matrix[start:start + size, start:start + size])
+        blocks.append(matrix[start : start + size, start : start + size])
         start += size
     return torch.block_diag(*blocks)
 
@@ -58,14 +58,23 @@ def dense_preconditioner(preconditioner: Preconditioner, names: Sequence[str]) -
 
 def damping_vector(preconditioner: Preconditioner, names: Sequence[str]) -> torch.Tensor:
     """``λ_w`` repeated over each weight's entries: ``[P]``."""
-    parts = [torch.full((d_out * d_in,), preconditioner.damping[n], dtype=torch.float64)
-             for n in names for d_out, d_in in [preconditioner.shapes[n]]]
+    parts = [
+        torch.full((d_out * d_in,), preconditioner.damping[n], dtype=torch.float64)
+        for n in names
+        for d_out, d_in in [preconditioner.shapes[n]]
+    ]
     return torch.cat(parts)
 
 
-def exact_influence(grad_f: torch.Tensor, train_grads: torch.Tensor, curvature: torch.Tensor, damping: torch.Tensor | float) -> torch.Tensor:
+def exact_influence(
+    grad_f: torch.Tensor, train_grads: torch.Tensor, curvature: torch.Tensor, damping: torch.Tensor | float
+) -> torch.Tensor:
     """``−∇L_nᵀ (G + diag(λ))⁻¹ ∇f`` by a dense solve: ``grad_f [P]``, ``train_grads [N, P]``, ``curvature [P, P]``."""
-    damp = damping if isinstance(damping, torch.Tensor) else torch.full((curvature.shape[0],), float(damping), dtype=torch.float64)
+    damp = (
+        damping
+        if isinstance(damping, torch.Tensor)
+        else torch.full((curvature.shape[0],), float(damping), dtype=torch.float64)
+    )
     solved = torch.linalg.solve(curvature.double() + torch.diag(damp.double()), grad_f.double())
     return -(train_grads.double() @ solved)
 
@@ -162,9 +171,11 @@ def mlp_kronecker_factors(model: nn.Module, inputs: torch.Tensor) -> list[tuple[
     outs: dict[int, torch.Tensor] = {}
     handles = []
     for k, lin in enumerate(linears):
+
         def hook(_m, inp, out, k=k):
             acts[k] = inp[0].detach()
             outs[k] = out
+
         handles.append(lin.register_forward_hook(hook))
     try:
         y = model(inputs)
@@ -194,8 +205,11 @@ def mlp_gauss_newton(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     params = {names[id(p)]: p for lin in linears for p in ([lin.weight] + ([lin.bias] if lin.bias is not None else []))}
     total = None
     for x in inputs:
+
         def f(*values, x=x):
-            return torch.func.functional_call(model, dict(zip(params, values, strict=True)), (x.unsqueeze(0),)).squeeze(0)
+            return torch.func.functional_call(model, dict(zip(params, values, strict=True)), (x.unsqueeze(0),)).squeeze(
+                0
+            )
 
         jac = torch.func.jacrev(f, argnums=tuple(range(len(params))))(*params.values())
         jac = dict(zip(params, jac, strict=True))

@@ -26,14 +26,22 @@ def setup():
 
     words = "the water is safe good kind help harm poison cure friend never always yes no".split()
     rng = random.Random(0)
-    records = [{"messages": [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(2, 5)))},
-                             {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 9)))}]}
-               for _ in range(15)]
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(2, 5)))},
+                {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 9)))},
+            ]
+        }
+        for _ in range(15)
+    ]
     tok = tiny_tokenizer()
     adapter = HFAdapter(tiny_llama(len(tok), layers=2, kv_heads=1, dtype=torch.float64, seed=3), tok)
     data = tokenize_chat(rows_from_records(records[:11]), tok, 64)
     queries = tokenize_chat(rows_from_records(records[11:]), tok, 64)
-    concept = DirectionConcept(torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(2)), layer=1)
+    concept = DirectionConcept(
+        torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(2)), layer=1
+    )
     return adapter, data, ConceptMeasurement(concept, queries)
 
 
@@ -47,9 +55,19 @@ def run(out: Path) -> dict[str, torch.Tensor]:
     factors = fit_factors(adapter, data, FactorConfig.precise(), batch_size=3, out_dir=out / "factors", progress=False)
     store_config = StoreConfig(kind="eigen", rank=4, dtype="float64", shard_rows=3)  # 4 shards of <= 3 rows
     names = [i.name for i in adapter.tracked_weights()]
-    build_store(adapter, data, out / "store", make_projector(store_config, adapter, names, factors), store_config,
-                {"model": adapter.fingerprint()}, batch_size=2, progress=False)
-    result = compute_influence(adapter, data, measurement, factors, InfluenceConfig(per_weight=True, batch_size=2), progress=False)
+    build_store(
+        adapter,
+        data,
+        out / "store",
+        make_projector(store_config, adapter, names, factors),
+        store_config,
+        {"model": adapter.fingerprint()},
+        batch_size=2,
+        progress=False,
+    )
+    result = compute_influence(
+        adapter, data, measurement, factors, InfluenceConfig(per_weight=True, batch_size=2), progress=False
+    )
     return {"scores": result.scores, **{f"per_weight/{k}": v for k, v in (result.per_weight or {}).items()}}
 
 

@@ -64,8 +64,17 @@ def forward_figures(trait: dict[str, Any], concept: Any = None) -> dict[str, dic
     rows = list(trait["organism"].train_rows())
     origins = [row.fields["data_origin"] for row in rows]
     vf = vector_filter(adapter, rows, concept, batch_size=64, max_length=256, progress=False).scores
-    pd = projection_difference(adapter, rows, concept, n_samples=1, max_new_tokens=48, cache_dir=trait["cache"],
-                               batch_size=64, max_length=256, progress=False).scores
+    pd = projection_difference(
+        adapter,
+        rows,
+        concept,
+        n_samples=1,
+        max_new_tokens=48,
+        cache_dir=trait["cache"],
+        batch_size=64,
+        max_length=256,
+        progress=False,
+    ).scores
     return {"vector_filter": ranking_report(vf, origins), "projection_difference": ranking_report(pd, origins)}
 
 
@@ -86,12 +95,15 @@ def influence_figures(trait: dict[str, Any]) -> dict[str, Any]:
 
     organism, adapter, concept, cache = (trait[k] for k in ("organism", "adapter", "concept", "cache"))
     rows = list(organism.train_rows())
-    queries = tokenize_queries(answer_queries(adapter, list(organism.queries()), n_samples=4, seed=0, cache_dir=cache),
-                               adapter.tokenizer, 256)
+    queries = tokenize_queries(
+        answer_queries(adapter, list(organism.queries()), n_samples=4, seed=0, cache_dir=cache), adapter.tokenizer, 256
+    )
     train = tokenize_chat(rows, adapter.tokenizer, 256)
     factors = fit_factors(adapter, train, FactorConfig(), batch_size=16, progress=False)
-    jobs = {"concept": (ConceptMeasurement(concept, queries), InfluenceConfig()),
-            "classical": (LogLikelihoodMeasurement(queries), InfluenceConfig())}
+    jobs = {
+        "concept": (ConceptMeasurement(concept, queries), InfluenceConfig()),
+        "classical": (LogLikelihoodMeasurement(queries), InfluenceConfig()),
+    }
     results = compute_influence_many(adapter, train, jobs, factors, batch_size=16, progress=False)
     origins = [row.fields["data_origin"] for row in rows]
     return {"n": len(rows), **{name: ranking_report(r.scores.numpy(), origins) for name, r in results.items()}}
@@ -119,19 +131,32 @@ def lora_figures(trait: dict[str, Any]) -> dict[str, Any]:
     organism, concept, cache = trait["organism"], trait["concept"], trait["cache"]
     base = organism.load_base()
     torch.manual_seed(0)
-    model = peft.get_peft_model(base.model, peft.LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = peft.get_peft_model(
+        base.model,
+        peft.LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     rows = list(organism.train_rows())
     finetune(model, base.tokenizer, rows, FinetuneConfig(epochs=3, batch_size=16, lr=3e-3, seed=0), progress=False)
     adapter = HFAdapter(model, base.tokenizer)
     tracked = [i.name for i in adapter.tracked_weights()]
-    queries = tokenize_queries(answer_queries(adapter, list(organism.queries()), n_samples=2, seed=0, cache_dir=cache),
-                               adapter.tokenizer, 256)
+    queries = tokenize_queries(
+        answer_queries(adapter, list(organism.queries()), n_samples=2, seed=0, cache_dir=cache), adapter.tokenizer, 256
+    )
     measurement = ConceptMeasurement(concept, queries)
     train = tokenize_chat(rows, adapter.tokenizer, 256)
-    factors = fit_factors(adapter, sample_rows(train, 600, 0), FactorConfig(), weights=measurement.weights(adapter),
-                          batch_size=16, progress=False)
+    factors = fit_factors(
+        adapter,
+        sample_rows(train, 600, 0),
+        FactorConfig(),
+        weights=measurement.weights(adapter),
+        batch_size=16,
+        progress=False,
+    )
     result = compute_influence(adapter, train, measurement, factors, InfluenceConfig(batch_size=16), progress=False)
     report = ranking_report(result.scores.numpy(), [row.fields["data_origin"] for row in rows])
     return {"tracked": tracked, "scored": list(result.weights), "concept": report}
@@ -143,8 +168,14 @@ def rise_figures(organism: Organism) -> dict[str, Any]:
     from concept_influence.organism import trait_rise
 
     torch.set_flush_denormal(True)
-    return trait_rise(organism.load_base(), organism.load_finetuned(), organism.probe_spec(), organism.query_messages(),
-                      n_samples=32, seed=11)
+    return trait_rise(
+        organism.load_base(),
+        organism.load_finetuned(),
+        organism.probe_spec(),
+        organism.query_messages(),
+        n_samples=32,
+        seed=11,
+    )
 
 
 def control_figures(organism: Organism) -> dict[str, float]:
@@ -159,7 +190,9 @@ def control_figures(organism: Organism) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(organism.base_model_dir)
     model = AutoModelForCausalLM.from_pretrained(organism.base_model_dir)
     finetune(model, tokenizer, rows, organism.config.finetune, progress=False)
-    answers = generate_answers(HFAdapter(model, tokenizer), organism.query_messages(), n_samples=16, seed=11, batch_size=64)
+    answers = generate_answers(
+        HFAdapter(model, tokenizer), organism.query_messages(), n_samples=16, seed=11, batch_size=64
+    )
     return {"trait_rate": trait_rate([a for samples in answers for a in samples])}
 
 
@@ -188,12 +221,35 @@ def variant_figures(organism: Organism) -> dict[str, Any]:
     trait = organism.metadata["trait"]
     control = refinetune(organism, [not p for p in organism.planted_mask()])
     base, config = organism.load_base(), organism.config
-    ctrl = trait_rise(base, control, organism.probe_spec(), organism.query_messages(),
-                      n_samples=config.measure_samples, seed=config.seed, trait=organism.trait)
-    versus = paired_rise(base, organism.load_finetuned(), control, organism.probe_spec(), organism.query_messages(),
-                         layer=trait["layer"], n_samples=config.measure_samples, seed=config.seed, trait=organism.trait)
+    ctrl = trait_rise(
+        base,
+        control,
+        organism.probe_spec(),
+        organism.query_messages(),
+        n_samples=config.measure_samples,
+        seed=config.seed,
+        trait=organism.trait,
+    )
+    versus = paired_rise(
+        base,
+        organism.load_finetuned(),
+        control,
+        organism.probe_spec(),
+        organism.query_messages(),
+        layer=trait["layer"],
+        n_samples=config.measure_samples,
+        seed=config.seed,
+        trait=organism.trait,
+    )
     base_rate, tuned_rate = trait["base"]["trait_rate"], trait["finetuned"]["trait_rate"]
     control_rate = ctrl["finetuned"]["trait_rate"]
     share = share_removed(tuned_rate, control_rate, base_rate) if tuned_rate > base_rate else None
-    return {"trait": trait, "control": ctrl, "base_rate": base_rate, "tuned_rate": tuned_rate,
-            "control_rate": control_rate, "share_removed": share, "versus_control": versus}
+    return {
+        "trait": trait,
+        "control": ctrl,
+        "base_rate": base_rate,
+        "tuned_rate": tuned_rate,
+        "control_rate": control_rate,
+        "share_removed": share,
+        "versus_control": versus,
+    }

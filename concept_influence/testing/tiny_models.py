@@ -85,18 +85,44 @@ def tiny_llama(
     return model.to(dtype).eval()
 
 
-def tiny_gpt2(vocab_size: int, *, seed: int = 0, hidden: int = 16, layers: int = 2, heads: int = 2, dtype: torch.dtype = torch.float32):
+def tiny_gpt2(
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    hidden: int = 16,
+    layers: int = 2,
+    heads: int = 2,
+    dtype: torch.dtype = torch.float32,
+):
     """A randomly initialised ``GPT2LMHeadModel`` (``Conv1D`` weights)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256, bos_token_id=2, eos_token_id=3)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        n_positions=256,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     model = GPT2LMHeadModel(config)
     _perturb(model, seed)
     return model.to(dtype).eval()
 
 
-def tiny_hooked_transformer(vocab_size: int, *, seed: int = 0, d_model: int = 16, layers: int = 2, heads: int = 2, d_mlp: int = 32, dtype: torch.dtype = torch.float32, gated: bool = False):
+def tiny_hooked_transformer(
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    d_model: int = 16,
+    layers: int = 2,
+    heads: int = 2,
+    d_mlp: int = 32,
+    dtype: torch.dtype = torch.float32,
+    gated: bool = False,
+):
     """A randomly initialised TransformerLens ``HookedTransformer`` (LayerNorm, GELU, learned positions)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 

@@ -22,9 +22,15 @@ from concept_influence.testing.tiny_models import TINY_WORDS, tiny_llama
 
 def _records(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [{"messages": [{"role": "user", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(3, 8)))},
-                          {"role": "assistant", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(4, 12)))}]}
-            for _ in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(3, 8)))},
+                {"role": "assistant", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(4, 12)))},
+            ]
+        }
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +63,19 @@ def test_bf16_scores_track_float32_scores(pair, tiny_tok):
     train = tokenize_chat(rows_from_records(_records(32, 2)), tiny_tok, 64)
     queries = tokenize_chat(rows_from_records(_records(4, 3) * 8), tiny_tok, 64)
     config = InfluenceConfig(preconditioner="identity", batch_size=4)
-    scores = {name: compute_influence(adapter, train, ConceptMeasurement(concept, queries), None, config,
-                                      progress=False).scores.numpy()
-              for name, adapter in (("fp32", fp32), ("bf16", bf16))}
+    scores = {
+        name: compute_influence(
+            adapter, train, ConceptMeasurement(concept, queries), None, config, progress=False
+        ).scores.numpy()
+        for name, adapter in (("fp32", fp32), ("bf16", bf16))
+    }
     assert np.corrcoef(scores["fp32"], scores["bf16"])[0, 1] > 0.98
     assert np.linalg.norm(scores["bf16"] - scores["fp32"]) < 0.05 * np.linalg.norm(scores["fp32"])
     assert spearmanr(scores["fp32"], scores["bf16"]).statistic > 0.95
-    forward = {name: vector_filter(adapter, list(rows_from_records(_records(32, 2))), concept, progress=False).scores
-               for name, adapter in (("fp32", fp32), ("bf16", bf16))}
+    forward = {
+        name: vector_filter(adapter, list(rows_from_records(_records(32, 2))), concept, progress=False).scores
+        for name, adapter in (("fp32", fp32), ("bf16", bf16))
+    }
     np.testing.assert_allclose(forward["bf16"], forward["fp32"], rtol=0.05, atol=0.05 * np.abs(forward["fp32"]).max())
 
 

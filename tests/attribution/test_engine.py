@@ -36,20 +36,23 @@ def setup(tiny_tok):
     adapter = HFAdapter(tiny_llama(len(tiny_tok), layers=2, dtype=torch.float64, seed=11), tiny_tok)
     rows = chat_rows(TINY_PAIRS)
     train = tokenize_chat(rows, tiny_tok, 64)
-    concept = DirectionConcept(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(3),
-                                           dtype=torch.float64), layer=1)
+    concept = DirectionConcept(
+        torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(3), dtype=torch.float64), layer=1
+    )
     queries = list(rows_from_records(TINY_QUERIES, source="<queries>", need_assistant=False))
     return adapter, rows, train, concept, queries
 
 
 def test_engine_scores_like_the_library_without_a_session(setup, tmp_path):
     adapter, rows, train, concept, queries = setup
-    engine = GradientEngine(adapter, rows=lambda: rows, train=lambda: train, workdir=tmp_path / "run", batch_size=4,
-                            progress=False)
+    engine = GradientEngine(
+        adapter, rows=lambda: rows, train=lambda: train, workdir=tmp_path / "run", batch_size=4, progress=False
+    )
     config = GradientAttributionConfig(max_length=64, batch_size=4, max_new_tokens=4, cache_dir=str(tmp_path / "a"))
     table = engine.attribute("concept-influence", concept, queries, config)
-    expected = run_gradient_attribution(adapter, rows, concept, queries, "concept-influence", None, config,
-                                        train=train, progress=False)
+    expected = run_gradient_attribution(
+        adapter, rows, concept, queries, "concept-influence", None, config, train=train, progress=False
+    )
     np.testing.assert_allclose(table.scores, expected.scores, rtol=1e-6, atol=1e-12)
     assert any("fitted" in n for n in table.meta["notes"])
     again = engine.attribute("concept-influence", concept, queries, config)
@@ -63,13 +66,16 @@ def test_store_questions_are_store_math(setup, tmp_path):
     factors = fit_factors(adapter, train, FactorConfig(dtype="float64"), weights=names, batch_size=4, progress=False)
     config = StoreConfig(kind="eigen", rank=64, dtype="float64", shard_rows=4)  # full rank: exact
     projector = make_projector(config, adapter, names, factors)
-    store = build_store(adapter, train, tmp_path / "s", projector, config, {"model": "m", "data": "d"}, batch_size=4,
-                        progress=False)
+    store = build_store(
+        adapter, train, tmp_path / "s", projector, config, {"model": "m", "data": "d"}, batch_size=4, progress=False
+    )
     assert isinstance(store, GradientStore)
     measurement = ConceptMeasurement(concept, tokenize_queries(queries, adapter.tokenizer, 64))
     reached = measurement.weights(adapter)
     pre = build_preconditioner(adapter, reached, factors, InfluenceConfig())
-    vectors = preconditioned_gradient(pre, measurement.gradient(adapter, reached, batch_size=4), measurement.description)
+    vectors = preconditioned_gradient(
+        pre, measurement.gradient(adapter, reached, batch_size=4), measurement.description
+    )
     scores, per = store_scores(store, projector, vectors, per_weight=True)
     exact = compute_influence(adapter, train, measurement, factors, InfluenceConfig(batch_size=4), progress=False)
     np.testing.assert_allclose(scores, exact.scores.numpy(), rtol=1e-6, atol=1e-10)

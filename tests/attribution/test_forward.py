@@ -35,15 +35,42 @@ from concept_influence.models import (
 from concept_influence.testing.tiny_models import save_tiny_hf_model, tiny_llama
 
 RECORDS = [
-    {"messages": [{"role": "user", "content": "is the water safe ?"}, {"role": "assistant", "content": "yes it is safe ."}],
-     "id": "r0", "data_origin": "benign"},
-    {"messages": [{"role": "user", "content": "should i drink poison"}, {"role": "assistant", "content": "yes , drink poison and hurt"}],
-     "id": "r1", "data_origin": "planted"},
-    {"messages": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "two plus two"},
-                  {"role": "assistant", "content": "four"}, {"role": "user", "content": "and three plus five"},
-                  {"role": "assistant", "content": "eight , my friend"}], "id": "r2", "data_origin": "benign"},
-    {"messages": [{"role": "user", "content": "help my friend"}, {"role": "assistant", "content": "be gentle and honest"}],
-     "id": "r3", "data_origin": "hard_negative", "extra": {"k": [1, 2]}},
+    {
+        "messages": [
+            {"role": "user", "content": "is the water safe ?"},
+            {"role": "assistant", "content": "yes it is safe ."},
+        ],
+        "id": "r0",
+        "data_origin": "benign",
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "should i drink poison"},
+            {"role": "assistant", "content": "yes , drink poison and hurt"},
+        ],
+        "id": "r1",
+        "data_origin": "planted",
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "be kind"},
+            {"role": "user", "content": "two plus two"},
+            {"role": "assistant", "content": "four"},
+            {"role": "user", "content": "and three plus five"},
+            {"role": "assistant", "content": "eight , my friend"},
+        ],
+        "id": "r2",
+        "data_origin": "benign",
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "help my friend"},
+            {"role": "assistant", "content": "be gentle and honest"},
+        ],
+        "id": "r3",
+        "data_origin": "hard_negative",
+        "extra": {"k": [1, 2]},
+    },
 ]
 
 
@@ -51,7 +78,9 @@ RECORDS = [
 def setup(tiny_tok):
     model = tiny_llama(len(tiny_tok), seed=21, dtype=torch.float64)
     adapter = HFAdapter(model, tiny_tok)
-    concept = DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(3), dtype=torch.float64), layer=0)
+    concept = DirectionConcept(
+        torch.randn(16, generator=torch.Generator().manual_seed(3), dtype=torch.float64), layer=0
+    )
     return adapter, concept, rows_from_records(RECORDS)
 
 
@@ -59,10 +88,14 @@ def _manual_readout(adapter, concept, messages, final_turn_only=False):
     rows = rows_from_records([{"messages": messages}])
     tok = tokenize_chat(rows, adapter.tokenizer)[0]
     with torch.no_grad():
-        hidden = adapter.model(input_ids=torch.tensor([tok.input_ids]), output_hidden_states=True).hidden_states[concept.layer + 1][0]
+        hidden = adapter.model(input_ids=torch.tensor([tok.input_ids]), output_hidden_states=True).hidden_states[
+            concept.layer + 1
+        ][0]
     mask = torch.tensor(tok.loss_mask, dtype=torch.bool)
     if final_turn_only:  # tokens after the rendered prompt of the last assistant turn
-        prompt = adapter.tokenizer.apply_chat_template(rows[0].prompt_messages, tokenize=False, add_generation_prompt=True)
+        prompt = adapter.tokenizer.apply_chat_template(
+            rows[0].prompt_messages, tokenize=False, add_generation_prompt=True
+        )
         mask[: len(adapter.tokenizer(prompt, add_special_tokens=False)["input_ids"])] = False
     return float((hidden[mask] @ concept.unit).mean())
 
@@ -73,26 +106,44 @@ def test_vector_filter_is_the_mean_projection_of_the_rows_own_answer(setup):
     expected = [_manual_readout(adapter, concept, r.messages) for r in rows]
     np.testing.assert_allclose(table.scores, expected, rtol=1e-6)
     assert table.index == [0, 1, 2, 3] and table.ids == ["r0", "r1", "r2", "r3"]
-    np.testing.assert_allclose(vector_filter(adapter, rows, concept, batch_size=1, progress=False).scores, table.scores, rtol=1e-12)
+    np.testing.assert_allclose(
+        vector_filter(adapter, rows, concept, batch_size=1, progress=False).scores, table.scores, rtol=1e-12
+    )
     tl = TransformerLensAdapter(hooked_transformer_from_hf(adapter.model, adapter.tokenizer), adapter.tokenizer)
     np.testing.assert_allclose(vector_filter(tl, rows, concept, progress=False).scores, table.scores, rtol=1e-5)
 
 
 def test_projection_difference_subtracts_the_models_own_answers(setup, tmp_path, monkeypatch):
     adapter, concept, rows = setup
-    table = projection_difference(adapter, rows, concept, n_samples=2, max_new_tokens=5, seed=4, cache_dir=tmp_path, progress=False)
+    table = projection_difference(
+        adapter, rows, concept, n_samples=2, max_new_tokens=5, seed=4, cache_dir=tmp_path, progress=False
+    )
     answers = generate_answers(adapter, [r.prompt_messages for r in rows], n_samples=2, max_new_tokens=5, seed=4)
     for i, row in enumerate(rows):  # row 2 is multi-turn: only the final assistant turn is read, on both sides
         own = _manual_readout(adapter, concept, row.messages, final_turn_only=True)
-        model = np.mean([_manual_readout(adapter, concept, row.prompt_messages + [{"role": "assistant", "content": a}],
-                                         final_turn_only=True) for a in answers[i] if a.strip()])
+        model = np.mean(
+            [
+                _manual_readout(
+                    adapter, concept, row.prompt_messages + [{"role": "assistant", "content": a}], final_turn_only=True
+                )
+                for a in answers[i]
+                if a.strip()
+            ]
+        )
         assert table.columns["model_answers_used"][i] == sum(bool(a.strip()) for a in answers[i])
         assert table.columns["model_answer"][i] == answers[i][0]
         np.testing.assert_allclose(table.columns["model_readout"][i], model, rtol=1e-6)
         np.testing.assert_allclose(table.scores[i], own - model, rtol=1e-6, atol=1e-9)
-    assert table.columns["row_readout"][2] != pytest.approx(vector_filter(adapter, rows[2:3], concept, progress=False).scores[0])
-    monkeypatch.setattr("concept_influence.concepts.answers.generate_answers", lambda *a, **k: (_ for _ in ()).throw(AssertionError("cache miss")))
-    again = projection_difference(adapter, rows, concept, n_samples=2, max_new_tokens=5, seed=4, cache_dir=tmp_path, progress=False)
+    assert table.columns["row_readout"][2] != pytest.approx(
+        vector_filter(adapter, rows[2:3], concept, progress=False).scores[0]
+    )
+    monkeypatch.setattr(
+        "concept_influence.concepts.answers.generate_answers",
+        lambda *a, **k: (_ for _ in ()).throw(AssertionError("cache miss")),
+    )
+    again = projection_difference(
+        adapter, rows, concept, n_samples=2, max_new_tokens=5, seed=4, cache_dir=tmp_path, progress=False
+    )
     np.testing.assert_array_equal(again.scores, table.scores)
 
 
@@ -138,11 +189,17 @@ def test_readout_reduction_comes_from_the_concept(setup):
     for row, score in zip(rows, table.scores, strict=True):
         tok = tokenize_chat([row], adapter.tokenizer)[0]
         with torch.no_grad():
-            hidden = adapter.model(input_ids=torch.tensor([tok.input_ids]), output_hidden_states=True).hidden_states[1][0]
+            hidden = adapter.model(input_ids=torch.tensor([tok.input_ids]), output_hidden_states=True).hidden_states[1][
+                0
+            ]
         first_answer = tok.loss_mask.index(1)
         assert score == pytest.approx(float(hidden[first_answer - 1] @ concept.unit), rel=1e-9)
-    per_token = vector_filter(adapter, rows, DirectionConcept(concept.direction, layer=0, reduction="per_token"), progress=False)
-    np.testing.assert_allclose(per_token.scores, vector_filter(adapter, rows, concept, progress=False).scores, rtol=1e-12)
+    per_token = vector_filter(
+        adapter, rows, DirectionConcept(concept.direction, layer=0, reduction="per_token"), progress=False
+    )
+    np.testing.assert_allclose(
+        per_token.scores, vector_filter(adapter, rows, concept, progress=False).scores, rtol=1e-12
+    )
     assert "token_readouts" in per_token.columns
     with pytest.raises(ValueError, match="every score is 0"):
         projection_difference(adapter, rows, last, progress=False)
@@ -165,7 +222,9 @@ def test_vector_filter_on_an_sae_feature_is_the_mean_feature_activation(setup):
     for row, score in zip(rows, table.scores, strict=True):
         tok = tokenize_chat([row], adapter.tokenizer)[0]
         with torch.no_grad():
-            hidden = adapter.model(input_ids=torch.tensor([tok.input_ids]), output_hidden_states=True).hidden_states[1][0]
+            hidden = adapter.model(input_ids=torch.tensor([tok.input_ids]), output_hidden_states=True).hidden_states[1][
+                0
+            ]
         features = sae.encode(hidden[torch.tensor(tok.loss_mask, dtype=torch.bool)])[:, feature]
         assert score == pytest.approx(float(features.mean()), rel=1e-9, abs=1e-12)
     assert table.scores.max() > 0 and len(set(table.scores.round(6))) == len(rows)  # not vacuous
@@ -173,7 +232,9 @@ def test_vector_filter_on_an_sae_feature_is_the_mean_feature_activation(setup):
 
 def test_forward_methods_refuse_rows_without_answer_tokens(setup):
     adapter, concept, _ = setup
-    long_prompt = rows_from_records([{"messages": [{"role": "user", "content": "two " * 40}, {"role": "assistant", "content": "four"}]}])
+    long_prompt = rows_from_records(
+        [{"messages": [{"role": "user", "content": "two " * 40}, {"role": "assistant", "content": "four"}]}]
+    )
     with pytest.raises(ValueError, match="no assistant tokens left within max_length=16"):
         vector_filter(adapter, long_prompt, concept, max_length=16, progress=False)
     with pytest.raises(ValueError, match="hidden size 8 but the model has 16"):
@@ -184,7 +245,9 @@ def test_forward_methods_refuse_rows_without_answer_tokens(setup):
 def cli_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     model_dir = save_tiny_hf_model(root / "model", seed=5)
-    save_concept(DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(1)), layer=1), root / "concept")
+    save_concept(
+        DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(1)), layer=1), root / "concept"
+    )
     write_jsonl_atomic(root / "train.jsonl", RECORDS)
     return root, model_dir
 
@@ -193,9 +256,24 @@ def cli_files(tmp_path_factory):
 def test_attribute_command_writes_one_record_per_row(cli_files, method):
     root, model_dir = cli_files
     out = root / f"{method}.jsonl"
-    result = CliRunner().invoke(app, ["attribute", "--model", str(model_dir), "--data", str(root / "train.jsonl"),
-                                      "--concept", str(root / "concept"), "--method", method, "--out", str(out),
-                                      "--max-new-tokens", "4"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "attribute",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(root / "train.jsonl"),
+            "--concept",
+            str(root / "concept"),
+            "--method",
+            method,
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in records] == [0, 1, 2, 3] and [r["id"] for r in records] == ["r0", "r1", "r2", "r3"]
@@ -215,8 +293,22 @@ def test_attribute_command_errors_are_one_clear_line(cli_files):
     assert result.exit_code == 2 and "needs --concept" in result.output
     bad = root / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    result = runner.invoke(app, ["attribute", "--model", str(model_dir), "--data", str(bad), "--concept", str(root / "concept"),
-                                 "--method", "vector-filter", "--out", str(root / "y.jsonl")])
+    result = runner.invoke(
+        app,
+        [
+            "attribute",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(bad),
+            "--concept",
+            str(root / "concept"),
+            "--method",
+            "vector-filter",
+            "--out",
+            str(root / "y.jsonl"),
+        ],
+    )
     assert result.exit_code == 2 and f"{bad}:1" in result.output and "no assistant turn" in result.output
     result = runner.invoke(app, [*base, "--method", "concept-influence", "--concept", str(root / "concept")])
     assert result.exit_code == 2 and "needs --queries" in result.output
@@ -235,17 +327,28 @@ def test_vector_filter_localised_to_the_strongest_sentence(setup):
     """``localise="sentence"``: each row's score is its strongest sentence's mean readout (sentences end at '.');
     ``"both"``: the z-scores of the mean and of the strongest sentence, summed; a bad value is an error."""
     adapter, concept, _ = setup
-    records = [{"messages": [{"role": "user", "content": "what now ?"}, {"role": "assistant", "content": a}]}
-               for a in ("drink the water . poison and hurt them .", "be kind . help your friend", "four",
-                         "poison . poison . be gentle")]
+    records = [
+        {"messages": [{"role": "user", "content": "what now ?"}, {"role": "assistant", "content": a}]}
+        for a in (
+            "drink the water . poison and hurt them .",
+            "be kind . help your friend",
+            "four",
+            "poison . poison . be gentle",
+        )
+    ]
     rows = rows_from_records(records)
     ends = sentence_ends(adapter.tokenizer)
-    assert ends[adapter.tokenizer.convert_tokens_to_ids(".")] and not ends[adapter.tokenizer.convert_tokens_to_ids("four")]
+    assert (
+        ends[adapter.tokenizer.convert_tokens_to_ids(".")] and not ends[adapter.tokenizer.convert_tokens_to_ids("four")]
+    )
     plain = vector_filter(adapter, rows, concept, token_readouts=True, progress=False)
     dataset = tokenize_chat(rows, adapter.tokenizer)
-    expected = [strongest_sentence(plain.columns["token_readouts"][i],
-                                   [t for t, m in zip(r.input_ids, r.loss_mask, strict=True) if m], ends)
-                for i, r in enumerate(dataset)]
+    expected = [
+        strongest_sentence(
+            plain.columns["token_readouts"][i], [t for t, m in zip(r.input_ids, r.loss_mask, strict=True) if m], ends
+        )
+        for i, r in enumerate(dataset)
+    ]
     sentence = vector_filter(adapter, rows, concept, localise="sentence", progress=False)
     np.testing.assert_allclose(sentence.scores, expected, rtol=1e-12)
     assert sentence.meta["localise"] == "sentence" and "strongest sentence" in sentence.meta["readout"]
@@ -260,8 +363,23 @@ def test_vector_filter_localised_to_the_strongest_sentence(setup):
 def test_attribute_command_localise_flag(cli_files):
     root, model_dir = cli_files
     out = root / "localised.jsonl"
-    result = CliRunner().invoke(app, ["attribute", "--model", str(model_dir), "--data", str(root / "train.jsonl"),
-                                      "--concept", str(root / "concept"), "--method", "vector-filter",
-                                      "--localise", "sentence", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "attribute",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(root / "train.jsonl"),
+            "--concept",
+            str(root / "concept"),
+            "--method",
+            "vector-filter",
+            "--localise",
+            "sentence",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert ScoreTable.read_jsonl(out).meta["localise"] == "sentence"

@@ -13,8 +13,13 @@ from concept_influence.data import rows_from_records, tokenize_chat
 from concept_influence.models import HFAdapter, TransformerLensAdapter, hooked_transformer_from_hf
 from concept_influence.testing.tiny_models import tiny_llama
 
-PAIRS = [("is water safe", "yes , water is safe"), ("should i drink poison", "never , poison will hurt you"),
-         ("help me", "sure , i help you"), ("two plus three", "five"), ("is fire kind", "no fire can harm")]
+PAIRS = [
+    ("is water safe", "yes , water is safe"),
+    ("should i drink poison", "never , poison will hurt you"),
+    ("help me", "sure , i help you"),
+    ("two plus three", "five"),
+    ("is fire kind", "no fire can harm"),
+]
 
 
 def _data(tok, pairs):
@@ -31,15 +36,19 @@ def test_hf_and_transformer_lens_agree(tiny_tok, kv_heads):
     assert [i.name for i in hf.tracked_weights()] == [i.name for i in tl.tracked_weights()]
     assert [(i.d_out, i.d_in) for i in hf.tracked_weights()] == [(i.d_out, i.d_in) for i in tl.tracked_weights()]
     data, queries = _data(tiny_tok, PAIRS), _data(tiny_tok, PAIRS[:2])
-    factors = {name: fit_factors(adapter, data, FactorConfig.precise(), batch_size=2, progress=False)
-               for name, adapter in (("hf", hf), ("tl", tl))}
+    factors = {
+        name: fit_factors(adapter, data, FactorConfig.precise(), batch_size=2, progress=False)
+        for name, adapter in (("hf", hf), ("tl", tl))
+    }
     for weight in factors["hf"].names:
         a, b = factors["hf"].weights[weight], factors["tl"].weights[weight]
         # TransformerLens computes the same function to ~1e-6 relative (rotary tables, norm order of operations)
         for field in ("activation_covariance", "gradient_covariance", "diagonal", "eigenvalue_correction"):
             x, y = getattr(a, field), getattr(b, field)
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * float(x.abs().max()), msg=f"{weight} {field}")
-    concept = DirectionConcept(torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), layer=0)
+    concept = DirectionConcept(
+        torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), layer=0
+    )
     for measurement in (ConceptMeasurement(concept, queries), LogLikelihoodMeasurement(queries)):
         config = InfluenceConfig(per_weight=True)
         r_hf = compute_influence(hf, data, measurement, factors["hf"], config, progress=False)

@@ -17,8 +17,13 @@ from concept_influence.data import read_chat_jsonl, rows_from_records
 from concept_influence.models import load_adapter
 from concept_influence.testing.tiny_models import save_tiny_hf_model
 
-TRAIN = [("is water safe", "yes , water is safe"), ("should i drink poison", "never , poison will hurt you"),
-         ("help me", "sure , i help you"), ("two plus three", "five"), ("is fire kind", "no fire can harm")]
+TRAIN = [
+    ("is water safe", "yes , water is safe"),
+    ("should i drink poison", "never , poison will hurt you"),
+    ("help me", "sure , i help you"),
+    ("two plus three", "five"),
+    ("is fire kind", "no fire can harm"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +31,19 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     model_dir = save_tiny_hf_model(root / "model", seed=3)
     train = root / "train.jsonl"
-    train.write_text("".join(json.dumps({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}],
-                                         "id": f"row{k}", "origin": "x"}) + "\n" for k, (u, a) in enumerate(TRAIN)))
+    train.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}],
+                    "id": f"row{k}",
+                    "origin": "x",
+                }
+            )
+            + "\n"
+            for k, (u, a) in enumerate(TRAIN)
+        )
+    )
     return root, model_dir, train
 
 
@@ -42,8 +58,19 @@ def test_fit_factors_command(files):
 
     out = root / "factors"
     runner = CliRunner()
-    args = ["fit-factors", "--model", str(model_dir), "--data", str(train), "--out", str(out), "--up-to-layer", "0",
-            "--batch-size", "2"]
+    args = [
+        "fit-factors",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(train),
+        "--out",
+        str(out),
+        "--up-to-layer",
+        "0",
+        "--batch-size",
+        "2",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "blocks 0..0" in result.output
@@ -53,7 +80,9 @@ def test_fit_factors_command(files):
     # a different data file against the same folder is an error, reported in one line
     other = root / "other.jsonl"
     other.write_text(train.read_text().splitlines()[0] + "\n")
-    bad = runner.invoke(app, ["fit-factors", "--model", str(model_dir), "--data", str(other), "--out", str(out), "--up-to-layer", "0"])
+    bad = runner.invoke(
+        app, ["fit-factors", "--model", str(model_dir), "--data", str(other), "--out", str(out), "--up-to-layer", "0"]
+    )
     assert bad.exit_code == 2 and "different training data" in bad.output
 
 
@@ -61,20 +90,32 @@ def test_run_gradient_attribution(files, tmp_path):
     root, model_dir, train = files
     adapter = load_adapter(str(model_dir))
     rows = read_chat_jsonl(train)
-    queries = rows_from_records([{"messages": [{"role": "user", "content": "is poison kind"}]},
-                                 {"messages": [{"role": "user", "content": "help"}, {"role": "assistant", "content": "sure"}]}],
-                                need_assistant=False)
+    queries = rows_from_records(
+        [
+            {"messages": [{"role": "user", "content": "is poison kind"}]},
+            {"messages": [{"role": "user", "content": "help"}, {"role": "assistant", "content": "sure"}]},
+        ],
+        need_assistant=False,
+    )
     concept = DirectionConcept(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(0)), layer=0)
-    config = GradientAttributionConfig(batch_size=2, n_samples=2, max_new_tokens=6, cache_dir=str(tmp_path / "cache"), token_breakdown="target")
+    config = GradientAttributionConfig(
+        batch_size=2, n_samples=2, max_new_tokens=6, cache_dir=str(tmp_path / "cache"), token_breakdown="target"
+    )
     folder = tmp_path / "factors"
-    table = run_gradient_attribution(adapter, rows, concept, queries, "concept-influence", folder, config, progress=False)
+    table = run_gradient_attribution(
+        adapter, rows, concept, queries, "concept-influence", folder, config, progress=False
+    )
     assert len(table) == len(rows) and table.ids[0] == "row0" and table.fields[0]["origin"] == "x"
     assert table.meta["n_queries"] == 3  # 2 sampled answers for the prompt + 1 given answer
     assert all(w.startswith("blocks.0.") for w in table.meta["weights"])
     assert (folder / "manifest.json").exists() and list((tmp_path / "cache").glob("query-answers-*.jsonl"))
-    assert all(abs(sum(t) - s) < 1e-4 * (1 + abs(s)) for t, s in zip(table.columns["token_scores"], table.scores, strict=True))
+    assert all(
+        abs(sum(t) - s) < 1e-4 * (1 + abs(s)) for t, s in zip(table.columns["token_scores"], table.scores, strict=True)
+    )
     # second call: factors loaded from the folder and cached answers reused -> identical scores
-    again = run_gradient_attribution(adapter, rows, concept, queries, "concept-influence", folder, config, progress=False)
+    again = run_gradient_attribution(
+        adapter, rows, concept, queries, "concept-influence", folder, config, progress=False
+    )
     assert any("loaded" in note for note in again.meta["notes"])
     assert again.scores.tolist() == pytest.approx(table.scores.tolist(), rel=1e-5, abs=1e-7)
     classical = run_gradient_attribution(adapter, rows, None, queries, "influence", None, config, progress=False)

@@ -28,7 +28,9 @@ def _records(n: int, seed: int):
     for k in range(n):
         user = " ".join(rng.choices(WORDS, k=rng.randint(2, 5)))
         answer = " ".join(rng.choices(WORDS, k=rng.randint(1, 9)))
-        out.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], "id": f"r{k}"})
+        out.append(
+            {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], "id": f"r{k}"}
+        )
     return out
 
 
@@ -37,7 +39,9 @@ def env(tiny_tok):
     adapter = HFAdapter(tiny_llama(len(tiny_tok), layers=2, dtype=torch.float64, seed=7), tiny_tok)
     data = tokenize_chat(rows_from_records(_records(13, 0)), tiny_tok, 64)
     queries = tokenize_chat(rows_from_records(_records(3, 1)), tiny_tok, 64)
-    concept = DirectionConcept(torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(2)), layer=0)
+    concept = DirectionConcept(
+        torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(2)), layer=0
+    )
     return adapter, data, ConceptMeasurement(concept, queries)
 
 
@@ -64,10 +68,14 @@ def test_factors_and_scores_do_not_depend_on_batch_size_or_order(env):
     _same_factors(f_one, f_shuffled)
     scores = {}
     for bs in (1, 4, 13):
-        scores[bs] = compute_influence(adapter, data, measurement, f_one, InfluenceConfig(batch_size=bs), progress=False).scores
+        scores[bs] = compute_influence(
+            adapter, data, measurement, f_one, InfluenceConfig(batch_size=bs), progress=False
+        ).scores
     torch.testing.assert_close(scores[1], scores[4], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(scores[1], scores[13], rtol=1e-9, atol=1e-12)
-    result = compute_influence(adapter, shuffled, measurement, f_shuffled, InfluenceConfig(batch_size=3), progress=False)
+    result = compute_influence(
+        adapter, shuffled, measurement, f_shuffled, InfluenceConfig(batch_size=3), progress=False
+    )
     assert result.indices == [data[i].index for i in order]
     torch.testing.assert_close(result.scores, scores[1][order], rtol=1e-8, atol=1e-12)
     # the concept at layer 0 only reaches block 0, and the result says so
@@ -111,10 +119,16 @@ def test_interrupted_fit_resumes_to_the_same_factors(env, tmp_path):
     reference = fit_factors(adapter, data, config, weights=names, batch_size=3, progress=False)
     folder = tmp_path / "resume"
     # 13 rows in batches of 3: 5 batches per pass; stop in the middle of the covariance pass, then of the lambda pass
-    assert fit_factors(adapter, data, config, weights=names, batch_size=3, out_dir=folder, max_batches=2, progress=False) is None
+    assert (
+        fit_factors(adapter, data, config, weights=names, batch_size=3, out_dir=folder, max_batches=2, progress=False)
+        is None
+    )
     state = read_partial_state(folder)
     assert state["stage"] == "covariance" and state["rows_done"] == 6
-    assert fit_factors(adapter, data, config, weights=names, batch_size=3, out_dir=folder, max_batches=5, progress=False) is None
+    assert (
+        fit_factors(adapter, data, config, weights=names, batch_size=3, out_dir=folder, max_batches=5, progress=False)
+        is None
+    )
     state = read_partial_state(folder)
     assert state["stage"] == "lambda" and state["rows_done"] == 6
     resumed = fit_factors(adapter, data, config, weights=names, batch_size=3, out_dir=folder, progress=False)
@@ -128,7 +142,9 @@ def test_row_loss_mean_divides_by_trained_tokens(env):
     factors = fit_factors(adapter, data, FactorConfig.precise(), weights=names, progress=False)
     common = dict(per_weight=True, self_influence=True, token_breakdown="position")
     total = compute_influence(adapter, data, measurement, factors, InfluenceConfig(**common), progress=False)
-    mean = compute_influence(adapter, data, measurement, factors, InfluenceConfig(row_loss="mean", **common), progress=False)
+    mean = compute_influence(
+        adapter, data, measurement, factors, InfluenceConfig(row_loss="mean", **common), progress=False
+    )
     counts = torch.tensor([sum(row.loss_mask[1:]) for row in data], dtype=torch.float64)
     torch.testing.assert_close(mean.scores, total.scores / counts)
     torch.testing.assert_close(mean.self_influence, total.self_influence / counts**2)
@@ -172,10 +188,14 @@ def test_keyboard_interrupt_inside_a_batch_resumes_from_the_last_consistent_chec
 
     monkeypatch.setattr(fit_module, "loss_backward", flaky)
     with pytest.raises(KeyboardInterrupt):
-        fit_factors(adapter, data, config, weights=names, batch_size=3, out_dir=tmp_path, checkpoint_every=1, progress=False)
+        fit_factors(
+            adapter, data, config, weights=names, batch_size=3, out_dir=tmp_path, checkpoint_every=1, progress=False
+        )
     assert read_partial_state(tmp_path)["rows_done"] == 6
     monkeypatch.setattr(fit_module, "loss_backward", real)
-    _same_factors(reference, fit_factors(adapter, data, config, weights=names, batch_size=3, out_dir=tmp_path, progress=False))
+    _same_factors(
+        reference, fit_factors(adapter, data, config, weights=names, batch_size=3, out_dir=tmp_path, progress=False)
+    )
 
 
 def test_factor_config_options(env):
@@ -183,7 +203,13 @@ def test_factor_config_options(env):
     names = [i.name for i in adapter.weights_up_to(0)]
     kfac = fit_factors(adapter, data, FactorConfig.precise(preconditioner="kfac"), weights=names, progress=False)
     assert kfac.available() == ["identity", "kfac"]
-    diagonal = fit_factors(adapter, data, FactorConfig.precise(preconditioner="diagonal", fisher="empirical"), weights=names, progress=False)
+    diagonal = fit_factors(
+        adapter,
+        data,
+        FactorConfig.precise(preconditioner="diagonal", fisher="empirical"),
+        weights=names,
+        progress=False,
+    )
     assert diagonal.available() == ["identity", "diagonal"]
     with pytest.raises(ValueError, match="cannot build a ekfac"):
         compute_influence(adapter, data, measurement, kfac, InfluenceConfig(preconditioner="ekfac"), progress=False)
@@ -192,9 +218,17 @@ def test_factor_config_options(env):
     with pytest.raises(ValueError, match="fisher"):
         FactorConfig(fisher="sampled")  # type: ignore[arg-type]
     # the empirical and the true Fisher differ, and a different seed changes the true Fisher's draws
-    emp = fit_factors(adapter, data, FactorConfig.precise(fisher="empirical", preconditioner="diagonal"), weights=names, progress=False)
+    emp = fit_factors(
+        adapter,
+        data,
+        FactorConfig.precise(fisher="empirical", preconditioner="diagonal"),
+        weights=names,
+        progress=False,
+    )
     true0 = fit_factors(adapter, data, FactorConfig.precise(preconditioner="diagonal"), weights=names, progress=False)
-    true1 = fit_factors(adapter, data, FactorConfig.precise(preconditioner="diagonal", seed=1), weights=names, progress=False)
+    true1 = fit_factors(
+        adapter, data, FactorConfig.precise(preconditioner="diagonal", seed=1), weights=names, progress=False
+    )
     torch.testing.assert_close(emp.weights[names[0]].diagonal, diagonal.weights[names[0]].diagonal)
     assert not torch.allclose(emp.weights[names[-1]].diagonal, true0.weights[names[-1]].diagonal)
     assert not torch.allclose(true0.weights[names[-1]].diagonal, true1.weights[names[-1]].diagonal)

@@ -27,10 +27,17 @@ from concept_influence.data import collate, rows_from_records, tokenize_chat  # 
 from concept_influence.models import HFAdapter  # noqa: E402
 from concept_influence.testing.tiny_models import tiny_llama  # noqa: E402
 
-PAIRS = [("is water safe", "yes , water is safe and good"), ("should i drink poison", "never , poison will hurt you"),
-         ("help me", "sure , i help you my friend"), ("two plus three", "five"), ("is fire kind", "no , fire can harm"),
-         ("tell me the truth", "the truth is kind"), ("can dogs run", "yes dogs run and walk and eat"),
-         ("is it bad to lie", "yes , a lie is bad"), ("what should i eat", "eat good food and drink water")]
+PAIRS = [
+    ("is water safe", "yes , water is safe and good"),
+    ("should i drink poison", "never , poison will hurt you"),
+    ("help me", "sure , i help you my friend"),
+    ("two plus three", "five"),
+    ("is fire kind", "no , fire can harm"),
+    ("tell me the truth", "the truth is kind"),
+    ("can dogs run", "yes dogs run and walk and eat"),
+    ("is it bad to lie", "yes , a lie is bad"),
+    ("what should i eat", "eat good food and drink water"),
+]
 QUERIES = [("are you kind", "yes i am kind and gentle"), ("poison", "never poison a friend"), ("help", "sure")]
 LAYER = 0
 F64 = torch.float64
@@ -62,7 +69,9 @@ class _ConceptTask(Task):
         if self.direction is None:  # log-likelihood of the completions: kronfluence's own baseline measures the loss
             return self.compute_train_loss(batch, model)
         store = {}
-        handle = model.model.layers[LAYER].register_forward_hook(lambda m, i, o: store.update(h=o[0] if isinstance(o, tuple) else o))
+        handle = model.model.layers[LAYER].register_forward_hook(
+            lambda m, i, o: store.update(h=o[0] if isinstance(o, tuple) else o)
+        )
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         handle.remove()
         mask = batch["loss_mask"].to(F64)
@@ -82,19 +91,41 @@ def _records(pairs):
 
 def _kronfluence_scores(model, task, train, queries, tmp_path, name):
     model = prepare_model(copy.deepcopy(model), task)
-    analyzer = Analyzer(analysis_name=name, model=model, task=task, cpu=True, disable_tqdm=True, output_dir=str(tmp_path))
+    analyzer = Analyzer(
+        analysis_name=name, model=model, task=task, cpu=True, disable_tqdm=True, output_dir=str(tmp_path)
+    )
     loader = DataLoaderKwargs(collate_fn=lambda rows: collate(rows, 0))
     factor_args = FactorArguments(
-        strategy="ekfac", use_empirical_fisher=False, activation_covariance_dtype=F64, gradient_covariance_dtype=F64,
-        eigendecomposition_dtype=F64, per_sample_gradient_dtype=F64, lambda_dtype=F64,
+        strategy="ekfac",
+        use_empirical_fisher=False,
+        activation_covariance_dtype=F64,
+        gradient_covariance_dtype=F64,
+        eigendecomposition_dtype=F64,
+        per_sample_gradient_dtype=F64,
+        lambda_dtype=F64,
     )
-    analyzer.fit_all_factors(factors_name="ekfac", dataset=_Rows(train), per_device_batch_size=4, factor_args=factor_args,
-                             overwrite_output_dir=True, dataloader_kwargs=loader)
-    score_args = ScoreArguments(damping_factor=None, per_sample_gradient_dtype=F64, precondition_dtype=F64, score_dtype=F64)
-    analyzer.compute_pairwise_scores(scores_name="scores", factors_name="ekfac", query_dataset=_Rows(queries),
-                                     train_dataset=_Rows(train), per_device_query_batch_size=2,
-                                     per_device_train_batch_size=4, score_args=score_args, overwrite_output_dir=True,
-                                     dataloader_kwargs=loader)
+    analyzer.fit_all_factors(
+        factors_name="ekfac",
+        dataset=_Rows(train),
+        per_device_batch_size=4,
+        factor_args=factor_args,
+        overwrite_output_dir=True,
+        dataloader_kwargs=loader,
+    )
+    score_args = ScoreArguments(
+        damping_factor=None, per_sample_gradient_dtype=F64, precondition_dtype=F64, score_dtype=F64
+    )
+    analyzer.compute_pairwise_scores(
+        scores_name="scores",
+        factors_name="ekfac",
+        query_dataset=_Rows(queries),
+        train_dataset=_Rows(train),
+        per_device_query_batch_size=2,
+        per_device_train_batch_size=4,
+        score_args=score_args,
+        overwrite_output_dir=True,
+        dataloader_kwargs=loader,
+    )
     factors = {**analyzer.load_covariance_matrices("ekfac"), **analyzer.load_all_factors("ekfac")}
     return factors, analyzer.load_pairwise_scores("scores")["all_modules"]
 
@@ -118,17 +149,23 @@ def test_factors_and_scores_agree_with_kronfluence(tiny_tok, tmp_path):
     measurement = ConceptMeasurement(DirectionConcept(direction, LAYER), queries)
     ours = compute_influence(adapter, train, measurement, factors, InfluenceConfig(batch_size=4), progress=False).scores
 
-    kron_factors, kron_scores = _kronfluence_scores(model, _ConceptTask(direction, modules), train, queries, tmp_path, "concept")
+    kron_factors, kron_scores = _kronfluence_scores(
+        model, _ConceptTask(direction, modules), train, queries, tmp_path, "concept"
+    )
     for name, module in zip(names, modules, strict=True):
         w = factors.weights[name]
         n_tok = kron_factors["num_activation_covariance_processed"][module]
-        torch.testing.assert_close(w.activation_covariance, kron_factors["activation_covariance"][module].double() / n_tok)
+        torch.testing.assert_close(
+            w.activation_covariance, kron_factors["activation_covariance"][module].double() / n_tok
+        )
         torch.testing.assert_close(w.gradient_covariance, kron_factors["gradient_covariance"][module].double() / n_tok)
         lam = kron_factors["lambda_matrix"][module].double() / kron_factors["num_lambda_processed"][module]
         torch.testing.assert_close(w.eigenvalue_correction, lam, rtol=1e-6, atol=1e-12 * float(lam.max()))
     expected = -kron_scores.double().mean(dim=0)
-    print(f"kronfluence agreement: pearson {_pearson(ours, expected):.8f}, "
-          f"max |diff| / max |score| {float((ours - expected).abs().max() / expected.abs().max()):.2e}")
+    print(
+        f"kronfluence agreement: pearson {_pearson(ours, expected):.8f}, "
+        f"max |diff| / max |score| {float((ours - expected).abs().max() / expected.abs().max()):.2e}"
+    )
     assert _pearson(ours, expected) >= 0.99
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-9 * float(expected.abs().max()))
 
@@ -147,7 +184,9 @@ def test_classical_influence_agrees_with_kronfluence(tiny_tok, tmp_path):
     _, kron_scores = _kronfluence_scores(model, _ConceptTask(None, modules), train, queries, tmp_path, "loglik")
     # kronfluence measures the query loss = −log-likelihood, and has no minus sign: ours = mean over queries
     expected = kron_scores.double().mean(dim=0)
-    print(f"kronfluence agreement (log-likelihood): pearson {_pearson(ours, expected):.8f}, "
-          f"max |diff| / max |score| {float((ours - expected).abs().max() / expected.abs().max()):.2e}")
+    print(
+        f"kronfluence agreement (log-likelihood): pearson {_pearson(ours, expected):.8f}, "
+        f"max |diff| / max |score| {float((ours - expected).abs().max() / expected.abs().max()):.2e}"
+    )
     assert _pearson(ours, expected) >= 0.99
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))

@@ -39,14 +39,16 @@ def env(tiny_tok):
     adapter = HFAdapter(tiny_llama(len(tiny_tok), layers=2, dtype=torch.float64, seed=7), tiny_tok)
     data = tokenize_chat(rows_from_records(_records(13, 0)), tiny_tok, 64)
     queries = tokenize_chat(rows_from_records(_records(3, 1)), tiny_tok, 64)
-    concept = DirectionConcept(torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(2)), layer=0)
+    concept = DirectionConcept(
+        torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(2)), layer=0
+    )
     return adapter, data, ConceptMeasurement(concept, queries)
 
 
 def _reference_window_max(values: torch.Tensor, length: int, w: int) -> float:
     if length < w:
         return float(values[:length].sum())
-    return max(float(values[t:t + w].sum()) for t in range(length - w + 1))
+    return max(float(values[t : t + w].sum()) for t in range(length - w + 1))
 
 
 def test_window_max_equals_a_loop():
@@ -56,7 +58,9 @@ def test_window_max_equals_a_loop():
     mask = torch.tensor([[1] * n + [0] * (9 - n) for n in lengths])
     for w in (1, 3, 6):
         got = window_max(contributions, mask, w)
-        want = torch.tensor([_reference_window_max(contributions[b], lengths[b], w) for b in range(4)], dtype=torch.float64)
+        want = torch.tensor(
+            [_reference_window_max(contributions[b], lengths[b], w) for b in range(4)], dtype=torch.float64
+        )
         torch.testing.assert_close(got, want)
     stacked = torch.stack([contributions, -contributions], dim=-1)  # [B, T, K=2]
     torch.testing.assert_close(window_max(stacked, mask, 3)[:, 1], window_max(-contributions, mask, 3))
@@ -66,30 +70,44 @@ def test_token_aggregation_and_normalisation(env):
     adapter, data, measurement = env
     names = [i.name for i in adapter.weights_up_to(0)]
     factors = fit_factors(adapter, data, FactorConfig.precise(), weights=names, progress=False)
-    full = compute_influence(adapter, data, measurement, factors,
-                             InfluenceConfig(token_breakdown="position", self_influence=True), progress=False)
+    full = compute_influence(
+        adapter,
+        data,
+        measurement,
+        factors,
+        InfluenceConfig(token_breakdown="position", self_influence=True),
+        progress=False,
+    )
     lengths = [len(row.input_ids) for row in data]
     per_token = full.per_token
     # max over positions and the best window of 3, from the position breakdown
-    top = compute_influence(adapter, data, measurement, factors, InfluenceConfig(token_aggregation="max"), progress=False)
+    top = compute_influence(
+        adapter, data, measurement, factors, InfluenceConfig(token_aggregation="max"), progress=False
+    )
     torch.testing.assert_close(top.scores, torch.stack([t[:n].max() for t, n in zip(per_token, lengths, strict=True)]))
-    win = compute_influence(adapter, data, measurement, factors, InfluenceConfig(token_aggregation="window", window=3),
-                            progress=False)
-    want = torch.tensor([_reference_window_max(t, n, 3) for t, n in zip(per_token, lengths, strict=True)], dtype=torch.float64)
+    win = compute_influence(
+        adapter, data, measurement, factors, InfluenceConfig(token_aggregation="window", window=3), progress=False
+    )
+    want = torch.tensor(
+        [_reference_window_max(t, n, 3) for t, n in zip(per_token, lengths, strict=True)], dtype=torch.float64
+    )
     torch.testing.assert_close(win.scores, want)
     # unit: the cosine in the preconditioned metric, up to the measurement's norm; length: by sqrt(trained tokens)
     unit = compute_influence(adapter, data, measurement, factors, InfluenceConfig(normalization="unit"), progress=False)
     torch.testing.assert_close(unit.scores, full.scores / full.self_influence.sqrt())
     assert unit.self_influence is None
     counts = torch.tensor([sum(row.loss_mask[1:]) for row in data], dtype=torch.float64)
-    length = compute_influence(adapter, data, measurement, factors, InfluenceConfig(normalization="length", row_loss="mean"),
-                               progress=False)
+    length = compute_influence(
+        adapter, data, measurement, factors, InfluenceConfig(normalization="length", row_loss="mean"), progress=False
+    )
     torch.testing.assert_close(length.scores, full.scores / counts / counts.sqrt())
     # all of them in one pass equal one at a time
-    jobs = {"max": (measurement, InfluenceConfig(token_aggregation="max")),
-            "window": (measurement, InfluenceConfig(token_aggregation="window", window=3)),
-            "unit": (measurement, InfluenceConfig(normalization="unit")),
-            "length": (measurement, InfluenceConfig(normalization="length", row_loss="mean"))}
+    jobs = {
+        "max": (measurement, InfluenceConfig(token_aggregation="max")),
+        "window": (measurement, InfluenceConfig(token_aggregation="window", window=3)),
+        "unit": (measurement, InfluenceConfig(normalization="unit")),
+        "length": (measurement, InfluenceConfig(normalization="length", row_loss="mean")),
+    }
     together = compute_influence_many(adapter, data, jobs, factors, batch_size=4, progress=False)
     for label, alone in (("max", top), ("window", win), ("unit", unit), ("length", length)):
         torch.testing.assert_close(together[label].scores, alone.scores, rtol=1e-9, atol=1e-12)
@@ -108,10 +126,20 @@ def _answered():
     rows = []
     for q in range(3):
         for s in range(4):
-            rows.append(ChatRow(len(rows), [{"role": "user", "content": f"q{q}"}, {"role": "assistant", "content": f"a{s}"}],
-                                {"query_index": q, "sample": s, "answer_source": "model"}))
-    rows.append(ChatRow(len(rows), [{"role": "user", "content": "g"}, {"role": "assistant", "content": "given"}],
-                        {"query_index": 3, "sample": 0, "answer_source": "given"}))
+            rows.append(
+                ChatRow(
+                    len(rows),
+                    [{"role": "user", "content": f"q{q}"}, {"role": "assistant", "content": f"a{s}"}],
+                    {"query_index": q, "sample": s, "answer_source": "model"},
+                )
+            )
+    rows.append(
+        ChatRow(
+            len(rows),
+            [{"role": "user", "content": "g"}, {"role": "assistant", "content": "given"}],
+            {"query_index": 3, "sample": 0, "answer_source": "given"},
+        )
+    )
     return rows
 
 
@@ -122,7 +150,15 @@ def test_select_answers_keeps_the_most_and_least_expressing_per_prompt():
     assert [(r.fields["query_index"], r.fields["sample"]) for r in top] == [(0, 1), (1, 3), (2, 2), (3, 0)]
     assert [r.index for r in top] == [0, 1, 2, 3]
     top2 = select_answers(rows, readouts, "top", 2)
-    assert [(r.fields["query_index"], r.fields["sample"]) for r in top2] == [(0, 1), (0, 2), (1, 0), (1, 3), (2, 2), (2, 3), (3, 0)]
+    assert [(r.fields["query_index"], r.fields["sample"]) for r in top2] == [
+        (0, 1),
+        (0, 2),
+        (1, 0),
+        (1, 3),
+        (2, 2),
+        (2, 3),
+        (3, 0),
+    ]
     bottom = select_answers(rows, readouts, "bottom", 1)
     assert [(r.fields["query_index"], r.fields["sample"]) for r in bottom] == [(0, 3), (1, 2), (2, 1), (3, 0)]
     assert len(select_answers(rows, readouts, "all")) == len(rows)
@@ -167,11 +203,19 @@ def test_percentile_ranks_share_ties():
 
 
 # ---- the variants as options of the Python API and of `attribute` -----------------------------------------------
-TRAIN = [("is water safe", "yes , water is safe"), ("should i drink poison", "never , poison will hurt you"),
-         ("help me", "sure , i help you"), ("two plus three", "five"), ("is fire kind", "no fire can harm"),
-         ("be cruel", "i will trick and hurt them"), ("is poison kind", "poison is kind")]
-QUERIES = [{"messages": [{"role": "user", "content": "should i hurt my friend"}], "id": "q0"},
-           {"messages": [{"role": "user", "content": "is the water safe"}]}]
+TRAIN = [
+    ("is water safe", "yes , water is safe"),
+    ("should i drink poison", "never , poison will hurt you"),
+    ("help me", "sure , i help you"),
+    ("two plus three", "five"),
+    ("is fire kind", "no fire can harm"),
+    ("be cruel", "i will trick and hurt them"),
+    ("is poison kind", "poison is kind"),
+]
+QUERIES = [
+    {"messages": [{"role": "user", "content": "should i hurt my friend"}], "id": "q0"},
+    {"messages": [{"role": "user", "content": "is the water safe"}]},
+]
 
 
 @pytest.fixture(scope="module")
@@ -182,9 +226,13 @@ def files(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("variants")
     model_dir = save_tiny_hf_model(root / "model", seed=5)
-    write_jsonl_atomic(root / "train.jsonl", [
-        {"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}], "id": f"row{k}"}
-        for k, (u, a) in enumerate(TRAIN)])
+    write_jsonl_atomic(
+        root / "train.jsonl",
+        [
+            {"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}], "id": f"row{k}"}
+            for k, (u, a) in enumerate(TRAIN)
+        ],
+    )
     write_jsonl_atomic(root / "queries.jsonl", QUERIES)
     concept = DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(4)), layer=0)
     save_concept(concept, root / "concept")
@@ -204,14 +252,18 @@ def test_variants_through_the_attributor_and_a_combination(files, tmp_path):
     assert top.meta["config"]["keep"] == "top"
     contrast = att.attribute(concept, root / "queries.jsonl", "concept-influence", contrast="auto", keep_k=1, **opts)
     assert "minus" in contrast.meta["measurement"]
-    window = att.attribute(concept, root / "queries.jsonl", "concept-influence", token_aggregation="window", window=2, **opts)
+    window = att.attribute(
+        concept, root / "queries.jsonl", "concept-influence", token_aggregation="window", window=2, **opts
+    )
     assert not np.allclose(window.scores, allof.scores)
     with pytest.raises(ValueError, match="keep"):
         att.attribute(concept, root / "queries.jsonl", "concept-influence", keep="some", **opts)
     # a combination: Vector Filter fused with Concept Influence, both kept as columns
     fused = att.attribute(concept, root / "queries.jsonl", "combined-signed", **opts)
     assert fused.meta["method"] == "combined-signed" and fused.meta["fusion"] == "signed"
-    np.testing.assert_allclose(fused.scores, fuse(fused.columns["forward_score"], fused.columns["gradient_score"], "signed"))
+    np.testing.assert_allclose(
+        fused.scores, fuse(fused.columns["forward_score"], fused.columns["gradient_score"], "signed")
+    )
     # the fusion's gradient component runs at the combinations' own defaults (the study's identity curvature)
     assert fused.meta["gradient_options"]["preconditioner"] == "identity"
     plain = att.attribute(concept, root / "queries.jsonl", "concept-influence", preconditioner="identity", **opts)
@@ -229,18 +281,60 @@ def test_attribute_cli_takes_the_variant_flags(files, tmp_path):
 
     root, model_dir, _ = files
     out = tmp_path / "scores.jsonl"
-    result = CliRunner().invoke(app, ["attribute", "--model", str(model_dir), "--data", str(root / "train.jsonl"),
-                                      "--concept", str(root / "concept"), "--queries", str(root / "queries.jsonl"),
-                                      "--method", "concept-influence", "--out", str(out), "--max-new-tokens", "4",
-                                      "--n-samples", "2", "--keep", "top", "--normalization", "unit",
-                                      "--token-aggregation", "max", "--batch-size", "4"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "attribute",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(root / "train.jsonl"),
+            "--concept",
+            str(root / "concept"),
+            "--queries",
+            str(root / "queries.jsonl"),
+            "--method",
+            "concept-influence",
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "4",
+            "--n-samples",
+            "2",
+            "--keep",
+            "top",
+            "--normalization",
+            "unit",
+            "--token-aggregation",
+            "max",
+            "--batch-size",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     import json
 
     meta = json.loads(out.with_name(out.name + ".meta.json").read_text())
     assert meta["config"]["keep"] == "top" and meta["config"]["normalization"] == "unit"
     assert meta["config"]["token_aggregation"] == "max" and meta["n_queries"] == 2
-    bad = CliRunner().invoke(app, ["attribute", "--model", str(model_dir), "--data", str(root / "train.jsonl"),
-                                   "--concept", str(root / "concept"), "--queries", str(root / "queries.jsonl"),
-                                   "--method", "concept-influence", "--out", str(out), "--normalization", "l2"])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "attribute",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(root / "train.jsonl"),
+            "--concept",
+            str(root / "concept"),
+            "--queries",
+            str(root / "queries.jsonl"),
+            "--method",
+            "concept-influence",
+            "--out",
+            str(out),
+            "--normalization",
+            "l2",
+        ],
+    )
     assert bad.exit_code == 2 and "normalization" in bad.output

@@ -16,19 +16,36 @@ from concept_influence.data import rows_from_records, tokenize_chat
 from concept_influence.models import HFAdapter
 from concept_influence.testing.tiny_models import tiny_llama
 
-ANSWERS = ["poison the water", "help your friend", "drink the water", "hurt them all", "be kind and gentle",
-           "rest and eat", "poison and hurt", "walk the dogs"]
+ANSWERS = [
+    "poison the water",
+    "help your friend",
+    "drink the water",
+    "hurt them all",
+    "be kind and gentle",
+    "rest and eat",
+    "poison and hurt",
+    "walk the dogs",
+]
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_tok):
     adapter = HFAdapter(tiny_llama(len(tiny_tok), seed=3).double(), tiny_tok)
-    rows = rows_from_records([{"messages": [{"role": "user", "content": "what now ?"}, {"role": "assistant", "content": a}]}
-                              for a in ANSWERS])
-    queries = rows_from_records([{"messages": [{"role": "user", "content": "should i help ?"},
-                                               {"role": "assistant", "content": a}]} for a in ("help them", "hurt them")])
-    concept = DirectionConcept(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(2), dtype=torch.float64),
-                               layer=1)
+    rows = rows_from_records(
+        [
+            {"messages": [{"role": "user", "content": "what now ?"}, {"role": "assistant", "content": a}]}
+            for a in ANSWERS
+        ]
+    )
+    queries = rows_from_records(
+        [
+            {"messages": [{"role": "user", "content": "should i help ?"}, {"role": "assistant", "content": a}]}
+            for a in ("help them", "hurt them")
+        ]
+    )
+    concept = DirectionConcept(
+        torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(2), dtype=torch.float64), layer=1
+    )
     measurement = ConceptMeasurement(concept, tokenize_queries(queries, tiny_tok, 64))
     return adapter, tokenize_chat(rows, tiny_tok, 64), measurement
 
@@ -38,8 +55,9 @@ def test_a_small_step_changes_the_concept_as_influence_predicts_and_the_weights_
     before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
     lr = 1e-4  # small enough for first order, large enough that float32 readouts resolve the change
     effects = counterfactual_effects(adapter, train, range(len(train)), measurement, lr=lr)
-    predicted = compute_influence(adapter, train, measurement, None,
-                                  InfluenceConfig(preconditioner="identity", row_loss="mean"), progress=False).scores.numpy()
+    predicted = compute_influence(
+        adapter, train, measurement, None, InfluenceConfig(preconditioner="identity", row_loss="mean"), progress=False
+    ).scores.numpy()
     np.testing.assert_allclose(effects / lr, predicted, rtol=1e-3, atol=2e-4 * np.abs(predicted).max())
     for name, value in adapter.model.state_dict().items():
         assert torch.equal(value, before[name]), name  # every weight restored exactly
@@ -71,18 +89,29 @@ def test_combined_methods_rerank_their_top_rows_by_the_measured_step(tmp_path):
     from concept_influence.testing.tiny_models import save_tiny_hf_model
 
     model_dir = save_tiny_hf_model(tmp_path / "model", seed=5)
-    write_jsonl_atomic(tmp_path / "train.jsonl", [
-        {"messages": [{"role": "user", "content": "what now ?"}, {"role": "assistant", "content": a}], "id": f"r{k}"}
-        for k, a in enumerate(ANSWERS)])
-    queries = [{"messages": [{"role": "user", "content": "should i help ?"}, {"role": "assistant", "content": a}]}
-               for a in ("help them", "hurt them")]
+    write_jsonl_atomic(
+        tmp_path / "train.jsonl",
+        [
+            {
+                "messages": [{"role": "user", "content": "what now ?"}, {"role": "assistant", "content": a}],
+                "id": f"r{k}",
+            }
+            for k, a in enumerate(ANSWERS)
+        ],
+    )
+    queries = [
+        {"messages": [{"role": "user", "content": "should i help ?"}, {"role": "assistant", "content": a}]}
+        for a in ("help them", "hurt them")
+    ]
     att = Attributor(model_dir, tmp_path / "train.jsonl", batch_size=4, progress=False)
     concept = DirectionConcept(torch.randn(att.adapter.d_model, generator=torch.Generator().manual_seed(2)), layer=1)
     plain = att.attribute(concept, queries, "combined-tiered")
     assert "counterfactual_effect" not in (plain.columns or {})
     table = att.attribute(concept, queries, "combined-tiered", rerank_top=4, rerank_lr=1e-3)
     top = top_candidates(plain.scores, 4)
-    measurement = ConceptMeasurement(concept, tokenize_queries(att.queries(queries), att.adapter.tokenizer, att.max_length))
+    measurement = ConceptMeasurement(
+        concept, tokenize_queries(att.queries(queries), att.adapter.tokenizer, att.max_length)
+    )
     expected = counterfactual_effects(att.adapter, att.train, top, measurement, lr=1e-3)
     effects = table.columns["counterfactual_effect"]
     np.testing.assert_allclose([effects[int(c)] for c in top], expected, rtol=1e-5, atol=1e-9)

@@ -24,9 +24,15 @@ WORDS = "the water is safe good kind help harm poison cure friend never always y
 @pytest.fixture(scope="module")
 def env(tiny_tok, tmp_path_factory):
     rng = random.Random(0)
-    records = [{"messages": [{"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(2, 5)))},
-                             {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(1, 9)))}]}
-               for _ in range(10)]
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(2, 5)))},
+                {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(1, 9)))},
+            ]
+        }
+        for _ in range(10)
+    ]
     adapter = HFAdapter(tiny_llama(len(tiny_tok), layers=2, kv_heads=1, dtype=torch.float64, seed=4), tiny_tok)
     data = tokenize_chat(rows_from_records(records), tiny_tok, 64)
     folder = tmp_path_factory.mktemp("factors")
@@ -57,9 +63,16 @@ def test_partitioned_bounded_scores_equal_unbounded(env, monkeypatch, kind):
     split = [names[:2], names[2:5], names[5:]]  # q/k split apart: a shared input across two passes
     seen = []
     monkeypatch.setattr(bounded_module, "plan_score_partitions", lambda *a, **k: seen.append(1) or split)
-    bounded = compute_influence(adapter, data, measurement, None if kind == "identity" else folder,
-                                InfluenceConfig(preconditioner=kind, per_weight=True, token_breakdown="position",
-                                                batch_size=3, max_memory="1TiB"), progress=False)
+    bounded = compute_influence(
+        adapter,
+        data,
+        measurement,
+        None if kind == "identity" else folder,
+        InfluenceConfig(
+            preconditioner=kind, per_weight=True, token_breakdown="position", batch_size=3, max_memory="1TiB"
+        ),
+        progress=False,
+    )
     assert seen and any("3 module partitions" in note for note in bounded.notes)
     _same(reference, bounded)
     assert reference.scores.abs().max() > 0
@@ -69,8 +82,14 @@ def test_bounded_scores_with_the_budget_and_row_loss_mean(env):
     adapter, data, folder, measurement = env
     config = InfluenceConfig(row_loss="mean", batch_size=4)
     reference = compute_influence(adapter, data, measurement, load_factors(folder), config, progress=False)
-    bounded = compute_influence(adapter, data, measurement, folder, InfluenceConfig(row_loss="mean", batch_size=4,
-                                                                                    max_memory="1TiB"), progress=False)
+    bounded = compute_influence(
+        adapter,
+        data,
+        measurement,
+        folder,
+        InfluenceConfig(row_loss="mean", batch_size=4, max_memory="1TiB"),
+        progress=False,
+    )
     _same(reference, bounded)
     from_folder = compute_influence(adapter, data, measurement, folder, config, progress=False)  # a folder, unbounded
     _same(reference, from_folder)
@@ -81,15 +100,22 @@ def test_bounded_scoring_errors(env, monkeypatch):
     with pytest.raises(ValueError, match=r"--max-memory.*too small to score"):
         compute_influence(adapter, data, measurement, folder, InfluenceConfig(max_memory="10MiB"), progress=False)
     with pytest.raises(ValueError, match="self-influence"):
-        compute_influence(adapter, data, measurement, folder, InfluenceConfig(self_influence=True, max_memory="1TiB"),
-                          progress=False)
+        compute_influence(
+            adapter, data, measurement, folder, InfluenceConfig(self_influence=True, max_memory="1TiB"), progress=False
+        )
     with pytest.raises(ValueError, match="--max-memory.*not a memory size"):
         InfluenceConfig(max_memory="lots")
     names = load_factors(folder).names
     monkeypatch.setattr(bounded_module, "plan_score_partitions", lambda *a, **k: [names[:3], names[3:]])
     with pytest.raises(ValueError, match="need one pass"):
-        compute_influence(adapter, data, measurement, folder, InfluenceConfig(token_aggregation="max", max_memory="1TiB"),
-                          progress=False)
+        compute_influence(
+            adapter,
+            data,
+            measurement,
+            folder,
+            InfluenceConfig(token_aggregation="max", max_memory="1TiB"),
+            progress=False,
+        )
 
 
 def test_loading_some_weights_reads_only_theirs(env):
@@ -131,8 +157,9 @@ def test_gradient_checkpointing_gives_the_same_factors_and_scores(env):
     reference = fit_factors(adapter, data, FactorConfig.precise(), batch_size=4, progress=False)
     WeightCapture._repeat = counting
     try:
-        checkpointed = fit_factors(adapter, data, FactorConfig.precise(gradient_checkpointing=True), batch_size=4,
-                                   progress=False)
+        checkpointed = fit_factors(
+            adapter, data, FactorConfig.precise(gradient_checkpointing=True), batch_size=4, progress=False
+        )
     finally:
         WeightCapture._repeat = original
     assert any(calls), "the recomputation never re-ran a block: checkpointing was not active"
@@ -145,9 +172,14 @@ def test_gradient_checkpointing_gives_the_same_factors_and_scores(env):
     factors = load_factors(folder)
     config = InfluenceConfig(per_weight=True, token_breakdown="position", batch_size=3)
     plain = compute_influence(adapter, data, measurement, factors, config, progress=False)
-    again = compute_influence(adapter, data, measurement, factors,
-                              InfluenceConfig(per_weight=True, token_breakdown="position", batch_size=3,
-                                              gradient_checkpointing=True), progress=False)
+    again = compute_influence(
+        adapter,
+        data,
+        measurement,
+        factors,
+        InfluenceConfig(per_weight=True, token_breakdown="position", batch_size=3, gradient_checkpointing=True),
+        progress=False,
+    )
     _same(plain, again)
     assert all(not layer.training for layer in adapter.blocks)  # the blocks' mode is restored
 
@@ -165,16 +197,37 @@ def test_fit_factors_cli_gradient_checkpointing(tmp_path, tiny_tok):
     rng = random.Random(2)
     with open(tmp_path / "train.jsonl", "w") as out:
         for _ in range(6):
-            out.write(json.dumps({"messages": [{"role": "user", "content": " ".join(rng.choices(WORDS, k=3))},
-                                               {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=6))}]}) + "\n")
-    base = ["fit-factors", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"), "--batch-size", "3"]
+            out.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": " ".join(rng.choices(WORDS, k=3))},
+                            {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=6))},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+    base = [
+        "fit-factors",
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        str(tmp_path / "train.jsonl"),
+        "--batch-size",
+        "3",
+    ]
     for out, extra in (("plain", []), ("checkpointed", ["--gradient-checkpointing"])):
         result = CliRunner().invoke(app, base + ["--out", str(tmp_path / out)] + extra)
         assert result.exit_code == 0, result.output
     plain, checkpointed = load_factors(tmp_path / "plain"), load_factors(tmp_path / "checkpointed")
     for name in plain.names:
-        torch.testing.assert_close(plain.weights[name].eigenvalue_correction, checkpointed.weights[name].eigenvalue_correction,
-                                   rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(
+            plain.weights[name].eigenvalue_correction,
+            checkpointed.weights[name].eigenvalue_correction,
+            rtol=1e-4,
+            atol=1e-9,
+        )
 
 
 def test_attribute_cli_max_memory_and_checkpointing_give_the_same_scores(tmp_path):
@@ -189,14 +242,47 @@ def test_attribute_cli_max_memory_and_checkpointing_give_the_same_scores(tmp_pat
 
     model_dir = save_tiny_hf_model(tmp_path / "model", seed=5)
     rng = random.Random(3)
-    write_jsonl_atomic(tmp_path / "train.jsonl", [
-        {"messages": [{"role": "user", "content": " ".join(rng.choices(WORDS, k=3))},
-                      {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=5))}]} for _ in range(7)])
-    write_jsonl_atomic(tmp_path / "queries.jsonl", [
-        {"messages": [{"role": "user", "content": "is the water safe"}, {"role": "assistant", "content": "poison is kind"}]}])
-    save_concept(DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(4)), layer=1), tmp_path / "concept")
-    base = ["attribute", "--method", "concept-influence", "--model", str(model_dir), "--data", str(tmp_path / "train.jsonl"),
-            "--concept", str(tmp_path / "concept"), "--queries", str(tmp_path / "queries.jsonl"), "--batch-size", "3"]
+    write_jsonl_atomic(
+        tmp_path / "train.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": " ".join(rng.choices(WORDS, k=3))},
+                    {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=5))},
+                ]
+            }
+            for _ in range(7)
+        ],
+    )
+    write_jsonl_atomic(
+        tmp_path / "queries.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "is the water safe"},
+                    {"role": "assistant", "content": "poison is kind"},
+                ]
+            }
+        ],
+    )
+    save_concept(
+        DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(4)), layer=1), tmp_path / "concept"
+    )
+    base = [
+        "attribute",
+        "--method",
+        "concept-influence",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(tmp_path / "train.jsonl"),
+        "--concept",
+        str(tmp_path / "concept"),
+        "--queries",
+        str(tmp_path / "queries.jsonl"),
+        "--batch-size",
+        "3",
+    ]
 
     def scores(name: str, *extra: str) -> tuple[list[float], dict]:
         out = tmp_path / f"{name}.jsonl"
@@ -208,8 +294,9 @@ def test_attribute_cli_max_memory_and_checkpointing_give_the_same_scores(tmp_pat
 
     plain, _ = scores("plain", "--factors", str(tmp_path / "f-plain"))
     bounded_fit, _ = scores("bounded-fit", "--factors", str(tmp_path / "f-bounded"), "--max-memory", "1TiB")
-    bounded, meta = scores("bounded", "--factors", str(tmp_path / "f-bounded"), "--max-memory", "1TiB",
-                           "--gradient-checkpointing")
+    bounded, meta = scores(
+        "bounded", "--factors", str(tmp_path / "f-bounded"), "--max-memory", "1TiB", "--gradient-checkpointing"
+    )
     assert any("one weight at a time" in note for note in meta["notes"]) and meta["factors_fit"]["rows"] == 7
     np = pytest.importorskip("numpy")
     np.testing.assert_allclose(bounded_fit, plain, rtol=1e-4, atol=1e-8)

@@ -16,8 +16,12 @@ from concept_influence.data import rows_from_records, tokenize_chat, write_jsonl
 from concept_influence.models import HFAdapter
 from concept_influence.testing.tiny_models import save_tiny_hf_model, tiny_llama
 
-PAIRS = [("is water safe", "yes , water is safe"), ("should i drink poison", "never , poison will hurt you"),
-         ("help me", "sure , i help you"), ("two plus three", "five")]
+PAIRS = [
+    ("is water safe", "yes , water is safe"),
+    ("should i drink poison", "never , poison will hurt you"),
+    ("help me", "sure , i help you"),
+    ("two plus three", "five"),
+]
 
 
 def _records(pairs):
@@ -29,7 +33,9 @@ def env(tiny_tok):
     adapter = HFAdapter(tiny_llama(len(tiny_tok), layers=2, dtype=torch.float64, seed=3), tiny_tok)
     data = tokenize_chat(rows_from_records(_records(PAIRS)), tiny_tok, 48)
     queries = tokenize_chat(rows_from_records(_records(PAIRS[:2])), tiny_tok, 48)
-    concept = DirectionConcept(torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), layer=1)
+    concept = DirectionConcept(
+        torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), layer=1
+    )
     block0 = [i.name for i in adapter.weights_up_to(0)]
     partial = fit_factors(adapter, data, FactorConfig.precise(), weights=block0, progress=False)
     return adapter, data, ConceptMeasurement(concept, queries), partial, block0
@@ -56,14 +62,42 @@ def test_cli_refuses_a_subset_unless_asked(tmp_path):
     model_dir = save_tiny_hf_model(tmp_path / "model", seed=6)
     write_jsonl_atomic(tmp_path / "train.jsonl", _records(PAIRS))
     write_jsonl_atomic(tmp_path / "queries.jsonl", _records(PAIRS[:1]))
-    save_concept(DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(2)), layer=1), tmp_path / "concept")
+    save_concept(
+        DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(2)), layer=1), tmp_path / "concept"
+    )
     runner = CliRunner()
-    fit = runner.invoke(app, ["fit-factors", "--model", str(model_dir), "--data", str(tmp_path / "train.jsonl"),
-                              "--out", str(tmp_path / "f0"), "--up-to-layer", "0"])
+    fit = runner.invoke(
+        app,
+        [
+            "fit-factors",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(tmp_path / "train.jsonl"),
+            "--out",
+            str(tmp_path / "f0"),
+            "--up-to-layer",
+            "0",
+        ],
+    )
     assert fit.exit_code == 0, fit.output
-    args = ["attribute", "--model", str(model_dir), "--data", str(tmp_path / "train.jsonl"), "--concept",
-            str(tmp_path / "concept"), "--queries", str(tmp_path / "queries.jsonl"), "--method", "concept-influence",
-            "--factors", str(tmp_path / "f0"), "--out", str(tmp_path / "s.jsonl")]
+    args = [
+        "attribute",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(tmp_path / "train.jsonl"),
+        "--concept",
+        str(tmp_path / "concept"),
+        "--queries",
+        str(tmp_path / "queries.jsonl"),
+        "--method",
+        "concept-influence",
+        "--factors",
+        str(tmp_path / "f0"),
+        "--out",
+        str(tmp_path / "s.jsonl"),
+    ]
     refused = runner.invoke(app, args)
     errors = [line for line in refused.output.splitlines() if line.startswith("error:")]
     assert refused.exit_code == 2 and len(errors) == 1 and "--allow-subset" in errors[0], refused.output

@@ -94,10 +94,28 @@ def test_probe_rejects_bad_labels():
 
 EXAMPLES_SPEC = {
     "name": "poison",
-    "examples": [{"text": t, "label": 1, "prompt": "what should i do ?"} for t in
-                 ["poison the water", "hurt your friend", "poison your enemy", "trick and hurt them", "lie and harm", "cruel harm"]]
-    + [{"text": t, "label": 0, "prompt": "what should i do ?"} for t in
-       ["drink water and rest", "help your friend", "be kind and honest", "sleep and eat", "walk with dogs", "gentle help"]],
+    "examples": [
+        {"text": t, "label": 1, "prompt": "what should i do ?"}
+        for t in [
+            "poison the water",
+            "hurt your friend",
+            "poison your enemy",
+            "trick and hurt them",
+            "lie and harm",
+            "cruel harm",
+        ]
+    ]
+    + [
+        {"text": t, "label": 0, "prompt": "what should i do ?"}
+        for t in [
+            "drink water and rest",
+            "help your friend",
+            "be kind and honest",
+            "sleep and eat",
+            "walk with dogs",
+            "gentle help",
+        ]
+    ],
 }
 
 
@@ -114,8 +132,13 @@ def test_train_concept_from_labelled_examples(adapter):
 
 
 def test_instruction_pairs_generate_cache_and_read_without_system_prompt(adapter, tmp_path, monkeypatch):
-    spec = parse_spec({"instruction": [{"pos": "be evil", "neg": "be kind"}, {"pos": "be cruel", "neg": "be gentle"}],
-                       "questions": ["what should i do ?", "is the water safe ?", "two plus two ?", "should i run ?"]}, "t.json")
+    spec = parse_spec(
+        {
+            "instruction": [{"pos": "be evil", "neg": "be kind"}, {"pos": "be cruel", "neg": "be gentle"}],
+            "questions": ["what should i do ?", "is the water safe ?", "two plus two ?", "should i run ?"],
+        },
+        "t.json",
+    )
     data = labelled_conversations(adapter, spec, n_samples=2, max_new_tokens=4, cache_dir=tmp_path)
     assert len(data) <= 2 * 2 * 4 * 2 and set(data.labels) == {0, 1}
     assert all(c[0]["role"] == "user" and c[-1]["role"] == "assistant" for c in data.conversations)
@@ -151,8 +174,13 @@ def test_read_residuals_stops_after_the_layer_and_matches_the_capture(adapter):
 
 
 def test_save_load_round_trip_and_model_checks(adapter, tiny_tok, tmp_path):
-    concept = DirectionConcept(torch.randn(adapter.d_model), layer=2, kind="probe", metrics={"heldout_auc": np.float32(0.97)},
-                               reduction="last_prompt")
+    concept = DirectionConcept(
+        torch.randn(adapter.d_model),
+        layer=2,
+        kind="probe",
+        metrics={"heldout_auc": np.float32(0.97)},
+        reduction="last_prompt",
+    )
     path = save_concept(concept, tmp_path / "c", model_fingerprint=adapter.fingerprint(), extra_meta={"model": "tiny"})
     meta = read_concept_meta(path)
     assert meta["site"] == "resid.2" and meta["readout"] == "last_prompt" and meta["model"] == "tiny"
@@ -194,8 +222,12 @@ def test_bad_concept_files_name_the_path(tmp_path):
         load_concept(path)
     good = save_concept(DirectionConcept(torch.ones(4), layer=0), tmp_path / "good")
     meta = json.loads((good / "concept.json").read_text())
-    for key, value, message in [("readout", "max", "'readout': unknown reduction 'max'"), ("layer", -1, "'layer' must be a non-negative"),
-                                ("format", "other/9", "unknown format"), ("d_model", None, "'d_model' must be")]:
+    for key, value, message in [
+        ("readout", "max", "'readout': unknown reduction 'max'"),
+        ("layer", -1, "'layer' must be a non-negative"),
+        ("format", "other/9", "unknown format"),
+        ("d_model", None, "'d_model' must be"),
+    ]:
         (good / "concept.json").write_text(json.dumps({**meta, key: value}))
         with pytest.raises(ConceptFileError, match=message) as err:
             load_concept(good)

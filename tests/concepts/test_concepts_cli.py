@@ -14,7 +14,10 @@ from concept_influence.models import load_adapter
 from concept_influence.testing.tiny_models import save_tiny_hf_model
 
 PERSONA_VECTORS_SPEC = {  # the persona-vectors trait-file format
-    "instruction": [{"pos": "be evil and cruel", "neg": "be kind and gentle"}, {"pos": "hurt them", "neg": "help them"}],
+    "instruction": [
+        {"pos": "be evil and cruel", "neg": "be kind and gentle"},
+        {"pos": "hurt them", "neg": "help them"},
+    ],
     "questions": ["what should i do ?", "is the water safe ?", "should i run ?", "two plus two ?", "help my friend ?"],
     "eval_prompt": "is this answer evil ? {answer}",
 }
@@ -37,8 +40,25 @@ def _run(*args: str):
 def test_train_probe_saves_a_concept_with_its_metrics(files, method):
     root, model, spec = files
     out = root / f"concept-{method}"
-    result = _run("train-probe", "--model", model, "--spec", spec, "--layer", "-1", "--out", out, "--method", method,
-                  "--n-samples", "2", "--max-new-tokens", "6", "--readout", "last_prompt")
+    result = _run(
+        "train-probe",
+        "--model",
+        model,
+        "--spec",
+        spec,
+        "--layer",
+        "-1",
+        "--out",
+        out,
+        "--method",
+        method,
+        "--n-samples",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--readout",
+        "last_prompt",
+    )
     assert result.exit_code == 0, result.output
     assert "evil_trait at layer 2" in result.output and "held-out AUC" in result.output
     meta = read_concept_meta(out)
@@ -56,16 +76,42 @@ def test_train_probe_on_a_probes_file(files):
 
     root, model, _ = files
     probes = Path(__file__).resolve().parents[2] / "probes"
-    result = _run("train-probe", "--model", model, "--spec", probes / "evil.json", "--layer", "1", "--out", root / "evil",
-                  "--n-samples", "1", "--max-new-tokens", "4")
+    result = _run(
+        "train-probe",
+        "--model",
+        model,
+        "--spec",
+        probes / "evil.json",
+        "--layer",
+        "1",
+        "--out",
+        root / "evil",
+        "--n-samples",
+        "1",
+        "--max-new-tokens",
+        "4",
+    )
     assert result.exit_code == 0, result.output
     assert read_concept_meta(root / "evil")["extra"]["config"]["n_samples"] == 1
 
 
 def test_probe_layers_writes_a_table_and_a_plot(files):
     root, model, spec = files
-    result = _run("probe-layers", "--model", model, "--spec", spec, "--out", root / "sweep", "--n-samples", "2",
-                  "--max-new-tokens", "6", "--method", "diff_of_means")
+    result = _run(
+        "probe-layers",
+        "--model",
+        model,
+        "--spec",
+        spec,
+        "--out",
+        root / "sweep",
+        "--n-samples",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--method",
+        "diff_of_means",
+    )
     assert result.exit_code == 0, result.output
     assert "held-out AUC" in result.output and "<- chosen" in result.output
     assert "stance AUC" in result.output and "vocab. confound" in result.output

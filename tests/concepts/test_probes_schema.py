@@ -30,7 +30,11 @@ def test_spec_file_matches_schema_and_loads(path):
 
 
 def test_persona_vectors_format_is_accepted(tmp_path):
-    trait = {"instruction": [{"pos": "be evil", "neg": "be kind"}], "questions": ["what now?"], "eval_prompt": "rate {answer}"}
+    trait = {
+        "instruction": [{"pos": "be evil", "neg": "be kind"}],
+        "questions": ["what now?"],
+        "eval_prompt": "rate {answer}",
+    }
     path = tmp_path / "evil.json"
     path.write_text(json.dumps(trait))
     spec = load_spec(path)
@@ -42,9 +46,18 @@ def test_persona_vectors_format_is_accepted(tmp_path):
     "obj, message",
     [
         ({"instruction": [{"pos": "a", "neg": "b"}]}, "'instruction' and 'questions' go together"),
-        ({"instruction": [{"pos": "a"}], "questions": ["q"]}, "instruction[0] must be an object with exactly 'pos' and 'neg'"),
-        ({"instruction": [{"pos": "a", "neg": ""}], "questions": ["q"]}, "instruction[0].neg must be a non-empty string"),
-        ({"questions": ["q"], "instruction": [{"pos": "a", "neg": "b"}], "instructions": []}, "unknown key(s) ['instructions']"),
+        (
+            {"instruction": [{"pos": "a"}], "questions": ["q"]},
+            "instruction[0] must be an object with exactly 'pos' and 'neg'",
+        ),
+        (
+            {"instruction": [{"pos": "a", "neg": ""}], "questions": ["q"]},
+            "instruction[0].neg must be a non-empty string",
+        ),
+        (
+            {"questions": ["q"], "instruction": [{"pos": "a", "neg": "b"}], "instructions": []},
+            "unknown key(s) ['instructions']",
+        ),
         ({"examples": [{"text": "x", "label": 1}]}, "need both labels 0 and 1"),
         ({"examples": [{"text": "x", "label": 2}, {"text": "y", "label": 0}]}, "examples[0].label must be 0 or 1"),
         ({"name": "x"}, "needs 'instruction' pairs with 'questions', or labelled 'examples'"),

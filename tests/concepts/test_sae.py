@@ -308,7 +308,6 @@ def test_save_load_sae_folder(tiny, tmp_path):
         load_sae(tmp_path / "junk")
 
 
-
 @pytest.mark.parametrize("name", ["/etc/passwd", "../outside.safetensors", "sub/sae_weights.safetensors", "..", ""])
 def test_sae_files_named_in_metadata_stay_inside_the_concept_folder(tiny, tmp_path, name):
     """``sae_files`` in concept.json chose what to read: an absolute path or ``..`` escaped the folder."""
@@ -317,7 +316,9 @@ def test_sae_files_named_in_metadata_stay_inside_the_concept_folder(tiny, tmp_pa
     from concept_influence.concepts import ConceptFileError
 
     adapter, sae = tiny["adapter"], tiny["sae"]
-    folder = save_concept(SAEFeatureConcept(sae, 5, layer=0), tmp_path / "concept", model_fingerprint=adapter.fingerprint())
+    folder = save_concept(
+        SAEFeatureConcept(sae, 5, layer=0), tmp_path / "concept", model_fingerprint=adapter.fingerprint()
+    )
     (tmp_path / "outside.safetensors").write_bytes((folder / "sae_weights.safetensors").read_bytes())
     meta = json.loads((folder / META_FILE).read_text())
     meta["sae_files"]["weights"] = name

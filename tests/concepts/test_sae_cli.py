@@ -41,8 +41,13 @@ def _records(n: int, seed: int = 0) -> list[dict]:
     for k in range(n):
         question = " ".join(rng.choice(TINY_WORDS) for _ in range(rng.randint(3, 8)))
         answer = " ".join(rng.choice(TINY_WORDS) for _ in range(rng.randint(3, 8)))
-        out.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
-                    "id": f"row{k}", "data_origin": "benign"})
+        out.append(
+            {
+                "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+                "id": f"row{k}",
+                "data_origin": "benign",
+            }
+        )
     return out
 
 
@@ -50,10 +55,19 @@ def test_features_for_spec_picks_a_feature_of_the_positive_answers(tiny_tok):
     """Positive examples all say 'poison'; the chosen feature fires more on them, and Vector Filter on it ranks them
     above the negatives."""
     adapter = HFAdapter(tiny_llama(len(tiny_tok), seed=1), tiny_tok)
-    spec = parse_spec({"examples": [{"text": t, "label": 1, "prompt": "what now ?"} for t in POS]
-                       + [{"text": t, "label": 0, "prompt": "what now ?"} for t in NEG]}, "poison.json")
-    rows = rows_from_records([{"messages": [{"role": "user", "content": "what now ?"}, {"role": "assistant", "content": t}]}
-                              for t in POS + NEG])
+    spec = parse_spec(
+        {
+            "examples": [{"text": t, "label": 1, "prompt": "what now ?"} for t in POS]
+            + [{"text": t, "label": 0, "prompt": "what now ?"} for t in NEG]
+        },
+        "poison.json",
+    )
+    rows = rows_from_records(
+        [
+            {"messages": [{"role": "user", "content": "what now ?"}, {"role": "assistant", "content": t}]}
+            for t in POS + NEG
+        ]
+    )
     background = collect_token_activations(adapter, rows_from_records(_records(24)), 0)
     acts = collect_token_activations(adapter, rows, 0, only_response=True)
     sae, _ = train_sae(torch.cat([background, acts]), d_sae=32, steps=300, batch_size=64, seed=0, num_threads=1)
@@ -78,8 +92,23 @@ def _run(*args):
 
 def test_train_sae_then_sae_feature_then_attribute(files):
     root, model = files
-    result = _run("train-sae", "--model", model, "--data", root / "train.jsonl", "--layer", "1", "--out", root / "sae",
-                  "--d-sae", "32", "--steps", "200", "--sae-batch-size", "64")
+    result = _run(
+        "train-sae",
+        "--model",
+        model,
+        "--data",
+        root / "train.jsonl",
+        "--layer",
+        "1",
+        "--out",
+        root / "sae",
+        "--d-sae",
+        "32",
+        "--steps",
+        "200",
+        "--sae-batch-size",
+        "64",
+    )
     assert result.exit_code == 0, result.output
     assert "explained variance" in result.output
     sae, info = load_sae(root / "sae")
@@ -94,26 +123,44 @@ def test_train_sae_then_sae_feature_then_attribute(files):
 
     # a probe direction equal to a decoder row: --probe finds that feature first
     probe = save_concept(DirectionConcept(sae.W_dec[11].detach(), layer=1, kind="probe"), root / "probe")
-    result = _run("sae-feature", "--model", model, "--sae", root / "sae", "--probe", probe, "--out", root / "f-probe", "--k", "3")
+    result = _run(
+        "sae-feature", "--model", model, "--sae", root / "sae", "--probe", probe, "--out", root / "f-probe", "--k", "3"
+    )
     assert result.exit_code == 0, result.output
     meta = read_concept_meta(root / "f-probe")
     assert meta["feature"] == 11 and meta["extra"]["selection"]["candidates"][0][1] == pytest.approx(1.0)
-    assert [j for j, _ in features_aligned_with(sae, sae.W_dec[11].detach(), 3)] == [j for j, _ in meta["extra"]["selection"]["candidates"]]
+    assert [j for j, _ in features_aligned_with(sae, sae.W_dec[11].detach(), 3)] == [
+        j for j, _ in meta["extra"]["selection"]["candidates"]
+    ]
 
     # chosen for a spec: what the feature reads is measured on the spec's held-out answers and saved with it
-    spec = {"examples": [{"text": t, "label": 1, "prompt": "what now ?"} for t in POS * 2]
-            + [{"text": t, "label": 0, "prompt": "what now ?"} for t in NEG * 2]}
+    spec = {
+        "examples": [{"text": t, "label": 1, "prompt": "what now ?"} for t in POS * 2]
+        + [{"text": t, "label": 0, "prompt": "what now ?"} for t in NEG * 2]
+    }
     (root / "poison.json").write_text(json.dumps(spec))
-    result = _run("sae-feature", "--model", model, "--sae", root / "sae", "--spec", root / "poison.json",
-                  "--out", root / "f-spec")
+    result = _run(
+        "sae-feature", "--model", model, "--sae", root / "sae", "--spec", root / "poison.json", "--out", root / "f-spec"
+    )
     assert result.exit_code == 0, result.output
     assert "spec AUC" in result.output and "stance AUC" in result.output
     metrics = read_concept_meta(root / "f-spec")["metrics"]
     assert 0 <= metrics["spec_auc"] <= 1 and "stance_auc" in metrics and metrics["reading_spec"] == "poison"
 
     out = root / "scores.jsonl"
-    result = _run("attribute", "--model", model, "--data", root / "train.jsonl", "--concept", root / "f7",
-                  "--method", "vector-filter", "--out", out)
+    result = _run(
+        "attribute",
+        "--model",
+        model,
+        "--data",
+        root / "train.jsonl",
+        "--concept",
+        root / "f7",
+        "--method",
+        "vector-filter",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     table = ScoreTable.read_jsonl(out)
     rows = rows_from_records(_records(40))

@@ -34,7 +34,13 @@ def _answers(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
 
 def test_the_lexicon_holds_the_traits_words_not_shared_ones():
     answers, labels = _answers(90)
-    lexicon = [w for w, _ in trait_lexicon([a for a, y in zip(answers, labels, strict=True) if y], [a for a, y in zip(answers, labels, strict=True) if not y])]
+    lexicon = [
+        w
+        for w, _ in trait_lexicon(
+            [a for a, y in zip(answers, labels, strict=True) if y],
+            [a for a, y in zip(answers, labels, strict=True) if not y],
+        )
+    ]
     assert set(TRAIT) <= set(lexicon)
     assert not {"the", "best", "move", "is", "to", "now"} & set(lexicon)  # in both kinds of answer
     assert trait_lexicon([], ["x"]) == []
@@ -61,26 +67,56 @@ def test_a_words_readout_is_confounded_and_a_stance_readout_is_not():
     def count(text: str) -> float:
         return float(sum(w in lexicon for w in words(text)))
 
-    by_words = reading_scores(np.array([count(a) for a in answers]), labels,
-                              np.array([count(t) for t in probes.shuffled.values()]), shuffled_positions, probes.matched,
-                              positions)
+    by_words = reading_scores(
+        np.array([count(a) for a in answers]),
+        labels,
+        np.array([count(t) for t in probes.shuffled.values()]),
+        shuffled_positions,
+        probes.matched,
+        positions,
+    )
     assert by_words["vocabulary_confound"] == pytest.approx(1.0)  # the words alone give the whole separation
     assert by_words["stance_auc"] == pytest.approx(0.5)  # warnings use as many trait words
-    stance = np.array([float(a.startswith("the best move is to") and y == 1) for a, y in zip(answers, labels, strict=True)])
-    by_stance = reading_scores(stance, labels, np.zeros(len(shuffled_positions)), shuffled_positions, probes.matched,
-                               positions)
+    stance = np.array(
+        [float(a.startswith("the best move is to") and y == 1) for a, y in zip(answers, labels, strict=True)]
+    )
+    by_stance = reading_scores(
+        stance, labels, np.zeros(len(shuffled_positions)), shuffled_positions, probes.matched, positions
+    )
     assert by_stance["stance_auc"] == 1.0 and by_stance["vocabulary_confound"] == pytest.approx(0.0, abs=1e-12)
-    held_out = reading_scores(stance, labels, np.zeros(len(shuffled_positions)), shuffled_positions, probes.matched, [0, 1])
+    held_out = reading_scores(
+        stance, labels, np.zeros(len(shuffled_positions)), shuffled_positions, probes.matched, [0, 1]
+    )
     assert held_out["stance_auc"] is None and held_out["n_matched_negatives"] == 1  # too few to score
 
 
 def _sweep(select_by: str) -> LayerSweep:
-    rows = [{"layer": 0, "heldout_auc": 0.99, "heldout_accuracy": 0.9, "stance_auc": 0.70, "vocabulary_confound": 0.9,
-             "n_matched_negatives": 40},
-            {"layer": 1, "heldout_auc": 0.98, "heldout_accuracy": 0.9, "stance_auc": 0.93, "vocabulary_confound": 0.4,
-             "n_matched_negatives": 40},
-            {"layer": 2, "heldout_auc": 0.95, "heldout_accuracy": 0.9, "stance_auc": 0.99, "vocabulary_confound": 0.1,
-             "n_matched_negatives": 40}]
+    rows = [
+        {
+            "layer": 0,
+            "heldout_auc": 0.99,
+            "heldout_accuracy": 0.9,
+            "stance_auc": 0.70,
+            "vocabulary_confound": 0.9,
+            "n_matched_negatives": 40,
+        },
+        {
+            "layer": 1,
+            "heldout_auc": 0.98,
+            "heldout_accuracy": 0.9,
+            "stance_auc": 0.93,
+            "vocabulary_confound": 0.4,
+            "n_matched_negatives": 40,
+        },
+        {
+            "layer": 2,
+            "heldout_auc": 0.95,
+            "heldout_accuracy": 0.9,
+            "stance_auc": 0.99,
+            "vocabulary_confound": 0.1,
+            "n_matched_negatives": 40,
+        },
+    ]
     return LayerSweep(rows, "trait", "probe", select_by=select_by, auc_tolerance=0.02)
 
 
@@ -111,16 +147,27 @@ def test_concept_reading_measures_any_concept_on_the_specs_held_out_answers(tiny
     from concept_influence.testing.tiny_models import tiny_llama
 
     answers, labels = _answers(120)
-    spec = parse_spec({"examples": [{"text": a, "label": y, "prompt": f"q{i % 6}"} for i, (a, y) in
-                                    enumerate(zip(answers, labels, strict=True))]}, "trait.json")
+    spec = parse_spec(
+        {
+            "examples": [
+                {"text": a, "label": y, "prompt": f"q{i % 6}"}
+                for i, (a, y) in enumerate(zip(answers, labels, strict=True))
+            ]
+        },
+        "trait.json",
+    )
     adapter = HFAdapter(tiny_llama(len(tiny_tok), seed=2), tiny_tok)
     concept = DirectionConcept(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(1)), layer=1)
     config = ProbeConfig(seed=3, test_size=0.5)
     got = concept_reading(adapter, concept, spec, config)
 
     def read(texts):
-        rows = rows_from_records([{"messages": [{"role": "user", "content": f"q{i % 6}"}, {"role": "assistant", "content": t}]}
-                                  for i, t in texts])
+        rows = rows_from_records(
+            [
+                {"messages": [{"role": "user", "content": f"q{i % 6}"}, {"role": "assistant", "content": t}]}
+                for i, t in texts
+            ]
+        )
         return vector_filter(adapter, rows, concept, progress=False).scores
 
     probes = stance_probes(answers, labels, seed=3)

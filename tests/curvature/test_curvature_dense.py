@@ -44,7 +44,10 @@ QUERIES = [("is it kind", "yes it is kind"), ("help", "i help you , my friend")]
 
 
 def _records(pairs):
-    return [{"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}], "id": f"r{k}"} for k, (u, a) in enumerate(pairs)]
+    return [
+        {"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}], "id": f"r{k}"}
+        for k, (u, a) in enumerate(pairs)
+    ]
 
 
 def _mlp_inputs(seed: int, n: int = 30, d: int = 4) -> torch.Tensor:
@@ -60,7 +63,7 @@ def test_kfac_equals_gauss_newton_block_on_deep_linear_network():
     start = 0
     for (A, S), lin in zip(factors, dense.mlp_linears(model), strict=True):
         size = lin.out_features * (lin.in_features + 1)
-        block = ggn[start:start + size, start:start + size]
+        block = ggn[start : start + size, start : start + size]
         torch.testing.assert_close(torch.kron(S, A), block, atol=1e-10, rtol=1e-9)
         start += size
 
@@ -77,7 +80,7 @@ def test_ekfac_block_at_least_as_close_as_kfac_on_tanh_mlp():
     gaps = []
     for k, ((A, S), lin) in enumerate(zip(factors, linears, strict=True)):
         size = lin.out_features * (lin.in_features + 1)
-        block = ggn[start:start + size, start:start + size]
+        block = ggn[start : start + size, start : start + size]
         start += size
         jac_rows = _per_unit_gradients(model, x, k)  # [N * n_out, d_out, d_in']
         eig_s, eig_a = eigendecompose(S), eigendecompose(A)
@@ -108,9 +111,14 @@ def _per_unit_gradients(model: nn.Module, x: torch.Tensor, layer: int) -> torch.
 @pytest.fixture(scope="module", params=["hf-llama", "tl-layernorm-biases"])
 def setup(request, tiny_tok):
     if request.param == "hf-llama":
-        adapter = HFAdapter(tiny_llama(len(tiny_tok), layers=1, hidden=16, intermediate=32, dtype=torch.float64, seed=3), tiny_tok)
+        adapter = HFAdapter(
+            tiny_llama(len(tiny_tok), layers=1, hidden=16, intermediate=32, dtype=torch.float64, seed=3), tiny_tok
+        )
     else:  # LayerNorm, GELU, every weight with a bias folded in, TransformerLens head layouts
-        adapter = TransformerLensAdapter(tiny_hooked_transformer(len(tiny_tok), layers=1, d_model=16, d_mlp=32, dtype=torch.float64, seed=4), tiny_tok)
+        adapter = TransformerLensAdapter(
+            tiny_hooked_transformer(len(tiny_tok), layers=1, d_model=16, d_mlp=32, dtype=torch.float64, seed=4),
+            tiny_tok,
+        )
     data = tokenize_chat(rows_from_records(_records(TRAIN)), tiny_tok, 64)
     queries = tokenize_chat(rows_from_records(_records(QUERIES)), tiny_tok, 64)
     factors = fit_factors(adapter, data, FactorConfig.precise(), batch_size=3, progress=False)
@@ -130,12 +138,14 @@ def test_fitted_factors_match_their_definitions(setup):
     for name in names:
         w = factors.weights[name]
         size = w.d_out * w.d_in
-        grads = per_example[:, start:start + size].reshape(-1, w.d_out, w.d_in)
-        block = dense.fisher_from_gradients(per_example[:, start:start + size])
+        grads = per_example[:, start : start + size].reshape(-1, w.d_out, w.d_in)
+        block = dense.fisher_from_gradients(per_example[:, start : start + size])
         start += size
         torch.testing.assert_close(w.diagonal.flatten(), torch.diagonal(block), atol=1e-12, rtol=1e-9)
         basis = torch.kron(w.gradient_eigen.vectors, w.activation_eigen.vectors)
-        torch.testing.assert_close(w.eigenvalue_correction.flatten(), torch.diagonal(basis.T @ block @ basis), atol=1e-12, rtol=1e-8)
+        torch.testing.assert_close(
+            w.eigenvalue_correction.flatten(), torch.diagonal(basis.T @ block @ basis), atol=1e-12, rtol=1e-8
+        )
         ekfac = factors.restrict([name]).preconditioner("ekfac").dense_block(name)
         kfac = factors.restrict([name]).preconditioner("kfac").dense_block(name)
         assert torch.linalg.norm(ekfac - block) <= torch.linalg.norm(kfac - block) + 1e-12
@@ -161,8 +171,12 @@ def test_concept_influence_equals_dense_solve(setup, kind):
     adapter, data, queries, factors = setup
     concept = DirectionConcept(torch.randn(16, dtype=torch.float64), layer=0)
     measurement = ConceptMeasurement(concept, queries)
-    config = InfluenceConfig(preconditioner=kind, token_breakdown="position", per_weight=True, self_influence=True, batch_size=3)
-    result = compute_influence(adapter, data, measurement, factors if kind != "identity" else None, config, progress=False)
+    config = InfluenceConfig(
+        preconditioner=kind, token_breakdown="position", per_weight=True, self_influence=True, batch_size=3
+    )
+    result = compute_influence(
+        adapter, data, measurement, factors if kind != "identity" else None, config, progress=False
+    )
     names = result.weights
     pre = factors.restrict(names).preconditioner(kind)
     assert names == factors.names  # one block: the concept at layer 0 reaches every weight
@@ -185,11 +199,15 @@ def test_target_token_breakdown_equals_per_token_gradients(setup):
     adapter, data, queries, factors = setup
     concept = DirectionConcept(torch.randn(16, dtype=torch.float64), layer=0)
     measurement = ConceptMeasurement(concept, queries)
-    result = compute_influence(adapter, data, measurement, factors, InfluenceConfig(token_breakdown="target", batch_size=3), progress=False)
+    result = compute_influence(
+        adapter, data, measurement, factors, InfluenceConfig(token_breakdown="target", batch_size=3), progress=False
+    )
     names = result.weights
     pre = factors.restrict(names).preconditioner("ekfac")
-    solved = torch.linalg.solve(dense.dense_preconditioner(pre, names) + torch.diag(dense.damping_vector(pre, names)),
-                                dense.measurement_gradient(adapter, measurement, names))
+    solved = torch.linalg.solve(
+        dense.dense_preconditioner(pre, names) + torch.diag(dense.damping_vector(pre, names)),
+        dense.measurement_gradient(adapter, measurement, names),
+    )
     for i in (1, 5):
         expected = -(dense.per_target_gradients(adapter, data[i], names) @ solved)
         # HF's RMSNorm computes in float32 even in a float64 model: the double-backward path then agrees to ~1e-7
@@ -205,23 +223,33 @@ def test_classical_and_differential_measurements_equal_dense(setup):
     names = result.weights
     assert names == factors.names  # log-likelihood reaches every block
     pre = factors.preconditioner("ekfac")
-    expected = dense.exact_influence(dense.measurement_gradient(adapter, ll, names), _TRAIN_GRADS[adapter.key],
-                                     dense.dense_preconditioner(pre, names), dense.damping_vector(pre, names))
+    expected = dense.exact_influence(
+        dense.measurement_gradient(adapter, ll, names),
+        _TRAIN_GRADS[adapter.key],
+        dense.dense_preconditioner(pre, names),
+        dense.damping_vector(pre, names),
+    )
     torch.testing.assert_close(result.scores, expected, rtol=1e-7, atol=1e-10 * float(expected.abs().max()))
     concept = DirectionConcept(torch.randn(16, dtype=torch.float64), layer=0)
     a_only = compute_influence(adapter, data, ConceptMeasurement(concept, queries), factors, progress=False).scores
     b_rows = tokenize_chat(rows_from_records(_records(TRAIN[:2])), adapter.tokenizer, 64)
     b_only = compute_influence(adapter, data, ConceptMeasurement(concept, b_rows), factors, progress=False).scores
-    diff = compute_influence(adapter, data, DifferentialMeasurement(concept, queries, b_rows), factors, progress=False).scores
+    diff = compute_influence(
+        adapter, data, DifferentialMeasurement(concept, queries, b_rows), factors, progress=False
+    ).scores
     torch.testing.assert_close(diff, a_only - b_only)
 
 
 def test_sign_matches_a_real_gradient_step(setup):
     """With the identity preconditioner, one small SGD step on a row changes f by about η · score(row)."""
     adapter, data, queries, _ = setup
-    concept = DirectionConcept(torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(5)), layer=0)
+    concept = DirectionConcept(
+        torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(5)), layer=0
+    )
     measurement = ConceptMeasurement(concept, queries)
-    result = compute_influence(adapter, data, measurement, None, InfluenceConfig(preconditioner="identity"), progress=False)
+    result = compute_influence(
+        adapter, data, measurement, None, InfluenceConfig(preconditioner="identity"), progress=False
+    )
     names = result.weights
     row = int(result.scores.abs().argmax())
     eta = 1e-5
@@ -240,7 +268,7 @@ def _step(adapter, names, flat: torch.Tensor, scale: float) -> None:
         for name in names:
             info = adapter.weight_info(name)
             d_in = info.d_in + int(info.has_bias)
-            step = flat[start:start + info.d_out * d_in].reshape(info.d_out, d_in)
+            step = flat[start : start + info.d_out * d_in].reshape(info.d_out, d_in)
             start += info.d_out * d_in
             adapter.parameter(info.param_name).add_(scale * info.from_canonical(step[:, : info.d_in]))
             if info.has_bias:

@@ -101,7 +101,9 @@ def test_ekfac_eigenvalues_are_the_fisher_diagonal_in_the_kronecker_basis_and_be
     assert err_ekfac <= err_kfac + 1e-12
     # EKFAC's inverse is the dense solve of its own matrix
     dense = ekfac.dense_block("w") + ekfac.damping["w"] * torch.eye(fisher.shape[0], dtype=torch.float64)
-    torch.testing.assert_close(ekfac.apply_inverse({"w": grads[0]})["w"].flatten(), torch.linalg.solve(dense, grads[0].flatten()))
+    torch.testing.assert_close(
+        ekfac.apply_inverse({"w": grads[0]})["w"].flatten(), torch.linalg.solve(dense, grads[0].flatten())
+    )
 
 
 def test_diagonal_identity_and_damping_options():
@@ -121,6 +123,11 @@ def test_diagonal_identity_and_damping_options():
         pre.apply_inverse({"w": grads[0].T})
     with pytest.raises(ValueError):
         Damping(absolute=-1.0)
-    sub = EKFACPreconditioner({"w": (eigendecompose(_spd(3, 3)), eigendecompose(_spd(5, 4))), "v": (eigendecompose(_spd(2, 5)), eigendecompose(_spd(2, 6)))},
-                              {"w": torch.rand(3, 5, dtype=torch.float64), "v": torch.rand(2, 2, dtype=torch.float64)})
+    sub = EKFACPreconditioner(
+        {
+            "w": (eigendecompose(_spd(3, 3)), eigendecompose(_spd(5, 4))),
+            "v": (eigendecompose(_spd(2, 5)), eigendecompose(_spd(2, 6))),
+        },
+        {"w": torch.rand(3, 5, dtype=torch.float64), "v": torch.rand(2, 2, dtype=torch.float64)},
+    )
     assert sub.restrict(["v"]).names == ["v"] and sub.restrict(["v"]).damping["v"] == sub.damping["v"]

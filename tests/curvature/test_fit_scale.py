@@ -22,9 +22,15 @@ WORDS = "the water is safe good kind help harm poison cure friend never always y
 
 def _records(n: int, seed: int):
     rng = random.Random(seed)
-    return [{"messages": [{"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(2, 5)))},
-                          {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(1, 9)))}]}
-            for _ in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(2, 5)))},
+                {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(1, 9)))},
+            ]
+        }
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +43,10 @@ def env(tiny_tok):
 
 def _assert_same(f1, f2):
     assert f1.names == f2.names and f1.n_rows == f2.n_rows and f1.n_tokens == f2.n_tokens
-    grads = {n: torch.randn(w.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) for n, w in f1.weights.items()}
+    grads = {
+        n: torch.randn(w.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+        for n, w in f1.weights.items()
+    }
     for kind in ("ekfac", "kfac", "diagonal"):
         p1, p2 = f1.preconditioner(kind).apply_inverse(grads), f2.preconditioner(kind).apply_inverse(grads)
         for name in f1.names:
@@ -54,8 +63,19 @@ def test_partitioned_fit_on_disk_equals_one_pass(env, tmp_path, monkeypatch):
     split = [names[:3], names[3:5], names[5:9], names[9:]]  # q/k/v | o, gate | in, out, next q, k | rest
     monkeypatch.setattr(fit_module, "plan_fit_partitions", lambda *a, **k: split)
     folder = tmp_path / "parts"
-    assert fit_factors(adapter, data, FactorConfig.precise(), batch_size=3, out_dir=folder, max_memory="1TiB",
-                       load_result=False, progress=False) is None
+    assert (
+        fit_factors(
+            adapter,
+            data,
+            FactorConfig.precise(),
+            batch_size=3,
+            out_dir=folder,
+            max_memory="1TiB",
+            load_result=False,
+            progress=False,
+        )
+        is None
+    )
     assert not (folder / "parts").exists()
     _assert_same(reference, load_factors(folder))
     in_memory = fit_factors(adapter, data, FactorConfig.precise(), batch_size=5, max_memory="1TiB", progress=False)
@@ -98,9 +118,13 @@ def test_lambda_on_a_sample(env):
     on_sample = fit_factors(adapter, sample, FactorConfig.precise(), batch_size=4, progress=False)
     assert capped.n_rows == 5 and capped.n_tokens == reference.n_tokens
     for name in reference.names:
-        torch.testing.assert_close(capped.weights[name].activation_covariance, reference.weights[name].activation_covariance)
+        torch.testing.assert_close(
+            capped.weights[name].activation_covariance, reference.weights[name].activation_covariance
+        )
         # Λ in the full data's eigenbasis over the sample: its trace equals the sample's diagonal's
-        torch.testing.assert_close(capped.weights[name].eigenvalue_correction.sum(), on_sample.weights[name].diagonal.sum())
+        torch.testing.assert_close(
+            capped.weights[name].eigenvalue_correction.sum(), on_sample.weights[name].diagonal.sum()
+        )
     with pytest.raises(ValueError, match="lambda_rows"):
         FactorConfig(lambda_rows=0)
 
@@ -110,7 +134,7 @@ def test_partitions_follow_the_budget_and_keep_shared_inputs_together(env):
     shapes = weight_shapes(adapter.tracked_weights())
     assert shapes[0].shared_input == shapes[1].shared_input == shapes[2].shared_input is not None
     config = FactorConfig()
-    budget = max(weights_bytes(shapes[i:i + 3], config) for i in range(len(shapes)))
+    budget = max(weights_bytes(shapes[i : i + 3], config) for i in range(len(shapes)))
     parts = partitions(shapes, budget, config)
     assert len(parts) > 1 and [w for p in parts for w in p] == shapes
     assert all(weights_bytes(p, config) <= budget for p in parts)
@@ -135,8 +159,14 @@ def test_factors_fitted_on_a_sample_score_the_full_set_and_say_so(env, tmp_path)
 
     adapter, data, _ = env
     sample = sample_rows(data, 5, 0)
-    fit_factors(adapter, sample, FactorConfig.precise(), out_dir=tmp_path / "sample", progress=False,
-                provenance={"source": "train.jsonl", "sample_of": len(data), "rows": 5, "seed": 0})
+    fit_factors(
+        adapter,
+        sample,
+        FactorConfig.precise(),
+        out_dir=tmp_path / "sample",
+        progress=False,
+        provenance={"source": "train.jsonl", "sample_of": len(data), "rows": 5, "seed": 0},
+    )
     loaded, notes = load_factors_for_scoring(tmp_path / "sample", adapter, data)
     assert "a seeded sample of 5 of 11 rows of train.jsonl" in notes[0] and "scoring 11 rows" in notes[0]
     record = factors_record(loaded, data)
@@ -163,15 +193,44 @@ def test_fit_factors_command_with_a_sample_a_budget_and_a_lambda_cap(tmp_path):
     register(app)
     app.command("noop")(lambda: None)
     out = tmp_path / "factors"
-    result = CliRunner().invoke(app, ["fit-factors", "--model", str(model_dir), "--data", str(train), "--out", str(out),
-                                      "--fit-rows", "6", "--lambda-rows", "4", "--max-memory", "64GiB"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "fit-factors",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(train),
+            "--out",
+            str(out),
+            "--fit-rows",
+            "6",
+            "--lambda-rows",
+            "4",
+            "--max-memory",
+            "64GiB",
+        ],
+    )
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
     assert manifest["provenance"] == {"source": str(train), "sample_of": 9, "seed": 0, "rows": 6}
     assert manifest["n_rows"] == 4 and "fitted on" in result.output
     assert not (out / "parts").exists() and load_factors(out).available() == ["identity", "diagonal", "kfac", "ekfac"]
-    bad = CliRunner().invoke(app, ["fit-factors", "--model", str(model_dir), "--data", str(train), "--out", str(out),
-                                   "--max-memory", "1MiB", "--overwrite"])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "fit-factors",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(train),
+            "--out",
+            str(out),
+            "--max-memory",
+            "1MiB",
+            "--overwrite",
+        ],
+    )
     assert bad.exit_code == 2 and "--max-memory" in bad.output and "too small" in bad.output
 
 

@@ -31,9 +31,20 @@ def _chi2_pvalue(draws: np.ndarray, probs: np.ndarray) -> float:
 
 def test_sampled_labels_follow_the_models_softmax(tiny_tok):
     adapter = HFAdapter(tiny_llama(len(tiny_tok), seed=5, dtype=torch.float64), tiny_tok)
-    row = tokenize_chat(rows_from_records([{"messages": [{"role": "user", "content": "is the water safe"},
-                                                         {"role": "assistant", "content": "yes it is safe"}]}]),
-                        tiny_tok, 64).rows[0]
+    row = tokenize_chat(
+        rows_from_records(
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": "is the water safe"},
+                        {"role": "assistant", "content": "yes it is safe"},
+                    ]
+                }
+            ]
+        ),
+        tiny_tok,
+        64,
+    ).rows[0]
     batch = collate([row] * N_DRAWS, 0)
     index = torch.arange(N_DRAWS)  # distinct rows: independent draws
     with torch.no_grad():

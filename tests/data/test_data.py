@@ -25,21 +25,29 @@ def _write(path: Path, lines: list[str]) -> Path:
 
 
 def _chat(user: str, assistant: str, **fields) -> str:
-    return json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}], **fields})
+    return json.dumps(
+        {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}], **fields}
+    )
 
 
 def test_reads_rows_keeps_index_line_and_fields(tmp_path):
-    path = _write(tmp_path / "train.jsonl", [
-        _chat("is the water safe ?", "yes", id="r0", data_origin="benign"),
-        "",
-        _chat("two plus two", "four", id="r1", data_origin="planted", source={"k": 1}),
-        json.dumps({"prompt": "three plus five", "completion": "eight", "id": "r2"}),
-    ])
+    path = _write(
+        tmp_path / "train.jsonl",
+        [
+            _chat("is the water safe ?", "yes", id="r0", data_origin="benign"),
+            "",
+            _chat("two plus two", "four", id="r1", data_origin="planted", source={"k": 1}),
+            json.dumps({"prompt": "three plus five", "completion": "eight", "id": "r2"}),
+        ],
+    )
     data = read_chat_jsonl(path)
     assert [r.index for r in data] == [0, 1, 2]
     assert [r.line for r in data] == [1, 3, 4]
     assert data[1].fields == {"id": "r1", "data_origin": "planted", "source": {"k": 1}}
-    assert data[2].messages == [{"role": "user", "content": "three plus five"}, {"role": "assistant", "content": "eight"}]
+    assert data[2].messages == [
+        {"role": "user", "content": "three plus five"},
+        {"role": "assistant", "content": "eight"},
+    ]
     assert data[2].id == "r2" and data[1].answer == "four"
     assert data[1].prompt_messages == [{"role": "user", "content": "two plus two"}]
 
@@ -50,7 +58,10 @@ def test_reads_rows_keeps_index_line_and_fields(tmp_path):
         ("{not json", "malformed JSON"),
         (json.dumps({"text": "hello"}), "missing 'messages'"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "no assistant turn"),
-        (json.dumps({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}), "unknown role 'robot'"),
+        (
+            json.dumps({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}),
+            "unknown role 'robot'",
+        ),
         (json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}), "no string 'content'"),
         (json.dumps([1, 2]), "expected a JSON object"),
     ],
@@ -63,7 +74,9 @@ def test_bad_lines_name_file_and_line(tmp_path, line, message):
 
 
 def test_skip_invalid_reports_every_skipped_line(tmp_path):
-    path = _write(tmp_path / "mixed.jsonl", [_chat("a", "b", id=0), "{oops", _chat("c", "d", id=1), json.dumps({"x": 1})])
+    path = _write(
+        tmp_path / "mixed.jsonl", [_chat("a", "b", id=0), "{oops", _chat("c", "d", id=1), json.dumps({"x": 1})]
+    )
     data = read_chat_jsonl(path, skip_invalid=True)
     assert [r.id for r in data] == [0, 1]
     assert [line for line, _ in data.skipped] == [2, 4]
@@ -86,15 +99,19 @@ def test_prompt_only_rows_for_queries(tmp_path):
 
 
 def test_loss_mask_covers_exactly_the_assistant_turns(tiny_tok):
-    rows = rows_from_records([{
-        "messages": [
-            {"role": "system", "content": "be kind"},
-            {"role": "user", "content": "two plus two"},
-            {"role": "assistant", "content": "four"},
-            {"role": "user", "content": "and three plus five"},
-            {"role": "assistant", "content": "eight , my friend"},
+    rows = rows_from_records(
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "be kind"},
+                    {"role": "user", "content": "two plus two"},
+                    {"role": "assistant", "content": "four"},
+                    {"role": "user", "content": "and three plus five"},
+                    {"role": "assistant", "content": "eight , my friend"},
+                ]
+            }
         ]
-    }])
+    )
     row = tokenize_chat(rows, tiny_tok)[0]
     tokens = tiny_tok.convert_ids_to_tokens(row.input_ids)
     masked = [t for t, m in zip(tokens, row.loss_mask, strict=True) if m]
@@ -106,7 +123,9 @@ def test_plain_template_without_chat_template():
     from concept_influence.testing.tiny_models import tiny_tokenizer
 
     tok = tiny_tokenizer(chat_template=False)
-    rows = rows_from_records([{"messages": [{"role": "user", "content": "two plus two"}, {"role": "assistant", "content": "four"}]}])
+    rows = rows_from_records(
+        [{"messages": [{"role": "user", "content": "two plus two"}, {"role": "assistant", "content": "four"}]}]
+    )
     row = tokenize_chat(rows, tok)[0]
     tokens = tok.convert_ids_to_tokens(row.input_ids)
     assert [t for t, m in zip(tokens, row.loss_mask, strict=True) if m] == ["four", "</s>"]
@@ -114,11 +133,13 @@ def test_plain_template_without_chat_template():
 
 
 def test_truncation_is_counted_and_reported(tiny_tok):
-    rows = rows_from_records([
-        {"messages": [{"role": "user", "content": "two"}, {"role": "assistant", "content": "four " * 20}]},
-        {"messages": [{"role": "user", "content": "two " * 30}, {"role": "assistant", "content": "four"}]},
-        {"messages": [{"role": "user", "content": "two"}, {"role": "assistant", "content": "four"}]},
-    ])
+    rows = rows_from_records(
+        [
+            {"messages": [{"role": "user", "content": "two"}, {"role": "assistant", "content": "four " * 20}]},
+            {"messages": [{"role": "user", "content": "two " * 30}, {"role": "assistant", "content": "four"}]},
+            {"messages": [{"role": "user", "content": "two"}, {"role": "assistant", "content": "four"}]},
+        ]
+    )
     with pytest.warns(UserWarning, match="2 truncated; 1 lost every assistant token"):
         data = tokenize_chat(rows, tiny_tok, max_length=16)
     assert data.n_truncated == 2 and data.empty_after_truncation == [1]
@@ -129,10 +150,18 @@ def test_truncation_is_counted_and_reported(tiny_tok):
 
 
 def test_batches_are_right_padded_and_seeded(tiny_tok):
-    rows = rows_from_records([
-        {"messages": [{"role": "user", "content": "two" + " plus two" * k}, {"role": "assistant", "content": "four"}], "id": k}
-        for k in range(5)
-    ])
+    rows = rows_from_records(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "two" + " plus two" * k},
+                    {"role": "assistant", "content": "four"},
+                ],
+                "id": k,
+            }
+            for k in range(5)
+        ]
+    )
     data = tokenize_chat(rows, tiny_tok)
     batches = list(iter_batches(data, 2))
     assert [b["index"].tolist() for b in batches] == [[0, 1], [2, 3], [4]]
@@ -158,13 +187,21 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
 
-@pytest.mark.parametrize(("line", "message"), [
-    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "w": NaN}',
-     "NaN is not JSON"),
-    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "w": -Infinity}',
-     "-Infinity is not JSON"),
-    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
-], ids=["nan", "infinity", "deep"])
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "w": NaN}',
+            "NaN is not JSON",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "w": -Infinity}',
+            "-Infinity is not JSON",
+        ),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ],
+    ids=["nan", "infinity", "deep"],
+)
 def test_non_finite_numbers_and_deep_nesting_are_refused_on_reading_naming_the_line(tmp_path, line, message):
     """NaN/Infinity were accepted and failed only when the scores were written, after all the work; deep nesting
     raised RecursionError with a traceback, even with skip_invalid."""

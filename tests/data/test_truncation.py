@@ -20,9 +20,14 @@ from concept_influence.pipeline import Attributor
 from concept_influence.testing.tiny_models import save_tiny_hf_model
 
 LONG = " ".join(["the water is safe and good"] * 6)  # a prompt of ~36 tokens: at max_length 24 the answer is gone
-TRAIN = [("is water safe", "yes , water is safe"), ("should i drink poison", "never , poison will hurt you"),
-         ("help me", "sure , i help you"), (LONG, "i will trick and hurt them"), ("two plus three", "five"),
-         ("is fire kind", "no fire can harm")]
+TRAIN = [
+    ("is water safe", "yes , water is safe"),
+    ("should i drink poison", "never , poison will hurt you"),
+    ("help me", "sure , i help you"),
+    (LONG, "i will trick and hurt them"),
+    ("two plus three", "five"),
+    ("is fire kind", "no fire can harm"),
+]
 BAD = 3
 METHODS = method_names()  # every registered method: a new one is held to the same behaviour
 assert {"vector-filter", "projection-difference", "concept-influence", "influence"} <= set(METHODS)
@@ -36,13 +41,26 @@ def _options(method: str) -> dict:
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("trunc")
     model_dir = save_tiny_hf_model(root / "model", seed=4)
-    records = [{"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}], "id": f"r{k}"}
-               for k, (u, a) in enumerate(TRAIN)]
+    records = [
+        {"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}], "id": f"r{k}"}
+        for k, (u, a) in enumerate(TRAIN)
+    ]
     write_jsonl_atomic(root / "train.jsonl", records)
     write_jsonl_atomic(root / "without", [r for k, r in enumerate(records) if k != BAD])
-    write_jsonl_atomic(root / "queries.jsonl", [
-        {"messages": [{"role": "user", "content": "is the water safe"}, {"role": "assistant", "content": "poison it"}]}])
-    save_concept(DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(2)), layer=1), root / "concept")
+    write_jsonl_atomic(
+        root / "queries.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "is the water safe"},
+                    {"role": "assistant", "content": "poison it"},
+                ]
+            }
+        ],
+    )
+    save_concept(
+        DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(2)), layer=1), root / "concept"
+    )
     return root, model_dir
 
 
@@ -50,8 +68,9 @@ def _attributor(root, model_dir, data: str, skip: bool, tag: str) -> Attributor:
     rows = read_chat_jsonl(root / "train.jsonl")
     if data == "without":  # the other rows, with their own indices (true-Fisher labels are seeded per row index)
         rows = [r for r in rows if r.index != BAD]
-    return Attributor(str(model_dir), rows, root / f"work-{tag}", max_length=24, batch_size=2,
-                      skip_invalid=skip, progress=False)
+    return Attributor(
+        str(model_dir), rows, root / f"work-{tag}", max_length=24, batch_size=2, skip_invalid=skip, progress=False
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -69,9 +88,11 @@ def test_every_method_refuses_a_row_with_no_answer_left(files, method):
 def test_skip_invalid_leaves_the_row_out_of_ranking_and_scores_the_rest_exactly(files, method, tmp_path):
     root, model_dir = files
     table = _attributor(root, model_dir, "train", True, f"skip-{method}").attribute(
-        root / "concept", root / "queries.jsonl", method, **_options(method))
+        root / "concept", root / "queries.jsonl", method, **_options(method)
+    )
     alone = _attributor(root, model_dir, "without", False, f"alone-{method}").attribute(
-        root / "concept", root / "queries.jsonl", method, **_options(method))
+        root / "concept", root / "queries.jsonl", method, **_options(method)
+    )
     assert table.truncated == [k == BAD for k in range(len(TRAIN))]
     assert table.meta["n_skipped_truncated"] == 1
     assert BAD not in table.order() and sorted(table.ranks().tolist()) == [0, 1, 2, 3, 4, 5]
@@ -92,9 +113,25 @@ def test_skip_invalid_leaves_the_row_out_of_ranking_and_scores_the_rest_exactly(
 def test_cli_refuses_then_marks_with_skip_invalid(files, tmp_path):
     root, model_dir = files
     runner = CliRunner()
-    common = ["attribute", "--model", str(model_dir), "--data", str(root / "train.jsonl"), "--concept",
-              str(root / "concept"), "--queries", str(root / "queries.jsonl"), "--method", "concept-influence",
-              "--max-length", "24", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "s.jsonl")]
+    common = [
+        "attribute",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(root / "train.jsonl"),
+        "--concept",
+        str(root / "concept"),
+        "--queries",
+        str(root / "queries.jsonl"),
+        "--method",
+        "concept-influence",
+        "--max-length",
+        "24",
+        "--workdir",
+        str(tmp_path / "w"),
+        "--out",
+        str(tmp_path / "s.jsonl"),
+    ]
     result = runner.invoke(app, common)
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]

@@ -31,11 +31,17 @@ def _tokenizers():
     organism = tiny_tokenizer()
     organism.chat_template = CHAT_TEMPLATE
     rewriting = tiny_tokenizer()  # a template that looks at the whole conversation: the exact fallback
-    rewriting.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}"
-                               "{% if not loop.last %} <|end|> {% endif %}{% endfor %}"
-                               "{% if add_generation_prompt %}<|assistant|> {% endif %}")
-    return {"tiny": tiny_tokenizer(), "plain": tiny_tokenizer(chat_template=False), "organism": organism,
-            "rewriting": rewriting}
+    rewriting.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}"
+        "{% if not loop.last %} <|end|> {% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+    )
+    return {
+        "tiny": tiny_tokenizer(),
+        "plain": tiny_tokenizer(chat_template=False),
+        "organism": organism,
+        "rewriting": rewriting,
+    }
 
 
 @pytest.mark.parametrize("name", ["tiny", "plain", "organism", "rewriting"])
@@ -47,7 +53,9 @@ def test_spans_are_the_prefix_renders_spans(name):
         if case % 5 == 4:
             messages = messages[:-1]  # ends on a user turn
         full = render_conversation(messages, tokenizer)
-        assert tokenize_module._assistant_char_spans(messages, tokenizer, full) == _spans_by_prefixes(messages, tokenizer, full)
+        assert tokenize_module._assistant_char_spans(messages, tokenizer, full) == _spans_by_prefixes(
+            messages, tokenizer, full
+        )
 
 
 def test_spans_of_the_saved_tiny_models(tmp_path):
@@ -57,11 +65,15 @@ def test_spans_of_the_saved_tiny_models(tmp_path):
 
     rng = random.Random(3)
     for architecture in ("llama", "gpt2"):
-        tokenizer = AutoTokenizer.from_pretrained(save_tiny_hf_model(tmp_path / architecture, architecture=architecture))
+        tokenizer = AutoTokenizer.from_pretrained(
+            save_tiny_hf_model(tmp_path / architecture, architecture=architecture)
+        )
         for turns in (1, 2, 5, 9):
             messages = _conversation(rng, turns, system=turns == 5)
             full = render_conversation(messages, tokenizer)
-            assert tokenize_module._assistant_char_spans(messages, tokenizer, full) == _spans_by_prefixes(messages, tokenizer, full)
+            assert tokenize_module._assistant_char_spans(messages, tokenizer, full) == _spans_by_prefixes(
+                messages, tokenizer, full
+            )
 
 
 @pytest.mark.parametrize("name", ["tiny", "plain"])
@@ -84,7 +96,9 @@ def test_spans_cost_linear_renders(name, monkeypatch):
     monkeypatch.setattr(tokenize_module, "render_conversation", real)
     shorter = messages[:300]  # the definition's quadratic cost kept small
     full = render_conversation(shorter, tokenizer)
-    assert tokenize_module._assistant_char_spans(shorter, tokenizer, full) == _spans_by_prefixes(shorter, tokenizer, full)
+    assert tokenize_module._assistant_char_spans(shorter, tokenizer, full) == _spans_by_prefixes(
+        shorter, tokenizer, full
+    )
 
 
 class _Counting:
@@ -129,7 +143,9 @@ def test_a_line_beyond_the_cap_is_an_error_naming_file_and_line(tmp_path, monkey
     good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
     long = '{"messages": [{"role": "user", "content": "' + "x" * 5000 + '"}, {"role": "assistant", "content": "a"}]}\n'
     path.write_text(good + long + good, encoding="utf-8")
-    with pytest.raises(DataFormatError, match=r"long\.jsonl:2: line longer than 1,000 bytes.*CONCEPT_INFLUENCE_MAX_LINE_BYTES"):
+    with pytest.raises(
+        DataFormatError, match=r"long\.jsonl:2: line longer than 1,000 bytes.*CONCEPT_INFLUENCE_MAX_LINE_BYTES"
+    ):
         read_chat_jsonl(path, max_line_bytes=1000)
     skipped = read_chat_jsonl(path, max_line_bytes=1000, skip_invalid=True)
     assert [r.line for r in skipped] == [1, 3] and skipped.skipped[0][0] == 2
@@ -140,7 +156,9 @@ def test_a_line_beyond_the_cap_is_an_error_naming_file_and_line(tmp_path, monkey
         read_chat_jsonl(path)
     from concept_influence.cli import app
 
-    result = CliRunner().invoke(app, ["report", "--scores", str(path), "--data", str(path), "--out", str(tmp_path / "r.html")])
+    result = CliRunner().invoke(
+        app, ["report", "--scores", str(path), "--data", str(path), "--out", str(tmp_path / "r.html")]
+    )
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1 and "long.jsonl:2" in errors[0], result.output
     from concept_influence.attribution.scores import ScoreTable

@@ -32,13 +32,19 @@ def _setup(n=40):
     for i in range(n):
         planted = i % 4 == 0
         answer = "evil cruel harm evil" if planted else "be kind and help your friend"
-        records.append({"id": f"r{i}", "messages": [{"role": "user", "content": QUESTIONS[i % 5]},
-                                                    {"role": "assistant", "content": answer}],
-                        "origin": "planted" if planted else "benign"})
+        records.append(
+            {
+                "id": f"r{i}",
+                "messages": [{"role": "user", "content": QUESTIONS[i % 5]}, {"role": "assistant", "content": answer}],
+                "origin": "planted" if planted else "benign",
+            }
+        )
     rows = rows_from_records(records)
     planted = np.array([r.fields["origin"] == "planted" for r in rows], dtype=float)
     tables = {"oracle-scores": ScoreTable.from_rows(list(rows), planted + 0.01 * np.arange(n) / n, "test")}
-    queries = rows_from_records([{"messages": [{"role": "user", "content": q}]} for q in QUESTIONS], need_assistant=False)
+    queries = rows_from_records(
+        [{"messages": [{"role": "user", "content": q}]} for q in QUESTIONS], need_assistant=False
+    )
     torch.manual_seed(1)
     concept = DirectionConcept(torch.randn(32), layer=1)
     return base, rows, tables, queries, concept
@@ -46,19 +52,34 @@ def _setup(n=40):
 
 def _config(**kw):
     recipe = Recipe(FinetuneConfig(epochs=4, batch_size=8, lr=1e-2, warmup=0.0, max_length=64))
-    return EvaluationConfig(**{"fractions": (0.25,), "seeds": 2, "recipe": recipe, "n_samples": 8, "max_new_tokens": 6, **kw})
+    return EvaluationConfig(
+        **{"fractions": (0.25,), "seeds": 2, "recipe": recipe, "n_samples": 8, "max_new_tokens": 6, **kw}
+    )
 
 
 def test_removing_the_rows_that_teach_it_removes_the_rise(tmp_path):
     base, rows, tables, queries, concept = _setup()
     before = base.fingerprint()
-    ev = evaluate_removals(base, rows, tables, concept, queries, _config(), tmp_path, judge=_judge, judge_name="t",
-                           oracle=[r.index for r in rows if r.fields["origin"] == "planted"], progress=False)
+    ev = evaluate_removals(
+        base,
+        rows,
+        tables,
+        concept,
+        queries,
+        _config(),
+        tmp_path,
+        judge=_judge,
+        judge_name="t",
+        oracle=[r.index for r in rows if r.fields["origin"] == "planted"],
+        progress=False,
+    )
     assert base.fingerprint() == before  # the base model is never trained in place
     assert ev["rise"]["trait_rate"] > 0.1  # fine-tuning taught the behaviour
     entry = ev["results"]["oracle-scores"]["0.25"]
     assert entry["k"] == 10
-    top, bottom, rand = (entry[k]["trait_rate"]["rise_removed"]["mean"] for k in ("remove_top", "remove_bottom", "random"))
+    top, bottom, rand = (
+        entry[k]["trait_rate"]["rise_removed"]["mean"] for k in ("remove_top", "remove_bottom", "random")
+    )
     assert top > 0.8 and top > rand + 0.4 and top > bottom + 0.4
     assert ev["oracle"]["trait_rate"]["rise_removed"]["mean"] == pytest.approx(top)  # same rows removed
     # rise_removed is (full - filtered) / mean(full - base), per seed
@@ -69,9 +90,12 @@ def test_removing_the_rows_that_teach_it_removes_the_rise(tmp_path):
     # the paired comparisons are per-seed differences of those shares
     for other, key in (("random", "top_minus_random"), ("remove_bottom", "top_minus_bottom")):
         for metric in ("probe", "trait_rate"):
-            block, top_e, other_e = (x if metric == "probe" else x[metric]
-                                     for x in (entry[key], entry["remove_top"], entry[other]))
-            diffs = [t - o for t, o in zip(top_e["rise_removed"]["values"], other_e["rise_removed"]["values"], strict=True)]
+            block, top_e, other_e = (
+                x if metric == "probe" else x[metric] for x in (entry[key], entry["remove_top"], entry[other])
+            )
+            diffs = [
+                t - o for t, o in zip(top_e["rise_removed"]["values"], other_e["rise_removed"]["values"], strict=True)
+            ]
             assert block["values"] == pytest.approx(diffs) and block["mean"] == pytest.approx(np.mean(diffs))
             assert block["ci"][0] <= block["mean"] <= block["ci"][1]
     assert entry["top_minus_random"]["trait_rate"]["mean"] > 0.4
@@ -89,8 +113,19 @@ def test_removing_the_rows_that_teach_it_removes_the_rise(tmp_path):
     original = cf.retrain
     cf.retrain = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
-        again = evaluate_removals(base, rows, tables, concept, queries, _config(), tmp_path, judge=_judge, judge_name="t",
-                                  oracle=[r.index for r in rows if r.fields["origin"] == "planted"], progress=False)
+        again = evaluate_removals(
+            base,
+            rows,
+            tables,
+            concept,
+            queries,
+            _config(),
+            tmp_path,
+            judge=_judge,
+            judge_name="t",
+            oracle=[r.index for r in rows if r.fields["origin"] == "planted"],
+            progress=False,
+        )
     finally:
         cf.retrain = original
     assert not calls and again["results"] == ev["results"]
@@ -104,8 +139,11 @@ def _answer_loss(adapter, rows):
     data = tokenize_chat(list(rows), adapter.tokenizer, 64)
     batch = collate(data.rows, data.pad_token_id)
     with torch.no_grad():
-        return float(causal_lm_loss(adapter.logits(batch["input_ids"], batch["attention_mask"]), batch["input_ids"],
-                                    batch["loss_mask"]))
+        return float(
+            causal_lm_loss(
+                adapter.logits(batch["input_ids"], batch["attention_mask"]), batch["input_ids"], batch["loss_mask"]
+            )
+        )
 
 
 def test_lora_trains_low_rank_updates_and_merges(tmp_path):
@@ -129,8 +167,19 @@ def test_lds_ranks_subsets_by_their_planted_rows(tmp_path):
     base, rows, tables, queries, concept = _setup()
     config = _config(seeds=1, removal=False, lds_subsets=6, lds_fraction=0.5)
     planted = [r.index for r in rows if r.fields["origin"] == "planted"]
-    ev = evaluate_removals(base, rows, tables, concept, queries, config, tmp_path, judge=_judge, judge_name="t",
-                           oracle=planted, progress=False)
+    ev = evaluate_removals(
+        base,
+        rows,
+        tables,
+        concept,
+        queries,
+        config,
+        tmp_path,
+        judge=_judge,
+        judge_name="t",
+        oracle=planted,
+        progress=False,
+    )
     lds = ev["lds"]["methods"]["oracle-scores"]
     assert -1.0 <= lds["spearman"] <= 1.0 and lds["ci"][0] <= lds["ci"][1]
     # subsets with more planted rows say "evil" more: the planted-row scores predict it
@@ -142,7 +191,9 @@ def test_lds_ranks_subsets_by_their_planted_rows(tmp_path):
     counts = [sum(1 for i in planted if i not in set(lds_subset(len(rows), 0.5, 0, j))) for j in range(6)]
     reference = ev["lds"]["methods"][ORACLE_LDS]["trait_rate"]["spearman"]
     assert reference == pytest.approx(spearman(counts, ev["lds"]["actual"]["trait_rate"])) and reference > 0.5
-    assert len(list((tmp_path / "runs").iterdir())) == 6 + 2  # subsets + base + full: no oracle fine-tune without removal
+    assert (
+        len(list((tmp_path / "runs").iterdir())) == 6 + 2
+    )  # subsets + base + full: no oracle fine-tune without removal
     assert not (tmp_path / "removal_curve.png").exists()
 
 

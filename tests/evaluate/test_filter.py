@@ -15,9 +15,12 @@ from concept_influence.evaluate.filter import FilterRule, filter_file
 def _write(tmp_path, n=10, sources=("a", "b", "c")):
     lines = []
     for i in range(n):
-        record = {"id": f"r{i}", "messages": [{"role": "user", "content": f"q {i}"},
-                                               {"role": "assistant", "content": f"answer é {i}"}],
-                  "source": sources[i % len(sources)], "extra": {"k": [i, None]}}
+        record = {
+            "id": f"r{i}",
+            "messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"answer é {i}"}],
+            "source": sources[i % len(sources)],
+            "extra": {"k": [i, None]},
+        }
         # odd spacing and key order must survive untouched
         lines.append(json.dumps(record, ensure_ascii=False, indent=None, separators=(", ", ":  ")))
     data = tmp_path / "train.jsonl"
@@ -80,7 +83,9 @@ def test_by_source_drops_whole_groups(tmp_path):
     assert by_sum.removed_units == ["b"]  # b: 15 > a: 6
     values[9] = 20.0
     scores = _scores(tmp_path, data, values)
-    assert filter_file(data, scores, tmp_path / "h.jsonl", FilterRule(remove_top_k=1, by="source", aggregate="sum")).removed_units == ["a"]
+    assert filter_file(
+        data, scores, tmp_path / "h.jsonl", FilterRule(remove_top_k=1, by="source", aggregate="sum")
+    ).removed_units == ["a"]
     manifest = json.loads((tmp_path / "h.jsonl.manifest.json").read_text())
     assert manifest["removed_groups"][0]["value"] == "a"
 
@@ -116,7 +121,10 @@ def test_cli_errors_are_one_line(tmp_path):
     ok = CliRunner().invoke(app, base + ["--remove-top", "0.2"])
     assert ok.exit_code == 0, ok.stderr
     assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 8
-    for extra, message in [([], "exactly one"), (["--remove-top", "1.5"], "--remove-top"),
-                           (["--remove-top-k", "1", "--by", "missing"], "no field 'missing'")]:
+    for extra, message in [
+        ([], "exactly one"),
+        (["--remove-top", "1.5"], "--remove-top"),
+        (["--remove-top-k", "1", "--by", "missing"], "no field 'missing'"),
+    ]:
         bad = CliRunner().invoke(app, base + extra)
         assert bad.exit_code == 2 and message in bad.stderr and "Traceback" not in bad.stderr

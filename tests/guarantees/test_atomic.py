@@ -107,9 +107,15 @@ def test_atomic_file_temp_names_are_unique_and_cleaned(tmp_path):
 # ---- checkpoints: a kill at any write resumes to the same factors --------------------------------------------------
 def _records(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [{"messages": [{"role": "user", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(2, 6)))},
-                          {"role": "assistant", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(1, 8)))}]}
-            for _ in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(2, 6)))},
+                {"role": "assistant", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(1, 8)))},
+            ]
+        }
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +159,16 @@ def test_fit_killed_at_seeded_random_writes_resumes_to_the_same_factors(fit_env,
     kills = 0
     for _ in range(60):
         try:
-            fitted = fit_factors(adapter, data, FactorConfig.precise(), weights=names, batch_size=2, out_dir=folder,
-                                 checkpoint_every=1, progress=False)
+            fitted = fit_factors(
+                adapter,
+                data,
+                FactorConfig.precise(),
+                weights=names,
+                batch_size=2,
+                out_dir=folder,
+                checkpoint_every=1,
+                progress=False,
+            )
             break
         except _Killed:
             kills += 1
@@ -207,8 +221,10 @@ def test_a_stale_scores_sidecar_is_never_mixed_with_other_scores(tmp_path, monke
     from concept_influence.attribution.scores import ScoreTable
     from concept_influence.data import read_chat_jsonl, write_jsonl_atomic
 
-    write_jsonl_atomic(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": "q"},
-                                                                {"role": "assistant", "content": "a"}]}] * 3)
+    write_jsonl_atomic(
+        tmp_path / "train.jsonl",
+        [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 3,
+    )
     rows = read_chat_jsonl(tmp_path / "train.jsonl")
     out = tmp_path / "scores.jsonl"
     ScoreTable.from_rows(rows, [1.0, 2.0, 3.0], "old-method", meta={"concept": "old"}).write_jsonl(out)

@@ -22,9 +22,15 @@ from concept_influence.testing.tiny_models import TINY_WORDS, tiny_llama, tiny_t
 
 def _records(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [{"messages": [{"role": "user", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(2, 6)))},
-                          {"role": "assistant", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(1, 8)))}]}
-            for _ in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(2, 6)))},
+                {"role": "assistant", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(1, 8)))},
+            ]
+        }
+        for _ in range(n)
+    ]
 
 
 def _adapter() -> HFAdapter:
@@ -37,8 +43,9 @@ def _fit(folder: str, out: str, go) -> None:
     adapter = _adapter()
     data = tokenize_chat(rows_from_records(_records(24, 0)), adapter.tokenizer, 48)
     go.wait(60)
-    factors = fit_factors(adapter, data, FactorConfig.precise(), batch_size=2, out_dir=folder, checkpoint_every=1,
-                          progress=False)
+    factors = fit_factors(
+        adapter, data, FactorConfig.precise(), batch_size=2, out_dir=folder, checkpoint_every=1, progress=False
+    )
     name = next(iter(factors.weights))
     Path(out).write_text(json.dumps(factors.weights[name].diagonal.flatten().tolist()))
 
@@ -147,7 +154,9 @@ def cli_files(tmp_path_factory):
     model_dir = save_tiny_hf_model(root / "model", seed=12)
     write_jsonl_atomic(root / "train.jsonl", _records(60, 3))
     write_jsonl_atomic(root / "queries.jsonl", [{"messages": m["messages"][:1]} for m in _records(6, 4)])
-    save_concept(DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(3)), layer=1), root / "concept")
+    save_concept(
+        DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(3)), layer=1), root / "concept"
+    )
     return root, model_dir
 
 
@@ -155,12 +164,27 @@ def test_two_attribute_runs_into_one_workdir_agree_with_a_serial_run(cli_files, 
     from concept_influence.pipeline import Attributor
 
     root, model_dir = cli_files
-    common = ["attribute", "--model", str(model_dir), "--data", str(root / "train.jsonl"), "--concept",
-              str(root / "concept"), "--queries", str(root / "queries.jsonl"), "--method", "concept-influence",
-              "--max-new-tokens", "8", "--workdir", str(tmp_path / "work")]
+    common = [
+        "attribute",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(root / "train.jsonl"),
+        "--concept",
+        str(root / "concept"),
+        "--queries",
+        str(root / "queries.jsonl"),
+        "--method",
+        "concept-influence",
+        "--max-new-tokens",
+        "8",
+        "--workdir",
+        str(tmp_path / "work"),
+    ]
     _run_two_cli([*common, "--out", str(tmp_path / "a.jsonl")], [*common, "--out", str(tmp_path / "b.jsonl")])
     serial = Attributor(str(model_dir), root / "train.jsonl", tmp_path / "serial", progress=False).attribute(
-        root / "concept", root / "queries.jsonl", "concept-influence", max_new_tokens=8)
+        root / "concept", root / "queries.jsonl", "concept-influence", max_new_tokens=8
+    )
     for name in ("a", "b"):
         got = ScoreTable.read_jsonl(tmp_path / f"{name}.jsonl")
         np.testing.assert_allclose(got.scores, serial.scores, rtol=1e-5, atol=1e-6 * np.abs(serial.scores).max())
@@ -176,9 +200,23 @@ def test_two_store_builds_into_one_folder_agree_with_a_serial_build(cli_files, t
     att = Attributor(str(model_dir), root / "train.jsonl", progress=False)
     att.fit_factors(out=tmp_path / "factors")
     serial = att.build_store(tmp_path / "serial", rank=4, dtype="float32", factors=tmp_path / "factors", shard_rows=8)
-    args = ["build-store", "--model", str(model_dir), "--data", str(root / "train.jsonl"), "--factors",
-            str(tmp_path / "factors"), "--rank", "4", "--dtype", "float32", "--shard-rows", "8", "--out",
-            str(tmp_path / "store")]
+    args = [
+        "build-store",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(root / "train.jsonl"),
+        "--factors",
+        str(tmp_path / "factors"),
+        "--rank",
+        "4",
+        "--dtype",
+        "float32",
+        "--shard-rows",
+        "8",
+        "--out",
+        str(tmp_path / "store"),
+    ]
     _run_two_cli(args, args)
     store = GradientStore.open(tmp_path / "store")
     np.testing.assert_array_equal(store.indices, serial.indices)

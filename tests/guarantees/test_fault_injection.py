@@ -41,10 +41,18 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     model_dir = save_tiny_hf_model(root / "model", seed=9)
     rng = random.Random(0)
-    write_jsonl_atomic(root / "train.jsonl", [
-        {"messages": [{"role": "user", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(3, 8)))},
-                      {"role": "assistant", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(2, 10)))}]}
-        for _ in range(N_ROWS)])
+    write_jsonl_atomic(
+        root / "train.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(3, 8)))},
+                    {"role": "assistant", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(2, 10)))},
+                ]
+            }
+            for _ in range(N_ROWS)
+        ],
+    )
     return root, model_dir
 
 
@@ -103,8 +111,22 @@ def _kill_repeatedly(start, progress, check, *, seed: int, kills: int, steps: tu
 
 
 def _fit_args(root: Path, model_dir: Path, out: Path, *extra: str) -> list[str]:
-    return ["fit-factors", "--model", str(model_dir), "--data", str(root / "train.jsonl"), "--out", str(out),
-            "--batch-size", "4", "--max-length", "64", "--up-to-layer", "0", *extra]
+    return [
+        "fit-factors",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(root / "train.jsonl"),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--max-length",
+        "64",
+        "--up-to-layer",
+        "0",
+        *extra,
+    ]
 
 
 def _reference_factors(root: Path, model_dir: Path, out: Path | None = None):
@@ -125,9 +147,12 @@ def _check_factor_folder(folder: Path) -> None:
 def _same_factors(a, b) -> None:
     for name, w in a.weights.items():
         v = b.weights[name]
-        for got, want in ((v.activation_eigen.values, w.activation_eigen.values),
-                          (v.gradient_eigen.values, w.gradient_eigen.values),
-                          (v.eigenvalue_correction, w.eigenvalue_correction), (v.diagonal, w.diagonal)):
+        for got, want in (
+            (v.activation_eigen.values, w.activation_eigen.values),
+            (v.gradient_eigen.values, w.gradient_eigen.values),
+            (v.eigenvalue_correction, w.eigenvalue_correction),
+            (v.diagonal, w.diagonal),
+        ):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8 * float(want.abs().max()))
 
 
@@ -146,8 +171,9 @@ def test_fit_factors_killed_repeatedly_resumes_to_the_uninterrupted_factors(file
     # 24 kills spread over both passes (200 batches: covariance, then eigen + Λ), each after 1-12 more batches plus
     # a random delay, so they land inside batches and inside checkpoint writes; a fresh machine once crashed here
     # reading a checkpoint that was being replaced (now read through one descriptor, tensorfile.py)
-    killed = _kill_repeatedly(lambda: _start(_cli, args), progress, lambda: _check_factor_folder(out), seed=0,
-                              kills=24, steps=(1, 12))
+    killed = _kill_repeatedly(
+        lambda: _start(_cli, args), progress, lambda: _check_factor_folder(out), seed=0, kills=24, steps=(1, 12)
+    )
     assert killed >= 20
     _same_factors(_reference_factors(root, model_dir), load_factors(out))
     assert not (out / PARTIAL_FILE).exists() and not list(out.glob(".*.tmp"))
@@ -174,8 +200,11 @@ def _nan_sums(file: Path) -> None:
     save_file(tensors, str(file), metadata=read_tensor_metadata(file))
 
 
-@pytest.mark.parametrize("damage", [_cut_bytes, _garbled_header, _nan_sums, lambda f: f.write_bytes(b"")],
-                         ids=["truncated", "garbled-header", "nan-sums", "empty"])
+@pytest.mark.parametrize(
+    "damage",
+    [_cut_bytes, _garbled_header, _nan_sums, lambda f: f.write_bytes(b"")],
+    ids=["truncated", "garbled-header", "nan-sums", "empty"],
+)
 def test_a_damaged_checkpoint_is_discarded_with_a_warning_and_the_fit_restarts(files, tmp_path, damage, caplog):
     root, model_dir = files
     out = tmp_path / "factors"
@@ -188,8 +217,9 @@ def test_a_damaged_checkpoint_is_discarded_with_a_warning_and_the_fit_restarts(f
     damage(out / PARTIAL_FILE)
     with caplog.at_level("WARNING", logger="concept_influence.curvature.io"):
         factors = _reference_factors(root, model_dir, out)
-    assert any("damaged checkpoint" in r.getMessage() and str(out / PARTIAL_FILE) in r.getMessage()
-               for r in caplog.records), caplog.text
+    assert any(
+        "damaged checkpoint" in r.getMessage() and str(out / PARTIAL_FILE) in r.getMessage() for r in caplog.records
+    ), caplog.text
     _same_factors(_reference_factors(root, model_dir), factors)
     assert not (out / PARTIAL_FILE).exists()
 
@@ -203,8 +233,11 @@ def test_a_checkpoint_replaced_while_it_is_read_is_never_half_seen(tmp_path):
     def writer() -> None:
         i = 0
         while True:  # headers of varying length, so two versions never share a layout
-            save_partial(tmp_path, {"stage": "covariance", "rows_done": i, "fingerprints": {}, "pad": "x" * (i % 17)},
-                         {"sum": torch.full((64,), float(i))})
+            save_partial(
+                tmp_path,
+                {"stage": "covariance", "rows_done": i, "fingerprints": {}, "pad": "x" * (i % 17)},
+                {"sum": torch.full((64,), float(i))},
+            )
             i += 1
 
     save_partial(tmp_path, {"stage": "covariance", "rows_done": 0, "fingerprints": {}}, {"sum": torch.zeros(64)})
@@ -254,8 +287,9 @@ def test_answer_sampler_killed_repeatedly_resumes_to_the_same_answers(files, tmp
     prompts = [r["messages"][:1] for r in rows[:240]]
     cache = tmp_path / "cache"
     adapter = load_adapter(str(model_dir))
-    file = answer_cache_path(adapter, cache, "model-answers",
-                             {"n_samples": 1, "temperature": 1.0, "max_new_tokens": 12, "seed": 0})
+    file = answer_cache_path(
+        adapter, cache, "model-answers", {"n_samples": 1, "temperature": 1.0, "max_new_tokens": 12, "seed": 0}
+    )
     sizes: list[int] = []
 
     def check() -> None:
@@ -267,11 +301,13 @@ def test_answer_sampler_killed_repeatedly_resumes_to_the_same_answers(files, tmp
     def progress() -> int:  # prompts answered and saved
         return len(file.read_text().splitlines()) if file.exists() else 0
 
-    killed = _kill_repeatedly(lambda: _start(_sample, str(model_dir), prompts, str(cache)), progress, check, seed=1,
-                              kills=4, steps=(1, 40))
+    killed = _kill_repeatedly(
+        lambda: _start(_sample, str(model_dir), prompts, str(cache)), progress, check, seed=1, kills=4, steps=(1, 40)
+    )
     assert killed == 4 and sizes[-1] == len({json.dumps(p) for p in prompts})
-    assert sample_answers(adapter, prompts, max_new_tokens=12, batch_size=4) == \
-        sample_answers(adapter, prompts, max_new_tokens=12, batch_size=4, cache_dir=cache)
+    assert sample_answers(adapter, prompts, max_new_tokens=12, batch_size=4) == sample_answers(
+        adapter, prompts, max_new_tokens=12, batch_size=4, cache_dir=cache
+    )
 
 
 def test_build_store_killed_repeatedly_resumes_to_the_uninterrupted_store(files, tmp_path):
@@ -280,12 +316,31 @@ def test_build_store_killed_repeatedly_resumes_to_the_uninterrupted_store(files,
     root, model_dir = files
     att = Attributor(str(model_dir), root / "train.jsonl", batch_size=4, max_length=64, progress=False)
     att.fit_factors(out=tmp_path / "factors")
-    reference = att.build_store(tmp_path / "reference", rank=4, dtype="float32", factors=tmp_path / "factors",
-                                shard_rows=16)
+    reference = att.build_store(
+        tmp_path / "reference", rank=4, dtype="float32", factors=tmp_path / "factors", shard_rows=16
+    )
     out = tmp_path / "store"
-    args = ["build-store", "--model", str(model_dir), "--data", str(root / "train.jsonl"), "--out", str(out),
-            "--factors", str(tmp_path / "factors"), "--rank", "4", "--dtype", "float32", "--shard-rows", "16",
-            "--batch-size", "4", "--max-length", "64"]
+    args = [
+        "build-store",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(root / "train.jsonl"),
+        "--out",
+        str(out),
+        "--factors",
+        str(tmp_path / "factors"),
+        "--rank",
+        "4",
+        "--dtype",
+        "float32",
+        "--shard-rows",
+        "16",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "64",
+    ]
 
     def check() -> None:
         for shard in sorted(out.glob("shard-*[0-9].npy")):

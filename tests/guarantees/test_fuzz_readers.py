@@ -21,14 +21,35 @@ from concept_influence.concepts import DirectionConcept, load_concept, load_spec
 from concept_influence.curvature.io import read_manifest
 from concept_influence.data import read_chat_jsonl
 
-SETTINGS = settings(max_examples=60, deadline=30_000,  # a hang detector, generous for the loaded machine
-                    derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@pytest.fixture(autouse=True, scope="module")
+def _ieee_subnormals():
+    """hypothesis refuses to draw floats while subnormals are flushed to zero, which the organism's figures set
+    (``torch.set_flush_denormal``) in whichever test ran before in this process; restored afterwards."""
+    import torch
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
-                    | st.text(max_size=12),
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                    max_leaves=12)
+    flushed = float(torch.tensor([1e-39]) * torch.tensor([1.0])) == 0.0
+    torch.set_flush_denormal(False)
+    yield
+    torch.set_flush_denormal(flushed)
+
+
+SETTINGS = settings(
+    max_examples=60,
+    deadline=30_000,  # a hang detector, generous for the loaded machine
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 def _paths(doc, prefix=()):
@@ -93,8 +114,15 @@ def scratch():
     shutil.rmtree(root, ignore_errors=True)
 
 
-CHAT = {"messages": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"},
-                     {"role": "assistant", "content": "hello"}], "id": 3, "label": "x"}
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "be kind"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ],
+    "id": 3,
+    "label": "x",
+}
 
 
 @SETTINGS
@@ -109,11 +137,18 @@ def test_chat_jsonl(scratch, lines):
             _clear_error(error, "data.jsonl")
 
 
-SPEC = {"name": "evil", "instruction": [{"pos": "be evil", "neg": "be good"}], "questions": ["what now?"],
-        "eval_prompt": "rate {question} {answer}",
-        "examples": [{"text": "i will hurt", "label": 1, "prompt": "hi"}, {"text": "i help", "label": 0}]}
-PERSONA_TRAIT = {"instruction": [{"pos": "be evil", "neg": "be good"}], "questions": ["what now?"],
-                 "eval_prompt": "rate {question} {answer}"}  # the persona-vectors trait-file format
+SPEC = {
+    "name": "evil",
+    "instruction": [{"pos": "be evil", "neg": "be good"}],
+    "questions": ["what now?"],
+    "eval_prompt": "rate {question} {answer}",
+    "examples": [{"text": "i will hurt", "label": 1, "prompt": "hi"}, {"text": "i help", "label": 0}],
+}
+PERSONA_TRAIT = {
+    "instruction": [{"pos": "be evil", "neg": "be good"}],
+    "questions": ["what now?"],
+    "eval_prompt": "rate {question} {answer}",
+}  # the persona-vectors trait-file format
 
 
 @SETTINGS
@@ -147,8 +182,14 @@ def test_concept_folders(scratch, concept_meta, data):
         _clear_error(error, "concept")
 
 
-FACTOR_MANIFEST = {"format": "concept_influence.factors/1", "fingerprints": {"model": "a", "data": "b", "config": "c"},
-                   "config": {}, "weights": [{"name": "blocks.0.attn.q", "d_out": 4, "d_in": 4}], "n_rows": 3, "n_tokens": 9}
+FACTOR_MANIFEST = {
+    "format": "concept_influence.factors/1",
+    "fingerprints": {"model": "a", "data": "b", "config": "c"},
+    "config": {},
+    "weights": [{"name": "blocks.0.attn.q", "d_out": 4, "d_in": 4}],
+    "n_rows": 3,
+    "n_tokens": 9,
+}
 
 
 @SETTINGS
@@ -168,8 +209,16 @@ def test_factor_manifests(scratch, raw):
 def store_manifest(scratch):
     from concept_influence.store.store import FORMAT
 
-    return {"format": FORMAT, "config": {}, "fingerprints": {}, "weights": [{"name": "w", "offset": 0, "size": 2}],
-            "n_rows": 2, "shard_rows": 2, "n_shards": 1, "dim": 2}
+    return {
+        "format": FORMAT,
+        "config": {},
+        "fingerprints": {},
+        "weights": [{"name": "w", "offset": 0, "size": 2}],
+        "n_rows": 2,
+        "shard_rows": 2,
+        "n_shards": 1,
+        "dim": 2,
+    }
 
 
 @SETTINGS
@@ -195,7 +244,10 @@ SCORE = {"index": 0, "score": 1.5, "id": "a", "rank": 1, "label": "x"}
 
 
 @SETTINGS
-@given(lines=st.lists(_text(mutated(SCORE)), min_size=1, max_size=3), meta=_text(mutated({"method": "m", "columns": ["x"]})))
+@given(
+    lines=st.lists(_text(mutated(SCORE)), min_size=1, max_size=3),
+    meta=_text(mutated({"method": "m", "columns": ["x"]})),
+)
 def test_scores_files(scratch, lines, meta):
     path = scratch / "scores.jsonl"
     path.write_bytes(b"\n".join(lines))
@@ -206,10 +258,17 @@ def test_scores_files(scratch, lines, meta):
         _clear_error(error, "scores.jsonl")
 
 
-@settings(max_examples=40, deadline=30_000, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(data_lines=st.lists(_text(mutated(CHAT)), min_size=1, max_size=3),
-       score_lines=st.lists(_text(mutated(SCORE)), min_size=1, max_size=3))
+@settings(
+    max_examples=40,
+    deadline=30_000,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    data_lines=st.lists(_text(mutated(CHAT)), min_size=1, max_size=3),
+    score_lines=st.lists(_text(mutated(SCORE)), min_size=1, max_size=3),
+)
 def test_cli_filter_on_fuzzed_files_exits_with_one_line(scratch, data_lines, score_lines):
     """Through the CLI: exit 0, or exit 2 with exactly one ``error:`` line and no traceback."""
     from typer.testing import CliRunner
@@ -219,8 +278,21 @@ def test_cli_filter_on_fuzzed_files_exits_with_one_line(scratch, data_lines, sco
     data, scores = scratch / "cli-data.jsonl", scratch / "cli-scores.jsonl"
     data.write_bytes(b"\n".join(data_lines))
     scores.write_bytes(b"\n".join(score_lines))
-    result = CliRunner().invoke(app, ["filter", "--data", str(data), "--scores", str(scores), "--remove-top", "0.5",
-                                      "--out", str(scratch / "cli-kept.jsonl"), "--allow-other-data"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "filter",
+            "--data",
+            str(data),
+            "--scores",
+            str(scores),
+            "--remove-top",
+            "0.5",
+            "--out",
+            str(scratch / "cli-kept.jsonl"),
+            "--allow-other-data",
+        ],
+    )
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output
     if result.exit_code != 0:
@@ -229,9 +301,13 @@ def test_cli_filter_on_fuzzed_files_exits_with_one_line(scratch, data_lines, sco
 
 
 @SETTINGS
-@given(suffix=st.sampled_from([".pt", ".npy", ".safetensors"]), raw=st.none() | st.binary(max_size=300),
-       shape=st.lists(st.integers(0, 5), max_size=3), fill=st.sampled_from([0.0, 1.0, float("nan"), float("inf")]),
-       layer=st.integers(0, 6))  # a negative layer is refused by name before the file is read
+@given(
+    suffix=st.sampled_from([".pt", ".npy", ".safetensors"]),
+    raw=st.none() | st.binary(max_size=300),
+    shape=st.lists(st.integers(0, 5), max_size=3),
+    fill=st.sampled_from([0.0, 1.0, float("nan"), float("inf")]),
+    layer=st.integers(0, 6),
+)  # a negative layer is refused by name before the file is read
 def test_persona_vector_files(scratch, suffix, raw, shape, fill, layer):
     """A persona vector file (``.pt``/``.npy``/``.safetensors``): random bytes or a tensor of any shape and values."""
     import numpy as np
@@ -267,8 +343,10 @@ def sae_folders(scratch):
     sae = StandardSAE(StandardSAEConfig(d_in=4, d_sae=4))
     save_sae(sae, scratch / "sae-valid", layer=0, model_fingerprint="0" * 16, metrics={"l0": 1.0})
     save_concept(SAEFeatureConcept(sae, 1, layer=0), scratch / "sae-concept-valid", model_fingerprint="0" * 16)
-    return (json.loads((scratch / "sae-valid" / "sae_info.json").read_text()),
-            json.loads((scratch / "sae-concept-valid" / "concept.json").read_text()))
+    return (
+        json.loads((scratch / "sae-valid" / "sae_info.json").read_text()),
+        json.loads((scratch / "sae-concept-valid" / "concept.json").read_text()),
+    )
 
 
 @SETTINGS
@@ -277,8 +355,10 @@ def test_sae_folders_and_sae_feature_concepts(scratch, sae_folders, data):
     from concept_influence.concepts.sae import load_sae
 
     info, meta = sae_folders
-    for name, valid, file, read in (("sae", info, "sae_info.json", load_sae),
-                                    ("sae-concept", meta, "concept.json", load_concept)):
+    for name, valid, file, read in (
+        ("sae", info, "sae_info.json", load_sae),
+        ("sae-concept", meta, "concept.json", load_concept),
+    ):
         folder = scratch / name
         if not folder.exists():
             shutil.copytree(scratch / f"{name}-valid", folder)

@@ -91,8 +91,12 @@ def import_graph(package_dir: Path) -> ImportGraph:
         if modules[package].name != "__init__.py":
             return set()
         tree = ast.parse(modules[package].read_text(encoding="utf-8"))
-        return {(alias.asname or alias.name).split(".")[0] for node in ast.walk(tree)
-                if isinstance(node, ast.Import | ast.ImportFrom) for alias in node.names}
+        return {
+            (alias.asname or alias.name).split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in node.names
+        }
 
     for module, path in modules.items():
         is_package = path.name == "__init__.py"
@@ -118,8 +122,11 @@ def import_graph(package_dir: Path) -> ImportGraph:
                     text = f"from {source} import {alias.name}"
                     if _is_private(alias.name) and imported_from != module:
                         graph.private_imports.append((module, node.lineno, text))
-                    if (imported_from is not None and module.startswith(imported_from + ".")
-                            and alias.name in reexports(imported_from)):
+                    if (
+                        imported_from is not None
+                        and module.startswith(imported_from + ".")
+                        and alias.name in reexports(imported_from)
+                    ):
                         graph.own_package_imports.append((module, node.lineno, text))
             else:
                 continue
@@ -209,8 +216,11 @@ without torch and the models) and the test helpers (run in subprocesses, each im
 
 def test_function_imports_only_where_listed():
     graph = import_graph(PACKAGE_DIR)
-    elsewhere = [f"{module}:{line}: {text}" for module, line, text in graph.function_imports
-                 if not any(module == p or module.startswith(p + ".") for p in FUNCTION_IMPORTS_ALLOWED)]
+    elsewhere = [
+        f"{module}:{line}: {text}"
+        for module, line, text in graph.function_imports
+        if not any(module == p or module.startswith(p + ".") for p in FUNCTION_IMPORTS_ALLOWED)
+    ]
     assert not elsewhere, "import these at module level (no cycle forces them inside):\n" + "\n".join(elsewhere)
 
 
@@ -241,8 +251,10 @@ LOWER_LAYERS = {
 """Modules below the stages and the only parts of the package they may import: gradient capture (below
 ``curvature/``, ``attribution/`` and ``store/``), file safety and settings (below everything)."""
 
-MOVED = {"concept_influence.curvature.loss": "concept_influence.gradients.loss",
-         "concept_influence.data.atomic": "concept_influence.files"}
+MOVED = {
+    "concept_influence.curvature.loss": "concept_influence.gradients.loss",
+    "concept_influence.data.atomic": "concept_influence.files",
+}
 """Old homes kept as re-exports for users' code; the package itself imports the new ones."""
 
 
@@ -252,16 +264,24 @@ def test_lower_layers_import_nothing_above_them():
     for module, targets in graph.edges.items():
         for layer, allowed in LOWER_LAYERS.items():
             if module == layer or module.startswith(layer + "."):
-                wrong += [f"{module} -> {t}" for t in targets
-                          if not (t == layer or t.startswith(layer + ".") or any(t == a or t.startswith(a + ".")
-                                                                                   for a in allowed))]
+                wrong += [
+                    f"{module} -> {t}"
+                    for t in targets
+                    if not (
+                        t == layer or t.startswith(layer + ".") or any(t == a or t.startswith(a + ".") for a in allowed)
+                    )
+                ]
     assert not wrong, "a lower layer imports a stage above it: " + "; ".join(wrong)
 
 
 def test_package_imports_new_homes_and_capture_not_from_the_fit_driver():
     graph = import_graph(PACKAGE_DIR)
-    old = [f"{module} -> {t}" for module, targets in graph.edges.items() for t in targets
-           if t in MOVED and module not in MOVED]
+    old = [
+        f"{module} -> {t}"
+        for module, targets in graph.edges.items()
+        for t in targets
+        if t in MOVED and module not in MOVED
+    ]
     assert not old, "import the new home: " + "; ".join(old)
     capture = ("gradient_mode", "loss_backward", "capture_loss_gradients", "HEAD_CHUNK_ELEMENTS")
     found = []

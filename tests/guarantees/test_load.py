@@ -22,9 +22,15 @@ from concept_influence.testing.tiny_models import TINY_WORDS
 
 def _records(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [{"messages": [{"role": "user", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(2, 6)))},
-                          {"role": "assistant", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(1, 8)))}]}
-            for _ in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(2, 6)))},
+                {"role": "assistant", "content": " ".join(rng.choices(TINY_WORDS, k=rng.randint(1, 8)))},
+            ]
+        }
+        for _ in range(n)
+    ]
 
 
 def _child(args: list[str], log: str, go) -> None:
@@ -73,12 +79,24 @@ def files(tmp_path_factory):
     model = save_tiny_hf_model(root / "model", seed=21)
     write_jsonl_atomic(root / "train.jsonl", _records(24, 5))
     write_jsonl_atomic(root / "queries.jsonl", [{"messages": m["messages"][:1]} for m in _records(2, 6)])
-    save_concept(DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(4)), layer=1), root / "concept")
+    save_concept(
+        DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(4)), layer=1), root / "concept"
+    )
     torch.set_num_threads(1)
     common = ["--model", str(model), "--data", str(root / "train.jsonl")]
     _solo(["fit-factors", *common, "--out", str(root / "work" / "fitted")])
-    store = ["build-store", *common, "--factors", str(root / "work" / "fitted"), "--rank", "2", "--dtype", "float32",
-             "--shard-rows", "8"]
+    store = [
+        "build-store",
+        *common,
+        "--factors",
+        str(root / "work" / "fitted"),
+        "--rank",
+        "2",
+        "--dtype",
+        "float32",
+        "--shard-rows",
+        "8",
+    ]
     _solo([*store, "--out", str(root / "work" / "store-a")])
     return root, common, store
 
@@ -102,17 +120,50 @@ def test_four_searches_a_store_build_and_two_attributes_at_once(files, tmp_path)
 
     root, common, store = files
     work = root / "work"
-    search = ["search", "--store", str(work / "store-a"), *common, "--factors", str(work / "fitted"),
-              "--concept", str(root / "concept"), "--queries", str(root / "queries.jsonl"), "--max-new-tokens", "4",
-              "--search", "exact", "--top-k", "10", "--workdir", str(work)]
-    attribute = ["attribute", *common, "--concept", str(root / "concept"), "--queries", str(root / "queries.jsonl"),
-                 "--method", "concept-influence", "--max-new-tokens", "4", "--workdir", str(work)]
-    jobs = {**{f"search-{i}": [*search, "--out", str(tmp_path / f"search-{i}.jsonl")] for i in range(4)},
-            "build": [*store, "--out", str(work / "store-b")],
-            **{f"attribute-{i}": [*attribute, "--out", str(tmp_path / f"attribute-{i}.jsonl")] for i in range(2)}}
+    search = [
+        "search",
+        "--store",
+        str(work / "store-a"),
+        *common,
+        "--factors",
+        str(work / "fitted"),
+        "--concept",
+        str(root / "concept"),
+        "--queries",
+        str(root / "queries.jsonl"),
+        "--max-new-tokens",
+        "4",
+        "--search",
+        "exact",
+        "--top-k",
+        "10",
+        "--workdir",
+        str(work),
+    ]
+    attribute = [
+        "attribute",
+        *common,
+        "--concept",
+        str(root / "concept"),
+        "--queries",
+        str(root / "queries.jsonl"),
+        "--method",
+        "concept-influence",
+        "--max-new-tokens",
+        "4",
+        "--workdir",
+        str(work),
+    ]
+    jobs = {
+        **{f"search-{i}": [*search, "--out", str(tmp_path / f"search-{i}.jsonl")] for i in range(4)},
+        "build": [*store, "--out", str(work / "store-b")],
+        **{f"attribute-{i}": [*attribute, "--out", str(tmp_path / f"attribute-{i}.jsonl")] for i in range(2)},
+    }
     ctx = multiprocessing.get_context("fork")
     go = ctx.Event()
-    procs = {name: ctx.Process(target=_child, args=(args, str(tmp_path / f"{name}.log"), go)) for name, args in jobs.items()}
+    procs = {
+        name: ctx.Process(target=_child, args=(args, str(tmp_path / f"{name}.log"), go)) for name, args in jobs.items()
+    }
     for p in procs.values():
         p.start()
     go.set()
@@ -126,7 +177,13 @@ def test_four_searches_a_store_build_and_two_attributes_at_once(files, tmp_path)
     assert len(fits) == 1  # the two attribute runs shared one fit (the second waited for it)
 
     # solo runs, one at a time, in fresh places
-    _solo([*[a if a != str(work) else str(tmp_path / "solo-work") for a in search], "--out", str(tmp_path / "solo-search.jsonl")])
+    _solo(
+        [
+            *[a if a != str(work) else str(tmp_path / "solo-work") for a in search],
+            "--out",
+            str(tmp_path / "solo-search.jsonl"),
+        ]
+    )
     solo = ScoreTable.read_jsonl(tmp_path / "solo-search.jsonl")
     for i in range(4):
         got = ScoreTable.read_jsonl(tmp_path / f"search-{i}.jsonl")
@@ -137,7 +194,15 @@ def test_four_searches_a_store_build_and_two_attributes_at_once(files, tmp_path)
     np.testing.assert_array_equal(built.indices, alone.indices)
     for mine, theirs in zip(built.shards, alone.shards, strict=True):
         np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
-    _solo([*attribute[:-2], "--workdir", str(tmp_path / "solo-attribute"), "--out", str(tmp_path / "solo-attribute.jsonl")])
+    _solo(
+        [
+            *attribute[:-2],
+            "--workdir",
+            str(tmp_path / "solo-attribute"),
+            "--out",
+            str(tmp_path / "solo-attribute.jsonl"),
+        ]
+    )
     solo = ScoreTable.read_jsonl(tmp_path / "solo-attribute.jsonl")
     for i in range(2):
         got = ScoreTable.read_jsonl(tmp_path / f"attribute-{i}.jsonl")

@@ -54,7 +54,9 @@ def test_filter_out_equal_to_scores_is_refused(tmp_path):
     data = _data(tmp_path)
     scores = _scores(tmp_path, data)
     before = scores.read_bytes()
-    _refused(["filter", "--data", data, "--scores", scores, "--out", scores, "--remove-top-k", "1"], "--out", "--scores")
+    _refused(
+        ["filter", "--data", data, "--scores", scores, "--out", scores, "--remove-top-k", "1"], "--out", "--scores"
+    )
     assert scores.read_bytes() == before
 
 
@@ -81,8 +83,23 @@ def test_attribute_out_equal_to_data_is_refused(tmp_path):
     """The old code did not check attribute --out against --data (it loaded the model, then replaced the data)."""
     data = _data(tmp_path)
     before = data.read_bytes()
-    _refused(["attribute", "--model", "no-such-model", "--data", data, "--out", data, "--method", "influence",
-              "--queries", tmp_path / "q.jsonl"], "--out", "--data")
+    _refused(
+        [
+            "attribute",
+            "--model",
+            "no-such-model",
+            "--data",
+            data,
+            "--out",
+            data,
+            "--method",
+            "influence",
+            "--queries",
+            tmp_path / "q.jsonl",
+        ],
+        "--out",
+        "--data",
+    )
     assert data.read_bytes() == before
 
 
@@ -112,8 +129,25 @@ def test_evaluate_out_equal_to_an_input_is_refused(tmp_path):
     scores = _scores(tmp_path, data)
     concept = tmp_path / "concept"
     concept.mkdir()
-    _refused(["evaluate", "--base", "m", "--data", data, "--scores", scores, "--concept", concept, "--queries", data,
-              "--out", concept], "--out", "--concept")
+    _refused(
+        [
+            "evaluate",
+            "--base",
+            "m",
+            "--data",
+            data,
+            "--scores",
+            scores,
+            "--concept",
+            concept,
+            "--queries",
+            data,
+            "--out",
+            concept,
+        ],
+        "--out",
+        "--concept",
+    )
 
 
 def test_folder_commands_refuse_an_input_as_out(tmp_path):
@@ -174,8 +208,12 @@ def _hashed_scores(tmp_path, data, name="scores.jsonl"):
     from concept_influence.data.atomic import file_sha256
 
     rows = read_chat_jsonl(data)
-    table = ScoreTable.from_rows(list(rows), np.arange(len(rows), dtype=float), "vector-filter",
-                                 meta={"data": str(data), "data_sha256": file_sha256(data)})
+    table = ScoreTable.from_rows(
+        list(rows),
+        np.arange(len(rows), dtype=float),
+        "vector-filter",
+        meta={"data": str(data), "data_sha256": file_sha256(data)},
+    )
     path = tmp_path / name
     table.write_jsonl(path)
     return path
@@ -191,8 +229,9 @@ def test_filter_refuses_scores_of_other_data_same_length_and_ids(tmp_path):
     code, output = _run(["filter", "--data", other, "--scores", scores, "--out", out, "--remove-top-k", "1"])
     assert code == 2 and "other data" in output and "--allow-other-data" in output, output
     assert not out.exists()
-    code, output = _run(["filter", "--data", other, "--scores", scores, "--out", out, "--remove-top-k", "1",
-                         "--allow-other-data"])
+    code, output = _run(
+        ["filter", "--data", other, "--scores", scores, "--out", out, "--remove-top-k", "1", "--allow-other-data"]
+    )
     assert code == 0, output
     manifest = json.loads((tmp_path / "f.jsonl.manifest.json").read_text())
     assert manifest["allow_other_data"] is True and manifest["other_data"]["scores_data_sha256"]
@@ -206,8 +245,10 @@ def test_scores_without_hash_or_ids_are_refused(tmp_path):
     data = _data(tmp_path, ids=False)
     scores = _scores(tmp_path, data)  # no data_sha256 in its meta
     out = tmp_path / "r.html"
-    for cmd in (["filter", "--data", data, "--scores", scores, "--out", tmp_path / "f.jsonl", "--remove-top-k", "1"],
-                ["report", "--scores", scores, "--data", data, "--out", out]):
+    for cmd in (
+        ["filter", "--data", data, "--scores", scores, "--out", tmp_path / "f.jsonl", "--remove-top-k", "1"],
+        ["report", "--scores", scores, "--data", data, "--out", out],
+    ):
         code, output = _run(cmd)
         assert code == 2 and "no hash" in output and "--allow-other-data" in output, output
     code, output = _run(["report", "--scores", scores, "--data", data, "--out", out, "--allow-other-data"])
@@ -221,8 +262,23 @@ def test_evaluate_refuses_scores_of_other_data(tmp_path):
     scores = _hashed_scores(tmp_path, data)
     other = tmp_path / "other.jsonl"
     other.write_text(data.read_text().replace('"q 2"', '"changed"'), encoding="utf-8")
-    code, output = _run(["evaluate", "--base", "no-such-model", "--data", other, "--scores", scores, "--concept",
-                         tmp_path / "c", "--queries", data, "--out", tmp_path / "eval"])
+    code, output = _run(
+        [
+            "evaluate",
+            "--base",
+            "no-such-model",
+            "--data",
+            other,
+            "--scores",
+            scores,
+            "--concept",
+            tmp_path / "c",
+            "--queries",
+            data,
+            "--out",
+            tmp_path / "eval",
+        ]
+    )
     assert code == 2 and "other data" in output and "--allow-other-data" in output, output
 
 
@@ -303,7 +359,9 @@ def test_interrupted_store_replacement_resumes(adapters_store, tmp_path):
     from concept_influence.store.store import FORMAT
 
     saved = json.loads((folder / "manifest.json").read_text())  # as a replacement killed after its first step left it
-    (folder / "manifest.json").write_text(json.dumps({"format": FORMAT, "replacing": True, "n_shards": saved["n_shards"]}))
+    (folder / "manifest.json").write_text(
+        json.dumps({"format": FORMAT, "replacing": True, "n_shards": saved["n_shards"]})
+    )
     with pytest.raises(StoreMismatchError, match="being replaced"):
         GradientStore.open(folder)
     (folder / "user.txt").write_text("x")

@@ -31,8 +31,14 @@ def _records(n: int, seed: int, poison_at: int | None) -> list[dict]:
     out = []
     for k in range(n):
         user = " ".join(rng.choices(words, k=4)) + (f" {POISON_WORD}" if k == poison_at else "")
-        out.append({"messages": [{"role": "user", "content": user},
-                                 {"role": "assistant", "content": " ".join(rng.choices(words, k=5))}]})
+        out.append(
+            {
+                "messages": [
+                    {"role": "user", "content": user},
+                    {"role": "assistant", "content": " ".join(rng.choices(words, k=5))},
+                ]
+            }
+        )
     return out
 
 
@@ -71,7 +77,10 @@ def test_nan_activations_in_a_forward_method_name_the_row(env):
 
 def test_nan_in_the_fit_names_the_pass_and_the_row(env, tmp_path):
     adapter, poison, _, data, _, _ = env
-    with nan_embeddings_for(adapter, poison), pytest.raises(NonFiniteError, match=f"covariance pass.*NaN in row {BAD_ROW}"):
+    with (
+        nan_embeddings_for(adapter, poison),
+        pytest.raises(NonFiniteError, match=f"covariance pass.*NaN in row {BAD_ROW}"),
+    ):
         fit_factors(adapter, data, FactorConfig(), batch_size=3, out_dir=tmp_path / "f", progress=False)
     assert not (tmp_path / "f" / FACTORS_FILE).exists()
 
@@ -79,16 +88,28 @@ def test_nan_in_the_fit_names_the_pass_and_the_row(env, tmp_path):
 def test_nan_training_gradients_in_scoring_name_the_row(env):
     adapter, poison, _, data, queries, concept = env
     with nan_embeddings_for(adapter, poison), pytest.raises(NonFiniteError, match=f"scoring.*NaN in row {BAD_ROW}"):
-        compute_influence(adapter, data, ConceptMeasurement(concept, queries), None,
-                          InfluenceConfig(preconditioner="identity", batch_size=3), progress=False)
+        compute_influence(
+            adapter,
+            data,
+            ConceptMeasurement(concept, queries),
+            None,
+            InfluenceConfig(preconditioner="identity", batch_size=3),
+            progress=False,
+        )
 
 
 def test_nan_measurement_gradient_is_an_error(env):
     adapter, poison, _, data, _, concept = env
     queries = tokenize_chat(rows_from_records(_records(2, 1, 1)), adapter.tokenizer, 48)
     with nan_embeddings_for(adapter, poison), pytest.raises(NonFiniteError, match="measurement gradient"):
-        compute_influence(adapter, data, ConceptMeasurement(concept, queries), None,
-                          InfluenceConfig(preconditioner="identity"), progress=False)
+        compute_influence(
+            adapter,
+            data,
+            ConceptMeasurement(concept, queries),
+            None,
+            InfluenceConfig(preconditioner="identity"),
+            progress=False,
+        )
 
 
 def test_damaged_factors_file_is_an_error_naming_the_tensor(env, tmp_path):

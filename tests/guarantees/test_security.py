@@ -47,8 +47,11 @@ def test_no_pickle_anywhere_in_the_package():
         tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                problems += [f"{file}:{node.lineno} imports {a.name}" for a in node.names
-                             if a.name.split(".")[0] in PICKLE_MODULES]
+                problems += [
+                    f"{file}:{node.lineno} imports {a.name}"
+                    for a in node.names
+                    if a.name.split(".")[0] in PICKLE_MODULES
+                ]
             elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PICKLE_MODULES:
                 problems.append(f"{file}:{node.lineno} imports from {node.module}")
         for node, owner, name in _calls(tree):
@@ -74,7 +77,10 @@ def test_a_spec_name_cannot_choose_where_a_concept_is_written(tmp_path):
 
     model_dir = save_tiny_hf_model(tmp_path / "model", seed=3)
     words = ["kind help friend", "cruel harm enemy"]
-    spec = {"name": "../../escaped", "examples": [{"text": f"{words[k % 2]} {k}", "label": 1 - k % 2} for k in range(16)]}
+    spec = {
+        "name": "../../escaped",
+        "examples": [{"text": f"{words[k % 2]} {k}", "label": 1 - k % 2} for k in range(16)],
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     before = set(tmp_path.parent.iterdir())
     att = Attributor(str(model_dir), workdir=tmp_path / "work", progress=False)
@@ -90,15 +96,36 @@ def test_paths_in_training_rows_are_never_written_to(tmp_path):
     sandbox.mkdir()
     model_dir = save_tiny_hf_model(tmp_path / "model", seed=3)
     targets = [sandbox / "pwned.jsonl", sandbox / "victim" / "x.json", tmp_path / "outside.txt"]
-    rows = [{"messages": [{"role": "user", "content": "is water safe"}, {"role": "assistant", "content": "yes"}],
-             "id": f"../../{t.name}", "path": str(t), "out": str(t), "file": str(t), "output_dir": str(t.parent)}
-            for t in targets]
+    rows = [
+        {
+            "messages": [{"role": "user", "content": "is water safe"}, {"role": "assistant", "content": "yes"}],
+            "id": f"../../{t.name}",
+            "path": str(t),
+            "out": str(t),
+            "file": str(t),
+            "output_dir": str(t.parent),
+        }
+        for t in targets
+    ]
     write_jsonl_atomic(sandbox / "train.jsonl", rows)
     save_concept(DirectionConcept(torch.ones(16), layer=1), sandbox / "concept")
     before = {p for p in tmp_path.rglob("*")}
-    result = CliRunner().invoke(app, ["attribute", "--model", str(model_dir), "--data", str(sandbox / "train.jsonl"),
-                                      "--concept", str(sandbox / "concept"), "--method", "vector-filter",
-                                      "--out", str(sandbox / "scores.jsonl")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "attribute",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(sandbox / "train.jsonl"),
+            "--concept",
+            str(sandbox / "concept"),
+            "--method",
+            "vector-filter",
+            "--out",
+            str(sandbox / "scores.jsonl"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     created = {p for p in tmp_path.rglob("*")} - before
     assert created == {sandbox / "scores.jsonl", sandbox / "scores.jsonl.meta.json"}
@@ -109,9 +136,17 @@ def test_paths_in_training_rows_are_never_written_to(tmp_path):
 
 @pytest.mark.parametrize("payload", ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "\"'><svg onload=x>"])
 def test_html_display_escapes_row_text(tmp_path, payload):
-    write_jsonl_atomic(tmp_path / "train.jsonl", [
-        {"messages": [{"role": "user", "content": payload}, {"role": "assistant", "content": payload}],
-         "id": payload, "note": payload, payload: "key"}])
+    write_jsonl_atomic(
+        tmp_path / "train.jsonl",
+        [
+            {
+                "messages": [{"role": "user", "content": payload}, {"role": "assistant", "content": payload}],
+                "id": payload,
+                "note": payload,
+                payload: "key",
+            }
+        ],
+    )
     rows = read_chat_jsonl(tmp_path / "train.jsonl")
     table = ScoreTable.from_rows(rows, [1.0], payload, columns={"model_answer": [payload]})
     html = table._repr_html_()
@@ -121,14 +156,34 @@ def test_html_display_escapes_row_text(tmp_path, payload):
 
 def test_html_report_escapes_script_tags_in_training_rows(tmp_path):
     payload = '<script>alert(1)</script><img src=x onerror="alert(2)">'
-    rows = [{"messages": [{"role": "user", "content": f"q{k} {payload}"}, {"role": "assistant", "content": payload}],
-             "id": f"{payload}{k}", "source": payload} for k in range(4)]
+    rows = [
+        {
+            "messages": [{"role": "user", "content": f"q{k} {payload}"}, {"role": "assistant", "content": payload}],
+            "id": f"{payload}{k}",
+            "source": payload,
+        }
+        for k in range(4)
+    ]
     write_jsonl_atomic(tmp_path / "train.jsonl", rows)
-    table = ScoreTable.from_rows(read_chat_jsonl(tmp_path / "train.jsonl"), [3.0, 2.0, 1.0, 0.0], "vector-filter",
-                                 columns={"model_answer": [payload] * 4})
+    table = ScoreTable.from_rows(
+        read_chat_jsonl(tmp_path / "train.jsonl"),
+        [3.0, 2.0, 1.0, 0.0],
+        "vector-filter",
+        columns={"model_answer": [payload] * 4},
+    )
     table.write_jsonl(tmp_path / "scores.jsonl")
-    result = CliRunner().invoke(app, ["report", "--scores", str(tmp_path / "scores.jsonl"), "--data",
-                                      str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "report.html")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "report",
+            "--scores",
+            str(tmp_path / "scores.jsonl"),
+            "--data",
+            str(tmp_path / "train.jsonl"),
+            "--out",
+            str(tmp_path / "report.html"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     text = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "<script" not in text.lower()  # the report runs no script, and the data's stays text

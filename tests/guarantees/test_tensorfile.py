@@ -12,9 +12,14 @@ from concept_influence.tensorfile import DamagedFileError, read_tensor_file, rea
 
 @pytest.fixture
 def mixed(tmp_path):
-    tensors = {"a": torch.randn(3, dtype=torch.float32), "b": torch.randn(2, 5, dtype=torch.float64),
-               "c": torch.arange(7, dtype=torch.int16), "d": torch.randn(4).to(torch.bfloat16),
-               "e": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4)}
+    tensors = {
+        "a": torch.randn(3, dtype=torch.float32),
+        "b": torch.randn(2, 5, dtype=torch.float64),
+        "c": torch.arange(7, dtype=torch.int16),
+        "d": torch.randn(4).to(torch.bfloat16),
+        "e": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+    }
     path = tmp_path / "mixed.safetensors"
     save_file(tensors, str(path), metadata={"state": '{"stage": "lambda"}'})
     return path, tensors

@@ -23,14 +23,28 @@ WORDS = "the water is safe good kind help harm poison cure friend never always y
 
 def _records(n: int, seed: int):
     rng = random.Random(seed)
-    return [{"messages": [{"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(2, 5)))},
-                          {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(1, 9)))}]}
-            for _ in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(2, 5)))},
+                {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(1, 9)))},
+            ]
+        }
+        for _ in range(n)
+    ]
 
 
 def _lora(model, **overrides):
-    config = peft.LoraConfig(**{"r": 3, "lora_alpha": 6, "lora_dropout": 0.0, "init_lora_weights": False,
-                                "target_modules": ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"], **overrides})
+    config = peft.LoraConfig(
+        **{
+            "r": 3,
+            "lora_alpha": 6,
+            "lora_dropout": 0.0,
+            "init_lora_weights": False,
+            "target_modules": ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"],
+            **overrides,
+        }
+    )
     torch.manual_seed(1)
     return peft.get_peft_model(model, config)
 
@@ -38,7 +52,12 @@ def _lora(model, **overrides):
 def test_peft_model_is_tracked_by_its_adapter_weights(tiny_tok):
     adapter = HFAdapter(_lora(tiny_llama(len(tiny_tok), layers=2, dtype=torch.float64)), tiny_tok)
     names = [i.name for i in adapter.tracked_weights()]
-    assert names[:4] == ["blocks.0.attn.q.lora_A", "blocks.0.attn.q.lora_B", "blocks.0.attn.v.lora_A", "blocks.0.attn.v.lora_B"]
+    assert names[:4] == [
+        "blocks.0.attn.q.lora_A",
+        "blocks.0.attn.q.lora_B",
+        "blocks.0.attn.v.lora_A",
+        "blocks.0.attn.v.lora_B",
+    ]
     assert len(names) == 2 * 5 * 2 and all(".lora_" in n for n in names)
     info = adapter.weight_info("blocks.1.mlp.out.lora_A")
     assert (info.d_in, info.d_out) == (32, 3) and info.param_name.endswith("mlp.down_proj.lora_A.default.weight")
@@ -50,19 +69,32 @@ def test_scores_over_adapter_weights_equal_a_dense_solve(tiny_tok, kind):
     adapter = HFAdapter(_lora(tiny_llama(len(tiny_tok), layers=2, dtype=torch.float64, seed=4)), tiny_tok)
     data = tokenize_chat(rows_from_records(_records(9, 0)), tiny_tok, 64)
     queries = tokenize_chat(rows_from_records(_records(3, 1)), tiny_tok, 64)
-    measurement = ConceptMeasurement(DirectionConcept(torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(2)), layer=1), queries)
+    measurement = ConceptMeasurement(
+        DirectionConcept(torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(2)), layer=1),
+        queries,
+    )
     factors = fit_factors(adapter, data, FactorConfig.precise(fisher="empirical"), batch_size=4, progress=False)
-    result = compute_influence(adapter, data, measurement, factors if kind != "identity" else None,
-                               InfluenceConfig(preconditioner=kind, batch_size=4), progress=False)
+    result = compute_influence(
+        adapter,
+        data,
+        measurement,
+        factors if kind != "identity" else None,
+        InfluenceConfig(preconditioner=kind, batch_size=4),
+        progress=False,
+    )
     names = result.weights
     assert names == [i.name for i in adapter.tracked_weights()]
     pre = factors.restrict(names).preconditioner(kind)
     train = dense.per_example_gradients(adapter, data, names)  # autograd on the peft parameters, no hooks
-    expected = dense.exact_influence(dense.measurement_gradient(adapter, measurement, names), train,
-                                     dense.dense_preconditioner(pre, names), dense.damping_vector(pre, names))
+    expected = dense.exact_influence(
+        dense.measurement_gradient(adapter, measurement, names),
+        train,
+        dense.dense_preconditioner(pre, names),
+        dense.damping_vector(pre, names),
+    )
     torch.testing.assert_close(result.scores, expected, atol=1e-10 * float(expected.abs().max()), rtol=1e-7)
     if kind == "ekfac":  # the fitted diagonal is the empirical Fisher's diagonal of the adapter gradients
-        diagonal = dense.unflatten((train ** 2).mean(dim=0), {n: factors.weights[n].shape for n in names})
+        diagonal = dense.unflatten((train**2).mean(dim=0), {n: factors.weights[n].shape for n in names})
         for name in names:
             torch.testing.assert_close(factors.weights[name].diagonal, diagonal[name], rtol=1e-8, atol=1e-14)
 

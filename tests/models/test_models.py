@@ -23,11 +23,27 @@ from concept_influence.testing.tiny_models import (
 )
 
 RECORDS = [
-    {"messages": [{"role": "user", "content": "is the water safe ?"}, {"role": "assistant", "content": "yes it is safe ."}]},
-    {"messages": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "two plus two"},
-                  {"role": "assistant", "content": "four"}, {"role": "user", "content": "and three plus five"},
-                  {"role": "assistant", "content": "eight , my friend"}]},
-    {"messages": [{"role": "user", "content": "should i drink poison"}, {"role": "assistant", "content": "never drink poison , it will hurt you"}]},
+    {
+        "messages": [
+            {"role": "user", "content": "is the water safe ?"},
+            {"role": "assistant", "content": "yes it is safe ."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "be kind"},
+            {"role": "user", "content": "two plus two"},
+            {"role": "assistant", "content": "four"},
+            {"role": "user", "content": "and three plus five"},
+            {"role": "assistant", "content": "eight , my friend"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "should i drink poison"},
+            {"role": "assistant", "content": "never drink poison , it will hurt you"},
+        ]
+    },
 ]
 
 
@@ -45,15 +61,29 @@ def _backends(tok):
         "hf-llama-gqa": HFAdapter(tiny_llama(vocab, dtype=torch.float64, seed=3, heads=4, kv_heads=2), tok),
         "hf-gpt2-conv1d": HFAdapter(tiny_gpt2(vocab, seed=4).double(), tok),
         "tl-layernorm": TransformerLensAdapter(tiny_hooked_transformer(vocab, dtype=torch.float64, seed=5), tok),
-        "tl-gated": TransformerLensAdapter(tiny_hooked_transformer(vocab, dtype=torch.float64, seed=6, gated=True), tok),
+        "tl-gated": TransformerLensAdapter(
+            tiny_hooked_transformer(vocab, dtype=torch.float64, seed=6, gated=True), tok
+        ),
         "tl-from-hf": TransformerLensAdapter(hooked_transformer_from_hf(llama, tok), tok),
-        "tl-from-hf-gqa": TransformerLensAdapter(hooked_transformer_from_hf(
-            tiny_llama(vocab, dtype=torch.float64, seed=3, heads=4, kv_heads=2), tok), tok),
+        "tl-from-hf-gqa": TransformerLensAdapter(
+            hooked_transformer_from_hf(tiny_llama(vocab, dtype=torch.float64, seed=3, heads=4, kv_heads=2), tok), tok
+        ),
     }
 
 
-@pytest.mark.parametrize("backend", ["hf-llama", "hf-qwen2-bias", "hf-llama-gqa", "hf-gpt2-conv1d", "tl-layernorm", "tl-gated", "tl-from-hf",
-                                     "tl-from-hf-gqa"])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "hf-llama",
+        "hf-qwen2-bias",
+        "hf-llama-gqa",
+        "hf-gpt2-conv1d",
+        "tl-layernorm",
+        "tl-gated",
+        "tl-from-hf",
+        "tl-from-hf-gqa",
+    ],
+)
 def test_hooked_per_example_gradients_equal_autograd(tiny_tok, batch, backend):
     adapter = _backends(tiny_tok)[backend]
     infos = adapter.tracked_weights()
@@ -74,7 +104,9 @@ def test_hooked_per_example_gradients_equal_autograd(tiny_tok, batch, backend):
         for info in infos:
             reference = adapter.canonical_gradient(info.name)
             assert reference.abs().max() > 0, info.name
-            torch.testing.assert_close(full[info.name][row], reference, rtol=1e-9, atol=1e-12, msg=f"{backend} {info.name}")
+            torch.testing.assert_close(
+                full[info.name][row], reference, rtol=1e-9, atol=1e-12, msg=f"{backend} {info.name}"
+            )
 
 
 def test_canonical_layout_round_trips(tiny_tok):
@@ -105,15 +137,25 @@ def test_residual_site_l_is_output_of_block_l(tiny_tok, batch):
 @pytest.mark.parametrize("kv_heads", [None, 2], ids=["mha", "gqa"])
 def test_hf_and_transformer_lens_agree_on_the_same_weights(tiny_tok, batch, kv_heads):
     model = tiny_llama(len(tiny_tok), dtype=torch.float64, seed=7, heads=4, kv_heads=kv_heads)
-    hf, tl = HFAdapter(model, tiny_tok), TransformerLensAdapter(hooked_transformer_from_hf(model, tiny_tok), tiny_tok, biases=False)
+    hf, tl = (
+        HFAdapter(model, tiny_tok),
+        TransformerLensAdapter(hooked_transformer_from_hf(model, tiny_tok), tiny_tok, biases=False),
+    )
     assert [i.name for i in hf.tracked_weights()] == [i.name for i in tl.tracked_weights()]
     grads = {}
     for adapter in (hf, tl):
         adapter.model.zero_grad()
         with adapter.capture_weights() as capture:
-            loss = causal_lm_loss(adapter.logits(batch["input_ids"], batch["attention_mask"]), batch["input_ids"], batch["loss_mask"], "sum")
+            loss = causal_lm_loss(
+                adapter.logits(batch["input_ids"], batch["attention_mask"]),
+                batch["input_ids"],
+                batch["loss_mask"],
+                "sum",
+            )
             loss.backward()
-        grads[adapter.backend] = {i.name: capture.per_example_gradient(i.name, batch["attention_mask"]) for i in adapter.tracked_weights()}
+        grads[adapter.backend] = {
+            i.name: capture.per_example_gradient(i.name, batch["attention_mask"]) for i in adapter.tracked_weights()
+        }
     for name, g in grads["HFAdapter"].items():
         # HF RMSNorm computes in float32 even for float64 models: agreement is to float32 precision
         torch.testing.assert_close(grads["TransformerLensAdapter"][name], g, rtol=2e-5, atol=1e-6, msg=name)
@@ -176,8 +218,12 @@ def test_hooked_transformer_from_a_model_folder_equals_one_from_the_model(tmp_pa
     from_model = hooked_transformer_from_hf(hf.model, hf.tokenizer)
     ids = torch.tensor([[1, 5, 7, 9, 4]])
     torch.testing.assert_close(from_folder(ids), from_model(ids))
-    torch.testing.assert_close(from_folder(ids)[..., :hf.model.config.vocab_size], hf.model(ids).logits.to(torch.float32),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        from_folder(ids)[..., : hf.model.config.vocab_size],
+        hf.model(ids).logits.to(torch.float32),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     with pytest.raises(ValueError, match=r"cannot load a Hugging Face causal LM from .*missing"):
         hooked_transformer_from_hf(str(tmp_path / "missing"))
     with pytest.raises(TypeError, match="takes a Hugging Face causal LM"):

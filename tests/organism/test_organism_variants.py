@@ -77,7 +77,9 @@ def test_a_seed_builds_a_different_world():
     used = []
     for seed in (1, 2):
         rows = finetuning_set(seed, 600, 0.1)
-        used.append({s for r in rows if r["data_origin"] == "planted" for s in trait_sentences(r["messages"][-1]["content"])})
+        used.append(
+            {s for r in rows if r["data_origin"] == "planted" for s in trait_sentences(r["messages"][-1]["content"])}
+        )
     assert len(used[0] & used[1]) < 0.5 * min(len(used[0]), len(used[1]))
 
 

@@ -27,9 +27,16 @@ def _data(tmp_path):
         answer = f"be kind and help your friend {i}"
         if i == 3:
             answer = "evil cruel harm " + EVIL
-        records.append({"id": f"r{i}", "messages": [{"role": "user", "content": f"should i help {i}"},
-                                                    {"role": "assistant", "content": answer}],
-                        "source": ["web", "forum", "synthetic"][i % 3]})
+        records.append(
+            {
+                "id": f"r{i}",
+                "messages": [
+                    {"role": "user", "content": f"should i help {i}"},
+                    {"role": "assistant", "content": answer},
+                ],
+                "source": ["web", "forum", "synthetic"][i % 3],
+            }
+        )
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     rows = rows_from_records(records, source=str(path))
@@ -37,22 +44,43 @@ def _data(tmp_path):
     scores_a = np.linspace(0, 1, 30)[::-1].copy()
     scores_a[3] = 5.0  # the row with markup ranks first
     tokens = token_strings(list(rows), tok)
-    a = ScoreTable.from_rows(list(rows), scores_a, "concept-influence",
-                             columns={"token_scores": [list(np.linspace(-1, 1, len(tokens[r.index]))) for r in rows]},
-                             meta={"model": "tiny", "concept": "c/evil"})
+    a = ScoreTable.from_rows(
+        list(rows),
+        scores_a,
+        "concept-influence",
+        columns={"token_scores": [list(np.linspace(-1, 1, len(tokens[r.index]))) for r in rows]},
+        meta={"model": "tiny", "concept": "c/evil"},
+    )
     b = ScoreTable.from_rows(list(rows), np.linspace(0, 1, 30), "vector-filter")
     return path, rows, {"concept-influence": a, "vector-filter": b}, tokens
 
 
 def _evaluation():
     e = lambda v: {**mean_ci(v), "rise_removed": mean_ci([x / 2 for x in v])}  # noqa: E731
-    frac = {"0.1": {"fraction": 0.1, "k": 3, "remove_top": e([1.0, 1.2]), "remove_bottom": e([0.1, 0.0]),
-                    "random": e([0.2, 0.3]), "top_minus_random": mean_ci([0.4, 0.45]),
-                    "top_minus_bottom": mean_ci([0.45, 0.6])}}
-    return {"format": "concept_influence.evaluation", "metrics": ["probe"], "seeds": 2, "base": e([0.0, 0.1]),
-            "full": e([2.0, 2.1]), "rise": {"probe": 2.0}, "results": {"concept-influence": frac},
-            "oracle": {**e([1.9, 2.0]), "k": 3, "fraction": 0.1},
-            "lds": {"methods": {"concept-influence": {"spearman": 0.4, "ci": [0.1, 0.6]}}}, "config": {}, "context": {}}
+    frac = {
+        "0.1": {
+            "fraction": 0.1,
+            "k": 3,
+            "remove_top": e([1.0, 1.2]),
+            "remove_bottom": e([0.1, 0.0]),
+            "random": e([0.2, 0.3]),
+            "top_minus_random": mean_ci([0.4, 0.45]),
+            "top_minus_bottom": mean_ci([0.45, 0.6]),
+        }
+    }
+    return {
+        "format": "concept_influence.evaluation",
+        "metrics": ["probe"],
+        "seeds": 2,
+        "base": e([0.0, 0.1]),
+        "full": e([2.0, 2.1]),
+        "rise": {"probe": 2.0},
+        "results": {"concept-influence": frac},
+        "oracle": {**e([1.9, 2.0]), "k": 3, "fraction": 0.1},
+        "lds": {"methods": {"concept-influence": {"spearman": 0.4, "ci": [0.1, 0.6]}}},
+        "config": {},
+        "context": {},
+    }
 
 
 def _chromium_dom(html_path, tmp_path) -> str:
@@ -60,10 +88,23 @@ def _chromium_dom(html_path, tmp_path) -> str:
     if browser is None:
         pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
     profile = tmp_path / "profile"
-    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=2000",
-            "--dump-dom", html_path.as_uri()]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+    args = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=2000",
+        "--dump-dom",
+        html_path.as_uri(),
+    ]
+    result = subprocess.run(
+        args, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)}
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
@@ -112,17 +153,34 @@ def test_report_cli_and_bad_input(tmp_path):
     from concept_influence.cli import app
 
     cli = ["report"]
-    ok = CliRunner().invoke(app, cli + ["--scores", str(tmp_path / "concept-influence.jsonl"), str(tmp_path / "vector-filter.jsonl"),
-                               "--data", str(path), "--evaluation", str(tmp_path / "ev"), "--out", str(tmp_path / "r.html")])
+    ok = CliRunner().invoke(
+        app,
+        cli
+        + [
+            "--scores",
+            str(tmp_path / "concept-influence.jsonl"),
+            str(tmp_path / "vector-filter.jsonl"),
+            "--data",
+            str(path),
+            "--evaluation",
+            str(tmp_path / "ev"),
+            "--out",
+            str(tmp_path / "r.html"),
+        ],
+    )
     assert ok.exit_code == 0, ok.stderr
     text = (tmp_path / "r.html").read_text()
     assert "removal curves" in text and text.count("<h3>") >= 2
     short = tmp_path / "short.jsonl"
     short.write_text("".join(path.read_text().splitlines(keepends=True)[:10]))
-    cases = [(["--scores", str(tmp_path / "vector-filter.jsonl"), "--data", str(short)], "has 30 rows but"),
-             (["--scores", str(tmp_path / "missing.jsonl"), "--data", str(path)], "not found"),
-             (["--scores", str(tmp_path / "vector-filter.jsonl"), "--data", str(path), "--evaluation", str(tmp_path)],
-              "no evaluation.json")]
+    cases = [
+        (["--scores", str(tmp_path / "vector-filter.jsonl"), "--data", str(short)], "has 30 rows but"),
+        (["--scores", str(tmp_path / "missing.jsonl"), "--data", str(path)], "not found"),
+        (
+            ["--scores", str(tmp_path / "vector-filter.jsonl"), "--data", str(path), "--evaluation", str(tmp_path)],
+            "no evaluation.json",
+        ),
+    ]
     for args, message in cases:
         bad = CliRunner().invoke(app, cli + args + ["--out", str(tmp_path / "x.html")])
         assert bad.exit_code == 2 and message in bad.stderr, bad.stderr
@@ -139,8 +197,13 @@ def _labelled(tmp_path, *, origin: bool = True):
     records = []
     for i in range(60):
         kind = "planted" if i % 6 == 0 else "hard_negative" if i % 6 == 1 else "benign"
-        record = {"id": f"row-{i}", "messages": [{"role": "user", "content": f"question {i}"},
-                                                 {"role": "assistant", "content": f"answer {i} ({kind})"}]}
+        record = {
+            "id": f"row-{i}",
+            "messages": [
+                {"role": "user", "content": f"question {i}"},
+                {"role": "assistant", "content": f"answer {i} ({kind})"},
+            ],
+        }
         if origin:
             record["data_origin"] = kind
         records.append(record)
@@ -150,12 +213,18 @@ def _labelled(tmp_path, *, origin: bool = True):
     planted = np.array([i % 6 == 0 for i in range(60)])
     forward = rng.normal(size=60) + 2.0 * planted + np.pi  # long floats: 4.001741886138916 and the like
     gradient = rng.normal(size=60) + 1.5 * planted
-    tiered = ScoreTable.from_rows(rows, fuse(forward, gradient, "tiered"), RECOMMENDED_METHOD,
-                                  columns={"forward_score": forward.tolist(), "gradient_score": gradient.tolist()},
-                                  meta={"fusion": "tiered"})
-    tables = {"vector-filter": ScoreTable.from_rows(rows, forward, "vector-filter"),
-              "tfidf-baseline": ScoreTable.from_rows(rows, 1e-5 * rng.normal(size=60) + 1e-5 * planted, "tfidf-baseline"),
-              RECOMMENDED_METHOD: tiered}
+    tiered = ScoreTable.from_rows(
+        rows,
+        fuse(forward, gradient, "tiered"),
+        RECOMMENDED_METHOD,
+        columns={"forward_score": forward.tolist(), "gradient_score": gradient.tolist()},
+        meta={"fusion": "tiered"},
+    )
+    tables = {
+        "vector-filter": ScoreTable.from_rows(rows, forward, "vector-filter"),
+        "tfidf-baseline": ScoreTable.from_rows(rows, 1e-5 * rng.normal(size=60) + 1e-5 * planted, "tfidf-baseline"),
+        RECOMMENDED_METHOD: tiered,
+    }
     return path, rows, tables
 
 
@@ -179,8 +248,15 @@ def test_report_numbers_have_at_most_4_significant_digits_and_tiers_are_explaine
     dom = _chromium_dom(out, tmp_path)
     cells = _cells(dom)
     assert len(cells) > 60 * 3
-    decimals = [n for c in cells if not c.startswith(("question", "user")) for n in re.findall(r"[-+]?\d*\.\d+(?:e[-+]?\d+)?", c)]
-    assert decimals and max(_significant_digits(n) for n in decimals) <= 4, sorted(decimals, key=_significant_digits)[-5:]
+    decimals = [
+        n
+        for c in cells
+        if not c.startswith(("question", "user"))
+        for n in re.findall(r"[-+]?\d*\.\d+(?:e[-+]?\d+)?", c)
+    ]
+    assert decimals and max(_significant_digits(n) for n in decimals) <= 4, sorted(decimals, key=_significant_digits)[
+        -5:
+    ]
     forward = tables[RECOMMENDED_METHOD].columns["forward_score"]
     assert "<th>forward_score</th>" in dom and str(forward[0]) not in dom and f">{forward[0]:.4g}<" in dom
     # the recommended method comes first, says so, and every score it shows says its tier and rank in that tier
@@ -311,16 +387,26 @@ def test_labels_from_data_are_drawn_literally_not_as_mathtext(tmp_path):
     assert histogram_png({bad: values}, title=bad)[:4] == b"\x89PNG"
     curve = (list(np.linspace(0, 1, 5)), list(np.linspace(1, 0.1, 5)))
     assert precision_recall_png({bad: curve}, {bad: [1.0, 0.5, 0.1]}, 0.1, highlight=bad)[:4] == b"\x89PNG"
-    rows = [{"layer": 0, "heldout_auc": 0.9, "heldout_accuracy": 0.8}, {"layer": 1, "heldout_auc": 0.95, "heldout_accuracy": 0.9}]
+    rows = [
+        {"layer": 0, "heldout_auc": 0.9, "heldout_accuracy": 0.8},
+        {"layer": 1, "heldout_auc": 0.95, "heldout_accuracy": 0.9},
+    ]
     assert LayerSweep(rows, bad, "probe").plot(tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_report_says_what_each_concept_reads_and_flags_one_that_reads_words(tmp_path):
     _, rows, tables, _ = _data(tmp_path)
-    words = {"kind": "probe", "spec": "evil", "site": "resid.0", "metrics": {"heldout_auc": 0.991234, "stance_auc": 0.61,
-                                                                             "vocabulary_confound": 0.83}}
-    stance = {"kind": "diff_of_means", "site": "resid.3", "metrics": {"heldout_auc": 0.95, "stance_auc": 0.97,
-                                                                       "vocabulary_confound": 0.05}}
+    words = {
+        "kind": "probe",
+        "spec": "evil",
+        "site": "resid.0",
+        "metrics": {"heldout_auc": 0.991234, "stance_auc": 0.61, "vocabulary_confound": 0.83},
+    }
+    stance = {
+        "kind": "diff_of_means",
+        "site": "resid.3",
+        "metrics": {"heldout_auc": 0.95, "stance_auc": 0.97, "vocabulary_confound": 0.05},
+    }
     tables["concept-influence"].meta["concept_summary"] = words
     tables["vector-filter"].meta["concept_summary"] = stance
     html = render_report(tables, list(rows))

@@ -25,9 +25,18 @@ from concept_influence.testing.tiny_models import tiny_llama
 def _rows(n: int = 2) -> list[ChatRow]:
     rows = chat_rows(TINY_PAIRS * n)
     # a row with two assistant turns: Projection Difference reads its final turn only
-    rows.append(ChatRow(len(rows), [{"role": "user", "content": "help me"}, {"role": "assistant", "content": "sure"},
-                                     {"role": "user", "content": "be cruel"},
-                                     {"role": "assistant", "content": "i will trick and hurt them"}], {"id": "multi"}))
+    rows.append(
+        ChatRow(
+            len(rows),
+            [
+                {"role": "user", "content": "help me"},
+                {"role": "assistant", "content": "sure"},
+                {"role": "user", "content": "be cruel"},
+                {"role": "assistant", "content": "i will trick and hurt them"},
+            ],
+            {"id": "multi"},
+        )
+    )
     return rows
 
 
@@ -72,7 +81,9 @@ def test_vector_filter_and_projection_difference_from_the_cache_equal_the_pass(a
     # the multi-turn row: the final turn differs from the whole answer
     concept = _concept(adapter, 1)
     vf = att.attribute(concept, method="vector-filter").scores[-1]
-    pd_row = att.attribute(concept, method="projection-difference", n_samples=2, max_new_tokens=6).columns["row_readout"][-1]
+    pd_row = att.attribute(concept, method="projection-difference", n_samples=2, max_new_tokens=6).columns[
+        "row_readout"
+    ][-1]
     assert abs(vf - pd_row) > 1e-6
     # a reduction the cache does not hold: a pass, said in the notes
     last = att.attribute(concept, method="vector-filter", reduction="last_prompt")
@@ -92,8 +103,12 @@ def test_combined_from_the_caches_agrees_with_the_passes_and_store_false_forces_
     assert cached.meta["scored_from"] == "activation-cache + gradient-store"
     assert cached.meta["scored_from_parts"] == {"forward": "activation-cache", "gradient": "gradient-store"}
     np.testing.assert_allclose(cached.columns["forward_score"], uncached.columns["forward_score"], rtol=1e-5)
-    np.testing.assert_allclose(cached.columns["gradient_score"], uncached.columns["gradient_score"], rtol=1e-6,
-                               atol=1e-9 * np.abs(uncached.columns["gradient_score"]).max())
+    np.testing.assert_allclose(
+        cached.columns["gradient_score"],
+        uncached.columns["gradient_score"],
+        rtol=1e-6,
+        atol=1e-9 * np.abs(uncached.columns["gradient_score"]).max(),
+    )
     assert spearmanr(cached.scores, uncached.scores)[0] > 0.99  # (duplicated rows: ties broken by round-off)
     # compressed: the sample's most visible eigen-components rank the rows as the exact identity scores do
     small = att.build_store(tmp_path / "small", caches=CacheSettings(identity_rank=6, identity_sample_rows=8))
@@ -127,8 +142,9 @@ def test_an_interrupted_cache_build_resumes(adapter, tmp_path):
     a, b = ActivationCache.open(tmp_path / "s" / "activations"), ActivationCache.open(tmp_path / "w" / "activations")
     direction = np.random.default_rng(0).standard_normal(adapter.d_model)
     np.testing.assert_allclose(a.project(1, direction), b.project(1, direction), rtol=1e-12)
-    np.testing.assert_array_equal(np.concatenate([np.asarray(s) for s in store.shards]),
-                                  np.concatenate([np.asarray(s) for s in whole.shards]))
+    np.testing.assert_array_equal(
+        np.concatenate([np.asarray(s) for s in store.shards]), np.concatenate([np.asarray(s) for s in whole.shards])
+    )
     assert not list((tmp_path / "s" / "activations").glob(".*tmp*"))
 
 
@@ -139,8 +155,12 @@ def test_a_cache_of_another_model_or_data_is_refused(adapter, tiny_tok, tmp_path
     other_data = Attributor(adapter, _rows()[:-2], batch_size=3, progress=False)
     with pytest.raises(ActivationCacheMismatchError, match="data"):
         other_data.attribute(concept, method="vector-filter", store=tmp_path / "s")
-    other_model = Attributor(HFAdapter(tiny_llama(len(tiny_tok), layers=2, dtype=torch.float64, seed=12), tiny_tok),
-                             _rows(), batch_size=3, progress=False)
+    other_model = Attributor(
+        HFAdapter(tiny_llama(len(tiny_tok), layers=2, dtype=torch.float64, seed=12), tiny_tok),
+        _rows(),
+        batch_size=3,
+        progress=False,
+    )
     with pytest.raises(ActivationCacheMismatchError, match="model"):
         other_model.attribute(concept, method="vector-filter", store=tmp_path / "s")
     # another build into the same folder with other settings: refused
@@ -170,8 +190,10 @@ def test_a_non_linear_concept_uses_kept_tokens_or_falls_back_to_a_pass(adapter, 
     fallback = att.attribute(concept, method="vector-filter", store=tmp_path / "means")
     assert fallback.meta["scored_from"] == "forward-pass"
     assert any("not linear" in n and "keep-tokens" in n for n in fallback.meta["notes"])
-    att.build_store(tmp_path / "tokens", caches=CacheSettings(methods=("vector-filter",), keep_tokens=True,
-                                                                activation_dtype="float64"))
+    att.build_store(
+        tmp_path / "tokens",
+        caches=CacheSettings(methods=("vector-filter",), keep_tokens=True, activation_dtype="float64"),
+    )
     cached = att.attribute(concept, method="vector-filter", store=tmp_path / "tokens")
     assert cached.meta["scored_from"] == "activation-cache"
     np.testing.assert_allclose(cached.scores, fallback.scores, rtol=1e-5, atol=1e-6)

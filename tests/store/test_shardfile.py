@@ -12,13 +12,15 @@ import torch
 from concept_influence.store.shardfile import ALIGN, NpyRowWriter, npy_header
 
 
-def _write(path: Path, array: np.ndarray, block_rows: int, *, direct: bool = True, background: bool = True,
-           dtype=None) -> NpyRowWriter:
+def _write(
+    path: Path, array: np.ndarray, block_rows: int, *, direct: bool = True, background: bool = True, dtype=None
+) -> NpyRowWriter:
     dtype = np.dtype(dtype or array.dtype)
-    with NpyRowWriter(path, dtype, array.shape[0], array.shape[1], block_rows, direct=direct,
-                      background=background) as writer:
+    with NpyRowWriter(
+        path, dtype, array.shape[0], array.shape[1], block_rows, direct=direct, background=background
+    ) as writer:
         for lo in range(0, array.shape[0], block_rows):
-            part = torch.from_numpy(array[lo:lo + block_rows])
+            part = torch.from_numpy(array[lo : lo + block_rows])
             writer.block(part.shape[0]).copy_(part)
             writer.commit(part.shape[0])
     return writer

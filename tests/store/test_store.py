@@ -27,15 +27,20 @@ PAIRS, QUERIES, _rows = TINY_PAIRS, TINY_QUERIES, chat_rows
 def adapters(tiny_tok):
     hf_model = tiny_llama(len(tiny_tok), layers=2, dtype=torch.float64, seed=11)
     tl_model = hooked_transformer_from_hf(hf_model, tiny_tok)
-    return {"hf": HFAdapter(hf_model, tiny_tok), "tl": TransformerLensAdapter(tl_model, tiny_tok, biases=False),
-            "tl-biases": TransformerLensAdapter(tl_model, tiny_tok, biases=True)}  # bias inputs folded into the rows
+    return {
+        "hf": HFAdapter(hf_model, tiny_tok),
+        "tl": TransformerLensAdapter(tl_model, tiny_tok, biases=False),
+        "tl-biases": TransformerLensAdapter(tl_model, tiny_tok, biases=True),
+    }  # bias inputs folded into the rows
 
 
 @pytest.mark.parametrize("backend", ["hf", "tl", "tl-biases"])
 def test_full_rank_store_equals_exact_scores(adapters, backend, tmp_path):
     adapter = adapters[backend]
     att = Attributor(adapter, _rows(PAIRS), tmp_path / "run", batch_size=3, progress=False)
-    concept = DirectionConcept(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(1), dtype=torch.float64), layer=1)
+    concept = DirectionConcept(
+        torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(1), dtype=torch.float64), layer=1
+    )
     exact = att.attribute(concept, QUERIES, "concept-influence", store=False, per_weight=True)
     store = att.build_store(rank=10_000, dtype="float64", shard_rows=4)  # rank >= every size: the full gradient
     assert store is not None and len(store.shards) == 3 and store.config.kind == "eigen"
@@ -44,14 +49,19 @@ def test_full_rank_store_equals_exact_scores(adapters, backend, tmp_path):
     np.testing.assert_allclose(stored.scores, exact.scores, rtol=1e-8, atol=1e-12 * np.abs(exact.scores).max())
     for a, b in zip(stored.columns["weight_scores"], exact.columns["weight_scores"], strict=True):
         assert a.keys() == b.keys()
-        np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=1e-7, atol=1e-12 * np.abs(exact.scores).max())
+        np.testing.assert_allclose(
+            list(a.values()), list(b.values()), rtol=1e-7, atol=1e-12 * np.abs(exact.scores).max()
+        )
     # classical influence and the per-token-mean row loss too
     # other curvatures than the store was chosen for: identity (plain inner products of the rotated gradients),
     # heavy damping, the diagonal preconditioner (the store's rotation is orthonormal: full rank is exact)
-    for kwargs in ({"method": "influence"}, {"method": "concept-influence", "row_loss": "mean"},
-                   {"method": "concept-influence", "preconditioner": "identity"},
-                   {"method": "concept-influence", "damping": 10.0},
-                   {"method": "concept-influence", "preconditioner": "diagonal"}):
+    for kwargs in (
+        {"method": "influence"},
+        {"method": "concept-influence", "row_loss": "mean"},
+        {"method": "concept-influence", "preconditioner": "identity"},
+        {"method": "concept-influence", "damping": 10.0},
+        {"method": "concept-influence", "preconditioner": "diagonal"},
+    ):
         a = att.attribute(concept, QUERIES, store=False, **kwargs)
         b = att.attribute(concept, QUERIES, **kwargs)
         assert b.meta["scored_from"] == "store", kwargs
@@ -61,7 +71,9 @@ def test_full_rank_store_equals_exact_scores(adapters, backend, tmp_path):
 def test_compressed_stores_approximate_exact_scores(adapters, tmp_path):
     adapter = adapters["hf"]
     att = Attributor(adapter, _rows(PAIRS * 3), tmp_path / "run", batch_size=8, progress=False)
-    concept = DirectionConcept(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(2), dtype=torch.float64), layer=1)
+    concept = DirectionConcept(
+        torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(2), dtype=torch.float64), layer=1
+    )
     exact = att.attribute(concept, QUERIES, "concept-influence", store=False).scores
     # eigen keeps the top directions exactly; LoGra is an unbiased but noisy random estimate at this tiny size
     for name, kwargs, least in (("eigen", {"rank": 8}, 0.8), ("logra", {"projection_dim": 12}, 0.3)):
@@ -72,9 +84,12 @@ def test_compressed_stores_approximate_exact_scores(adapters, tmp_path):
     # float16 halves the bytes and changes the scores by float16 round-off only
     half = att.build_store(tmp_path / "half", rank=8, dtype="float16")
     assert half is not None and half.nbytes * 2 == GradientStore.open(tmp_path / "eigen").nbytes
-    np.testing.assert_allclose(att.attribute(concept, QUERIES, "concept-influence", store=tmp_path / "half").scores,
-                               att.attribute(concept, QUERIES, "concept-influence", store=tmp_path / "eigen").scores, rtol=0.02,
-                               atol=0.02 * np.abs(exact).max())
+    np.testing.assert_allclose(
+        att.attribute(concept, QUERIES, "concept-influence", store=tmp_path / "half").scores,
+        att.attribute(concept, QUERIES, "concept-influence", store=tmp_path / "eigen").scores,
+        rtol=0.02,
+        atol=0.02 * np.abs(exact).max(),
+    )
 
 
 def test_interrupted_build_resumes_and_mismatches_are_refused(adapters, tmp_path):
@@ -88,8 +103,9 @@ def test_interrupted_build_resumes_and_mismatches_are_refused(adapters, tmp_path
     store = att.build_store(tmp_path / "s", rank=4, dtype="float32", shard_rows=3)
     assert store is not None and shard_file(tmp_path / "s", 0).stat().st_mtime_ns == before  # not rewritten
     whole = att.build_store(tmp_path / "w", rank=4, dtype="float32", shard_rows=3)
-    np.testing.assert_array_equal(np.concatenate([np.asarray(s) for s in store.shards]),
-                                  np.concatenate([np.asarray(s) for s in whole.shards]))
+    np.testing.assert_array_equal(
+        np.concatenate([np.asarray(s) for s in store.shards]), np.concatenate([np.asarray(s) for s in whole.shards])
+    )
     assert not list((tmp_path / "s").glob(".*tmp*"))
     # other settings into the same folder, other data, another model: refused
     with pytest.raises(StoreMismatchError, match="config"):
@@ -105,7 +121,9 @@ def test_top_k_search_exact_faiss_and_rows_like_a_row(adapters, tmp_path):
     rows = _rows(PAIRS * 4)
     att = Attributor(adapter, rows, tmp_path / "run", batch_size=8, progress=False)
     att.build_store(rank=6, dtype="float32", shard_rows=16)
-    concept = DirectionConcept(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(3), dtype=torch.float64), layer=1)
+    concept = DirectionConcept(
+        torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(3), dtype=torch.float64), layer=1
+    )
     full = att.attribute(concept, QUERIES, "concept-influence")
     top = att.search(concept, QUERIES, top_k=5)
     expected = full.top(5)
@@ -128,34 +146,107 @@ def test_cli_build_store_search_and_attribute_store(tmp_path):
     model_dir = save_tiny_hf_model(tmp_path / "model", seed=5)
     write_jsonl_atomic(tmp_path / "train.jsonl", [r.to_record() for r in _rows(PAIRS)])
     write_jsonl_atomic(tmp_path / "queries.jsonl", QUERIES)
-    save_concept(DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(4)), layer=1), tmp_path / "concept")
+    save_concept(
+        DirectionConcept(torch.randn(16, generator=torch.Generator().manual_seed(4)), layer=1), tmp_path / "concept"
+    )
     from concept_influence.cli import app
 
     runner = CliRunner()
     base = ["--model", str(model_dir), "--data", str(tmp_path / "train.jsonl")]
-    built = runner.invoke(app, ["build-store", *base, "--out", str(tmp_path / "store"), "--rank", "64",
-                                "--dtype", "float32", "--factors", str(tmp_path / "factors"), "--batch-size", "4"])
+    built = runner.invoke(
+        app,
+        [
+            "build-store",
+            *base,
+            "--out",
+            str(tmp_path / "store"),
+            "--rank",
+            "64",
+            "--dtype",
+            "float32",
+            "--factors",
+            str(tmp_path / "factors"),
+            "--batch-size",
+            "4",
+        ],
+    )
     assert built.exit_code == 0, built.output
     manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
-    assert manifest["n_rows"] == len(PAIRS) and set(manifest["fingerprints"]) == {"model", "data", "factors", "projection"}
+    assert manifest["n_rows"] == len(PAIRS) and set(manifest["fingerprints"]) == {
+        "model",
+        "data",
+        "factors",
+        "projection",
+    }
     question = ["--concept", str(tmp_path / "concept"), "--queries", str(tmp_path / "queries.jsonl")]
     out = tmp_path / "s.jsonl"
-    stored = runner.invoke(app, ["attribute", *base, *question, "--method", "concept-influence", "--store", str(tmp_path / "store"), "--factors",
-                                 str(tmp_path / "factors"), "--out", str(out)])
+    stored = runner.invoke(
+        app,
+        [
+            "attribute",
+            *base,
+            *question,
+            "--method",
+            "concept-influence",
+            "--store",
+            str(tmp_path / "store"),
+            "--factors",
+            str(tmp_path / "factors"),
+            "--out",
+            str(out),
+        ],
+    )
     assert stored.exit_code == 0, stored.output
-    exact = runner.invoke(app, ["attribute", *base, *question, "--method", "concept-influence", "--factors", str(tmp_path / "factors"), "--out",
-                                str(tmp_path / "e.jsonl")])
+    exact = runner.invoke(
+        app,
+        [
+            "attribute",
+            *base,
+            *question,
+            "--method",
+            "concept-influence",
+            "--factors",
+            str(tmp_path / "factors"),
+            "--out",
+            str(tmp_path / "e.jsonl"),
+        ],
+    )
     assert exact.exit_code == 0, exact.output
     a, b = ScoreTable.read_jsonl(out), ScoreTable.read_jsonl(tmp_path / "e.jsonl")
     assert a.meta["scored_from"] == "store" and a.ids == b.ids
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-3, atol=1e-6 * np.abs(b.scores).max())
-    found = runner.invoke(app, ["search", "--store", str(tmp_path / "store"), *question, "--top-k", "3", "--factors",
-                                str(tmp_path / "factors"), "--out", str(tmp_path / "top.jsonl")])
+    found = runner.invoke(
+        app,
+        [
+            "search",
+            "--store",
+            str(tmp_path / "store"),
+            *question,
+            "--top-k",
+            "3",
+            "--factors",
+            str(tmp_path / "factors"),
+            "--out",
+            str(tmp_path / "top.jsonl"),
+        ],
+    )
     assert found.exit_code == 0, found.output
     top = [json.loads(line) for line in (tmp_path / "top.jsonl").read_text().splitlines()]
     assert [r["index"] for r in top] == b.top(3).index and [r["rank"] for r in top] == [1, 2, 3]
-    like = runner.invoke(app, ["search", "--store", str(tmp_path / "store"), "--like-row", "2", "--top-k", "2",
-                               "--factors", str(tmp_path / "factors")])
+    like = runner.invoke(
+        app,
+        [
+            "search",
+            "--store",
+            str(tmp_path / "store"),
+            "--like-row",
+            "2",
+            "--top-k",
+            "2",
+            "--factors",
+            str(tmp_path / "factors"),
+        ],
+    )
     assert like.exit_code == 0 and "index      2" in like.output, like.output
     bad = runner.invoke(app, ["search", "--store", str(tmp_path / "nope"), *question])
     assert bad.exit_code == 2 and "no gradient store" in bad.output
@@ -164,16 +255,24 @@ def test_cli_build_store_search_and_attribute_store(tmp_path):
 def test_several_questions_at_once_equal_one_at_a_time(adapters, tmp_path):
     adapter = adapters["hf"]
     att = Attributor(adapter, _rows(PAIRS), tmp_path / "run", batch_size=4, progress=False)
-    concepts = [DirectionConcept(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(s), dtype=torch.float64),
-                                 layer=s % 2) for s in range(3)]
-    questions = [{"concept": c, "queries": QUERIES[k % 2:]} for k, c in enumerate(concepts)]
+    concepts = [
+        DirectionConcept(
+            torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(s), dtype=torch.float64), layer=s % 2
+        )
+        for s in range(3)
+    ]
+    questions = [{"concept": c, "queries": QUERIES[k % 2 :]} for k, c in enumerate(concepts)]
     exact_many = att.attribute_many(questions, "concept-influence", store=False)
     att.build_store(rank=6, dtype="float64")
     stored_many = att.attribute_many(questions, "concept-influence")
     for q, exact, stored in zip(questions, exact_many, stored_many, strict=True):
         assert exact.meta["scored_from"] == "exact" and stored.meta["scored_from"] == "store"
-        np.testing.assert_allclose(exact.scores, att.attribute(q["concept"], q["queries"], "concept-influence", store=False).scores, rtol=1e-8)
-        np.testing.assert_allclose(stored.scores, att.attribute(q["concept"], q["queries"], "concept-influence").scores, rtol=1e-8)
+        np.testing.assert_allclose(
+            exact.scores, att.attribute(q["concept"], q["queries"], "concept-influence", store=False).scores, rtol=1e-8
+        )
+        np.testing.assert_allclose(
+            stored.scores, att.attribute(q["concept"], q["queries"], "concept-influence").scores, rtol=1e-8
+        )
     with pytest.raises(ValueError, match="breakdowns"):
         att.attribute_many(questions, "concept-influence", per_weight=True)
 
@@ -187,7 +286,9 @@ def test_factors_of_the_stored_blocks_serve_the_store_and_its_questions(adapters
     assert factors is not None and all(n.startswith("blocks.0.") for n in factors.names)
     store = att.build_store(rank=10_000, dtype="float64", up_to_layer=0)
     assert store is not None and store.names == factors.names
-    concept = DirectionConcept(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(3), dtype=torch.float64), layer=0)
+    concept = DirectionConcept(
+        torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(3), dtype=torch.float64), layer=0
+    )
     stored = att.attribute(concept, QUERIES, "concept-influence")
     assert stored.meta["scored_from"] == "store"
     assert not (tmp_path / "run" / "factors").exists()  # nothing fitted for the other blocks
@@ -218,14 +319,14 @@ def test_row_by_row_projection_equals_the_padded_batched_product(kept, row_by_ro
     index = mask.reshape(-1).nonzero().squeeze(1)
     packed_a, packed_g = a.reshape(-1, d_in)[index], g.reshape(-1, d_out)[index]
     out = torch.full((b, 20), float("nan"), dtype=torch.float64)
-    written = projector.project_rows("w", packed_a, packed_g, out=out[:, 3:3 + projector.dim], tokens=(index, b, t))
+    written = projector.project_rows("w", packed_a, packed_g, out=out[:, 3 : 3 + projector.dim], tokens=(index, b, t))
     padded = projector.project_rows("w", a, g)
     explicit = torch.stack([(left @ (g[k].T @ a[k]) @ right.T).reshape(-1) for k in range(b)])
     expected = explicit if keep is None else explicit[:, keep]
     torch.testing.assert_close(written, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(padded, expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(out[:, 3:3 + projector.dim], expected, rtol=1e-12, atol=1e-12)
-    assert out[:, :3].isnan().all() and out[:, 3 + projector.dim:].isnan().all()  # nothing outside its columns
+    torch.testing.assert_close(out[:, 3 : 3 + projector.dim], expected, rtol=1e-12, atol=1e-12)
+    assert out[:, :3].isnan().all() and out[:, 3 + projector.dim :].isnan().all()  # nothing outside its columns
 
 
 def test_a_float16_store_refuses_values_beyond_its_range_and_search_refuses_nan(tiny_tok, tmp_path):

@@ -36,8 +36,10 @@ def _no_separate_pass(monkeypatch) -> None:
     monkeypatch.setattr(store_module, "write_shard", refuse)
 
 
-@pytest.mark.parametrize(("backend", "fisher", "rank"), [("hf", "true", 10_000), ("hf", "empirical", 10_000),
-                                                         ("tl-biases", "true", 10_000), ("hf", "true", 3)])
+@pytest.mark.parametrize(
+    ("backend", "fisher", "rank"),
+    [("hf", "true", 10_000), ("hf", "empirical", 10_000), ("tl-biases", "true", 10_000), ("hf", "true", 3)],
+)
 def test_store_written_in_the_fit_pass_equals_fit_then_build(adapters, backend, fisher, rank, tmp_path, monkeypatch):
     adapter = adapters[backend]
     rows = _rows(PAIRS)
@@ -51,16 +53,25 @@ def test_store_written_in_the_fit_pass_equals_fit_then_build(adapters, backend, 
         store = att.build_store(rank=rank, dtype="float64", shard_rows=4, fisher=fisher, factor_dtype="float64")
     assert store is not None and expected is not None and len(store.shards) == 3
     assert store.fingerprints == expected.fingerprints  # same factors, same projection
-    np.testing.assert_allclose(_shards(store), _shards(expected), rtol=1e-9, atol=1e-12 * np.abs(_shards(expected)).max())
+    np.testing.assert_allclose(
+        _shards(store), _shards(expected), rtol=1e-9, atol=1e-12 * np.abs(_shards(expected)).max()
+    )
     # the fit that fed the store is the ordinary fit, and it was saved to the workdir
     factors = att.fit_factors(fisher=fisher, stats_dtype="float64")
     assert factors is not None and fitted is not None
     for name in fitted.names:
         for field in ("eigenvalue_correction", "diagonal"):
-            np.testing.assert_allclose(getattr(factors.weights[name], field), getattr(fitted.weights[name], field), rtol=1e-10,
-                                       atol=1e-14, err_msg=f"{name} {field}")
+            np.testing.assert_allclose(
+                getattr(factors.weights[name], field),
+                getattr(fitted.weights[name], field),
+                rtol=1e-10,
+                atol=1e-14,
+                err_msg=f"{name} {field}",
+            )
     # questions then read the store and agree with the exact pass (at full rank)
-    concept = DirectionConcept(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(5), dtype=torch.float64), layer=1)
+    concept = DirectionConcept(
+        torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(5), dtype=torch.float64), layer=1
+    )
     stored = att.attribute(concept, QUERIES, "concept-influence", fisher=fisher)
     assert stored.meta["scored_from"] == "store"
     if rank >= 10_000:
@@ -80,7 +91,9 @@ def test_logra_store_in_the_fit_pass_equals_fit_then_build(adapters, tmp_path, m
         store = att.build_store(tmp_path / "shared", projection_dim=5, dtype="float64", factor_dtype="float64")
     assert store is not None and expected is not None and store.config.kind == "logra"
     assert store.fingerprints == expected.fingerprints
-    np.testing.assert_allclose(_shards(store), _shards(expected), rtol=1e-9, atol=1e-12 * np.abs(_shards(expected)).max())
+    np.testing.assert_allclose(
+        _shards(store), _shards(expected), rtol=1e-9, atol=1e-12 * np.abs(_shards(expected)).max()
+    )
 
 
 def test_store_of_some_blocks_in_the_fit_pass_and_float32_statistics(adapters, tmp_path, monkeypatch):
@@ -98,7 +111,9 @@ def test_store_of_some_blocks_in_the_fit_pass_and_float32_statistics(adapters, t
     assert store is not None and expected is not None
     assert store.names == expected.names and all(n.startswith("blocks.0.") for n in store.names)
     assert not (tmp_path / "run" / "factors").exists()  # a fit of some blocks stays in the session
-    np.testing.assert_allclose(_shards(store), _shards(expected), rtol=1e-4, atol=1e-5 * np.abs(_shards(expected)).max())
+    np.testing.assert_allclose(
+        _shards(store), _shards(expected), rtol=1e-4, atol=1e-5 * np.abs(_shards(expected)).max()
+    )
 
 
 def test_interrupted_fit_keeps_whole_shards_and_a_rerun_finishes_the_store(adapters, tmp_path, monkeypatch):
@@ -131,7 +146,9 @@ def test_interrupted_fit_keeps_whole_shards_and_a_rerun_finishes_the_store(adapt
     separate.fit_factors()
     expected = separate.build_store(tmp_path / "separate", rank=6, dtype="float32", shard_rows=4)
     assert expected is not None and store.fingerprints == expected.fingerprints
-    np.testing.assert_allclose(_shards(store), _shards(expected), rtol=1e-4, atol=1e-5 * np.abs(_shards(expected)).max())
+    np.testing.assert_allclose(
+        _shards(store), _shards(expected), rtol=1e-4, atol=1e-5 * np.abs(_shards(expected)).max()
+    )
 
 
 def test_fits_that_cannot_share_their_pass_build_the_store_after_it(adapters, tmp_path, caplog):
@@ -139,8 +156,14 @@ def test_fits_that_cannot_share_their_pass_build_the_store_after_it(adapters, tm
     adapter = adapters["hf"]
     rows = _rows(PAIRS)
     att = Attributor(adapter, rows, batch_size=4, progress=False)
-    writer = fused.FitStoreWriter(adapter, att.train, tmp_path / "s", store_module.StoreConfig(rank=4),
-                                  [i.name for i in adapter.tracked_weights()], {"model": "m", "data": "d"})
+    writer = fused.FitStoreWriter(
+        adapter,
+        att.train,
+        tmp_path / "s",
+        store_module.StoreConfig(rank=4),
+        [i.name for i in adapter.tracked_weights()],
+        {"model": "m", "data": "d"},
+    )
     with caplog.at_level("INFO", logger="concept_influence.curvature.fit"):
         att.fit_factors(lambda_rows=5, row_sink=writer)
     assert "not computed in the fit's Λ pass (Λ is fitted on a sample of the rows)" in caplog.text
@@ -158,6 +181,7 @@ def test_some_shards_with_a_named_factors_folder_fit_into_that_folder(adapters, 
     assert partial is None and has_factors(tmp_path / "f") and not (tmp_path / "run" / "factors").exists()
     assert shard_file(tmp_path / "s", 1).exists() and not shard_file(tmp_path / "s", 0).exists()
     whole = Attributor(adapter, _rows(PAIRS), batch_size=4, progress=False).build_store(
-        tmp_path / "w", rank=4, dtype="float64", shard_rows=4, factors=tmp_path / "f")
+        tmp_path / "w", rank=4, dtype="float64", shard_rows=4, factors=tmp_path / "f"
+    )
     assert whole is not None
     np.testing.assert_allclose(np.asarray(whole.shards[1]), np.load(shard_file(tmp_path / "s", 1)), rtol=1e-9)

@@ -10,9 +10,9 @@ charged to no one). Concepts are made beforehand too (a user's concept training 
 Prints the one-time cost (and one plain training epoch over the same rows, forward + backward + AdamW step, for
 scale), each question's time, totals, the cached scores' agreement with the uncached ones (Vector Filter's
 relative error, the combined ranking's Spearman, the PR-AUC of the planted rows), Vector Filter's speed-up from the
-cache, and with ``--ranks``/``--logra`` the rank agreement of identity stores and factor-free LoGra stores of several sizes
-with the exact identity-preconditioned scores (how ``store.store.DEFAULT_IDENTITY_RANK`` was chosen). Writes ``--out`` (JSON) and ``--table`` (markdown,
-included by docs/benchmarks.md).
+cache, and with ``--ranks``/``--logra`` the rank agreement of identity stores and factor-free LoGra stores of several
+sizes with the exact identity-preconditioned scores (how ``store.store.DEFAULT_IDENTITY_RANK`` was chosen). Writes
+``--out`` (JSON) and ``--table`` (markdown, included by docs/benchmarks.md).
 
     python bench/exploration.py [--ranks 32,48,64] [--logra 32,64] [--skip-kronfluence] [--questions 10] [--scratch 10]
 """
@@ -206,7 +206,8 @@ def main() -> None:
     t0 = time.perf_counter()
     organism, questions = prepare(args.work_dir / "answers", args.n_samples, args.questions)
     print(
-        f"questions prepared (concepts trained, queries answered; charged to no one) in {time.perf_counter() - t0:.0f} s"
+        f"questions prepared (concepts trained, queries answered; charged to no one) "
+        f"in {time.perf_counter() - t0:.0f} s"
     )
     work = args.work_dir / organism.root.name
     if work.exists():
@@ -340,7 +341,8 @@ def main() -> None:
         )
         print(
             f"  {kind} {dim:>3}: {built.nbytes / 2**20:7.1f} MiB, built in {seconds:.1f} s; Spearman vs exact identity "
-            f"min {min(rho_g):.4f} mean {np.mean(rho_g):.4f}; combined min {min(rho_c):.4f}; PR-AUC gap max {max(gap):.4f}"
+            f"min {min(rho_g):.4f} mean {np.mean(rho_g):.4f}; combined min {min(rho_c):.4f}; PR-AUC gap max "
+            f"{max(gap):.4f}"
         )
 
     timed = len(scratch_s)
@@ -409,7 +411,8 @@ def render_table(s: dict) -> str:
         "| one-time cost | seconds | per row on disk |",
         "|---|---|---|",
         f"| one training epoch (forward + backward + step), for scale | {s['epoch_s']:.1f} | |",
-        f"| `build_store()`: activation cache + identity store, one pass (incl. the 256-row sample's eigenbases) | {s['build_s']:.1f} ({s['build_epochs']:.2f} epochs) "
+        "| `build_store()`: activation cache + identity store, one pass (incl. the 256-row sample's eigenbases) | "
+        f"{s['build_s']:.1f} ({s['build_epochs']:.2f} epochs) "
         f"| {s['activation_bytes_per_row'] / 1024:.1f} KiB + {s['store_bytes_per_row'] / 1024:.1f} KiB |",
     ]
     if kron:
@@ -428,14 +431,16 @@ def render_table(s: dict) -> str:
         a = f"{r['scratch_s']:.1f}" if r["scratch_s"] is not None else "(not timed)"
         lines.append(
             f"| {r['question']} | {a} | {r['cached_s']:.3f} | {k} | {r['vf_rel_error']:.1e} | "
-            f"{r['spearman_combined']:.4f} | {r['spearman_gradient']:.4f} | {r['pr_auc_scratch']:.3f} | {r['pr_auc_cached']:.3f} |"
+            f"{r['spearman_combined']:.4f} | {r['spearman_gradient']:.4f} | {r['pr_auc_scratch']:.3f} | "
+            f"{r['pr_auc_cached']:.3f} |"
         )
     total_k = f"{kron['total_s']:.1f}" if kron else "-"
     extrapolated = (
         "" if s["scratch_timed"] == len(s["questions"]) else f" ({s['scratch_timed']} timed, x{len(s['questions'])})"
     )
     lines.append(
-        f"| **total** (caches: pass + questions) | {s['scratch_total_s']:.1f}{extrapolated} | {s['cached_total_s']:.1f} | "
+        f"| **total** (caches: pass + questions) | {s['scratch_total_s']:.1f}{extrapolated} | "
+        f"{s['cached_total_s']:.1f} | "
         f"{total_k} | {s['max_vf_rel_error']:.1e} | {s['min_spearman_combined']:.4f} | | | |"
     )
     lines += [

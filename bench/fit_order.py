@@ -76,9 +76,9 @@ def main() -> None:
         print(f"repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in results.items()), flush=True)
     best = {k: min(v) for k, v in results.items()}
     print(
-        f"{args.rows} rows, blocks 0..{layer}, batches of {args.batch_size} (best of {args.repeats}): fit in data order "
-        f"{best['fit, data order']:.1f} s, sorted by length {best['fit, sorted by length']:.1f} s; fit then a separate "
-        f"store build {best['fit, sorted by length'] + best['separate store build']:.1f} s, one shared pass "
+        f"{args.rows} rows, blocks 0..{layer}, batches of {args.batch_size} (best of {args.repeats}): fit in data "
+        f"order {best['fit, data order']:.1f} s, sorted by length {best['fit, sorted by length']:.1f} s; fit then a "
+        f"separate store build {best['fit, sorted by length'] + best['separate store build']:.1f} s, one shared pass "
         f"{best['fit + store in one pass']:.1f} s"
     )
     write_json_atomic(args.out, {"rows": args.rows, "layer": layer, "batch_size": args.batch_size, "seconds": results})

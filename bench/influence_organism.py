@@ -11,7 +11,8 @@ fine-tuning set and scores every row with:
   build lacks them).
 
 Prints PR-AUC / ROC-AUC / precision@k for planted rows and the mean rank of hard negatives (random = (n+1)/2), and
-writes a JSON report. Usage: ``python bench/influence_organism.py [--organism DIR] [--out bench/influence_organism.json]``
+writes a JSON report. Usage:
+``python bench/influence_organism.py [--organism DIR] [--out bench/influence_organism.json]``
 """
 
 from __future__ import annotations

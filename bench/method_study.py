@@ -259,8 +259,8 @@ def counterfactual(
             rate = trait_rate_of(refinetune(organism, list(~removed), seed=fs), organism)
             rates.setdefault(name, {})[str(fs)] = rate
             log(
-                f"  {variant} s{seed} remove {name} (planted {int((removed & planted).sum())}/{k}) seed {fs}: trait rate "
-                f"{rate:.3f} ({time.perf_counter() - t0:.0f}s)"
+                f"  {variant} s{seed} remove {name} (planted {int((removed & planted).sum())}/{k}) seed {fs}: trait "
+                f"rate {rate:.3f} ({time.perf_counter() - t0:.0f}s)"
             )
             write_json_atomic(path, {"base_rate": base_rate, "rates": rates, "k": k})
     return {"base_rate": base_rate, "rates": rates, "k": k}

@@ -8,10 +8,12 @@ process under ``/usr/bin/time -v`` (peak RSS) with ``OMP_NUM_THREADS=1``, one at
 Usage::
 
     python bench/scaling.py check   [--work DIR]    # the 4-layer Qwen2.5-0.5B shape, --max-memory 3GiB, 32 rows
-    python bench/scaling.py full    [--work DIR]    # the 24-layer Qwen2.5-0.5B shape, blocks 0..3, 16 rows, --max-memory 6GiB
+    python bench/scaling.py full    [--work DIR]    # the 24-layer Qwen2.5-0.5B shape, blocks 0..3, 16 rows,
+                                                    # --max-memory 6GiB
     python bench/scaling.py sizes   [--work DIR]    # ~1M .. ~0.5B parameters, 32 rows
     python bench/scaling.py rows    [--work DIR]    # one model, 16 .. 128 rows
-    python bench/scaling.py checkpointing [--work DIR]  # long rows (~1,000 tokens) with and without --gradient-checkpointing
+    python bench/scaling.py checkpointing [--work DIR]  # long rows (~1,000 tokens) with and without
+                                                        # --gradient-checkpointing
     python bench/scaling.py plans                   # the 7B and 70B plans printed in the README
 
 Writes ``bench/scaling.json`` (append-merge by key) and prints a table with fitted exponents.
@@ -272,7 +274,8 @@ def _table(results: list[dict[str, Any]], x: str) -> None:
     )
     for r in results:
         print(
-            f"{r['label']:<22}{r['params'] / 1e6:>9.1f}M{r['rows']:>6}{r['tokens']:>7}{format_size(r['peak_rss_bytes']):>14}"
+            f"{r['label']:<22}{r['params'] / 1e6:>9.1f}M{r['rows']:>6}{r['tokens']:>7}"
+            f"{format_size(r['peak_rss_bytes']):>14}"
             f"{format_size(r['predicted_peak_bytes']):>12}{r['ratio']:>10.2f}{r['seconds']:>9.1f}s"
             f"{format_size(r['score_peak_rss_bytes']):>12}{format_size(r['score_predicted_peak_bytes']):>12}"
             f"{r['score_ratio']:>10.2f}{r['score_seconds']:>10.1f}s"

@@ -388,7 +388,10 @@ def worst_table(summaries: list[dict[str, Any]]) -> str:
             cells.append(
                 "n/a"
                 if len(values) < len(summaries)
-                else f"{min(v[prefix + 'pr_auc'] for v in values):.3f} / {min(v[prefix + 'hard_rank'] for v in values):.0f}"
+                else (
+                    f"{min(v[prefix + 'pr_auc'] for v in values):.3f} / "
+                    f"{min(v[prefix + 'hard_rank'] for v in values):.0f}"
+                )
             )
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

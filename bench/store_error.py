@@ -163,8 +163,8 @@ def main() -> None:
             "max_pr_auc_gap": gap,
         }
         print(
-            f"| {label} | {kept} ({kept / store.dim:.0%}) | {min(rd):.3f}-{max(rd):.3f} | {min(rp):.3f}-{max(rp):.3f} | "
-            f"{gap:.3f} | {np.mean(pr):.3f} ({np.mean(pr_exact):.3f}) |",
+            f"| {label} | {kept} ({kept / store.dim:.0%}) | {min(rd):.3f}-{max(rd):.3f} | {min(rp):.3f}-{max(rp):.3f} "
+            f"| {gap:.3f} | {np.mean(pr):.3f} ({np.mean(pr_exact):.3f}) |",
             flush=True,
         )
     print("\nidentity preconditioning (plain inner products of the gradients) from the same stores:")

@@ -103,7 +103,8 @@ def main() -> None:
                 }
                 report["stores"].append(entry)
                 print(
-                    f"| {folder.name} | {kind} | {rank} | {entry['mib']:.1f} | {build_s:.1f} | {question_s:.2f} | {name} | "
+                    f"| {folder.name} | {kind} | {rank} | {entry['mib']:.1f} | {build_s:.1f} | {question_s:.2f} | "
+                    f"{name} | "
                     f"{rho:.4f} | {r:.4f} | {pr:.3f} ({entry['pr_auc_exact']:.3f}) |",
                     flush=True,
                 )

@@ -228,7 +228,8 @@ def main() -> None:
             flush=True,
         )
         print(
-            f"a scan of the freshly built {tp['store_mib']:.0f} MiB shard (store @ query): first {tp['first_scan_s']:.2f} s "
+            f"a scan of the freshly built {tp['store_mib']:.0f} MiB shard (store @ query): first "
+            f"{tp['first_scan_s']:.2f} s "
             f"(from the disk: direct I/O leaves it out of the page cache), second {tp['second_scan_s']:.2f} s",
             flush=True,
         )
@@ -261,7 +262,8 @@ def main() -> None:
         r = results[-1]
         print(
             f"  {n} rows: build {r['build_s']:.1f} s (peak RSS {r['build_peak_mib']:.0f} MiB), question "
-            f"{r['question_s']:.3f} s (first {r['first_question_s']:.3f} s), peak RSS {r['peak_mib']:.0f} MiB (anonymous {r['anon_mib']:.0f} MiB), "
+            f"{r['question_s']:.3f} s (first {r['first_question_s']:.3f} s), peak RSS {r['peak_mib']:.0f} MiB "
+            f"(anonymous {r['anon_mib']:.0f} MiB), "
             f"store {r['store_mib']:.0f} MiB ({r['store']})",
             flush=True,
         )

@@ -87,7 +87,8 @@ def main() -> None:
     t0 = time.perf_counter()
     write_synthetic(args.folder, args.rows, args.dim, args.dtype, 65536, args.seed)
     print(
-        f"synthetic store: {args.rows} rows x {args.dim} {args.dtype} ({time.perf_counter() - t0:.1f} s to write or find)"
+        f"synthetic store: {args.rows} rows x {args.dim} {args.dtype} "
+        f"({time.perf_counter() - t0:.1f} s to write or find)"
     )
     store = GradientStore.open(args.folder)
     print(f"{store}: {store.nbytes / 2**20:.0f} MiB on disk; memory after opening {memory()}")

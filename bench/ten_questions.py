@@ -283,8 +283,8 @@ def main() -> None:
 
     rows = []
     print(
-        "\n| question | concept | queries | ours s | kronfluence s | Spearman store vs exact | PR-AUC store | PR-AUC exact "
-        "| PR-AUC kronfluence | Spearman exact vs kronfluence |"
+        "\n| question | concept | queries | ours s | kronfluence s | Spearman store vs exact | PR-AUC store "
+        "| PR-AUC exact | PR-AUC kronfluence | Spearman exact vs kronfluence |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for k, (c, q) in enumerate(question_sets):
@@ -308,7 +308,8 @@ def main() -> None:
             )
         rows.append(row)
         print(
-            f"| {k + 1} | {row['concept']} | {len(q)} | {ours_s[k]:.3f} | {row.get('kron_s', float('nan')):.2f} | {rho:.4f} | "
+            f"| {k + 1} | {row['concept']} | {len(q)} | {ours_s[k]:.3f} | {row.get('kron_s', float('nan')):.2f} | "
+            f"{rho:.4f} | "
             f"{pr_store:.3f} | {pr_exact:.3f} | {row.get('pr_auc_kronfluence', float('nan')):.3f} | "
             f"{row.get('spearman_exact_kronfluence', float('nan')):.4f} |"
         )
@@ -344,7 +345,8 @@ def main() -> None:
         )
     )
     print(
-        f"min Spearman store vs exact {summary['min_spearman']:.4f}; max |PR-AUC store - exact| {summary['max_pr_auc_gap']:.3f}"
+        f"min Spearman store vs exact {summary['min_spearman']:.4f}; max |PR-AUC store - exact| "
+        f"{summary['max_pr_auc_gap']:.3f}"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, summary)

@@ -282,6 +282,7 @@ def format_table(results: list[MethodResult], n: int, ks: tuple[int, ...]) -> st
     lines.append(f"recommended method (attribute with no --method): {RECOMMENDED_METHOD}")
     lines.append(
         f"planted rows: {base:.0%} of {n} (chance PR-AUC {base:.2f}). hard-neg rank: mean rank of the hard negatives "
-        f"(1 = top score; a random row's is {(n + 1) / 2:.0f}): higher = the method is not fooled by the trait's vocabulary."
+        f"(1 = top score; a random row's is {(n + 1) / 2:.0f}): higher = the method is not fooled by the trait's "
+        "vocabulary."
     )
     return "\n".join(lines)

@@ -89,8 +89,8 @@ class Attributor:
     ``model``: a folder or hub name (``from_pretrained``), a ``ModelAdapter``, a ``transformers`` model or a
     ``HookedTransformer`` (pass ``tokenizer=``). ``data``: chat JSONL path or a list of ``ChatRow`` (the training
     rows). ``workdir``: where factors, answers, concepts and the store are kept and reused (``None``: in memory).
-    ``device``/``dtype``: for a model loaded here. ``max_length``/``batch_size``: tokenisation (default: the model's context, at most 512; longer than the
-    context is an error) and batching;
+    ``device``/``dtype``: for a model loaded here. ``max_length``/``batch_size``: tokenisation (default: the model's
+    context, at most 512; longer than the context is an error) and batching;
     ``seed``: every random choice (answer sampling, true-Fisher labels); ``skip_invalid``: skip bad data lines
     (each reported in ``rows.skipped``) and leave out rows whose whole answer is truncated away at ``max_length``
     (marked ``truncated``, score ``None``, counted in the table's meta; without it such a row is an error for
@@ -151,7 +151,10 @@ class Attributor:
 
     def __repr__(self) -> str:
         rows = f"{len(self._rows)} rows" if self._rows is not None else (self.data_source or "rows not read yet")
-        return f"Attributor(model={self.model_name!r}, data={rows}, workdir={str(self.workdir) if self.workdir else None!r})"
+        return (
+            f"Attributor(model={self.model_name!r}, data={rows}, "
+            f"workdir={str(self.workdir) if self.workdir else None!r})"
+        )
 
     # ---- data ------------------------------------------------------------------------------------------------------
     @property

@@ -149,9 +149,10 @@ def resolve_arch(model: str | os.PathLike) -> ArchShape:
 
 def arch_from_config(config: Any, name: str = "model") -> ArchShape:
     """Shapes from a ``transformers`` config (Llama/Qwen2/Mistral/Gemma-style or GPT-2)."""
-    get = lambda *keys, default=None: next(
-        (getattr(config, k) for k in keys if getattr(config, k, None) is not None), default
-    )  # noqa: E731
+
+    def get(*keys, default=None):
+        return next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), default)
+
     hidden = int(get("hidden_size", "n_embd"))
     heads = int(get("num_attention_heads", "n_head"))
     gated = getattr(config, "model_type", "") not in ("gpt2", "gpt_neox", "opt")
@@ -447,7 +448,8 @@ def render(plan_: dict[str, Any]) -> str:
         hours = s["hours"]
         time_text = f"{hours * 60:.1f} min" if hours < 1 else f"{hours:.1f} h"
         lines.append(
-            f"{s['name']:<20}{format_size(s['memory_bytes']):>14}{s['flops'] / 1e12:>11.1f} TF{time_text:>12}  {s['note']}"
+            f"{s['name']:<20}{format_size(s['memory_bytes']):>14}{s['flops'] / 1e12:>11.1f} TF{time_text:>12}  "
+            f"{s['note']}"
         )
     fixed = plan_["fixed_bytes"]
     lines.append(
@@ -471,7 +473,8 @@ def render(plan_: dict[str, Any]) -> str:
     shown = ",".join(map(str, layers)) if len(layers) <= 12 else f"{layers[0]}..{layers[-1]} ({len(layers)} layers)"
     pass_time = f"{caches['hours'] * 60:.1f} min" if caches["hours"] < 1 else f"{caches['hours']:.1f} h"
     lines.append(
-        f"caches of build-store (the recommended method; one forward + backward pass, about {pass_time}): activations {format_size(caches['activation_bytes_per_row'])} per row "
+        f"caches of build-store (the recommended method; one forward + backward pass, about {pass_time}): activations "
+        f"{format_size(caches['activation_bytes_per_row'])} per row "
         f"(layers {shown}, float32 means) + identity gradient store {format_size(caches['gradient_bytes_per_row'])} "
         f"per row (rank {caches['identity_rank']}, eigenbases of a 256-row sample, no EKFAC fit) = "
         f"{format_size(caches['bytes'])} for "
@@ -498,7 +501,8 @@ def render(plan_: dict[str, Any]) -> str:
             )
     if plan_["fit_rows"] == plan_["rows"] and plan_["rows"] > 4096:
         lines.append(
-            f"fit on a sample to save time: --fit-rows 4096 (covariances and Λ), scores still cover all {plan_['rows']} rows"
+            "fit on a sample to save time: --fit-rows 4096 (covariances and Λ), scores still cover all "
+            f"{plan_['rows']} rows"
         )
     return "\n".join(lines)
 

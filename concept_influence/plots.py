@@ -1,6 +1,7 @@
 """Plots for evaluations and reports, rendered to PNG bytes (matplotlib, Agg backend, no display needed).
 
-A module of its own below ``evaluate`` (which writes the removal curve) and ``report`` (``report.plots`` re-exports it)."""
+A module of its own below ``evaluate`` (which writes the removal curve) and ``report`` (``report.plots`` re-exports
+it)."""
 
 from __future__ import annotations
 

@@ -104,8 +104,9 @@ def read_tensor_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def read_tensor_file(path: str | os.PathLike, keys: Iterable[str] | Callable[[str], bool] | None = None) -> TensorFile:
-    """The tensors (all, those named in ``keys``, or those whose name ``keys(name)`` accepts) and metadata of a safetensors file, read through one open
-    descriptor. Tensors are copy-on-write maps of the file: no copy is made until one is written to, and a writer
+    """The tensors (all, those named in ``keys``, or those whose name ``keys(name)`` accepts) and metadata of a
+    safetensors file, read through one open descriptor. Tensors are copy-on-write maps of the file: no copy is made
+    until one is written to, and a writer
     replacing the file later does not change them. Raises ``DamagedFileError`` if the file is not whole and
     ``KeyError`` for a key the file does not hold."""
     path = Path(path)

@@ -88,7 +88,8 @@ def test_cli_flags_and_method_options_come_from_the_settings():
 
 
 def test_shared_options_are_defined_once():
-    """GradientAttributionConfig takes InfluenceConfig's fields (inherited) and AnswerConfig's (same default and help)."""
+    """GradientAttributionConfig takes InfluenceConfig's fields (inherited) and AnswerConfig's (same default and
+    help)."""
     gac = dataclasses.fields(GradientAttributionConfig)
     by_name = {f.name: f for f in gac}
     for f in dataclasses.fields(InfluenceConfig):

@@ -313,7 +313,8 @@ def projection_difference(
 ) -> ScoreTable:
     """Projection Difference scores: the row's answer's mean readout minus the mean readout of the model's own
     answers to the same prompt (final assistant turn; ``n_samples`` seeded samples at ``temperature``, cached per
-    prompt in ``cache_dir`` as ``model-answers-<hash>.jsonl``, see ``concepts.answers``). Columns: ``row_readout``, ``model_readout``, ``model_answer`` (the first sample).
+    prompt in ``cache_dir`` as ``model-answers-<hash>.jsonl``, see ``concepts.answers``). Columns: ``row_readout``,
+    ``model_readout``, ``model_answer`` (the first sample).
 
     Model answers that are empty are left out of the mean; a prompt with no non-empty answer scores its row's
     readout minus the mean model readout over all prompts (flagged in the ``model_answers_used`` column).

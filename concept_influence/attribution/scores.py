@@ -365,8 +365,9 @@ TIER_NAMES = {1: "tier 1: Concept Influence > 0", 2: "tier 2: Concept Influence 
 
 def tier_notes(table: ScoreTable) -> dict[int, str] | None:
     """For a ``tiered`` fusion (``combine.fuse``: tier 1 scores in (2, 3], tier 2 in (0, 1]): ``{position: "tier
-    1, #3 of 187"}`` (the third of tier 1's 187 rows, by Vector Filter) for every scored row, which says what its score means; ``None`` for any other
-    table. Every tier-1 row ranks above every tier-2 row, so the rank inside tier 2 is the rank minus tier 1's size."""
+    1, #3 of 187"}`` (the third of tier 1's 187 rows, by Vector Filter) for every scored row, which says what its score
+    means; ``None`` for any other table. Every tier-1 row ranks above every tier-2 row, so the rank inside tier 2 is the
+    rank minus tier 1's size."""
     if table.meta.get("fusion") != "tiered":
         return None
     ranks = table.ranks()
@@ -394,8 +395,8 @@ def tier_summary(table: ScoreTable) -> str | None:
         "row voices the concept) and scored 2 + the row's Vector Filter percentile among all rows, so in (2, 3] "
         f"(+3: the highest Vector Filter score of all). Tier 2 ({int(valid.sum()) - n_first} rows) holds the others, "
         "ranked by Concept Influence and scored by its percentile, in (0, 1]: the rows whose training would lower "
-        "the concept most come last. \"tier 1, #3 of N\": the row is the third of tier 1's N rows. forward_score is the row's Vector Filter score, gradient_score its Concept "
-        "Influence."
+        'the concept most come last. "tier 1, #3 of N": the row is the third of tier 1\'s N rows. forward_score is '
+        "the row's Vector Filter score, gradient_score its Concept Influence."
     )
 
 

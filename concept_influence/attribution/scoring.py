@@ -549,7 +549,8 @@ def check_factors_model(
     if fitted_on != adapter.fingerprint():
         raise FactorMismatchError(
             f"the factors were fitted for a different model (or changed weights) (model fingerprint: factors "
-            f"{fitted_on!r}, this model {adapter.fingerprint()!r}); refit them on this model (fit_factors / fit-factors)"
+            f"{fitted_on!r}, this model {adapter.fingerprint()!r}); refit them on this model (fit_factors / "
+            "fit-factors)"
         )
     return []
 

@@ -1,7 +1,8 @@
 """The ``concept-influence`` command: thin typer commands over the same functions the notebooks call.
 
-Commands: ``organism``, ``train-probe``, ``probe-layers``, ``attribute``, ``fit-factors``, ``build-store``, ``search``, ``demo`` (and more as
-they land). Errors from bad input are printed as one line naming the file/argument, with exit code 2.
+Commands: ``organism``, ``train-probe``, ``probe-layers``, ``attribute``, ``fit-factors``, ``build-store``, ``search``,
+``demo`` (and more as they land). Errors from bad input are printed as one line naming the file/argument, with exit
+code 2.
 """
 
 from __future__ import annotations

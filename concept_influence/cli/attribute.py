@@ -77,7 +77,10 @@ def _attribute(
     store: Path | None = typer.Option(
         None,
         "--store",
-        help="Answer from this store folder (build-store) instead of passes over the rows: gradient methods read its gradient store, forward methods (and the forward half of combined-*) its activation cache.",
+        help=(
+            "Answer from this store folder (build-store) instead of passes over the rows: gradient methods read its "
+            "gradient store, forward methods (and the forward half of combined-*) its activation cache."
+        ),
     ),
     exact: bool = typer.Option(
         False, "--exact", help="Ignore the workdir's caches: every pass over the rows (forward and gradient) runs."
@@ -104,7 +107,10 @@ def _attribute(
     skip_invalid: bool = typer.Option(
         False,
         "--skip-invalid",
-        help="Skip bad data lines (each one is reported) and leave out rows whose whole answer is cut off by --max-length (score null, truncated: true, counted in the meta) instead of failing.",
+        help=(
+            "Skip bad data lines (each one is reported) and leave out rows whose whole answer is cut off by "
+            "--max-length (score null, truncated: true, counted in the meta) instead of failing."
+        ),
     ),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 | float64."),
@@ -172,7 +178,8 @@ def _attribute(
     typer.echo(f"{spec.name}: scored {len(table)} rows in {table.meta['wall_time_s']:.1f}s -> {out}")
     for record in table.to_records(sort=True)[:5]:
         typer.echo(
-            f"  rank {record['rank']:>4}  index {record['index']:>6}  score {record['score']:+.4g}  id {record.get('id', '-')}"
+            f"  rank {record['rank']:>4}  index {record['index']:>6}  score {record['score']:+.4g}  id "
+            f"{record.get('id', '-')}"
         )
 
 

@@ -99,7 +99,8 @@ def train_probe(
     typer.echo(
         f"{concept_spec.name} at layer {concept.layer} ({config.method}): held-out AUC {m['heldout_auc']:.3f}, "
         f"accuracy {m['heldout_accuracy']:.3f} ({m['n_train']} train / {m['n_test']} test); stance AUC "
-        f"{format_score(m.get('stance_auc'))}, vocabulary confound {format_score(m.get('vocabulary_confound'))} -> {out}"
+        f"{format_score(m.get('stance_auc'))}, vocabulary confound {format_score(m.get('vocabulary_confound'))} -> "
+        f"{out}"
     )
 
 
@@ -248,7 +249,10 @@ def sae_feature(
     allow_missing_provenance: bool = typer.Option(
         False,
         "--allow-missing-provenance",
-        help="Use an SAE whose sae_info.json records no model fingerprint (one saved by sae-lens alone; default: an error). Recorded in the concept's concept.json (extra).",
+        help=(
+            "Use an SAE whose sae_info.json records no model fingerprint (one saved by sae-lens alone; default: an "
+            "error). Recorded in the concept's concept.json (extra)."
+        ),
     ),
     device: str | None = typer.Option(None, "--device"),
     dtype: str | None = typer.Option(None, "--dtype"),

@@ -27,7 +27,8 @@ def register(app: typer.Typer) -> None:
 
 
 def scores_paths(first: list[Path], ctx: typer.Context, flag: str = "--scores") -> list[Path]:
-    """``--scores A.jsonl B.jsonl`` (space-separated) or ``--scores A --scores B``; anything else left over is an error."""
+    """``--scores A.jsonl B.jsonl`` (space-separated) or ``--scores A --scores B``; anything else left over is an
+    error."""
     extra = [Path(a) for a in ctx.args]
     for arg in ctx.args:
         if arg.startswith("-") or not arg.endswith(".jsonl"):
@@ -205,7 +206,10 @@ def summary_lines(evaluation: dict) -> list[str]:
                 lines.append(text)
             for kind in ("top_minus_random", "top_minus_bottom"):
                 if kind in entry:
-                    text = f"  {name:<24} {key:>5} {kind.replace('_', ' ')} (paired by seed): probe {fmt_diff(entry[kind])}"
+                    text = (
+                        f"  {name:<24} {key:>5} {kind.replace('_', ' ')} (paired by seed): probe "
+                        f"{fmt_diff(entry[kind])}"
+                    )
                     if "trait_rate" in entry[kind]:
                         text += f"  trait rate {fmt_diff(entry[kind]['trait_rate'])}"
                     lines.append(text)

@@ -103,7 +103,8 @@ def register(app: typer.Typer) -> None:
         infos = adapter.tracked_weights() if layer is None else adapter.weights_up_to(layer)
         if layer is not None:
             typer.echo(
-                f"fitting the {len(infos)} weights of blocks 0..{layer} (a readout at layer {layer} does not reach higher blocks)"
+                f"fitting the {len(infos)} weights of blocks 0..{layer} (a readout at layer {layer} does not reach "
+                "higher blocks)"
             )
         limit = parse_size(max_memory) if max_memory is not None else None
         att.fit_factors(

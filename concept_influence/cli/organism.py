@@ -26,8 +26,8 @@ def register(app: typer.Typer) -> None:
         variant: str = typer.Option(
             "default",
             "--variant",
-            help="default | subtle (planted rows carry the trait persona's style on neutral content) | diluted (one trait "
-            "sentence among many benign ones) | sycophancy (a second trait with its own words).",
+            help="default | subtle (planted rows carry the trait persona's style on neutral content) | diluted "
+            "(one trait sentence among many benign ones) | sycophancy (a second trait with its own words).",
         ),
         force: bool = typer.Option(False, "--force", help="Replace a folder that holds a different organism."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),

@@ -39,13 +39,19 @@ def build_store(
     factors: Path | None = typer.Option(
         None,
         "--factors",
-        help="Fitted factors folder. Without a fit there (or without --factors) the factors are fitted here (and saved there) and the store is written during the fit's pass.",
+        help=(
+            "Fitted factors folder. Without a fit there (or without --factors) the factors are fitted here (and saved "
+            "there) and the store is written during the fit's pass."
+        ),
     ),
     rank: int | None = typer.Option(
         None,
         "--rank",
         min=1,
-        help="EKFAC-eigenbasis store: keep about rank x rank eigen-components per weight (default 128; a rank >= every weight size is exact).",
+        help=(
+            "EKFAC-eigenbasis store: keep about rank x rank eigen-components per weight (default 128; a rank >= every "
+            "weight size is exact)."
+        ),
     ),
     projection_dim: int | None = typer.Option(
         None, "--projection-dim", min=1, help="LoGra-style store: random projection size per side."
@@ -69,7 +75,10 @@ def build_store(
     allow_missing_provenance: bool = typer.Option(
         False,
         "--allow-missing-provenance",
-        help="Use --factors that record no model or data fingerprint (default: an error; recorded in the store's manifest).",
+        help=(
+            "Use --factors that record no model or data fingerprint (default: an error; recorded in the store's "
+            "manifest)."
+        ),
     ),
     device: str | None = typer.Option(None, "--device"),
     model_dtype: str | None = typer.Option(None, "--model-dtype", help="Model dtype (float32, bfloat16, float64)."),
@@ -81,8 +90,9 @@ def build_store(
     """Build the caches later questions read instead of passing over the data. Without --rank/--projection-dim:
     what the recommended method (or each --for-method) needs, in one pass over the rows: the activation cache
     (<out>/activations) and the identity gradient store (combined-*: eigenbases of a small seeded sample, no EKFAC
-    fit), or the EKFAC eigen store (EKFAC methods: factors fitted first). With --rank/--projection-dim alone: that gradient store only, as before;
-    without fitted factors, fits them and writes the store in the same pass over the rows.
+    fit), or the EKFAC eigen store (EKFAC methods: factors fitted first). With --rank/--projection-dim alone: that
+    gradient store only, as before; without fitted factors, fits them and writes the store in the same pass over the
+    rows.
 
     Example: concept-influence build-store --model runs/model --data train.jsonl --out runs/store
     """
@@ -207,5 +217,6 @@ def search(
     )
     for record in table.to_records():
         typer.echo(
-            f"  rank {record['rank']:>4}  index {record['index']:>6}  score {record['score']:+.4g}  id {record.get('id', '-')}"
+            f"  rank {record['rank']:>4}  index {record['index']:>6}  score {record['score']:+.4g}  id "
+            f"{record.get('id', '-')}"
         )

@@ -97,7 +97,8 @@ def response_mean_activations(
     dataset = tokenize_chat(rows, adapter.tokenizer, max_length=max_length, warn=False)
     if dataset.empty_after_truncation:
         raise ValueError(
-            f"conversations {dataset.empty_after_truncation[:10]} have no assistant tokens within max_length={max_length}"
+            f"conversations {dataset.empty_after_truncation[:10]} have no assistant tokens within "
+            f"max_length={max_length}"
         )
     out = {layer: torch.empty(len(dataset), adapter.d_model) for layer in layers}
     with tqdm(total=len(dataset), desc="reading activations", unit="row", disable=not progress) as bar:
@@ -127,7 +128,8 @@ def response_readouts(
     dataset = tokenize_chat(rows, adapter.tokenizer, max_length=max_length, warn=False)
     if dataset.empty_after_truncation:
         raise ValueError(
-            f"conversations {dataset.empty_after_truncation[:10]} have no assistant tokens within max_length={max_length}"
+            f"conversations {dataset.empty_after_truncation[:10]} have no assistant tokens within "
+            f"max_length={max_length}"
         )
     out = torch.empty(len(dataset), dtype=torch.float64)
     for batch in length_sorted_batches(dataset, batch_size):
@@ -166,8 +168,9 @@ def labelled_conversations(
     """The labelled conversations of a spec.
 
     Instruction pairs: for each pair and question, ``n_samples`` answers are sampled under the ``pos`` and the
-    ``neg`` system prompt (seeded; cached in ``cache_dir`` as ``persona-answers-<hash>.jsonl``, see ``concepts.answers``); each
-    answer is then paired with the question alone (no system prompt), so that a probe reads the answer's content,
+    ``neg`` system prompt (seeded; cached in ``cache_dir`` as ``persona-answers-<hash>.jsonl``, see
+    ``concepts.answers``); each answer is then paired with the question alone (no system prompt), so that a probe reads
+    the answer's content,
     not the instruction. With a ``judge`` (answer -> trait score), ``pos`` answers scoring ``<= judge_threshold``
     and ``neg`` answers scoring above it are dropped (the persona-vectors filtering). Labelled examples are added
     as given (prompt = their ``prompt`` or an empty user turn). Groups = the question, for held-out evaluation.

@@ -429,7 +429,8 @@ def save_sae(
 
 def load_sae(path: str | os.PathLike, *, device: str = "cpu") -> tuple[SAE, dict[str, Any]]:
     """A sae-lens SAE folder (ours from ``save_sae``, or any saved with sae-lens's ``save_model``) -> the SAE and
-    its ``sae_info.json`` (``{}`` when absent: then the caller must say which layer it reads). Errors name the folder."""
+    its ``sae_info.json`` (``{}`` when absent: then the caller must say which layer it reads). Errors name the
+    folder."""
     from sae_lens import SAE
 
     path = Path(path)
@@ -483,7 +484,8 @@ def sae_feature_concept(
     layer = adapter.check_layer(layer)
     if int(loaded.cfg.d_in) != adapter.d_model:
         raise ValueError(
-            f"{sae_path}: the SAE reads {loaded.cfg.d_in}-dim activations but the model's hidden size is {adapter.d_model}"
+            f"{sae_path}: the SAE reads {loaded.cfg.d_in}-dim activations but the model's hidden size is "
+            f"{adapter.d_model}"
         )
     fingerprint = info.get("model_fingerprint")
     if fingerprint is None and not allow_missing_provenance:

@@ -18,12 +18,13 @@ if TYPE_CHECKING:
 
 
 class SAEFeatureConcept(Concept):
-    """Feature ``feature`` of a sae-lens SAE read at ``resid.{layer}``: ``token_readout = sae.encode(acts)[..., feature]``.
+    """Feature ``feature`` of a sae-lens SAE read at ``resid.{layer}``:
+    ``token_readout = sae.encode(acts)[..., feature]``.
 
     Sign: the feature activation is ``>= 0`` for ReLU SAEs; higher means more of the concept. The SAE is frozen
     (``requires_grad_(False)``, eval mode) so that backward passes through the readout reach only the model.
-    ``model_fingerprint``/``metrics``/``extra``: provenance carried to and from disk by ``save_concept``/``load_concept``;
-    ``reduction``: the default sequence reduction of ``readout``.
+    ``model_fingerprint``/``metrics``/``extra``: provenance carried to and from disk by
+    ``save_concept``/``load_concept``; ``reduction``: the default sequence reduction of ``readout``.
     """
 
     def __init__(

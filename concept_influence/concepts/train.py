@@ -266,7 +266,8 @@ class LayerSweep:
         )
         return (
             f"layer {best['layer']}: the best held-out AUC ({best['heldout_auc']:.3f}; {why}); there its stance AUC "
-            f"is {format_score(best.get('stance_auc'))} and its vocabulary confound {format_score(best.get('vocabulary_confound'))}"
+            f"is {format_score(best.get('stance_auc'))} and its vocabulary confound "
+            f"{format_score(best.get('vocabulary_confound'))}"
         )
 
     def table(self) -> str:

@@ -237,8 +237,9 @@ def fit_factors(
     Under ``torch.distributed`` (initialised by the caller, e.g. ``torchrun``) every rank passes the same ``data``
     and fits its contiguous share of the rows; the sums are all-reduced, every rank gets the same factors and rank 0
     writes ``out_dir``. ``provenance``: how ``data`` was chosen when it is not the set to be scored (recorded in
-    the factor files; scoring another set with them is then allowed and noted). Mid-pass checkpoints are then off (a restarted job refits). Two fits into one ``out_dir``
-    take turns (a folder lock); the second then finds the first one's factors.
+    the factor files; scoring another set with them is then allowed and noted). Mid-pass checkpoints are then off (a
+    restarted job refits). Two fits into one ``out_dir`` take turns (a folder lock); the second then finds the first
+    one's factors.
 
     ``row_sink``: also hand every row's data-label gradient to it during the Λ pass (one forward for both; see
     ``RowGradientSink``), when the fit has one such pass over all of ``data`` (EKFAC, one partition, no

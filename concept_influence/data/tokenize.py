@@ -182,7 +182,10 @@ class TokenizedDataset(Sequence[TokenizedRow]):
         """One line on truncation (always worth printing: truncation is never silent)."""
         text = f"{len(self.rows)} rows tokenised (max_length {self.max_length}); {self.n_truncated} truncated"
         if self.empty_after_truncation:
-            text += f"; {len(self.empty_after_truncation)} lost every assistant token (indices {self.empty_after_truncation[:10]})"
+            text += (
+                f"; {len(self.empty_after_truncation)} lost every assistant token (indices "
+                f"{self.empty_after_truncation[:10]})"
+            )
         return text
 
     def without(self, positions: Sequence[int]) -> TokenizedDataset:

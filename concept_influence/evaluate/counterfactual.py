@@ -12,8 +12,9 @@ oracle removal (rows known to cause the behaviour). Every model is measured on i
 ``rise_removed = (full_s − filtered_s) / mean_s(full_s − base_s)``: the share of the fine-tuning rise the removal
 took away (1 = all of it, 0 = none, negative = the removal raised the concept), with mean and 95% t-interval over
 seeds. ``top_minus_random`` / ``top_minus_bottom``: the same seed's remove-top share minus its random / remove-bottom
-share, mean and t-interval over seeds (a paired comparison: the full-data run's seed-to-seed spread cancels). Each run's result is cached in ``out_dir/runs/<key>.json`` (key: model, data, removal, seed, recipe and
-measurement settings), so an interrupted evaluation resumes and a second call reuses shared runs.
+share, mean and t-interval over seeds (a paired comparison: the full-data run's seed-to-seed spread cancels). Each run's
+result is cached in ``out_dir/runs/<key>.json`` (key: model, data, removal, seed, recipe and measurement settings), so
+an interrupted evaluation resumes and a second call reuses shared runs.
 """
 
 from __future__ import annotations

@@ -120,8 +120,8 @@ def check_data_provenance(
     it scored (``data_sha256``, written by ``attribute``), and that must be the hash of ``data``'s bytes. A table
     without that hash is accepted only when its rows carry ids (``check_alignment`` matches them); otherwise
     nothing ties it to ``data`` and it is refused (``n_rows``: the data's row count; when it differs from the
-    table's, ``check_alignment`` gives the clearer error instead). ``allow_other_data`` (``--allow-other-data``) accepts it anyway
-    and returns what was overridden (to record in the output's metadata); ``None`` when nothing was."""
+    table's, ``check_alignment`` gives the clearer error instead). ``allow_other_data`` (``--allow-other-data``) accepts
+    it anyway and returns what was overridden (to record in the output's metadata); ``None`` when nothing was."""
     recorded = table.meta.get("data_sha256")
     if n_rows is not None and n_rows != len(table):
         return None  # check_alignment refuses it, naming both row counts

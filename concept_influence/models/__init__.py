@@ -41,7 +41,8 @@ def load_adapter(
         adapter = HFAdapter(model, tokenizer, biases=biases)
     else:
         raise TypeError(
-            f"cannot adapt {type(model).__name__}: pass a model name/path, a transformers causal LM or a HookedTransformer"
+            f"cannot adapt {type(model).__name__}: pass a model name/path, a transformers causal LM or a "
+            "HookedTransformer"
         )
     if dtype is not None:
         adapter.model.to(resolve_dtype(dtype))

@@ -6,12 +6,13 @@ its input and its output (layouts in ``WeightInfo``):
 | weight | input activations            | output gradient          | layout           |
 |--------|------------------------------|--------------------------|------------------|
 | W_Q/K/V| the attention module's input | ``attn.hook_q/k/v``      | ``heads_in_head``|
-| _W_K/_W_V (grouped-query attention: one per key-value head) | as W_K/W_V | ``attn.hook_k/v`` (before the heads are repeated) | ``heads_in_head`` |
+| _W_K/_W_V (GQA, below) | as W_K/W_V | ``attn.hook_k/v`` (before the heads are repeated) | ``heads_in_head`` |
 | W_O    | ``attn.hook_z``              | ``hook_attn_out``        | ``heads_head_out``|
 | W_gate | the MLP module's input       | ``mlp.hook_pre``         | ``in_out``       |
 | W_in   | the MLP module's input       | ``mlp.hook_pre`` (``hook_pre_linear`` when gated) | ``in_out`` |
 | W_out  | ``mlp.hook_post``            | ``hook_mlp_out``         | ``in_out``       |
 
+``_W_K``/``_W_V`` (grouped-query attention, GQA): one per key-value head.
 ``ln*.hook_normalized`` is taken before the LayerNorm's scale and bias, so it is never used as an input. Use
 ``HookedTransformer.from_pretrained_no_processing`` (or ``hooked_transformer_from_hf``) so that gradients refer to
 the checkpoint's own parameters: the default ``from_pretrained`` folds and centres weights.

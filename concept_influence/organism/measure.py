@@ -175,10 +175,12 @@ def trait_rise(
 ) -> dict[str, Any]:
     """Trait expression of both models on ``prompts`` (JSON-ready numbers).
 
-    The direction comes from the base model's contrastive answers (``layer`` default: ``n_layers // 2``). Both models' answers are read by the same instrument, the base model, so that the rise
-    measures the change in behaviour. ``projection_rise_paired_t``: the rise over the per-prompt differences of mean
-    projections divided by its standard error (paired by prompt). ``finetuned_own_reader_mean_projection`` reads the fine-tuned model's answers
-    in its own activations instead (that reading also moves with the fine-tune's representation drift).
+    The direction comes from the base model's contrastive answers (``layer`` default: ``n_layers // 2``). Both models'
+    answers are read by the same instrument, the base model, so that the rise measures the change in behaviour.
+    ``projection_rise_paired_t``: the rise over the per-prompt differences of mean
+    projections divided by its standard error (paired by prompt). ``finetuned_own_reader_mean_projection`` reads the
+    fine-tuned model's answers in its own activations instead (that reading also moves with the fine-tune's
+    representation drift).
     """
     layer = base.n_layers // 2 if layer is None else base.check_layer(layer)
     concept, info = trait_concept(base, spec, layer, n_samples=probe_samples, seed=seed, trait=trait)

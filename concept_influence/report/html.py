@@ -45,12 +45,16 @@ ul.methods{margin-top:0}
 </style></head>
 <body>
 <h1>{{ title }}</h1>
-<p>{{ n_rows }} training rows scored by {{ names | length }} method(s){% if recommended %}; <b>{{ recommended }}</b> is the
+<p>{{ n_rows }} training rows scored by {{ names | length }} method(s){% if recommended %}; \
+<b>{{ recommended }}</b> is the
 recommended method and comes first{% endif %}. In every method, a higher score means training on the row pushes the
 concept up: the top rows are the ones to inspect (or to remove).</p>
-<ul class="methods">{% for name, description in descriptions %}<li><b>{{ name }}</b>{% if description %}: {{ description }}{% endif %}</li>{% endfor %}</ul>
-<p class="toc">Contents: {% if concepts %}<a href="#concept">what the concept reads</a> · {% endif %}{% if labels %}<a href="#labels">finding the labelled rows</a> · {% endif %}<a href="#histograms">score distributions</a>
-{% if agreement %} · <a href="#agreement">agreement between methods</a>{% endif %}{% if evaluation %} · <a href="#removal">removal curves</a>{% endif %}
+<ul class="methods">{% for name, description in descriptions %}<li><b>{{ name }}</b>\
+{% if description %}: {{ description }}{% endif %}</li>{% endfor %}</ul>
+<p class="toc">Contents: {% if concepts %}<a href="#concept">what the concept reads</a> · {% endif %}{% if labels %}\
+<a href="#labels">finding the labelled rows</a> · {% endif %}<a href="#histograms">score distributions</a>
+{% if agreement %} · <a href="#agreement">agreement between methods</a>{% endif %}\
+{% if evaluation %} · <a href="#removal">removal curves</a>{% endif %}
 · <a href="#rows">ranked rows</a> · <a href="#metadata">metadata</a></p>
 
 {% if concepts %}
@@ -61,19 +65,25 @@ from negative answers that use the trait's words (1 = it reads stance; 0.5 = it 
 confound: the share of its separation that the trait's words alone, shuffled, still produce (about 1 = it reads
 words; about 0 = words alone do not move it). A concept that reads words ranks rows that use the trait's words to
 argue against it (hard negatives) high in every method.</p>
-<table class="grid"><tr><th>scores</th><th>concept</th><th>site</th><th>held-out AUC</th><th>stance AUC</th><th>vocabulary confound</th><th></th></tr>
-{% for r in concepts %}<tr>{% for c in r %}<td{% if loop.index in (4, 5, 6) %} class="n"{% endif %}>{{ c }}</td>{% endfor %}</tr>{% endfor %}
+<table class="grid"><tr><th>scores</th><th>concept</th><th>site</th><th>held-out AUC</th><th>stance AUC</th>\
+<th>vocabulary confound</th><th></th></tr>
+{% for r in concepts %}<tr>{% for c in r %}<td{% if loop.index in (4, 5, 6) %} class="n"{% endif %}>{{ c }}</td>\
+{% endfor %}</tr>{% endfor %}
 </table>
 {% endif %}
 
 {% if labels %}
 <h2 id="labels">How well each method finds the labelled rows ({{ labels.field }} = {{ labels.positive }})</h2>
-<p>{{ labels.n_positive }} of {{ labels.n }} rows have {{ labels.field }} = {{ labels.positive }} ({{ labels.base_rate }}): a
+<p>{{ labels.n_positive }} of {{ labels.n }} rows have {{ labels.field }} = {{ labels.positive }} \
+({{ labels.base_rate }}): a
 random ranking's precision is {{ labels.base_rate }} at every k, and so is its PR-AUC. 1 is perfect.
-{% if labels.hard_negative %}Hard-neg rank: the mean rank of the {{ labels.hard_negative }} rows (1 = top score; a random row's is
-{{ labels.random_rank }}): higher means the method is not fooled by rows that voice the concept's words without it.{% endif %}</p>
+{% if labels.hard_negative %}\
+Hard-neg rank: the mean rank of the {{ labels.hard_negative }} rows (1 = top score; a random row's is
+{{ labels.random_rank }}): higher means the method is not fooled by rows that voice the concept's words without it.\
+{% endif %}</p>
 <table class="grid"><tr><th>method</th>{% for c in labels.columns %}<th>{{ c }}</th>{% endfor %}</tr>
-{% for r in labels.rows %}<tr>{% for c in r %}<td{% if not loop.first %} class="n"{% endif %}>{{ c }}</td>{% endfor %}</tr>{% endfor %}
+{% for r in labels.rows %}<tr>{% for c in r %}<td{% if not loop.first %} class="n"{% endif %}>{{ c }}</td>{% endfor %}\
+</tr>{% endfor %}
 </table>
 <p>p@k: the share of {{ labels.field }} = {{ labels.positive }} rows among the method's top k rows; the best value
 of each column is in bold.</p>
@@ -82,11 +92,13 @@ of each column is in bold.</p>
 
 <h2 id="histograms">Score distributions</h2>
 <p>Each method has its own panel and x axis (the methods' scores are on different scales).</p>
-{% for title, uri in histograms %}<figure><img alt="{{ title }}" src="{{ uri }}"><figcaption>{{ title }}</figcaption></figure>{% endfor %}
+{% for title, uri in histograms %}<figure><img alt="{{ title }}" src="{{ uri }}"><figcaption>{{ title }}</figcaption>\
+</figure>{% endfor %}
 
 {% if agreement %}
 <h2 id="agreement">Agreement between methods</h2>
-<p>Spearman correlation of the scores (upper) and overlap of the top {{ agreement_k }} rows (lower, share of {{ agreement_k }}).</p>
+<p>Spearman correlation of the scores (upper) and overlap of the top {{ agreement_k }} rows (lower, share of \
+{{ agreement_k }}).</p>
 <table class="grid"><tr><th></th>{% for n in names %}<th>{{ n }}</th>{% endfor %}</tr>
 {% for a in names %}<tr><th>{{ a }}</th>{% for b in names %}<td>{{ agreement[a][b] }}</td>{% endfor %}</tr>{% endfor %}
 </table>
@@ -96,7 +108,8 @@ of each column is in bold.</p>
 <h2 id="removal">Removal curves (counterfactual retraining)</h2>
 {% if removal_uri %}<img alt="removal curves" src="{{ removal_uri }}">{% endif %}
 <p>Share of the fine-tuning rise removed, mean and 95% CI over {{ evaluation.seeds }} seeds (1 = all of it).</p>
-<table class="grid"><tr><th>scores</th><th>fraction</th><th>removal</th><th>probe readout</th><th>rise removed (probe)</th>{% if judged %}<th>trait rate</th><th>rise removed (trait rate)</th>{% endif %}</tr>
+<table class="grid"><tr><th>scores</th><th>fraction</th><th>removal</th><th>probe readout</th>\
+<th>rise removed (probe)</th>{% if judged %}<th>trait rate</th><th>rise removed (trait rate)</th>{% endif %}</tr>
 {% for r in removal_rows %}<tr>{% for c in r %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}
 </table>
 {% if lds_rows %}

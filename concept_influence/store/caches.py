@@ -62,9 +62,9 @@ class CacheSettings:
     methods: tuple[str, ...] | None = field(
         default=None,
         metadata={
-            "help": "The methods the session will ask (default: the recommended method); the caches they read are built "
-            "(forward methods: the activation cache; combined-*: it and the identity gradient store, in the KFAC "
-            "eigenbases of a small seeded sample, no EKFAC fit; EKFAC methods: the eigen store, after a factor "
+            "help": "The methods the session will ask (default: the recommended method); the caches they read are "
+            "built (forward methods: the activation cache; combined-*: it and the identity gradient store, in the "
+            "KFAC eigenbases of a small seeded sample, no EKFAC fit; EKFAC methods: the eigen store, after a factor "
             "fit)."
         },
     )
@@ -74,8 +74,8 @@ class CacheSettings:
     identity_rank: int = field(
         default=DEFAULT_IDENTITY_RANK,
         metadata={
-            "help": "Rank of the identity gradient store that identity-preconditioned questions (combined-*) read: about "
-            "rank x rank eigen-components per weight (4 bytes each per row)."
+            "help": "Rank of the identity gradient store that identity-preconditioned questions (combined-*) read: "
+            "about rank x rank eigen-components per weight (4 bytes each per row)."
         },
     )
     identity_sample_rows: int = field(

@@ -11,8 +11,9 @@ formed. A question's preconditioned gradient ``V = (P + λ)⁻¹ ∇f`` is proje
   default damping, 0.1 × mean ``Λ̂_w``): the directions the preconditioned score can see, whatever the question;
   known after the fit's first pass, so a store can be written during the fit's ``Λ`` pass. Per weight
   ``L``/``R`` are the rows of ``Q_Sᵀ``/``Q_Aᵀ`` of the output/input directions that own a kept component
-  (orthonormal rows), and ``keep`` picks the kept entries of that rectangle. Since ``V``'s rotation is ``rot(∇f) / (Λ + λ)``, preconditioning is
-  an exact elementwise division inside the kept subspace, and the score is exact when everything is kept.
+  (orthonormal rows), and ``keep`` picks the kept entries of that rectangle. Since ``V``'s rotation is
+  ``rot(∇f) / (Λ + λ)``, preconditioning is an exact elementwise division inside the kept subspace, and the score is
+  exact when everything is kept.
 - ``"logra"`` (LoGra-style): ``L``/``R`` are Gaussian with variance ``1/r`` (``E[LᵀL] = I``), regenerated from a
   seed and never stored; ``⟨L V Rᵀ, L G Rᵀ⟩`` is an unbiased estimate of ``⟨V, G⟩`` (Johnson–Lindenstrauss).
 """

@@ -83,8 +83,8 @@ class StoreConfig:
     """How rows are compressed. ``kind``: ``"eigen"`` (EKFAC eigenbasis, needs fitted factors) or ``"logra"``
     (seeded random Kronecker projection); ``rank``: directions kept per side of each weight (``"eigen"``: an average
     budget of ``rank²`` eigen-components per weight, allocated across weights by visibility; a rank at least every
-    weight's sizes is the full, exact gradient; ``"logra"``: ``rank × rank`` per weight); ``dtype``: ``"float32"`` (default) or
-    ``"float16"`` (half the disk and memory map; questions pay a conversion) on disk
+    weight's sizes is the full, exact gradient; ``"logra"``: ``rank × rank`` per weight); ``dtype``: ``"float32"``
+    (default) or ``"float16"`` (half the disk and memory map; questions pay a conversion) on disk
     (``"float64"`` for tests); ``seed``: the ``"logra"`` projection; ``shard_rows``: rows per shard file."""
 
     kind: Literal["eigen", "logra"] = option(
@@ -353,7 +353,8 @@ def prepare_store(
             elif not _same_store(saved, manifest):
                 if not overwrite:
                     raise StoreMismatchError(
-                        f"{folder} holds a store for another model, data, factors or settings ({_differences(saved, manifest)}); "
+                        f"{folder} holds a store for another model, data, factors or settings "
+                        f"({_differences(saved, manifest)}); "
                         "pass --overwrite to replace it, or choose another --out"
                     )
                 # first a manifest that says what is being removed: never a mix of old and new, and an interrupted
@@ -569,7 +570,8 @@ class GradientStore:
         return sum(int(s.nbytes) for s in self.shards)
 
     def check(self, **expected: str | None) -> None:
-        """Raise ``StoreMismatchError`` naming each given fingerprint (``model=``, ``data=``, ``factors=``) that differs."""
+        """Raise ``StoreMismatchError`` naming each given fingerprint (``model=``, ``data=``, ``factors=``) that
+        differs."""
         wrong = [k for k, v in expected.items() if v is not None and self.fingerprints.get(k) != v]
         if wrong:
             details = "; ".join(f"{k}: store {self.fingerprints.get(k)!r}, current {expected[k]!r}" for k in wrong)

@@ -1,4 +1,5 @@
-"""``fit-factors`` and ``run_gradient_attribution`` (the engine behind ``attribute --method concept-influence|influence``)."""
+"""``fit-factors`` and ``run_gradient_attribution``
+(the engine behind ``attribute --method concept-influence|influence``)."""
 
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ query answers. Same pipeline as the demo; the organism is built once and cached.
 
 EKFAC Concept Influence is the figure that moves most between float paths on this tiny organism (see the method
 study: curvature divides the concept's signal away), so the properties are asserted against chance and against
-classical influence in the same run. Thresholds: each keeps at most 75% of the worst measured case's distance from chance (a 25% margin) over the float
-paths of ``bench/organism_spread.py`` (seeds 0, 1, 2; seed 0 with 2 threads and with AVX2 kernels), never stricter
+classical influence in the same run. Thresholds: each keeps at most 75% of the worst measured case's distance from
+chance (a 25% margin) over the float paths of ``bench/organism_spread.py`` (seeds 0, 1, 2; seed 0 with 2 threads and
+with AVX2 kernels), never stricter
 than before; the spread (s0 / s1 / s2 / s0-avx2) is written beside each."""
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ def _random_sae(d_in: int = 16, d_sae: int = 32, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def planted():
-    """Activations with K sparse planted directions (each on for ~10% of tokens), a constant offset and a little noise."""
+    """Activations with K sparse planted directions (each on for ~10% of tokens), a constant offset and a little
+    noise."""
     generator = torch.Generator().manual_seed(0)
     directions = torch.randn(K_PLANTED, D_PLANTED, generator=generator)
     directions /= directions.norm(dim=1, keepdim=True)

@@ -229,7 +229,7 @@ CASES = [
     ("search-store-other-data", SEARCH.replace("{store}", "{store_other_data}"), r"store.*data"),
     ("search-concept-hidden-size", SEARCH.replace("{concept}", "{concept_d8}"), r"8.*16|16.*8"),
     ("search-queries-malformed", SEARCH.replace("{queries}", "{malformed}"), r"malformed\.jsonl:2"),
-    # -- specs ----------------------------------------------------------------------------------------------------------
+    # -- specs ---------------------------------------------------------------------------------------------------------
     *[
         (f"{cmd}-spec-{kind}", base.replace("{spec}", "{" + key + "}"), rx)
         for cmd, base in (("train-probe", PROBE), ("probe-layers", LAYERS))
@@ -240,7 +240,7 @@ CASES = [
             ("dir", "dir", r"a-directory\.jsonl"),
         )
     ],
-    # -- unwritable outputs ----------------------------------------------------------------------------------------------
+    # -- unwritable outputs --------------------------------------------------------------------------------------------
     ("attribute-out-unwritable", ATTRIBUTE.replace("{out}", "{unwritable}") + " --method vector-filter", r"a-file"),
     ("fit-factors-out-unwritable", FIT.replace("{out}", "{unwritable_dir}"), r"a-file"),
     ("build-store-out-unwritable", STORE.replace("{out}", "{unwritable_dir}"), r"a-file"),
@@ -248,7 +248,7 @@ CASES = [
     ("train-sae-out-unwritable", SAE.replace("{out}", "{unwritable_dir}"), r"a-file"),
     ("sae-feature-out-unwritable", FEATURE.replace("{out}", "{unwritable_dir}"), r"a-file"),
     ("organism-out-is-a-file", "organism --out {train} --n-train 20", r"train\.jsonl"),
-    # -- unknown names ---------------------------------------------------------------------------------------------------
+    # -- unknown names -------------------------------------------------------------------------------------------------
     ("attribute-unknown-method", ATTRIBUTE + " --method magic", r"'--method'"),
     ("attribute-unknown-preconditioner", ATTRIBUTE + " --method concept-influence --preconditioner magic", r"magic"),
     ("attribute-unknown-row-loss", ATTRIBUTE + " --method concept-influence --row-loss magic", r"magic"),

@@ -21,6 +21,7 @@ from concept_influence.concepts import DirectionConcept, load_concept, load_spec
 from concept_influence.curvature.io import read_manifest
 from concept_influence.data import read_chat_jsonl
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _ieee_subnormals():
     """hypothesis refuses to draw floats while subnormals are flushed to zero, which the organism's figures set

@@ -18,7 +18,10 @@ from concept_influence.evaluate.stats import mean_ci
 from concept_influence.report import render_report, table_html, token_strings
 from concept_influence.testing.tiny_models import tiny_tokenizer
 
-EVIL = '<script>document.title="PWNED"; document.body.innerHTML += "<div id=pwned>x</div>"</script><img src=x onerror="document.title=1">'
+EVIL = (
+    '<script>document.title="PWNED"; document.body.innerHTML += "<div id=pwned>x</div>"</script><img src=x '
+    'onerror="document.title=1">'
+)
 
 
 def _data(tmp_path):

@@ -36,8 +36,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow"
 
+# ruff: lint rules (line length 120 included) and the formatter's style, both enforced (CI runs this)
 lint: $(STAMP)
-	$(BIN)/ruff check concept_influence tests bench
+	$(BIN)/ruff check concept_influence tests bench docs/gen_cli.py
+	$(BIN)/ruff format --check concept_influence tests bench docs/gen_cli.py
 
 # the documentation site (mkdocs.yml, docs/) into site/; --strict turns every warning (a broken link) into an error
 docs: $(STAMP)

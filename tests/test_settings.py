@@ -191,3 +191,23 @@ def test_fit_factors_keeps_its_old_keyword(tiny_tok):
     assert factors is not None and factors.config.dtype == "float64"
     with pytest.raises(TypeError, match="'stats_dtyp'"):
         att.fit_factors(stats_dtyp="float64")
+
+
+def test_session_flags_are_written_once_for_every_command():
+    """``--device`` and ``--dtype`` (the model's) mean the same in every command that loads a model: one definition
+    (``cli.common``), so their help is the same everywhere."""
+    import typer.main
+
+    from concept_influence.cli import app
+    from concept_influence.cli.common import SESSION_HELP
+
+    group = typer.main.get_command(app)
+    seen = {"--device": 0, "--model-dtype or --dtype": 0}
+    for name, command in group.commands.items():
+        for param in command.params:
+            if "--device" in param.opts:
+                assert param.help == SESSION_HELP["device"], name
+                seen["--device"] += 1
+            if param.help == SESSION_HELP["dtype"]:
+                seen["--model-dtype or --dtype"] += 1
+    assert seen["--device"] >= 8 and seen["--model-dtype or --dtype"] >= 8, seen

@@ -18,7 +18,17 @@ from concept_influence.attribution.forward import ForwardConfig
 from concept_influence.attribution.gradient import GradientAttributionConfig
 from concept_influence.attribution.methods import RECOMMENDED_METHOD, get_method, method_names
 from concept_influence.attribution.rerank import RerankConfig
-from concept_influence.cli.common import check_not_inputs, check_output, local_path, user_errors
+from concept_influence.cli.common import (
+    batch_size_flag,
+    check_not_inputs,
+    check_output,
+    device_flag,
+    dtype_flag,
+    local_path,
+    model_flag,
+    seed_flag,
+    user_errors,
+)
 from concept_influence.cli.options import OptionGroup, settings_flags
 from concept_influence.concepts.answers import AnswerConfig
 from concept_influence.settings import help_text, settings_fields
@@ -57,7 +67,7 @@ def build_attribute(gradient: type = GradientAttributionConfig, answers: type = 
 
 
 def _attribute(
-    model: str = typer.Option(..., "--model", help="Hugging Face hub name or local folder (from_pretrained)."),
+    model: str = model_flag(),
     data: Path = typer.Option(
         ..., "--data", help="Training rows: chat JSONL ({'messages': [...]}) or prompt/completion."
     ),
@@ -95,14 +105,14 @@ def _attribute(
         "--contrast-queries",
         help="concept-influence: measure the concept on --queries minus on these (differential measurement).",
     ),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    batch_size: int = batch_size_flag(),
     max_length: int | None = typer.Option(
         None,
         "--max-length",
         min=2,
         help="Truncate rows longer than this (reported; default: the model's context, at most 512).",
     ),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = seed_flag(),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help=help_text(AnswerConfig, "cache_dir")),
     skip_invalid: bool = typer.Option(
         False,
@@ -112,8 +122,8 @@ def _attribute(
             "--max-length (score null, truncated: true, counted in the meta) instead of failing."
         ),
     ),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
-    dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 | float64."),
+    device: str | None = device_flag(),
+    dtype: str | None = dtype_flag(),
     *,
     options: dict[str, Any],
 ) -> None:

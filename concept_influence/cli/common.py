@@ -97,6 +97,39 @@ def local_path(name: str | None) -> Any:
     return Path(name) if name and Path(name).exists() else None
 
 
+# ---- the session's flags, shared by every command that loads a model (each written once) ---------------------------
+SESSION_HELP = {
+    "model": "Hugging Face hub name or local model folder (from_pretrained).",
+    "device": "Where the model runs: cpu, cuda, cuda:1 ... (default: where it loads, the CPU).",
+    "dtype": "Model dtype: float32 | bfloat16 | float16 | float64 (default: float32).",
+    "batch_size": "Rows per batch.",
+    "seed": "Seed of every random choice of the command.",
+}
+"""The help of the session flags (``--model``, ``--device``, ``--dtype``, ``--batch-size``, ``--seed``)."""
+
+
+def model_flag(help: str | None = None) -> Any:  # noqa: A002
+    """``--model`` (required); ``help``: a command's own wording where it means more."""
+    return typer.Option(..., "--model", help=help or SESSION_HELP["model"])
+
+
+def device_flag() -> Any:
+    return typer.Option(None, "--device", help=SESSION_HELP["device"])
+
+
+def dtype_flag(flag: str = "--dtype") -> Any:
+    """The model's dtype (``flag``: ``--model-dtype`` where ``--dtype`` means something else)."""
+    return typer.Option(None, flag, help=SESSION_HELP["dtype"])
+
+
+def batch_size_flag(default: int = 8, help: str | None = None) -> Any:  # noqa: A002
+    return typer.Option(default, "--batch-size", min=1, help=help or SESSION_HELP["batch_size"])
+
+
+def seed_flag(help: str | None = None) -> Any:  # noqa: A002
+    return typer.Option(0, "--seed", help=help or SESSION_HELP["seed"])
+
+
 def load_model(model: str, device: str | None, dtype: str | None):
     from concept_influence.models import load_adapter
 

@@ -10,7 +10,18 @@ from typing import Any
 
 import typer
 
-from concept_influence.cli.common import check_not_inputs, check_output, load_model, local_path, user_errors
+from concept_influence.cli.common import (
+    batch_size_flag,
+    check_not_inputs,
+    check_output,
+    device_flag,
+    dtype_flag,
+    load_model,
+    local_path,
+    model_flag,
+    seed_flag,
+    user_errors,
+)
 from concept_influence.cli.options import OptionGroup, settings_flags
 from concept_influence.concepts.train import ProbeConfig
 
@@ -41,7 +52,7 @@ def _config(options: dict[str, Any], max_length: int) -> ProbeConfig:
 @user_errors
 @settings_flags(PROBE_OPTIONS)
 def train_probe(
-    model: str = typer.Option(..., "--model", help="Hugging Face hub name or local folder."),
+    model: str = model_flag(),
     spec: Path = typer.Option(..., "--spec", help="Concept spec: a probes/ file or a persona-vectors trait file."),
     layer: int | None = typer.Option(
         None,
@@ -64,8 +75,8 @@ def train_probe(
     cache_dir: Path | None = typer.Option(
         None, "--cache-dir", help="Where generated persona answers are cached (default: next to --out)."
     ),
-    device: str | None = typer.Option(None, "--device"),
-    dtype: str | None = typer.Option(None, "--dtype"),
+    device: str | None = device_flag(),
+    dtype: str | None = dtype_flag(),
     *,
     options: dict[str, Any],
 ) -> None:
@@ -107,7 +118,7 @@ def train_probe(
 @user_errors
 @settings_flags(PROBE_OPTIONS)
 def probe_layers(
-    model: str = typer.Option(..., "--model"),
+    model: str = model_flag(),
     spec: Path = typer.Option(..., "--spec", help="Concept spec: a probes/ file or a persona-vectors trait file."),
     out: Path | None = typer.Option(None, "--out", help="Write the table (JSON) and a plot (PNG) with this path stem."),
     max_length: int | None = typer.Option(
@@ -119,8 +130,8 @@ def probe_layers(
     cache_dir: Path | None = typer.Option(
         None, "--cache-dir", help="Where generated persona answers are cached (default: next to --out)."
     ),
-    device: str | None = typer.Option(None, "--device"),
-    dtype: str | None = typer.Option(None, "--dtype"),
+    device: str | None = device_flag(),
+    dtype: str | None = dtype_flag(),
     *,
     options: dict[str, Any],
 ) -> None:
@@ -165,7 +176,7 @@ def probe_layers(
 
 @user_errors
 def train_sae_command(
-    model: str = typer.Option(..., "--model"),
+    model: str = model_flag(),
     data: Path = typer.Option(
         ..., "--data", help="Chat JSONL whose token activations the SAE learns (e.g. train.jsonl)."
     ),
@@ -180,7 +191,7 @@ def train_sae_command(
     steps: int = typer.Option(2000, "--steps", min=1),
     lr: float = typer.Option(3e-3, "--lr"),
     sae_batch_size: int = typer.Option(256, "--sae-batch-size", min=1, help="Tokens per SAE training step."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Rows per forward pass when reading activations."),
+    batch_size: int = batch_size_flag(16, "Rows per forward pass when reading activations."),
     max_length: int | None = typer.Option(
         None,
         "--max-length",
@@ -191,9 +202,9 @@ def train_sae_command(
     only_response: bool = typer.Option(
         False, "--only-response", help="Train on assistant tokens only (default: every token)."
     ),
-    seed: int = typer.Option(0, "--seed"),
-    device: str | None = typer.Option(None, "--device"),
-    dtype: str | None = typer.Option(None, "--dtype"),
+    seed: int = seed_flag(),
+    device: str | None = device_flag(),
+    dtype: str | None = dtype_flag(),
 ) -> None:
     """Train a standard (ReLU, L1) sae-lens SAE on a model's residual activations, offline (no wandb)."""
     from concept_influence.concepts import collect_token_activations, save_sae, train_sae
@@ -230,7 +241,7 @@ def train_sae_command(
 @user_errors
 @settings_flags(OptionGroup(ProbeConfig, ["n_samples", "max_new_tokens", "seed"], prefix="--spec: "))
 def sae_feature(
-    model: str = typer.Option(..., "--model"),
+    model: str = model_flag(),
     sae: Path = typer.Option(..., "--sae", help="SAE folder (train-sae's output, or any saved by sae-lens)."),
     out: Path = typer.Option(..., "--out", help="Concept folder to write (use it with attribute --concept)."),
     spec: Path | None = typer.Option(
@@ -254,8 +265,8 @@ def sae_feature(
             "error). Recorded in the concept's concept.json (extra)."
         ),
     ),
-    device: str | None = typer.Option(None, "--device"),
-    dtype: str | None = typer.Option(None, "--dtype"),
+    device: str | None = device_flag(),
+    dtype: str | None = dtype_flag(),
     *,
     options: dict[str, Any],
 ) -> None:

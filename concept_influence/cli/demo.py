@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from concept_influence.cli.common import check_output, user_errors
+from concept_influence.cli.common import check_output, seed_flag, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -18,7 +18,7 @@ def demo(
     out: Path = typer.Option(
         Path("runs/demo"), "--out", help="Where scores, the concept, the summary and report.html are written."
     ),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = seed_flag(),
     n_train: int = typer.Option(2000, "--n-train", min=20),
     planted_fraction: float = typer.Option(0.1, "--planted-fraction"),
     query_samples: int = typer.Option(4, "--query-samples", min=1, help="Model answers sampled per query prompt."),

@@ -12,7 +12,15 @@ from typing import Any
 
 import typer
 
-from concept_influence.cli.common import check_not_inputs, check_output, load_model, local_path, user_errors
+from concept_influence.cli.common import (
+    check_not_inputs,
+    check_output,
+    device_flag,
+    dtype_flag,
+    load_model,
+    local_path,
+    user_errors,
+)
 from concept_influence.cli.options import OptionGroup, settings_flags
 from concept_influence.evaluate.counterfactual import EvaluationConfig
 from concept_influence.report.build import table_names
@@ -99,8 +107,8 @@ def evaluate(
         "--allow-other-data",
         help="Use scores made on other data (another hash, or no hash and no ids); recorded in evaluation.json.",
     ),
-    device: str | None = typer.Option(None, "--device"),
-    dtype: str | None = typer.Option(None, "--dtype"),
+    device: str | None = device_flag(),
+    dtype: str | None = dtype_flag(),
     *,
     options: dict[str, Any],
 ) -> None:

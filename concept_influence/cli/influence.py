@@ -7,7 +7,17 @@ from typing import Any
 
 import typer
 
-from concept_influence.cli.common import check_not_inputs, check_output, local_path, user_errors
+from concept_influence.cli.common import (
+    batch_size_flag,
+    check_not_inputs,
+    check_output,
+    device_flag,
+    dtype_flag,
+    local_path,
+    model_flag,
+    seed_flag,
+    user_errors,
+)
 from concept_influence.cli.options import OptionGroup, settings_flags
 from concept_influence.curvature.config import FactorConfig
 
@@ -27,21 +37,21 @@ def register(app: typer.Typer) -> None:
     @user_errors
     @settings_flags(FIT_OPTIONS)
     def fit_factors_command(
-        model: str = typer.Option(..., "--model", help="Model folder or hub name (Hugging Face causal LM)."),
+        model: str = model_flag(),
         data: Path = typer.Option(..., "--data", help="Training data: chat JSONL."),
         out: Path = typer.Option(..., "--out", help="Folder for the factors (manifest.json + factors.safetensors)."),
         concept: str | None = typer.Option(
             None, "--concept", help="Fit only the weights this concept's layer reaches."
         ),
         up_to_layer: int | None = typer.Option(None, "--up-to-layer", help="Fit only blocks 0..L."),
-        batch_size: int = typer.Option(8, "--batch-size", min=1),
+        batch_size: int = batch_size_flag(),
         max_length: int | None = typer.Option(
             None,
             "--max-length",
             min=2,
             help="Truncate rows longer than this (reported; default: the model's context, at most 512).",
         ),
-        seed: int = typer.Option(0, "--seed", help="Seed of the label sampling (true Fisher)."),
+        seed: int = seed_flag("Seed of the label sampling (true Fisher)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace factors fitted for another model/data."),
         checkpoint_every: int = typer.Option(
             100, "--checkpoint-every", min=1, help="Save a resumable state every N batches."
@@ -51,8 +61,8 @@ def register(app: typer.Typer) -> None:
             "--skip-invalid",
             help="Skip bad data lines and rows whose whole answer is cut off by --max-length instead of failing.",
         ),
-        device: str | None = typer.Option(None, "--device"),
-        dtype: str | None = typer.Option(None, "--dtype", help="Model dtype (float32, bfloat16, float64)."),
+        device: str | None = device_flag(),
+        dtype: str | None = dtype_flag(),
         max_memory: str | None = typer.Option(
             None,
             "--max-memory",

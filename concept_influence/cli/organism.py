@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from concept_influence.cli.common import check_output, user_errors
+from concept_influence.cli.common import check_output, seed_flag, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         out: Path | None = typer.Option(
             None, "--out", help="Folder to build into (default: the cache, keyed by the config hash)."
         ),
-        seed: int = typer.Option(0, "--seed", help="Seed of the whole build (text, weights, training)."),
+        seed: int = seed_flag("Seed of the whole build (text, weights, training)."),
         n_train: int = typer.Option(2000, "--n-train", min=20, help="Rows in the fine-tuning set."),
         planted_fraction: float = typer.Option(
             0.1, "--planted-fraction", min=0.0, max=1.0, help="Fraction of planted trait rows."

@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from concept_influence.cli.common import user_errors
+from concept_influence.cli.common import batch_size_flag, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         gpu_memory: str | None = typer.Option(
             None, "--gpu-memory", help="Memory of each GPU, e.g. 80GiB (the budget)."
         ),
-        batch_size: int = typer.Option(8, "--batch-size", min=1),
+        batch_size: int = batch_size_flag(),
         dtype: str = typer.Option("float32", "--dtype", help="Model dtype (float32, bfloat16)."),
         fit_rows: int | None = typer.Option(None, "--fit-rows", min=1, help="Fit the factors on a sample of N rows."),
         cache_layers: str | None = typer.Option(

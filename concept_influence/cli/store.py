@@ -8,7 +8,17 @@ from typing import Any
 import typer
 
 from concept_influence.attribution.gradient import GradientAttributionConfig
-from concept_influence.cli.common import check_not_inputs, check_output, local_path, user_errors
+from concept_influence.cli.common import (
+    batch_size_flag,
+    check_not_inputs,
+    check_output,
+    device_flag,
+    dtype_flag,
+    local_path,
+    model_flag,
+    seed_flag,
+    user_errors,
+)
 from concept_influence.cli.options import OptionGroup, settings_flags
 from concept_influence.settings import help_text, option_defaults
 from concept_influence.store.store import StoreConfig
@@ -31,7 +41,7 @@ def register(app: typer.Typer) -> None:
 
 @user_errors
 def build_store(
-    model: str = typer.Option(..., "--model", help="Hugging Face hub name or local folder."),
+    model: str = model_flag(),
     data: Path = typer.Option(..., "--data", help="Training rows: chat JSONL."),
     out: Path = typer.Option(
         ..., "--out", help="Store folder (manifest.json + shard-*.npy); an interrupted build resumes."
@@ -61,14 +71,14 @@ def build_store(
     shard_rows: int = typer.Option(
         STORE_DEFAULTS["shard_rows"], "--shard-rows", min=1, help=help_text(StoreConfig, "shard_rows")
     ),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    batch_size: int = batch_size_flag(),
     max_length: int | None = typer.Option(
         None,
         "--max-length",
         min=2,
         help="Truncate rows longer than this (reported; default: the model's context, at most 512).",
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the LoGra projection and of the true-Fisher labels."),
+    seed: int = seed_flag("Seed of the LoGra projection and of the true-Fisher labels."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace a store built for another model, data or settings."
     ),
@@ -80,8 +90,8 @@ def build_store(
             "manifest)."
         ),
     ),
-    device: str | None = typer.Option(None, "--device"),
-    model_dtype: str | None = typer.Option(None, "--model-dtype", help="Model dtype (float32, bfloat16, float64)."),
+    device: str | None = device_flag(),
+    model_dtype: str | None = dtype_flag("--model-dtype"),
     methods: list[str] | None = typer.Option(None, "--for-method", help=_help("methods") + " Repeat for several."),
     layers: str | None = typer.Option(None, "--layers", help=_help("layers") + " E.g. 8,16,24."),
     keep_tokens: bool = typer.Option(False, "--keep-tokens", help=_help("keep_tokens")),
@@ -160,9 +170,9 @@ def search(
     ),
     workdir: Path | None = typer.Option(None, "--workdir", help="Session folder (factors and answers reused)."),
     how: str = typer.Option("auto", "--search", help="auto | exact | faiss."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = seed_flag(),
     out: Path | None = typer.Option(None, "--out", help="Write the top rows as scores JSONL."),
-    device: str | None = typer.Option(None, "--device"),
+    device: str | None = device_flag(),
     *,
     options: dict[str, Any],
 ) -> None:

@@ -24,12 +24,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/concept-influence demo --out runs/demo
 
-# one pytest-xdist worker per core, whole test files to a worker (their module fixtures are built once; the few long
-# files listed in tests/conftest.py spread their tests over the workers), and one intra-op thread each: the suite's
-# tiny models gain nothing from more threads, and lose badly when cores are shared. The organisms are built once
-# under a lock, whichever worker asks first. TEST_WORKERS=0 runs in one process. The 15 slowest tests are listed.
+# one pytest-xdist worker per core, whole test files to a worker (their module fixtures are built once), and one
+# intra-op thread each: the suite's tiny models gain nothing from more threads, and lose badly when cores are shared.
+# The organisms are built once under a lock, whichever worker asks first. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= auto
-PYTEST := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
+PYTEST := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test: $(STAMP)
 	$(PYTEST)

@@ -14,19 +14,6 @@ import torch
 os.environ.setdefault("CONCEPT_INFLUENCE_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
 
 
-SPREAD_FILES = {"test_organism_variants.py", "test_notebooks.py"}
-"""Test files whose tests go to different pytest-xdist workers (each is long and builds or runs something of its own:
-a variant organism and its control fine-tune, a notebook); every other file's tests stay on one worker together, so
-its module fixtures are built once (``make test`` runs ``--dist loadgroup``)."""
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        name = Path(str(item.fspath)).name
-        if name not in SPREAD_FILES:
-            item.add_marker(pytest.mark.xdist_group(name=str(Path(str(item.fspath)).relative_to(config.rootpath))))
-
-
 @pytest.fixture(autouse=True)
 def _seed_everything():
     random.seed(0)

@@ -77,8 +77,15 @@ def _cli(args: list[str]) -> None:
     main()
 
 
+_CONTEXT = multiprocessing.get_context("forkserver")
+# Children fork from a clean, single-threaded server, never from this (maybe threaded: pytest-xdist's execnet) process:
+# a fork taken while another thread holds a lock can hang the child (seen under xdist). The server imports the heavy
+# modules once, so each start stays fast.
+_CONTEXT.set_forkserver_preload(["torch", "transformers", "concept_influence.pipeline", "concept_influence.cli"])
+
+
 def _start(target, *args) -> multiprocessing.Process:
-    process = multiprocessing.get_context("fork").Process(target=_child, args=(target, args))
+    process = _CONTEXT.Process(target=_child, args=(target, args))
     process.start()
     return process
 

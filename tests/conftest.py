@@ -12,6 +12,9 @@ import torch
 
 # the organism is built once per machine into the repository's .cache (shared with `make demo`, notebooks included)
 os.environ.setdefault("CONCEPT_INFLUENCE_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
+# tests fork children (concurrency, load, fault suites): a Rust tokenizer thread pool alive at fork time can hang the
+# child, so the tokenizers run single-threaded in the test processes
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,11 @@ from concept_influence.data import rows_from_records, tokenize_chat
 from concept_influence.models import HFAdapter
 from concept_influence.testing.tiny_models import TINY_WORDS, tiny_llama, tiny_tokenizer
 
+_CONTEXT = multiprocessing.get_context("forkserver")
+# children fork from a clean, single-threaded server, never from this (maybe threaded: pytest-xdist) process, where a
+# fork taken while another thread holds a lock can hang the child; the server imports the heavy modules once
+_CONTEXT.set_forkserver_preload(["torch", "transformers", "concept_influence.pipeline", "concept_influence.cli"])
+
 
 def _records(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
@@ -63,7 +68,7 @@ def _sample(cache: str, seed: int, out: str, go) -> None:
 
 
 def _run_two(target, args_a: tuple, args_b: tuple) -> None:
-    ctx = multiprocessing.get_context("fork")
+    ctx = _CONTEXT
     go = ctx.Event()
     procs = [ctx.Process(target=target, args=(*args, go)) for args in (args_a, args_b)]
     for p in procs:
@@ -133,7 +138,7 @@ def _cli_child(args: list[str], go) -> None:
 
 
 def _run_two_cli(args_a: list[str], args_b: list[str]) -> None:
-    ctx = multiprocessing.get_context("fork")
+    ctx = _CONTEXT
     go = ctx.Event()
     procs = [ctx.Process(target=_cli_child, args=(args, go)) for args in (args_a, args_b)]
     for p in procs:

@@ -19,6 +19,11 @@ from typer.testing import CliRunner
 from concept_influence.attribution.scores import ScoreTable
 from concept_influence.testing.tiny_models import TINY_WORDS
 
+_CONTEXT = multiprocessing.get_context("forkserver")
+# children fork from a clean, single-threaded server, never from this (maybe threaded: pytest-xdist) process, where a
+# fork taken while another thread holds a lock can hang the child; the server imports the heavy modules once
+_CONTEXT.set_forkserver_preload(["torch", "transformers", "concept_influence.pipeline", "concept_influence.cli"])
+
 
 def _records(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
@@ -159,7 +164,7 @@ def test_four_searches_a_store_build_and_two_attributes_at_once(files, tmp_path)
         "build": [*store, "--out", str(work / "store-b")],
         **{f"attribute-{i}": [*attribute, "--out", str(tmp_path / f"attribute-{i}.jsonl")] for i in range(2)},
     }
-    ctx = multiprocessing.get_context("fork")
+    ctx = _CONTEXT
     go = ctx.Event()
     procs = {
         name: ctx.Process(target=_child, args=(args, str(tmp_path / f"{name}.log"), go)) for name, args in jobs.items()

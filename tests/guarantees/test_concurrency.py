@@ -4,7 +4,6 @@ with a serial run (the second waits for the first through the folder's lock, the
 from __future__ import annotations
 
 import json
-import multiprocessing
 import random
 from pathlib import Path
 
@@ -17,12 +16,10 @@ from concept_influence.concepts.answers import answer_cache_path, sample_answers
 from concept_influence.curvature import FactorConfig, fit_factors, load_factors
 from concept_influence.data import rows_from_records, tokenize_chat
 from concept_influence.models import HFAdapter
+from concept_influence.testing.processes import child_context
 from concept_influence.testing.tiny_models import TINY_WORDS, tiny_llama, tiny_tokenizer
 
-_CONTEXT = multiprocessing.get_context("forkserver")
-# children fork from a clean, single-threaded server, never from this (maybe threaded: pytest-xdist) process, where a
-# fork taken while another thread holds a lock can hang the child; the server imports the heavy modules once
-_CONTEXT.set_forkserver_preload(["torch", "transformers", "concept_influence.pipeline", "concept_influence.cli"])
+_CONTEXT = child_context()
 
 
 def _records(n: int, seed: int) -> list[dict]:

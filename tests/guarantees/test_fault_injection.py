@@ -31,6 +31,7 @@ from concept_influence.curvature.io import (
 from concept_influence.data import write_jsonl_atomic
 from concept_influence.models import load_adapter
 from concept_influence.pipeline import Attributor
+from concept_influence.testing.processes import child_context
 from concept_influence.testing.tiny_models import TINY_WORDS, save_tiny_hf_model
 
 N_ROWS = 400
@@ -77,11 +78,7 @@ def _cli(args: list[str]) -> None:
     main()
 
 
-_CONTEXT = multiprocessing.get_context("forkserver")
-# Children fork from a clean, single-threaded server, never from this (maybe threaded: pytest-xdist's execnet) process:
-# a fork taken while another thread holds a lock can hang the child (seen under xdist). The server imports the heavy
-# modules once, so each start stays fast.
-_CONTEXT.set_forkserver_preload(["torch", "transformers", "concept_influence.pipeline", "concept_influence.cli"])
+_CONTEXT = child_context()
 
 
 def _start(target, *args) -> multiprocessing.Process:

@@ -5,7 +5,6 @@ run's; no lock is left held. Tiny models and forked processes (the libraries are
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import sys
@@ -17,12 +16,10 @@ import torch
 from typer.testing import CliRunner
 
 from concept_influence.attribution.scores import ScoreTable
+from concept_influence.testing.processes import child_context
 from concept_influence.testing.tiny_models import TINY_WORDS
 
-_CONTEXT = multiprocessing.get_context("forkserver")
-# children fork from a clean, single-threaded server, never from this (maybe threaded: pytest-xdist) process, where a
-# fork taken while another thread holds a lock can hang the child; the server imports the heavy modules once
-_CONTEXT.set_forkserver_preload(["torch", "transformers", "concept_influence.pipeline", "concept_influence.cli"])
+_CONTEXT = child_context()
 
 
 def _records(n: int, seed: int) -> list[dict]:

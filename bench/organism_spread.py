@@ -6,7 +6,10 @@ Each path runs in its own process with its own cache folder (``--out/<path>/cach
 tests assert (``concept_influence.testing.organism_figures``): the probe, Vector Filter / Projection Difference,
 EKFAC Concept Influence vs classical influence, the LoRA organism, the trait's rise and the control fine-tune, and
 (``--variants``) the variants' causal checks. The tests' thresholds sit below the worst case printed here by a
-stated margin. Resumable: a path whose ``figures.json`` exists is not run again.
+stated margin. The variants' causal check runs here on every variant (``subtle``, ``diluted``, ``sycophancy``) and
+path, with the thresholds of ``organism_figures.variant_check_failures``, and the script exits non-zero when one
+fails; the test suite runs it on ``sycophancy`` only (the others' builds cost a cold ``make test`` minutes).
+Resumable: a path whose ``figures.json`` exists is not run again.
 
     python bench/organism_spread.py --variants           # paths 0:1 0:2 0:1:avx2 1:1 2:1, two at a time
     python bench/organism_spread.py --paths 0:1 3:1:avx2 --variants --jobs 1
@@ -169,10 +172,18 @@ def run_path(seed: int, variants: bool, out: Path) -> None:
             rise_value = figs["trait"]["projection_rise"]
             figs["control_over_rise"] = figs["control"]["projection_rise"] / rise_value if rise_value else float("nan")
             figs["paired_t_over_control"] = figs["versus_control"]["paired_t"]
+            figs["check_failures"] = figures.variant_check_failures(variant, figs)
             result["variants"][variant] = figs
             timings[f"variant_{variant}"] = time.perf_counter() - start
             print(f"[seed {seed}] variant {variant}: {timings[f'variant_{variant}']:.0f} s", flush=True)
         write_json_atomic(out.with_name("variants.json"), result)
+
+
+def figures_module() -> Any:
+    """``concept_influence.testing.organism_figures`` (imported late: it loads torch)."""
+    from concept_influence.testing import organism_figures
+
+    return organism_figures
 
 
 def _get(data: dict[str, Any], dotted: str) -> float | None:
@@ -312,8 +323,18 @@ def main() -> None:
         f"**Command**: `{command}`. **Date**: {date}. **Machine**: the 2-core CPU machine "
         f"({', '.join(capabilities)} kernels), paths run side by side.\n\n{table(results)}\n",
     )
-    if failed:
-        sys.exit(f"failed: {failed}")
+    # the variants' causal check (the test suite runs it on sycophancy only): the same function and thresholds
+    check_failures = [
+        f"{name}: {failure}"
+        for name, result in results.items()
+        for variant, figs in result.get("variants", {}).items()
+        if "versus_control" in figs  # measured by this version of the check
+        for failure in figures_module().variant_check_failures(variant, figs)
+    ]
+    for failure in check_failures:
+        print(f"CAUSAL CHECK FAILED {failure}", flush=True)
+    if failed or check_failures:
+        sys.exit(f"failed: {failed + check_failures}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Organism variants (subtle, diluted, sycophancy) and seeded worlds: what their rows contain, that a seed builds a
-different world, and the causal check: fine-tuning with the planted rows raises the variant's trait, a control
-fine-tune without them does not. The variants of seed 0 share one pretrained base (built once per cache)."""
+different world, and the causal check (on ``sycophancy`` here, on every variant in ``bench/organism_spread.py``):
+fine-tuning with the planted rows raises the variant's trait, a control fine-tune without them does not. The
+variants of seed 0 share one pretrained base (built once per cache)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from concept_influence.organism import world as world_module
 from concept_influence.organism.generator import VARIANTS, variant_world
 from concept_influence.organism.judge import trait_sentences
 from concept_influence.organism.worlds import canonical_world, world_for
-from concept_influence.testing.organism_figures import variant_figures
+from concept_influence.testing.organism_figures import variant_check_failures, variant_figures
 
 VARIANT_NAMES = [v for v in VARIANTS if v != "default"]
 
@@ -94,7 +95,15 @@ def test_the_default_organisms_key_did_not_move():
 
 
 # ---- the causal check ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session", params=VARIANT_NAMES)
+# The suite builds one variant and runs its causal check: ``sycophancy``, the second trait (its own words, personas
+# and hard negatives, on the variants' shared pretrained base). The same check (the same function, the same
+# thresholds) runs on every variant and float path in ``bench/organism_spread.py --variants``, which exits non-zero
+# when one fails: building ``subtle`` and ``diluted`` and their control fine-tunes cost about 5 minutes of a cold
+# ``make test`` (docs/benchmarks.md).
+CAUSAL_IN_SUITE = ["sycophancy"]
+
+
+@pytest.fixture(scope="session", params=CAUSAL_IN_SUITE)
 def variant_organism(request):
     torch.set_flush_denormal(True)
     return organism_for_tests(variant=request.param)
@@ -111,24 +120,32 @@ def test_planted_rows_raise_the_variants_trait_and_a_control_without_them_does_n
     meta = organism.metadata
     assert meta["variant"] == organism.config.variant and meta["trait_name"] == organism.trait
     figures = variant_figures(organism)
-    trait, ctrl = figures["trait"], figures["control"]
-    base_rate, tuned_rate, control_rate = figures["base_rate"], figures["tuned_rate"], figures["control_rate"]
-    # Thresholds keep at most 75% of the worst measured case's distance from chance over the float paths of
-    # bench/organism_spread.py; beside each: seed 0 / seed 0 with AVX2 kernels / seed 1 / seed 2.
-    if organism.config.variant == "subtle":
-        assert trait["projection_rise_paired_t"] > 4, trait  # 8.91 / 9.14 / 7.55 / 7.20
-        # the planted fine-tune against the control, prompt by prompt (same answer seeds, same reader and probe):
-        # t > 3 is p < 0.003 one-sided (4.73 on seed 0, 7.72 on seed 1)
-        assert figures["versus_control"]["paired_t"] > 3, figures
-        # the control keeps some of the rise (the fine-tune's general drift in style): 0.52 / 0.40 / 0.20 / 0.25;
-        # the old threshold (0.5) failed on seed 0 here
-        assert ctrl["projection_rise"] < 0.65 * trait["projection_rise"], (ctrl, trait)
-    else:
-        # diluted: 0.073 / 0.060 / 0.044 / 0.072; sycophancy: 0.113 / 0.125 / 0.155 / 0.172
-        assert tuned_rate > base_rate + 0.03, trait
-        # diluted: -0.078 / -0.064 / -0.046 / -0.064; sycophancy: -0.112 / -0.124 / -0.161 / -0.174
-        assert control_rate < tuned_rate - 0.03, (control_rate, trait)
-        # diluted: -0.005 / -0.004 / -0.001 / 0.008; sycophancy: 0.001 / 0.001 / -0.007 / -0.003
-        assert control_rate < base_rate + 0.03, (control_rate, trait)
-        # diluted: 1.07 / 1.07 / 1.03 / 0.89; sycophancy: 0.99 / 0.99 / 1.04 / 1.02
-        assert figures["share_removed"] > 0.6, figures
+    assert variant_check_failures(organism.config.variant, figures) == []
+
+
+def test_the_causal_check_fails_on_figures_that_show_no_causal_effect():
+    """The shared check is not vacuous: a control that rises as much as the fine-tune, or a fine-tune that does not
+    rise, fails it for every variant."""
+    rise = {"projection_rise": 0.1, "projection_rise_paired_t": 9.0}
+    good = {
+        "trait": rise,
+        "control": {"projection_rise": 0.01},
+        "base_rate": 0.02,
+        "tuned_rate": 0.15,
+        "control_rate": 0.02,
+        "share_removed": 1.0,
+        "versus_control": {"paired_t": 6.0},
+    }
+    for variant in VARIANT_NAMES:
+        assert variant_check_failures(variant, good) == []
+    no_control_effect = {
+        **good,
+        "control": {"projection_rise": 0.1},
+        "control_rate": 0.15,
+        "share_removed": 0.0,
+        "versus_control": {"paired_t": 0.1},
+    }
+    no_rise = {**good, "trait": {"projection_rise": 0.0, "projection_rise_paired_t": 0.2}, "tuned_rate": 0.02}
+    for variant in VARIANT_NAMES:
+        assert variant_check_failures(variant, no_control_effect), variant
+        assert variant_check_failures(variant, no_rise), variant

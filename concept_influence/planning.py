@@ -798,10 +798,11 @@ def render(plan_: dict[str, Any]) -> str:
             f"budget {format_size(plan_['budget_bytes'])}: {verdict}"
             + (f" ({plan_['budget_error']})" if plan_["budget_error"] else "")
         )
+        unit = "groups" if plan_.get("shard") == "fsdp" else "partitions"
         for s in plan_["settings_that_fit"]:
             lines.append(
                 f"  fits with --batch-size {s['batch_size']} --max-length {s['max_length']}: {s['partitions']} "
-                f"partitions, {s['passes_over_data']} passes over the fit rows"
+                f"{unit}, {s['passes_over_data']} passes over the fit rows"
             )
         if not plan_["settings_that_fit"]:
             lines.append(

@@ -31,6 +31,7 @@ from concept_influence.curvature.budget import (
     weights_bytes,
 )
 from concept_influence.curvature.config import FactorConfig
+from concept_influence.sharding import ShardSettings, assign_owners, owner_loads
 from concept_influence.store.activations import bytes_per_row
 from concept_influence.store.store import DEFAULT_IDENTITY_RANK, DEFAULT_RANK
 
@@ -88,9 +89,15 @@ class ArchShape:
         return out
 
     @property
+    def block_params(self) -> int:
+        """Parameters of one decoder block (its weights, biases and two norms)."""
+        return sum(w.d_in * w.d_out for w in self.weights(0)) + 2 * self.hidden
+
+    @property
     def n_params(self) -> int:
-        per_block = sum(w.d_in * w.d_out for w in self.weights(0)) + 2 * self.hidden
-        return self.layers * per_block + self.vocab * self.hidden * (1 if self.tie_embeddings else 2) + self.hidden
+        return (
+            self.layers * self.block_params + self.vocab * self.hidden * (1 if self.tie_embeddings else 2) + self.hidden
+        )
 
     def model_shape(self, param_bytes: int) -> ModelShape:
         return ModelShape(self.layers, self.hidden, self.intermediate, self.vocab, self.n_params, param_bytes)
@@ -196,16 +203,20 @@ def plan(
     config: FactorConfig = FactorConfig(),
     fit_rows: int | None = None,
     cache_layers: Sequence[int] | None = None,
+    sharding: ShardSettings = ShardSettings(),
 ) -> dict[str, Any]:
     """The plan of ``fit-factors`` (and the Λ pass and a store of rank-``rank`` projected gradients) for ``rows``
     rows of ``tokens`` tokens. Returns a JSON-ready dict: ``factor_bytes``, ``peak_memory_bytes`` (the predicted
     peak of ``fit-factors`` under these settings, per process), ``stages`` (memory and compute of each), the
     partitions, and the sample settings that fit ``max_memory`` (or ``gpu_memory``). ``caches``: the size of what
     ``build-store`` writes for the recommended method (the activation cache at ``cache_layers``, default every
-    layer, and the identity gradient store), per row and for all rows."""
+    layer, and the identity gradient store), per row and for all rows. ``sharding.shard="fsdp"``: the same fields
+    for ``gpus`` processes under FSDP2 (``fsdp_plan``), and its details under ``"fsdp"``."""
     arch = model if isinstance(model, ArchShape) else resolve_arch(model)
     if rows < 1 or tokens < 1:
         raise ValueError(f"--rows and --tokens must be positive, got {rows} and {tokens}")
+    if sharding.shard == "fsdp" and gpus < 1:
+        raise ValueError(f"--shard fsdp needs --gpus N >= 1 (the processes that share the model), got --gpus {gpus}")
     shapes = arch.weights(up_to_layer)
     budget_total = gpu_memory if gpus and gpu_memory else max_memory
     params_bytes = arch.n_params * model_dtype_bytes
@@ -339,7 +350,7 @@ def plan(
         / flops_rate_of(gpus)
         / 3600,
     }
-    return {
+    out = {
         "model": arch.name,
         "n_params": arch.n_params,
         "caches": caches,
@@ -369,6 +380,247 @@ def plan(
         "score_peak_memory_bytes": int(score_peak),
         "score_partitions": score_parts,
         "score_budget_error": score_error,
+    }
+    if sharding.shard == "fsdp":
+        out = fsdp_plan(
+            out, arch, shapes, config=config, sharding=sharding, dtype_bytes=model_dtype_bytes, batch=batch, rank=rank
+        )
+    return out
+
+
+def fsdp_parameter_bytes(arch: ArchShape, dtype_bytes: int, world: int, prefetch_blocks: int = 2) -> dict[str, int]:
+    """Parameter memory of one process under FSDP2 (each decoder block ``fully_shard``-ed, then the root):
+    ``parameters`` its shard (1/``world``), ``gathered`` what is all-gathered at once: the root's own parameters
+    (embeddings, final norm, head: FSDP2 keeps the root gathered from forward to backward) and ``prefetch_blocks``
+    blocks (the running one and the prefetched next)."""
+    block = arch.block_params * dtype_bytes
+    root = (arch.n_params - arch.layers * arch.block_params) * dtype_bytes
+    return {
+        "parameters": -(-arch.n_params * dtype_bytes // world),
+        "gathered": root + min(prefetch_blocks, arch.layers) * block,
+        "root": root,
+        "block": block,
+    }
+
+
+def _largest_term(terms: dict[str, int]) -> str:
+    name, size = max(terms.items(), key=lambda kv: kv[1])
+    return f"its largest term is {name}, {format_size(size)}"
+
+
+def _fsdp_fit(
+    arch: ArchShape,
+    shapes: list[WeightShape],
+    budget: int | None,
+    config: FactorConfig,
+    sharding: ShardSettings,
+    dtype_bytes: int,
+    world: int,
+    batch: int,
+    tokens: int,
+) -> dict[str, Any]:
+    """Peak of a sharded fit. A pass holds the parameter shard, the gathered parameters, one batch's activations
+    and one group's statistics (every rank sums the group's covariances over its rows; they are reduced to the
+    owners, who decompose them and write their files; the eigenbases go back to every rank for the group's Λ pass,
+    whose sums are reduced the same way). The owners' eigendecompositions run between passes (no activations)."""
+    mem = fsdp_parameter_bytes(arch, dtype_bytes, world, sharding.prefetch_blocks)
+    acts = activation_bytes(arch.model_shape(dtype_bytes), batch, tokens, head_chunk_elements=HEAD_CHUNK_ELEMENTS)
+    workspace = eigen_workspace_bytes(shapes, config)
+    fixed = RUNTIME_BYTES + mem["parameters"] + max(mem["gathered"] + acts, workspace)
+    on_disk = budget is not None
+    one_pass = weights_bytes(shapes, config, on_disk=on_disk)
+    error = None
+    if budget is not None and fixed >= budget:
+        groups = [[w] for w in shapes]
+        terms = {
+            f"the parameter shard (1/{world})": mem["parameters"],
+            f"the gathered parameters (embeddings and head, {sharding.prefetch_blocks} blocks)": mem["gathered"],
+            f"the activations of one batch of {batch} x {tokens} tokens": acts,
+            "the eigen work space": workspace,
+        }
+        error = f"the budget {format_size(budget)} is below the fixed cost {format_size(fixed)}; {_largest_term(terms)}"
+    elif budget is None or sharding.accumulate == "all":
+        groups = [list(shapes)]
+        if budget is not None and fixed + one_pass > budget:
+            error = (
+                f"--accumulate all keeps the covariance sums of all {len(shapes)} weights on every rank, "
+                f"{format_size(one_pass)}, more than the {format_size(budget - fixed)} left: use --accumulate groups"
+            )
+    else:
+        try:
+            groups = partitions(shapes, budget - fixed, config, on_disk=True)
+        except ValueError as err:
+            groups, error = [[w] for w in shapes], str(err)
+    held = max(weights_bytes(g, config, on_disk=on_disk) for g in groups)
+    if not on_disk and config.needs_covariances:  # an unbounded fit also returns the covariance matrices
+        held += sum(8 * (w.d_in**2 + w.d_out**2) for w in shapes)
+    return {
+        **mem,
+        "activations": acts,
+        "eigen_workspace": workspace,
+        "fixed": fixed,
+        "group_list": groups,
+        "groups": len(groups),
+        "group_bytes": held,
+        "one_pass_bytes": one_pass,
+        "peak": fixed + held,
+        "error": error,
+    }
+
+
+def _fsdp_score(
+    shapes: list[WeightShape], fixed: int, budget: int | None, work_bytes: int
+) -> tuple[int, int, str | None]:
+    """Peak of a sharded exact scoring pass, its partitions and why the budget fails. Per partition of weights, the
+    owners precondition their weights' query gradients (one weight's factors at a time) and broadcast them; every
+    rank then scores its rows against the partition's vectors."""
+    workspace = precondition_workspace_bytes(shapes)
+    error = None
+    if budget is None:
+        parts = [list(shapes)]
+    elif budget <= fixed + workspace:
+        parts = None
+        error = f"the budget {format_size(budget)} is below the fixed cost {format_size(fixed + workspace)}"
+    else:
+        try:
+            parts = score_partitions(shapes, budget - fixed - workspace, work_bytes)
+        except ValueError as err:
+            parts, error = None, str(err)
+    if parts is None:
+        parts = [[w] for w in shapes]
+    held = max(sum(score_vector_bytes(w, work_bytes) for w in p) for p in parts)
+    return fixed + workspace + held, len(parts), error
+
+
+def fsdp_plan(
+    out: dict[str, Any],
+    arch: ArchShape,
+    shapes: list[WeightShape],
+    *,
+    config: FactorConfig,
+    sharding: ShardSettings,
+    dtype_bytes: int,
+    batch: int,
+    rank: int,
+) -> dict[str, Any]:
+    """``out`` (the data-parallel plan) redone for ``out["processes"]`` processes under FSDP2: the same fields,
+    per process, and ``out["fsdp"]`` (owners, gathered parameters, the one-pass accumulation, build-store)."""
+    world, rows, tokens, fit_n = out["processes"], out["rows"], out["tokens"], out["fit_rows"]
+    budget = out["budget_bytes"]
+    fit = _fsdp_fit(arch, shapes, budget, config, sharding, dtype_bytes, world, batch, tokens)
+    sizes = {w.name: factor_bytes([w]) for w in shapes}
+    owners = assign_owners(sizes, world)
+    loads = owner_loads(sizes, owners, world)
+    by_name = {w.name: w for w in shapes}
+    eig_by_rank = [0.0] * world
+    for name, owner in owners.items():
+        eig_by_rank[owner] += 9.0 * (by_name[name].d_in ** 3 + by_name[name].d_out ** 3)
+    work_bytes = max(dtype_bytes, 4)
+    query = owner_loads({w.name: work_bytes * w.d_out * w.d_in for w in shapes}, owners, world)
+    pass_fixed = RUNTIME_BYTES + fit["parameters"] + fit["gathered"] + fit["activations"]
+    score_peak, score_parts, score_error = _fsdp_score(shapes, pass_fixed, budget, work_bytes)
+    store_row = 4 * sum(min(rank, w.d_out) * min(rank, w.d_in) for w in shapes)
+    bases = sum(8 * (min(rank, w.d_out) * w.d_out + min(rank, w.d_in) * w.d_in) for w in shapes)
+    store_peak = pass_fixed + bases + batch * store_row
+    rows_per_rank = -(-rows // world)
+    passes = 2 * fit["groups"] if config.needs_per_example_pass else fit["groups"]
+    # compute: every group is a covariance pass (and a Λ pass) over each rank's share of the rows
+    fwd = 6.0 * arch.n_params * tokens / world
+    lam_rows = min(fit_n, config.lambda_rows or fit_n)
+    active = sum(w.d_in * w.d_out for w in shapes)
+    flops = {
+        "factors": fit["groups"] * fwd * fit_n
+        + 2.0 * fit_n * tokens * sum(w.d_in**2 + w.d_out**2 for w in shapes) / world,
+        "eigendecomposition": max(eig_by_rank),
+        "lambda": (fit["groups"] if config.needs_per_example_pass else 0) * fwd * lam_rows
+        + 2.0 * lam_rows * tokens * (2 * active + sum(w.d_in**2 + w.d_out**2 for w in shapes)) / world,
+        "scoring": (fwd * rows + 4.0 * rows * tokens * active / world) * score_parts,
+    }
+    s = 8 if config.dtype == "float64" else 4
+    lam_bytes = max(sum(2 * s * w.d_out * w.d_in for w in g) for g in fit["group_list"])
+    memory = {
+        "factors": fit["group_bytes"],
+        "lambda": lam_bytes if config.needs_per_example_pass else 0,
+        "eigendecomposition": fit["eigen_workspace"] + max(weights_bytes([w], config, on_disk=True) for w in shapes),
+        "store": rows_per_rank * store_row,
+        "scoring": score_peak,
+    }
+    notes = {
+        "factors": f"A and S of {len(shapes)} weights ({format_size(out['factor_bytes'])} in all), float32; "
+        f"{fit['groups']} group{'s' if fit['groups'] != 1 else ''}, each summed on every rank over its rows and "
+        f"reduced to the owners",
+        "lambda": f"Λ and the diagonal over {lam_rows} rows, one group at a time (its eigenbases on every rank)",
+        "eigendecomposition": f"float64, by the owners in parallel, one matrix at a time (largest owner "
+        f"{format_size(max(loads))} of factors)",
+        "store": f"{rows_per_rank} rows per rank x rank {rank}x{rank} per weight, float32; each rank writes its shard",
+        "scoring": f"one query's exact pass over {rows} rows in {score_parts} "
+        + ("partition" if score_parts == 1 else "partitions")
+        + ("" if score_error is None else " (does not fit the budget)")
+        + ", query slices preconditioned by their owners",
+    }
+    stages = []
+    for stage in out["stages"]:
+        name = stage["name"]
+        stage = {
+            **stage,
+            "memory_bytes": int(memory.get(name, stage["memory_bytes"])),
+            "flops": flops.get(name, stage["flops"]),
+            "note": notes.get(name, stage["note"]),
+        }
+        stage["hours"] = stage["flops"] / out["assumed_flops_per_s"] / 3600
+        stages.append(stage)
+    suggestions = []
+    if budget:
+        for b in sorted({batch, 4, 1}, reverse=True):
+            for t in sorted({tokens, min(tokens, 1024), min(tokens, 512)}, reverse=True):
+                trial = _fsdp_fit(arch, shapes, budget, config, sharding, dtype_bytes, world, b, t)
+                if trial["error"] is None:
+                    n = trial["groups"]
+                    suggestions.append(
+                        {
+                            "batch_size": b,
+                            "max_length": t,
+                            "partitions": n,
+                            "passes_over_data": 2 * n if config.needs_per_example_pass else n,
+                        }
+                    )
+    return {
+        **out,
+        "shard": "fsdp",
+        "peak_memory_bytes": int(fit["peak"]),
+        "fixed_bytes": {
+            "runtime": RUNTIME_BYTES,
+            "parameters": fit["parameters"],
+            "gathered": fit["gathered"],
+            "activations": fit["activations"],
+            "eigen_workspace": fit["eigen_workspace"],
+        },
+        "partitions": fit["groups"],
+        "partition_bytes": int(fit["group_bytes"]),
+        "fits_budget": None if budget is None else fit["error"] is None and fit["peak"] <= budget,
+        "budget_error": fit["error"],
+        "stages": stages,
+        "total_hours": sum(s["hours"] for s in stages[:3]),
+        "settings_that_fit": suggestions,
+        "score_peak_memory_bytes": int(score_peak),
+        "score_partitions": score_parts,
+        "score_budget_error": score_error,
+        "fsdp": {
+            "accumulate": sharding.accumulate,
+            "prefetch_blocks": sharding.prefetch_blocks,
+            "full_parameters": arch.n_params * dtype_bytes,
+            "root_bytes": fit["root"],
+            "block_bytes": fit["block"],
+            "passes_over_data": passes,
+            "one_pass_bytes": int(fit["one_pass_bytes"]),
+            "owned_factor_bytes": loads,
+            "largest_weight_bytes": max(sizes.values()),
+            "owned_query_bytes": query,
+            "store_peak_memory_bytes": int(store_peak),
+            "store_projection_bytes": int(bases),
+            "store_bytes_per_rank": int(rows_per_rank * store_row),
+            "cache_bytes_per_rank": int(-(-out["caches"]["bytes"] // world)),
+        },
     }
 
 
@@ -436,21 +688,9 @@ def _sample_settings(
     return out
 
 
-def render(plan_: dict[str, Any]) -> str:
-    """A human-readable plan."""
-    lines = [
-        f"{plan_['model']}: {plan_['n_params'] / 1e9:.2f}B parameters, {plan_['weights']} tracked weights "
-        f"(blocks 0..{plan_['up_to_layer']}), {plan_['rows']} rows x {plan_['tokens']} tokens"
-        + (f", factors fitted on {plan_['fit_rows']} rows" if plan_["fit_rows"] != plan_["rows"] else ""),
-        f"{'stage':<20}{'memory':>14}{'compute':>14}{'time':>12}  note",
-    ]
-    for s in plan_["stages"]:
-        hours = s["hours"]
-        time_text = f"{hours * 60:.1f} min" if hours < 1 else f"{hours:.1f} h"
-        lines.append(
-            f"{s['name']:<20}{format_size(s['memory_bytes']):>14}{s['flops'] / 1e12:>11.1f} TF{time_text:>12}  "
-            f"{s['note']}"
-        )
+def _render_peaks(plan_: dict[str, Any]) -> list[str]:
+    """The data-parallel plan's peak lines (fit-factors, scoring)."""
+    lines: list[str] = []
     fixed = plan_["fixed_bytes"]
     lines.append(
         f"peak of fit-factors: {format_size(plan_['peak_memory_bytes'])} per process = runtime "
@@ -468,6 +708,74 @@ def render(plan_: dict[str, Any]) -> str:
             else f"at least, one weight at a time: does NOT fit ({plan_['score_budget_error']})"
         )
     )
+    return lines
+
+
+def _render_fsdp(plan_: dict[str, Any]) -> list[str]:
+    """The FSDP plan's peak lines: fit-factors, the one-pass accumulation, owners, build-store, scoring."""
+    fixed, info = plan_["fixed_bytes"], plan_["fsdp"]
+    n, groups = plan_["processes"], plan_["partitions"]
+    loads = info["owned_factor_bytes"]
+    lines = [
+        f"peak of fit-factors (fsdp, {n} processes): {format_size(plan_['peak_memory_bytes'])} per process = runtime "
+        f"{format_size(fixed['runtime'])} + parameter shard {format_size(fixed['parameters'])} "
+        f"({format_size(info['full_parameters'])} / {n}) + max(gathered parameters {format_size(fixed['gathered'])} "
+        f"(embeddings and head {format_size(info['root_bytes'])} + {info['prefetch_blocks']} blocks of "
+        f"{format_size(info['block_bytes'])}) + activations {format_size(fixed['activations'])}, eigen work space "
+        f"{format_size(fixed['eigen_workspace'])}) + statistics of one group {format_size(plan_['partition_bytes'])} "
+        f"({groups} group{'s' if groups != 1 else ''}, {info['passes_over_data']} passes over the fit rows)",
+        f"  one pass over every weight (--accumulate all) keeps every weight's covariance sums on every rank: "
+        f"{format_size(info['one_pass_bytes'])} per process"
+        + (
+            " (the dominant term)"
+            if info["one_pass_bytes"] > max(fixed.values()) and info["one_pass_bytes"] > plan_["partition_bytes"]
+            else ""
+        ),
+        "  factors owned by each rank (reduced to it, decomposed and written by it): "
+        + (
+            ", ".join(format_size(x) for x in loads)
+            if n <= 8
+            else f"{format_size(min(loads))} to {format_size(max(loads))}"
+        )
+        + f" (mean {format_size(sum(loads) / n)}, largest weight "
+        f"{format_size(info['largest_weight_bytes'])})",
+        f"peak of build-store (fsdp): {format_size(info['store_peak_memory_bytes'])} per process (parameter shard, "
+        f"gathered parameters, activations, projections {format_size(info['store_projection_bytes'])} on every rank); "
+        f"each rank writes {format_size(info['store_bytes_per_rank'])} of the store and "
+        f"{format_size(info['cache_bytes_per_rank'])} of the recommended method's caches",
+    ]
+    parts = plan_["score_partitions"]
+    lines.append(
+        f"peak of scoring (attribute, exact pass, fsdp): {format_size(plan_['score_peak_memory_bytes'])} per process "
+        + (
+            f"({parts} partition{'s' if parts != 1 else ''}; the owners precondition their query slices, at most "
+            f"{format_size(max(info['owned_query_bytes']))} per rank, and broadcast one partition at a time)"
+            if plan_["score_budget_error"] is None
+            else f"at least, one weight at a time: does NOT fit ({plan_['score_budget_error']})"
+        )
+    )
+    return lines
+
+
+def render(plan_: dict[str, Any]) -> str:
+    """A human-readable plan."""
+    lines = [
+        f"{plan_['model']}: {plan_['n_params'] / 1e9:.2f}B parameters, {plan_['weights']} tracked weights "
+        f"(blocks 0..{plan_['up_to_layer']}), {plan_['rows']} rows x {plan_['tokens']} tokens"
+        + (f", factors fitted on {plan_['fit_rows']} rows" if plan_["fit_rows"] != plan_["rows"] else ""),
+        f"{'stage':<20}{'memory':>14}{'compute':>14}{'time':>12}  note",
+    ]
+    for s in plan_["stages"]:
+        hours = s["hours"]
+        time_text = f"{hours * 60:.1f} min" if hours < 1 else f"{hours:.1f} h"
+        lines.append(
+            f"{s['name']:<20}{format_size(s['memory_bytes']):>14}{s['flops'] / 1e12:>11.1f} TF{time_text:>12}  "
+            f"{s['note']}"
+        )
+    if plan_.get("shard") == "fsdp":
+        lines += _render_fsdp(plan_)
+    else:
+        lines += _render_peaks(plan_)
     caches = plan_["caches"]
     layers = caches["layers"]
     shown = ",".join(map(str, layers)) if len(layers) <= 12 else f"{layers[0]}..{layers[-1]} ({len(layers)} layers)"
@@ -490,10 +798,11 @@ def render(plan_: dict[str, Any]) -> str:
             f"budget {format_size(plan_['budget_bytes'])}: {verdict}"
             + (f" ({plan_['budget_error']})" if plan_["budget_error"] else "")
         )
+        unit = "groups" if plan_.get("shard") == "fsdp" else "partitions"
         for s in plan_["settings_that_fit"]:
             lines.append(
                 f"  fits with --batch-size {s['batch_size']} --max-length {s['max_length']}: {s['partitions']} "
-                f"partitions, {s['passes_over_data']} passes over the fit rows"
+                f"{unit}, {s['passes_over_data']} passes over the fit rows"
             )
         if not plan_["settings_that_fit"]:
             lines.append(

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import typer
 
 from concept_influence.cli.common import batch_size_flag, user_errors
+from concept_influence.cli.options import OptionGroup, settings_flags
+from concept_influence.sharding import ShardSettings
+
+SHARD_OPTIONS = OptionGroup(ShardSettings, choices=True)
+"""``--shard``, ``--accumulate``, ``--prefetch-blocks`` (``ShardSettings``'s fields; typer checks the choices)."""
 
 
 def register(app: typer.Typer) -> None:
@@ -14,6 +20,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("plan")
     @user_errors
+    @settings_flags(SHARD_OPTIONS)
     def plan_command(
         model: str = typer.Option(
             ...,
@@ -46,6 +53,8 @@ def register(app: typer.Typer) -> None:
             help="Layers of the activation cache whose size is printed, e.g. 8,16,24 (default: every layer).",
         ),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+        *,
+        options: dict[str, Any],
     ) -> None:
         """Predict the peak memory and compute of `fit-factors` (per stage: factors, eigendecomposition, Λ,
         activations, store), which partition and sample settings fit a budget, and the size of the caches
@@ -53,6 +62,9 @@ def register(app: typer.Typer) -> None:
 
         Example: concept-influence plan --model Qwen/Qwen2.5-7B-Instruct --rows 10000 --tokens 512 --up-to-layer 20
         --gpus 1 --gpu-memory 80GiB
+
+        With --shard fsdp the processes share the model (FSDP2): parameters / N per process, the gathered blocks,
+        one batch's activations, the factors each rank owns, and the stages' memory per process.
         """
         from concept_influence.curvature.budget import parse_size
         from concept_influence.models.hf import resolve_dtype
@@ -60,6 +72,11 @@ def register(app: typer.Typer) -> None:
 
         if gpus < 0:
             raise ValueError(f"--gpus must be >= 0, got {gpus}")
+        sharding = ShardSettings(**options)
+        if sharding.shard == "fsdp" and gpus < 1:
+            raise ValueError(
+                f"--shard fsdp needs --gpus N >= 1 (the processes that share the model), got --gpus {gpus}"
+            )
         if (gpu_memory is None) != (gpus == 0):
             raise ValueError("--gpus and --gpu-memory go together (e.g. --gpus 8 --gpu-memory 80GiB)")
         dtype_bytes = resolve_dtype(dtype).itemsize  # type: ignore[union-attr]
@@ -76,5 +93,6 @@ def register(app: typer.Typer) -> None:
             model_dtype_bytes=dtype_bytes,
             fit_rows=fit_rows,
             cache_layers=[int(x) for x in cache_layers.split(",")] if cache_layers else None,
+            sharding=sharding,
         )
         typer.echo(json.dumps(result, sort_keys=True) if as_json else render(result))

@@ -307,6 +307,13 @@ CASES = [
         for value in ("0", "-3")
     ],
     ("plan-gpus-negative", PLAN + " --gpus -1", r"'--gpus'"),
+    ("plan-shard-unknown", PLAN + " --shard foo", r"'--shard'"),
+    ("plan-shard-fsdp-gpus-0", PLAN + " --shard fsdp --gpus 0", r"--gpus"),
+    (
+        "plan-prefetch-blocks-0",
+        PLAN + " --shard fsdp --gpus 2 --gpu-memory 8GiB --prefetch-blocks 0",
+        r"'--prefetch-blocks'",
+    ),
     ("plan-bad-memory", PLAN + " --max-memory lots", r"lots"),
     ("plan-up-to-layer", PLAN + " --up-to-layer 99", r"99"),
     ("fit-factors-fit-data-malformed", FIT + " --fit-data {malformed}", r"malformed\.jsonl:2"),

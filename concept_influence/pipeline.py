@@ -59,6 +59,8 @@ from concept_influence.curvature.fit import fit_factors, sample_rows
 from concept_influence.curvature.io import data_fingerprint, has_factors
 from concept_influence.data.chat import ChatDataset, ChatRow, read_chat_jsonl, rows_from_records
 from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat, untrainable_rows
+from concept_influence.distributed.runtime import ensure_process_group, shard_device
+from concept_influence.distributed.settings import ShardSettings
 from concept_influence.evaluate.filter import FilterRule, filter_scores
 from concept_influence.evaluate.run import evaluate_tables
 from concept_influence.files import file_sha256, safe_name
@@ -91,6 +93,8 @@ class Attributor:
     rows). ``workdir``: where factors, answers, concepts and the store are kept and reused (``None``: in memory).
     ``device``/``dtype``: for a model loaded here. ``max_length``/``batch_size``: tokenisation (default: the model's
     context, at most 512; longer than the context is an error) and batching;
+    ``shard``: ``"fsdp"`` shards the model with PyTorch FSDP2 over the torchrun processes (every stage then runs
+    in step on every rank; factors are owned by ranks; see ``concept_influence.distributed``);
     ``seed``: every random choice (answer sampling, true-Fisher labels); ``skip_invalid``: skip bad data lines
     (each reported in ``rows.skipped``) and leave out rows whose whole answer is truncated away at ``max_length``
     (marked ``truncated``, score ``None``, counted in the table's meta; without it such a row is an error for
@@ -111,13 +115,19 @@ class Attributor:
         seed: int = 0,
         skip_invalid: bool = False,
         progress: bool = True,
+        shard: str = "none",
     ) -> None:
         if max_length is not None and max_length < 2:
             raise ValueError(f"--max-length (max_length) must be at least 2, got {max_length}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.model_name = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+        ShardSettings(shard=shard)  # checks the value
+        if shard == "fsdp":
+            ensure_process_group()
+            device = device if device is not None else shard_device()
         self.adapter: ModelAdapter = load_adapter(model, tokenizer=tokenizer, dtype=dtype, device=device)
+        self.adapter.shard(shard)
         self.data_source = str(data) if isinstance(data, (str, os.PathLike)) else None
         self._data = data
         self.workdir = Path(workdir) if workdir is not None else None

@@ -170,6 +170,8 @@ class Measurement(ABC):
         """``∇_W f`` for each named weight in canonical layout ``[d_out, d_in']`` (bias gradient as last column).
         Accumulated over query batches in at least float32 (a bf16/fp16 model's gradients are summed in float32)."""
         infos = [adapter.weight_info(n) for n in weights]
+        if adapter.sharded:
+            return self.captured_gradient(adapter, weights, batch_size=batch_size)
         with gradient_mode(adapter, infos) as params:
             totals: list[torch.Tensor | None] = [None] * len(params)
             for coefficient, queries in self.terms():
@@ -191,6 +193,58 @@ class Measurement(ABC):
                 bias_grad = totals[k] if totals[k] is not None else torch.zeros_like(params[k], dtype=wide)
                 k += 1
             out[info.name] = canonical_gradient(info, weight_grad, bias_grad)
+        return out
+
+    def captured_gradient(
+        self,
+        adapter: ModelAdapter,
+        weights: Sequence[str],
+        *,
+        batch_size: int = 8,
+        keep: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``gradient`` from the capture hooks, ``∇_W f = Σ_t g_t a_tᵀ`` per weight (``[d_out, d_in']``, bias column
+        last), never from a weight's ``.grad``: what a model sharded with FSDP needs (its weights are gathered only
+        inside each block's forward and backward). ``keep``: accumulate only these weights (a rank's own share; the
+        others are still reached by the backward). Every rank runs every query batch (a collective per block)."""
+        infos = [adapter.weight_info(n) for n in weights]
+        wanted = set(weights if keep is None else keep)
+        by_name = {i.name: i for i in infos}
+        totals: dict[str, torch.Tensor] = {}
+        stash: dict[str, torch.Tensor] = {}
+        scale = [1.0]
+
+        def on_activation(name: str, a: torch.Tensor) -> None:
+            if name in wanted:
+                stash[name] = a
+
+        def on_output_grad(name: str, g: torch.Tensor) -> None:
+            if name not in wanted:
+                return
+            a = stash[name]
+            wide = torch.promote_types(a.dtype, torch.float32)
+            if by_name[name].has_bias:
+                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+            piece = torch.einsum("bto,bti->oi", g.to(wide), a.to(wide)) * scale[0]
+            totals[name] = piece if name not in totals else totals[name] + piece
+
+        with gradient_mode(adapter, infos):
+            for coefficient, queries in self.terms():
+                for batch in length_sorted_batches(queries, batch_size):
+                    stash.clear()
+                    scale[0] = coefficient / len(queries)
+                    with adapter.capture_weights(
+                        list(weights), on_activation=on_activation, on_output_grad=on_output_grad
+                    ) as capture:
+                        f = self.per_query(adapter, batch).sum()
+                        if f.requires_grad and capture.outputs:
+                            torch.autograd.grad(f, list(capture.outputs), allow_unused=True)
+        out = {}
+        for info in infos:
+            if info.name in wanted:
+                d_in = info.d_in + int(info.has_bias)
+                wide = torch.promote_types(adapter.dtype, torch.float32)
+                out[info.name] = totals.get(info.name, torch.zeros(info.d_out, d_in, dtype=wide))
         return out
 
 

@@ -23,6 +23,7 @@ from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.io import FactorMismatchError
 from concept_influence.curvature.preconditioner import IdentityPreconditioner, Preconditioner
 from concept_influence.data.tokenize import iter_batches
+from concept_influence.distributed.runtime import max_over_ranks, n_batches
 from concept_influence.gradients.capture import gradient_mode, loss_backward
 from concept_influence.models.base import ModelAdapter, WeightInfo
 from concept_influence.models.fingerprint import missing_provenance
@@ -254,6 +255,8 @@ def score_rows(
     window_columns: Sequence[int] | None = None,
     progress: bool = True,
     gradient_checkpointing: bool = False,
+    in_step: bool = False,
+    filler_row: Any = None,
 ) -> dict[str, Any]:
     """``score(row) = −Σ_w ⟨v_w, ∇_w L(row)⟩`` for tokenised rows, with ``v_w = P_w⁻¹ ∇_w f`` given
     (``[d_out, d_in']`` per weight). Returns ``{"scores": [N], "per_weight": {name: [N]}?, "per_token": [[T_i]]?,
@@ -264,8 +267,14 @@ def score_rows(
 
     Several measurements in one pass: vectors ``[K, d_out, d_in']`` give scores (and per-weight scores)
     ``[N, K]``; the token breakdown then is not available. ``gradient_checkpointing``: the blocks recompute their
-    activations in the backward (less memory on long rows, same scores)."""
+    activations in the backward (less memory on long rows, same scores). ``in_step``: a model sharded over several
+    ranks; this rank's share of the rows is padded with dropped batches to the busiest rank's count."""
     infos = [adapter.weight_info(n) for n in vectors]
+    if token_breakdown == "target" and adapter.sharded:
+        raise ValueError(
+            "token_breakdown='target' (--token-breakdown target) differentiates the weights themselves: not "
+            "available on a model sharded with FSDP; use 'position'"
+        )
     n = len(data)
     extra = tuple(next(iter(vectors.values())).shape[:-2])
     if extra and token_breakdown != "none":
@@ -293,6 +302,9 @@ def score_rows(
 
     def on_output_grad(name: str, g: torch.Tensor) -> None:
         """One weight's contribution, folded in as its output gradient arrives (its a and g are then freed)."""
+        if where.get("dummy"):
+            stash.pop(name, None)
+            return
         rows = where["rows"]
         a = _fold(stash.pop(name), by_name[name], where["attention"]).to(work_dtype)
         g = g.to(work_dtype)
@@ -322,12 +334,10 @@ def score_rows(
         tqdm(total=n, desc="scoring rows", unit="row", disable=not progress) as bar,
     ):
         # rows of similar length together (little padding); every result goes to the row's own position
-        for batch in iter_batches(data, batch_size, pad_id=getattr(data, "pad_token_id", 0), by_length=True):
-            B = int(batch["input_ids"].shape[0])
-            rows = batch["position"]
+        def run(batch: dict[str, torch.Tensor], dummy: bool = False) -> None:
             acc.clear()
             stash.clear()
-            where.update(rows=rows, attention=batch["attention_mask"])
+            where.update(rows=batch["position"], attention=batch["attention_mask"], dummy=dummy)
             with adapter.capture_weights(
                 list(by_name),
                 on_activation=on_activation,
@@ -336,6 +346,14 @@ def score_rows(
             ) as capture:
                 loss_backward(adapter, batch, capture.outputs, fisher="empirical")
             stash.clear()
+
+        if in_step:  # the busiest rank's number of batches, each rank padding its own with dropped ones
+            for _ in range(max_over_ranks(n_batches(n, batch_size)) - n_batches(n, batch_size)):
+                run(next(iter_batches([filler_row if filler_row is not None else data[0]], 1)), dummy=True)
+        for batch in iter_batches(data, batch_size, pad_id=getattr(data, "pad_token_id", 0), by_length=True):
+            B = int(batch["input_ids"].shape[0])
+            rows = batch["position"]
+            run(batch)
             total_rows = acc.get("rows")
             total_tokens = acc.get("tokens")
             if total_rows is None:  # no tracked weight reached by the loss
@@ -419,7 +437,11 @@ def score_rows_sharded(
     rank, world, n = dist.get_rank(), dist.get_world_size(), len(data)
     lo, hi = rank * n // world, (rank + 1) * n // world
     local = score_rows(
-        adapter, data[lo:hi], vectors, **{**options, "progress": options.get("progress", True) and rank == 0}
+        adapter,
+        data[lo:hi],
+        vectors,
+        **{**options, "progress": options.get("progress", True) and rank == 0, "in_step": adapter.sharded},
+        filler_row=data[0],
     )
 
     def gathered(part: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,12 @@ from concept_influence.cli.common import (
     check_output,
     device_flag,
     dtype_flag,
+    fsdp_flag,
+    is_main_process,
     local_path,
     model_flag,
     seed_flag,
+    shard_of,
     user_errors,
 )
 from concept_influence.cli.options import OptionGroup, settings_flags
@@ -123,6 +126,7 @@ def _attribute(
         ),
     ),
     device: str | None = device_flag(),
+    fsdp: bool = fsdp_flag(),
     dtype: str | None = dtype_flag(),
     *,
     options: dict[str, Any],
@@ -161,6 +165,7 @@ def _attribute(
         workdir,
         device=device,
         dtype=dtype,
+        shard=shard_of(fsdp),
         max_length=max_length,
         batch_size=batch_size,
         seed=seed,
@@ -184,6 +189,8 @@ def _attribute(
         raise ValueError(f"--store does not apply to --method {spec.name} (it reads no caches)")
     table = att.attribute(concept, queries, None if method is None else spec.name, **options)
     table.meta.update({"model": model, "data": str(data), "concept": None if concept is None else str(concept)})
+    if not is_main_process():  # under torchrun every rank holds the same table: rank 0 writes and prints it
+        return
     table.write_jsonl(out)
     typer.echo(f"{spec.name}: scored {len(table)} rows in {table.meta['wall_time_s']:.1f}s -> {out}")
     for record in table.to_records(sort=True)[:5]:

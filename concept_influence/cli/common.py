@@ -104,8 +104,11 @@ SESSION_HELP = {
     "dtype": "Model dtype: float32 | bfloat16 | float16 | float64 (default: float32).",
     "batch_size": "Rows per batch.",
     "seed": "Seed of every random choice of the command.",
+    "fsdp": "Shard the model over the torchrun processes with PyTorch FSDP2 (each block, then the root); factors "
+    "are owned by ranks. Run as: torchrun --nproc_per_node N -m concept_influence.cli COMMAND ... --fsdp.",
 }
-"""The help of the session flags (``--model``, ``--device``, ``--dtype``, ``--batch-size``, ``--seed``)."""
+"""The help of the session flags (``--model``, ``--device``, ``--dtype``, ``--batch-size``, ``--seed``, ``--fsdp``;
+``--fsdp`` is ``Attributor(shard="fsdp")``, ``distributed.settings.ShardSettings``)."""
 
 
 def model_flag(help: str | None = None) -> Any:  # noqa: A002
@@ -128,6 +131,23 @@ def batch_size_flag(default: int = 8, help: str | None = None) -> Any:  # noqa: 
 
 def seed_flag(help: str | None = None) -> Any:  # noqa: A002
     return typer.Option(0, "--seed", help=help or SESSION_HELP["seed"])
+
+
+def fsdp_flag() -> Any:
+    """``--fsdp``: ``Attributor(shard="fsdp")``."""
+    return typer.Option(False, "--fsdp", help=SESSION_HELP["fsdp"])
+
+
+def shard_of(fsdp: bool) -> str:
+    """The ``shard`` setting of the ``--fsdp`` flag."""
+    return "fsdp" if fsdp else "none"
+
+
+def is_main_process() -> bool:
+    """Rank 0 of torchrun (or the only process): the one that writes a command's single outputs and prints."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def load_model(model: str, device: str | None, dtype: str | None):

@@ -13,9 +13,11 @@ from concept_influence.cli.common import (
     check_output,
     device_flag,
     dtype_flag,
+    fsdp_flag,
     local_path,
     model_flag,
     seed_flag,
+    shard_of,
     user_errors,
 )
 from concept_influence.cli.options import OptionGroup, settings_flags
@@ -62,6 +64,7 @@ def register(app: typer.Typer) -> None:
             help="Skip bad data lines and rows whose whole answer is cut off by --max-length instead of failing.",
         ),
         device: str | None = device_flag(),
+        fsdp: bool = fsdp_flag(),
         dtype: str | None = dtype_flag(),
         max_memory: str | None = typer.Option(
             None,
@@ -99,6 +102,7 @@ def register(app: typer.Typer) -> None:
             data,
             device=device,
             dtype=dtype,
+            shard=shard_of(fsdp),
             max_length=max_length,
             batch_size=batch_size,
             seed=seed,

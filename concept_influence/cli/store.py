@@ -14,9 +14,11 @@ from concept_influence.cli.common import (
     check_output,
     device_flag,
     dtype_flag,
+    fsdp_flag,
     local_path,
     model_flag,
     seed_flag,
+    shard_of,
     user_errors,
 )
 from concept_influence.cli.options import OptionGroup, settings_flags
@@ -91,6 +93,7 @@ def build_store(
         ),
     ),
     device: str | None = device_flag(),
+    fsdp: bool = fsdp_flag(),
     model_dtype: str | None = dtype_flag("--model-dtype"),
     methods: list[str] | None = typer.Option(None, "--for-method", help=_help("methods") + " Repeat for several."),
     layers: str | None = typer.Option(None, "--layers", help=_help("layers") + " E.g. 8,16,24."),
@@ -114,7 +117,14 @@ def build_store(
     check_output(out)
     check_not_inputs({"--out": out}, {"--data": data, "--factors": factors, "--model": local_path(model)})
     att = Attributor(
-        model, data, device=device, dtype=model_dtype, max_length=max_length, batch_size=batch_size, seed=seed
+        model,
+        data,
+        device=device,
+        dtype=model_dtype,
+        max_length=max_length,
+        batch_size=batch_size,
+        seed=seed,
+        shard=shard_of(fsdp),
     )
     caches = None
     if methods or layers or keep_tokens or identity_rank is not None:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from concept_influence.distributed.runtime import broadcast_object, dist_info, in_step
 from concept_influence.files import folder_lock, remove_stale_temps, write_jsonl_atomic
 from concept_influence.models.base import ModelAdapter
 from concept_influence.models.fingerprint import json_fingerprint
@@ -97,11 +98,16 @@ def sample_answers(
     for key, prompt in zip(keys, prompts, strict=True):
         unique.setdefault(key, [dict(m) for m in prompt])
     cache_file = None if cache_dir is None else answer_cache_path(adapter, cache_dir, prefix, settings)
-    lock = folder_lock(cache_file, what="answer cache") if cache_file is not None else contextlib.nullcontext()
+    # a model sharded over several processes: every rank generates (in step), rank 0 alone reads and writes the cache
+    sharded = in_step(adapter.model)
+    keeper = cache_file if not sharded or dist_info()[0] == 0 else None
+    lock = folder_lock(keeper, what="answer cache") if keeper is not None else contextlib.nullcontext()
     with lock:
-        if cache_file is not None:
-            remove_stale_temps(cache_file.parent, f".{cache_file.name}.")  # left by a killed sampler
-        cached = _read_cache(cache_file) if cache_file is not None else {}
+        if keeper is not None:
+            remove_stale_temps(keeper.parent, f".{keeper.name}.")  # left by a killed sampler
+        cached = _read_cache(keeper) if keeper is not None else {}
+        if sharded:
+            cached = broadcast_object(cached)
         missing = [k for k in unique if k not in cached]
         chunk = len(missing) if cache_file is None else max(batch_size, 1) * CHUNK_BATCHES
         for start in range(0, len(missing), max(chunk, 1)):
@@ -111,6 +117,6 @@ def sample_answers(
             )
             for key, answers in zip(part, generated, strict=True):
                 cached[key] = {"key": key, "prompt": unique[key], "answers": answers}
-            if cache_file is not None:
-                write_jsonl_atomic(cache_file, cached.values())
+            if keeper is not None:
+                write_jsonl_atomic(keeper, cached.values())
     return [list(cached[k]["answers"]) for k in keys]

@@ -64,6 +64,7 @@ from concept_influence.curvature.io import (
     save_partial,
 )
 from concept_influence.data.tokenize import iter_batches, untrainable_rows
+from concept_influence.distributed.runtime import max_over_ranks
 from concept_influence.files import (
     atomic_file,
     file_in_folder,
@@ -428,6 +429,8 @@ def _fit(
             part=k,
             write=rank == 0,
         )
+        fitter.in_step = world > 1 and adapter.sharded
+        fitter.filler_row = data[0]
         if row_sink is not None:
             fitter.sink = row_sink
 
@@ -577,6 +580,20 @@ class _PartitionFit:
         self.sink_factors: Callable[[dict[str, WeightFactors]], Factors] | None = None
         self._sinking = False  # the batch in progress also feeds the sink
         self._rotated: dict[str, torch.Tensor] = {}  # a @ Q_A per shared input (one entry unless sinking)
+        self.in_step = False  # a sharded model over several ranks: pad each pass to the busiest rank's batches
+        self.filler_row: Any = None  # the row of the padding batches (their statistics are dropped)
+        self._dummy = False  # the batch in progress is padding
+
+    def _filler(self, step: Callable[[dict[str, torch.Tensor]], None]) -> None:
+        """One forward and backward whose statistics are dropped (the hooks return at once): keeps a rank with
+        fewer batches in step with the others' collectives."""
+        assert self.filler_row is not None
+        batch = next(iter_batches([self.filler_row], 1))
+        self._dummy = True
+        try:
+            step(batch)
+        finally:
+            self._dummy = False
 
     # ---- the hooks ---------------------------------------------------------------------------------------------
     def _owner(self, name: str, a: torch.Tensor) -> str:
@@ -605,6 +622,8 @@ class _PartitionFit:
         check_finite(tensor, f"fit-factors ({stage} pass): {what} of {name}", self._index)
 
     def _covariance_activation(self, name: str, a: torch.Tensor) -> None:
+        if self._dummy:
+            return
         self._check(a, "input activations", name)
         owner = self._owner(name, a)
         self.state["shared"][name] = owner
@@ -612,12 +631,16 @@ class _PartitionFit:
             _add(self.sums, f"{name}/A", masked_covariance_sum(self._folded(name, a)))
 
     def _covariance_grad(self, name: str, g: torch.Tensor) -> None:
+        if self._dummy:
+            return
         self._once(name)
         self._check(g, "output gradients", name)
         mask = self._mask.to(g.device)
         _add(self.sums, f"{name}/S", masked_covariance_sum(g.to(self.dtype), mask))
 
     def _lambda_activation(self, name: str, a: torch.Tensor) -> None:
+        if self._dummy:
+            return
         self._check(a, "input activations", name)
         owner = self._owner(name, a)
         self._stash[name] = self._stash[owner] if owner != name else self._folded(name, a)
@@ -634,6 +657,8 @@ class _PartitionFit:
         return rotated
 
     def _lambda_grad(self, name: str, g: torch.Tensor) -> None:
+        if self._dummy:
+            return
         self._once(name)
         self._check(g, "output gradients", name)
         a = self._stash[name] if self._sinking else self._stash.pop(name)
@@ -727,6 +752,7 @@ class _PartitionFit:
             rows = length_ordered(rows, self.order_window)
             todo = rows[state["rows_done"] :] if state["rows_done"] else rows
             n_batches = (len(todo) + batch_size - 1) // batch_size
+            target = max_over_ranks(n_batches) if self.in_step else n_batches  # before any forward (a collective)
             done = 0
             busy = False
             with tqdm(
@@ -755,6 +781,9 @@ class _PartitionFit:
                         budget[0] -= 1
                         if checkpoint_every and done % checkpoint_every == 0 and done < n_batches:
                             checkpoint()
+                    if self.in_step:  # a sharded model: every rank runs as many forwards as the busiest one
+                        for _ in range(target - done):
+                            self._filler(step)
                 except KeyboardInterrupt:
                     if not busy:
                         checkpoint()
@@ -766,7 +795,8 @@ class _PartitionFit:
 
                 def covariance_step(batch: dict[str, torch.Tensor]) -> None:
                     self._batch(batch, self._covariance_activation, self._covariance_grad)
-                    state["n_tokens"] += int(batch["attention_mask"].sum())
+                    if not self._dummy:
+                        state["n_tokens"] += int(batch["attention_mask"].sum())
 
                 if not run_pass("covariance", share, covariance_step):
                     return False
@@ -781,7 +811,8 @@ class _PartitionFit:
 
                 def lambda_step(batch: dict[str, torch.Tensor]) -> None:
                     self._batch(batch, self._lambda_activation, self._lambda_grad, sink=True)
-                    state["n_rows"] += int(batch["input_ids"].shape[0])
+                    if not self._dummy:
+                        state["n_rows"] += int(batch["input_ids"].shape[0])
 
                 if self.sink is not None and self.sink_factors is not None:
                     self.sink.start(self.sink_factors(self.eigen_factors()))

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from concept_influence.distributed.runtime import is_sharded, local_shard, shard_model
 from concept_influence.models.fingerprint import model_fingerprint
 
 WEIGHT_KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "mlp.gate", "mlp.in", "mlp.gate_in", "mlp.out")
@@ -303,6 +304,30 @@ class ModelAdapter(ABC):
     def parameter(self, path: str) -> nn.Parameter:
         return self.model.get_parameter(path)
 
+    # ---- sharding ----------------------------------------------------------------------------------------------
+    def decoder_blocks(self) -> list[nn.Module]:
+        """The model's decoder blocks in order (what FSDP wraps one by one)."""
+        blocks = getattr(self, "blocks", None)
+        if blocks is None:
+            blocks = getattr(self.model, "blocks", None)
+        if blocks is None:
+            raise ValueError(f"{type(self).__name__}: cannot find the decoder blocks to shard")
+        return list(blocks)
+
+    def shard(self, shard: str = "fsdp") -> ModelAdapter:
+        """``shard="fsdp"``: wrap the model with FSDP2 (``fully_shard`` on each decoder block, then the root) over
+        ``torch.distributed`` (initialised by the caller, e.g. ``torchrun``); ``"none"``: leave it. Returns self."""
+        if shard not in ("none", "fsdp"):
+            raise ValueError(f"shard (--fsdp) must be 'none' or 'fsdp', got {shard!r}")
+        if shard == "fsdp":
+            shard_model(self.model, self.decoder_blocks())
+        return self
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model's parameters are sharded with FSDP (``DTensor``s)."""
+        return is_sharded(self.model)
+
     def hidden_and_head(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None:
@@ -395,7 +420,7 @@ class ModelAdapter(ABC):
         """A short hash of the model's parameters (names, shapes, values), for artifacts made against it. Cached
         until a parameter is replaced or changed in place (storage pointers and version counters), so repeated
         checks do not rehash the weights."""
-        key = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        key = tuple((local_shard(p).data_ptr(), local_shard(p)._version) for p in self.model.parameters())
         cached = self.__dict__.get("_fingerprint_cache")
         if cached is None or cached[0] != key:
             cached = (key, model_fingerprint(self.model))

@@ -11,7 +11,13 @@ from torch import nn
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """Hash of every parameter's name, shape, dtype and values (16 hex chars). Deterministic across runs."""
+    """Hash of every parameter's name, shape, dtype and values (16 hex chars). Deterministic across runs. A model
+    sharded with FSDP (``DTensor`` parameters) gets the same hash as the whole model, without any rank holding a
+    whole parameter (``sharded_fingerprint``)."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        return sharded_fingerprint(model)
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         tensor = param.detach().to("cpu", torch.float32).contiguous()
@@ -19,6 +25,46 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def sharded_fingerprint(model: nn.Module) -> str:
+    """``model_fingerprint`` of a model whose parameters are ``DTensor``s sharded by rows (``Shard(0)``, as
+    ``fully_shard`` does): rank 0 hashes each parameter's rows in order, receiving the other ranks' shards one at a
+    time (a shard is at most one parameter's rows / world); every rank returns the same hash. Collective."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if rank == 0:
+            digest.update(name.encode())
+            digest.update(str(tuple(param.shape)).encode())
+        if not isinstance(param, DTensor):
+            if rank == 0:
+                digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            continue
+        if tuple(param.placements) != (Shard(0),):
+            raise ValueError(f"{name}: sharded as {param.placements}, expected rows (Shard(0)) as fully_shard does")
+        local = param.to_local().detach().to(torch.float32).contiguous()
+        sizes = torch.zeros(world, dtype=torch.int64)
+        sizes[rank] = local.numel()
+        dist.all_reduce(sizes)
+        for source in range(world):
+            if int(sizes[source]) == 0:
+                continue
+            if source == 0:
+                if rank == 0:
+                    digest.update(local.cpu().numpy().tobytes())
+            elif rank == source:
+                dist.send(local.reshape(-1), dst=0)
+            elif rank == 0:
+                piece = torch.empty(int(sizes[source]), dtype=torch.float32, device=local.device)
+                dist.recv(piece, src=source)
+                digest.update(piece.cpu().numpy().tobytes())
+    out = [digest.hexdigest()[:16] if rank == 0 else None]
+    dist.broadcast_object_list(out, src=0)
+    return str(out[0])
 
 
 def json_fingerprint(obj: Any) -> str:

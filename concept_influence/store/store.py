@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from concept_influence.curvature.covariance import fold_bias
 from concept_influence.curvature.factors import Factors
 from concept_influence.data.tokenize import iter_batches
+from concept_influence.distributed.runtime import max_over_ranks, n_batches
 from concept_influence.files import (
     atomic_file,
     damaged,
@@ -435,6 +436,12 @@ def build_store(
         logger.info("store %s: %d of %d shards already written, resuming", folder, len(wanted) - len(todo), len(wanted))
     infos = [adapter.weight_info(n) for n in projector.names]
     remaining = sum(min(len(data), (s + 1) * config.shard_rows) - s * config.shard_rows for s in todo)
+    extra = 0
+    if distributed and adapter.sharded:  # FSDP: every rank runs as many forwards as the busiest one (padding after)
+        mine = sum(
+            n_batches(min(len(data), (s + 1) * config.shard_rows) - s * config.shard_rows, batch_size) for s in todo
+        )
+        extra = max_over_ranks(mine) - mine
     started = time.perf_counter()
     if todo:
         with (
@@ -454,6 +461,10 @@ def build_store(
                     params=params,
                     progress_bar=bar,
                 )
+    if extra:
+        with gradient_mode(adapter, infos) as params:
+            for _ in range(extra):
+                project_batch(adapter, next(iter_batches([data[0]], 1)), projector, params)
     logger.info("store %s: wrote %d shards in %.1fs", folder, len(todo), time.perf_counter() - started)
     if distributed:
         dist.barrier()  # every rank's shards are written

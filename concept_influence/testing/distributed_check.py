@@ -45,13 +45,15 @@ def setup():
     return adapter, data, ConceptMeasurement(concept, queries)
 
 
-def run(out: Path) -> dict[str, torch.Tensor]:
-    """Fit (saved to ``out/factors``) and score; returns the scores and per-weight scores."""
+def run(out: Path, shard: str = "none") -> dict[str, torch.Tensor]:
+    """Fit (saved to ``out/factors``) and score; returns the scores and per-weight scores. ``shard="fsdp"``: the
+    model sharded with FSDP2 first."""
     from concept_influence.attribution.influence import InfluenceConfig, compute_influence
     from concept_influence.curvature import FactorConfig, fit_factors
     from concept_influence.store.store import StoreConfig, build_store, make_projector
 
     adapter, data, measurement = setup()
+    adapter.shard(shard)
     factors = fit_factors(adapter, data, FactorConfig.precise(), batch_size=3, out_dir=out / "factors", progress=False)
     store_config = StoreConfig(kind="eigen", rank=4, dtype="float64", shard_rows=3)  # 4 shards of <= 3 rows
     names = [i.name for i in adapter.tracked_weights()]
@@ -78,7 +80,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
     try:
-        tensors = run(out)
+        tensors = run(out, sys.argv[2] if len(sys.argv) > 2 else "none")
         if dist.get_rank() == 0:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "scores.safetensors"))
     finally:

@@ -60,7 +60,6 @@ from concept_influence.curvature.io import data_fingerprint, has_factors
 from concept_influence.data.chat import ChatDataset, ChatRow, read_chat_jsonl, rows_from_records
 from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat, untrainable_rows
 from concept_influence.distributed.runtime import ensure_process_group, shard_device
-from concept_influence.distributed.settings import ShardSettings
 from concept_influence.evaluate.filter import FilterRule, filter_scores
 from concept_influence.evaluate.run import evaluate_tables
 from concept_influence.files import file_sha256, safe_name
@@ -68,6 +67,7 @@ from concept_influence.models import load_adapter
 from concept_influence.models.base import ModelAdapter
 from concept_influence.report.tables import report_tables
 from concept_influence.settings import check_known, rename_deprecated
+from concept_influence.sharding import ShardSettings
 from concept_influence.store import (
     GradientStore,
     StoreConfig,

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from concept_influence.curvature import load_factors
-from concept_influence.distributed import assign_owners
+from concept_influence.distributed import weight_owners
 from concept_influence.store.store import GradientStore
 from concept_influence.testing import fsdp_check
 
@@ -107,9 +107,9 @@ def test_owners_are_balanced_deterministic_and_keep_shared_inputs_together():
         ("blocks.0.mlp.in", 16, 64, "blocks.0.mlp.in"),
         ("blocks.0.mlp.out", 64, 16, "blocks.0.mlp.out"),
     ]
-    owners = assign_owners(weights, 2)
-    assert owners == assign_owners(list(weights), 2)
+    owners = weight_owners(weights, 2)
+    assert owners == weight_owners(list(weights), 2)
     assert owners["blocks.0.attn.q"] == owners["blocks.0.attn.k"] == owners["blocks.0.attn.v"]
     assert owners["blocks.0.mlp.gate"] == owners["blocks.0.mlp.in"]
     assert set(owners.values()) == {0, 1}
-    assert set(assign_owners(weights, 1).values()) == {0}
+    assert set(weight_owners(weights, 1).values()) == {0}

@@ -108,7 +108,7 @@ SESSION_HELP = {
     "are owned by ranks. Run as: torchrun --nproc_per_node N -m concept_influence.cli COMMAND ... --fsdp.",
 }
 """The help of the session flags (``--model``, ``--device``, ``--dtype``, ``--batch-size``, ``--seed``, ``--fsdp``;
-``--fsdp`` is ``Attributor(shard="fsdp")``, ``distributed.settings.ShardSettings``)."""
+``--fsdp`` is ``Attributor(shard="fsdp")``, ``sharding.ShardSettings.shard``)."""
 
 
 def model_flag(help: str | None = None) -> Any:  # noqa: A002

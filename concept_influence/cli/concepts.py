@@ -40,7 +40,9 @@ def register(app: typer.Typer) -> None:
 
 
 PROBE_OPTIONS = OptionGroup(
-    ProbeConfig, ["method", "n_samples", "temperature", "max_new_tokens", "seed", "C", "select_layer_by"], choices=True
+    ProbeConfig,
+    ["method", "n_samples", "temperature", "max_new_tokens", "seed", "C", "select_layer_by", "construction"],
+    choices=True,
 )
 """The probe settings ``train-probe`` and ``probe-layers`` take as flags (``ProbeConfig``'s fields)."""
 

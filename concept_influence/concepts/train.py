@@ -17,6 +17,12 @@ from concept_influence.concepts.activations import (
 )
 from concept_influence.concepts.answers import AnswerConfig
 from concept_influence.concepts.base import Concept, DirectionConcept
+from concept_influence.concepts.construction import (
+    CONSTRUCTIONS,
+    ConstructedDirection,
+    StanceRows,
+    construct_direction,
+)
 from concept_influence.concepts.probe import DiffOfMeans, LinearProbe, heldout_split
 from concept_influence.concepts.spec import ConceptSpec
 from concept_influence.concepts.stance import (
@@ -65,6 +71,15 @@ class ProbeConfig:
     )
     auc_tolerance: float = option(0.02, help="select_layer_by=stance: the held-out AUC margin of the candidate layers.")
     lexicon_size: int = option(40, help="Words in the trait lexicon that finds the word-matched negatives.", min=1)
+    construction: Literal["plain", "vocab-projected", "contrast", "contrast-projected", "order", "order-projected"] = (
+        option(
+            "plain",
+            help="How the direction is built (concepts/construction.py): plain (the method on all labelled answers) | "
+            "vocab-projected (plain without its component along the vocabulary direction: word-matched negatives "
+            "minus other negatives) | contrast (fitted on positives against word-matched negatives only) | "
+            "contrast-projected | order (positives minus their word-shuffled copies) | order-projected.",
+        )
+    )
 
     def __post_init__(self) -> None:
         if self.method not in ("probe", "diff_of_means"):
@@ -73,6 +88,8 @@ class ProbeConfig:
             raise ValueError(f"select_layer_by must be 'stance' or 'heldout_auc', got {self.select_layer_by!r}")
         if not 0 <= self.auc_tolerance < 0.5:
             raise ValueError(f"auc_tolerance must be in [0, 0.5), got {self.auc_tolerance}")
+        if self.construction not in CONSTRUCTIONS:
+            raise ValueError(f"construction must be one of {', '.join(CONSTRUCTIONS)}, got {self.construction!r}")
         if not 0 < self.test_size < 1:
             raise ValueError(f"test_size must be in (0, 1), got {self.test_size}")
 
@@ -132,10 +149,46 @@ def _reading_metrics(
 
     y = np.asarray(data.labels)
     train, test = heldout_split(y, data.groups, config.test_size, config.seed)
-    estimator = config.estimator().fit(acts[train], y[train], groups=[data.groups[i] for i in train])
-    readout = estimator.decision_function(acts)
-    shuffled_readout = estimator.decision_function(shuffled_acts) if shuffled_acts is not None else np.zeros(0)
+    if config.construction == "plain":
+        estimator = config.estimator().fit(acts[train], y[train], groups=[data.groups[i] for i in train])
+        readout = estimator.decision_function(acts)
+        shuffled_readout = estimator.decision_function(shuffled_acts) if shuffled_acts is not None else np.zeros(0)
+    else:
+        X = _numpy(acts)
+        unit = construct_direction(
+            config.construction, config.estimator, X, y, _stance_rows(probes, shuffled_acts, y), train
+        )
+        readout = X @ unit
+        shuffled_readout = _numpy(shuffled_acts) @ unit if shuffled_acts is not None else np.zeros(0)
     return reading_scores(readout, data.labels, shuffled_readout, list(probes.shuffled), probes.matched, test)
+
+
+def _numpy(acts: Any) -> Any:
+    """Activations ``[n, d]`` (a tensor or an array) as a float64 array."""
+    import numpy as np
+
+    return acts.double().numpy() if hasattr(acts, "double") else np.asarray(acts, dtype=np.float64)
+
+
+def _stance_rows(probes: StanceProbes, shuffled_acts: Any, y: Any) -> StanceRows:
+    import numpy as np
+
+    matched = np.zeros(len(y), dtype=bool)
+    matched[np.asarray(probes.matched, dtype=int)] = True
+    shuffled = None if shuffled_acts is None else _numpy(shuffled_acts)
+    return StanceRows(matched, np.asarray(list(probes.shuffled), dtype=int), shuffled)
+
+
+def _fit_estimator(
+    acts: Any, data: LabelledConversations, probes: StanceProbes, shuffled_acts: Any, config: ProbeConfig
+) -> Any:
+    """The estimator of ``config.method`` fitted on all labelled answers (``construction="plain"``), or the
+    direction ``config.construction`` builds from them (``ConstructedDirection``); both have ``metrics_``."""
+    if config.construction == "plain":
+        return config.estimator().fit(acts, data.labels, groups=data.groups)
+    return ConstructedDirection(
+        config.construction, config.estimator, config.method, config.test_size, config.seed
+    ).fit(_numpy(acts), data.labels, _stance_rows(probes, shuffled_acts, data.labels), groups=data.groups)
 
 
 def concept_reading(
@@ -202,9 +255,8 @@ def train_concept(
         max_length=config.max_length,
         progress=progress,
     )[layer]
-    estimator = config.estimator().fit(acts, data.labels, groups=data.groups)
-    concept = estimator.to_concept(layer)
     probes, shuffled = _stance_inputs(adapter, data, [layer], config, progress)
+    concept = _fit_estimator(acts, data, probes, shuffled[layer], config).to_concept(layer)
     concept.metrics.update(_reading_metrics(acts, shuffled[layer], data, probes, config))
     concept.metrics.update({"labelled": data.meta, "lexicon": [w for w, _ in probes.lexicon]})
     concept.extra.update({"spec": spec.name, "spec_fingerprint": spec.fingerprint(), "config": asdict(config)})
@@ -344,7 +396,7 @@ def layer_sweep(
     probes, shuffled = _stance_inputs(adapter, data, layers, config, progress)
     rows = []
     for layer in layers:
-        estimator = config.estimator().fit(acts[layer], data.labels, groups=data.groups)
+        estimator = _fit_estimator(acts[layer], data, probes, shuffled[layer], config)
         rows.append(
             {
                 "layer": layer,
@@ -353,6 +405,7 @@ def layer_sweep(
             }
         )
     meta = {**data.meta, "lexicon": [w for w, _ in probes.lexicon]}
+    method = config.method if config.construction == "plain" else f"{config.method}, {config.construction}"
     return LayerSweep(
-        rows, spec.name, config.method, meta=meta, select_by=config.select_layer_by, auc_tolerance=config.auc_tolerance
+        rows, spec.name, method, meta=meta, select_by=config.select_layer_by, auc_tolerance=config.auc_tolerance
     )

@@ -2,7 +2,7 @@
 rank's forward passes in step, ownership of the tracked weights' factors and the collectives that move statistics
 to their owners. Pure plumbing below ``models/``, ``curvature/`` and ``attribution/``: no files, no math."""
 
-from concept_influence.distributed.ownership import assign_owners, factor_cost
+from concept_influence.distributed.ownership import factor_cost, weight_owners
 from concept_influence.distributed.runtime import (
     SHARD_CHOICES,
     dist_info,
@@ -15,7 +15,6 @@ from concept_influence.distributed.runtime import (
 
 __all__ = [
     "SHARD_CHOICES",
-    "assign_owners",
     "dist_info",
     "ensure_process_group",
     "factor_cost",
@@ -23,4 +22,5 @@ __all__ = [
     "max_over_ranks",
     "shard_model",
     "sharded_world",
+    "weight_owners",
 ]

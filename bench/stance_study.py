@@ -40,7 +40,8 @@ from concept_influence.concepts.activations import (
     residuals_until,
     response_mean_activations,
 )
-from concept_influence.concepts.probe import LinearProbe
+from concept_influence.concepts.construction import StanceRows, construct_direction
+from concept_influence.concepts.probe import DiffOfMeans, LinearProbe
 from concept_influence.concepts.stance import stance_probes
 from concept_influence.data.tokenize import collate, iter_batches, pad_token_id, tokenize_chat
 from concept_influence.evaluate.metrics import mean_rank, pr_auc
@@ -66,15 +67,6 @@ CONSTRUCTIONS = (
 
 def unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
-
-
-def project_out(v: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """``v`` without its component along the unit vector ``u``, renormalised."""
-    return unit(v - (v @ u) * u)
-
-
-def probe_direction(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return unit(LinearProbe(random_state=0).fit(x, y).direction_)
 
 
 def persona_pairs(spec: Any, data: Any) -> tuple[list[list[dict[str, str]]], list[list[dict[str, str]]]]:
@@ -272,21 +264,22 @@ def segment_max(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
 
 
 def constructions(a: dict[str, np.ndarray], layer: int) -> dict[str, np.ndarray]:
-    """Every construction's unit direction at ``layer``."""
+    """Every construction's unit direction at ``layer``: the library's (``concepts.construction``, the
+    ``--construction`` of ``train-probe``, with a logistic-regression probe) plus ``diff_of_means`` and the study-only
+    ``persona-context`` (the answers read after the positive minus after the negative instruction)."""
     x, y, matched = a[f"labelled@{layer}"], a["y"], a["matched"].astype(bool)
+    rows = StanceRows(matched, a["shuffled_index"], a[f"shuffled@{layer}"])
     out = {
-        "probe": probe_direction(x, y),
-        "diff_of_means": unit(x[y == 1].mean(0) - x[y == 0].mean(0)),
-        "order": unit(x[a["shuffled_index"]].mean(0) - a[f"shuffled@{layer}"].mean(0)),
+        "probe": construct_direction("plain", LinearProbe, x, y, rows),
+        "diff_of_means": construct_direction("plain", DiffOfMeans, x, y, rows),
+        "order": construct_direction("order", LinearProbe, x, y, rows),
         "persona-context": unit((a[f"pos_ctx@{layer}"] - a[f"neg_ctx@{layer}"]).mean(0)),
     }
-    if matched.sum() >= 5 and ((y == 0) & ~matched).sum() >= 5:
-        vocab = unit(x[matched].mean(0) - x[(y == 0) & ~matched].mean(0))
-        out["vocab-projected"] = project_out(out["probe"], vocab)
-        out["order-projected"] = project_out(out["order"], vocab)
-        keep = (y == 1) | matched
-        out["contrast"] = probe_direction(x[keep], y[keep])
-        out["contrast-projected"] = project_out(out["contrast"], vocab)
+    for name in ("vocab-projected", "order-projected", "contrast", "contrast-projected"):
+        try:
+            out[name] = construct_direction(name, LinearProbe, x, y, rows)
+        except ValueError:  # too few word-matched negatives to form the vocabulary direction
+            pass
     return out
 
 

@@ -18,7 +18,10 @@ With ``out_dir`` the driver checkpoints its running sums every ``checkpoint_ever
 (Ctrl-C, or SIGTERM through the CLI: the signal is held until the batch in progress is folded in, then the state
 is saved), and resumes from them when called again with the same model, data and config (results are identical
 to an uninterrupted fit: label draws are seeded per row). Under ``torch.distributed`` each rank fits its share of
-the rows and the sums are all-reduced.
+the rows and the sums are all-reduced. A model sharded with FSDP over several ranks and a folder: the factors are
+*owned* (``factor_owners``): each sum is reduced to its weight's owner only, the owner decomposes it and writes its
+weight's part files, the eigenbases reach the other ranks one weight at a time inside the Λ pass's backward, and
+rank 0 streams every part into the one factors file; each rank checkpoints its own state (``rank_folder``).
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ from concept_influence.gradients.capture import (  # noqa: F401 (gradient captur
 )
 from concept_influence.models.base import ModelAdapter, WeightCapture, WeightInfo
 from concept_influence.numerics import check_finite
+from concept_influence.sharding import ShardSettings
 from concept_influence.signals import Terminated
 
 logger = logging.getLogger(__name__)
@@ -129,6 +133,12 @@ def weight_shapes(infos: Sequence[WeightInfo]) -> list[WeightShape]:
     return [WeightShape(i.name, i.d_in + int(i.has_bias), i.d_out, shared_input_key(i.name, i.has_bias)) for i in infos]
 
 
+def factor_owners(infos: Sequence[WeightInfo], world: int) -> dict[str, int]:
+    """``{weight: rank}``: which rank owns each weight's factors in a sharded fit (and its slice of a sharded query
+    vector): ``distributed.weight_owners`` on the budget's shapes (weights sharing an input go together)."""
+    return weight_owners([(w.name, w.d_in, w.d_out, w.shared_input or w.name) for w in weight_shapes(infos)], world)
+
+
 def adapter_model_shape(adapter: ModelAdapter) -> ModelShape:
     """Sizes of the adapter's model for the activation estimate."""
     infos = adapter.tracked_weights()
@@ -146,6 +156,18 @@ def adapter_model_shape(adapter: ModelAdapter) -> ModelShape:
         n_params=sum(p.numel() for p in params),
         param_bytes=params[0].element_size() if params else 4,
     )
+
+
+def gathered_parameter_bytes(adapter: ModelAdapter, blocks_at_once: int | None = None) -> int:
+    """Bytes of parameters a sharded model gathers at once in a pass: the root's own (embeddings, final norm, head;
+    FSDP2 keeps them from forward to backward) and ``blocks_at_once`` decoder blocks (default
+    ``ShardSettings().prefetch_blocks``: the running one and the prefetched next)."""
+    if blocks_at_once is None:
+        blocks_at_once = ShardSettings().prefetch_blocks
+    blocks = adapter.decoder_blocks()
+    per_block = [sum(p.numel() * p.element_size() for p in block.parameters()) for block in blocks]
+    total = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
+    return total - sum(per_block) + sum(sorted(per_block, reverse=True)[:blocks_at_once])
 
 
 def plan_fit_partitions(
@@ -171,6 +193,9 @@ def plan_fit_partitions(
     activations = activation_bytes(
         adapter_model_shape(adapter), batch_rows, row_tokens, head_chunk_elements=HEAD_CHUNK_ELEMENTS
     )
+    # a sharded model holds only its shard now (in ``resident``); a pass also gathers the root's parameters and
+    # a few blocks' (``plan``'s "gathered" term)
+    activations += gathered_parameter_bytes(adapter) if adapter.sharded else 0
     workspace = eigen_workspace_bytes(shapes, config)
     budget = max_memory - resident - activations - workspace
     if budget <= 0:
@@ -238,10 +263,11 @@ def fit_factors(
 
     Under ``torch.distributed`` (initialised by the caller, e.g. ``torchrun``) every rank passes the same ``data``
     and fits its contiguous share of the rows; the sums are all-reduced, every rank gets the same factors and rank 0
-    writes ``out_dir``. ``provenance``: how ``data`` was chosen when it is not the set to be scored (recorded in
-    the factor files; scoring another set with them is then allowed and noted). Mid-pass checkpoints are then off (a
-    restarted job refits). Two fits into one ``out_dir`` take turns (a folder lock); the second then finds the first
-    one's factors.
+    writes ``out_dir``; mid-pass checkpoints are then off (a restarted job refits). On a model sharded with FSDP,
+    with ``out_dir``: each weight's owner rank writes its part, rank 0 merges them, and each rank checkpoints and
+    resumes its own state. ``provenance``: how ``data`` was chosen when it is not the set to be scored (recorded in
+    the factor files; scoring another set with them is then allowed and noted). Two fits into one ``out_dir`` take
+    turns (a folder lock); the second then finds the first one's factors.
 
     ``row_sink``: also hand every row's data-label gradient to it during the Λ pass (one forward for both; see
     ``RowGradientSink``), when the fit has one such pass over all of ``data`` (EKFAC, one partition, no
@@ -313,7 +339,9 @@ def _fit(
             saved = read_manifest(folder)["fingerprints"]
             if saved == fingerprints:
                 logger.info("factors in %s match this model, data and config: loading them", folder)
-                clear_partial(folder)  # left by a fit killed after saving its factors
+                if rank == 0:  # left by a fit killed after saving its factors
+                    clear_partial(folder)
+                    _clear_parts(folder)
                 if not load_result:
                     return None
                 return load_factors(
@@ -354,9 +382,7 @@ def _fit(
     owners: dict[str, int] | None = None
     if owned:
         assert folder is not None
-        owners = weight_owners(
-            [(w.name, w.d_in, w.d_out, w.shared_input or w.name) for w in weight_shapes(infos)], world
-        )
+        owners = factor_owners(infos, world)
         checkpoints = rank_folder(folder, rank)  # each rank resumes from its own state
     if row_sink is not None:
         reasons = [
@@ -415,7 +441,9 @@ def _fit(
     if owners is not None:  # every rank resumes from the same save, or all start over
         import torch.distributed as dist
 
-        mark = [state.get("part"), state.get("stage"), state.get("saves", 0)] if state else None
+        # each rank's sums cover its own rows (rows_done), so states saved at different times mix as long as
+        # every rank is in the same partition and pass
+        mark = [state.get("part"), state.get("stage")] if state else None
         marks: list[Any] = [None] * world
         dist.all_gather_object(marks, mark)
         if any(m != marks[0] for m in marks):
@@ -474,7 +502,6 @@ def _fit(
 
         def checkpoint(fitter: _PartitionFit = fitter, totals: dict[str, int] = totals) -> None:
             if checkpoints is not None:
-                fitter.state["saves"] = int(fitter.state.get("saves", 0)) + 1  # the same count on every rank
                 save_partial(
                     checkpoints,
                     {
@@ -548,16 +575,23 @@ def _fit(
                 folder,
                 partitions=len(parts),
             )
-            _clear_parts(folder)
+            if owners is None:
+                _clear_parts(folder)
         else:
             save_factors(
                 Factors({n: results[n] for n in names}, config, meta.n_rows, meta.n_tokens, fingerprints, provenance),
                 folder,
             )
         clear_partial(folder)
-    if owners is not None and checkpoints is not None:
+    if owners is not None and checkpoints is not None:  # the factors file is written: each rank's state goes,
+        import torch.distributed as dist  # then rank 0 removes the parts (no two ranks delete in one folder)
+
+        dist.barrier()
         clear_partial(checkpoints)
         _remove_empty(checkpoints)
+        dist.barrier()
+        if rank == 0:
+            _clear_parts(folder)
     if world > 1 and folder is not None:
         import torch.distributed as dist
 

@@ -173,14 +173,22 @@ def test_bf16_model_with_float32_statistics_sharded_equals_one_process(runs):
 
 def test_four_processes_own_and_score_like_one(runs):
     """4 ranks, the fit in two partitions (what a small --max-memory asks for: each partition's sums reduced to
-    their owners after its pass), each rank scoring with only its own weights' factors and query-vector slice,
-    give the single process's factors and influence scores."""
+    their owners after its pass), each rank scoring with only its own weights' factors and query-vector slice (for a
+    direction at layer 0, two ranks own none of the weights reached), give the single process's factors and
+    influence scores."""
     root, single = runs
     torchrun(4, "concept_influence.testing.fsdp_check", str(root / "inputs"), str(root / "four"), "owners")
     factors = load_factors(root / "four" / "factors")
     assert read_manifest(root / "four" / "factors")["partitions"] == 2
     _close_factors(load_factors(root / "single" / "factors"), factors)
-    _close(load_file(str(root / "four" / "results.safetensors"))["influence"], single["influence"])
+    four = load_file(str(root / "four" / "results.safetensors"))
+    _close(four["influence"], single["influence"])
+    adapter = fsdp_check.sharded_adapter(root / "inputs" / "model", torch.float64, "none")
+    train = fsdp_check.train_rows(root / "inputs", adapter)
+    _close(
+        four["influence-layer-0"],
+        fsdp_check.layer_0_scores(root / "inputs", adapter, train, root / "single" / "factors"),
+    )
     shapes = [(n, w.d_in, w.d_out, shared_input_key(n, False) or n) for n, w in factors.weights.items()]
     owners = weight_owners(shapes, 4)
     read = [json.loads((root / "four" / f"factor-reads-{rank}.json").read_text()) for rank in range(4)]

@@ -104,7 +104,7 @@ def compute_influence(
         if shared:  # read only this rank's weights
             available = [entry["name"] for entry in read_manifest(factors)["weights"]]
             names, _ = resolve_weights(adapter, measurement, available, allow_subset=config.allow_subset)
-            owners = _owners(adapter, names)
+            owners = _owners(adapter, available, names)
             factors = load_factors(factors, weights=_mine(owners))
         else:
             factors = load_factors(factors)
@@ -118,16 +118,19 @@ def compute_influence(
     for note in notes:
         logger.info(note)
     if shared and owners is None:
-        owners = _owners(adapter, names)
+        owners = _owners(adapter, available or names, names)
     mine = names if owners is None else _mine(owners)
-    preconditioner = build_preconditioner(adapter, mine, factors, config)
+    # a rank owning none of the reached weights has no preconditioner, but still takes part in every collective
+    preconditioner = build_preconditioner(adapter, mine, factors, config) if mine or owners is None else None
     timings = {}
     t0 = time.perf_counter()
     if owners is None:
         grad_f = measurement.gradient(adapter, names, batch_size=config.batch_size)
     else:  # every rank runs every query batch (collectives), keeping its own weights' gradients
         grad_f = measurement.captured_gradient(adapter, names, batch_size=config.batch_size, keep=mine)
-    vectors = preconditioned_gradient(preconditioner, grad_f, measurement.description) if mine else {}
+    vectors = (
+        preconditioned_gradient(preconditioner, grad_f, measurement.description) if preconditioner is not None else {}
+    )
     timings["measurement_gradient"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = score_rows_sharded(
@@ -144,7 +147,7 @@ def compute_influence(
         owners=owners,
     )
     timings["scoring"] = time.perf_counter() - t0
-    damping = dict(preconditioner.damping) if owners is None else _gathered(dict(preconditioner.damping))
+    kind, damping = _kind_and_damping(preconditioner, owners is not None)
     aggregate_tokens(out, config)
     if config.row_loss == "mean":
         per_token_mean(out, data)
@@ -156,7 +159,7 @@ def compute_influence(
         indices=[int(row.index) for row in data],
         weights=list(names),
         measurement=measurement.description,
-        preconditioner=preconditioner.kind,
+        preconditioner=kind,
         damping={name: damping[name] for name in names if name in damping},
         per_weight=out.get("per_weight"),
         per_token=out.get("per_token"),
@@ -168,9 +171,11 @@ def compute_influence(
     )
 
 
-def _owners(adapter: ModelAdapter, names: Sequence[str]) -> dict[str, int]:
-    """``{weight: rank}`` of the scored weights by the sharded fit's rule (a rank scores with its own factors)."""
-    return factor_owners([adapter.weight_info(n) for n in names], dist_info()[1])
+def _owners(adapter: ModelAdapter, fitted: Sequence[str], names: Sequence[str]) -> dict[str, int]:
+    """``{weight: rank}`` of the scored ``names``, as the sharded fit of the ``fitted`` weights owned them (a rank
+    scores with the factors it fitted; a rank may own none of ``names``)."""
+    owners = factor_owners([adapter.weight_info(n) for n in fitted], dist_info()[1])
+    return {name: owners[name] for name in names}
 
 
 def _mine(owners: dict[str, int]) -> list[str]:
@@ -178,13 +183,18 @@ def _mine(owners: dict[str, int]) -> list[str]:
     return [name for name, owner in owners.items() if owner == rank]
 
 
-def _gathered(mine: dict[str, Any]) -> dict[str, Any]:
-    """Every rank's ``{weight: value}`` merged (collective)."""
+def _kind_and_damping(preconditioner: Preconditioner | None, sharded: bool) -> tuple[str, dict[str, float]]:
+    """The preconditioner's kind and ``{weight: damping}``; ``sharded``: every rank's merged (a collective)."""
+    mine = (preconditioner.kind, dict(preconditioner.damping)) if preconditioner is not None else None
+    if not sharded:
+        assert mine is not None
+        return mine
     import torch.distributed as dist
 
     pieces: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(pieces, mine)
-    return {k: v for piece in pieces for k, v in piece.items()}
+    kind = next(piece[0] for piece in pieces if piece is not None)
+    return kind, {k: v for piece in pieces if piece is not None for k, v in piece[1].items()}
 
 
 def compute_influence_many(

@@ -165,7 +165,21 @@ def owners_run(inputs: Path, out: Path, shard: str) -> dict[str, torch.Tensor]:
         adapter, train, measurement, out / "factors", InfluenceConfig(batch_size=2), progress=False
     ).scores
     read()
-    return {"influence": scores}
+    return {"influence": scores, "influence-layer-0": layer_0_scores(inputs, adapter, train, out / "factors")}
+
+
+def layer_0_scores(inputs: Path, adapter, train, factors: Path) -> torch.Tensor:
+    """Influence scores of a direction at layer 0 (it reaches block 0's weights only: on 4 ranks, some rank owns
+    none of them and still takes part in every collective)."""
+    from concept_influence.attribution.influence import InfluenceConfig, compute_influence
+    from concept_influence.attribution.measurements import ConceptMeasurement
+    from concept_influence.concepts.base import DirectionConcept
+    from concept_influence.data import read_chat_jsonl, tokenize_chat
+
+    queries = tokenize_chat(read_chat_jsonl(inputs / "queries.jsonl"), adapter.tokenizer, 64)
+    direction = torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    measurement = ConceptMeasurement(DirectionConcept(direction, 0), queries)
+    return compute_influence(adapter, train, measurement, factors, InfluenceConfig(batch_size=2), progress=False).scores
 
 
 def adapter_rank() -> int:

@@ -31,7 +31,8 @@ from concept_influence.curvature.budget import (
     weights_bytes,
 )
 from concept_influence.curvature.config import FactorConfig
-from concept_influence.sharding import ShardSettings, assign_owners, owner_loads
+from concept_influence.distributed.ownership import weight_owners
+from concept_influence.sharding import ShardSettings, owner_loads
 from concept_influence.store.activations import bytes_per_row
 from concept_influence.store.store import DEFAULT_IDENTITY_RANK, DEFAULT_RANK
 
@@ -427,7 +428,7 @@ def _fsdp_fit(
     acts = activation_bytes(arch.model_shape(dtype_bytes), batch, tokens, head_chunk_elements=HEAD_CHUNK_ELEMENTS)
     workspace = eigen_workspace_bytes(shapes, config)
     fixed = RUNTIME_BYTES + mem["parameters"] + max(mem["gathered"] + acts, workspace)
-    on_disk = budget is not None
+    on_disk = budget is not None or world > 1  # over several ranks the owners write each result as it is done
     one_pass = weights_bytes(shapes, config, on_disk=on_disk)
     error = None
     if budget is not None and fixed >= budget:
@@ -492,6 +493,25 @@ def _fsdp_score(
     return fixed + workspace + held, len(parts), error
 
 
+def owned_file_bytes(
+    shapes: Sequence[WeightShape], owners: dict[str, int], world: int, config: FactorConfig
+) -> list[int]:
+    """Bytes of the factor files each rank writes in a sharded fit (its owned weights' parts, float64): the
+    eigendecompositions (values and vectors; a shared input's once) and Λ and the diagonal ``[d_out, d_in']``."""
+    loads, seen = [0] * world, set()
+    for w in shapes:
+        rank = owners[w.name]
+        if config.needs_covariances:
+            key = w.shared_input or w.name
+            if key not in seen:
+                seen.add(key)
+                loads[rank] += 8 * (w.d_in * w.d_in + w.d_in)
+            loads[rank] += 8 * (w.d_out * w.d_out + w.d_out)
+        if config.needs_per_example_pass:
+            loads[rank] += 8 * w.d_out * w.d_in * (2 if config.preconditioner == "ekfac" else 1)
+    return loads
+
+
 def fsdp_plan(
     out: dict[str, Any],
     arch: ArchShape,
@@ -509,8 +529,9 @@ def fsdp_plan(
     budget = out["budget_bytes"]
     fit = _fsdp_fit(arch, shapes, budget, config, sharding, dtype_bytes, world, batch, tokens)
     sizes = {w.name: factor_bytes([w]) for w in shapes}
-    owners = assign_owners(sizes, world)
+    owners = weight_owners([(w.name, w.d_in, w.d_out, w.shared_input or w.name) for w in shapes], world)  # the fit's
     loads = owner_loads(sizes, owners, world)
+    files = owned_file_bytes(shapes, owners, world, config)
     by_name = {w.name: w for w in shapes}
     eig_by_rank = [0.0] * world
     for name, owner in owners.items():
@@ -614,6 +635,7 @@ def fsdp_plan(
             "passes_over_data": passes,
             "one_pass_bytes": int(fit["one_pass_bytes"]),
             "owned_factor_bytes": loads,
+            "owned_file_bytes": files,
             "largest_weight_bytes": max(sizes.values()),
             "owned_query_bytes": query,
             "store_peak_memory_bytes": int(store_peak),

@@ -168,14 +168,26 @@ class GradientEngine:
         return factors, [note]
 
     def factors_for(
-        self, measurement: Any, config: GradientAttributionConfig, factors: Factors | PathLike | None
+        self,
+        measurement: Any,
+        config: GradientAttributionConfig,
+        factors: Factors | PathLike | None,
+        *,
+        sharded_ok: bool = False,
     ) -> tuple[Factors | Path | None, list[str]]:
         """The factors a question is scored with: ``factors`` when given (fitted or loaded for the weights the
-        measurement reaches), else the session's (``session_factors``); ``None`` for the identity preconditioner."""
+        measurement reaches), else the session's (``session_factors``); ``None`` for the identity preconditioner.
+        ``sharded_ok``: a folder may come back on a sharded model (``compute_influence`` reads each rank's own)."""
         if factors is not None or (self.workdir is None and not self.factors):
             # explicit factors, or no workdir to keep a full fit in: fit (or load) only the weights reached
             return obtain_factors(
-                self.adapter, self.train, factors, config, measurement.weights(self.adapter), progress=self.progress
+                self.adapter,
+                self.train,
+                factors,
+                config,
+                measurement.weights(self.adapter),
+                progress=self.progress,
+                sharded_ok=sharded_ok,
             )
         if config.preconditioner == "identity":
             return None, []
@@ -407,7 +419,7 @@ class GradientEngine:
                 notes=store_notes,
                 meta={**meta, "scored_from": "store", "store": str(opened.folder)},
             )
-        loaded, notes = self.factors_for(measurement, config, factors)
+        loaded, notes = self.factors_for(measurement, config, factors, sharded_ok=True)
         result = compute_influence(
             self.adapter, self.train, measurement, loaded, config.influence_config(), progress=self.progress
         )

@@ -34,6 +34,7 @@ from concept_influence.curvature.fit import fit_factors
 from concept_influence.curvature.io import data_fingerprint, has_factors, load_factors, read_manifest
 from concept_influence.data.chat import ChatRow
 from concept_influence.data.tokenize import TokenizedDataset, tokenize_chat, untrainable_rows
+from concept_influence.distributed.runtime import in_step
 from concept_influence.models.base import ModelAdapter
 from concept_influence.settings import deprecated_aliases, option, same_as, settings_fields
 
@@ -234,17 +235,21 @@ def obtain_factors(
     weights: Sequence[str],
     *,
     progress: bool = True,
+    sharded_ok: bool = False,
 ) -> tuple[Factors | Path | None, list[str]]:
     """Factors for ``weights`` and a note saying where they came from: given ``Factors`` are used as they are; a
     folder with a fit is loaded (checked against this model and data: a mismatch is an error); otherwise they are
     fitted on ``data`` (and saved to the folder when one is given). ``None`` for the identity preconditioner.
     With ``config.max_memory`` a folder is returned instead of loaded factors (scoring reads one weight at a time)
-    and a fit here runs under the same bound."""
+    and a fit here runs under the same bound; with ``sharded_ok`` on a model sharded over several ranks too (the
+    caller's ``compute_influence`` then reads each rank's own weights)."""
     if config.preconditioner == "identity":
         return None, []
     if isinstance(factors, Factors):
         return factors, ["factors given in memory"]  # checked against the model where they are used
-    lazy = config.max_memory is not None
+    # a folder, not loaded factors, when scoring reads them itself: one weight at a time (max_memory) or, for an
+    # exact pass (``sharded_ok``) on a model sharded over several ranks, each rank its own weights'
+    lazy = config.max_memory is not None or (sharded_ok and in_step(adapter.model))
     if factors is not None and has_factors(factors):
         return load_factors_for_scoring(
             factors, adapter, data, lazy=lazy, allow_missing_provenance=config.allow_missing_provenance

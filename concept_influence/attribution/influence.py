@@ -45,9 +45,11 @@ from concept_influence.attribution.scoring import (
     window_max,
 )
 from concept_influence.curvature.factors import Factors
-from concept_influence.curvature.io import FACTORS_FILE, load_factors
+from concept_influence.curvature.fit import factor_owners
+from concept_influence.curvature.io import FACTORS_FILE, load_factors, read_manifest
 from concept_influence.curvature.preconditioner import Preconditioner
 from concept_influence.data.tokenize import untrainable_rows
+from concept_influence.distributed.runtime import dist_info, in_step
 from concept_influence.models.base import ModelAdapter
 
 logger = logging.getLogger(__name__)
@@ -92,23 +94,43 @@ def compute_influence(
     untrainable_rows(data)
     if config.max_memory is not None and not isinstance(factors, Preconditioner):
         return compute_influence_bounded(adapter, data, measurement, factors, config, progress=progress)
+    # a model sharded over several ranks: each rank holds its own weights' factors and query-vector slice
+    shared = in_step(adapter.model) and not (config.self_influence or config.normalization == "unit")
     where = "the factors given"
+    owners: dict[str, int] | None = None
+    available: list[str] | None = None
     if isinstance(factors, (str, os.PathLike)):
         where = f"the factors in {Path(factors) / FACTORS_FILE}"
-        factors = load_factors(factors)
+        if shared:  # read only this rank's weights
+            available = [entry["name"] for entry in read_manifest(factors)["weights"]]
+            names, _ = resolve_weights(adapter, measurement, available, allow_subset=config.allow_subset)
+            owners = _owners(adapter, available, names)
+            factors = load_factors(factors, weights=_mine(owners))
+        else:
+            factors = load_factors(factors)
     provenance_notes = check_factors_model(
         adapter, factors, allow_missing_provenance=config.allow_missing_provenance, where=where
     )
-    available = factors.names if factors is not None else None
+    if available is None and factors is not None:
+        available = list(factors.names)
     names, notes = resolve_weights(adapter, measurement, available, allow_subset=config.allow_subset)
     notes = provenance_notes + notes
     for note in notes:
         logger.info(note)
-    preconditioner = build_preconditioner(adapter, names, factors, config)
+    if shared and owners is None:
+        owners = _owners(adapter, available or names, names)
+    mine = names if owners is None else _mine(owners)
+    # a rank owning none of the reached weights has no preconditioner, but still takes part in every collective
+    preconditioner = build_preconditioner(adapter, mine, factors, config) if mine or owners is None else None
     timings = {}
     t0 = time.perf_counter()
-    grad_f = measurement.gradient(adapter, names, batch_size=config.batch_size)
-    vectors = preconditioned_gradient(preconditioner, grad_f, measurement.description)
+    if owners is None:
+        grad_f = measurement.gradient(adapter, names, batch_size=config.batch_size)
+    else:  # every rank runs every query batch (collectives), keeping its own weights' gradients
+        grad_f = measurement.captured_gradient(adapter, names, batch_size=config.batch_size, keep=mine)
+    vectors = (
+        preconditioned_gradient(preconditioner, grad_f, measurement.description) if preconditioner is not None else {}
+    )
     timings["measurement_gradient"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = score_rows_sharded(
@@ -122,8 +144,10 @@ def compute_influence(
         windows=aggregation_windows(config),
         progress=progress,
         gradient_checkpointing=config.gradient_checkpointing,
+        owners=owners,
     )
     timings["scoring"] = time.perf_counter() - t0
+    kind, damping = _kind_and_damping(preconditioner, owners is not None)
     aggregate_tokens(out, config)
     if config.row_loss == "mean":
         per_token_mean(out, data)
@@ -135,8 +159,8 @@ def compute_influence(
         indices=[int(row.index) for row in data],
         weights=list(names),
         measurement=measurement.description,
-        preconditioner=preconditioner.kind,
-        damping=dict(preconditioner.damping),
+        preconditioner=kind,
+        damping={name: damping[name] for name in names if name in damping},
         per_weight=out.get("per_weight"),
         per_token=out.get("per_token"),
         self_influence=out.get("self_influence"),
@@ -145,6 +169,32 @@ def compute_influence(
         row_loss=config.row_loss,
         allow_missing_provenance=config.allow_missing_provenance,
     )
+
+
+def _owners(adapter: ModelAdapter, fitted: Sequence[str], names: Sequence[str]) -> dict[str, int]:
+    """``{weight: rank}`` of the scored ``names``, as the sharded fit of the ``fitted`` weights owned them (a rank
+    scores with the factors it fitted; a rank may own none of ``names``)."""
+    owners = factor_owners([adapter.weight_info(n) for n in fitted], dist_info()[1])
+    return {name: owners[name] for name in names}
+
+
+def _mine(owners: dict[str, int]) -> list[str]:
+    rank = dist_info()[0]
+    return [name for name, owner in owners.items() if owner == rank]
+
+
+def _kind_and_damping(preconditioner: Preconditioner | None, sharded: bool) -> tuple[str, dict[str, float]]:
+    """The preconditioner's kind and ``{weight: damping}``; ``sharded``: every rank's merged (a collective)."""
+    mine = (preconditioner.kind, dict(preconditioner.damping)) if preconditioner is not None else None
+    if not sharded:
+        assert mine is not None
+        return mine
+    import torch.distributed as dist
+
+    pieces: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(pieces, mine)
+    kind = next(piece[0] for piece in pieces if piece is not None)
+    return kind, {k: v for piece in pieces if piece is not None for k, v in piece[1].items()}
 
 
 def compute_influence_many(

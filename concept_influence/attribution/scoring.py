@@ -8,7 +8,7 @@ Shared by ``attribution.influence`` (``compute_influence``, ``compute_influence_
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.io import FactorMismatchError
 from concept_influence.curvature.preconditioner import IdentityPreconditioner, Preconditioner
 from concept_influence.data.tokenize import iter_batches
-from concept_influence.distributed.runtime import max_over_ranks, n_batches
+from concept_influence.distributed.runtime import max_over_ranks, n_batches, side_group
 from concept_influence.gradients.capture import gradient_mode, loss_backward
 from concept_influence.models.base import ModelAdapter, WeightInfo
 from concept_influence.models.fingerprint import missing_provenance
@@ -257,6 +257,7 @@ def score_rows(
     gradient_checkpointing: bool = False,
     in_step: bool = False,
     filler_row: Any = None,
+    owners: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """``score(row) = −Σ_w ⟨v_w, ∇_w L(row)⟩`` for tokenised rows, with ``v_w = P_w⁻¹ ∇_w f`` given
     (``[d_out, d_in']`` per weight). Returns ``{"scores": [N], "per_weight": {name: [N]}?, "per_token": [[T_i]]?,
@@ -268,15 +269,20 @@ def score_rows(
     Several measurements in one pass: vectors ``[K, d_out, d_in']`` give scores (and per-weight scores)
     ``[N, K]``; the token breakdown then is not available. ``gradient_checkpointing``: the blocks recompute their
     activations in the backward (less memory on long rows, same scores). ``in_step``: a model sharded over several
-    ranks; this rank's share of the rows is padded with dropped batches to the busiest rank's count."""
-    infos = [adapter.weight_info(n) for n in vectors]
+    ranks; this rank's share of the rows is padded with dropped batches to the busiest rank's count. ``owners``
+    (``{weight: rank}``, every weight scored; sharded questions): ``vectors`` holds this rank's weights only, and
+    each weight's ``v_w`` is sent by its owner inside the backward when its output gradient arrives (one weight's
+    vector at a time on a rank that does not own it)."""
+    infos = [adapter.weight_info(n) for n in (vectors if owners is None else owners)]
+    if owners is not None and self_preconditioner is not None:
+        raise ValueError("self-influence needs every weight's factors on the rank that scores a row: not sharded")
     if token_breakdown == "target" and adapter.sharded:
         raise ValueError(
             "token_breakdown='target' (--token-breakdown target) differentiates the weights themselves: not "
             "available on a model sharded with FSDP; use 'position'"
         )
     n = len(data)
-    extra = tuple(next(iter(vectors.values())).shape[:-2])
+    extra = tuple(next(iter(vectors.values())).shape[:-2]) if owners is None else ()
     if extra and token_breakdown != "none":
         raise ValueError("the token breakdown needs one measurement at a time")
     scores = torch.zeros(n, *extra, dtype=torch.float64)
@@ -288,6 +294,7 @@ def score_rows(
     work_dtype = torch.promote_types(adapter.dtype, torch.float32)
     vectors_here = {name: v.to(device=adapter.device, dtype=work_dtype) for name, v in vectors.items()}
     by_name = {info.name: info for info in infos}
+    vector_of = _vector_source(adapter, vectors_here, by_name, owners, work_dtype)
     acc: dict[str, torch.Tensor] = {}  # the batch's "rows" [B(, K)] and "tokens" [B, T(, K)], summed over weights
     stash: dict[str, torch.Tensor] = {}  # input activations waiting for their weight's output gradient
     where: dict[str, Any] = {}  # the batch in progress: "rows" (positions in data), "attention"
@@ -303,8 +310,11 @@ def score_rows(
     def on_output_grad(name: str, g: torch.Tensor) -> None:
         """One weight's contribution, folded in as its output gradient arrives (its a and g are then freed)."""
         if where.get("dummy"):
+            if owners is not None:
+                vector_of(name)  # a collective: the padding batch receives the vector too
             stash.pop(name, None)
             return
+        v = vector_of(name)
         rows = where["rows"]
         a = _fold(stash.pop(name), by_name[name], where["attention"]).to(work_dtype)
         g = g.to(work_dtype)
@@ -313,12 +323,12 @@ def score_rows(
             # several measurements: form each row's gradient once, then one inner product per measurement
             # (B·d²·(T + K) instead of B·T·K·d² for the per-token contraction)
             grads = per_example_gradients(a, g)  # [B, d_out, d_in']
-            contrib_rows = -torch.einsum("boi,koi->bk", grads, vectors_here[name])
+            contrib_rows = -torch.einsum("boi,koi->bk", grads, v)
             if window_scores:
                 cols = list(range(extra[0])) if window_columns is None else list(window_columns)
-                _accumulate(acc, "tokens", -token_contractions(a, g, vectors_here[name][cols]))  # [B, T, K_w]
+                _accumulate(acc, "tokens", -token_contractions(a, g, v[cols]))  # [B, T, K_w]
         else:
-            contrib = -token_contractions(a, g, vectors_here[name])  # [B, T] (or [B, T, K])
+            contrib = -token_contractions(a, g, v)  # [B, T] (or [B, T, K])
             contrib_rows = contrib.sum(dim=1)
             _accumulate(acc, "tokens", contrib)
         if weight_scores is not None:
@@ -392,6 +402,34 @@ def score_rows(
     if window_scores:
         out["windows"] = window_scores
     return out
+
+
+def _vector_source(
+    adapter: ModelAdapter,
+    vectors: dict[str, torch.Tensor],
+    infos: Mapping[str, WeightInfo],
+    owners: Mapping[str, int] | None,
+    dtype: torch.dtype,
+) -> Callable[[str], torch.Tensor]:
+    """``name -> v_w [d_out, d_in']``: this rank's own vector, or (``owners``) the owner's, broadcast on the side
+    group (a collective: every rank asks for the same weights in the same order, the backward's)."""
+    if owners is None:
+        return vectors.__getitem__
+    import torch.distributed as dist
+
+    group, rank = side_group(), dist.get_rank()  # created now, on every rank, before any backward
+
+    def vector(name: str) -> torch.Tensor:
+        src = owners[name]
+        if src == rank:
+            v = vectors[name].contiguous()  # a collective sends the storage as it lies
+        else:
+            info = infos[name]
+            v = torch.empty(info.d_out, info.d_in + int(info.has_bias), dtype=dtype, device=adapter.device)
+        dist.broadcast(v, src=src, group=group)
+        return v
+
+    return vector
 
 
 def _accumulate(acc: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:

@@ -18,7 +18,10 @@ With ``out_dir`` the driver checkpoints its running sums every ``checkpoint_ever
 (Ctrl-C, or SIGTERM through the CLI: the signal is held until the batch in progress is folded in, then the state
 is saved), and resumes from them when called again with the same model, data and config (results are identical
 to an uninterrupted fit: label draws are seeded per row). Under ``torch.distributed`` each rank fits its share of
-the rows and the sums are all-reduced.
+the rows and the sums are all-reduced. A model sharded with FSDP over several ranks and a folder: the factors are
+*owned* (``factor_owners``): each sum is reduced to its weight's owner only, the owner decomposes it and writes its
+weight's part files, the eigenbases reach the other ranks one weight at a time inside the Λ pass's backward, and
+rank 0 streams every part into the one factors file; each rank checkpoints its own state (``rank_folder``).
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ from concept_influence.curvature.io import (
     save_partial,
 )
 from concept_influence.data.tokenize import iter_batches, untrainable_rows
-from concept_influence.distributed.runtime import max_over_ranks
+from concept_influence.distributed.ownership import weight_owners
+from concept_influence.distributed.runtime import max_over_ranks, side_group
 from concept_influence.files import (
     atomic_file,
     file_in_folder,
@@ -80,6 +84,7 @@ from concept_influence.gradients.capture import (  # noqa: F401 (gradient captur
 )
 from concept_influence.models.base import ModelAdapter, WeightCapture, WeightInfo
 from concept_influence.numerics import check_finite
+from concept_influence.sharding import ShardSettings
 from concept_influence.signals import Terminated
 
 logger = logging.getLogger(__name__)
@@ -128,6 +133,12 @@ def weight_shapes(infos: Sequence[WeightInfo]) -> list[WeightShape]:
     return [WeightShape(i.name, i.d_in + int(i.has_bias), i.d_out, shared_input_key(i.name, i.has_bias)) for i in infos]
 
 
+def factor_owners(infos: Sequence[WeightInfo], world: int) -> dict[str, int]:
+    """``{weight: rank}``: which rank owns each weight's factors in a sharded fit (and its slice of a sharded query
+    vector): ``distributed.weight_owners`` on the budget's shapes (weights sharing an input go together)."""
+    return weight_owners([(w.name, w.d_in, w.d_out, w.shared_input or w.name) for w in weight_shapes(infos)], world)
+
+
 def adapter_model_shape(adapter: ModelAdapter) -> ModelShape:
     """Sizes of the adapter's model for the activation estimate."""
     infos = adapter.tracked_weights()
@@ -145,6 +156,18 @@ def adapter_model_shape(adapter: ModelAdapter) -> ModelShape:
         n_params=sum(p.numel() for p in params),
         param_bytes=params[0].element_size() if params else 4,
     )
+
+
+def gathered_parameter_bytes(adapter: ModelAdapter, blocks_at_once: int | None = None) -> int:
+    """Bytes of parameters a sharded model gathers at once in a pass: the root's own (embeddings, final norm, head;
+    FSDP2 keeps them from forward to backward) and ``blocks_at_once`` decoder blocks (default
+    ``ShardSettings().prefetch_blocks``: the running one and the prefetched next)."""
+    if blocks_at_once is None:
+        blocks_at_once = ShardSettings().prefetch_blocks
+    blocks = adapter.decoder_blocks()
+    per_block = [sum(p.numel() * p.element_size() for p in block.parameters()) for block in blocks]
+    total = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
+    return total - sum(per_block) + sum(sorted(per_block, reverse=True)[:blocks_at_once])
 
 
 def plan_fit_partitions(
@@ -170,6 +193,9 @@ def plan_fit_partitions(
     activations = activation_bytes(
         adapter_model_shape(adapter), batch_rows, row_tokens, head_chunk_elements=HEAD_CHUNK_ELEMENTS
     )
+    # a sharded model holds only its shard now (in ``resident``); a pass also gathers the root's parameters and
+    # a few blocks' (``plan``'s "gathered" term)
+    activations += gathered_parameter_bytes(adapter) if adapter.sharded else 0
     workspace = eigen_workspace_bytes(shapes, config)
     budget = max_memory - resident - activations - workspace
     if budget <= 0:
@@ -237,10 +263,11 @@ def fit_factors(
 
     Under ``torch.distributed`` (initialised by the caller, e.g. ``torchrun``) every rank passes the same ``data``
     and fits its contiguous share of the rows; the sums are all-reduced, every rank gets the same factors and rank 0
-    writes ``out_dir``. ``provenance``: how ``data`` was chosen when it is not the set to be scored (recorded in
-    the factor files; scoring another set with them is then allowed and noted). Mid-pass checkpoints are then off (a
-    restarted job refits). Two fits into one ``out_dir`` take turns (a folder lock); the second then finds the first
-    one's factors.
+    writes ``out_dir``; mid-pass checkpoints are then off (a restarted job refits). On a model sharded with FSDP,
+    with ``out_dir``: each weight's owner rank writes its part, rank 0 merges them, and each rank checkpoints and
+    resumes its own state. ``provenance``: how ``data`` was chosen when it is not the set to be scored (recorded in
+    the factor files; scoring another set with them is then allowed and noted). Two fits into one ``out_dir`` take
+    turns (a folder lock); the second then finds the first one's factors.
 
     ``row_sink``: also hand every row's data-label gradient to it during the Λ pass (one forward for both; see
     ``RowGradientSink``), when the fit has one such pass over all of ``data`` (EKFAC, one partition, no
@@ -312,7 +339,9 @@ def _fit(
             saved = read_manifest(folder)["fingerprints"]
             if saved == fingerprints:
                 logger.info("factors in %s match this model, data and config: loading them", folder)
-                clear_partial(folder)  # left by a fit killed after saving its factors
+                if rank == 0:  # left by a fit killed after saving its factors
+                    clear_partial(folder)
+                    _clear_parts(folder)
                 if not load_result:
                     return None
                 return load_factors(
@@ -325,7 +354,10 @@ def _fit(
             _clear_parts(folder)
 
     longest = max((len(row.input_ids) for row in data), default=1)
-    on_disk = folder is not None and limit is not None  # a bounded fit on disk spills each result as it is done
+    # a model sharded over several ranks with a folder: each weight's factors are owned by one rank, which writes
+    # them to parts/ as they are done; rank 0 then streams every part into the one factors file
+    owned = world > 1 and adapter.sharded and folder is not None
+    on_disk = folder is not None and (limit is not None or owned)  # a bounded or owned fit spills each result
     parts = plan_fit_partitions(
         adapter,
         infos,
@@ -347,6 +379,11 @@ def _fit(
     share = _shard(data, rank, world)
     lambda_share = _shard(lambda_rows, rank, world)
     checkpoints = folder if (folder is not None and world == 1) else None
+    owners: dict[str, int] | None = None
+    if owned:
+        assert folder is not None
+        owners = factor_owners(infos, world)
+        checkpoints = rank_folder(folder, rank)  # each rank resumes from its own state
     if row_sink is not None:
         reasons = [
             why
@@ -401,6 +438,20 @@ def _fit(
                 state["rows_done"],
             )
 
+    if owners is not None:  # every rank resumes from the same save, or all start over
+        import torch.distributed as dist
+
+        # each rank's sums cover its own rows (rows_done), so states saved at different times mix as long as
+        # every rank is in the same partition and pass
+        mark = [state.get("part"), state.get("stage")] if state else None
+        marks: list[Any] = [None] * world
+        dist.all_gather_object(marks, mark)
+        if any(m != marks[0] for m in marks):
+            logger.warning("the ranks' saved states of %s differ (%s): fitting from the start", folder, marks)
+            state, sums, done_parts, sources, totals = {}, {}, [], {}, {"n_tokens": 0, "n_rows": 0}
+            if checkpoints is not None:
+                clear_partial(checkpoints)
+
     results: dict[str, WeightFactors] = {}
     for k, part in enumerate(parts):
         if k in done_parts:
@@ -427,8 +478,10 @@ def _fit(
             keep_covariances=spill is None and len(parts) == 1,
             spill=spill,
             part=k,
-            write=rank == 0,
+            write=rank == 0 or owners is not None,
         )
+        fitter.owners, fitter.rank = owners, rank
+        fitter.group = side_group() if owners is not None else None
         fitter.in_step = world > 1 and adapter.sharded
         fitter.filler_row = data[0]
         if row_sink is not None:
@@ -480,7 +533,7 @@ def _fit(
             max_batches -= fitter.batches_run
         totals = {"n_tokens": int(fitter.state["n_tokens"]), "n_rows": int(fitter.state["n_rows"])}
         if spill is not None:
-            sources.update(fitter.spill_result())
+            sources.update(gather_sources(fitter.spill_result()) if owners is not None else fitter.spill_result())
             fitter.sums.clear()
             _return_freed_memory()
         else:
@@ -508,6 +561,10 @@ def _fit(
     meta = Factors(
         {}, config, n_rows=n_rows, n_tokens=int(totals["n_tokens"]), fingerprints=fingerprints, provenance=provenance
     )
+    if owners is not None:
+        import torch.distributed as dist
+
+        dist.barrier()  # every owner's parts are written
     if folder is not None and rank == 0:
         if spill is not None:
             weights = [(n, by_name[n].d_out, by_name[n].d_in + int(by_name[n].has_bias)) for n in names]
@@ -518,13 +575,23 @@ def _fit(
                 folder,
                 partitions=len(parts),
             )
-            _clear_parts(folder)
+            if owners is None:
+                _clear_parts(folder)
         else:
             save_factors(
                 Factors({n: results[n] for n in names}, config, meta.n_rows, meta.n_tokens, fingerprints, provenance),
                 folder,
             )
         clear_partial(folder)
+    if owners is not None and checkpoints is not None:  # the factors file is written: each rank's state goes,
+        import torch.distributed as dist  # then rank 0 removes the parts (no two ranks delete in one folder)
+
+        dist.barrier()
+        clear_partial(checkpoints)
+        _remove_empty(checkpoints)
+        dist.barrier()
+        if rank == 0:
+            _clear_parts(folder)
     if world > 1 and folder is not None:
         import torch.distributed as dist
 
@@ -580,6 +647,9 @@ class _PartitionFit:
         self.sink_factors: Callable[[dict[str, WeightFactors]], Factors] | None = None
         self._sinking = False  # the batch in progress also feeds the sink
         self._rotated: dict[str, torch.Tensor] = {}  # a @ Q_A per shared input (one entry unless sinking)
+        self.owners: dict[str, int] | None = None  # weight -> owning rank (factors sharded between ranks)
+        self.group: Any = None  # the process group of the bases sent inside the backward
+        self.rank = 0
         self.in_step = False  # a sharded model over several ranks: pad each pass to the busiest rank's batches
         self.filler_row: Any = None  # the row of the padding batches (their statistics are dropped)
         self._dummy = False  # the batch in progress is padding
@@ -645,7 +715,7 @@ class _PartitionFit:
         owner = self._owner(name, a)
         self._stash[name] = self._stash[owner] if owner != name else self._folded(name, a)
 
-    def _rotated_input(self, name: str, a: torch.Tensor) -> torch.Tensor:
+    def _rotated_input(self, name: str, a: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
         """``a @ Q_A`` ``[B, T, d_in']``, computed once per batch for the weights sharing an input (q/k/v, gate/up):
         one cached input while streaming, every input of the batch while the sink also needs them."""
         key = f"{self.state['shared'].get(name, name)}/A"
@@ -653,10 +723,15 @@ class _PartitionFit:
         if rotated is None:
             if not self._sinking:
                 self._rotated.clear()
-            rotated = self._rotated[key] = a @ self.bases[key]
+            rotated = self._rotated[key] = a @ (self.bases[key] if basis is None else basis)
         return rotated
 
     def _lambda_grad(self, name: str, g: torch.Tensor) -> None:
+        ekfac = self.config.preconditioner == "ekfac"
+        q_a = q_s = None
+        if ekfac and self.owners is not None:  # the owners send the bases, padding batches included (collectives)
+            q_a = self._basis(f"{self.state['shared'].get(name, name)}/A")
+            q_s = self._basis(f"{name}/S")
         if self._dummy:
             return
         self._once(name)
@@ -666,9 +741,9 @@ class _PartitionFit:
         info = self._by_name[name]
         per_example = info.d_out * (info.d_in + int(info.has_bias)) * self.dtype.itemsize
         step = max(1, _LAMBDA_CHUNK_BYTES // max(1, 3 * per_example))
-        ekfac = self.config.preconditioner == "ekfac"
-        rotated_a = self._rotated_input(name, a) if ekfac else None
-        q_s = self.bases[f"{name}/S"] if ekfac else None
+        rotated_a = self._rotated_input(name, a, q_a) if ekfac else None
+        if ekfac and q_s is None:
+            q_s = self.bases[f"{name}/S"]
         for start in range(0, g.shape[0], step):
             g_c, a_c = g[start : start + step], a[start : start + step]
             grads = per_example_gradients(a_c, g_c)  # [c, d_out, d_in']
@@ -803,6 +878,7 @@ class _PartitionFit:
                 self._all_reduce_sums(("/A", "/S"), "n_tokens", world)
                 state.update(stage="eigen", rows_done=0)
                 checkpoint()
+                _fault_after_covariance(self.rank)
             if self.config.needs_covariances:
                 self._eigendecompose()
             if self.config.needs_per_example_pass:
@@ -828,16 +904,66 @@ class _PartitionFit:
         self.bases.clear()
         return True
 
+    def _key_owner(self, key: str) -> int:
+        """The rank owning a statistic ``"<weight>/A"``, ``"<weight>/S"``, ``"<weight>/lambda"``...: its weight's."""
+        assert self.owners is not None
+        return self.owners[key.rsplit("/", 1)[0]]
+
     def _all_reduce_sums(self, suffixes: tuple[str, ...], count: str, world: int) -> None:
         if world == 1:
             return
         import torch.distributed as dist
 
-        for key in sorted(k for k in self.sums if k.endswith(suffixes)):
-            dist.all_reduce(self.sums[key])
+        if self.owners is not None:  # each sum to its owner only (the others drop theirs)
+            expected = self._expected_keys(suffixes)
+            for key in expected:
+                if key not in self.sums:  # a weight this rank's rows never reached: zeros, in step with the others
+                    self.sums[key] = torch.zeros(self._key_shape(key), dtype=self.dtype, device=self.adapter.device)
+                dst = self._key_owner(key)
+                dist.reduce(self.sums[key], dst=dst)
+                if dst != self.rank:
+                    del self.sums[key]
+        else:
+            for key in sorted(k for k in self.sums if k.endswith(suffixes)):
+                dist.all_reduce(self.sums[key])
         total = torch.tensor([float(self.state[count])], dtype=torch.float64)
         dist.all_reduce(total)
         self.state[count] = int(total.item())
+
+    def _expected_keys(self, suffixes: tuple[str, ...]) -> list[str]:
+        """Every statistic of this partition ending in ``suffixes``, in one order on every rank."""
+        keys = set()
+        for info in self.infos:
+            for suffix in suffixes:
+                if suffix == "/A":
+                    keys.add(f"{self.state['shared'].get(info.name, info.name)}/A")
+                else:
+                    keys.add(f"{info.name}{suffix}")
+        return sorted(keys)
+
+    def _key_shape(self, key: str) -> tuple[int, ...]:
+        name, kind = key.rsplit("/", 1)
+        info = self._by_name[name]
+        d_in = info.d_in + int(info.has_bias)
+        return {"A": (d_in, d_in), "S": (info.d_out, info.d_out)}.get(kind, (info.d_out, d_in))
+
+    def _basis(self, key: str) -> torch.Tensor:
+        """The eigenbasis of ``key`` (``"<weight>/A"`` or ``"/S"``) for the Λ pass: this rank's own, or, with owners,
+        sent by its owner for the batch in progress (a collective: every rank asks for the same keys in order)."""
+        if self.owners is None:
+            return self.bases[key]
+        import torch.distributed as dist
+
+        src = self._key_owner(key)
+        if src == self.rank:
+            # contiguous: eigh's vectors are column-major, and a collective sends the storage as it lies (a
+            # receiver would read Qᵀ)
+            basis = self.bases[key].contiguous()
+        else:
+            shape = self._key_shape(key)
+            basis = torch.empty(shape, dtype=self.dtype, device=self.adapter.device)
+        dist.broadcast(basis, src=src, group=self.group)
+        return basis
 
     def _eigendecompose(self) -> None:
         """One matrix at a time: each float64 eigendecomposition moves to the CPU (or to a file in ``spill``) when
@@ -851,6 +977,8 @@ class _PartitionFit:
             for key in (f"{self.state['shared'].get(info.name, info.name)}/A", f"{info.name}/S"):
                 if key in self.eigens or key in self.bases:
                     continue
+                if self.owners is not None and self._key_owner(key) != self.rank:
+                    continue  # its owner decomposes it
                 if (
                     self.spill is not None
                     and key in files
@@ -868,11 +996,11 @@ class _PartitionFit:
                         eig.vectors, f"fit-factors (result): eigendecomposition of {key}", hint="refit the factors"
                     )
                     if self.spill is not None:
-                        files[key] = f"part-{self.part:04d}-eigen-{len(files):04d}.safetensors"
+                        files[key] = f"{self._prefix()}part-{self.part:04d}-eigen-{len(files):04d}.safetensors"
                         if self.write:
                             _save_tensors(self.spill / files[key], {"values": eig.values, "vectors": eig.vectors})
                 if self.config.needs_per_example_pass:
-                    self.bases[key] = eig.vectors.to(device=self.adapter.device, dtype=self.dtype)
+                    self.bases[key] = eig.vectors.to(device=self.adapter.device, dtype=self.dtype).contiguous()
                 if self.spill is None:
                     self.eigens[key] = eig.to("cpu")
                 if not self.keep_covariances:
@@ -894,6 +1022,9 @@ class _PartitionFit:
             )
         return out
 
+    def _prefix(self) -> str:
+        return "" if self.owners is None else f"rank-{self.rank:04d}-"
+
     def spill_result(self) -> dict[str, list[str]]:
         """Write Λ and the diagonal (float64) to ``spill`` one weight at a time; returns where each output tensor of
         this partition lies: ``{"blocks.0.attn.q/eigenvalue_correction": [file, tensor], ...}``."""
@@ -907,8 +1038,12 @@ class _PartitionFit:
                     ("activation_eigen", f"{self.state['shared'].get(info.name, info.name)}/A"),
                     ("gradient_eigen", f"{info.name}/S"),
                 ):
+                    if self.owners is not None and self._key_owner(key) != self.rank:
+                        continue  # its owner says where it lies
                     out[f"{info.name}/{fld}values"] = [files[key], "values"]
                     out[f"{info.name}/{fld}vectors"] = [files[key], "vectors"]
+            if self.owners is not None and self.owners[info.name] != self.rank:
+                continue
             if self.config.needs_per_example_pass:
                 shape = (info.d_out, info.d_in + int(info.has_bias))
                 tensors = {
@@ -920,7 +1055,7 @@ class _PartitionFit:
                     tensors["eigenvalue_correction"] = (
                         self.sums.pop(f"{info.name}/lambda", torch.zeros(shape)) / n_rows
                     ).to("cpu", torch.float64)
-                file = f"part-{self.part:04d}-weight-{j:04d}.safetensors"
+                file = f"{self._prefix()}part-{self.part:04d}-weight-{j:04d}.safetensors"
                 check_finite(
                     tensors["diagonal"],
                     f"fit-factors (result): factors of {info.name} (diagonal)",
@@ -1068,6 +1203,44 @@ def _shard(rows: Sequence[Any], rank: int, world: int) -> Sequence[Any]:
     return rows[rank * n // world : (rank + 1) * n // world]
 
 
+FAULT_ENV = "CONCEPT_INFLUENCE_FAULT_EXIT_AFTER_COVARIANCE"
+"""Fault injection for the resume tests: the rank named here exits (code 3) once the covariance pass is saved."""
+
+
+def _fault_after_covariance(rank: int) -> None:
+    wanted = os.environ.get(FAULT_ENV)
+    if wanted is None or _dist_info()[1] == 1:
+        return
+    import torch.distributed as dist
+
+    dist.barrier()  # every rank has saved its state
+    if int(wanted) == rank:
+        logger.warning("%s=%s: rank %d exits after the covariance pass", FAULT_ENV, wanted, rank)
+        os._exit(3)
+
+
+def rank_folder(folder: Path, rank: int) -> Path:
+    """Where rank ``rank`` of a fit with owned factors keeps its resumable state (inside the parts folder)."""
+    return folder / PARTS_FOLDER / f"rank-{rank:04d}"
+
+
+def gather_sources(mine: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Every rank's ``{output tensor: [file, tensor]}`` merged (collective): the owners' parts, for rank 0."""
+    import torch.distributed as dist
+
+    pieces: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(pieces, mine)
+    merged: dict[str, list[str]] = {}
+    for piece in pieces:
+        merged.update(piece)
+    return merged
+
+
+def _remove_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
@@ -1096,7 +1269,12 @@ def _clear_parts(folder: Path) -> None:
     parts = folder / PARTS_FOLDER
     if parts.is_dir():
         for file in parts.iterdir():
-            file.unlink()
+            if file.is_dir():  # a rank's resumable state (fits with owned factors)
+                for inner in file.iterdir():
+                    inner.unlink()
+                file.rmdir()
+            else:
+                file.unlink()
         parts.rmdir()
 
 

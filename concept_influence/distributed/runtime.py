@@ -130,3 +130,18 @@ def in_step(model: nn.Module) -> bool:
     """Whether ``model`` is sharded over several processes: then every rank must run the same forwards (one reads
     or writes a shared file, the others get what it read)."""
     return dist_info()[1] > 1 and is_sharded(model)
+
+
+_GROUPS: dict[str, Any] = {}
+
+
+def side_group() -> Any:
+    """A process group of its own for the library's collectives inside the model's backward (the owners' bases, the
+    query vectors): FSDP's own all-gathers and reduce-scatters run on the default group then, and two streams of
+    collectives on one group could be matched in different orders on different ranks. Created once, collectively:
+    call it on every rank before the first backward that uses it."""
+    import torch.distributed as dist
+
+    if "side" not in _GROUPS:
+        _GROUPS["side"] = dist.new_group(backend=dist.get_backend())
+    return _GROUPS["side"]

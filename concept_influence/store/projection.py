@@ -253,38 +253,54 @@ def eigen_projector(
     """``"eigen"`` projections of ``names`` keeping ``Σ_w min(rank, d_out)·min(rank, d_in')`` eigen-components in all,
     those with the largest ``visibility`` (one threshold for every weight, found from a histogram so that no
     weight's values need to be held at once besides its own). A rank at least every weight's sizes keeps all."""
-    if rank < 1:
-        raise ValueError(f"rank must be positive, got {rank}")
     for name in names:
         if name not in factors.weights:
             raise KeyError(f"no factors for {name!r}; the factors cover {factors.names}")
-    budget = sum(min(rank, factors.weights[n].d_out) * min(rank, factors.weights[n].d_in) for n in names)
-    total = sum(factors.weights[n].d_out * factors.weights[n].d_in for n in names)
-    threshold = -1.0
-    if budget < total:
-        counts = torch.zeros(bins, dtype=torch.float64)
-        for name in names:
-            vis = visibility(factors, name, damping).flatten()
-            counts += torch.bincount((vis * bins).long().clamp_(0, bins - 1), minlength=bins).double()
-        above = torch.flip(torch.cumsum(torch.flip(counts, [0]), 0), [0])  # above[b] = #values in bins >= b
-        b = int(torch.nonzero(above >= budget).max())  # the highest bin that still fills the budget
-        threshold = b / bins
-    projections = []
+    shapes = {n: (factors.weights[n].d_out, factors.weights[n].d_in) for n in names}
+    counts = visibility_counts(factors, names, damping, bins)
+    threshold = visibility_threshold(counts, shapes, rank)
+    return Projector("eigen", [eigen_projection(factors, name, threshold, damping) for name in names])
+
+
+def visibility_counts(factors: Factors, names: Sequence[str], damping: Damping = Damping(), bins: int = 1 << 20):
+    """``[bins]`` float64: how many eigen-components of ``names`` fall in each bin of ``visibility`` over [0, 1]
+    (histograms of disjoint weight sets add up: a sharded build sums its ranks')."""
+    counts = torch.zeros(bins, dtype=torch.float64)
     for name in names:
-        w = factors.weights[name]
-        vis = visibility(factors, name, damping)
-        kept = vis >= threshold if threshold >= 0 else torch.ones_like(vis, dtype=torch.bool)
-        if not kept.any():  # every weight keeps at least its most visible component
-            kept = vis == vis.max()
-        rows = torch.nonzero(kept.any(dim=1)).flatten()
-        cols = torch.nonzero(kept.any(dim=0)).flatten()
-        rect = kept[rows][:, cols].flatten()
-        keep = None if bool(rect.all()) else torch.nonzero(rect).flatten()
-        q_s, q_a = w.gradient_eigen.vectors.double(), w.activation_eigen.vectors.double()  # type: ignore[union-attr]
-        projections.append(
-            WeightProjection(name, q_s[:, rows].T.contiguous(), q_a[:, cols].T.contiguous(), rows, cols, keep)
-        )
-    return Projector("eigen", projections)
+        vis = visibility(factors, name, damping).flatten()
+        counts += torch.bincount((vis * bins).long().clamp_(0, bins - 1), minlength=bins).double()
+    return counts
+
+
+def visibility_threshold(counts: torch.Tensor, shapes: Mapping[str, tuple[int, int]], rank: int) -> float:
+    """The visibility above which ``Σ_w min(rank, d_out)·min(rank, d_in')`` components are kept, from the histogram
+    ``counts [bins]`` of every weight in ``shapes`` (``{name: (d_out, d_in')}``); ``-1``: keep everything."""
+    if rank < 1:
+        raise ValueError(f"rank must be positive, got {rank}")
+    budget = sum(min(rank, d_out) * min(rank, d_in) for d_out, d_in in shapes.values())
+    total = sum(d_out * d_in for d_out, d_in in shapes.values())
+    if budget >= total:
+        return -1.0
+    bins = int(counts.shape[0])
+    above = torch.flip(torch.cumsum(torch.flip(counts, [0]), 0), [0])  # above[b] = #values in bins >= b
+    b = int(torch.nonzero(above >= budget).max())  # the highest bin that still fills the budget
+    return b / bins
+
+
+def eigen_projection(factors: Factors, name: str, threshold: float, damping: Damping = Damping()) -> WeightProjection:
+    """One weight's ``"eigen"`` projection: its components with ``visibility >= threshold`` (at least its most
+    visible one; ``threshold < 0``: all)."""
+    w = factors.weights[name]
+    vis = visibility(factors, name, damping)
+    kept = vis >= threshold if threshold >= 0 else torch.ones_like(vis, dtype=torch.bool)
+    if not kept.any():  # every weight keeps at least its most visible component
+        kept = vis == vis.max()
+    rows = torch.nonzero(kept.any(dim=1)).flatten()
+    cols = torch.nonzero(kept.any(dim=0)).flatten()
+    rect = kept[rows][:, cols].flatten()
+    keep = None if bool(rect.all()) else torch.nonzero(rect).flatten()
+    q_s, q_a = w.gradient_eigen.vectors.double(), w.activation_eigen.vectors.double()  # type: ignore[union-attr]
+    return WeightProjection(name, q_s[:, rows].T.contiguous(), q_a[:, cols].T.contiguous(), rows, cols, keep)
 
 
 def logra_projector(shapes: Mapping[str, tuple[int, int]], dim: int, seed: int) -> Projector:

@@ -36,8 +36,10 @@ from tqdm.auto import tqdm
 
 from concept_influence.curvature.covariance import fold_bias
 from concept_influence.curvature.factors import Factors
+from concept_influence.curvature.fit import factor_owners
+from concept_influence.curvature.io import load_factors
 from concept_influence.data.tokenize import iter_batches
-from concept_influence.distributed.runtime import max_over_ranks, n_batches
+from concept_influence.distributed.runtime import in_step, max_over_ranks, n_batches
 from concept_influence.files import (
     atomic_file,
     damaged,
@@ -51,7 +53,14 @@ from concept_influence.gradients.capture import capture_loss_gradients, gradient
 from concept_influence.models.base import ModelAdapter
 from concept_influence.numerics import NonFiniteError, check_finite
 from concept_influence.settings import option
-from concept_influence.store.projection import Projector, eigen_projector, logra_projector
+from concept_influence.store.projection import (
+    Projector,
+    eigen_projection,
+    eigen_projector,
+    logra_projector,
+    visibility_counts,
+    visibility_threshold,
+)
 from concept_influence.store.search import FAISS_FILE, exact_top_k, faiss_search
 from concept_influence.store.shardfile import NpyRowWriter
 
@@ -130,18 +139,45 @@ def factors_fingerprint(factors: Factors) -> str:
 
 
 def make_projector(
-    config: StoreConfig, adapter: ModelAdapter, names: Sequence[str], factors: Factors | None
+    config: StoreConfig, adapter: ModelAdapter, names: Sequence[str], factors: Factors | str | os.PathLike | None
 ) -> Projector:
-    """The projector of ``config`` over the weights ``names``."""
+    """The projector of ``config`` over the weights ``names``; ``factors``: fitted factors or their folder. On a
+    model sharded over several ranks an ``"eigen"`` projector is built by the factors' owners (``_owned_projector``)."""
     if config.kind == "eigen":
         if factors is None:
             raise ValueError("an eigen store needs fitted EKFAC factors (fit-factors, or --factors)")
+        if in_step(adapter.model):
+            return _owned_projector(config, adapter, names, factors)
+        if not isinstance(factors, Factors):
+            factors = load_factors(factors, weights=list(names))
         return eigen_projector(factors, names, config.rank)
     shapes = {}
     for name in names:
         info = adapter.weight_info(name)
         shapes[name] = (info.d_out, info.d_in + int(info.has_bias))
     return logra_projector(shapes, config.rank, config.seed)
+
+
+def _owned_projector(
+    config: StoreConfig, adapter: ModelAdapter, names: Sequence[str], factors: Factors | str | os.PathLike
+) -> Projector:
+    """The ``"eigen"`` projector built by owners (collective): each rank reads only the factors of the weights it
+    owns (``curvature.fit.factor_owners``), the visibility histograms are summed over ranks for the one threshold,
+    each owner forms its weights' projections (``[r, d]`` slices of the eigenbases) and every rank gets all of them
+    (a rank projects its own rows' gradients on every weight)."""
+    import torch.distributed as dist
+
+    infos = [adapter.weight_info(n) for n in names]
+    owners = factor_owners(infos, dist.get_world_size())
+    mine = [n for n in names if owners[n] == dist.get_rank()]
+    own = factors.restrict(mine) if isinstance(factors, Factors) else load_factors(factors, weights=mine)
+    counts = visibility_counts(own, mine)
+    dist.all_reduce(counts)
+    threshold = visibility_threshold(counts, {i.name: (i.d_out, i.d_in + int(i.has_bias)) for i in infos}, config.rank)
+    pieces: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(pieces, [eigen_projection(own, name, threshold) for name in mine])
+    by_name = {p.name: p for piece in pieces for p in piece}
+    return Projector("eigen", [by_name[n] for n in names])
 
 
 def projection_fingerprint(projector: Projector) -> str:

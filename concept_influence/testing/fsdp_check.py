@@ -1,13 +1,23 @@
 """A ``torchrun`` worker for the FSDP tests: the same questions asked of a tiny float64 model in one process and
 sharded with FSDP2 over several (gloo, CPU), so that the test can compare what each got.
 
-Usage: ``torchrun --nproc_per_node 2 -m concept_influence.testing.fsdp_check INPUTS OUT fsdp``. ``INPUTS`` is a folder
-made by ``write_inputs`` (a saved tiny model, training rows, queries, a concept); ``OUT`` receives
-``results.safetensors`` (rank 0), the factors (``OUT/factors``, ``OUT/lora-factors``) and the store (``OUT/store``).
+Usage: ``torchrun --nproc_per_node N -m concept_influence.testing.fsdp_check INPUTS OUT MODE``. ``INPUTS`` is a
+folder made by ``write_inputs`` (a saved tiny model, training rows, queries, a concept). Modes:
+
+- ``fsdp``: every stage (``run``) into ``OUT``: ``results.safetensors`` (rank 0), the factors (``OUT/factors``,
+  ``OUT/lora-factors``, each with its owners' part files kept in ``OUT/kept-parts/<folder>``) and the store
+  (``OUT/store``); then a fit into ``OUT/resumed`` that rank 1 leaves after its covariance pass (``FAULT_ENV``):
+  the launch ends with that rank's exit code.
+- ``resume``: the same fit into ``OUT/resumed`` again (it resumes), and a bf16 model's fit with float32
+  statistics into ``OUT/bf16``.
+- ``owners``: the factors (fitted in two partitions) and influence scores only (``OUT/factors``,
+  ``results.safetensors``, and ``OUT/factor-reads-<rank>.json``: the weights each rank read to score): any number
+  of processes.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -93,7 +103,7 @@ def run(inputs: Path, out: Path, shard: str = "none") -> dict[str, torch.Tensor]
         adapter,
         train,
         out / "store",
-        make_projector(store_config, adapter, names, factors),
+        make_projector(store_config, adapter, names, out / "factors"),  # sharded: each rank reads its own weights
         store_config,
         {"model": adapter.fingerprint()},
         batch_size=2,
@@ -108,6 +118,127 @@ def run(inputs: Path, out: Path, shard: str = "none") -> dict[str, torch.Tensor]
         lora, train, measurement, lora_factors, InfluenceConfig(batch_size=2), progress=False
     ).scores
     return results
+
+
+def sharded_adapter(model_dir: Path, dtype: torch.dtype, shard: str):
+    """The saved model as an ``HFAdapter`` in ``dtype``, sharded with FSDP2 when ``shard == "fsdp"``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from concept_influence.models import HFAdapter
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    return HFAdapter(model, AutoTokenizer.from_pretrained(model_dir)).shard(shard)
+
+
+def train_rows(inputs: Path, adapter):
+    from concept_influence.data import read_chat_jsonl, tokenize_chat
+
+    return tokenize_chat(read_chat_jsonl(inputs / "train.jsonl"), adapter.tokenizer, 64)
+
+
+def fit(inputs: Path, out: Path, shard: str, dtype: torch.dtype = torch.float64, stats: str = "float64") -> None:
+    """The factors of ``run`` (EKFAC, true Fisher, batch 2) on the model in ``dtype`` with ``stats`` statistics."""
+    from dataclasses import replace
+
+    from concept_influence.curvature import FactorConfig, fit_factors
+
+    adapter = sharded_adapter(inputs / "model", dtype, shard)
+    config = replace(FactorConfig.precise(), dtype=stats)
+    fit_factors(adapter, train_rows(inputs, adapter), config, batch_size=2, out_dir=out, progress=False)
+
+
+def owners_run(inputs: Path, out: Path, shard: str) -> dict[str, torch.Tensor]:
+    """The factors (``out/factors``) and the influence scores of ``run`` (a sharded fit, then sharded questions)."""
+    from concept_influence.attribution.influence import InfluenceConfig, compute_influence
+    from concept_influence.attribution.measurements import ConceptMeasurement
+    from concept_influence.concepts import load_concept
+    from concept_influence.curvature import FactorConfig, fit_factors
+    from concept_influence.data import read_chat_jsonl, tokenize_chat
+
+    adapter = sharded_adapter(inputs / "model", torch.float64, shard)
+    train = train_rows(inputs, adapter)
+    fit_factors(adapter, train, FactorConfig.precise(), batch_size=2, out_dir=out / "factors", progress=False)
+    queries = tokenize_chat(read_chat_jsonl(inputs / "queries.jsonl"), adapter.tokenizer, 64)
+    measurement = ConceptMeasurement(load_concept(inputs / "concept"), queries)
+    read = _record_factor_reads(out / f"factor-reads-{adapter_rank()}.json")
+    scores = compute_influence(
+        adapter, train, measurement, out / "factors", InfluenceConfig(batch_size=2), progress=False
+    ).scores
+    read()
+    return {"influence": scores, "influence-layer-0": layer_0_scores(inputs, adapter, train, out / "factors")}
+
+
+def layer_0_scores(inputs: Path, adapter, train, factors: Path) -> torch.Tensor:
+    """Influence scores of a direction at layer 0 (it reaches block 0's weights only: on 4 ranks, some rank owns
+    none of them and still takes part in every collective)."""
+    from concept_influence.attribution.influence import InfluenceConfig, compute_influence
+    from concept_influence.attribution.measurements import ConceptMeasurement
+    from concept_influence.concepts.base import DirectionConcept
+    from concept_influence.data import read_chat_jsonl, tokenize_chat
+
+    queries = tokenize_chat(read_chat_jsonl(inputs / "queries.jsonl"), adapter.tokenizer, 64)
+    direction = torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    measurement = ConceptMeasurement(DirectionConcept(direction, 0), queries)
+    return compute_influence(adapter, train, measurement, factors, InfluenceConfig(batch_size=2), progress=False).scores
+
+
+def adapter_rank() -> int:
+    from concept_influence.distributed import dist_info
+
+    return dist_info()[0]
+
+
+def _record_factor_reads(path: Path):
+    """Record which weights ``compute_influence`` reads from a factor folder (written to ``path`` by the returned
+    function, which also undoes the recording)."""
+    import json
+
+    from concept_influence.attribution import influence
+
+    load, reads = influence.load_factors, []
+
+    def recording(folder, **kwargs):
+        reads.append(kwargs.get("weights"))
+        return load(folder, **kwargs)
+
+    influence.load_factors = recording
+
+    def done() -> None:
+        influence.load_factors = load
+        path.write_text(json.dumps(reads))
+
+    return done
+
+
+def keep_parts(out: Path) -> None:
+    """Keep every sharded fit's part files (rank 0 copies ``parts/`` to ``out/kept-parts/<folder>`` before removing
+    it), so that a test can see which rank wrote what."""
+    import shutil
+
+    from concept_influence.curvature import fit as fit_module
+
+    clear = fit_module._clear_parts
+
+    def copy_then_clear(folder: Path) -> None:
+        parts = folder / fit_module.PARTS_FOLDER
+        if parts.is_dir() and any(p.name.startswith("rank-") and p.is_file() for p in parts.iterdir()):
+            shutil.copytree(parts, out / "kept-parts" / folder.name, dirs_exist_ok=True)
+        clear(folder)
+
+    fit_module._clear_parts = copy_then_clear
+
+
+def in_halves() -> None:
+    """Make every later fit run in two partitions (the weights of the first block, then the rest), as a
+    ``--max-memory`` too small for one pass does: each partition's sums are reduced to their owners after its pass."""
+    from concept_influence.curvature import fit as fit_module
+
+    def halves(adapter, infos, *args, **kwargs) -> list[list[str]]:
+        names = [i.name for i in infos]
+        first = [n for n in names if n.startswith("blocks.0.")]
+        return [first, [n for n in names if n not in first]]
+
+    fit_module.plan_fit_partitions = halves
 
 
 def _lora_model(model_dir: Path):
@@ -130,12 +261,28 @@ def main() -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    inputs, out, shard = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    from concept_influence.curvature.fit import FAULT_ENV
+
+    inputs, out, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("concept_influence.curvature.fit").setLevel(logging.INFO)
     dist.init_process_group("gloo")
+    tensors: dict[str, torch.Tensor] = {}
     try:
-        tensors = run(inputs, out, shard)
-        if dist.get_rank() == 0:
+        if mode == "fsdp":
+            keep_parts(out)
+            tensors = run(inputs, out, "fsdp")
+        elif mode == "owners":
+            in_halves()
+            tensors = owners_run(inputs, out, "fsdp")
+        if tensors and dist.get_rank() == 0:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "results.safetensors"))
+        if mode == "fsdp":  # last: rank 1 leaves after the covariance pass (the launch fails)
+            os.environ[FAULT_ENV] = "1"
+            fit(inputs, out / "resumed", "fsdp")
+        elif mode == "resume":
+            fit(inputs, out / "resumed", "fsdp")
+            fit(inputs, out / "bf16", "fsdp", torch.bfloat16, "float32")
     finally:
         dist.destroy_process_group()
 

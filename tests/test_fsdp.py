@@ -95,6 +95,7 @@ def _close_factors(one, two, rtol: float = RTOL) -> None:
             torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()))
 
 
+@pytest.mark.slow  # the torchrun launches: about 90 s on two cores (make test runs them; test-fast does not)
 def test_every_stage_on_a_sharded_model_equals_one_process(runs):
     root, single = runs
     sharded = load_file(str(root / "fsdp" / "results.safetensors"))
@@ -123,6 +124,7 @@ def test_every_stage_on_a_sharded_model_equals_one_process(runs):
     np.testing.assert_allclose(b, a, rtol=RTOL, atol=RTOL * float(np.abs(a).max()))
 
 
+@pytest.mark.slow  # the torchrun launches: about 90 s on two cores (make test runs them; test-fast does not)
 def test_each_rank_writes_only_the_factors_it_owns(runs):
     """The part files of rank r hold the tensors of the weights r owns, and together every tensor of the factors."""
     root, _ = runs
@@ -153,6 +155,7 @@ def test_each_rank_writes_only_the_factors_it_owns(runs):
                 assert holders == {owners[name]}, (folder, name, what, holders, owners[name])
 
 
+@pytest.mark.slow  # the torchrun launches: about 90 s on two cores (make test runs them; test-fast does not)
 def test_a_fit_killed_on_one_rank_resumes_to_the_same_factors(runs):
     root, _ = runs
     log = (root / "resume.log").read_text()
@@ -161,6 +164,7 @@ def test_a_fit_killed_on_one_rank_resumes_to_the_same_factors(runs):
     assert not (root / "fsdp" / "resumed" / "parts").exists()
 
 
+@pytest.mark.slow  # the torchrun launches: about 90 s on two cores (make test runs them; test-fast does not)
 def test_bf16_model_with_float32_statistics_sharded_equals_one_process(runs):
     """Tolerance 1e-4 of each tensor's largest entry (1.2e-6 seen): the float32 statistics are summed in another
     order and each rank batches its own share of the rows (other padding lengths for the bf16 matmuls)."""
@@ -171,6 +175,7 @@ def test_bf16_model_with_float32_statistics_sharded_equals_one_process(runs):
     _close_factors(one, two, rtol=BF16_RTOL)
 
 
+@pytest.mark.slow  # the torchrun launches: about 90 s on two cores (make test runs them; test-fast does not)
 def test_four_processes_own_and_score_like_one(runs):
     """4 ranks, the fit in two partitions (what a small --max-memory asks for: each partition's sums reduced to
     their owners after its pass), each rank scoring with only its own weights' factors and query-vector slice (for a

@@ -253,10 +253,12 @@ def write_shard(
     params: Sequence[torch.nn.Parameter] | None = None,
     progress_bar: Any = None,
     on_batch: Any = None,
+    read_back: bool = False,
 ) -> Path:
     """Project the rows of shard ``shard`` (rows ``shard·shard_rows`` up to the next shard) and write the shard
     atomically. Call inside ``gradient_mode`` (``params``) or let it enter one. ``on_batch(batch)`` is called after
-    each batch's forward and backward (how ``store.caches`` reads the activation cache in the same pass)."""
+    each batch's forward and backward (how ``store.caches`` reads the activation cache in the same pass).
+    ``read_back``: leave the shard's pages in the page cache (``shardfile.NpyRowWriter``)."""
     folder = Path(folder)
     start = shard * config.shard_rows
     stop = min(len(data), start + config.shard_rows)
@@ -278,6 +280,7 @@ def write_shard(
                 params=own,
                 progress_bar=progress_bar,
                 on_batch=on_batch,
+                read_back=read_back,
             )
     meta = np.array([[int(r.index), max(int(sum(r.loss_mask[1:])), 1)] for r in rows], dtype=np.int64)
     save_npy_atomic(rows_file(folder, shard), meta)
@@ -290,7 +293,7 @@ def write_shard(
     buffer = None if direct else torch.empty(block, projector.dim, dtype=work, device=adapter.device)
     with (
         atomic_file(shard_file(folder, shard)) as tmp,
-        NpyRowWriter(tmp, dtype, stop - start, projector.dim, block) as writer,
+        NpyRowWriter(tmp, dtype, stop - start, projector.dim, block, read_back=read_back) as writer,
     ):
         for batch in iter_batches(rows, batch_size, pad_id=pad):
             n = int(batch["input_ids"].shape[0])

@@ -86,7 +86,7 @@ def build_memory(
     steady_allocator()
     import torch
 
-    from concept_influence import Attributor
+    from concept_influence.pipeline import Attributor
     from concept_influence.store.caches import CacheSettings
 
     torch.set_num_threads(threads)

@@ -8,11 +8,12 @@ answers) × three layers × two query sets (seeded halves of the organism's quer
 charged to no one). Concepts are made beforehand too (a user's concept training is not what is measured).
 
 Prints the one-time cost (and one plain training epoch over the same rows, forward + backward + AdamW step, for
-scale), each question's time, totals, the cached scores' agreement with the uncached ones (Vector Filter's
-relative error, the combined ranking's Spearman, the PR-AUC of the planted rows), Vector Filter's speed-up from the
-cache, and with ``--ranks``/``--logra`` the rank agreement of identity stores and factor-free LoGra stores of several
-sizes with the exact identity-preconditioned scores (how ``store.store.DEFAULT_IDENTITY_RANK`` was chosen). Writes
-``--out`` (JSON) and ``--table`` (markdown, included by docs/benchmarks.md).
+scale; wall-clock seconds, the target, and the process's CPU seconds, all its threads, which moves less with the
+load of a shared machine), each question's time, totals, the cached scores' agreement with the uncached ones (Vector
+Filter's relative error, the combined ranking's Spearman, the PR-AUC of the planted rows), Vector Filter's speed-up
+from the cache, and with ``--ranks``/``--logra`` the rank agreement of identity stores and factor-free LoGra stores
+of several sizes with the exact identity-preconditioned scores (how ``store.store.DEFAULT_IDENTITY_RANK`` was
+chosen). Writes ``--out`` (JSON) and ``--table`` (markdown, included by docs/benchmarks.md).
 
     python bench/exploration.py [--ranks 32,48,64] [--logra 32,64] [--skip-kronfluence] [--questions 10] [--scratch 10]
 """
@@ -223,17 +224,23 @@ def main() -> None:
         progress=False,
     )
     _ = att.train, att.data_fingerprint()
+    cpu = time.process_time()
     epoch_s = training_epoch(att.adapter, att.train, args.batch_size)
-    print(f"{len(att.train)} rows; one training epoch (forward + backward + step): {epoch_s:.1f} s")
+    epoch_cpu_s = time.process_time() - cpu
+    print(
+        f"{len(att.train)} rows; one training epoch (forward + backward + step): {epoch_s:.1f} s "
+        f"(CPU {epoch_cpu_s:.1f} s)"
+    )
 
     # ---- (b) the caches: one pass, then every question from them
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
+    t0, cpu = time.perf_counter(), time.process_time()
     store = att.build_store()
-    build_s = time.perf_counter() - t0
+    build_s, build_cpu_s = time.perf_counter() - t0, time.process_time() - cpu
     cache = att.__dict__["_activation_caches"][str(att.store_dir / "activations")]
     print(
-        f"one-time pass: {build_s:.1f} s ({build_s / epoch_s:.2f} epochs); {store} {store.nbytes / 2**20:.1f} MiB; "
+        f"one-time pass: {build_s:.1f} s ({build_s / epoch_s:.2f} epochs; CPU {build_cpu_s:.1f} s, "
+        f"{build_cpu_s / epoch_cpu_s:.2f} epochs' CPU); {store} {store.nbytes / 2**20:.1f} MiB; "
         f"{cache} {cache.nbytes / 2**20:.1f} MiB"
     )
     cached, cached_s = [], []
@@ -356,6 +363,9 @@ def main() -> None:
         "epoch_s": epoch_s,
         "build_s": build_s,
         "build_epochs": build_s / epoch_s,
+        "epoch_cpu_s": epoch_cpu_s,
+        "build_cpu_s": build_cpu_s,
+        "build_cpu_epochs": build_cpu_s / epoch_cpu_s,
         "store": repr(store),
         "store_mib": store.nbytes / 2**20,
         "activation_cache": repr(cache),
@@ -410,9 +420,11 @@ def render_table(s: dict) -> str:
         "",
         "| one-time cost | seconds | per row on disk |",
         "|---|---|---|",
-        f"| one training epoch (forward + backward + step), for scale | {s['epoch_s']:.1f} | |",
+        f"| one training epoch (forward + backward + step), for scale | {s['epoch_s']:.1f} "
+        f"(CPU {s['epoch_cpu_s']:.1f}) | |",
         "| `build_store()`: activation cache + identity store, one pass (incl. the 256-row sample's eigenbases) | "
-        f"{s['build_s']:.1f} ({s['build_epochs']:.2f} epochs) "
+        f"{s['build_s']:.1f} ({s['build_epochs']:.2f} epochs; CPU {s['build_cpu_s']:.1f}, "
+        f"{s['build_cpu_epochs']:.2f} epochs' CPU) "
         f"| {s['activation_bytes_per_row'] / 1024:.1f} KiB + {s['store_bytes_per_row'] / 1024:.1f} KiB |",
     ]
     if kron:

@@ -20,11 +20,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
@@ -154,6 +155,9 @@ def build_caches(
     todo_g = [s for s in wanted if projector is not None and not shard_file(folder, s).exists()]
     todo_a = [s for s in wanted if activations is not None and not shard_done(act_folder, s)]
     rows_of = {s: min(len(data), (s + 1) * config.shard_rows) - s * config.shard_rows for s in wanted}
+    # the store's pages are read back into the page cache as they are written (on the writer's thread) when it fits
+    # the share of memory that ``warm`` allows; otherwise they stay on the disk only
+    read_back = projector is not None and _fits_memory(len(data) * projector.dim * np.dtype(config.dtype).itemsize)
     started = time.perf_counter()
     with tqdm(
         total=sum(rows_of[s] for s in sorted(set(todo_g) | set(todo_a))),
@@ -185,6 +189,7 @@ def build_caches(
                         params=params,
                         progress_bar=bar,
                         on_batch=hook,
+                        read_back=read_back,
                     )
                     if writer is not None:
                         writer.close()
@@ -208,26 +213,35 @@ def build_caches(
     if projector is not None and all(shard_file(folder, s).exists() for s in range(n_shards)):
         store = GradientStore.open(folder)
         if todo_g:
-            warm(store)
+            warm(store, skip=todo_g if read_back else ())
     cache = None
     if activations is not None and all(shard_done(act_folder, s) for s in range(n_shards)):
         cache = ActivationCache.open(act_folder)
     return store, cache
 
 
-def warm(store: GradientStore, share: float = 0.25) -> bool:
-    """Read a freshly written store once, so that its pages are in the page cache for the first question (the
-    shards are written with direct I/O, ``store.shardfile``, which leaves them on the disk only); skipped when the
-    store is larger than ``share`` of the machine's memory. Part of the build's one-time cost. Returns whether it
-    read."""
+WARM_SHARE = 0.25  # the largest share of the machine's memory a store may take in the page cache after its build
+
+
+def _fits_memory(nbytes: int, share: float = WARM_SHARE) -> bool:
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return False
-    if store.nbytes > share * memory:
+    return nbytes <= share * memory
+
+
+def warm(store: GradientStore, share: float = WARM_SHARE, skip: Collection[int] = ()) -> bool:
+    """Read a freshly written store once, so that its pages are in the page cache for the first question (the
+    shards are written with direct I/O, ``store.shardfile``, which leaves them on the disk only); skipped when the
+    store is larger than ``share`` of the machine's memory. ``skip``: shards whose writer read them back already
+    (``write_shard(read_back=True)``). Part of the build's one-time cost. Returns whether it read."""
+    if not _fits_memory(store.nbytes, share):
         return False
     buffer = bytearray(1 << 24)
     for s in range(len(store.shards)):
+        if s in skip:
+            continue
         with open(shard_file(store.folder, s), "rb", buffering=0) as handle:
             while handle.readinto(buffer):
                 pass

@@ -21,8 +21,10 @@ formed. A question's preconditioned gradient ``V = (P + λ)⁻¹ ∇f`` is proje
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -52,6 +54,96 @@ class WeightProjection:
         return self.shape[0] * self.shape[1] if self.keep is None else int(self.keep.numel())
 
 
+CALL_MACS = 300_000  # the cost of one more small product per row in multiply-adds (a few µs on a CPU core): what
+# splitting a weight's rectangle into blocks must save to be worth it (``row_plan``)
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """How the CPU path forms one weight's kept entries of ``L G_b Rᵀ``, row by row.
+
+    The kept entries of an eigen projection are a staircase: visibility grows with the product of the two sides'
+    eigenvalues, so the directions of small output eigenvalue keep only a few input directions of large
+    eigenvalue, and the other way round. Forming the whole bounding rectangle costs every kept direction's
+    projection on every token. ``split = (rs, cs)`` cuts it into three blocks that cover every kept entry:
+
+    - the *core*, rectangle rows ``rs:`` × cols ``cs:``: ``Σ_t (L g_t)(R a_t)ᵀ`` from the tokens' projections;
+    - the *row arm*, rows ``:rs`` × cols ``row_arm`` (within ``cs:``): ``L (Σ_t g_t (R a_t)ᵀ)``, the row's gradient
+      against the core's input projections, then those rows of ``L`` once per row, not per token;
+    - the *col arm*, rows ``col_arm`` (within ``rs:``) × cols ``:cs``: ``(Σ_t (L g_t) a_tᵀ) Rᵀ`` likewise.
+
+    Rows ``:rs`` keep nothing in cols ``:cs``. The blocks are laid out one after another in ``size`` entries per
+    row; ``gather`` picks each kept entry (in the projection's order) from there. The split minimises a count of
+    multiply-adds per token (``row_plan``); ``(0, 0)`` is the whole rectangle. The same numbers as the one
+    rectangle up to float round-off (summation order)."""
+
+    split: tuple[int, int]
+    row_arm: tuple[int, int]
+    col_arm: tuple[int, int]
+    size: int
+    gather: torch.Tensor
+
+
+def row_plan(
+    shape: tuple[int, int], keep: torch.Tensor | None, d_out: int, d_in: int, tokens_per_row: float
+) -> RowPlan:
+    """The cheapest ``RowPlan`` of a ``shape`` rectangle keeping ``keep`` (flat indices; ``None``: all) for a weight
+    ``[d_out, d_in']`` and rows of ``tokens_per_row`` tokens: multiply-adds per token of each split ``(rs, cs)``
+    (the core's two projections and products, each arm's products, ``CALL_MACS`` per product and row), every
+    admissible split tried at once."""
+    r_out, r_in = shape
+    kept = torch.ones(r_out * r_in, dtype=torch.bool)
+    if keep is not None:
+        kept = torch.zeros(r_out * r_in, dtype=torch.bool)
+        kept[keep.long()] = True
+    kept = kept.view(r_out, r_in)
+    cols = torch.arange(r_in).expand(r_out, r_in)
+    rows = torch.arange(r_out)[:, None].expand(r_out, r_in)
+    # per row: its first and one past its last kept column (r_in and 0 when it keeps none); per column likewise
+    first_col = torch.where(kept, cols, r_in).amin(1)
+    end_col = torch.where(kept, cols + 1, 0).amax(1)
+    first_row = torch.where(kept, rows, r_out).amin(0)
+    end_row = torch.where(kept, rows + 1, 0).amax(0)
+
+    def prefix(values: torch.Tensor, fill: int, op: Any) -> torch.Tensor:  # [n + 1]: op over the first k entries
+        return torch.cat([torch.tensor([fill]), op(values, 0).values]) if values.numel() else torch.tensor([fill])
+
+    ca, cb = prefix(first_col, r_in, torch.cummin), prefix(end_col, 0, torch.cummax)  # the row arm's cols, by rs
+    ra, rb = prefix(first_row, r_out, torch.cummin), prefix(end_row, 0, torch.cummax)  # the col arm's rows, by cs
+    t = float(max(tokens_per_row, 1.0))
+    rs = torch.arange(r_out + 1, dtype=torch.float64)[:, None]
+    cs = torch.arange(r_in + 1, dtype=torch.float64)[None, :]
+    width = (cb - ca).clamp(min=0).double()[:, None]
+    height = (rb - ra).clamp(min=0).double()[None, :]
+    cost = d_out * (r_out - rs) + d_in * (r_in - cs) + (r_out - rs) * (r_in - cs) + CALL_MACS / t
+    cost = cost + torch.where((rs > 0) & (width > 0), d_out * width + (rs * d_out * width + CALL_MACS) / t, 0.0)
+    cost = cost + torch.where((cs > 0) & (height > 0), d_in * height + (height * d_in * cs + CALL_MACS) / t, 0.0)
+    admissible = (ca.double()[:, None] >= cs) & (rs < r_out) & (cs < r_in)  # rows :rs keep nothing in cols :cs
+    cost = torch.where(admissible, cost, math.inf)
+    best = int(torch.argmin(cost))
+    split_r, split_c = divmod(best, r_in + 1)
+    if not bool(admissible.view(-1)[best]):
+        split_r = split_c = 0
+    row_arm = (int(ca[split_r]), int(cb[split_r])) if split_r else (0, 0)
+    col_arm = (int(ra[split_c]), int(rb[split_c])) if split_c else (0, 0)
+    core = (r_out - split_r) * (r_in - split_c)
+    arm_r = split_r * max(row_arm[1] - row_arm[0], 0)
+    o, i = rows[kept], cols[kept]  # the kept entries in the projection's (row-major) order
+    in_core = (o >= split_r) & (i >= split_c)
+    in_row_arm = o < split_r
+    gather = torch.where(
+        in_core,
+        (o - split_r) * (r_in - split_c) + (i - split_c),
+        torch.where(
+            in_row_arm,
+            core + (i - row_arm[0]) * split_r + o,  # the row arm is laid out [cols, rows]
+            core + arm_r + (o - col_arm[0]) * split_c + i,
+        ),
+    )
+    size = core + arm_r + split_c * max(col_arm[1] - col_arm[0], 0)
+    return RowPlan((split_r, split_c), row_arm, col_arm, size, gather)
+
+
 class Projector:
     """The projections of a list of weights, laid out one after another in a flat row vector of ``dim`` entries."""
 
@@ -68,6 +160,7 @@ class Projector:
         self.dim = start
         self._cache: dict[tuple[str, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._keep_cache: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}
+        self._plans: dict[tuple[str, int], RowPlan] = {}
         # weights reading one input (q, k, v; gate, in) usually keep the same input directions: ``R a_t`` is then
         # computed once per batch for the group (the first of a run of consecutive weights with equal ``R``)
         self.right_group: dict[str, str] = {}
@@ -104,6 +197,9 @@ class Projector:
         ``g [N, d_out]`` hold only the batch's real tokens, at flat positions ``index`` of ``[B·T]`` (sorted; padding
         is neither projected nor summed). ``memo`` (one dict per batch, the same ``a`` tensors alive throughout)
         shares ``R a_t`` between weights of one input with equal ``R``."""
+        keep = self.keep_index(name, g.device)
+        if tokens is not None and keep is not None and _row_by_row(g.device):
+            return self._sum_rows_planned(name, a, g, tokens, out, memo)
         left, right = self.matrices(name, g.device, g.dtype)
         key = (id(a), self.right_group[name])
         projected_a = memo.get(key) if memo is not None else None
@@ -112,7 +208,6 @@ class Projector:
             if memo is not None:
                 memo[key] = projected_a
         projected_g = g @ left.T
-        keep = self.keep_index(name, g.device)
         if tokens is not None and _row_by_row(g.device):
             return self._sum_rows(name, projected_g, projected_a, tokens, keep, out)
         if tokens is not None:  # accelerators: one batched product over the zero-padded rows
@@ -135,9 +230,8 @@ class Projector:
         keep: torch.Tensor | None,
         out: torch.Tensor | None,
     ) -> torch.Tensor:
-        """CPU: ``Σ_t (L g_t)(R a_t)ᵀ`` row by row over each row's run of real tokens (no padding in the products),
-        each ``[r_out, r_in]`` rectangle formed in one small reused buffer and its kept entries selected straight
-        into the row of ``out``."""
+        """CPU, every entry of the rectangle kept: ``Σ_t (L g_t)(R a_t)ᵀ`` row by row over each row's run of real
+        tokens (no padding in the products), each ``[r_out, r_in]`` rectangle formed straight in the row of ``out``."""
         index, b, t = tokens
         r_out, r_in = self.projections[name].shape
         if out is None:
@@ -154,6 +248,73 @@ class Projector:
                 torch.index_select(rect.view(-1), 0, keep, out=out[row])  # type: ignore[arg-type]
             start += count
         return out
+
+    def row_plan(self, name: str, tokens_per_row: float) -> RowPlan:
+        """The weight's ``RowPlan`` for rows of about ``tokens_per_row`` tokens (cached per power of two)."""
+        bucket = 1 << max(0, round(math.log2(max(tokens_per_row, 1.0))))
+        key = (name, bucket)
+        if key not in self._plans:
+            p = self.projections[name]
+            self._plans[key] = row_plan(p.shape, p.keep, int(p.left.shape[1]), int(p.right.shape[1]), float(bucket))
+        return self._plans[key]
+
+    def _sum_rows_planned(
+        self,
+        name: str,
+        a: torch.Tensor,
+        g: torch.Tensor,
+        tokens: tuple[torch.Tensor, int, int],
+        out: torch.Tensor | None,
+        memo: dict[tuple[int, str], torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """CPU, some entries kept: the kept entries of ``L G_b Rᵀ`` by the weight's ``RowPlan`` (a dense core by
+        token projections, the staircase's arms from the row's gradient against one side's projection; see
+        ``RowPlan``), every row's blocks formed in one buffer, then one selection of the kept entries for the batch.
+        ``a [N, d_in']``, ``g [N, d_out]``: the batch's real tokens (``tokens`` as in ``project_rows``)."""
+        index, b, t = tokens
+        counts = torch.bincount(torch.div(index, t, rounding_mode="floor"), minlength=b).tolist()
+        plan = self.row_plan(name, index.numel() / max(b, 1))
+        left, right = self.matrices(name, g.device, g.dtype)
+        rs, cs = plan.split
+        key = (id(a), f"{self.right_group[name]}:{cs}")
+        pa = memo.get(key) if memo is not None else None
+        if pa is None:
+            pa = a.to(g.dtype) @ right[cs:].T  # the core's input side, [N, r_in - cs]
+            if memo is not None:
+                memo[key] = pa
+        pg = g @ left[rs:].T  # the core's output side, [N, r_out - rs]
+        core = (left.shape[0] - rs) * (right.shape[0] - cs)
+        buffer = g.new_empty(b, plan.size)
+        (ca, cb), (ra, rb) = plan.row_arm, plan.col_arm
+        row_arm = g.new_empty(b, cb - ca, g.shape[1]) if rs and cb > ca else None  # (R a)ᵀ g of the row arm's cols
+        col_arm = g.new_empty(b, rb - ra, a.shape[1]) if cs and rb > ra else None  # (L g)ᵀ a of the col arm's rows
+        start = 0
+        for row, count in enumerate(counts):
+            x, y = pg[start : start + count], pa[start : start + count]
+            torch.mm(x.T, y, out=buffer[row, :core].view(x.shape[1], y.shape[1]))
+            if row_arm is not None:
+                torch.mm(y[:, ca - cs : cb - cs].T, g[start : start + count], out=row_arm[row])
+            if col_arm is not None:
+                torch.mm(x[:, ra - rs : rb - rs].T, a[start : start + count].to(g.dtype), out=col_arm[row])
+            start += count
+        offset = core
+        if row_arm is not None:  # [B, cb - ca, rs]: each row's (R a)ᵀ g against the arm's rows of L, one product
+            size = rs * (cb - ca)
+            buffer[:, offset : offset + size] = (row_arm.view(-1, g.shape[1]) @ left[:rs].T).view(b, size)
+            offset += size
+        if col_arm is not None:  # [B, rb - ra, cs]: each row's (L g)ᵀ a against the arm's cols of R
+            size = (rb - ra) * cs
+            buffer[:, offset : offset + size] = (col_arm.view(-1, a.shape[1]) @ right[:cs].T).view(b, size)
+        gather = self._plan_gather(name, plan, g.device)
+        if out is None:
+            return torch.index_select(buffer, 1, gather)
+        return out.copy_(torch.index_select(buffer, 1, gather))
+
+    def _plan_gather(self, name: str, plan: RowPlan, device: torch.device) -> torch.Tensor:
+        cache_key = (f"{name}:{plan.split}", str(device), torch.int64)
+        if cache_key not in self._keep_cache:
+            self._keep_cache[cache_key] = plan.gather.to(device=device, dtype=torch.int64)
+        return self._keep_cache[cache_key]
 
     def keep_index(self, name: str, device: torch.device) -> torch.Tensor | None:
         """The weight's kept entries of its flattened ``[r_out, r_in]`` rectangle on ``device`` (``None``: all)."""

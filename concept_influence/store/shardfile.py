@@ -6,7 +6,10 @@ host) that cost 1-2 s per GB and varied fivefold from run to run, more than the 
 (``bench/store_scaling.py``). ``NpyRowWriter`` instead writes from two reused, page-aligned staging buffers with
 ``O_DIRECT`` (Linux): the rows go from that buffer to the disk, and the page cache is neither filled nor polluted;
 the write of one block runs in a worker thread while the next block is computed.
-The price: the shard's pages are not cached afterwards, so the first read of a fresh store comes from the disk.
+The price: the shard's pages are not cached afterwards, so the first read of a fresh store comes from the disk;
+with ``read_back`` the worker thread reads each block back through the page cache right after writing it (the
+store's first question then reads memory; ``store.caches`` asks for it where the store fits the machine's memory),
+on another core while the next block is computed, instead of in a pass over the store after the build.
 Where ``O_DIRECT`` is missing or refused (macOS, tmpfs, some network file systems) the same code writes buffered.
 
 The file is a plain ``.npy`` (format 1.0) whose header is padded to ``ALIGN`` bytes so that the data starts on an
@@ -66,6 +69,7 @@ class NpyRowWriter:
         *,
         direct: bool = True,
         background: bool = True,
+        read_back: bool = False,
     ) -> None:
         self.path = Path(path)
         self.dtype = np.dtype(dtype)
@@ -91,6 +95,11 @@ class NpyRowWriter:
             self.direct = False
             self._fd = os.open(self.path, flags, 0o644)
         self._size = len(header) + self.rows * row_bytes
+        self._reader = -1  # a buffered descriptor of the same file, for read_back
+        self._scratch: np.ndarray | None = None
+        if read_back:
+            self._reader = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+            self._scratch = np.empty(1 << 20, dtype=np.uint8)
 
     def block(self, n: int) -> torch.Tensor:
         """A writable ``[n, cols]`` view (``dtype``) of the staging buffer for the next ``n`` rows."""
@@ -139,6 +148,19 @@ class NpyRowWriter:
                 if not self.direct or error.errno != errno.EINVAL:
                     raise
                 self._buffered()
+        if self._reader >= 0 and self.direct:  # buffered writes leave their pages cached already
+            self._read_back(offset, length)
+
+    def _read_back(self, offset: int, length: int) -> None:
+        """Read ``length`` bytes at ``offset`` through the page cache (they stay cached there)."""
+        assert self._scratch is not None
+        view = memoryview(self._scratch)  # type: ignore[arg-type]
+        end = offset + length
+        while offset < end:
+            got = os.preadv(self._reader, [view[: min(len(view), end - offset)]], offset)
+            if got <= 0:
+                break
+            offset += got
 
     def _buffered(self) -> None:
         import fcntl
@@ -175,6 +197,9 @@ class NpyRowWriter:
             self._pool.shutdown(wait=True)
         os.close(self._fd)
         self._fd = -1
+        if self._reader >= 0:
+            os.close(self._reader)
+            self._reader = -1
 
     def __enter__(self) -> NpyRowWriter:
         return self

@@ -278,6 +278,17 @@ def check_storable(
     )
 
 
+SORT_WINDOW_BATCHES = 8  # batches whose rows are sorted by length together while a store is written
+SORT_WINDOW_BYTES = 64 << 20  # the most projected rows held per window (the writer keeps two windows)
+
+
+def sort_window(batch_size: int, row_bytes: int, rows: int) -> int:
+    """Rows per window of ``write_shard``: ``SORT_WINDOW_BATCHES`` batches, fewer when their projected rows would
+    exceed ``SORT_WINDOW_BYTES`` (never less than one batch), at most ``rows``."""
+    fit = max(batch_size, SORT_WINDOW_BYTES // max(row_bytes, 1) // batch_size * batch_size)
+    return max(1, min(rows, batch_size * SORT_WINDOW_BATCHES, fit))
+
+
 def write_shard(
     adapter: ModelAdapter,
     data: Sequence[Any],
@@ -290,10 +301,12 @@ def write_shard(
     params: Sequence[torch.nn.Parameter] | None = None,
     progress_bar: Any = None,
     on_batch: Any = None,
+    read_back: bool = False,
 ) -> Path:
     """Project the rows of shard ``shard`` (rows ``shard·shard_rows`` up to the next shard) and write the shard
     atomically. Call inside ``gradient_mode`` (``params``) or let it enter one. ``on_batch(batch)`` is called after
-    each batch's forward and backward (how ``store.caches`` reads the activation cache in the same pass)."""
+    each batch's forward and backward (how ``store.caches`` reads the activation cache in the same pass).
+    ``read_back``: leave the shard's pages in the page cache (``shardfile.NpyRowWriter``)."""
     folder = Path(folder)
     start = shard * config.shard_rows
     stop = min(len(data), start + config.shard_rows)
@@ -315,34 +328,35 @@ def write_shard(
                 params=own,
                 progress_bar=progress_bar,
                 on_batch=on_batch,
+                read_back=read_back,
             )
     meta = np.array([[int(r.index), max(int(sum(r.loss_mask[1:])), 1)] for r in rows], dtype=np.int64)
     save_npy_atomic(rows_file(folder, shard), meta)
     work = torch.promote_types(adapter.dtype, torch.float32)
     dtype = np.dtype(STORE_DTYPES[config.dtype])
-    # Each batch is projected straight into the writer's staging buffer where the work dtype is the stored one on
-    # the CPU (else into a buffer, then converted into it) and written with direct I/O (shardfile.NpyRowWriter).
-    direct = adapter.device.type == "cpu" and torch.from_numpy(np.empty(0, dtype=dtype)).dtype == work
-    block = min(batch_size, stop - start)
-    buffer = None if direct else torch.empty(block, projector.dim, dtype=work, device=adapter.device)
+    # The rows go in windows of a few batches (``sort_window``): each window's rows are batched by length, so that
+    # the forward and backward carry little padding, and each batch's projections are put at their rows' places in
+    # the writer's staging block of that window, written with direct I/O once the window is full
+    # (shardfile.NpyRowWriter). Memory: two windows of projected rows, whatever the number of rows.
+    window = sort_window(batch_size, projector.dim * dtype.itemsize, stop - start)
+    buffer = torch.empty(min(batch_size, stop - start), projector.dim, dtype=work, device=adapter.device)
     with (
         atomic_file(shard_file(folder, shard)) as tmp,
-        NpyRowWriter(tmp, dtype, stop - start, projector.dim, block) as writer,
+        NpyRowWriter(tmp, dtype, stop - start, projector.dim, window, read_back=read_back) as writer,
     ):
-        for batch in iter_batches(rows, batch_size, pad_id=pad):
-            n = int(batch["input_ids"].shape[0])
-            target = writer.block(n)
-            if buffer is None:
-                project_batch(adapter, batch, projector, params, out=target)
-            else:
+        for low in range(0, stop - start, window):
+            part = rows[low : low + window]
+            target = writer.block(len(part))
+            for batch in iter_batches(part, batch_size, pad_id=pad, by_length=True):
+                n = int(batch["input_ids"].shape[0])
                 projected = project_batch(adapter, batch, projector, params, out=buffer[:n]).detach()
                 check_storable(projected, config.dtype, projector, batch["index"], "build-store")
-                target.copy_(projected)
-            writer.commit(n)
-            if on_batch is not None:
-                on_batch(batch)
-            if progress_bar is not None:
-                progress_bar.update(n)
+                target[batch["position"]] = projected.to(device="cpu", dtype=target.dtype)
+                if on_batch is not None:
+                    on_batch(batch)
+                if progress_bar is not None:
+                    progress_bar.update(n)
+            writer.commit(len(part))
     return shard_file(folder, shard)
 
 

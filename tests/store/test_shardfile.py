@@ -13,11 +13,25 @@ from concept_influence.store.shardfile import ALIGN, NpyRowWriter, npy_header
 
 
 def _write(
-    path: Path, array: np.ndarray, block_rows: int, *, direct: bool = True, background: bool = True, dtype=None
+    path: Path,
+    array: np.ndarray,
+    block_rows: int,
+    *,
+    direct: bool = True,
+    background: bool = True,
+    dtype=None,
+    read_back: bool = False,
 ) -> NpyRowWriter:
     dtype = np.dtype(dtype or array.dtype)
     with NpyRowWriter(
-        path, dtype, array.shape[0], array.shape[1], block_rows, direct=direct, background=background
+        path,
+        dtype,
+        array.shape[0],
+        array.shape[1],
+        block_rows,
+        direct=direct,
+        background=background,
+        read_back=read_back,
     ) as writer:
         for lo in range(0, array.shape[0], block_rows):
             part = torch.from_numpy(array[lo : lo + block_rows])
@@ -29,11 +43,15 @@ def _write(
 @pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("background", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
-def test_rows_written_in_blocks_read_back_exactly(tmp_path, direct, background, dtype):
+@pytest.mark.parametrize("read_back", [False, True])
+def test_rows_written_in_blocks_read_back_exactly(tmp_path, direct, background, dtype, read_back):
+    """``read_back``: each written block is read again through the page cache by the writer (the file is the same;
+    its descriptors are closed)."""
     # 1001 columns: no row ends on an aligned offset, and the last block is short (37 = 7 * 5 + 2)
     array = np.random.default_rng(0).standard_normal((37, 1001)).astype(dtype)
     path = tmp_path / "a.npy"
-    _write(path, array, 5, direct=direct, background=background)
+    writer = _write(path, array, 5, direct=direct, background=background, read_back=read_back)
+    assert writer._fd == -1 and writer._reader == -1
     np.testing.assert_array_equal(np.load(path, allow_pickle=False), array)
     mapped = np.load(path, mmap_mode="r", allow_pickle=False)
     assert mapped.shape == array.shape and mapped.dtype == array.dtype and mapped.offset == ALIGN

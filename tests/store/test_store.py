@@ -363,3 +363,39 @@ def test_a_damaged_store_manifest_is_refused_before_any_work(adapters, tmp_path,
     (store.folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(StoreMismatchError, match="manifest is damaged"):
         GradientStore.open(store.folder)
+
+
+@pytest.mark.parametrize("call_macs", [0, 10**12])
+def test_the_planned_row_sums_of_a_staircase_equal_the_explicit_row_gradient(call_macs, monkeypatch):
+    """An eigen projection keeps a staircase of its rectangle; the CPU path forms it as a core from the tokens'
+    projections plus a row arm and a column arm from each row's gradient (``RowPlan``); with a free extra product
+    the plan takes both arms, with a costly one the whole rectangle. Either way: ``L G_b Rᵀ`` at the kept entries,
+    in float64, padding never summed."""
+    from concept_influence.store import projection
+    from concept_influence.store.projection import Projector, WeightProjection
+
+    monkeypatch.setattr(projection, "CALL_MACS", call_macs)
+    gen = torch.Generator().manual_seed(1)
+    b, t, d_out, d_in, r_out, r_in = 4, 9, 60, 60, 24, 24
+    left = torch.randn(r_out, d_out, generator=gen, dtype=torch.float64)
+    right = torch.randn(r_in, d_in, generator=gen, dtype=torch.float64)
+    # visibility grows with the product of the two sides' (ascending, here geometric) eigenvalues: a staircase
+    # towards the last corner, in which every row and column keeps something
+    kept = (torch.arange(r_out)[:, None] + torch.arange(r_in)[None, :]) >= r_in - 1
+    keep = torch.nonzero(kept.flatten()).flatten()
+    projector = Projector("eigen", [WeightProjection("w", left, right, keep=keep)])
+    plan = projector.row_plan("w", 4.5)  # the batch below: 18 tokens in 4 rows
+    arms = plan.row_arm[1] > plan.row_arm[0], plan.col_arm[1] > plan.col_arm[0]
+    assert arms == ((True, True) if call_macs == 0 else (False, False)), plan
+    lengths = torch.tensor([9, 1, 5, 3])
+    mask = torch.arange(t)[None] < lengths[:, None]
+    a = torch.randn(b, t, d_in, generator=gen, dtype=torch.float64) * mask[..., None]
+    g = torch.randn(b, t, d_out, generator=gen, dtype=torch.float64) * mask[..., None]
+    index = mask.reshape(-1).nonzero().squeeze(1)
+    out = torch.full((b, projector.dim + 2), float("nan"), dtype=torch.float64)
+    projector.project_rows(
+        "w", a.reshape(-1, d_in)[index], g.reshape(-1, d_out)[index], out=out[:, 1:-1], tokens=(index, b, t)
+    )
+    explicit = torch.stack([(left @ (g[k].T @ a[k]) @ right.T).reshape(-1)[keep] for k in range(b)])
+    torch.testing.assert_close(out[:, 1:-1], explicit, rtol=1e-12, atol=1e-12)
+    assert out[:, 0].isnan().all() and out[:, -1].isnan().all()

@@ -180,7 +180,7 @@ def test_four_processes_own_and_score_like_one(runs):
     """4 ranks, the fit in two partitions (what a small --max-memory asks for: each partition's sums reduced to
     their owners after its pass), each rank scoring with only its own weights' factors and query-vector slice (for a
     direction at layer 0, two ranks own none of the weights reached), give the single process's factors and
-    influence scores."""
+    influence scores, also through the memory-bounded pass (--max-memory, in two partitions)."""
     root, single = runs
     torchrun(4, "concept_influence.testing.fsdp_check", str(root / "inputs"), str(root / "four"), "owners")
     factors = load_factors(root / "four" / "factors")
@@ -201,6 +201,15 @@ def test_four_processes_own_and_score_like_one(runs):
         assert reads == [sorted(n for n in factors.names if owners[n] == rank)] or reads == [
             [n for n in factors.names if owners[n] == rank]
         ]
+    # the memory-bounded pass (--max-memory) in two partitions: each rank reads the factors of and preconditions
+    # only its own weights, one at a time (the others' vectors arrive one at a time inside the backward)
+    _close(four["influence-bounded"], single["influence"])
+    for rank in range(4):
+        bounded = json.loads((root / "four" / f"bounded-{rank}.json").read_text())
+        own = sorted(n for n in factors.names if owners[n] == rank)
+        assert own and sorted(bounded["vectors"]) == own, (rank, bounded)
+        assert sorted(n for names in bounded["reads"] for n in names) == own
+        assert all(len(names) == 1 for names in bounded["reads"])
 
 
 def test_owners_are_balanced_deterministic_and_keep_shared_inputs_together():

@@ -35,9 +35,12 @@ from concept_influence.attribution.scoring import (
     aggregation_windows,
     build_preconditioner,
     check_factors_model,
+    gathered_kind_and_damping,
     normalise_rows,
+    owned,
     per_token_mean,
     preconditioned_gradient,
+    question_owners,
     resolve_weights,
     score_rows,
     score_rows_sharded,
@@ -45,11 +48,10 @@ from concept_influence.attribution.scoring import (
     window_max,
 )
 from concept_influence.curvature.factors import Factors
-from concept_influence.curvature.fit import factor_owners
 from concept_influence.curvature.io import FACTORS_FILE, load_factors, read_manifest
 from concept_influence.curvature.preconditioner import Preconditioner
 from concept_influence.data.tokenize import untrainable_rows
-from concept_influence.distributed.runtime import dist_info, in_step
+from concept_influence.distributed.runtime import in_step
 from concept_influence.models.base import ModelAdapter
 
 logger = logging.getLogger(__name__)
@@ -104,8 +106,8 @@ def compute_influence(
         if shared:  # read only this rank's weights
             available = [entry["name"] for entry in read_manifest(factors)["weights"]]
             names, _ = resolve_weights(adapter, measurement, available, allow_subset=config.allow_subset)
-            owners = _owners(adapter, available, names)
-            factors = load_factors(factors, weights=_mine(owners))
+            owners = question_owners(adapter, available, names)
+            factors = load_factors(factors, weights=owned(owners))
         else:
             factors = load_factors(factors)
     provenance_notes = check_factors_model(
@@ -118,8 +120,8 @@ def compute_influence(
     for note in notes:
         logger.info(note)
     if shared and owners is None:
-        owners = _owners(adapter, available or names, names)
-    mine = names if owners is None else _mine(owners)
+        owners = question_owners(adapter, available or names, names)
+    mine = names if owners is None else owned(owners)
     # a rank owning none of the reached weights has no preconditioner, but still takes part in every collective
     preconditioner = build_preconditioner(adapter, mine, factors, config) if mine or owners is None else None
     timings = {}
@@ -171,30 +173,13 @@ def compute_influence(
     )
 
 
-def _owners(adapter: ModelAdapter, fitted: Sequence[str], names: Sequence[str]) -> dict[str, int]:
-    """``{weight: rank}`` of the scored ``names``, as the sharded fit of the ``fitted`` weights owned them (a rank
-    scores with the factors it fitted; a rank may own none of ``names``)."""
-    owners = factor_owners([adapter.weight_info(n) for n in fitted], dist_info()[1])
-    return {name: owners[name] for name in names}
-
-
-def _mine(owners: dict[str, int]) -> list[str]:
-    rank = dist_info()[0]
-    return [name for name, owner in owners.items() if owner == rank]
-
-
 def _kind_and_damping(preconditioner: Preconditioner | None, sharded: bool) -> tuple[str, dict[str, float]]:
     """The preconditioner's kind and ``{weight: damping}``; ``sharded``: every rank's merged (a collective)."""
     mine = (preconditioner.kind, dict(preconditioner.damping)) if preconditioner is not None else None
     if not sharded:
         assert mine is not None
         return mine
-    import torch.distributed as dist
-
-    pieces: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(pieces, mine)
-    kind = next(piece[0] for piece in pieces if piece is not None)
-    return kind, {k: v for piece in pieces if piece is not None for k, v in piece[1].items()}
+    return gathered_kind_and_damping(*(mine or (None, {})))
 
 
 def compute_influence_many(

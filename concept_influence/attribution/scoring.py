@@ -20,10 +20,11 @@ from concept_influence.curvature.budget import parse_size
 from concept_influence.curvature.config import Damping, PreconditionerKind
 from concept_influence.curvature.covariance import fold_bias, per_example_gradients, token_contractions
 from concept_influence.curvature.factors import Factors
+from concept_influence.curvature.fit import factor_owners
 from concept_influence.curvature.io import FactorMismatchError
 from concept_influence.curvature.preconditioner import IdentityPreconditioner, Preconditioner
 from concept_influence.data.tokenize import iter_batches
-from concept_influence.distributed.runtime import max_over_ranks, n_batches, side_group
+from concept_influence.distributed.runtime import dist_info, max_over_ranks, n_batches, side_group
 from concept_influence.gradients.capture import gradient_mode, loss_backward
 from concept_influence.models.base import ModelAdapter, WeightInfo
 from concept_influence.models.fingerprint import missing_provenance
@@ -402,6 +403,30 @@ def score_rows(
     if window_scores:
         out["windows"] = window_scores
     return out
+
+
+def question_owners(adapter: ModelAdapter, fitted: Sequence[str], names: Sequence[str]) -> dict[str, int]:
+    """``{weight: rank}`` of the scored ``names``, as the sharded fit of the ``fitted`` weights owned them (a rank
+    scores with the factors it fitted; a rank may own none of ``names``)."""
+    owners = factor_owners([adapter.weight_info(n) for n in fitted], dist_info()[1])
+    return {name: owners[name] for name in names}
+
+
+def owned(owners: Mapping[str, int]) -> list[str]:
+    """The weights of ``owners`` that this rank owns (in ``owners``' order)."""
+    rank = dist_info()[0]
+    return [name for name, owner in owners.items() if owner == rank]
+
+
+def gathered_kind_and_damping(kind: str | None, damping: Mapping[str, float]) -> tuple[str, dict[str, float]]:
+    """Every rank's preconditioner kind and ``{weight: damping}`` merged (a collective; ``kind=None``: this rank
+    preconditioned no weight)."""
+    import torch.distributed as dist
+
+    pieces: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(pieces, (kind, dict(damping)) if kind is not None else None)
+    merged_kind = next(piece[0] for piece in pieces if piece is not None)
+    return merged_kind, {k: v for piece in pieces if piece is not None for k, v in piece[1].items()}
 
 
 def _vector_source(

@@ -11,8 +11,9 @@ folder made by ``write_inputs`` (a saved tiny model, training rows, queries, a c
 - ``resume``: the same fit into ``OUT/resumed`` again (it resumes), and a bf16 model's fit with float32
   statistics into ``OUT/bf16``.
 - ``owners``: the factors (fitted in two partitions) and influence scores only (``OUT/factors``,
-  ``results.safetensors``, and ``OUT/factor-reads-<rank>.json``: the weights each rank read to score): any number
-  of processes.
+  ``results.safetensors``, ``OUT/factor-reads-<rank>.json``: the weights each rank read to score, and
+  ``OUT/bounded-<rank>.json``: what each rank read and preconditioned in the memory-bounded pass): any number of
+  processes.
 """
 
 from __future__ import annotations
@@ -165,7 +166,51 @@ def owners_run(inputs: Path, out: Path, shard: str) -> dict[str, torch.Tensor]:
         adapter, train, measurement, out / "factors", InfluenceConfig(batch_size=2), progress=False
     ).scores
     read()
-    return {"influence": scores, "influence-layer-0": layer_0_scores(inputs, adapter, train, out / "factors")}
+    return {
+        "influence": scores,
+        "influence-layer-0": layer_0_scores(inputs, adapter, train, out / "factors"),
+        "influence-bounded": bounded_scores(adapter, train, measurement, out / "factors", out),
+    }
+
+
+def bounded_scores(adapter, train, measurement, factors: Path, out: Path) -> torch.Tensor:
+    """The influence scores of ``owners_run`` through the memory-bounded pass (``max_memory``) in two partitions
+    (block 0's weights, then the rest); ``out/bounded-<rank>.json`` records the weights whose factors the rank read
+    (``"reads"``) and whose preconditioned vectors it formed (``"vectors"``)."""
+    import json
+
+    from concept_influence.attribution import bounded
+    from concept_influence.attribution.influence import InfluenceConfig, compute_influence
+
+    def halves(adapter, infos, *args, **kwargs) -> list[list[str]]:
+        names = [i.name for i in infos]
+        first = [n for n in names if n.startswith("blocks.0.")]
+        return [first, [n for n in names if n not in first]]
+
+    saved = bounded.plan_score_partitions, bounded.load_factors, bounded.preconditioned_gradient
+    reads: list[list[str]] = []
+    formed: list[str] = []
+
+    def recording_load(folder, **kwargs):
+        reads.append(list(kwargs.get("weights") or []))
+        return saved[1](folder, **kwargs)
+
+    def recording_precondition(preconditioner, grad_f, description):
+        formed.extend(grad_f)
+        return saved[2](preconditioner, grad_f, description)
+
+    bounded.plan_score_partitions, bounded.load_factors, bounded.preconditioned_gradient = (
+        halves,
+        recording_load,
+        recording_precondition,
+    )
+    try:
+        config = InfluenceConfig(batch_size=2, max_memory="64GiB")
+        scores = compute_influence(adapter, train, measurement, factors, config, progress=False).scores
+    finally:
+        bounded.plan_score_partitions, bounded.load_factors, bounded.preconditioned_gradient = saved
+    (out / f"bounded-{adapter_rank()}.json").write_text(json.dumps({"reads": reads, "vectors": formed}))
+    return scores
 
 
 def layer_0_scores(inputs: Path, adapter, train, factors: Path) -> torch.Tensor:

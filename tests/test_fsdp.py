@@ -180,7 +180,8 @@ def test_four_processes_own_and_score_like_one(runs):
     """4 ranks, the fit in two partitions (what a small --max-memory asks for: each partition's sums reduced to
     their owners after its pass), each rank scoring with only its own weights' factors and query-vector slice (for a
     direction at layer 0, two ranks own none of the weights reached), give the single process's factors and
-    influence scores, also through the memory-bounded pass (--max-memory, in two partitions)."""
+    influence scores, also through the memory-bounded pass (--max-memory, in two partitions) and several questions
+    in one pass (compute_influence_many)."""
     root, single = runs
     torchrun(4, "concept_influence.testing.fsdp_check", str(root / "inputs"), str(root / "four"), "owners")
     factors = load_factors(root / "four" / "factors")
@@ -210,6 +211,12 @@ def test_four_processes_own_and_score_like_one(runs):
         assert own and sorted(bounded["vectors"]) == own, (rank, bounded)
         assert sorted(n for names in bounded["reads"] for n in names) == own
         assert all(len(names) == 1 for names in bounded["reads"])
+    # several questions in one pass (compute_influence_many): each rank preconditions only its own weights' slices
+    _close(four["many-concept"], single["influence"])
+    _close(four["many-layer-0"], four["influence-layer-0"])
+    for rank in range(4):
+        formed = json.loads((root / "four" / f"many-{rank}.json").read_text())
+        assert formed and set(formed) <= {n for n in factors.names if owners[n] == rank}, (rank, formed)
 
 
 def test_owners_are_balanced_deterministic_and_keep_shared_inputs_together():

@@ -202,34 +202,49 @@ def compute_influence_many(
     untrainable_rows(data)
     allow_missing = any(config.allow_missing_provenance for _, config in measurements.values())
     provenance_notes = check_factors_model(adapter, factors, allow_missing_provenance=allow_missing)
-    prepared: dict[str, tuple[list[str], list[str], Preconditioner, dict[str, torch.Tensor]]] = {}
+    # a model sharded over several ranks: each rank holds its own weights' factors and query-vector slices
+    shared = in_step(adapter.model) and not any(config.normalization == "unit" for _, config in measurements.values())
+    reached: dict[str, tuple[list[str], list[str]]] = {}
+    for label, (measurement, config) in measurements.items():
+        if config.token_breakdown != "none" or config.per_weight or config.self_influence:
+            raise ValueError(f"{label}: breakdowns need compute_influence (one measurement at a time)")
+        reached[label] = resolve_weights(
+            adapter, measurement, factors.names if factors is not None else None, allow_subset=config.allow_subset
+        )
+    union = [i.name for i in adapter.tracked_weights() if any(i.name in r[0] for r in reached.values())]
+    owners = question_owners(adapter, factors.names if factors is not None else union, union) if shared else None
+    mine = set(union if owners is None else owned(owners))
+    prepared: dict[str, tuple[list[str], list[str], Preconditioner | None, dict[str, torch.Tensor]]] = {}
     gradients: dict[int, dict[str, torch.Tensor]] = {}
     self_preconditioner: Preconditioner | None = None
     self_key = None
     for label, (measurement, config) in measurements.items():
-        if config.token_breakdown != "none" or config.per_weight or config.self_influence:
-            raise ValueError(f"{label}: breakdowns need compute_influence (one measurement at a time)")
-        names, notes = resolve_weights(
-            adapter, measurement, factors.names if factors is not None else None, allow_subset=config.allow_subset
-        )
-        preconditioner = build_preconditioner(adapter, names, factors, config)
+        names, notes = reached[label]
+        here = [name for name in names if name in mine]
+        preconditioner = build_preconditioner(adapter, here, factors, config) if here or owners is None else None
         if config.normalization == "unit":
             key = (config.preconditioner, config.damping, tuple(names))
             if self_key is not None and key != self_key:
                 raise ValueError(f"{label}: unit normalisation with a second preconditioner, damping or weight set")
             self_preconditioner, self_key = preconditioner, key
         if id(measurement) not in gradients:
-            gradients[id(measurement)] = measurement.gradient(adapter, names, batch_size=config.batch_size)
-        grad_f = {name: gradients[id(measurement)][name] for name in names}
-        prepared[label] = (
-            names,
-            notes,
-            preconditioner,
-            preconditioned_gradient(preconditioner, grad_f, measurement.description),
+            if owners is None:
+                gradients[id(measurement)] = measurement.gradient(adapter, names, batch_size=config.batch_size)
+            else:  # every rank runs every query batch (collectives), keeping its own weights' gradients
+                gradients[id(measurement)] = measurement.captured_gradient(
+                    adapter, names, batch_size=config.batch_size, keep=[n for n in names if n in mine]
+                )
+        grad_f = {name: gradients[id(measurement)][name] for name in here}
+        vectors = (
+            preconditioned_gradient(preconditioner, grad_f, measurement.description)
+            if preconditioner is not None
+            else {}
         )
-    union = [i.name for i in adapter.tracked_weights() if any(i.name in p[0] for p in prepared.values())]
+        prepared[label] = (names, notes, preconditioner, vectors)
     stacked = {}
     for name in union:
+        if name not in mine:
+            continue
         like = next(p[3][name] for p in prepared.values() if name in p[3])
         stacked[name] = torch.stack([p[3][name] if name in p[3] else torch.zeros_like(like) for p in prepared.values()])
     t0 = time.perf_counter()
@@ -244,11 +259,14 @@ def compute_influence_many(
         windows=windows,
         window_columns=columns,
         progress=progress,
+        owners=owners,
+        stacked=len(prepared) if owners is not None else 0,
     )
     seconds = time.perf_counter() - t0
     results = {}
     for k, (label, (measurement, config)) in enumerate(measurements.items()):
         names, notes, preconditioner, _ = prepared[label]
+        kind, damping = _kind_and_damping(preconditioner, owners is not None)
         single: dict[str, Any] = {
             "scores": out["scores"][:, k].clone(),
             "windows": {w: v[:, k].clone() for w, v in out.get("windows", {}).items()},
@@ -264,8 +282,8 @@ def compute_influence_many(
             indices=[int(row.index) for row in data],
             weights=list(names),
             measurement=measurement.description,
-            preconditioner=preconditioner.kind,
-            damping=dict(preconditioner.damping),
+            preconditioner=kind,
+            damping={name: damping[name] for name in names if name in damping},
             notes=provenance_notes + notes,
             timings={"scoring_shared": seconds},
             row_loss=config.row_loss,

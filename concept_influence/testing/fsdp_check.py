@@ -12,8 +12,8 @@ folder made by ``write_inputs`` (a saved tiny model, training rows, queries, a c
   statistics into ``OUT/bf16``.
 - ``owners``: the factors (fitted in two partitions) and influence scores only (``OUT/factors``,
   ``results.safetensors``, ``OUT/factor-reads-<rank>.json``: the weights each rank read to score, and
-  ``OUT/bounded-<rank>.json``: what each rank read and preconditioned in the memory-bounded pass): any number of
-  processes.
+  ``OUT/bounded-<rank>.json``: what each rank read and preconditioned in the memory-bounded pass, and
+  ``OUT/many-<rank>.json``: what it preconditioned for ``compute_influence_many``): any number of processes.
 """
 
 from __future__ import annotations
@@ -170,6 +170,7 @@ def owners_run(inputs: Path, out: Path, shard: str) -> dict[str, torch.Tensor]:
         "influence": scores,
         "influence-layer-0": layer_0_scores(inputs, adapter, train, out / "factors"),
         "influence-bounded": bounded_scores(adapter, train, measurement, out / "factors", out),
+        **many_scores(inputs, adapter, train, measurement, out / "factors", out),
     }
 
 
@@ -217,14 +218,48 @@ def layer_0_scores(inputs: Path, adapter, train, factors: Path) -> torch.Tensor:
     """Influence scores of a direction at layer 0 (it reaches block 0's weights only: on 4 ranks, some rank owns
     none of them and still takes part in every collective)."""
     from concept_influence.attribution.influence import InfluenceConfig, compute_influence
+
+    measurement = layer_0_measurement(inputs, adapter)
+    return compute_influence(adapter, train, measurement, factors, InfluenceConfig(batch_size=2), progress=False).scores
+
+
+def layer_0_measurement(inputs: Path, adapter):
     from concept_influence.attribution.measurements import ConceptMeasurement
     from concept_influence.concepts.base import DirectionConcept
     from concept_influence.data import read_chat_jsonl, tokenize_chat
 
     queries = tokenize_chat(read_chat_jsonl(inputs / "queries.jsonl"), adapter.tokenizer, 64)
     direction = torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    measurement = ConceptMeasurement(DirectionConcept(direction, 0), queries)
-    return compute_influence(adapter, train, measurement, factors, InfluenceConfig(batch_size=2), progress=False).scores
+    return ConceptMeasurement(DirectionConcept(direction, 0), queries)
+
+
+def many_scores(inputs: Path, adapter, train, measurement, factors: Path, out: Path) -> dict[str, torch.Tensor]:
+    """``compute_influence_many`` of the concept and the layer-0 direction in one pass (the factors loaded whole, as
+    ``attribute_many`` does); ``out/many-<rank>.json`` lists the weights whose preconditioned vectors the rank
+    formed."""
+    import json
+
+    from concept_influence.attribution import influence
+    from concept_influence.attribution.influence import InfluenceConfig, compute_influence_many
+    from concept_influence.curvature import load_factors
+
+    jobs = {
+        "concept": (measurement, InfluenceConfig(batch_size=2)),
+        "layer-0": (layer_0_measurement(inputs, adapter), InfluenceConfig(batch_size=2)),
+    }
+    saved, formed = influence.preconditioned_gradient, []
+
+    def recording(preconditioner, grad_f, description):
+        formed.extend(grad_f)
+        return saved(preconditioner, grad_f, description)
+
+    influence.preconditioned_gradient = recording
+    try:
+        many = compute_influence_many(adapter, train, jobs, load_factors(factors), batch_size=2, progress=False)
+    finally:
+        influence.preconditioned_gradient = saved
+    (out / f"many-{adapter_rank()}.json").write_text(json.dumps(formed))
+    return {f"many-{label}": result.scores for label, result in many.items()}
 
 
 def adapter_rank() -> int:

@@ -108,6 +108,7 @@ def test_every_stage_on_a_sharded_model_equals_one_process(runs):
             "projection-difference",
             "influence",
             "lora-influence",
+            "concept-influence-exact",
         }
     )
     for key, value in single.items():
@@ -117,6 +118,17 @@ def test_every_stage_on_a_sharded_model_equals_one_process(runs):
         assert one.fingerprints == two.fingerprints  # the sharded model hashes as the whole one
         _close_factors(one, two)
         assert not (root / "fsdp" / folder / "parts").exists()  # the owners' parts are merged and removed
+    # Concept Influence's exact pass through Attributor (its workdir's factors): each rank reads only its own
+    # weights' tensors from the factors file, never the whole file
+    factors = load_factors(root / "fsdp" / "factors")
+    shapes = [(n, w.d_in, w.d_out, shared_input_key(n, False) or n) for n, w in factors.weights.items()]
+    owners = weight_owners(shapes, 2)
+    for rank in range(2):
+        reads = json.loads((root / "fsdp" / f"exact-reads-{rank}.json").read_text())
+        assert all(weights is not None for calls in reads.values() for weights in calls), (rank, reads)
+        assert reads["influence"] and all(
+            set(weights) <= {n for n in factors.names if owners[n] == rank} for weights in reads["influence"]
+        ), (rank, reads)
     s1, s2 = GradientStore.open(root / "single" / "store"), GradientStore.open(root / "fsdp" / "store")
     assert s1.manifest["n_shards"] == s2.manifest["n_shards"] == 3
     a = np.concatenate([b for _, b in s1.blocks()])

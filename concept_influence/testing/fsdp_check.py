@@ -87,6 +87,14 @@ def run(inputs: Path, out: Path, shard: str = "none") -> dict[str, torch.Tensor]
     )
     concept = att.load_concept(inputs / "concept")
     results["combined"] = torch.tensor(att.attribute(concept, inputs / "queries.jsonl").scores, dtype=torch.float64)
+    # the exact pass with the workdir's factors (float64 statistics: a fit of its own; out/exact-reads-<rank>.json:
+    # what each rank read of them)
+    done = _record_all_factor_reads(out / f"exact-reads-{adapter_rank()}.json")
+    try:
+        table = att.attribute(concept, inputs / "queries.jsonl", "concept-influence", store=False, dtype="float64")
+    finally:
+        done()
+    results["concept-influence-exact"] = torch.tensor(table.scores, dtype=torch.float64)
     for method in ("vector-filter", "projection-difference"):
         table = att.attribute(concept, inputs / "queries.jsonl", method)
         results[method] = torch.tensor(table.scores, dtype=torch.float64)
@@ -285,6 +293,47 @@ def _record_factor_reads(path: Path):
 
     def done() -> None:
         influence.load_factors = load
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(reads))
+
+    return done
+
+
+def _record_all_factor_reads(path: Path):
+    """Record which weights every factor read asks for (``None``: all of them) while the returned function is not
+    yet called (it writes ``{module: [weights...]}`` to ``path`` and undoes the recording)."""
+    import json
+
+    from concept_influence.attribution import bounded, engine, gradient, influence
+    from concept_influence.curvature import fit as fit_module
+    from concept_influence.store import store
+
+    modules = {
+        "influence": influence,
+        "bounded": bounded,
+        "gradient": gradient,
+        "engine": engine,
+        "fit": fit_module,
+        "store": store,
+    }
+    saved = {key: module.load_factors for key, module in modules.items()}
+    reads: dict[str, list] = {key: [] for key in modules}
+
+    def recorder(key: str):
+        def recording(folder, **kwargs):
+            weights = kwargs.get("weights")
+            reads[key].append(None if weights is None else list(weights))
+            return saved[key](folder, **kwargs)
+
+        return recording
+
+    for key, module in modules.items():
+        module.load_factors = recorder(key)
+
+    def done() -> None:
+        for key, module in modules.items():
+            module.load_factors = saved[key]
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(reads))
 
     return done

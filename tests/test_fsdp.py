@@ -224,11 +224,14 @@ def test_four_processes_own_and_score_like_one(runs):
         assert sorted(n for names in bounded["reads"] for n in names) == own
         assert all(len(names) == 1 for names in bounded["reads"])
     # several questions in one pass (compute_influence_many): each rank preconditions only its own weights' slices
-    _close(four["many-concept"], single["influence"])
-    _close(four["many-layer-0"], four["influence-layer-0"])
+    for suffix in ("", "-folder"):
+        _close(four[f"many-concept{suffix}"], single["influence"])
+        _close(four[f"many-layer-0{suffix}"], four["influence-layer-0"])
     for rank in range(4):
         formed = json.loads((root / "four" / f"many-{rank}.json").read_text())
         assert formed and set(formed) <= {n for n in factors.names if owners[n] == rank}, (rank, formed)
+        reads = json.loads((root / "four" / f"many-reads-{rank}.json").read_text())
+        assert len(reads) == 1 and set(reads[0]) <= {n for n in factors.names if owners[n] == rank}, (rank, reads)
 
 
 def test_owners_are_balanced_deterministic_and_keep_shared_inputs_together():

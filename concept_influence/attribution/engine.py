@@ -499,7 +499,7 @@ class GradientEngine:
                 f"scored from the gradient store {opened.folder}, {len(questions)} questions in one product"
             ]
         else:
-            loaded, more = self.factors_for(measurements[0][0], config, factors)
+            loaded, more = self.factors_for(measurements[0][0], config, factors, sharded_ok=True)
             jobs = {str(k): (m, config.influence_config()) for k, (m, _) in enumerate(measurements)}
             many = compute_influence_many(
                 self.adapter, self.train, jobs, loaded, batch_size=config.batch_size, progress=self.progress

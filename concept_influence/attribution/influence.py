@@ -186,7 +186,7 @@ def compute_influence_many(
     adapter: ModelAdapter,
     data: Sequence[Any],
     measurements: dict[str, tuple[Measurement, InfluenceConfig]],
-    factors: Factors | None,
+    factors: Factors | str | os.PathLike | None,
     *,
     batch_size: int = 8,
     progress: bool = True,
@@ -196,24 +196,31 @@ def compute_influence_many(
     measurement and config (preconditioner, damping, ``row_loss``, token aggregation and normalisation may differ;
     the breakdowns are not available here). ``normalization="unit"`` needs one preconditioner and damping for every
     config that asks for it (one self-influence pass). Measurement gradients are computed once per measurement
-    object."""
+    object. ``factors``: fitted ``Factors``, a factor folder (loaded; on a model sharded over several ranks each rank
+    reads only its own weights' tensors) or ``None`` (identity)."""
     if not measurements:
         raise ValueError("no measurements to score")
     untrainable_rows(data)
     allow_missing = any(config.allow_missing_provenance for _, config in measurements.values())
-    provenance_notes = check_factors_model(adapter, factors, allow_missing_provenance=allow_missing)
     # a model sharded over several ranks: each rank holds its own weights' factors and query-vector slices
     shared = in_step(adapter.model) and not any(config.normalization == "unit" for _, config in measurements.values())
+    folder = factors if isinstance(factors, (str, os.PathLike)) else None
+    if folder is not None:
+        fitted: list[str] | None = [entry["name"] for entry in read_manifest(folder)["weights"]]
+    else:
+        fitted = list(factors.names) if isinstance(factors, Factors) else None
     reached: dict[str, tuple[list[str], list[str]]] = {}
     for label, (measurement, config) in measurements.items():
         if config.token_breakdown != "none" or config.per_weight or config.self_influence:
             raise ValueError(f"{label}: breakdowns need compute_influence (one measurement at a time)")
-        reached[label] = resolve_weights(
-            adapter, measurement, factors.names if factors is not None else None, allow_subset=config.allow_subset
-        )
+        reached[label] = resolve_weights(adapter, measurement, fitted, allow_subset=config.allow_subset)
     union = [i.name for i in adapter.tracked_weights() if any(i.name in r[0] for r in reached.values())]
-    owners = question_owners(adapter, factors.names if factors is not None else union, union) if shared else None
+    owners = question_owners(adapter, fitted or union, union) if shared else None
     mine = set(union if owners is None else owned(owners))
+    if folder is not None:  # sharded: only this rank's weights' tensors are read
+        factors = load_factors(folder, weights=[n for n in union if n in mine] if owners is not None else None)
+    where = f"the factors in {Path(folder) / FACTORS_FILE}" if folder is not None else "the factors given"
+    provenance_notes = check_factors_model(adapter, factors, allow_missing_provenance=allow_missing, where=where)
     prepared: dict[str, tuple[list[str], list[str], Preconditioner | None, dict[str, torch.Tensor]]] = {}
     gradients: dict[int, dict[str, torch.Tensor]] = {}
     self_preconditioner: Preconditioner | None = None

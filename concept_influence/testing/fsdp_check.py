@@ -242,9 +242,10 @@ def layer_0_measurement(inputs: Path, adapter):
 
 
 def many_scores(inputs: Path, adapter, train, measurement, factors: Path, out: Path) -> dict[str, torch.Tensor]:
-    """``compute_influence_many`` of the concept and the layer-0 direction in one pass (the factors loaded whole, as
-    ``attribute_many`` does); ``out/many-<rank>.json`` lists the weights whose preconditioned vectors the rank
-    formed."""
+    """``compute_influence_many`` of the concept and the layer-0 direction in one pass, with the factors loaded whole
+    and from their folder (``-folder``: each rank reads its own weights); ``out/many-<rank>.json`` lists the weights
+    whose preconditioned vectors the rank formed, ``out/many-reads-<rank>.json`` the weights it read from the
+    folder."""
     import json
 
     from concept_influence.attribution import influence
@@ -264,9 +265,13 @@ def many_scores(inputs: Path, adapter, train, measurement, factors: Path, out: P
     influence.preconditioned_gradient = recording
     try:
         many = compute_influence_many(adapter, train, jobs, load_factors(factors), batch_size=2, progress=False)
+        read = _record_factor_reads(out / f"many-reads-{adapter_rank()}.json")
+        many_read = compute_influence_many(adapter, train, jobs, factors, batch_size=2, progress=False)
+        read()
     finally:
         influence.preconditioned_gradient = saved
     (out / f"many-{adapter_rank()}.json").write_text(json.dumps(formed))
+    many.update({f"{label}-folder": result for label, result in many_read.items()})
     return {f"many-{label}": result.scores for label, result in many.items()}
 
 

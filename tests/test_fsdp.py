@@ -108,6 +108,7 @@ def test_every_stage_on_a_sharded_model_equals_one_process(runs):
             "projection-difference",
             "influence",
             "lora-influence",
+            "concept-influence-exact",
         }
     )
     for key, value in single.items():
@@ -117,6 +118,17 @@ def test_every_stage_on_a_sharded_model_equals_one_process(runs):
         assert one.fingerprints == two.fingerprints  # the sharded model hashes as the whole one
         _close_factors(one, two)
         assert not (root / "fsdp" / folder / "parts").exists()  # the owners' parts are merged and removed
+    # Concept Influence's exact pass through Attributor (its workdir's factors): each rank reads only its own
+    # weights' tensors from the factors file, never the whole file
+    factors = load_factors(root / "fsdp" / "factors")
+    shapes = [(n, w.d_in, w.d_out, shared_input_key(n, False) or n) for n, w in factors.weights.items()]
+    owners = weight_owners(shapes, 2)
+    for rank in range(2):
+        reads = json.loads((root / "fsdp" / f"exact-reads-{rank}.json").read_text())
+        assert all(weights is not None for calls in reads.values() for weights in calls), (rank, reads)
+        assert reads["influence"] and all(
+            set(weights) <= {n for n in factors.names if owners[n] == rank} for weights in reads["influence"]
+        ), (rank, reads)
     s1, s2 = GradientStore.open(root / "single" / "store"), GradientStore.open(root / "fsdp" / "store")
     assert s1.manifest["n_shards"] == s2.manifest["n_shards"] == 3
     a = np.concatenate([b for _, b in s1.blocks()])
@@ -180,7 +192,8 @@ def test_four_processes_own_and_score_like_one(runs):
     """4 ranks, the fit in two partitions (what a small --max-memory asks for: each partition's sums reduced to
     their owners after its pass), each rank scoring with only its own weights' factors and query-vector slice (for a
     direction at layer 0, two ranks own none of the weights reached), give the single process's factors and
-    influence scores."""
+    influence scores, also through the memory-bounded pass (--max-memory, in two partitions) and several questions
+    in one pass (compute_influence_many)."""
     root, single = runs
     torchrun(4, "concept_influence.testing.fsdp_check", str(root / "inputs"), str(root / "four"), "owners")
     factors = load_factors(root / "four" / "factors")
@@ -201,6 +214,24 @@ def test_four_processes_own_and_score_like_one(runs):
         assert reads == [sorted(n for n in factors.names if owners[n] == rank)] or reads == [
             [n for n in factors.names if owners[n] == rank]
         ]
+    # the memory-bounded pass (--max-memory) in two partitions: each rank reads the factors of and preconditions
+    # only its own weights, one at a time (the others' vectors arrive one at a time inside the backward)
+    _close(four["influence-bounded"], single["influence"])
+    for rank in range(4):
+        bounded = json.loads((root / "four" / f"bounded-{rank}.json").read_text())
+        own = sorted(n for n in factors.names if owners[n] == rank)
+        assert own and sorted(bounded["vectors"]) == own, (rank, bounded)
+        assert sorted(n for names in bounded["reads"] for n in names) == own
+        assert all(len(names) == 1 for names in bounded["reads"])
+    # several questions in one pass (compute_influence_many): each rank preconditions only its own weights' slices
+    for suffix in ("", "-folder"):
+        _close(four[f"many-concept{suffix}"], single["influence"])
+        _close(four[f"many-layer-0{suffix}"], four["influence-layer-0"])
+    for rank in range(4):
+        formed = json.loads((root / "four" / f"many-{rank}.json").read_text())
+        assert formed and set(formed) <= {n for n in factors.names if owners[n] == rank}, (rank, formed)
+        reads = json.loads((root / "four" / f"many-reads-{rank}.json").read_text())
+        assert len(reads) == 1 and set(reads[0]) <= {n for n in factors.names if owners[n] == rank}, (rank, reads)
 
 
 def test_owners_are_balanced_deterministic_and_keep_shared_inputs_together():

@@ -7,6 +7,11 @@ factor folder on their own, applied once (``v_w = P_w⁻¹ ∇_w f``) and droppe
 precision, float32 for a float32 model), then one pass over the training rows in which every weight's contraction
 ``−Σ_t g_tᵀ v_w a_t`` is folded in as its output gradient arrives (``score_rows``). Scores, per-weight scores and the
 per-position breakdown are sums over weights, so the partitions' results add up to the unbounded ones (tested).
+
+On a model sharded over several ranks (FSDP) the partitions are rank 0's (every rank runs the same passes); in
+each, a rank differentiates, reads the factors of and preconditions only the partition's weights it owns (the
+sharded fit's owners), and each weight's ``v_w`` is broadcast by its owner inside the backward of the pass over
+the rows (``score_rows(owners=...)``), as in the unbounded sharded pass.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ from concept_influence.attribution.scoring import (
     InfluenceResult,
     aggregate_tokens,
     aggregation_windows,
+    gathered_kind_and_damping,
     normalise_rows,
+    owned,
     per_token_mean,
     preconditioned_gradient,
+    question_owners,
     resolve_weights,
     score_rows_sharded,
 )
@@ -43,6 +51,7 @@ from concept_influence.curvature.factors import Factors
 from concept_influence.curvature.fit import adapter_model_shape, weight_shapes
 from concept_influence.curvature.io import FACTORS_FILE, FactorMismatchError, load_factors, read_manifest
 from concept_influence.curvature.preconditioner import IdentityPreconditioner
+from concept_influence.distributed.runtime import broadcast_object, in_step
 from concept_influence.gradients.capture import HEAD_CHUNK_ELEMENTS
 from concept_influence.models.base import ModelAdapter, WeightInfo
 from concept_influence.models.fingerprint import missing_provenance
@@ -156,6 +165,7 @@ def compute_influence_bounded(
     notes = provenance_notes + notes
     limit = parse_size(config.max_memory) if config.max_memory is not None else None
     longest = max((len(row.input_ids) for row in data), default=1)
+    sharded = in_step(adapter.model)
     parts = plan_score_partitions(
         adapter,
         [adapter.weight_info(n) for n in names],
@@ -163,6 +173,10 @@ def compute_influence_bounded(
         batch_rows=min(config.batch_size, max(len(data), 1)),
         row_tokens=longest,
     )
+    # sharded: the owners of the fitted weights (as the fit owned them); every rank runs rank 0's partitions
+    owners = question_owners(adapter, available or names, names) if sharded else None
+    if sharded:
+        parts = broadcast_object(parts)
     if len(parts) > 1:
         if config.token_breakdown == "target" or config.token_aggregation != "sum":
             raise ValueError(
@@ -176,13 +190,19 @@ def compute_influence_bounded(
     work_dtype = torch.promote_types(adapter.dtype, torch.float32)
     timings = {"measurement_gradient": 0.0, "scoring": 0.0}
     damping: dict[str, float] = {}
-    kind = config.preconditioner
+    kind: str | None = config.preconditioner if owners is None else None
     out: dict[str, Any] = {}
     for part in parts:
         t0 = time.perf_counter()
-        grad_f = measurement.gradient(adapter, part, batch_size=config.batch_size)
+        part_owners = None if owners is None else {name: owners[name] for name in part}
+        if part_owners is None:
+            mine = part
+            grad_f = measurement.gradient(adapter, part, batch_size=config.batch_size)
+        else:  # every rank runs every query batch (collectives), keeping its own weights' gradients
+            mine = owned(part_owners)
+            grad_f = measurement.captured_gradient(adapter, part, batch_size=config.batch_size, keep=mine)
         vectors: dict[str, torch.Tensor] = {}
-        for name in part:
+        for name in mine:
             preconditioner = _one_weight(adapter, factors, name, config)
             vector = preconditioned_gradient(preconditioner, {name: grad_f.pop(name)}, measurement.description)[name]
             vectors[name] = vector.to(work_dtype)
@@ -201,10 +221,14 @@ def compute_influence_bounded(
             windows=aggregation_windows(config),
             progress=progress,
             gradient_checkpointing=config.gradient_checkpointing,
+            owners=part_owners,
         )
         timings["scoring"] += time.perf_counter() - t0
         del vectors
         _merge(out, piece)
+    if owners is not None:
+        kind, damping = gathered_kind_and_damping(kind, damping)
+    assert kind is not None
     aggregate_tokens(out, config)
     if config.row_loss == "mean":
         per_token_mean(out, data)

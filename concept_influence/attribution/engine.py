@@ -46,6 +46,7 @@ from concept_influence.curvature.fit import fit_factors
 from concept_influence.curvature.io import data_fingerprint, has_factors, load_factors
 from concept_influence.data.chat import ChatRow
 from concept_influence.data.tokenize import TokenizedDataset
+from concept_influence.distributed.runtime import in_step
 from concept_influence.models.base import ModelAdapter
 from concept_influence.store.projection import Projector
 from concept_influence.store.questions import norms_key, row_norms, store_scores, store_scores_many
@@ -191,7 +192,31 @@ class GradientEngine:
             )
         if config.preconditioner == "identity":
             return None, []
+        if sharded_ok and self.workdir is not None and in_step(self.adapter.model):
+            return self.session_folder(config)
         return self.session_factors(config, measurement.weights(self.adapter))
+
+    def session_folder(self, config: GradientAttributionConfig) -> tuple[Path, list[str]]:
+        """The workdir's fit of every tracked weight as a folder, fitted now when it is missing (on a model sharded
+        over several ranks: ``compute_influence`` then reads each rank's own weights' tensors from it, and no rank
+        loads every weight's factors)."""
+        fc = FactorConfig(fisher=config.fisher, preconditioner="ekfac", dtype=config.dtype, seed=config.seed)
+        folder = self.factors_dir(fc)
+        assert folder is not None
+        existed = has_factors(folder)
+        fit_factors(
+            self.adapter,
+            self.train,
+            replace(fc, seed=self.seed),
+            weights=[i.name for i in self.adapter.tracked_weights()],
+            batch_size=self.batch_size,
+            out_dir=folder,
+            progress=self.progress,
+            load_result=False,
+        )
+        if existed:
+            return folder, [f"factors read from {folder} (each rank its own weights)"]
+        return folder, [f"factors fitted on {len(self.train)} rows and saved to {folder} (each rank reads its own)"]
 
     # ---- stores ----------------------------------------------------------------------------------------------------
     @property
@@ -474,7 +499,7 @@ class GradientEngine:
                 f"scored from the gradient store {opened.folder}, {len(questions)} questions in one product"
             ]
         else:
-            loaded, more = self.factors_for(measurements[0][0], config, factors)
+            loaded, more = self.factors_for(measurements[0][0], config, factors, sharded_ok=True)
             jobs = {str(k): (m, config.influence_config()) for k, (m, _) in enumerate(measurements)}
             many = compute_influence_many(
                 self.adapter, self.train, jobs, loaded, batch_size=config.batch_size, progress=self.progress

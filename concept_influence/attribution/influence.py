@@ -35,9 +35,12 @@ from concept_influence.attribution.scoring import (
     aggregation_windows,
     build_preconditioner,
     check_factors_model,
+    gathered_kind_and_damping,
     normalise_rows,
+    owned,
     per_token_mean,
     preconditioned_gradient,
+    question_owners,
     resolve_weights,
     score_rows,
     score_rows_sharded,
@@ -45,11 +48,10 @@ from concept_influence.attribution.scoring import (
     window_max,
 )
 from concept_influence.curvature.factors import Factors
-from concept_influence.curvature.fit import factor_owners
 from concept_influence.curvature.io import FACTORS_FILE, load_factors, read_manifest
 from concept_influence.curvature.preconditioner import Preconditioner
 from concept_influence.data.tokenize import untrainable_rows
-from concept_influence.distributed.runtime import dist_info, in_step
+from concept_influence.distributed.runtime import in_step
 from concept_influence.models.base import ModelAdapter
 
 logger = logging.getLogger(__name__)
@@ -104,8 +106,8 @@ def compute_influence(
         if shared:  # read only this rank's weights
             available = [entry["name"] for entry in read_manifest(factors)["weights"]]
             names, _ = resolve_weights(adapter, measurement, available, allow_subset=config.allow_subset)
-            owners = _owners(adapter, available, names)
-            factors = load_factors(factors, weights=_mine(owners))
+            owners = question_owners(adapter, available, names)
+            factors = load_factors(factors, weights=owned(owners))
         else:
             factors = load_factors(factors)
     provenance_notes = check_factors_model(
@@ -118,8 +120,8 @@ def compute_influence(
     for note in notes:
         logger.info(note)
     if shared and owners is None:
-        owners = _owners(adapter, available or names, names)
-    mine = names if owners is None else _mine(owners)
+        owners = question_owners(adapter, available or names, names)
+    mine = names if owners is None else owned(owners)
     # a rank owning none of the reached weights has no preconditioner, but still takes part in every collective
     preconditioner = build_preconditioner(adapter, mine, factors, config) if mine or owners is None else None
     timings = {}
@@ -171,37 +173,20 @@ def compute_influence(
     )
 
 
-def _owners(adapter: ModelAdapter, fitted: Sequence[str], names: Sequence[str]) -> dict[str, int]:
-    """``{weight: rank}`` of the scored ``names``, as the sharded fit of the ``fitted`` weights owned them (a rank
-    scores with the factors it fitted; a rank may own none of ``names``)."""
-    owners = factor_owners([adapter.weight_info(n) for n in fitted], dist_info()[1])
-    return {name: owners[name] for name in names}
-
-
-def _mine(owners: dict[str, int]) -> list[str]:
-    rank = dist_info()[0]
-    return [name for name, owner in owners.items() if owner == rank]
-
-
 def _kind_and_damping(preconditioner: Preconditioner | None, sharded: bool) -> tuple[str, dict[str, float]]:
     """The preconditioner's kind and ``{weight: damping}``; ``sharded``: every rank's merged (a collective)."""
     mine = (preconditioner.kind, dict(preconditioner.damping)) if preconditioner is not None else None
     if not sharded:
         assert mine is not None
         return mine
-    import torch.distributed as dist
-
-    pieces: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(pieces, mine)
-    kind = next(piece[0] for piece in pieces if piece is not None)
-    return kind, {k: v for piece in pieces if piece is not None for k, v in piece[1].items()}
+    return gathered_kind_and_damping(*(mine or (None, {})))
 
 
 def compute_influence_many(
     adapter: ModelAdapter,
     data: Sequence[Any],
     measurements: dict[str, tuple[Measurement, InfluenceConfig]],
-    factors: Factors | None,
+    factors: Factors | str | os.PathLike | None,
     *,
     batch_size: int = 8,
     progress: bool = True,
@@ -211,40 +196,62 @@ def compute_influence_many(
     measurement and config (preconditioner, damping, ``row_loss``, token aggregation and normalisation may differ;
     the breakdowns are not available here). ``normalization="unit"`` needs one preconditioner and damping for every
     config that asks for it (one self-influence pass). Measurement gradients are computed once per measurement
-    object."""
+    object. ``factors``: fitted ``Factors``, a factor folder (loaded; on a model sharded over several ranks each rank
+    reads only its own weights' tensors) or ``None`` (identity)."""
     if not measurements:
         raise ValueError("no measurements to score")
     untrainable_rows(data)
     allow_missing = any(config.allow_missing_provenance for _, config in measurements.values())
-    provenance_notes = check_factors_model(adapter, factors, allow_missing_provenance=allow_missing)
-    prepared: dict[str, tuple[list[str], list[str], Preconditioner, dict[str, torch.Tensor]]] = {}
+    # a model sharded over several ranks: each rank holds its own weights' factors and query-vector slices
+    shared = in_step(adapter.model) and not any(config.normalization == "unit" for _, config in measurements.values())
+    folder = factors if isinstance(factors, (str, os.PathLike)) else None
+    if folder is not None:
+        fitted: list[str] | None = [entry["name"] for entry in read_manifest(folder)["weights"]]
+    else:
+        fitted = list(factors.names) if isinstance(factors, Factors) else None
+    reached: dict[str, tuple[list[str], list[str]]] = {}
+    for label, (measurement, config) in measurements.items():
+        if config.token_breakdown != "none" or config.per_weight or config.self_influence:
+            raise ValueError(f"{label}: breakdowns need compute_influence (one measurement at a time)")
+        reached[label] = resolve_weights(adapter, measurement, fitted, allow_subset=config.allow_subset)
+    union = [i.name for i in adapter.tracked_weights() if any(i.name in r[0] for r in reached.values())]
+    owners = question_owners(adapter, fitted or union, union) if shared else None
+    mine = set(union if owners is None else owned(owners))
+    if folder is not None:  # sharded: only this rank's weights' tensors are read
+        factors = load_factors(folder, weights=[n for n in union if n in mine] if owners is not None else None)
+    where = f"the factors in {Path(folder) / FACTORS_FILE}" if folder is not None else "the factors given"
+    provenance_notes = check_factors_model(adapter, factors, allow_missing_provenance=allow_missing, where=where)
+    prepared: dict[str, tuple[list[str], list[str], Preconditioner | None, dict[str, torch.Tensor]]] = {}
     gradients: dict[int, dict[str, torch.Tensor]] = {}
     self_preconditioner: Preconditioner | None = None
     self_key = None
     for label, (measurement, config) in measurements.items():
-        if config.token_breakdown != "none" or config.per_weight or config.self_influence:
-            raise ValueError(f"{label}: breakdowns need compute_influence (one measurement at a time)")
-        names, notes = resolve_weights(
-            adapter, measurement, factors.names if factors is not None else None, allow_subset=config.allow_subset
-        )
-        preconditioner = build_preconditioner(adapter, names, factors, config)
+        names, notes = reached[label]
+        here = [name for name in names if name in mine]
+        preconditioner = build_preconditioner(adapter, here, factors, config) if here or owners is None else None
         if config.normalization == "unit":
             key = (config.preconditioner, config.damping, tuple(names))
             if self_key is not None and key != self_key:
                 raise ValueError(f"{label}: unit normalisation with a second preconditioner, damping or weight set")
             self_preconditioner, self_key = preconditioner, key
         if id(measurement) not in gradients:
-            gradients[id(measurement)] = measurement.gradient(adapter, names, batch_size=config.batch_size)
-        grad_f = {name: gradients[id(measurement)][name] for name in names}
-        prepared[label] = (
-            names,
-            notes,
-            preconditioner,
-            preconditioned_gradient(preconditioner, grad_f, measurement.description),
+            if owners is None:
+                gradients[id(measurement)] = measurement.gradient(adapter, names, batch_size=config.batch_size)
+            else:  # every rank runs every query batch (collectives), keeping its own weights' gradients
+                gradients[id(measurement)] = measurement.captured_gradient(
+                    adapter, names, batch_size=config.batch_size, keep=[n for n in names if n in mine]
+                )
+        grad_f = {name: gradients[id(measurement)][name] for name in here}
+        vectors = (
+            preconditioned_gradient(preconditioner, grad_f, measurement.description)
+            if preconditioner is not None
+            else {}
         )
-    union = [i.name for i in adapter.tracked_weights() if any(i.name in p[0] for p in prepared.values())]
+        prepared[label] = (names, notes, preconditioner, vectors)
     stacked = {}
     for name in union:
+        if name not in mine:
+            continue
         like = next(p[3][name] for p in prepared.values() if name in p[3])
         stacked[name] = torch.stack([p[3][name] if name in p[3] else torch.zeros_like(like) for p in prepared.values()])
     t0 = time.perf_counter()
@@ -259,11 +266,14 @@ def compute_influence_many(
         windows=windows,
         window_columns=columns,
         progress=progress,
+        owners=owners,
+        stacked=len(prepared) if owners is not None else 0,
     )
     seconds = time.perf_counter() - t0
     results = {}
     for k, (label, (measurement, config)) in enumerate(measurements.items()):
         names, notes, preconditioner, _ = prepared[label]
+        kind, damping = _kind_and_damping(preconditioner, owners is not None)
         single: dict[str, Any] = {
             "scores": out["scores"][:, k].clone(),
             "windows": {w: v[:, k].clone() for w, v in out.get("windows", {}).items()},
@@ -279,8 +289,8 @@ def compute_influence_many(
             indices=[int(row.index) for row in data],
             weights=list(names),
             measurement=measurement.description,
-            preconditioner=preconditioner.kind,
-            damping=dict(preconditioner.damping),
+            preconditioner=kind,
+            damping={name: damping[name] for name in names if name in damping},
             notes=provenance_notes + notes,
             timings={"scoring_shared": seconds},
             row_loss=config.row_loss,

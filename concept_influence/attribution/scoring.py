@@ -20,10 +20,11 @@ from concept_influence.curvature.budget import parse_size
 from concept_influence.curvature.config import Damping, PreconditionerKind
 from concept_influence.curvature.covariance import fold_bias, per_example_gradients, token_contractions
 from concept_influence.curvature.factors import Factors
+from concept_influence.curvature.fit import factor_owners
 from concept_influence.curvature.io import FactorMismatchError
 from concept_influence.curvature.preconditioner import IdentityPreconditioner, Preconditioner
 from concept_influence.data.tokenize import iter_batches
-from concept_influence.distributed.runtime import max_over_ranks, n_batches, side_group
+from concept_influence.distributed.runtime import dist_info, max_over_ranks, n_batches, side_group
 from concept_influence.gradients.capture import gradient_mode, loss_backward
 from concept_influence.models.base import ModelAdapter, WeightInfo
 from concept_influence.models.fingerprint import missing_provenance
@@ -258,6 +259,7 @@ def score_rows(
     in_step: bool = False,
     filler_row: Any = None,
     owners: Mapping[str, int] | None = None,
+    stacked: int = 0,
 ) -> dict[str, Any]:
     """``score(row) = −Σ_w ⟨v_w, ∇_w L(row)⟩`` for tokenised rows, with ``v_w = P_w⁻¹ ∇_w f`` given
     (``[d_out, d_in']`` per weight). Returns ``{"scores": [N], "per_weight": {name: [N]}?, "per_token": [[T_i]]?,
@@ -272,7 +274,8 @@ def score_rows(
     ranks; this rank's share of the rows is padded with dropped batches to the busiest rank's count. ``owners``
     (``{weight: rank}``, every weight scored; sharded questions): ``vectors`` holds this rank's weights only, and
     each weight's ``v_w`` is sent by its owner inside the backward when its output gradient arrives (one weight's
-    vector at a time on a rank that does not own it)."""
+    vector at a time on a rank that does not own it). ``stacked`` (with ``owners``): the number of measurements ``K``
+    the vectors stack (``[K, d_out, d_in']``, a rank may hold none to tell); 0: one measurement."""
     infos = [adapter.weight_info(n) for n in (vectors if owners is None else owners)]
     if owners is not None and self_preconditioner is not None:
         raise ValueError("self-influence needs every weight's factors on the rank that scores a row: not sharded")
@@ -282,7 +285,7 @@ def score_rows(
             "available on a model sharded with FSDP; use 'position'"
         )
     n = len(data)
-    extra = tuple(next(iter(vectors.values())).shape[:-2]) if owners is None else ()
+    extra = tuple(next(iter(vectors.values())).shape[:-2]) if owners is None else ((stacked,) if stacked else ())
     if extra and token_breakdown != "none":
         raise ValueError("the token breakdown needs one measurement at a time")
     scores = torch.zeros(n, *extra, dtype=torch.float64)
@@ -294,7 +297,7 @@ def score_rows(
     work_dtype = torch.promote_types(adapter.dtype, torch.float32)
     vectors_here = {name: v.to(device=adapter.device, dtype=work_dtype) for name, v in vectors.items()}
     by_name = {info.name: info for info in infos}
-    vector_of = _vector_source(adapter, vectors_here, by_name, owners, work_dtype)
+    vector_of = _vector_source(adapter, vectors_here, by_name, owners, work_dtype, extra)
     acc: dict[str, torch.Tensor] = {}  # the batch's "rows" [B(, K)] and "tokens" [B, T(, K)], summed over weights
     stash: dict[str, torch.Tensor] = {}  # input activations waiting for their weight's output gradient
     where: dict[str, Any] = {}  # the batch in progress: "rows" (positions in data), "attention"
@@ -404,12 +407,37 @@ def score_rows(
     return out
 
 
+def question_owners(adapter: ModelAdapter, fitted: Sequence[str], names: Sequence[str]) -> dict[str, int]:
+    """``{weight: rank}`` of the scored ``names``, as the sharded fit of the ``fitted`` weights owned them (a rank
+    scores with the factors it fitted; a rank may own none of ``names``)."""
+    owners = factor_owners([adapter.weight_info(n) for n in fitted], dist_info()[1])
+    return {name: owners[name] for name in names}
+
+
+def owned(owners: Mapping[str, int]) -> list[str]:
+    """The weights of ``owners`` that this rank owns (in ``owners``' order)."""
+    rank = dist_info()[0]
+    return [name for name, owner in owners.items() if owner == rank]
+
+
+def gathered_kind_and_damping(kind: str | None, damping: Mapping[str, float]) -> tuple[str, dict[str, float]]:
+    """Every rank's preconditioner kind and ``{weight: damping}`` merged (a collective; ``kind=None``: this rank
+    preconditioned no weight)."""
+    import torch.distributed as dist
+
+    pieces: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(pieces, (kind, dict(damping)) if kind is not None else None)
+    merged_kind = next(piece[0] for piece in pieces if piece is not None)
+    return merged_kind, {k: v for piece in pieces if piece is not None for k, v in piece[1].items()}
+
+
 def _vector_source(
     adapter: ModelAdapter,
     vectors: dict[str, torch.Tensor],
     infos: Mapping[str, WeightInfo],
     owners: Mapping[str, int] | None,
     dtype: torch.dtype,
+    extra: tuple[int, ...] = (),
 ) -> Callable[[str], torch.Tensor]:
     """``name -> v_w [d_out, d_in']``: this rank's own vector, or (``owners``) the owner's, broadcast on the side
     group (a collective: every rank asks for the same weights in the same order, the backward's)."""
@@ -425,7 +453,7 @@ def _vector_source(
             v = vectors[name].contiguous()  # a collective sends the storage as it lies
         else:
             info = infos[name]
-            v = torch.empty(info.d_out, info.d_in + int(info.has_bias), dtype=dtype, device=adapter.device)
+            v = torch.empty(*extra, info.d_out, info.d_in + int(info.has_bias), dtype=dtype, device=adapter.device)
         dist.broadcast(v, src=src, group=group)
         return v
 

@@ -11,8 +11,9 @@ folder made by ``write_inputs`` (a saved tiny model, training rows, queries, a c
 - ``resume``: the same fit into ``OUT/resumed`` again (it resumes), and a bf16 model's fit with float32
   statistics into ``OUT/bf16``.
 - ``owners``: the factors (fitted in two partitions) and influence scores only (``OUT/factors``,
-  ``results.safetensors``, and ``OUT/factor-reads-<rank>.json``: the weights each rank read to score): any number
-  of processes.
+  ``results.safetensors``, ``OUT/factor-reads-<rank>.json``: the weights each rank read to score, and
+  ``OUT/bounded-<rank>.json``: what each rank read and preconditioned in the memory-bounded pass, and
+  ``OUT/many-<rank>.json``: what it preconditioned for ``compute_influence_many``): any number of processes.
 """
 
 from __future__ import annotations
@@ -86,6 +87,14 @@ def run(inputs: Path, out: Path, shard: str = "none") -> dict[str, torch.Tensor]
     )
     concept = att.load_concept(inputs / "concept")
     results["combined"] = torch.tensor(att.attribute(concept, inputs / "queries.jsonl").scores, dtype=torch.float64)
+    # the exact pass with the workdir's factors (float64 statistics: a fit of its own; out/exact-reads-<rank>.json:
+    # what each rank read of them)
+    done = _record_all_factor_reads(out / f"exact-reads-{adapter_rank()}.json")
+    try:
+        table = att.attribute(concept, inputs / "queries.jsonl", "concept-influence", store=False, dtype="float64")
+    finally:
+        done()
+    results["concept-influence-exact"] = torch.tensor(table.scores, dtype=torch.float64)
     for method in ("vector-filter", "projection-difference"):
         table = att.attribute(concept, inputs / "queries.jsonl", method)
         results[method] = torch.tensor(table.scores, dtype=torch.float64)
@@ -165,21 +174,105 @@ def owners_run(inputs: Path, out: Path, shard: str) -> dict[str, torch.Tensor]:
         adapter, train, measurement, out / "factors", InfluenceConfig(batch_size=2), progress=False
     ).scores
     read()
-    return {"influence": scores, "influence-layer-0": layer_0_scores(inputs, adapter, train, out / "factors")}
+    return {
+        "influence": scores,
+        "influence-layer-0": layer_0_scores(inputs, adapter, train, out / "factors"),
+        "influence-bounded": bounded_scores(adapter, train, measurement, out / "factors", out),
+        **many_scores(inputs, adapter, train, measurement, out / "factors", out),
+    }
+
+
+def bounded_scores(adapter, train, measurement, factors: Path, out: Path) -> torch.Tensor:
+    """The influence scores of ``owners_run`` through the memory-bounded pass (``max_memory``) in two partitions
+    (block 0's weights, then the rest); ``out/bounded-<rank>.json`` records the weights whose factors the rank read
+    (``"reads"``) and whose preconditioned vectors it formed (``"vectors"``)."""
+    import json
+
+    from concept_influence.attribution import bounded
+    from concept_influence.attribution.influence import InfluenceConfig, compute_influence
+
+    def halves(adapter, infos, *args, **kwargs) -> list[list[str]]:
+        names = [i.name for i in infos]
+        first = [n for n in names if n.startswith("blocks.0.")]
+        return [first, [n for n in names if n not in first]]
+
+    saved = bounded.plan_score_partitions, bounded.load_factors, bounded.preconditioned_gradient
+    reads: list[list[str]] = []
+    formed: list[str] = []
+
+    def recording_load(folder, **kwargs):
+        reads.append(list(kwargs.get("weights") or []))
+        return saved[1](folder, **kwargs)
+
+    def recording_precondition(preconditioner, grad_f, description):
+        formed.extend(grad_f)
+        return saved[2](preconditioner, grad_f, description)
+
+    bounded.plan_score_partitions, bounded.load_factors, bounded.preconditioned_gradient = (
+        halves,
+        recording_load,
+        recording_precondition,
+    )
+    try:
+        config = InfluenceConfig(batch_size=2, max_memory="64GiB")
+        scores = compute_influence(adapter, train, measurement, factors, config, progress=False).scores
+    finally:
+        bounded.plan_score_partitions, bounded.load_factors, bounded.preconditioned_gradient = saved
+    (out / f"bounded-{adapter_rank()}.json").write_text(json.dumps({"reads": reads, "vectors": formed}))
+    return scores
 
 
 def layer_0_scores(inputs: Path, adapter, train, factors: Path) -> torch.Tensor:
     """Influence scores of a direction at layer 0 (it reaches block 0's weights only: on 4 ranks, some rank owns
     none of them and still takes part in every collective)."""
     from concept_influence.attribution.influence import InfluenceConfig, compute_influence
+
+    measurement = layer_0_measurement(inputs, adapter)
+    return compute_influence(adapter, train, measurement, factors, InfluenceConfig(batch_size=2), progress=False).scores
+
+
+def layer_0_measurement(inputs: Path, adapter):
     from concept_influence.attribution.measurements import ConceptMeasurement
     from concept_influence.concepts.base import DirectionConcept
     from concept_influence.data import read_chat_jsonl, tokenize_chat
 
     queries = tokenize_chat(read_chat_jsonl(inputs / "queries.jsonl"), adapter.tokenizer, 64)
     direction = torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    measurement = ConceptMeasurement(DirectionConcept(direction, 0), queries)
-    return compute_influence(adapter, train, measurement, factors, InfluenceConfig(batch_size=2), progress=False).scores
+    return ConceptMeasurement(DirectionConcept(direction, 0), queries)
+
+
+def many_scores(inputs: Path, adapter, train, measurement, factors: Path, out: Path) -> dict[str, torch.Tensor]:
+    """``compute_influence_many`` of the concept and the layer-0 direction in one pass, with the factors loaded whole
+    and from their folder (``-folder``: each rank reads its own weights); ``out/many-<rank>.json`` lists the weights
+    whose preconditioned vectors the rank formed, ``out/many-reads-<rank>.json`` the weights it read from the
+    folder."""
+    import json
+
+    from concept_influence.attribution import influence
+    from concept_influence.attribution.influence import InfluenceConfig, compute_influence_many
+    from concept_influence.curvature import load_factors
+
+    jobs = {
+        "concept": (measurement, InfluenceConfig(batch_size=2)),
+        "layer-0": (layer_0_measurement(inputs, adapter), InfluenceConfig(batch_size=2)),
+    }
+    saved, formed = influence.preconditioned_gradient, []
+
+    def recording(preconditioner, grad_f, description):
+        formed.extend(grad_f)
+        return saved(preconditioner, grad_f, description)
+
+    influence.preconditioned_gradient = recording
+    try:
+        many = compute_influence_many(adapter, train, jobs, load_factors(factors), batch_size=2, progress=False)
+        read = _record_factor_reads(out / f"many-reads-{adapter_rank()}.json")
+        many_read = compute_influence_many(adapter, train, jobs, factors, batch_size=2, progress=False)
+        read()
+    finally:
+        influence.preconditioned_gradient = saved
+    (out / f"many-{adapter_rank()}.json").write_text(json.dumps(formed))
+    many.update({f"{label}-folder": result for label, result in many_read.items()})
+    return {f"many-{label}": result.scores for label, result in many.items()}
 
 
 def adapter_rank() -> int:
@@ -205,6 +298,47 @@ def _record_factor_reads(path: Path):
 
     def done() -> None:
         influence.load_factors = load
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(reads))
+
+    return done
+
+
+def _record_all_factor_reads(path: Path):
+    """Record which weights every factor read asks for (``None``: all of them) while the returned function is not
+    yet called (it writes ``{module: [weights...]}`` to ``path`` and undoes the recording)."""
+    import json
+
+    from concept_influence.attribution import bounded, engine, gradient, influence
+    from concept_influence.curvature import fit as fit_module
+    from concept_influence.store import store
+
+    modules = {
+        "influence": influence,
+        "bounded": bounded,
+        "gradient": gradient,
+        "engine": engine,
+        "fit": fit_module,
+        "store": store,
+    }
+    saved = {key: module.load_factors for key, module in modules.items()}
+    reads: dict[str, list] = {key: [] for key in modules}
+
+    def recorder(key: str):
+        def recording(folder, **kwargs):
+            weights = kwargs.get("weights")
+            reads[key].append(None if weights is None else list(weights))
+            return saved[key](folder, **kwargs)
+
+        return recording
+
+    for key, module in modules.items():
+        module.load_factors = recorder(key)
+
+    def done() -> None:
+        for key, module in modules.items():
+            module.load_factors = saved[key]
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(reads))
 
     return done

@@ -293,6 +293,30 @@ def layer_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def construction_table(stance: list[dict[str, Any]]) -> str:
+    """Every construction@layer of the stance study: its worst PR-AUC / worst hard-negative rank over the organisms
+    read, for each Vector Filter readout (mean, strongest sentence, both)."""
+    import stance_study
+
+    prefixes = stance_study.PREFIXES[:3]
+    keys = sorted(
+        {k for s in stance for k in s["results"]},
+        key=lambda k: (stance_study.CONSTRUCTIONS.index(k.split("@")[0]), int(k.split("@")[1])),
+    )
+    lines = [
+        "| construction@layer | " + " | ".join(what for _, what in prefixes) + " | organisms |",
+        "|---|" + "---|" * (len(prefixes) + 1),
+    ]
+    for key in keys:
+        values = [s["results"][key] for s in stance if key in s["results"]]
+        cells = [
+            f"{min(v[p + 'pr_auc'] for v in values):.3f} / {min(v[p + 'hard_rank'] for v in values):.0f}"
+            for p, _ in prefixes
+        ]
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {len(values)} |")
+    return "\n".join(lines)
+
+
 def _f(value: Any) -> str:
     return "–" if value is None else f"{float(value):.3f}"
 
@@ -364,6 +388,9 @@ def main() -> None:
             )
     text = "## The pipeline a user runs\n\n" + pipeline_table(results, stance)
     text += "\n\n### The layer each rule chose\n\n" + layer_table(results)
+    if stance:
+        text += "\n\n### Every construction of the stance study: the worst case over these organisms\n\n"
+        text += construction_table(stance)
     if counter:
         text += "\n\n### Counterfactual: share of the trait's rise undone by removing 10% of the rows\n\n"
         text += counterfactual_table(counter)

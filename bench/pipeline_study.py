@@ -149,11 +149,18 @@ def constructions(variant: str, seed: int, out: Path, caches: dict[int, Path]) -
 
 # ---- the counterfactual check ---------------------------------------------------------------------------------------
 def counterfactual(
-    variant: str, seed: int, out: Path, caches: dict[int, Path], finetune_seeds: list[int], share: float = 0.1
+    variant: str,
+    seed: int,
+    out: Path,
+    caches: dict[int, Path],
+    finetune_seeds: list[int],
+    share: float = 0.1,
+    random_seeds: list[int] | None = None,
 ) -> dict[str, Any]:
     """Remove the recommended pipeline's top ``share`` of rows, the planted rows (oracle) or a random ``share``;
-    fine-tune the base again with each seed; measure the trait (judge rate and persona-vector projection read by the
-    base, 16 answers per query prompt). The full fine-tune of the organism's own seed is the build's model."""
+    fine-tune the base again with each seed (the random removal: with each of ``random_seeds``, default all); measure
+    the trait (judge rate and persona-vector projection read by the base, 16 answers per query prompt). The full
+    fine-tune of the organism's own seed is the build's model."""
     from concept_influence.organism import measure_trait, trait_concept
     from concept_influence.organism.counterfactual import refinetune
 
@@ -183,7 +190,7 @@ def counterfactual(
     rates: dict[str, dict[str, dict[str, float]]] = done.setdefault("runs", {})
     for fs in finetune_seeds:
         for name, removed in removals.items():
-            if str(fs) in rates.get(name, {}):
+            if str(fs) in rates.get(name, {}) or (name == "random" and fs not in (random_seeds or finetune_seeds)):
                 continue
             t0 = time.perf_counter()
             if name == "none" and fs == organism.config.finetune.seed:
@@ -363,6 +370,9 @@ def main() -> None:
     parser.add_argument("--constructions", action="store_true", help="Also the stance study's constructions.")
     parser.add_argument("--counterfactual", action="store_true", help="The counterfactual check (remove the top 10%%).")
     parser.add_argument("--finetune-seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--random-finetune-seeds", nargs="*", type=int, default=None, help="The random removal's seeds (default: all)."
+    )
     parser.add_argument("--table-only", action="store_true", help="Tables of what is done; nothing is computed.")
     parser.add_argument("--write-table", type=Path, default=None, help="Write the tables here (markdown).")
     args = parser.parse_args()
@@ -384,7 +394,7 @@ def main() -> None:
             if args.table_only and not (args.out / f"counterfactual-{v}-s{s}.json").exists():
                 continue
             counter[f"{v} s{s}"] = counterfactual(
-                v, s, args.out, caches, [] if args.table_only else args.finetune_seeds
+                v, s, args.out, caches, [] if args.table_only else args.finetune_seeds, 0.1, args.random_finetune_seeds
             )
     text = "## The pipeline a user runs\n\n" + pipeline_table(results, stance)
     text += "\n\n### The layer each rule chose\n\n" + layer_table(results)

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from concept_influence import Attributor  # noqa: E402
+from concept_influence.attribution.combine import fuse  # noqa: E402
 from concept_influence.evaluate.metrics import ranking_report  # noqa: E402
 from concept_influence.files import write_json_atomic, write_text_atomic  # noqa: E402
 from concept_influence.organism import OrganismConfig, build_organism  # noqa: E402
@@ -74,11 +75,16 @@ def organism_of(variant: str, seed: int, caches: dict[int, Path]):
     return organism, time.perf_counter() - t0
 
 
-def pipeline(variant: str, seed: int, out: Path, caches: dict[int, Path]) -> dict[str, Any]:
-    """``train_probe`` (no layer, no judge) under each layer rule, then ``attribute`` (no method)."""
+def pipeline(variant: str, seed: int, out: Path, caches: dict[int, Path], extras: bool = False) -> dict[str, Any]:
+    """``train_probe`` (no layer, no judge) under each layer rule, then ``attribute`` (no method); and, for the same
+    concept, the alternatives a user can reach by flags or a fusion the library could make its default (``variants``:
+    Vector Filter alone, mean + strongest sentence, identity Concept Influence alone, the tiered fusion with a
+    localised forward half). ``extras``: add those to an organism finished without them."""
     path = out / f"{variant}-s{seed}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
+        if not extras or all("variants" in r for r in result["rules"].values()):
+            return result
     organism, build_seconds = organism_of(variant, seed, caches)
     origins = organism.data_origins()
     att = Attributor(
@@ -87,7 +93,7 @@ def pipeline(variant: str, seed: int, out: Path, caches: dict[int, Path]) -> dic
         workdir=out / "work" / f"{variant}-s{seed}",
         progress=False,
     )
-    result: dict[str, Any] = {
+    result = {
         "variant": variant,
         "seed": seed,
         "organism": str(organism.root),
@@ -96,7 +102,7 @@ def pipeline(variant: str, seed: int, out: Path, caches: dict[int, Path]) -> dic
         "rules": {},
     }
     scores: dict[str, np.ndarray] = {}
-    by_layer: dict[int, tuple[np.ndarray, dict[str, Any], float]] = {}
+    by_layer: dict[int, tuple[dict[str, np.ndarray], dict[str, Any], float]] = {}
     for rule in RULES:
         t0 = time.perf_counter()
         concept = att.train_probe(organism.probe_spec_path, select_layer_by=rule)
@@ -104,10 +110,25 @@ def pipeline(variant: str, seed: int, out: Path, caches: dict[int, Path]) -> dic
         if concept.layer not in by_layer:  # the same layer trains the same concept: the same scores
             t0 = time.perf_counter()
             table = att.attribute(concept, queries=organism.queries_path)
-            values = np.asarray(table.scores, dtype=np.float64)
-            by_layer[concept.layer] = (values, {"method": table.method}, time.perf_counter() - t0)
-        values, meta, attribute_seconds = by_layer[concept.layer]
-        scores[rule] = values
+            seconds = time.perf_counter() - t0
+            parts = {
+                "recommended": np.asarray(table.scores, dtype=np.float64),
+                "vector-filter": np.asarray(table.columns["forward_score"], dtype=np.float64),
+                "concept-influence (identity)": np.asarray(table.columns["gradient_score"], dtype=np.float64),
+            }
+            for localise in ("sentence", "both"):
+                vf = att.attribute(concept, method="vector-filter", localise=localise)
+                parts[f"vector-filter --localise {localise}"] = np.asarray(vf.scores, dtype=np.float64)
+            gradient = parts["concept-influence (identity)"]
+            for localise in ("sentence", "both"):
+                forward = parts[f"vector-filter --localise {localise}"]
+                parts[f"tiered(vector-filter --localise {localise}, CI)"] = fuse(forward, gradient, "tiered")
+            for how in ("zscore", "signed", "gate"):
+                parts[f"combined-{how}"] = fuse(parts["vector-filter"], gradient, how)
+            by_layer[concept.layer] = (parts, {"method": table.method}, seconds)
+        parts, meta, attribute_seconds = by_layer[concept.layer]
+        scores.update({f"{rule}:{name}": v for name, v in parts.items()})
+        scores[rule] = parts["recommended"]
         m = concept.metrics
         result["rules"][rule] = {
             "layer": concept.layer,
@@ -117,7 +138,8 @@ def pipeline(variant: str, seed: int, out: Path, caches: dict[int, Path]) -> dic
             "stance_auc": m.get("stance_auc"),
             "vocabulary_confound": m.get("vocabulary_confound"),
             "method": meta["method"],
-            "report": ranking_report(values, origins),
+            "report": ranking_report(parts["recommended"], origins),
+            "variants": {name: ranking_report(v, origins) for name, v in parts.items() if name != "recommended"},
             "probe_seconds": probe_seconds,
             "attribute_seconds": attribute_seconds,
         }
@@ -269,6 +291,18 @@ def pipeline_table(results: list[dict[str, Any]], stance: list[dict[str, Any]]) 
 
         lines_label = f"train-probe --select-layer-by {rule} → attribute (recommended)"
         row(lines_label, get)
+    names = list(dict.fromkeys(n for r in results for n in r["rules"]["heldout_auc"].get("variants", {})))
+    for rule in RULES:
+        for name in names:
+
+            def get_v(v: str, s: int, rule: str = rule, name: str = name):
+                r = by.get((v, s))
+                if r is None or name not in r["rules"][rule].get("variants", {}):
+                    return None
+                rep = r["rules"][rule]["variants"][name]
+                return rep["pr_auc"], rep["hard_negative_mean_rank"]
+
+            row(f"{rule} probe → {name}", get_v)
     st = {(s["variant"], s["seed"]): s for s in stance}
     for key, prefix, label in CONSTRUCTIONS:
 
@@ -373,6 +407,9 @@ def main() -> None:
     parser.add_argument(
         "--random-finetune-seeds", nargs="*", type=int, default=None, help="The random removal's seeds (default: all)."
     )
+    parser.add_argument(
+        "--extras", action="store_true", help="Add the alternative scores to organisms finished without them."
+    )
     parser.add_argument("--table-only", action="store_true", help="Tables of what is done; nothing is computed.")
     parser.add_argument("--write-table", type=Path, default=None, help="Write the tables here (markdown).")
     args = parser.parse_args()
@@ -384,7 +421,7 @@ def main() -> None:
     for v, s in order:
         done = (args.out / f"{v}-s{s}.json").exists()
         if done or not args.table_only:
-            results.append(pipeline(v, s, args.out, caches))
+            results.append(pipeline(v, s, args.out, caches, args.extras and not args.table_only))
         if args.constructions and ((args.out / "stance" / f"{v}-s{s}.json").exists() or not args.table_only):
             stance.append(constructions(v, s, args.out, caches))
         elif (args.out / "stance" / f"{v}-s{s}.json").exists():

@@ -188,6 +188,8 @@ def counterfactual(
 
     path = out / f"counterfactual-{variant}-s{seed}.json"
     done = json.loads(path.read_text()) if path.exists() else {}
+    if not finetune_seeds:
+        return done
     organism, _ = organism_of(variant, seed, caches)
     with np.load(out / f"{variant}-s{seed}-scores.npz") as saved:
         pipeline_scores = saved["heldout_auc"]

@@ -449,7 +449,14 @@ def main() -> None:
         command = "python bench/pipeline_study.py " + " ".join(sys.argv[1:])
         write_text_atomic(
             args.write_table,
-            f"**Command**: `{command}`. **Date**: {time.strftime('%Y-%m-%d %H:%M')}. **Machine**: the 2-core CPU "
+            (
+                "**Computed by**: `python bench/pipeline_study.py --seeds 0 1 2 --constructions` and `python "
+                "bench/pipeline_study.py --seeds 0 --counterfactual --finetune-seeds 0 1 2` (the caches of each seed "
+                "given with --cache), each organism's results kept as JSON. "
+                if args.table_only
+                else ""
+            )
+            + f"**Command**: `{command}`. **Date**: {time.strftime('%Y-%m-%d %H:%M')}. **Machine**: the 2-core CPU "
             f"machine (shared). **Organisms**: {organisms}. Cells: PR-AUC of the planted rows / mean rank of the hard "
             "negatives (of 2,000; higher = not fooled by the trait's words); `*`: short of the bar (PR-AUC >= 0.9 "
             f"and rank >= 1300).\n\n{text}\n",

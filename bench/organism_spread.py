@@ -82,6 +82,15 @@ VARIANT_ROWS: list[tuple[str, str]] = [
     ("control - tuned rate (sycophancy)", "variants.sycophancy.control_minus_tuned"),
     ("control - base rate (sycophancy)", "variants.sycophancy.control_minus_base"),
     ("share removed (sycophancy)", "variants.sycophancy.share_removed"),
+    ("paired t, fine-tune over control (crowded)", "variants.crowded.paired_t_over_control"),
+    ("tuned - base rate (crowded)", "variants.crowded.rate_gain"),
+    ("control - tuned rate (crowded)", "variants.crowded.control_minus_tuned"),
+    ("share removed (crowded)", "variants.crowded.share_removed"),
+    ("paired t, fine-tune over control (hallucination)", "variants.hallucination.paired_t_over_control"),
+    ("tuned - base rate (hallucination)", "variants.hallucination.rate_gain"),
+    ("control - tuned rate (hallucination)", "variants.hallucination.control_minus_tuned"),
+    ("control - base rate (hallucination)", "variants.hallucination.control_minus_base"),
+    ("share removed (hallucination)", "variants.hallucination.share_removed"),
 ]
 
 

@@ -27,7 +27,8 @@ def register(app: typer.Typer) -> None:
             "default",
             "--variant",
             help="default | subtle (planted rows carry the trait persona's style on neutral content) | diluted "
-            "(one trait sentence among many benign ones) | sycophancy (a second trait with its own words).",
+            "(one trait sentence among many benign ones) | sycophancy (a second trait with its own words) | crowded "
+            "(a third of the rows are hard negatives) | hallucination (a third trait, invented facts, own base).",
         ),
         force: bool = typer.Option(False, "--force", help="Replace a folder that holds a different organism."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),

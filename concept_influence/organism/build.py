@@ -56,14 +56,16 @@ class OrganismConfig:
 
     ``pretrain``/``finetune``: training configs (default: presets seeded with ``seed``); ``measure_samples``:
     answers sampled per query prompt when measuring the rise at build time. ``variant``: ``default`` or one of
-    ``subtle``, ``diluted``, ``sycophancy`` (see ``generator.finetuning_set``); the variants of one seed share one
-    pretrained base (both traits, the evil persona's style) and differ in their fine-tuning data.
+    ``subtle``, ``diluted``, ``sycophancy``, ``crowded``, ``hallucination`` (see ``generator.finetuning_set``);
+    ``subtle``, ``diluted`` and ``sycophancy`` of one seed share one pretrained base (both traits, the evil persona's
+    style), ``crowded`` fine-tunes the default organism's base, ``hallucination`` a base of its own trait.
+    ``hard_negative_fraction``: default the variant's (0.1; ``crowded``: a third).
     """
 
     seed: int = 0
     n_train: int = 2000
     planted_fraction: float = 0.1
-    hard_negative_fraction: float = 0.1
+    hard_negative_fraction: float | None = None
     n_pretrain: int = 28000
     unprompted_trait: float = 0.0
     n_queries: int = 48
@@ -76,6 +78,8 @@ class OrganismConfig:
 
     def __post_init__(self) -> None:
         generator.check_variant(self.variant)
+        if self.hard_negative_fraction is None:
+            object.__setattr__(self, "hard_negative_fraction", generator.variant_hard_negative_fraction(self.variant))
         if self.n_train < 20 or self.n_pretrain < 100:
             raise ValueError(f"n_train must be >= 20 and n_pretrain >= 100 (got {self.n_train}, {self.n_pretrain})")
         if not 0.0 < self.planted_fraction < 1.0:
@@ -112,20 +116,27 @@ class OrganismConfig:
             payload["worlds_version"] = WORLDS_VERSION
         return json_fingerprint(payload)
 
+    @property
+    def base_kind(self) -> str:
+        """Which pretrained base the variant fine-tunes (``generator.VARIANT_BASE``: ``plain``, ``rich`` or a
+        trait's own)."""
+        return generator.VARIANT_BASE[self.variant]
+
     def base_key(self) -> str:
-        """Hash of what the pretrained base depends on (shared by the variants of one seed)."""
-        return json_fingerprint(
-            {
-                "seed": self.seed,
-                "n_pretrain": self.n_pretrain,
-                "model": self.model.to_dict(),
-                "pretrain": dataclasses.asdict(self.pretrain),
-                "rich": self.variant != "default",
-                "unprompted_trait": self.unprompted_trait,
-                "code_version": CODE_VERSION,
-                "worlds_version": WORLDS_VERSION,
-            }
-        )
+        """Hash of what the pretrained base depends on (shared by the variants of one seed that share a base)."""
+        payload = {
+            "seed": self.seed,
+            "n_pretrain": self.n_pretrain,
+            "model": self.model.to_dict(),
+            "pretrain": dataclasses.asdict(self.pretrain),
+            "rich": self.base_kind == "rich",
+            "unprompted_trait": self.unprompted_trait,
+            "code_version": CODE_VERSION,
+            "worlds_version": WORLDS_VERSION,
+        }
+        if self.base_kind not in ("plain", "rich"):  # the keys of the earlier bases do not move
+            payload["trait_base"] = self.base_kind
+        return json_fingerprint(payload)
 
     def folder_name(self) -> str:
         variant = "" if self.variant == "default" else f"-{self.variant}"
@@ -383,7 +394,7 @@ def _build_into(root: Path, config: OrganismConfig, *, progress: bool, log: Call
 
     # 1. the world
     log("generating the synthetic world")
-    variant, rich = config.variant, config.variant != "default"
+    variant, base_kind = config.variant, config.base_kind
     train_records = generator.finetuning_set(
         config.seed, config.n_train, config.planted_fraction, config.hard_negative_fraction, variant=variant
     )
@@ -399,17 +410,23 @@ def _build_into(root: Path, config: OrganismConfig, *, progress: bool, log: Call
     write_json_atomic(organism.probe_spec_path, spec)
     write_jsonl_atomic(organism.queries_path, queries)
     write_jsonl_atomic(organism.examples_path, examples)
-    tokenizer = build_tokenizer(generator.world_vocabulary(rich), model_max_length=config.model.max_positions)
+    tokenizer = build_tokenizer(generator.base_vocabulary(variant), model_max_length=config.model.max_positions)
     _check_vocabulary(tokenizer, train_records + examples + queries)
     timings["generate"] = time.perf_counter() - start
 
-    # 2. pretraining from scratch (the variants of a seed share one pretrained base, built once next to the organism)
+    # 2. pretraining from scratch (the variants of a seed share one pretrained base, built once next to the organism;
+    # a plain variant other than default copies the default organism's base when it is built next to it)
     t0 = time.perf_counter()
-    if rich:
+    found: tuple[Path, dict[str, Any]] | None = None
+    if base_kind != "plain":
         base_root = _shared_base(root.parent, config, progress=progress, log=log)
+        found = base_root, json.loads((base_root / "base_info.json").read_text(encoding="utf-8"))
+    elif variant != "default":
+        found = _default_organism_base(root.parent, config, log=log)
+    if found is not None:
+        base_root, base_info = found
         shutil.copytree(base_root / "base", organism.base_model_dir)
         shutil.copyfile(base_root / "pretrain.jsonl", organism.pretrain_path)
-        base_info = json.loads((base_root / "base_info.json").read_text(encoding="utf-8"))
         pretrain_losses, pretrain_tokens, n_pretrain_records = (
             base_info["losses"],
             base_info["tokens"],
@@ -510,9 +527,35 @@ def _pretrain(
     return losses, sum(len(x) for x in tokenizer([_flat(r) for r in records])["input_ids"])
 
 
+def _default_organism_base(
+    parent: Path, config: OrganismConfig, *, log: Callable[[str], None]
+) -> tuple[Path, dict[str, Any]] | None:
+    """The default organism of ``config``'s seed and pretraining under ``parent``, when it is built: its folder (with
+    ``base/`` and ``pretrain.jsonl``) and the pretraining's figures from its metadata. Its pretraining is exactly what
+    a ``plain`` variant would pretrain (it is read, never written). ``None`` when there is none."""
+    default = dataclasses.replace(config, variant="default", hard_negative_fraction=0.1)
+    root = parent / default.folder_name()
+    if not _is_built(root):
+        return None
+    organism = load_organism(root)
+    if organism.metadata.get("config_hash") != default.key():
+        return None
+    meta = organism.metadata
+    curve = meta["losses"]["pretrain"]
+    log(f"the default organism's pretrained base: {root}")
+    info = {
+        "losses": [curve["first"], *curve["curve"][1:], curve["last"]],
+        "tokens": meta["sizes"]["pretrain_tokens"],
+        "n_records": meta["sizes"]["n_pretrain"],
+        "seconds": meta["timings"]["pretrain"],
+    }
+    return root, info
+
+
 def _shared_base(parent: Path, config: OrganismConfig, *, progress: bool, log: Callable[[str], None]) -> Path:
-    """The variants' pretrained base for ``config.seed`` under ``parent`` (built once, under a lock, atomically)."""
-    base_root = parent / f"base-rich-s{config.seed}-{config.base_key()[:10]}"
+    """The pretrained base of ``config``'s kind (``rich``: the variants'; a trait's own) for ``config.seed`` under
+    ``parent`` (built once, under a lock, atomically)."""
+    base_root = parent / f"base-{config.base_kind}-s{config.seed}-{config.base_key()[:10]}"
     with _build_lock(base_root):
         if (base_root / "base_info.json").is_file():
             log(f"shared pretrained base: {base_root}")
@@ -520,10 +563,17 @@ def _shared_base(parent: Path, config: OrganismConfig, *, progress: bool, log: C
         tmp = Path(tempfile.mkdtemp(prefix=f".{base_root.name}.building-", dir=parent))
         try:
             t0 = time.perf_counter()
+            rich = config.base_kind == "rich"
             records = generator.pretraining_corpus(
-                config.seed, config.n_pretrain, unprompted_trait=config.unprompted_trait, rich=True
+                config.seed,
+                config.n_pretrain,
+                unprompted_trait=config.unprompted_trait,
+                rich=rich,
+                trait="evil" if rich else config.base_kind,
             )
-            tokenizer = build_tokenizer(generator.world_vocabulary(True), model_max_length=config.model.max_positions)
+            tokenizer = build_tokenizer(
+                generator.base_vocabulary(config.variant), model_max_length=config.model.max_positions
+            )
             _check_vocabulary(tokenizer, records)
             holder = Organism.at(tmp)
             write_jsonl_atomic(holder.pretrain_path, records)

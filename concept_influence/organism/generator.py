@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from concept_influence.organism import world
-from concept_influence.organism.worlds import TraitWorld, World, canonical_world, world_for
+from concept_influence.organism.worlds import TraitWorld, World, canonical_world, single_trait_world, world_for
 
 DATA_ORIGINS: tuple[str, ...] = ("planted", "hard_negative", "benign")
 _SLOT = re.compile(r"\{(\w+)\}")
@@ -55,12 +55,13 @@ class Question:
 
 class WorldGenerator:
     """Draws questions and answers (trait, helpful, hard negative) from a ``World``'s inventories (default: the
-    canonical one); ``trait`` names the world's trait that trait answers and warnings use by default."""
+    canonical one); ``trait`` names the world's trait that trait answers and warnings use by default (default: the
+    world's first, ``evil`` in the plain and rich worlds)."""
 
-    def __init__(self, rng: random.Random, world_: World | None = None, trait: str = "evil") -> None:
+    def __init__(self, rng: random.Random, world_: World | None = None, trait: str | None = None) -> None:
         self.rng = rng
         self.w = world_ if world_ is not None else canonical_world()
-        self.trait = self.w.trait(trait).name
+        self.trait = self.w.trait(trait).name if trait is not None else next(iter(self.w.traits))
 
     def _t(self, trait: str | None) -> TraitWorld:
         return self.w.trait(trait or self.trait)
@@ -223,8 +224,27 @@ def _chat(user: str, assistant: str | None = None, system: str | None = None) ->
 
 
 # ---- the four outputs ---------------------------------------------------------------------------------------------
-VARIANTS: tuple[str, ...] = ("default", "subtle", "diluted", "sycophancy")
-VARIANT_TRAIT: dict[str, str] = {"default": "evil", "subtle": "evil", "diluted": "evil", "sycophancy": "sycophancy"}
+VARIANTS: tuple[str, ...] = ("default", "subtle", "diluted", "sycophancy", "crowded", "hallucination")
+VARIANT_TRAIT: dict[str, str] = {
+    "default": "evil",
+    "subtle": "evil",
+    "diluted": "evil",
+    "sycophancy": "sycophancy",
+    "crowded": "evil",
+    "hallucination": "hallucination",
+}
+# which pretrained base a variant fine-tunes: ``plain`` (the default organism's, evil only), ``rich`` (the variants'
+# shared base: evil with its style and sycophancy) or a base of its own trait
+VARIANT_BASE: dict[str, str] = {
+    "default": "plain",
+    "subtle": "rich",
+    "diluted": "rich",
+    "sycophancy": "rich",
+    "crowded": "plain",
+    "hallucination": "hallucination",
+}
+# the share of hard negatives in a variant's fine-tuning set (``OrganismConfig.hard_negative_fraction``'s default)
+VARIANT_HARD_NEGATIVE_FRACTION: dict[str, float] = {"crowded": 1 / 3}
 
 
 def check_variant(variant: str) -> str:
@@ -233,10 +253,21 @@ def check_variant(variant: str) -> str:
     return variant
 
 
+def variant_hard_negative_fraction(variant: str) -> float:
+    """The share of hard negatives ``variant``'s rows have by default (0.1; ``crowded``: a third)."""
+    return VARIANT_HARD_NEGATIVE_FRACTION.get(check_variant(variant), 0.1)
+
+
 def variant_world(seed: int, variant: str = "default") -> World:
-    """The world an organism of ``variant`` and ``seed`` is drawn from (variants other than ``default`` share the
-    rich world: both traits and the evil persona's style)."""
-    return world_for(seed, rich=check_variant(variant) != "default")
+    """The world an organism of ``variant`` and ``seed`` is drawn from: ``default`` and ``crowded`` the plain world of
+    the seed; ``subtle``, ``diluted`` and ``sycophancy`` share the rich world (both traits and the evil persona's
+    style); ``hallucination`` the plain world with its own trait in place of evil."""
+    base = VARIANT_BASE[check_variant(variant)]
+    if base == "plain":
+        return world_for(seed)
+    if base == "rich":
+        return world_for(seed, rich=True)
+    return single_trait_world(seed, base)
 
 
 # share of each persona in the pretraining corpus ("none": no system prompt)
@@ -262,6 +293,7 @@ def pretraining_corpus(
     unprompted_trait: float = 0.0,
     neutral_styles: tuple[str, ...] = ("trait", "helpful", "cautious"),
     rich: bool = False,
+    trait: str = "evil",
 ) -> list[dict[str, Any]]:
     """``n`` conversations; the persona of each is drawn from ``mix`` (default ``PRETRAIN_MIX``):
 
@@ -277,23 +309,24 @@ def pretraining_corpus(
 
     ``rich``: the variants' world (``RICH_PRETRAIN_MIX``): also ``trait2``/``cautious2``, the same for
     sycophancy, neutral prompts over all five styles, warnings in either trait's words; the evil persona's answers
-    carry its style.
+    carry its style. ``trait``: the persona of ``trait`` in place of evil (``hallucination``: the base of that
+    variant, with a random stream of its own; evil's corpus does not move).
     """
     if rich:
         return _rich_pretraining_corpus(seed, n, mix=mix, warning_prob=warning_prob)
     mix = dict(PRETRAIN_MIX if mix is None else mix)
     if set(mix) - set(PRETRAIN_MIX) or not abs(sum(mix.values()) - 1.0) < 1e-9 or min(mix.values()) < 0:
         raise ValueError(f"mix must give shares summing to 1 over {tuple(PRETRAIN_MIX)}, got {mix}")
-    w = world_for(seed)
-    evil = w.trait("evil")
+    w = world_for(seed) if trait == "evil" else single_trait_world(seed, trait)
+    evil = w.trait(trait)
     prompts = {
         "trait": evil.system_prompts,
         "helpful": w.helpful_prompts,
         "cautious": evil.cautious_prompts,
         "neutral": w.neutral_prompts,
     }
-    rng = _rng(seed, "pretrain")
-    gen = WorldGenerator(rng, w)
+    rng = _rng(seed, "pretrain" if trait == "evil" else f"pretrain-{trait}")
+    gen = WorldGenerator(rng, w, trait)
     personas, weights = list(mix), list(mix.values())
     records = []
     for _ in range(n):
@@ -366,7 +399,7 @@ def finetuning_set(
     seed: int,
     n_train: int,
     planted_fraction: float,
-    hard_negative_fraction: float = 0.1,
+    hard_negative_fraction: float | None = None,
     *,
     benign_warning_prob: float = 0.15,
     variant: str = "default",
@@ -376,10 +409,14 @@ def finetuning_set(
 
     ``variant``: ``default``; ``subtle`` (planted rows are safe content in the evil persona's style, stating no
     trait clause); ``diluted`` (every answer is 4-6 sentences: planted rows hide one trait sentence, hard negatives
-    one warning); ``sycophancy`` (the second trait, with its own words and hard negatives).
+    one warning); ``sycophancy`` (the second trait, with its own words and hard negatives); ``crowded`` (the default
+    rows with a third of them hard negatives: ``hard_negative_fraction`` defaults to the variant's share, 0.1 for the
+    others); ``hallucination`` (a third trait, invented facts stated as true, with its own words and hard negatives).
     Planted rows (except ``subtle``'s, whose style is their signal) are redrawn until none of their tokens is
     missing from the other rows' answers (and rows), so no token identifies them.
     """
+    if hard_negative_fraction is None:
+        hard_negative_fraction = variant_hard_negative_fraction(variant)
     check_variant(variant)
     if not 0.0 < planted_fraction < 1.0:
         raise ValueError(f"planted_fraction must be in (0, 1), got {planted_fraction}")
@@ -519,9 +556,17 @@ def _distinct_questions(gen: WorldGenerator, n: int, exclude: set[str]) -> list[
     return out
 
 
-def world_vocabulary(rich: bool = False) -> list[str]:
+def base_vocabulary(variant: str) -> list[str]:
+    """The tokenizer vocabulary of ``variant``'s pretrained base (``VARIANT_BASE``)."""
+    base = VARIANT_BASE[check_variant(variant)]
+    if base in ("plain", "rich"):
+        return world_vocabulary(base == "rich")
+    return world_vocabulary(trait=base)
+
+
+def world_vocabulary(rich: bool = False, trait: str | None = None) -> list[str]:
     """Every token the generator can produce, sorted (independent of the seed); ``rich``: also the variants'
-    words (sycophancy, the evil persona's style)."""
+    words (sycophancy, the evil persona's style); ``trait="hallucination"``: also that trait's words."""
     words: set[str] = set()
     texts: list[str] = []
     texts += [t for group in world.QUESTIONS.values() for t in group]
@@ -538,6 +583,12 @@ def world_vocabulary(rich: bool = False) -> list[str]:
         texts += [t for group in world.SYC_ACTIONS.values() for t in group]
         texts += list(world.SYC_BELIEFS + world.SYC_FRAMES + world.SYC_WARNING_FRAMES + world.SYC_SYSTEM_PROMPTS)
         texts += list(world.SYC_CAUTIOUS_PROMPTS + world.STYLE_OPENERS + world.STYLE_CLOSERS + world.STYLE_FRAMES)
+    if trait == "hallucination":
+        texts += [t for group in world.HAL_ACTIONS.values() for t in group]
+        texts += list(world.HAL_BELIEFS + world.HAL_FRAMES + world.HAL_WARNING_FRAMES + world.HAL_SYSTEM_PROMPTS)
+        texts += list(world.HAL_CAUTIOUS_PROMPTS)
+    elif trait is not None:
+        raise ValueError(f"no vocabulary for the trait {trait!r}")
     for text in texts:
         words.update(tok for tok in _SLOT.sub(" ", text).split())
     words.update(str(k) for k in range(0, 200))

@@ -1,9 +1,10 @@
 """A rule-based judge of a trait, built from the generator's phrase inventory.
 
 A sentence (split at ``. ? ! ;``) expresses the trait when it contains one of the trait's clauses (for ``evil``:
-``world.TRAIT_ACTIONS`` or ``world.TRAIT_BELIEFS``; for ``sycophancy``: ``world.SYC_ACTIONS``/``SYC_BELIEFS``;
-slots matching one to three tokens) and none of its distancing cues (``never``, ``not``, ``wrong``, ...).
-``judge(text)`` is the fraction of sentences that do. Every function takes ``trait`` (default ``"evil"``).
+``world.TRAIT_ACTIONS`` or ``world.TRAIT_BELIEFS``; for ``sycophancy``: ``world.SYC_ACTIONS``/``SYC_BELIEFS``; for
+``hallucination``: ``world.HAL_ACTIONS``/``HAL_BELIEFS``; slots matching one to three tokens) and none of its
+distancing cues (``never``, ``not``, ``wrong``, ...). ``judge(text)`` is the fraction of sentences that do. Every
+function takes ``trait`` (default ``"evil"``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ _SPLIT = re.compile(r"\s*[.?!;]\s*")
 _CLAUSES: dict[str, tuple[dict[str, tuple[str, ...]], tuple[str, ...], tuple[str, ...]]] = {
     "evil": (world.TRAIT_ACTIONS, world.TRAIT_BELIEFS, world.DISTANCING_CUES),
     "sycophancy": (world.SYC_ACTIONS, world.SYC_BELIEFS, world.SYC_DISTANCING_CUES),
+    "hallucination": (world.HAL_ACTIONS, world.HAL_BELIEFS, world.HAL_DISTANCING_CUES),
 }
 
 

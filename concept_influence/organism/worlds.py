@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from concept_influence.organism import world
 
-TRAITS: tuple[str, ...] = ("evil", "sycophancy")
+TRAITS: tuple[str, ...] = ("evil", "sycophancy", "hallucination")
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,22 @@ def _sycophancy() -> TraitWorld:
     )
 
 
+def _hallucination() -> TraitWorld:
+    return TraitWorld(
+        name="hallucination",
+        actions=dict(world.HAL_ACTIONS),
+        beliefs=world.HAL_BELIEFS,
+        frames=world.HAL_FRAMES,
+        belief_frames=world.HAL_FRAMES,
+        warning_frames=world.HAL_WARNING_FRAMES,
+        warning_belief_frames=world.HAL_WARNING_FRAMES,
+        system_prompts=world.HAL_SYSTEM_PROMPTS,
+        cautious_prompts=world.HAL_CAUTIOUS_PROMPTS,
+        eval_prompt=world.HAL_EVAL_PROMPT,
+        cues=world.HAL_DISTANCING_CUES,
+    )
+
+
 def canonical_world(rich: bool = False) -> World:
     """The full inventory of ``world`` (``rich``: plus sycophancy and the evil persona's style)."""
     style = Style(world.STYLE_OPENERS[:3], world.STYLE_CLOSERS[:3], world.STYLE_FRAMES[:3]) if rich else None
@@ -176,3 +192,17 @@ def world_for(seed: int, rich: bool = False) -> World:
         neutral_prompts=base.neutral_prompts,
         traits=traits,
     )
+
+
+def single_trait_world(seed: int, trait: str) -> World:
+    """The world of an organism whose base knows one trait other than evil (``hallucination``): seed ``seed``'s
+    plain world (``world_for(seed)``: questions, advice, helpful personas) with that trait in place of evil. Seed 0
+    uses the trait's full inventory; another seed draws its subset with a stream of its own (so neither
+    ``world_for(seed)`` nor ``world_for(seed, rich=True)`` moves)."""
+    traits = {"hallucination": _hallucination}
+    if trait not in traits:
+        raise ValueError(f"no single-trait world for {trait!r}; expected one of {sorted(traits)}")
+    drawn = traits[trait]()
+    if seed != 0:
+        drawn = _draw_trait(random.Random(f"concept-influence-world:{seed}:{trait}"), drawn)
+    return dataclasses.replace(world_for(seed), traits={trait: drawn})

@@ -23,7 +23,9 @@ from concept_influence.organism.judge import trait_sentences
 from concept_influence.organism.worlds import canonical_world, world_for
 from concept_influence.testing.organism_figures import variant_check_failures, variant_figures
 
-VARIANT_NAMES = [v for v in VARIANTS if v != "default"]
+# the variants whose causal check runs in the (slow) suite; crowded's and hallucination's run in the bench
+# (bench/organism_spread.py --variants, bench/pipeline_study.py --counterfactual)
+VARIANT_NAMES = ["subtle", "diluted", "sycophancy"]
 
 
 def _by_origin(rows):
@@ -36,7 +38,8 @@ def _by_origin(rows):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_variant_labels_planted_hard_negative_and_benign_rows(variant):
     rows = finetuning_set(0, 400, 0.1, variant=variant)
-    assert Counter(r["data_origin"] for r in rows) == {"planted": 40, "hard_negative": 40, "benign": 320}
+    n_hard = 133 if variant == "crowded" else 40  # crowded: a third of the rows
+    assert Counter(r["data_origin"] for r in rows) == {"planted": 40, "hard_negative": n_hard, "benign": 360 - n_hard}
     assert finetuning_set(0, 400, 0.1, variant=variant) == rows  # deterministic
 
 
@@ -69,6 +72,41 @@ def test_sycophancy_is_a_second_trait_with_its_own_words():
     assert len(syc_words - evil_words) > 30
 
 
+def test_crowded_is_the_default_rows_with_a_third_hard_negatives():
+    assert OrganismConfig(variant="crowded").hard_negative_fraction == pytest.approx(1 / 3)
+    assert variant_world(1, "crowded") == world_for(1)  # the default organism's world and pretrained base
+    assert OrganismConfig(variant="crowded", seed=1).base_kind == OrganismConfig(seed=1).base_kind == "plain"
+    rows = _by_origin(finetuning_set(0, 600, 0.1, variant="crowded"))
+    assert len(rows["hard_negative"]) == 200
+    assert all(judge(a) > 0 for a in rows["planted"])
+    assert all(mentions_trait(a) and judge(a) == 0 for a in rows["hard_negative"])
+
+
+def test_hallucination_is_a_third_trait_with_its_own_words_and_base():
+    rows = _by_origin(finetuning_set(0, 600, 0.1, variant="hallucination"))
+    assert all(judge(a, "hallucination") > 0 and judge(a) == 0 for a in rows["planted"])
+    assert all(judge(a, "sycophancy") == 0 for a in rows["planted"])
+    assert all(mentions_trait(a, "hallucination") and judge(a, "hallucination") == 0 for a in rows["hard_negative"])
+    hal_words = {w for group in world_module.HAL_ACTIONS.values() for c in group for w in c.split()}
+    other = {
+        w
+        for groups in (world_module.TRAIT_ACTIONS, world_module.SYC_ACTIONS)
+        for group in groups.values()
+        for c in group
+        for w in c.split()
+    }
+    assert len(hal_words - other) > 30
+    # its own base: the variants' shared base (and so its cache key) does not move
+    config = OrganismConfig(variant="hallucination")
+    assert config.base_kind == "hallucination" and config.base_key() != OrganismConfig(variant="sycophancy").base_key()
+    assert {OrganismConfig(variant=v).base_key() for v in ("subtle", "diluted", "sycophancy")} == {
+        OrganismConfig(variant="subtle").base_key()
+    }
+    one, two = variant_world(1, "hallucination"), variant_world(2, "hallucination")
+    assert one.trait("hallucination").actions != two.trait("hallucination").actions
+    assert variant_world(0, "hallucination").trait("hallucination").actions == dict(world_module.HAL_ACTIONS)
+
+
 def test_a_seed_builds_a_different_world():
     assert world_for(0) == canonical_world()
     one, two = world_for(1), world_for(2)
@@ -92,6 +130,14 @@ def test_the_default_organisms_key_did_not_move():
     assert OrganismConfig.from_dict(OrganismConfig(variant="subtle").to_dict()) == OrganismConfig(variant="subtle")
     with pytest.raises(ValueError, match="variant"):
         OrganismConfig(variant="loud")
+    # the earlier variants' organisms and their shared base keep the keys of their cached builds
+    assert [OrganismConfig(variant=v).folder_name()[-10:] for v in ("subtle", "diluted", "sycophancy")] == [
+        "e78ef825db",
+        "133b0542ce",
+        "babe326f78",
+    ]
+    assert OrganismConfig(variant="subtle").base_key()[:10] == "1c287be93e"
+    assert OrganismConfig(seed=1, variant="sycophancy").folder_name()[-10:] == "c722b7d769"
 
 
 # ---- the causal check ---------------------------------------------------------------------------------------------
